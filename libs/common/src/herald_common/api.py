@@ -1,0 +1,81 @@
+"""Helpers for AIP-style APIs: resource names, page tokens, timestamps."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import uuid
+from datetime import UTC, datetime
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from herald_common.errors import invalid
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
+
+
+def parse_name(name: str, collection: str, field: str = "name") -> str:
+    """`{collection}/{id}` → id; a malformed name is INVALID_ARGUMENT on `field`."""
+    prefix = f"{collection}/"
+    if not name:
+        raise invalid(field, f"required: a resource name like {collection}/<id>")
+    if not name.startswith(prefix) or not _ID.match(name[len(prefix) :]):
+        raise invalid(field, f"must look like {collection}/<id>, got {name!r}")
+    return name[len(prefix) :]
+
+
+def parse_uuid_name(name: str, collection: str, field: str = "name") -> uuid.UUID:
+    """Like parse_name, for collections whose ids are server-assigned UUIDs."""
+    raw = parse_name(name, collection, field)
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        raise invalid(field, f"{name!r} is not a valid {collection} name") from None
+
+
+def is_valid_id(value: str) -> bool:
+    return bool(_ID.match(value))
+
+
+def page_size(requested: int, field: str = "page_size") -> int:
+    if requested < 0:
+        raise invalid(field, "must not be negative")
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def encode_page_token(*keys: str) -> str:
+    return base64.urlsafe_b64encode(json.dumps(list(keys)).encode()).decode()
+
+
+def decode_page_token(token: str, arity: int, field: str = "page_token") -> list[str] | None:
+    """The keys a token carries, or None for the first page."""
+    if not token:
+        return None
+    try:
+        keys = json.loads(base64.urlsafe_b64decode(token.encode()))
+    except (ValueError, json.JSONDecodeError):
+        raise invalid(field, "not a token this API returned") from None
+    if not isinstance(keys, list) or len(keys) != arity or not all(isinstance(k, str) for k in keys):
+        raise invalid(field, "not a token this API returned")
+    return keys
+
+
+def timestamp(value: datetime) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(value.astimezone(UTC))
+    return ts
+
+
+def optional_timestamp(value: datetime | None) -> Timestamp | None:
+    return None if value is None else timestamp(value)
+
+
+def from_timestamp(ts: Timestamp) -> datetime:
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

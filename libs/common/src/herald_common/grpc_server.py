@@ -1,0 +1,170 @@
+"""The gRPC server every service runs: reflection, health, error mapping, request ids, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import grpc
+import structlog
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from grpc_status import rpc_status
+
+from herald_common.errors import (
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from herald_common.logging import get_logger
+
+log = get_logger(__name__)
+
+ERROR_DOMAIN = "herald.dev"
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def status_for(error: DomainError) -> status_pb2.Status:
+    """The google.rpc.Status a domain error is reported as, with machine-readable details."""
+    if isinstance(error, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in error.violations
+            ]
+        )
+        return status_pb2.Status(
+            code=code_pb2.INVALID_ARGUMENT, message=error.message, details=[_pack(bad_request)]
+        )
+    if isinstance(error, NotFound):
+        resource_type, _, _ = error.resource_name.partition("/")
+        info = error_details_pb2.ResourceInfo(resource_type=resource_type, resource_name=error.resource_name)
+        violation = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=error.field, description=f"{error.resource_name} does not exist"
+                )
+            ]
+        )
+        return status_pb2.Status(
+            code=code_pb2.NOT_FOUND, message=error.message, details=[_pack(info), _pack(violation)]
+        )
+    if isinstance(error, FailedPrecondition):
+        precondition = error_details_pb2.PreconditionFailure(
+            violations=[
+                error_details_pb2.PreconditionFailure.Violation(
+                    type=error.kind, subject=error.subject, description=error.message
+                )
+            ]
+        )
+        return status_pb2.Status(
+            code=code_pb2.FAILED_PRECONDITION, message=error.message, details=[_pack(precondition)]
+        )
+    if isinstance(error, Unavailable):
+        return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=error.message)
+    info = error_details_pb2.ErrorInfo(reason="UNKNOWN_DOMAIN_ERROR", domain=ERROR_DOMAIN)
+    return status_pb2.Status(code=code_pb2.INTERNAL, message=error.message, details=[_pack(info)])
+
+
+def _bind_request(details: Any) -> None:
+    metadata = dict(details.invocation_metadata or ())
+    request_id = metadata.get("x-request-id") or uuid.uuid4().hex
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id, rpc=details.method)
+
+
+async def _abort(context: Any, error: DomainError) -> None:
+    log.info("rpc_rejected", error=error.message, kind=type(error).__name__)
+    status = rpc_status.to_status(status_for(error))
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Binds a request id to every log line of an RPC and reports domain errors as gRPC status."""
+
+    async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.unary_unary is not None:
+            inner_unary = handler.unary_unary
+
+            async def unary(request: Any, context: Any) -> Any:
+                _bind_request(handler_call_details)
+                try:
+                    return await inner_unary(request, context)
+                except DomainError as error:
+                    await _abort(context, error)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                _bind_request(handler_call_details)
+                try:
+                    async for response in inner_stream(request, context):
+                        yield response
+                except DomainError as error:
+                    await _abort(context, error)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+Registrar = Callable[[grpc.aio.Server], None]
+
+
+class GrpcServer:
+    """A started gRPC server with health and reflection for the given service names."""
+
+    def __init__(self, service_names: Sequence[str], register: Registrar) -> None:
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        self.health = health.aio.HealthServicer()
+        self.service_names = list(service_names)
+        register(self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> int:
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        await self.server.start()
+        for name in ["", *self.service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self.port
+
+    async def stop(self, grace: float) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+
+async def wait_for_termination_signal() -> None:
+    """Returns when SIGTERM or SIGINT arrives."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()

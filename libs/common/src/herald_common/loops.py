@@ -1,0 +1,49 @@
+"""A background loop that works while there is work and otherwise sleeps until woken or polled."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+
+from herald_common.logging import get_logger
+
+log = get_logger(__name__)
+
+
+class WakeableLoop:
+    """Calls `step` repeatedly. `step` returns True when more work may be waiting right away;
+    otherwise the loop sleeps until `notify()` or `poll_seconds` pass."""
+
+    def __init__(self, name: str, step: Callable[[], Awaitable[bool]], poll_seconds: float) -> None:
+        self.name = name
+        self.step = step
+        self.poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                more = await self.step()
+            except Exception:
+                log.exception("loop_step_failed", loop=self.name)
+                more = False
+                await asyncio.sleep(1)
+            if not more:
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)

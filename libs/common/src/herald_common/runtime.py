@@ -1,0 +1,125 @@
+"""What every service process shares: infrastructure set-up, its lifecycle and `main`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import sqlalchemy as sa
+from nats.aio.client import Client as NatsClient
+from nats.js import JetStreamContext
+
+from herald_common import bus
+from herald_common.bus import PullConsumer, Subjects
+from herald_common.db import Database, make_engine, migrate
+from herald_common.grpc_server import GrpcServer, Registrar, wait_for_termination_signal
+from herald_common.logging import configure_logging, get_logger
+from herald_common.outbox import OutboxRelay
+from herald_common.settings import Settings
+
+log = get_logger(__name__)
+
+
+@dataclass
+class Infrastructure:
+    """A service's connections: its database schema, NATS, and its outbox relay."""
+
+    settings: Settings
+    database: Database
+    nats: NatsClient
+    js: JetStreamContext
+    subjects: Subjects
+    relay: OutboxRelay
+    consumers: list[PullConsumer] = field(default_factory=list)
+
+    @classmethod
+    async def open(
+        cls,
+        settings: Settings,
+        *,
+        service: str,
+        schema: str,
+        migrations_dir: Path,
+        outbox: sa.Table,
+    ) -> Infrastructure:
+        engine = make_engine(settings.database_url)
+        await migrate(engine, schema, migrations_dir)
+        database = Database(engine)
+        nats_client = await bus.connect(settings.nats_url, name=f"herald-{service}")
+        js = nats_client.jetstream()
+        subjects = Subjects(settings.namespace)
+        await bus.ensure_streams(js, subjects)
+        relay = OutboxRelay(database, outbox, js)
+        relay.start()
+        return cls(settings, database, nats_client, js, subjects, relay)
+
+    async def start_consumer(self, consumer: PullConsumer) -> None:
+        await consumer.start()
+        self.consumers.append(consumer)
+
+    async def stop_consumers(self) -> None:
+        for consumer in self.consumers:
+            await consumer.stop()
+        self.consumers.clear()
+
+    async def close(self) -> None:
+        await self.stop_consumers()
+        await self.relay.stop()
+        await self.nats.drain()
+        await self.database.dispose()
+
+
+StopCallback = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class ServiceHost:
+    """One running service: its gRPC server and infrastructure, shut down in order."""
+
+    name: str
+    infra: Infrastructure
+    grpc: GrpcServer
+    # Extra clean-up (background loops, channels, HTTP sessions): after serving and consuming
+    # stop, before the outbox flushes and NATS drains.
+    on_stop: list[StopCallback] = field(default_factory=list)
+
+    @classmethod
+    async def start(
+        cls,
+        name: str,
+        infra: Infrastructure,
+        service_names: Sequence[str],
+        register: Registrar,
+        port: int,
+    ) -> ServiceHost:
+        server = GrpcServer(service_names, register)
+        await server.start(infra.settings.host, port)
+        log.info("service_started", service=name, port=server.port)
+        return cls(name, infra, server)
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
+
+    async def stop(self) -> None:
+        await self.grpc.stop(self.infra.settings.shutdown_grace_seconds)
+        await self.infra.stop_consumers()
+        for callback in self.on_stop:
+            await callback()
+        await self.infra.close()
+        log.info("service_stopped", service=self.name)
+
+
+def run(start: Callable[[Settings], Awaitable[ServiceHost]]) -> None:
+    """Process entry point: start the service from the environment, serve until SIGTERM/SIGINT."""
+    settings = Settings.from_env()
+    configure_logging(settings.log_level)
+
+    async def serve() -> None:
+        host = await start(settings)
+        await wait_for_termination_signal()
+        await host.stop()
+
+    asyncio.run(serve())

@@ -1,0 +1,61 @@
+"""Runtime settings, read once from the environment."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+DEFAULT_PORTS = {"campaign": 50051, "segmentation": 50052, "scheduler": 50053, "dispatch": 50054}
+
+
+def _port_env(service: str) -> str:
+    return f"HERALD_{service.upper()}_PORT"
+
+
+def _addr_env(service: str) -> str:
+    return f"HERALD_{service.upper()}_ADDR"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a service needs to know about its surroundings."""
+
+    database_url: str
+    nats_url: str
+    # Prefix of every NATS subject and stream, so several installations can share one NATS.
+    namespace: str = "herald"
+    host: str = "127.0.0.1"
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    # Where each service is reached by the others (host:port).
+    addresses: dict[str, str] = field(default_factory=dict)
+    log_level: str = "info"
+    shutdown_grace_seconds: float = 5.0
+
+    def port(self, service: str) -> int:
+        return self.ports[service]
+
+    def address(self, service: str) -> str:
+        return self.addresses.get(service) or f"127.0.0.1:{self.ports[service]}"
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
+        env = os.environ if environ is None else environ
+        database_url = env.get("DATABASE_URL", "")
+        nats_url = env.get("NATS_URL", "")
+        if not database_url or not nats_url:
+            raise RuntimeError(
+                "DATABASE_URL and NATS_URL must be set; `make run` starts embedded servers "
+                "and sets them when they are missing"
+            )
+        ports = {s: int(env.get(_port_env(s), p)) for s, p in DEFAULT_PORTS.items()}
+        addresses = {s: env[_addr_env(s)] for s in DEFAULT_PORTS if env.get(_addr_env(s))}
+        return cls(
+            database_url=database_url,
+            nats_url=nats_url,
+            namespace=env.get("HERALD_NAMESPACE", "herald"),
+            host=env.get("HERALD_HOST", "127.0.0.1"),
+            ports=ports,
+            addresses=addresses,
+            log_level=env.get("LOG_LEVEL", "info"),
+            shutdown_grace_seconds=float(env.get("HERALD_SHUTDOWN_GRACE_SECONDS", "5")),
+        )

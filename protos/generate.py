@@ -1,0 +1,53 @@
+"""Generate Python code, grpc stubs and typing stubs for every proto under protos/.
+
+Usage: python protos/generate.py [OUTPUT_DIR]   (default: libs/common/src)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import grpc_tools
+from grpc_tools import protoc
+
+PROTO_ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = PROTO_ROOT.parent / "libs" / "common" / "src"
+
+
+def generate(out_dir: Path) -> None:
+    package_dir = out_dir / "herald"
+    if package_dir.exists():
+        shutil.rmtree(package_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # protoc looks plugins up on PATH; make the ones installed beside this interpreter visible.
+    bin_dir = str(Path(sys.executable).parent)
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    args = [
+        "protoc",
+        f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
+        f"--python_out={out_dir}",
+        f"--grpc_python_out={out_dir}",
+        f"--mypy_out={out_dir}",
+        f"--mypy_grpc_out={out_dir}",
+        *sources,
+    ]
+    cwd = os.getcwd()
+    os.chdir(PROTO_ROOT)
+    try:
+        if protoc.main(args) != 0:
+            raise SystemExit("protoc failed")
+    finally:
+        os.chdir(cwd)
+    for directory in [package_dir, *(p for p in package_dir.rglob("*") if p.is_dir())]:
+        (directory / "__init__.py").touch()
+    (package_dir / "py.typed").touch()
+
+
+if __name__ == "__main__":
+    generate(Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT_OUT)

@@ -1,0 +1,310 @@
+"""Campaign use cases: definition, lifecycle, results."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from herald.campaign.v1 import campaign_service_pb2 as pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.events.v1 import events_pb2 as events
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald_common import api
+from herald_common.bus import Subjects
+from herald_common.db import Database
+from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
+from herald_common.outbox import OutboxEvent, enqueue
+from herald_common.paging import newest_first_page
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from herald_campaign.references import References
+from herald_campaign.storage import campaigns, outbox, outcomes, runs, stats
+
+State = pb.State
+# The destination type each kind of content is delivered through.
+CONTENT_DESTINATION = {"segment_export": dispatch_pb.DestinationType.DESTINATION_TYPE_SEGMENT}
+_RUN_ENDED = {"RUN_STATE_DISPATCHED", "RUN_STATE_FAILED", "RUN_STATE_CANCELLED"}
+_OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time")
+
+
+def _state_name(state: State.ValueType) -> str:
+    return State.Name(state)
+
+
+def _message(row: Any) -> pb.Campaign:
+    campaign = pb.Campaign.FromString(row.spec)
+    campaign.name = f"campaigns/{row.id}"
+    campaign.state = State.Value(row.state)
+    campaign.create_time.CopyFrom(api.timestamp(row.created_at))
+    campaign.update_time.CopyFrom(api.timestamp(row.updated_at))
+    if row.published_at is not None:
+        campaign.publish_time.CopyFrom(api.timestamp(row.published_at))
+    return campaign
+
+
+def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
+    check.require(bool(campaign.display_name.strip()), "campaign.display_name", "required")
+    if check.require(
+        bool(campaign.audience.segment), "campaign.audience.segment", "required: an audience segment"
+    ):
+        check.require(
+            campaign.audience.segment.startswith("segments/"),
+            "campaign.audience.segment",
+            "must look like segments/<id>",
+        )
+    if check.require(bool(campaign.destination), "campaign.destination", "required"):
+        check.require(
+            campaign.destination.startswith("destinations/"),
+            "campaign.destination",
+            "must look like destinations/<id>",
+        )
+    when = campaign.schedule.WhichOneof("when")
+    check.require(when is not None, "campaign.schedule", "required: send_now or send_later")
+    if when == "send_later":
+        check.require(
+            campaign.schedule.send_later.HasField("send_time"),
+            "campaign.schedule.send_later.send_time",
+            "required",
+        )
+    content = campaign.WhichOneof("content")
+    check.require(content is not None, "campaign.content", "required: exactly one kind of content")
+    if content == "segment_export":
+        export = campaign.segment_export
+        check.require(bool(export.event_name.strip()), "campaign.segment_export.event_name", "required")
+        for i, key in enumerate(export.profile_attributes):
+            check.require(bool(key.strip()), f"campaign.segment_export.profile_attributes[{i}]", "empty")
+        for key in export.custom_properties:
+            check.require(bool(key.strip()), "campaign.segment_export.custom_properties", "empty key")
+
+
+class Campaigns:
+    def __init__(self, database: Database, subjects: Subjects, references: References, notify: Any) -> None:
+        self.database = database
+        self.subjects = subjects
+        self.references = references
+        self._notify = notify
+
+    async def _changed(self, session: AsyncSession, row: Any) -> None:
+        event = events.CampaignChanged(
+            event_id=str(uuid.uuid4()), occur_time=api.timestamp(api.utcnow()), campaign=_message(row)
+        )
+        await enqueue(
+            session, outbox, [OutboxEvent.of(self.subjects.campaign_changed, event, event.event_id)]
+        )
+
+    async def create(self, campaign: pb.Campaign, request_id: str) -> pb.Campaign:
+        check = Validator()
+        _validate_shape(campaign, check)
+        check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
+        check.raise_if_any()
+        if request_id:
+            async with self.database.transaction() as session:
+                existing = (
+                    await session.execute(sa.select(campaigns).where(campaigns.c.request_id == request_id))
+                ).first()
+            if existing is not None:
+                return _message(existing)
+        await self.references.segment(campaign.audience.segment, "campaign.audience.segment")
+        destination = await self.references.destination(campaign.destination, "campaign.destination")
+        content = campaign.WhichOneof("content") or ""
+        needed = CONTENT_DESTINATION[content]
+        if destination.type != needed:
+            type_name = dispatch_pb.DestinationType.Name
+            raise invalid(
+                f"campaign.{content}",
+                f"{campaign.destination} is a {type_name(destination.type)} destination; "
+                f"{content} content needs {type_name(needed)}",
+            )
+        spec = pb.Campaign()
+        spec.CopyFrom(campaign)
+        for field in _OUTPUT_ONLY:
+            spec.ClearField(field)  # type: ignore[arg-type]
+        spec.display_name = campaign.display_name.strip()
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    insert(campaigns)
+                    .values(
+                        id=uuid.uuid4(),
+                        state=_state_name(State.STATE_DRAFT),
+                        spec=spec.SerializeToString(),
+                        request_id=request_id or None,
+                    )
+                    .on_conflict_do_nothing(index_elements=[campaigns.c.request_id])
+                    .returning(*campaigns.c)
+                )
+            ).first()
+            if row is None:  # a concurrent create with the same request_id won
+                row = (
+                    await session.execute(sa.select(campaigns).where(campaigns.c.request_id == request_id))
+                ).one()
+            else:
+                await session.execute(insert(stats).values(campaign_id=row.id))
+                await self._changed(session, row)
+        self._notify()
+        return _message(row)
+
+    async def _locked(self, session: AsyncSession, name: str) -> Any:
+        campaign_id = api.parse_uuid_name(name, "campaigns")
+        row = (
+            await session.execute(sa.select(campaigns).where(campaigns.c.id == campaign_id).with_for_update())
+        ).first()
+        if row is None:
+            raise NotFound(name)
+        return row
+
+    async def _set_state(
+        self, session: AsyncSession, campaign_id: uuid.UUID, state: State.ValueType, **values: Any
+    ) -> Any:
+        row = (
+            await session.execute(
+                sa.update(campaigns)
+                .where(campaigns.c.id == campaign_id)
+                .values(state=_state_name(state), updated_at=sa.func.now(), **values)
+                .returning(*campaigns.c)
+            )
+        ).one()
+        await self._changed(session, row)
+        return row
+
+    async def get(self, name: str) -> pb.Campaign:
+        campaign_id = api.parse_uuid_name(name, "campaigns")
+        async with self.database.transaction() as session:
+            row = (await session.execute(sa.select(campaigns).where(campaigns.c.id == campaign_id))).first()
+        if row is None:
+            raise NotFound(name)
+        return _message(row)
+
+    async def list(self, size: int, token: str) -> tuple[list[pb.Campaign], str]:
+        async with self.database.transaction() as session:
+            rows, next_token = await newest_first_page(session, campaigns, size, token)
+        return [_message(r) for r in rows], next_token
+
+    async def publish(self, name: str) -> pb.Campaign:
+        async with self.database.transaction() as session:
+            row = await self._locked(session, name)
+            if row.state != _state_name(State.STATE_DRAFT):
+                raise FailedPrecondition(name, f"only a draft can be published; {name} is {row.state}")
+            spec = pb.Campaign.FromString(row.spec)
+            now = api.utcnow()
+            send_later = spec.schedule.WhichOneof("when") == "send_later"
+            if send_later and api.from_timestamp(spec.schedule.send_later.send_time) <= now:
+                raise invalid("campaign.schedule.send_later.send_time", "is in the past")
+            row = await self._set_state(session, row.id, State.STATE_SCHEDULED, published_at=now)
+        self._notify()
+        return _message(row)
+
+    async def stop(self, name: str) -> pb.Campaign:
+        async with self.database.transaction() as session:
+            row = await self._locked(session, name)
+            if row.state not in (_state_name(State.STATE_SCHEDULED), _state_name(State.STATE_RUNNING)):
+                raise FailedPrecondition(
+                    name, f"only a scheduled or running campaign can be stopped; {name} is {row.state}"
+                )
+            row = await self._set_state(session, row.id, State.STATE_STOPPED)
+        self._notify()
+        return _message(row)
+
+    async def stats(self, name: str) -> pb.CampaignStats:
+        if not name.endswith("/stats"):
+            raise invalid("name", "must look like campaigns/<id>/stats")
+        campaign_name = name.removesuffix("/stats")
+        campaign_id = api.parse_uuid_name(campaign_name, "campaigns")
+        async with self.database.transaction() as session:
+            counts = (
+                await session.execute(sa.select(stats).where(stats.c.campaign_id == campaign_id))
+            ).first()
+            targeted = await session.scalar(
+                sa.select(sa.func.coalesce(sa.func.sum(runs.c.targeted), 0)).where(
+                    runs.c.campaign_id == campaign_id
+                )
+            )
+        if counts is None:
+            raise NotFound(campaign_name)
+        return pb.CampaignStats(
+            name=name, targeted=int(targeted or 0), sent=counts.sent, failed=counts.failed
+        )
+
+    # --- progress reported by the scheduler and dispatch -------------------------------------
+
+    async def record_runs(self, changes: Sequence[events.RunChanged]) -> None:
+        """Stores run reports; a campaign whose first run starts becomes RUNNING."""
+        touched: set[uuid.UUID] = set()
+        async with self.database.transaction() as session:
+            for change in changes:
+                run = change.run
+                campaign_id = uuid.UUID(run.campaign.removeprefix("campaigns/"))
+                state = scheduler_pb.RunState.Name(run.state)
+                statement = insert(runs).values(
+                    run=run.name, campaign_id=campaign_id, state=state, targeted=run.targeted, final=run.final
+                )
+                await session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=[runs.c.run],
+                        set_={"state": state, "targeted": run.targeted, "final": run.final},
+                    )
+                )
+                touched.add(campaign_id)
+            await self._advance(session, touched)
+        self._notify()
+
+    async def record_outcomes(self, received: Sequence[events.DeliveryOutcome]) -> None:
+        """Counts each delivery outcome once; completes campaigns whose deliveries all have one."""
+        rows = {
+            o.delivery_id: {
+                "delivery_id": o.delivery_id,
+                "campaign_id": uuid.UUID(o.campaign.removeprefix("campaigns/")),
+                "status": "sent" if o.status == events.DeliveryStatus.DELIVERY_STATUS_SENT else "failed",
+            }
+            for o in received
+        }
+        if not rows:
+            return
+        async with self.database.transaction() as session:
+            new = (
+                await session.execute(
+                    insert(outcomes)
+                    .values(list(rows.values()))
+                    .on_conflict_do_nothing(index_elements=[outcomes.c.delivery_id])
+                    .returning(outcomes.c.campaign_id, outcomes.c.status)
+                )
+            ).all()
+            increments: dict[uuid.UUID, dict[str, int]] = {}
+            for campaign_id, status in new:
+                increments.setdefault(campaign_id, {"sent": 0, "failed": 0})[status] += 1
+            for campaign_id, counts in sorted(increments.items()):
+                await session.execute(
+                    sa.update(stats)
+                    .where(stats.c.campaign_id == campaign_id)
+                    .values(sent=stats.c.sent + counts["sent"], failed=stats.c.failed + counts["failed"])
+                )
+            await self._advance(session, set(increments))
+        self._notify()
+
+    async def _advance(self, session: AsyncSession, campaign_ids: set[uuid.UUID]) -> None:
+        """Moves campaigns forward: SCHEDULED → RUNNING when a run starts, → COMPLETED when done."""
+        for campaign_id in sorted(campaign_ids):
+            row = (
+                await session.execute(
+                    sa.select(campaigns).where(campaigns.c.id == campaign_id).with_for_update()
+                )
+            ).first()
+            if row is None or row.state not in (
+                _state_name(State.STATE_SCHEDULED),
+                _state_name(State.STATE_RUNNING),
+            ):
+                continue
+            reported = (await session.execute(sa.select(runs).where(runs.c.campaign_id == campaign_id))).all()
+            if not reported:
+                continue
+            ended = [r for r in reported if r.state in _RUN_ENDED]
+            dispatched = [r for r in ended if r.state == "RUN_STATE_DISPATCHED"]
+            final_done = any(r.final for r in ended) and len(ended) == len(reported)
+            counts = (await session.execute(sa.select(stats).where(stats.c.campaign_id == campaign_id))).one()
+            if final_done and counts.sent + counts.failed >= sum(r.targeted for r in dispatched):
+                await self._set_state(session, campaign_id, State.STATE_COMPLETED)
+            elif row.state == _state_name(State.STATE_SCHEDULED):
+                await self._set_state(session, campaign_id, State.STATE_RUNNING)

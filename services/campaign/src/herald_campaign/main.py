@@ -1,0 +1,52 @@
+"""Campaign service process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from herald.campaign.v1 import campaign_service_pb2 as pb
+from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
+from herald_common import runtime
+from herald_common.runtime import Infrastructure, ServiceHost
+from herald_common.settings import Settings
+
+from herald_campaign.consumers import consumers
+from herald_campaign.domain import Campaigns
+from herald_campaign.references import References
+from herald_campaign.servicer import CampaignServicer
+from herald_campaign.storage import SCHEMA, outbox
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CampaignService"].full_name
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def start(settings: Settings, port: int | None = None) -> ServiceHost:
+    infra = await Infrastructure.open(
+        settings, service="campaign", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
+    )
+    segmentation = grpc.aio.insecure_channel(settings.address("segmentation"))
+    dispatch = grpc.aio.insecure_channel(settings.address("dispatch"))
+    campaigns = Campaigns(
+        infra.database, infra.subjects, References(segmentation, dispatch), infra.relay.notify
+    )
+    servicer = CampaignServicer(campaigns)
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_CampaignServiceServicer_to_server(servicer, server)
+
+    host = await ServiceHost.start(
+        "campaign", infra, [SERVICE_NAME], register, settings.port("campaign") if port is None else port
+    )
+    host.on_stop.extend([segmentation.close, dispatch.close])
+    for consumer in consumers(infra, campaigns):
+        await infra.start_consumer(consumer)
+    return host
+
+
+def main() -> None:
+    runtime.run(start)
+
+
+if __name__ == "__main__":
+    main()

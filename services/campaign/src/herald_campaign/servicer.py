@@ -1,0 +1,41 @@
+"""gRPC face of the campaign service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from herald.campaign.v1 import campaign_service_pb2 as pb
+from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
+
+from herald_campaign.domain import Campaigns
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class CampaignServicer(pb_grpc.CampaignServiceServicer):
+    def __init__(self, campaigns: Campaigns) -> None:
+        self.campaigns = campaigns
+
+    async def CreateCampaign(self, request: pb.CreateCampaignRequest, context: Context) -> pb.Campaign:
+        return await self.campaigns.create(request.campaign, request.request_id)
+
+    async def GetCampaign(self, request: pb.GetCampaignRequest, context: Context) -> pb.Campaign:
+        return await self.campaigns.get(request.name)
+
+    async def ListCampaigns(
+        self, request: pb.ListCampaignsRequest, context: Context
+    ) -> pb.ListCampaignsResponse:
+        found, token = await self.campaigns.list(request.page_size, request.page_token)
+        return pb.ListCampaignsResponse(campaigns=found, next_page_token=token)
+
+    async def PublishCampaign(self, request: pb.PublishCampaignRequest, context: Context) -> pb.Campaign:
+        return await self.campaigns.publish(request.name)
+
+    async def StopCampaign(self, request: pb.StopCampaignRequest, context: Context) -> pb.Campaign:
+        return await self.campaigns.stop(request.name)
+
+    async def GetCampaignStats(
+        self, request: pb.GetCampaignStatsRequest, context: Context
+    ) -> pb.CampaignStats:
+        return await self.campaigns.stats(request.name)

@@ -1,0 +1,39 @@
+"""gRPC face of the dispatch service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf import empty_pb2
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
+from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
+
+from herald_dispatch.destinations import Destinations
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class DispatchServicer(pb_grpc.DispatchServiceServicer):
+    def __init__(self, destinations: Destinations) -> None:
+        self.destinations = destinations
+
+    async def CreateDestination(
+        self, request: pb.CreateDestinationRequest, context: Context
+    ) -> pb.Destination:
+        return await self.destinations.create(request.destination, request.request_id)
+
+    async def GetDestination(self, request: pb.GetDestinationRequest, context: Context) -> pb.Destination:
+        return await self.destinations.get(request.name)
+
+    async def ListDestinations(
+        self, request: pb.ListDestinationsRequest, context: Context
+    ) -> pb.ListDestinationsResponse:
+        found, token = await self.destinations.list(request.page_size, request.page_token)
+        return pb.ListDestinationsResponse(destinations=found, next_page_token=token)
+
+    async def DeleteDestination(
+        self, request: pb.DeleteDestinationRequest, context: Context
+    ) -> empty_pb2.Empty:
+        await self.destinations.delete(request.name)
+        return empty_pb2.Empty()

@@ -1,0 +1,80 @@
+"""Scheduler service process: plans runs from campaign changes and executes them when due."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from herald.events.v1 import events_pb2 as events
+from herald.scheduler.v1 import scheduler_service_pb2 as pb
+from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from herald_common import runtime
+from herald_common.bus import PullConsumer, decode_batch
+from herald_common.runtime import Infrastructure, ServiceHost
+from herald_common.settings import Settings
+from nats.aio.msg import Msg
+
+from herald_scheduler.executor import RunExecutor
+from herald_scheduler.planning import Planner
+from herald_scheduler.runs import RunEvents, RunQueries
+from herald_scheduler.servicer import SchedulerServicer
+from herald_scheduler.storage import SCHEMA, outbox
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
+MIGRATIONS = Path(__file__).parent / "migrations"
+CONSUMER = "scheduler-campaigns"
+
+
+def _campaign_problem(event: events.CampaignChanged) -> str | None:
+    if not event.campaign.name.startswith("campaigns/") or not event.HasField("occur_time"):
+        return "CampaignChanged without campaign name or occur_time"
+    return None
+
+
+async def start(settings: Settings, port: int | None = None) -> ServiceHost:
+    infra = await Infrastructure.open(
+        settings, service="scheduler", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
+    )
+    run_events = RunEvents(infra.subjects)
+    planner = Planner(infra.database, run_events)
+    segmentation = grpc.aio.insecure_channel(settings.address("segmentation"))
+    executor = RunExecutor(infra.database, infra.subjects, run_events, segmentation, infra.relay.notify)
+    servicer = SchedulerServicer(RunQueries(infra.database))
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
+
+    host = await ServiceHost.start(
+        "scheduler", infra, [SERVICE_NAME], register, settings.port("scheduler") if port is None else port
+    )
+
+    async def on_campaign_changes(msgs: list[Msg]) -> None:
+        decoded = await decode_batch(
+            infra.js, infra.subjects, CONSUMER, msgs, events.CampaignChanged, _campaign_problem
+        )
+        await planner.apply([event for _, event in decoded])
+        infra.relay.notify()
+        executor.notify()
+        for msg, _ in decoded:
+            await msg.ack()
+
+    await infra.start_consumer(
+        PullConsumer(
+            infra.js,
+            stream=infra.subjects.stream("campaign"),
+            durable=CONSUMER,
+            filter_subject=infra.subjects.campaign_changed,
+            handler=on_campaign_changes,
+        )
+    )
+    executor.start()
+    host.on_stop.extend([executor.stop, segmentation.close])
+    return host
+
+
+def main() -> None:
+    runtime.run(start)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Turns campaign changes into runs: when each campaign must deliver."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2 as events
+from herald.scheduler.v1 import scheduler_service_pb2 as pb
+from herald_common import api
+from herald_common.db import Database
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from herald_scheduler.runs import RunEvents
+from herald_scheduler.storage import campaigns, runs
+
+CampaignState = campaign_pb.State
+RunState = pb.RunState
+_OPEN_RUN_STATES = [RunState.Name(RunState.RUN_STATE_PENDING), RunState.Name(RunState.RUN_STATE_RUNNING)]
+
+
+def run_times(campaign: campaign_pb.Campaign) -> list[datetime]:
+    """Every time the campaign's schedule asks for a run."""
+    when = campaign.schedule.WhichOneof("when")
+    if when == "send_now":
+        return [api.from_timestamp(campaign.publish_time)]
+    if when == "send_later":
+        return [api.from_timestamp(campaign.schedule.send_later.send_time)]
+    return []
+
+
+class Planner:
+    def __init__(self, database: Database, run_events: RunEvents) -> None:
+        self.database = database
+        self.run_events = run_events
+
+    async def apply(self, changes: Sequence[events.CampaignChanged]) -> None:
+        """Applies campaign changes in the order they happened; older snapshots are ignored."""
+        ordered = sorted(changes, key=lambda c: (c.campaign.name, c.occur_time.ToNanoseconds()))
+        async with self.database.transaction() as session:
+            for change in ordered:
+                if await self._store_snapshot(session, change):
+                    await self._react(session, change.campaign)
+
+    async def _store_snapshot(self, session: AsyncSession, change: events.CampaignChanged) -> bool:
+        statement = insert(campaigns).values(
+            name=change.campaign.name,
+            state=CampaignState.Name(change.campaign.state),
+            snapshot=change.campaign.SerializeToString(),
+            changed_at=api.from_timestamp(change.occur_time),
+        )
+        stored = await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[campaigns.c.name],
+                set_={
+                    "state": statement.excluded.state,
+                    "snapshot": statement.excluded.snapshot,
+                    "changed_at": statement.excluded.changed_at,
+                },
+                where=campaigns.c.changed_at < statement.excluded.changed_at,
+            ).returning(campaigns.c.name)
+        )
+        return stored.first() is not None
+
+    async def _react(self, session: AsyncSession, campaign: campaign_pb.Campaign) -> None:
+        if campaign.state == CampaignState.STATE_SCHEDULED:
+            times = run_times(campaign)
+            if times:
+                await session.execute(
+                    insert(runs)
+                    .values(
+                        [
+                            {
+                                "id": uuid.uuid4(),
+                                "campaign": campaign.name,
+                                "scheduled_time": when,
+                                "state": RunState.Name(RunState.RUN_STATE_PENDING),
+                                "final": i == len(times) - 1,
+                            }
+                            for i, when in enumerate(times)
+                        ]
+                    )
+                    .on_conflict_do_nothing(constraint="runs_campaign_time_key")
+                )
+        elif campaign.state == CampaignState.STATE_STOPPED:
+            cancelled = (
+                await session.execute(
+                    sa.update(runs)
+                    .where(runs.c.campaign == campaign.name, runs.c.state.in_(_OPEN_RUN_STATES))
+                    .values(state=RunState.Name(RunState.RUN_STATE_CANCELLED), ended_at=sa.func.now())
+                    .returning(*runs.c)
+                )
+            ).all()
+            await self.run_events.changed(session, cancelled)

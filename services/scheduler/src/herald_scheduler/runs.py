@@ -1,0 +1,94 @@
+"""Run resources: their API shape and the RunChanged events announcing them."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from herald.events.v1 import events_pb2 as events
+from herald.scheduler.v1 import scheduler_service_pb2 as pb
+from herald_common import api
+from herald_common.bus import Subjects
+from herald_common.db import Database
+from herald_common.errors import NotFound, invalid
+from herald_common.outbox import OutboxEvent, enqueue
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from herald_scheduler.storage import outbox, runs
+
+
+def run_name(row: Any) -> str:
+    return f"{row.campaign}/runs/{row.id}"
+
+
+def run_message(row: Any) -> pb.Run:
+    return pb.Run(
+        name=run_name(row),
+        campaign=row.campaign,
+        state=pb.RunState.Value(row.state),
+        scheduled_time=api.timestamp(row.scheduled_time),
+        start_time=api.optional_timestamp(row.started_at),
+        end_time=api.optional_timestamp(row.ended_at),
+        audience_size=row.audience_size,
+        targeted=row.targeted,
+        final=row.final,
+        error=row.error,
+    )
+
+
+class RunEvents:
+    """Queues a RunChanged event for each changed run, in the caller's transaction."""
+
+    def __init__(self, subjects: Subjects) -> None:
+        self.subjects = subjects
+
+    async def changed(self, session: AsyncSession, rows: Sequence[Any]) -> None:
+        now = api.timestamp(api.utcnow())
+        queued = []
+        for row in rows:
+            event = events.RunChanged(event_id=str(uuid.uuid4()), occur_time=now, run=run_message(row))
+            queued.append(OutboxEvent.of(self.subjects.run_changed, event, event.event_id))
+        await enqueue(session, outbox, queued)
+
+
+def _parse_run_name(name: str) -> uuid.UUID:
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "campaigns" or parts[2] != "runs":
+        raise invalid("name", "must look like campaigns/<id>/runs/<id>")
+    try:
+        return uuid.UUID(parts[3])
+    except ValueError:
+        raise invalid("name", f"{name!r} is not a valid run name") from None
+
+
+class RunQueries:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def get(self, name: str) -> pb.Run:
+        run_id = _parse_run_name(name)
+        async with self.database.transaction() as session:
+            row = (await session.execute(sa.select(runs).where(runs.c.id == run_id))).first()
+        if row is None or run_name(row) != name:
+            raise NotFound(name)
+        return run_message(row)
+
+    async def list(self, parent: str, size: int, token: str) -> tuple[list[pb.Run], str]:
+        api.parse_uuid_name(parent, "campaigns", "parent")
+        limit = api.page_size(size)
+        after = api.decode_page_token(token, 2)
+        query = sa.select(runs).where(runs.c.campaign == parent).order_by(runs.c.scheduled_time, runs.c.id)
+        if after is not None:
+            query = query.where(
+                sa.tuple_(runs.c.scheduled_time, runs.c.id)
+                > sa.tuple_(sa.cast(after[0], runs.c.scheduled_time.type), sa.cast(after[1], runs.c.id.type))
+            )
+        async with self.database.transaction() as session:
+            rows = (await session.execute(query.limit(limit + 1))).all()
+        next_token = ""
+        if len(rows) > limit:
+            rows = rows[:limit]
+            next_token = api.encode_page_token(rows[-1].scheduled_time.isoformat(), str(rows[-1].id))
+        return [run_message(r) for r in rows], next_token

@@ -1,0 +1,25 @@
+"""gRPC face of the scheduler service."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from herald.scheduler.v1 import scheduler_service_pb2 as pb
+from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+
+from herald_scheduler.runs import RunQueries
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
+    def __init__(self, queries: RunQueries) -> None:
+        self.queries = queries
+
+    async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.Run:
+        return await self.queries.get(request.name)
+
+    async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
+        found, token = await self.queries.list(request.parent, request.page_size, request.page_token)
+        return pb.ListRunsResponse(runs=found, next_page_token=token)

@@ -1,0 +1,203 @@
+"""Segmentation use cases: user profiles, saved segments, audiences."""
+
+from __future__ import annotations
+
+import uuid
+import zoneinfo
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf import json_format
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common import api
+from herald_common.db import Database
+from herald_common.errors import NotFound, Validator, invalid
+from herald_common.paging import newest_first_page
+from sqlalchemy.dialects.postgresql import insert
+
+from herald_segmentation.filters import to_sql, validate_filter
+from herald_segmentation.storage import segments, users
+
+MAX_UPSERT = 1000
+MAX_AUDIENCE_PAGE = 5000
+DEFAULT_AUDIENCE_PAGE = 500
+
+
+def _valid_timezone(name: str) -> bool:
+    try:
+        zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        return False
+    return True
+
+
+def _user_message(row: Any) -> pb.User:
+    user = pb.User(
+        name=f"users/{row.user_id}",
+        user_id=row.user_id,
+        timezone=row.timezone,
+        create_time=api.timestamp(row.created_at),
+        update_time=api.timestamp(row.updated_at),
+    )
+    user.properties.update(row.properties)
+    return user
+
+
+def _segment_message(row: Any) -> pb.Segment:
+    return pb.Segment(
+        name=f"segments/{row.id}",
+        display_name=row.display_name,
+        filter=pb.SegmentFilter.FromString(row.filter),
+        create_time=api.timestamp(row.created_at),
+    )
+
+
+class Segmentation:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def upsert_users(self, batch: Sequence[pb.User]) -> int:
+        check = Validator()
+        check.require(0 < len(batch) <= MAX_UPSERT, "users", f"between 1 and {MAX_UPSERT} users")
+        seen: set[str] = set()
+        for i, user in enumerate(batch):
+            if not api.is_valid_id(user.user_id):
+                check.add(f"users[{i}].user_id", "required: 1-200 letters, digits or ._:@+-")
+            elif user.user_id in seen:
+                check.add(f"users[{i}].user_id", f"{user.user_id!r} appears twice in the request")
+            seen.add(user.user_id)
+            if user.timezone and not _valid_timezone(user.timezone):
+                check.add(f"users[{i}].timezone", f"unknown IANA timezone {user.timezone!r}")
+        check.raise_if_any()
+        rows = [
+            {
+                "user_id": user.user_id,
+                "properties": json_format.MessageToDict(user.properties),
+                "timezone": user.timezone,
+            }
+            for user in batch
+        ]
+        statement = insert(users).values(rows)
+        statement = statement.on_conflict_do_update(
+            index_elements=[users.c.user_id],
+            set_={
+                "properties": statement.excluded.properties,
+                "timezone": statement.excluded.timezone,
+                "updated_at": sa.func.now(),
+            },
+        )
+        async with self.database.transaction() as session:
+            await session.execute(statement)
+        return len(rows)
+
+    async def get_user(self, name: str) -> pb.User:
+        user_id = api.parse_name(name, "users")
+        async with self.database.transaction() as session:
+            row = (await session.execute(sa.select(users).where(users.c.user_id == user_id))).first()
+        if row is None:
+            raise NotFound(name)
+        return _user_message(row)
+
+    async def create_segment(self, segment: pb.Segment, request_id: str) -> pb.Segment:
+        check = Validator()
+        check.require(bool(segment.display_name.strip()), "segment.display_name", "required")
+        if check.require(segment.HasField("filter"), "segment.filter", "required"):
+            validate_filter(segment.filter, "segment.filter", check)
+        check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
+        check.raise_if_any()
+        async with self.database.transaction() as session:
+            if request_id:
+                existing = (
+                    await session.execute(sa.select(segments).where(segments.c.request_id == request_id))
+                ).first()
+                if existing is not None:
+                    return _segment_message(existing)
+            statement = (
+                insert(segments)
+                .values(
+                    id=uuid.uuid4(),
+                    display_name=segment.display_name.strip(),
+                    filter=segment.filter.SerializeToString(),
+                    request_id=request_id or None,
+                )
+                .on_conflict_do_nothing(index_elements=[segments.c.request_id])
+                .returning(*segments.c)
+            )
+            row = (await session.execute(statement)).first()
+            if row is None:  # a concurrent create with the same request_id won
+                row = (
+                    await session.execute(sa.select(segments).where(segments.c.request_id == request_id))
+                ).one()
+        return _segment_message(row)
+
+    async def _load_segment(self, name: str, field: str) -> pb.Segment:
+        segment_id = api.parse_uuid_name(name, "segments", field)
+        async with self.database.transaction() as session:
+            row = (await session.execute(sa.select(segments).where(segments.c.id == segment_id))).first()
+        if row is None:
+            raise NotFound(name, field)
+        return _segment_message(row)
+
+    async def get_segment(self, name: str) -> pb.Segment:
+        return await self._load_segment(name, "name")
+
+    async def list_segments(self, size: int, token: str) -> tuple[list[pb.Segment], str]:
+        async with self.database.transaction() as session:
+            rows, next_token = await newest_first_page(session, segments, size, token)
+        return [_segment_message(r) for r in rows], next_token
+
+    async def delete_segment(self, name: str) -> None:
+        segment_id = api.parse_uuid_name(name, "segments")
+        async with self.database.transaction() as session:
+            result = await session.execute(sa.delete(segments).where(segments.c.id == segment_id))
+        if result.rowcount == 0:  # type: ignore[attr-defined]
+            raise NotFound(name)
+
+    async def estimate_reach(self, segment_name: str) -> int:
+        segment = await self._load_segment(segment_name, "segment")
+        async with self.database.transaction() as session:
+            count = await session.scalar(
+                sa.select(sa.func.count()).select_from(users).where(to_sql(segment.filter))
+            )
+        return int(count or 0)
+
+    async def stream_audience(
+        self, segment_name: str, attribute_keys: Sequence[str], size: int
+    ) -> AsyncIterator[list[pb.AudienceMember]]:
+        """Pages of members in user id order, all read from one snapshot."""
+        segment = await self._load_segment(segment_name, "segment")
+        if size < 0 or size > MAX_AUDIENCE_PAGE:
+            raise invalid("page_size", f"between 0 and {MAX_AUDIENCE_PAGE}")
+        limit = size or DEFAULT_AUDIENCE_PAGE
+        keys = list(dict.fromkeys(k for k in attribute_keys if k))
+        attributes = (
+            sa.func.jsonb_build_object(*[x for k in keys for x in (k, users.c.properties[k])])
+            if keys
+            else sa.cast("{}", users.c.properties.type)
+        )
+        condition = to_sql(segment.filter)
+        async with self.database.sessions() as session:
+            await session.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+            after = ""
+            while True:
+                rows = (
+                    await session.execute(
+                        sa.select(users.c.user_id, users.c.timezone, attributes.label("attributes"))
+                        .where(condition, users.c.user_id > after)
+                        .order_by(users.c.user_id)
+                        .limit(limit)
+                    )
+                ).all()
+                if not rows:
+                    break
+                page = []
+                for row in rows:
+                    member = pb.AudienceMember(user_id=row.user_id, timezone=row.timezone)
+                    member.attributes.update({k: v for k, v in row.attributes.items() if v is not None})
+                    page.append(member)
+                yield page
+                if len(rows) < limit:
+                    break
+                after = rows[-1].user_id
+            await session.rollback()

@@ -1,0 +1,45 @@
+"""Segmentation service process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+from herald_common import runtime
+from herald_common.runtime import Infrastructure, ServiceHost
+from herald_common.settings import Settings
+
+from herald_segmentation.domain import Segmentation
+from herald_segmentation.servicer import SegmentationServicer
+from herald_segmentation.storage import SCHEMA, outbox
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+async def start(settings: Settings, port: int | None = None) -> ServiceHost:
+    infra = await Infrastructure.open(
+        settings, service="segmentation", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
+    )
+    servicer = SegmentationServicer(Segmentation(infra.database))
+
+    def register(server: grpc.aio.Server) -> None:
+        pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
+
+    return await ServiceHost.start(
+        "segmentation",
+        infra,
+        [SERVICE_NAME],
+        register,
+        settings.port("segmentation") if port is None else port,
+    )
+
+
+def main() -> None:
+    runtime.run(start)
+
+
+if __name__ == "__main__":
+    main()

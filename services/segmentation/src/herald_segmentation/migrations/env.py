@@ -1,0 +1,4 @@
+from herald_common.db import run_alembic_env
+from herald_segmentation.storage import metadata
+
+run_alembic_env(metadata)
