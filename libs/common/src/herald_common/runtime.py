@@ -67,7 +67,9 @@ class Infrastructure:
     async def close(self) -> None:
         await self.stop_consumers()
         await self.relay.stop()
-        await self.nats.drain()
+        # Consumers are stopped and the outbox flushed: nothing is in flight, so close outright.
+        await self.nats.flush()
+        await self.nats.close()
         await self.database.dispose()
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -78,6 +77,10 @@ def validate_filter(segment_filter: pb.SegmentFilter, field: str, check: Validat
             )
 
 
+def _jsonb(value: Any) -> sa.ColumnElement[Any]:
+    return sa.literal(value, JSONB)
+
+
 def _condition(condition: pb.PropertyCondition) -> sa.ColumnElement[bool]:
     key = condition.property
     prop = users.c.properties[key]
@@ -89,15 +92,15 @@ def _condition(condition: pb.PropertyCondition) -> sa.ColumnElement[bool]:
         return sa.not_(has_key)
     value = _python_value(condition.value)
     if op == Op.OPERATOR_EQUALS:
-        equals: sa.ColumnElement[bool] = users.c.properties.contains(sa.cast(json.dumps({key: value}), JSONB))
+        equals: sa.ColumnElement[bool] = users.c.properties.contains(_jsonb({key: value}))
         return equals
     if op == Op.OPERATOR_NOT_EQUALS:
-        return sa.not_(users.c.properties.contains(sa.cast(json.dumps({key: value}), JSONB)))
+        return sa.not_(users.c.properties.contains(_jsonb({key: value})))
     if op == Op.OPERATOR_IN:
-        return sa.cast(json.dumps(value), JSONB).contains(sa.func.jsonb_build_array(prop))
+        return _jsonb(value).contains(sa.func.jsonb_build_array(prop))
     if op == Op.OPERATOR_CONTAINS:
         text_match = sa.func.strpos(sa.func.lower(prop.astext), str(value).lower()) > 0
-        list_match = prop.contains(sa.cast(json.dumps([value]), JSONB))
+        list_match = prop.contains(_jsonb([value]))
         return sa.case(
             (sa.func.jsonb_typeof(prop) == "string", text_match),
             (sa.func.jsonb_typeof(prop) == "array", list_match),

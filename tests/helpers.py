@@ -1,0 +1,101 @@
+"""Building blocks for tests that drive Herald through its public gRPC APIs."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from tests.conftest import Platform
+
+
+def value(v: Any) -> struct_pb2.Value:
+    message = struct_pb2.Value()
+    if isinstance(v, list):
+        message.list_value.extend(v)
+    elif isinstance(v, bool):
+        message.bool_value = v
+    elif isinstance(v, int | float):
+        message.number_value = v
+    else:
+        message.string_value = v
+    return message
+
+
+def user(user_id: str, **properties: Any) -> segmentation_pb.User:
+    u = segmentation_pb.User(user_id=user_id)
+    u.properties.update(properties)
+    return u
+
+
+def condition(prop: str, op: str, v: Any = None) -> segmentation_pb.PropertyCondition:
+    c = segmentation_pb.PropertyCondition(property=prop, operator=segmentation_pb.Operator.Value(f"OPERATOR_{op}"))
+    if v is not None:
+        c.value.CopyFrom(value(v))
+    return c
+
+
+async def create_segment(
+    platform: Platform, *conditions: segmentation_pb.PropertyCondition, match: str = "ALL"
+) -> segmentation_pb.Segment:
+    return await platform.segmentation.CreateSegment(
+        segmentation_pb.CreateSegmentRequest(
+            segment=segmentation_pb.Segment(
+                display_name=f"segment {uuid.uuid4().hex[:6]}",
+                filter=segmentation_pb.SegmentFilter(
+                    match=segmentation_pb.Match.Value(f"MATCH_{match}"), conditions=list(conditions)
+                ),
+            )
+        )
+    )
+
+
+async def create_segment_destination(platform: Platform, url: str, write_key: str) -> dispatch_pb.Destination:
+    return await platform.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(
+                display_name="Segment production source",
+                segment=dispatch_pb.SegmentConfig(write_key=write_key, endpoint_url=url),
+            )
+        )
+    )
+
+
+def segment_export_campaign(segment: str, destination: str, **overrides: Any) -> campaign_pb.Campaign:
+    campaign = campaign_pb.Campaign(
+        display_name="Export VIPs to Segment",
+        audience=campaign_pb.Audience(segment=segment),
+        destination=destination,
+        schedule=campaign_pb.Schedule(send_now=campaign_pb.SendNow()),
+        segment_export=campaign_pb.SegmentExportContent(
+            event_name="Herald VIP Export",
+            profile_attributes=["first_name", "plan"],
+            custom_properties={"coupon": "VIP20", "channel": "segment"},
+        ),
+    )
+    for key, v in overrides.items():
+        if v is None:
+            campaign.ClearField(key)
+        else:
+            getattr(campaign, key).CopyFrom(v) if hasattr(v, "CopyFrom") else setattr(campaign, key, v)
+    return campaign
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations an error carries, by field."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status details on {error.code()}: {error.details()}"
+    found: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad_request = error_details_pb2.BadRequest()
+            detail.Unpack(bad_request)
+            found.update({v.field: v.description for v in bad_request.field_violations})
+    return found
