@@ -1,0 +1,48 @@
+# Herald. Needs only Python 3.11+: everything else is installed into .tools/ and .venv/.
+PYTHON ?= python3
+TOOLS  := .tools
+UV     := $(TOOLS)/bin/uv
+VENV   := .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.8
+
+export UV_PYTHON_DOWNLOADS := never
+export UV_PROJECT_ENVIRONMENT := $(VENV)
+
+.PHONY: install run test lint proto proto-check bench clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml libs/common/pyproject.toml services/*/pyproject.toml
+	$(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+install: $(VENV)/.synced
+
+## Start PostgreSQL and NATS (embedded unless DATABASE_URL / NATS_URL are set) and all four services.
+run: install
+	$(BIN)/herald-run
+
+## Run the whole test suite (real PostgreSQL, NATS and gRPC servers).
+test: install
+	$(BIN)/pytest
+
+## Static checks: ruff, mypy --strict, buf lint.
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy libs/common/src/herald_common services/*/src tests
+	cd protos && ../$(BIN)/buf lint
+
+## Regenerate Python code from protos/ into libs/common/src/herald.
+proto: install
+	$(BIN)/python protos/generate.py
+
+## Throughput of a Segment export through all four services.
+bench: install
+	$(BIN)/python -m tests.bench
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .data .mypy_cache .ruff_cache .pytest_cache
