@@ -1,0 +1,174 @@
+"""Bad campaign input is refused with a field violation and writes nothing."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from tests.conftest import Platform, eventually
+from tests.fakes.segment_api import SegmentApi
+from tests.helpers import (
+    condition,
+    create_segment,
+    create_segment_destination,
+    field_violations,
+    segment_export_campaign,
+)
+
+
+async def _all_campaign_names(platform: Platform) -> set[str]:
+    names: set[str] = set()
+    token = ""
+    while True:
+        page = await platform.campaigns.ListCampaigns(
+            campaign_pb.ListCampaignsRequest(page_size=100, page_token=token)
+        )
+        names.update(c.name for c in page.campaigns)
+        token = page.next_page_token
+        if not token:
+            return names
+
+
+@pytest.fixture
+async def references(platform: Platform, segment_api: SegmentApi) -> tuple[str, str]:
+    segment = await create_segment(platform, condition("tier", "EQUALS", "gold"))
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    return segment.name, destination.name
+
+
+async def _create_fails(platform: Platform, campaign: campaign_pb.Campaign) -> grpc.aio.AioRpcError:
+    before = await _all_campaign_names(platform)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    assert await _all_campaign_names(platform) == before, "a refused create must write nothing"
+    return raised.value
+
+
+async def test_campaign_without_audience_is_invalid(platform: Platform, references: tuple[str, str]) -> None:
+    _, destination = references
+    campaign = segment_export_campaign("", destination, audience=None)
+    error = await _create_fails(platform, campaign)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "campaign.audience.segment" in field_violations(error)
+
+
+async def test_campaign_with_unknown_segment_names_the_field(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    _, destination = references
+    missing = f"segments/{uuid.uuid4()}"
+    error = await _create_fails(platform, segment_export_campaign(missing, destination))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert missing in field_violations(error)["campaign.audience.segment"]
+
+
+async def test_campaign_with_unknown_destination_names_the_field(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    segment, _ = references
+    missing = f"destinations/{uuid.uuid4()}"
+    error = await _create_fails(platform, segment_export_campaign(segment, missing))
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+    assert missing in field_violations(error)["campaign.destination"]
+
+
+async def test_every_problem_is_reported_at_once(platform: Platform) -> None:
+    campaign = campaign_pb.Campaign(
+        display_name=" ",
+        destination="not-a-destination",
+        segment_export=campaign_pb.SegmentExportContent(event_name=""),
+    )
+    error = await _create_fails(platform, campaign)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(error)) >= {
+        "campaign.display_name",
+        "campaign.audience.segment",
+        "campaign.destination",
+        "campaign.schedule",
+        "campaign.segment_export.event_name",
+    }
+
+
+async def test_malformed_segment_name_is_invalid_not_internal(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    _, destination = references
+    error = await _create_fails(platform, segment_export_campaign("segments/not a uuid!", destination))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "campaign.audience.segment" in field_violations(error)
+
+
+async def test_create_with_request_id_is_idempotent(platform: Platform, references: tuple[str, str]) -> None:
+    segment, destination = references
+    request_id = str(uuid.uuid4())
+    request = campaign_pb.CreateCampaignRequest(
+        campaign=segment_export_campaign(segment, destination), request_id=request_id
+    )
+    first = await platform.campaigns.CreateCampaign(request)
+    again = await platform.campaigns.CreateCampaign(request)
+    assert again.name == first.name
+
+
+async def test_stopping_a_scheduled_campaign_cancels_its_run(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    segment, destination = references
+    later = Timestamp()
+    later.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    campaign = segment_export_campaign(
+        segment, destination, schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=later))
+    )
+    created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+    async def run_pending() -> bool:
+        runs = await platform.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=created.name))
+        return [r.state for r in runs.runs] == [scheduler_pb.RunState.RUN_STATE_PENDING]
+
+    await eventually(run_pending)
+    runs = await platform.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=created.name))
+    assert runs.runs[0].scheduled_time == later
+
+    stopped = await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=created.name))
+    assert stopped.state == campaign_pb.State.STATE_STOPPED
+
+    async def run_cancelled() -> bool:
+        runs = await platform.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=created.name))
+        return [r.state for r in runs.runs] == [scheduler_pb.RunState.RUN_STATE_CANCELLED]
+
+    await eventually(run_cancelled)
+
+
+async def test_send_time_in_the_past_is_refused_at_publish(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    segment, destination = references
+    earlier = Timestamp()
+    earlier.FromDatetime(datetime.now(UTC) - timedelta(minutes=1))
+    campaign = segment_export_campaign(
+        segment, destination, schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=earlier))
+    )
+    created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "campaign.schedule.send_later.send_time" in field_violations(raised.value)
+    still = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
+    assert still.state == campaign_pb.State.STATE_DRAFT
+
+
+async def test_unknown_campaign_is_not_found(platform: Platform) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=f"campaigns/{uuid.uuid4()}"))
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
