@@ -1,0 +1,150 @@
+"""Nothing lost, nothing sent twice: redelivered jobs, malformed jobs, retries, permanent failures."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2 as events
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald_common.bus import REASON_HEADER, Subjects
+from tests.conftest import Platform, eventually
+from tests.fakes.segment_api import SegmentApi
+from tests.helpers import (
+    condition,
+    create_segment,
+    create_segment_destination,
+    segment_export_campaign,
+    user,
+)
+
+
+@pytest.fixture
+async def js(platform: Platform) -> AsyncIterator[JetStreamContext]:
+    connection = await nats.connect(platform.settings.nats_url)
+    yield connection.jetstream()
+    await connection.close()
+
+
+def _job(destination: str, user_id: str) -> events.DeliveryJob:
+    job = events.DeliveryJob(
+        delivery_id=str(uuid.uuid4()),
+        campaign=f"campaigns/{uuid.uuid4()}",
+        destination=destination,
+        user_id=user_id,
+    )
+    job.run = f"{job.campaign}/runs/{uuid.uuid4()}"
+    job.segment_export.event_name = "Guarantee Check"
+    return job
+
+
+async def _dead_letter(js: JetStreamContext, subjects: Subjects, marker: bytes) -> dict[str, str] | None:
+    try:
+        last = await js.get_last_msg(subjects.stream("deadletter"), subjects.dead_letter("dispatch-segment"))
+    except nats.js.errors.NotFoundError:
+        return None
+    return dict(last.headers or {}) if last.data == marker else None
+
+
+async def test_redelivered_job_is_sent_once(platform: Platform, segment_api: SegmentApi, js: JetStreamContext) -> None:
+    destination = await create_segment_destination(platform, segment_api.url, next(iter(segment_api.write_keys)))
+    subjects = Subjects(platform.settings.namespace)
+    job = _job(destination.name, "redelivered-user")
+    # Two copies that JetStream does not de-duplicate (different message ids): as after a crash
+    # between sending and acknowledging.
+    for copy in ("a", "b"):
+        await js.publish(
+            subjects.delivery_job("segment"), job.SerializeToString(), headers={"Nats-Msg-Id": f"{job.delivery_id}-{copy}"}
+        )
+
+    async def delivered() -> bool:
+        return job.delivery_id in segment_api.events
+
+    await eventually(delivered)
+    # Give the second copy time to be consumed, then check it did not reach Segment.
+    await js.publish(subjects.delivery_job("segment"), _job(destination.name, "fence-user").SerializeToString())
+    await eventually(lambda: _has_user(segment_api, "fence-user"))
+    sent = [e for r in segment_api.requests for e in (r.body or {}).get("batch", []) if e["messageId"] == job.delivery_id]
+    assert len(sent) == 1
+    assert segment_api.duplicates == 0
+
+
+async def _has_user(segment_api: SegmentApi, user_id: str) -> bool:
+    return any(e["userId"] == user_id for e in segment_api.events.values())
+
+
+async def test_undecodable_job_is_dead_lettered_with_reason(platform: Platform, js: JetStreamContext) -> None:
+    subjects = Subjects(platform.settings.namespace)
+    garbage = b"\xff\xff\xff not a protobuf " + uuid.uuid4().hex.encode()
+    await js.publish(subjects.delivery_job("segment"), garbage)
+
+    async def dead_lettered() -> bool:
+        return await _dead_letter(js, subjects, garbage) is not None
+
+    await eventually(dead_lettered)
+    headers = await _dead_letter(js, subjects, garbage)
+    assert headers is not None
+    assert "undecodable DeliveryJob" in headers[REASON_HEADER]
+
+
+async def test_job_without_content_is_dead_lettered(platform: Platform, js: JetStreamContext) -> None:
+    subjects = Subjects(platform.settings.namespace)
+    job = _job("destinations/" + str(uuid.uuid4()), "someone")
+    job.ClearField("segment_export")
+    payload = job.SerializeToString()
+    await js.publish(subjects.delivery_job("segment"), payload)
+
+    async def dead_lettered() -> bool:
+        return await _dead_letter(js, subjects, payload) is not None
+
+    await eventually(dead_lettered)
+    headers = await _dead_letter(js, subjects, payload)
+    assert headers is not None and headers[REASON_HEADER] == "DeliveryJob without content"
+
+
+async def test_server_errors_are_retried_with_the_same_message_id(
+    platform: Platform, segment_api: SegmentApi, js: JetStreamContext
+) -> None:
+    destination = await create_segment_destination(platform, segment_api.url, next(iter(segment_api.write_keys)))
+    subjects = Subjects(platform.settings.namespace)
+    segment_api.fail_next(2, status=503, retry_after=None)
+    job = _job(destination.name, "flaky-user")
+    await js.publish(subjects.delivery_job("segment"), job.SerializeToString())
+
+    async def delivered() -> bool:
+        return job.delivery_id in segment_api.events
+
+    await eventually(delivered)
+    attempts = [r for r in segment_api.requests if r.path == "/v1/batch"]
+    assert [r.status for r in attempts] == [503, 503, 200]
+    assert [r.headers.get("X-Retry-Count") for r in attempts] == [None, "1", "2"]
+    assert {e["messageId"] for r in attempts for e in r.body["batch"]} == {job.delivery_id}
+
+
+async def test_oversized_events_fail_and_the_campaign_still_completes(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    await platform.segmentation.UpsertUsers(
+        segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{i}", cohort=tag) for i in range(5)])
+    )
+    segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
+    destination = await create_segment_destination(platform, segment_api.url, next(iter(segment_api.write_keys)))
+    campaign = segment_export_campaign(segment.name, destination.name)
+    campaign.segment_export.custom_properties["blob"] = "x" * 40_000
+    created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+
+    async def completed() -> bool:
+        got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
+        return got.state == campaign_pb.State.STATE_COMPLETED
+
+    await eventually(completed)
+    stats = await platform.campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats"))
+    assert (stats.targeted, stats.sent, stats.failed) == (5, 0, 5)
+    assert not any(e["userId"].startswith(tag) for e in segment_api.events.values())
