@@ -19,7 +19,6 @@ import asyncpg
 import grpc
 import nats
 import pytest
-
 from herald.campaign.v1 import campaign_service_pb2_grpc as campaign_grpc
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
@@ -33,6 +32,7 @@ from herald_common.settings import Settings
 from herald_dispatch import main as dispatch_main
 from herald_scheduler import main as scheduler_main
 from herald_segmentation import main as segmentation_main
+
 from tests.fakes.segment_api import SegmentApi
 
 
@@ -63,7 +63,9 @@ async def settings(servers: tuple[str, str]) -> AsyncIterator[Settings]:
     admin_url, nats_url = servers
     suffix = uuid.uuid4().hex[:12]
     database = f"herald_test_{suffix}"
-    admin = await asyncpg.connect(_with_database(admin_url, urlsplit(admin_url).path.lstrip("/") or "postgres"))
+    admin = await asyncpg.connect(
+        _with_database(admin_url, urlsplit(admin_url).path.lstrip("/") or "postgres")
+    )
     await admin.execute(f'CREATE DATABASE "{database}"')
     namespace = f"test{suffix}"
     yield Settings(

@@ -9,10 +9,10 @@ import grpc
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
-
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+
 from tests.conftest import Platform
 
 
@@ -36,7 +36,9 @@ def user(user_id: str, **properties: Any) -> segmentation_pb.User:
 
 
 def condition(prop: str, op: str, v: Any = None) -> segmentation_pb.PropertyCondition:
-    c = segmentation_pb.PropertyCondition(property=prop, operator=segmentation_pb.Operator.Value(f"OPERATOR_{op}"))
+    c = segmentation_pb.PropertyCondition(
+        property=prop, operator=segmentation_pb.Operator.Value(f"OPERATOR_{op}")
+    )
     if v is not None:
         c.value.CopyFrom(value(v))
     return c

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
-
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
@@ -157,7 +157,9 @@ async def test_send_time_in_the_past_is_refused_at_publish(
     earlier = Timestamp()
     earlier.FromDatetime(datetime.now(UTC) - timedelta(minutes=1))
     campaign = segment_export_campaign(
-        segment, destination, schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=earlier))
+        segment,
+        destination,
+        schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=earlier)),
     )
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
     with pytest.raises(grpc.aio.AioRpcError) as raised:

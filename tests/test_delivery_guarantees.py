@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
-from nats.js import JetStreamContext
-
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.bus import REASON_HEADER, Subjects
+from nats.js import JetStreamContext
+
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
@@ -51,15 +51,21 @@ async def _dead_letter(js: JetStreamContext, subjects: Subjects, marker: bytes) 
     return dict(last.headers or {}) if last.data == marker else None
 
 
-async def test_redelivered_job_is_sent_once(platform: Platform, segment_api: SegmentApi, js: JetStreamContext) -> None:
-    destination = await create_segment_destination(platform, segment_api.url, next(iter(segment_api.write_keys)))
+async def test_redelivered_job_is_sent_once(
+    platform: Platform, segment_api: SegmentApi, js: JetStreamContext
+) -> None:
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
     subjects = Subjects(platform.settings.namespace)
     job = _job(destination.name, "redelivered-user")
     # Two copies that JetStream does not de-duplicate (different message ids): as after a crash
     # between sending and acknowledging.
     for copy in ("a", "b"):
         await js.publish(
-            subjects.delivery_job("segment"), job.SerializeToString(), headers={"Nats-Msg-Id": f"{job.delivery_id}-{copy}"}
+            subjects.delivery_job("segment"),
+            job.SerializeToString(),
+            headers={"Nats-Msg-Id": f"{job.delivery_id}-{copy}"},
         )
 
     async def delivered() -> bool:
@@ -67,9 +73,16 @@ async def test_redelivered_job_is_sent_once(platform: Platform, segment_api: Seg
 
     await eventually(delivered)
     # Give the second copy time to be consumed, then check it did not reach Segment.
-    await js.publish(subjects.delivery_job("segment"), _job(destination.name, "fence-user").SerializeToString())
+    await js.publish(
+        subjects.delivery_job("segment"), _job(destination.name, "fence-user").SerializeToString()
+    )
     await eventually(lambda: _has_user(segment_api, "fence-user"))
-    sent = [e for r in segment_api.requests for e in (r.body or {}).get("batch", []) if e["messageId"] == job.delivery_id]
+    sent = [
+        e
+        for r in segment_api.requests
+        for e in (r.body or {}).get("batch", [])
+        if e["messageId"] == job.delivery_id
+    ]
     assert len(sent) == 1
     assert segment_api.duplicates == 0
 
@@ -110,7 +123,9 @@ async def test_job_without_content_is_dead_lettered(platform: Platform, js: JetS
 async def test_server_errors_are_retried_with_the_same_message_id(
     platform: Platform, segment_api: SegmentApi, js: JetStreamContext
 ) -> None:
-    destination = await create_segment_destination(platform, segment_api.url, next(iter(segment_api.write_keys)))
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
     subjects = Subjects(platform.settings.namespace)
     segment_api.fail_next(2, status=503, retry_after=None)
     job = _job(destination.name, "flaky-user")
@@ -134,7 +149,9 @@ async def test_oversized_events_fail_and_the_campaign_still_completes(
         segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{i}", cohort=tag) for i in range(5)])
     )
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(platform, segment_api.url, next(iter(segment_api.write_keys)))
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
     campaign = segment_export_campaign(segment.name, destination.name)
     campaign.segment_export.custom_properties["blob"] = "x" * 40_000
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
@@ -145,6 +162,8 @@ async def test_oversized_events_fail_and_the_campaign_still_completes(
         return got.state == campaign_pb.State.STATE_COMPLETED
 
     await eventually(completed)
-    stats = await platform.campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats"))
+    stats = await platform.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
+    )
     assert (stats.targeted, stats.sent, stats.failed) == (5, 0, 5)
     assert not any(e["userId"].startswith(tag) for e in segment_api.events.values())

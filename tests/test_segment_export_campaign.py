@@ -9,6 +9,7 @@ from datetime import datetime
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
@@ -46,7 +47,9 @@ async def test_send_now_segment_export_reaches_every_member_exactly_once(
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
     )
     assert created.state == campaign_pb.State.STATE_DRAFT
-    published = await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    published = await platform.campaigns.PublishCampaign(
+        campaign_pb.PublishCampaignRequest(name=created.name)
+    )
     assert published.state == campaign_pb.State.STATE_SCHEDULED
 
     async def completed() -> bool:

@@ -21,11 +21,17 @@ EXPECTED = {
 async def test_reflection_and_health(platform: Platform, service: str) -> None:
     async with grpc.aio.insecure_channel(platform.address(service)) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-        responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        responses = stub.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+        )
         listed = set()
         async for response in responses:
             listed = {s.name for s in response.list_services_response.service}
-        assert listed == {EXPECTED[service], "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+        assert listed == {
+            EXPECTED[service],
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        }
 
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", EXPECTED[service]):

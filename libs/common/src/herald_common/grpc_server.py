@@ -91,6 +91,12 @@ async def _abort(context: Any, error: DomainError) -> None:
     await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
+async def _internal(context: Any) -> None:
+    # A bug, not a bad request: keep the details in the log, not in the caller's hands.
+    log.exception("rpc_failed")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Binds a request id to every log line of an RPC and reports domain errors as gRPC status."""
 
@@ -107,6 +113,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     return await inner_unary(request, context)
                 except DomainError as error:
                     await _abort(context, error)
+                except Exception:
+                    await _internal(context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -123,6 +131,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         yield response
                 except DomainError as error:
                     await _abort(context, error)
+                except Exception:
+                    await _internal(context)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,

@@ -1,35 +1,56 @@
-"""Newest-first keyset pagination over tables keyed by (created_at, id)."""
+"""Keyset pagination over (timestamp, uuid) keys, with opaque page tokens."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald_common import api
+from herald_common.errors import invalid
 
 
-async def newest_first_page(
+def _decode(token: str) -> tuple[datetime, uuid.UUID] | None:
+    keys = api.decode_page_token(token, 2)
+    if keys is None:
+        return None
+    try:
+        return datetime.fromisoformat(keys[0]), uuid.UUID(keys[1])
+    except ValueError:
+        raise invalid("page_token", "not a token this API returned") from None
+
+
+async def keyset_page(
     session: AsyncSession,
     table: sa.Table,
     size: int,
     token: str,
     *where: sa.ColumnElement[bool],
+    time_column: str = "created_at",
+    newest_first: bool = True,
 ) -> tuple[Sequence[Any], str]:
-    """One page of rows and the token of the next page ('' at the end)."""
+    """One page of rows ordered by (time_column, id), and the next page's token ('' at the end)."""
     limit = api.page_size(size)
-    after = api.decode_page_token(token, 2)
-    created_at, row_id = table.c.created_at, table.c.id
-    query = sa.select(table).where(*where).order_by(created_at.desc(), row_id.desc())
+    after = _decode(token)
+    key = sa.tuple_(table.c[time_column], table.c.id)
+    order = (
+        [table.c[time_column].desc(), table.c.id.desc()]
+        if newest_first
+        else [table.c[time_column], table.c.id]
+    )
+    query = sa.select(table).where(*where).order_by(*order)
     if after is not None:
-        query = query.where(
-            sa.tuple_(created_at, row_id)
-            < sa.tuple_(sa.cast(after[0], created_at.type), sa.cast(after[1], row_id.type))
+        bound = sa.tuple_(
+            sa.literal(after[0], table.c[time_column].type), sa.literal(after[1], table.c.id.type)
         )
+        query = query.where(key < bound if newest_first else key > bound)
     rows = (await session.execute(query.limit(limit + 1))).all()
     if len(rows) <= limit:
         return rows, ""
     rows = rows[:limit]
-    return rows, api.encode_page_token(rows[-1].created_at.isoformat(), str(rows[-1].id))
+    last = rows[-1]
+    return rows, api.encode_page_token(getattr(last, time_column).isoformat(), str(last.id))

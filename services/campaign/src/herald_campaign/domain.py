@@ -16,7 +16,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.outbox import OutboxEvent, enqueue
-from herald_common.paging import newest_first_page
+from herald_common.paging import keyset_page
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -180,7 +180,7 @@ class Campaigns:
 
     async def list(self, size: int, token: str) -> tuple[list[pb.Campaign], str]:
         async with self.database.transaction() as session:
-            rows, next_token = await newest_first_page(session, campaigns, size, token)
+            rows, next_token = await keyset_page(session, campaigns, size, token)
         return [_message(r) for r in rows], next_token
 
     async def publish(self, name: str) -> pb.Campaign:

@@ -11,7 +11,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald_common import api
 from herald_common.db import Database
 from herald_common.errors import NotFound, Validator
-from herald_common.paging import newest_first_page
+from herald_common.paging import keyset_page
 from sqlalchemy.dialects.postgresql import insert
 
 from herald_dispatch.storage import destinations
@@ -122,7 +122,7 @@ class Destinations:
 
     async def list(self, size: int, token: str) -> tuple[list[pb.Destination], str]:
         async with self.database.transaction() as session:
-            rows, next_token = await newest_first_page(session, destinations, size, token)
+            rows, next_token = await keyset_page(session, destinations, size, token)
         return [_message(r, reveal_secrets=False) for r in rows], next_token
 
     async def delete(self, name: str) -> None:

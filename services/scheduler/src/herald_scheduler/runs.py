@@ -14,6 +14,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import NotFound, invalid
 from herald_common.outbox import OutboxEvent, enqueue
+from herald_common.paging import keyset_page
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald_scheduler.storage import outbox, runs
@@ -77,18 +78,14 @@ class RunQueries:
 
     async def list(self, parent: str, size: int, token: str) -> tuple[list[pb.Run], str]:
         api.parse_uuid_name(parent, "campaigns", "parent")
-        limit = api.page_size(size)
-        after = api.decode_page_token(token, 2)
-        query = sa.select(runs).where(runs.c.campaign == parent).order_by(runs.c.scheduled_time, runs.c.id)
-        if after is not None:
-            query = query.where(
-                sa.tuple_(runs.c.scheduled_time, runs.c.id)
-                > sa.tuple_(sa.cast(after[0], runs.c.scheduled_time.type), sa.cast(after[1], runs.c.id.type))
-            )
         async with self.database.transaction() as session:
-            rows = (await session.execute(query.limit(limit + 1))).all()
-        next_token = ""
-        if len(rows) > limit:
-            rows = rows[:limit]
-            next_token = api.encode_page_token(rows[-1].scheduled_time.isoformat(), str(rows[-1].id))
+            rows, next_token = await keyset_page(
+                session,
+                runs,
+                size,
+                token,
+                runs.c.campaign == parent,
+                time_column="scheduled_time",
+                newest_first=False,
+            )
         return [run_message(r) for r in rows], next_token

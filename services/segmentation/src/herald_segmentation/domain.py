@@ -13,8 +13,8 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.db import Database
 from herald_common.errors import NotFound, Validator, invalid
-from herald_common.paging import newest_first_page
-from sqlalchemy.dialects.postgresql import insert
+from herald_common.paging import keyset_page
+from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from herald_segmentation.filters import to_sql, validate_filter
 from herald_segmentation.storage import segments, users
@@ -144,7 +144,7 @@ class Segmentation:
 
     async def list_segments(self, size: int, token: str) -> tuple[list[pb.Segment], str]:
         async with self.database.transaction() as session:
-            rows, next_token = await newest_first_page(session, segments, size, token)
+            rows, next_token = await keyset_page(session, segments, size, token)
         return [_segment_message(r) for r in rows], next_token
 
     async def delete_segment(self, name: str) -> None:
@@ -174,7 +174,7 @@ class Segmentation:
         attributes = (
             sa.func.jsonb_build_object(*[x for k in keys for x in (k, users.c.properties[k])])
             if keys
-            else sa.cast("{}", users.c.properties.type)
+            else sa.literal({}, JSONB)
         )
         condition = to_sql(segment.filter)
         async with self.database.sessions() as session:
