@@ -1,0 +1,65 @@
+"""`make run`: embedded PostgreSQL and NATS, four services serving, a clean stop on Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from herald_common.embedded import free_port
+
+SERVICES = ("campaign", "segmentation", "scheduler", "dispatch")
+
+
+async def _serving(port: int) -> bool:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _processes_using(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(data_dir) in part for part in process.info["cmdline"] or []):
+            found.append(process)
+    return found
+
+
+async def test_platform_starts_embedded_servers_and_stops_cleanly(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in SERVICES}
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
+    env.update({f"HERALD_{name.upper()}_PORT": str(port) for name, port in ports.items()})
+    env.update({"HERALD_DATA_DIR": str(tmp_path / "data"), "HERALD_NAMESPACE": "launcher"})
+    platform = subprocess.Popen(
+        [sys.executable, "-m", "herald_common.platform"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while not all([await _serving(port) for port in ports.values()]):
+            assert platform.poll() is None, platform.stdout.read().decode() if platform.stdout else ""
+            assert asyncio.get_running_loop().time() < deadline, "services did not become SERVING"
+            await asyncio.sleep(0.3)
+        assert _processes_using(tmp_path / "data"), "embedded servers should run under the data folder"
+
+        platform.send_signal(signal.SIGINT)
+        assert await asyncio.to_thread(platform.wait, 60) == 0
+        output = platform.stdout.read().decode() if platform.stdout else ""
+        assert "platform_stopped" in output
+        assert not any([await _serving(port) for port in ports.values()])
+        assert _processes_using(tmp_path / "data") == [], "PostgreSQL and NATS must stop with the platform"
+    finally:
+        if platform.poll() is None:
+            platform.kill()
