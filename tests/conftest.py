@@ -8,6 +8,7 @@ state carries over between runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -79,10 +80,8 @@ async def settings(servers: tuple[str, str]) -> AsyncIterator[Settings]:
     connection = await nats.connect(nats_url)
     js = connection.jetstream()
     for stream in Subjects(namespace).streams():
-        try:
+        with contextlib.suppress(nats.js.errors.NotFoundError):
             await js.delete_stream(stream)
-        except nats.js.errors.NotFoundError:
-            pass
     await connection.close()
 
 
@@ -93,10 +92,10 @@ class Platform:
     settings: Settings
     hosts: dict[str, ServiceHost]
     channels: list[grpc.aio.Channel]
-    segmentation: segmentation_grpc.SegmentationServiceStub
-    campaigns: campaign_grpc.CampaignServiceStub
-    scheduler: scheduler_grpc.SchedulerServiceStub
-    dispatch: dispatch_grpc.DispatchServiceStub
+    segmentation: segmentation_grpc.SegmentationServiceAsyncStub
+    campaigns: campaign_grpc.CampaignServiceAsyncStub
+    scheduler: scheduler_grpc.SchedulerServiceAsyncStub
+    dispatch: dispatch_grpc.DispatchServiceAsyncStub
 
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.hosts[service].port}"
@@ -143,13 +142,13 @@ async def segment_api() -> AsyncIterator[SegmentApi]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 30.0, interval: float = 0.1
+    check: Callable[[], Awaitable[bool]], within: float = 30.0, interval: float = 0.1
 ) -> None:
     """Waits until `check` holds; fails the test with a clear message otherwise."""
-    deadline = asyncio.get_running_loop().time() + timeout
+    deadline = asyncio.get_running_loop().time() + within
     while True:
         if await check():
             return
         if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
+            raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)

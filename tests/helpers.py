@@ -84,7 +84,7 @@ def segment_export_campaign(segment: str, destination: str, **overrides: Any) ->
     )
     for key, v in overrides.items():
         if v is None:
-            campaign.ClearField(key)
+            campaign.ClearField(key)  # type: ignore[arg-type]
         else:
             getattr(campaign, key).CopyFrom(v) if hasattr(v, "CopyFrom") else setattr(campaign, key, v)
     return campaign

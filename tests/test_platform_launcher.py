@@ -8,11 +8,11 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from herald_common.embedded import free_port
 
 SERVICES = ("campaign", "segmentation", "scheduler", "dispatch")
@@ -21,7 +21,8 @@ SERVICES = ("campaign", "segmentation", "scheduler", "dispatch")
 async def _serving(port: int) -> bool:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         try:
-            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+            health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs know only the sync API
+            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
         except grpc.aio.AioRpcError:
             return False
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
@@ -40,7 +41,7 @@ async def test_platform_starts_embedded_servers_and_stops_cleanly(tmp_path: Path
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
     env.update({f"HERALD_{name.upper()}_PORT": str(port) for name, port in ports.items()})
     env.update({"HERALD_DATA_DIR": str(tmp_path / "data"), "HERALD_NAMESPACE": "launcher"})
-    platform = subprocess.Popen(
+    platform = subprocess.Popen(  # noqa: ASYNC220 - the platform runs for the whole test
         [sys.executable, "-m", "herald_common.platform"],
         env=env,
         stdout=subprocess.PIPE,

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import filecmp
-import sys
+import importlib.util
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "protos"))
-from generate import generate  # noqa: E402
+
+
+def _generator() -> Any:
+    spec = importlib.util.spec_from_file_location("generate", ROOT / "protos" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _files(root: Path) -> dict[str, Path]:
@@ -20,7 +27,7 @@ def _files(root: Path) -> dict[str, Path]:
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
-    generate(tmp_path)
+    _generator().generate(tmp_path)
     fresh = _files(tmp_path / "herald")
     committed = _files(ROOT / "libs" / "common" / "src" / "herald")
     assert sorted(fresh) == sorted(committed), "run `make proto`: generated files differ"

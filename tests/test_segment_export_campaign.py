@@ -56,7 +56,7 @@ async def test_send_now_segment_export_reaches_every_member_exactly_once(
         campaign = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
         return campaign.state == campaign_pb.State.STATE_COMPLETED
 
-    await eventually(completed, timeout=60)
+    await eventually(completed, within=60)
 
     stats = await platform.campaigns.GetCampaignStats(
         campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")

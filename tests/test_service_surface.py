@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,7 +22,7 @@ EXPECTED = {
 @pytest.mark.parametrize("service", sorted(EXPECTED))
 async def test_reflection_and_health(platform: Platform, service: str) -> None:
     async with grpc.aio.insecure_channel(platform.address(service)) as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # type: ignore[arg-type]
         responses = stub.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
         )
@@ -33,7 +35,7 @@ async def test_reflection_and_health(platform: Platform, service: str) -> None:
             "grpc.reflection.v1alpha.ServerReflection",
         }
 
-        health = health_pb2_grpc.HealthStub(channel)
+        health: Any = health_pb2_grpc.HealthStub(channel)
         for name in ("", EXPECTED[service]):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
