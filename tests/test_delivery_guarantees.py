@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 
 import nats
 import pytest
+from nats.js import JetStreamContext
+
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.bus import REASON_HEADER, Subjects
-from nats.js import JetStreamContext
-
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (

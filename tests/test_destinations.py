@@ -6,8 +6,8 @@ import uuid
 
 import grpc
 import pytest
-from herald.dispatch.v1 import dispatch_service_pb2 as pb
 
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from tests.conftest import Platform
 from tests.helpers import field_violations
 

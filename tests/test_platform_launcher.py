@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from herald_common.embedded import free_port
 
 SERVICES = ("campaign", "segmentation", "scheduler", "dispatch")

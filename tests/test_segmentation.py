@@ -6,8 +6,8 @@ import uuid
 
 import grpc
 import pytest
-from herald.segmentation.v1 import segmentation_service_pb2 as pb
 
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from tests.conftest import Platform
 from tests.helpers import condition, create_segment, field_violations, user
 

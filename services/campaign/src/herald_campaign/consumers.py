@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from herald.events.v1 import events_pb2 as events
-from herald_common.bus import PullConsumer, decode_batch
-from herald_common.runtime import Infrastructure
 from nats.aio.msg import Msg
 
+from herald.events.v1 import events_pb2 as events
 from herald_campaign.domain import Campaigns
+from herald_common.bus import PullConsumer, decode_batch
+from herald_common.runtime import Infrastructure
 
 
 def _run_problem(event: events.RunChanged) -> str | None:

@@ -7,21 +7,21 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald_campaign.references import References
+from herald_campaign.storage import campaigns, outbox, outcomes, runs, stats
 from herald_common import api
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from herald_campaign.references import References
-from herald_campaign.storage import campaigns, outbox, outcomes, runs, stats
 
 State = pb.State
 # The destination type each kind of content is delivered through.

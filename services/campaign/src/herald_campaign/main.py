@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
-from herald_common import runtime
-from herald_common.runtime import Infrastructure, ServiceHost
-from herald_common.settings import Settings
-
 from herald_campaign.consumers import consumers
 from herald_campaign.domain import Campaigns
 from herald_campaign.references import References
 from herald_campaign.servicer import CampaignServicer
 from herald_campaign.storage import SCHEMA, outbox
+from herald_common import runtime
+from herald_common.runtime import Infrastructure, ServiceHost
+from herald_common.settings import Settings
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["CampaignService"].full_name
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
-
 from herald_campaign.domain import Campaigns
 
 Context = grpc.aio.ServicerContext[Any, Any]

@@ -7,13 +7,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald_common import api
 from herald_common.db import Database
 from herald_common.errors import NotFound, Validator
 from herald_common.paging import keyset_page
-from sqlalchemy.dialects.postgresql import insert
-
 from herald_dispatch.storage import destinations
 
 TYPE_NAMES = {pb.DestinationType.DESTINATION_TYPE_SEGMENT: "segment"}

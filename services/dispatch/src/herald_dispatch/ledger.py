@@ -7,13 +7,13 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+
 from herald.events.v1 import events_pb2 as events
 from herald_common import api
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.outbox import OutboxEvent, enqueue
-from sqlalchemy.dialects.postgresql import insert
-
 from herald_dispatch.storage import deliveries, outbox
 
 SENT = events.DeliveryStatus.DELIVERY_STATUS_SENT

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import aiohttp
 import grpc
+
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
 from herald_common import runtime
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
-
 from herald_dispatch.destinations import Destinations
 from herald_dispatch.segment import SegmentChannel
 from herald_dispatch.servicer import DispatchServicer

@@ -11,11 +11,11 @@ from typing import Any
 
 import aiohttp
 from google.protobuf import json_format
+
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import api
 from herald_common.logging import get_logger
-
 from herald_dispatch.ledger import FAILED, SENT, DeliveryResult
 from herald_dispatch.retry import backoff_seconds, is_retryable, retry_after_seconds
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
+
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
-
 from herald_dispatch.destinations import Destinations
 
 Context = grpc.aio.ServicerContext[Any, Any]

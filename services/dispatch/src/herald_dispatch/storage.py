@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from herald_common.outbox import outbox_table
 from sqlalchemy.dialects.postgresql import UUID
+
+from herald_common.outbox import outbox_table
 
 SCHEMA = "dispatch"
 metadata = sa.MetaData(schema=SCHEMA)

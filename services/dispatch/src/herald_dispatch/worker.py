@@ -7,13 +7,13 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
+from nats.aio.msg import Msg
+
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common.bus import PullConsumer, decode_batch
 from herald_common.logging import get_logger
 from herald_common.runtime import Infrastructure
-from nats.aio.msg import Msg
-
 from herald_dispatch.destinations import TYPE_NAMES, Destinations
 from herald_dispatch.ledger import FAILED, DeliveryLedger, DeliveryResult
 

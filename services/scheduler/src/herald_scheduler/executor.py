@@ -13,6 +13,9 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
@@ -24,9 +27,6 @@ from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from herald_scheduler.runs import RunEvents, run_name
 from herald_scheduler.storage import campaigns, deliveries, outbox, runs
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+from nats.aio.msg import Msg
+
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
@@ -12,8 +14,6 @@ from herald_common import runtime
 from herald_common.bus import PullConsumer, decode_batch
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
-from nats.aio.msg import Msg
-
 from herald_scheduler.executor import RunExecutor
 from herald_scheduler.planning import Planner
 from herald_scheduler.runs import RunEvents, RunQueries

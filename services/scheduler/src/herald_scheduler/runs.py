@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api
@@ -15,8 +17,6 @@ from herald_common.db import Database
 from herald_common.errors import NotFound, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from herald_scheduler.storage import outbox, runs
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
-
 from herald_scheduler.runs import RunQueries
 
 Context = grpc.aio.ServicerContext[Any, Any]

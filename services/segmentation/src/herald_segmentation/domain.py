@@ -9,13 +9,13 @@ from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf import json_format
+from sqlalchemy.dialects.postgresql import JSONB, insert
+
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.db import Database
 from herald_common.errors import NotFound, Validator, invalid
 from herald_common.paging import keyset_page
-from sqlalchemy.dialects.postgresql import JSONB, insert
-
 from herald_segmentation.filters import to_sql, validate_filter
 from herald_segmentation.storage import segments, users
 

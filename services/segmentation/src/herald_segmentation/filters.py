@@ -6,10 +6,10 @@ from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf import json_format, struct_pb2
-from herald.segmentation.v1 import segmentation_service_pb2 as pb
-from herald_common.errors import Validator
 from sqlalchemy.dialects.postgresql import JSONB
 
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common.errors import Validator
 from herald_segmentation.storage import users
 
 Op = pb.Operator

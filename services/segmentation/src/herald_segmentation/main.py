@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
+
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from herald_common import runtime
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
-
 from herald_segmentation.domain import Segmentation
 from herald_segmentation.servicer import SegmentationServicer
 from herald_segmentation.storage import SCHEMA, outbox

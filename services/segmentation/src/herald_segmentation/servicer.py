@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 from google.protobuf import empty_pb2
+
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
-
 from herald_segmentation.domain import Segmentation
 
 Context = grpc.aio.ServicerContext[Any, Any]

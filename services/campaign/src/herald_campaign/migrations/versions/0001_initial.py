@@ -5,8 +5,9 @@ Revision ID: 0001
 
 import sqlalchemy as sa
 from alembic import op
-from herald_common.outbox import create_outbox_table
 from sqlalchemy.dialects.postgresql import UUID
+
+from herald_common.outbox import create_outbox_table
 
 revision = "0001"
 down_revision = None
