@@ -124,12 +124,15 @@ BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 class PullConsumer:
     """A durable pull consumer that hands batches of messages to a handler until stopped.
 
-    The handler acks what it has processed; if it raises, the batch is redelivered later.
+    The handler acks what it has processed. When a batch fails, its messages are retried one by
+    one so a single bad message cannot hold the others back; a message that keeps failing is
+    redelivered with growing delays and, after `max_deliveries`, dead-lettered with the error.
     """
 
     def __init__(
         self,
         js: JetStreamContext,
+        subjects: Subjects,
         *,
         stream: str,
         durable: str,
@@ -137,14 +140,19 @@ class PullConsumer:
         handler: BatchHandler,
         batch_size: int = 256,
         ack_wait_seconds: float = 60.0,
+        max_deliveries: int = 10,
+        redelivery_base_seconds: float = 2.0,
     ) -> None:
         self.js = js
+        self.subjects = subjects
         self.stream = stream
         self.durable = durable
         self.filter_subject = filter_subject
         self.handler = handler
         self.batch_size = batch_size
         self.ack_wait_seconds = ack_wait_seconds
+        self.max_deliveries = max_deliveries
+        self.redelivery_base_seconds = redelivery_base_seconds
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -173,11 +181,29 @@ class PullConsumer:
                 continue
             try:
                 await self.handler(msgs)
-            except Exception:
+            except Exception as error:
                 log.exception("batch_failed", consumer=self.durable, size=len(msgs))
+                if len(msgs) == 1:
+                    await self._failed(msgs[0], error)
+                    continue
                 for msg in msgs:
                     if not msg._ackd:
-                        await msg.nak(delay=1)
+                        await self._handle_alone(msg)
+
+    async def _handle_alone(self, msg: Msg) -> None:
+        try:
+            await self.handler([msg])
+        except Exception as error:
+            await self._failed(msg, error)
+
+    async def _failed(self, msg: Msg, error: Exception) -> None:
+        delivered = msg.metadata.num_delivered or 1
+        if delivered >= self.max_deliveries:
+            await dead_letter(
+                self.js, self.subjects, self.durable, msg, f"failed {delivered} times: {error!r}"
+            )
+        else:
+            await msg.nak(delay=min(self.redelivery_base_seconds * 2 ** (delivered - 1), 60.0))
 
     async def stop(self) -> None:
         self._stopping.set()

@@ -12,7 +12,7 @@ from nats.aio.client import Client as NatsClient
 from nats.js import JetStreamContext
 
 from herald_common import bus
-from herald_common.bus import PullConsumer, Subjects
+from herald_common.bus import BatchHandler, PullConsumer, Subjects
 from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
@@ -55,7 +55,21 @@ class Infrastructure:
         relay.start()
         return cls(settings, database, nats_client, js, subjects, relay)
 
-    async def start_consumer(self, consumer: PullConsumer) -> None:
+    async def consume(
+        self, *, owner: str, durable: str, filter_subject: str, handler: BatchHandler, batch_size: int = 256
+    ) -> None:
+        """Starts a durable consumer on the stream of what `owner` publishes."""
+        consumer = PullConsumer(
+            self.js,
+            self.subjects,
+            stream=self.subjects.stream(owner),
+            durable=durable,
+            filter_subject=filter_subject,
+            handler=handler,
+            batch_size=batch_size,
+            max_deliveries=self.settings.max_deliveries,
+            redelivery_base_seconds=self.settings.redelivery_base_seconds,
+        )
         await consumer.start()
         self.consumers.append(consumer)
 

@@ -30,6 +30,10 @@ class Settings:
     addresses: dict[str, str] = field(default_factory=dict)
     log_level: str = "info"
     shutdown_grace_seconds: float = 5.0
+    # A message that keeps failing is retried with delays doubling from this base, then
+    # dead-lettered after max_deliveries attempts.
+    max_deliveries: int = 10
+    redelivery_base_seconds: float = 2.0
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -58,4 +62,6 @@ class Settings:
             addresses=addresses,
             log_level=env.get("LOG_LEVEL", "info"),
             shutdown_grace_seconds=float(env.get("HERALD_SHUTDOWN_GRACE_SECONDS", "5")),
+            max_deliveries=int(env.get("HERALD_MAX_DELIVERIES", "10")),
+            redelivery_base_seconds=float(env.get("HERALD_REDELIVERY_BASE_SECONDS", "2")),
         )

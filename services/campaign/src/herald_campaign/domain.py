@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -81,7 +81,9 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
 
 
 class Campaigns:
-    def __init__(self, database: Database, subjects: Subjects, references: References, notify: Any) -> None:
+    def __init__(
+        self, database: Database, subjects: Subjects, references: References, notify: Callable[[], None]
+    ) -> None:
         self.database = database
         self.subjects = subjects
         self.references = references

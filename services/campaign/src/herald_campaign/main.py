@@ -8,7 +8,7 @@ import grpc
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
-from herald_campaign.consumers import consumers
+from herald_campaign.consumers import start_consumers
 from herald_campaign.domain import Campaigns
 from herald_campaign.references import References
 from herald_campaign.servicer import CampaignServicer
@@ -39,8 +39,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         "campaign", infra, [SERVICE_NAME], register, settings.port("campaign") if port is None else port
     )
     host.on_stop.extend([segmentation.close, dispatch.close])
-    for consumer in consumers(infra, campaigns):
-        await infra.start_consumer(consumer)
+    await start_consumers(infra, campaigns)
     return host
 
 

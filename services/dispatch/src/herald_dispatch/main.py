@@ -55,7 +55,7 @@ async def start(settings: Settings, port: int | None = None, workers: list[str] 
     for worker_type in worker_types_from_env() if workers is None else workers:
         if worker_type == "segment":
             worker = DeliveryWorker(infra, destinations, SegmentChannel(http))
-            await infra.start_consumer(worker.consumer())
+            await worker.start()
     return host
 
 

@@ -11,7 +11,7 @@ from nats.aio.msg import Msg
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
-from herald_common.bus import PullConsumer, decode_batch
+from herald_common.bus import decode_batch
 from herald_common.logging import get_logger
 from herald_common.runtime import Infrastructure
 from herald_dispatch.destinations import TYPE_NAMES, Destinations
@@ -54,13 +54,11 @@ class DeliveryWorker:
         self.batch_size = batch_size
         self.consumer_name = f"dispatch-{channel.destination_type}"
 
-    def consumer(self) -> PullConsumer:
-        subjects = self.infra.subjects
-        return PullConsumer(
-            self.infra.js,
-            stream=subjects.stream("scheduler"),
+    async def start(self) -> None:
+        await self.infra.consume(
+            owner="scheduler",
             durable=self.consumer_name,
-            filter_subject=subjects.delivery_job(self.channel.destination_type),
+            filter_subject=self.infra.subjects.delivery_job(self.channel.destination_type),
             handler=self.handle,
             batch_size=self.batch_size,
         )

@@ -7,7 +7,7 @@ from (run, user), so a run resumed after a crash plans nobody twice.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -62,7 +62,7 @@ class RunExecutor:
         subjects: Subjects,
         run_events: RunEvents,
         segmentation: grpc.aio.Channel,
-        notify_outbox: Any,
+        notify_outbox: Callable[[], None],
         poll_seconds: float = 0.5,
     ) -> None:
         self.database = database
@@ -117,7 +117,8 @@ class RunExecutor:
             await self.run_events.changed(session, [row])
         self.notify_outbox()
         if snapshot is None:
-            raise RuntimeError(f"run {row.id} has no campaign snapshot")
+            await self._finish(row.id, RunState.RUN_STATE_FAILED, 0, "the campaign of this run is unknown")
+            return None
         return row, campaign_pb.Campaign.FromString(snapshot)
 
     async def execute_next(self) -> bool:
@@ -139,6 +140,11 @@ class RunExecutor:
             await self._finish(
                 row.id, RunState.RUN_STATE_FAILED, 0, f"audience: {error.code().name} {error.details()}"
             )
+            return True
+        except Exception as error:
+            # Retrying cannot help a run its own definition breaks: fail it, with the reason.
+            log.exception("run_failed", run=run_name(row))
+            await self._finish(row.id, RunState.RUN_STATE_FAILED, 0, repr(error))
             return True
         await self._finish(row.id, RunState.RUN_STATE_DISPATCHED, audience_size, "")
         return True

@@ -11,7 +11,7 @@ from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from herald_common import runtime
-from herald_common.bus import PullConsumer, decode_batch
+from herald_common.bus import decode_batch
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 from herald_scheduler.executor import RunExecutor
@@ -58,14 +58,11 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         for msg, _ in decoded:
             await msg.ack()
 
-    await infra.start_consumer(
-        PullConsumer(
-            infra.js,
-            stream=infra.subjects.stream("campaign"),
-            durable=CONSUMER,
-            filter_subject=infra.subjects.campaign_changed,
-            handler=on_campaign_changes,
-        )
+    await infra.consume(
+        owner="campaign",
+        durable=CONSUMER,
+        filter_subject=infra.subjects.campaign_changed,
+        handler=on_campaign_changes,
     )
     executor.start()
     host.on_stop.extend([executor.stop, segmentation.close])

@@ -1,0 +1,76 @@
+"""A message that keeps failing is set aside with its reason; the others are not held back."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from herald_common.bus import REASON_HEADER, SOURCE_SUBJECT_HEADER, PullConsumer, Subjects, ensure_streams
+from herald_common.settings import Settings
+from tests.conftest import eventually
+
+
+@pytest.fixture
+async def js(settings: Settings) -> AsyncIterator[JetStreamContext]:
+    connection = await nats.connect(settings.nats_url)
+    js = connection.jetstream()
+    await ensure_streams(js, Subjects(settings.namespace))
+    yield js
+    await connection.close()
+
+
+async def test_poison_message_is_dead_lettered_after_retries(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    subjects = Subjects(settings.namespace)
+    subject = f"{settings.namespace}.campaign.poison-{uuid.uuid4().hex[:6]}"
+    handled: list[bytes] = []
+    poison_deliveries: list[int] = []
+
+    async def handler(msgs: list[Msg]) -> None:
+        for msg in msgs:
+            if msg.data == b"poison":
+                poison_deliveries.append(msg.metadata.num_delivered or 0)
+                raise ValueError("cannot handle poison")
+        for msg in msgs:
+            handled.append(msg.data)
+            await msg.ack()
+
+    durable = f"poison-test-{uuid.uuid4().hex[:6]}"
+    consumer = PullConsumer(
+        js,
+        subjects,
+        stream=subjects.stream("campaign"),
+        durable=durable,
+        filter_subject=subject,
+        handler=handler,
+        max_deliveries=3,
+        redelivery_base_seconds=0.05,
+    )
+    for payload in (b"first", b"poison", b"last"):
+        await js.publish(subject, payload)
+    await consumer.start()
+    try:
+
+        async def set_aside() -> bool:
+            try:
+                last = await js.get_last_msg(subjects.stream("deadletter"), subjects.dead_letter(durable))
+            except nats.js.errors.NotFoundError:
+                return False
+            return last.data == b"poison"
+
+        await eventually(set_aside, within=20)
+    finally:
+        await consumer.stop()
+    assert sorted(handled) == [b"first", b"last"]
+    # Three deliveries by JetStream; the first one was also tried alone, out of its batch.
+    assert poison_deliveries == [1, 1, 2, 3]
+    last = await js.get_last_msg(subjects.stream("deadletter"), subjects.dead_letter(durable))
+    assert last.headers is not None
+    assert last.headers[REASON_HEADER] == "failed 3 times: ValueError('cannot handle poison')"
+    assert last.headers[SOURCE_SUBJECT_HEADER] == subject
