@@ -46,6 +46,7 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             nats_url=nats_url,
             namespace=namespace,
             shutdown_grace_seconds=0.5,
+            ack_wait_seconds=3.0,
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

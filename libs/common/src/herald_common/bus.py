@@ -139,7 +139,7 @@ class PullConsumer:
         filter_subject: str,
         handler: BatchHandler,
         batch_size: int = 256,
-        ack_wait_seconds: float = 60.0,
+        ack_wait_seconds: float = 30.0,
         max_deliveries: int = 10,
         redelivery_base_seconds: float = 2.0,
     ) -> None:

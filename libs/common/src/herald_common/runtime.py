@@ -69,6 +69,7 @@ class Infrastructure:
             batch_size=batch_size,
             max_deliveries=self.settings.max_deliveries,
             redelivery_base_seconds=self.settings.redelivery_base_seconds,
+            ack_wait_seconds=self.settings.ack_wait_seconds,
         )
         await consumer.start()
         self.consumers.append(consumer)

@@ -34,6 +34,9 @@ class Settings:
     # dead-lettered after max_deliveries attempts.
     max_deliveries: int = 10
     redelivery_base_seconds: float = 2.0
+    # How long JetStream waits for an ack before handing a message to another consumer instance
+    # (a message fetched by an instance that stopped is redelivered after this).
+    ack_wait_seconds: float = 30.0
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -64,4 +67,5 @@ class Settings:
             shutdown_grace_seconds=float(env.get("HERALD_SHUTDOWN_GRACE_SECONDS", "5")),
             max_deliveries=int(env.get("HERALD_MAX_DELIVERIES", "10")),
             redelivery_base_seconds=float(env.get("HERALD_REDELIVERY_BASE_SECONDS", "2")),
+            ack_wait_seconds=float(env.get("HERALD_ACK_WAIT_SECONDS", "30")),
         )

@@ -171,7 +171,7 @@ class SegmentChannel:
     async def _wait(self, seconds: float, keepalive: Callable[[], Awaitable[None]]) -> None:
         remaining = seconds
         while remaining > 0:
-            step = min(remaining, 5.0)
+            step = min(remaining, 1.0)
             await self.sleep(step)
             remaining -= step
             await keepalive()

@@ -20,7 +20,6 @@ from herald_dispatch.ledger import FAILED, DeliveryLedger, DeliveryResult
 log = get_logger(__name__)
 
 KeepAlive = Callable[[], Awaitable[None]]
-KEEPALIVE_INTERVAL_SECONDS = 15.0
 
 
 class Channel(Protocol):
@@ -90,7 +89,7 @@ class DeliveryWorker:
         async def keepalive() -> None:
             # Long rate-limit waits must not let JetStream hand the jobs to another worker.
             nonlocal last_keepalive
-            if time.monotonic() - last_keepalive >= KEEPALIVE_INTERVAL_SECONDS:
+            if time.monotonic() - last_keepalive >= self.infra.settings.ack_wait_seconds / 3:
                 for msg in msgs:
                     await msg.in_progress()
                 last_keepalive = time.monotonic()
