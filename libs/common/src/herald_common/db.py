@@ -49,10 +49,6 @@ class Database:
         await self.engine.dispose()
 
 
-def schema_metadata(schema: str) -> MetaData:
-    return MetaData(schema=schema)
-
-
 async def migrate(engine: AsyncEngine, schema: str, migrations_dir: Path) -> None:
     """Brings the service's schema to the newest migration. Replicas starting together take turns."""
 
