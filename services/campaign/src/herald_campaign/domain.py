@@ -269,9 +269,9 @@ class Campaigns:
             new = (
                 await session.execute(
                     insert(outcomes)
-                    .values(list(rows.values()))
                     .on_conflict_do_nothing(index_elements=[outcomes.c.delivery_id])
-                    .returning(outcomes.c.campaign_id, outcomes.c.status)
+                    .returning(outcomes.c.campaign_id, outcomes.c.status),
+                    list(rows.values()),
                 )
             ).all()
             increments: dict[uuid.UUID, dict[str, int]] = {}

@@ -67,9 +67,9 @@ class DeliveryLedger:
         async with self.database.transaction() as session:
             new_ids = await session.scalars(
                 insert(deliveries)
-                .values(rows)
                 .on_conflict_do_nothing(index_elements=[deliveries.c.delivery_id])
-                .returning(deliveries.c.delivery_id)
+                .returning(deliveries.c.delivery_id),
+                rows,
             )
             outcomes = []
             for delivery_id in new_ids:

@@ -185,9 +185,9 @@ class RunExecutor:
         by_id = {delivery_id(run_id, m.user_id): m for m in members}
         new_ids = await session.scalars(
             insert(deliveries)
-            .values([{"delivery_id": d, "run_id": run_id, "user_id": m.user_id} for d, m in by_id.items()])
             .on_conflict_do_nothing(index_elements=[deliveries.c.delivery_id])
-            .returning(deliveries.c.delivery_id)
+            .returning(deliveries.c.delivery_id),
+            [{"delivery_id": d, "run_id": run_id, "user_id": m.user_id} for d, m in by_id.items()],
         )
         now = api.timestamp(api.utcnow())
         name = f"{campaign.name}/runs/{run_id}"

@@ -78,7 +78,7 @@ class Segmentation:
             }
             for user in batch
         ]
-        statement = insert(users).values(rows)
+        statement = insert(users)
         statement = statement.on_conflict_do_update(
             index_elements=[users.c.user_id],
             set_={
@@ -88,7 +88,7 @@ class Segmentation:
             },
         )
         async with self.database.transaction() as session:
-            await session.execute(statement)
+            await session.execute(statement, rows)  # executemany: compiled once, sent in batches
         return len(rows)
 
     async def get_user(self, name: str) -> pb.User:
