@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import grpc
 import pytest
+from google.protobuf.field_mask_pb2 import FieldMask
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -174,3 +175,84 @@ async def test_unknown_campaign_is_not_found(platform: Platform) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=f"campaigns/{uuid.uuid4()}"))
     assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_draft_can_be_updated_by_mask_and_deleted(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    segment, destination = references
+    created = await platform.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment, destination))
+    )
+    change = campaign_pb.Campaign(
+        name=created.name, display_name="Renamed", destination="ignored/not-in-mask"
+    )
+    change.segment_export.event_name = "Renamed Event"
+    updated = await platform.campaigns.UpdateCampaign(
+        campaign_pb.UpdateCampaignRequest(
+            campaign=change, update_mask=FieldMask(paths=["display_name", "segment_export.event_name"])
+        )
+    )
+    assert updated.display_name == "Renamed"
+    assert updated.segment_export.event_name == "Renamed Event"
+    assert list(updated.segment_export.profile_attributes) == ["first_name", "plan"], "untouched by the mask"
+    assert updated.destination == destination
+    assert await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name)) == updated
+
+    await platform.campaigns.DeleteCampaign(campaign_pb.DeleteCampaignRequest(name=created.name))
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_bad_updates_change_nothing(platform: Platform, references: tuple[str, str]) -> None:
+    segment, destination = references
+    created = await platform.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment, destination))
+    )
+    attempts = [
+        (
+            campaign_pb.Campaign(name=created.name, state=campaign_pb.State.STATE_COMPLETED),
+            ["state"],
+            "update_mask",
+        ),
+        (campaign_pb.Campaign(name=created.name), ["display_name"], "campaign.display_name"),
+        (
+            campaign_pb.Campaign(name=created.name, destination=f"destinations/{uuid.uuid4()}"),
+            ["destination"],
+            "campaign.destination",
+        ),
+    ]
+    for change, paths, field in attempts:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await platform.campaigns.UpdateCampaign(
+                campaign_pb.UpdateCampaignRequest(campaign=change, update_mask=FieldMask(paths=paths))
+            )
+        assert raised.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+        assert field in field_violations(raised.value)
+    assert await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name)) == created
+
+
+async def test_published_campaign_can_be_neither_changed_nor_deleted(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    segment, destination = references
+    later = Timestamp()
+    later.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
+    campaign = segment_export_campaign(
+        segment, destination, schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=later))
+    )
+    created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    with pytest.raises(grpc.aio.AioRpcError) as changed:
+        await platform.campaigns.UpdateCampaign(
+            campaign_pb.UpdateCampaignRequest(
+                campaign=campaign_pb.Campaign(name=created.name, display_name="x"),
+                update_mask=FieldMask(paths=["display_name"]),
+            )
+        )
+    assert changed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.aio.AioRpcError) as deleted:
+        await platform.campaigns.DeleteCampaign(campaign_pb.DeleteCampaignRequest(name=created.name))
+    assert deleted.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=created.name))

@@ -7,6 +7,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf import field_mask_pb2
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,6 +28,7 @@ State = pb.State
 # The destination type each kind of content is delivered through.
 CONTENT_DESTINATION = {"segment_export": dispatch_pb.DestinationType.DESTINATION_TYPE_SEGMENT}
 _RUN_ENDED = {"RUN_STATE_DISPATCHED", "RUN_STATE_FAILED", "RUN_STATE_CANCELLED"}
+_UPDATABLE = {"display_name", "audience", "destination", "schedule", "segment_export"}
 _OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time")
 
 
@@ -80,6 +82,16 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
             check.require(bool(key.strip()), "campaign.segment_export.custom_properties", "empty key")
 
 
+def _spec(campaign: pb.Campaign) -> pb.Campaign:
+    """The campaign as stored: what the user defined, without output-only fields."""
+    spec = pb.Campaign()
+    spec.CopyFrom(campaign)
+    for field in _OUTPUT_ONLY:
+        spec.ClearField(field)  # type: ignore[arg-type]
+    spec.display_name = campaign.display_name.strip()
+    return spec
+
+
 class Campaigns:
     def __init__(
         self, database: Database, subjects: Subjects, references: References, notify: Callable[[], None]
@@ -109,22 +121,8 @@ class Campaigns:
                 ).first()
             if existing is not None:
                 return _message(existing)
-        await self.references.segment(campaign.audience.segment, "campaign.audience.segment")
-        destination = await self.references.destination(campaign.destination, "campaign.destination")
-        content = campaign.WhichOneof("content") or ""
-        needed = CONTENT_DESTINATION[content]
-        if destination.type != needed:
-            type_name = dispatch_pb.DestinationType.Name
-            raise invalid(
-                f"campaign.{content}",
-                f"{campaign.destination} is a {type_name(destination.type)} destination; "
-                f"{content} content needs {type_name(needed)}",
-            )
-        spec = pb.Campaign()
-        spec.CopyFrom(campaign)
-        for field in _OUTPUT_ONLY:
-            spec.ClearField(field)  # type: ignore[arg-type]
-        spec.display_name = campaign.display_name.strip()
+        await self._check_references(campaign)
+        spec = _spec(campaign)
         async with self.database.transaction() as session:
             row = (
                 await session.execute(
@@ -148,6 +146,67 @@ class Campaigns:
                 await self._changed(session, row)
         self._notify()
         return _message(row)
+
+    async def _check_references(self, campaign: pb.Campaign) -> None:
+        """The segment and destination exist, and the destination takes this kind of content."""
+        await self.references.segment(campaign.audience.segment, "campaign.audience.segment")
+        destination = await self.references.destination(campaign.destination, "campaign.destination")
+        content = campaign.WhichOneof("content") or ""
+        needed = CONTENT_DESTINATION[content]
+        if destination.type != needed:
+            type_name = dispatch_pb.DestinationType.Name
+            raise invalid(
+                f"campaign.{content}",
+                f"{campaign.destination} is a {type_name(destination.type)} destination; "
+                f"{content} content needs {type_name(needed)}",
+            )
+
+    async def update(self, campaign: pb.Campaign, update_mask: field_mask_pb2.FieldMask) -> pb.Campaign:
+        api.parse_uuid_name(campaign.name, "campaigns", "campaign.name")
+        current = await self.get(campaign.name)
+        paths = list(update_mask.paths)
+        if not paths:
+            paths = [field.name for field, _ in campaign.ListFields() if field.name in _UPDATABLE]
+        elif paths == ["*"]:
+            paths = sorted(_UPDATABLE)
+        refused = [p for p in paths if p.split(".")[0] not in _UPDATABLE]
+        if refused or not paths:
+            raise invalid(
+                "update_mask", f"can change only {', '.join(sorted(_UPDATABLE))}; got {refused or 'nothing'}"
+            )
+        merged = pb.Campaign()
+        merged.CopyFrom(current)
+        try:
+            field_mask_pb2.FieldMask(paths=paths).MergeMessage(campaign, merged, True, True)
+        except ValueError as error:
+            raise invalid("update_mask", str(error)) from None
+        check = Validator()
+        _validate_shape(merged, check)
+        check.raise_if_any()
+        await self._check_references(merged)
+        async with self.database.transaction() as session:
+            row = await self._locked(session, campaign.name)
+            if row.state != _state_name(State.STATE_DRAFT):
+                raise FailedPrecondition(campaign.name, f"only a draft can be changed; it is {row.state}")
+            row = (
+                await session.execute(
+                    sa.update(campaigns)
+                    .where(campaigns.c.id == row.id)
+                    .values(spec=_spec(merged).SerializeToString(), updated_at=sa.func.now())
+                    .returning(*campaigns.c)
+                )
+            ).one()
+            await self._changed(session, row)
+        self._notify()
+        return _message(row)
+
+    async def delete(self, name: str) -> None:
+        async with self.database.transaction() as session:
+            row = await self._locked(session, name)
+            if row.state != _state_name(State.STATE_DRAFT):
+                raise FailedPrecondition(name, f"only a draft can be deleted; {name} is {row.state}")
+            await session.execute(sa.delete(stats).where(stats.c.campaign_id == row.id))
+            await session.execute(sa.delete(campaigns).where(campaigns.c.id == row.id))
 
     async def _locked(self, session: AsyncSession, name: str) -> Any:
         campaign_id = api.parse_uuid_name(name, "campaigns")

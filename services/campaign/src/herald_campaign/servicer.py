@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import grpc
+from google.protobuf import empty_pb2
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
@@ -28,6 +29,13 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
     ) -> pb.ListCampaignsResponse:
         found, token = await self.campaigns.list(request.page_size, request.page_token)
         return pb.ListCampaignsResponse(campaigns=found, next_page_token=token)
+
+    async def UpdateCampaign(self, request: pb.UpdateCampaignRequest, context: Context) -> pb.Campaign:
+        return await self.campaigns.update(request.campaign, request.update_mask)
+
+    async def DeleteCampaign(self, request: pb.DeleteCampaignRequest, context: Context) -> empty_pb2.Empty:
+        await self.campaigns.delete(request.name)
+        return empty_pb2.Empty()
 
     async def PublishCampaign(self, request: pb.PublishCampaignRequest, context: Context) -> pb.Campaign:
         return await self.campaigns.publish(request.name)

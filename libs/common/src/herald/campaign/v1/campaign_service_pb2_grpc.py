@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from herald.campaign.v1 import campaign_service_pb2 as herald_dot_campaign_dot_v1_dot_campaign__service__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -50,6 +51,16 @@ class CampaignServiceStub:
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ListCampaignsRequest.SerializeToString,
                 response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ListCampaignsResponse.FromString,
                 _registered_method=True)
+        self.UpdateCampaign = channel.unary_unary(
+                '/herald.campaign.v1.CampaignService/UpdateCampaign',
+                request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.UpdateCampaignRequest.SerializeToString,
+                response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.Campaign.FromString,
+                _registered_method=True)
+        self.DeleteCampaign = channel.unary_unary(
+                '/herald.campaign.v1.CampaignService/DeleteCampaign',
+                request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeleteCampaignRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
         self.PublishCampaign = channel.unary_unary(
                 '/herald.campaign.v1.CampaignService/PublishCampaign',
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.PublishCampaignRequest.SerializeToString,
@@ -87,6 +98,20 @@ class CampaignServiceServicer:
 
     def ListCampaigns(self, request, context):
         """Lists campaigns, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCampaign(self, request, context):
+        """Changes a draft campaign; the result is checked as on create.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCampaign(self, request, context):
+        """Deletes a draft campaign.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +155,16 @@ def add_CampaignServiceServicer_to_server(servicer, server):
                     servicer.ListCampaigns,
                     request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ListCampaignsRequest.FromString,
                     response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ListCampaignsResponse.SerializeToString,
+            ),
+            'UpdateCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCampaign,
+                    request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.UpdateCampaignRequest.FromString,
+                    response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.Campaign.SerializeToString,
+            ),
+            'DeleteCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCampaign,
+                    request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeleteCampaignRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'PublishCampaign': grpc.unary_unary_rpc_method_handler(
                     servicer.PublishCampaign,
@@ -229,6 +264,60 @@ class CampaignService:
             '/herald.campaign.v1.CampaignService/ListCampaigns',
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ListCampaignsRequest.SerializeToString,
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ListCampaignsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.campaign.v1.CampaignService/UpdateCampaign',
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.UpdateCampaignRequest.SerializeToString,
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.Campaign.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.campaign.v1.CampaignService/DeleteCampaign',
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeleteCampaignRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -4,6 +4,7 @@ isort:skip_file
 """
 
 from collections import abc as _abc
+from google.protobuf import empty_pb2 as _empty_pb2
 from grpc import aio as _aio
 from herald.campaign.v1 import campaign_service_pb2 as _campaign_service_pb2
 import abc as _abc_1
@@ -39,6 +40,10 @@ class CampaignServiceStub:
     """Returns one campaign."""
     ListCampaigns: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.ListCampaignsRequest, _campaign_service_pb2.ListCampaignsResponse]
     """Lists campaigns, newest first."""
+    UpdateCampaign: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.UpdateCampaignRequest, _campaign_service_pb2.Campaign]
+    """Changes a draft campaign; the result is checked as on create."""
+    DeleteCampaign: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.DeleteCampaignRequest, _empty_pb2.Empty]
+    """Deletes a draft campaign."""
     PublishCampaign: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.PublishCampaignRequest, _campaign_service_pb2.Campaign]
     """Moves a draft campaign to SCHEDULED; its schedule then starts runs."""
     StopCampaign: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.StopCampaignRequest, _campaign_service_pb2.Campaign]
@@ -57,6 +62,10 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     """Returns one campaign."""
     ListCampaigns: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.ListCampaignsRequest, _campaign_service_pb2.ListCampaignsResponse]  # type: ignore[assignment]
     """Lists campaigns, newest first."""
+    UpdateCampaign: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.UpdateCampaignRequest, _campaign_service_pb2.Campaign]  # type: ignore[assignment]
+    """Changes a draft campaign; the result is checked as on create."""
+    DeleteCampaign: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.DeleteCampaignRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a draft campaign."""
     PublishCampaign: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.PublishCampaignRequest, _campaign_service_pb2.Campaign]  # type: ignore[assignment]
     """Moves a draft campaign to SCHEDULED; its schedule then starts runs."""
     StopCampaign: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.StopCampaignRequest, _campaign_service_pb2.Campaign]  # type: ignore[assignment]
@@ -90,6 +99,22 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_campaign_service_pb2.ListCampaignsResponse, _abc.Awaitable[_campaign_service_pb2.ListCampaignsResponse]]:
         """Lists campaigns, newest first."""
+
+    @_abc_1.abstractmethod
+    def UpdateCampaign(
+        self,
+        request: _campaign_service_pb2.UpdateCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_campaign_service_pb2.Campaign, _abc.Awaitable[_campaign_service_pb2.Campaign]]:
+        """Changes a draft campaign; the result is checked as on create."""
+
+    @_abc_1.abstractmethod
+    def DeleteCampaign(
+        self,
+        request: _campaign_service_pb2.DeleteCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a draft campaign."""
 
     @_abc_1.abstractmethod
     def PublishCampaign(
