@@ -79,7 +79,10 @@ def segment_export_campaign(segment: str, destination: str, **overrides: Any) ->
         segment_export=campaign_pb.SegmentExportContent(
             event_name="Herald VIP Export",
             profile_attributes=["first_name", "plan"],
-            custom_properties={"coupon": "VIP20", "channel": "segment"},
+            custom_properties={
+                "coupon": "VIP20",
+                "greeting": 'Hi {{ profile.first_name | default: "there" }}, your code is {{ profile.code }}',
+            },
         ),
     )
     for key, v in overrides.items():

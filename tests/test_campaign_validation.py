@@ -98,6 +98,18 @@ async def test_every_problem_is_reported_at_once(platform: Platform) -> None:
     }
 
 
+async def test_broken_personalization_is_refused(platform: Platform, references: tuple[str, str]) -> None:
+    segment, destination = references
+    campaign = segment_export_campaign(segment, destination)
+    campaign.segment_export.custom_properties["greeting"] = "Hi {{ profile.first_name "
+    campaign.segment_export.custom_properties["secret"] = "{{ settings.api_key }}"
+    error = await _create_fails(platform, campaign)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    violations = field_violations(error)
+    assert "not a valid template" in violations["campaign.segment_export.custom_properties[greeting]"]
+    assert "settings.api_key" in violations["campaign.segment_export.custom_properties[secret]"]
+
+
 async def test_malformed_segment_name_is_invalid_not_internal(
     platform: Platform, references: tuple[str, str]
 ) -> None:

@@ -25,7 +25,7 @@ async def test_send_now_segment_export_reaches_every_member_exactly_once(
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     members = [
-        user(f"{tag}-vip-{i}", tier=f"vip-{tag}", first_name=f"Ada{i}", plan="gold", email=f"a{i}@x.test")
+        user(f"{tag}-vip-{i}", tier=f"vip-{tag}", first_name=f"Ada{i}", plan="gold", code=f"C{i}", email="@")
         for i in range(40)
     ]
     others = [user(f"{tag}-basic-{i}", tier=f"basic-{tag}", first_name=f"Bob{i}") for i in range(15)]
@@ -87,7 +87,8 @@ async def test_send_now_segment_export_reaches_every_member_exactly_once(
     event = next(e for e in received if e["userId"] == f"{tag}-vip-3")
     assert event["type"] == "track"
     assert event["event"] == "Herald VIP Export"
-    assert event["properties"] == {"coupon": "VIP20", "channel": "segment"}
+    # Custom key-value pairs are personalized per user; traits are only the selected attributes.
+    assert event["properties"] == {"coupon": "VIP20", "greeting": "Hi Ada3, your code is C3"}
     assert event["context"]["traits"] == {"first_name": "Ada3", "plan": "gold"}
     assert event["writeKey"] == write_key
     assert len(event["messageId"]) < 100

@@ -17,7 +17,7 @@ from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_campaign.references import References
 from herald_campaign.storage import campaigns, outbox, outcomes, runs, stats
-from herald_common import api
+from herald_common import api, personalization
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
@@ -78,8 +78,12 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
         check.require(bool(export.event_name.strip()), "campaign.segment_export.event_name", "required")
         for i, key in enumerate(export.profile_attributes):
             check.require(bool(key.strip()), f"campaign.segment_export.profile_attributes[{i}]", "empty")
-        for key in export.custom_properties:
-            check.require(bool(key.strip()), "campaign.segment_export.custom_properties", "empty key")
+        for key, template in export.custom_properties.items():
+            field = f"campaign.segment_export.custom_properties[{key}]"
+            if check.require(bool(key.strip()), field, "empty key"):
+                problem = personalization.problem(template)
+                if problem:
+                    check.add(field, problem)
 
 
 def _spec(campaign: pb.Campaign) -> pb.Campaign:

@@ -11,10 +11,11 @@ from typing import Any
 
 import aiohttp
 from google.protobuf import json_format
+from liquid.exceptions import LiquidError
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
-from herald_common import api
+from herald_common import api, personalization
 from herald_common.logging import get_logger
 from herald_dispatch.ledger import FAILED, SENT, DeliveryResult
 from herald_dispatch.retry import backoff_seconds, is_retryable, retry_after_seconds
@@ -34,16 +35,26 @@ def _iso_millis(job: events.DeliveryJob) -> str:
 
 
 def track_event(job: events.DeliveryJob) -> dict[str, Any]:
-    """The Segment `track` call for one delivery; messageId is the delivery id, stable across retries."""
+    """The Segment `track` call for one delivery; messageId is the delivery id, stable across retries.
+
+    Custom properties are rendered against the recipient's profile; traits carry only the
+    profile attributes the campaign selected.
+    """
     content = job.segment_export
+    profile = json_format.MessageToDict(job.attributes)
     return {
         "type": "track",
         "event": content.event_name,
         "userId": job.user_id,
         "messageId": job.delivery_id,
         "timestamp": _iso_millis(job),
-        "properties": dict(content.custom_properties),
-        "context": {"traits": json_format.MessageToDict(job.attributes), "library": LIBRARY},
+        "properties": {
+            key: personalization.render(value, profile) for key, value in content.custom_properties.items()
+        },
+        "context": {
+            "traits": {key: profile[key] for key in content.profile_attributes if key in profile},
+            "library": LIBRARY,
+        },
     }
 
 
@@ -97,7 +108,11 @@ class SegmentChannel:
         results: list[DeliveryResult] = []
         encoded: list[_Encoded] = []
         for job in jobs:
-            event = track_event(job)
+            try:
+                event = track_event(job)
+            except LiquidError as error:
+                results.append(DeliveryResult(job, FAILED, 0, f"personalization failed: {error}"))
+                continue
             size = len(json.dumps(event, separators=(",", ":")).encode())
             if size > MAX_EVENT_BYTES:
                 results.append(

@@ -21,7 +21,7 @@ from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
-from herald_common import api
+from herald_common import api, personalization
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.logging import get_logger
@@ -46,8 +46,11 @@ def delivery_id(run_id: uuid.UUID, user_id: str) -> str:
 
 
 def _attribute_keys(campaign: campaign_pb.Campaign) -> list[str]:
+    """Profile properties the content sends or personalizes with."""
     if campaign.WhichOneof("content") == "segment_export":
-        return list(campaign.segment_export.profile_attributes)
+        export = campaign.segment_export
+        needed = personalization.profile_properties(export.custom_properties.values())
+        return sorted(needed.union(export.profile_attributes))
     return []
 
 
