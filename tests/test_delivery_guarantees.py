@@ -11,6 +11,7 @@ from nats.js import JetStreamContext
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.bus import REASON_HEADER, Subjects
 from tests.conftest import Platform, eventually
@@ -169,3 +170,47 @@ async def test_oversized_events_fail_and_the_campaign_still_completes(
     )
     assert (stats.targeted, stats.sent, stats.failed) == (5, 0, 5)
     assert not any(e["userId"].startswith(tag) for e in segment_api.events.values())
+
+
+async def test_late_run_reports_do_not_roll_progress_back(
+    platform: Platform, segment_api: SegmentApi, js: JetStreamContext
+) -> None:
+    segment = await create_segment(platform, condition("cohort", "EQUALS", uuid.uuid4().hex))
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    created = await platform.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
+    )
+    subjects = Subjects(platform.settings.namespace)
+    run = scheduler_pb.Run(name=f"{created.name}/runs/{uuid.uuid4()}", campaign=created.name)
+    newer = events.RunChanged(event_id=str(uuid.uuid4()), run=run)
+    newer.run.state, newer.run.targeted, newer.run.final = scheduler_pb.RunState.RUN_STATE_DISPATCHED, 7, True
+    newer.occur_time.FromSeconds(2_000_000_000)
+    older = events.RunChanged(event_id=str(uuid.uuid4()), run=run)
+    older.run.state, older.run.targeted = scheduler_pb.RunState.RUN_STATE_RUNNING, 3
+    older.occur_time.FromSeconds(1_999_999_999)
+    for event in (newer, older):
+        await js.publish(
+            subjects.run_changed, event.SerializeToString(), headers={"Nats-Msg-Id": event.event_id}
+        )
+    fence = events.RunChanged(
+        event_id=str(uuid.uuid4()), run=scheduler_pb.Run(name=f"{run.name}-fence", campaign=created.name)
+    )
+    fence.run.state, fence.run.targeted = scheduler_pb.RunState.RUN_STATE_RUNNING, 100
+    fence.occur_time.FromSeconds(1)
+    await js.publish(subjects.run_changed, fence.SerializeToString())
+
+    async def stats_settled() -> bool:
+        stats = await platform.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
+        )
+        return stats.targeted >= 100
+
+    await eventually(stats_settled)
+    # The fence, published last, is counted: so both reports before it were consumed, and the
+    # older one, arriving late, did not replace the newer (7 + 100, not 3 + 100).
+    stats = await platform.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
+    )
+    assert stats.targeted == 107

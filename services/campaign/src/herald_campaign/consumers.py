@@ -21,8 +21,8 @@ def _campaign_id_problem(campaign: str) -> str | None:
 
 
 def _run_problem(event: events.RunChanged) -> str | None:
-    if not event.run.name:
-        return "RunChanged without run name"
+    if not event.run.name or not event.HasField("occur_time"):
+        return "RunChanged without run name or occur_time"
     return _campaign_id_problem(event.run.campaign)
 
 

@@ -304,12 +304,23 @@ class Campaigns:
                 campaign_id = uuid.UUID(run.campaign.removeprefix("campaigns/"))
                 state = scheduler_pb.RunState.Name(run.state)
                 statement = insert(runs).values(
-                    run=run.name, campaign_id=campaign_id, state=state, targeted=run.targeted, final=run.final
+                    run=run.name,
+                    campaign_id=campaign_id,
+                    state=state,
+                    targeted=run.targeted,
+                    final=run.final,
+                    reported_at=api.from_timestamp(change.occur_time),
                 )
                 await session.execute(
                     statement.on_conflict_do_update(
                         index_elements=[runs.c.run],
-                        set_={"state": state, "targeted": run.targeted, "final": run.final},
+                        set_={
+                            "state": statement.excluded.state,
+                            "targeted": statement.excluded.targeted,
+                            "final": statement.excluded.final,
+                            "reported_at": statement.excluded.reported_at,
+                        },
+                        where=runs.c.reported_at < statement.excluded.reported_at,
                     )
                 )
                 touched.add(campaign_id)

@@ -32,6 +32,8 @@ runs = sa.Table(
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("targeted", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("final", sa.Boolean, nullable=False, server_default=sa.false()),
+    # When the scheduler reported this state: older reports arriving late are ignored.
+    sa.Column("reported_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 # One row per delivery outcome received: makes the outcome consumer idempotent.

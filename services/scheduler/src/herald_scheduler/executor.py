@@ -210,6 +210,17 @@ class RunExecutor:
                 job.segment_export.CopyFrom(campaign.segment_export)
             jobs.append(OutboxEvent.of(subject, job, d))
         await enqueue(session, outbox, jobs)
+        if jobs:
+            # Report progress, so campaign stats count what is planned while the run goes on.
+            progressed = (
+                await session.execute(
+                    sa.update(runs)
+                    .where(runs.c.id == run_id)
+                    .values(targeted=runs.c.targeted + len(jobs))
+                    .returning(*runs.c)
+                )
+            ).all()
+            await self.run_events.changed(session, progressed)
 
     async def _finish(
         self, run_id: uuid.UUID, state: RunState.ValueType, audience_size: int, error: str

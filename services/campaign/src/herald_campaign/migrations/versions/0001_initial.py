@@ -33,6 +33,8 @@ def upgrade() -> None:
         sa.Column("state", sa.Text, nullable=False),
         sa.Column("targeted", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("final", sa.Boolean, nullable=False, server_default=sa.false()),
+        # When the scheduler reported this state: older reports arriving late are ignored.
+        sa.Column("reported_at", sa.DateTime(timezone=True), nullable=False),
         schema=SCHEMA,
     )
     op.create_table(
