@@ -130,9 +130,9 @@ async def test_create_with_request_id_is_idempotent(platform: Platform, referenc
     assert again.name == first.name
 
 
-async def test_stopping_a_scheduled_campaign_cancels_its_run(
+async def _published_for_an_hour_from_now(
     platform: Platform, references: tuple[str, str]
-) -> None:
+) -> campaign_pb.Campaign:
     segment, destination = references
     later = Timestamp()
     later.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
@@ -140,7 +140,13 @@ async def test_stopping_a_scheduled_campaign_cancels_its_run(
         segment, destination, schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=later))
     )
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
-    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    return await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+
+
+async def test_stopping_a_scheduled_campaign_cancels_its_run(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    created = await _published_for_an_hour_from_now(platform, references)
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -151,7 +157,7 @@ async def test_stopping_a_scheduled_campaign_cancels_its_run(
 
     await eventually(run_pending)
     runs = await platform.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=created.name))
-    assert runs.runs[0].scheduled_time == later
+    assert runs.runs[0].scheduled_time == created.schedule.send_later.send_time
 
     stopped = await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=created.name))
     assert stopped.state == campaign_pb.State.STATE_STOPPED
@@ -248,14 +254,7 @@ async def test_bad_updates_change_nothing(platform: Platform, references: tuple[
 async def test_published_campaign_can_be_neither_changed_nor_deleted(
     platform: Platform, references: tuple[str, str]
 ) -> None:
-    segment, destination = references
-    later = Timestamp()
-    later.FromDatetime(datetime.now(UTC) + timedelta(hours=1))
-    campaign = segment_export_campaign(
-        segment, destination, schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=later))
-    )
-    created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
-    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    created = await _published_for_an_hour_from_now(platform, references)
     with pytest.raises(grpc.aio.AioRpcError) as changed:
         await platform.campaigns.UpdateCampaign(
             campaign_pb.UpdateCampaignRequest(
