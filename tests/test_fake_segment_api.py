@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator
@@ -78,8 +79,8 @@ async def test_unknown_key_and_bad_events_get_200_but_are_dropped(fake: SegmentA
 async def test_rate_limit_answers_429_with_retry_after(fake: SegmentApi) -> None:
     fake.max_requests_per_second = 2
     body = json.dumps({"batch": [_track("e")], "writeKey": KEY}).encode()
-    statuses = [(await _post(fake, "/v1/batch", body)).status for _ in range(3)]
-    assert statuses == [200, 200, 429]
+    responses = await asyncio.gather(*(_post(fake, "/v1/batch", body) for _ in range(3)))
+    assert sorted(r.status for r in responses) == [200, 200, 429]
     limited = await _post(fake, "/v1/batch", body)
     assert limited.headers["Retry-After"] == "1" and limited.headers["X-RateLimit-Reset"] == "1"
     assert fake.duplicates == 1  # messageId "e" accepted once, de-duplicated once
