@@ -74,3 +74,14 @@ async def test_poison_message_is_dead_lettered_after_retries(
     assert last.headers is not None
     assert last.headers[REASON_HEADER] == "failed 3 times: ValueError('cannot handle poison')"
     assert last.headers[SOURCE_SUBJECT_HEADER] == subject
+
+
+async def test_streams_keep_events_a_week_and_dead_letters_a_month(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    subjects = Subjects(settings.namespace)
+    for owner, days in [("campaign", 7), ("scheduler", 7), ("dispatch", 7), ("deadletter", 30)]:
+        info = await js.stream_info(subjects.stream(owner))
+        assert info.config.subjects == [f"{settings.namespace}.{owner}.>"]
+        assert info.config.max_age == days * 86400
+        assert info.config.duplicate_window == 600

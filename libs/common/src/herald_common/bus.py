@@ -24,6 +24,10 @@ REASON_HEADER = "Herald-Dead-Letter-Reason"
 SOURCE_SUBJECT_HEADER = "Herald-Source-Subject"
 # JetStream drops a second publish with the same Nats-Msg-Id inside this window.
 DUPLICATE_WINDOW_SECONDS = 600.0
+# Events are consumed within seconds; they are kept a week for replay and inspection, dead
+# letters a month so someone can look at them and redrive.
+EVENT_RETENTION_SECONDS = 7 * 86400.0
+DEAD_LETTER_RETENTION_SECONDS = 30 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -70,8 +74,14 @@ async def connect(url: str, name: str) -> NatsClient:
 
 async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
     """Creates the namespace's streams, or updates them to the current configuration."""
+    dead_letters = subjects.stream("deadletter")
     for name, stream_subjects in subjects.streams().items():
-        config = StreamConfig(name=name, subjects=stream_subjects, duplicate_window=DUPLICATE_WINDOW_SECONDS)
+        config = StreamConfig(
+            name=name,
+            subjects=stream_subjects,
+            duplicate_window=DUPLICATE_WINDOW_SECONDS,
+            max_age=DEAD_LETTER_RETENTION_SECONDS if name == dead_letters else EVENT_RETENTION_SECONDS,
+        )
         try:
             await js.stream_info(name)
             await js.update_stream(config)
