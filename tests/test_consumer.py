@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -85,3 +86,37 @@ async def test_streams_keep_events_a_week_and_dead_letters_a_month(
         assert info.config.subjects == [f"{settings.namespace}.{owner}.>"]
         assert info.config.max_age == days * 86400
         assert info.config.duplicate_window == 600
+
+
+async def test_slow_handler_keeps_its_batch(settings: Settings, js: JetStreamContext) -> None:
+    subjects = Subjects(settings.namespace)
+    subject = f"{settings.namespace}.campaign.slow-{uuid.uuid4().hex[:6]}"
+    calls: list[bytes] = []
+
+    async def slow_handler(msgs: list[Msg]) -> None:
+        calls.extend(msg.data for msg in msgs)
+        await asyncio.sleep(3)  # three times the ack wait
+        for msg in msgs:
+            await msg.ack()
+
+    consumer = PullConsumer(
+        js,
+        subjects,
+        stream=subjects.stream("campaign"),
+        durable=f"slow-test-{uuid.uuid4().hex[:6]}",
+        filter_subject=subject,
+        handler=slow_handler,
+        ack_wait_seconds=1.0,
+    )
+    await js.publish(subject, b"slow")
+    await consumer.start()
+    try:
+
+        async def started() -> bool:
+            return bool(calls)
+
+        await eventually(started)
+        await asyncio.sleep(4.5)  # past the handler, and past a redelivery had there been one
+    finally:
+        await consumer.stop()
+    assert calls == [b"slow"], "JetStream redelivered a message that was still being handled"

@@ -190,7 +190,7 @@ class PullConsumer:
                 await asyncio.sleep(1)
                 continue
             try:
-                await self.handler(msgs)
+                await self._handle(msgs)
             except Exception as error:
                 log.exception("batch_failed", consumer=self.durable, size=len(msgs))
                 if len(msgs) == 1:
@@ -200,9 +200,26 @@ class PullConsumer:
                     if not msg._ackd:
                         await self._handle_alone(msg)
 
+    async def _handle(self, msgs: list[Msg]) -> None:
+        """Runs the handler, telling JetStream the batch is in progress while it takes long."""
+        keepalive = asyncio.create_task(self._keep_alive(msgs))
+        try:
+            await self.handler(msgs)
+        finally:
+            keepalive.cancel()
+
+    async def _keep_alive(self, msgs: list[Msg]) -> None:
+        # A slow handler (a destination's rate limit, say) must not let the batch be handed
+        # to another instance while it is still being worked on.
+        while True:
+            await asyncio.sleep(self.ack_wait_seconds / 3)
+            for msg in msgs:
+                if not msg._ackd:
+                    await msg.in_progress()
+
     async def _handle_alone(self, msg: Msg) -> None:
         try:
-            await self.handler([msg])
+            await self._handle([msg])
         except Exception as error:
             await self._failed(msg, error)
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import sqlalchemy as sa
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from herald_common import bus
-from herald_common.bus import BatchHandler, PullConsumer, Subjects
+from herald_common.bus import EventT, PullConsumer, Subjects, decode_batch
 from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
@@ -56,9 +57,25 @@ class Infrastructure:
         return cls(settings, database, nats_client, js, subjects, relay)
 
     async def consume(
-        self, *, owner: str, durable: str, filter_subject: str, handler: BatchHandler, batch_size: int = 256
+        self,
+        *,
+        owner: str,
+        durable: str,
+        filter_subject: str,
+        event_type: type[EventT],
+        apply: Callable[[list[EventT]], Awaitable[None]],
+        problem: Callable[[EventT], str | None] = lambda _: None,
+        batch_size: int = 256,
     ) -> None:
-        """Starts a durable consumer on the stream of what `owner` publishes."""
+        """Starts a durable consumer on the stream of what `owner` publishes. Each batch is decoded
+        (malformed events are dead-lettered with `problem`'s reason), applied, then acknowledged."""
+
+        async def handler(msgs: list[Msg]) -> None:
+            decoded = await decode_batch(self.js, self.subjects, durable, msgs, event_type, problem)
+            await apply([event for _, event in decoded])
+            for msg, _ in decoded:
+                await msg.ack()
+
         consumer = PullConsumer(
             self.js,
             self.subjects,

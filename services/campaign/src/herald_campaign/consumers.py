@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
-
-from nats.aio.msg import Msg
-
 from herald.events.v1 import events_pb2 as events
 from herald_campaign.domain import Campaigns
-from herald_common.bus import decode_batch
+from herald_common import api
+from herald_common.errors import InvalidArgument
 from herald_common.runtime import Infrastructure
 
 
 def _campaign_id_problem(campaign: str) -> str | None:
     try:
-        uuid.UUID(campaign.removeprefix("campaigns/"))
-    except ValueError:
-        return f"campaign {campaign!r} is not a campaign name"
-    return None if campaign.startswith("campaigns/") else f"campaign {campaign!r} is not a campaign name"
+        api.parse_uuid_name(campaign, "campaigns", "campaign")
+    except InvalidArgument as error:
+        return error.message
+    return None
 
 
 def _run_problem(event: events.RunChanged) -> str | None:
@@ -33,29 +30,20 @@ def _outcome_problem(event: events.DeliveryOutcome) -> str | None:
 
 
 async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
-    js, subjects = infra.js, infra.subjects
-
-    async def on_runs(msgs: list[Msg]) -> None:
-        decoded = await decode_batch(js, subjects, "campaign-runs", msgs, events.RunChanged, _run_problem)
-        await campaigns.record_runs([event for _, event in decoded])
-        for msg, _ in decoded:
-            await msg.ack()
-
-    async def on_outcomes(msgs: list[Msg]) -> None:
-        decoded = await decode_batch(
-            js, subjects, "campaign-outcomes", msgs, events.DeliveryOutcome, _outcome_problem
-        )
-        await campaigns.record_outcomes([event for _, event in decoded])
-        for msg, _ in decoded:
-            await msg.ack()
-
     await infra.consume(
-        owner="scheduler", durable="campaign-runs", filter_subject=subjects.run_changed, handler=on_runs
+        owner="scheduler",
+        durable="campaign-runs",
+        filter_subject=infra.subjects.run_changed,
+        event_type=events.RunChanged,
+        apply=campaigns.record_runs,
+        problem=_run_problem,
     )
     await infra.consume(
         owner="dispatch",
         durable="campaign-outcomes",
-        filter_subject=subjects.delivery_outcome,
-        handler=on_outcomes,
+        filter_subject=infra.subjects.delivery_outcome,
+        event_type=events.DeliveryOutcome,
+        apply=campaigns.record_outcomes,
+        problem=_outcome_problem,
         batch_size=1000,
     )

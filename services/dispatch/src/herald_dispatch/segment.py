@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,19 +91,16 @@ class SegmentChannel:
         max_attempts: int = 10,
         max_rate_limited_seconds: float = 3600.0,
         request_timeout_seconds: float = 15.0,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.http = http
         self.max_attempts = max_attempts
         self.max_rate_limited_seconds = max_rate_limited_seconds
         self.timeout = aiohttp.ClientTimeout(total=request_timeout_seconds)
-        self.sleep = sleep
 
     async def deliver(
         self,
         destination: pb.Destination,
         jobs: Sequence[events.DeliveryJob],
-        keepalive: Callable[[], Awaitable[None]],
     ) -> list[DeliveryResult]:
         results: list[DeliveryResult] = []
         encoded: list[_Encoded] = []
@@ -121,7 +118,7 @@ class SegmentChannel:
             else:
                 encoded.append(_Encoded(job, event, size))
         for batch in _batches(encoded):
-            status, attempts, reason = await self._post(destination.segment, batch, keepalive)
+            status, attempts, reason = await self._post(destination.segment, batch)
             results.extend(DeliveryResult(item.job, status, attempts, reason) for item in batch)
         return results
 
@@ -129,7 +126,6 @@ class SegmentChannel:
         self,
         config: pb.SegmentConfig,
         batch: Sequence[_Encoded],
-        keepalive: Callable[[], Awaitable[None]],
     ) -> tuple[events.DeliveryStatus.ValueType, int, str]:
         url = config.endpoint_url.rstrip("/") + "/v1/batch"
         credentials = base64.b64encode(f"{config.write_key}:".encode()).decode()
@@ -181,15 +177,7 @@ class SegmentChannel:
                     return FAILED, attempts, f"gave up after {attempts} attempts; {problem}"
                 wait = backoff_seconds(retries)
             log.info("segment_retry", url=url, events=len(batch), wait=wait, reason=problem)
-            await self._wait(wait, keepalive)
-
-    async def _wait(self, seconds: float, keepalive: Callable[[], Awaitable[None]]) -> None:
-        remaining = seconds
-        while remaining > 0:
-            step = min(remaining, 1.0)
-            await self.sleep(step)
-            remaining -= step
-            await keepalive()
+            await asyncio.sleep(wait)
 
 
 def _error_message(text: str) -> str:

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
-
-from nats.aio.msg import Msg
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
-from herald_common.bus import decode_batch
 from herald_common.logging import get_logger
 from herald_common.runtime import Infrastructure
 from herald_dispatch.destinations import TYPE_NAMES, Destinations
 from herald_dispatch.ledger import FAILED, DeliveryLedger, DeliveryResult
 
 log = get_logger(__name__)
-
-KeepAlive = Callable[[], Awaitable[None]]
 
 
 class Channel(Protocol):
@@ -29,7 +23,7 @@ class Channel(Protocol):
     content_field: str
 
     async def deliver(
-        self, destination: pb.Destination, jobs: Sequence[events.DeliveryJob], keepalive: KeepAlive
+        self, destination: pb.Destination, jobs: Sequence[events.DeliveryJob]
     ) -> list[DeliveryResult]: ...
 
 
@@ -58,42 +52,30 @@ class DeliveryWorker:
             owner="scheduler",
             durable=self.consumer_name,
             filter_subject=self.infra.subjects.delivery_job(self.channel.destination_type),
-            handler=self.handle,
+            event_type=events.DeliveryJob,
+            apply=self.deliver,
+            problem=_job_problem,
             batch_size=self.batch_size,
         )
 
-    async def handle(self, msgs: list[Msg]) -> None:
-        decoded = await decode_batch(
-            self.infra.js, self.infra.subjects, self.consumer_name, msgs, events.DeliveryJob, _job_problem
-        )
-        finished = await self.ledger.finished(job.delivery_id for _, job in decoded)
+    async def deliver(self, jobs: list[events.DeliveryJob]) -> None:
+        """Sends the jobs not finished before (a redelivered job is a no-op) and records results."""
+        finished = await self.ledger.finished(job.delivery_id for job in jobs)
         pending: dict[str, events.DeliveryJob] = {}
-        for _, job in decoded:
+        for job in jobs:
             if job.delivery_id not in finished:
                 pending.setdefault(job.delivery_id, job)
-        results = await self._deliver(list(pending.values()), [m for m, _ in decoded])
+        results = await self._deliver(list(pending.values()))
         if await self.ledger.record(results):
             self.infra.relay.notify()
-        for msg, _ in decoded:
-            await msg.ack()
         if finished:
             log.info("redelivered_jobs_skipped", count=len(finished))
 
-    async def _deliver(self, jobs: list[events.DeliveryJob], msgs: list[Msg]) -> list[DeliveryResult]:
+    async def _deliver(self, jobs: list[events.DeliveryJob]) -> list[DeliveryResult]:
         by_destination: dict[str, list[events.DeliveryJob]] = defaultdict(list)
         for job in jobs:
             by_destination[job.destination].append(job)
         configs = await self.destinations.load_many(set(by_destination))
-        last_keepalive = time.monotonic()
-
-        async def keepalive() -> None:
-            # Long rate-limit waits must not let JetStream hand the jobs to another worker.
-            nonlocal last_keepalive
-            if time.monotonic() - last_keepalive >= self.infra.settings.ack_wait_seconds / 3:
-                for msg in msgs:
-                    await msg.in_progress()
-                last_keepalive = time.monotonic()
-
         results: list[DeliveryResult] = []
         for name, group in by_destination.items():
             destination = configs.get(name)
@@ -107,5 +89,5 @@ class DeliveryWorker:
             if problem is not None or destination is None:
                 results.extend(DeliveryResult(job, FAILED, 0, problem or "") for job in group)
                 continue
-            results.extend(await self.channel.deliver(destination, group, keepalive))
+            results.extend(await self.channel.deliver(destination, group))
         return results

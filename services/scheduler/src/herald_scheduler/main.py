@@ -5,13 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-from nats.aio.msg import Msg
 
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from herald_common import runtime
-from herald_common.bus import decode_batch
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 from herald_scheduler.executor import RunExecutor
@@ -48,21 +46,18 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         "scheduler", infra, [SERVICE_NAME], register, settings.port("scheduler") if port is None else port
     )
 
-    async def on_campaign_changes(msgs: list[Msg]) -> None:
-        decoded = await decode_batch(
-            infra.js, infra.subjects, CONSUMER, msgs, events.CampaignChanged, _campaign_problem
-        )
-        await planner.apply([event for _, event in decoded])
+    async def apply_campaign_changes(changes: list[events.CampaignChanged]) -> None:
+        await planner.apply(changes)
         infra.relay.notify()
         executor.notify()
-        for msg, _ in decoded:
-            await msg.ack()
 
     await infra.consume(
         owner="campaign",
         durable=CONSUMER,
         filter_subject=infra.subjects.campaign_changed,
-        handler=on_campaign_changes,
+        event_type=events.CampaignChanged,
+        apply=apply_campaign_changes,
+        problem=_campaign_problem,
     )
     executor.start()
     host.on_stop.extend([executor.stop, segmentation.close])
