@@ -47,6 +47,7 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             namespace=namespace,
             shutdown_grace_seconds=0.5,
             ack_wait_seconds=3.0,
+            allowed_destination_networks=("127.0.0.0/8", "::1/128"),
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

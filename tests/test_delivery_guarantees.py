@@ -32,16 +32,34 @@ async def js(platform: Platform) -> AsyncIterator[JetStreamContext]:
     await connection.close()
 
 
-def _job(destination: str, user_id: str) -> events.DeliveryJob:
-    job = events.DeliveryJob(
-        delivery_id=str(uuid.uuid4()),
-        campaign=f"campaigns/{uuid.uuid4()}",
+async def _announce_campaign(js: JetStreamContext, subjects: Subjects, destination: str) -> str:
+    """Publishes a running campaign as the campaign service would, so dispatch delivers for it."""
+    campaign = segment_export_campaign("segments/" + str(uuid.uuid4()), destination)
+    campaign.name = f"campaigns/{uuid.uuid4()}"
+    campaign.state = campaign_pb.State.STATE_RUNNING
+    campaign.segment_export.event_name = "Guarantee Check"
+    change = events.CampaignChanged(event_id=str(uuid.uuid4()), campaign=campaign, version=1)
+    await js.publish(subjects.campaign_changed, change.SerializeToString())
+    return campaign.name
+
+
+def _batch(campaign: str, destination: str, *user_ids: str) -> events.DeliveryBatch:
+    run_id = uuid.uuid4()
+    return events.DeliveryBatch(
+        batch_id=str(uuid.uuid4()),
+        campaign=campaign,
+        campaign_version=1,
+        run=f"{campaign}/runs/{run_id}",
         destination=destination,
-        user_id=user_id,
+        recipients=[
+            events.Recipient(delivery_id=str(uuid.uuid5(run_id, u)), user_id=u, attributes_json=b"{}")
+            for u in user_ids
+        ],
     )
-    job.run = f"{job.campaign}/runs/{uuid.uuid4()}"
-    job.segment_export.event_name = "Guarantee Check"
-    return job
+
+
+def _subject(subjects: Subjects, destination: str) -> str:
+    return subjects.delivery_batch("segment", destination.removeprefix("destinations/"))
 
 
 async def _dead_letter(js: JetStreamContext, subjects: Subjects, marker: bytes) -> dict[str, str] | None:
@@ -59,30 +77,31 @@ async def test_redelivered_job_is_sent_once(
         platform, segment_api.url, next(iter(segment_api.write_keys))
     )
     subjects = Subjects(platform.settings.namespace)
-    job = _job(destination.name, "redelivered-user")
+    campaign = await _announce_campaign(js, subjects, destination.name)
+    batch = _batch(campaign, destination.name, "redelivered-user")
+    delivery_id = batch.recipients[0].delivery_id
     # Two copies that JetStream does not de-duplicate (different message ids): as after a crash
     # between sending and acknowledging.
     for copy in ("a", "b"):
         await js.publish(
-            subjects.delivery_job("segment"),
-            job.SerializeToString(),
-            headers={"Nats-Msg-Id": f"{job.delivery_id}-{copy}"},
+            _subject(subjects, destination.name),
+            batch.SerializeToString(),
+            headers={"Nats-Msg-Id": f"{batch.batch_id}-{copy}"},
         )
 
     async def delivered() -> bool:
-        return job.delivery_id in segment_api.events
+        return delivery_id in segment_api.events
 
     await eventually(delivered)
     # Give the second copy time to be consumed, then check it did not reach Segment.
-    await js.publish(
-        subjects.delivery_job("segment"), _job(destination.name, "fence-user").SerializeToString()
-    )
+    fence = _batch(campaign, destination.name, "fence-user")
+    await js.publish(_subject(subjects, destination.name), fence.SerializeToString())
     await eventually(lambda: _has_user(segment_api, "fence-user"))
     sent = [
         e
         for r in segment_api.requests
         for e in (r.body or {}).get("batch", [])
-        if e["messageId"] == job.delivery_id
+        if e["messageId"] == delivery_id
     ]
     assert len(sent) == 1
     assert segment_api.duplicates == 0
@@ -95,7 +114,7 @@ async def _has_user(segment_api: SegmentApi, user_id: str) -> bool:
 async def test_undecodable_job_is_dead_lettered_with_reason(platform: Platform, js: JetStreamContext) -> None:
     subjects = Subjects(platform.settings.namespace)
     garbage = b"\xff\xff\xff not a protobuf " + uuid.uuid4().hex.encode()
-    await js.publish(subjects.delivery_job("segment"), garbage)
+    await js.publish(_subject(subjects, "destinations/" + str(uuid.uuid4())), garbage)
 
     async def dead_lettered() -> bool:
         return await _dead_letter(js, subjects, garbage) is not None
@@ -103,22 +122,22 @@ async def test_undecodable_job_is_dead_lettered_with_reason(platform: Platform, 
     await eventually(dead_lettered)
     headers = await _dead_letter(js, subjects, garbage)
     assert headers is not None
-    assert "undecodable DeliveryJob" in headers[REASON_HEADER]
+    assert "undecodable DeliveryBatch" in headers[REASON_HEADER]
 
 
-async def test_job_without_content_is_dead_lettered(platform: Platform, js: JetStreamContext) -> None:
+async def test_batch_without_recipients_is_dead_lettered(platform: Platform, js: JetStreamContext) -> None:
     subjects = Subjects(platform.settings.namespace)
-    job = _job("destinations/" + str(uuid.uuid4()), "someone")
-    job.ClearField("segment_export")
-    payload = job.SerializeToString()
-    await js.publish(subjects.delivery_job("segment"), payload)
+    destination = "destinations/" + str(uuid.uuid4())
+    batch = _batch(f"campaigns/{uuid.uuid4()}", destination)
+    payload = batch.SerializeToString()
+    await js.publish(_subject(subjects, destination), payload)
 
     async def dead_lettered() -> bool:
         return await _dead_letter(js, subjects, payload) is not None
 
     await eventually(dead_lettered)
     headers = await _dead_letter(js, subjects, payload)
-    assert headers is not None and headers[REASON_HEADER] == "DeliveryJob without content"
+    assert headers is not None and headers[REASON_HEADER] == "DeliveryBatch without recipients"
 
 
 async def test_server_errors_are_retried_with_the_same_message_id(
@@ -128,18 +147,20 @@ async def test_server_errors_are_retried_with_the_same_message_id(
         platform, segment_api.url, next(iter(segment_api.write_keys))
     )
     subjects = Subjects(platform.settings.namespace)
+    campaign = await _announce_campaign(js, subjects, destination.name)
     segment_api.fail_next(2, status=503, retry_after=None)
-    job = _job(destination.name, "flaky-user")
-    await js.publish(subjects.delivery_job("segment"), job.SerializeToString())
+    batch = _batch(campaign, destination.name, "flaky-user")
+    await js.publish(_subject(subjects, destination.name), batch.SerializeToString())
+    delivery_id = batch.recipients[0].delivery_id
 
     async def delivered() -> bool:
-        return job.delivery_id in segment_api.events
+        return delivery_id in segment_api.events
 
     await eventually(delivered)
     attempts = [r for r in segment_api.requests if r.path == "/v1/batch"]
     assert [r.status for r in attempts] == [503, 503, 200]
     assert [r.headers.get("X-Retry-Count") for r in attempts] == [None, "1", "2"]
-    assert {e["messageId"] for r in attempts for e in r.body["batch"]} == {job.delivery_id}
+    assert {e["messageId"] for r in attempts for e in r.body["batch"]} == {delivery_id}
 
 
 async def test_oversized_events_fail_and_the_campaign_still_completes(
@@ -184,18 +205,21 @@ async def test_late_run_reports_do_not_roll_progress_back(
     )
     subjects = Subjects(platform.settings.namespace)
     run = scheduler_pb.Run(name=f"{created.name}/runs/{uuid.uuid4()}", campaign=created.name)
-    newer = events.RunChanged(event_id=str(uuid.uuid4()), run=run)
+    # Versions come from the scheduler's database; the clocks of the replicas play no part.
+    newer = events.RunChanged(event_id=str(uuid.uuid4()), run=run, version=5)
     newer.run.state, newer.run.targeted, newer.run.final = scheduler_pb.RunState.RUN_STATE_DISPATCHED, 7, True
-    newer.occur_time.FromSeconds(2_000_000_000)
-    older = events.RunChanged(event_id=str(uuid.uuid4()), run=run)
+    newer.occur_time.FromSeconds(1_999_999_999)
+    older = events.RunChanged(event_id=str(uuid.uuid4()), run=run, version=4)
     older.run.state, older.run.targeted = scheduler_pb.RunState.RUN_STATE_RUNNING, 3
-    older.occur_time.FromSeconds(1_999_999_999)
+    older.occur_time.FromSeconds(2_000_000_000)
     for event in (newer, older):
         await js.publish(
             subjects.run_changed, event.SerializeToString(), headers={"Nats-Msg-Id": event.event_id}
         )
     fence = events.RunChanged(
-        event_id=str(uuid.uuid4()), run=scheduler_pb.Run(name=f"{run.name}-fence", campaign=created.name)
+        event_id=str(uuid.uuid4()),
+        run=scheduler_pb.Run(name=f"{run.name}-fence", campaign=created.name),
+        version=1,
     )
     fence.run.state, fence.run.targeted = scheduler_pb.RunState.RUN_STATE_RUNNING, 100
     fence.occur_time.FromSeconds(1)

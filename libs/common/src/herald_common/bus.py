@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats
 from google.protobuf.message import DecodeError, Message
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
 
+from herald_common.faults import is_transient
 from herald_common.logging import get_logger
 
 log = get_logger(__name__)
@@ -28,6 +30,22 @@ DUPLICATE_WINDOW_SECONDS = 600.0
 # letters a month so someone can look at them and redrive.
 EVENT_RETENTION_SECONDS = 7 * 86400.0
 DEAD_LETTER_RETENTION_SECONDS = 30 * 86400.0
+
+
+# Streams of events keep at most this much; the oldest events go first (all are consumed within
+# seconds, the rest is history for replay and inspection).
+EVENT_STREAM_MAX_BYTES = 1 << 30
+# Planned deliveries wait in a work queue: removed once handled, and a full queue refuses new
+# batches, which then wait in the scheduler's outbox, instead of dropping planned work.
+JOB_STREAM_MAX_BYTES = 2 << 30
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    subjects: list[str]
+    max_age_seconds: float
+    max_bytes: int
+    work_queue: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,23 +62,43 @@ class Subjects:
     def run_changed(self) -> str:
         return f"{self.namespace}.scheduler.run.changed"
 
-    def delivery_job(self, destination_type: str) -> str:
-        return f"{self.namespace}.scheduler.job.{destination_type}"
+    def delivery_batch(self, destination_type: str, destination_id: str) -> str:
+        """Jobs of one destination: a worker handles each destination as its own lane."""
+        return f"{self.namespace}.jobs.{destination_type}.{destination_id}"
+
+    def delivery_batches(self, destination_type: str) -> str:
+        return f"{self.namespace}.jobs.{destination_type}.*"
 
     @property
-    def delivery_outcome(self) -> str:
-        return f"{self.namespace}.dispatch.outcome"
+    def delivery_outcomes(self) -> str:
+        return f"{self.namespace}.dispatch.outcomes"
+
+    @property
+    def destination_waiting(self) -> str:
+        return f"{self.namespace}.dispatch.waiting"
 
     def dead_letter(self, consumer: str) -> str:
         return f"{self.namespace}.deadletter.{consumer}"
 
     def stream(self, owner: str) -> str:
-        """Stream holding what `owner` publishes (one stream per publishing service)."""
+        """Stream holding what `owner` publishes (one stream per publishing service, plus jobs)."""
         return re.sub(r"[^A-Za-z0-9_-]", "_", f"{self.namespace}_{owner}").upper()
 
-    def streams(self) -> dict[str, list[str]]:
-        owners = ["campaign", "scheduler", "dispatch", "segmentation", "deadletter"]
-        return {self.stream(o): [f"{self.namespace}.{o}.>"] for o in owners}
+    def streams(self) -> dict[str, StreamSpec]:
+        owners = ["campaign", "scheduler", "dispatch", "segmentation"]
+        specs = {
+            self.stream(o): StreamSpec(
+                [f"{self.namespace}.{o}.>"], EVENT_RETENTION_SECONDS, EVENT_STREAM_MAX_BYTES
+            )
+            for o in owners
+        }
+        specs[self.stream("jobs")] = StreamSpec(
+            [f"{self.namespace}.jobs.>"], EVENT_RETENTION_SECONDS, JOB_STREAM_MAX_BYTES, work_queue=True
+        )
+        specs[self.stream("deadletter")] = StreamSpec(
+            [f"{self.namespace}.deadletter.>"], DEAD_LETTER_RETENTION_SECONDS, EVENT_STREAM_MAX_BYTES
+        )
+        return specs
 
 
 async def connect(url: str, name: str) -> NatsClient:
@@ -74,13 +112,15 @@ async def connect(url: str, name: str) -> NatsClient:
 
 async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
     """Creates the namespace's streams, or updates them to the current configuration."""
-    dead_letters = subjects.stream("deadletter")
-    for name, stream_subjects in subjects.streams().items():
+    for name, spec in subjects.streams().items():
         config = StreamConfig(
             name=name,
-            subjects=stream_subjects,
+            subjects=spec.subjects,
             duplicate_window=DUPLICATE_WINDOW_SECONDS,
-            max_age=DEAD_LETTER_RETENTION_SECONDS if name == dead_letters else EVENT_RETENTION_SECONDS,
+            max_age=spec.max_age_seconds,
+            max_bytes=spec.max_bytes,
+            retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
+            discard=DiscardPolicy.NEW if spec.work_queue else DiscardPolicy.OLD,
         )
         try:
             await js.stream_info(name)
@@ -129,14 +169,18 @@ async def decode_batch(
 
 
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
+MessageHandler = Callable[[Msg], Awaitable[None]]
+# Longest wait before a message whose handling failed is offered again.
+MAX_REDELIVERY_DELAY_SECONDS = 60.0
 
 
-class PullConsumer:
-    """A durable pull consumer that hands batches of messages to a handler until stopped.
+class _Consumer:
+    """A durable pull consumer with explicit acks; subclasses decide how messages are handled.
 
-    The handler acks what it has processed. When a batch fails, its messages are retried one by
-    one so a single bad message cannot hold the others back; a message that keeps failing is
-    redelivered with growing delays and, after `max_deliveries`, dead-lettered with the error.
+    A message whose handling fails for a transient reason (the database or NATS is away, what it
+    refers to has not arrived yet) is offered again with growing delays for as long as it takes.
+    One that keeps failing for another reason is dead-lettered with the error after
+    `max_deliveries`. Nothing that goes wrong while doing so stops the consumer.
     """
 
     def __init__(
@@ -147,24 +191,30 @@ class PullConsumer:
         stream: str,
         durable: str,
         filter_subject: str,
-        handler: BatchHandler,
-        batch_size: int = 256,
         ack_wait_seconds: float = 30.0,
         max_deliveries: int = 10,
         redelivery_base_seconds: float = 2.0,
+        max_ack_pending: int = 20_000,
     ) -> None:
         self.js = js
         self.subjects = subjects
         self.stream = stream
         self.durable = durable
         self.filter_subject = filter_subject
-        self.handler = handler
-        self.batch_size = batch_size
         self.ack_wait_seconds = ack_wait_seconds
         self.max_deliveries = max_deliveries
         self.redelivery_base_seconds = redelivery_base_seconds
+        self.max_ack_pending = max_ack_pending
         self._stopping = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Messages being handled, by id(): Msg is not hashable.
+        self._in_progress: dict[int, Msg] = {}
+        self._keepalive: asyncio.Task[None] | None = None
+
+    @property
+    def alive(self) -> bool:
+        """False if the consumer's task has ended while it was meant to run."""
+        return self._task is not None and (not self._task.done() or self._stopping.is_set())
 
     async def start(self) -> None:
         config = ConsumerConfig(
@@ -172,67 +222,191 @@ class PullConsumer:
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=self.ack_wait_seconds,
             filter_subject=self.filter_subject,
-            max_ack_pending=20_000,
+            max_ack_pending=self.max_ack_pending,
         )
         subscription = await self.js.pull_subscribe(
             self.filter_subject, durable=self.durable, stream=self.stream, config=config
         )
-        self._task = asyncio.create_task(self._run(subscription), name=f"consumer:{self.durable}")
+        self._keepalive = asyncio.create_task(self._keep_alive(), name=f"keepalive:{self.durable}")
+        self._task = asyncio.create_task(self._run_forever(subscription), name=f"consumer:{self.durable}")
+
+    async def _run_forever(self, subscription: JetStreamContext.PullSubscription) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self._run(subscription)
+            except Exception:  # a bug or an unexpected NATS answer: log it and carry on
+                log.exception("consumer_loop_failed", consumer=self.durable)
+                await asyncio.sleep(1)
+
+    async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
+        raise NotImplementedError
+
+    async def _fetch(self, subscription: JetStreamContext.PullSubscription, count: int) -> list[Msg]:
+        try:
+            return await subscription.fetch(count, timeout=0.5)
+        except (TimeoutError, nats.errors.TimeoutError):
+            return []
+        except Exception as error:  # connection trouble: wait and try again
+            log.warning("fetch_failed", consumer=self.durable, error=str(error))
+            await asyncio.sleep(1)
+            return []
+
+    async def _keep_alive(self) -> None:
+        # A slow handler (a destination's rate limit, an outage) must not let its messages be
+        # handed to another instance while they are still being worked on.
+        while True:
+            await asyncio.sleep(self.ack_wait_seconds / 3)
+            for msg in list(self._in_progress.values()):
+                if not msg._ackd:
+                    with contextlib.suppress(Exception):
+                        await msg.in_progress()
+
+    async def _settle_failure(self, msg: Msg, error: BaseException) -> None:
+        """Offers a failed message again later, or sets it aside when it keeps failing."""
+        delivered = msg.metadata.num_delivered or 1
+        try:
+            if is_transient(error):
+                await msg.nak(delay=self._delay(delivered))
+            elif delivered >= self.max_deliveries:
+                await dead_letter(
+                    self.js, self.subjects, self.durable, msg, f"failed {delivered} times: {error!r}"[:1000]
+                )
+            else:
+                await msg.nak(delay=self._delay(delivered))
+        except Exception as settle_error:
+            # NATS is away: the message comes back by itself once its ack wait passes.
+            log.warning("settle_failed", consumer=self.durable, error=str(settle_error))
+
+    def _delay(self, delivered: int) -> float:
+        delay: float = self.redelivery_base_seconds * 2.0 ** min(delivered - 1, 16)
+        return min(delay, MAX_REDELIVERY_DELAY_SECONDS)
+
+    async def stop(self, grace_seconds: float = 5.0) -> None:
+        self._stopping.set()
+        if self._task is not None:
+            await self._task
+        await self._drain(grace_seconds)
+        if self._keepalive is not None:
+            self._keepalive.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keepalive
+
+    async def _drain(self, grace_seconds: float) -> None:
+        """Lets handlers still running finish within the grace period."""
+
+
+class PullConsumer(_Consumer):
+    """Hands batches of messages to a handler, which acks what it has processed.
+
+    When a batch fails, its messages are retried one by one so a single bad message cannot hold
+    the others back.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        *,
+        handler: BatchHandler,
+        batch_size: int = 256,
+        **options: Any,
+    ) -> None:
+        super().__init__(js, subjects, **options)
+        self.handler = handler
+        self.batch_size = batch_size
 
     async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
         while not self._stopping.is_set():
-            try:
-                msgs = await subscription.fetch(self.batch_size, timeout=0.5)
-            except (TimeoutError, nats.errors.TimeoutError):
-                continue
-            except Exception as error:  # connection trouble: wait and try again
-                log.warning("fetch_failed", consumer=self.durable, error=str(error))
-                await asyncio.sleep(1)
+            msgs = await self._fetch(subscription, self.batch_size)
+            if not msgs:
                 continue
             try:
                 await self._handle(msgs)
             except Exception as error:
-                log.exception("batch_failed", consumer=self.durable, size=len(msgs))
-                if len(msgs) == 1:
-                    await self._failed(msgs[0], error)
+                log.warning("batch_failed", consumer=self.durable, size=len(msgs), error=repr(error))
+                if len(msgs) == 1 or is_transient(error):
+                    for msg in msgs:
+                        if not msg._ackd:
+                            await self._settle_failure(msg, error)
                     continue
                 for msg in msgs:
                     if not msg._ackd:
                         await self._handle_alone(msg)
 
     async def _handle(self, msgs: list[Msg]) -> None:
-        """Runs the handler, telling JetStream the batch is in progress while it takes long."""
-        keepalive = asyncio.create_task(self._keep_alive(msgs))
+        self._in_progress.update((id(msg), msg) for msg in msgs)
         try:
             await self.handler(msgs)
         finally:
-            keepalive.cancel()
-
-    async def _keep_alive(self, msgs: list[Msg]) -> None:
-        # A slow handler (a destination's rate limit, say) must not let the batch be handed
-        # to another instance while it is still being worked on.
-        while True:
-            await asyncio.sleep(self.ack_wait_seconds / 3)
             for msg in msgs:
-                if not msg._ackd:
-                    await msg.in_progress()
+                self._in_progress.pop(id(msg), None)
 
     async def _handle_alone(self, msg: Msg) -> None:
         try:
             await self._handle([msg])
         except Exception as error:
-            await self._failed(msg, error)
+            await self._settle_failure(msg, error)
 
-    async def _failed(self, msg: Msg, error: Exception) -> None:
-        delivered = msg.metadata.num_delivered or 1
-        if delivered >= self.max_deliveries:
-            await dead_letter(
-                self.js, self.subjects, self.durable, msg, f"failed {delivered} times: {error!r}"
-            )
-        else:
-            await msg.nak(delay=min(self.redelivery_base_seconds * 2 ** (delivered - 1), 60.0))
 
-    async def stop(self) -> None:
-        self._stopping.set()
-        if self._task is not None:
-            await self._task
+class LaneConsumer(_Consumer):
+    """Handles messages one at a time, concurrently, in lanes keyed by subject.
+
+    Each lane (a destination, say) has its own concurrency, so one lane waiting on a rate limit or
+    an outage never holds another back; `max_in_flight` bounds the messages held at once. The
+    handler acks; on stop, handlers get the grace period and what is still running is handed back
+    to JetStream for redelivery.
+    """
+
+    def __init__(
+        self,
+        js: JetStreamContext,
+        subjects: Subjects,
+        *,
+        handler: MessageHandler,
+        lane_concurrency: int = 4,
+        max_in_flight: int = 64,
+        **options: Any,
+    ) -> None:
+        super().__init__(js, subjects, **options)
+        self.handler = handler
+        self.lane_concurrency = lane_concurrency
+        self.max_in_flight = max_in_flight
+        self._lanes: dict[str, asyncio.Semaphore] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
+        while not self._stopping.is_set():
+            free = self.max_in_flight - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(self._tasks, timeout=0.5, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            for msg in await self._fetch(subscription, free):
+                task = asyncio.create_task(self._handle(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, msg: Msg) -> None:
+        lane = self._lanes.setdefault(msg.subject, asyncio.Semaphore(self.lane_concurrency))
+        self._in_progress[id(msg)] = msg
+        try:
+            async with lane:
+                await self.handler(msg)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        except Exception as error:
+            log.warning("message_failed", consumer=self.durable, subject=msg.subject, error=repr(error))
+            await self._settle_failure(msg, error)
+        finally:
+            self._in_progress.pop(id(msg), None)
+
+    async def _drain(self, grace_seconds: float) -> None:
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=grace_seconds)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+            log.info("handlers_cancelled_at_shutdown", consumer=self.durable, count=len(pending))

@@ -27,7 +27,9 @@ def asyncpg_url(url: str) -> str:
 
 
 def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
-    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 10, "pool_pre_ping": True}
+    # No pre-ping on every checkout: a connection lost to a database restart fails its statement,
+    # which callers treat as transient and retry.
+    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 10, "pool_recycle": 300}
     options.update(kwargs)
     return create_async_engine(asyncpg_url(database_url), **options)
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import nats.errors
+import nats.js.errors
 import sqlalchemy as sa
 from google.protobuf.message import Message
 from nats.js import JetStreamContext
@@ -26,6 +30,9 @@ def _outbox_columns() -> list[sa.Column[object]]:
         sa.Column("subject", sa.Text, nullable=False),
         sa.Column("payload", sa.LargeBinary, nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        # Set when the event can never be published (too large for NATS, say): it is kept with
+        # the reason for an operator, and the relay goes on with the others.
+        sa.Column("problem", sa.Text, nullable=True),
     ]
 
 
@@ -37,7 +44,14 @@ def create_outbox_table(schema: str) -> None:
     """For a service's first migration: the outbox has the same shape in every schema."""
     from alembic import op
 
-    op.create_table("outbox", *_outbox_columns(), schema=schema)
+    op.create_table("outbox", *[c for c in _outbox_columns() if c.name != "problem"], schema=schema)
+
+
+def add_outbox_problem_column(schema: str) -> None:
+    """Migration step: outbox rows that can never be published are set aside with a reason."""
+    from alembic import op
+
+    op.add_column("outbox", sa.Column("problem", sa.Text, nullable=True), schema=schema)
 
 
 @dataclass(frozen=True)
@@ -62,10 +76,24 @@ async def enqueue(session: AsyncSession, table: sa.Table, events: Sequence[Outbo
     )
 
 
+# JetStream's answer when a message is larger than the stream accepts: retrying cannot help.
+_MESSAGE_TOO_LARGE_ERR_CODE = 10054
+# Headers and protocol overhead beside the payload (Nats-Msg-Id and the subject).
+_PUBLISH_OVERHEAD_BYTES = 512
+
+
+def _never_publishable(error: BaseException) -> bool:
+    if isinstance(error, nats.errors.MaxPayloadError):
+        return True
+    return isinstance(error, nats.js.errors.APIError) and error.err_code == _MESSAGE_TOO_LARGE_ERR_CODE
+
+
 class OutboxRelay:
     """Publishes committed outbox rows to JetStream in batches, then deletes them.
 
-    Several replicas may run a relay: rows are claimed with FOR UPDATE SKIP LOCKED.
+    Several replicas may run a relay: rows are claimed with FOR UPDATE SKIP LOCKED. A row that can
+    never be published is set aside with the reason; a row whose publish failed for a passing
+    reason stays for the next round. Neither holds the others back.
     """
 
     def __init__(
@@ -77,13 +105,25 @@ class OutboxRelay:
         batch_size: int = 1000,
         idle_poll_seconds: float = 0.2,
         publish_timeout_seconds: float = 10.0,
+        stuck_after_seconds: float = 60.0,
     ) -> None:
         self.database = database
         self.table = table
         self.js = js
         self.batch_size = batch_size
         self.publish_timeout_seconds = publish_timeout_seconds
+        self.stuck_after_seconds = stuck_after_seconds
+        self.set_aside_total = 0
+        self._waiting_since: float | None = None
         self._loop = WakeableLoop("outbox-relay", self._step, idle_poll_seconds)
+
+    @property
+    def stuck(self) -> bool:
+        """True when events have been waiting and none could be published for a while."""
+        return (
+            self._waiting_since is not None
+            and time.monotonic() - self._waiting_since > self.stuck_after_seconds
+        )
 
     def notify(self) -> None:
         """Called after a commit that added events, so they go out without waiting for a poll."""
@@ -94,28 +134,64 @@ class OutboxRelay:
 
     async def stop(self) -> None:
         await self._loop.stop()
-        await self.relay_once()  # flush what committed just before shutdown
+        with contextlib.suppress(Exception):  # flush what committed just before shutdown
+            await asyncio.wait_for(self.relay_once(), self.publish_timeout_seconds)
 
     async def _step(self) -> bool:
-        return await self.relay_once() >= self.batch_size
+        try:
+            published, complete = await self.relay_once()
+        except Exception:
+            if self._waiting_since is None:
+                self._waiting_since = time.monotonic()
+            raise
+        return complete and published >= self.batch_size
 
-    async def relay_once(self) -> int:
+    async def relay_once(self) -> tuple[int, bool]:
+        """Publishes one batch; returns how many rows went out and whether all of the batch did."""
         t = self.table
         async with self.database.transaction() as session:
             rows = (
                 await session.execute(
                     sa.select(t.c.id, t.c.msg_id, t.c.subject, t.c.payload)
+                    .where(t.c.problem.is_(None))
                     .order_by(t.c.id)
                     .limit(self.batch_size)
                     .with_for_update(skip_locked=True)
                 )
             ).all()
             if not rows:
-                return 0
-            acks = [
-                await self.js.publish_async(row.subject, row.payload, headers={"Nats-Msg-Id": row.msg_id})
-                for row in rows
-            ]
-            await asyncio.wait_for(asyncio.gather(*acks), self.publish_timeout_seconds)
-            await session.execute(sa.delete(t).where(t.c.id.in_([row.id for row in rows])))
-        return len(rows)
+                self._waiting_since = None
+                return 0, True
+            max_payload = self.js._nc.max_payload
+            problems: dict[int, str] = {}
+            sent = []
+            for row in rows:
+                size = len(row.payload) + len(row.subject) + _PUBLISH_OVERHEAD_BYTES
+                if size > max_payload:
+                    problems[row.id] = f"{len(row.payload)} bytes; NATS accepts at most {max_payload}"
+                    continue
+                ack = await self.js.publish_async(
+                    row.subject, row.payload, headers={"Nats-Msg-Id": row.msg_id}
+                )
+                sent.append((row, ack))
+            acks = await asyncio.wait_for(
+                asyncio.gather(*(ack for _, ack in sent), return_exceptions=True),
+                self.publish_timeout_seconds,
+            )
+            published = []
+            for (row, _), result in zip(sent, acks, strict=True):
+                if not isinstance(result, BaseException):
+                    published.append(row.id)
+                elif _never_publishable(result):
+                    problems[row.id] = f"JetStream refused it: {result}"
+                else:
+                    log.warning("outbox_publish_failed", subject=row.subject, error=repr(result))
+            if published:
+                await session.execute(sa.delete(t).where(t.c.id.in_(published)))
+            for row_id, problem in problems.items():
+                await session.execute(sa.update(t).where(t.c.id == row_id).values(problem=problem))
+                log.error("outbox_event_set_aside", table=str(t), id=row_id, problem=problem)
+            self.set_aside_total += len(problems)
+        complete = len(published) + len(problems) == len(rows)
+        self._waiting_since = None if complete else (self._waiting_since or time.monotonic())
+        return len(published), complete

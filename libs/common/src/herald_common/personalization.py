@@ -12,12 +12,33 @@ from functools import lru_cache
 from typing import Any
 
 from liquid import BoundTemplate, Environment
-from liquid.exceptions import LiquidError
+from liquid.exceptions import (
+    ContextDepthError,
+    LiquidError,
+    LocalNamespaceLimitError,
+    LoopIterationLimitError,
+    OutputStreamLimitError,
+)
 
 PROFILE = "profile"
 MAX_TEMPLATE_LENGTH = 4096
+MAX_OUTPUT_CHARACTERS = 32 * 1024
 
-_environment = Environment()
+
+class _BoundedEnvironment(Environment):
+    """Templates come from users and render once per recipient: bound what one render may do."""
+
+    loop_iteration_limit = 10_000
+    output_stream_limit = MAX_OUTPUT_CHARACTERS
+    context_depth_limit = 30
+    local_namespace_limit = 64 * 1024
+
+
+class PersonalizationError(Exception):
+    """A template could not be rendered for one recipient (bad profile data, a limit reached)."""
+
+
+_environment = _BoundedEnvironment()
 
 
 @lru_cache(maxsize=1024)
@@ -37,7 +58,24 @@ def problem(source: str) -> str | None:
         if segments[0] != PROFILE or len(segments) < 2 or not isinstance(segments[1], str):
             name = ".".join(str(s) for s in segments)
             return f"unknown variable {name!r}; use profile.<property>"
+    try:
+        # A loop or output that exceeds the limits even for an empty profile never can render.
+        template.render(**{PROFILE: {}})
+    except (
+        LoopIterationLimitError,
+        OutputStreamLimitError,
+        ContextDepthError,
+        LocalNamespaceLimitError,
+    ) as error:
+        return f"exceeds a rendering limit: {error.message or error}"
+    except Exception:  # other failures depend on the recipient's data; judged per recipient
+        pass
     return None
+
+
+def is_static(source: str) -> bool:
+    """True when the field has no Liquid markup, so it is the same for every recipient."""
+    return "{{" not in source and "{%" not in source
 
 
 def profile_properties(sources: Iterable[str]) -> set[str]:
@@ -51,4 +89,13 @@ def profile_properties(sources: Iterable[str]) -> set[str]:
 
 
 def render(source: str, profile: Mapping[str, Any]) -> str:
-    return _compile(source).render(**{PROFILE: dict(profile)})
+    """The field for one recipient; any failure (bad profile data, a limit) is a
+    PersonalizationError with a short reason."""
+    if is_static(source):
+        return source
+    try:
+        return _compile(source).render(**{PROFILE: profile})
+    except LiquidError as error:
+        raise PersonalizationError(str(error.message or error)[:200]) from None
+    except Exception as error:  # filters raise plain Python errors on odd data (dates, base64)
+        raise PersonalizationError(f"{type(error).__name__}: {error}"[:200]) from None

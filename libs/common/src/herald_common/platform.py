@@ -28,6 +28,8 @@ def main() -> None:
         embedded = EmbeddedInfrastructure(default_data_dir())
         embedded.start()
         env = {**embedded.environment(), **{k: v for k, v in env.items() if v}}
+    # Local fakes and sinks run on loopback; a deployment allows private networks explicitly.
+    env.setdefault("HERALD_ALLOWED_DESTINATION_NETWORKS", "127.0.0.0/8,::1/128")
     children = [subprocess.Popen([sys.executable, "-m", f"herald_{name}.main"], env=env) for name in SERVICES]
     stopping = False
 

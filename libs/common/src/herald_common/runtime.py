@@ -6,14 +6,16 @@ import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from herald.events.v1 import events_pb2 as events
 from herald_common import bus
-from herald_common.bus import EventT, PullConsumer, Subjects, decode_batch
+from herald_common.bus import EventT, LaneConsumer, MessageHandler, PullConsumer, Subjects, decode_batch
 from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
@@ -21,6 +23,9 @@ from herald_common.outbox import OutboxRelay
 from herald_common.settings import Settings
 
 log = get_logger(__name__)
+
+HEALTH_CHECK_TIMEOUT_SECONDS = 2.0
+HEALTH_CHECK_INTERVAL_SECONDS = 2.0
 
 
 @dataclass
@@ -33,7 +38,7 @@ class Infrastructure:
     js: JetStreamContext
     subjects: Subjects
     relay: OutboxRelay
-    consumers: list[PullConsumer] = field(default_factory=list)
+    consumers: list[PullConsumer | LaneConsumer] = field(default_factory=list)
 
     @classmethod
     async def open(
@@ -79,22 +84,65 @@ class Infrastructure:
         consumer = PullConsumer(
             self.js,
             self.subjects,
-            stream=self.subjects.stream(owner),
-            durable=durable,
-            filter_subject=filter_subject,
             handler=handler,
             batch_size=batch_size,
-            max_deliveries=self.settings.max_deliveries,
-            redelivery_base_seconds=self.settings.redelivery_base_seconds,
-            ack_wait_seconds=self.settings.ack_wait_seconds,
+            **self._consumer_options(owner, durable, filter_subject),
         )
         await consumer.start()
         self.consumers.append(consumer)
 
+    async def consume_lanes(
+        self,
+        *,
+        owner: str,
+        durable: str,
+        filter_subject: str,
+        handler: MessageHandler,
+        lane_concurrency: int,
+        max_in_flight: int,
+    ) -> None:
+        """Starts a durable consumer that handles each message alone, concurrently, one lane per
+        subject; `handler` acks."""
+        consumer = LaneConsumer(
+            self.js,
+            self.subjects,
+            handler=handler,
+            lane_concurrency=lane_concurrency,
+            max_in_flight=max_in_flight,
+            **self._consumer_options(owner, durable, filter_subject),
+        )
+        await consumer.start()
+        self.consumers.append(consumer)
+
+    def _consumer_options(self, owner: str, durable: str, filter_subject: str) -> dict[str, Any]:
+        return {
+            "stream": self.subjects.stream(owner),
+            "durable": durable,
+            "filter_subject": filter_subject,
+            "max_deliveries": self.settings.max_deliveries,
+            "redelivery_base_seconds": self.settings.redelivery_base_seconds,
+            "ack_wait_seconds": self.settings.ack_wait_seconds,
+        }
+
     async def stop_consumers(self) -> None:
         for consumer in self.consumers:
-            await consumer.stop()
+            await consumer.stop(self.settings.shutdown_grace_seconds)
         self.consumers.clear()
+
+    async def healthy(self) -> bool:
+        """Whether this service can do its work: database and NATS reachable, outbox moving,
+        consumers running."""
+        if not self.nats.is_connected or self.relay.stuck:
+            return False
+        if not all(consumer.alive for consumer in self.consumers):
+            return False
+        try:
+            async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_SECONDS):
+                async with self.database.engine.connect() as connection:
+                    await connection.execute(sa.text("SELECT 1"))
+        except Exception:
+            return False
+        return True
 
     async def close(self) -> None:
         await self.stop_consumers()
@@ -103,6 +151,13 @@ class Infrastructure:
         await self.nats.flush()
         await self.nats.close()
         await self.database.dispose()
+
+
+def campaign_changed_problem(event: events.CampaignChanged) -> str | None:
+    """Why a CampaignChanged cannot be applied (every service that follows campaigns checks this)."""
+    if not event.campaign.name.startswith("campaigns/") or event.version <= 0:
+        return "CampaignChanged without campaign name or version"
+    return None
 
 
 StopCallback = Callable[[], Awaitable[None]]
@@ -118,6 +173,7 @@ class ServiceHost:
     # Extra clean-up (background loops, channels, HTTP sessions): after serving and consuming
     # stop, before the outbox flushes and NATS drains.
     on_stop: list[StopCallback] = field(default_factory=list)
+    _health_task: asyncio.Task[None] | None = None
 
     @classmethod
     async def start(
@@ -131,13 +187,28 @@ class ServiceHost:
         server = GrpcServer(service_names, register)
         await server.start(infra.settings.host, port)
         log.info("service_started", service=name, port=server.port)
-        return cls(name, infra, server)
+        host = cls(name, infra, server)
+        host._health_task = asyncio.create_task(host._watch_health(), name=f"health:{name}")
+        return host
+
+    async def _watch_health(self) -> None:
+        """Reports NOT_SERVING while the service cannot do its work, so probes and operators see it."""
+        serving = True
+        while True:
+            await asyncio.sleep(HEALTH_CHECK_INTERVAL_SECONDS)
+            healthy = await self.infra.healthy()
+            if healthy != serving:
+                serving = healthy
+                await self.grpc.set_serving(healthy)
+                log.warning("health_changed", service=self.name, serving=healthy)
 
     @property
     def port(self) -> int:
         return self.grpc.port
 
     async def stop(self) -> None:
+        if self._health_task is not None:
+            self._health_task.cancel()
         await self.grpc.stop(self.infra.settings.shutdown_grace_seconds)
         await self.infra.stop_consumers()
         for callback in self.on_stop:

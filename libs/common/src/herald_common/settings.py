@@ -37,6 +37,10 @@ class Settings:
     # How long JetStream waits for an ack before handing a message to another consumer instance
     # (a message fetched by an instance that stopped is redelivered after this).
     ack_wait_seconds: float = 30.0
+    # Destinations may not point at private, loopback or link-local addresses, nor use plain http,
+    # except inside these networks (CIDRs) an operator allows; `make run` and the tests allow
+    # loopback.
+    allowed_destination_networks: tuple[str, ...] = ()
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -68,4 +72,7 @@ class Settings:
             max_deliveries=int(env.get("HERALD_MAX_DELIVERIES", "10")),
             redelivery_base_seconds=float(env.get("HERALD_REDELIVERY_BASE_SECONDS", "2")),
             ack_wait_seconds=float(env.get("HERALD_ACK_WAIT_SECONDS", "30")),
+            allowed_destination_networks=tuple(
+                n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
+            ),
         )

@@ -18,14 +18,20 @@ def _campaign_id_problem(campaign: str) -> str | None:
 
 
 def _run_problem(event: events.RunChanged) -> str | None:
-    if not event.run.name or not event.HasField("occur_time"):
-        return "RunChanged without run name or occur_time"
+    if not event.run.name or event.version <= 0:
+        return "RunChanged without run name or version"
     return _campaign_id_problem(event.run.campaign)
 
 
-def _outcome_problem(event: events.DeliveryOutcome) -> str | None:
-    if not event.delivery_id:
-        return "DeliveryOutcome without delivery_id"
+def _outcomes_problem(event: events.DeliveryOutcomes) -> str | None:
+    if not event.event_id or not event.results:
+        return "DeliveryOutcomes without event_id or results"
+    return _campaign_id_problem(event.campaign)
+
+
+def _waiting_problem(event: events.DestinationWaiting) -> str | None:
+    if not event.HasField("occur_time"):
+        return "DestinationWaiting without occur_time"
     return _campaign_id_problem(event.campaign)
 
 
@@ -41,9 +47,16 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
     await infra.consume(
         owner="dispatch",
         durable="campaign-outcomes",
-        filter_subject=infra.subjects.delivery_outcome,
-        event_type=events.DeliveryOutcome,
+        filter_subject=infra.subjects.delivery_outcomes,
+        event_type=events.DeliveryOutcomes,
         apply=campaigns.record_outcomes,
-        problem=_outcome_problem,
-        batch_size=1000,
+        problem=_outcomes_problem,
+    )
+    await infra.consume(
+        owner="dispatch",
+        durable="campaign-waiting",
+        filter_subject=infra.subjects.destination_waiting,
+        event_type=events.DestinationWaiting,
+        apply=campaigns.record_waiting,
+        problem=_waiting_problem,
     )

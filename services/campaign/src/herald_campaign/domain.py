@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,18 +17,30 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_campaign.references import References
-from herald_campaign.storage import campaigns, outbox, outcomes, runs, stats
-from herald_common import api, personalization
+from herald_campaign.storage import campaigns, failure_reasons, outbox, outcome_events, runs, stats
+from herald_common import api, channels, personalization
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
+from herald_common.validation import check_text_fields
 
 State = pb.State
-# The destination type each kind of content is delivered through.
-CONTENT_DESTINATION = {"segment_export": dispatch_pb.DestinationType.DESTINATION_TYPE_SEGMENT}
 _RUN_ENDED = {"RUN_STATE_DISPATCHED", "RUN_STATE_FAILED", "RUN_STATE_CANCELLED"}
+# A segment export carries at most this many profile attributes and custom key-value pairs.
+MAX_PROFILE_ATTRIBUTES = 50
+MAX_CUSTOM_PROPERTIES = 50
+MAX_DISPLAY_NAME = 200
+_STATUS_COLUMNS = {
+    events.DeliveryStatus.DELIVERY_STATUS_SENT: "sent",
+    events.DeliveryStatus.DELIVERY_STATUS_FAILED: "failed",
+    events.DeliveryStatus.DELIVERY_STATUS_SKIPPED: "skipped",
+    events.DeliveryStatus.DELIVERY_STATUS_UNKNOWN: "unknown",
+}
+# Reasons kept per campaign, and users kept as examples of each.
+MAX_REASON_LENGTH = 300
+MAX_EXAMPLES = 5
 _UPDATABLE = {"display_name", "audience", "destination", "schedule", "segment_export"}
 _OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time")
 
@@ -44,11 +57,18 @@ def _message(row: Any) -> pb.Campaign:
     campaign.update_time.CopyFrom(api.timestamp(row.updated_at))
     if row.published_at is not None:
         campaign.publish_time.CopyFrom(api.timestamp(row.published_at))
+    campaign.failure_reason = row.failure_reason
     return campaign
 
 
 def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
+    check_text_fields(_spec(campaign), "campaign", check)
     check.require(bool(campaign.display_name.strip()), "campaign.display_name", "required")
+    check.require(
+        len(campaign.display_name) <= MAX_DISPLAY_NAME,
+        "campaign.display_name",
+        f"at most {MAX_DISPLAY_NAME} characters",
+    )
     if check.require(
         bool(campaign.audience.segment), "campaign.audience.segment", "required: an audience segment"
     ):
@@ -76,6 +96,16 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
     if content == "segment_export":
         export = campaign.segment_export
         check.require(bool(export.event_name.strip()), "campaign.segment_export.event_name", "required")
+        check.require(
+            len(export.profile_attributes) <= MAX_PROFILE_ATTRIBUTES,
+            "campaign.segment_export.profile_attributes",
+            f"at most {MAX_PROFILE_ATTRIBUTES} profile attributes",
+        )
+        check.require(
+            len(export.custom_properties) <= MAX_CUSTOM_PROPERTIES,
+            "campaign.segment_export.custom_properties",
+            f"at most {MAX_CUSTOM_PROPERTIES} custom key-value pairs",
+        )
         for i, key in enumerate(export.profile_attributes):
             check.require(bool(key.strip()), f"campaign.segment_export.profile_attributes[{i}]", "empty")
         for key, template in export.custom_properties.items():
@@ -107,7 +137,10 @@ class Campaigns:
 
     async def _changed(self, session: AsyncSession, row: Any) -> None:
         event = events.CampaignChanged(
-            event_id=str(uuid.uuid4()), occur_time=api.timestamp(api.utcnow()), campaign=_message(row)
+            event_id=str(uuid.uuid4()),
+            occur_time=api.timestamp(api.utcnow()),
+            campaign=_message(row),
+            version=row.version,
         )
         await enqueue(
             session, outbox, [OutboxEvent.of(self.subjects.campaign_changed, event, event.event_id)]
@@ -156,7 +189,7 @@ class Campaigns:
         await self.references.segment(campaign.audience.segment, "campaign.audience.segment")
         destination = await self.references.destination(campaign.destination, "campaign.destination")
         content = campaign.WhichOneof("content") or ""
-        needed = CONTENT_DESTINATION[content]
+        needed = channels.for_content(content).destination_enum
         if destination.type != needed:
             type_name = dispatch_pb.DestinationType.Name
             raise invalid(
@@ -196,7 +229,11 @@ class Campaigns:
                 await session.execute(
                     sa.update(campaigns)
                     .where(campaigns.c.id == row.id)
-                    .values(spec=_spec(merged).SerializeToString(), updated_at=sa.func.now())
+                    .values(
+                        spec=_spec(merged).SerializeToString(),
+                        updated_at=sa.func.now(),
+                        version=campaigns.c.version + 1,
+                    )
                     .returning(*campaigns.c)
                 )
             ).one()
@@ -228,7 +265,12 @@ class Campaigns:
             await session.execute(
                 sa.update(campaigns)
                 .where(campaigns.c.id == campaign_id)
-                .values(state=_state_name(state), updated_at=sa.func.now(), **values)
+                .values(
+                    state=_state_name(state),
+                    updated_at=sa.func.now(),
+                    version=campaigns.c.version + 1,
+                    **values,
+                )
                 .returning(*campaigns.c)
             )
         ).one()
@@ -287,29 +329,50 @@ class Campaigns:
                     runs.c.campaign_id == campaign_id
                 )
             )
+            reasons = (
+                await session.execute(
+                    sa.select(failure_reasons)
+                    .where(failure_reasons.c.campaign_id == campaign_id)
+                    .order_by(failure_reasons.c.count.desc(), failure_reasons.c.reason)
+                    .limit(50)
+                )
+            ).all()
         if counts is None:
             raise NotFound(campaign_name)
         return pb.CampaignStats(
-            name=name, targeted=int(targeted or 0), sent=counts.sent, failed=counts.failed
+            name=name,
+            targeted=int(targeted or 0),
+            sent=counts.sent,
+            failed=counts.failed,
+            skipped=counts.skipped,
+            unknown=counts.unknown,
+            resent=counts.resent,
+            waiting_reason=counts.waiting_reason,
+            failure_reasons=[
+                pb.FailureReason(
+                    reason=r.reason, count=r._mapping["count"], example_user_ids=r.example_user_ids
+                )
+                for r in reasons
+            ],
         )
 
     # --- progress reported by the scheduler and dispatch -------------------------------------
 
     async def record_runs(self, changes: Sequence[events.RunChanged]) -> None:
-        """Stores run reports; a campaign whose first run starts becomes RUNNING."""
+        """Stores run reports, newest version wins; moves the campaigns they belong to forward."""
         touched: set[uuid.UUID] = set()
         async with self.database.transaction() as session:
-            for change in changes:
+            for change in sorted(changes, key=lambda c: (c.run.name, c.version)):
                 run = change.run
                 campaign_id = uuid.UUID(run.campaign.removeprefix("campaigns/"))
-                state = scheduler_pb.RunState.Name(run.state)
                 statement = insert(runs).values(
                     run=run.name,
                     campaign_id=campaign_id,
-                    state=state,
+                    state=scheduler_pb.RunState.Name(run.state),
                     targeted=run.targeted,
                     final=run.final,
-                    reported_at=api.from_timestamp(change.occur_time),
+                    error=run.error,
+                    version=change.version,
                 )
                 await session.execute(
                     statement.on_conflict_do_update(
@@ -318,50 +381,78 @@ class Campaigns:
                             "state": statement.excluded.state,
                             "targeted": statement.excluded.targeted,
                             "final": statement.excluded.final,
-                            "reported_at": statement.excluded.reported_at,
+                            "error": statement.excluded.error,
+                            "version": statement.excluded.version,
                         },
-                        where=runs.c.reported_at < statement.excluded.reported_at,
+                        where=runs.c.version < statement.excluded.version,
                     )
                 )
                 touched.add(campaign_id)
             await self._advance(session, touched)
         self._notify()
 
-    async def record_outcomes(self, received: Sequence[events.DeliveryOutcome]) -> None:
-        """Counts each delivery outcome once; completes campaigns whose deliveries all have one."""
-        rows = {
-            o.delivery_id: {
-                "delivery_id": o.delivery_id,
-                "campaign_id": uuid.UUID(o.campaign.removeprefix("campaigns/")),
-                "status": "sent" if o.status == events.DeliveryStatus.DELIVERY_STATUS_SENT else "failed",
-            }
-            for o in received
-        }
-        if not rows:
+    async def record_outcomes(self, received: Sequence[events.DeliveryOutcomes]) -> None:
+        """Counts each DeliveryOutcomes event once; completes campaigns whose deliveries all have one."""
+        by_event = {o.event_id: o for o in received}
+        if not by_event:
             return
         async with self.database.transaction() as session:
-            new = (
-                await session.execute(
-                    insert(outcomes)
-                    .on_conflict_do_nothing(index_elements=[outcomes.c.delivery_id])
-                    .returning(outcomes.c.campaign_id, outcomes.c.status),
-                    list(rows.values()),
+            new = set(
+                await session.scalars(
+                    insert(outcome_events)
+                    .on_conflict_do_nothing(index_elements=[outcome_events.c.event_id])
+                    .returning(outcome_events.c.event_id),
+                    [
+                        {"event_id": e.event_id, "campaign_id": _campaign_id(e.campaign)}
+                        for e in by_event.values()
+                    ],
                 )
-            ).all()
-            increments: dict[uuid.UUID, dict[str, int]] = {}
-            for campaign_id, status in new:
-                increments.setdefault(campaign_id, {"sent": 0, "failed": 0})[status] += 1
-            for campaign_id, counts in sorted(increments.items()):
+            )
+            counts: dict[uuid.UUID, Counter[str]] = {}
+            reasons: dict[tuple[uuid.UUID, str], list[str]] = {}
+            for event in (by_event[e] for e in sorted(new)):
+                campaign_id = _campaign_id(event.campaign)
+                tally = counts.setdefault(campaign_id, Counter())
+                for result in event.results:
+                    tally[_STATUS_COLUMNS.get(result.status, "failed")] += 1
+                    tally["resent"] += int(result.resent)
+                    if result.status != events.DeliveryStatus.DELIVERY_STATUS_SENT:
+                        reason = result.reason[:MAX_REASON_LENGTH] or "no reason given"
+                        reasons.setdefault((campaign_id, reason), []).append(result.user_id)
+            for campaign_id, tally in sorted(counts.items()):
                 await session.execute(
                     sa.update(stats)
                     .where(stats.c.campaign_id == campaign_id)
-                    .values(sent=stats.c.sent + counts["sent"], failed=stats.c.failed + counts["failed"])
+                    .values(
+                        {c: stats.c[c] + tally[c] for c in ("sent", "failed", "skipped", "unknown", "resent")}
+                    )
                 )
-            await self._advance(session, set(increments))
+            await _count_reasons(session, reasons)
+            await self._advance(session, set(counts))
         self._notify()
 
+    async def record_waiting(self, received: Sequence[events.DestinationWaiting]) -> None:
+        """Shows on each campaign whether a destination holds its deliveries back; newest report wins."""
+        async with self.database.transaction() as session:
+            for event in sorted(received, key=lambda e: e.occur_time.ToNanoseconds()):
+                when = api.from_timestamp(event.occur_time)
+                await session.execute(
+                    sa.update(stats)
+                    .where(
+                        stats.c.campaign_id == _campaign_id(event.campaign),
+                        sa.or_(stats.c.waiting_changed_at.is_(None), stats.c.waiting_changed_at < when),
+                    )
+                    .values(
+                        waiting_reason=f"{event.destination}: {event.reason}"[:MAX_REASON_LENGTH]
+                        if event.reason
+                        else "",
+                        waiting_changed_at=when,
+                    )
+                )
+
     async def _advance(self, session: AsyncSession, campaign_ids: set[uuid.UUID]) -> None:
-        """Moves campaigns forward: SCHEDULED → RUNNING when a run starts, → COMPLETED when done."""
+        """Moves campaigns forward: SCHEDULED → RUNNING when a run starts; → COMPLETED when every run
+        ended and every delivery has an outcome; → FAILED when a run could not finish."""
         for campaign_id in sorted(campaign_ids):
             row = (
                 await session.execute(
@@ -376,11 +467,47 @@ class Campaigns:
             reported = (await session.execute(sa.select(runs).where(runs.c.campaign_id == campaign_id))).all()
             if not reported:
                 continue
+            failed = [r for r in reported if r.state == "RUN_STATE_FAILED"]
+            if failed:
+                await self._set_state(
+                    session, campaign_id, State.STATE_FAILED, failure_reason=failed[0].error
+                )
+                continue
             ended = [r for r in reported if r.state in _RUN_ENDED]
-            dispatched = [r for r in ended if r.state == "RUN_STATE_DISPATCHED"]
             final_done = any(r.final for r in ended) and len(ended) == len(reported)
             counts = (await session.execute(sa.select(stats).where(stats.c.campaign_id == campaign_id))).one()
-            if final_done and counts.sent + counts.failed >= sum(r.targeted for r in dispatched):
+            outcomes = counts.sent + counts.failed + counts.skipped + counts.unknown
+            if final_done and outcomes >= sum(r.targeted for r in ended):
                 await self._set_state(session, campaign_id, State.STATE_COMPLETED)
             elif row.state == _state_name(State.STATE_SCHEDULED):
                 await self._set_state(session, campaign_id, State.STATE_RUNNING)
+
+
+def _campaign_id(name: str) -> uuid.UUID:
+    return uuid.UUID(name.removeprefix("campaigns/"))
+
+
+async def _count_reasons(session: AsyncSession, reasons: dict[tuple[uuid.UUID, str], list[str]]) -> None:
+    if not reasons:
+        return
+    statement = insert(failure_reasons)
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[failure_reasons.c.campaign_id, failure_reasons.c.reason],
+            set_={
+                "count": failure_reasons.c.count + statement.excluded.count,
+                "example_user_ids": sa.literal_column(
+                    f"(failure_reasons.example_user_ids || excluded.example_user_ids)[1:{MAX_EXAMPLES}]"
+                ),
+            },
+        ),
+        [
+            {
+                "campaign_id": campaign_id,
+                "reason": reason,
+                "count": len(users),
+                "example_user_ids": users[:MAX_EXAMPLES],
+            }
+            for (campaign_id, reason), users in sorted(reasons.items())
+        ],
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
 from herald_common.outbox import outbox_table
 
@@ -21,6 +21,9 @@ campaigns = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
+    # One higher on every change; CampaignChanged carries it so readers keep the newest.
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="1"),
+    sa.Column("failure_reason", sa.Text, nullable=False, server_default=""),
 )
 
 # What the scheduler reported about each run of a campaign.
@@ -32,17 +35,29 @@ runs = sa.Table(
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("targeted", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("final", sa.Boolean, nullable=False, server_default=sa.false()),
-    # When the scheduler reported this state: older reports arriving late are ignored.
-    sa.Column("reported_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("error", sa.Text, nullable=False, server_default=""),
+    # RunChanged.version of this report: older reports arriving late are ignored.
+    sa.Column("version", sa.BigInteger, nullable=False),
 )
 
-# One row per delivery outcome received: makes the outcome consumer idempotent.
-outcomes = sa.Table(
-    "delivery_outcomes",
+# One row per DeliveryOutcomes event counted: each delivery is reported in exactly one such event,
+# so counting each event once counts each delivery once.
+outcome_events = sa.Table(
+    "outcome_events",
     metadata,
-    sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("event_id", sa.Text, primary_key=True),
     sa.Column("campaign_id", UUID(as_uuid=True), nullable=False),
-    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# Why deliveries failed or were skipped, per campaign, with a few of the users concerned.
+failure_reasons = sa.Table(
+    "failure_reasons",
+    metadata,
+    sa.Column("campaign_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("reason", sa.Text, primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("example_user_ids", ARRAY(sa.Text), nullable=False),
 )
 
 stats = sa.Table(
@@ -51,6 +66,12 @@ stats = sa.Table(
     sa.Column("campaign_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("sent", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("failed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("skipped", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("unknown", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("resent", sa.BigInteger, nullable=False, server_default="0"),
+    # Set while a destination holds this campaign's deliveries back.
+    sa.Column("waiting_reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("waiting_changed_at", sa.DateTime(timezone=True), nullable=True),
 )
 
 outbox = outbox_table(metadata)

@@ -1,7 +1,7 @@
 """Dispatch service process: the destinations API and the destination workers.
 
-HERALD_DISPATCH_WORKERS picks the workers this process runs (comma-separated, default
-`segment`; empty for an API-only process), so each worker type can scale on its own.
+HERALD_DISPATCH_WORKERS picks the workers this process runs (comma-separated destination types,
+default all; empty for an API-only process), so each worker type can scale on its own.
 """
 
 from __future__ import annotations
@@ -14,34 +14,49 @@ import grpc
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
+from herald.events.v1 import events_pb2 as events
 from herald_common import runtime
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
+from herald_dispatch.campaigns import CampaignBook
+from herald_dispatch.channels import registry
 from herald_dispatch.destinations import Destinations
-from herald_dispatch.segment import SegmentChannel
+from herald_dispatch.netguard import NetworkPolicy
 from herald_dispatch.servicer import DispatchServicer
 from herald_dispatch.storage import SCHEMA, outbox
-from herald_dispatch.worker import DeliveryWorker
+from herald_dispatch.worker import DeliveryWorker, WorkerOptions
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatchService"].full_name
 MIGRATIONS = Path(__file__).parent / "migrations"
-WORKER_TYPES = ("segment",)
+# Connections to destinations, in all: enough for every lane's concurrent requests.
+HTTP_CONNECTIONS = 100
 
 
-def worker_types_from_env() -> list[str]:
-    raw = os.environ.get("HERALD_DISPATCH_WORKERS", "segment")
+def worker_types_from_env(known: list[str]) -> list[str]:
+    raw = os.environ.get("HERALD_DISPATCH_WORKERS")
+    if raw is None:
+        return known
     chosen = [w.strip() for w in raw.split(",") if w.strip()]
-    unknown = set(chosen) - set(WORKER_TYPES)
+    unknown = set(chosen) - set(known)
     if unknown:
-        raise RuntimeError(f"unknown HERALD_DISPATCH_WORKERS {sorted(unknown)}; known: {WORKER_TYPES}")
+        raise RuntimeError(f"unknown HERALD_DISPATCH_WORKERS {sorted(unknown)}; known: {known}")
     return chosen
 
 
-async def start(settings: Settings, port: int | None = None, workers: list[str] | None = None) -> ServiceHost:
+async def start(
+    settings: Settings,
+    port: int | None = None,
+    workers: list[str] | None = None,
+    options: WorkerOptions | None = None,
+) -> ServiceHost:
     infra = await Infrastructure.open(
         settings, service="dispatch", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
-    destinations = Destinations(infra.database)
+    policy = NetworkPolicy(settings.allowed_destination_networks)
+    http = aiohttp.ClientSession(connector=policy.connector(limit=HTTP_CONNECTIONS))
+    channels = registry(http)
+    campaigns = CampaignBook(infra.database)
+    destinations = Destinations(infra.database, channels, policy, campaigns)
     servicer = DispatchServicer(destinations)
 
     def register(server: grpc.aio.Server) -> None:
@@ -50,12 +65,21 @@ async def start(settings: Settings, port: int | None = None, workers: list[str] 
     host = await ServiceHost.start(
         "dispatch", infra, [SERVICE_NAME], register, settings.port("dispatch") if port is None else port
     )
-    http = aiohttp.ClientSession()
     host.on_stop.append(http.close)
-    for worker_type in worker_types_from_env() if workers is None else workers:
-        if worker_type == "segment":
-            worker = DeliveryWorker(infra, destinations, SegmentChannel(http))
-            await worker.start()
+    await infra.consume(
+        owner="campaign",
+        durable="dispatch-campaigns",
+        filter_subject=infra.subjects.campaign_changed,
+        event_type=events.CampaignChanged,
+        apply=campaigns.apply,
+        problem=runtime.campaign_changed_problem,
+    )
+    chosen = worker_types_from_env(sorted(channels)) if workers is None else workers
+    for worker_type in chosen:
+        worker = DeliveryWorker(
+            infra, destinations, campaigns, channels[worker_type], options or WorkerOptions()
+        )
+        await worker.start()
     return host
 
 

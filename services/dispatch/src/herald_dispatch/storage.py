@@ -34,7 +34,39 @@ deliveries = sa.Table(
     sa.Column("status", sa.Text, nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("reason", sa.Text, nullable=False, server_default=""),
+    sa.Column("resent", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("completed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# One row per DeliveryBatch attempted: written before sending, so a batch handed over again after
+# a crash is known to have perhaps been sent.
+batch_attempts = sa.Table(
+    "batch_attempts",
+    metadata,
+    sa.Column("batch_id", sa.Text, primary_key=True),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# The newest version of each campaign, from CampaignChanged: its content and whether it still
+# wants deliveries.
+campaigns = sa.Table(
+    "campaigns",
+    metadata,
+    sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("state", sa.Text, nullable=False),
+    sa.Column("destination", sa.Text, nullable=False, index=True),
+    sa.Column("snapshot", sa.LargeBinary, nullable=False),
+)
+
+# Requests sent to each destination per second, shared by every dispatch replica.
+rate_windows = sa.Table(
+    "rate_windows",
+    metadata,
+    sa.Column("destination", sa.Text, primary_key=True),
+    sa.Column("second", sa.BigInteger, primary_key=True),
+    sa.Column("used", sa.Integer, nullable=False),
 )
 
 outbox = outbox_table(metadata)

@@ -1,93 +1,168 @@
-"""A destination worker: consumes DeliveryJobs of one destination type and records their results."""
+"""A destination worker: delivers the DeliveryBatches of one destination type.
+
+Each destination is a lane of its own (its own subject, its own concurrency), so one
+destination's outage or rate limit never holds back another. Every recipient of a batch ends with
+exactly one recorded outcome: sent, failed or skipped with a reason, or unknown.
+"""
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Sequence
-from typing import Protocol
+import uuid
+from dataclasses import dataclass, field
 
-from herald.dispatch.v1 import dispatch_service_pb2 as pb
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
+from herald_common import api, bus
+from herald_common.errors import DomainError
+from herald_common.faults import NotReady
 from herald_common.logging import get_logger
+from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.runtime import Infrastructure
-from herald_dispatch.destinations import TYPE_NAMES, Destinations
-from herald_dispatch.ledger import FAILED, DeliveryLedger, DeliveryResult
+from herald_dispatch.campaigns import CampaignBook
+from herald_dispatch.channels import FAILED, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
+from herald_dispatch.destinations import Destinations
+from herald_dispatch.ledger import DeliveryLedger
+from herald_dispatch.ratelimit import SharedRateLimiter
+from herald_dispatch.storage import outbox
 
 log = get_logger(__name__)
 
 
-class Channel(Protocol):
-    """Sends a batch of jobs to one destination of its type and reports every job's result."""
-
-    destination_type: str
-    content_field: str
-
-    async def deliver(
-        self, destination: pb.Destination, jobs: Sequence[events.DeliveryJob]
-    ) -> list[DeliveryResult]: ...
-
-
-def _job_problem(job: events.DeliveryJob) -> str | None:
-    missing = [f for f in ("delivery_id", "campaign", "run", "destination", "user_id") if not getattr(job, f)]
+def batch_problem(batch: events.DeliveryBatch) -> str | None:
+    missing = [f for f in ("batch_id", "campaign", "run", "destination") if not getattr(batch, f)]
     if missing:
-        return f"DeliveryJob without {', '.join(missing)}"
-    if job.WhichOneof("content") is None:
-        return "DeliveryJob without content"
+        return f"DeliveryBatch without {', '.join(missing)}"
+    if not batch.recipients:
+        return "DeliveryBatch without recipients"
+    if any(not r.delivery_id or not r.user_id for r in batch.recipients):
+        return "DeliveryBatch with a recipient lacking delivery_id or user_id"
     return None
 
 
+@dataclass
+class WorkerOptions:
+    # Batches of one destination sent at once, and batches held by this worker in all.
+    lane_concurrency: int = 4
+    max_in_flight: int = 64
+
+
+@dataclass
 class DeliveryWorker:
-    def __init__(
-        self, infra: Infrastructure, destinations: Destinations, channel: Channel, batch_size: int = 500
-    ) -> None:
-        self.infra = infra
-        self.destinations = destinations
-        self.channel = channel
-        self.ledger = DeliveryLedger(infra.database, infra.subjects)
-        self.batch_size = batch_size
-        self.consumer_name = f"dispatch-{channel.destination_type}"
+    infra: Infrastructure
+    destinations: Destinations
+    campaigns: CampaignBook
+    channel: Channel
+    options: WorkerOptions = field(default_factory=WorkerOptions)
+
+    def __post_init__(self) -> None:
+        self.ledger = DeliveryLedger(self.infra.database, self.infra.subjects)
+        self.limiter = SharedRateLimiter(self.infra.database)
+        self.consumer_name = f"dispatch-{self.channel.kind.destination_type}"
+        self._waiting: dict[tuple[str, str], str] = {}
+        # Batches being delivered here: a second copy (redelivered while the first is still being
+        # worked on) waits for the first instead of sending alongside it.
+        self._in_flight: set[str] = set()
 
     async def start(self) -> None:
-        await self.infra.consume(
-            owner="scheduler",
+        await self.infra.consume_lanes(
+            owner="jobs",
             durable=self.consumer_name,
-            filter_subject=self.infra.subjects.delivery_job(self.channel.destination_type),
-            event_type=events.DeliveryJob,
-            apply=self.deliver,
-            problem=_job_problem,
-            batch_size=self.batch_size,
+            filter_subject=self.infra.subjects.delivery_batches(self.channel.kind.destination_type),
+            handler=self.handle,
+            lane_concurrency=self.options.lane_concurrency,
+            max_in_flight=self.options.max_in_flight,
         )
 
-    async def deliver(self, jobs: list[events.DeliveryJob]) -> None:
-        """Sends the jobs not finished before (a redelivered job is a no-op) and records results."""
-        finished = await self.ledger.finished(job.delivery_id for job in jobs)
-        pending: dict[str, events.DeliveryJob] = {}
-        for job in jobs:
-            if job.delivery_id not in finished:
-                pending.setdefault(job.delivery_id, job)
-        results = await self._deliver(list(pending.values()))
-        if await self.ledger.record(results):
-            self.infra.relay.notify()
-        if finished:
-            log.info("redelivered_jobs_skipped", count=len(finished))
+    async def handle(self, msg: Msg) -> None:
+        batch = events.DeliveryBatch()
+        try:
+            batch.ParseFromString(msg.data)
+        except DecodeError as error:
+            reason = f"undecodable DeliveryBatch: {error}"
+            await bus.dead_letter(self.infra.js, self.infra.subjects, self.consumer_name, msg, reason)
+            return
+        problem = batch_problem(batch)
+        if problem:
+            await bus.dead_letter(self.infra.js, self.infra.subjects, self.consumer_name, msg, problem)
+            return
+        if batch.batch_id in self._in_flight:
+            raise NotReady(f"{batch.batch_id} is being delivered already")
+        self._in_flight.add(batch.batch_id)
+        try:
+            await self.deliver(batch)
+        finally:
+            self._in_flight.discard(batch.batch_id)
+        await msg.ack()
 
-    async def _deliver(self, jobs: list[events.DeliveryJob]) -> list[DeliveryResult]:
-        by_destination: dict[str, list[events.DeliveryJob]] = defaultdict(list)
-        for job in jobs:
-            by_destination[job.destination].append(job)
-        configs = await self.destinations.load_many(set(by_destination))
-        results: list[DeliveryResult] = []
-        for name, group in by_destination.items():
-            destination = configs.get(name)
-            problem = None
-            if destination is None:
-                problem = f"{name} does not exist"
-            elif TYPE_NAMES.get(destination.type) != self.channel.destination_type:
-                problem = f"{name} is not a {self.channel.destination_type} destination"
-            elif any(job.WhichOneof("content") != self.channel.content_field for job in group):
-                problem = f"content is not {self.channel.content_field}"
-            if problem is not None or destination is None:
-                results.extend(DeliveryResult(job, FAILED, 0, problem or "") for job in group)
-                continue
-            results.extend(await self.channel.deliver(destination, group))
-        return results
+    async def deliver(self, batch: events.DeliveryBatch) -> None:
+        known = await self.campaigns.get(batch.campaign, batch.campaign_version)
+        finished = await self.ledger.finished(batch)
+        pending = list({r.delivery_id: r for r in batch.recipients if r.delivery_id not in finished}.values())
+        if not pending:
+            return
+        if not known.delivering:
+            state = campaign_pb.State.Name(known.campaign.state).removeprefix("STATE_").lower()
+            outcomes = [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
+        else:
+            outcomes = await self._send(batch, known.campaign, pending)
+        if await self.ledger.record(batch, outcomes):
+            self.infra.relay.notify()
+
+    async def _send(
+        self, batch: events.DeliveryBatch, campaign: campaign_pb.Campaign, pending: list[events.Recipient]
+    ) -> list[Outcome]:
+        try:
+            destination = await self.destinations.load(batch.destination, "destination", reveal_secrets=True)
+        except DomainError:
+            return [Outcome(r, FAILED, reason=f"{batch.destination} does not exist") for r in pending]
+        if destination.type != self.channel.kind.destination_enum:
+            reason = f"{batch.destination} is not a {self.channel.kind.destination_type} destination"
+            return [Outcome(r, FAILED, reason=reason) for r in pending]
+        resent: set[str] = set()
+        if await self.ledger.attempt(batch):
+            if not self.channel.resend_unknown:
+                reason = "attempted before a restart; result unknown and not sent again"
+                return [Outcome(r, UNKNOWN, reason=reason) for r in pending]
+            resent = {r.delivery_id for r in pending}
+        key = (batch.campaign, batch.destination)
+
+        async def permit() -> None:
+            await self.limiter.acquire(batch.destination, self.channel.requests_per_second)
+
+        async def wanted() -> bool:
+            return (await self.campaigns.get(batch.campaign)).delivering
+
+        async def waiting(reason: str | None) -> None:
+            if self._waiting.get(key, "") != (reason or ""):
+                self._waiting[key] = reason or ""
+                await self._report_waiting(batch, reason or "")
+
+        context = SendContext(
+            destination=destination,
+            campaign=campaign,
+            plan_time=api.from_timestamp(batch.plan_time),
+            permit=permit,
+            wanted=wanted,
+            waiting=waiting,
+            resent=resent,
+        )
+        return await self.channel.deliver(context, pending)
+
+    async def _report_waiting(self, batch: events.DeliveryBatch, reason: str) -> None:
+        event = events.DestinationWaiting(
+            event_id=str(uuid.uuid4()),
+            campaign=batch.campaign,
+            destination=batch.destination,
+            reason=reason,
+            occur_time=api.timestamp(api.utcnow()),
+        )
+        async with self.infra.database.transaction() as session:
+            await enqueue(
+                session,
+                outbox,
+                [OutboxEvent.of(self.infra.subjects.destination_waiting, event, event.event_id)],
+            )
+        self.infra.relay.notify()

@@ -1,19 +1,21 @@
-"""Executes due runs: resolves the audience page by page and plans one delivery per member.
+"""Executes due runs: reads the audience page by page and hands deliveries to dispatch in batches.
 
-Each page's deliveries and their DeliveryJob events commit together; a delivery id is derived
-from (run, user), so a run resumed after a crash plans nobody twice.
+A page's DeliveryBatch events commit together with the run's cursor (the last user planned), so a
+run resumed after a crash, by this replica or another, plans nobody twice and `targeted` counts
+every delivery exactly once. Delivery ids are derived from (run, user): stable on every retry.
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -21,44 +23,105 @@ from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
-from herald_common import api, personalization
+from herald_common import api, channels
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_scheduler.runs import RunEvents, run_name
-from herald_scheduler.storage import campaigns, deliveries, outbox, runs
+from herald_scheduler.storage import campaigns, outbox, runs
 
 log = get_logger(__name__)
 
 RunState = pb.RunState
 LEASE = timedelta(seconds=60)
 AUDIENCE_PAGE_SIZE = 1000
-# The destination type (and so the job subject) each kind of content is delivered through.
-CONTENT_DESTINATION_TYPE = {"segment_export": "segment"}
+# A DeliveryBatch carries at most this many recipients and bytes: well inside NATS's 1 MB.
+BATCH_RECIPIENTS = 500
+BATCH_BYTES = 512 * 1024
+# Profile attributes larger than this are not carried; dispatch fails that delivery with the size.
+MAX_RECIPIENT_ATTRIBUTE_BYTES = 64 * 1024
+# Transient failures are retried with doubling delays up to this cap, for this many attempts
+# (about an hour and a half in all), before the run fails.
+MAX_ATTEMPTS = 24
+MAX_RETRY_DELAY_SECONDS = 300.0
+AUDIENCE_DEADLINE_SECONDS = 900.0
 _PENDING = RunState.Name(RunState.RUN_STATE_PENDING)
 _RUNNING = RunState.Name(RunState.RUN_STATE_RUNNING)
+# Answers from segmentation that retrying cannot change.
+_PERMANENT_CODES = {
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.UNIMPLEMENTED,
+}
 
 
 def delivery_id(run_id: uuid.UUID, user_id: str) -> str:
     return str(uuid.uuid5(run_id, user_id))
 
 
-def _attribute_keys(campaign: campaign_pb.Campaign) -> list[str]:
-    """Profile properties the content sends or personalizes with."""
-    if campaign.WhichOneof("content") == "segment_export":
-        export = campaign.segment_export
-        needed = personalization.profile_properties(export.custom_properties.values())
-        return sorted(needed.union(export.profile_attributes))
-    return []
+@dataclass(frozen=True)
+class Snapshot:
+    """The campaign as the run executes it, and its CampaignChanged version."""
+
+    campaign: campaign_pb.Campaign
+    version: int
 
 
-class RunCancelled(Exception):
-    pass
+class RunStopped(Exception):
+    """The run was cancelled, or another replica took it over after this one's lease ran out."""
+
+
+class RunDefinitionError(Exception):
+    """The campaign itself cannot be executed: retrying cannot help."""
+
+
+def _retry_delay(attempts: int) -> float:
+    return min(2.0 ** min(attempts, 16), MAX_RETRY_DELAY_SECONDS)
+
+
+def _failure(error: Exception) -> tuple[bool, str]:
+    """(permanent?, reason) for an error that interrupted planning."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return error.code() in _PERMANENT_CODES, f"audience: {error.code().name} {error.details()}"
+    if isinstance(error, RunDefinitionError):
+        return True, str(error)
+    return False, f"{type(error).__name__}: {error}"[:500]
+
+
+def _recipient(run_id: uuid.UUID, member: segmentation_pb.AudienceMember) -> events.Recipient:
+    recipient = events.Recipient(
+        delivery_id=delivery_id(run_id, member.user_id), user_id=member.user_id, timezone=member.timezone
+    )
+    if len(member.attributes_json) > MAX_RECIPIENT_ATTRIBUTE_BYTES:
+        recipient.oversized_attributes_bytes = len(member.attributes_json)
+    else:
+        recipient.attributes_json = member.attributes_json
+    return recipient
+
+
+def _chunks(recipients: Sequence[events.Recipient]) -> Iterator[list[events.Recipient]]:
+    chunk: list[events.Recipient] = []
+    size = 0
+    for recipient in recipients:
+        bytes_ = recipient.ByteSize()
+        if chunk and (len(chunk) >= BATCH_RECIPIENTS or size + bytes_ > BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(recipient)
+        size += bytes_
+    if chunk:
+        yield chunk
 
 
 class RunExecutor:
+    """Claims due runs and plans them, several at once; any replica may take over any run."""
+
     def __init__(
         self,
         database: Database,
@@ -67,13 +130,17 @@ class RunExecutor:
         segmentation: grpc.aio.Channel,
         notify_outbox: Callable[[], None],
         poll_seconds: float = 0.5,
+        max_concurrent_runs: int = 4,
     ) -> None:
         self.database = database
         self.subjects = subjects
         self.run_events = run_events
         self.audiences = segmentation_grpc.SegmentationServiceStub(segmentation)
         self.notify_outbox = notify_outbox
-        self._loop = WakeableLoop("run-executor", self.execute_next, poll_seconds)
+        self.max_concurrent_runs = max_concurrent_runs
+        self.owner = uuid.uuid4().hex
+        self._active: set[asyncio.Task[None]] = set()
+        self._loop = WakeableLoop("run-executor", self._claim_next, poll_seconds)
 
     def notify(self) -> None:
         self._loop.notify()
@@ -83,9 +150,27 @@ class RunExecutor:
 
     async def stop(self) -> None:
         await self._loop.stop()
+        for task in self._active:
+            task.cancel()  # the lease runs out and another replica resumes from the cursor
+        await asyncio.gather(*self._active, return_exceptions=True)
 
-    async def _claim(self) -> tuple[Any, campaign_pb.Campaign] | None:
-        """Takes one due run (or one abandoned by a crashed replica) and leases it."""
+    async def _claim_next(self) -> bool:
+        if len(self._active) >= self.max_concurrent_runs:
+            return False
+        claimed = await self._claim()
+        if claimed is None:
+            return False
+        task = asyncio.create_task(self._execute(*claimed), name=f"run:{claimed[0].id}")
+        self._active.add(task)
+        task.add_done_callback(self._run_done)
+        return True
+
+    def _run_done(self, task: asyncio.Task[None]) -> None:
+        self._active.discard(task)
+        self._loop.notify()
+
+    async def _claim(self) -> tuple[Any, Snapshot | None] | None:
+        """Takes one due run (or one abandoned by a crashed replica, or due for a retry) and leases it."""
         async with self.database.transaction() as session:
             due = (
                 sa.select(runs.c.id)
@@ -106,140 +191,166 @@ class RunExecutor:
                     .where(runs.c.id == due)
                     .values(
                         state=_RUNNING,
+                        lease_owner=self.owner,
                         lease_until=sa.func.now() + LEASE,
                         started_at=sa.func.coalesce(runs.c.started_at, sa.func.now()),
+                        version=runs.c.version + 1,
                     )
                     .returning(*runs.c)
                 )
             ).first()
             if row is None:
                 return None
-            snapshot = await session.scalar(
-                sa.select(campaigns.c.snapshot).where(campaigns.c.name == row.campaign)
-            )
+            stored = (
+                await session.execute(
+                    sa.select(campaigns.c.snapshot, campaigns.c.version).where(
+                        campaigns.c.name == row.campaign
+                    )
+                )
+            ).first()
             await self.run_events.changed(session, [row])
         self.notify_outbox()
-        if snapshot is None:
-            await self._finish(row.id, RunState.RUN_STATE_FAILED, 0, "the campaign of this run is unknown")
-            return None
-        return row, campaign_pb.Campaign.FromString(snapshot)
+        if stored is None:
+            return row, None
+        return row, Snapshot(campaign_pb.Campaign.FromString(stored.snapshot), stored.version)
 
-    async def execute_next(self) -> bool:
-        claimed = await self._claim()
-        if claimed is None:
-            return False
-        row, campaign = claimed
-        log.info("run_started", run=run_name(row))
+    async def _execute(self, row: Any, snapshot: Snapshot | None) -> None:
+        log.info("run_started", run=run_name(row), cursor=row.cursor, attempts=row.attempts)
         try:
-            audience_size = await self._plan(row.id, campaign)
-        except RunCancelled:
-            log.info("run_cancelled", run=run_name(row))
-            return True
-        except grpc.aio.AioRpcError as error:
-            if error.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                # Transient: the lease runs out and the run is resumed.
-                log.warning("run_interrupted", run=run_name(row), error=error.details())
-                return True
-            await self._finish(
-                row.id, RunState.RUN_STATE_FAILED, 0, f"audience: {error.code().name} {error.details()}"
-            )
-            return True
+            if snapshot is None:
+                raise RunDefinitionError("the campaign of this run is unknown")
+            await self._plan(row, snapshot)
+        except RunStopped:
+            log.info("run_stopped", run=run_name(row))
+            return
         except Exception as error:
-            # Retrying cannot help a run its own definition breaks: fail it, with the reason.
-            log.exception("run_failed", run=run_name(row))
-            await self._finish(row.id, RunState.RUN_STATE_FAILED, 0, repr(error))
-            return True
-        await self._finish(row.id, RunState.RUN_STATE_DISPATCHED, audience_size, "")
-        return True
+            permanent, reason = _failure(error)
+            log.warning("run_interrupted", run=run_name(row), reason=reason, permanent=permanent)
+            await self._interrupted(row.id, permanent, reason)
+            return
+        await self._end(row.id, RunState.RUN_STATE_DISPATCHED, "")
 
-    async def _plan(self, run_id: uuid.UUID, campaign: campaign_pb.Campaign) -> int:
-        content = campaign.WhichOneof("content") or ""
-        subject = self.subjects.delivery_job(CONTENT_DESTINATION_TYPE[content])
+    async def _plan(self, row: Any, snapshot: Snapshot) -> None:
+        campaign = snapshot.campaign
+        try:
+            kind = channels.of_campaign(campaign)
+        except KeyError:
+            raise RunDefinitionError("the campaign has no content Herald can deliver") from None
+        destination_id = campaign.destination.removeprefix("destinations/")
+        subject = self.subjects.delivery_batch(kind.destination_type, destination_id)
         request = segmentation_pb.StreamAudienceRequest(
             segment=campaign.audience.segment,
-            attribute_keys=_attribute_keys(campaign),
+            attribute_keys=sorted(kind.attribute_keys(campaign)),
             page_size=AUDIENCE_PAGE_SIZE,
+            start_after_user_id=row.cursor,
+            attributes_as_json=True,
         )
-        audience_size = 0
-        async for page in self.audiences.StreamAudience(request):
-            audience_size += len(page.members)
+        cursor = row.cursor
+        async for page in self.audiences.StreamAudience(request, timeout=AUDIENCE_DEADLINE_SECONDS):
+            if not page.members:
+                continue
             async with self.database.transaction() as session:
-                await self._plan_page(session, run_id, campaign, subject, page.members)
+                cursor = await self._plan_page(session, row.id, cursor, snapshot, subject, page.members)
             self.notify_outbox()
-        return audience_size
 
     async def _plan_page(
         self,
         session: AsyncSession,
         run_id: uuid.UUID,
-        campaign: campaign_pb.Campaign,
+        cursor: str,
+        snapshot: Snapshot,
         subject: str,
         members: Sequence[segmentation_pb.AudienceMember],
-    ) -> None:
-        # Renewing the lease also checks the run was not cancelled meanwhile.
-        renewed = await session.execute(
-            sa.update(runs)
-            .where(runs.c.id == run_id, runs.c.state == _RUNNING)
-            .values(lease_until=sa.func.now() + LEASE)
-            .returning(runs.c.id)
-        )
-        if renewed.first() is None:
-            raise RunCancelled()
-        by_id = {delivery_id(run_id, m.user_id): m for m in members}
-        new_ids = await session.scalars(
-            insert(deliveries)
-            .on_conflict_do_nothing(index_elements=[deliveries.c.delivery_id])
-            .returning(deliveries.c.delivery_id),
-            [{"delivery_id": d, "run_id": run_id, "user_id": m.user_id} for d, m in by_id.items()],
-        )
-        now = api.timestamp(api.utcnow())
-        name = f"{campaign.name}/runs/{run_id}"
-        jobs = []
-        for d in new_ids:
-            member = by_id[d]
-            job = events.DeliveryJob(
-                delivery_id=d,
-                campaign=campaign.name,
-                run=name,
-                destination=campaign.destination,
-                user_id=member.user_id,
-                attributes=member.attributes,
-                plan_time=now,
-            )
-            if campaign.WhichOneof("content") == "segment_export":
-                job.segment_export.CopyFrom(campaign.segment_export)
-            jobs.append(OutboxEvent.of(subject, job, d))
-        await enqueue(session, outbox, jobs)
-        if jobs:
-            # Report progress, so campaign stats count what is planned while the run goes on.
-            progressed = (
-                await session.execute(
-                    sa.update(runs)
-                    .where(runs.c.id == run_id)
-                    .values(targeted=runs.c.targeted + len(jobs))
-                    .returning(*runs.c)
+    ) -> str:
+        campaign = snapshot.campaign
+        last = members[-1].user_id
+        # Moving the cursor only from where this replica left it also checks the run is still
+        # ours and still running (not cancelled, not taken over).
+        advanced = (
+            await session.execute(
+                sa.update(runs)
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.state == _RUNNING,
+                    runs.c.lease_owner == self.owner,
+                    runs.c.cursor == cursor,
                 )
-            ).all()
-            await self.run_events.changed(session, progressed)
-
-    async def _finish(
-        self, run_id: uuid.UUID, state: RunState.ValueType, audience_size: int, error: str
-    ) -> None:
-        async with self.database.transaction() as session:
-            targeted = await session.scalar(
-                sa.select(sa.func.count()).select_from(deliveries).where(deliveries.c.run_id == run_id)
+                .values(
+                    cursor=last,
+                    targeted=runs.c.targeted + len(members),
+                    audience_size=runs.c.audience_size + len(members),
+                    lease_until=sa.func.now() + LEASE,
+                    version=runs.c.version + 1,
+                )
+                .returning(*runs.c)
             )
+        ).all()
+        if not advanced:
+            raise RunStopped()
+        run = f"{campaign.name}/runs/{run_id}"
+        now = api.timestamp(api.utcnow())
+        recipients = [_recipient(run_id, m) for m in members]
+        batches = []
+        for chunk in _chunks(recipients):
+            batch_id = str(uuid.uuid5(run_id, f"batch:{chunk[0].user_id}"))
+            batch = events.DeliveryBatch(
+                batch_id=batch_id,
+                campaign=campaign.name,
+                campaign_version=snapshot.version,
+                run=run,
+                destination=campaign.destination,
+                plan_time=now,
+                recipients=chunk,
+            )
+            batches.append(OutboxEvent.of(subject, batch, batch_id))
+        await enqueue(session, outbox, batches)
+        await self.run_events.changed(session, advanced)
+        return last
+
+    async def _interrupted(self, run_id: uuid.UUID, permanent: bool, reason: str) -> None:
+        """Schedules a retry from the cursor after a growing delay, or fails the run for good."""
+        async with self.database.transaction() as session:
+            attempts = await session.scalar(
+                sa.select(runs.c.attempts).where(runs.c.id == run_id, runs.c.lease_owner == self.owner)
+            )
+            if attempts is None:
+                return
+            if permanent or attempts + 1 >= MAX_ATTEMPTS:
+                if not permanent:
+                    reason = f"gave up after {attempts + 1} attempts; last: {reason}"
+            else:
+                retried = (
+                    await session.execute(
+                        sa.update(runs)
+                        .where(runs.c.id == run_id, runs.c.state == _RUNNING)
+                        .values(
+                            attempts=attempts + 1,
+                            lease_owner=None,
+                            lease_until=sa.func.now() + timedelta(seconds=_retry_delay(attempts + 1)),
+                            error=reason,
+                            version=runs.c.version + 1,
+                        )
+                        .returning(*runs.c)
+                    )
+                ).all()
+                await self.run_events.changed(session, retried)
+                self.notify_outbox()
+                return
+        await self._end(run_id, RunState.RUN_STATE_FAILED, reason)
+
+    async def _end(self, run_id: uuid.UUID, state: RunState.ValueType, error: str) -> None:
+        async with self.database.transaction() as session:
             row = (
                 await session.execute(
                     sa.update(runs)
-                    .where(runs.c.id == run_id, runs.c.state == _RUNNING)
+                    .where(runs.c.id == run_id, runs.c.state == _RUNNING, runs.c.lease_owner == self.owner)
                     .values(
                         state=RunState.Name(state),
-                        audience_size=audience_size,
-                        targeted=targeted or 0,
                         ended_at=sa.func.now(),
                         lease_until=None,
+                        lease_owner=None,
                         error=error,
+                        version=runs.c.version + 1,
                     )
                     .returning(*runs.c)
                 )

@@ -23,12 +23,6 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 CONSUMER = "scheduler-campaigns"
 
 
-def _campaign_problem(event: events.CampaignChanged) -> str | None:
-    if not event.campaign.name.startswith("campaigns/") or not event.HasField("occur_time"):
-        return "CampaignChanged without campaign name or occur_time"
-    return None
-
-
 async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     infra = await Infrastructure.open(
         settings, service="scheduler", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
@@ -57,7 +51,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         filter_subject=infra.subjects.campaign_changed,
         event_type=events.CampaignChanged,
         apply=apply_campaign_changes,
-        problem=_campaign_problem,
+        problem=runtime.campaign_changed_problem,
     )
     executor.start()
     host.on_stop.extend([executor.stop, segmentation.close])

@@ -39,8 +39,8 @@ class Planner:
         self.run_events = run_events
 
     async def apply(self, changes: Sequence[events.CampaignChanged]) -> None:
-        """Applies campaign changes in the order they happened; older snapshots are ignored."""
-        ordered = sorted(changes, key=lambda c: (c.campaign.name, c.occur_time.ToNanoseconds()))
+        """Applies campaign changes in version order; a version older than the one held is ignored."""
+        ordered = sorted(changes, key=lambda c: (c.campaign.name, c.version))
         async with self.database.transaction() as session:
             for change in ordered:
                 if await self._store_snapshot(session, change):
@@ -51,7 +51,7 @@ class Planner:
             name=change.campaign.name,
             state=CampaignState.Name(change.campaign.state),
             snapshot=change.campaign.SerializeToString(),
-            changed_at=api.from_timestamp(change.occur_time),
+            version=change.version,
         )
         stored = await session.execute(
             statement.on_conflict_do_update(
@@ -59,9 +59,9 @@ class Planner:
                 set_={
                     "state": statement.excluded.state,
                     "snapshot": statement.excluded.snapshot,
-                    "changed_at": statement.excluded.changed_at,
+                    "version": statement.excluded.version,
                 },
-                where=campaigns.c.changed_at < statement.excluded.changed_at,
+                where=campaigns.c.version < statement.excluded.version,
             ).returning(campaigns.c.name)
         )
         return stored.first() is not None
@@ -91,7 +91,12 @@ class Planner:
                 await session.execute(
                     sa.update(runs)
                     .where(runs.c.campaign == campaign.name, runs.c.state.in_(_OPEN_RUN_STATES))
-                    .values(state=RunState.Name(RunState.RUN_STATE_CANCELLED), ended_at=sa.func.now())
+                    .values(
+                        state=RunState.Name(RunState.RUN_STATE_CANCELLED),
+                        ended_at=sa.func.now(),
+                        lease_owner=None,
+                        version=runs.c.version + 1,
+                    )
                     .returning(*runs.c)
                 )
             ).all()

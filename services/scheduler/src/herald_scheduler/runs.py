@@ -36,6 +36,7 @@ def run_message(row: Any) -> pb.Run:
         targeted=row.targeted,
         final=row.final,
         error=row.error,
+        attempts=row.attempts,
     )
 
 
@@ -49,7 +50,9 @@ class RunEvents:
         now = api.timestamp(api.utcnow())
         queued = []
         for row in rows:
-            event = events.RunChanged(event_id=str(uuid.uuid4()), occur_time=now, run=run_message(row))
+            event = events.RunChanged(
+                event_id=str(uuid.uuid4()), occur_time=now, run=run_message(row), version=row.version
+            )
             queued.append(OutboxEvent.of(self.subjects.run_changed, event, event.event_id))
         await enqueue(session, outbox, queued)
 

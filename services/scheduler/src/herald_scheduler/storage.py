@@ -17,7 +17,8 @@ campaigns = sa.Table(
     sa.Column("name", sa.Text, primary_key=True),
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("snapshot", sa.LargeBinary, nullable=False),
-    sa.Column("changed_at", sa.DateTime(timezone=True), nullable=False),
+    # CampaignChanged.version of the snapshot: an older event arriving late changes nothing.
+    sa.Column("version", sa.BigInteger, nullable=False),
 )
 
 runs = sa.Table(
@@ -30,24 +31,21 @@ runs = sa.Table(
     sa.Column("final", sa.Boolean, nullable=False),
     sa.Column("audience_size", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("targeted", sa.BigInteger, nullable=False, server_default="0"),
-    # A RUNNING run whose lease has expired was abandoned by a crashed replica; another resumes it.
+    # A RUNNING run whose lease has expired was abandoned by a crashed replica, or waits to retry
+    # after a transient failure; whichever replica comes first resumes it.
     sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("lease_owner", sa.Text, nullable=True),
+    # The last user id planned: pages commit with it, so a resumed run plans nobody twice.
+    sa.Column("cursor", sa.Text, nullable=False, server_default=""),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # One higher on every change; RunChanged carries it so readers keep the newest report.
+    sa.Column("version", sa.BigInteger, nullable=False, server_default="1"),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("error", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.UniqueConstraint("campaign", "scheduled_time", name="runs_campaign_time_key"),
     sa.Index("runs_due", "state", "scheduled_time"),
-)
-
-# Every delivery a run planned: a resumed run plans only the users it has not planned yet.
-deliveries = sa.Table(
-    "deliveries",
-    metadata,
-    sa.Column("delivery_id", sa.Text, primary_key=True),
-    sa.Column("run_id", UUID(as_uuid=True), nullable=False, index=True),
-    sa.Column("user_id", sa.Text, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
 outbox = outbox_table(metadata)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 import zoneinfo
 from collections.abc import AsyncIterator, Sequence
@@ -11,16 +12,24 @@ import sqlalchemy as sa
 from google.protobuf import json_format
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.db import Database
-from herald_common.errors import NotFound, Validator, invalid
+from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.paging import keyset_page
+from herald_common.validation import check_text_fields
 from herald_segmentation.filters import to_sql, validate_filter
-from herald_segmentation.storage import segments, users
+from herald_segmentation.storage import campaign_audiences, segments, users
 
 MAX_UPSERT = 1000
+# A profile's properties, as JSON, are at most this large: a page of an audience, a delivery batch
+# and a destination's event all stay within their limits.
+MAX_PROFILE_BYTES = 256 * 1024
+_DELIVERING = {"STATE_SCHEDULED", "STATE_RUNNING"}
 MAX_AUDIENCE_PAGE = 5000
+MAX_AUDIENCE_PAGE_BYTES = 1 << 20
 DEFAULT_AUDIENCE_PAGE = 500
 
 
@@ -69,6 +78,13 @@ class Segmentation:
             seen.add(user.user_id)
             if user.timezone and not _valid_timezone(user.timezone):
                 check.add(f"users[{i}].timezone", f"unknown IANA timezone {user.timezone!r}")
+            check_text_fields(user, f"users[{i}]", check)
+            size = user.properties.ByteSize()
+            check.require(
+                size <= MAX_PROFILE_BYTES,
+                f"users[{i}].properties",
+                f"{size} bytes; a profile holds at most {MAX_PROFILE_BYTES // 1024} KB",
+            )
         check.raise_if_any()
         rows = [
             {
@@ -102,6 +118,7 @@ class Segmentation:
     async def create_segment(self, segment: pb.Segment, request_id: str) -> pb.Segment:
         check = Validator()
         check.require(bool(segment.display_name.strip()), "segment.display_name", "required")
+        check_text_fields(pb.Segment(display_name=segment.display_name), "segment", check)
         if check.require(segment.HasField("filter"), "segment.filter", "required"):
             validate_filter(segment.filter, "segment.filter", check)
         check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
@@ -150,9 +167,53 @@ class Segmentation:
     async def delete_segment(self, name: str) -> None:
         segment_id = api.parse_uuid_name(name, "segments")
         async with self.database.transaction() as session:
+            users_of = sorted(
+                await session.scalars(
+                    sa.select(campaign_audiences.c.campaign).where(
+                        campaign_audiences.c.segment == name, campaign_audiences.c.state.in_(_DELIVERING)
+                    )
+                )
+            )
+            if users_of:
+                raise FailedPrecondition(
+                    name,
+                    f"{name} is the audience of scheduled or running campaigns: {', '.join(users_of[:10])}",
+                )
             result = await session.execute(sa.delete(segments).where(segments.c.id == segment_id))
         if result.rowcount == 0:  # type: ignore[attr-defined]
             raise NotFound(name)
+
+    async def record_campaigns(self, changes: Sequence[events.CampaignChanged]) -> None:
+        """Keeps which segment each campaign targets and its state; newest version wins."""
+        newest: dict[str, events.CampaignChanged] = {}
+        for change in changes:
+            held = newest.get(change.campaign.name)
+            if held is None or held.version < change.version:
+                newest[change.campaign.name] = change
+        if not newest:
+            return
+        statement = insert(campaign_audiences)
+        async with self.database.transaction() as session:
+            await session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[campaign_audiences.c.campaign],
+                    set_={
+                        "segment": statement.excluded.segment,
+                        "state": statement.excluded.state,
+                        "version": statement.excluded.version,
+                    },
+                    where=campaign_audiences.c.version < statement.excluded.version,
+                ),
+                [
+                    {
+                        "campaign": c.campaign.name,
+                        "segment": c.campaign.audience.segment,
+                        "state": campaign_pb.State.Name(c.campaign.state),
+                        "version": c.version,
+                    }
+                    for c in newest.values()
+                ],
+            )
 
     async def estimate_reach(self, segment_name: str) -> int:
         segment = await self._load_segment(segment_name, "segment")
@@ -163,41 +224,57 @@ class Segmentation:
         return int(count or 0)
 
     async def stream_audience(
-        self, segment_name: str, attribute_keys: Sequence[str], size: int
+        self, request: pb.StreamAudienceRequest
     ) -> AsyncIterator[list[pb.AudienceMember]]:
-        """Pages of members in user id order, all read from one snapshot."""
-        segment = await self._load_segment(segment_name, "segment")
-        if size < 0 or size > MAX_AUDIENCE_PAGE:
+        """Pages of members in user id order.
+
+        Each page is read in its own short transaction and the connection goes back to the pool
+        before the page is sent, so a slow reader holds nothing; a page also ends early once it
+        holds MAX_AUDIENCE_PAGE_BYTES, so large profiles cannot push it past gRPC's message limit.
+        """
+        segment = await self._load_segment(request.segment, "segment")
+        if request.page_size < 0 or request.page_size > MAX_AUDIENCE_PAGE:
             raise invalid("page_size", f"between 0 and {MAX_AUDIENCE_PAGE}")
-        limit = size or DEFAULT_AUDIENCE_PAGE
-        keys = list(dict.fromkeys(k for k in attribute_keys if k))
+        limit = request.page_size or DEFAULT_AUDIENCE_PAGE
+        keys = list(dict.fromkeys(k for k in request.attribute_keys if k))
         attributes = (
-            sa.func.jsonb_build_object(*[x for k in keys for x in (k, users.c.properties[k])])
+            sa.func.jsonb_strip_nulls(
+                sa.func.jsonb_build_object(*[x for k in keys for x in (k, users.c.properties[k])])
+            )
             if keys
             else sa.literal({}, JSONB)
         )
         condition = to_sql(segment.filter)
-        async with self.database.sessions() as session:
-            await session.execute(sa.text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
-            after = ""
-            while True:
+        after = request.start_after_user_id
+        while True:
+            async with self.database.transaction() as session:
                 rows = (
                     await session.execute(
-                        sa.select(users.c.user_id, users.c.timezone, attributes.label("attributes"))
+                        sa.select(
+                            users.c.user_id,
+                            users.c.timezone,
+                            sa.cast(attributes, sa.Text).label("attributes"),
+                        )
                         .where(condition, users.c.user_id > after)
                         .order_by(users.c.user_id)
                         .limit(limit)
                     )
                 ).all()
-                if not rows:
+            page: list[pb.AudienceMember] = []
+            size = 0
+            for row in rows:
+                member = pb.AudienceMember(user_id=row.user_id, timezone=row.timezone)
+                if request.attributes_as_json:
+                    member.attributes_json = row.attributes.encode()
+                else:
+                    member.attributes.update(json.loads(row.attributes))
+                page.append(member)
+                size += len(row.attributes) + len(row.user_id)
+                if size > MAX_AUDIENCE_PAGE_BYTES:
                     break
-                page = []
-                for row in rows:
-                    member = pb.AudienceMember(user_id=row.user_id, timezone=row.timezone)
-                    member.attributes.update({k: v for k, v in row.attributes.items() if v is not None})
-                    page.append(member)
-                yield page
-                if len(rows) < limit:
-                    break
-                after = rows[-1].user_id
-            await session.rollback()
+            if not page:
+                return
+            yield page
+            if len(rows) < limit and len(page) == len(rows):
+                return
+            after = page[-1].user_id

@@ -10,6 +10,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common.errors import Validator
+from herald_common.validation import check_text_fields
 from herald_segmentation.storage import users
 
 Op = pb.Operator
@@ -28,6 +29,7 @@ def _python_value(value: struct_pb2.Value) -> Any:
 
 
 def validate_filter(segment_filter: pb.SegmentFilter, field: str, check: Validator) -> None:
+    check_text_fields(segment_filter, field, check)
     if not check.require(
         len(segment_filter.conditions) > 0, f"{field}.conditions", "at least one condition is required"
     ):
@@ -40,13 +42,16 @@ def validate_filter(segment_filter: pb.SegmentFilter, field: str, check: Validat
     for i, condition in enumerate(segment_filter.conditions):
         path = f"{field}.conditions[{i}]"
         check.require(bool(condition.property.strip()), f"{path}.property", "required")
-        if not check.require(
-            condition.operator in Op.values() and condition.operator != Op.OPERATOR_UNSPECIFIED,
-            f"{path}.operator",
-            "required",
-        ):
+        if condition.operator not in Op.values():
+            continue  # reported by check_text_fields with the valid values
+        if not check.require(condition.operator != Op.OPERATOR_UNSPECIFIED, f"{path}.operator", "required"):
             continue
         if condition.operator in _VALUELESS:
+            check.require(
+                not condition.HasField("value"),
+                f"{path}.value",
+                f"{Op.Name(condition.operator)} takes no value",
+            )
             continue
         kind = condition.value.WhichOneof("kind")
         if not check.require(

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import grpc
 
+from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from herald_common import runtime
@@ -23,18 +24,28 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     infra = await Infrastructure.open(
         settings, service="segmentation", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
-    servicer = SegmentationServicer(Segmentation(infra.database))
+    segmentation = Segmentation(infra.database)
+    servicer = SegmentationServicer(segmentation)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)
 
-    return await ServiceHost.start(
+    host = await ServiceHost.start(
         "segmentation",
         infra,
         [SERVICE_NAME],
         register,
         settings.port("segmentation") if port is None else port,
     )
+    await infra.consume(
+        owner="campaign",
+        durable="segmentation-campaigns",
+        filter_subject=infra.subjects.campaign_changed,
+        event_type=events.CampaignChanged,
+        apply=segmentation.record_campaigns,
+        problem=runtime.campaign_changed_problem,
+    )
+    return host
 
 
 def main() -> None:

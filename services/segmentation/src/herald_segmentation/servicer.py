@@ -49,6 +49,6 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def StreamAudience(
         self, request: pb.StreamAudienceRequest, context: Context
     ) -> AsyncIterator[pb.StreamAudienceResponse]:
-        pages = self.domain.stream_audience(request.segment, request.attribute_keys, request.page_size)
+        pages = self.domain.stream_audience(request)
         async for members in pages:
             yield pb.StreamAudienceResponse(members=members)

@@ -39,6 +39,8 @@ class _StateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_State.ValueType
     """Every planned delivery has an outcome and no run remains."""
     STATE_STOPPED: _State.ValueType  # 5
     """Stopped by a user."""
+    STATE_FAILED: _State.ValueType  # 6
+    """A run could not finish; see failure_reason."""
 
 class State(_State, metaclass=_StateEnumTypeWrapper):
     """Lifecycle of a campaign."""
@@ -55,6 +57,8 @@ STATE_COMPLETED: State.ValueType  # 4
 """Every planned delivery has an outcome and no run remains."""
 STATE_STOPPED: State.ValueType  # 5
 """Stopped by a user."""
+STATE_FAILED: State.ValueType  # 6
+"""A run could not finish; see failure_reason."""
 Global___State: _TypeAlias = State  # noqa: Y015
 
 @_typing.final
@@ -222,6 +226,7 @@ class Campaign(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `campaigns/{campaign}`. Output only."""
     display_name: _builtins.str
@@ -230,6 +235,8 @@ class Campaign(_message.Message):
     """Output only; changed by PublishCampaign, StopCampaign and delivery progress."""
     destination: _builtins.str
     """Where it is delivered: `destinations/{destination}`; required."""
+    failure_reason: _builtins.str
+    """Output only; why the campaign is FAILED."""
     @_builtins.property
     def audience(self) -> Global___Audience:
         """Who receives it; required."""
@@ -267,10 +274,11 @@ class Campaign(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
+        failure_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "destination", b"destination", "display_name", b"display_name", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "destination", b"destination", "display_name", b"display_name", "failure_reason", b"failure_reason", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
@@ -288,6 +296,11 @@ class CampaignStats(_message.Message):
     TARGETED_FIELD_NUMBER: _builtins.int
     SENT_FIELD_NUMBER: _builtins.int
     FAILED_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
+    RESENT_FIELD_NUMBER: _builtins.int
+    FAILURE_REASONS_FIELD_NUMBER: _builtins.int
+    WAITING_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`campaigns/{campaign}/stats`."""
     targeted: _builtins.int
@@ -295,7 +308,21 @@ class CampaignStats(_message.Message):
     sent: _builtins.int
     """Deliveries the destination accepted."""
     failed: _builtins.int
-    """Deliveries that failed for good."""
+    """Deliveries that failed for good; see failure_reasons."""
+    skipped: _builtins.int
+    """Deliveries not sent on purpose (the campaign was stopped, say)."""
+    unknown: _builtins.int
+    """Deliveries attempted before a crash whose result is unknown and that the channel could not
+    safely send again.
+    """
+    resent: _builtins.int
+    """Deliveries sent a second time after a crash, de-duplicated by the destination's own id."""
+    waiting_reason: _builtins.str
+    """Set while a destination holds deliveries back (an outage, a rate limit); they are retried."""
+    @_builtins.property
+    def failure_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailureReason]:
+        """Why deliveries failed or were skipped, most frequent first."""
+
     def __init__(
         self,
         *,
@@ -303,14 +330,51 @@ class CampaignStats(_message.Message):
         targeted: _builtins.int = ...,
         sent: _builtins.int = ...,
         failed: _builtins.int = ...,
+        skipped: _builtins.int = ...,
+        unknown: _builtins.int = ...,
+        resent: _builtins.int = ...,
+        failure_reasons: _abc.Iterable[Global___FailureReason] | None = ...,
+        waiting_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "name", b"name", "sent", b"sent", "targeted", b"targeted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failure_reasons", b"failure_reasons", "name", b"name", "resent", b"resent", "sent", b"sent", "skipped", b"skipped", "targeted", b"targeted", "unknown", b"unknown", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CampaignStats: _TypeAlias = CampaignStats  # noqa: Y015
+
+@_typing.final
+class FailureReason(_message.Message):
+    """How many deliveries failed or were skipped for one reason."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REASON_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    EXAMPLE_USER_IDS_FIELD_NUMBER: _builtins.int
+    reason: _builtins.str
+    """The reason."""
+    count: _builtins.int
+    """Deliveries with this reason."""
+    @_builtins.property
+    def example_user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A few of the users concerned."""
+
+    def __init__(
+        self,
+        *,
+        reason: _builtins.str = ...,
+        count: _builtins.int = ...,
+        example_user_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "example_user_ids", b"example_user_ids", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FailureReason: _TypeAlias = FailureReason  # noqa: Y015
 
 @_typing.final
 class CreateCampaignRequest(_message.Message):

@@ -3,10 +3,11 @@
 isort:skip_file
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from herald.campaign.v1 import campaign_service_pb2 as _campaign_service_pb2
 from herald.scheduler.v1 import scheduler_service_pb2 as _scheduler_service_pb2
@@ -33,9 +34,15 @@ class _DeliveryStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Delive
     """The destination accepted the message."""
     DELIVERY_STATUS_FAILED: _DeliveryStatus.ValueType  # 2
     """The message failed for good; see reason."""
+    DELIVERY_STATUS_SKIPPED: _DeliveryStatus.ValueType  # 3
+    """Not sent on purpose (the campaign was stopped, say); see reason."""
+    DELIVERY_STATUS_UNKNOWN: _DeliveryStatus.ValueType  # 4
+    """A send was attempted before a crash and its result is unknown; the channel cannot de-duplicate,
+    so it was not sent again.
+    """
 
 class DeliveryStatus(_DeliveryStatus, metaclass=_DeliveryStatusEnumTypeWrapper):
-    """Result of a delivery."""
+    """Final result of a delivery."""
 
 DELIVERY_STATUS_UNSPECIFIED: DeliveryStatus.ValueType  # 0
 """Not set."""
@@ -43,6 +50,12 @@ DELIVERY_STATUS_SENT: DeliveryStatus.ValueType  # 1
 """The destination accepted the message."""
 DELIVERY_STATUS_FAILED: DeliveryStatus.ValueType  # 2
 """The message failed for good; see reason."""
+DELIVERY_STATUS_SKIPPED: DeliveryStatus.ValueType  # 3
+"""Not sent on purpose (the campaign was stopped, say); see reason."""
+DELIVERY_STATUS_UNKNOWN: DeliveryStatus.ValueType  # 4
+"""A send was attempted before a crash and its result is unknown; the channel cannot de-duplicate,
+so it was not sent again.
+"""
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
 @_typing.final
@@ -54,8 +67,13 @@ class CampaignChanged(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     CAMPAIGN_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the NATS message id."""
+    version: _builtins.int
+    """Assigned by the campaign database, one higher on every change: consumers keep the highest
+    they have seen, whatever the clocks of the replicas that published them say.
+    """
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the change committed."""
@@ -70,10 +88,11 @@ class CampaignChanged(_message.Message):
         event_id: _builtins.str = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
         campaign: _campaign_service_pb2.Campaign | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "event_id", b"event_id", "occur_time", b"occur_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "event_id", b"event_id", "occur_time", b"occur_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -88,8 +107,11 @@ class RunChanged(_message.Message):
     EVENT_ID_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the NATS message id."""
+    version: _builtins.int
+    """Assigned by the scheduler database, one higher on every change of this run."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the change committed."""
@@ -104,127 +126,237 @@ class RunChanged(_message.Message):
         event_id: _builtins.str = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
         run: _scheduler_service_pb2.Run | None = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occur_time", b"occur_time", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occur_time", b"occur_time", "run", b"run", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunChanged: _TypeAlias = RunChanged  # noqa: Y015
 
 @_typing.final
-class DeliveryJob(_message.Message):
-    """Published by scheduler: deliver one message to one user. Self-contained so that
-    a dispatch worker needs nothing else to render and send it.
-    """
+class Recipient(_message.Message):
+    """One planned delivery inside a DeliveryBatch."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_JSON_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    OVERSIZED_ATTRIBUTES_BYTES_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """Stable id of this delivery, reused on every retry and sent to destinations for de-duplication."""
+    user_id: _builtins.str
+    """The recipient."""
+    attributes_json: _builtins.bytes
+    """The profile attributes the content asked for, as a JSON object."""
+    timezone: _builtins.str
+    """The recipient's IANA time zone, if known."""
+    oversized_attributes_bytes: _builtins.int
+    """Set instead of attributes_json when the attributes were too large to carry: dispatch fails
+    the delivery with this size as the reason.
+    """
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        attributes_json: _builtins.bytes = ...,
+        timezone: _builtins.str = ...,
+        oversized_attributes_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes_json", b"attributes_json", "delivery_id", b"delivery_id", "oversized_attributes_bytes", b"oversized_attributes_bytes", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Recipient: _TypeAlias = Recipient  # noqa: Y015
+
+@_typing.final
+class DeliveryBatch(_message.Message):
+    """Published by scheduler on `<namespace>.jobs.<destination type>.<destination id>`: deliver one
+    campaign's content to many recipients. The content itself is not copied: dispatch knows every
+    campaign version from CampaignChanged.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BATCH_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_VERSION_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    PLAN_TIME_FIELD_NUMBER: _builtins.int
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    batch_id: _builtins.str
+    """Stable id of the batch; also the NATS message id."""
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    campaign_version: _builtins.int
+    """The campaign version (CampaignChanged.version) whose content is delivered."""
+    run: _builtins.str
+    """`campaigns/{campaign}/runs/{run}`."""
+    destination: _builtins.str
+    """`destinations/{destination}`."""
+    @_builtins.property
+    def plan_time(self) -> _timestamp_pb2.Timestamp:
+        """When the deliveries were planned."""
+
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___Recipient]:
+        """Who receives it; each delivery id appears in exactly one batch."""
+
+    def __init__(
+        self,
+        *,
+        batch_id: _builtins.str = ...,
+        campaign: _builtins.str = ...,
+        campaign_version: _builtins.int = ...,
+        run: _builtins.str = ...,
+        destination: _builtins.str = ...,
+        plan_time: _timestamp_pb2.Timestamp | None = ...,
+        recipients: _abc.Iterable[Global___Recipient] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["plan_time", b"plan_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "campaign", b"campaign", "campaign_version", b"campaign_version", "destination", b"destination", "plan_time", b"plan_time", "recipients", b"recipients", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryBatch: _TypeAlias = DeliveryBatch  # noqa: Y015
+
+@_typing.final
+class DeliveryResult(_message.Message):
+    """The final result of one delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    RESENT_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The delivery's stable id."""
+    user_id: _builtins.str
+    """The recipient."""
+    status: Global___DeliveryStatus.ValueType
+    """The result."""
+    reason: _builtins.str
+    """Why it failed or was skipped; short and free of provider response bodies."""
+    attempts: _builtins.int
+    """HTTP attempts made for it."""
+    resent: _builtins.bool
+    """Sent again after an attempt of unknown result; the destination de-duplicates it by its id."""
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        status: Global___DeliveryStatus.ValueType = ...,
+        reason: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        resent: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "delivery_id", b"delivery_id", "reason", b"reason", "resent", b"resent", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryResult: _TypeAlias = DeliveryResult  # noqa: Y015
+
+@_typing.final
+class DeliveryOutcomes(_message.Message):
+    """Published by dispatch when deliveries of one batch reach their final result. Every delivery is
+    reported in exactly one DeliveryOutcomes, so counting events by event_id counts deliveries once.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
     CAMPAIGN_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
-    USER_ID_FIELD_NUMBER: _builtins.int
-    ATTRIBUTES_FIELD_NUMBER: _builtins.int
-    PLAN_TIME_FIELD_NUMBER: _builtins.int
-    SEGMENT_EXPORT_FIELD_NUMBER: _builtins.int
-    delivery_id: _builtins.str
-    """Stable id of this delivery, reused on every retry and sent to destinations for de-duplication."""
+    RESULTS_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per event; also the NATS message id."""
     campaign: _builtins.str
     """`campaigns/{campaign}`."""
     run: _builtins.str
     """`campaigns/{campaign}/runs/{run}`."""
     destination: _builtins.str
     """`destinations/{destination}`."""
-    user_id: _builtins.str
-    """The recipient."""
     @_builtins.property
-    def attributes(self) -> _struct_pb2.Struct:
-        """The recipient's profile attributes the content asked for."""
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryResult]:
+        """The results."""
 
-    @_builtins.property
-    def plan_time(self) -> _timestamp_pb2.Timestamp:
-        """When the delivery was planned."""
-
-    @_builtins.property
-    def segment_export(self) -> _campaign_service_pb2.SegmentExportContent:
-        """Segment export."""
-
-    def __init__(
-        self,
-        *,
-        delivery_id: _builtins.str = ...,
-        campaign: _builtins.str = ...,
-        run: _builtins.str = ...,
-        destination: _builtins.str = ...,
-        user_id: _builtins.str = ...,
-        attributes: _struct_pb2.Struct | None = ...,
-        plan_time: _timestamp_pb2.Timestamp | None = ...,
-        segment_export: _campaign_service_pb2.SegmentExportContent | None = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "content", b"content", "plan_time", b"plan_time", "segment_export", b"segment_export"]  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "campaign", b"campaign", "content", b"content", "delivery_id", b"delivery_id", "destination", b"destination", "plan_time", b"plan_time", "run", b"run", "segment_export", b"segment_export", "user_id", b"user_id"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export"]  # noqa: Y015
-    _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
-
-Global___DeliveryJob: _TypeAlias = DeliveryJob  # noqa: Y015
-
-@_typing.final
-class DeliveryOutcome(_message.Message):
-    """Published by dispatch once per delivery, when its result is final."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    EVENT_ID_FIELD_NUMBER: _builtins.int
-    DELIVERY_ID_FIELD_NUMBER: _builtins.int
-    CAMPAIGN_FIELD_NUMBER: _builtins.int
-    RUN_FIELD_NUMBER: _builtins.int
-    USER_ID_FIELD_NUMBER: _builtins.int
-    STATUS_FIELD_NUMBER: _builtins.int
-    REASON_FIELD_NUMBER: _builtins.int
-    ATTEMPTS_FIELD_NUMBER: _builtins.int
-    OCCUR_TIME_FIELD_NUMBER: _builtins.int
-    event_id: _builtins.str
-    """Unique per event; also the NATS message id."""
-    delivery_id: _builtins.str
-    """The delivery's stable id."""
-    campaign: _builtins.str
-    """`campaigns/{campaign}`."""
-    run: _builtins.str
-    """`campaigns/{campaign}/runs/{run}`."""
-    user_id: _builtins.str
-    """The recipient."""
-    status: Global___DeliveryStatus.ValueType
-    """The result."""
-    reason: _builtins.str
-    """Why it failed, if it did."""
-    attempts: _builtins.int
-    """Attempts made."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
-        """When the result was recorded."""
+        """When the results were recorded."""
 
     def __init__(
         self,
         *,
         event_id: _builtins.str = ...,
-        delivery_id: _builtins.str = ...,
         campaign: _builtins.str = ...,
         run: _builtins.str = ...,
-        user_id: _builtins.str = ...,
-        status: Global___DeliveryStatus.ValueType = ...,
-        reason: _builtins.str = ...,
-        attempts: _builtins.int = ...,
+        destination: _builtins.str = ...,
+        results: _abc.Iterable[Global___DeliveryResult] | None = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign", b"campaign", "delivery_id", b"delivery_id", "event_id", b"event_id", "occur_time", b"occur_time", "reason", b"reason", "run", b"run", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "results", b"results", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___DeliveryOutcome: _TypeAlias = DeliveryOutcome  # noqa: Y015
+Global___DeliveryOutcomes: _TypeAlias = DeliveryOutcomes  # noqa: Y015
+
+@_typing.final
+class DestinationWaiting(_message.Message):
+    """Published by dispatch when a destination starts or stops holding a campaign's deliveries back
+    (an outage, a rate limit): deliveries wait and are retried, and the campaign shows why.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per event; also the NATS message id."""
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    destination: _builtins.str
+    """`destinations/{destination}`."""
+    reason: _builtins.str
+    """Empty when deliveries flow again."""
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When this was observed."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        campaign: _builtins.str = ...,
+        destination: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DestinationWaiting: _TypeAlias = DestinationWaiting  # noqa: Y015

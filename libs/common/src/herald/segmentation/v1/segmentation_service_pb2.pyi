@@ -494,10 +494,16 @@ class StreamAudienceRequest(_message.Message):
     SEGMENT_FIELD_NUMBER: _builtins.int
     ATTRIBUTE_KEYS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    START_AFTER_USER_ID_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_AS_JSON_FIELD_NUMBER: _builtins.int
     segment: _builtins.str
     """`segments/{segment}`."""
     page_size: _builtins.int
     """Members per streamed page (default 500, at most 5000)."""
+    start_after_user_id: _builtins.str
+    """Resume after this user id (members come in user id order)."""
+    attributes_as_json: _builtins.bool
+    """Return attributes as attributes_json instead of attributes (compact, for bulk readers)."""
     @_builtins.property
     def attribute_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Profile properties to return with each member; empty returns none."""
@@ -508,10 +514,12 @@ class StreamAudienceRequest(_message.Message):
         segment: _builtins.str = ...,
         attribute_keys: _abc.Iterable[_builtins.str] | None = ...,
         page_size: _builtins.int = ...,
+        start_after_user_id: _builtins.str = ...,
+        attributes_as_json: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "page_size", b"page_size", "segment", b"segment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "page_size", b"page_size", "segment", b"segment", "start_after_user_id", b"start_after_user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -526,10 +534,13 @@ class AudienceMember(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     TIMEZONE_FIELD_NUMBER: _builtins.int
+    ATTRIBUTES_JSON_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user's id."""
     timezone: _builtins.str
     """The user's IANA timezone, or empty."""
+    attributes_json: _builtins.bytes
+    """The same attributes as a JSON object, when the request asked for attributes_as_json."""
     @_builtins.property
     def attributes(self) -> _struct_pb2.Struct:
         """The requested profile properties that the user has."""
@@ -540,10 +551,11 @@ class AudienceMember(_message.Message):
         user_id: _builtins.str = ...,
         attributes: _struct_pb2.Struct | None = ...,
         timezone: _builtins.str = ...,
+        attributes_json: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "attributes_json", b"attributes_json", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

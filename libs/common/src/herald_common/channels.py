@@ -1,0 +1,63 @@
+"""The kinds of destination Herald delivers to, as every service needs to know them.
+
+Each kind names its destination type (the job subject and the worker type), the Campaign content
+field it delivers and the Destination config field that configures it, and which profile
+attributes its content needs. How a kind sends is dispatch's business
+(`herald_dispatch.channels`); adding a kind is one entry here and one module there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald_common import personalization
+
+
+@dataclass(frozen=True)
+class ChannelKind:
+    destination_type: str
+    content_field: str
+    config_field: str
+    destination_enum: dispatch_pb.DestinationType.ValueType
+    # Profile properties a recipient's message is built from.
+    attribute_keys: Callable[[campaign_pb.Campaign], set[str]]
+
+
+def _segment_export_attributes(campaign: campaign_pb.Campaign) -> set[str]:
+    export = campaign.segment_export
+    needed = personalization.profile_properties(export.custom_properties.values())
+    return needed.union(export.profile_attributes)
+
+
+KINDS = (
+    ChannelKind(
+        destination_type="segment",
+        content_field="segment_export",
+        config_field="segment",
+        destination_enum=dispatch_pb.DestinationType.DESTINATION_TYPE_SEGMENT,
+        attribute_keys=_segment_export_attributes,
+    ),
+)
+
+_BY_CONTENT = {kind.content_field: kind for kind in KINDS}
+_BY_CONFIG = {kind.config_field: kind for kind in KINDS}
+_BY_ENUM: dict[int, ChannelKind] = {int(kind.destination_enum): kind for kind in KINDS}
+
+
+def for_content(content_field: str) -> ChannelKind:
+    return _BY_CONTENT[content_field]
+
+
+def for_config(config_field: str) -> ChannelKind:
+    return _BY_CONFIG[config_field]
+
+
+def for_destination_type(value: int) -> ChannelKind | None:
+    return _BY_ENUM.get(value)
+
+
+def of_campaign(campaign: campaign_pb.Campaign) -> ChannelKind:
+    return for_content(campaign.WhichOneof("content") or "")

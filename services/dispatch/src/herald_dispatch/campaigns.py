@@ -1,0 +1,111 @@
+"""The campaigns dispatch delivers for, as CampaignChanged announces them.
+
+Stored in the database (every replica sees what one consumer recorded) and cached for a second,
+so a stopped campaign stops sending within seconds without a query per request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2 as events
+from herald_common.db import Database
+from herald_common.faults import NotReady
+from herald_dispatch.storage import campaigns
+
+CACHE_SECONDS = 1.0
+_DELIVERING = {campaign_pb.State.STATE_SCHEDULED, campaign_pb.State.STATE_RUNNING}
+
+
+@dataclass(frozen=True)
+class KnownCampaign:
+    campaign: campaign_pb.Campaign
+    version: int
+    read_at: float
+
+    @property
+    def delivering(self) -> bool:
+        return self.campaign.state in _DELIVERING
+
+
+class CampaignBook:
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._cache: dict[str, KnownCampaign] = {}
+
+    async def apply(self, changes: Sequence[events.CampaignChanged]) -> None:
+        """Keeps the newest version of each campaign; older events arriving late change nothing."""
+        newest: dict[str, events.CampaignChanged] = {}
+        for change in changes:
+            held = newest.get(change.campaign.name)
+            if held is None or held.version < change.version:
+                newest[change.campaign.name] = change
+        if not newest:
+            return
+        statement = insert(campaigns)
+        async with self.database.transaction() as session:
+            await session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[campaigns.c.name],
+                    set_={
+                        "version": statement.excluded.version,
+                        "state": statement.excluded.state,
+                        "destination": statement.excluded.destination,
+                        "snapshot": statement.excluded.snapshot,
+                    },
+                    where=campaigns.c.version < statement.excluded.version,
+                ),
+                [
+                    {
+                        "name": c.campaign.name,
+                        "version": c.version,
+                        "state": campaign_pb.State.Name(c.campaign.state),
+                        "destination": c.campaign.destination,
+                        "snapshot": c.campaign.SerializeToString(),
+                    }
+                    for c in newest.values()
+                ],
+            )
+        for name in newest:
+            self._cache.pop(name, None)
+
+    async def using(self, destination: str) -> list[str]:
+        """Scheduled or running campaigns that deliver to `destination`."""
+        async with self.database.transaction() as session:
+            found = await session.scalars(
+                sa.select(campaigns.c.name).where(
+                    campaigns.c.destination == destination,
+                    campaigns.c.state.in_([campaign_pb.State.Name(s) for s in _DELIVERING]),
+                )
+            )
+            return sorted(found)
+
+    async def get(self, name: str, at_least_version: int = 0) -> KnownCampaign:
+        """The campaign as last announced; NotReady until the announcement of that version arrived."""
+        known = self._cache.get(name)
+        if (
+            known is None
+            or time.monotonic() - known.read_at > CACHE_SECONDS
+            or known.version < at_least_version
+        ):
+            async with self.database.transaction() as session:
+                row = (
+                    await session.execute(
+                        sa.select(campaigns.c.snapshot, campaigns.c.version).where(campaigns.c.name == name)
+                    )
+                ).first()
+            if row is None:
+                raise NotReady(f"{name} has not been announced yet")
+            known = KnownCampaign(
+                campaign_pb.Campaign.FromString(row.snapshot), row.version, time.monotonic()
+            )
+            self._cache[name] = known
+        if known.version < at_least_version:
+            raise NotReady(f"{name} version {at_least_version} has not been announced yet")
+        return known

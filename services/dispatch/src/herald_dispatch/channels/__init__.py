@@ -1,0 +1,87 @@
+"""Dispatch's channel registry: how each kind of destination is configured and sent to.
+
+A channel module declares one `Channel`; registering it here is all dispatch needs to validate
+and mask its destinations, run its worker type and deliver its batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+import aiohttp
+from google.protobuf.message import Message
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
+from herald.events.v1 import events_pb2 as events
+from herald_common.channels import ChannelKind
+from herald_common.errors import Validator
+
+SENT = events.DeliveryStatus.DELIVERY_STATUS_SENT
+FAILED = events.DeliveryStatus.DELIVERY_STATUS_FAILED
+SKIPPED = events.DeliveryStatus.DELIVERY_STATUS_SKIPPED
+UNKNOWN = events.DeliveryStatus.DELIVERY_STATUS_UNKNOWN
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The final result of one delivery."""
+
+    recipient: events.Recipient
+    status: events.DeliveryStatus.ValueType
+    attempts: int = 0
+    reason: str = ""
+    resent: bool = False
+
+
+@dataclass
+class SendContext:
+    """What a channel may use while it sends one batch."""
+
+    destination: pb.Destination
+    campaign: campaign_pb.Campaign
+    plan_time: datetime
+    # Waits for the destination's shared rate limit before each request.
+    permit: Callable[[], Awaitable[None]]
+    # False once the campaign was stopped: the channel skips what it has not sent yet.
+    wanted: Callable[[], Awaitable[bool]]
+    # Tells the campaign a destination holds deliveries back (reason) or flows again (None).
+    waiting: Callable[[str | None], Awaitable[None]]
+    # Deliveries attempted before a crash and sent again (de-duplicated by the destination).
+    resent: set[str] = field(default_factory=set)
+
+
+class Channel(Protocol):
+    kind: ChannelKind
+    # Whether a delivery attempted before a crash, with no recorded result, is sent again: true
+    # when the destination de-duplicates by our delivery id, else it is reported UNKNOWN.
+    resend_unknown: bool
+    # Shared across replicas: at most this many requests per second to one destination.
+    requests_per_second: int
+
+    def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
+        """Checks a config; returns the URLs it will call, for the network policy."""
+        ...
+
+    def mask(self, config: Message) -> None:
+        """Hides the config's secrets before it leaves the service."""
+        ...
+
+    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
+        """Sends to every recipient and returns one outcome for each."""
+        ...
+
+
+def mask_secret(secret: str) -> str:
+    return "*" * max(len(secret) - 4, 4) + secret[-4:] if len(secret) > 4 else "****"
+
+
+def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
+    """Every channel, by destination type, sending through `http`."""
+    from herald_dispatch.channels.segment import SegmentChannel
+
+    channels: list[Channel] = [SegmentChannel(http)]
+    return {channel.kind.destination_type: channel for channel in channels}
