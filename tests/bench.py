@@ -1,27 +1,269 @@
-"""`make bench`: a Segment export to N users through all four services, with stage timings.
+"""`make bench`: a Segment export to N users, the four services running as separate processes as
+they are deployed, the fake Segment API in a process of its own, and beside it the ceiling: a
+minimal hand-written pipeline doing the same essential work (tests/ceiling.py).
 
-Runs against DATABASE_URL / NATS_URL when set, else embedded servers. Prints numbers; asserts
-only that every user was delivered once.
+Prints throughput, the ratio to the ceiling and every process's peak RSS next to the targets.
+Runs against DATABASE_URL / NATS_URL when set, else embedded servers. `--full` runs the 1M-user
+size the targets are stated for; the default is a quick 20k.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from tempfile import mkdtemp
 
+import aiohttp
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.campaign.v1 import campaign_service_pb2_grpc as campaign_grpc
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.embedded import EmbeddedInfrastructure
 from herald_common.logging import configure_logging
-from tests.conftest import eventually
-from tests.fakes.segment_api import SegmentApi
-from tests.harness import Platform, fresh_settings, running_platform
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+from herald_common.settings import Settings
+from tests.ceiling import run_ceiling
+from tests.harness import fresh_settings
+from tests.helpers import condition, segment_export_campaign, user
+
+SERVICES = ("segmentation", "dispatch", "campaign", "scheduler")
+TARGET_RATE = 17_000  # deliveries/s: 1M in 60 s
+TARGET_RATIO = 0.5
+WRITE_KEY = "wk_bench"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PeakMemory:
+    """Samples the resident memory of the processes it watches; keeps each one's peak."""
+
+    def __init__(self) -> None:
+        self.watched: dict[str, list[psutil.Process]] = {}
+        self.peaks: dict[str, int] = {}
+
+    def watch(self, name: str, *pids: int) -> None:
+        self.watched[name] = [psutil.Process(p) for p in pids]
+
+    def watch_servers(self) -> None:
+        """PostgreSQL and NATS, found again on every sample: PostgreSQL starts a process per session."""
+        for name, binary in (("postgresql", "postgres"), ("nats-server", "nats-server")):
+            self.watched[name] = [p for p in psutil.process_iter(["name"]) if p.info["name"] == binary]
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time used so far by each watched process group."""
+        used = {}
+        for name, processes in self.watched.items():
+            total = 0.0
+            for process in processes:
+                try:
+                    times = process.cpu_times()
+                except psutil.Error:
+                    continue
+                total += times.user + times.system
+            used[name] = total
+        return used
+
+    async def sample_forever(self) -> None:
+        while True:
+            self.watch_servers()
+            for name, processes in self.watched.items():
+                total = 0
+                for process in processes:
+                    try:
+                        total += process.memory_info().rss
+                    except psutil.Error:
+                        continue
+                self.peaks[name] = max(self.peaks.get(name, 0), total)
+            await asyncio.sleep(0.25)
+
+
+@asynccontextmanager
+async def service_processes(settings: Settings, memory: PeakMemory) -> AsyncIterator[dict[str, str]]:
+    """The four services as child processes; yields their addresses."""
+    ports = {name: _free_port() for name in SERVICES}
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "NATS_URL": settings.nats_url,
+        "HERALD_NAMESPACE": settings.namespace,
+        "HERALD_ALLOWED_DESTINATION_NETWORKS": "127.0.0.0/8,::1/128",
+        "LOG_LEVEL": "warning",
+        **{f"HERALD_{name.upper()}_PORT": str(port) for name, port in ports.items()},
+    }
+    children = {}
+    for name in SERVICES:
+        children[name] = subprocess.Popen([sys.executable, "-m", f"herald_{name}.main"], env=env)  # noqa: ASYNC220
+        memory.watch(name, children[name].pid)
+    addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    try:
+        for address in addresses.values():
+            await _wait_serving(address)
+        yield addresses
+    finally:
+        for child in children.values():
+            child.send_signal(signal.SIGTERM)
+        for child in children.values():
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+
+
+async def _wait_serving(address: str) -> None:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for _ in range(300):
+            try:
+                request = health_pb2.HealthCheckRequest()
+                answer = await stub.Check(request, timeout=1)  # type: ignore[attr-defined]
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"{address} did not start")
+
+
+@asynccontextmanager
+async def fake_segment(memory: PeakMemory) -> AsyncIterator[str]:
+    process = subprocess.Popen(  # noqa: ASYNC220
+        [sys.executable, "-m", "tests.fakes.segment_api", "--write-key", WRITE_KEY],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    url = (await asyncio.to_thread(process.stdout.readline)).strip()
+    memory.watch("fake Segment API", process.pid)
+    try:
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+async def _accepted(http: aiohttp.ClientSession, url: str) -> dict[str, int]:
+    async with http.get(url + "/_fake/stats") as response:
+        stats: dict[str, int] = json.loads(await response.text())
+        return stats
+
+
+async def _upsert(channel: grpc.aio.Channel, tag: str, users: int) -> float:
+    stub = segmentation_grpc.SegmentationServiceStub(channel)
+    started = time.perf_counter()
+    batch = 1000
+
+    async def load(offset: int) -> None:
+        await stub.UpsertUsers(
+            segmentation_pb.UpsertUsersRequest(
+                users=[
+                    user(f"{tag}-{i:08d}", cohort=tag, first_name=f"U{i}", plan="gold", code=f"C{i % 997}")
+                    for i in range(offset, min(offset + batch, users))
+                ]
+            )
+        )
+
+    offsets = list(range(0, users, batch))
+    for start in range(0, len(offsets), 4):
+        await asyncio.gather(*(load(o) for o in offsets[start : start + 4]))
+    return users / (time.perf_counter() - started)
+
+
+async def _herald_export(
+    addresses: dict[str, str],
+    segment_url: str,
+    tag: str,
+    users: int,
+    http: aiohttp.ClientSession,
+    memory: PeakMemory,
+) -> dict[str, float]:
+    async with (
+        grpc.aio.insecure_channel(addresses["segmentation"]) as segmentation,
+        grpc.aio.insecure_channel(addresses["campaign"]) as campaigns_channel,
+        grpc.aio.insecure_channel(addresses["dispatch"]) as dispatch_channel,
+    ):
+        upsert_rate = await _upsert(segmentation, tag, users)
+        segments = segmentation_grpc.SegmentationServiceStub(segmentation)
+        segment = await segments.CreateSegment(
+            segmentation_pb.CreateSegmentRequest(
+                segment=segmentation_pb.Segment(
+                    display_name="bench",
+                    filter=segmentation_pb.SegmentFilter(
+                        match=segmentation_pb.Match.MATCH_ALL, conditions=[condition("cohort", "EQUALS", tag)]
+                    ),
+                )
+            )
+        )
+        reach_started = time.perf_counter()
+        reach = await segments.EstimateReach(segmentation_pb.EstimateReachRequest(segment=segment.name))
+        reach_ms = (time.perf_counter() - reach_started) * 1000
+        assert reach.user_count == users
+        destination = await dispatch_grpc.DispatchServiceStub(dispatch_channel).CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(
+                    display_name="bench",
+                    segment=dispatch_pb.SegmentConfig(write_key=WRITE_KEY, endpoint_url=segment_url),
+                )
+            )
+        )
+        campaigns = campaign_grpc.CampaignServiceStub(campaigns_channel)
+        created = await campaigns.CreateCampaign(
+            campaign_pb.CreateCampaignRequest(
+                campaign=segment_export_campaign(segment.name, destination.name)
+            )
+        )
+        before = (await _accepted(http, segment_url))["events"]
+        cpu_before = memory.cpu_seconds()
+        published = time.perf_counter()
+        await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+        first_event = acked = 0.0
+        while True:
+            accepted = (await _accepted(http, segment_url))["events"] - before
+            if accepted and not first_event:
+                first_event = time.perf_counter()
+            if accepted >= users:
+                acked = time.perf_counter()
+                cpu_after = memory.cpu_seconds()
+                break
+            await asyncio.sleep(0.1)
+        while True:
+            got = await campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
+            if got.state == campaign_pb.State.STATE_COMPLETED:
+                completed = time.perf_counter()
+                break
+            await asyncio.sleep(0.1)
+        stats = await campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
+        )
+        assert stats.sent == users, f"sent {stats.sent} of {users}"
+        return {
+            "upsert": upsert_rate,
+            "reach_ms": reach_ms,
+            "first_event_ms": (first_event - published) * 1000,
+            "acked_s": acked - published,
+            "completed_s": completed - published,
+            "duplicates": (await _accepted(http, segment_url))["duplicates"],
+            **{f"cpu:{name}": cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after},
+        }
 
 
 async def bench(users: int) -> None:
@@ -32,74 +274,61 @@ async def bench(users: int) -> None:
         embedded = EmbeddedInfrastructure(Path(mkdtemp(prefix="herald-bench-")))
         await asyncio.to_thread(embedded.start)
         database_url, nats_url = embedded.database_url, embedded.nats_url
-    segment_api = SegmentApi(write_keys={"wk_bench"})
-    await segment_api.start()
+    memory = PeakMemory()
+    memory.watch_servers()
+    sampler = asyncio.create_task(memory.sample_forever())
+    tag = uuid.uuid4().hex[:8]
     try:
-        async with fresh_settings(database_url, nats_url) as settings, running_platform(settings) as platform:
-            await _export(platform, segment_api, users)
+        async with (
+            fresh_settings(database_url, nats_url) as settings,
+            fake_segment(memory) as segment_url,
+            aiohttp.ClientSession() as http,
+        ):
+            async with service_processes(settings, memory) as addresses:
+                herald = await _herald_export(addresses, segment_url, tag, users, http, memory)
+            memory.watch("ceiling (bench process)", os.getpid())
+            ceiling_s = await run_ceiling(
+                settings.database_url,
+                settings.nats_url,
+                settings.namespace,
+                segment_url,
+                WRITE_KEY,
+                tag,
+                users,
+            )
     finally:
-        await segment_api.stop()
+        sampler.cancel()
         if embedded is not None:
             embedded.stop()
-
-
-async def _export(platform: Platform, segment_api: SegmentApi, users: int) -> None:
-    tag = uuid.uuid4().hex[:8]
-    started = time.perf_counter()
-    batch = 1000
-    for offset in range(0, users, batch):
-        await platform.segmentation.UpsertUsers(
-            segmentation_pb.UpsertUsersRequest(
-                users=[
-                    user(f"{tag}-{i:08d}", cohort=tag, first_name=f"U{i}", plan="gold")
-                    for i in range(offset, min(offset + batch, users))
-                ]
-            )
-        )
-    upserted = time.perf_counter()
-    segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    reach_start = time.perf_counter()
-    reach = await platform.segmentation.EstimateReach(
-        segmentation_pb.EstimateReachRequest(segment=segment.name)
-    )
-    reach_done = time.perf_counter()
-    assert reach.user_count == users
-    destination = await create_segment_destination(platform, segment_api.url, "wk_bench")
-    created = await platform.campaigns.CreateCampaign(
-        campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
-    )
-    publish = time.perf_counter()
-    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-
-    async def completed() -> bool:
-        got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
-        return bool(got.state == campaign_pb.State.STATE_COMPLETED)
-
-    first_event: float | None = None
-    while not await completed():
-        if first_event is None and segment_api.events:
-            first_event = time.perf_counter()
-        await asyncio.sleep(0.05)
-    done = time.perf_counter()
-    await eventually(completed)
-    stats = await platform.campaigns.GetCampaignStats(
-        campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
-    )
-    assert stats.sent == users and len(segment_api.events) == users and segment_api.duplicates == 0
-    requests = len([r for r in segment_api.requests if r.path == "/v1/batch"])
-    print(f"users                         {users}")
-    print(f"upsert                        {users / (upserted - started):10.0f} users/s")
-    print(f"estimate reach                {(reach_done - reach_start) * 1000:10.1f} ms")
-    print(f"publish -> first event        {((first_event or done) - publish) * 1000:10.1f} ms")
-    print(f"publish -> campaign completed {(done - publish):10.2f} s")
-    print(f"end-to-end delivery           {users / (done - publish):10.0f} deliveries/s")
-    print(f"Segment /v1/batch requests    {requests:10d}")
+    rate = users / herald["acked_s"]
+    ceiling_rate = users / ceiling_s
+    print(f"users                                  {users:>12,}")
+    print(f"upsert                                 {herald['upsert']:>12,.0f} users/s")
+    print(f"estimate reach                         {herald['reach_ms']:>12,.1f} ms")
+    print(f"publish -> first event at Segment      {herald['first_event_ms']:>12,.1f} ms")
+    print(f"publish -> last batch acknowledged     {herald['acked_s']:>12,.2f} s")
+    print(f"publish -> campaign COMPLETED          {herald['completed_s']:>12,.2f} s")
+    print(f"Herald delivery rate                   {rate:>12,.0f} deliveries/s   (target >= {TARGET_RATE:,})")
+    print(f"ceiling pipeline rate                  {ceiling_rate:>12,.0f} deliveries/s")
+    ratio = rate / ceiling_rate
+    print(f"Herald / ceiling                       {ratio:>12.0%}   (target >= {TARGET_RATIO:.0%})")
+    print(f"duplicates at Segment                  {herald['duplicates']:>12,}")
+    print("by process: peak RSS, and CPU seconds from publish to last batch acknowledged")
+    for name, peak in sorted(memory.peaks.items()):
+        cpu = herald.get(f"cpu:{name}")
+        cpu_text = f"{cpu:8.1f} s CPU" if cpu is not None else ""
+        print(f"  {name:<36} {peak / 2**20:>8,.0f} MiB {cpu_text}")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--users", type=int, default=20_000)
-    asyncio.run(bench(parser.parse_args().users))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, default=None, help="audience size (default 20,000)")
+    parser.add_argument("--full", action="store_true", help="the issue's full size: 1,000,000 users")
+    args = parser.parse_args()
+    users = args.users or (1_000_000 if args.full else 20_000)
+    asyncio.run(bench(users))
 
 
 if __name__ == "__main__":

@@ -49,17 +49,21 @@ class SegmentApi:
     _window: list[float] = field(default_factory=list)
     _runner: web.AppRunner | None = None
     url: str = ""
+    # Off for long benchmarks: keep message ids only, not every request and event body.
+    record_bodies: bool = True
+    request_count: int = 0
 
     def fail_next(self, count: int, status: int = 429, retry_after: float | None = 1) -> None:
         """Answers the next `count` requests with `status` (and Retry-After for 429/503)."""
         self._forced.extend([(status, retry_after or 0)] * count)
 
-    async def start(self) -> str:
+    async def start(self, port: int = 0) -> str:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_post("/v1/{call}", self._handle)
+        app.router.add_get("/_fake/stats", self._stats)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
@@ -96,47 +100,54 @@ class SegmentApi:
         self._window.append(now)
         return None
 
+    async def _stats(self, request: web.Request) -> web.Response:
+        """What a test in another process checks: accepted events, duplicates, requests."""
+        return web.json_response(
+            {"events": len(self.events), "duplicates": self.duplicates, "requests": self.request_count}
+        )
+
     async def _handle(self, request: web.Request) -> web.Response:
         call = request.match_info["call"]
         raw = await request.read()
-        headers = dict(request.headers)
-        body: Any = None
-        response = self._respond(call, raw, request.headers.get("Authorization", ""))
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            body = raw[:200]
-        self.requests.append(RecordedRequest(request.path, response.status, time.monotonic(), headers, body))
+        self.request_count += 1
+        response, body = self._respond(call, raw, request.headers.get("Authorization", ""))
+        if self.record_bodies:
+            recorded = body if body is not None else raw[:200]
+            self.requests.append(
+                RecordedRequest(
+                    request.path, response.status, time.monotonic(), dict(request.headers), recorded
+                )
+            )
         return response
 
-    def _respond(self, call: str, raw: bytes, authorization: str) -> web.Response:
+    def _respond(self, call: str, raw: bytes, authorization: str) -> tuple[web.Response, Any]:
         if call != "batch" and call not in CALL_TYPES:
-            return self._error(404, "not_found", f"unknown endpoint /v1/{call}")
+            return self._error(404, "not_found", f"unknown endpoint /v1/{call}"), None
         limited = self._rate_limited()
         if limited is not None:
-            return limited
+            return limited, None
         limit = MAX_BATCH_BYTES if call == "batch" else MAX_EVENT_BYTES
         if len(raw) > limit:
-            return self._error(400, "payload_too_large", f"request is over {limit} bytes")
+            return self._error(400, "payload_too_large", f"request is over {limit} bytes"), None
         try:
             body = json.loads(raw)
         except ValueError:
-            return self._error(400, "invalid_json", "request body is not valid JSON")
+            return self._error(400, "invalid_json", "request body is not valid JSON"), None
         if not isinstance(body, dict):
-            return self._error(400, "invalid_json", "request body must be a JSON object")
+            return self._error(400, "invalid_json", "request body must be a JSON object"), body
         write_key = body.get("writeKey") or _basic_user(authorization)
         if call == "batch":
             items = body.get("batch")
             if not isinstance(items, list):
-                return self._error(400, "invalid_batch", "batch must be a list")
+                return self._error(400, "invalid_batch", "batch must be a list"), body
             for item in items:
                 if len(json.dumps(item).encode()) > MAX_EVENT_BYTES:
-                    return self._error(400, "payload_too_large", "an event in the batch is over 32 KB")
+                    return self._error(400, "payload_too_large", "an event in the batch is over 32 KB"), body
         else:
             items = [{**body, "type": call}]
         for index, item in enumerate(items):
             self._accept(item, write_key, over_limit=index >= MAX_BATCH_EVENTS)
-        return web.json_response({"success": True})
+        return web.json_response({"success": True}), body
 
     def _accept(self, item: Any, write_key: str | None, *, over_limit: bool) -> None:
         reason = None
@@ -157,7 +168,7 @@ class SegmentApi:
         if message_id in self.events:
             self.duplicates += 1
             return
-        self.events[message_id] = {**item, "writeKey": write_key}
+        self.events[message_id] = {**item, "writeKey": write_key} if self.record_bodies else {}
 
 
 def _basic_user(authorization: str) -> str | None:
@@ -168,3 +179,28 @@ def _basic_user(authorization: str) -> str | None:
     except ValueError:
         return None
     return decoded.split(":", 1)[0]
+
+
+async def _serve(port: int, write_key: str) -> None:
+    """Runs the fake alone, for benchmarks that keep it off the services' processes."""
+    import asyncio
+
+    api = SegmentApi(write_keys={write_key}, record_bodies=False)
+    await api.start(port)
+    print(api.url, flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    import argparse
+    import asyncio
+
+    parser = argparse.ArgumentParser(description="A local Segment HTTP Tracking API")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--write-key", required=True)
+    args = parser.parse_args()
+    asyncio.run(_serve(args.port, args.write_key))
+
+
+if __name__ == "__main__":
+    main()

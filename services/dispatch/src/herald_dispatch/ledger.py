@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import api
@@ -52,7 +52,9 @@ class DeliveryLedger:
         async with self.database.transaction() as session:
             return set(
                 await session.scalars(
-                    sa.select(deliveries.c.delivery_id).where(deliveries.c.delivery_id.in_(ids))
+                    sa.select(deliveries.c.delivery_id).where(
+                        deliveries.c.delivery_id == sa.func.any(sa.cast(sa.literal(ids), ARRAY(sa.Text)))
+                    )
                 )
             )
 
