@@ -112,7 +112,7 @@ class SegmentApi:
         self.request_count += 1
         response, body = self._respond(call, raw, request.headers.get("Authorization", ""))
         if self.record_bodies:
-            recorded = body if body is not None else raw[:200]
+            recorded = body if body is not None else _parsed_or_prefix(raw)
             self.requests.append(
                 RecordedRequest(
                     request.path, response.status, time.monotonic(), dict(request.headers), recorded
@@ -169,6 +169,13 @@ class SegmentApi:
             self.duplicates += 1
             return
         self.events[message_id] = {**item, "writeKey": write_key} if self.record_bodies else {}
+
+
+def _parsed_or_prefix(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw[:200]
 
 
 def _basic_user(authorization: str) -> str | None:
