@@ -30,6 +30,15 @@ def _with_database(url: str, database: str) -> str:
     return urlunsplit((parts.scheme.split("+")[0], parts.netloc, f"/{database}", parts.query, ""))
 
 
+def admin_url(database_url: str) -> str:
+    """The same server's maintenance database, for operations on a test database."""
+    return _with_database(database_url, "postgres")
+
+
+def database_name(database_url: str) -> str:
+    return urlsplit(database_url).path.lstrip("/")
+
+
 @contextlib.asynccontextmanager
 async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Settings]:
     """Settings for a new database and NATS namespace, both removed on exit."""

@@ -33,3 +33,12 @@ async def test_run_fails_when_its_segment_was_deleted(platform: Platform, segmen
     fetched = await platform.scheduler.GetRun(scheduler_pb.GetRunRequest(name=runs.runs[0].name))
     assert fetched == runs.runs[0]
     assert segment_api.requests == []
+
+    async def campaign_failed() -> bool:
+        got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
+        return got.state == campaign_pb.State.STATE_FAILED
+
+    # Never COMPLETED: the campaign shows it failed, and why.
+    await eventually(campaign_failed)
+    got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
+    assert "NOT_FOUND" in got.failure_reason

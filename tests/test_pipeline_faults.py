@@ -1,0 +1,246 @@
+"""The delivery pipeline under faults: every delivery ends with one outcome, nothing is lost or
+sent twice, a stop stops, and one destination's trouble holds nobody else back."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import nats
+import pytest
+import sqlalchemy as sa
+from nats.js import JetStreamContext
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald_common.bus import Subjects
+from herald_common.outbox import OutboxEvent, enqueue
+from tests.conftest import Platform, eventually
+from tests.fakes.segment_api import SegmentApi
+from tests.harness import admin_url, database_name
+from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+
+
+@pytest.fixture
+async def js(platform: Platform) -> AsyncIterator[JetStreamContext]:
+    connection = await nats.connect(platform.settings.nats_url)
+    yield connection.jetstream()
+    await connection.close()
+
+
+async def _audience(
+    platform: Platform, size: int, **properties: object
+) -> tuple[str, segmentation_pb.Segment]:
+    tag = uuid.uuid4().hex[:8]
+    for offset in range(0, size, 1000):
+        await platform.segmentation.UpsertUsers(
+            segmentation_pb.UpsertUsersRequest(
+                users=[
+                    user(f"{tag}-{i:05d}", cohort=tag, first_name=f"U{i}", **properties)
+                    for i in range(offset, min(offset + 1000, size))
+                ]
+            )
+        )
+    return tag, await create_segment(platform, condition("cohort", "EQUALS", tag))
+
+
+async def _publish(platform: Platform, campaign: campaign_pb.Campaign) -> str:
+    created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    return created.name
+
+
+async def _state(platform: Platform, name: str) -> campaign_pb.State.ValueType:
+    return (await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))).state
+
+
+async def _stats(platform: Platform, name: str) -> campaign_pb.CampaignStats:
+    return await platform.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+    )
+
+
+async def _completed(platform: Platform, name: str, within: float = 60.0) -> campaign_pb.CampaignStats:
+    async def done() -> bool:
+        return await _state(platform, name) == campaign_pb.State.STATE_COMPLETED
+
+    await eventually(done, within=within)
+    return await _stats(platform, name)
+
+
+def _received(segment_api: SegmentApi, tag: str) -> list[str]:
+    return sorted(e["userId"] for e in segment_api.events.values() if e["userId"].startswith(tag))
+
+
+async def test_an_unpublishable_outbox_event_is_set_aside_and_the_rest_go_out(
+    platform: Platform, js: JetStreamContext
+) -> None:
+    infra = platform.hosts["campaign"].infra
+    subjects = Subjects(platform.settings.namespace)
+    too_large = OutboxEvent(f"{subjects.namespace}.campaign.test.poison", b"x" * (2 << 20), str(uuid.uuid4()))
+    after = OutboxEvent(f"{subjects.namespace}.campaign.test.after", uuid.uuid4().bytes, str(uuid.uuid4()))
+    async with infra.database.transaction() as session:
+        await enqueue(session, infra.relay.table, [too_large, after])
+    infra.relay.notify()
+
+    async def published() -> bool:
+        try:
+            last = await js.get_last_msg(subjects.stream("campaign"), after.subject)
+        except nats.js.errors.NotFoundError:
+            return False
+        return last.data == after.payload
+
+    await eventually(published)
+    t = infra.relay.table
+    async with infra.database.transaction() as session:
+        problem = await session.scalar(sa.select(t.c.problem).where(t.c.msg_id == too_large.msg_id))
+    assert problem is not None and "NATS accepts at most" in problem
+
+
+async def test_database_connections_dropped_mid_campaign_lose_and_double_nothing(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    tag, segment = await _audience(platform, 2500)
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    segment_api.max_requests_per_second = 4  # spread the export out so the fault lands mid-way
+    name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
+    database = database_name(platform.settings.database_url)
+    admin = await asyncpg.connect(admin_url(platform.settings.database_url))
+    try:
+        for _ in range(3):  # a failover: every service's connections are cut, more than once
+            await asyncio.sleep(0.4)
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE datname = $1 AND pid <> pg_backend_pid()",
+                database,
+            )
+    finally:
+        await admin.close()
+    stats = await _completed(platform, name, within=90)
+    assert (stats.targeted, stats.sent, stats.failed) == (2500, 2500, 0)
+    assert _received(segment_api, tag) == [f"{tag}-{i:05d}" for i in range(2500)]
+
+
+async def test_bad_profile_data_fails_one_delivery_with_its_reason(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    tag, segment = await _audience(platform, 3, code="SGVsbG8=")
+    await platform.segmentation.UpsertUsers(  # not valid UTF-8 once decoded
+        segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-bad", cohort=tag, code="/w==")])
+    )
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    campaign = segment_export_campaign(segment.name, destination.name)
+    campaign.segment_export.custom_properties["decoded"] = "{{ profile.code | base64_decode }}"
+    stats = await _completed(platform, await _publish(platform, campaign))
+    assert (stats.targeted, stats.sent, stats.failed) == (4, 3, 1)
+    [reason] = stats.failure_reasons
+    assert "personalization failed" in reason.reason and "UnicodeDecodeError" in reason.reason
+    assert list(reason.example_user_ids) == [f"{tag}-bad"]
+    assert _received(segment_api, tag) == [f"{tag}-{i:05d}" for i in range(3)]
+
+
+async def test_stop_halts_deliveries_already_planned(platform: Platform, segment_api: SegmentApi) -> None:
+    tag, segment = await _audience(platform, 3000)
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    segment_api.max_requests_per_second = 1  # one batch of 500 a second
+    name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
+
+    async def some_sent() -> bool:
+        return len(_received(segment_api, tag)) > 0
+
+    await eventually(some_sent)
+    await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=name))
+    stopped_at = len(_received(segment_api, tag))
+    await asyncio.sleep(4)
+    # At most the requests already on the wire when the stop was learnt (a lane's concurrency).
+    assert len(_received(segment_api, tag)) <= stopped_at + 8 * 500
+    assert len(_received(segment_api, tag)) < 3000
+
+    async def all_accounted() -> bool:
+        stats = await _stats(platform, name)
+        return stats.sent + stats.skipped + stats.failed == stats.targeted > 0
+
+    await eventually(all_accounted, within=60)
+    stats = await _stats(platform, name)
+    assert stats.skipped > 0 and stats.sent == len(_received(segment_api, tag))
+    assert await _state(platform, name) == campaign_pb.State.STATE_STOPPED
+
+
+async def test_a_destination_outage_is_ridden_out_and_shown_while_it_lasts(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    tag, segment = await _audience(platform, 600)
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    segment_api.fail_next(10, status=500, retry_after=None)  # five failures a batch: ~8 s of backoff
+    name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
+
+    async def waiting_shown() -> bool:
+        return "Segment answered 500" in (await _stats(platform, name)).waiting_reason
+
+    await eventually(waiting_shown)
+    stats = await _completed(platform, name)
+    assert (stats.targeted, stats.sent, stats.failed) == (600, 600, 0)
+    assert stats.waiting_reason == ""
+    assert _received(segment_api, tag) == [f"{tag}-{i:05d}" for i in range(600)]
+
+
+async def test_one_destinations_outage_does_not_hold_another_back(platform: Platform) -> None:
+    down, up = SegmentApi(write_keys={"wk_down"}), SegmentApi(write_keys={"wk_up"})
+    await down.start()
+    await up.start()
+    try:
+        down.fail_next(1000, status=503, retry_after=None)
+        _, segment = await _audience(platform, 1000)
+        stuck = await create_segment_destination(platform, down.url, "wk_down")
+        flowing = await create_segment_destination(platform, up.url, "wk_up")
+        stuck_name = await _publish(platform, segment_export_campaign(segment.name, stuck.name))
+        await asyncio.sleep(0.5)  # the first campaign's batches are in their lane, failing
+        stats = await _completed(
+            platform, await _publish(platform, segment_export_campaign(segment.name, flowing.name))
+        )
+        assert stats.sent == 1000
+        assert await _state(platform, stuck_name) == campaign_pb.State.STATE_RUNNING
+        await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=stuck_name))
+    finally:
+        await down.stop()
+        await up.stop()
+
+
+async def test_a_segment_or_destination_in_use_cannot_be_deleted(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    _, segment = await _audience(platform, 1)
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    campaign = segment_export_campaign(segment.name, destination.name)
+    campaign.schedule.send_later.send_time.FromSeconds(4_000_000_000)
+    await _publish(platform, campaign)
+
+    await asyncio.sleep(1)  # services learn of the publication from its CampaignChanged event
+    with pytest.raises(Exception, match="FAILED_PRECONDITION"):
+        await platform.segmentation.DeleteSegment(segmentation_pb.DeleteSegmentRequest(name=segment.name))
+    with pytest.raises(Exception, match="FAILED_PRECONDITION"):
+        await platform.dispatch.DeleteDestination(dispatch_pb.DeleteDestinationRequest(name=destination.name))
+
+
+async def test_streams_are_bounded_and_jobs_leave_once_delivered(
+    js: JetStreamContext, platform: Platform
+) -> None:
+    subjects = Subjects(platform.settings.namespace)
+    for name in subjects.streams():
+        info = await js.stream_info(name)
+        assert info.config.max_bytes and info.config.max_bytes > 0, name
+    jobs = await js.stream_info(subjects.stream("jobs"))
+    assert jobs.config.retention == nats.js.api.RetentionPolicy.WORK_QUEUE
