@@ -110,6 +110,28 @@ async def test_broken_personalization_is_refused(platform: Platform, references:
     assert "settings.api_key" in violations["campaign.segment_export.custom_properties[secret]"]
 
 
+async def test_templates_that_exceed_rendering_limits_are_refused(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    segment, destination = references
+    campaign = segment_export_campaign(segment, destination)
+    campaign.segment_export.custom_properties["spin"] = "{% for i in (1..10000000000) %}x{% endfor %}"
+    error = await _create_fails(platform, campaign)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "limit" in field_violations(error)["campaign.segment_export.custom_properties[spin]"]
+
+
+async def test_more_than_50_profile_attributes_are_refused(
+    platform: Platform, references: tuple[str, str]
+) -> None:
+    segment, destination = references
+    campaign = segment_export_campaign(segment, destination)
+    campaign.segment_export.profile_attributes.extend(f"attribute_{i}" for i in range(51))
+    error = await _create_fails(platform, campaign)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 50" in field_violations(error)["campaign.segment_export.profile_attributes"]
+
+
 async def test_malformed_segment_name_is_invalid_not_internal(
     platform: Platform, references: tuple[str, str]
 ) -> None:

@@ -13,7 +13,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from tests.conftest import Platform
-from tests.helpers import field_violations
+from tests.helpers import condition, field_violations, user
 
 Call = Callable[[Platform], Awaitable[Any]]
 
@@ -68,7 +68,122 @@ CASES: list[tuple[str, Call, str]] = [
         lambda p: p.segmentation.GetUser(segmentation_pb.GetUserRequest(name="users/has space")),
         "name",
     ),
+    (
+        "NaN in a user property",
+        lambda p: p.segmentation.UpsertUsers(
+            segmentation_pb.UpsertUsersRequest(users=[user("nan-user", score=float("nan"))])
+        ),
+        "users[0].properties.fields['score'].number_value",
+    ),
+    (
+        "NUL in a user property",
+        lambda p: p.segmentation.UpsertUsers(
+            segmentation_pb.UpsertUsersRequest(users=[user("nul-user", name="a\x00b")])
+        ),
+        "users[0].properties.fields['name'].string_value",
+    ),
+    (
+        "profile over 256 KB",
+        lambda p: p.segmentation.UpsertUsers(
+            segmentation_pb.UpsertUsersRequest(users=[user("big-user", bio="x" * 300_000)])
+        ),
+        "users[0].properties",
+    ),
+    (
+        "NUL in a segment name",
+        lambda p: p.segmentation.CreateSegment(
+            segmentation_pb.CreateSegmentRequest(
+                segment=segmentation_pb.Segment(
+                    display_name="a\x00b",
+                    filter=segmentation_pb.SegmentFilter(conditions=[condition("plan", "EXISTS")]),
+                )
+            )
+        ),
+        "segment.display_name",
+    ),
+    (
+        "Infinity in a filter value",
+        lambda p: p.segmentation.CreateSegment(
+            segmentation_pb.CreateSegmentRequest(
+                segment=segmentation_pb.Segment(
+                    display_name="inf",
+                    filter=segmentation_pb.SegmentFilter(
+                        conditions=[condition("score", "GREATER_THAN", float("inf"))]
+                    ),
+                )
+            )
+        ),
+        "segment.filter.conditions[0].value.number_value",
+    ),
+    (
+        "unknown match",
+        lambda p: p.segmentation.CreateSegment(
+            segmentation_pb.CreateSegmentRequest(
+                segment=segmentation_pb.Segment(
+                    display_name="m",
+                    filter=segmentation_pb.SegmentFilter(match=7, conditions=[condition("plan", "EXISTS")]),  # type: ignore[arg-type]
+                )
+            )
+        ),
+        "segment.filter.match",
+    ),
+    (
+        "unknown operator",
+        lambda p: p.segmentation.CreateSegment(
+            segmentation_pb.CreateSegmentRequest(
+                segment=segmentation_pb.Segment(
+                    display_name="o",
+                    filter=segmentation_pb.SegmentFilter(
+                        conditions=[segmentation_pb.PropertyCondition(property="plan", operator=99)]  # type: ignore[arg-type]
+                    ),
+                )
+            )
+        ),
+        "segment.filter.conditions[0].operator",
+    ),
+    (
+        "EXISTS with a value",
+        lambda p: p.segmentation.CreateSegment(
+            segmentation_pb.CreateSegmentRequest(
+                segment=segmentation_pb.Segment(
+                    display_name="e",
+                    filter=segmentation_pb.SegmentFilter(conditions=[condition("plan", "EXISTS", "gold")]),
+                )
+            )
+        ),
+        "segment.filter.conditions[0].value",
+    ),
+    (
+        "link-local destination",
+        lambda p: _destination(p, "http://169.254.169.254"),
+        "destination.segment.endpoint_url",
+    ),
+    (
+        "private destination",
+        lambda p: _destination(p, "https://10.1.2.3"),
+        "destination.segment.endpoint_url",
+    ),
+    (
+        "plain http destination",
+        lambda p: _destination(p, "http://93.184.216.34"),
+        "destination.segment.endpoint_url",
+    ),
+    (
+        "NUL in a destination",
+        lambda p: _destination(p, "https://api.segment.io", write_key="k\x00ey"),
+        "destination.segment.write_key",
+    ),
 ]
+
+
+def _destination(p: Platform, url: str, write_key: str = "wk_1234") -> Any:
+    return p.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(
+                display_name="d", segment=dispatch_pb.SegmentConfig(write_key=write_key, endpoint_url=url)
+            )
+        )
+    )
 
 
 @pytest.mark.parametrize(("case", "call", "field"), CASES, ids=[c[0] for c in CASES])
@@ -76,7 +191,8 @@ async def test_malformed_request(platform: Platform, case: str, call: Call, fiel
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await call(platform)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value.details()
-    assert field in field_violations(raised.value)
+    violations = field_violations(raised.value)
+    assert field in violations, violations
 
 
 async def test_malformed_audience_stream_is_invalid(platform: Platform) -> None:
