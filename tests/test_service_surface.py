@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import grpc
@@ -39,3 +40,16 @@ async def test_reflection_and_health(platform: Platform, service: str) -> None:
         for name in ("", EXPECTED[service]):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=name))
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+async def test_a_busy_port_stops_a_second_instance_with_the_setting_to_change(platform: Platform) -> None:
+    from herald_common.grpc_server import PortInUse
+    from herald_segmentation import main as segmentation_main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        for port in (busy, platform.hosts["segmentation"].port):  # any program, or Herald itself
+            with pytest.raises(PortInUse, match="HERALD_SEGMENTATION_PORT"):
+                await segmentation_main.start(platform.settings, port=port)

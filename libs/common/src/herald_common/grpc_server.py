@@ -142,6 +142,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+class PortInUse(RuntimeError):
+    """The service's port is taken (another instance, or another program)."""
+
+
 Registrar = Callable[[grpc.aio.Server], None]
 
 
@@ -149,7 +153,8 @@ class GrpcServer:
     """A started gRPC server with health and reflection for the given service names."""
 
     def __init__(self, service_names: Sequence[str], register: Registrar) -> None:
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+        # No SO_REUSEPORT: a second process on the same port must fail, not share it silently.
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         register(self.server)
@@ -159,8 +164,13 @@ class GrpcServer:
         )
         self.port = 0
 
-    async def start(self, host: str, port: int) -> int:
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+    async def start(self, host: str, port: int, port_setting: str = "the port setting") -> int:
+        try:
+            self.port = self.server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:
+            raise PortInUse(
+                f"{host}:{port} is already in use; choose another port with {port_setting}"
+            ) from None
         await self.server.start()
         await self.set_serving(True)
         return self.port

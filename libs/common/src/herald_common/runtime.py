@@ -17,7 +17,7 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import bus
 from herald_common.bus import EventT, LaneConsumer, MessageHandler, PullConsumer, Subjects, decode_batch
 from herald_common.db import Database, make_engine, migrate
-from herald_common.grpc_server import GrpcServer, Registrar, wait_for_termination_signal
+from herald_common.grpc_server import GrpcServer, PortInUse, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
 from herald_common.outbox import OutboxRelay
 from herald_common.settings import Settings
@@ -185,7 +185,11 @@ class ServiceHost:
         port: int,
     ) -> ServiceHost:
         server = GrpcServer(service_names, register)
-        await server.start(infra.settings.host, port)
+        try:
+            await server.start(infra.settings.host, port, f"HERALD_{name.upper()}_PORT")
+        except Exception:
+            await infra.close()
+            raise
         log.info("service_started", service=name, port=server.port)
         host = cls(name, infra, server)
         host._health_task = asyncio.create_task(host._watch_health(), name=f"health:{name}")
@@ -223,7 +227,11 @@ def run(start: Callable[[Settings], Awaitable[ServiceHost]]) -> None:
     configure_logging(settings.log_level)
 
     async def serve() -> None:
-        host = await start(settings)
+        try:
+            host = await start(settings)
+        except PortInUse as error:
+            log.error("port_in_use", error=str(error))
+            raise SystemExit(f"herald: {error}") from None
         await wait_for_termination_signal()
         await host.stop()
 
