@@ -142,6 +142,12 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return handler
 
 
+# Health service name that stays SERVING while the process runs, for liveness and startup probes:
+# a database outage makes a service not ready ("" and its own names), but restarting it would
+# not help.
+LIVENESS_SERVICE = "liveness"
+
+
 class PortInUse(RuntimeError):
     """The service's port is taken (another instance, or another program)."""
 
@@ -173,6 +179,7 @@ class GrpcServer:
             ) from None
         await self.server.start()
         await self.set_serving(True)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
     async def set_serving(self, serving: bool) -> None:
