@@ -27,9 +27,15 @@ def asyncpg_url(url: str) -> str:
 
 
 def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
-    # No pre-ping on every checkout: a connection lost to a database restart fails its statement,
-    # which callers treat as transient and retry.
-    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 10, "pool_recycle": 300}
+    # Pre-ping: after a database restart or failover, pooled connections are dead; checking on
+    # checkout (work is batched, so checkouts are few) keeps that from failing requests.
+    # hide_parameters: bound values (credentials, profile data) never reach logs or errors.
+    options: dict[str, Any] = {
+        "pool_size": 10,
+        "max_overflow": 10,
+        "pool_pre_ping": True,
+        "hide_parameters": True,
+    }
     options.update(kwargs)
     return create_async_engine(asyncpg_url(database_url), **options)
 

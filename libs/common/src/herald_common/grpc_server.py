@@ -23,6 +23,7 @@ from herald_common.errors import (
     NotFound,
     Unavailable,
 )
+from herald_common.faults import is_transient
 from herald_common.logging import get_logger
 
 log = get_logger(__name__)
@@ -91,7 +92,10 @@ async def _abort(context: Any, error: DomainError) -> None:
     await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
-async def _internal(context: Any) -> None:
+async def _internal(context: Any, error: Exception) -> None:
+    if is_transient(error):  # the database or NATS is away for a moment: the caller may retry
+        log.warning("rpc_unavailable", error=repr(error)[:300])
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "a dependency is unavailable; retry shortly")
     # A bug, not a bad request: keep the details in the log, not in the caller's hands.
     log.exception("rpc_failed")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
@@ -113,8 +117,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     return await inner_unary(request, context)
                 except DomainError as error:
                     await _abort(context, error)
-                except Exception:
-                    await _internal(context)
+                except Exception as error:
+                    await _internal(context, error)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -131,8 +135,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                         yield response
                 except DomainError as error:
                     await _abort(context, error)
-                except Exception:
-                    await _internal(context)
+                except Exception as error:
+                    await _internal(context, error)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
