@@ -160,6 +160,16 @@ def campaign_changed_problem(event: events.CampaignChanged) -> str | None:
     return None
 
 
+def newest_campaign_changes(changes: Sequence[events.CampaignChanged]) -> list[events.CampaignChanged]:
+    """The highest version of each campaign among `changes` (a batch may hold several)."""
+    newest: dict[str, events.CampaignChanged] = {}
+    for change in changes:
+        held = newest.get(change.campaign.name)
+        if held is None or held.version < change.version:
+            newest[change.campaign.name] = change
+    return list(newest.values())
+
+
 StopCallback = Callable[[], Awaitable[None]]
 
 

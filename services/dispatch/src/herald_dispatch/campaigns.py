@@ -17,6 +17,7 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald_common.db import Database
 from herald_common.faults import NotReady
+from herald_common.runtime import newest_campaign_changes
 from herald_dispatch.storage import campaigns
 
 CACHE_SECONDS = 1.0
@@ -41,11 +42,7 @@ class CampaignBook:
 
     async def apply(self, changes: Sequence[events.CampaignChanged]) -> None:
         """Keeps the newest version of each campaign; older events arriving late change nothing."""
-        newest: dict[str, events.CampaignChanged] = {}
-        for change in changes:
-            held = newest.get(change.campaign.name)
-            if held is None or held.version < change.version:
-                newest[change.campaign.name] = change
+        newest = newest_campaign_changes(changes)
         if not newest:
             return
         statement = insert(campaigns)
@@ -69,11 +66,11 @@ class CampaignBook:
                         "destination": c.campaign.destination,
                         "snapshot": c.campaign.SerializeToString(),
                     }
-                    for c in newest.values()
+                    for c in newest
                 ],
             )
-        for name in newest:
-            self._cache.pop(name, None)
+        for change in newest:
+            self._cache.pop(change.campaign.name, None)
 
     async def using(self, destination: str) -> list[str]:
         """Scheduled or running campaigns that deliver to `destination`."""

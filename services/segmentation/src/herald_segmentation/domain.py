@@ -19,6 +19,7 @@ from herald_common import api
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.paging import keyset_page
+from herald_common.runtime import newest_campaign_changes
 from herald_common.validation import check_text_fields
 from herald_segmentation.filters import to_sql, validate_filter
 from herald_segmentation.storage import campaign_audiences, segments, users
@@ -185,11 +186,7 @@ class Segmentation:
 
     async def record_campaigns(self, changes: Sequence[events.CampaignChanged]) -> None:
         """Keeps which segment each campaign targets and its state; newest version wins."""
-        newest: dict[str, events.CampaignChanged] = {}
-        for change in changes:
-            held = newest.get(change.campaign.name)
-            if held is None or held.version < change.version:
-                newest[change.campaign.name] = change
+        newest = newest_campaign_changes(changes)
         if not newest:
             return
         statement = insert(campaign_audiences)
@@ -211,7 +208,7 @@ class Segmentation:
                         "state": campaign_pb.State.Name(c.campaign.state),
                         "version": c.version,
                     }
-                    for c in newest.values()
+                    for c in newest
                 ],
             )
 
