@@ -10,7 +10,6 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass, field
 
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -77,17 +76,12 @@ class DeliveryWorker:
         )
 
     async def handle(self, msg: Msg) -> None:
-        batch = events.DeliveryBatch()
-        try:
-            batch.ParseFromString(msg.data)
-        except DecodeError as error:
-            reason = f"undecodable DeliveryBatch: {error}"
-            await bus.dead_letter(self.infra.js, self.infra.subjects, self.consumer_name, msg, reason)
+        decoded = await bus.decode_batch(
+            self.infra.js, self.infra.subjects, self.consumer_name, [msg], events.DeliveryBatch, batch_problem
+        )
+        if not decoded:  # dead-lettered with the reason
             return
-        problem = batch_problem(batch)
-        if problem:
-            await bus.dead_letter(self.infra.js, self.infra.subjects, self.consumer_name, msg, problem)
-            return
+        [(_, batch)] = decoded
         if batch.batch_id in self._in_flight:
             raise NotReady(f"{batch.batch_id} is being delivered already")
         self._in_flight.add(batch.batch_id)
