@@ -9,7 +9,7 @@ UV_VERSION := 0.13.8
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run test lint proto proto-check bench clean
+.PHONY: install run test chaos lint proto proto-check bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -28,6 +28,10 @@ run: install
 ## Run the whole test suite (real PostgreSQL, NATS and gRPC servers).
 test: install
 	$(BIN)/pytest
+
+## The whole fault suite: every service, PostgreSQL and NATS killed in turn during an export.
+chaos: install
+	$(BIN)/pytest tests/test_chaos.py --all-faults
 
 ## Static checks: ruff, mypy --strict, buf lint.
 lint: install

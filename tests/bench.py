@@ -13,8 +13,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,7 +25,6 @@ from tempfile import mkdtemp
 import aiohttp
 import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as campaign_grpc
@@ -41,17 +38,11 @@ from herald_common.settings import Settings
 from tests.ceiling import run_ceiling
 from tests.harness import fresh_settings
 from tests.helpers import condition, segment_export_campaign, user
+from tests.processes import ServiceProcesses
 
-SERVICES = ("segmentation", "dispatch", "campaign", "scheduler")
 TARGET_RATE = 17_000  # deliveries/s: 1M in 60 s
 TARGET_RATIO = 0.5
 WRITE_KEY = "wk_bench"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PeakMemory:
@@ -98,9 +89,8 @@ class PeakMemory:
 
 
 @asynccontextmanager
-async def service_processes(settings: Settings, memory: PeakMemory) -> AsyncIterator[dict[str, str]]:
-    """The four services as child processes; yields their addresses."""
-    ports = {name: _free_port() for name in SERVICES}
+async def service_processes(settings: Settings, memory: PeakMemory) -> AsyncIterator[ServiceProcesses]:
+    """The four services as child processes, as deployed."""
     env = {
         **os.environ,
         "DATABASE_URL": settings.database_url,
@@ -108,40 +98,16 @@ async def service_processes(settings: Settings, memory: PeakMemory) -> AsyncIter
         "HERALD_NAMESPACE": settings.namespace,
         "HERALD_ALLOWED_DESTINATION_NETWORKS": "127.0.0.0/8,::1/128",
         "LOG_LEVEL": "warning",
-        **{f"HERALD_{name.upper()}_PORT": str(port) for name, port in ports.items()},
     }
-    children = {}
-    for name in SERVICES:
-        children[name] = subprocess.Popen([sys.executable, "-m", f"herald_{name}.main"], env=env)  # noqa: ASYNC220
-        memory.watch(name, children[name].pid)
-    addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items()}
+    services = ServiceProcesses(env, Path(mkdtemp(prefix="herald-bench-logs-")))
     try:
-        for address in addresses.values():
-            await _wait_serving(address)
-        yield addresses
+        await services.start()
+        for process in services.processes:
+            assert process.process is not None
+            memory.watch(process.service, process.process.pid)
+        yield services
     finally:
-        for child in children.values():
-            child.send_signal(signal.SIGTERM)
-        for child in children.values():
-            try:
-                child.wait(30)
-            except subprocess.TimeoutExpired:
-                child.kill()
-
-
-async def _wait_serving(address: str) -> None:
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        for _ in range(300):
-            try:
-                request = health_pb2.HealthCheckRequest()
-                answer = await stub.Check(request, timeout=1)  # type: ignore[attr-defined]
-                if answer.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"{address} did not start")
+        await services.stop()
 
 
 @asynccontextmanager
@@ -189,7 +155,7 @@ async def _upsert(channel: grpc.aio.Channel, tag: str, users: int) -> float:
 
 
 async def _herald_export(
-    addresses: dict[str, str],
+    services: ServiceProcesses,
     segment_url: str,
     tag: str,
     users: int,
@@ -197,9 +163,9 @@ async def _herald_export(
     memory: PeakMemory,
 ) -> dict[str, float]:
     async with (
-        grpc.aio.insecure_channel(addresses["segmentation"]) as segmentation,
-        grpc.aio.insecure_channel(addresses["campaign"]) as campaigns_channel,
-        grpc.aio.insecure_channel(addresses["dispatch"]) as dispatch_channel,
+        grpc.aio.insecure_channel(services.address("segmentation")) as segmentation,
+        grpc.aio.insecure_channel(services.address("campaign")) as campaigns_channel,
+        grpc.aio.insecure_channel(services.address("dispatch")) as dispatch_channel,
     ):
         upsert_rate = await _upsert(segmentation, tag, users)
         segments = segmentation_grpc.SegmentationServiceStub(segmentation)
@@ -284,8 +250,8 @@ async def bench(users: int) -> None:
             fake_segment(memory) as segment_url,
             aiohttp.ClientSession() as http,
         ):
-            async with service_processes(settings, memory) as addresses:
-                herald = await _herald_export(addresses, segment_url, tag, users, http, memory)
+            async with service_processes(settings, memory) as services:
+                herald = await _herald_export(services, segment_url, tag, users, http, memory)
             memory.watch("ceiling (bench process)", os.getpid())
             ceiling_s = await run_ceiling(
                 settings.database_url,

@@ -24,6 +24,22 @@ from tests.harness import Platform, fresh_settings, running_platform
 __all__ = ["Platform", "eventually"]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--all-faults", action="store_true", help="run every case of the fault suite (`make chaos`)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without --all-faults, the fault suite runs its fast subset only."""
+    if config.getoption("--all-faults"):
+        return
+    slow = [item for item in items if item.get_closest_marker("full_chaos")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("full_chaos")]
+
+
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(PostgreSQL URL, NATS URL) of the servers the tests run against."""

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -44,6 +45,8 @@ class SegmentApi:
     # Accepted events by messageId, first copy wins.
     events: dict[str, dict[str, Any]] = field(default_factory=dict)
     duplicates: int = 0
+    # The messageIds that arrived more than once.
+    duplicated_ids: set[str] = field(default_factory=set)
     dropped: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
     _forced: list[tuple[int, float]] = field(default_factory=list)
     _window: list[float] = field(default_factory=list)
@@ -52,10 +55,22 @@ class SegmentApi:
     # Off for long benchmarks: keep message ids only, not every request and event body.
     record_bodies: bool = True
     request_count: int = 0
+    # An outage: every request answered with (status, Retry-After) until the monotonic deadline.
+    _failing: tuple[float, int, float | None] = (0.0, 0, None)
+    _hanging_until: float = 0.0
 
     def fail_next(self, count: int, status: int = 429, retry_after: float | None = 1) -> None:
         """Answers the next `count` requests with `status` (and Retry-After for 429/503)."""
         self._forced.extend([(status, retry_after or 0)] * count)
+
+    def fail_for(self, seconds: float, status: int = 500, retry_after: float | None = None) -> None:
+        """Answers every request with `status` for the next `seconds` (an outage, or a long 429)."""
+        self._failing = (time.monotonic() + seconds, status, retry_after)
+
+    def hang_for(self, seconds: float) -> None:
+        """For the next `seconds`, takes requests in but answers none of them until the time is up:
+        the events arrive, the caller times out, and its retries are duplicates."""
+        self._hanging_until = time.monotonic() + seconds
 
     async def start(self, port: int = 0) -> str:
         app = web.Application(client_max_size=8 * 1024 * 1024)
@@ -78,8 +93,12 @@ class SegmentApi:
 
     def _rate_limited(self) -> web.Response | None:
         now = time.monotonic()
-        if self._forced:
-            status, retry_after = self._forced.pop(0)
+        failing_until, failing_status, failing_retry_after = self._failing
+        if self._forced or now < failing_until:
+            if self._forced:
+                status, retry_after = self._forced.pop(0)
+            else:
+                status, retry_after = failing_status, failing_retry_after or 0
             headers = {}
             if retry_after:
                 headers = {"Retry-After": str(int(retry_after)), "X-RateLimit-Reset": str(int(retry_after))}
@@ -111,6 +130,9 @@ class SegmentApi:
         raw = await request.read()
         self.request_count += 1
         response, body = self._respond(call, raw, request.headers.get("Authorization", ""))
+        hang = self._hanging_until - time.monotonic()
+        if hang > 0:
+            await asyncio.sleep(hang)
         if self.record_bodies:
             recorded = body if body is not None else _parsed_or_prefix(raw)
             self.requests.append(
@@ -167,6 +189,7 @@ class SegmentApi:
         message_id = item.get("messageId") or f"server-{len(self.events)}"
         if message_id in self.events:
             self.duplicates += 1
+            self.duplicated_ids.add(message_id)
             return
         self.events[message_id] = {**item, "writeKey": write_key} if self.record_bodies else {}
 
@@ -190,8 +213,6 @@ def _basic_user(authorization: str) -> str | None:
 
 async def _serve(port: int, write_key: str) -> None:
     """Runs the fake alone, for benchmarks that keep it off the services' processes."""
-    import asyncio
-
     api = SegmentApi(write_keys={write_key}, record_bodies=False)
     await api.start(port)
     print(api.url, flush=True)
@@ -200,7 +221,6 @@ async def _serve(port: int, write_key: str) -> None:
 
 def main() -> None:
     import argparse
-    import asyncio
 
     parser = argparse.ArgumentParser(description="A local Segment HTTP Tracking API")
     parser.add_argument("--port", type=int, default=0)

@@ -31,7 +31,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def _nats_server_binary() -> str:
+def nats_server_binary() -> str:
     beside_python = Path(sys.executable).parent / "nats-server"
     if beside_python.exists():
         return str(beside_python)
@@ -41,7 +41,7 @@ def _nats_server_binary() -> str:
     return found
 
 
-def _wait_for_port(host: str, port: int, timeout: float) -> None:
+def wait_for_port(host: str, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with socket.socket() as sock:
@@ -95,12 +95,12 @@ class EmbeddedInfrastructure:
         store.mkdir(exist_ok=True)
         log_file = open(self.data_dir / "nats.log", "ab")  # noqa: SIM115 - lives as long as the server
         self._nats = subprocess.Popen(
-            [_nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        _wait_for_port("127.0.0.1", port, timeout=20)
+        wait_for_port("127.0.0.1", port, timeout=20)
         self.nats_url = f"nats://127.0.0.1:{port}"
         log.info("embedded_nats_started", url=self.nats_url)
 

@@ -41,6 +41,9 @@ class Settings:
     # except inside these networks (CIDRs) an operator allows; `make run` and the tests allow
     # loopback.
     allowed_destination_networks: tuple[str, ...] = ()
+    # A scheduler replica holds a run it plans for this long past its last progress; a run whose
+    # owner died is taken over once its lease runs out.
+    run_lease_seconds: float = 60.0
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -72,6 +75,7 @@ class Settings:
             max_deliveries=int(env.get("HERALD_MAX_DELIVERIES", "10")),
             redelivery_base_seconds=float(env.get("HERALD_REDELIVERY_BASE_SECONDS", "2")),
             ack_wait_seconds=float(env.get("HERALD_ACK_WAIT_SECONDS", "30")),
+            run_lease_seconds=float(env.get("HERALD_RUN_LEASE_SECONDS", "60")),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
             ),

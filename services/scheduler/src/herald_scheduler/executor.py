@@ -35,7 +35,6 @@ from herald_scheduler.storage import campaigns, outbox, runs
 log = get_logger(__name__)
 
 RunState = pb.RunState
-LEASE = timedelta(seconds=60)
 AUDIENCE_PAGE_SIZE = 1000
 # A DeliveryBatch carries at most this many recipients and bytes: well inside NATS's 1 MB.
 BATCH_RECIPIENTS = 500
@@ -131,6 +130,7 @@ class RunExecutor:
         notify_outbox: Callable[[], None],
         poll_seconds: float = 0.5,
         max_concurrent_runs: int = 4,
+        lease_seconds: float = 60.0,
     ) -> None:
         self.database = database
         self.subjects = subjects
@@ -138,6 +138,7 @@ class RunExecutor:
         self.audiences = segmentation_grpc.SegmentationServiceStub(segmentation)
         self.notify_outbox = notify_outbox
         self.max_concurrent_runs = max_concurrent_runs
+        self.lease = timedelta(seconds=lease_seconds)
         self.owner = uuid.uuid4().hex
         self._active: set[asyncio.Task[None]] = set()
         self._loop = WakeableLoop("run-executor", self._claim_next, poll_seconds)
@@ -192,7 +193,7 @@ class RunExecutor:
                     .values(
                         state=_RUNNING,
                         lease_owner=self.owner,
-                        lease_until=sa.func.now() + LEASE,
+                        lease_until=sa.func.now() + self.lease,
                         started_at=sa.func.coalesce(runs.c.started_at, sa.func.now()),
                         version=runs.c.version + 1,
                     )
@@ -279,7 +280,7 @@ class RunExecutor:
                     cursor=last,
                     targeted=runs.c.targeted + len(members),
                     audience_size=runs.c.audience_size + len(members),
-                    lease_until=sa.func.now() + LEASE,
+                    lease_until=sa.func.now() + self.lease,
                     version=runs.c.version + 1,
                 )
                 .returning(*runs.c)

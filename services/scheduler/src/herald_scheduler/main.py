@@ -30,7 +30,14 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     run_events = RunEvents(infra.subjects)
     planner = Planner(infra.database, run_events)
     segmentation = grpc.aio.insecure_channel(settings.address("segmentation"))
-    executor = RunExecutor(infra.database, infra.subjects, run_events, segmentation, infra.relay.notify)
+    executor = RunExecutor(
+        infra.database,
+        infra.subjects,
+        run_events,
+        segmentation,
+        infra.relay.notify,
+        lease_seconds=settings.run_lease_seconds,
+    )
     servicer = SchedulerServicer(RunQueries(infra.database))
 
     def register(server: grpc.aio.Server) -> None:

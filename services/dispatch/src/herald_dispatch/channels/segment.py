@@ -24,7 +24,7 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import channels, personalization
 from herald_common.errors import Validator
 from herald_common.logging import get_logger
-from herald_dispatch.channels import FAILED, SENT, SKIPPED, Outcome, SendContext, mask_secret
+from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext, mask_secret
 from herald_dispatch.retry import backoff_seconds, is_retryable, retry_after_seconds
 
 log = get_logger(__name__)
@@ -145,10 +145,14 @@ class SegmentChannel:
                 encoded.append(_Encoded(recipient, event))
         config = context.destination.segment
         for batch in _batches(encoded):
-            status, attempts, reason = await self._post(context, config, batch)
+            status, attempts, reason, sent_twice = await self._post(context, config, batch)
             outcomes.extend(
                 Outcome(
-                    item.recipient, status, attempts, reason, item.recipient.delivery_id in context.resent
+                    item.recipient,
+                    status,
+                    attempts,
+                    reason,
+                    sent_twice or item.recipient.delivery_id in context.resent,
                 )
                 for item in batch
             )
@@ -156,7 +160,9 @@ class SegmentChannel:
 
     async def _post(
         self, context: SendContext, config: pb.SegmentConfig, batch: Sequence[_Encoded]
-    ) -> tuple[events.DeliveryStatus.ValueType, int, str]:
+    ) -> tuple[events.DeliveryStatus.ValueType, int, str, bool]:
+        """Posts one batch until Segment answers for good: (status, attempts, reason, sent again
+        after an attempt that may have arrived)."""
         url = config.endpoint_url.rstrip("/") + "/v1/batch"
         credentials = base64.b64encode(f"{config.write_key}:".encode()).decode()
         events_json = ",".join(item.json for item in batch)
@@ -165,9 +171,14 @@ class SegmentChannel:
         retries = 0
         started = time.monotonic()
         waiting = False
+        # A request that timed out or lost its connection after being sent may have arrived:
+        # the retry is a resend that Segment de-duplicates on messageId.
+        maybe_arrived = False
         while True:
             if not await context.wanted():
-                return SKIPPED, attempts, "campaign stopped"
+                if maybe_arrived:
+                    return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
+                return SKIPPED, attempts, "campaign stopped", False
             await context.permit()
             attempts += 1
             body = f'{{"batch":[{events_json}],"sentAt":"{_iso_millis(time.time())}","writeKey":{write_key}}}'
@@ -189,17 +200,19 @@ class SegmentChannel:
                 if 200 <= status < 300:
                     if waiting:
                         await context.waiting(None)
-                    return SENT, attempts, ""
+                    return SENT, attempts, "", maybe_arrived
                 problem = f"Segment answered {status}{_error_code(text)}"
                 if not is_retryable(status):
                     if waiting:
                         await context.waiting(None)
-                    return FAILED, attempts, problem
+                    return FAILED, attempts, problem, maybe_arrived
             except (aiohttp.ClientError, TimeoutError, OSError) as error:
                 problem = f"Segment unreachable: {type(error).__name__}"
+                maybe_arrived = maybe_arrived or not isinstance(error, aiohttp.ClientConnectorError)
             elapsed = time.monotonic() - started
             if elapsed > self.max_retry_seconds:
-                return FAILED, attempts, f"gave up after {elapsed / 3600:.1f} h of failures; {problem}"
+                reason = f"gave up after {elapsed / 3600:.1f} h of failures; {problem}"
+                return FAILED, attempts, reason, maybe_arrived
             if retry_after:
                 wait = retry_after  # a rate limit with a deadline: it does not spend the retry budget
             else:

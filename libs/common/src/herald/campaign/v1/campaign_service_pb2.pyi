@@ -316,7 +316,9 @@ class CampaignStats(_message.Message):
     safely send again.
     """
     resent: _builtins.int
-    """Deliveries sent a second time after a crash, de-duplicated by the destination's own id."""
+    """Deliveries sent again after an attempt that may have arrived (a crash, a timed-out request),
+    de-duplicated by the destination's own id.
+    """
     waiting_reason: _builtins.str
     """Set while a destination holds deliveries back (an outage, a rate limit); they are retried."""
     @_builtins.property

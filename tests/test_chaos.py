@@ -1,0 +1,321 @@
+"""The fault suite: Herald deployed as separate processes (two dispatch replicas) against a
+PostgreSQL and a nats-server of its own, exporting 20,000 users to the fake Segment API while one
+part after another is killed, frozen or made to fail.
+
+Every case asserts what the campaign's owner would check: every member received, a duplicate only
+where Segment's messageId makes it harmless and Herald counted it as resent, the campaign
+COMPLETED with exact stats, and nothing done by hand (a killed service is restarted by the
+supervisor, as Kubernetes would).
+
+`make test` runs the cases marked as the fast subset; `make chaos` runs all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+import pytest
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.campaign.v1 import campaign_service_pb2_grpc as campaign_grpc
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from tests.fakes.segment_api import SegmentApi
+from tests.helpers import condition, segment_export_campaign, user
+from tests.processes import OwnNats, OwnPostgres, ServiceProcesses, health
+
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
+
+AUDIENCE = 20_000
+ACK_WAIT_SECONDS = 5
+SETTINGS = {
+    "HERALD_ACK_WAIT_SECONDS": str(ACK_WAIT_SECONDS),
+    "HERALD_RUN_LEASE_SECONDS": "10",
+    "HERALD_SHUTDOWN_GRACE_SECONDS": "2",
+    "HERALD_REDELIVERY_BASE_SECONDS": "1",
+    "HERALD_ALLOWED_DESTINATION_NETWORKS": "127.0.0.0/8",
+    "HERALD_NAMESPACE": "chaos",
+    "LOG_LEVEL": "warning",
+}
+
+
+@dataclass
+class Cluster:
+    postgres: OwnPostgres
+    nats: OwnNats
+    services: ServiceProcesses
+    database_url: str
+    segmentation: segmentation_grpc.SegmentationServiceAsyncStub
+    campaigns: campaign_grpc.CampaignServiceAsyncStub
+    dispatch: dispatch_grpc.DispatchServiceAsyncStub
+
+
+@pytest.fixture(scope="module")
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+    root = tmp_path_factory.mktemp("chaos")
+    postgres = OwnPostgres(root / "postgres")
+    await asyncio.to_thread(postgres.init)
+    postgres.start()
+    await postgres.wait_ready()
+    admin = await asyncpg.connect(postgres.url)
+    await admin.execute("CREATE DATABASE herald")
+    await admin.close()
+    nats_server = OwnNats(root / "nats")
+    nats_server.start()
+    database_url = postgres.url.rsplit("/", 1)[0] + "/herald"
+    env = {**os.environ, **SETTINGS, "DATABASE_URL": database_url, "NATS_URL": nats_server.url}
+    services = ServiceProcesses(env, root / "logs", replicas={"dispatch": 2})
+    channels: list[grpc.aio.Channel] = []
+    try:
+        await services.start()
+        channels = [
+            grpc.aio.insecure_channel(services.address(s)) for s in ("segmentation", "campaign", "dispatch")
+        ]
+        yield Cluster(
+            postgres,
+            nats_server,
+            services,
+            database_url,
+            segmentation_grpc.SegmentationServiceStub(channels[0]),
+            campaign_grpc.CampaignServiceStub(channels[1]),
+            dispatch_grpc.DispatchServiceStub(channels[2]),
+        )
+    finally:
+        for channel in channels:
+            await channel.close()
+        await services.stop()
+        nats_server.stop()
+        postgres.stop()
+
+
+@dataclass
+class Export:
+    campaign: str
+    users: set[str]
+    segment_api: SegmentApi
+
+
+async def _start_export(cluster: Cluster, segment_api: SegmentApi) -> Export:
+    tag = uuid.uuid4().hex[:8]
+    users = [f"{tag}-{i:05d}" for i in range(AUDIENCE)]
+    for offset in range(0, AUDIENCE, 1000):
+        await cluster.segmentation.UpsertUsers(
+            segmentation_pb.UpsertUsersRequest(
+                users=[
+                    user(user_id, cohort=tag, first_name=f"U{i}", plan="gold", code=f"C{i % 97}")
+                    for i, user_id in enumerate(users[offset : offset + 1000], start=offset)
+                ]
+            )
+        )
+    segment = await cluster.segmentation.CreateSegment(
+        segmentation_pb.CreateSegmentRequest(
+            segment=segmentation_pb.Segment(
+                display_name=f"chaos {tag}",
+                filter=segmentation_pb.SegmentFilter(
+                    match=segmentation_pb.Match.MATCH_ALL, conditions=[condition("cohort", "EQUALS", tag)]
+                ),
+            )
+        )
+    )
+    [write_key] = segment_api.write_keys
+    destination = await cluster.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(
+                display_name=f"chaos {tag}",
+                segment=dispatch_pb.SegmentConfig(write_key=write_key, endpoint_url=segment_api.url),
+            )
+        )
+    )
+    created = await cluster.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
+    )
+    await cluster.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    return Export(created.name, set(users), segment_api)
+
+
+async def _until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {within}s")
+        await asyncio.sleep(0.05)
+
+
+async def _received(export: Export, count: int) -> None:
+    async def enough() -> bool:
+        return len(export.segment_api.events) >= count
+
+    await _until(enough, 120, f"{count} events at Segment")
+
+
+async def _planning(cluster: Cluster, export: Export) -> None:
+    """Waits until the run has planned its first page: the fault then lands mid-run."""
+
+    async def started() -> bool:
+        connection = await asyncpg.connect(cluster.database_url)
+        try:
+            targeted = await connection.fetchval(
+                "SELECT max(targeted) FROM scheduler.runs WHERE campaign = $1", export.campaign
+            )
+        finally:
+            await connection.close()
+        return bool(targeted)
+
+    await _until(started, 120, "run planning")
+
+
+async def _completed(cluster: Cluster, export: Export, within: float = 400) -> campaign_pb.CampaignStats:
+    """The campaign's stats once it is COMPLETED; services may be restarting meanwhile."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            got = await cluster.campaigns.GetCampaign(
+                campaign_pb.GetCampaignRequest(name=export.campaign), timeout=5
+            )
+            if got.state == campaign_pb.State.STATE_FAILED:
+                raise AssertionError(f"campaign FAILED: {got.failure_reason}")
+            if got.state == campaign_pb.State.STATE_COMPLETED:
+                return await cluster.campaigns.GetCampaignStats(
+                    campaign_pb.GetCampaignStatsRequest(name=f"{export.campaign}/stats"), timeout=5
+                )
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise
+        await asyncio.sleep(0.5)
+    received = len(export.segment_api.events)
+    raise AssertionError(
+        f"campaign not COMPLETED within {within}s ({received} of {AUDIENCE} received)\n"
+        + cluster.services.logs()
+    )
+
+
+def _assert_everyone_received_once(export: Export, stats: campaign_pb.CampaignStats) -> None:
+    received = {event["userId"] for event in export.segment_api.events.values()}
+    missing = export.users - received
+    assert not missing, f"{len(missing)} members never received, e.g. {sorted(missing)[:3]}"
+    assert received == export.users
+    # One event per member: the messageId is the member's delivery id, reused on every retry.
+    assert len(export.segment_api.events) == AUDIENCE
+    assert (stats.targeted, stats.sent, stats.failed, stats.skipped, stats.unknown) == (
+        AUDIENCE,
+        AUDIENCE,
+        0,
+        0,
+        0,
+    ), stats
+    # Every delivery Segment got more than once was sent again knowingly, and counted.
+    duplicated = len(export.segment_api.duplicated_ids)
+    assert duplicated <= stats.resent, (duplicated, stats.resent)
+    assert not stats.waiting_reason
+
+
+Fault = Callable[[Cluster, Export], Awaitable[None]]
+
+
+async def _kill_services(cluster: Cluster, service: str) -> None:
+    for process in cluster.services.of(service):
+        process.kill()  # the supervisor starts it again
+
+
+async def dispatch_killed(cluster: Cluster, export: Export) -> None:
+    await _received(export, AUDIENCE // 10)
+    await _kill_services(cluster, "dispatch")
+
+
+async def scheduler_killed(cluster: Cluster, export: Export) -> None:
+    await _planning(cluster, export)
+    await _kill_services(cluster, "scheduler")
+
+
+async def campaign_killed(cluster: Cluster, export: Export) -> None:
+    await _received(export, AUDIENCE // 10)
+    await _kill_services(cluster, "campaign")
+
+
+async def segmentation_killed(cluster: Cluster, export: Export) -> None:
+    await _planning(cluster, export)
+    await _kill_services(cluster, "segmentation")
+
+
+async def nats_killed(cluster: Cluster, export: Export) -> None:
+    await _received(export, AUDIENCE // 10)
+    cluster.nats.kill()
+    await asyncio.sleep(3)
+    cluster.nats.start()  # same port, same store
+
+
+async def postgres_killed(cluster: Cluster, export: Export) -> None:
+    await _received(export, AUDIENCE // 10)
+    cluster.postgres.kill()
+    # While the database is away the services say so, for probes and operators.
+    address = cluster.services.address("campaign")
+
+    async def not_serving() -> bool:
+        return await health(address) == "NOT_SERVING"
+
+    await _until(not_serving, 15, "campaign NOT_SERVING while PostgreSQL is down")
+    cluster.postgres.start()  # crash recovery on the same data
+
+
+async def destination_fails_for_20s(cluster: Cluster, export: Export) -> None:
+    await _received(export, AUDIENCE // 10)
+    export.segment_api.fail_for(20, status=500)
+
+
+async def destination_rate_limits(cluster: Cluster, export: Export) -> None:
+    await _received(export, AUDIENCE // 10)
+    export.segment_api.fail_for(6, status=429, retry_after=2)
+
+
+async def destination_hangs_for_60s(cluster: Cluster, export: Export) -> None:
+    await _received(export, AUDIENCE // 10)
+    export.segment_api.hang_for(60)
+
+
+async def dispatch_frozen_past_ack_wait(cluster: Cluster, export: Export) -> None:
+    await _received(export, AUDIENCE // 10)
+    frozen = cluster.services.of("dispatch")[0]
+    frozen.signal(signal.SIGSTOP)
+    await asyncio.sleep(ACK_WAIT_SECONDS * 3)  # its batches go to the other replica meanwhile
+    frozen.signal(signal.SIGCONT)
+
+
+FAST = [dispatch_killed, postgres_killed]
+FULL = [
+    scheduler_killed,
+    campaign_killed,
+    segmentation_killed,
+    nats_killed,
+    destination_fails_for_20s,
+    destination_rate_limits,
+    destination_hangs_for_60s,
+    dispatch_frozen_past_ack_wait,
+]
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [pytest.param(f, id=f.__name__) for f in FAST]
+    + [pytest.param(f, id=f.__name__, marks=pytest.mark.full_chaos) for f in FULL],
+)
+async def test_export_survives(cluster: Cluster, fault: Fault) -> None:
+    await cluster.services.wait_serving()
+    segment_api = SegmentApi(write_keys={f"wk_{uuid.uuid4().hex}"})
+    await segment_api.start()
+    try:
+        export = await _start_export(cluster, segment_api)
+        await fault(cluster, export)
+        stats = await _completed(cluster, export)
+        _assert_everyone_received_once(export, stats)
+    finally:
+        await segment_api.stop()
