@@ -28,3 +28,42 @@ def test_problems_are_explained() -> None:
     assert "unknown variable 'campaign.name'" in (personalization.problem("{{ campaign.name }}") or "")
     assert "unknown variable 'profile'" in (personalization.problem("{{ profile }}") or "")
     assert "at most" in (personalization.problem("x" * 5000) or "")
+
+
+def test_common_fields_render_exactly_as_liquid_does() -> None:
+    """Simple fields skip the Liquid engine; what they render must not change."""
+    sources = [
+        "{{ profile.first_name }}",
+        'Hi {{ profile.first_name | default: "there" }}, your code is {{ profile.code }}',
+        "{{profile.code}}{{ profile.code }} }} text",
+        "{{ profile.plan | default: 'free' }}!",
+        "{{ profile.size }} {{ profile.first }} {{ profile.last }}",
+        "{{- profile.first_name }} {{ profile.missing | upcase }}",
+        '{{ profile.first_name | default: "" }}',
+        "{{\n profile.first_name\t}}",
+    ]
+    profiles: list[dict[str, object]] = [
+        {},
+        {"first_name": "Ada", "code": 7, "plan": "gold"},
+        {"first_name": "", "code": 0, "plan": ""},
+        {"first_name": None, "code": -12, "plan": None},
+        {"first_name": True, "code": 1.5, "plan": False},
+        {"first_name": ["a", "b"], "code": {"x": 1}, "plan": "  "},
+        {"first_name": "<b>é</b>", "code": 10**30, "size": "S", "first": None},
+        {"first_name": "x" * 40_000},
+    ]
+    engine = personalization._environment
+    for source in sources:
+        for profile in profiles:
+            expected: str | None
+            try:
+                expected = engine.from_string(source).render(profile=profile)
+            except Exception:
+                expected = None  # fails for this recipient
+            got: str | None
+            try:
+                got = personalization.render(source, profile)
+            except personalization.PersonalizationError:
+                got = None
+            assert got == expected, (source, profile)
+    assert personalization._simple_parts(sources[1]) is not None  # the common shape takes the short way

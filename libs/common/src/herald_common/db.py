@@ -10,13 +10,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, MetaData, text
+from sqlalchemy import Connection, MetaData, event, text
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 
 def asyncpg_url(url: str) -> str:
@@ -27,17 +29,24 @@ def asyncpg_url(url: str) -> str:
 
 
 def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
-    # Pre-ping: after a database restart or failover, pooled connections are dead; checking on
-    # checkout (work is batched, so checkouts are few) keeps that from failing requests.
     # hide_parameters: bound values (credentials, profile data) never reach logs or errors.
-    options: dict[str, Any] = {
-        "pool_size": 10,
-        "max_overflow": 10,
-        "pool_pre_ping": True,
-        "hide_parameters": True,
-    }
+    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 10, "hide_parameters": True}
     options.update(kwargs)
-    return create_async_engine(asyncpg_url(database_url), **options)
+    engine = create_async_engine(asyncpg_url(database_url), **options)
+    event.listen(engine.sync_engine, "checkout", _replace_closed_connection)
+    return engine
+
+
+def _replace_closed_connection(
+    dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+) -> None:
+    """After a database restart or failover the server has closed the pooled connections; one
+    found closed at checkout is replaced, so the restart fails no request. This costs no round
+    trip, unlike pool_pre_ping's three; a connection that dies unnoticed fails its first statement,
+    which invalidates the pool and is retried as a transient failure."""
+    driver = record.driver_connection
+    if driver is not None and driver.is_closed():
+        raise DisconnectionError("connection closed by the server")
 
 
 class Database:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from typing import Any
 
@@ -20,6 +21,7 @@ from herald_dispatch.netguard import NetworkPolicy
 from herald_dispatch.storage import destinations
 
 MAX_DISPLAY_NAME = 200
+CACHE_SECONDS = 1.0
 
 
 class Destinations:
@@ -34,6 +36,8 @@ class Destinations:
         self.channels = channels_by_type
         self.policy = policy
         self.campaigns = campaigns
+        # Destinations as the workers use them (secrets revealed), each read at most once a second.
+        self._for_delivery: dict[str, tuple[float, pb.Destination]] = {}
 
     def _channel(self, destination: pb.Destination) -> Channel | None:
         config = destination.WhichOneof("config")
@@ -120,6 +124,16 @@ class Destinations:
         if row is None:
             raise NotFound(name, field)
         return self._message(row, reveal_secrets=reveal_secrets)
+
+    async def for_delivery(self, name: str) -> pb.Destination:
+        """The destination with its secrets, for sending; a change reaches the workers within
+        CACHE_SECONDS."""
+        held = self._for_delivery.get(name)
+        if held is not None and time.monotonic() - held[0] < CACHE_SECONDS:
+            return held[1]
+        destination = await self.load(name, "destination", reveal_secrets=True)
+        self._for_delivery[name] = (time.monotonic(), destination)
+        return destination
 
     async def list(self, size: int, token: str) -> tuple[list[pb.Destination], str]:
         async with self.database.transaction() as session:

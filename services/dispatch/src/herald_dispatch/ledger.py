@@ -11,7 +11,6 @@ import uuid
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, insert
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import api
@@ -19,7 +18,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_dispatch.channels import Outcome
-from herald_dispatch.storage import batch_attempts, deliveries, outbox
+from herald_dispatch.storage import outbox
 
 _STATUS_NAMES = {
     events.DeliveryStatus.DELIVERY_STATUS_SENT: "sent",
@@ -40,36 +39,36 @@ _RECORD = sa.text(
     """
 )
 
+_BEGIN = sa.text(
+    """
+    WITH attempt AS (
+        INSERT INTO dispatch.batch_attempts AS b (batch_id, attempts) VALUES (:batch_id, 1)
+        ON CONFLICT (batch_id) DO UPDATE SET attempts = b.attempts + 1, started_at = now()
+        RETURNING attempts
+    )
+    SELECT (SELECT attempts FROM attempt) AS attempts,
+           ARRAY(SELECT delivery_id FROM dispatch.deliveries
+                 WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished
+    """
+)
+
 
 class DeliveryLedger:
     def __init__(self, database: Database, subjects: Subjects) -> None:
         self.database = database
         self.subjects = subjects
 
-    async def finished(self, batch: events.DeliveryBatch) -> set[str]:
-        """The batch's deliveries that already have a final result (the batch was handed over again)."""
-        ids = [r.delivery_id for r in batch.recipients]
+    async def begin(self, batch: events.DeliveryBatch) -> tuple[set[str], bool]:
+        """Records an attempt at the batch, before anything is sent, in one round trip. Returns the
+        deliveries that already have a final result (the batch was handed over again) and whether
+        the batch was attempted before, so that deliveries without a result may have been sent."""
         async with self.database.transaction() as session:
-            return set(
-                await session.scalars(
-                    sa.select(deliveries.c.delivery_id).where(
-                        deliveries.c.delivery_id == sa.func.any(sa.cast(sa.literal(ids), ARRAY(sa.Text)))
-                    )
+            row = (
+                await session.execute(
+                    _BEGIN, {"batch_id": batch.batch_id, "ids": [r.delivery_id for r in batch.recipients]}
                 )
-            )
-
-    async def attempt(self, batch: events.DeliveryBatch) -> bool:
-        """Records an attempt at sending the batch, before sending; True if it was attempted before,
-        so deliveries without a result may have been sent."""
-        async with self.database.transaction() as session:
-            statement = insert(batch_attempts).values(batch_id=batch.batch_id, attempts=1)
-            attempts = await session.scalar(
-                statement.on_conflict_do_update(
-                    index_elements=[batch_attempts.c.batch_id],
-                    set_={"attempts": batch_attempts.c.attempts + 1, "started_at": sa.func.now()},
-                ).returning(batch_attempts.c.attempts)
-            )
-        return (attempts or 1) > 1
+            ).one()
+        return set(row.finished), row.attempts > 1
 
     async def record(self, batch: events.DeliveryBatch, outcomes: Sequence[Outcome]) -> int:
         """Stores results not stored before and reports them in one DeliveryOutcomes event."""

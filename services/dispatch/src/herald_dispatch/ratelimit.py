@@ -1,12 +1,15 @@
 """A per-destination request rate shared by every dispatch replica, counted in PostgreSQL.
 
 Windows are seconds of the database's clock, so replicas whose clocks disagree still share them.
+A replica takes permits in blocks (a twentieth of the rate) and spends them within the same
+second, so the database sees a few takes a second, not one per request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 import sqlalchemy as sa
 
@@ -14,10 +17,14 @@ from herald_common.db import Database
 
 _TAKE = sa.text(
     """
-    INSERT INTO dispatch.rate_windows AS w (destination, second, used)
-    VALUES (:destination, floor(extract(epoch FROM clock_timestamp()))::bigint, 1)
-    ON CONFLICT (destination, second) DO UPDATE SET used = w.used + 1 WHERE w.used < :limit
-    RETURNING used
+    INSERT INTO dispatch.rate_windows AS w (destination, second, used, granted)
+    VALUES (:destination, floor(extract(epoch FROM clock_timestamp()))::bigint,
+            LEAST(CAST(:block AS int), CAST(:limit AS int)), LEAST(CAST(:block AS int), CAST(:limit AS int)))
+    ON CONFLICT (destination, second) DO UPDATE
+        SET used = w.used + LEAST(CAST(:block AS int), CAST(:limit AS int) - w.used),
+            granted = LEAST(CAST(:block AS int), CAST(:limit AS int) - w.used)
+        WHERE w.used < CAST(:limit AS int)
+    RETURNING granted, 1 - (extract(epoch FROM clock_timestamp()) - second) AS seconds_left
     """
 )
 _FORGET = sa.text(
@@ -26,6 +33,7 @@ _FORGET = sa.text(
     WHERE second < floor(extract(epoch FROM clock_timestamp()))::bigint - 60
     """
 )
+BLOCKS_PER_SECOND = 20
 
 
 class SharedRateLimiter:
@@ -33,13 +41,23 @@ class SharedRateLimiter:
 
     def __init__(self, database: Database) -> None:
         self.database = database
+        # Permits this replica holds per destination, and when their second ends (monotonic).
+        self._held: dict[str, tuple[int, float]] = {}
 
     async def acquire(self, destination: str, limit: int) -> None:
         while True:
+            permits, until = self._held.get(destination, (0, 0.0))
+            if permits > 0 and time.monotonic() < until:
+                self._held[destination] = (permits - 1, until)
+                return
+            block = max(1, limit // BLOCKS_PER_SECOND)
             async with self.database.transaction() as session:
-                used = await session.scalar(_TAKE, {"destination": destination, "limit": limit})
+                row = (
+                    await session.execute(_TAKE, {"destination": destination, "limit": limit, "block": block})
+                ).first()
                 if random.random() < 0.01:  # old windows are of no use; clear them now and then
                     await session.execute(_FORGET)
-            if used is not None:
+            if row is not None and row.granted > 0:
+                self._held[destination] = (row.granted - 1, time.monotonic() + float(row.seconds_left))
                 return
             await asyncio.sleep(random.uniform(0.05, 0.2))

@@ -67,6 +67,8 @@ rate_windows = sa.Table(
     sa.Column("destination", sa.Text, primary_key=True),
     sa.Column("second", sa.BigInteger, primary_key=True),
     sa.Column("used", sa.Integer, nullable=False),
+    # Permits handed out by the latest take.
+    sa.Column("granted", sa.Integer, nullable=False, server_default="0"),
 )
 
 outbox = outbox_table(metadata)

@@ -93,7 +93,7 @@ class DeliveryWorker:
 
     async def deliver(self, batch: events.DeliveryBatch) -> None:
         known = await self.campaigns.get(batch.campaign, batch.campaign_version)
-        finished = await self.ledger.finished(batch)
+        finished, attempted_before = await self.ledger.begin(batch)
         pending = list({r.delivery_id: r for r in batch.recipients if r.delivery_id not in finished}.values())
         if not pending:
             return
@@ -101,22 +101,26 @@ class DeliveryWorker:
             state = campaign_pb.State.Name(known.campaign.state).removeprefix("STATE_").lower()
             outcomes = [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
         else:
-            outcomes = await self._send(batch, known.campaign, pending)
+            outcomes = await self._send(batch, known.campaign, pending, attempted_before)
         if await self.ledger.record(batch, outcomes):
             self.infra.relay.notify()
 
     async def _send(
-        self, batch: events.DeliveryBatch, campaign: campaign_pb.Campaign, pending: list[events.Recipient]
+        self,
+        batch: events.DeliveryBatch,
+        campaign: campaign_pb.Campaign,
+        pending: list[events.Recipient],
+        attempted_before: bool,
     ) -> list[Outcome]:
         try:
-            destination = await self.destinations.load(batch.destination, "destination", reveal_secrets=True)
+            destination = await self.destinations.for_delivery(batch.destination)
         except DomainError:
             return [Outcome(r, FAILED, reason=f"{batch.destination} does not exist") for r in pending]
         if destination.type != self.channel.kind.destination_enum:
             reason = f"{batch.destination} is not a {self.channel.kind.destination_type} destination"
             return [Outcome(r, FAILED, reason=reason) for r in pending]
         resent: set[str] = set()
-        if await self.ledger.attempt(batch):
+        if attempted_before:
             if not self.channel.resend_unknown:
                 reason = "attempted before a restart; result unknown and not sent again"
                 return [Outcome(r, UNKNOWN, reason=reason) for r in pending]

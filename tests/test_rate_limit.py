@@ -1,0 +1,38 @@
+"""The per-destination request rate is shared by every dispatch replica."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+from herald_common.db import Database, make_engine
+from herald_dispatch.ratelimit import SharedRateLimiter
+from tests.conftest import Platform
+
+
+async def test_two_replicas_together_stay_within_the_destination_rate(platform: Platform) -> None:
+    engines = [make_engine(platform.settings.database_url, pool_size=2) for _ in range(2)]
+    replicas = [SharedRateLimiter(Database(engine)) for engine in engines]
+    destination = f"destinations/{uuid.uuid4()}"
+    limit, seconds = 40, 3.0
+    granted: list[float] = []
+
+    async def send_as_fast_as_allowed(limiter: SharedRateLimiter) -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            await limiter.acquire(destination, limit)
+            if time.monotonic() >= deadline:
+                return
+            granted.append(time.monotonic())
+
+    try:
+        await asyncio.gather(*(send_as_fast_as_allowed(r) for r in replicas for _ in range(3)))
+    finally:
+        for engine in engines:
+            await engine.dispose()
+    # Windows are the database's seconds: `seconds` of sending touch at most seconds + 1 of them.
+    assert len(granted) <= limit * (seconds + 1)
+    assert len(granted) >= limit * (seconds - 1)
+    # No stretch of one second ever carries more than two windows' worth.
+    assert max(sum(1 for t in granted if start <= t < start + 1.0) for start in granted) <= 2 * limit
