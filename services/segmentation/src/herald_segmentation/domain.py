@@ -32,6 +32,13 @@ _DELIVERING = {"STATE_SCHEDULED", "STATE_RUNNING"}
 MAX_AUDIENCE_PAGE = 5000
 MAX_AUDIENCE_PAGE_BYTES = 1 << 20
 DEFAULT_AUDIENCE_PAGE = 500
+# More than a tenth of the profiles changed since the last ANALYZE (autovacuum's own threshold).
+_STATISTICS_STALE = sa.text(
+    """
+    SELECT n_mod_since_analyze > 1000 + 0.1 * n_live_tup
+    FROM pg_stat_user_tables WHERE schemaname = 'segmentation' AND relname = 'users'
+    """
+)
 
 
 def _valid_timezone(name: str) -> bool:
@@ -220,6 +227,17 @@ class Segmentation:
             )
         return int(count or 0)
 
+    async def _refresh_statistics_if_stale(self) -> None:
+        """Profiles loaded just before a campaign runs leave the planner's statistics behind until
+        autovacuum catches up, and with them it may read the whole table for every page. An
+        audience read starts with statistics that describe the table."""
+        async with self.database.transaction() as session:
+            stale = await session.scalar(_STATISTICS_STALE)
+            if stale and await session.scalar(
+                sa.text("SELECT pg_try_advisory_xact_lock(hashtext('analyze:users'))")
+            ):
+                await session.execute(sa.text("ANALYZE segmentation.users"))
+
     async def stream_audience(
         self, request: pb.StreamAudienceRequest
     ) -> AsyncIterator[list[pb.AudienceMember]]:
@@ -242,6 +260,7 @@ class Segmentation:
             else sa.literal({}, JSONB)
         )
         condition = to_sql(segment.filter)
+        await self._refresh_statistics_if_stale()
         after = request.start_after_user_id
         while True:
             async with self.database.transaction() as session:
