@@ -1,6 +1,7 @@
 """`make bench`: a Segment export to N users, the four services running as separate processes as
-they are deployed, the fake Segment API in a process of its own, and beside it the ceiling: a
-minimal hand-written pipeline doing the same essential work (tests/ceiling.py).
+they are deployed (dispatch with two replicas), the fake Segment API in a process of its own,
+and beside it the ceiling: a minimal hand-written pipeline doing the same essential work
+(tests/ceiling.py).
 
 Prints throughput, the ratio to the ceiling and every process's peak RSS next to the targets.
 Runs against DATABASE_URL / NATS_URL when set, else embedded servers. `--full` runs the 1M-user
@@ -99,12 +100,13 @@ async def service_processes(settings: Settings, memory: PeakMemory) -> AsyncIter
         "HERALD_ALLOWED_DESTINATION_NETWORKS": "127.0.0.0/8,::1/128",
         "LOG_LEVEL": "warning",
     }
-    services = ServiceProcesses(env, Path(mkdtemp(prefix="herald-bench-logs-")))
+    # Dispatch does most of the work per delivery: two replicas, as a deployment would scale it.
+    services = ServiceProcesses(env, Path(mkdtemp(prefix="herald-bench-logs-")), replicas={"dispatch": 2})
     try:
         await services.start()
         for process in services.processes:
             assert process.process is not None
-            memory.watch(process.service, process.process.pid)
+            memory.watch(process.name, process.process.pid)
         yield services
     finally:
         await services.stop()
