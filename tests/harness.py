@@ -18,6 +18,7 @@ from herald.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_campaign import main as campaign_main
 from herald_common.bus import Subjects
+from herald_common.embedded import free_port
 from herald_common.runtime import ServiceHost
 from herald_common.settings import Settings
 from herald_dispatch import main as dispatch_main
@@ -86,19 +87,20 @@ class Platform:
 
 @contextlib.asynccontextmanager
 async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
-    """All four services on ephemeral 127.0.0.1 ports, wired to each other."""
-    hosts: dict[str, ServiceHost] = {}
-    hosts["segmentation"] = await segmentation_main.start(settings, port=0)
-    hosts["dispatch"] = await dispatch_main.start(settings, port=0)
+    """All four services on free 127.0.0.1 ports, wired to each other."""
+    # Every service may call every other (campaign checks references, segmentation and dispatch
+    # ask campaign whether what they delete is in use): ports are chosen before any starts.
+    ports = {name: free_port() for name in ("segmentation", "dispatch", "campaign", "scheduler")}
     wired = replace(
         settings,
-        addresses={
-            "segmentation": f"127.0.0.1:{hosts['segmentation'].port}",
-            "dispatch": f"127.0.0.1:{hosts['dispatch'].port}",
-        },
+        ports=ports,
+        addresses={name: f"127.0.0.1:{port}" for name, port in ports.items()},
     )
-    hosts["campaign"] = await campaign_main.start(wired, port=0)
-    hosts["scheduler"] = await scheduler_main.start(wired, port=0)
+    hosts: dict[str, ServiceHost] = {}
+    hosts["segmentation"] = await segmentation_main.start(wired)
+    hosts["dispatch"] = await dispatch_main.start(wired)
+    hosts["campaign"] = await campaign_main.start(wired)
+    hosts["scheduler"] = await scheduler_main.start(wired)
     channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{h.port}") for name, h in hosts.items()}
     try:
         yield Platform(

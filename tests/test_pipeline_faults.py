@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
+import grpc
 import nats
 import pytest
 import sqlalchemy as sa
@@ -21,7 +22,14 @@ from herald_common.outbox import OutboxEvent, enqueue
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import admin_url, database_name
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+from tests.helpers import (
+    condition,
+    create_segment,
+    create_segment_destination,
+    field_violations,
+    segment_export_campaign,
+    user,
+)
 
 
 @pytest.fixture
@@ -226,13 +234,55 @@ async def test_a_segment_or_destination_in_use_cannot_be_deleted(
     )
     campaign = segment_export_campaign(segment.name, destination.name)
     campaign.schedule.send_later.send_time.FromSeconds(4_000_000_000)
-    await _publish(platform, campaign)
+    name = await _publish(platform, campaign)
 
-    await asyncio.sleep(1)  # services learn of the publication from its CampaignChanged event
-    with pytest.raises(Exception, match="FAILED_PRECONDITION"):
+    # Refused the moment the publication is answered, naming the campaign that uses them.
+    with pytest.raises(grpc.aio.AioRpcError) as segment_refused:
         await platform.segmentation.DeleteSegment(segmentation_pb.DeleteSegmentRequest(name=segment.name))
-    with pytest.raises(Exception, match="FAILED_PRECONDITION"):
+    assert segment_refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert name in (segment_refused.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as destination_refused:
         await platform.dispatch.DeleteDestination(dispatch_pb.DeleteDestinationRequest(name=destination.name))
+    assert destination_refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert name in (destination_refused.value.details() or "")
+
+    # Once the campaign is stopped, they are free to go.
+    await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=name))
+    await platform.segmentation.DeleteSegment(segmentation_pb.DeleteSegmentRequest(name=segment.name))
+    await platform.dispatch.DeleteDestination(dispatch_pb.DeleteDestinationRequest(name=destination.name))
+
+
+async def test_campaigns_can_be_found_by_segment_destination_and_state(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    _, segment = await _audience(platform, 1)
+    _, other_segment = await _audience(platform, 1)
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    later = segment_export_campaign(segment.name, destination.name)
+    later.schedule.send_later.send_time.FromSeconds(4_000_000_000)
+    scheduled = await _publish(platform, later)
+    draft = await platform.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
+    )
+    await platform.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=segment_export_campaign(other_segment.name, destination.name)
+        )
+    )
+
+    async def found(**query: object) -> list[str]:
+        listed = await platform.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest(**query))  # type: ignore[arg-type]
+        return [c.name for c in listed.campaigns]
+
+    assert await found(segment=segment.name) == [draft.name, scheduled]
+    assert await found(segment=segment.name, states=[campaign_pb.State.STATE_SCHEDULED]) == [scheduled]
+    assert len(await found(destination=destination.name)) == 3
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await found(states=[99])
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "STATE_SCHEDULED" in field_violations(bad.value)["states[0]"]
 
 
 async def test_streams_are_bounded_and_jobs_leave_once_delivered(

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
+from herald_common import deadlines
 from herald_common.errors import (
     DomainError,
     FailedPrecondition,
@@ -79,7 +80,8 @@ def status_for(error: DomainError) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message=error.message, details=[_pack(info)])
 
 
-def _bind_request(details: Any) -> None:
+def _bind_request(details: Any, context: Any) -> None:
+    deadlines.serving(context.time_remaining())
     metadata = dict(details.invocation_metadata or ())
     request_id = metadata.get("x-request-id") or uuid.uuid4().hex
     structlog.contextvars.clear_contextvars()
@@ -112,7 +114,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: Any) -> Any:
-                _bind_request(handler_call_details)
+                _bind_request(handler_call_details, context)
                 try:
                     return await inner_unary(request, context)
                 except DomainError as error:
@@ -129,7 +131,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                _bind_request(handler_call_details)
+                _bind_request(handler_call_details, context)
                 try:
                     async for response in inner_stream(request, context):
                         yield response

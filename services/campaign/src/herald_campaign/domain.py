@@ -116,6 +116,16 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
                     check.add(field, problem)
 
 
+def _spec_columns(spec: pb.Campaign) -> dict[str, Any]:
+    """The stored spec and the references it holds, kept in columns so campaigns can be found by
+    what they use."""
+    return {
+        "spec": spec.SerializeToString(),
+        "segment": spec.audience.segment,
+        "destination": spec.destination,
+    }
+
+
 def _spec(campaign: pb.Campaign) -> pb.Campaign:
     """The campaign as stored: what the user defined, without output-only fields."""
     spec = pb.Campaign()
@@ -167,8 +177,8 @@ class Campaigns:
                     .values(
                         id=uuid.uuid4(),
                         state=_state_name(State.STATE_DRAFT),
-                        spec=spec.SerializeToString(),
                         request_id=request_id or None,
+                        **_spec_columns(spec),
                     )
                     .on_conflict_do_nothing(index_elements=[campaigns.c.request_id])
                     .returning(*campaigns.c)
@@ -230,7 +240,7 @@ class Campaigns:
                     sa.update(campaigns)
                     .where(campaigns.c.id == row.id)
                     .values(
-                        spec=_spec(merged).SerializeToString(),
+                        **_spec_columns(_spec(merged)),
                         updated_at=sa.func.now(),
                         version=campaigns.c.version + 1,
                     )
@@ -285,9 +295,25 @@ class Campaigns:
             raise NotFound(name)
         return _message(row)
 
-    async def list(self, size: int, token: str) -> tuple[list[pb.Campaign], str]:
+    async def list(self, request: pb.ListCampaignsRequest) -> tuple[list[pb.Campaign], str]:
+        """A page of campaigns, newest first, narrowed to those using a segment or destination or
+        in given states (how segmentation and dispatch learn whether what they delete is in use)."""
+        check = Validator()
+        check_text_fields(request, "", check)
+        check.raise_if_any()
+        where = []
+        if request.segment:
+            api.parse_uuid_name(request.segment, "segments", "segment")
+            where.append(campaigns.c.segment == request.segment)
+        if request.destination:
+            api.parse_uuid_name(request.destination, "destinations", "destination")
+            where.append(campaigns.c.destination == request.destination)
+        if request.states:
+            where.append(campaigns.c.state.in_([_state_name(s) for s in request.states]))
         async with self.database.transaction() as session:
-            rows, next_token = await keyset_page(session, campaigns, size, token)
+            rows, next_token = await keyset_page(
+                session, campaigns, request.page_size, request.page_token, *where
+            )
         return [_message(r) for r in rows], next_token
 
     async def publish(self, name: str) -> pb.Campaign:

@@ -8,6 +8,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from herald_common import deadlines
 from herald_common.errors import NotFound, Unavailable, invalid
 
 LOOKUP_TIMEOUT_SECONDS = 5.0
@@ -29,7 +30,8 @@ class References:
     async def segment(self, name: str, field: str) -> segmentation_pb.Segment:
         try:
             return await self.segments.GetSegment(
-                segmentation_pb.GetSegmentRequest(name=name), timeout=LOOKUP_TIMEOUT_SECONDS
+                segmentation_pb.GetSegmentRequest(name=name),
+                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
             )
         except grpc.aio.AioRpcError as error:
             raise _translate(error, name, field, "segmentation") from None
@@ -37,7 +39,8 @@ class References:
     async def destination(self, name: str, field: str) -> dispatch_pb.Destination:
         try:
             return await self.destinations.GetDestination(
-                dispatch_pb.GetDestinationRequest(name=name), timeout=LOOKUP_TIMEOUT_SECONDS
+                dispatch_pb.GetDestinationRequest(name=name),
+                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
             )
         except grpc.aio.AioRpcError as error:
             raise _translate(error, name, field, "dispatch") from None

@@ -27,7 +27,7 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
     async def ListCampaigns(
         self, request: pb.ListCampaignsRequest, context: Context
     ) -> pb.ListCampaignsResponse:
-        found, token = await self.campaigns.list(request.page_size, request.page_token)
+        found, token = await self.campaigns.list(request)
         return pb.ListCampaignsResponse(campaigns=found, next_page_token=token)
 
     async def UpdateCampaign(self, request: pb.UpdateCampaignRequest, context: Context) -> pb.Campaign:

@@ -17,6 +17,9 @@ campaigns = sa.Table(
     sa.Column("state", sa.Text, nullable=False),
     # The Campaign message as the user defined it (output-only fields live in columns).
     sa.Column("spec", sa.LargeBinary, nullable=False),
+    # What the spec refers to, to find the campaigns that use a segment or a destination.
+    sa.Column("segment", sa.Text, nullable=False, server_default="", index=True),
+    sa.Column("destination", sa.Text, nullable=False, server_default="", index=True),
     sa.Column("request_id", sa.Text, nullable=True, unique=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),

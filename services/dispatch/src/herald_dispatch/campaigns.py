@@ -72,17 +72,6 @@ class CampaignBook:
         for change in newest:
             self._cache.pop(change.campaign.name, None)
 
-    async def using(self, destination: str) -> list[str]:
-        """Scheduled or running campaigns that deliver to `destination`."""
-        async with self.database.transaction() as session:
-            found = await session.scalars(
-                sa.select(campaigns.c.name).where(
-                    campaigns.c.destination == destination,
-                    campaigns.c.state.in_([campaign_pb.State.Name(s) for s in _DELIVERING]),
-                )
-            )
-            return sorted(found)
-
     async def get(self, name: str, at_least_version: int = 0) -> KnownCampaign:
         """The campaign as last announced; NotReady until the announcement of that version arrived."""
         known = self._cache.get(name)

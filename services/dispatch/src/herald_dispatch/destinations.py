@@ -11,11 +11,11 @@ from sqlalchemy.dialects.postgresql import insert
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald_common import api, channels
+from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator
 from herald_common.paging import keyset_page
 from herald_common.validation import check_text_fields
-from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import Channel
 from herald_dispatch.netguard import NetworkPolicy
 from herald_dispatch.storage import destinations
@@ -30,12 +30,12 @@ class Destinations:
         database: Database,
         channels_by_type: dict[str, Channel],
         policy: NetworkPolicy,
-        campaigns: CampaignBook,
+        campaign_usage: CampaignUsage,
     ) -> None:
         self.database = database
         self.channels = channels_by_type
         self.policy = policy
-        self.campaigns = campaigns
+        self.campaign_usage = campaign_usage
         # Destinations as the workers use them (secrets revealed), each read at most once a second.
         self._for_delivery: dict[str, tuple[float, pb.Destination]] = {}
 
@@ -142,10 +142,10 @@ class Destinations:
 
     async def delete(self, name: str) -> None:
         destination_id = api.parse_uuid_name(name, "destinations")
-        users = await self.campaigns.using(name)
+        users = await self.campaign_usage.live_campaigns_using(destination=name)
         if users:
             raise FailedPrecondition(
-                name, f"{name} is used by scheduled or running campaigns: {', '.join(users[:10])}"
+                name, f"{name} is used by scheduled or running campaigns: {', '.join(users)}"
             )
         async with self.database.transaction() as session:
             result = await session.execute(sa.delete(destinations).where(destinations.c.id == destination_id))

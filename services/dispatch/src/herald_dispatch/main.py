@@ -16,6 +16,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
 from herald.events.v1 import events_pb2 as events
 from herald_common import runtime
+from herald_common.campaign_usage import CampaignUsage
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 from herald_dispatch.campaigns import CampaignBook
@@ -56,7 +57,8 @@ async def start(
     http = aiohttp.ClientSession(connector=policy.connector(limit=HTTP_CONNECTIONS))
     channels = registry(http)
     campaigns = CampaignBook(infra.database)
-    destinations = Destinations(infra.database, channels, policy, campaigns)
+    campaign_service = grpc.aio.insecure_channel(settings.address("campaign"))
+    destinations = Destinations(infra.database, channels, policy, CampaignUsage(campaign_service))
     servicer = DispatchServicer(destinations)
 
     def register(server: grpc.aio.Server) -> None:
@@ -66,6 +68,7 @@ async def start(
         "dispatch", infra, [SERVICE_NAME], register, settings.port("dispatch") if port is None else port
     )
     host.on_stop.append(http.close)
+    host.on_stop.append(campaign_service.close)
     await infra.consume(
         owner="campaign",
         durable="dispatch-campaigns",

@@ -12,17 +12,15 @@ import sqlalchemy as sa
 from google.protobuf import json_format
 from sqlalchemy.dialects.postgresql import JSONB, insert
 
-from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
-from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
+from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.paging import keyset_page
-from herald_common.runtime import newest_campaign_changes
 from herald_common.validation import check_text_fields
 from herald_segmentation.filters import to_sql, validate_filter
-from herald_segmentation.storage import campaign_audiences, segments, users
+from herald_segmentation.storage import segments, users
 
 MAX_UPSERT = 1000
 # A profile's properties, as JSON, are at most this large: a page of an audience, a delivery batch
@@ -71,8 +69,9 @@ def _segment_message(row: Any) -> pb.Segment:
 
 
 class Segmentation:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, campaign_usage: CampaignUsage) -> None:
         self.database = database
+        self.campaign_usage = campaign_usage
 
     async def upsert_users(self, batch: Sequence[pb.User]) -> int:
         check = Validator()
@@ -174,50 +173,15 @@ class Segmentation:
 
     async def delete_segment(self, name: str) -> None:
         segment_id = api.parse_uuid_name(name, "segments")
-        async with self.database.transaction() as session:
-            users_of = sorted(
-                await session.scalars(
-                    sa.select(campaign_audiences.c.campaign).where(
-                        campaign_audiences.c.segment == name, campaign_audiences.c.state.in_(_DELIVERING)
-                    )
-                )
+        users_of = await self.campaign_usage.live_campaigns_using(segment=name)
+        if users_of:
+            raise FailedPrecondition(
+                name, f"{name} is the audience of scheduled or running campaigns: {', '.join(users_of)}"
             )
-            if users_of:
-                raise FailedPrecondition(
-                    name,
-                    f"{name} is the audience of scheduled or running campaigns: {', '.join(users_of[:10])}",
-                )
+        async with self.database.transaction() as session:
             result = await session.execute(sa.delete(segments).where(segments.c.id == segment_id))
         if result.rowcount == 0:  # type: ignore[attr-defined]
             raise NotFound(name)
-
-    async def record_campaigns(self, changes: Sequence[events.CampaignChanged]) -> None:
-        """Keeps which segment each campaign targets and its state; newest version wins."""
-        newest = newest_campaign_changes(changes)
-        if not newest:
-            return
-        statement = insert(campaign_audiences)
-        async with self.database.transaction() as session:
-            await session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[campaign_audiences.c.campaign],
-                    set_={
-                        "segment": statement.excluded.segment,
-                        "state": statement.excluded.state,
-                        "version": statement.excluded.version,
-                    },
-                    where=campaign_audiences.c.version < statement.excluded.version,
-                ),
-                [
-                    {
-                        "campaign": c.campaign.name,
-                        "segment": c.campaign.audience.segment,
-                        "state": campaign_pb.State.Name(c.campaign.state),
-                        "version": c.version,
-                    }
-                    for c in newest
-                ],
-            )
 
     async def estimate_reach(self, segment_name: str) -> int:
         segment = await self._load_segment(segment_name, "segment")

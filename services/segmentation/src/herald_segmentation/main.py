@@ -6,10 +6,10 @@ from pathlib import Path
 
 import grpc
 
-from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from herald_common import runtime
+from herald_common.campaign_usage import CampaignUsage
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 from herald_segmentation.domain import Segmentation
@@ -24,7 +24,8 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     infra = await Infrastructure.open(
         settings, service="segmentation", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
-    segmentation = Segmentation(infra.database)
+    campaign_service = grpc.aio.insecure_channel(settings.address("campaign"))
+    segmentation = Segmentation(infra.database, CampaignUsage(campaign_service))
     servicer = SegmentationServicer(segmentation)
 
     def register(server: grpc.aio.Server) -> None:
@@ -37,14 +38,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         register,
         settings.port("segmentation") if port is None else port,
     )
-    await infra.consume(
-        owner="campaign",
-        durable="segmentation-campaigns",
-        filter_subject=infra.subjects.campaign_changed,
-        event_type=events.CampaignChanged,
-        apply=segmentation.record_campaigns,
-        problem=runtime.campaign_changed_problem,
-    )
+    host.on_stop.append(campaign_service.close)
     return host
 
 

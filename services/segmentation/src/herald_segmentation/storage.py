@@ -32,15 +32,4 @@ segments = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
-# Which segment each scheduled or running campaign targets, from CampaignChanged: a segment in use
-# cannot be deleted.
-campaign_audiences = sa.Table(
-    "campaign_audiences",
-    metadata,
-    sa.Column("campaign", sa.Text, primary_key=True),
-    sa.Column("segment", sa.Text, nullable=False, index=True),
-    sa.Column("state", sa.Text, nullable=False),
-    sa.Column("version", sa.BigInteger, nullable=False),
-)
-
 outbox = outbox_table(metadata)

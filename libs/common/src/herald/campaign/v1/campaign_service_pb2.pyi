@@ -436,19 +436,33 @@ class ListCampaignsRequest(_message.Message):
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    STATES_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many (default 50, at most 1000)."""
     page_token: _builtins.str
     """From a previous response's next_page_token."""
+    segment: _builtins.str
+    """Only campaigns whose audience is this segment (`segments/{id}`)."""
+    destination: _builtins.str
+    """Only campaigns that deliver to this destination (`destinations/{id}`)."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[Global___State.ValueType]:
+        """Only campaigns in one of these states."""
+
     def __init__(
         self,
         *,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        segment: _builtins.str = ...,
+        destination: _builtins.str = ...,
+        states: _abc.Iterable[Global___State.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "page_size", b"page_size", "page_token", b"page_token", "segment", b"segment", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
