@@ -290,12 +290,11 @@ async def dispatch_frozen_past_ack_wait(cluster: Cluster, export: Export) -> Non
     frozen.signal(signal.SIGCONT)
 
 
-FAST = [dispatch_killed, postgres_killed]
+FAST = [dispatch_killed, postgres_killed, nats_killed]
 FULL = [
     scheduler_killed,
     campaign_killed,
     segmentation_killed,
-    nats_killed,
     destination_fails_for_20s,
     destination_rate_limits,
     destination_hangs_for_60s,
