@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.util import await_only
 
 
 def asyncpg_url(url: str) -> str:
@@ -40,13 +41,18 @@ def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
 def _replace_closed_connection(
     dbapi_connection: Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
 ) -> None:
-    """After a database restart or failover the server has closed the pooled connections; one
-    found closed at checkout is replaced, so the restart fails no request. This costs no round
-    trip, unlike pool_pre_ping's three; a connection that dies unnoticed fails its first statement,
-    which invalidates the pool and is retried as a transient failure."""
+    """After a database restart or failover the pooled connections are dead; each is checked as it
+    is taken from the pool and replaced if dead, so the restart fails no request. One trivial
+    statement, a single round trip where pool_pre_ping spends three."""
     driver = record.driver_connection
-    if driver is not None and driver.is_closed():
+    if driver is None:
+        return
+    if driver.is_closed():
         raise DisconnectionError("connection closed by the server")
+    try:
+        await_only(driver.execute("SELECT 1"))
+    except Exception as error:
+        raise DisconnectionError(f"connection unusable: {error!r}") from error
 
 
 class Database:
