@@ -39,7 +39,7 @@ from herald_common.settings import Settings
 from tests.ceiling import run_ceiling
 from tests.harness import fresh_settings
 from tests.helpers import condition, segment_export_campaign, user
-from tests.processes import ServiceProcesses
+from tests.processes import ServiceProcesses, environment
 
 TARGET_RATE = 17_000  # deliveries/s: 1M in 60 s
 TARGET_RATIO = 0.5
@@ -92,14 +92,7 @@ class PeakMemory:
 @asynccontextmanager
 async def service_processes(settings: Settings, memory: PeakMemory) -> AsyncIterator[ServiceProcesses]:
     """The four services as child processes, as deployed."""
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "NATS_URL": settings.nats_url,
-        "HERALD_NAMESPACE": settings.namespace,
-        "HERALD_ALLOWED_DESTINATION_NETWORKS": "127.0.0.0/8,::1/128",
-        "LOG_LEVEL": "warning",
-    }
+    env = environment(settings)
     # Dispatch does most of the work per delivery: two replicas, as a deployment would scale it.
     services = ServiceProcesses(env, Path(mkdtemp(prefix="herald-bench-logs-")), replicas={"dispatch": 2})
     try:

@@ -20,6 +20,7 @@ from herald_campaign import main as campaign_main
 from herald_common.bus import Subjects
 from herald_common.embedded import free_port
 from herald_common.runtime import ServiceHost
+from herald_common.secret_box import new_key_setting
 from herald_common.settings import Settings
 from herald_dispatch import main as dispatch_main
 from herald_scheduler import main as scheduler_main
@@ -58,6 +59,7 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             shutdown_grace_seconds=0.5,
             ack_wait_seconds=3.0,
             allowed_destination_networks=("127.0.0.0/8", "::1/128"),
+            secret_keys=new_key_setting("test"),
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -21,8 +21,23 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herald_common.embedded import free_port, nats_server_binary, wait_for_port
+from herald_common.settings import Settings
 
 SERVICES = ("segmentation", "dispatch", "campaign", "scheduler")
+
+
+def environment(settings: Settings, **extra: str) -> dict[str, str]:
+    """The environment of service processes that use `settings`' database and namespace."""
+    return {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "NATS_URL": settings.nats_url,
+        "HERALD_NAMESPACE": settings.namespace,
+        "HERALD_SECRET_KEYS": settings.secret_keys,
+        "HERALD_ALLOWED_DESTINATION_NETWORKS": ",".join(settings.allowed_destination_networks),
+        "LOG_LEVEL": "warning",
+        **extra,
+    }
 
 
 async def health(address: str) -> str:

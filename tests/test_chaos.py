@@ -30,6 +30,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from herald_common.secret_box import new_key_setting
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import condition, segment_export_campaign, user
 from tests.processes import OwnNats, OwnPostgres, ServiceProcesses, health
@@ -45,6 +46,7 @@ SETTINGS = {
     "HERALD_REDELIVERY_BASE_SECONDS": "1",
     "HERALD_ALLOWED_DESTINATION_NETWORKS": "127.0.0.0/8",
     "HERALD_NAMESPACE": "chaos",
+    "HERALD_SECRET_KEYS": new_key_setting("chaos"),
     "LOG_LEVEL": "warning",
 }
 

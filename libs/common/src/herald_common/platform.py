@@ -11,13 +11,26 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from herald_common.embedded import EmbeddedInfrastructure, default_data_dir
 from herald_common.logging import configure_logging, get_logger
+from herald_common.secret_box import new_key_setting
 
 SERVICES = ["segmentation", "dispatch", "campaign", "scheduler"]
 
 log = get_logger(__name__)
+
+
+def local_secret_keys(data_dir: Path) -> str:
+    """The key-encryption key of a local platform: made on first start, kept in the data folder."""
+    path = data_dir / "secret-keys"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(new_key_setting("local"))
+        log.info("secret_key_created", path=str(path))
+    return path.read_text().strip()
 
 
 def main() -> None:
@@ -30,6 +43,8 @@ def main() -> None:
         env = {**embedded.environment(), **{k: v for k, v in env.items() if v}}
     # Local fakes and sinks run on loopback; a deployment allows private networks explicitly.
     env.setdefault("HERALD_ALLOWED_DESTINATION_NETWORKS", "127.0.0.0/8,::1/128")
+    if not env.get("HERALD_SECRET_KEYS"):
+        env["HERALD_SECRET_KEYS"] = local_secret_keys(default_data_dir())
     children = [subprocess.Popen([sys.executable, "-m", f"herald_{name}.main"], env=env) for name in SERVICES]
     stopping = False
 

@@ -20,6 +20,7 @@ from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, PortInUse, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
 from herald_common.outbox import OutboxRelay
+from herald_common.secret_box import SecretKeysError
 from herald_common.settings import Settings
 
 log = get_logger(__name__)
@@ -239,8 +240,8 @@ def run(start: Callable[[Settings], Awaitable[ServiceHost]]) -> None:
     async def serve() -> None:
         try:
             host = await start(settings)
-        except PortInUse as error:
-            log.error("port_in_use", error=str(error))
+        except (PortInUse, SecretKeysError) as error:
+            log.error("cannot_start", error=str(error))
             raise SystemExit(f"herald: {error}") from None
         await wait_for_termination_signal()
         await host.stop()

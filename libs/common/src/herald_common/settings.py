@@ -44,6 +44,8 @@ class Settings:
     # A scheduler replica holds a run it plans for this long past its last progress; a run whose
     # owner died is taken over once its lease runs out.
     run_lease_seconds: float = 60.0
+    # Key-encryption keys for credentials at rest (`id:base64key,...`, the first one seals).
+    secret_keys: str = field(default="", repr=False)
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -76,6 +78,7 @@ class Settings:
             redelivery_base_seconds=float(env.get("HERALD_REDELIVERY_BASE_SECONDS", "2")),
             ack_wait_seconds=float(env.get("HERALD_ACK_WAIT_SECONDS", "30")),
             run_lease_seconds=float(env.get("HERALD_RUN_LEASE_SECONDS", "60")),
+            secret_keys=env.get("HERALD_SECRET_KEYS", ""),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
             ),

@@ -15,6 +15,7 @@ from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator
 from herald_common.paging import keyset_page
+from herald_common.secret_box import Sealed, SecretBox
 from herald_common.validation import check_text_fields
 from herald_dispatch.channels import Channel
 from herald_dispatch.netguard import NetworkPolicy
@@ -24,6 +25,42 @@ MAX_DISPLAY_NAME = 200
 CACHE_SECONDS = 1.0
 
 
+def _seal(secrets: SecretBox, destination_id: uuid.UUID, destination: pb.Destination) -> dict[str, Any]:
+    sealed = secrets.seal(destination.SerializeToString(), destination_id.bytes)
+    return {"config": sealed.data, "key_id": sealed.key_id}
+
+
+def _open(secrets: SecretBox, row: Any) -> pb.Destination:
+    if row.key_id is None:  # written before credentials were sealed; sealed at start
+        return pb.Destination.FromString(row.config)
+    return pb.Destination.FromString(secrets.open(Sealed(row.key_id, row.config), row.id.bytes))
+
+
+async def reseal(database: Database, secrets: SecretBox, batch: int = 100) -> int:
+    """Seals every destination not sealed under the current key with it (after a key rotation, or
+    rows from before sealing); returns how many were resealed. Replicas may run it at once."""
+    resealed = 0
+    while True:
+        async with database.transaction() as session:
+            rows = (
+                await session.execute(
+                    sa.select(destinations)
+                    .where(sa.or_(destinations.c.key_id.is_(None), destinations.c.key_id != secrets.current))
+                    .limit(batch)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            for row in rows:
+                await session.execute(
+                    sa.update(destinations)
+                    .where(destinations.c.id == row.id)
+                    .values(**_seal(secrets, row.id, _open(secrets, row)))
+                )
+        resealed += len(rows)
+        if len(rows) < batch:
+            return resealed
+
+
 class Destinations:
     def __init__(
         self,
@@ -31,11 +68,13 @@ class Destinations:
         channels_by_type: dict[str, Channel],
         policy: NetworkPolicy,
         campaign_usage: CampaignUsage,
+        secrets: SecretBox,
     ) -> None:
         self.database = database
         self.channels = channels_by_type
         self.policy = policy
         self.campaign_usage = campaign_usage
+        self.secrets = secrets
         # Destinations as the workers use them (secrets revealed), each read at most once a second.
         self._for_delivery: dict[str, tuple[float, pb.Destination]] = {}
 
@@ -67,8 +106,11 @@ class Destinations:
             if problem:
                 check.add(f"{field}.endpoint_url", problem)
 
+    async def reseal(self) -> int:
+        return await reseal(self.database, self.secrets)
+
     def _message(self, row: Any, *, reveal_secrets: bool) -> pb.Destination:
-        destination = pb.Destination.FromString(row.config)
+        destination = _open(self.secrets, row)
         destination.name = f"destinations/{row.id}"
         destination.create_time.CopyFrom(api.timestamp(row.created_at))
         channel = self._channel(destination)
@@ -90,15 +132,16 @@ class Destinations:
         stored.ClearField("create_time")
         stored.display_name = destination.display_name.strip()
         stored.type = kind.destination_enum
+        destination_id = uuid.uuid4()
         async with self.database.transaction() as session:
             statement = (
                 insert(destinations)
                 .values(
-                    id=uuid.uuid4(),
+                    id=destination_id,
                     display_name=stored.display_name,
                     type=kind.destination_type,
-                    config=stored.SerializeToString(),
                     request_id=request_id or None,
+                    **_seal(self.secrets, destination_id, stored),
                 )
                 .on_conflict_do_nothing(index_elements=[destinations.c.request_id])
                 .returning(*destinations.c)

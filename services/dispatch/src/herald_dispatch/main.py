@@ -6,6 +6,7 @@ default all; empty for an API-only process), so each worker type can scale on it
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 
@@ -17,11 +18,14 @@ from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
 from herald.events.v1 import events_pb2 as events
 from herald_common import runtime
 from herald_common.campaign_usage import CampaignUsage
+from herald_common.db import Database, make_engine
+from herald_common.logging import get_logger
 from herald_common.runtime import Infrastructure, ServiceHost
+from herald_common.secret_box import SecretBox
 from herald_common.settings import Settings
 from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
-from herald_dispatch.destinations import Destinations
+from herald_dispatch.destinations import Destinations, reseal
 from herald_dispatch.netguard import NetworkPolicy
 from herald_dispatch.servicer import DispatchServicer
 from herald_dispatch.storage import SCHEMA, outbox
@@ -29,6 +33,7 @@ from herald_dispatch.worker import DeliveryWorker, WorkerOptions
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatchService"].full_name
 MIGRATIONS = Path(__file__).parent / "migrations"
+log = get_logger(__name__)
 # Connections to destinations, in all: enough for every lane's concurrent requests.
 HTTP_CONNECTIONS = 100
 
@@ -50,6 +55,7 @@ async def start(
     workers: list[str] | None = None,
     options: WorkerOptions | None = None,
 ) -> ServiceHost:
+    secrets = SecretBox.from_setting(settings.secret_keys)  # refuse to start without keys
     infra = await Infrastructure.open(
         settings, service="dispatch", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
@@ -58,7 +64,10 @@ async def start(
     channels = registry(http)
     campaigns = CampaignBook(infra.database)
     campaign_service = grpc.aio.insecure_channel(settings.address("campaign"))
-    destinations = Destinations(infra.database, channels, policy, CampaignUsage(campaign_service))
+    destinations = Destinations(infra.database, channels, policy, CampaignUsage(campaign_service), secrets)
+    resealed = await destinations.reseal()
+    if resealed:
+        log.info("destination_credentials_resealed", count=resealed, key_id=secrets.current)
     servicer = DispatchServicer(destinations)
 
     def register(server: grpc.aio.Server) -> None:
@@ -88,6 +97,23 @@ async def start(
 
 def main() -> None:
     runtime.run(start)
+
+
+def reseal_main() -> None:
+    """`herald-reseal-secrets`: seals every destination's credentials under the first key of
+    HERALD_SECRET_KEYS (dispatch also does this when it starts)."""
+    settings = Settings.from_env()
+    secrets = SecretBox.from_setting(settings.secret_keys)
+
+    async def run() -> int:
+        engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+        try:
+            return await reseal(Database(engine), secrets)
+        finally:
+            await engine.dispose()
+
+    count = asyncio.run(run())
+    print(f"resealed {count} destinations under key {secrets.current!r}")
 
 
 if __name__ == "__main__":

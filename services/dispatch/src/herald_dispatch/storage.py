@@ -16,8 +16,10 @@ destinations = sa.Table(
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
     sa.Column("display_name", sa.Text, nullable=False),
     sa.Column("type", sa.Text, nullable=False),
-    # The Destination message with its credentials, serialized.
+    # The Destination message with its credentials, serialized and sealed (nonce, ciphertext and
+    # tag) under the key-encryption key `key_id`; NULL only for rows not yet sealed at start.
     sa.Column("config", sa.LargeBinary, nullable=False),
+    sa.Column("key_id", sa.Text, nullable=True),
     sa.Column("request_id", sa.Text, nullable=True, unique=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
