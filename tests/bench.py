@@ -31,13 +31,15 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as campaign_grpc
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from herald.events.v1 import events_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from herald_common import auth
 from herald_common.embedded import EmbeddedInfrastructure
 from herald_common.logging import configure_logging
 from herald_common.settings import Settings
 from tests.ceiling import run_ceiling
-from tests.harness import fresh_settings
+from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition, segment_export_campaign, user
 from tests.processes import ServiceProcesses, environment
 
@@ -156,11 +158,13 @@ async def _herald_export(
     users: int,
     http: aiohttp.ClientSession,
     memory: PeakMemory,
+    bootstrap_token: str,
 ) -> dict[str, float]:
+    _, key = await create_account(services.address("campaign"), bootstrap_token, "bench")
     async with (
-        grpc.aio.insecure_channel(services.address("segmentation")) as segmentation,
-        grpc.aio.insecure_channel(services.address("campaign")) as campaigns_channel,
-        grpc.aio.insecure_channel(services.address("dispatch")) as dispatch_channel,
+        keyed_channel(services.address("segmentation"), key) as segmentation,
+        keyed_channel(services.address("campaign"), key) as campaigns_channel,
+        keyed_channel(services.address("dispatch"), key) as dispatch_channel,
     ):
         upsert_rate = await _upsert(segmentation, tag, users)
         segments = segmentation_grpc.SegmentationServiceStub(segmentation)
@@ -246,7 +250,9 @@ async def bench(users: int) -> None:
             aiohttp.ClientSession() as http,
         ):
             async with service_processes(settings, memory) as services:
-                herald = await _herald_export(services, segment_url, tag, users, http, memory)
+                herald = await _herald_export(
+                    services, segment_url, tag, users, http, memory, settings.bootstrap_token
+                )
             memory.watch("ceiling (bench process)", os.getpid())
             ceiling_s = await run_ceiling(
                 settings.database_url,
@@ -274,11 +280,28 @@ async def bench(users: int) -> None:
     ratio = rate / ceiling_rate
     print(f"Herald / ceiling                       {ratio:>12.0%}   (target >= {TARGET_RATIO:.0%})")
     print(f"duplicates at Segment                  {herald['duplicates']:>12,}")
+    print(f"API key check per call                 {key_check_microseconds():>12.1f} µs   (target <= 50 µs)")
     print("by process: peak RSS, and CPU seconds from publish to last batch acknowledged")
     for name, peak in sorted(memory.peaks.items()):
         cpu = herald.get(f"cpu:{name}")
         cpu_text = f"{cpu:8.1f} s CPU" if cpu is not None else ""
         print(f"  {name:<36} {peak / 2**20:>8,.0f} MiB {cpu_text}")
+
+
+def key_check_microseconds(calls: int = 100_000) -> float:
+    """What checking an API key costs a service per call: the in-memory registry lookup, the
+    secret's hash and the role check, as the server interceptor does it."""
+    key = auth.new_key()
+    registry = auth.KeyRegistry()
+    registry._keys[key.key_id] = events_pb2.ApiKeyState(
+        key_id=key.key_id, account="accounts/bench", role="ROLE_EDITOR", secret_sha256=key.secret_sha256
+    )
+    authenticator = auth.Authenticator(registry, "service-token", "")
+    metadata = {"authorization": f"Bearer {key.key}"}
+    started = time.perf_counter()
+    for _ in range(calls):
+        authenticator.authenticate(metadata, auth.Permission.WRITE)
+    return (time.perf_counter() - started) / calls * 1e6
 
 
 def main() -> None:

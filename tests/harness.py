@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import grpc
 import nats
 
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
+from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald.campaign.v1 import campaign_service_pb2_grpc as campaign_grpc
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
@@ -60,6 +64,8 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             ack_wait_seconds=3.0,
             allowed_destination_networks=("127.0.0.0/8", "::1/128"),
             secret_keys=new_key_setting("test"),
+            service_token=secrets.token_urlsafe(24),
+            bootstrap_token=secrets.token_urlsafe(24),
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
@@ -72,19 +78,115 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
         await connection.close()
 
 
-@dataclass
-class Platform:
-    """The four services, running, and clients for them."""
+class _BearerKey:
+    """Sends an API key with every call, as a client of Herald does."""
 
-    settings: Settings
-    hosts: dict[str, ServiceHost]
+    def __init__(self, key: str) -> None:
+        self.key = key
+
+    def _with_key(self, details: Any) -> Any:
+        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
+        metadata.append(("authorization", f"Bearer {self.key}"))
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*metadata),
+            details.credentials,
+            details.wait_for_ready,
+        )
+
+
+class _UnaryKey(_BearerKey, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_key(details), request)
+
+
+class _StreamKey(_BearerKey, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_key(details), request)
+
+
+def keyed_channel(address: str, key: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address, interceptors=[_UnaryKey(key), _StreamKey(key)])
+
+
+async def create_account(
+    campaign_address: str, bootstrap_token: str, name: str = "test account"
+) -> tuple[str, str]:
+    """(account name, admin key) of a new account, made as an operator does."""
+    async with grpc.aio.insecure_channel(campaign_address) as channel:
+        stub = accounts_grpc.AccountServiceStub(channel)
+        created = await stub.CreateAccount(
+            accounts_pb.CreateAccountRequest(account=accounts_pb.Account(display_name=name)),
+            metadata=(("authorization", f"Bootstrap {bootstrap_token}"),),
+        )
+    return created.account.name, created.key
+
+
+@dataclass
+class Clients:
+    """Stubs of every service, calling with one API key."""
+
+    channels: list[grpc.aio.Channel]
+    accounts: accounts_grpc.AccountServiceAsyncStub
     segmentation: segmentation_grpc.SegmentationServiceAsyncStub
     campaigns: campaign_grpc.CampaignServiceAsyncStub
     scheduler: scheduler_grpc.SchedulerServiceAsyncStub
     dispatch: dispatch_grpc.DispatchServiceAsyncStub
 
+    @classmethod
+    def open(cls, addresses: dict[str, str], key: str) -> Clients:
+        channels = {name: keyed_channel(address, key) for name, address in addresses.items()}
+        return cls(
+            list(channels.values()),
+            accounts_grpc.AccountServiceStub(channels["campaign"]),
+            segmentation_grpc.SegmentationServiceStub(channels["segmentation"]),
+            campaign_grpc.CampaignServiceStub(channels["campaign"]),
+            scheduler_grpc.SchedulerServiceStub(channels["scheduler"]),
+            dispatch_grpc.DispatchServiceStub(channels["dispatch"]),
+        )
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
+
+
+@dataclass
+class Platform:
+    """The four services, running, and clients for them with an admin key of one account."""
+
+    settings: Settings
+    hosts: dict[str, ServiceHost]
+    account: str
+    admin_key: str
+    clients: Clients
+
+    @property
+    def accounts(self) -> accounts_grpc.AccountServiceAsyncStub:
+        return self.clients.accounts
+
+    @property
+    def segmentation(self) -> segmentation_grpc.SegmentationServiceAsyncStub:
+        return self.clients.segmentation
+
+    @property
+    def campaigns(self) -> campaign_grpc.CampaignServiceAsyncStub:
+        return self.clients.campaigns
+
+    @property
+    def scheduler(self) -> scheduler_grpc.SchedulerServiceAsyncStub:
+        return self.clients.scheduler
+
+    @property
+    def dispatch(self) -> dispatch_grpc.DispatchServiceAsyncStub:
+        return self.clients.dispatch
+
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.hosts[service].port}"
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        return {name: self.address(name) for name in self.hosts}
 
 
 @contextlib.asynccontextmanager
@@ -103,18 +205,12 @@ async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
     hosts["dispatch"] = await dispatch_main.start(wired)
     hosts["campaign"] = await campaign_main.start(wired)
     hosts["scheduler"] = await scheduler_main.start(wired)
-    channels = {name: grpc.aio.insecure_channel(f"127.0.0.1:{h.port}") for name, h in hosts.items()}
+    addresses = {name: f"127.0.0.1:{h.port}" for name, h in hosts.items()}
+    account, admin_key = await create_account(addresses["campaign"], settings.bootstrap_token)
+    clients = Clients.open(addresses, admin_key)
     try:
-        yield Platform(
-            settings=wired,
-            hosts=hosts,
-            segmentation=segmentation_grpc.SegmentationServiceStub(channels["segmentation"]),
-            campaigns=campaign_grpc.CampaignServiceStub(channels["campaign"]),
-            scheduler=scheduler_grpc.SchedulerServiceStub(channels["scheduler"]),
-            dispatch=dispatch_grpc.DispatchServiceStub(channels["dispatch"]),
-        )
+        yield Platform(settings=wired, hosts=hosts, account=account, admin_key=admin_key, clients=clients)
     finally:
-        for channel in channels.values():
-            await channel.close()
+        await clients.close()
         for name in ("scheduler", "campaign", "dispatch", "segmentation"):
             await hosts[name].stop()

@@ -34,6 +34,8 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         "NATS_URL": settings.nats_url,
         "HERALD_NAMESPACE": settings.namespace,
         "HERALD_SECRET_KEYS": settings.secret_keys,
+        "HERALD_SERVICE_TOKEN": settings.service_token,
+        "HERALD_BOOTSTRAP_TOKEN": settings.bootstrap_token,
         "HERALD_ALLOWED_DESTINATION_NETWORKS": ",".join(settings.allowed_destination_networks),
         "LOG_LEVEL": "warning",
         **extra,

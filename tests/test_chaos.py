@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import time
 import uuid
@@ -32,6 +33,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.secret_box import new_key_setting
 from tests.fakes.segment_api import SegmentApi
+from tests.harness import create_account, keyed_channel
 from tests.helpers import condition, segment_export_campaign, user
 from tests.processes import OwnNats, OwnPostgres, ServiceProcesses, health
 
@@ -47,6 +49,8 @@ SETTINGS = {
     "HERALD_ALLOWED_DESTINATION_NETWORKS": "127.0.0.0/8",
     "HERALD_NAMESPACE": "chaos",
     "HERALD_SECRET_KEYS": new_key_setting("chaos"),
+    "HERALD_SERVICE_TOKEN": secrets.token_urlsafe(24),
+    "HERALD_BOOTSTRAP_TOKEN": secrets.token_urlsafe(24),
     "LOG_LEVEL": "warning",
 }
 
@@ -80,9 +84,8 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
     channels: list[grpc.aio.Channel] = []
     try:
         await services.start()
-        channels = [
-            grpc.aio.insecure_channel(services.address(s)) for s in ("segmentation", "campaign", "dispatch")
-        ]
+        _, key = await create_account(services.address("campaign"), SETTINGS["HERALD_BOOTSTRAP_TOKEN"])
+        channels = [keyed_channel(services.address(s), key) for s in ("segmentation", "campaign", "dispatch")]
         yield Cluster(
             postgres,
             nats_server,

@@ -12,9 +12,13 @@ from typing import Any
 
 import grpc
 import psutil
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
+from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald_common.embedded import free_port
+from tests.harness import keyed_channel
 
 SERVICES = ("campaign", "segmentation", "scheduler", "dispatch")
 
@@ -56,10 +60,28 @@ async def test_platform_starts_embedded_servers_and_stops_cleanly(tmp_path: Path
             await asyncio.sleep(0.3)
         assert _processes_using(tmp_path / "data"), "embedded servers should run under the data folder"
 
+        # A development account exists, and its admin key (kept in the data folder) works.
+        key_file = tmp_path / "data" / "dev-admin-key"
+        while not key_file.exists() or not key_file.read_text():
+            assert asyncio.get_running_loop().time() < deadline, "no development key"
+            await asyncio.sleep(0.3)
+        assert oct(key_file.stat().st_mode & 0o777) == "0o600"
+        campaign = f"127.0.0.1:{ports['campaign']}"
+        async with keyed_channel(campaign, key_file.read_text()) as channel:
+            account = await accounts_grpc.AccountServiceStub(channel).GetAccount(
+                accounts_pb.GetAccountRequest()
+            )
+            assert account.display_name == "Development"
+        async with grpc.aio.insecure_channel(campaign) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await accounts_grpc.AccountServiceStub(channel).GetAccount(accounts_pb.GetAccountRequest())
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
         platform.send_signal(signal.SIGINT)
         assert await asyncio.to_thread(platform.wait, 60) == 0
         output = platform.stdout.read().decode() if platform.stdout else ""
         assert "platform_stopped" in output
+        assert key_file.read_text() in output  # printed for the developer
         assert not any([await _serving(port) for port in ports.values()])
         assert _processes_using(tmp_path / "data") == [], "PostgreSQL and NATS must stop with the platform"
     finally:

@@ -8,7 +8,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
-import grpc
 import nats
 import pytest
 
@@ -25,7 +24,7 @@ from herald_dispatch import main as dispatch_main
 from herald_dispatch.destinations import reseal
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
-from tests.harness import fresh_settings
+from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition, create_segment_destination, segment_export_campaign, user
 from tests.processes import ServiceProcesses, environment
 
@@ -143,10 +142,11 @@ async def test_a_write_key_appears_nowhere_in_clear(servers: tuple[str, str], tm
         await services.start()
         responses: list[str] = []
         try:
+            _, key = await create_account(services.address("campaign"), settings.bootstrap_token)
             async with (
-                grpc.aio.insecure_channel(services.address("segmentation")) as segmentation_channel,
-                grpc.aio.insecure_channel(services.address("dispatch")) as dispatch_channel,
-                grpc.aio.insecure_channel(services.address("campaign")) as campaign_channel,
+                keyed_channel(services.address("segmentation"), key) as segmentation_channel,
+                keyed_channel(services.address("dispatch"), key) as dispatch_channel,
+                keyed_channel(services.address("campaign"), key) as campaign_channel,
             ):
                 segmentation = segmentation_grpc.SegmentationServiceStub(segmentation_channel)
                 dispatch = dispatch_grpc.DispatchServiceStub(dispatch_channel)

@@ -10,13 +10,14 @@ from typing import Any
 
 import grpc
 import structlog
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, descriptor_pool
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from herald_common import deadlines
+from herald_common.auth import Authenticator, Permission, PermissionDenied, Unauthenticated, act_as
 from herald_common.errors import (
     DomainError,
     FailedPrecondition,
@@ -76,6 +77,10 @@ def status_for(error: DomainError) -> status_pb2.Status:
         )
     if isinstance(error, Unavailable):
         return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=error.message)
+    if isinstance(error, Unauthenticated):
+        return status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=error.message)
+    if isinstance(error, PermissionDenied):
+        return status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=error.message)
     info = error_details_pb2.ErrorInfo(reason="UNKNOWN_DOMAIN_ERROR", domain=ERROR_DOMAIN)
     return status_pb2.Status(code=code_pb2.INTERNAL, message=error.message, details=[_pack(info)])
 
@@ -103,8 +108,26 @@ async def _internal(context: Any, error: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
 
 
+# Probes and grpcurl's discovery need no key.
+_OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Binds a request id to every log line of an RPC and reports domain errors as gRPC status."""
+    """Authenticates every call against the permission its method needs, binds a request id to
+    its log lines and reports domain errors as gRPC status."""
+
+    def __init__(self, authenticator: Authenticator | None, permissions: dict[str, Permission]) -> None:
+        self.authenticator = authenticator
+        self.permissions = permissions
+
+    def _authenticate(self, details: Any) -> None:
+        if details.method.startswith(_OPEN_PREFIXES) or self.authenticator is None:
+            return
+        needed = self.permissions.get(details.method)
+        if needed is None:  # every method declares its permission; refuse rather than guess
+            raise PermissionDenied(f"{details.method} is not open to callers")
+        metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
+        act_as(self.authenticator.authenticate(metadata, needed))
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
@@ -116,6 +139,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: Any) -> Any:
                 _bind_request(handler_call_details, context)
                 try:
+                    self._authenticate(handler_call_details)
                     return await inner_unary(request, context)
                 except DomainError as error:
                     await _abort(context, error)
@@ -133,6 +157,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 _bind_request(handler_call_details, context)
                 try:
+                    self._authenticate(handler_call_details)
                     async for response in inner_stream(request, context):
                         yield response
                 except DomainError as error:
@@ -164,9 +189,25 @@ Registrar = Callable[[grpc.aio.Server], None]
 class GrpcServer:
     """A started gRPC server with health and reflection for the given service names."""
 
-    def __init__(self, service_names: Sequence[str], register: Registrar) -> None:
+    def __init__(
+        self,
+        service_names: Sequence[str],
+        register: Registrar,
+        authenticator: Authenticator | None = None,
+        permissions: dict[str, Permission] | None = None,
+    ) -> None:
+        permissions = permissions or {}
+        missing = [
+            f"/{name}/{method.name}"
+            for name in service_names
+            for method in descriptor_pool.Default().FindServiceByName(name).methods
+            if f"/{name}/{method.name}" not in permissions
+        ]
+        if authenticator is not None and missing:
+            raise RuntimeError(f"methods without a declared permission: {missing}")
+        interceptor = ErrorInterceptor(authenticator, permissions)
         # No SO_REUSEPORT: a second process on the same port must fail, not share it silently.
-        self.server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         register(self.server)

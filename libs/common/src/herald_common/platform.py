@@ -6,31 +6,77 @@ services as child processes; Ctrl-C or SIGTERM stops the services first, then th
 
 from __future__ import annotations
 
+import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
+from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald_common.embedded import EmbeddedInfrastructure, default_data_dir
 from herald_common.logging import configure_logging, get_logger
 from herald_common.secret_box import new_key_setting
+from herald_common.settings import Settings
 
 SERVICES = ["segmentation", "dispatch", "campaign", "scheduler"]
 
 log = get_logger(__name__)
 
 
-def local_secret_keys(data_dir: Path) -> str:
-    """The key-encryption key of a local platform: made on first start, kept in the data folder."""
-    path = data_dir / "secret-keys"
+def local_secret(data_dir: Path, name: str, make: Callable[[], str]) -> str:
+    """A secret of the local platform: made on first start, kept (owner-only) in the data folder."""
+    path = data_dir / name
     if not path.exists():
         data_dir.mkdir(parents=True, exist_ok=True)
         path.touch(mode=0o600)
-        path.write_text(new_key_setting("local"))
-        log.info("secret_key_created", path=str(path))
+        path.write_text(make())
+        log.info("local_secret_created", path=str(path))
     return path.read_text().strip()
+
+
+def _serving(port: int) -> bool:
+    async def check() -> bool:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub: Any = health_pb2_grpc.HealthStub(channel)
+            try:
+                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            except grpc.aio.AioRpcError:
+                return False
+            return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
+
+    return asyncio.run(check())
+
+
+def development_account(data_dir: Path, campaign_port: int, bootstrap_token: str) -> str:
+    """The admin key of the development account, created on the first start and kept in the data
+    folder, so the README's grpcurl walkthrough works with `-H "authorization: Bearer <key>"`."""
+    path = data_dir / "dev-admin-key"
+    if path.exists():
+        return path.read_text().strip()
+
+    async def create() -> str:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{campaign_port}") as channel:
+            stub: Any = accounts_grpc.AccountServiceStub(channel)
+            created = await stub.CreateAccount(
+                accounts_pb.CreateAccountRequest(account=accounts_pb.Account(display_name="Development")),
+                metadata=(("authorization", f"Bootstrap {bootstrap_token}"),),
+                timeout=10,
+            )
+            return str(created.key)
+
+    key = asyncio.run(create())
+    path.touch(mode=0o600)
+    path.write_text(key)
+    return key
 
 
 def main() -> None:
@@ -43,8 +89,15 @@ def main() -> None:
         env = {**embedded.environment(), **{k: v for k, v in env.items() if v}}
     # Local fakes and sinks run on loopback; a deployment allows private networks explicitly.
     env.setdefault("HERALD_ALLOWED_DESTINATION_NETWORKS", "127.0.0.0/8,::1/128")
+    data_dir = default_data_dir()
     if not env.get("HERALD_SECRET_KEYS"):
-        env["HERALD_SECRET_KEYS"] = local_secret_keys(default_data_dir())
+        env["HERALD_SECRET_KEYS"] = local_secret(data_dir, "secret-keys", lambda: new_key_setting("local"))
+    for setting, name in (
+        ("HERALD_SERVICE_TOKEN", "service-token"),
+        ("HERALD_BOOTSTRAP_TOKEN", "bootstrap-token"),
+    ):
+        if not env.get(setting):
+            env[setting] = local_secret(data_dir, name, lambda: secrets.token_urlsafe(32))
     children = [subprocess.Popen([sys.executable, "-m", f"herald_{name}.main"], env=env) for name in SERVICES]
     stopping = False
 
@@ -55,6 +108,15 @@ def main() -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
+        campaign_port = Settings.from_env(env).port("campaign")
+        while not stopping and not _serving(campaign_port):
+            if any(c.poll() is not None for c in children):
+                break
+            time.sleep(0.5)
+        if not stopping and all(c.poll() is None for c in children):
+            key = development_account(data_dir, campaign_port, env["HERALD_BOOTSTRAP_TOKEN"])
+            print(f"Herald is running. Development account admin key (kept in {data_dir / 'dev-admin-key'}):")
+            print(f"  {key}", flush=True)
         while not stopping:
             exited = [c for c in children if c.poll() is not None]
             if exited:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import grpc
 import sqlalchemy as sa
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -15,6 +16,13 @@ from nats.js import JetStreamContext
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import bus
+from herald_common.auth import (
+    Authenticator,
+    KeyRegistry,
+    Permission,
+    ensure_api_keys_bucket,
+    service_credentials,
+)
 from herald_common.bus import EventT, LaneConsumer, MessageHandler, PullConsumer, Subjects, decode_batch
 from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, PortInUse, Registrar, wait_for_termination_signal
@@ -24,6 +32,11 @@ from herald_common.secret_box import SecretKeysError
 from herald_common.settings import Settings
 
 log = get_logger(__name__)
+
+
+class StartupError(RuntimeError):
+    """A setting the service cannot run without is missing."""
+
 
 HEALTH_CHECK_TIMEOUT_SECONDS = 2.0
 HEALTH_CHECK_INTERVAL_SECONDS = 2.0
@@ -39,6 +52,7 @@ class Infrastructure:
     js: JetStreamContext
     subjects: Subjects
     relay: OutboxRelay
+    keys: KeyRegistry
     consumers: list[PullConsumer | LaneConsumer] = field(default_factory=list)
 
     @classmethod
@@ -51,6 +65,8 @@ class Infrastructure:
         migrations_dir: Path,
         outbox: sa.Table,
     ) -> Infrastructure:
+        if not settings.service_token:
+            raise StartupError("HERALD_SERVICE_TOKEN is not set: the services use it to call each other")
         engine = make_engine(settings.database_url)
         await migrate(engine, schema, migrations_dir)
         database = Database(engine)
@@ -58,9 +74,22 @@ class Infrastructure:
         js = nats_client.jetstream()
         subjects = Subjects(settings.namespace)
         await bus.ensure_streams(js, subjects)
+        keys = KeyRegistry()
+        await keys.start(await ensure_api_keys_bucket(js, settings.namespace))
         relay = OutboxRelay(database, outbox, js)
         relay.start()
-        return cls(settings, database, nats_client, js, subjects, relay)
+        return cls(settings, database, nats_client, js, subjects, relay, keys)
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return Authenticator(self.keys, self.settings.service_token, self.settings.bootstrap_token)
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        """A channel to another of our services; calls carry the service token and the account
+        the current call acts for."""
+        return grpc.aio.insecure_channel(
+            self.settings.address(service), interceptors=service_credentials(self.settings.service_token)
+        )
 
     async def consume(
         self,
@@ -149,6 +178,7 @@ class Infrastructure:
         await self.stop_consumers()
         await self.relay.stop()
         # Consumers are stopped and the outbox flushed: nothing is in flight, so close outright.
+        await self.keys.stop()
         await self.nats.flush()
         await self.nats.close()
         await self.database.dispose()
@@ -194,8 +224,9 @@ class ServiceHost:
         service_names: Sequence[str],
         register: Registrar,
         port: int,
+        permissions: dict[str, Permission],
     ) -> ServiceHost:
-        server = GrpcServer(service_names, register)
+        server = GrpcServer(service_names, register, infra.authenticator, permissions)
         try:
             await server.start(infra.settings.host, port, f"HERALD_{name.upper()}_PORT")
         except Exception:
@@ -240,7 +271,7 @@ def run(start: Callable[[Settings], Awaitable[ServiceHost]]) -> None:
     async def serve() -> None:
         try:
             host = await start(settings)
-        except (PortInUse, SecretKeysError) as error:
+        except (PortInUse, SecretKeysError, StartupError) as error:
             log.error("cannot_start", error=str(error))
             raise SystemExit(f"herald: {error}") from None
         await wait_for_termination_signal()

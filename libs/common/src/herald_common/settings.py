@@ -46,6 +46,9 @@ class Settings:
     run_lease_seconds: float = 60.0
     # Key-encryption keys for credentials at rest (`id:base64key,...`, the first one seals).
     secret_keys: str = field(default="", repr=False)
+    # Shared by our services to call each other; and the operator's token for creating accounts.
+    service_token: str = field(default="", repr=False)
+    bootstrap_token: str = field(default="", repr=False)
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -79,6 +82,8 @@ class Settings:
             ack_wait_seconds=float(env.get("HERALD_ACK_WAIT_SECONDS", "30")),
             run_lease_seconds=float(env.get("HERALD_RUN_LEASE_SECONDS", "60")),
             secret_keys=env.get("HERALD_SECRET_KEYS", ""),
+            service_token=env.get("HERALD_SERVICE_TOKEN", ""),
+            bootstrap_token=env.get("HERALD_BOOTSTRAP_TOKEN", ""),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
             ),

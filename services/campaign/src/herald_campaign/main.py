@@ -6,12 +6,16 @@ from pathlib import Path
 
 import grpc
 
+from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
+from herald_campaign.accounts import PERMISSIONS as ACCOUNT_PERMISSIONS
+from herald_campaign.accounts import SERVICE_NAME as ACCOUNT_SERVICE_NAME
+from herald_campaign.accounts import Accounts, AccountServicer
 from herald_campaign.consumers import start_consumers
 from herald_campaign.domain import Campaigns
 from herald_campaign.references import References
-from herald_campaign.servicer import CampaignServicer
+from herald_campaign.servicer import PERMISSIONS, CampaignServicer
 from herald_campaign.storage import SCHEMA, outbox
 from herald_common import runtime
 from herald_common.runtime import Infrastructure, ServiceHost
@@ -25,18 +29,25 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     infra = await Infrastructure.open(
         settings, service="campaign", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
-    segmentation = grpc.aio.insecure_channel(settings.address("segmentation"))
-    dispatch = grpc.aio.insecure_channel(settings.address("dispatch"))
+    segmentation = infra.channel("segmentation")
+    dispatch = infra.channel("dispatch")
     campaigns = Campaigns(
         infra.database, infra.subjects, References(segmentation, dispatch), infra.relay.notify
     )
     servicer = CampaignServicer(campaigns)
+    account_servicer = AccountServicer(Accounts(infra.database, settings.namespace, infra.relay.notify))
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_CampaignServiceServicer_to_server(servicer, server)
+        accounts_grpc.add_AccountServiceServicer_to_server(account_servicer, server)
 
     host = await ServiceHost.start(
-        "campaign", infra, [SERVICE_NAME], register, settings.port("campaign") if port is None else port
+        "campaign",
+        infra,
+        [SERVICE_NAME, ACCOUNT_SERVICE_NAME],
+        register,
+        settings.port("campaign") if port is None else port,
+        permissions={**PERMISSIONS, **ACCOUNT_PERMISSIONS},
     )
     host.on_stop.extend([segmentation.close, dispatch.close])
     await start_consumers(infra, campaigns)

@@ -10,8 +10,24 @@ from google.protobuf import empty_pb2
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
 from herald_campaign.domain import Campaigns
+from herald_common.auth import Permission, method_permissions
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+PERMISSIONS = method_permissions(
+    "herald.campaign.v1.CampaignService",
+    {
+        "CreateCampaign": Permission.WRITE,
+        "GetCampaign": Permission.READ,
+        "ListCampaigns": Permission.READ,
+        "UpdateCampaign": Permission.WRITE,
+        "DeleteCampaign": Permission.WRITE,
+        "PublishCampaign": Permission.WRITE,
+        "StopCampaign": Permission.WRITE,
+        "GetCampaignStats": Permission.READ,
+    },
+)
 
 
 class CampaignServicer(pb_grpc.CampaignServiceServicer):

@@ -77,4 +77,26 @@ stats = sa.Table(
     sa.Column("waiting_changed_at", sa.DateTime(timezone=True), nullable=True),
 )
 
+# Tenants, and their API keys (the secret part only as a SHA-256 hash).
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("request_id", sa.Text, nullable=True, unique=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("key_id", sa.Text, nullable=False, unique=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False, index=True),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("role", sa.Text, nullable=False),
+    sa.Column("secret_sha256", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+)
+
 outbox = outbox_table(metadata)

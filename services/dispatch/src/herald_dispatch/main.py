@@ -27,7 +27,7 @@ from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
 from herald_dispatch.destinations import Destinations, reseal
 from herald_dispatch.netguard import NetworkPolicy
-from herald_dispatch.servicer import DispatchServicer
+from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
 from herald_dispatch.storage import SCHEMA, outbox
 from herald_dispatch.worker import DeliveryWorker, WorkerOptions
 
@@ -63,7 +63,7 @@ async def start(
     http = aiohttp.ClientSession(connector=policy.connector(limit=HTTP_CONNECTIONS))
     channels = registry(http)
     campaigns = CampaignBook(infra.database)
-    campaign_service = grpc.aio.insecure_channel(settings.address("campaign"))
+    campaign_service = infra.channel("campaign")
     destinations = Destinations(infra.database, channels, policy, CampaignUsage(campaign_service), secrets)
     resealed = await destinations.reseal()
     if resealed:
@@ -74,7 +74,12 @@ async def start(
         pb_grpc.add_DispatchServiceServicer_to_server(servicer, server)
 
     host = await ServiceHost.start(
-        "dispatch", infra, [SERVICE_NAME], register, settings.port("dispatch") if port is None else port
+        "dispatch",
+        infra,
+        [SERVICE_NAME],
+        register,
+        settings.port("dispatch") if port is None else port,
+        permissions=PERMISSIONS,
     )
     host.on_stop.append(http.close)
     host.on_stop.append(campaign_service.close)

@@ -9,9 +9,21 @@ from google.protobuf import empty_pb2
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
+from herald_common.auth import Permission, method_permissions
 from herald_dispatch.destinations import Destinations
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+PERMISSIONS = method_permissions(
+    "herald.dispatch.v1.DispatchService",
+    {
+        "CreateDestination": Permission.WRITE,
+        "GetDestination": Permission.READ,
+        "ListDestinations": Permission.READ,
+        "DeleteDestination": Permission.WRITE,
+    },
+)
 
 
 class DispatchServicer(pb_grpc.DispatchServiceServicer):

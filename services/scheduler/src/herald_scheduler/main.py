@@ -15,7 +15,7 @@ from herald_common.settings import Settings
 from herald_scheduler.executor import RunExecutor
 from herald_scheduler.planning import Planner
 from herald_scheduler.runs import RunEvents, RunQueries
-from herald_scheduler.servicer import SchedulerServicer
+from herald_scheduler.servicer import PERMISSIONS, SchedulerServicer
 from herald_scheduler.storage import SCHEMA, outbox
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
@@ -29,7 +29,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     )
     run_events = RunEvents(infra.subjects)
     planner = Planner(infra.database, run_events)
-    segmentation = grpc.aio.insecure_channel(settings.address("segmentation"))
+    segmentation = infra.channel("segmentation")
     executor = RunExecutor(
         infra.database,
         infra.subjects,
@@ -44,7 +44,12 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         pb_grpc.add_SchedulerServiceServicer_to_server(servicer, server)
 
     host = await ServiceHost.start(
-        "scheduler", infra, [SERVICE_NAME], register, settings.port("scheduler") if port is None else port
+        "scheduler",
+        infra,
+        [SERVICE_NAME],
+        register,
+        settings.port("scheduler") if port is None else port,
+        permissions=PERMISSIONS,
     )
 
     async def apply_campaign_changes(changes: list[events.CampaignChanged]) -> None:

@@ -8,9 +8,19 @@ import grpc
 
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
+from herald_common.auth import Permission, method_permissions
 from herald_scheduler.runs import RunQueries
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+PERMISSIONS = method_permissions(
+    "herald.scheduler.v1.SchedulerService",
+    {
+        "GetRun": Permission.READ,
+        "ListRuns": Permission.READ,
+    },
+)
 
 
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):

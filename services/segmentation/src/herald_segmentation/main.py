@@ -13,7 +13,7 @@ from herald_common.campaign_usage import CampaignUsage
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 from herald_segmentation.domain import Segmentation
-from herald_segmentation.servicer import SegmentationServicer
+from herald_segmentation.servicer import PERMISSIONS, SegmentationServicer
 from herald_segmentation.storage import SCHEMA, outbox
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
@@ -24,7 +24,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     infra = await Infrastructure.open(
         settings, service="segmentation", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
-    campaign_service = grpc.aio.insecure_channel(settings.address("campaign"))
+    campaign_service = infra.channel("campaign")
     segmentation = Segmentation(infra.database, CampaignUsage(campaign_service))
     servicer = SegmentationServicer(segmentation)
 
@@ -37,6 +37,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         [SERVICE_NAME],
         register,
         settings.port("segmentation") if port is None else port,
+        permissions=PERMISSIONS,
     )
     host.on_stop.append(campaign_service.close)
     return host

@@ -10,9 +10,25 @@ from google.protobuf import empty_pb2
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
+from herald_common.auth import Permission, method_permissions
 from herald_segmentation.domain import Segmentation
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+PERMISSIONS = method_permissions(
+    "herald.segmentation.v1.SegmentationService",
+    {
+        "UpsertUsers": Permission.INGEST,
+        "GetUser": Permission.READ,
+        "CreateSegment": Permission.WRITE,
+        "GetSegment": Permission.READ,
+        "ListSegments": Permission.READ,
+        "DeleteSegment": Permission.WRITE,
+        "EstimateReach": Permission.READ,
+        "StreamAudience": Permission.READ,
+    },
+)
 
 
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):

@@ -360,3 +360,43 @@ class DestinationWaiting(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DestinationWaiting: _TypeAlias = DestinationWaiting  # noqa: Y015
+
+@_typing.final
+class ApiKeyState(_message.Message):
+    """The state of one API key, kept in the API keys key-value bucket (its key is the key id) so
+    every service can check keys without a database round trip. Written by the campaign service.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    SECRET_SHA256_FIELD_NUMBER: _builtins.int
+    REVOKED_FIELD_NUMBER: _builtins.int
+    key_id: _builtins.str
+    """The key id: the part of the key after its `hrld_` prefix and before the secret."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    role: _builtins.str
+    """Role name, for example `ROLE_EDITOR`."""
+    secret_sha256: _builtins.bytes
+    """SHA-256 of the key's secret part."""
+    revoked: _builtins.bool
+    """Revoked keys are refused."""
+    def __init__(
+        self,
+        *,
+        key_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        role: _builtins.str = ...,
+        secret_sha256: _builtins.bytes = ...,
+        revoked: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "key_id", b"key_id", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiKeyState: _TypeAlias = ApiKeyState  # noqa: Y015

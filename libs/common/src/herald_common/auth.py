@@ -1,0 +1,246 @@
+"""Who is calling, and what they may do.
+
+Callers present an API key (`authorization: Bearer hrld_<key id>_<secret>`). Every service keeps
+the state of every key in memory, replicated from a JetStream key-value bucket that the campaign
+service writes through its outbox, so a check costs no round trip and a revocation reaches every
+service within moments. Our services call each other with a shared service token and name the
+account they act for (`x-herald-account`); an operator creates accounts with the bootstrap token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.errors import BucketNotFoundError
+from nats.js.kv import KeyValue
+
+from herald.events.v1 import events_pb2 as events
+from herald_common.errors import DomainError
+from herald_common.logging import get_logger
+
+log = get_logger(__name__)
+
+KEY_PREFIX = "hrld_"
+ACCOUNT_HEADER = "x-herald-account"
+SERVICE_ROLE = "SERVICE"
+
+
+class Permission(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+    INGEST = "ingest"
+    KEYS = "keys"
+    WEB = "web"
+    BOOTSTRAP = "bootstrap"
+
+
+ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
+    "ROLE_ADMIN": frozenset({Permission.READ, Permission.WRITE, Permission.INGEST, Permission.KEYS}),
+    "ROLE_EDITOR": frozenset({Permission.READ, Permission.WRITE, Permission.INGEST}),
+    "ROLE_VIEWER": frozenset({Permission.READ}),
+    "ROLE_INGEST": frozenset({Permission.INGEST}),
+    "ROLE_PUBLISHABLE": frozenset({Permission.WEB}),
+    SERVICE_ROLE: frozenset({Permission.READ, Permission.WRITE, Permission.INGEST}),
+}
+
+
+class Unauthenticated(DomainError):
+    """No key, a malformed key, or a key that does not exist or was revoked."""
+
+
+class PermissionDenied(DomainError):
+    """The key is valid but its role does not allow the call."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    account: str  # `accounts/{id}`; empty for the operator's bootstrap calls
+    role: str
+    key_id: str = ""
+
+
+_caller: ContextVar[Caller | None] = ContextVar("caller", default=None)
+
+
+def current_caller() -> Caller | None:
+    return _caller.get()
+
+
+def act_as(caller: Caller | None) -> None:
+    _caller.set(caller)
+
+
+@dataclass(frozen=True)
+class NewKey:
+    key_id: str
+    key: str
+    secret_sha256: bytes
+
+    @property
+    def prefix(self) -> str:
+        return f"{KEY_PREFIX}{self.key_id}"
+
+
+def method_permissions(service: str, by_method: Mapping[str, Permission]) -> dict[str, Permission]:
+    """A service's permission table keyed by full gRPC method name."""
+    return {f"/{service}/{method}": permission for method, permission in by_method.items()}
+
+
+def new_key() -> NewKey:
+    key_id = secrets.token_hex(8)
+    secret = secrets.token_urlsafe(32)
+    return NewKey(key_id, f"{KEY_PREFIX}{key_id}_{secret}", hashlib.sha256(secret.encode()).digest())
+
+
+def api_keys_bucket(namespace: str) -> str:
+    return f"{namespace}_api_keys"
+
+
+def api_key_subject(namespace: str, key_id: str) -> str:
+    """Where the outbox writes a key's state: the key-value bucket's subject for that key."""
+    return f"$KV.{api_keys_bucket(namespace)}.{key_id}"
+
+
+async def ensure_api_keys_bucket(js: JetStreamContext, namespace: str) -> KeyValue:
+    bucket = api_keys_bucket(namespace)
+    try:
+        return await js.key_value(bucket)
+    except BucketNotFoundError:
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+
+
+class KeyRegistry:
+    """Every API key's state, followed live from the key-value bucket."""
+
+    def __init__(self) -> None:
+        self._keys: dict[str, events.ApiKeyState] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._loaded = asyncio.Event()
+
+    async def start(self, bucket: KeyValue) -> None:
+        watcher = await bucket.watchall()
+        self._task = asyncio.create_task(self._follow(watcher), name="api-keys")
+        await asyncio.wait_for(self._loaded.wait(), timeout=30)
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=5)  # type: ignore[no-untyped-call]
+            except TimeoutError:
+                continue
+            except Exception as error:  # NATS away: the watcher resumes when it reconnects
+                log.warning("api_keys_watch_failed", error=str(error))
+                await asyncio.sleep(1)
+                continue
+            if entry is None:
+                self._loaded.set()  # every key known so far has been delivered
+                continue
+            if entry.operation in ("DEL", "PURGE") or not entry.value:
+                self._keys.pop(entry.key, None)
+                continue
+            try:
+                self._keys[entry.key] = events.ApiKeyState.FromString(entry.value)
+            except Exception:
+                log.warning("api_key_state_malformed", key_id=entry.key)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def check(self, key: str) -> Caller:
+        """The caller a key stands for; Unauthenticated with what to do when it is not valid."""
+        body = key.removeprefix(KEY_PREFIX)
+        key_id, _, secret = body.partition("_")
+        if not key.startswith(KEY_PREFIX) or len(key_id) != 16 or not secret or len(key) > 200:
+            raise Unauthenticated("malformed API key: expected `authorization: Bearer hrld_...`")
+        state = self._keys.get(key_id)
+        digest = hashlib.sha256(secret.encode()).digest()
+        if state is None or not hmac.compare_digest(state.secret_sha256, digest):
+            raise Unauthenticated("unknown API key; create one with AccountService.CreateApiKey")
+        if state.revoked:
+            raise Unauthenticated("this API key was revoked; use another key of the account")
+        return Caller(state.account, state.role, key_id)
+
+
+@dataclass
+class Authenticator:
+    """Checks the credentials of each call against the permission its method needs."""
+
+    registry: KeyRegistry
+    service_token: str
+    bootstrap_token: str
+
+    def authenticate(self, metadata: Mapping[str, str], needed: Permission) -> Caller:
+        authorization = metadata.get("authorization", "")
+        scheme, _, credential = authorization.partition(" ")
+        credential = credential.strip()
+        if not authorization:
+            raise Unauthenticated("missing API key: send `authorization: Bearer <key>` metadata")
+        if scheme == "Bootstrap":
+            if not self.bootstrap_token or not hmac.compare_digest(credential, self.bootstrap_token):
+                raise Unauthenticated("wrong bootstrap token")
+            if needed is not Permission.BOOTSTRAP:
+                raise PermissionDenied("the bootstrap token only creates accounts")
+            return Caller("", "BOOTSTRAP")
+        if scheme == "Service":
+            if not self.service_token or not hmac.compare_digest(credential, self.service_token):
+                raise Unauthenticated("wrong service token")
+            caller = Caller(metadata.get(ACCOUNT_HEADER, ""), SERVICE_ROLE)
+        elif scheme == "Bearer":
+            caller = self.registry.check(credential)
+        else:
+            raise Unauthenticated("unknown authorization scheme: send `authorization: Bearer <key>`")
+        if needed not in ROLE_PERMISSIONS.get(caller.role, frozenset()):
+            role = caller.role.removeprefix("ROLE_").lower()
+            raise PermissionDenied(f"a {role} key may not do this ({needed.value} is needed)")
+        return caller
+
+
+class _ServiceCredentials:
+    """Adds the service token and the account being acted for to every outgoing call."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def _with_credentials(self, details: Any) -> Any:
+        caller = current_caller()
+        metadata = [(k, v) for k, v in (details.metadata or ()) if k not in ("authorization", ACCOUNT_HEADER)]
+        metadata.append(("authorization", f"Service {self.token}"))
+        if caller is not None and caller.account:
+            metadata.append((ACCOUNT_HEADER, caller.account))
+        return grpc.aio.ClientCallDetails(
+            details.method,
+            details.timeout,
+            grpc.aio.Metadata(*metadata),
+            details.credentials,
+            details.wait_for_ready,
+        )
+
+
+# grpc.aio files an interceptor under one kind only, so each kind has its own class.
+class _UnaryCredentials(_ServiceCredentials, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_credentials(details), request)
+
+
+class _StreamCredentials(_ServiceCredentials, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._with_credentials(details), request)
+
+
+def service_credentials(token: str) -> list[grpc.aio.ClientInterceptor]:
+    return [_UnaryCredentials(token), _StreamCredentials(token)]

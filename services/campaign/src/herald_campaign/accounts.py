@@ -1,0 +1,238 @@
+"""Accounts and their API keys.
+
+A key's state is written to the API keys key-value bucket through the outbox, in the same
+transaction as the change, so every service learns of a new or revoked key within moments.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from herald.accounts.v1 import account_service_pb2 as pb
+from herald.accounts.v1 import account_service_pb2_grpc as pb_grpc
+from herald.events.v1 import events_pb2 as events
+from herald_campaign.storage import accounts, api_keys, outbox
+from herald_common import api
+from herald_common.auth import (
+    Caller,
+    NewKey,
+    Permission,
+    api_key_subject,
+    current_caller,
+    method_permissions,
+    new_key,
+)
+from herald_common.db import Database
+from herald_common.errors import NotFound, Validator, invalid
+from herald_common.outbox import OutboxEvent, enqueue
+from herald_common.paging import keyset_page
+from herald_common.validation import check_text_fields
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AccountService"].full_name
+PERMISSIONS = method_permissions(
+    SERVICE_NAME,
+    {
+        "CreateAccount": Permission.BOOTSTRAP,
+        "GetAccount": Permission.READ,
+        "CreateApiKey": Permission.KEYS,
+        "ListApiKeys": Permission.KEYS,
+        "RevokeApiKey": Permission.KEYS,
+    },
+)
+MAX_DISPLAY_NAME = 200
+Role = pb.Role
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _account_message(row: Any) -> pb.Account:
+    return pb.Account(
+        name=f"accounts/{row.id}", display_name=row.display_name, create_time=api.timestamp(row.created_at)
+    )
+
+
+def _key_message(row: Any) -> pb.ApiKey:
+    key = pb.ApiKey(
+        name=f"accounts/{row.account_id}/apiKeys/{row.id}",
+        display_name=row.display_name,
+        role=Role.Value(row.role),
+        prefix=f"hrld_{row.key_id}",
+        create_time=api.timestamp(row.created_at),
+    )
+    if row.revoked_at is not None:
+        key.revoke_time.CopyFrom(api.timestamp(row.revoked_at))
+    return key
+
+
+def _caller_account(caller: Caller | None) -> uuid.UUID:
+    assert caller is not None and caller.account, "authenticated calls always name an account"
+    return api.parse_uuid_name(caller.account, "accounts", "authorization")
+
+
+def _parse_key_name(name: str) -> tuple[uuid.UUID, uuid.UUID]:
+    """`accounts/{account}/apiKeys/{key}` → (account id, key id)."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "accounts" or parts[2] != "apiKeys":
+        raise invalid("name", f"must look like accounts/<account>/apiKeys/<key>, got {name!r}")
+    try:
+        return uuid.UUID(parts[1]), uuid.UUID(parts[3])
+    except ValueError:
+        raise invalid("name", f"{name!r} is not a valid API key name") from None
+
+
+class Accounts:
+    def __init__(self, database: Database, namespace: str, notify_outbox: Any) -> None:
+        self.database = database
+        self.namespace = namespace
+        self.notify_outbox = notify_outbox
+
+    async def _publish_key(self, session: AsyncSession, row: Any) -> None:
+        state = events.ApiKeyState(
+            key_id=row.key_id,
+            account=f"accounts/{row.account_id}",
+            role=row.role,
+            secret_sha256=row.secret_sha256,
+            revoked=row.revoked_at is not None,
+        )
+        subject = api_key_subject(self.namespace, row.key_id)
+        await enqueue(session, outbox, [OutboxEvent.of(subject, state, f"{row.key_id}:{row.revoked_at}")])
+
+    async def _add_key(
+        self, session: AsyncSession, account_id: uuid.UUID, display_name: str, role: str
+    ) -> tuple[Any, NewKey]:
+        key = new_key()
+        row = (
+            await session.execute(
+                sa.insert(api_keys)
+                .values(
+                    id=uuid.uuid4(),
+                    key_id=key.key_id,
+                    account_id=account_id,
+                    display_name=display_name,
+                    role=role,
+                    secret_sha256=key.secret_sha256,
+                )
+                .returning(*api_keys.c)
+            )
+        ).one()
+        await self._publish_key(session, row)
+        return row, key
+
+    async def create_account(self, account: pb.Account, request_id: str) -> pb.CreateAccountResponse:
+        check = Validator()
+        check.require(bool(account.display_name.strip()), "account.display_name", "required")
+        check.require(
+            len(account.display_name) <= MAX_DISPLAY_NAME,
+            "account.display_name",
+            f"at most {MAX_DISPLAY_NAME} characters",
+        )
+        check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
+        check_text_fields(account, "account", check)
+        check.raise_if_any()
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    insert(accounts)
+                    .values(
+                        id=uuid.uuid4(),
+                        display_name=account.display_name.strip(),
+                        request_id=request_id or None,
+                    )
+                    .on_conflict_do_nothing(index_elements=[accounts.c.request_id])
+                    .returning(*accounts.c)
+                )
+            ).first()
+            if row is None:  # created before with this request_id: no second admin key
+                row = (
+                    await session.execute(sa.select(accounts).where(accounts.c.request_id == request_id))
+                ).one()
+                return pb.CreateAccountResponse(account=_account_message(row))
+            key_row, key = await self._add_key(session, row.id, "first admin key", "ROLE_ADMIN")
+        self.notify_outbox()
+        return pb.CreateAccountResponse(
+            account=_account_message(row), admin_key=_key_message(key_row), key=key.key
+        )
+
+    async def get_account(self) -> pb.Account:
+        account_id = _caller_account(current_caller())
+        async with self.database.transaction() as session:
+            row = (await session.execute(sa.select(accounts).where(accounts.c.id == account_id))).first()
+        if row is None:
+            raise NotFound(f"accounts/{account_id}")
+        return _account_message(row)
+
+    async def create_key(self, api_key: pb.ApiKey) -> pb.CreateApiKeyResponse:
+        account_id = _caller_account(current_caller())
+        check = Validator()
+        check.require(bool(api_key.display_name.strip()), "api_key.display_name", "required")
+        check.require(
+            len(api_key.display_name) <= MAX_DISPLAY_NAME,
+            "api_key.display_name",
+            f"at most {MAX_DISPLAY_NAME} characters",
+        )
+        check_text_fields(api_key, "api_key", check)
+        check.require(api_key.role != Role.ROLE_UNSPECIFIED, "api_key.role", "required")
+        check.raise_if_any()
+        async with self.database.transaction() as session:
+            row, key = await self._add_key(
+                session, account_id, api_key.display_name.strip(), Role.Name(api_key.role)
+            )
+        self.notify_outbox()
+        return pb.CreateApiKeyResponse(api_key=_key_message(row), key=key.key)
+
+    async def list_keys(self, size: int, token: str) -> tuple[list[pb.ApiKey], str]:
+        account_id = _caller_account(current_caller())
+        async with self.database.transaction() as session:
+            rows, next_token = await keyset_page(
+                session, api_keys, size, token, api_keys.c.account_id == account_id
+            )
+        return [_key_message(r) for r in rows], next_token
+
+    async def revoke_key(self, name: str) -> pb.ApiKey:
+        account_id = _caller_account(current_caller())
+        owner, key_uuid = _parse_key_name(name)
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    sa.update(api_keys)
+                    .where(api_keys.c.id == key_uuid, api_keys.c.account_id == account_id)
+                    .where(api_keys.c.account_id == owner)
+                    .values(revoked_at=sa.func.coalesce(api_keys.c.revoked_at, sa.func.now()))
+                    .returning(*api_keys.c)
+                )
+            ).first()
+            if row is None:  # another account's key answers as if it did not exist
+                raise NotFound(name)
+            await self._publish_key(session, row)
+        self.notify_outbox()
+        return _key_message(row)
+
+
+class AccountServicer(pb_grpc.AccountServiceServicer):
+    def __init__(self, accounts_: Accounts) -> None:
+        self.accounts = accounts_
+
+    async def CreateAccount(
+        self, request: pb.CreateAccountRequest, context: Context
+    ) -> pb.CreateAccountResponse:
+        return await self.accounts.create_account(request.account, request.request_id)
+
+    async def GetAccount(self, request: pb.GetAccountRequest, context: Context) -> pb.Account:
+        return await self.accounts.get_account()
+
+    async def CreateApiKey(
+        self, request: pb.CreateApiKeyRequest, context: Context
+    ) -> pb.CreateApiKeyResponse:
+        return await self.accounts.create_key(request.api_key)
+
+    async def ListApiKeys(self, request: pb.ListApiKeysRequest, context: Context) -> pb.ListApiKeysResponse:
+        found, token = await self.accounts.list_keys(request.page_size, request.page_token)
+        return pb.ListApiKeysResponse(api_keys=found, next_page_token=token)
+
+    async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
+        return await self.accounts.revoke_key(request.name)
