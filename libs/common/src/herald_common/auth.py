@@ -23,7 +23,7 @@ from typing import Any
 import grpc
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from herald.events.v1 import events_pb2 as events
@@ -128,8 +128,10 @@ class KeyRegistry:
         self._keys: dict[str, events.ApiKeyState] = {}
         self._task: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
+        self._bucket: KeyValue | None = None
 
     async def start(self, bucket: KeyValue) -> None:
+        self._bucket = bucket
         watcher = await bucket.watchall()
         self._task = asyncio.create_task(self._follow(watcher), name="api-keys")
         await asyncio.wait_for(self._loaded.wait(), timeout=30)
@@ -161,13 +163,37 @@ class KeyRegistry:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def check(self, key: str) -> Caller:
+    async def _state(self, key_id: str) -> events.ApiKeyState | None:
+        """The key's state; one not seen yet (created a moment ago) is read from the bucket."""
+        state = self._keys.get(key_id)
+        if state is not None or self._bucket is None:
+            return state
+        try:
+            entry = await self._bucket.get(key_id)
+        except KeyNotFoundError:
+            return None
+        if entry.value:
+            state = events.ApiKeyState.FromString(entry.value)
+            self._keys[key_id] = state
+        return state
+
+    async def wait_for(self, key_id: str, within: float = 5.0) -> None:
+        """Returns once the key's latest state is in the bucket, so every service can check it."""
+        deadline = asyncio.get_running_loop().time() + within
+        while asyncio.get_running_loop().time() < deadline:
+            if self._bucket is not None:
+                with contextlib.suppress(KeyNotFoundError):
+                    if (await self._bucket.get(key_id)).value:
+                        return
+            await asyncio.sleep(0.02)
+
+    async def check(self, key: str) -> Caller:
         """The caller a key stands for; Unauthenticated with what to do when it is not valid."""
         body = key.removeprefix(KEY_PREFIX)
         key_id, _, secret = body.partition("_")
         if not key.startswith(KEY_PREFIX) or len(key_id) != 16 or not secret or len(key) > 200:
             raise Unauthenticated("malformed API key: expected `authorization: Bearer hrld_...`")
-        state = self._keys.get(key_id)
+        state = await self._state(key_id)
         digest = hashlib.sha256(secret.encode()).digest()
         if state is None or not hmac.compare_digest(state.secret_sha256, digest):
             raise Unauthenticated("unknown API key; create one with AccountService.CreateApiKey")
@@ -184,7 +210,7 @@ class Authenticator:
     service_token: str
     bootstrap_token: str
 
-    def authenticate(self, metadata: Mapping[str, str], needed: Permission) -> Caller:
+    async def authenticate(self, metadata: Mapping[str, str], needed: Permission) -> Caller:
         authorization = metadata.get("authorization", "")
         scheme, _, credential = authorization.partition(" ")
         credential = credential.strip()
@@ -201,7 +227,7 @@ class Authenticator:
                 raise Unauthenticated("wrong service token")
             caller = Caller(metadata.get(ACCOUNT_HEADER, ""), SERVICE_ROLE)
         elif scheme == "Bearer":
-            caller = self.registry.check(credential)
+            caller = await self.registry.check(credential)
         else:
             raise Unauthenticated("unknown authorization scheme: send `authorization: Bearer <key>`")
         if needed not in ROLE_PERMISSIONS.get(caller.role, frozenset()):

@@ -120,14 +120,14 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.authenticator = authenticator
         self.permissions = permissions
 
-    def _authenticate(self, details: Any) -> None:
+    async def _authenticate(self, details: Any) -> None:
         if details.method.startswith(_OPEN_PREFIXES) or self.authenticator is None:
             return
         needed = self.permissions.get(details.method)
         if needed is None:  # every method declares its permission; refuse rather than guess
             raise PermissionDenied(f"{details.method} is not open to callers")
         metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
-        act_as(self.authenticator.authenticate(metadata, needed))
+        act_as(await self.authenticator.authenticate(metadata, needed))
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
@@ -139,7 +139,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: Any) -> Any:
                 _bind_request(handler_call_details, context)
                 try:
-                    self._authenticate(handler_call_details)
+                    await self._authenticate(handler_call_details)
                     return await inner_unary(request, context)
                 except DomainError as error:
                     await _abort(context, error)
@@ -157,7 +157,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 _bind_request(handler_call_details, context)
                 try:
-                    self._authenticate(handler_call_details)
+                    await self._authenticate(handler_call_details)
                     async for response in inner_stream(request, context):
                         yield response
                 except DomainError as error:

@@ -21,6 +21,7 @@ from herald_campaign.storage import accounts, api_keys, outbox
 from herald_common import api
 from herald_common.auth import (
     Caller,
+    KeyRegistry,
     NewKey,
     Permission,
     api_key_subject,
@@ -86,10 +87,11 @@ def _parse_key_name(name: str) -> tuple[uuid.UUID, uuid.UUID]:
 
 
 class Accounts:
-    def __init__(self, database: Database, namespace: str, notify_outbox: Any) -> None:
+    def __init__(self, database: Database, namespace: str, notify_outbox: Any, keys: KeyRegistry) -> None:
         self.database = database
         self.namespace = namespace
         self.notify_outbox = notify_outbox
+        self.keys = keys
 
     async def _publish_key(self, session: AsyncSession, row: Any) -> None:
         state = events.ApiKeyState(
@@ -154,6 +156,7 @@ class Accounts:
                 return pb.CreateAccountResponse(account=_account_message(row))
             key_row, key = await self._add_key(session, row.id, "first admin key", "ROLE_ADMIN")
         self.notify_outbox()
+        await self.keys.wait_for(key.key_id)  # usable at every service once this answers
         return pb.CreateAccountResponse(
             account=_account_message(row), admin_key=_key_message(key_row), key=key.key
         )
@@ -183,6 +186,7 @@ class Accounts:
                 session, account_id, api_key.display_name.strip(), Role.Name(api_key.role)
             )
         self.notify_outbox()
+        await self.keys.wait_for(key.key_id)
         return pb.CreateApiKeyResponse(api_key=_key_message(row), key=key.key)
 
     async def list_keys(self, size: int, token: str) -> tuple[list[pb.ApiKey], str]:

@@ -35,7 +35,9 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         infra.database, infra.subjects, References(segmentation, dispatch), infra.relay.notify
     )
     servicer = CampaignServicer(campaigns)
-    account_servicer = AccountServicer(Accounts(infra.database, settings.namespace, infra.relay.notify))
+    account_servicer = AccountServicer(
+        Accounts(infra.database, settings.namespace, infra.relay.notify, infra.keys)
+    )
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_CampaignServiceServicer_to_server(servicer, server)

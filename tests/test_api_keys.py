@@ -1,0 +1,200 @@
+"""API keys: every call needs one, its role bounds what it may do, and a revoked key is refused by
+every service within seconds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
+from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from tests.conftest import Platform
+from tests.harness import Clients, create_account
+from tests.helpers import condition, field_violations, user
+
+Role = accounts_pb.Role
+
+
+@pytest.fixture
+async def keys(platform: Platform) -> AsyncIterator[Callable[[Any], Awaitable[Clients]]]:
+    """Makes clients calling with a new key of the platform's account with the given role."""
+    opened: list[Clients] = []
+
+    async def with_role(role: Any) -> Clients:
+        created = await platform.accounts.CreateApiKey(
+            accounts_pb.CreateApiKeyRequest(api_key=accounts_pb.ApiKey(display_name="test", role=role))
+        )
+        clients = Clients.open(platform.addresses, created.key)
+        opened.append(clients)
+        return clients
+
+    yield with_role
+    for clients in opened:
+        await clients.close()
+
+
+def _reads(clients: Clients) -> list[Awaitable[Any]]:
+    """One read of each service."""
+    return [
+        clients.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest()),
+        clients.segmentation.ListSegments(segmentation_pb.ListSegmentsRequest()),
+        clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=f"campaigns/{uuid.uuid4()}")),
+        clients.dispatch.ListDestinations(dispatch_pb.ListDestinationsRequest()),
+    ]
+
+
+async def _code(call: Awaitable[Any]) -> grpc.StatusCode:
+    try:
+        await call
+    except grpc.aio.AioRpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+async def test_calls_without_a_valid_key_are_unauthenticated(platform: Platform) -> None:
+    for key in ("", "nonsense", "hrld_0123456789abcdef_wrongsecret", "Bearer"):
+        metadata = (("authorization", f"Bearer {key}"),) if key else ()
+        async with grpc.aio.insecure_channel(platform.address("dispatch")) as channel:
+            dispatch = dispatch_grpc.DispatchServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await dispatch.ListDestinations(dispatch_pb.ListDestinationsRequest(), metadata=metadata)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert "key" in (refused.value.details() or "")
+
+
+async def test_each_role_may_do_what_it_is_for_and_nothing_more(
+    platform: Platform, keys: Callable[[Any], Awaitable[Clients]]
+) -> None:
+    viewer = await keys(Role.ROLE_VIEWER)
+    assert [await _code(c) for c in _reads(viewer)] == [grpc.StatusCode.OK] * 4
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await viewer.segmentation.CreateSegment(
+            segmentation_pb.CreateSegmentRequest(
+                segment=segmentation_pb.Segment(
+                    display_name="x",
+                    filter=segmentation_pb.SegmentFilter(conditions=[condition("a", "EXISTS")]),
+                )
+            )
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "viewer" in (denied.value.details() or "")
+
+    ingest = await keys(Role.ROLE_INGEST)
+    upserted = await ingest.segmentation.UpsertUsers(
+        segmentation_pb.UpsertUsersRequest(users=[user("ingested-1", plan="gold")])
+    )
+    assert upserted.upserted_count == 1
+    assert [await _code(c) for c in _reads(ingest)] == [grpc.StatusCode.PERMISSION_DENIED] * 4
+
+    publishable = await keys(Role.ROLE_PUBLISHABLE)
+    assert [await _code(c) for c in _reads(publishable)] == [grpc.StatusCode.PERMISSION_DENIED] * 4
+    assert (
+        await _code(
+            publishable.segmentation.UpsertUsers(segmentation_pb.UpsertUsersRequest(users=[user("p-1")]))
+        )
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+
+    editor = await keys(Role.ROLE_EDITOR)
+    assert [await _code(c) for c in _reads(editor)] == [grpc.StatusCode.OK] * 4
+    assert (
+        await _code(
+            editor.accounts.CreateApiKey(
+                accounts_pb.CreateApiKeyRequest(
+                    api_key=accounts_pb.ApiKey(display_name="x", role=Role.ROLE_ADMIN)
+                )
+            )
+        )
+        == grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert (await editor.accounts.GetAccount(accounts_pb.GetAccountRequest())).name == platform.account
+
+
+async def test_a_revoked_key_is_refused_by_every_service_within_seconds(
+    platform: Platform, keys: Callable[[Any], Awaitable[Clients]]
+) -> None:
+    editor = await keys(Role.ROLE_EDITOR)
+    assert [await _code(c) for c in _reads(editor)] == [grpc.StatusCode.OK] * 4
+    listed = await platform.accounts.ListApiKeys(accounts_pb.ListApiKeysRequest())
+    newest = listed.api_keys[0]
+    assert newest.role == Role.ROLE_EDITOR and newest.prefix.startswith("hrld_")
+
+    revoked_at = time.monotonic()
+    revoked = await platform.accounts.RevokeApiKey(accounts_pb.RevokeApiKeyRequest(name=newest.name))
+    assert revoked.HasField("revoke_time")
+    while [await _code(c) for c in _reads(editor)] != [grpc.StatusCode.UNAUTHENTICATED] * 4:
+        assert time.monotonic() - revoked_at < 5, "a revoked key still works after 5 s"
+        await asyncio.sleep(0.05)
+    # The admin key that revoked it still works.
+    assert [await _code(c) for c in _reads(platform.clients)] == [grpc.StatusCode.OK] * 4
+
+
+async def test_keys_are_listed_without_their_secret(platform: Platform) -> None:
+    created = await platform.accounts.CreateApiKey(
+        accounts_pb.CreateApiKeyRequest(api_key=accounts_pb.ApiKey(display_name="ci", role=Role.ROLE_VIEWER))
+    )
+    assert created.key.startswith(created.api_key.prefix + "_")
+    listed = await platform.accounts.ListApiKeys(accounts_pb.ListApiKeysRequest(page_size=1000))
+    assert created.api_key in listed.api_keys
+    assert created.key not in str(listed)
+
+
+async def test_account_and_key_requests_are_checked(platform: Platform) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as bad:
+        await platform.accounts.CreateApiKey(
+            accounts_pb.CreateApiKeyRequest(api_key=accounts_pb.ApiKey(display_name=""))
+        )
+    assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert set(field_violations(bad.value)) == {"api_key.display_name", "api_key.role"}
+
+    # Only the bootstrap token creates accounts; an admin key cannot, a wrong token is refused.
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await platform.accounts.CreateAccount(
+            accounts_pb.CreateAccountRequest(account=accounts_pb.Account(display_name="x"))
+        )
+    assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.aio.AioRpcError) as wrong:
+        await create_account(platform.address("campaign"), "not-the-token")
+    assert wrong.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+    # Another account's key cannot be revoked; it answers as if it did not exist.
+    other_account, other_key = await create_account(
+        platform.address("campaign"), platform.settings.bootstrap_token
+    )
+    other = Clients.open(platform.addresses, other_key)
+    try:
+        [other_admin] = (await other.accounts.ListApiKeys(accounts_pb.ListApiKeysRequest())).api_keys
+        with pytest.raises(grpc.aio.AioRpcError) as hidden:
+            await platform.accounts.RevokeApiKey(accounts_pb.RevokeApiKeyRequest(name=other_admin.name))
+        assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (await other.accounts.GetAccount(accounts_pb.GetAccountRequest())).name == other_account
+    finally:
+        await other.close()
+
+    with pytest.raises(grpc.aio.AioRpcError) as malformed:
+        await platform.accounts.RevokeApiKey(accounts_pb.RevokeApiKeyRequest(name="keys/1"))
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_bootstrap_account_creation_is_idempotent(platform: Platform) -> None:
+    async with grpc.aio.insecure_channel(platform.address("campaign")) as channel:
+        stub: Any = accounts_grpc.AccountServiceStub(channel)
+        metadata = (("authorization", f"Bootstrap {platform.settings.bootstrap_token}"),)
+        request = accounts_pb.CreateAccountRequest(
+            account=accounts_pb.Account(display_name="Acme"), request_id=f"acme-{time.time_ns()}"
+        )
+        first = await stub.CreateAccount(request, metadata=metadata)
+        again = await stub.CreateAccount(request, metadata=metadata)
+    assert first.key and first.admin_key.role == Role.ROLE_ADMIN
+    assert again.account == first.account and not again.key  # the key is shown once only
