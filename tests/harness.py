@@ -66,6 +66,8 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             secret_keys=new_key_setting("test"),
             service_token=secrets.token_urlsafe(24),
             bootstrap_token=secrets.token_urlsafe(24),
+            # Tests call as fast as they can; quotas are tested with accounts' own limits.
+            account_requests_per_second=5000.0,
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

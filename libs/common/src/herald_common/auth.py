@@ -15,9 +15,10 @@ import enum
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -27,7 +28,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from herald.events.v1 import events_pb2 as events
-from herald_common.errors import DomainError
+from herald_common.errors import DomainError, ResourceExhausted
 from herald_common.logging import get_logger
 
 log = get_logger(__name__)
@@ -69,6 +70,33 @@ class Caller:
     account: str  # `accounts/{id}`; empty for the operator's bootstrap calls
     role: str
     key_id: str = ""
+    # The account's own limits; zero takes the installation's defaults.
+    requests_per_second: float = 0.0
+    max_batch_size: int = 0
+
+
+@dataclass(frozen=True)
+class QuotaDefaults:
+    requests_per_second: float = 200.0
+    max_batch_size: int = 1000
+
+
+class AccountRates:
+    """A token bucket per account in this process: the account's rate, bursts of twice as many."""
+
+    def __init__(self) -> None:
+        self._buckets: dict[str, tuple[float, float]] = {}  # account → (tokens, refreshed at)
+
+    def admit(self, account: str, rate: float) -> float | None:
+        """None if the call may go ahead, else the seconds until it may."""
+        now = time.monotonic()
+        tokens, refreshed = self._buckets.get(account, (2 * rate, now))
+        tokens = min(2 * rate, tokens + (now - refreshed) * rate)
+        if tokens < 1:
+            self._buckets[account] = (tokens, now)
+            return (1 - tokens) / rate
+        self._buckets[account] = (tokens - 1, now)
+        return None
 
 
 _caller: ContextVar[Caller | None] = ContextVar("caller", default=None)
@@ -199,16 +227,27 @@ class KeyRegistry:
             raise Unauthenticated("unknown API key; create one with AccountService.CreateApiKey")
         if state.revoked:
             raise Unauthenticated("this API key was revoked; use another key of the account")
-        return Caller(state.account, state.role, key_id)
+        return Caller(state.account, state.role, key_id, state.requests_per_second, state.max_batch_size)
 
 
 @dataclass
 class Authenticator:
-    """Checks the credentials of each call against the permission its method needs."""
+    """Checks the credentials of each call against the permission its method needs, and the
+    request rate of its account."""
 
     registry: KeyRegistry
     service_token: str
     bootstrap_token: str
+    defaults: QuotaDefaults = field(default_factory=QuotaDefaults)
+    rates: AccountRates = field(default_factory=AccountRates)
+
+    def limits(self, caller: Caller) -> Caller:
+        """The caller with its account's limits filled in from the defaults."""
+        return replace(
+            caller,
+            requests_per_second=caller.requests_per_second or self.defaults.requests_per_second,
+            max_batch_size=caller.max_batch_size or self.defaults.max_batch_size,
+        )
 
     async def authenticate(self, metadata: Mapping[str, str], needed: Permission) -> Caller:
         authorization = metadata.get("authorization", "")
@@ -233,6 +272,16 @@ class Authenticator:
         if needed not in ROLE_PERMISSIONS.get(caller.role, frozenset()):
             role = caller.role.removeprefix("ROLE_").lower()
             raise PermissionDenied(f"a {role} key may not do this ({needed.value} is needed)")
+        if caller.role == SERVICE_ROLE:
+            return caller  # already counted where the account's call came in
+        caller = self.limits(caller)
+        wait = self.rates.admit(caller.account, caller.requests_per_second)
+        if wait is not None:
+            raise ResourceExhausted(
+                caller.account,
+                f"more than {caller.requests_per_second:g} calls a second; retry in {wait:.2f} s",
+                retry_after=wait,
+            )
         return caller
 
 

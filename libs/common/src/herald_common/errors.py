@@ -46,6 +46,15 @@ class FailedPrecondition(DomainError):
         super().__init__(description)
 
 
+class ResourceExhausted(DomainError):
+    """A quota of the caller's account is used up; `retry_after` says when waiting helps."""
+
+    def __init__(self, subject: str, description: str, retry_after: float | None = None) -> None:
+        self.subject = subject
+        self.retry_after = retry_after
+        super().__init__(description)
+
+
 class Unavailable(DomainError):
     """A dependency could not be reached; the caller may retry."""
 

@@ -23,6 +23,7 @@ from herald_common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
 )
 from herald_common.faults import is_transient
@@ -77,6 +78,18 @@ def status_for(error: DomainError) -> status_pb2.Status:
         )
     if isinstance(error, Unavailable):
         return status_pb2.Status(code=code_pb2.UNAVAILABLE, message=error.message)
+    if isinstance(error, ResourceExhausted):
+        failure = error_details_pb2.QuotaFailure(
+            violations=[
+                error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=error.message)
+            ]
+        )
+        details = [_pack(failure)]
+        if error.retry_after is not None:
+            retry = error_details_pb2.RetryInfo()
+            retry.retry_delay.FromMilliseconds(max(1, int(error.retry_after * 1000)))
+            details.append(_pack(retry))
+        return status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=error.message, details=details)
     if isinstance(error, Unauthenticated):
         return status_pb2.Status(code=code_pb2.UNAUTHENTICATED, message=error.message)
     if isinstance(error, PermissionDenied):

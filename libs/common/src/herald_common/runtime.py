@@ -20,6 +20,7 @@ from herald_common.auth import (
     Authenticator,
     KeyRegistry,
     Permission,
+    QuotaDefaults,
     ensure_api_keys_bucket,
     service_credentials,
 )
@@ -82,7 +83,10 @@ class Infrastructure:
 
     @property
     def authenticator(self) -> Authenticator:
-        return Authenticator(self.keys, self.settings.service_token, self.settings.bootstrap_token)
+        defaults = QuotaDefaults(
+            self.settings.account_requests_per_second, self.settings.account_max_batch_size
+        )
+        return Authenticator(self.keys, self.settings.service_token, self.settings.bootstrap_token, defaults)
 
     def channel(self, service: str) -> grpc.aio.Channel:
         """A channel to another of our services; calls carry the service token and the account

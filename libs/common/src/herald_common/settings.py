@@ -48,6 +48,9 @@ class Settings:
     secret_keys: str = field(default="", repr=False)
     # Shared by our services to call each other; and the operator's token for creating accounts.
     service_token: str = field(default="", repr=False)
+    # Per-account limits where an account has none of its own.
+    account_requests_per_second: float = 200.0
+    account_max_batch_size: int = 1000
     bootstrap_token: str = field(default="", repr=False)
 
     def port(self, service: str) -> int:
@@ -83,6 +86,8 @@ class Settings:
             run_lease_seconds=float(env.get("HERALD_RUN_LEASE_SECONDS", "60")),
             secret_keys=env.get("HERALD_SECRET_KEYS", ""),
             service_token=env.get("HERALD_SERVICE_TOKEN", ""),
+            account_requests_per_second=float(env.get("HERALD_ACCOUNT_REQUESTS_PER_SECOND", "200")),
+            account_max_batch_size=int(env.get("HERALD_ACCOUNT_MAX_BATCH_SIZE", "1000")),
             bootstrap_token=env.get("HERALD_BOOTSTRAP_TOKEN", ""),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()

@@ -47,13 +47,17 @@ PERMISSIONS = method_permissions(
     },
 )
 MAX_DISPLAY_NAME = 200
+MAX_BATCH_SIZE = 1000  # UpsertUsers never takes more
 Role = pb.Role
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _account_message(row: Any) -> pb.Account:
     return pb.Account(
-        name=f"accounts/{row.id}", display_name=row.display_name, create_time=api.timestamp(row.created_at)
+        name=f"accounts/{row.id}",
+        display_name=row.display_name,
+        create_time=api.timestamp(row.created_at),
+        quota=pb.Quota(requests_per_second=row.requests_per_second, max_batch_size=row.max_batch_size),
     )
 
 
@@ -94,12 +98,15 @@ class Accounts:
         self.keys = keys
 
     async def _publish_key(self, session: AsyncSession, row: Any) -> None:
+        account = (await session.execute(sa.select(accounts).where(accounts.c.id == row.account_id))).one()
         state = events.ApiKeyState(
             key_id=row.key_id,
             account=f"accounts/{row.account_id}",
             role=row.role,
             secret_sha256=row.secret_sha256,
             revoked=row.revoked_at is not None,
+            requests_per_second=account.requests_per_second,
+            max_batch_size=account.max_batch_size,
         )
         subject = api_key_subject(self.namespace, row.key_id)
         await enqueue(session, outbox, [OutboxEvent.of(subject, state, f"{row.key_id}:{row.revoked_at}")])
@@ -135,6 +142,14 @@ class Accounts:
         )
         check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
         check_text_fields(account, "account", check)
+        check.require(
+            account.quota.requests_per_second >= 0, "account.quota.requests_per_second", "zero or more"
+        )
+        check.require(
+            0 <= account.quota.max_batch_size <= MAX_BATCH_SIZE,
+            "account.quota.max_batch_size",
+            f"between 0 (the default) and {MAX_BATCH_SIZE}",
+        )
         check.raise_if_any()
         async with self.database.transaction() as session:
             row = (
@@ -144,6 +159,8 @@ class Accounts:
                         id=uuid.uuid4(),
                         display_name=account.display_name.strip(),
                         request_id=request_id or None,
+                        requests_per_second=account.quota.requests_per_second,
+                        max_batch_size=account.quota.max_batch_size,
                     )
                     .on_conflict_do_nothing(index_elements=[accounts.c.request_id])
                     .returning(*accounts.c)

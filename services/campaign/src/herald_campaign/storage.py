@@ -85,6 +85,9 @@ accounts = sa.Table(
     sa.Column("display_name", sa.Text, nullable=False),
     sa.Column("request_id", sa.Text, nullable=True, unique=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # The account's own limits; zero takes the installation's defaults.
+    sa.Column("requests_per_second", sa.Float, nullable=False, server_default="0"),
+    sa.Column("max_batch_size", sa.Integer, nullable=False, server_default="0"),
 )
 api_keys = sa.Table(
     "api_keys",

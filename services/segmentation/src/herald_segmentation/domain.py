@@ -14,9 +14,10 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
+from herald_common.auth import current_caller
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
-from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
+from herald_common.errors import FailedPrecondition, NotFound, ResourceExhausted, Validator, invalid
 from herald_common.paging import keyset_page
 from herald_common.validation import check_text_fields
 from herald_segmentation.filters import to_sql, validate_filter
@@ -74,6 +75,13 @@ class Segmentation:
         self.campaign_usage = campaign_usage
 
     async def upsert_users(self, batch: Sequence[pb.User]) -> int:
+        caller = current_caller()
+        quota = caller.max_batch_size if caller is not None and caller.max_batch_size else MAX_UPSERT
+        if quota < len(batch) <= MAX_UPSERT:
+            raise ResourceExhausted(
+                caller.account if caller else "",
+                f"this account may send at most {quota} users per call; split the batch",
+            )
         check = Validator()
         check.require(0 < len(batch) <= MAX_UPSERT, "users", f"between 1 and {MAX_UPSERT} users")
         seen: set[str] = set()

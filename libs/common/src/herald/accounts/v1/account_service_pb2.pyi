@@ -65,6 +65,7 @@ class Account(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    QUOTA_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `accounts/{account}`. Output only."""
     display_name: _builtins.str
@@ -73,20 +74,55 @@ class Account(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was created. Output only."""
 
+    @_builtins.property
+    def quota(self) -> Global___Quota:
+        """Limits of the account; zero fields take the installation's defaults. Set by the operator
+        when creating the account.
+        """
+
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         display_name: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        quota: Global___Quota | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "quota", b"quota"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "name", b"name", "quota", b"quota"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Account: _TypeAlias = Account  # noqa: Y015
+
+@_typing.final
+class Quota(_message.Message):
+    """How much an account may ask of Herald. Past a limit, calls answer RESOURCE_EXHAUSTED with a
+    google.rpc.QuotaFailure (and a RetryInfo when waiting helps).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    requests_per_second: _builtins.float
+    """Calls per second to each service replica (bursts up to twice as many)."""
+    max_batch_size: _builtins.int
+    """Users in one UpsertUsers call (at most 1000)."""
+    def __init__(
+        self,
+        *,
+        requests_per_second: _builtins.float = ...,
+        max_batch_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_batch_size", b"max_batch_size", "requests_per_second", b"requests_per_second"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Quota: _TypeAlias = Quota  # noqa: Y015
 
 @_typing.final
 class ApiKey(_message.Message):

@@ -374,6 +374,8 @@ class ApiKeyState(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     SECRET_SHA256_FIELD_NUMBER: _builtins.int
     REVOKED_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The key id: the part of the key after its `hrld_` prefix and before the secret."""
     account: _builtins.str
@@ -384,6 +386,9 @@ class ApiKeyState(_message.Message):
     """SHA-256 of the key's secret part."""
     revoked: _builtins.bool
     """Revoked keys are refused."""
+    requests_per_second: _builtins.float
+    """The account's own limits (zero: the installation's defaults)."""
+    max_batch_size: _builtins.int
     def __init__(
         self,
         *,
@@ -392,10 +397,12 @@ class ApiKeyState(_message.Message):
         role: _builtins.str = ...,
         secret_sha256: _builtins.bytes = ...,
         revoked: _builtins.bool = ...,
+        requests_per_second: _builtins.float = ...,
+        max_batch_size: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "key_id", b"key_id", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "key_id", b"key_id", "max_batch_size", b"max_batch_size", "requests_per_second", b"requests_per_second", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

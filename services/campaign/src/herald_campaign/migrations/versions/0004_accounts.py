@@ -19,6 +19,8 @@ def upgrade() -> None:
         sa.Column("display_name", sa.Text, nullable=False),
         sa.Column("request_id", sa.Text, nullable=True, unique=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Column("requests_per_second", sa.Float, nullable=False, server_default="0"),
+        sa.Column("max_batch_size", sa.Integer, nullable=False, server_default="0"),
         schema=SCHEMA,
     )
     op.create_table(
