@@ -198,3 +198,22 @@ async def test_bootstrap_account_creation_is_idempotent(platform: Platform) -> N
         again = await stub.CreateAccount(request, metadata=metadata)
     assert first.key and first.admin_key.role == Role.ROLE_ADMIN
     assert again.account == first.account and not again.key  # the key is shown once only
+
+
+async def test_listed_keys_show_when_they_were_last_used(
+    platform: Platform, keys: Callable[[Any], Awaitable[Clients]]
+) -> None:
+    viewer = await keys(Role.ROLE_VIEWER)
+
+    async def listed_viewer() -> accounts_pb.ApiKey:
+        listed = await platform.accounts.ListApiKeys(accounts_pb.ListApiKeysRequest())
+        return listed.api_keys[0]
+
+    assert not (await listed_viewer()).HasField("last_use_time")
+    await viewer.dispatch.ListDestinations(dispatch_pb.ListDestinationsRequest())  # used at another service
+    deadline = time.monotonic() + 15
+    while not (await listed_viewer()).HasField("last_use_time"):
+        assert time.monotonic() < deadline, "the use was not reported"
+        await asyncio.sleep(0.5)
+    key = await listed_viewer()
+    assert key.last_use_time.ToDatetime() >= key.create_time.ToDatetime()

@@ -19,6 +19,7 @@ import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -28,6 +29,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from herald.events.v1 import events_pb2 as events
+from herald_common import api
 from herald_common.errors import DomainError, ResourceExhausted
 from herald_common.logging import get_logger
 
@@ -136,17 +138,60 @@ def api_keys_bucket(namespace: str) -> str:
     return f"{namespace}_api_keys"
 
 
+def api_key_uses_bucket(namespace: str) -> str:
+    return f"{namespace}_api_key_uses"
+
+
 def api_key_subject(namespace: str, key_id: str) -> str:
     """Where the outbox writes a key's state: the key-value bucket's subject for that key."""
     return f"$KV.{api_keys_bucket(namespace)}.{key_id}"
 
 
-async def ensure_api_keys_bucket(js: JetStreamContext, namespace: str) -> KeyValue:
-    bucket = api_keys_bucket(namespace)
+async def ensure_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
         return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+
+
+class KeyUses:
+    """When each key was last used, as seen by this process, reported to the key uses bucket every
+    few seconds (one put per key used since the last report), so ListApiKeys can show it."""
+
+    REPORT_SECONDS = 5.0
+
+    def __init__(self) -> None:
+        self._since_report: dict[str, datetime] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def used(self, key_id: str) -> None:
+        self._since_report[key_id] = api.utcnow()
+
+    def start(self, bucket: KeyValue) -> None:
+        self._task = asyncio.create_task(self._report_forever(bucket), name="api-key-uses")
+
+    async def _report_forever(self, bucket: KeyValue) -> None:
+        while True:
+            await asyncio.sleep(self.REPORT_SECONDS)
+            await self.report(bucket)
+
+    async def report(self, bucket: KeyValue) -> None:
+        uses, self._since_report = self._since_report, {}
+        for key_id, at in uses.items():
+            try:
+                await bucket.put(key_id, at.isoformat().encode())
+            except Exception as error:  # NATS away: the next use reports again
+                log.warning("api_key_use_not_reported", error=str(error))
+                return
+
+    async def stop(self, bucket: KeyValue | None) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if bucket is not None:
+            with contextlib.suppress(Exception):
+                await self.report(bucket)
 
 
 class KeyRegistry:
@@ -240,6 +285,7 @@ class Authenticator:
     bootstrap_token: str
     defaults: QuotaDefaults = field(default_factory=QuotaDefaults)
     rates: AccountRates = field(default_factory=AccountRates)
+    uses: KeyUses = field(default_factory=KeyUses)
 
     def limits(self, caller: Caller) -> Caller:
         """The caller with its account's limits filled in from the defaults."""
@@ -267,6 +313,7 @@ class Authenticator:
             caller = Caller(metadata.get(ACCOUNT_HEADER, ""), SERVICE_ROLE)
         elif scheme == "Bearer":
             caller = await self.registry.check(credential)
+            self.uses.used(caller.key_id)
         else:
             raise Unauthenticated("unknown authorization scheme: send `authorization: Bearer <key>`")
         if needed not in ROLE_PERMISSIONS.get(caller.role, frozenset()):

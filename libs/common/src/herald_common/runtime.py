@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
+from nats.js.kv import KeyValue
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import bus
@@ -21,7 +22,9 @@ from herald_common.auth import (
     KeyRegistry,
     Permission,
     QuotaDefaults,
-    ensure_api_keys_bucket,
+    api_key_uses_bucket,
+    api_keys_bucket,
+    ensure_bucket,
     service_credentials,
 )
 from herald_common.bus import EventT, LaneConsumer, MessageHandler, PullConsumer, Subjects, decode_batch
@@ -54,6 +57,8 @@ class Infrastructure:
     subjects: Subjects
     relay: OutboxRelay
     keys: KeyRegistry
+    authenticator: Authenticator
+    key_uses: KeyValue
     consumers: list[PullConsumer | LaneConsumer] = field(default_factory=list)
 
     @classmethod
@@ -76,17 +81,14 @@ class Infrastructure:
         subjects = Subjects(settings.namespace)
         await bus.ensure_streams(js, subjects)
         keys = KeyRegistry()
-        await keys.start(await ensure_api_keys_bucket(js, settings.namespace))
+        await keys.start(await ensure_bucket(js, api_keys_bucket(settings.namespace)))
+        key_uses = await ensure_bucket(js, api_key_uses_bucket(settings.namespace))
+        defaults = QuotaDefaults(settings.account_requests_per_second, settings.account_max_batch_size)
+        authenticator = Authenticator(keys, settings.service_token, settings.bootstrap_token, defaults)
+        authenticator.uses.start(key_uses)
         relay = OutboxRelay(database, outbox, js)
         relay.start()
-        return cls(settings, database, nats_client, js, subjects, relay, keys)
-
-    @property
-    def authenticator(self) -> Authenticator:
-        defaults = QuotaDefaults(
-            self.settings.account_requests_per_second, self.settings.account_max_batch_size
-        )
-        return Authenticator(self.keys, self.settings.service_token, self.settings.bootstrap_token, defaults)
+        return cls(settings, database, nats_client, js, subjects, relay, keys, authenticator, key_uses)
 
     def channel(self, service: str) -> grpc.aio.Channel:
         """A channel to another of our services; calls carry the service token and the account
@@ -182,6 +184,7 @@ class Infrastructure:
         await self.stop_consumers()
         await self.relay.stop()
         # Consumers are stopped and the outbox flushed: nothing is in flight, so close outright.
+        await self.authenticator.uses.stop(self.key_uses)
         await self.keys.stop()
         await self.nats.flush()
         await self.nats.close()

@@ -6,11 +6,15 @@ transaction as the change, so every service learns of a new or revoked key withi
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from datetime import datetime
 from typing import Any
 
 import grpc
 import sqlalchemy as sa
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -91,11 +95,21 @@ def _parse_key_name(name: str) -> tuple[uuid.UUID, uuid.UUID]:
 
 
 class Accounts:
-    def __init__(self, database: Database, namespace: str, notify_outbox: Any, keys: KeyRegistry) -> None:
+    def __init__(
+        self, database: Database, namespace: str, notify_outbox: Any, keys: KeyRegistry, uses: KeyValue
+    ) -> None:
         self.database = database
         self.namespace = namespace
         self.notify_outbox = notify_outbox
         self.keys = keys
+        self.uses = uses
+
+    async def _last_use(self, key: pb.ApiKey, key_id: str) -> pb.ApiKey:
+        with contextlib.suppress(KeyNotFoundError):
+            entry = await self.uses.get(key_id)
+            if entry.value:
+                key.last_use_time.CopyFrom(api.timestamp(datetime.fromisoformat(entry.value.decode())))
+        return key
 
     async def _publish_key(self, session: AsyncSession, row: Any) -> None:
         account = (await session.execute(sa.select(accounts).where(accounts.c.id == row.account_id))).one()
@@ -212,7 +226,7 @@ class Accounts:
             rows, next_token = await keyset_page(
                 session, api_keys, size, token, api_keys.c.account_id == account_id
             )
-        return [_key_message(r) for r in rows], next_token
+        return [await self._last_use(_key_message(r), r.key_id) for r in rows], next_token
 
     async def revoke_key(self, name: str) -> pb.ApiKey:
         account_id = _caller_account(current_caller())

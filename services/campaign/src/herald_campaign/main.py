@@ -36,7 +36,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     )
     servicer = CampaignServicer(campaigns)
     account_servicer = AccountServicer(
-        Accounts(infra.database, settings.namespace, infra.relay.notify, infra.keys)
+        Accounts(infra.database, settings.namespace, infra.relay.notify, infra.keys, infra.key_uses)
     )
 
     def register(server: grpc.aio.Server) -> None:
