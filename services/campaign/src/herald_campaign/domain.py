@@ -19,6 +19,7 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_campaign.references import References
 from herald_campaign.storage import campaigns, failure_reasons, outbox, outcome_events, runs, stats
 from herald_common import api, channels, personalization
+from herald_common.auth import Unauthenticated, current_caller
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
@@ -136,6 +137,19 @@ def _spec(campaign: pb.Campaign) -> pb.Campaign:
     return spec
 
 
+def _caller_account() -> uuid.UUID:
+    """The account the current call acts for; every campaign the API touches must be its own."""
+    caller = current_caller()
+    if caller is None or not caller.account:
+        raise Unauthenticated("this call must be made with an API key of an account")
+    return api.parse_uuid_name(caller.account, "accounts", "authorization")
+
+
+def _owned(campaign_id: uuid.UUID) -> sa.ColumnElement[bool]:
+    """The campaign, if the caller's account owns it: another account's answers NOT_FOUND."""
+    return sa.and_(campaigns.c.id == campaign_id, campaigns.c.account_id == _caller_account())
+
+
 class Campaigns:
     def __init__(
         self, database: Database, subjects: Subjects, references: References, notify: Callable[[], None]
@@ -151,6 +165,7 @@ class Campaigns:
             occur_time=api.timestamp(api.utcnow()),
             campaign=_message(row),
             version=row.version,
+            account=f"accounts/{row.account_id}" if row.account_id else "",
         )
         await enqueue(
             session, outbox, [OutboxEvent.of(self.subjects.campaign_changed, event, event.event_id)]
@@ -161,11 +176,11 @@ class Campaigns:
         _validate_shape(campaign, check)
         check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
         check.raise_if_any()
+        account_id = _caller_account()
+        same_request = sa.and_(campaigns.c.account_id == account_id, campaigns.c.request_id == request_id)
         if request_id:
             async with self.database.transaction() as session:
-                existing = (
-                    await session.execute(sa.select(campaigns).where(campaigns.c.request_id == request_id))
-                ).first()
+                existing = (await session.execute(sa.select(campaigns).where(same_request))).first()
             if existing is not None:
                 return _message(existing)
         await self._check_references(campaign)
@@ -176,18 +191,17 @@ class Campaigns:
                     insert(campaigns)
                     .values(
                         id=uuid.uuid4(),
+                        account_id=account_id,
                         state=_state_name(State.STATE_DRAFT),
                         request_id=request_id or None,
                         **_spec_columns(spec),
                     )
-                    .on_conflict_do_nothing(index_elements=[campaigns.c.request_id])
+                    .on_conflict_do_nothing(index_elements=[campaigns.c.account_id, campaigns.c.request_id])
                     .returning(*campaigns.c)
                 )
             ).first()
             if row is None:  # a concurrent create with the same request_id won
-                row = (
-                    await session.execute(sa.select(campaigns).where(campaigns.c.request_id == request_id))
-                ).one()
+                row = (await session.execute(sa.select(campaigns).where(same_request))).one()
             else:
                 await session.execute(insert(stats).values(campaign_id=row.id))
                 await self._changed(session, row)
@@ -262,7 +276,7 @@ class Campaigns:
     async def _locked(self, session: AsyncSession, name: str) -> Any:
         campaign_id = api.parse_uuid_name(name, "campaigns")
         row = (
-            await session.execute(sa.select(campaigns).where(campaigns.c.id == campaign_id).with_for_update())
+            await session.execute(sa.select(campaigns).where(_owned(campaign_id)).with_for_update())
         ).first()
         if row is None:
             raise NotFound(name)
@@ -290,7 +304,7 @@ class Campaigns:
     async def get(self, name: str) -> pb.Campaign:
         campaign_id = api.parse_uuid_name(name, "campaigns")
         async with self.database.transaction() as session:
-            row = (await session.execute(sa.select(campaigns).where(campaigns.c.id == campaign_id))).first()
+            row = (await session.execute(sa.select(campaigns).where(_owned(campaign_id)))).first()
         if row is None:
             raise NotFound(name)
         return _message(row)
@@ -301,7 +315,7 @@ class Campaigns:
         check = Validator()
         check_text_fields(request, "", check)
         check.raise_if_any()
-        where = []
+        where = [campaigns.c.account_id == _caller_account()]
         if request.segment:
             api.parse_uuid_name(request.segment, "segments", "segment")
             where.append(campaigns.c.segment == request.segment)
@@ -347,6 +361,8 @@ class Campaigns:
         campaign_name = name.removesuffix("/stats")
         campaign_id = api.parse_uuid_name(campaign_name, "campaigns")
         async with self.database.transaction() as session:
+            if await session.scalar(sa.select(campaigns.c.id).where(_owned(campaign_id))) is None:
+                raise NotFound(campaign_name)
             counts = (
                 await session.execute(sa.select(stats).where(stats.c.campaign_id == campaign_id))
             ).first()

@@ -14,19 +14,23 @@ campaigns = sa.Table(
     "campaigns",
     metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    # The owner; every query of the API is scoped by it (NULL only for campaigns from before
+    # accounts, which no account sees).
+    sa.Column("account_id", UUID(as_uuid=True), nullable=True, index=True),
     sa.Column("state", sa.Text, nullable=False),
     # The Campaign message as the user defined it (output-only fields live in columns).
     sa.Column("spec", sa.LargeBinary, nullable=False),
     # What the spec refers to, to find the campaigns that use a segment or a destination.
     sa.Column("segment", sa.Text, nullable=False, server_default="", index=True),
     sa.Column("destination", sa.Text, nullable=False, server_default="", index=True),
-    sa.Column("request_id", sa.Text, nullable=True, unique=True),
+    sa.Column("request_id", sa.Text, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
     # One higher on every change; CampaignChanged carries it so readers keep the newest.
     sa.Column("version", sa.BigInteger, nullable=False, server_default="1"),
     sa.Column("failure_reason", sa.Text, nullable=False, server_default=""),
+    sa.UniqueConstraint("account_id", "request_id", name="campaigns_account_request_id_key"),
 )
 
 # What the scheduler reported about each run of a campaign.

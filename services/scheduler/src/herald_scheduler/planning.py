@@ -49,6 +49,7 @@ class Planner:
     async def _store_snapshot(self, session: AsyncSession, change: events.CampaignChanged) -> bool:
         statement = insert(campaigns).values(
             name=change.campaign.name,
+            account=change.account,
             state=CampaignState.Name(change.campaign.state),
             snapshot=change.campaign.SerializeToString(),
             version=change.version,
@@ -57,6 +58,7 @@ class Planner:
             statement.on_conflict_do_update(
                 index_elements=[campaigns.c.name],
                 set_={
+                    "account": statement.excluded.account,
                     "state": statement.excluded.state,
                     "snapshot": statement.excluded.snapshot,
                     "version": statement.excluded.version,

@@ -12,12 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api
+from herald_common.auth import Unauthenticated, current_caller
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import NotFound, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
-from herald_scheduler.storage import outbox, runs
+from herald_scheduler.storage import campaigns, outbox, runs
 
 
 def run_name(row: Any) -> str:
@@ -67,6 +68,16 @@ def _parse_run_name(name: str) -> uuid.UUID:
         raise invalid("name", f"{name!r} is not a valid run name") from None
 
 
+def _of_callers_campaign() -> sa.ColumnElement[bool]:
+    """Runs of campaigns that the calling account owns: another account's answer NOT_FOUND."""
+    caller = current_caller()
+    account = caller.account if caller is not None else ""
+    if not account:
+        raise Unauthenticated("this call must be made with an API key of an account")
+    owned = sa.select(campaigns.c.name).where(campaigns.c.account == account)
+    return runs.c.campaign.in_(owned)
+
+
 class RunQueries:
     def __init__(self, database: Database) -> None:
         self.database = database
@@ -74,7 +85,9 @@ class RunQueries:
     async def get(self, name: str) -> pb.Run:
         run_id = _parse_run_name(name)
         async with self.database.transaction() as session:
-            row = (await session.execute(sa.select(runs).where(runs.c.id == run_id))).first()
+            row = (
+                await session.execute(sa.select(runs).where(runs.c.id == run_id, _of_callers_campaign()))
+            ).first()
         if row is None or run_name(row) != name:
             raise NotFound(name)
         return run_message(row)
@@ -88,6 +101,7 @@ class RunQueries:
                 size,
                 token,
                 runs.c.campaign == parent,
+                _of_callers_campaign(),
                 time_column="scheduled_time",
                 newest_first=False,
             )

@@ -15,6 +15,8 @@ campaigns = sa.Table(
     "campaigns",
     metadata,
     sa.Column("name", sa.Text, primary_key=True),
+    # `accounts/{id}` that owns the campaign (empty for campaigns from before accounts).
+    sa.Column("account", sa.Text, nullable=False, server_default=""),
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("snapshot", sa.LargeBinary, nullable=False),
     # CampaignChanged.version of the snapshot: an older event arriving late changes nothing.

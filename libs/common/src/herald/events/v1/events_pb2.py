@@ -27,29 +27,29 @@ from herald.campaign.v1 import campaign_service_pb2 as herald_dot_campaign_dot_v
 from herald.scheduler.v1 import scheduler_service_pb2 as herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dherald/events/v1/events.proto\x12\x10herald.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a)herald/campaign/v1/campaign_service.proto\x1a+herald/scheduler/v1/scheduler_service.proto\"\x94\x01\n\x0f\x43\x61mpaignChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63\x61mpaign\x18\x03 \x01(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12\x0f\n\x07version\x18\x04 \x01(\x03\"\x86\x01\n\nRunChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x03run\x18\x03 \x01(\x0b\x32\x18.herald.scheduler.v1.Run\x12\x0f\n\x07version\x18\x04 \x01(\x03\"\x80\x01\n\tRecipient\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61ttributes_json\x18\x03 \x01(\x0c\x12\x10\n\x08timezone\x18\x04 \x01(\t\x12\"\n\x1aoversized_attributes_bytes\x18\x05 \x01(\x03\"\xcf\x01\n\rDeliveryBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61mpaign_version\x18\x03 \x01(\x03\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12-\n\tplan_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\nrecipients\x18\x07 \x03(\x0b\x32\x1b.herald.events.v1.Recipient\"\x9a\x01\n\x0e\x44\x65liveryResult\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .herald.events.v1.DeliveryStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x0e\n\x06resent\x18\x06 \x01(\x08\"\xbb\x01\n\x10\x44\x65liveryOutcomes\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x0b\n\x03run\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\x31\n\x07results\x18\x05 \x03(\x0b\x32 .herald.events.v1.DeliveryResult\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x12\x44\x65stinationWaiting\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\noccur_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x0b\x41piKeyState\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x15\n\rsecret_sha256\x18\x04 \x01(\x0c\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x1b\n\x13requests_per_second\x18\x06 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05*\xa1\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45LIVERY_STATUS_SENT\x10\x01\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x02\x12\x1b\n\x17\x44\x45LIVERY_STATUS_SKIPPED\x10\x03\x12\x1b\n\x17\x44\x45LIVERY_STATUS_UNKNOWN\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dherald/events/v1/events.proto\x12\x10herald.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a)herald/campaign/v1/campaign_service.proto\x1a+herald/scheduler/v1/scheduler_service.proto\"\xa5\x01\n\x0f\x43\x61mpaignChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63\x61mpaign\x18\x03 \x01(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07\x61\x63\x63ount\x18\x05 \x01(\t\"\x86\x01\n\nRunChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x03run\x18\x03 \x01(\x0b\x32\x18.herald.scheduler.v1.Run\x12\x0f\n\x07version\x18\x04 \x01(\x03\"\x80\x01\n\tRecipient\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61ttributes_json\x18\x03 \x01(\x0c\x12\x10\n\x08timezone\x18\x04 \x01(\t\x12\"\n\x1aoversized_attributes_bytes\x18\x05 \x01(\x03\"\xcf\x01\n\rDeliveryBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61mpaign_version\x18\x03 \x01(\x03\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12-\n\tplan_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\nrecipients\x18\x07 \x03(\x0b\x32\x1b.herald.events.v1.Recipient\"\x9a\x01\n\x0e\x44\x65liveryResult\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .herald.events.v1.DeliveryStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x0e\n\x06resent\x18\x06 \x01(\x08\"\xbb\x01\n\x10\x44\x65liveryOutcomes\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x0b\n\x03run\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\x31\n\x07results\x18\x05 \x03(\x0b\x32 .herald.events.v1.DeliveryResult\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8d\x01\n\x12\x44\x65stinationWaiting\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\noccur_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x01\n\x0b\x41piKeyState\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x15\n\rsecret_sha256\x18\x04 \x01(\x0c\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x1b\n\x13requests_per_second\x18\x06 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05*\xa1\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45LIVERY_STATUS_SENT\x10\x01\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x02\x12\x1b\n\x17\x44\x45LIVERY_STATUS_SKIPPED\x10\x03\x12\x1b\n\x17\x44\x45LIVERY_STATUS_UNKNOWN\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.events.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELIVERYSTATUS']._serialized_start=1449
-  _globals['_DELIVERYSTATUS']._serialized_end=1610
+  _globals['_DELIVERYSTATUS']._serialized_start=1466
+  _globals['_DELIVERYSTATUS']._serialized_end=1627
   _globals['_CAMPAIGNCHANGED']._serialized_start=173
-  _globals['_CAMPAIGNCHANGED']._serialized_end=321
-  _globals['_RUNCHANGED']._serialized_start=324
-  _globals['_RUNCHANGED']._serialized_end=458
-  _globals['_RECIPIENT']._serialized_start=461
-  _globals['_RECIPIENT']._serialized_end=589
-  _globals['_DELIVERYBATCH']._serialized_start=592
-  _globals['_DELIVERYBATCH']._serialized_end=799
-  _globals['_DELIVERYRESULT']._serialized_start=802
-  _globals['_DELIVERYRESULT']._serialized_end=956
-  _globals['_DELIVERYOUTCOMES']._serialized_start=959
-  _globals['_DELIVERYOUTCOMES']._serialized_end=1146
-  _globals['_DESTINATIONWAITING']._serialized_start=1149
-  _globals['_DESTINATIONWAITING']._serialized_end=1290
-  _globals['_APIKEYSTATE']._serialized_start=1293
-  _globals['_APIKEYSTATE']._serialized_end=1446
+  _globals['_CAMPAIGNCHANGED']._serialized_end=338
+  _globals['_RUNCHANGED']._serialized_start=341
+  _globals['_RUNCHANGED']._serialized_end=475
+  _globals['_RECIPIENT']._serialized_start=478
+  _globals['_RECIPIENT']._serialized_end=606
+  _globals['_DELIVERYBATCH']._serialized_start=609
+  _globals['_DELIVERYBATCH']._serialized_end=816
+  _globals['_DELIVERYRESULT']._serialized_start=819
+  _globals['_DELIVERYRESULT']._serialized_end=973
+  _globals['_DELIVERYOUTCOMES']._serialized_start=976
+  _globals['_DELIVERYOUTCOMES']._serialized_end=1163
+  _globals['_DESTINATIONWAITING']._serialized_start=1166
+  _globals['_DESTINATIONWAITING']._serialized_end=1307
+  _globals['_APIKEYSTATE']._serialized_start=1310
+  _globals['_APIKEYSTATE']._serialized_end=1463
 # @@protoc_insertion_point(module_scope)

@@ -68,12 +68,15 @@ class CampaignChanged(_message.Message):
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     CAMPAIGN_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the NATS message id."""
     version: _builtins.int
     """Assigned by the campaign database, one higher on every change: consumers keep the highest
     they have seen, whatever the clocks of the replicas that published them say.
     """
+    account: _builtins.str
+    """The account that owns the campaign: `accounts/{account}`."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the change committed."""
@@ -89,10 +92,11 @@ class CampaignChanged(_message.Message):
         occur_time: _timestamp_pb2.Timestamp | None = ...,
         campaign: _campaign_service_pb2.Campaign | None = ...,
         version: _builtins.int = ...,
+        account: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "event_id", b"event_id", "occur_time", b"occur_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "event_id", b"event_id", "occur_time", b"occur_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
