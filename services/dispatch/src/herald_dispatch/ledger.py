@@ -30,12 +30,16 @@ _RECORD = sa.text(
     """
     INSERT INTO dispatch.deliveries
         (delivery_id, campaign, run, destination, user_id, status, attempts, reason, resent)
-    SELECT d, :campaign, :run, :destination, u, s, a, r, x
+    SELECT d, :campaign, :run, :destination, u, s, a, r,
+           -- Another attempt at the batch began after this one (this replica stalled past its ack
+           -- wait): whatever this one sent, that one may send again.
+           x OR (s = 'sent' AND (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id)
+                                > CAST(:attempt AS int))
     FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:statuses AS text[]),
                 CAST(:attempts AS int[]), CAST(:reasons AS text[]), CAST(:resent AS bool[]))
          AS t(d, u, s, a, r, x)
     ON CONFLICT (delivery_id) DO NOTHING
-    RETURNING delivery_id
+    RETURNING delivery_id, resent
     """
 )
 
@@ -58,29 +62,33 @@ class DeliveryLedger:
         self.database = database
         self.subjects = subjects
 
-    async def begin(self, batch: events.DeliveryBatch) -> tuple[set[str], bool]:
+    async def begin(self, batch: events.DeliveryBatch) -> tuple[set[str], int]:
         """Records an attempt at the batch, before anything is sent, in one round trip. Returns the
-        deliveries that already have a final result (the batch was handed over again) and whether
-        the batch was attempted before, so that deliveries without a result may have been sent."""
+        deliveries that already have a final result (the batch was handed over again) and this
+        attempt's number: above 1, deliveries without a result may have been sent before."""
         async with self.database.transaction() as session:
             row = (
                 await session.execute(
                     _BEGIN, {"batch_id": batch.batch_id, "ids": [r.delivery_id for r in batch.recipients]}
                 )
             ).one()
-        return set(row.finished), row.attempts > 1
+        return set(row.finished), int(row.attempts)
 
-    async def record(self, batch: events.DeliveryBatch, outcomes: Sequence[Outcome]) -> int:
-        """Stores results not stored before and reports them in one DeliveryOutcomes event."""
+    async def record(self, batch: events.DeliveryBatch, attempt: int, outcomes: Sequence[Outcome]) -> int:
+        """Stores results not stored before and reports them in one DeliveryOutcomes event.
+        Whichever attempt records a delivery first wins; a sent delivery counts as resent when a
+        later attempt at its batch exists, since that attempt may send it too."""
         unique = {o.recipient.delivery_id: o for o in outcomes}
         if not unique:
             return 0
         rows = list(unique.values())
         async with self.database.transaction() as session:
-            new_ids = set(
-                await session.scalars(
+            stored = (
+                await session.execute(
                     _RECORD,
                     {
+                        "batch_id": batch.batch_id,
+                        "attempt": attempt,
                         "campaign": batch.campaign,
                         "run": batch.run,
                         "destination": batch.destination,
@@ -92,8 +100,9 @@ class DeliveryLedger:
                         "resent": [o.resent for o in rows],
                     },
                 )
-            )
-            if not new_ids:
+            ).all()
+            resent = {r.delivery_id: r.resent for r in stored}
+            if not resent:
                 return 0
             report = events.DeliveryOutcomes(
                 event_id=str(uuid.uuid4()),
@@ -108,13 +117,13 @@ class DeliveryLedger:
                         status=o.status,
                         reason=o.reason,
                         attempts=o.attempts,
-                        resent=o.resent,
+                        resent=resent[o.recipient.delivery_id],
                     )
                     for o in rows
-                    if o.recipient.delivery_id in new_ids
+                    if o.recipient.delivery_id in resent
                 ],
             )
             await enqueue(
                 session, outbox, [OutboxEvent.of(self.subjects.delivery_outcomes, report, report.event_id)]
             )
-        return len(new_ids)
+        return len(resent)

@@ -93,7 +93,7 @@ class DeliveryWorker:
 
     async def deliver(self, batch: events.DeliveryBatch) -> None:
         known = await self.campaigns.get(batch.campaign, batch.campaign_version)
-        finished, attempted_before = await self.ledger.begin(batch)
+        finished, attempt = await self.ledger.begin(batch)
         pending = list({r.delivery_id: r for r in batch.recipients if r.delivery_id not in finished}.values())
         if not pending:
             return
@@ -101,8 +101,8 @@ class DeliveryWorker:
             state = campaign_pb.State.Name(known.campaign.state).removeprefix("STATE_").lower()
             outcomes = [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
         else:
-            outcomes = await self._send(batch, known.campaign, pending, attempted_before)
-        if await self.ledger.record(batch, outcomes):
+            outcomes = await self._send(batch, known.campaign, pending, attempted_before=attempt > 1)
+        if await self.ledger.record(batch, attempt, outcomes):
             self.infra.relay.notify()
 
     async def _send(
