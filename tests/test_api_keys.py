@@ -217,3 +217,15 @@ async def test_listed_keys_show_when_they_were_last_used(
         await asyncio.sleep(0.5)
     key = await listed_viewer()
     assert key.last_use_time.ToDatetime() >= key.create_time.ToDatetime()
+
+
+def test_a_method_without_a_declared_permission_stops_the_service_at_start() -> None:
+    from herald_common.auth import Authenticator, KeyRegistry
+    from herald_common.grpc_server import GrpcServer
+    from herald_dispatch.servicer import PERMISSIONS
+
+    service = "herald.dispatch.v1.DispatchService"
+    incomplete = {m: p for m, p in PERMISSIONS.items() if not m.endswith("/DeleteDestination")}
+    with pytest.raises(RuntimeError, match="DeleteDestination"):
+        GrpcServer([service], lambda server: None, Authenticator(KeyRegistry(), "t", ""), incomplete)
+    GrpcServer([service], lambda server: None, Authenticator(KeyRegistry(), "t", ""), PERMISSIONS)
