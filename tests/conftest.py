@@ -13,8 +13,11 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
+import nats
 import pytest
+from nats.js import JetStreamContext
 
+from herald_common.bus import Subjects, ensure_streams
 from herald_common.embedded import EmbeddedInfrastructure
 from herald_common.logging import configure_logging
 from herald_common.settings import Settings
@@ -67,6 +70,16 @@ async def settings(servers: tuple[str, str]) -> AsyncIterator[Settings]:
 async def platform(settings: Settings) -> AsyncIterator[Platform]:
     async with running_platform(settings) as running:
         yield running
+
+
+@pytest.fixture
+async def js(settings: Settings) -> AsyncIterator[JetStreamContext]:
+    """JetStream of the test namespace, its streams in place."""
+    connection = await nats.connect(settings.nats_url)
+    js = connection.jetstream()
+    await ensure_streams(js, Subjects(settings.namespace))
+    yield js
+    await connection.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -21,6 +20,7 @@ from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_campaign import main as campaign_main
+from herald_common.auth import api_key_credentials
 from herald_common.bus import Subjects
 from herald_common.embedded import free_port
 from herald_common.runtime import ServiceHost
@@ -80,46 +80,21 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
         await connection.close()
 
 
-class _BearerKey:
-    """Sends an API key with every call, as a client of Herald does."""
-
-    def __init__(self, key: str) -> None:
-        self.key = key
-
-    def _with_key(self, details: Any) -> Any:
-        metadata = [(k, v) for k, v in (details.metadata or ()) if k != "authorization"]
-        metadata.append(("authorization", f"Bearer {self.key}"))
-        return grpc.aio.ClientCallDetails(
-            details.method,
-            details.timeout,
-            grpc.aio.Metadata(*metadata),
-            details.credentials,
-            details.wait_for_ready,
-        )
-
-
-class _UnaryKey(_BearerKey, grpc.aio.UnaryUnaryClientInterceptor):
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_key(details), request)
-
-
-class _StreamKey(_BearerKey, grpc.aio.UnaryStreamClientInterceptor):
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_key(details), request)
-
-
 def keyed_channel(address: str, key: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(address, interceptors=[_UnaryKey(key), _StreamKey(key)])
+    return grpc.aio.insecure_channel(address, interceptors=api_key_credentials(key))
 
 
 async def create_account(
-    campaign_address: str, bootstrap_token: str, name: str = "test account"
+    campaign_address: str,
+    bootstrap_token: str,
+    name: str = "test account",
+    quota: accounts_pb.Quota | None = None,
 ) -> tuple[str, str]:
     """(account name, admin key) of a new account, made as an operator does."""
     async with grpc.aio.insecure_channel(campaign_address) as channel:
         stub = accounts_grpc.AccountServiceStub(channel)
         created = await stub.CreateAccount(
-            accounts_pb.CreateAccountRequest(account=accounts_pb.Account(display_name=name)),
+            accounts_pb.CreateAccountRequest(account=accounts_pb.Account(display_name=name, quota=quota)),
             metadata=(("authorization", f"Bootstrap {bootstrap_token}"),),
         )
     return created.account.name, created.key

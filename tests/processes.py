@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import IO
 
 import asyncpg
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from herald_common.embedded import free_port, nats_server_binary, wait_for_port
+from herald_common.embedded import free_port, start_nats_server, wait_for_port
+from herald_common.grpc_server import health_status
 from herald_common.settings import Settings
 
 SERVICES = ("segmentation", "dispatch", "campaign", "scheduler")
@@ -43,20 +42,9 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
     }
 
 
-async def health(address: str) -> str:
-    """The service's health status name (SERVING, NOT_SERVING), or UNREACHABLE."""
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        try:
-            answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)  # type: ignore[attr-defined]
-        except grpc.aio.AioRpcError:
-            return "UNREACHABLE"
-        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
-
-
 async def wait_serving(address: str, within: float = 60.0) -> None:
     deadline = time.monotonic() + within
-    while await health(address) != "SERVING":
+    while await health_status(address) != "SERVING":
         if time.monotonic() > deadline:
             raise RuntimeError(f"{address} is not serving after {within}s")
         await asyncio.sleep(0.2)
@@ -274,14 +262,7 @@ class OwnNats:
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        log = open(self.store / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.process = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for_port("127.0.0.1", self.port, timeout=20)
+        self.process = start_nats_server(self.port, self.store, self.store / "server.log")
 
     def kill(self) -> None:
         if self.process is not None:

@@ -31,11 +31,12 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from herald_common.grpc_server import health_status
 from herald_common.secret_box import new_key_setting
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import create_account, keyed_channel
 from tests.helpers import condition, segment_export_campaign, user
-from tests.processes import OwnNats, OwnPostgres, ServiceProcesses, health
+from tests.processes import OwnNats, OwnPostgres, ServiceProcesses
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
@@ -266,7 +267,7 @@ async def postgres_killed(cluster: Cluster, export: Export) -> None:
     address = cluster.services.address("campaign")
 
     async def not_serving() -> bool:
-        return await health(address) == "NOT_SERVING"
+        return await health_status(address) == "NOT_SERVING"
 
     await _until(not_serving, 15, "campaign NOT_SERVING while PostgreSQL is down")
     cluster.postgres.start()  # crash recovery on the same data

@@ -4,25 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import nats
-import pytest
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from herald_common.bus import REASON_HEADER, SOURCE_SUBJECT_HEADER, PullConsumer, Subjects, ensure_streams
+from herald_common.bus import REASON_HEADER, SOURCE_SUBJECT_HEADER, PullConsumer, Subjects
 from herald_common.settings import Settings
 from tests.conftest import eventually
-
-
-@pytest.fixture
-async def js(settings: Settings) -> AsyncIterator[JetStreamContext]:
-    connection = await nats.connect(settings.nats_url)
-    js = connection.jetstream()
-    await ensure_streams(js, Subjects(settings.namespace))
-    yield js
-    await connection.close()
 
 
 async def test_poison_message_is_dead_lettered_after_retries(

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 
 import nats
-import pytest
 from nats.js import JetStreamContext
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -23,13 +21,6 @@ from tests.helpers import (
     segment_export_campaign,
     user,
 )
-
-
-@pytest.fixture
-async def js(platform: Platform) -> AsyncIterator[JetStreamContext]:
-    connection = await nats.connect(platform.settings.nats_url)
-    yield connection.jetstream()
-    await connection.close()
 
 
 async def _announce_campaign(js: JetStreamContext, subjects: Subjects, destination: str) -> str:

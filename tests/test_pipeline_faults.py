@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import grpc
@@ -30,13 +29,6 @@ from tests.helpers import (
     segment_export_campaign,
     user,
 )
-
-
-@pytest.fixture
-async def js(platform: Platform) -> AsyncIterator[JetStreamContext]:
-    connection = await nats.connect(platform.settings.nats_url)
-    yield connection.jetstream()
-    await connection.close()
 
 
 async def _audience(

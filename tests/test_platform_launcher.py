@@ -8,29 +8,22 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import grpc
 import psutil
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald_common.embedded import free_port
+from herald_common.grpc_server import health_status
 from tests.harness import keyed_channel
 
 SERVICES = ("campaign", "segmentation", "scheduler", "dispatch")
 
 
 async def _serving(port: int) -> bool:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        try:
-            health: Any = health_pb2_grpc.HealthStub(channel)  # the stubs know only the sync API
-            reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-        except grpc.aio.AioRpcError:
-            return False
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+    return await health_status(f"127.0.0.1:{port}") == "SERVING"
 
 
 def _processes_using(data_dir: Path) -> list[psutil.Process]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
 
 import grpc
 import pytest
@@ -13,24 +12,19 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
-from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from tests.conftest import Platform
-from tests.harness import Clients
+from tests.harness import Clients, create_account
 from tests.helpers import field_violations, user
 
 
-async def _account(platform: Platform, quota: accounts_pb.Quota) -> accounts_pb.CreateAccountResponse:
-    async with grpc.aio.insecure_channel(platform.address("campaign")) as channel:
-        stub: Any = accounts_grpc.AccountServiceStub(channel)
-        created: accounts_pb.CreateAccountResponse = await stub.CreateAccount(
-            accounts_pb.CreateAccountRequest(
-                account=accounts_pb.Account(display_name="limited", quota=quota)
-            ),
-            metadata=(("authorization", f"Bootstrap {platform.settings.bootstrap_token}"),),
-        )
-        return created
+async def _account(platform: Platform, quota: accounts_pb.Quota) -> tuple[str, Clients]:
+    """A new account with its own quota, and clients calling with its admin key."""
+    name, key = await create_account(
+        platform.address("campaign"), platform.settings.bootstrap_token, "limited", quota
+    )
+    return name, Clients.open(platform.addresses, key)
 
 
 def _details(error: grpc.aio.AioRpcError) -> tuple[list[str], float | None]:
@@ -52,17 +46,17 @@ def _details(error: grpc.aio.AioRpcError) -> tuple[list[str], float | None]:
 
 
 async def test_a_batch_over_the_account_limit_is_refused_and_writes_nothing(platform: Platform) -> None:
-    created = await _account(platform, accounts_pb.Quota(max_batch_size=10))
-    assert created.account.quota.max_batch_size == 10
-    clients = Clients.open(platform.addresses, created.key)
+    account, clients = await _account(platform, accounts_pb.Quota(max_batch_size=10))
     try:
+        got = await clients.accounts.GetAccount(accounts_pb.GetAccountRequest())
+        assert got.quota.max_batch_size == 10
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await clients.segmentation.UpsertUsers(
                 segmentation_pb.UpsertUsersRequest(users=[user(f"quota-{i}") for i in range(11)])
             )
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "at most 10 users" in (refused.value.details() or "")
-        assert _details(refused.value) == ([created.account.name], None)  # waiting would not help
+        assert _details(refused.value) == ([account], None)  # waiting would not help
         with pytest.raises(grpc.aio.AioRpcError) as missing:
             await clients.segmentation.GetUser(segmentation_pb.GetUserRequest(name="users/quota-0"))
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
@@ -76,8 +70,7 @@ async def test_a_batch_over_the_account_limit_is_refused_and_writes_nothing(plat
 
 
 async def test_calls_past_the_account_rate_are_told_when_to_retry(platform: Platform) -> None:
-    created = await _account(platform, accounts_pb.Quota(requests_per_second=5))
-    clients = Clients.open(platform.addresses, created.key)
+    account, clients = await _account(platform, accounts_pb.Quota(requests_per_second=5))
     try:
         outcomes: list[grpc.aio.AioRpcError | None] = []
         started = time.monotonic()
@@ -93,7 +86,7 @@ async def test_calls_past_the_account_rate_are_told_when_to_retry(platform: Plat
         assert 10 <= outcomes.count(None) <= 10 + 5 * elapsed + 1
         assert refused and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
         subjects, delay = _details(refused[-1])
-        assert subjects == [created.account.name]
+        assert subjects == [account]
         assert delay is not None and 0 < delay <= 0.2
         await asyncio.sleep(delay)
         await clients.dispatch.ListDestinations(dispatch_pb.ListDestinationsRequest())
@@ -105,7 +98,11 @@ async def test_calls_past_the_account_rate_are_told_when_to_retry(platform: Plat
 
 async def test_quotas_are_checked_when_the_account_is_created(platform: Platform) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as bad:
-        await _account(platform, accounts_pb.Quota(requests_per_second=-1, max_batch_size=5000))
+        await create_account(
+            platform.address("campaign"),
+            platform.settings.bootstrap_token,
+            quota=accounts_pb.Quota(requests_per_second=-1, max_batch_size=5000),
+        )
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(field_violations(bad.value)) == {
         "account.quota.requests_per_second",

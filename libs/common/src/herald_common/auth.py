@@ -16,7 +16,7 @@ import hashlib
 import hmac
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -106,6 +106,14 @@ _caller: ContextVar[Caller | None] = ContextVar("caller", default=None)
 
 def current_caller() -> Caller | None:
     return _caller.get()
+
+
+def current_account() -> str:
+    """`accounts/{id}` the current call acts for; Unauthenticated when it acts for none."""
+    caller = _caller.get()
+    if caller is None or not caller.account:
+        raise Unauthenticated("this call must be made with an API key of an account")
+    return caller.account
 
 
 def act_as(caller: Caller | None) -> None:
@@ -332,37 +340,56 @@ class Authenticator:
         return caller
 
 
-class _ServiceCredentials:
-    """Adds the service token and the account being acted for to every outgoing call."""
+CallHeaders = Callable[[], list[tuple[str, str]]]
 
-    def __init__(self, token: str) -> None:
-        self.token = token
 
-    def _with_credentials(self, details: Any) -> Any:
-        caller = current_caller()
-        metadata = [(k, v) for k, v in (details.metadata or ()) if k not in ("authorization", ACCOUNT_HEADER)]
-        metadata.append(("authorization", f"Service {self.token}"))
-        if caller is not None and caller.account:
-            metadata.append((ACCOUNT_HEADER, caller.account))
+class _WithHeaders:
+    """Replaces the credential headers of every outgoing call with those `headers` gives now."""
+
+    def __init__(self, headers: CallHeaders) -> None:
+        self.headers = headers
+
+    def _details(self, details: Any) -> Any:
+        replaced = self.headers()
+        names = {name for name, _ in replaced}
+        metadata = [(k, v) for k, v in (details.metadata or ()) if k not in names]
         return grpc.aio.ClientCallDetails(
             details.method,
             details.timeout,
-            grpc.aio.Metadata(*metadata),
+            grpc.aio.Metadata(*metadata, *replaced),
             details.credentials,
             details.wait_for_ready,
         )
 
 
 # grpc.aio files an interceptor under one kind only, so each kind has its own class.
-class _UnaryCredentials(_ServiceCredentials, grpc.aio.UnaryUnaryClientInterceptor):
+class _UnaryHeaders(_WithHeaders, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_credentials(details), request)
+        return await continuation(self._details(details), request)
 
 
-class _StreamCredentials(_ServiceCredentials, grpc.aio.UnaryStreamClientInterceptor):
+class _StreamHeaders(_WithHeaders, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(self._with_credentials(details), request)
+        return await continuation(self._details(details), request)
+
+
+def header_interceptors(headers: CallHeaders) -> list[grpc.aio.ClientInterceptor]:
+    """Client interceptors that send `headers()` with every unary and server-streaming call."""
+    return [_UnaryHeaders(headers), _StreamHeaders(headers)]
 
 
 def service_credentials(token: str) -> list[grpc.aio.ClientInterceptor]:
-    return [_UnaryCredentials(token), _StreamCredentials(token)]
+    """Our services' credentials: the service token and the account the current call acts for
+    (none outside a call, which drops a header a caller may have set)."""
+
+    def headers() -> list[tuple[str, str]]:
+        caller = current_caller()
+        account = caller.account if caller is not None else ""
+        return [("authorization", f"Service {token}"), (ACCOUNT_HEADER, account)]
+
+    return header_interceptors(headers)
+
+
+def api_key_credentials(key: str) -> list[grpc.aio.ClientInterceptor]:
+    """A client's credentials: its API key on every call."""
+    return header_interceptors(lambda: [("authorization", f"Bearer {key}")])

@@ -31,7 +31,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-def nats_server_binary() -> str:
+def _nats_server_binary() -> str:
     beside_python = Path(sys.executable).parent / "nats-server"
     if beside_python.exists():
         return str(beside_python)
@@ -49,6 +49,20 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
+
+
+def start_nats_server(port: int, store: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """A JetStream nats-server on 127.0.0.1:`port` keeping its streams in `store`, in a process
+    group of its own; returns once it accepts connections."""
+    log_file = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
+    process = subprocess.Popen(
+        [_nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    wait_for_port("127.0.0.1", port, timeout=20)
+    return process
 
 
 class EmbeddedInfrastructure:
@@ -93,14 +107,7 @@ class EmbeddedInfrastructure:
         port = free_port()
         store = self.data_dir / "nats"
         store.mkdir(exist_ok=True)
-        log_file = open(self.data_dir / "nats.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self._nats = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_for_port("127.0.0.1", port, timeout=20)
+        self._nats = start_nats_server(port, store, self.data_dir / "nats.log")
         self.nats_url = f"nats://127.0.0.1:{port}"
         log.info("embedded_nats_started", url=self.nats_url)
 

@@ -254,6 +254,17 @@ class GrpcServer:
         await self.server.stop(grace)
 
 
+async def health_status(address: str) -> str:
+    """What a service at `address` reports to a probe: SERVING, NOT_SERVING, or UNREACHABLE."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub: Any = health_pb2_grpc.HealthStub(channel)  # the generated stub knows only the sync API
+        try:
+            answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+        except grpc.aio.AioRpcError:
+            return "UNREACHABLE"
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
 async def wait_for_termination_signal() -> None:
     """Returns when SIGTERM or SIGINT arrives."""
     stop = asyncio.Event()

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald_common.embedded import EmbeddedInfrastructure, default_data_dir
+from herald_common.grpc_server import health_status
 from herald_common.logging import configure_logging, get_logger
 from herald_common.secret_box import new_key_setting
 from herald_common.settings import Settings
@@ -44,16 +44,7 @@ def local_secret(data_dir: Path, name: str, make: Callable[[], str]) -> str:
 
 
 def _serving(port: int) -> bool:
-    async def check() -> bool:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub: Any = health_pb2_grpc.HealthStub(channel)
-            try:
-                answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
-            except grpc.aio.AioRpcError:
-                return False
-            return bool(answer.status == health_pb2.HealthCheckResponse.SERVING)
-
-    return asyncio.run(check())
+    return asyncio.run(health_status(f"127.0.0.1:{port}")) == "SERVING"
 
 
 def development_account(data_dir: Path, campaign_port: int, bootstrap_token: str) -> str:

@@ -24,12 +24,11 @@ from herald.events.v1 import events_pb2 as events
 from herald_campaign.storage import accounts, api_keys, outbox
 from herald_common import api
 from herald_common.auth import (
-    Caller,
     KeyRegistry,
     NewKey,
     Permission,
     api_key_subject,
-    current_caller,
+    current_account,
     method_permissions,
     new_key,
 )
@@ -78,9 +77,8 @@ def _key_message(row: Any) -> pb.ApiKey:
     return key
 
 
-def _caller_account(caller: Caller | None) -> uuid.UUID:
-    assert caller is not None and caller.account, "authenticated calls always name an account"
-    return api.parse_uuid_name(caller.account, "accounts", "authorization")
+def _caller_account() -> uuid.UUID:
+    return api.parse_uuid_name(current_account(), "accounts", "authorization")
 
 
 def _parse_key_name(name: str) -> tuple[uuid.UUID, uuid.UUID]:
@@ -193,7 +191,7 @@ class Accounts:
         )
 
     async def get_account(self) -> pb.Account:
-        account_id = _caller_account(current_caller())
+        account_id = _caller_account()
         async with self.database.transaction() as session:
             row = (await session.execute(sa.select(accounts).where(accounts.c.id == account_id))).first()
         if row is None:
@@ -201,7 +199,7 @@ class Accounts:
         return _account_message(row)
 
     async def create_key(self, api_key: pb.ApiKey) -> pb.CreateApiKeyResponse:
-        account_id = _caller_account(current_caller())
+        account_id = _caller_account()
         check = Validator()
         check.require(bool(api_key.display_name.strip()), "api_key.display_name", "required")
         check.require(
@@ -221,7 +219,7 @@ class Accounts:
         return pb.CreateApiKeyResponse(api_key=_key_message(row), key=key.key)
 
     async def list_keys(self, size: int, token: str) -> tuple[list[pb.ApiKey], str]:
-        account_id = _caller_account(current_caller())
+        account_id = _caller_account()
         async with self.database.transaction() as session:
             rows, next_token = await keyset_page(
                 session, api_keys, size, token, api_keys.c.account_id == account_id
@@ -229,7 +227,7 @@ class Accounts:
         return [await self._last_use(_key_message(r), r.key_id) for r in rows], next_token
 
     async def revoke_key(self, name: str) -> pb.ApiKey:
-        account_id = _caller_account(current_caller())
+        account_id = _caller_account()
         owner, key_uuid = _parse_key_name(name)
         async with self.database.transaction() as session:
             row = (

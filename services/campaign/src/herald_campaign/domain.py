@@ -19,7 +19,7 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_campaign.references import References
 from herald_campaign.storage import campaigns, failure_reasons, outbox, outcome_events, runs, stats
 from herald_common import api, channels, personalization
-from herald_common.auth import Unauthenticated, current_caller
+from herald_common.auth import current_account
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
@@ -139,10 +139,7 @@ def _spec(campaign: pb.Campaign) -> pb.Campaign:
 
 def _caller_account() -> uuid.UUID:
     """The account the current call acts for; every campaign the API touches must be its own."""
-    caller = current_caller()
-    if caller is None or not caller.account:
-        raise Unauthenticated("this call must be made with an API key of an account")
-    return api.parse_uuid_name(caller.account, "accounts", "authorization")
+    return api.parse_uuid_name(current_account(), "accounts", "authorization")
 
 
 def _owned(campaign_id: uuid.UUID) -> sa.ColumnElement[bool]:

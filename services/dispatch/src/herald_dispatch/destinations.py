@@ -106,9 +106,6 @@ class Destinations:
             if problem:
                 check.add(f"{field}.endpoint_url", problem)
 
-    async def reseal(self) -> int:
-        return await reseal(self.database, self.secrets)
-
     def _message(self, row: Any, *, reveal_secrets: bool) -> pb.Destination:
         destination = _open(self.secrets, row)
         destination.name = f"destinations/{row.id}"

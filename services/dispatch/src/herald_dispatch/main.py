@@ -65,7 +65,7 @@ async def start(
     campaigns = CampaignBook(infra.database)
     campaign_service = infra.channel("campaign")
     destinations = Destinations(infra.database, channels, policy, CampaignUsage(campaign_service), secrets)
-    resealed = await destinations.reseal()
+    resealed = await reseal(infra.database, secrets)
     if resealed:
         log.info("destination_credentials_resealed", count=resealed, key_id=secrets.current)
     servicer = DispatchServicer(destinations)

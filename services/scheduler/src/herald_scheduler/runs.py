@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api
-from herald_common.auth import Unauthenticated, current_caller
+from herald_common.auth import current_account
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import NotFound, invalid
@@ -70,11 +70,7 @@ def _parse_run_name(name: str) -> uuid.UUID:
 
 def _of_callers_campaign() -> sa.ColumnElement[bool]:
     """Runs of campaigns that the calling account owns: another account's answer NOT_FOUND."""
-    caller = current_caller()
-    account = caller.account if caller is not None else ""
-    if not account:
-        raise Unauthenticated("this call must be made with an API key of an account")
-    owned = sa.select(campaigns.c.name).where(campaigns.c.account == account)
+    owned = sa.select(campaigns.c.name).where(campaigns.c.account == current_account())
     return runs.c.campaign.in_(owned)
 
 
