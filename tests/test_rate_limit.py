@@ -15,13 +15,14 @@ async def test_two_replicas_together_stay_within_the_destination_rate(platform: 
     engines = [make_engine(platform.settings.database_url, pool_size=2) for _ in range(2)]
     replicas = [SharedRateLimiter(Database(engine)) for engine in engines]
     destination = f"destinations/{uuid.uuid4()}"
+    account_id = uuid.uuid4()
     limit, seconds = 40, 3.0
     granted: list[float] = []
 
     async def send_as_fast_as_allowed(limiter: SharedRateLimiter) -> None:
         deadline = time.monotonic() + seconds
         while True:
-            await limiter.acquire(destination, limit)
+            await limiter.acquire(account_id, destination, limit)
             if time.monotonic() >= deadline:
                 return
             granted.append(time.monotonic())

@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import secrets
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
@@ -38,6 +39,8 @@ log = get_logger(__name__)
 KEY_PREFIX = "hrld_"
 ACCOUNT_HEADER = "x-herald-account"
 SERVICE_ROLE = "SERVICE"
+# Owns rows from before accounts existed; no key acts for it.
+NO_ACCOUNT = uuid.UUID(int=0)
 
 
 class Permission(enum.Enum):
@@ -114,6 +117,32 @@ def current_account() -> str:
     if caller is None or not caller.account:
         raise Unauthenticated("this call must be made with an API key of an account")
     return caller.account
+
+
+def current_account_id() -> uuid.UUID:
+    """The id of the account the current call acts for: every row a call reads or writes must
+    carry it, so another account's rows stay out of sight."""
+    return api.parse_uuid_name(current_account(), "accounts", "authorization")
+
+
+def account_name(account_id: uuid.UUID) -> str:
+    return f"accounts/{account_id}"
+
+
+def account_id_of(name: str) -> uuid.UUID | None:
+    """The id in an `accounts/{id}` name that an event carries; None when it names none."""
+    collection, _, raw = name.partition("/")
+    if collection != "accounts":
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        return None
+
+
+def service_caller(account_id: uuid.UUID) -> Caller:
+    """Our own service acting for an account outside any call (planning a run, say)."""
+    return Caller(account_name(account_id), SERVICE_ROLE)
 
 
 def act_as(caller: Caller | None) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +27,15 @@ from herald_common.auth import (
     ensure_bucket,
     service_credentials,
 )
-from herald_common.bus import EventT, LaneConsumer, MessageHandler, PullConsumer, Subjects, decode_batch
+from herald_common.bus import (
+    EventT,
+    LaneConsumer,
+    MessageHandler,
+    PullConsumer,
+    Subjects,
+    dead_letter,
+    decode_batch,
+)
 from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, PortInUse, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
@@ -106,15 +114,22 @@ class Infrastructure:
         event_type: type[EventT],
         apply: Callable[[list[EventT]], Awaitable[None]],
         problem: Callable[[EventT], str | None] = lambda _: None,
+        verify: Callable[[list[EventT]], Awaitable[Mapping[int, str]]] | None = None,
         batch_size: int = 256,
     ) -> None:
         """Starts a durable consumer on the stream of what `owner` publishes. Each batch is decoded
-        (malformed events are dead-lettered with `problem`'s reason), applied, then acknowledged."""
+        (malformed events are dead-lettered with `problem`'s reason), verified against what this
+        service knows (`verify` gives the positions of events to set aside, with the reason: they
+        are dead-lettered too), applied, then acknowledged."""
 
         async def handler(msgs: list[Msg]) -> None:
             decoded = await decode_batch(self.js, self.subjects, durable, msgs, event_type, problem)
-            await apply([event for _, event in decoded])
-            for msg, _ in decoded:
+            rejected = await verify([event for _, event in decoded]) if verify and decoded else {}
+            for i, reason in rejected.items():
+                await dead_letter(self.js, self.subjects, durable, decoded[i][0], reason)
+            accepted = [pair for i, pair in enumerate(decoded) if i not in rejected]
+            await apply([event for _, event in accepted])
+            for msg, _ in accepted:
                 await msg.ack()
 
         consumer = PullConsumer(

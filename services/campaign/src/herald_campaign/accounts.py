@@ -28,7 +28,7 @@ from herald_common.auth import (
     NewKey,
     Permission,
     api_key_subject,
-    current_account,
+    current_account_id,
     method_permissions,
     new_key,
 )
@@ -75,10 +75,6 @@ def _key_message(row: Any) -> pb.ApiKey:
     if row.revoked_at is not None:
         key.revoke_time.CopyFrom(api.timestamp(row.revoked_at))
     return key
-
-
-def _caller_account() -> uuid.UUID:
-    return api.parse_uuid_name(current_account(), "accounts", "authorization")
 
 
 def _parse_key_name(name: str) -> tuple[uuid.UUID, uuid.UUID]:
@@ -191,7 +187,7 @@ class Accounts:
         )
 
     async def get_account(self) -> pb.Account:
-        account_id = _caller_account()
+        account_id = current_account_id()
         async with self.database.transaction() as session:
             row = (await session.execute(sa.select(accounts).where(accounts.c.id == account_id))).first()
         if row is None:
@@ -199,7 +195,7 @@ class Accounts:
         return _account_message(row)
 
     async def create_key(self, api_key: pb.ApiKey) -> pb.CreateApiKeyResponse:
-        account_id = _caller_account()
+        account_id = current_account_id()
         check = Validator()
         check.require(bool(api_key.display_name.strip()), "api_key.display_name", "required")
         check.require(
@@ -219,7 +215,7 @@ class Accounts:
         return pb.CreateApiKeyResponse(api_key=_key_message(row), key=key.key)
 
     async def list_keys(self, size: int, token: str) -> tuple[list[pb.ApiKey], str]:
-        account_id = _caller_account()
+        account_id = current_account_id()
         async with self.database.transaction() as session:
             rows, next_token = await keyset_page(
                 session, api_keys, size, token, api_keys.c.account_id == account_id
@@ -227,7 +223,7 @@ class Accounts:
         return [await self._last_use(_key_message(r), r.key_id) for r in rows], next_token
 
     async def revoke_key(self, name: str) -> pb.ApiKey:
-        account_id = _caller_account()
+        account_id = current_account_id()
         owner, key_uuid = _parse_key_name(name)
         async with self.database.transaction() as session:
             row = (

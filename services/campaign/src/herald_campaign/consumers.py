@@ -1,38 +1,45 @@
-"""Event consumers of the campaign service: run reports and delivery outcomes."""
+"""Event consumers of the campaign service: run reports and delivery outcomes.
+
+Only our services publish these events; still, a report is counted only for the account that owns
+its campaign, so a wrong account in an event cannot move another account's numbers.
+"""
 
 from __future__ import annotations
 
 from herald.events.v1 import events_pb2 as events
 from herald_campaign.domain import Campaigns
 from herald_common import api
+from herald_common.auth import account_id_of
 from herald_common.errors import InvalidArgument
 from herald_common.runtime import Infrastructure
 
 
-def _campaign_id_problem(campaign: str) -> str | None:
+def _campaign_id_problem(campaign: str, account: str) -> str | None:
     try:
         api.parse_uuid_name(campaign, "campaigns", "campaign")
     except InvalidArgument as error:
         return error.message
+    if account_id_of(account) is None:
+        return f"names no account ({account!r})"
     return None
 
 
 def _run_problem(event: events.RunChanged) -> str | None:
     if not event.run.name or event.version <= 0:
         return "RunChanged without run name or version"
-    return _campaign_id_problem(event.run.campaign)
+    return _campaign_id_problem(event.run.campaign, event.account)
 
 
 def _outcomes_problem(event: events.DeliveryOutcomes) -> str | None:
     if not event.event_id or not event.results:
         return "DeliveryOutcomes without event_id or results"
-    return _campaign_id_problem(event.campaign)
+    return _campaign_id_problem(event.campaign, event.account)
 
 
 def _waiting_problem(event: events.DestinationWaiting) -> str | None:
     if not event.HasField("occur_time"):
         return "DestinationWaiting without occur_time"
-    return _campaign_id_problem(event.campaign)
+    return _campaign_id_problem(event.campaign, event.account)
 
 
 async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
@@ -43,6 +50,7 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
         event_type=events.RunChanged,
         apply=campaigns.record_runs,
         problem=_run_problem,
+        verify=lambda runs: campaigns.foreign_reports([(r.run.campaign, r.account) for r in runs]),
     )
     await infra.consume(
         owner="dispatch",
@@ -51,6 +59,7 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
         event_type=events.DeliveryOutcomes,
         apply=campaigns.record_outcomes,
         problem=_outcomes_problem,
+        verify=lambda outcomes: campaigns.foreign_reports([(o.campaign, o.account) for o in outcomes]),
     )
     await infra.consume(
         owner="dispatch",
@@ -59,4 +68,5 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
         event_type=events.DestinationWaiting,
         apply=campaigns.record_waiting,
         problem=_waiting_problem,
+        verify=lambda waits: campaigns.foreign_reports([(w.campaign, w.account) for w in waits]),
     )

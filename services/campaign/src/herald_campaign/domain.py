@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,7 +19,7 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_campaign.references import References
 from herald_campaign.storage import campaigns, failure_reasons, outbox, outcome_events, runs, stats
 from herald_common import api, channels, personalization
-from herald_common.auth import current_account
+from herald_common.auth import account_id_of, current_account_id
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
@@ -137,14 +137,9 @@ def _spec(campaign: pb.Campaign) -> pb.Campaign:
     return spec
 
 
-def _caller_account() -> uuid.UUID:
-    """The account the current call acts for; every campaign the API touches must be its own."""
-    return api.parse_uuid_name(current_account(), "accounts", "authorization")
-
-
 def _owned(campaign_id: uuid.UUID) -> sa.ColumnElement[bool]:
     """The campaign, if the caller's account owns it: another account's answers NOT_FOUND."""
-    return sa.and_(campaigns.c.id == campaign_id, campaigns.c.account_id == _caller_account())
+    return sa.and_(campaigns.c.id == campaign_id, campaigns.c.account_id == current_account_id())
 
 
 class Campaigns:
@@ -173,7 +168,7 @@ class Campaigns:
         _validate_shape(campaign, check)
         check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
         check.raise_if_any()
-        account_id = _caller_account()
+        account_id = current_account_id()
         same_request = sa.and_(campaigns.c.account_id == account_id, campaigns.c.request_id == request_id)
         if request_id:
             async with self.database.transaction() as session:
@@ -200,7 +195,7 @@ class Campaigns:
             if row is None:  # a concurrent create with the same request_id won
                 row = (await session.execute(sa.select(campaigns).where(same_request))).one()
             else:
-                await session.execute(insert(stats).values(campaign_id=row.id))
+                await session.execute(insert(stats).values(campaign_id=row.id, account_id=account_id))
                 await self._changed(session, row)
         self._notify()
         return _message(row)
@@ -312,7 +307,7 @@ class Campaigns:
         check = Validator()
         check_text_fields(request, "", check)
         check.raise_if_any()
-        where = [campaigns.c.account_id == _caller_account()]
+        where = [campaigns.c.account_id == current_account_id()]
         if request.segment:
             api.parse_uuid_name(request.segment, "segments", "segment")
             where.append(campaigns.c.segment == request.segment)
@@ -397,6 +392,22 @@ class Campaigns:
 
     # --- progress reported by the scheduler and dispatch -------------------------------------
 
+    async def foreign_reports(self, claims: Sequence[tuple[str, str]]) -> dict[int, str]:
+        """Which (campaign, account) claims of a batch of reports name an account that does not own
+        the campaign, with why: those reports are set aside, never counted."""
+        ids = {_campaign_id(campaign) for campaign, _ in claims}
+        async with self.database.transaction() as session:
+            found = await session.execute(
+                sa.select(campaigns.c.id, campaigns.c.account_id).where(campaigns.c.id.in_(ids))
+            )
+            owners = {row.id: row.account_id for row in found}
+        foreign = {}
+        for i, (campaign, account) in enumerate(claims):
+            owner = owners.get(_campaign_id(campaign))
+            if owner is not None and owner != account_id_of(account):
+                foreign[i] = f"{account or 'no account'} does not own {campaign}"
+        return foreign
+
     async def record_runs(self, changes: Sequence[events.RunChanged]) -> None:
         """Stores run reports, newest version wins; moves the campaigns they belong to forward."""
         touched: set[uuid.UUID] = set()
@@ -406,6 +417,7 @@ class Campaigns:
                 campaign_id = uuid.UUID(run.campaign.removeprefix("campaigns/"))
                 statement = insert(runs).values(
                     run=run.name,
+                    account_id=account_id_of(change.account),
                     campaign_id=campaign_id,
                     state=scheduler_pb.RunState.Name(run.state),
                     targeted=run.targeted,
@@ -442,15 +454,21 @@ class Campaigns:
                     .on_conflict_do_nothing(index_elements=[outcome_events.c.event_id])
                     .returning(outcome_events.c.event_id),
                     [
-                        {"event_id": e.event_id, "campaign_id": _campaign_id(e.campaign)}
+                        {
+                            "event_id": e.event_id,
+                            "campaign_id": _campaign_id(e.campaign),
+                            "account_id": account_id_of(e.account),
+                        }
                         for e in by_event.values()
                     ],
                 )
             )
             counts: dict[uuid.UUID, Counter[str]] = {}
             reasons: dict[tuple[uuid.UUID, str], list[str]] = {}
+            owners: dict[uuid.UUID, uuid.UUID | None] = {}
             for event in (by_event[e] for e in sorted(new)):
                 campaign_id = _campaign_id(event.campaign)
+                owners[campaign_id] = account_id_of(event.account)
                 tally = counts.setdefault(campaign_id, Counter())
                 for result in event.results:
                     tally[_STATUS_COLUMNS.get(result.status, "failed")] += 1
@@ -466,7 +484,7 @@ class Campaigns:
                         {c: stats.c[c] + tally[c] for c in ("sent", "failed", "skipped", "unknown", "resent")}
                     )
                 )
-            await _count_reasons(session, reasons)
+            await _count_reasons(session, reasons, owners)
             await self._advance(session, set(counts))
         self._notify()
 
@@ -526,7 +544,11 @@ def _campaign_id(name: str) -> uuid.UUID:
     return uuid.UUID(name.removeprefix("campaigns/"))
 
 
-async def _count_reasons(session: AsyncSession, reasons: dict[tuple[uuid.UUID, str], list[str]]) -> None:
+async def _count_reasons(
+    session: AsyncSession,
+    reasons: dict[tuple[uuid.UUID, str], list[str]],
+    owners: Mapping[uuid.UUID, uuid.UUID | None],
+) -> None:
     if not reasons:
         return
     statement = insert(failure_reasons)
@@ -543,6 +565,7 @@ async def _count_reasons(session: AsyncSession, reasons: dict[tuple[uuid.UUID, s
         [
             {
                 "campaign_id": campaign_id,
+                "account_id": owners[campaign_id],
                 "reason": reason,
                 "count": len(users),
                 "example_user_ids": users[:MAX_EXAMPLES],

@@ -14,9 +14,8 @@ campaigns = sa.Table(
     "campaigns",
     metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
-    # The owner; every query of the API is scoped by it (NULL only for campaigns from before
-    # accounts, which no account sees).
-    sa.Column("account_id", UUID(as_uuid=True), nullable=True, index=True),
+    # The owner; every query of the API is scoped by it.
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False, index=True),
     sa.Column("state", sa.Text, nullable=False),
     # The Campaign message as the user defined it (output-only fields live in columns).
     sa.Column("spec", sa.LargeBinary, nullable=False),
@@ -38,6 +37,7 @@ runs = sa.Table(
     "runs",
     metadata,
     sa.Column("run", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("campaign_id", UUID(as_uuid=True), nullable=False, index=True),
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("targeted", sa.BigInteger, nullable=False, server_default="0"),
@@ -53,6 +53,7 @@ outcome_events = sa.Table(
     "outcome_events",
     metadata,
     sa.Column("event_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("campaign_id", UUID(as_uuid=True), nullable=False),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
@@ -63,6 +64,7 @@ failure_reasons = sa.Table(
     metadata,
     sa.Column("campaign_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("reason", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("count", sa.BigInteger, nullable=False),
     sa.Column("example_user_ids", ARRAY(sa.Text), nullable=False),
 )
@@ -71,6 +73,7 @@ stats = sa.Table(
     "campaign_stats",
     metadata,
     sa.Column("campaign_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("sent", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("failed", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("skipped", sa.BigInteger, nullable=False, server_default="0"),

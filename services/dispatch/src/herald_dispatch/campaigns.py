@@ -7,6 +7,7 @@ so a stopped campaign stops sending within seconds without a query per request.
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
+from herald_common.auth import NO_ACCOUNT, account_id_of
 from herald_common.db import Database
 from herald_common.faults import NotReady
 from herald_common.runtime import newest_campaign_changes
@@ -28,6 +30,7 @@ _DELIVERING = {campaign_pb.State.STATE_SCHEDULED, campaign_pb.State.STATE_RUNNIN
 class KnownCampaign:
     campaign: campaign_pb.Campaign
     version: int
+    account_id: uuid.UUID
     read_at: float
 
     @property
@@ -52,6 +55,7 @@ class CampaignBook:
                     index_elements=[campaigns.c.name],
                     set_={
                         "version": statement.excluded.version,
+                        "account_id": statement.excluded.account_id,
                         "state": statement.excluded.state,
                         "destination": statement.excluded.destination,
                         "snapshot": statement.excluded.snapshot,
@@ -61,6 +65,7 @@ class CampaignBook:
                 [
                     {
                         "name": c.campaign.name,
+                        "account_id": account_id_of(c.account) or NO_ACCOUNT,
                         "version": c.version,
                         "state": campaign_pb.State.Name(c.campaign.state),
                         "destination": c.campaign.destination,
@@ -83,13 +88,15 @@ class CampaignBook:
             async with self.database.transaction() as session:
                 row = (
                     await session.execute(
-                        sa.select(campaigns.c.snapshot, campaigns.c.version).where(campaigns.c.name == name)
+                        sa.select(campaigns.c.snapshot, campaigns.c.version, campaigns.c.account_id).where(
+                            campaigns.c.name == name
+                        )
                     )
                 ).first()
             if row is None:
                 raise NotReady(f"{name} has not been announced yet")
             known = KnownCampaign(
-                campaign_pb.Campaign.FromString(row.snapshot), row.version, time.monotonic()
+                campaign_pb.Campaign.FromString(row.snapshot), row.version, row.account_id, time.monotonic()
             )
             self._cache[name] = known
         if known.version < at_least_version:

@@ -11,6 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald_common import api, channels
+from herald_common.auth import current_account_id
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator
@@ -76,7 +77,7 @@ class Destinations:
         self.campaign_usage = campaign_usage
         self.secrets = secrets
         # Destinations as the workers use them (secrets revealed), each read at most once a second.
-        self._for_delivery: dict[str, tuple[float, pb.Destination]] = {}
+        self._for_delivery: dict[tuple[str, uuid.UUID], tuple[float, pb.Destination]] = {}
 
     def _channel(self, destination: pb.Destination) -> Channel | None:
         config = destination.WhichOneof("config")
@@ -130,54 +131,67 @@ class Destinations:
         stored.display_name = destination.display_name.strip()
         stored.type = kind.destination_enum
         destination_id = uuid.uuid4()
+        account_id = current_account_id()
         async with self.database.transaction() as session:
             statement = (
                 insert(destinations)
                 .values(
                     id=destination_id,
+                    account_id=account_id,
                     display_name=stored.display_name,
                     type=kind.destination_type,
                     request_id=request_id or None,
                     **_seal(self.secrets, destination_id, stored),
                 )
-                .on_conflict_do_nothing(index_elements=[destinations.c.request_id])
+                .on_conflict_do_nothing(index_elements=[destinations.c.account_id, destinations.c.request_id])
                 .returning(*destinations.c)
             )
             row = (await session.execute(statement)).first()
             if row is None:  # the same request_id created it before
                 row = (
                     await session.execute(
-                        sa.select(destinations).where(destinations.c.request_id == request_id)
+                        sa.select(destinations).where(
+                            destinations.c.account_id == account_id, destinations.c.request_id == request_id
+                        )
                     )
                 ).one()
         return self._message(row, reveal_secrets=False)
 
     async def get(self, name: str) -> pb.Destination:
-        return await self.load(name, "name", reveal_secrets=False)
+        return await self.load(name, "name", current_account_id(), reveal_secrets=False)
 
-    async def load(self, name: str, field: str, *, reveal_secrets: bool) -> pb.Destination:
+    async def load(
+        self, name: str, field: str, account_id: uuid.UUID, *, reveal_secrets: bool
+    ) -> pb.Destination:
+        """The destination if `account_id` owns it; another account's answers NOT_FOUND."""
         destination_id = api.parse_uuid_name(name, "destinations", field)
         async with self.database.transaction() as session:
             row = (
-                await session.execute(sa.select(destinations).where(destinations.c.id == destination_id))
+                await session.execute(
+                    sa.select(destinations).where(
+                        destinations.c.id == destination_id, destinations.c.account_id == account_id
+                    )
+                )
             ).first()
         if row is None:
             raise NotFound(name, field)
         return self._message(row, reveal_secrets=reveal_secrets)
 
-    async def for_delivery(self, name: str) -> pb.Destination:
-        """The destination with its secrets, for sending; a change reaches the workers within
-        CACHE_SECONDS."""
-        held = self._for_delivery.get(name)
+    async def for_delivery(self, name: str, account_id: uuid.UUID) -> pb.Destination:
+        """The destination with its secrets, for sending to recipients of `account_id`, which must
+        own it; a change reaches the workers within CACHE_SECONDS."""
+        held = self._for_delivery.get((name, account_id))
         if held is not None and time.monotonic() - held[0] < CACHE_SECONDS:
             return held[1]
-        destination = await self.load(name, "destination", reveal_secrets=True)
-        self._for_delivery[name] = (time.monotonic(), destination)
+        destination = await self.load(name, "destination", account_id, reveal_secrets=True)
+        self._for_delivery[(name, account_id)] = (time.monotonic(), destination)
         return destination
 
     async def list(self, size: int, token: str) -> tuple[list[pb.Destination], str]:
         async with self.database.transaction() as session:
-            rows, next_token = await keyset_page(session, destinations, size, token)
+            rows, next_token = await keyset_page(
+                session, destinations, size, token, destinations.c.account_id == current_account_id()
+            )
         return [self._message(r, reveal_secrets=False) for r in rows], next_token
 
     async def delete(self, name: str) -> None:
@@ -188,6 +202,10 @@ class Destinations:
                 name, f"{name} is used by scheduled or running campaigns: {', '.join(users)}"
             )
         async with self.database.transaction() as session:
-            result = await session.execute(sa.delete(destinations).where(destinations.c.id == destination_id))
+            result = await session.execute(
+                sa.delete(destinations).where(
+                    destinations.c.id == destination_id, destinations.c.account_id == current_account_id()
+                )
+            )
         if result.rowcount == 0:  # type: ignore[attr-defined]
             raise NotFound(name)

@@ -14,6 +14,7 @@ import sqlalchemy as sa
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import api
+from herald_common.auth import account_name
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.outbox import OutboxEvent, enqueue
@@ -29,8 +30,8 @@ _STATUS_NAMES = {
 _RECORD = sa.text(
     """
     INSERT INTO dispatch.deliveries
-        (delivery_id, campaign, run, destination, user_id, status, attempts, reason, resent)
-    SELECT d, :campaign, :run, :destination, u, s, a, r,
+        (delivery_id, account_id, campaign, run, destination, user_id, status, attempts, reason, resent)
+    SELECT d, :account_id, :campaign, :run, :destination, u, s, a, r,
            -- Another attempt at the batch began after this one (this replica stalled past its ack
            -- wait): whatever this one sent, that one may send again.
            x OR (s = 'sent' AND (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id)
@@ -46,7 +47,8 @@ _RECORD = sa.text(
 _BEGIN = sa.text(
     """
     WITH attempt AS (
-        INSERT INTO dispatch.batch_attempts AS b (batch_id, attempts) VALUES (:batch_id, 1)
+        INSERT INTO dispatch.batch_attempts AS b (batch_id, account_id, attempts)
+        VALUES (:batch_id, :account_id, 1)
         ON CONFLICT (batch_id) DO UPDATE SET attempts = b.attempts + 1, started_at = now()
         RETURNING attempts
     )
@@ -62,19 +64,26 @@ class DeliveryLedger:
         self.database = database
         self.subjects = subjects
 
-    async def begin(self, batch: events.DeliveryBatch) -> tuple[set[str], int]:
+    async def begin(self, batch: events.DeliveryBatch, account_id: uuid.UUID) -> tuple[set[str], int]:
         """Records an attempt at the batch, before anything is sent, in one round trip. Returns the
         deliveries that already have a final result (the batch was handed over again) and this
         attempt's number: above 1, deliveries without a result may have been sent before."""
         async with self.database.transaction() as session:
             row = (
                 await session.execute(
-                    _BEGIN, {"batch_id": batch.batch_id, "ids": [r.delivery_id for r in batch.recipients]}
+                    _BEGIN,
+                    {
+                        "batch_id": batch.batch_id,
+                        "account_id": account_id,
+                        "ids": [r.delivery_id for r in batch.recipients],
+                    },
                 )
             ).one()
         return set(row.finished), int(row.attempts)
 
-    async def record(self, batch: events.DeliveryBatch, attempt: int, outcomes: Sequence[Outcome]) -> int:
+    async def record(
+        self, batch: events.DeliveryBatch, account_id: uuid.UUID, attempt: int, outcomes: Sequence[Outcome]
+    ) -> int:
         """Stores results not stored before and reports them in one DeliveryOutcomes event.
         Whichever attempt records a delivery first wins; a sent delivery counts as resent when a
         later attempt at its batch exists, since that attempt may send it too."""
@@ -89,6 +98,7 @@ class DeliveryLedger:
                     {
                         "batch_id": batch.batch_id,
                         "attempt": attempt,
+                        "account_id": account_id,
                         "campaign": batch.campaign,
                         "run": batch.run,
                         "destination": batch.destination,
@@ -109,6 +119,7 @@ class DeliveryLedger:
                 campaign=batch.campaign,
                 run=batch.run,
                 destination=batch.destination,
+                account=account_name(account_id),
                 occur_time=api.timestamp(api.utcnow()),
                 results=[
                     events.DeliveryResult(

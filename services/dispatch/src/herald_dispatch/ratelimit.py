@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+import uuid
 
 import sqlalchemy as sa
 
@@ -17,8 +18,8 @@ from herald_common.db import Database
 
 _TAKE = sa.text(
     """
-    INSERT INTO dispatch.rate_windows AS w (destination, second, used, granted)
-    VALUES (:destination, floor(extract(epoch FROM clock_timestamp()))::bigint,
+    INSERT INTO dispatch.rate_windows AS w (destination, account_id, second, used, granted)
+    VALUES (:destination, :account_id, floor(extract(epoch FROM clock_timestamp()))::bigint,
             LEAST(CAST(:block AS int), CAST(:limit AS int)), LEAST(CAST(:block AS int), CAST(:limit AS int)))
     ON CONFLICT (destination, second) DO UPDATE
         SET used = w.used + LEAST(CAST(:block AS int), CAST(:limit AS int) - w.used),
@@ -44,7 +45,7 @@ class SharedRateLimiter:
         # Permits this replica holds per destination, and when their second ends (monotonic).
         self._held: dict[str, tuple[int, float]] = {}
 
-    async def acquire(self, destination: str, limit: int) -> None:
+    async def acquire(self, account_id: uuid.UUID, destination: str, limit: int) -> None:
         while True:
             permits, until = self._held.get(destination, (0, 0.0))
             if permits > 0 and time.monotonic() < until:
@@ -53,7 +54,15 @@ class SharedRateLimiter:
             block = max(1, limit // BLOCKS_PER_SECOND)
             async with self.database.transaction() as session:
                 row = (
-                    await session.execute(_TAKE, {"destination": destination, "limit": limit, "block": block})
+                    await session.execute(
+                        _TAKE,
+                        {
+                            "destination": destination,
+                            "account_id": account_id,
+                            "limit": limit,
+                            "block": block,
+                        },
+                    )
                 ).first()
                 if random.random() < 0.01:  # old windows are of no use; clear them now and then
                     await session.execute(_FORGET)

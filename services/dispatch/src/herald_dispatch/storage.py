@@ -14,14 +14,17 @@ destinations = sa.Table(
     "destinations",
     metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("display_name", sa.Text, nullable=False),
     sa.Column("type", sa.Text, nullable=False),
     # The Destination message with its credentials, serialized and sealed (nonce, ciphertext and
     # tag) under the key-encryption key `key_id`; NULL only for rows not yet sealed at start.
     sa.Column("config", sa.LargeBinary, nullable=False),
     sa.Column("key_id", sa.Text, nullable=True),
-    sa.Column("request_id", sa.Text, nullable=True, unique=True),
+    sa.Column("request_id", sa.Text, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.UniqueConstraint("account_id", "request_id", name="destinations_account_request_id_key"),
+    sa.Index("ix_dispatch_destinations_account_created", "account_id", "created_at"),
 )
 
 # One row per delivery whose result is final: the idempotency record for redelivered jobs.
@@ -29,6 +32,7 @@ deliveries = sa.Table(
     "deliveries",
     metadata,
     sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("campaign", sa.Text, nullable=False),
     sa.Column("run", sa.Text, nullable=False),
     sa.Column("destination", sa.Text, nullable=False),
@@ -46,6 +50,7 @@ batch_attempts = sa.Table(
     "batch_attempts",
     metadata,
     sa.Column("batch_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("attempts", sa.Integer, nullable=False),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
@@ -56,6 +61,7 @@ campaigns = sa.Table(
     "campaigns",
     metadata,
     sa.Column("name", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("version", sa.BigInteger, nullable=False),
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("destination", sa.Text, nullable=False, index=True),
@@ -67,6 +73,7 @@ rate_windows = sa.Table(
     "rate_windows",
     metadata,
     sa.Column("destination", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("second", sa.BigInteger, primary_key=True),
     sa.Column("used", sa.Integer, nullable=False),
     # Permits handed out by the latest take.

@@ -15,12 +15,13 @@ from nats.aio.msg import Msg
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import api, bus
+from herald_common.auth import account_id_of, account_name
 from herald_common.errors import DomainError
 from herald_common.faults import NotReady
 from herald_common.logging import get_logger
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.runtime import Infrastructure
-from herald_dispatch.campaigns import CampaignBook
+from herald_dispatch.campaigns import CampaignBook, KnownCampaign
 from herald_dispatch.channels import FAILED, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
 from herald_dispatch.destinations import Destinations
 from herald_dispatch.ledger import DeliveryLedger
@@ -38,6 +39,8 @@ def batch_problem(batch: events.DeliveryBatch) -> str | None:
         return "DeliveryBatch without recipients"
     if any(not r.delivery_id or not r.user_id for r in batch.recipients):
         return "DeliveryBatch with a recipient lacking delivery_id or user_id"
+    if account_id_of(batch.account) is None:
+        return f"DeliveryBatch names no account ({batch.account!r})"
     return None
 
 
@@ -82,18 +85,24 @@ class DeliveryWorker:
         if not decoded:  # dead-lettered with the reason
             return
         [(_, batch)] = decoded
+        known = await self.campaigns.get(batch.campaign, batch.campaign_version)
+        if known.account_id != account_id_of(batch.account):
+            # Only the campaign service says who owns a campaign; a batch claiming otherwise is
+            # set aside, not delivered with another account's destination or content.
+            reason = f"{batch.account} does not own {batch.campaign}"
+            await bus.dead_letter(self.infra.js, self.infra.subjects, self.consumer_name, msg, reason)
+            return
         if batch.batch_id in self._in_flight:
             raise NotReady(f"{batch.batch_id} is being delivered already")
         self._in_flight.add(batch.batch_id)
         try:
-            await self.deliver(batch)
+            await self.deliver(batch, known)
         finally:
             self._in_flight.discard(batch.batch_id)
         await msg.ack()
 
-    async def deliver(self, batch: events.DeliveryBatch) -> None:
-        known = await self.campaigns.get(batch.campaign, batch.campaign_version)
-        finished, attempt = await self.ledger.begin(batch)
+    async def deliver(self, batch: events.DeliveryBatch, known: KnownCampaign) -> None:
+        finished, attempt = await self.ledger.begin(batch, known.account_id)
         pending = list({r.delivery_id: r for r in batch.recipients if r.delivery_id not in finished}.values())
         if not pending:
             return
@@ -101,19 +110,19 @@ class DeliveryWorker:
             state = campaign_pb.State.Name(known.campaign.state).removeprefix("STATE_").lower()
             outcomes = [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
         else:
-            outcomes = await self._send(batch, known.campaign, pending, attempted_before=attempt > 1)
-        if await self.ledger.record(batch, attempt, outcomes):
+            outcomes = await self._send(batch, known, pending, attempted_before=attempt > 1)
+        if await self.ledger.record(batch, known.account_id, attempt, outcomes):
             self.infra.relay.notify()
 
     async def _send(
         self,
         batch: events.DeliveryBatch,
-        campaign: campaign_pb.Campaign,
+        known: KnownCampaign,
         pending: list[events.Recipient],
         attempted_before: bool,
     ) -> list[Outcome]:
         try:
-            destination = await self.destinations.for_delivery(batch.destination)
+            destination = await self.destinations.for_delivery(batch.destination, known.account_id)
         except DomainError:
             return [Outcome(r, FAILED, reason=f"{batch.destination} does not exist") for r in pending]
         if destination.type != self.channel.kind.destination_enum:
@@ -128,7 +137,7 @@ class DeliveryWorker:
         key = (batch.campaign, batch.destination)
 
         async def permit() -> None:
-            await self.limiter.acquire(batch.destination, self.channel.requests_per_second)
+            await self.limiter.acquire(known.account_id, batch.destination, self.channel.requests_per_second)
 
         async def wanted() -> bool:
             return (await self.campaigns.get(batch.campaign)).delivering
@@ -136,11 +145,11 @@ class DeliveryWorker:
         async def waiting(reason: str | None) -> None:
             if self._waiting.get(key, "") != (reason or ""):
                 self._waiting[key] = reason or ""
-                await self._report_waiting(batch, reason or "")
+                await self._report_waiting(batch, known.account_id, reason or "")
 
         context = SendContext(
             destination=destination,
-            campaign=campaign,
+            campaign=known.campaign,
             plan_time=api.from_timestamp(batch.plan_time),
             permit=permit,
             wanted=wanted,
@@ -149,9 +158,10 @@ class DeliveryWorker:
         )
         return await self.channel.deliver(context, pending)
 
-    async def _report_waiting(self, batch: events.DeliveryBatch, reason: str) -> None:
+    async def _report_waiting(self, batch: events.DeliveryBatch, account_id: uuid.UUID, reason: str) -> None:
         event = events.DestinationWaiting(
             event_id=str(uuid.uuid4()),
+            account=account_name(account_id),
             campaign=batch.campaign,
             destination=batch.destination,
             reason=reason,

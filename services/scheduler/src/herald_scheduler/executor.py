@@ -24,6 +24,7 @@ from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common import api, channels
+from herald_common.auth import account_name, act_as, service_caller
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.logging import get_logger
@@ -232,6 +233,8 @@ class RunExecutor:
         await self._end(row.id, RunState.RUN_STATE_DISPATCHED, "")
 
     async def _plan(self, row: Any, snapshot: Snapshot) -> None:
+        # The audience is read as the campaign's account: only its own users, only its segments.
+        act_as(service_caller(row.account_id))
         campaign = snapshot.campaign
         try:
             kind = channels.of_campaign(campaign)
@@ -288,6 +291,7 @@ class RunExecutor:
         ).all()
         if not advanced:
             raise RunStopped()
+        account_id = advanced[0].account_id
         run = f"{campaign.name}/runs/{run_id}"
         now = api.timestamp(api.utcnow())
         recipients = [_recipient(run_id, m) for m in members]
@@ -302,6 +306,7 @@ class RunExecutor:
                 destination=campaign.destination,
                 plan_time=now,
                 recipients=chunk,
+                account=account_name(account_id),
             )
             batches.append(OutboxEvent.of(subject, batch, batch_id))
         await enqueue(session, outbox, batches)

@@ -14,12 +14,15 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api
+from herald_common.auth import NO_ACCOUNT, account_id_of
 from herald_common.db import Database
+from herald_common.logging import get_logger
 from herald_scheduler.runs import RunEvents
 from herald_scheduler.storage import campaigns, runs
 
 CampaignState = campaign_pb.State
 RunState = pb.RunState
+log = get_logger(__name__)
 _OPEN_RUN_STATES = [RunState.Name(RunState.RUN_STATE_PENDING), RunState.Name(RunState.RUN_STATE_RUNNING)]
 
 
@@ -33,6 +36,16 @@ def run_times(campaign: campaign_pb.Campaign) -> list[datetime]:
     return []
 
 
+def _account_of(change: events.CampaignChanged) -> uuid.UUID:
+    """The campaign's account; one that names none stays with the nil account, which owns no
+    segment or destination, so its runs fail rather than reach anyone."""
+    account_id = account_id_of(change.account)
+    if account_id is None:
+        log.warning("campaign_without_account", campaign=change.campaign.name)
+        return NO_ACCOUNT
+    return account_id
+
+
 class Planner:
     def __init__(self, database: Database, run_events: RunEvents) -> None:
         self.database = database
@@ -44,12 +57,12 @@ class Planner:
         async with self.database.transaction() as session:
             for change in ordered:
                 if await self._store_snapshot(session, change):
-                    await self._react(session, change.campaign)
+                    await self._react(session, change.campaign, _account_of(change))
 
     async def _store_snapshot(self, session: AsyncSession, change: events.CampaignChanged) -> bool:
         statement = insert(campaigns).values(
             name=change.campaign.name,
-            account=change.account,
+            account_id=_account_of(change),
             state=CampaignState.Name(change.campaign.state),
             snapshot=change.campaign.SerializeToString(),
             version=change.version,
@@ -58,7 +71,7 @@ class Planner:
             statement.on_conflict_do_update(
                 index_elements=[campaigns.c.name],
                 set_={
-                    "account": statement.excluded.account,
+                    "account_id": statement.excluded.account_id,
                     "state": statement.excluded.state,
                     "snapshot": statement.excluded.snapshot,
                     "version": statement.excluded.version,
@@ -68,7 +81,9 @@ class Planner:
         )
         return stored.first() is not None
 
-    async def _react(self, session: AsyncSession, campaign: campaign_pb.Campaign) -> None:
+    async def _react(
+        self, session: AsyncSession, campaign: campaign_pb.Campaign, account_id: uuid.UUID
+    ) -> None:
         if campaign.state == CampaignState.STATE_SCHEDULED:
             times = run_times(campaign)
             if times:
@@ -78,6 +93,7 @@ class Planner:
                         [
                             {
                                 "id": uuid.uuid4(),
+                                "account_id": account_id,
                                 "campaign": campaign.name,
                                 "scheduled_time": when,
                                 "state": RunState.Name(RunState.RUN_STATE_PENDING),

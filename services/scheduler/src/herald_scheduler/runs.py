@@ -12,13 +12,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api
-from herald_common.auth import current_account
+from herald_common.auth import account_name, current_account_id
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import NotFound, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
-from herald_scheduler.storage import campaigns, outbox, runs
+from herald_scheduler.storage import outbox, runs
 
 
 def run_name(row: Any) -> str:
@@ -52,7 +52,11 @@ class RunEvents:
         queued = []
         for row in rows:
             event = events.RunChanged(
-                event_id=str(uuid.uuid4()), occur_time=now, run=run_message(row), version=row.version
+                event_id=str(uuid.uuid4()),
+                occur_time=now,
+                run=run_message(row),
+                version=row.version,
+                account=account_name(row.account_id),
             )
             queued.append(OutboxEvent.of(self.subjects.run_changed, event, event.event_id))
         await enqueue(session, outbox, queued)
@@ -68,10 +72,9 @@ def _parse_run_name(name: str) -> uuid.UUID:
         raise invalid("name", f"{name!r} is not a valid run name") from None
 
 
-def _of_callers_campaign() -> sa.ColumnElement[bool]:
-    """Runs of campaigns that the calling account owns: another account's answer NOT_FOUND."""
-    owned = sa.select(campaigns.c.name).where(campaigns.c.account == current_account())
-    return runs.c.campaign.in_(owned)
+def _of_callers_account() -> sa.ColumnElement[bool]:
+    """Runs that the calling account owns: another account's answer NOT_FOUND."""
+    return runs.c.account_id == current_account_id()
 
 
 class RunQueries:
@@ -82,7 +85,7 @@ class RunQueries:
         run_id = _parse_run_name(name)
         async with self.database.transaction() as session:
             row = (
-                await session.execute(sa.select(runs).where(runs.c.id == run_id, _of_callers_campaign()))
+                await session.execute(sa.select(runs).where(runs.c.id == run_id, _of_callers_account()))
             ).first()
         if row is None or run_name(row) != name:
             raise NotFound(name)
@@ -97,7 +100,7 @@ class RunQueries:
                 size,
                 token,
                 runs.c.campaign == parent,
-                _of_callers_campaign(),
+                _of_callers_account(),
                 time_column="scheduled_time",
                 newest_first=False,
             )

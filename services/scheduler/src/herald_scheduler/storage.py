@@ -15,8 +15,7 @@ campaigns = sa.Table(
     "campaigns",
     metadata,
     sa.Column("name", sa.Text, primary_key=True),
-    # `accounts/{id}` that owns the campaign (empty for campaigns from before accounts).
-    sa.Column("account", sa.Text, nullable=False, server_default=""),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("state", sa.Text, nullable=False),
     sa.Column("snapshot", sa.LargeBinary, nullable=False),
     # CampaignChanged.version of the snapshot: an older event arriving late changes nothing.
@@ -27,6 +26,7 @@ runs = sa.Table(
     "runs",
     metadata,
     sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("campaign", sa.Text, nullable=False),
     sa.Column("scheduled_time", sa.DateTime(timezone=True), nullable=False),
     sa.Column("state", sa.Text, nullable=False),
@@ -48,6 +48,7 @@ runs = sa.Table(
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.UniqueConstraint("campaign", "scheduled_time", name="runs_campaign_time_key"),
     sa.Index("runs_due", "state", "scheduled_time"),
+    sa.Index("ix_scheduler_runs_account_campaign", "account_id", "campaign"),
 )
 
 outbox = outbox_table(metadata)

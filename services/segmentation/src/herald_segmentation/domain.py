@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import JSONB, insert
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
-from herald_common.auth import current_caller
+from herald_common.auth import current_account_id, current_caller
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, ResourceExhausted, Validator, invalid
@@ -69,6 +69,11 @@ def _segment_message(row: Any) -> pb.Segment:
     )
 
 
+def _owned(segment_id: uuid.UUID) -> sa.ColumnElement[bool]:
+    """The segment, if the caller's account owns it: another account's answers NOT_FOUND."""
+    return sa.and_(segments.c.id == segment_id, segments.c.account_id == current_account_id())
+
+
 class Segmentation:
     def __init__(self, database: Database, campaign_usage: CampaignUsage) -> None:
         self.database = database
@@ -101,8 +106,10 @@ class Segmentation:
                 f"{size} bytes; a profile holds at most {MAX_PROFILE_BYTES // 1024} KB",
             )
         check.raise_if_any()
+        account_id = current_account_id()
         rows = [
             {
+                "account_id": account_id,
                 "user_id": user.user_id,
                 "properties": json_format.MessageToDict(user.properties),
                 "timezone": user.timezone,
@@ -111,7 +118,7 @@ class Segmentation:
         ]
         statement = insert(users)
         statement = statement.on_conflict_do_update(
-            index_elements=[users.c.user_id],
+            index_elements=[users.c.account_id, users.c.user_id],
             set_={
                 "properties": statement.excluded.properties,
                 "timezone": statement.excluded.timezone,
@@ -125,7 +132,13 @@ class Segmentation:
     async def get_user(self, name: str) -> pb.User:
         user_id = api.parse_name(name, "users")
         async with self.database.transaction() as session:
-            row = (await session.execute(sa.select(users).where(users.c.user_id == user_id))).first()
+            row = (
+                await session.execute(
+                    sa.select(users).where(
+                        users.c.account_id == current_account_id(), users.c.user_id == user_id
+                    )
+                )
+            ).first()
         if row is None:
             raise NotFound(name)
         return _user_message(row)
@@ -138,35 +151,34 @@ class Segmentation:
             validate_filter(segment.filter, "segment.filter", check)
         check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
         check.raise_if_any()
+        account_id = current_account_id()
+        same_request = sa.and_(segments.c.account_id == account_id, segments.c.request_id == request_id)
         async with self.database.transaction() as session:
             if request_id:
-                existing = (
-                    await session.execute(sa.select(segments).where(segments.c.request_id == request_id))
-                ).first()
+                existing = (await session.execute(sa.select(segments).where(same_request))).first()
                 if existing is not None:
                     return _segment_message(existing)
             statement = (
                 insert(segments)
                 .values(
                     id=uuid.uuid4(),
+                    account_id=account_id,
                     display_name=segment.display_name.strip(),
                     filter=segment.filter.SerializeToString(),
                     request_id=request_id or None,
                 )
-                .on_conflict_do_nothing(index_elements=[segments.c.request_id])
+                .on_conflict_do_nothing(index_elements=[segments.c.account_id, segments.c.request_id])
                 .returning(*segments.c)
             )
             row = (await session.execute(statement)).first()
             if row is None:  # a concurrent create with the same request_id won
-                row = (
-                    await session.execute(sa.select(segments).where(segments.c.request_id == request_id))
-                ).one()
+                row = (await session.execute(sa.select(segments).where(same_request))).one()
         return _segment_message(row)
 
     async def _load_segment(self, name: str, field: str) -> pb.Segment:
         segment_id = api.parse_uuid_name(name, "segments", field)
         async with self.database.transaction() as session:
-            row = (await session.execute(sa.select(segments).where(segments.c.id == segment_id))).first()
+            row = (await session.execute(sa.select(segments).where(_owned(segment_id)))).first()
         if row is None:
             raise NotFound(name, field)
         return _segment_message(row)
@@ -176,7 +188,9 @@ class Segmentation:
 
     async def list_segments(self, size: int, token: str) -> tuple[list[pb.Segment], str]:
         async with self.database.transaction() as session:
-            rows, next_token = await keyset_page(session, segments, size, token)
+            rows, next_token = await keyset_page(
+                session, segments, size, token, segments.c.account_id == current_account_id()
+            )
         return [_segment_message(r) for r in rows], next_token
 
     async def delete_segment(self, name: str) -> None:
@@ -187,7 +201,7 @@ class Segmentation:
                 name, f"{name} is the audience of scheduled or running campaigns: {', '.join(users_of)}"
             )
         async with self.database.transaction() as session:
-            result = await session.execute(sa.delete(segments).where(segments.c.id == segment_id))
+            result = await session.execute(sa.delete(segments).where(_owned(segment_id)))
         if result.rowcount == 0:  # type: ignore[attr-defined]
             raise NotFound(name)
 
@@ -195,7 +209,9 @@ class Segmentation:
         segment = await self._load_segment(segment_name, "segment")
         async with self.database.transaction() as session:
             count = await session.scalar(
-                sa.select(sa.func.count()).select_from(users).where(to_sql(segment.filter))
+                sa.select(sa.func.count())
+                .select_from(users)
+                .where(users.c.account_id == current_account_id(), to_sql(segment.filter))
             )
         return int(count or 0)
 
@@ -231,7 +247,7 @@ class Segmentation:
             if keys
             else sa.literal({}, JSONB)
         )
-        condition = to_sql(segment.filter)
+        condition = sa.and_(users.c.account_id == current_account_id(), to_sql(segment.filter))
         await self._refresh_statistics_if_stale()
         after = request.start_after_user_id
         while True:

@@ -112,10 +112,13 @@ class RunChanged(_message.Message):
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the NATS message id."""
     version: _builtins.int
     """Assigned by the scheduler database, one higher on every change of this run."""
+    account: _builtins.str
+    """The account that owns the run's campaign: `accounts/{account}`."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the change committed."""
@@ -131,10 +134,11 @@ class RunChanged(_message.Message):
         occur_time: _timestamp_pb2.Timestamp | None = ...,
         run: _scheduler_service_pb2.Run | None = ...,
         version: _builtins.int = ...,
+        account: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time", "run", b"run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id", "occur_time", b"occur_time", "run", b"run", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "event_id", b"event_id", "occur_time", b"occur_time", "run", b"run", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -196,6 +200,7 @@ class DeliveryBatch(_message.Message):
     DESTINATION_FIELD_NUMBER: _builtins.int
     PLAN_TIME_FIELD_NUMBER: _builtins.int
     RECIPIENTS_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
     batch_id: _builtins.str
     """Stable id of the batch; also the NATS message id."""
     campaign: _builtins.str
@@ -206,6 +211,10 @@ class DeliveryBatch(_message.Message):
     """`campaigns/{campaign}/runs/{run}`."""
     destination: _builtins.str
     """`destinations/{destination}`."""
+    account: _builtins.str
+    """The account that owns the campaign: `accounts/{account}`. Dispatch delivers the batch only
+    when the campaign and the destination both belong to it.
+    """
     @_builtins.property
     def plan_time(self) -> _timestamp_pb2.Timestamp:
         """When the deliveries were planned."""
@@ -224,10 +233,11 @@ class DeliveryBatch(_message.Message):
         destination: _builtins.str = ...,
         plan_time: _timestamp_pb2.Timestamp | None = ...,
         recipients: _abc.Iterable[Global___Recipient] | None = ...,
+        account: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan_time", b"plan_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_id", b"batch_id", "campaign", b"campaign", "campaign_version", b"campaign_version", "destination", b"destination", "plan_time", b"plan_time", "recipients", b"recipients", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "batch_id", b"batch_id", "campaign", b"campaign", "campaign_version", b"campaign_version", "destination", b"destination", "plan_time", b"plan_time", "recipients", b"recipients", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -289,6 +299,7 @@ class DeliveryOutcomes(_message.Message):
     DESTINATION_FIELD_NUMBER: _builtins.int
     RESULTS_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the NATS message id."""
     campaign: _builtins.str
@@ -297,6 +308,8 @@ class DeliveryOutcomes(_message.Message):
     """`campaigns/{campaign}/runs/{run}`."""
     destination: _builtins.str
     """`destinations/{destination}`."""
+    account: _builtins.str
+    """The account that owns the campaign: `accounts/{account}`."""
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryResult]:
         """The results."""
@@ -314,10 +327,11 @@ class DeliveryOutcomes(_message.Message):
         destination: _builtins.str = ...,
         results: _abc.Iterable[Global___DeliveryResult] | None = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
+        account: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "results", b"results", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "results", b"results", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -336,6 +350,7 @@ class DestinationWaiting(_message.Message):
     DESTINATION_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the NATS message id."""
     campaign: _builtins.str
@@ -344,6 +359,8 @@ class DestinationWaiting(_message.Message):
     """`destinations/{destination}`."""
     reason: _builtins.str
     """Empty when deliveries flow again."""
+    account: _builtins.str
+    """The account that owns the campaign: `accounts/{account}`."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When this was observed."""
@@ -356,10 +373,11 @@ class DestinationWaiting(_message.Message):
         destination: _builtins.str = ...,
         reason: _builtins.str = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
+        account: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
