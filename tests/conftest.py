@@ -91,9 +91,9 @@ async def segment_api() -> AsyncIterator[SegmentApi]:
 
 
 async def eventually(
-    check: Callable[[], Awaitable[bool]], within: float = 30.0, interval: float = 0.1
+    check: Callable[[], Awaitable[object]], within: float = 30.0, interval: float = 0.1
 ) -> None:
-    """Waits until `check` holds; fails the test with a clear message otherwise."""
+    """Waits until `check` answers something truthy; fails the test with a clear message otherwise."""
     deadline = asyncio.get_running_loop().time() + within
     while True:
         if await check():

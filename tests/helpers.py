@@ -14,6 +14,7 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from tests.conftest import Platform
+from tests.harness import Clients
 
 
 def value(v: Any) -> struct_pb2.Value:
@@ -45,7 +46,7 @@ def condition(prop: str, op: str, v: Any = None) -> segmentation_pb.PropertyCond
 
 
 async def create_segment(
-    platform: Platform, *conditions: segmentation_pb.PropertyCondition, match: str = "ALL"
+    platform: Platform | Clients, *conditions: segmentation_pb.PropertyCondition, match: str = "ALL"
 ) -> segmentation_pb.Segment:
     return await platform.segmentation.CreateSegment(
         segmentation_pb.CreateSegmentRequest(
@@ -59,7 +60,9 @@ async def create_segment(
     )
 
 
-async def create_segment_destination(platform: Platform, url: str, write_key: str) -> dispatch_pb.Destination:
+async def create_segment_destination(
+    platform: Platform | Clients, url: str, write_key: str
+) -> dispatch_pb.Destination:
     return await platform.dispatch.CreateDestination(
         dispatch_pb.CreateDestinationRequest(
             destination=dispatch_pb.Destination(

@@ -19,6 +19,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_pb_grpc
 from tests.conftest import Platform
 from tests.harness import Clients, create_account
 from tests.helpers import condition, field_violations, user
@@ -229,3 +230,57 @@ def test_a_method_without_a_declared_permission_stops_the_service_at_start() -> 
     with pytest.raises(RuntimeError, match="DeleteDestination"):
         GrpcServer([service], lambda server: None, Authenticator(KeyRegistry(), "t", ""), incomplete)
     GrpcServer([service], lambda server: None, Authenticator(KeyRegistry(), "t", ""), PERMISSIONS)
+
+
+async def test_keys_of_a_deleted_account_are_refused_by_every_service_within_seconds(
+    platform: Platform,
+) -> None:
+    bootstrap = (("authorization", f"Bootstrap {platform.settings.bootstrap_token}"),)
+    doomed, key = await create_account(
+        platform.address("campaign"), platform.settings.bootstrap_token, "doomed"
+    )
+    clients = Clients.open(platform.addresses, key)
+    try:
+        assert [await _code(c) for c in _reads(clients)] == [grpc.StatusCode.OK] * 4
+        async with grpc.aio.insecure_channel(platform.address("campaign")) as channel:
+            operator: Any = accounts_grpc.AccountServiceStub(channel)
+            for name, code in (
+                ("accounts/nonsense", "INVALID_ARGUMENT"),
+                (f"accounts/{uuid.uuid4()}", "NOT_FOUND"),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await operator.DeleteAccount(
+                        accounts_pb.DeleteAccountRequest(name=name), metadata=bootstrap
+                    )
+                assert refused.value.code().name == code
+            deleted_at = time.monotonic()
+            deleted = await operator.DeleteAccount(
+                accounts_pb.DeleteAccountRequest(name=doomed), metadata=bootstrap
+            )
+        assert deleted.name == doomed and deleted.HasField("delete_time")
+        while [await _code(c) for c in _reads(clients)] != [grpc.StatusCode.UNAUTHENTICATED] * 4:
+            assert time.monotonic() - deleted_at < 5, "a deleted account's key still works after 5 s"
+            await asyncio.sleep(0.05)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await clients.accounts.GetAccount(accounts_pb.GetAccountRequest())
+        assert "account of this API key was deleted" in (refused.value.details() or "")
+        # Other accounts go on.
+        assert [await _code(c) for c in _reads(platform.clients)] == [grpc.StatusCode.OK] * 4
+    finally:
+        await clients.close()
+
+
+async def test_oversized_or_malformed_credentials_get_a_clear_refusal(platform: Platform) -> None:
+    async with grpc.aio.insecure_channel(platform.address("segmentation")) as channel:
+        stub: Any = segmentation_pb_grpc.SegmentationServiceStub(channel)
+        request = segmentation_pb.ListSegmentsRequest()
+        long_key = f"hrld_{'a' * 16}_{'s' * 4000}"
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ListSegments(request, metadata=(("authorization", f"Bearer {long_key}"),))
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "malformed API key" in (refused.value.details() or "")
+        # Metadata past gRPC's limit never reaches a servicer: refused before any work is done.
+        huge = (("authorization", f"Bearer {platform.admin_key}"), ("x-padding", "p" * 64_000))
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.ListSegments(request, metadata=huge)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()

@@ -23,20 +23,21 @@ from tests.helpers import (
 )
 
 
-async def _announce_campaign(js: JetStreamContext, subjects: Subjects, destination: str) -> str:
+async def _announce_campaign(js: JetStreamContext, subjects: Subjects, account: str, destination: str) -> str:
     """Publishes a running campaign as the campaign service would, so dispatch delivers for it."""
     campaign = segment_export_campaign("segments/" + str(uuid.uuid4()), destination)
     campaign.name = f"campaigns/{uuid.uuid4()}"
     campaign.state = campaign_pb.State.STATE_RUNNING
     campaign.segment_export.event_name = "Guarantee Check"
-    change = events.CampaignChanged(event_id=str(uuid.uuid4()), campaign=campaign, version=1)
+    change = events.CampaignChanged(event_id=str(uuid.uuid4()), campaign=campaign, version=1, account=account)
     await js.publish(subjects.campaign_changed, change.SerializeToString())
     return campaign.name
 
 
-def _batch(campaign: str, destination: str, *user_ids: str) -> events.DeliveryBatch:
+def _batch(account: str, campaign: str, destination: str, *user_ids: str) -> events.DeliveryBatch:
     run_id = uuid.uuid4()
     return events.DeliveryBatch(
+        account=account,
         batch_id=str(uuid.uuid4()),
         campaign=campaign,
         campaign_version=1,
@@ -68,8 +69,8 @@ async def test_redelivered_job_is_sent_once(
         platform, segment_api.url, next(iter(segment_api.write_keys))
     )
     subjects = Subjects(platform.settings.namespace)
-    campaign = await _announce_campaign(js, subjects, destination.name)
-    batch = _batch(campaign, destination.name, "redelivered-user")
+    campaign = await _announce_campaign(js, subjects, platform.account, destination.name)
+    batch = _batch(platform.account, campaign, destination.name, "redelivered-user")
     delivery_id = batch.recipients[0].delivery_id
     # Two copies that JetStream does not de-duplicate (different message ids): as after a crash
     # between sending and acknowledging.
@@ -85,7 +86,7 @@ async def test_redelivered_job_is_sent_once(
 
     await eventually(delivered)
     # Give the second copy time to be consumed, then check it did not reach Segment.
-    fence = _batch(campaign, destination.name, "fence-user")
+    fence = _batch(platform.account, campaign, destination.name, "fence-user")
     await js.publish(_subject(subjects, destination.name), fence.SerializeToString())
     await eventually(lambda: _has_user(segment_api, "fence-user"))
     sent = [
@@ -119,7 +120,7 @@ async def test_undecodable_job_is_dead_lettered_with_reason(platform: Platform, 
 async def test_batch_without_recipients_is_dead_lettered(platform: Platform, js: JetStreamContext) -> None:
     subjects = Subjects(platform.settings.namespace)
     destination = "destinations/" + str(uuid.uuid4())
-    batch = _batch(f"campaigns/{uuid.uuid4()}", destination)
+    batch = _batch(platform.account, f"campaigns/{uuid.uuid4()}", destination)
     payload = batch.SerializeToString()
     await js.publish(_subject(subjects, destination), payload)
 
@@ -131,6 +132,36 @@ async def test_batch_without_recipients_is_dead_lettered(platform: Platform, js:
     assert headers is not None and headers[REASON_HEADER] == "DeliveryBatch without recipients"
 
 
+async def test_batch_claiming_another_account_is_set_aside_unsent(
+    platform: Platform, segment_api: SegmentApi, js: JetStreamContext
+) -> None:
+    """Dispatch trusts only the campaign service on who owns a campaign: a batch naming another
+    account is dead-lettered with the reason, and its recipients get nothing."""
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    subjects = Subjects(platform.settings.namespace)
+    campaign = await _announce_campaign(js, subjects, platform.account, destination.name)
+    intruder = f"accounts/{uuid.uuid4()}"
+    batch = _batch(intruder, campaign, destination.name, "claimed-user")
+    payload = batch.SerializeToString()
+    await js.publish(_subject(subjects, destination.name), payload)
+
+    async def dead_lettered() -> bool:
+        return await _dead_letter(js, subjects, payload) is not None
+
+    await eventually(dead_lettered)
+    headers = await _dead_letter(js, subjects, payload)
+    assert headers is not None and headers[REASON_HEADER] == f"{intruder} does not own {campaign}"
+    # The owner's own batch right after it is delivered; the claimed one never is.
+    await js.publish(
+        _subject(subjects, destination.name),
+        _batch(platform.account, campaign, destination.name, "owner-user").SerializeToString(),
+    )
+    await eventually(lambda: _has_user(segment_api, "owner-user"))
+    assert not await _has_user(segment_api, "claimed-user")
+
+
 async def test_server_errors_are_retried_with_the_same_message_id(
     platform: Platform, segment_api: SegmentApi, js: JetStreamContext
 ) -> None:
@@ -138,9 +169,9 @@ async def test_server_errors_are_retried_with_the_same_message_id(
         platform, segment_api.url, next(iter(segment_api.write_keys))
     )
     subjects = Subjects(platform.settings.namespace)
-    campaign = await _announce_campaign(js, subjects, destination.name)
+    campaign = await _announce_campaign(js, subjects, platform.account, destination.name)
     segment_api.fail_next(2, status=503, retry_after=None)
-    batch = _batch(campaign, destination.name, "flaky-user")
+    batch = _batch(platform.account, campaign, destination.name, "flaky-user")
     await js.publish(_subject(subjects, destination.name), batch.SerializeToString())
     delivery_id = batch.recipients[0].delivery_id
 
@@ -197,10 +228,10 @@ async def test_late_run_reports_do_not_roll_progress_back(
     subjects = Subjects(platform.settings.namespace)
     run = scheduler_pb.Run(name=f"{created.name}/runs/{uuid.uuid4()}", campaign=created.name)
     # Versions come from the scheduler's database; the clocks of the replicas play no part.
-    newer = events.RunChanged(event_id=str(uuid.uuid4()), run=run, version=5)
+    newer = events.RunChanged(event_id=str(uuid.uuid4()), run=run, version=5, account=platform.account)
     newer.run.state, newer.run.targeted, newer.run.final = scheduler_pb.RunState.RUN_STATE_DISPATCHED, 7, True
     newer.occur_time.FromSeconds(1_999_999_999)
-    older = events.RunChanged(event_id=str(uuid.uuid4()), run=run, version=4)
+    older = events.RunChanged(event_id=str(uuid.uuid4()), run=run, version=4, account=platform.account)
     older.run.state, older.run.targeted = scheduler_pb.RunState.RUN_STATE_RUNNING, 3
     older.occur_time.FromSeconds(2_000_000_000)
     for event in (newer, older):
@@ -211,6 +242,7 @@ async def test_late_run_reports_do_not_roll_progress_back(
         event_id=str(uuid.uuid4()),
         run=scheduler_pb.Run(name=f"{run.name}-fence", campaign=created.name),
         version=1,
+        account=platform.account,
     )
     fence.run.state, fence.run.targeted = scheduler_pb.RunState.RUN_STATE_RUNNING, 100
     fence.occur_time.FromSeconds(1)

@@ -1,92 +1,480 @@
-"""No account sees another's data: its resources answer NOT_FOUND, as if they did not exist."""
+"""No account sees another's data: every RPC of every service, called by a second account against
+the first account's resources, reads nothing of it, changes nothing of it and refers to nothing of
+it. Another account's resources answer NOT_FOUND, as if they did not exist."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import nats
 import pytest
 from google.protobuf import field_mask_pb2
+from nats.js import JetStreamContext
 
+import herald
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald_common.bus import REASON_HEADER, Subjects
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign
+from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+
+
+@dataclass
+class World:
+    """Account A (the platform's) with one of everything, and account B's clients."""
+
+    a: Platform
+    b: Clients
+    b_account: str
+    cohort: str
+    segment: segmentation_pb.Segment
+    destination: dispatch_pb.Destination
+    campaign: campaign_pb.Campaign
+    run: scheduler_pb.Run
+    key: accounts_pb.CreateApiKeyResponse
+    request_id: str
+    b_segment: segmentation_pb.Segment
+    b_destination: dispatch_pb.Destination
+
+
+Probe = Callable[[World], Awaitable[None]]
+WALK: dict[str, Probe] = {}
+
+
+def probe(service: Any, method: str) -> Callable[[Probe], Probe]:
+    """Files a probe under the full name of the RPC it calls across accounts."""
+    full_name = f"/{service.DESCRIPTOR.services_by_name[_SERVICES[service]].full_name}/{method}"
+
+    def register(function: Probe) -> Probe:
+        WALK[full_name] = function
+        return function
+
+    return register
+
+
+_SERVICES = {
+    accounts_pb: "AccountService",
+    segmentation_pb: "SegmentationService",
+    campaign_pb: "CampaignService",
+    scheduler_pb: "SchedulerService",
+    dispatch_pb: "DispatchService",
+}
+
+
+def every_rpc() -> set[str]:
+    """Every method of every service in our protos, whichever module declares it."""
+    found: set[str] = set()
+    for module_info in pkgutil.walk_packages(herald.__path__, "herald."):
+        if not module_info.name.endswith("_pb2"):
+            continue
+        module = importlib.import_module(module_info.name)
+        for service in module.DESCRIPTOR.services_by_name.values():
+            found.update(f"/{service.full_name}/{method.name}" for method in service.methods)
+    return found
+
+
+async def _refused(call: Awaitable[Any], code: grpc.StatusCode = grpc.StatusCode.NOT_FOUND) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    assert raised.value.code() == code, raised.value.details()
+
+
+# --- accounts ---------------------------------------------------------------------------------
+
+
+@probe(accounts_pb, "CreateAccount")
+async def _create_account(w: World) -> None:
+    # Only the operator's bootstrap token creates accounts; an account's admin key cannot.
+    request = accounts_pb.CreateAccountRequest(account=accounts_pb.Account(display_name="spawned"))
+    await _refused(w.b.accounts.CreateAccount(request), grpc.StatusCode.PERMISSION_DENIED)
+
+
+@probe(accounts_pb, "DeleteAccount")
+async def _delete_account(w: World) -> None:
+    request = accounts_pb.DeleteAccountRequest(name=w.a.account)
+    await _refused(w.b.accounts.DeleteAccount(request), grpc.StatusCode.PERMISSION_DENIED)
+    assert (await w.a.accounts.GetAccount(accounts_pb.GetAccountRequest())).name == w.a.account
+
+
+@probe(accounts_pb, "GetAccount")
+async def _get_account(w: World) -> None:
+    assert (await w.b.accounts.GetAccount(accounts_pb.GetAccountRequest())).name == w.b_account
+
+
+@probe(accounts_pb, "CreateApiKey")
+async def _create_api_key(w: World) -> None:
+    created = await w.b.accounts.CreateApiKey(
+        accounts_pb.CreateApiKeyRequest(
+            api_key=accounts_pb.ApiKey(display_name="b reader", role=accounts_pb.Role.ROLE_VIEWER)
+        )
+    )
+    assert created.api_key.name.startswith(f"{w.b_account}/apiKeys/")
+    reader = Clients.open(w.a.addresses, created.key)
+    try:
+        await _refused(reader.segmentation.GetSegment(segmentation_pb.GetSegmentRequest(name=w.segment.name)))
+    finally:
+        await reader.close()
+
+
+@probe(accounts_pb, "ListApiKeys")
+async def _list_api_keys(w: World) -> None:
+    listed = await w.b.accounts.ListApiKeys(accounts_pb.ListApiKeysRequest(page_size=1000))
+    assert listed.api_keys
+    assert all(k.name.startswith(f"{w.b_account}/") for k in listed.api_keys)
+
+
+@probe(accounts_pb, "RevokeApiKey")
+async def _revoke_api_key(w: World) -> None:
+    await _refused(w.b.accounts.RevokeApiKey(accounts_pb.RevokeApiKeyRequest(name=w.key.api_key.name)))
+    # A's key still opens A's account.
+    keyed = Clients.open(w.a.addresses, w.key.key)
+    try:
+        assert (await keyed.accounts.GetAccount(accounts_pb.GetAccountRequest())).name == w.a.account
+    finally:
+        await keyed.close()
+
+
+# --- segmentation -----------------------------------------------------------------------------
+
+
+@probe(segmentation_pb, "UpsertUsers")
+async def _upsert_users(w: World) -> None:
+    # The same user id in B is B's own user; A's profile is untouched.
+    await w.b.segmentation.UpsertUsers(
+        segmentation_pb.UpsertUsersRequest(users=[user("shared", owner="b", cohort=w.cohort)])
+    )
+    mine = await w.a.segmentation.GetUser(segmentation_pb.GetUserRequest(name="users/shared"))
+    assert mine.properties["owner"] == "a"
+
+
+@probe(segmentation_pb, "GetUser")
+async def _get_user(w: World) -> None:
+    await _refused(w.b.segmentation.GetUser(segmentation_pb.GetUserRequest(name="users/only-a")))
+    theirs = await w.b.segmentation.GetUser(segmentation_pb.GetUserRequest(name="users/shared"))
+    assert theirs.properties["owner"] == "b"
+
+
+@probe(segmentation_pb, "CreateSegment")
+async def _create_segment(w: World) -> None:
+    created = await w.b.segmentation.CreateSegment(
+        segmentation_pb.CreateSegmentRequest(segment=w.b_segment, request_id=w.request_id)
+    )
+    assert created.name != w.segment.name  # a request_id is the account's own
+
+
+@probe(segmentation_pb, "GetSegment")
+async def _get_segment(w: World) -> None:
+    await _refused(w.b.segmentation.GetSegment(segmentation_pb.GetSegmentRequest(name=w.segment.name)))
+
+
+@probe(segmentation_pb, "ListSegments")
+async def _list_segments(w: World) -> None:
+    listed = await w.b.segmentation.ListSegments(segmentation_pb.ListSegmentsRequest(page_size=1000))
+    assert w.segment.name not in {s.name for s in listed.segments}
+    assert w.b_segment.name in {s.name for s in listed.segments}
+
+
+@probe(segmentation_pb, "DeleteSegment")
+async def _delete_segment(w: World) -> None:
+    await _refused(w.b.segmentation.DeleteSegment(segmentation_pb.DeleteSegmentRequest(name=w.segment.name)))
+    await w.a.segmentation.GetSegment(segmentation_pb.GetSegmentRequest(name=w.segment.name))
+
+
+@probe(segmentation_pb, "EstimateReach")
+async def _estimate_reach(w: World) -> None:
+    await _refused(
+        w.b.segmentation.EstimateReach(segmentation_pb.EstimateReachRequest(segment=w.segment.name))
+    )
+    # B's segment with the same filter counts B's users only (A has two in the cohort).
+    theirs = await w.b.segmentation.EstimateReach(
+        segmentation_pb.EstimateReachRequest(segment=w.b_segment.name)
+    )
+    assert theirs.user_count == 1
+
+
+@probe(segmentation_pb, "StreamAudience")
+async def _stream_audience(w: World) -> None:
+    async def members(clients: Clients, segment: str) -> list[segmentation_pb.AudienceMember]:
+        request = segmentation_pb.StreamAudienceRequest(segment=segment, attribute_keys=["owner"])
+        return [m async for page in clients.segmentation.StreamAudience(request) for m in page.members]
+
+    await _refused(members(w.b, w.segment.name))
+    theirs = await members(w.b, w.b_segment.name)
+    assert [(m.user_id, m.attributes["owner"]) for m in theirs] == [("shared", "b")]
+
+
+# --- campaigns --------------------------------------------------------------------------------
+
+
+def _b_campaign(w: World, **overrides: Any) -> campaign_pb.Campaign:
+    return segment_export_campaign(w.b_segment.name, w.b_destination.name, **overrides)
+
+
+@probe(campaign_pb, "CreateCampaign")
+async def _create_campaign(w: World) -> None:
+    # A campaign of B cannot point at A's segment or A's destination.
+    for campaign in (
+        segment_export_campaign(w.segment.name, w.b_destination.name),
+        segment_export_campaign(w.b_segment.name, w.destination.name),
+    ):
+        await _refused(w.b.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign)))
+    created = await w.b.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=_b_campaign(w), request_id=w.request_id)
+    )
+    assert created.name != w.campaign.name
+
+
+@probe(campaign_pb, "GetCampaign")
+async def _get_campaign(w: World) -> None:
+    await _refused(w.b.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=w.campaign.name)))
+
+
+@probe(campaign_pb, "ListCampaigns")
+async def _list_campaigns(w: World) -> None:
+    listed = await w.b.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest(page_size=1000))
+    assert w.campaign.name not in {c.name for c in listed.campaigns}
+    by_segment = await w.b.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest(segment=w.segment.name))
+    assert list(by_segment.campaigns) == []
+
+
+@probe(campaign_pb, "UpdateCampaign")
+async def _update_campaign(w: World) -> None:
+    mask = field_mask_pb2.FieldMask(paths=["display_name"])
+    taken = campaign_pb.Campaign(name=w.campaign.name, display_name="taken over")
+    await _refused(
+        w.b.campaigns.UpdateCampaign(campaign_pb.UpdateCampaignRequest(campaign=taken, update_mask=mask))
+    )
+    # B's own draft cannot be pointed at A's segment either.
+    own = await w.b.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=_b_campaign(w)))
+    pointed = campaign_pb.Campaign(name=own.name, audience=campaign_pb.Audience(segment=w.segment.name))
+    await _refused(
+        w.b.campaigns.UpdateCampaign(
+            campaign_pb.UpdateCampaignRequest(
+                campaign=pointed, update_mask=field_mask_pb2.FieldMask(paths=["audience"])
+            )
+        )
+    )
+    got = await w.a.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=w.campaign.name))
+    assert got.display_name == w.campaign.display_name
+
+
+@probe(campaign_pb, "DeleteCampaign")
+async def _delete_campaign(w: World) -> None:
+    await _refused(w.b.campaigns.DeleteCampaign(campaign_pb.DeleteCampaignRequest(name=w.campaign.name)))
+
+
+@probe(campaign_pb, "PublishCampaign")
+async def _publish_campaign(w: World) -> None:
+    await _refused(w.b.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=w.campaign.name)))
+
+
+@probe(campaign_pb, "StopCampaign")
+async def _stop_campaign(w: World) -> None:
+    await _refused(w.b.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=w.campaign.name)))
+
+
+@probe(campaign_pb, "GetCampaignStats")
+async def _get_campaign_stats(w: World) -> None:
+    request = campaign_pb.GetCampaignStatsRequest(name=f"{w.campaign.name}/stats")
+    await _refused(w.b.campaigns.GetCampaignStats(request))
+
+
+# --- scheduler --------------------------------------------------------------------------------
+
+
+@probe(scheduler_pb, "GetRun")
+async def _get_run(w: World) -> None:
+    await _refused(w.b.scheduler.GetRun(scheduler_pb.GetRunRequest(name=w.run.name)))
+
+
+@probe(scheduler_pb, "ListRuns")
+async def _list_runs(w: World) -> None:
+    listed = await w.b.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=w.campaign.name))
+    assert list(listed.runs) == []
+
+
+# --- dispatch ---------------------------------------------------------------------------------
+
+
+@probe(dispatch_pb, "CreateDestination")
+async def _create_destination(w: World) -> None:
+    request = dispatch_pb.CreateDestinationRequest(destination=w.b_destination, request_id=w.request_id)
+    created = await w.b.dispatch.CreateDestination(request)
+    assert created.name != w.destination.name
+
+
+@probe(dispatch_pb, "GetDestination")
+async def _get_destination(w: World) -> None:
+    request = dispatch_pb.GetDestinationRequest(name=w.destination.name)
+    await _refused(w.b.dispatch.GetDestination(request))
+
+
+@probe(dispatch_pb, "ListDestinations")
+async def _list_destinations(w: World) -> None:
+    listed = await w.b.dispatch.ListDestinations(dispatch_pb.ListDestinationsRequest(page_size=1000))
+    assert w.destination.name not in {d.name for d in listed.destinations}
+    assert w.b_destination.name in {d.name for d in listed.destinations}
+
+
+@probe(dispatch_pb, "DeleteDestination")
+async def _delete_destination(w: World) -> None:
+    request = dispatch_pb.DeleteDestinationRequest(name=w.destination.name)
+    await _refused(w.b.dispatch.DeleteDestination(request))
+    await w.a.dispatch.GetDestination(dispatch_pb.GetDestinationRequest(name=w.destination.name))
+
+
+# --- the walk ---------------------------------------------------------------------------------
+
+
+def test_the_walk_covers_every_rpc_of_every_service() -> None:
+    missing = every_rpc() - set(WALK)
+    assert not missing, f"RPCs without a cross-account probe in the isolation walk: {sorted(missing)}"
+    assert len(every_rpc()) >= 27
 
 
 @pytest.fixture
-async def other(platform: Platform) -> AsyncIterator[Clients]:
-    """Clients of a second account, with its admin key."""
-    _, key = await create_account(platform.address("campaign"), platform.settings.bootstrap_token, "other")
+async def other(platform: Platform) -> AsyncIterator[tuple[str, Clients]]:
+    """A second account, made through the public API, and clients with its admin key."""
+    account, key = await create_account(
+        platform.address("campaign"), platform.settings.bootstrap_token, "other"
+    )
     clients = Clients.open(platform.addresses, key)
-    yield clients
+    yield account, clients
     await clients.close()
 
 
-async def _not_found(call: Awaitable[Any]) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await call
-    assert raised.value.code() == grpc.StatusCode.NOT_FOUND, raised.value.details()
-
-
-async def test_another_accounts_campaigns_do_not_exist_for_it(
-    platform: Platform, other: Clients, segment_api: SegmentApi
-) -> None:
-    segment = await create_segment(platform, condition("cohort", "EQUALS", uuid.uuid4().hex))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+async def _world(platform: Platform, other: tuple[str, Clients], segment_api: SegmentApi) -> World:
+    cohort = uuid.uuid4().hex
+    write_key = next(iter(segment_api.write_keys))
     request_id = f"shared-{uuid.uuid4().hex}"
-    mine = await platform.campaigns.CreateCampaign(
+    await platform.segmentation.UpsertUsers(
+        segmentation_pb.UpsertUsersRequest(
+            users=[user("shared", owner="a", cohort=cohort), user("only-a", owner="a", cohort=cohort)]
+        )
+    )
+    segment = await platform.segmentation.CreateSegment(
+        segmentation_pb.CreateSegmentRequest(
+            segment=segmentation_pb.Segment(
+                display_name="a cohort",
+                filter=segmentation_pb.SegmentFilter(conditions=[condition("cohort", "EQUALS", cohort)]),
+            ),
+            request_id=request_id,
+        )
+    )
+    destination = await platform.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(
+                display_name="a source",
+                segment=dispatch_pb.SegmentConfig(write_key=write_key, endpoint_url=segment_api.url),
+            ),
+            request_id=request_id,
+        )
+    )
+    campaign = await platform.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(
             campaign=segment_export_campaign(segment.name, destination.name), request_id=request_id
         )
     )
-    name = mine.name
+    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=campaign.name))
 
-    await _not_found(other.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name)))
-    await _not_found(
-        other.campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats"))
-    )
-    changed = campaign_pb.Campaign(name=name, display_name="taken over")
-    await _not_found(
-        other.campaigns.UpdateCampaign(
-            campaign_pb.UpdateCampaignRequest(
-                campaign=changed, update_mask=field_mask_pb2.FieldMask(paths=["display_name"])
-            )
+    async def finished_run() -> scheduler_pb.Run | None:
+        runs = await platform.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=campaign.name))
+        done = [r for r in runs.runs if r.state == scheduler_pb.RunState.RUN_STATE_DISPATCHED]
+        return done[0] if done else None
+
+    await eventually(finished_run)
+    run = await finished_run()
+    assert run is not None and run.targeted == 2
+    key = await platform.accounts.CreateApiKey(
+        accounts_pb.CreateApiKeyRequest(
+            api_key=accounts_pb.ApiKey(display_name="a editor", role=accounts_pb.Role.ROLE_EDITOR)
         )
     )
-    await _not_found(other.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=name)))
-    await _not_found(other.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=name)))
-    await _not_found(other.campaigns.DeleteCampaign(campaign_pb.DeleteCampaignRequest(name=name)))
-    listed = await other.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest(page_size=1000))
-    assert name not in [c.name for c in listed.campaigns]
-    by_segment = await other.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest(segment=segment.name))
-    assert list(by_segment.campaigns) == []
+    b_account, b = other
+    b_segment = await create_segment(b, condition("cohort", "EQUALS", cohort))
+    b_destination = await create_segment_destination(b, segment_api.url, write_key)
+    return World(
+        platform,
+        b,
+        b_account,
+        cohort,
+        segment,
+        destination,
+        campaign,
+        run,
+        key,
+        request_id,
+        b_segment,
+        b_destination,
+    )
 
-    # Its runs are hidden too.
-    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=name))
 
-    async def has_run() -> bool:
-        return bool((await platform.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))).runs)
+async def test_no_rpc_reaches_another_accounts_data(
+    platform: Platform, other: tuple[str, Clients], segment_api: SegmentApi
+) -> None:
+    world = await _world(platform, other, segment_api)
+    for name, check in WALK.items():
+        try:
+            await check(world)
+        except BaseException as error:
+            raise AssertionError(f"{name}: {error}") from error
+    # After the walk A still has everything, and its campaign delivered to its own users only.
+    got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=world.campaign.name))
+    assert got.display_name == world.campaign.display_name
+    assert sorted(e["userId"] for e in segment_api.events.values()) == ["only-a", "shared"]
+    assert {e["properties"].get("coupon") for e in segment_api.events.values()} == {"VIP20"}
 
-    await eventually(has_run)
-    [run] = (await platform.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))).runs
-    assert list((await other.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))).runs) == []
-    await _not_found(other.scheduler.GetRun(scheduler_pb.GetRunRequest(name=run.name)))
 
-    # The owner still has it, untouched by the other account.
-    got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))
-    assert got.display_name == mine.display_name
-    # A request_id is the account's own: the same id elsewhere is another request.
-    assert (
-        await platform.campaigns.CreateCampaign(
-            campaign_pb.CreateCampaignRequest(
-                campaign=segment_export_campaign(segment.name, destination.name), request_id=request_id
+async def test_reports_naming_another_account_are_set_aside(
+    platform: Platform, other: tuple[str, Clients], segment_api: SegmentApi, js: JetStreamContext
+) -> None:
+    """The campaign service counts a run report or delivery outcome only for the account that owns
+    the campaign: one naming another account is dead-lettered with the reason."""
+    segment = await create_segment(platform, condition("cohort", "EQUALS", uuid.uuid4().hex))
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    campaign = await platform.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
+    )
+    b_account, _ = other
+    subjects = Subjects(platform.settings.namespace)
+    outcomes = events.DeliveryOutcomes(
+        event_id=str(uuid.uuid4()),
+        campaign=campaign.name,
+        run=f"{campaign.name}/runs/{uuid.uuid4()}",
+        destination=destination.name,
+        account=b_account,
+        results=[events.DeliveryResult(delivery_id="d1", user_id="u1", status=events.DELIVERY_STATUS_SENT)],
+    )
+    payload = outcomes.SerializeToString()
+    await js.publish(subjects.delivery_outcomes, payload)
+
+    async def dead_lettered() -> dict[str, str] | None:
+        try:
+            last = await js.get_last_msg(
+                subjects.stream("deadletter"), subjects.dead_letter("campaign-outcomes")
             )
-        )
-    ).name == name
+        except nats.js.errors.NotFoundError:
+            return None
+        return dict(last.headers or {}) if last.data == payload else None
+
+    await eventually(dead_lettered)
+    headers = await dead_lettered()
+    assert headers is not None and headers[REASON_HEADER] == f"{b_account} does not own {campaign.name}"
+    stats = await platform.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{campaign.name}/stats")
+    )
+    assert stats.sent == 0

@@ -307,6 +307,8 @@ class KeyRegistry:
         digest = hashlib.sha256(secret.encode()).digest()
         if state is None or not hmac.compare_digest(state.secret_sha256, digest):
             raise Unauthenticated("unknown API key; create one with AccountService.CreateApiKey")
+        if state.account_deleted:
+            raise Unauthenticated("the account of this API key was deleted; use a key of another account")
         if state.revoked:
             raise Unauthenticated("this API key was revoked; use another key of the account")
         return Caller(state.account, state.role, key_id, state.requests_per_second, state.max_batch_size)
@@ -342,7 +344,7 @@ class Authenticator:
             if not self.bootstrap_token or not hmac.compare_digest(credential, self.bootstrap_token):
                 raise Unauthenticated("wrong bootstrap token")
             if needed is not Permission.BOOTSTRAP:
-                raise PermissionDenied("the bootstrap token only creates accounts")
+                raise PermissionDenied("the bootstrap token only creates and deletes accounts")
             return Caller("", "BOOTSTRAP")
         if scheme == "Service":
             if not self.service_token or not hmac.compare_digest(credential, self.service_token):

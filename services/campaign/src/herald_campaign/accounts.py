@@ -43,6 +43,7 @@ PERMISSIONS = method_permissions(
     SERVICE_NAME,
     {
         "CreateAccount": Permission.BOOTSTRAP,
+        "DeleteAccount": Permission.BOOTSTRAP,
         "GetAccount": Permission.READ,
         "CreateApiKey": Permission.KEYS,
         "ListApiKeys": Permission.KEYS,
@@ -56,12 +57,15 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _account_message(row: Any) -> pb.Account:
-    return pb.Account(
+    account = pb.Account(
         name=f"accounts/{row.id}",
         display_name=row.display_name,
         create_time=api.timestamp(row.created_at),
         quota=pb.Quota(requests_per_second=row.requests_per_second, max_batch_size=row.max_batch_size),
     )
+    if row.deleted_at is not None:
+        account.delete_time.CopyFrom(api.timestamp(row.deleted_at))
+    return account
 
 
 def _key_message(row: Any) -> pb.ApiKey:
@@ -115,9 +119,11 @@ class Accounts:
             revoked=row.revoked_at is not None,
             requests_per_second=account.requests_per_second,
             max_batch_size=account.max_batch_size,
+            account_deleted=account.deleted_at is not None,
         )
         subject = api_key_subject(self.namespace, row.key_id)
-        await enqueue(session, outbox, [OutboxEvent.of(subject, state, f"{row.key_id}:{row.revoked_at}")])
+        message_id = f"{row.key_id}:{row.revoked_at}:{account.deleted_at}"
+        await enqueue(session, outbox, [OutboxEvent.of(subject, state, message_id)])
 
     async def _add_key(
         self, session: AsyncSession, account_id: uuid.UUID, display_name: str, role: str
@@ -186,6 +192,27 @@ class Accounts:
             account=_account_message(row), admin_key=_key_message(key_row), key=key.key
         )
 
+    async def delete_account(self, name: str) -> pb.Account:
+        account_id = api.parse_uuid_name(name, "accounts")
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    sa.update(accounts)
+                    .where(accounts.c.id == account_id)
+                    .values(deleted_at=sa.func.coalesce(accounts.c.deleted_at, sa.func.now()))
+                    .returning(*accounts.c)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(name)
+            keys = (
+                await session.execute(sa.select(api_keys).where(api_keys.c.account_id == account_id))
+            ).all()
+            for key in keys:  # every service learns that these keys no longer open anything
+                await self._publish_key(session, key)
+        self.notify_outbox()
+        return _account_message(row)
+
     async def get_account(self) -> pb.Account:
         account_id = current_account_id()
         async with self.database.transaction() as session:
@@ -250,6 +277,9 @@ class AccountServicer(pb_grpc.AccountServiceServicer):
         self, request: pb.CreateAccountRequest, context: Context
     ) -> pb.CreateAccountResponse:
         return await self.accounts.create_account(request.account, request.request_id)
+
+    async def DeleteAccount(self, request: pb.DeleteAccountRequest, context: Context) -> pb.Account:
+        return await self.accounts.delete_account(request.name)
 
     async def GetAccount(self, request: pb.GetAccountRequest, context: Context) -> pb.Account:
         return await self.accounts.get_account()

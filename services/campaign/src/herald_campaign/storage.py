@@ -95,6 +95,7 @@ accounts = sa.Table(
     # The account's own limits; zero takes the installation's defaults.
     sa.Column("requests_per_second", sa.Float, nullable=False, server_default="0"),
     sa.Column("max_batch_size", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
 )
 api_keys = sa.Table(
     "api_keys",

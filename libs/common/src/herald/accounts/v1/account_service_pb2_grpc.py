@@ -41,6 +41,11 @@ class AccountServiceStub:
                 request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.CreateAccountRequest.SerializeToString,
                 response_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.CreateAccountResponse.FromString,
                 _registered_method=True)
+        self.DeleteAccount = channel.unary_unary(
+                '/herald.accounts.v1.AccountService/DeleteAccount',
+                request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.DeleteAccountRequest.SerializeToString,
+                response_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.FromString,
+                _registered_method=True)
         self.GetAccount = channel.unary_unary(
                 '/herald.accounts.v1.AccountService/GetAccount',
                 request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.GetAccountRequest.SerializeToString,
@@ -71,6 +76,14 @@ class AccountServiceServicer:
     def CreateAccount(self, request, context):
         """Creates an account and its first admin key. Called by an operator with the bootstrap token
         (`authorization: Bootstrap <token>`) instead of a key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAccount(self, request, context):
+        """Deletes an account: every key of it is refused by every service within seconds, so nothing
+        of it can be read or changed again. Called by an operator with the bootstrap token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -111,6 +124,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.CreateAccount,
                     request_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.CreateAccountRequest.FromString,
                     response_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.CreateAccountResponse.SerializeToString,
+            ),
+            'DeleteAccount': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAccount,
+                    request_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.DeleteAccountRequest.FromString,
+                    response_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.SerializeToString,
             ),
             'GetAccount': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAccount,
@@ -162,6 +180,33 @@ class AccountService:
             '/herald.accounts.v1.AccountService/CreateAccount',
             herald_dot_accounts_dot_v1_dot_account__service__pb2.CreateAccountRequest.SerializeToString,
             herald_dot_accounts_dot_v1_dot_account__service__pb2.CreateAccountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAccount(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.accounts.v1.AccountService/DeleteAccount',
+            herald_dot_accounts_dot_v1_dot_account__service__pb2.DeleteAccountRequest.SerializeToString,
+            herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.FromString,
             options,
             channel_credentials,
             insecure,

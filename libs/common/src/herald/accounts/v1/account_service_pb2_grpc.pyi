@@ -39,6 +39,10 @@ class AccountServiceStub:
     """Creates an account and its first admin key. Called by an operator with the bootstrap token
     (`authorization: Bootstrap <token>`) instead of a key.
     """
+    DeleteAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.DeleteAccountRequest, _account_service_pb2.Account]
+    """Deletes an account: every key of it is refused by every service within seconds, so nothing
+    of it can be read or changed again. Called by an operator with the bootstrap token.
+    """
     GetAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.GetAccountRequest, _account_service_pb2.Account]
     """Returns the caller's own account."""
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.CreateApiKeyRequest, _account_service_pb2.CreateApiKeyResponse]
@@ -58,6 +62,10 @@ class AccountServiceAsyncStub(AccountServiceStub):
     CreateAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.CreateAccountRequest, _account_service_pb2.CreateAccountResponse]  # type: ignore[assignment]
     """Creates an account and its first admin key. Called by an operator with the bootstrap token
     (`authorization: Bootstrap <token>`) instead of a key.
+    """
+    DeleteAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.DeleteAccountRequest, _account_service_pb2.Account]  # type: ignore[assignment]
+    """Deletes an account: every key of it is refused by every service within seconds, so nothing
+    of it can be read or changed again. Called by an operator with the bootstrap token.
     """
     GetAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.GetAccountRequest, _account_service_pb2.Account]  # type: ignore[assignment]
     """Returns the caller's own account."""
@@ -81,6 +89,16 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_account_service_pb2.CreateAccountResponse, _abc.Awaitable[_account_service_pb2.CreateAccountResponse]]:
         """Creates an account and its first admin key. Called by an operator with the bootstrap token
         (`authorization: Bootstrap <token>`) instead of a key.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteAccount(
+        self,
+        request: _account_service_pb2.DeleteAccountRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.Account, _abc.Awaitable[_account_service_pb2.Account]]:
+        """Deletes an account: every key of it is refused by every service within seconds, so nothing
+        of it can be read or changed again. Called by an operator with the bootstrap token.
         """
 
     @_abc_1.abstractmethod

@@ -398,6 +398,7 @@ class ApiKeyState(_message.Message):
     REVOKED_FIELD_NUMBER: _builtins.int
     REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
+    ACCOUNT_DELETED_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The key id: the part of the key after its `hrld_` prefix and before the secret."""
     account: _builtins.str
@@ -411,6 +412,8 @@ class ApiKeyState(_message.Message):
     requests_per_second: _builtins.float
     """The account's own limits (zero: the installation's defaults)."""
     max_batch_size: _builtins.int
+    account_deleted: _builtins.bool
+    """The account was deleted: its keys are refused."""
     def __init__(
         self,
         *,
@@ -421,10 +424,11 @@ class ApiKeyState(_message.Message):
         revoked: _builtins.bool = ...,
         requests_per_second: _builtins.float = ...,
         max_batch_size: _builtins.int = ...,
+        account_deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "key_id", b"key_id", "max_batch_size", b"max_batch_size", "requests_per_second", b"requests_per_second", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_deleted", b"account_deleted", "key_id", b"key_id", "max_batch_size", b"max_batch_size", "requests_per_second", b"requests_per_second", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
