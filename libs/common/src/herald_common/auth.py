@@ -263,9 +263,13 @@ class KeyRegistry:
                 self._keys.pop(entry.key, None)
                 continue
             try:
-                self._keys[entry.key] = events.ApiKeyState.FromString(entry.value)
+                self.learn(events.ApiKeyState.FromString(entry.value))
             except Exception:
                 log.warning("api_key_state_malformed", key_id=entry.key)
+
+    def learn(self, state: events.ApiKeyState) -> None:
+        """Holds a key's newest state."""
+        self._keys[state.key_id] = state
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -284,7 +288,7 @@ class KeyRegistry:
             return None
         if entry.value:
             state = events.ApiKeyState.FromString(entry.value)
-            self._keys[key_id] = state
+            self.learn(state)
         return state
 
     async def wait_for(self, key_id: str, within: float = 5.0) -> None:
