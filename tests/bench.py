@@ -40,7 +40,7 @@ from herald_common.logging import configure_logging
 from herald_common.settings import Settings
 from tests.ceiling import run_ceiling
 from tests.harness import create_account, fresh_settings, keyed_channel
-from tests.helpers import condition, segment_export_campaign, user
+from tests.helpers import audience, condition, matching, segment_export_campaign, user
 from tests.processes import ServiceProcesses, environment
 
 TARGET_RATE = 17_000  # deliveries/s: 1M in 60 s
@@ -172,14 +172,14 @@ async def _herald_export(
             segmentation_pb.CreateSegmentRequest(
                 segment=segmentation_pb.Segment(
                     display_name="bench",
-                    filter=segmentation_pb.SegmentFilter(
-                        match=segmentation_pb.Match.MATCH_ALL, conditions=[condition("cohort", "EQUALS", tag)]
-                    ),
+                    filter=matching(condition("cohort", "EQUALS", tag)),
                 )
             )
         )
         reach_started = time.perf_counter()
-        reach = await segments.EstimateReach(segmentation_pb.EstimateReachRequest(segment=segment.name))
+        reach = await segments.EstimateReach(
+            segmentation_pb.EstimateReachRequest(audience=audience(segment.name))
+        )
         reach_ms = (time.perf_counter() - reach_started) * 1000
         assert reach.user_count == users
         destination = await dispatch_grpc.DispatchServiceStub(dispatch_channel).CreateDestination(

@@ -45,6 +45,20 @@ def condition(prop: str, op: str, v: Any = None) -> segmentation_pb.PropertyCond
     return c
 
 
+def matching(
+    *conditions: segmentation_pb.PropertyCondition, match: str = "ALL"
+) -> segmentation_pb.SegmentFilter:
+    """A filter of property conditions that must all (or, with match="ANY", some) hold."""
+    wrapped = [segmentation_pb.Condition(property=c) for c in conditions]
+    if match == "ANY":
+        return segmentation_pb.SegmentFilter(any_of=wrapped)
+    return segmentation_pb.SegmentFilter(all_of=wrapped)
+
+
+def audience(segment: str) -> segmentation_pb.Audience:
+    return segmentation_pb.Audience(segment=segment)
+
+
 async def create_segment(
     platform: Platform | Clients, *conditions: segmentation_pb.PropertyCondition, match: str = "ALL"
 ) -> segmentation_pb.Segment:
@@ -52,9 +66,7 @@ async def create_segment(
         segmentation_pb.CreateSegmentRequest(
             segment=segmentation_pb.Segment(
                 display_name=f"segment {uuid.uuid4().hex[:6]}",
-                filter=segmentation_pb.SegmentFilter(
-                    match=segmentation_pb.Match.Value(f"MATCH_{match}"), conditions=list(conditions)
-                ),
+                filter=matching(*conditions, match=match),
             )
         )
     )

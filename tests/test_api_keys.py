@@ -22,7 +22,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_pb_grpc
 from tests.conftest import Platform
 from tests.harness import Clients, create_account
-from tests.helpers import condition, field_violations, user
+from tests.helpers import condition, field_violations, matching, user
 
 Role = accounts_pb.Role
 
@@ -84,7 +84,7 @@ async def test_each_role_may_do_what_it_is_for_and_nothing_more(
             segmentation_pb.CreateSegmentRequest(
                 segment=segmentation_pb.Segment(
                     display_name="x",
-                    filter=segmentation_pb.SegmentFilter(conditions=[condition("a", "EXISTS")]),
+                    filter=matching(condition("a", "EXISTS")),
                 )
             )
         )

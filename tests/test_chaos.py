@@ -35,7 +35,7 @@ from herald_common.grpc_server import health_status
 from herald_common.secret_box import new_key_setting
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import create_account, keyed_channel
-from tests.helpers import condition, segment_export_campaign, user
+from tests.helpers import condition, matching, segment_export_campaign, user
 from tests.processes import OwnNats, OwnPostgres, ServiceProcesses
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
@@ -127,9 +127,7 @@ async def _start_export(cluster: Cluster, segment_api: SegmentApi) -> Export:
         segmentation_pb.CreateSegmentRequest(
             segment=segmentation_pb.Segment(
                 display_name=f"chaos {tag}",
-                filter=segmentation_pb.SegmentFilter(
-                    match=segmentation_pb.Match.MATCH_ALL, conditions=[condition("cohort", "EQUALS", tag)]
-                ),
+                filter=matching(condition("cohort", "EQUALS", tag)),
             )
         )
     )

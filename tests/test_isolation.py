@@ -28,7 +28,15 @@ from herald_common.bus import REASON_HEADER, Subjects
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+from tests.helpers import (
+    audience,
+    condition,
+    create_segment,
+    create_segment_destination,
+    matching,
+    segment_export_campaign,
+    user,
+)
 
 
 @dataclass
@@ -47,6 +55,7 @@ class World:
     request_id: str
     b_segment: segmentation_pb.Segment
     b_destination: dispatch_pb.Destination
+    custom_list: segmentation_pb.CustomList
 
 
 Probe = Callable[[World], Awaitable[None]]
@@ -172,6 +181,68 @@ async def _create_segment(w: World) -> None:
         segmentation_pb.CreateSegmentRequest(segment=w.b_segment, request_id=w.request_id)
     )
     assert created.name != w.segment.name  # a request_id is the account's own
+    # B's segment cannot refer to A's segment or A's list.
+    for reference in (
+        segmentation_pb.Condition(in_segment=w.segment.name),
+        segmentation_pb.Condition(in_list=w.custom_list.name),
+    ):
+        segment = segmentation_pb.Segment(
+            display_name="x", filter=segmentation_pb.SegmentFilter(all_of=[reference])
+        )
+        await _refused(w.b.segmentation.CreateSegment(segmentation_pb.CreateSegmentRequest(segment=segment)))
+
+
+def _purchased() -> segmentation_pb.Audience:
+    did = segmentation_pb.Condition(event=segmentation_pb.EventCondition(event_name="Purchased"))
+    return segmentation_pb.Audience(filter=segmentation_pb.SegmentFilter(all_of=[did]))
+
+
+@probe(segmentation_pb, "IngestEvents")
+async def _ingest_events(w: World) -> None:
+    # The same client event id in B is B's own event, about B's user.
+    event = segmentation_pb.Event(user_id="shared", name="Purchased", client_event_id="order-1")
+    sent = await w.b.segmentation.IngestEvents(segmentation_pb.IngestEventsRequest(events=[event]))
+    assert (sent.accepted_count, sent.duplicate_count) == (1, 0)
+    request = segmentation_pb.EstimateReachRequest(audience=_purchased())
+    assert (await w.b.segmentation.EstimateReach(request)).user_count == 1
+    assert (await w.a.segmentation.EstimateReach(request)).user_count == 1  # only-a, as before
+
+
+async def _upload(clients: Clients, request_id: str, *rows: str) -> segmentation_pb.CustomList:
+    async def messages() -> AsyncIterator[segmentation_pb.UploadListRequest]:
+        yield segmentation_pb.UploadListRequest(
+            list=segmentation_pb.CustomList(
+                display_name="vips", identity_kind=segmentation_pb.IdentityKind.IDENTITY_KIND_USER_ID
+            ),
+            request_id=request_id,
+            rows=list(rows),
+        )
+
+    return await clients.segmentation.UploadList(messages())
+
+
+@probe(segmentation_pb, "UploadList")
+async def _upload_list(w: World) -> None:
+    theirs = await _upload(w.b, w.request_id, "only-a")
+    assert theirs.name != w.custom_list.name
+    assert (theirs.matched_count, theirs.unmatched_count) == (0, 1)  # A's user is not B's
+
+
+@probe(segmentation_pb, "GetList")
+async def _get_list(w: World) -> None:
+    await _refused(w.b.segmentation.GetList(segmentation_pb.GetListRequest(name=w.custom_list.name)))
+
+
+@probe(segmentation_pb, "ListLists")
+async def _list_lists(w: World) -> None:
+    listed = await w.b.segmentation.ListLists(segmentation_pb.ListListsRequest(page_size=1000))
+    assert w.custom_list.name not in {item.name for item in listed.lists}
+
+
+@probe(segmentation_pb, "DeleteList")
+async def _delete_list(w: World) -> None:
+    await _refused(w.b.segmentation.DeleteList(segmentation_pb.DeleteListRequest(name=w.custom_list.name)))
+    await w.a.segmentation.GetList(segmentation_pb.GetListRequest(name=w.custom_list.name))
 
 
 @probe(segmentation_pb, "GetSegment")
@@ -195,11 +266,13 @@ async def _delete_segment(w: World) -> None:
 @probe(segmentation_pb, "EstimateReach")
 async def _estimate_reach(w: World) -> None:
     await _refused(
-        w.b.segmentation.EstimateReach(segmentation_pb.EstimateReachRequest(segment=w.segment.name))
+        w.b.segmentation.EstimateReach(
+            segmentation_pb.EstimateReachRequest(audience=audience(w.segment.name))
+        )
     )
     # B's segment with the same filter counts B's users only (A has two in the cohort).
     theirs = await w.b.segmentation.EstimateReach(
-        segmentation_pb.EstimateReachRequest(segment=w.b_segment.name)
+        segmentation_pb.EstimateReachRequest(audience=audience(w.b_segment.name))
     )
     assert theirs.user_count == 1
 
@@ -207,7 +280,7 @@ async def _estimate_reach(w: World) -> None:
 @probe(segmentation_pb, "StreamAudience")
 async def _stream_audience(w: World) -> None:
     async def members(clients: Clients, segment: str) -> list[segmentation_pb.AudienceMember]:
-        request = segmentation_pb.StreamAudienceRequest(segment=segment, attribute_keys=["owner"])
+        request = segmentation_pb.StreamAudienceRequest(audience=audience(segment), attribute_keys=["owner"])
         return [m async for page in clients.segmentation.StreamAudience(request) for m in page.members]
 
     await _refused(members(w.b, w.segment.name))
@@ -368,7 +441,7 @@ async def _world(platform: Platform, other: tuple[str, Clients], segment_api: Se
         segmentation_pb.CreateSegmentRequest(
             segment=segmentation_pb.Segment(
                 display_name="a cohort",
-                filter=segmentation_pb.SegmentFilter(conditions=[condition("cohort", "EQUALS", cohort)]),
+                filter=matching(condition("cohort", "EQUALS", cohort)),
             ),
             request_id=request_id,
         )
@@ -402,6 +475,13 @@ async def _world(platform: Platform, other: tuple[str, Clients], segment_api: Se
             api_key=accounts_pb.ApiKey(display_name="a editor", role=accounts_pb.Role.ROLE_EDITOR)
         )
     )
+    await platform.segmentation.IngestEvents(
+        segmentation_pb.IngestEventsRequest(
+            events=[segmentation_pb.Event(user_id="only-a", name="Purchased", client_event_id="order-1")]
+        )
+    )
+    custom_list = await _upload(platform.clients, request_id, "only-a", "shared")
+    assert custom_list.matched_count == 2
     b_account, b = other
     b_segment = await create_segment(b, condition("cohort", "EQUALS", cohort))
     b_destination = await create_segment_destination(b, segment_api.url, write_key)
@@ -418,6 +498,7 @@ async def _world(platform: Platform, other: tuple[str, Clients], segment_api: Se
         request_id,
         b_segment,
         b_destination,
+        custom_list,
     )
 
 

@@ -13,7 +13,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from tests.conftest import Platform
-from tests.helpers import condition, field_violations, user
+from tests.helpers import audience, condition, field_violations, matching, user
 
 Call = Callable[[Platform], Awaitable[Any]]
 
@@ -59,7 +59,9 @@ CASES: list[tuple[str, Call, str]] = [
     ),
     (
         "reach of a malformed segment",
-        lambda p: p.segmentation.EstimateReach(segmentation_pb.EstimateReachRequest(segment="segments/?")),
+        lambda p: p.segmentation.EstimateReach(
+            segmentation_pb.EstimateReachRequest(audience=audience("segments/?"))
+        ),
         "segment",
     ),
     ("no users", lambda p: p.segmentation.UpsertUsers(segmentation_pb.UpsertUsersRequest()), "users"),
@@ -95,7 +97,7 @@ CASES: list[tuple[str, Call, str]] = [
             segmentation_pb.CreateSegmentRequest(
                 segment=segmentation_pb.Segment(
                     display_name="a\x00b",
-                    filter=segmentation_pb.SegmentFilter(conditions=[condition("plan", "EXISTS")]),
+                    filter=matching(condition("plan", "EXISTS")),
                 )
             )
         ),
@@ -107,25 +109,29 @@ CASES: list[tuple[str, Call, str]] = [
             segmentation_pb.CreateSegmentRequest(
                 segment=segmentation_pb.Segment(
                     display_name="inf",
-                    filter=segmentation_pb.SegmentFilter(
-                        conditions=[condition("score", "GREATER_THAN", float("inf"))]
-                    ),
+                    filter=matching(condition("score", "GREATER_THAN", float("inf"))),
                 )
             )
         ),
-        "segment.filter.conditions[0].value.number_value",
+        "segment.filter.all_of[0].property.value.number_value",
     ),
     (
-        "unknown match",
+        "unknown profile field",
         lambda p: p.segmentation.CreateSegment(
             segmentation_pb.CreateSegmentRequest(
                 segment=segmentation_pb.Segment(
                     display_name="m",
-                    filter=segmentation_pb.SegmentFilter(match=7, conditions=[condition("plan", "EXISTS")]),  # type: ignore[arg-type]
+                    filter=segmentation_pb.SegmentFilter(
+                        all_of=[
+                            segmentation_pb.Condition(
+                                profile=segmentation_pb.ProfileCondition(field=77, operator=8)  # type: ignore[arg-type]
+                            )
+                        ]
+                    ),
                 )
             )
         ),
-        "segment.filter.match",
+        "segment.filter.all_of[0].profile.field",
     ),
     (
         "unknown operator",
@@ -133,13 +139,11 @@ CASES: list[tuple[str, Call, str]] = [
             segmentation_pb.CreateSegmentRequest(
                 segment=segmentation_pb.Segment(
                     display_name="o",
-                    filter=segmentation_pb.SegmentFilter(
-                        conditions=[segmentation_pb.PropertyCondition(property="plan", operator=99)]  # type: ignore[arg-type]
-                    ),
+                    filter=matching(segmentation_pb.PropertyCondition(property="plan", operator=99)),  # type: ignore[arg-type]
                 )
             )
         ),
-        "segment.filter.conditions[0].operator",
+        "segment.filter.all_of[0].property.operator",
     ),
     (
         "EXISTS with a value",
@@ -147,11 +151,11 @@ CASES: list[tuple[str, Call, str]] = [
             segmentation_pb.CreateSegmentRequest(
                 segment=segmentation_pb.Segment(
                     display_name="e",
-                    filter=segmentation_pb.SegmentFilter(conditions=[condition("plan", "EXISTS", "gold")]),
+                    filter=matching(condition("plan", "EXISTS", "gold")),
                 )
             )
         ),
-        "segment.filter.conditions[0].value",
+        "segment.filter.all_of[0].property.value",
     ),
     (
         "link-local destination",
@@ -198,7 +202,7 @@ async def test_malformed_request(platform: Platform, case: str, call: Call, fiel
 async def test_malformed_audience_stream_is_invalid(platform: Platform) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         async for _ in platform.segmentation.StreamAudience(
-            segmentation_pb.StreamAudienceRequest(segment="segments/nope")
+            segmentation_pb.StreamAudienceRequest(audience=audience("segments/nope"))
         ):
             pass
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -25,7 +25,13 @@ from herald_dispatch.destinations import reseal
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import create_account, fresh_settings, keyed_channel
-from tests.helpers import condition, create_segment_destination, segment_export_campaign, user
+from tests.helpers import (
+    condition,
+    create_segment_destination,
+    matching,
+    segment_export_campaign,
+    user,
+)
 from tests.processes import ServiceProcesses, environment
 
 SCHEMAS = ("campaign", "segmentation", "scheduler", "dispatch")
@@ -161,9 +167,7 @@ async def test_a_write_key_appears_nowhere_in_clear(servers: tuple[str, str], tm
                     segmentation_pb.CreateSegmentRequest(
                         segment=segmentation_pb.Segment(
                             display_name="scrub",
-                            filter=segmentation_pb.SegmentFilter(
-                                conditions=[condition("cohort", "EQUALS", tag)]
-                            ),
+                            filter=matching(condition("cohort", "EQUALS", tag)),
                         )
                     )
                 )

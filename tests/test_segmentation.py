@@ -9,7 +9,7 @@ import pytest
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from tests.conftest import Platform
-from tests.helpers import condition, create_segment, field_violations, user
+from tests.helpers import audience, condition, create_segment, field_violations, matching, user
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ async def tag(platform: Platform) -> str:
         user(f"{tag}-ana", t=tag, country="US", age=31, gender="F", langs=["en", "es"], bio="Loves Hiking"),
         user(f"{tag}-ben", t=tag, country="US", age=17, gender="M", langs=["en"]),
         user(f"{tag}-cy", t=tag, country="IN", age=45, gender="F", langs=["hi", "en"], vip=True),
-        user(f"{tag}-dee", t=tag, country="DE", age="unknown", gender="F"),
+        user(f"{tag}-dee", t=tag, country="DE", gender="F"),
     ]
     await platform.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=people))
     return tag
@@ -29,10 +29,12 @@ async def _members(platform: Platform, *conditions: pb.PropertyCondition, match:
     segment = await create_segment(platform, *conditions, match=match)
     names: list[str] = []
     async for page in platform.segmentation.StreamAudience(
-        pb.StreamAudienceRequest(segment=segment.name, page_size=2)
+        pb.StreamAudienceRequest(audience=audience(segment.name), page_size=2)
     ):
         names.extend(m.user_id.split("-", 1)[1] for m in page.members)
-    reach = await platform.segmentation.EstimateReach(pb.EstimateReachRequest(segment=segment.name))
+    reach = await platform.segmentation.EstimateReach(
+        pb.EstimateReachRequest(audience=audience(segment.name))
+    )
     assert reach.user_count == len(names)
     return names
 
@@ -68,7 +70,7 @@ async def test_audience_carries_only_requested_attributes(platform: Platform, ta
         platform, condition("t", "EQUALS", tag), condition("country", "EQUALS", "IN")
     )
     pages = platform.segmentation.StreamAudience(
-        pb.StreamAudienceRequest(segment=segment.name, attribute_keys=["age", "vip", "missing"])
+        pb.StreamAudienceRequest(audience=audience(segment.name), attribute_keys=["age", "vip", "missing"])
     )
     members = [m async for page in pages for m in page.members]
     assert [dict(m.attributes) for m in members] == [{"age": 45.0, "vip": True}]
@@ -101,23 +103,21 @@ async def test_bad_segment_definitions_name_the_field(platform: Platform) -> Non
             pb.CreateSegmentRequest(
                 segment=pb.Segment(
                     display_name="broken",
-                    filter=pb.SegmentFilter(
-                        conditions=[
-                            condition("", "EQUALS", "x"),
-                            condition("age", "GREATER_THAN", ["a"]),
-                            condition("country", "IN", "US"),
-                            pb.PropertyCondition(property="x"),
-                        ]
+                    filter=matching(
+                        condition("", "EQUALS", "x"),
+                        condition("age", "GREATER_THAN", ["a"]),
+                        condition("country", "IN", "US"),
+                        pb.PropertyCondition(property="x"),
                     ),
                 )
             )
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(field_violations(raised.value)) == {
-        "segment.filter.conditions[0].property",
-        "segment.filter.conditions[1].value",
-        "segment.filter.conditions[2].value",
-        "segment.filter.conditions[3].operator",
+        "segment.filter.all_of[0].property.property",
+        "segment.filter.all_of[1].property.value",
+        "segment.filter.all_of[2].property.value",
+        "segment.filter.all_of[3].property.operator",
     }
 
 

@@ -47,18 +47,21 @@ class Permission(enum.Enum):
     READ = "read"
     WRITE = "write"
     INGEST = "ingest"
+    EVENTS = "events"  # send what users did: also from a browser, with a publishable key
     KEYS = "keys"
     WEB = "web"
     BOOTSTRAP = "bootstrap"
 
 
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
-    "ROLE_ADMIN": frozenset({Permission.READ, Permission.WRITE, Permission.INGEST, Permission.KEYS}),
-    "ROLE_EDITOR": frozenset({Permission.READ, Permission.WRITE, Permission.INGEST}),
+    "ROLE_ADMIN": frozenset(
+        {Permission.READ, Permission.WRITE, Permission.INGEST, Permission.EVENTS, Permission.KEYS}
+    ),
+    "ROLE_EDITOR": frozenset({Permission.READ, Permission.WRITE, Permission.INGEST, Permission.EVENTS}),
     "ROLE_VIEWER": frozenset({Permission.READ}),
-    "ROLE_INGEST": frozenset({Permission.INGEST}),
-    "ROLE_PUBLISHABLE": frozenset({Permission.WEB}),
-    SERVICE_ROLE: frozenset({Permission.READ, Permission.WRITE, Permission.INGEST}),
+    "ROLE_INGEST": frozenset({Permission.INGEST, Permission.EVENTS}),
+    "ROLE_PUBLISHABLE": frozenset({Permission.EVENTS, Permission.WEB}),
+    SERVICE_ROLE: frozenset({Permission.READ, Permission.WRITE, Permission.INGEST, Permission.EVENTS}),
 }
 
 
@@ -408,9 +411,15 @@ class _StreamHeaders(_WithHeaders, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
+class _UploadHeaders(_WithHeaders, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
 def header_interceptors(headers: CallHeaders) -> list[grpc.aio.ClientInterceptor]:
-    """Client interceptors that send `headers()` with every unary and server-streaming call."""
-    return [_UnaryHeaders(headers), _StreamHeaders(headers)]
+    """Client interceptors that send `headers()` with every unary, server- and client-streaming
+    call."""
+    return [_UnaryHeaders(headers), _StreamHeaders(headers), _UploadHeaders(headers)]
 
 
 def service_credentials(token: str) -> list[grpc.aio.ClientInterceptor]:

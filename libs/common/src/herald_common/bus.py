@@ -77,6 +77,10 @@ class Subjects:
     def destination_waiting(self) -> str:
         return f"{self.namespace}.dispatch.waiting"
 
+    @property
+    def events_ingested(self) -> str:
+        return f"{self.namespace}.segmentation.events.ingested"
+
     def dead_letter(self, consumer: str) -> str:
         return f"{self.namespace}.deadletter.{consumer}"
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common import personalization
 
 
@@ -24,6 +25,8 @@ class ChannelKind:
     destination_enum: dispatch_pb.DestinationType.ValueType
     # Profile properties a recipient's message is built from.
     attribute_keys: Callable[[campaign_pb.Campaign], set[str]]
+    # Who of an audience this kind can reach.
+    audience_channel: segmentation_pb.Channel.ValueType
 
 
 def _segment_export_attributes(campaign: campaign_pb.Campaign) -> set[str]:
@@ -39,6 +42,7 @@ KINDS = (
         config_field="segment",
         destination_enum=dispatch_pb.DestinationType.DESTINATION_TYPE_SEGMENT,
         attribute_keys=_segment_export_attributes,
+        audience_channel=segmentation_pb.Channel.CHANNEL_SEGMENT,
     ),
 )
 

@@ -183,7 +183,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        if handler.stream_unary is not None:
+            inner_upload = handler.stream_unary
+
+            async def upload(requests: Any, context: Any) -> Any:
+                _bind_request(handler_call_details, context)
+                try:
+                    await self._authenticate(handler_call_details)
+                    return await inner_upload(requests, context)
+                except DomainError as error:
+                    await _abort(context, error)
+                except Exception as error:
+                    await _internal(context, error)
+
+            return grpc.stream_unary_rpc_method_handler(
+                upload,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        # No method streams both ways; one added without its own wrapper here is refused, never
+        # served unauthenticated.
+        raise PermissionDenied(f"{handler_call_details.method} streams both ways and is not served")
 
 
 # Health service name that stays SERVING while the process runs, for liveness and startup probes:

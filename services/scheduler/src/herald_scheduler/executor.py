@@ -243,7 +243,8 @@ class RunExecutor:
         destination_id = campaign.destination.removeprefix("destinations/")
         subject = self.subjects.delivery_batch(kind.destination_type, destination_id)
         request = segmentation_pb.StreamAudienceRequest(
-            segment=campaign.audience.segment,
+            audience=segmentation_pb.Audience(segment=campaign.audience.segment),
+            channel=kind.audience_channel,
             attribute_keys=sorted(kind.attribute_keys(campaign)),
             page_size=AUDIENCE_PAGE_SIZE,
             start_after_user_id=row.cursor,

@@ -1,63 +1,74 @@
-"""Segmentation use cases: user profiles, saved segments, audiences."""
+"""Segmentation use cases: saved segments, and who an audience selects (reach and members)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
-import zoneinfo
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import json_format
 from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
-from herald_common.auth import current_account_id, current_caller
+from herald_common.auth import current_account_id
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
-from herald_common.errors import FailedPrecondition, NotFound, ResourceExhausted, Validator, invalid
+from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.paging import keyset_page
 from herald_common.validation import check_text_fields
-from herald_segmentation.filters import to_sql, validate_filter
-from herald_segmentation.storage import segments, users
+from herald_segmentation.filters import (
+    MAX_DEPTH,
+    Context,
+    property_keys,
+    reachable,
+    references,
+    to_sql,
+    validate_filter,
+)
+from herald_segmentation.properties import known_types
+from herald_segmentation.storage import audience_snapshots, devices, list_members, lists, segments, users
 
-MAX_UPSERT = 1000
-# A profile's properties, as JSON, are at most this large: a page of an audience, a delivery batch
-# and a destination's event all stay within their limits.
-MAX_PROFILE_BYTES = 256 * 1024
-_DELIVERING = {"STATE_SCHEDULED", "STATE_RUNNING"}
 MAX_AUDIENCE_PAGE = 5000
 MAX_AUDIENCE_PAGE_BYTES = 1 << 20
 DEFAULT_AUDIENCE_PAGE = 500
-# More than a tenth of the profiles changed since the last ANALYZE (autovacuum's own threshold).
-_STATISTICS_STALE = sa.text(
-    """
-    SELECT n_mod_since_analyze > 1000 + 0.1 * n_live_tup
-    FROM pg_stat_user_tables WHERE schemaname = 'segmentation' AND relname = 'users'
-    """
-)
-
-
-def _valid_timezone(name: str) -> bool:
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
-
-
-def _user_message(row: Any) -> pb.User:
-    user = pb.User(
-        name=f"users/{row.user_id}",
-        user_id=row.user_id,
-        timezone=row.timezone,
-        create_time=api.timestamp(row.created_at),
-        update_time=api.timestamp(row.updated_at),
+# A snapshot left behind by a stream that ended without cleaning up is removed after this long.
+SNAPSHOT_HOURS = 24
+# System fields a campaign can ask for with each member, besides custom properties.
+_SYSTEM_ATTRIBUTES: dict[str, Any] = {
+    "email": users.c.email,
+    "phone": users.c.phone,
+    "gender": users.c.gender,
+    "country": users.c.country,
+    "region": users.c.region,
+    "city": users.c.city,
+    "date_of_birth": sa.func.coalesce(sa.cast(users.c.date_of_birth, sa.Text), ""),
+}
+_DEVICES = (
+    sa.select(
+        sa.func.jsonb_agg(
+            sa.func.jsonb_build_object(
+                "device_id",
+                devices.c.device_id,
+                "platform",
+                devices.c.platform,
+                "app_version",
+                devices.c.app_version,
+                "push_token",
+                devices.c.push_token,
+                "push_token_type",
+                devices.c.push_token_type,
+            )
+        )
     )
-    user.properties.update(row.properties)
-    return user
+    .where(devices.c.account_id == users.c.account_id, devices.c.user_id == users.c.user_id)
+    .scalar_subquery()
+)
 
 
 def _segment_message(row: Any) -> pb.Segment:
@@ -74,81 +85,99 @@ def _owned(segment_id: uuid.UUID) -> sa.ColumnElement[bool]:
     return sa.and_(segments.c.id == segment_id, segments.c.account_id == current_account_id())
 
 
+def _attribute(key: str) -> Any:
+    """A member attribute: a system field when the profile has it, else the custom property."""
+    if key == "devices":
+        return sa.func.coalesce(_DEVICES, users.c.properties[key])
+    system = _SYSTEM_ATTRIBUTES.get(key)
+    if system is None:
+        return users.c.properties[key]
+    return sa.func.coalesce(sa.func.to_jsonb(sa.func.nullif(system, "")), users.c.properties[key])
+
+
 class Segmentation:
     def __init__(self, database: Database, campaign_usage: CampaignUsage) -> None:
         self.database = database
         self.campaign_usage = campaign_usage
 
-    async def upsert_users(self, batch: Sequence[pb.User]) -> int:
-        caller = current_caller()
-        quota = caller.max_batch_size if caller is not None and caller.max_batch_size else MAX_UPSERT
-        if quota < len(batch) <= MAX_UPSERT:
-            raise ResourceExhausted(
-                caller.account if caller else "",
-                f"this account may send at most {quota} users per call; split the batch",
-            )
-        check = Validator()
-        check.require(0 < len(batch) <= MAX_UPSERT, "users", f"between 1 and {MAX_UPSERT} users")
-        seen: set[str] = set()
-        for i, user in enumerate(batch):
-            if not api.is_valid_id(user.user_id):
-                check.add(f"users[{i}].user_id", "required: 1-200 letters, digits or ._:@+-")
-            elif user.user_id in seen:
-                check.add(f"users[{i}].user_id", f"{user.user_id!r} appears twice in the request")
-            seen.add(user.user_id)
-            if user.timezone and not _valid_timezone(user.timezone):
-                check.add(f"users[{i}].timezone", f"unknown IANA timezone {user.timezone!r}")
-            check_text_fields(user, f"users[{i}]", check)
-            size = user.properties.ByteSize()
-            check.require(
-                size <= MAX_PROFILE_BYTES,
-                f"users[{i}].properties",
-                f"{size} bytes; a profile holds at most {MAX_PROFILE_BYTES // 1024} KB",
-            )
-        check.raise_if_any()
-        account_id = current_account_id()
-        rows = [
-            {
-                "account_id": account_id,
-                "user_id": user.user_id,
-                "properties": json_format.MessageToDict(user.properties),
-                "timezone": user.timezone,
-            }
-            for user in batch
-        ]
-        statement = insert(users)
-        statement = statement.on_conflict_do_update(
-            index_elements=[users.c.account_id, users.c.user_id],
-            set_={
-                "properties": statement.excluded.properties,
-                "timezone": statement.excluded.timezone,
-                "updated_at": sa.func.now(),
-            },
-        )
-        async with self.database.transaction() as session:
-            await session.execute(statement, rows)  # executemany: compiled once, sent in batches
-        return len(rows)
+    # --- filters: checked, with everything they refer to ---------------------------------------
 
-    async def get_user(self, name: str) -> pb.User:
-        user_id = api.parse_name(name, "users")
-        async with self.database.transaction() as session:
-            row = (
-                await session.execute(
-                    sa.select(users).where(
-                        users.c.account_id == current_account_id(), users.c.user_id == user_id
-                    )
+    async def _prepare(
+        self, session: AsyncSession, segment_filter: pb.SegmentFilter, path: str, ctx: Context, depth: int = 0
+    ) -> None:
+        """Checks the filter against the account's property types and loads the segments it refers
+        to into ctx; a list or segment that is not the account's answers NOT_FOUND at its path."""
+        types = await known_types(session, ctx.account_id, property_keys(segment_filter))
+        ctx.types.update(types)
+        if depth == 0:
+            check = Validator()
+            validate_filter(segment_filter, path, check, ctx.types)
+            check.raise_if_any()
+        for name, where in references(segment_filter, path):
+            if name in ctx.segments:
+                continue
+            if name.startswith("lists/"):
+                list_id = api.parse_uuid_name(name, "lists", where)
+                found = await session.scalar(
+                    sa.select(lists.c.id).where(lists.c.id == list_id, lists.c.account_id == ctx.account_id)
                 )
-            ).first()
-        if row is None:
-            raise NotFound(name)
-        return _user_message(row)
+                if found is None:
+                    raise NotFound(name, where)
+                continue
+            segment_id = api.parse_uuid_name(name, "segments", where)
+            blob = await session.scalar(
+                sa.select(segments.c.filter).where(
+                    segments.c.id == segment_id, segments.c.account_id == ctx.account_id
+                )
+            )
+            if blob is None:
+                raise NotFound(name, where)
+            if depth >= MAX_DEPTH:
+                raise invalid(where, f"segments refer to segments more than {MAX_DEPTH} deep")
+            nested = pb.SegmentFilter.FromString(blob)
+            ctx.segments[name] = nested
+            await self._prepare(session, nested, where, ctx, depth + 1)
+
+    async def _audience(
+        self, session: AsyncSession, audience: pb.Audience, path: str, now: datetime
+    ) -> sa.ColumnElement[bool]:
+        """The audience as a condition on the caller's users."""
+        ctx = Context(account_id=current_account_id(), now=now, types={})
+        source = audience.WhichOneof("source")
+        if source == "segment":
+            segment_id = api.parse_uuid_name(audience.segment, "segments", f"{path}.segment")
+            blob = await session.scalar(sa.select(segments.c.filter).where(_owned(segment_id)))
+            if blob is None:
+                raise NotFound(audience.segment, f"{path}.segment")
+            saved = pb.SegmentFilter.FromString(blob)
+            await self._prepare(session, saved, f"{path}.segment", ctx, depth=1)
+            condition = to_sql(saved, ctx)
+        elif source == "filter":
+            await self._prepare(session, audience.filter, f"{path}.filter", ctx)
+            condition = to_sql(audience.filter, ctx)
+        elif source == "list":
+            list_id = api.parse_uuid_name(audience.list, "lists", f"{path}.list")
+            found = await session.scalar(
+                sa.select(lists.c.id).where(lists.c.id == list_id, lists.c.account_id == ctx.account_id)
+            )
+            if found is None:
+                raise NotFound(audience.list, f"{path}.list")
+            condition = users.c.user_id.in_(
+                sa.select(list_members.c.user_id).where(
+                    list_members.c.account_id == ctx.account_id, list_members.c.list_id == list_id
+                )
+            )
+        else:
+            raise invalid(path, "one of segment, filter or list is required")
+        return sa.and_(users.c.account_id == ctx.account_id, condition)
+
+    # --- saved segments ----------------------------------------------------------------------
 
     async def create_segment(self, segment: pb.Segment, request_id: str) -> pb.Segment:
         check = Validator()
         check.require(bool(segment.display_name.strip()), "segment.display_name", "required")
         check_text_fields(pb.Segment(display_name=segment.display_name), "segment", check)
-        if check.require(segment.HasField("filter"), "segment.filter", "required"):
-            validate_filter(segment.filter, "segment.filter", check)
+        check.require(segment.HasField("filter"), "segment.filter", "required")
         check.require(len(request_id) <= 200, "request_id", "at most 200 characters")
         check.raise_if_any()
         account_id = current_account_id()
@@ -158,6 +187,8 @@ class Segmentation:
                 existing = (await session.execute(sa.select(segments).where(same_request))).first()
                 if existing is not None:
                     return _segment_message(existing)
+            ctx = Context(account_id=account_id, now=api.utcnow(), types={})
+            await self._prepare(session, segment.filter, "segment.filter", ctx)
             statement = (
                 insert(segments)
                 .values(
@@ -165,6 +196,7 @@ class Segmentation:
                     account_id=account_id,
                     display_name=segment.display_name.strip(),
                     filter=segment.filter.SerializeToString(),
+                    uses=sorted({name for name, _ in references(segment.filter, "")}),
                     request_id=request_id or None,
                 )
                 .on_conflict_do_nothing(index_elements=[segments.c.account_id, segments.c.request_id])
@@ -175,16 +207,13 @@ class Segmentation:
                 row = (await session.execute(sa.select(segments).where(same_request))).one()
         return _segment_message(row)
 
-    async def _load_segment(self, name: str, field: str) -> pb.Segment:
-        segment_id = api.parse_uuid_name(name, "segments", field)
+    async def get_segment(self, name: str) -> pb.Segment:
+        segment_id = api.parse_uuid_name(name, "segments")
         async with self.database.transaction() as session:
             row = (await session.execute(sa.select(segments).where(_owned(segment_id)))).first()
         if row is None:
-            raise NotFound(name, field)
+            raise NotFound(name)
         return _segment_message(row)
-
-    async def get_segment(self, name: str) -> pb.Segment:
-        return await self._load_segment(name, "name")
 
     async def list_segments(self, size: int, token: str) -> tuple[list[pb.Segment], str]:
         async with self.database.transaction() as session:
@@ -200,88 +229,149 @@ class Segmentation:
             raise FailedPrecondition(
                 name, f"{name} is the audience of scheduled or running campaigns: {', '.join(users_of)}"
             )
+        account_id = current_account_id()
         async with self.database.transaction() as session:
+            referring = (
+                await session.scalars(
+                    sa.select(segments.c.id).where(
+                        segments.c.account_id == account_id, segments.c.uses.any(name)
+                    )
+                )
+            ).all()
+            if referring:
+                named = ", ".join(f"segments/{s}" for s in referring)
+                raise FailedPrecondition(name, f"{name} is used by saved segments: {named}")
             result = await session.execute(sa.delete(segments).where(_owned(segment_id)))
         if result.rowcount == 0:  # type: ignore[attr-defined]
             raise NotFound(name)
 
-    async def estimate_reach(self, segment_name: str) -> int:
-        segment = await self._load_segment(segment_name, "segment")
-        async with self.database.transaction() as session:
-            count = await session.scalar(
-                sa.select(sa.func.count())
-                .select_from(users)
-                .where(users.c.account_id == current_account_id(), to_sql(segment.filter))
-            )
-        return int(count or 0)
+    # --- reach and members -------------------------------------------------------------------
 
-    async def _refresh_statistics_if_stale(self) -> None:
-        """Profiles loaded just before a campaign runs leave the planner's statistics behind until
-        autovacuum catches up, and with them it may read the whole table for every page. An
-        audience read starts with statistics that describe the table."""
+    async def estimate_reach(self, request: pb.EstimateReachRequest) -> tuple[int, int]:
+        """(users the audience selects, of them the users the channel reaches)."""
+        _check_channel(request.channel)
         async with self.database.transaction() as session:
-            stale = await session.scalar(_STATISTICS_STALE)
-            if stale and await session.scalar(
-                sa.text("SELECT pg_try_advisory_xact_lock(hashtext('analyze:users'))")
-            ):
-                await session.execute(sa.text("ANALYZE segmentation.users"))
+            condition = await self._audience(session, request.audience, "audience", api.utcnow())
+            row = (
+                await session.execute(
+                    sa.select(sa.func.count(), sa.func.count().filter(reachable(request.channel)))
+                    .select_from(users)
+                    .where(condition)
+                )
+            ).one()
+        return int(row[0]), int(row[1])
 
     async def stream_audience(
         self, request: pb.StreamAudienceRequest
     ) -> AsyncIterator[list[pb.AudienceMember]]:
-        """Pages of members in user id order.
+        """Pages of reachable members in user id order.
 
-        Each page is read in its own short transaction and the connection goes back to the pool
-        before the page is sent, so a slow reader holds nothing; a page also ends early once it
-        holds MAX_AUDIENCE_PAGE_BYTES, so large profiles cannot push it past gRPC's message limit.
+        The members are fixed once, when the stream starts (a snapshot table in PostgreSQL, not
+        in memory); each page is then read in its own short transaction and the connection goes
+        back to the pool before the page is sent, so a slow reader holds nothing. A page also ends
+        early once it holds MAX_AUDIENCE_PAGE_BYTES, so large profiles stay within gRPC's limit.
         """
-        segment = await self._load_segment(request.segment, "segment")
+        _check_channel(request.channel)
         if request.page_size < 0 or request.page_size > MAX_AUDIENCE_PAGE:
             raise invalid("page_size", f"between 0 and {MAX_AUDIENCE_PAGE}")
         limit = request.page_size or DEFAULT_AUDIENCE_PAGE
+        now = (
+            api.from_timestamp(request.evaluation_time)
+            if request.HasField("evaluation_time")
+            else api.utcnow()
+        )
         keys = list(dict.fromkeys(k for k in request.attribute_keys if k))
         attributes = (
             sa.func.jsonb_strip_nulls(
-                sa.func.jsonb_build_object(*[x for k in keys for x in (k, users.c.properties[k])])
+                sa.func.jsonb_build_object(*[x for k in keys for x in (k, _attribute(k))])
             )
             if keys
             else sa.literal({}, JSONB)
         )
-        condition = sa.and_(users.c.account_id == current_account_id(), to_sql(segment.filter))
-        await self._refresh_statistics_if_stale()
-        after = request.start_after_user_id
-        while True:
-            async with self.database.transaction() as session:
-                # Walk the primary key in order and stop at a page: a bitmap scan would gather
-                # every member and sort them again for each page, quadratic in the audience.
-                await session.execute(sa.text("SET LOCAL enable_bitmapscan = off"))
-                rows = (
-                    await session.execute(
-                        sa.select(
-                            users.c.user_id,
-                            users.c.timezone,
-                            sa.cast(attributes, sa.Text).label("attributes"),
-                        )
-                        .where(condition, users.c.user_id > after)
-                        .order_by(users.c.user_id)
-                        .limit(limit)
+        snapshot_id = uuid.uuid4()
+        account_id = current_account_id()
+        async with self.database.transaction() as session:
+            condition = await self._audience(session, request.audience, "audience", now)
+            await session.execute(
+                sa.delete(audience_snapshots).where(
+                    audience_snapshots.c.created_at
+                    < sa.func.now() - sa.text(f"interval '{SNAPSHOT_HOURS} hours'")
+                )
+            )
+            await session.execute(
+                sa.insert(audience_snapshots).from_select(
+                    ["snapshot_id", "account_id", "user_id"],
+                    sa.select(sa.literal(snapshot_id), users.c.account_id, users.c.user_id).where(
+                        condition, reachable(request.channel), users.c.user_id > request.start_after_user_id
+                    ),
+                )
+            )
+        try:
+            after = request.start_after_user_id
+            while True:
+                page = await self._page(
+                    snapshot_id, account_id, after, limit, attributes, request.attributes_as_json
+                )
+                if not page:
+                    return
+                yield page
+                after = page[-1].user_id
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._forget(snapshot_id))
+
+    async def _page(
+        self,
+        snapshot_id: uuid.UUID,
+        account_id: uuid.UUID,
+        after: str,
+        limit: int,
+        attributes: Any,
+        as_json: bool,
+    ) -> list[pb.AudienceMember]:
+        async with self.database.transaction() as session:
+            rows = (
+                await session.execute(
+                    sa.select(
+                        users.c.user_id, users.c.timezone, sa.cast(attributes, sa.Text).label("attributes")
                     )
-                ).all()
-            page: list[pb.AudienceMember] = []
-            size = 0
-            for row in rows:
-                member = pb.AudienceMember(user_id=row.user_id, timezone=row.timezone)
-                if request.attributes_as_json:
-                    member.attributes_json = row.attributes.encode()
-                else:
-                    member.attributes.update(json.loads(row.attributes))
-                page.append(member)
-                size += len(row.attributes) + len(row.user_id)
-                if size > MAX_AUDIENCE_PAGE_BYTES:
-                    break
-            if not page:
-                return
-            yield page
-            if len(rows) < limit and len(page) == len(rows):
-                return
-            after = page[-1].user_id
+                    .select_from(
+                        audience_snapshots.join(
+                            users,
+                            sa.and_(
+                                users.c.account_id == account_id,
+                                users.c.user_id == audience_snapshots.c.user_id,
+                            ),
+                        )
+                    )
+                    .where(
+                        audience_snapshots.c.snapshot_id == snapshot_id, audience_snapshots.c.user_id > after
+                    )
+                    .order_by(audience_snapshots.c.user_id)
+                    .limit(limit)
+                )
+            ).all()
+        page: list[pb.AudienceMember] = []
+        size = 0
+        for row in rows:
+            member = pb.AudienceMember(user_id=row.user_id, timezone=row.timezone)
+            if as_json:
+                member.attributes_json = row.attributes.encode()
+            else:
+                member.attributes.update(json.loads(row.attributes))
+            page.append(member)
+            size += len(row.attributes) + len(row.user_id)
+            if size > MAX_AUDIENCE_PAGE_BYTES:
+                break
+        return page
+
+    async def _forget(self, snapshot_id: uuid.UUID) -> None:
+        async with self.database.transaction() as session:
+            await session.execute(
+                sa.delete(audience_snapshots).where(audience_snapshots.c.snapshot_id == snapshot_id)
+            )
+
+
+def _check_channel(channel: int) -> None:
+    if channel not in pb.Channel.values():
+        raise invalid("channel", f"one of {', '.join(pb.Channel.keys())}")

@@ -13,6 +13,9 @@ from herald_common.campaign_usage import CampaignUsage
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 from herald_segmentation.domain import Segmentation
+from herald_segmentation.events import Events
+from herald_segmentation.lists import Lists
+from herald_segmentation.profiles import Profiles
 from herald_segmentation.servicer import PERMISSIONS, SegmentationServicer
 from herald_segmentation.storage import SCHEMA, outbox
 
@@ -25,8 +28,12 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         settings, service="segmentation", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
     campaign_service = infra.channel("campaign")
-    segmentation = Segmentation(infra.database, CampaignUsage(campaign_service))
-    servicer = SegmentationServicer(segmentation)
+    servicer = SegmentationServicer(
+        profiles=Profiles(infra.database),
+        events=Events(infra.database, infra.subjects, infra.relay.notify),
+        lists=Lists(infra.database),
+        segments=Segmentation(infra.database, CampaignUsage(campaign_service)),
+    )
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_SegmentationServiceServicer_to_server(servicer, server)

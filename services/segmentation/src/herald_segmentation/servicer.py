@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -12,6 +13,9 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from herald_common.auth import Permission, method_permissions
 from herald_segmentation.domain import Segmentation
+from herald_segmentation.events import Events
+from herald_segmentation.lists import Lists
+from herald_segmentation.profiles import Profiles
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -21,6 +25,11 @@ PERMISSIONS = method_permissions(
     {
         "UpsertUsers": Permission.INGEST,
         "GetUser": Permission.READ,
+        "IngestEvents": Permission.EVENTS,
+        "UploadList": Permission.WRITE,
+        "GetList": Permission.READ,
+        "ListLists": Permission.READ,
+        "DeleteList": Permission.WRITE,
         "CreateSegment": Permission.WRITE,
         "GetSegment": Permission.READ,
         "ListSegments": Permission.READ,
@@ -31,40 +40,65 @@ PERMISSIONS = method_permissions(
 )
 
 
+@dataclass
 class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
-    def __init__(self, domain: Segmentation) -> None:
-        self.domain = domain
+    profiles: Profiles
+    events: Events
+    lists: Lists
+    segments: Segmentation
 
     async def UpsertUsers(self, request: pb.UpsertUsersRequest, context: Context) -> pb.UpsertUsersResponse:
-        return pb.UpsertUsersResponse(upserted_count=await self.domain.upsert_users(request.users))
+        return pb.UpsertUsersResponse(upserted_count=await self.profiles.upsert(request.users))
 
     async def GetUser(self, request: pb.GetUserRequest, context: Context) -> pb.User:
-        return await self.domain.get_user(request.name)
+        return await self.profiles.get(request.name)
+
+    async def IngestEvents(
+        self, request: pb.IngestEventsRequest, context: Context
+    ) -> pb.IngestEventsResponse:
+        accepted, duplicates = await self.events.ingest(request.events, request.ByteSize())
+        return pb.IngestEventsResponse(accepted_count=accepted, duplicate_count=duplicates)
+
+    async def UploadList(
+        self, request_iterator: AsyncIterator[pb.UploadListRequest], context: Context
+    ) -> pb.CustomList:
+        return await self.lists.upload(request_iterator)
+
+    async def GetList(self, request: pb.GetListRequest, context: Context) -> pb.CustomList:
+        return await self.lists.get(request.name)
+
+    async def ListLists(self, request: pb.ListListsRequest, context: Context) -> pb.ListListsResponse:
+        found, token = await self.lists.list(request.page_size, request.page_token)
+        return pb.ListListsResponse(lists=found, next_page_token=token)
+
+    async def DeleteList(self, request: pb.DeleteListRequest, context: Context) -> empty_pb2.Empty:
+        await self.lists.delete(request.name)
+        return empty_pb2.Empty()
 
     async def CreateSegment(self, request: pb.CreateSegmentRequest, context: Context) -> pb.Segment:
-        return await self.domain.create_segment(request.segment, request.request_id)
+        return await self.segments.create_segment(request.segment, request.request_id)
 
     async def GetSegment(self, request: pb.GetSegmentRequest, context: Context) -> pb.Segment:
-        return await self.domain.get_segment(request.name)
+        return await self.segments.get_segment(request.name)
 
     async def ListSegments(
         self, request: pb.ListSegmentsRequest, context: Context
     ) -> pb.ListSegmentsResponse:
-        found, token = await self.domain.list_segments(request.page_size, request.page_token)
+        found, token = await self.segments.list_segments(request.page_size, request.page_token)
         return pb.ListSegmentsResponse(segments=found, next_page_token=token)
 
     async def DeleteSegment(self, request: pb.DeleteSegmentRequest, context: Context) -> empty_pb2.Empty:
-        await self.domain.delete_segment(request.name)
+        await self.segments.delete_segment(request.name)
         return empty_pb2.Empty()
 
     async def EstimateReach(
         self, request: pb.EstimateReachRequest, context: Context
     ) -> pb.EstimateReachResponse:
-        return pb.EstimateReachResponse(user_count=await self.domain.estimate_reach(request.segment))
+        qualified, reachable = await self.segments.estimate_reach(request)
+        return pb.EstimateReachResponse(user_count=qualified, reachable_count=reachable)
 
     async def StreamAudience(
         self, request: pb.StreamAudienceRequest, context: Context
     ) -> AsyncIterator[pb.StreamAudienceResponse]:
-        pages = self.domain.stream_audience(request)
-        async for members in pages:
+        async for members in self.segments.stream_audience(request):
             yield pb.StreamAudienceResponse(members=members)

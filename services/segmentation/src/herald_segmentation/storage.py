@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 from herald_common.outbox import outbox_table
 
@@ -19,7 +19,74 @@ users = sa.Table(
     sa.Column("timezone", sa.Text, nullable=False, server_default=""),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Column("email", sa.Text, nullable=False, server_default=""),
+    sa.Column("phone", sa.Text, nullable=False, server_default=""),
+    # [{"type": ..., "value": ...}]
+    sa.Column("identities", JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
+    sa.Column("gender", sa.Text, nullable=False, server_default=""),
+    sa.Column("date_of_birth", sa.Date, nullable=True),
+    sa.Column("country", sa.Text, nullable=False, server_default=""),
+    sa.Column("region", sa.Text, nullable=False, server_default=""),
+    sa.Column("city", sa.Text, nullable=False, server_default=""),
+    sa.Column("latitude", sa.Float, nullable=True),
+    sa.Column("longitude", sa.Float, nullable=True),
+    sa.Column("email_unsubscribed", sa.Boolean, nullable=False, server_default=sa.false()),
+    sa.Column("sms_unsubscribed", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Index("users_properties_gin", "properties", postgresql_using="gin"),
+    sa.Index("ix_segmentation_users_email", "account_id", sa.text("lower(email)")),
+    sa.Index("ix_segmentation_users_phone", "account_id", "phone"),
+    sa.Index("ix_segmentation_users_city", "account_id", "city"),
+    sa.Index("ix_segmentation_users_latitude", "account_id", "latitude"),
+)
+
+# The devices and browsers each user was seen on, with their app fields.
+devices = sa.Table(
+    "devices",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("device_id", sa.Text, primary_key=True),
+    sa.Column("platform", sa.Text, nullable=False),
+    sa.Column("app_version", sa.Text, nullable=False),
+    sa.Column("make", sa.Text, nullable=False),
+    sa.Column("model", sa.Text, nullable=False),
+    sa.Column("os_version", sa.Text, nullable=False),
+    sa.Column("sdk_version", sa.Text, nullable=False),
+    sa.Column("push_token", sa.Text, nullable=False),
+    sa.Column("push_token_type", sa.Text, nullable=False),
+    sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+# The type each custom property was first sent with, per account: of profiles (subject `user`)
+# and of each event's properties (subject `event:<name>`).
+property_types = sa.Table(
+    "property_types",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("subject", sa.Text, primary_key=True),
+    sa.Column("key", sa.Text, primary_key=True),
+    sa.Column("type", sa.Text, nullable=False),
+)
+
+# Partitioned by month on occurred_at (see the migration); partitions are made as events arrive.
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("name", sa.Text, nullable=False),
+    sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("properties", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# The client event ids recorded, so a resent event is recorded once.
+event_receipts = sa.Table(
+    "event_receipts",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("client_event_id", sa.Text, primary_key=True),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
 segments = sa.Table(
@@ -30,10 +97,50 @@ segments = sa.Table(
     sa.Column("display_name", sa.Text, nullable=False),
     # The SegmentFilter message, serialized: the API shape is the source of truth.
     sa.Column("filter", sa.LargeBinary, nullable=False),
+    # The segments and lists the filter refers to, so neither is deleted while in use.
+    sa.Column("uses", ARRAY(sa.Text), nullable=False, server_default=sa.text("'{}'::text[]")),
     sa.Column("request_id", sa.Text, nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.UniqueConstraint("account_id", "request_id", name="segments_account_request_id_key"),
     sa.Index("ix_segmentation_segments_account_created", "account_id", "created_at"),
+)
+
+lists = sa.Table(
+    "lists",
+    metadata,
+    sa.Column("id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("display_name", sa.Text, nullable=False),
+    sa.Column("identity_kind", sa.Text, nullable=False),
+    sa.Column("row_count", sa.BigInteger, nullable=False),
+    sa.Column("matched_count", sa.BigInteger, nullable=False),
+    sa.Column("unmatched_count", sa.BigInteger, nullable=False),
+    sa.Column("rejected_count", sa.BigInteger, nullable=False),
+    # The first rejected rows: [{"line": n, "reason": "..."}]
+    sa.Column("rejected_rows", JSONB, nullable=False),
+    sa.Column("request_id", sa.Text, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.UniqueConstraint("account_id", "request_id", name="lists_account_request_id_key"),
+    sa.Index("ix_segmentation_lists_account_created", "account_id", "created_at"),
+)
+
+list_members = sa.Table(
+    "list_members",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("list_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("user_id", sa.Text, primary_key=True),
+)
+
+# The members of an audience being streamed, fixed when the stream starts (unlogged: a crash
+# loses only streams that are restarted anyway).
+audience_snapshots = sa.Table(
+    "audience_snapshots",
+    metadata,
+    sa.Column("snapshot_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
 outbox = outbox_table(metadata)

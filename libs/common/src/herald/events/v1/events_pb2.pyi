@@ -11,6 +11,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from herald.campaign.v1 import campaign_service_pb2 as _campaign_service_pb2
 from herald.scheduler.v1 import scheduler_service_pb2 as _scheduler_service_pb2
+from herald.segmentation.v1 import segmentation_service_pb2 as _segmentation_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -433,3 +434,45 @@ class ApiKeyState(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ApiKeyState: _TypeAlias = ApiKeyState  # noqa: Y015
+
+@_typing.final
+class EventsIngested(_message.Message):
+    """Published by segmentation for each IngestEvents call it records (through its outbox), with every
+    event the call added, for live triggers and goal conversions.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per publication; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_segmentation_service_pb2.Event]:
+        """The events recorded, each with its time set (when the sender left it out) and in the order sent;
+        events whose client_event_id was recorded before are left out.
+        """
+
+    @_builtins.property
+    def receive_time(self) -> _timestamp_pb2.Timestamp:
+        """When segmentation recorded them."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        events: _abc.Iterable[_segmentation_service_pb2.Event] | None = ...,
+        receive_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receive_time", b"receive_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "event_id", b"event_id", "events", b"events", "receive_time", b"receive_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventsIngested: _TypeAlias = EventsIngested  # noqa: Y015

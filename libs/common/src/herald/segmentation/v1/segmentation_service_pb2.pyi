@@ -21,29 +21,85 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
-class _Match:
+class _Gender:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
 
-class _MatchEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Match.ValueType], _builtins.type):
+class _GenderEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Gender.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
-    MATCH_UNSPECIFIED: _Match.ValueType  # 0
-    """Not set; treated as MATCH_ALL."""
-    MATCH_ALL: _Match.ValueType  # 1
-    """Every condition must hold."""
-    MATCH_ANY: _Match.ValueType  # 2
-    """At least one condition must hold."""
+    GENDER_UNSPECIFIED: _Gender.ValueType  # 0
+    """Not known."""
+    GENDER_FEMALE: _Gender.ValueType  # 1
+    """Female."""
+    GENDER_MALE: _Gender.ValueType  # 2
+    """Male."""
+    GENDER_OTHER: _Gender.ValueType  # 3
+    """Another gender."""
 
-class Match(_Match, metaclass=_MatchEnumTypeWrapper):
-    """How the conditions of a filter combine."""
+class Gender(_Gender, metaclass=_GenderEnumTypeWrapper):
+    """Gender, as the user gave it."""
 
-MATCH_UNSPECIFIED: Match.ValueType  # 0
-"""Not set; treated as MATCH_ALL."""
-MATCH_ALL: Match.ValueType  # 1
-"""Every condition must hold."""
-MATCH_ANY: Match.ValueType  # 2
-"""At least one condition must hold."""
-Global___Match: _TypeAlias = Match  # noqa: Y015
+GENDER_UNSPECIFIED: Gender.ValueType  # 0
+"""Not known."""
+GENDER_FEMALE: Gender.ValueType  # 1
+"""Female."""
+GENDER_MALE: Gender.ValueType  # 2
+"""Male."""
+GENDER_OTHER: Gender.ValueType  # 3
+"""Another gender."""
+Global___Gender: _TypeAlias = Gender  # noqa: Y015
+
+class _Platform:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PlatformEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Platform.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PLATFORM_UNSPECIFIED: _Platform.ValueType  # 0
+    """Not known."""
+    PLATFORM_ANDROID: _Platform.ValueType  # 1
+    """An Android app."""
+    PLATFORM_IOS: _Platform.ValueType  # 2
+    """An iOS app."""
+    PLATFORM_WEB: _Platform.ValueType  # 3
+    """A web browser (the web SDK)."""
+
+class Platform(_Platform, metaclass=_PlatformEnumTypeWrapper):
+    """Where a device runs."""
+
+PLATFORM_UNSPECIFIED: Platform.ValueType  # 0
+"""Not known."""
+PLATFORM_ANDROID: Platform.ValueType  # 1
+"""An Android app."""
+PLATFORM_IOS: Platform.ValueType  # 2
+"""An iOS app."""
+PLATFORM_WEB: Platform.ValueType  # 3
+"""A web browser (the web SDK)."""
+Global___Platform: _TypeAlias = Platform  # noqa: Y015
+
+class _PushTokenType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PushTokenTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PushTokenType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PUSH_TOKEN_TYPE_UNSPECIFIED: _PushTokenType.ValueType  # 0
+    """No push token."""
+    PUSH_TOKEN_TYPE_GCM: _PushTokenType.ValueType  # 1
+    """Firebase / Google Cloud Messaging."""
+    PUSH_TOKEN_TYPE_APNS: _PushTokenType.ValueType  # 2
+    """Apple Push Notification service."""
+
+class PushTokenType(_PushTokenType, metaclass=_PushTokenTypeEnumTypeWrapper):
+    """Kind of push token."""
+
+PUSH_TOKEN_TYPE_UNSPECIFIED: PushTokenType.ValueType  # 0
+"""No push token."""
+PUSH_TOKEN_TYPE_GCM: PushTokenType.ValueType  # 1
+"""Firebase / Google Cloud Messaging."""
+PUSH_TOKEN_TYPE_APNS: PushTokenType.ValueType  # 2
+"""Apple Push Notification service."""
+Global___PushTokenType: _TypeAlias = PushTokenType  # noqa: Y015
 
 class _Operator:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -54,56 +110,296 @@ class _OperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operator.Val
     OPERATOR_UNSPECIFIED: _Operator.ValueType  # 0
     """Not set; invalid."""
     OPERATOR_EQUALS: _Operator.ValueType  # 1
-    """The property equals the value."""
+    """Equals the value (any type)."""
     OPERATOR_NOT_EQUALS: _Operator.ValueType  # 2
-    """The property is missing or differs from the value."""
+    """Missing or different from the value (any type)."""
     OPERATOR_GREATER_THAN: _Operator.ValueType  # 3
-    """Number or string strictly greater than the value."""
+    """Number, string or date-time strictly greater than the value."""
     OPERATOR_GREATER_THAN_OR_EQUAL: _Operator.ValueType  # 4
-    """Number or string greater than or equal to the value."""
+    """Number, string or date-time greater than or equal to the value."""
     OPERATOR_LESS_THAN: _Operator.ValueType  # 5
-    """Number or string strictly less than the value."""
+    """Number, string or date-time strictly less than the value."""
     OPERATOR_LESS_THAN_OR_EQUAL: _Operator.ValueType  # 6
-    """Number or string less than or equal to the value."""
+    """Number, string or date-time less than or equal to the value."""
     OPERATOR_CONTAINS: _Operator.ValueType  # 7
-    """String property containing the value (case-insensitive), or list property holding it."""
+    """String containing the value (case-insensitive), or list of strings holding it."""
     OPERATOR_EXISTS: _Operator.ValueType  # 8
-    """The property is present (value ignored)."""
+    """Present (no value)."""
     OPERATOR_NOT_EXISTS: _Operator.ValueType  # 9
-    """The property is absent (value ignored)."""
+    """Absent (no value)."""
     OPERATOR_IN: _Operator.ValueType  # 10
-    """The property equals one of the values in a list value."""
+    """Equals one of the values of a list value."""
+    OPERATOR_STARTS_WITH: _Operator.ValueType  # 11
+    """String starting with the value (case-insensitive)."""
+    OPERATOR_BETWEEN: _Operator.ValueType  # 12
+    """Number or date-time between the two values of a list value, both included."""
+    OPERATOR_BEFORE: _Operator.ValueType  # 13
+    """Date-time before the value (an RFC 3339 string)."""
+    OPERATOR_AFTER: _Operator.ValueType  # 14
+    """Date-time after the value (an RFC 3339 string)."""
+    OPERATOR_WITHIN_LAST_DAYS: _Operator.ValueType  # 15
+    """Date-time within the last N days before evaluation (N is the number value)."""
+    OPERATOR_WITHIN_NEXT_DAYS: _Operator.ValueType  # 16
+    """Date-time within the next N days after evaluation (N is the number value)."""
 
 class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper):
-    """Comparison applied by a property condition."""
+    """Comparison applied by a condition; which ones apply depends on the type compared."""
 
 OPERATOR_UNSPECIFIED: Operator.ValueType  # 0
 """Not set; invalid."""
 OPERATOR_EQUALS: Operator.ValueType  # 1
-"""The property equals the value."""
+"""Equals the value (any type)."""
 OPERATOR_NOT_EQUALS: Operator.ValueType  # 2
-"""The property is missing or differs from the value."""
+"""Missing or different from the value (any type)."""
 OPERATOR_GREATER_THAN: Operator.ValueType  # 3
-"""Number or string strictly greater than the value."""
+"""Number, string or date-time strictly greater than the value."""
 OPERATOR_GREATER_THAN_OR_EQUAL: Operator.ValueType  # 4
-"""Number or string greater than or equal to the value."""
+"""Number, string or date-time greater than or equal to the value."""
 OPERATOR_LESS_THAN: Operator.ValueType  # 5
-"""Number or string strictly less than the value."""
+"""Number, string or date-time strictly less than the value."""
 OPERATOR_LESS_THAN_OR_EQUAL: Operator.ValueType  # 6
-"""Number or string less than or equal to the value."""
+"""Number, string or date-time less than or equal to the value."""
 OPERATOR_CONTAINS: Operator.ValueType  # 7
-"""String property containing the value (case-insensitive), or list property holding it."""
+"""String containing the value (case-insensitive), or list of strings holding it."""
 OPERATOR_EXISTS: Operator.ValueType  # 8
-"""The property is present (value ignored)."""
+"""Present (no value)."""
 OPERATOR_NOT_EXISTS: Operator.ValueType  # 9
-"""The property is absent (value ignored)."""
+"""Absent (no value)."""
 OPERATOR_IN: Operator.ValueType  # 10
-"""The property equals one of the values in a list value."""
+"""Equals one of the values of a list value."""
+OPERATOR_STARTS_WITH: Operator.ValueType  # 11
+"""String starting with the value (case-insensitive)."""
+OPERATOR_BETWEEN: Operator.ValueType  # 12
+"""Number or date-time between the two values of a list value, both included."""
+OPERATOR_BEFORE: Operator.ValueType  # 13
+"""Date-time before the value (an RFC 3339 string)."""
+OPERATOR_AFTER: Operator.ValueType  # 14
+"""Date-time after the value (an RFC 3339 string)."""
+OPERATOR_WITHIN_LAST_DAYS: Operator.ValueType  # 15
+"""Date-time within the last N days before evaluation (N is the number value)."""
+OPERATOR_WITHIN_NEXT_DAYS: Operator.ValueType  # 16
+"""Date-time within the next N days after evaluation (N is the number value)."""
 Global___Operator: _TypeAlias = Operator  # noqa: Y015
+
+class _ProfileField:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ProfileFieldEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ProfileField.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROFILE_FIELD_UNSPECIFIED: _ProfileField.ValueType  # 0
+    """Not set; invalid."""
+    PROFILE_FIELD_USER_ID: _ProfileField.ValueType  # 1
+    """The user id."""
+    PROFILE_FIELD_EMAIL: _ProfileField.ValueType  # 2
+    """Email address."""
+    PROFILE_FIELD_PHONE: _ProfileField.ValueType  # 3
+    """Phone number."""
+    PROFILE_FIELD_GENDER: _ProfileField.ValueType  # 4
+    """Gender: the value is a Gender name, for example `GENDER_FEMALE`."""
+    PROFILE_FIELD_AGE: _ProfileField.ValueType  # 5
+    """Age in whole years, from the date of birth."""
+    PROFILE_FIELD_DATE_OF_BIRTH: _ProfileField.ValueType  # 6
+    """Date of birth (a date-time operand)."""
+    PROFILE_FIELD_COUNTRY: _ProfileField.ValueType  # 7
+    """Country code."""
+    PROFILE_FIELD_REGION: _ProfileField.ValueType  # 8
+    """Region."""
+    PROFILE_FIELD_CITY: _ProfileField.ValueType  # 9
+    """City."""
+    PROFILE_FIELD_TIMEZONE: _ProfileField.ValueType  # 10
+    """IANA time zone."""
+
+class ProfileField(_ProfileField, metaclass=_ProfileFieldEnumTypeWrapper):
+    """A system field of the profile that conditions can test."""
+
+PROFILE_FIELD_UNSPECIFIED: ProfileField.ValueType  # 0
+"""Not set; invalid."""
+PROFILE_FIELD_USER_ID: ProfileField.ValueType  # 1
+"""The user id."""
+PROFILE_FIELD_EMAIL: ProfileField.ValueType  # 2
+"""Email address."""
+PROFILE_FIELD_PHONE: ProfileField.ValueType  # 3
+"""Phone number."""
+PROFILE_FIELD_GENDER: ProfileField.ValueType  # 4
+"""Gender: the value is a Gender name, for example `GENDER_FEMALE`."""
+PROFILE_FIELD_AGE: ProfileField.ValueType  # 5
+"""Age in whole years, from the date of birth."""
+PROFILE_FIELD_DATE_OF_BIRTH: ProfileField.ValueType  # 6
+"""Date of birth (a date-time operand)."""
+PROFILE_FIELD_COUNTRY: ProfileField.ValueType  # 7
+"""Country code."""
+PROFILE_FIELD_REGION: ProfileField.ValueType  # 8
+"""Region."""
+PROFILE_FIELD_CITY: ProfileField.ValueType  # 9
+"""City."""
+PROFILE_FIELD_TIMEZONE: ProfileField.ValueType  # 10
+"""IANA time zone."""
+Global___ProfileField: _TypeAlias = ProfileField  # noqa: Y015
+
+class _Reachability:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReachabilityEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Reachability.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REACHABILITY_UNSPECIFIED: _Reachability.ValueType  # 0
+    """Not set; invalid."""
+    REACHABILITY_HAS_EMAIL: _Reachability.ValueType  # 1
+    """The user has an email address."""
+    REACHABILITY_HAS_PHONE: _Reachability.ValueType  # 2
+    """The user has a phone number."""
+    REACHABILITY_EMAIL_UNSUBSCRIBED: _Reachability.ValueType  # 3
+    """The user unsubscribed from email."""
+    REACHABILITY_SMS_UNSUBSCRIBED: _Reachability.ValueType  # 4
+    """The user unsubscribed from SMS."""
+
+class Reachability(_Reachability, metaclass=_ReachabilityEnumTypeWrapper):
+    """What reachability a condition tests."""
+
+REACHABILITY_UNSPECIFIED: Reachability.ValueType  # 0
+"""Not set; invalid."""
+REACHABILITY_HAS_EMAIL: Reachability.ValueType  # 1
+"""The user has an email address."""
+REACHABILITY_HAS_PHONE: Reachability.ValueType  # 2
+"""The user has a phone number."""
+REACHABILITY_EMAIL_UNSUBSCRIBED: Reachability.ValueType  # 3
+"""The user unsubscribed from email."""
+REACHABILITY_SMS_UNSUBSCRIBED: Reachability.ValueType  # 4
+"""The user unsubscribed from SMS."""
+Global___Reachability: _TypeAlias = Reachability  # noqa: Y015
+
+class _AppField:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AppFieldEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AppField.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    APP_FIELD_UNSPECIFIED: _AppField.ValueType  # 0
+    """Not set; invalid."""
+    APP_FIELD_PLATFORM: _AppField.ValueType  # 1
+    """Platform: the value is a Platform name, for example `PLATFORM_WEB`."""
+    APP_FIELD_APP_VERSION: _AppField.ValueType  # 2
+    """App version."""
+    APP_FIELD_DEVICE_MAKE: _AppField.ValueType  # 3
+    """Device make."""
+    APP_FIELD_DEVICE_MODEL: _AppField.ValueType  # 4
+    """Device model."""
+    APP_FIELD_OS_VERSION: _AppField.ValueType  # 5
+    """OS version."""
+    APP_FIELD_SDK_VERSION: _AppField.ValueType  # 6
+    """SDK version."""
+    APP_FIELD_PUSH_TOKEN_TYPE: _AppField.ValueType  # 7
+    """Push token type: the value is a PushTokenType name."""
+
+class AppField(_AppField, metaclass=_AppFieldEnumTypeWrapper):
+    """An app field of a device."""
+
+APP_FIELD_UNSPECIFIED: AppField.ValueType  # 0
+"""Not set; invalid."""
+APP_FIELD_PLATFORM: AppField.ValueType  # 1
+"""Platform: the value is a Platform name, for example `PLATFORM_WEB`."""
+APP_FIELD_APP_VERSION: AppField.ValueType  # 2
+"""App version."""
+APP_FIELD_DEVICE_MAKE: AppField.ValueType  # 3
+"""Device make."""
+APP_FIELD_DEVICE_MODEL: AppField.ValueType  # 4
+"""Device model."""
+APP_FIELD_OS_VERSION: AppField.ValueType  # 5
+"""OS version."""
+APP_FIELD_SDK_VERSION: AppField.ValueType  # 6
+"""SDK version."""
+APP_FIELD_PUSH_TOKEN_TYPE: AppField.ValueType  # 7
+"""Push token type: the value is a PushTokenType name."""
+Global___AppField: _TypeAlias = AppField  # noqa: Y015
+
+class _Occurrence:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OccurrenceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Occurrence.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OCCURRENCE_UNSPECIFIED: _Occurrence.ValueType  # 0
+    """Any occurrence."""
+    OCCURRENCE_FIRST_TIME: _Occurrence.ValueType  # 1
+    """The user did it for the first time within the window (never before it)."""
+    OCCURRENCE_LAST_TIME: _Occurrence.ValueType  # 2
+    """The user did it for the last time within the window (never after it)."""
+
+class Occurrence(_Occurrence, metaclass=_OccurrenceEnumTypeWrapper):
+    """Which occurrence of an event a condition looks at."""
+
+OCCURRENCE_UNSPECIFIED: Occurrence.ValueType  # 0
+"""Any occurrence."""
+OCCURRENCE_FIRST_TIME: Occurrence.ValueType  # 1
+"""The user did it for the first time within the window (never before it)."""
+OCCURRENCE_LAST_TIME: Occurrence.ValueType  # 2
+"""The user did it for the last time within the window (never after it)."""
+Global___Occurrence: _TypeAlias = Occurrence  # noqa: Y015
+
+class _Channel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Channel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CHANNEL_UNSPECIFIED: _Channel.ValueType  # 0
+    """Every qualified user."""
+    CHANNEL_SEGMENT: _Channel.ValueType  # 1
+    """Segment export: every identified user."""
+    CHANNEL_MPARTICLE: _Channel.ValueType  # 2
+    """mParticle export: every identified user."""
+    CHANNEL_SMS: _Channel.ValueType  # 3
+    """SMS: users with a phone number who did not unsubscribe from SMS."""
+    CHANNEL_WEB_POPUP: _Channel.ValueType  # 4
+    """Web pop-up: users seen on a web device."""
+
+class Channel(_Channel, metaclass=_ChannelEnumTypeWrapper):
+    """How an audience is reached, which decides who of it is reachable."""
+
+CHANNEL_UNSPECIFIED: Channel.ValueType  # 0
+"""Every qualified user."""
+CHANNEL_SEGMENT: Channel.ValueType  # 1
+"""Segment export: every identified user."""
+CHANNEL_MPARTICLE: Channel.ValueType  # 2
+"""mParticle export: every identified user."""
+CHANNEL_SMS: Channel.ValueType  # 3
+"""SMS: users with a phone number who did not unsubscribe from SMS."""
+CHANNEL_WEB_POPUP: Channel.ValueType  # 4
+"""Web pop-up: users seen on a web device."""
+Global___Channel: _TypeAlias = Channel  # noqa: Y015
+
+class _IdentityKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _IdentityKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IdentityKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    IDENTITY_KIND_UNSPECIFIED: _IdentityKind.ValueType  # 0
+    """Not set; invalid."""
+    IDENTITY_KIND_USER_ID: _IdentityKind.ValueType  # 1
+    """User ids."""
+    IDENTITY_KIND_EMAIL: _IdentityKind.ValueType  # 2
+    """Email addresses (matched case-insensitively)."""
+    IDENTITY_KIND_PHONE: _IdentityKind.ValueType  # 3
+    """Phone numbers in E.164 form."""
+
+class IdentityKind(_IdentityKind, metaclass=_IdentityKindEnumTypeWrapper):
+    """What identifies the rows of a custom list."""
+
+IDENTITY_KIND_UNSPECIFIED: IdentityKind.ValueType  # 0
+"""Not set; invalid."""
+IDENTITY_KIND_USER_ID: IdentityKind.ValueType  # 1
+"""User ids."""
+IDENTITY_KIND_EMAIL: IdentityKind.ValueType  # 2
+"""Email addresses (matched case-insensitively)."""
+IDENTITY_KIND_PHONE: IdentityKind.ValueType  # 3
+"""Phone numbers in E.164 form."""
+Global___IdentityKind: _TypeAlias = IdentityKind  # noqa: Y015
 
 @_typing.final
 class User(_message.Message):
-    """A user profile."""
+    """A user profile: custom properties and the system fields segments can target."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -113,15 +409,33 @@ class User(_message.Message):
     TIMEZONE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    EMAIL_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    IDENTITIES_FIELD_NUMBER: _builtins.int
+    GENDER_FIELD_NUMBER: _builtins.int
+    DATE_OF_BIRTH_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    SUBSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    DEVICES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `users/{user_id}`. Output only."""
     user_id: _builtins.str
     """The caller's identity for this user; 1-200 characters."""
     timezone: _builtins.str
     """IANA timezone name, for example `Asia/Kolkata`. Empty means the account default."""
+    email: _builtins.str
+    """Email address."""
+    phone: _builtins.str
+    """Phone number in E.164 form, for example `+14155550100`."""
+    gender: Global___Gender.ValueType
+    """Demographics."""
+    date_of_birth: _builtins.str
+    """Date of birth as `YYYY-MM-DD`; segments target the age it gives."""
     @_builtins.property
     def properties(self) -> _struct_pb2.Struct:
-        """Free-form profile properties used by segment filters and personalization."""
+        """Custom properties: strings, numbers, booleans, lists of strings, and date-times written as
+        RFC 3339 strings (`2026-05-01T10:00:00Z`). A property keeps the type it was first sent with.
+        """
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -130,6 +444,22 @@ class User(_message.Message):
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
+
+    @_builtins.property
+    def identities(self) -> _containers.RepeatedCompositeFieldContainer[Global___Identity]:
+        """Further identities of the user, for example a CRM id."""
+
+    @_builtins.property
+    def location(self) -> Global___Location:
+        """Where the user is."""
+
+    @_builtins.property
+    def subscriptions(self) -> Global___Subscriptions:
+        """Whether the user opted out of channels."""
+
+    @_builtins.property
+    def devices(self) -> _containers.RepeatedCompositeFieldContainer[Global___Device]:
+        """The devices and browsers the user was seen on, each with its app fields."""
 
     def __init__(
         self,
@@ -140,18 +470,183 @@ class User(_message.Message):
         timezone: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        email: _builtins.str = ...,
+        phone: _builtins.str = ...,
+        identities: _abc.Iterable[Global___Identity] | None = ...,
+        gender: Global___Gender.ValueType = ...,
+        date_of_birth: _builtins.str = ...,
+        location: Global___Location | None = ...,
+        subscriptions: Global___Subscriptions | None = ...,
+        devices: _abc.Iterable[Global___Device] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "properties", b"properties", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "location", b"location", "properties", b"properties", "subscriptions", b"subscriptions", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "name", b"name", "properties", b"properties", "timezone", b"timezone", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "date_of_birth", b"date_of_birth", "devices", b"devices", "email", b"email", "gender", b"gender", "identities", b"identities", "location", b"location", "name", b"name", "phone", b"phone", "properties", b"properties", "subscriptions", b"subscriptions", "timezone", b"timezone", "update_time", b"update_time", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___User: _TypeAlias = User  # noqa: Y015
 
 @_typing.final
+class Identity(_message.Message):
+    """Another identity of a user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    """What kind of identity, for example `crm_id`; 1-64 characters."""
+    value: _builtins.str
+    """The identity; 1-200 characters."""
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["type", b"type", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Identity: _TypeAlias = Identity  # noqa: Y015
+
+@_typing.final
+class Location(_message.Message):
+    """A user's coarse and exact location."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COUNTRY_FIELD_NUMBER: _builtins.int
+    REGION_FIELD_NUMBER: _builtins.int
+    CITY_FIELD_NUMBER: _builtins.int
+    LATITUDE_FIELD_NUMBER: _builtins.int
+    LONGITUDE_FIELD_NUMBER: _builtins.int
+    country: _builtins.str
+    """ISO 3166-1 alpha-2 country code, for example `US`."""
+    region: _builtins.str
+    """Region or state, for example `California`."""
+    city: _builtins.str
+    """City, for example `San Francisco`."""
+    latitude: _builtins.float
+    """Last known position, for radius targeting; set both or neither."""
+    longitude: _builtins.float
+    """Last known position, for radius targeting; set both or neither."""
+    def __init__(
+        self,
+        *,
+        country: _builtins.str = ...,
+        region: _builtins.str = ...,
+        city: _builtins.str = ...,
+        latitude: _builtins.float | None = ...,
+        longitude: _builtins.float | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_latitude", b"_latitude", "_longitude", b"_longitude", "latitude", b"latitude", "longitude", b"longitude"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_latitude", b"_latitude", "_longitude", b"_longitude", "city", b"city", "country", b"country", "latitude", b"latitude", "longitude", b"longitude", "region", b"region"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__latitude: _TypeAlias = _typing.Literal["latitude"]  # noqa: Y015
+    _WhichOneofArgType__latitude: _TypeAlias = _typing.Literal["_latitude", b"_latitude"]  # noqa: Y015
+    _WhichOneofReturnType__longitude: _TypeAlias = _typing.Literal["longitude"]  # noqa: Y015
+    _WhichOneofArgType__longitude: _TypeAlias = _typing.Literal["_longitude", b"_longitude"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latitude) -> _WhichOneofReturnType__latitude | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__longitude) -> _WhichOneofReturnType__longitude | None: ...
+
+Global___Location: _TypeAlias = Location  # noqa: Y015
+
+@_typing.final
+class Subscriptions(_message.Message):
+    """Channel opt-outs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EMAIL_UNSUBSCRIBED_FIELD_NUMBER: _builtins.int
+    SMS_UNSUBSCRIBED_FIELD_NUMBER: _builtins.int
+    email_unsubscribed: _builtins.bool
+    """The user unsubscribed from email."""
+    sms_unsubscribed: _builtins.bool
+    """The user unsubscribed from SMS."""
+    def __init__(
+        self,
+        *,
+        email_unsubscribed: _builtins.bool = ...,
+        sms_unsubscribed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["email_unsubscribed", b"email_unsubscribed", "sms_unsubscribed", b"sms_unsubscribed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Subscriptions: _TypeAlias = Subscriptions  # noqa: Y015
+
+@_typing.final
+class Device(_message.Message):
+    """One device of a user, with the app fields its SDK reports."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEVICE_ID_FIELD_NUMBER: _builtins.int
+    PLATFORM_FIELD_NUMBER: _builtins.int
+    APP_VERSION_FIELD_NUMBER: _builtins.int
+    MAKE_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    OS_VERSION_FIELD_NUMBER: _builtins.int
+    SDK_VERSION_FIELD_NUMBER: _builtins.int
+    PUSH_TOKEN_FIELD_NUMBER: _builtins.int
+    PUSH_TOKEN_TYPE_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_TIME_FIELD_NUMBER: _builtins.int
+    device_id: _builtins.str
+    """The device's id; 1-200 characters, unique per user."""
+    platform: Global___Platform.ValueType
+    """Where it runs."""
+    app_version: _builtins.str
+    """App version, for example `5.2.0`."""
+    make: _builtins.str
+    """Device make, for example `Samsung`."""
+    model: _builtins.str
+    """Device model, for example `SM-G991B`."""
+    os_version: _builtins.str
+    """OS version, for example `14`."""
+    sdk_version: _builtins.str
+    """SDK version, for example `1.4.0`."""
+    push_token: _builtins.str
+    """Push token."""
+    push_token_type: Global___PushTokenType.ValueType
+    """Kind of push token; required with a push token."""
+    @_builtins.property
+    def last_seen_time(self) -> _timestamp_pb2.Timestamp:
+        """When the device was last seen."""
+
+    def __init__(
+        self,
+        *,
+        device_id: _builtins.str = ...,
+        platform: Global___Platform.ValueType = ...,
+        app_version: _builtins.str = ...,
+        make: _builtins.str = ...,
+        model: _builtins.str = ...,
+        os_version: _builtins.str = ...,
+        sdk_version: _builtins.str = ...,
+        push_token: _builtins.str = ...,
+        push_token_type: Global___PushTokenType.ValueType = ...,
+        last_seen_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen_time", b"last_seen_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app_version", b"app_version", "device_id", b"device_id", "last_seen_time", b"last_seen_time", "make", b"make", "model", b"model", "os_version", b"os_version", "platform", b"platform", "push_token", b"push_token", "push_token_type", b"push_token_type", "sdk_version", b"sdk_version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Device: _TypeAlias = Device  # noqa: Y015
+
+@_typing.final
 class PropertyCondition(_message.Message):
-    """One test on a user property."""
+    """One test on a custom property (of a user, or of an event in an event condition)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -159,12 +654,12 @@ class PropertyCondition(_message.Message):
     OPERATOR_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     property: _builtins.str
-    """Property key, for example `country`."""
+    """Property key, for example `plan`."""
     operator: Global___Operator.ValueType
     """The comparison."""
     @_builtins.property
     def value(self) -> _struct_pb2.Value:
-        """The operand; a list for OPERATOR_IN."""
+        """The operand; a list for OPERATOR_IN and OPERATOR_BETWEEN."""
 
     def __init__(
         self,
@@ -182,28 +677,435 @@ class PropertyCondition(_message.Message):
 Global___PropertyCondition: _TypeAlias = PropertyCondition  # noqa: Y015
 
 @_typing.final
-class SegmentFilter(_message.Message):
-    """Who a segment selects, by user properties."""
+class ProfileCondition(_message.Message):
+    """One test on a system field of the profile: demographics, geography, identity."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    MATCH_FIELD_NUMBER: _builtins.int
-    CONDITIONS_FIELD_NUMBER: _builtins.int
-    match: Global___Match.ValueType
-    """How the conditions combine."""
+    FIELD_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    field: Global___ProfileField.ValueType
+    """The field."""
+    operator: Global___Operator.ValueType
+    """The comparison; it must suit the field's type."""
     @_builtins.property
-    def conditions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PropertyCondition]:
-        """At least one condition."""
+    def value(self) -> _struct_pb2.Value:
+        """The operand."""
 
     def __init__(
         self,
         *,
-        match: Global___Match.ValueType = ...,
-        conditions: _abc.Iterable[Global___PropertyCondition] | None = ...,
+        field: Global___ProfileField.ValueType = ...,
+        operator: Global___Operator.ValueType = ...,
+        value: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "operator", b"operator", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProfileCondition: _TypeAlias = ProfileCondition  # noqa: Y015
+
+@_typing.final
+class GeoCircle(_message.Message):
+    """A point and a radius around it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LATITUDE_FIELD_NUMBER: _builtins.int
+    LONGITUDE_FIELD_NUMBER: _builtins.int
+    RADIUS_KM_FIELD_NUMBER: _builtins.int
+    LABEL_FIELD_NUMBER: _builtins.int
+    latitude: _builtins.float
+    """Latitude of the centre, -90 to 90."""
+    longitude: _builtins.float
+    """Longitude of the centre, -180 to 180."""
+    radius_km: _builtins.float
+    """Radius in kilometres, more than 0 and at most 20,000."""
+    label: _builtins.str
+    """What the place is, for people reading the segment (for example `Paris`)."""
+    def __init__(
+        self,
+        *,
+        latitude: _builtins.float = ...,
+        longitude: _builtins.float = ...,
+        radius_km: _builtins.float = ...,
+        label: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["conditions", b"conditions", "match", b"match"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label", b"label", "latitude", b"latitude", "longitude", b"longitude", "radius_km", b"radius_km"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GeoCircle: _TypeAlias = GeoCircle  # noqa: Y015
+
+@_typing.final
+class RadiusCondition(_message.Message):
+    """The user's last known position lies within any of the circles."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CIRCLES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def circles(self) -> _containers.RepeatedCompositeFieldContainer[Global___GeoCircle]:
+        """1 to 100 circles."""
+
+    def __init__(
+        self,
+        *,
+        circles: _abc.Iterable[Global___GeoCircle] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["circles", b"circles"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RadiusCondition: _TypeAlias = RadiusCondition  # noqa: Y015
+
+@_typing.final
+class ReachabilityCondition(_message.Message):
+    """Whether the user is reachable in a given way (or, with is_true false, is not)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REACHABILITY_FIELD_NUMBER: _builtins.int
+    IS_TRUE_FIELD_NUMBER: _builtins.int
+    reachability: Global___Reachability.ValueType
+    """What is tested."""
+    is_true: _builtins.bool
+    """The answer wanted."""
+    def __init__(
+        self,
+        *,
+        reachability: Global___Reachability.ValueType = ...,
+        is_true: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["is_true", b"is_true", "reachability", b"reachability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReachabilityCondition: _TypeAlias = ReachabilityCondition  # noqa: Y015
+
+@_typing.final
+class AppFieldCondition(_message.Message):
+    """Holds when any device of the user matches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    field: Global___AppField.ValueType
+    """The field."""
+    operator: Global___Operator.ValueType
+    """The comparison (strings: equals, not equals, in, contains, starts with, exists, not exists)."""
+    @_builtins.property
+    def value(self) -> _struct_pb2.Value:
+        """The operand."""
+
+    def __init__(
+        self,
+        *,
+        field: Global___AppField.ValueType = ...,
+        operator: Global___Operator.ValueType = ...,
+        value: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "operator", b"operator", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AppFieldCondition: _TypeAlias = AppFieldCondition  # noqa: Y015
+
+@_typing.final
+class CountCondition(_message.Message):
+    """How many times something happened."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATOR_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    operator: Global___Operator.ValueType
+    """The comparison: OPERATOR_GREATER_THAN_OR_EQUAL (at least), OPERATOR_LESS_THAN_OR_EQUAL (at
+    most) or OPERATOR_EQUALS (exactly).
+    """
+    value: _builtins.int
+    """The count, zero or more."""
+    def __init__(
+        self,
+        *,
+        operator: Global___Operator.ValueType = ...,
+        value: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["operator", b"operator", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CountCondition: _TypeAlias = CountCondition  # noqa: Y015
+
+@_typing.final
+class TimeWindow(_message.Message):
+    """A span of time, relative to evaluation or fixed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LAST_DAYS_FIELD_NUMBER: _builtins.int
+    BETWEEN_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    last_days: _builtins.int
+    """The last N days before evaluation, N from 1 to 3650."""
+    @_builtins.property
+    def between(self) -> Global___TimeRange:
+        """Between two times."""
+
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """From a time until evaluation."""
+
+    def __init__(
+        self,
+        *,
+        last_days: _builtins.int = ...,
+        between: Global___TimeRange | None = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["between", b"between", "last_days", b"last_days", "since", b"since", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["between", b"between", "last_days", b"last_days", "since", b"since", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_window: _TypeAlias = _typing.Literal["last_days", "between", "since"]  # noqa: Y015
+    _WhichOneofArgType_window: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_window) -> _WhichOneofReturnType_window | None: ...
+
+Global___TimeWindow: _TypeAlias = TimeWindow  # noqa: Y015
+
+@_typing.final
+class TimeRange(_message.Message):
+    """From start_time (included) to end_time (excluded)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start; required."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End; required, after start_time."""
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TimeRange: _TypeAlias = TimeRange  # noqa: Y015
+
+@_typing.final
+class EventCondition(_message.Message):
+    """Past behaviour: the user did (or did not) do an event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    DID_NOT_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    OCCURRENCE_FIELD_NUMBER: _builtins.int
+    event_name: _builtins.str
+    """The event name; empty means any event."""
+    did_not: _builtins.bool
+    """True: the user did NOT do it (as described by the other fields)."""
+    occurrence: Global___Occurrence.ValueType
+    """First or last time."""
+    @_builtins.property
+    def where(self) -> _containers.RepeatedCompositeFieldContainer[Global___PropertyCondition]:
+        """Only events whose properties pass every one of these count."""
+
+    @_builtins.property
+    def count(self) -> Global___CountCondition:
+        """How many times; unset means at least once."""
+
+    @_builtins.property
+    def window(self) -> Global___TimeWindow:
+        """When; unset means ever."""
+
+    def __init__(
+        self,
+        *,
+        event_name: _builtins.str = ...,
+        did_not: _builtins.bool = ...,
+        where: _abc.Iterable[Global___PropertyCondition] | None = ...,
+        count: Global___CountCondition | None = ...,
+        window: Global___TimeWindow | None = ...,
+        occurrence: Global___Occurrence.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "did_not", b"did_not", "event_name", b"event_name", "occurrence", b"occurrence", "where", b"where", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventCondition: _TypeAlias = EventCondition  # noqa: Y015
+
+@_typing.final
+class ConstantPropertyCondition(_message.Message):
+    """Several event conditions that must all hold with the same value of one event property, for
+    example viewed a product and added the same `product_id` to the cart.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPERTY_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    property: _builtins.str
+    """The event property held constant."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___EventCondition]:
+        """2 to 10 event conditions (did, not did_not)."""
+
+    def __init__(
+        self,
+        *,
+        property: _builtins.str = ...,
+        events: _abc.Iterable[Global___EventCondition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "property", b"property"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConstantPropertyCondition: _TypeAlias = ConstantPropertyCondition  # noqa: Y015
+
+@_typing.final
+class Condition(_message.Message):
+    """One condition of a filter."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROPERTY_FIELD_NUMBER: _builtins.int
+    PROFILE_FIELD_NUMBER: _builtins.int
+    RADIUS_FIELD_NUMBER: _builtins.int
+    REACHABILITY_FIELD_NUMBER: _builtins.int
+    APP_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    CONSTANT_PROPERTY_FIELD_NUMBER: _builtins.int
+    IN_LIST_FIELD_NUMBER: _builtins.int
+    IN_SEGMENT_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    in_list: _builtins.str
+    """Membership of a custom list: `lists/{list}`."""
+    in_segment: _builtins.str
+    """Membership of another saved segment: `segments/{segment}`."""
+    @_builtins.property
+    def property(self) -> Global___PropertyCondition:
+        """A custom profile property."""
+
+    @_builtins.property
+    def profile(self) -> Global___ProfileCondition:
+        """A system field: demographics, geography, identity."""
+
+    @_builtins.property
+    def radius(self) -> Global___RadiusCondition:
+        """Last known position within a radius."""
+
+    @_builtins.property
+    def reachability(self) -> Global___ReachabilityCondition:
+        """Reachability."""
+
+    @_builtins.property
+    def app(self) -> Global___AppFieldCondition:
+        """App fields of any device."""
+
+    @_builtins.property
+    def event(self) -> Global___EventCondition:
+        """Past behaviour."""
+
+    @_builtins.property
+    def constant_property(self) -> Global___ConstantPropertyCondition:
+        """Events sharing one property value."""
+
+    @_builtins.property
+    def group(self) -> Global___SegmentFilter:
+        """A nested filter."""
+
+    def __init__(
+        self,
+        *,
+        property: Global___PropertyCondition | None = ...,
+        profile: Global___ProfileCondition | None = ...,
+        radius: Global___RadiusCondition | None = ...,
+        reachability: Global___ReachabilityCondition | None = ...,
+        app: Global___AppFieldCondition | None = ...,
+        event: Global___EventCondition | None = ...,
+        constant_property: Global___ConstantPropertyCondition | None = ...,
+        in_list: _builtins.str = ...,
+        in_segment: _builtins.str = ...,
+        group: Global___SegmentFilter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "constant_property", b"constant_property", "event", b"event", "group", b"group", "in_list", b"in_list", "in_segment", b"in_segment", "kind", b"kind", "profile", b"profile", "property", b"property", "radius", b"radius", "reachability", b"reachability"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["app", b"app", "constant_property", b"constant_property", "event", b"event", "group", b"group", "in_list", b"in_list", "in_segment", b"in_segment", "kind", b"kind", "profile", b"profile", "property", b"property", "radius", b"radius", "reachability", b"reachability"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["property", "profile", "radius", "reachability", "app", "event", "constant_property", "in_list", "in_segment", "group"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___Condition: _TypeAlias = Condition  # noqa: Y015
+
+@_typing.final
+class SegmentFilter(_message.Message):
+    """Who an audience selects: every condition of all_of holds, at least one of any_of holds (when
+    any_of has conditions) and none of none_of holds. At least one condition in all; at most 16
+    levels deep and 200 conditions in all.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALL_OF_FIELD_NUMBER: _builtins.int
+    ANY_OF_FIELD_NUMBER: _builtins.int
+    NONE_OF_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def all_of(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]:
+        """Conditions that must all hold."""
+
+    @_builtins.property
+    def any_of(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]:
+        """Conditions of which at least one must hold."""
+
+    @_builtins.property
+    def none_of(self) -> _containers.RepeatedCompositeFieldContainer[Global___Condition]:
+        """Conditions of which none may hold."""
+
+    def __init__(
+        self,
+        *,
+        all_of: _abc.Iterable[Global___Condition] | None = ...,
+        any_of: _abc.Iterable[Global___Condition] | None = ...,
+        none_of: _abc.Iterable[Global___Condition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all_of", b"all_of", "any_of", b"any_of", "none_of", b"none_of"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -246,6 +1148,40 @@ class Segment(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Segment: _TypeAlias = Segment  # noqa: Y015
+
+@_typing.final
+class Audience(_message.Message):
+    """Who a campaign or a reach estimate is about: a saved segment, an ad-hoc filter or a list."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEGMENT_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIST_FIELD_NUMBER: _builtins.int
+    segment: _builtins.str
+    """A saved segment: `segments/{segment}`."""
+    list: _builtins.str
+    """A custom list: `lists/{list}`."""
+    @_builtins.property
+    def filter(self) -> Global___SegmentFilter:
+        """An ad-hoc filter."""
+
+    def __init__(
+        self,
+        *,
+        segment: _builtins.str = ...,
+        filter: Global___SegmentFilter | None = ...,
+        list: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "list", b"list", "segment", b"segment", "source", b"source"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "list", b"list", "segment", b"segment", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["segment", "filter", "list"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
+
+Global___Audience: _TypeAlias = Audience  # noqa: Y015
 
 @_typing.final
 class UpsertUsersRequest(_message.Message):
@@ -447,17 +1383,23 @@ class EstimateReachRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SEGMENT_FIELD_NUMBER: _builtins.int
-    segment: _builtins.str
-    """`segments/{segment}`."""
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    channel: Global___Channel.ValueType
+    """How they would be reached."""
+    @_builtins.property
+    def audience(self) -> Global___Audience:
+        """Who; required."""
+
     def __init__(
         self,
         *,
-        segment: _builtins.str = ...,
+        audience: Global___Audience | None = ...,
+        channel: Global___Channel.ValueType = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "channel", b"channel"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -470,16 +1412,20 @@ class EstimateReachResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     USER_COUNT_FIELD_NUMBER: _builtins.int
+    REACHABLE_COUNT_FIELD_NUMBER: _builtins.int
     user_count: _builtins.int
-    """Users the segment selects now."""
+    """Users the audience selects now."""
+    reachable_count: _builtins.int
+    """Of those, the users the channel can reach."""
     def __init__(
         self,
         *,
         user_count: _builtins.int = ...,
+        reachable_count: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_count", b"user_count"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reachable_count", b"reachable_count", "user_count", b"user_count"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -491,35 +1437,51 @@ class StreamAudienceRequest(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
-    SEGMENT_FIELD_NUMBER: _builtins.int
+    AUDIENCE_FIELD_NUMBER: _builtins.int
     ATTRIBUTE_KEYS_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     START_AFTER_USER_ID_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_AS_JSON_FIELD_NUMBER: _builtins.int
-    segment: _builtins.str
-    """`segments/{segment}`."""
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    EVALUATION_TIME_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Members per streamed page (default 500, at most 5000)."""
     start_after_user_id: _builtins.str
     """Resume after this user id (members come in user id order)."""
     attributes_as_json: _builtins.bool
     """Return attributes as attributes_json instead of attributes (compact, for bulk readers)."""
+    channel: Global___Channel.ValueType
+    """Only the members this channel can reach."""
+    @_builtins.property
+    def audience(self) -> Global___Audience:
+        """Who; required."""
+
     @_builtins.property
     def attribute_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Profile properties to return with each member; empty returns none."""
+        """Profile fields to return with each member: custom property keys, or system fields `email`,
+        `phone`, `gender`, `date_of_birth`, `country`, `region`, `city`, `devices`.
+        """
+
+    @_builtins.property
+    def evaluation_time(self) -> _timestamp_pb2.Timestamp:
+        """The time relative conditions ("last 7 days") are evaluated at; unset means now. A resumed
+        stream passes the time it started with, so every page selects from the same moment.
+        """
 
     def __init__(
         self,
         *,
-        segment: _builtins.str = ...,
+        audience: Global___Audience | None = ...,
         attribute_keys: _abc.Iterable[_builtins.str] | None = ...,
         page_size: _builtins.int = ...,
         start_after_user_id: _builtins.str = ...,
         attributes_as_json: _builtins.bool = ...,
+        channel: Global___Channel.ValueType = ...,
+        evaluation_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "evaluation_time", b"evaluation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "page_size", b"page_size", "segment", b"segment", "start_after_user_id", b"start_after_user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "audience", b"audience", "channel", b"channel", "evaluation_time", b"evaluation_time", "page_size", b"page_size", "start_after_user_id", b"start_after_user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -543,7 +1505,7 @@ class AudienceMember(_message.Message):
     """The same attributes as a JSON object, when the request asked for attributes_as_json."""
     @_builtins.property
     def attributes(self) -> _struct_pb2.Struct:
-        """The requested profile properties that the user has."""
+        """The requested profile fields that the user has."""
 
     def __init__(
         self,
@@ -584,3 +1546,313 @@ class StreamAudienceResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StreamAudienceResponse: _TypeAlias = StreamAudienceResponse  # noqa: Y015
+
+@_typing.final
+class Event(_message.Message):
+    """Something a user did."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    PROPERTIES_FIELD_NUMBER: _builtins.int
+    CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The user; 1-200 characters. A user not seen before is created."""
+    name: _builtins.str
+    """What happened, for example `Added To Cart`; 1-200 characters. `herald.profile` sets the
+    user's custom properties from the event's properties.
+    """
+    client_event_id: _builtins.str
+    """The sender's id of the event (1-200 characters): a second event with the same id is ignored."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened; at most one day ahead of now. Unset means when received."""
+
+    @_builtins.property
+    def properties(self) -> _struct_pb2.Struct:
+        """Properties of the event."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        properties: _struct_pb2.Struct | None = ...,
+        client_event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["properties", b"properties", "time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_event_id", b"client_event_id", "name", b"name", "properties", b"properties", "time", b"time", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class IngestEventsRequest(_message.Message):
+    """Request for IngestEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___Event]:
+        """1 to 1000 events, at most 1 MB in all."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestEventsRequest: _TypeAlias = IngestEventsRequest  # noqa: Y015
+
+@_typing.final
+class IngestEventsResponse(_message.Message):
+    """Response for IngestEvents."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCEPTED_COUNT_FIELD_NUMBER: _builtins.int
+    DUPLICATE_COUNT_FIELD_NUMBER: _builtins.int
+    accepted_count: _builtins.int
+    """Events recorded by this call."""
+    duplicate_count: _builtins.int
+    """Events ignored because their client_event_id was recorded before."""
+    def __init__(
+        self,
+        *,
+        accepted_count: _builtins.int = ...,
+        duplicate_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accepted_count", b"accepted_count", "duplicate_count", b"duplicate_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IngestEventsResponse: _TypeAlias = IngestEventsResponse  # noqa: Y015
+
+@_typing.final
+class RejectedRow(_message.Message):
+    """A row of an upload that could not be used."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LINE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    line: _builtins.int
+    """1-based line number in the upload."""
+    reason: _builtins.str
+    """Why."""
+    def __init__(
+        self,
+        *,
+        line: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["line", b"line", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RejectedRow: _TypeAlias = RejectedRow  # noqa: Y015
+
+@_typing.final
+class CustomList(_message.Message):
+    """A custom list of users, uploaded as identities."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DISPLAY_NAME_FIELD_NUMBER: _builtins.int
+    IDENTITY_KIND_FIELD_NUMBER: _builtins.int
+    ROW_COUNT_FIELD_NUMBER: _builtins.int
+    MATCHED_COUNT_FIELD_NUMBER: _builtins.int
+    UNMATCHED_COUNT_FIELD_NUMBER: _builtins.int
+    REJECTED_COUNT_FIELD_NUMBER: _builtins.int
+    REJECTED_ROWS_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Resource name: `lists/{list}`. Output only."""
+    display_name: _builtins.str
+    """Human-readable name; required."""
+    identity_kind: Global___IdentityKind.ValueType
+    """What the rows hold; required."""
+    row_count: _builtins.int
+    """Rows received. Output only."""
+    matched_count: _builtins.int
+    """Rows that matched a user. Output only."""
+    unmatched_count: _builtins.int
+    """Well-formed rows that matched no user. Output only."""
+    rejected_count: _builtins.int
+    """Malformed rows. Output only."""
+    @_builtins.property
+    def rejected_rows(self) -> _containers.RepeatedCompositeFieldContainer[Global___RejectedRow]:
+        """The first malformed rows, with their line numbers. Output only."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """Output only."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        display_name: _builtins.str = ...,
+        identity_kind: Global___IdentityKind.ValueType = ...,
+        row_count: _builtins.int = ...,
+        matched_count: _builtins.int = ...,
+        unmatched_count: _builtins.int = ...,
+        rejected_count: _builtins.int = ...,
+        rejected_rows: _abc.Iterable[Global___RejectedRow] | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "identity_kind", b"identity_kind", "matched_count", b"matched_count", "name", b"name", "rejected_count", b"rejected_count", "rejected_rows", b"rejected_rows", "row_count", b"row_count", "unmatched_count", b"unmatched_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CustomList: _TypeAlias = CustomList  # noqa: Y015
+
+@_typing.final
+class UploadListRequest(_message.Message):
+    """One message of an UploadList stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIST_FIELD_NUMBER: _builtins.int
+    ROWS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """In the first message only: a retry with the same id returns the list first created."""
+    @_builtins.property
+    def list(self) -> Global___CustomList:
+        """In the first message only: the list to create (display_name and identity_kind)."""
+
+    @_builtins.property
+    def rows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Rows of identities, in upload order; at most 10,000 per message."""
+
+    def __init__(
+        self,
+        *,
+        list: Global___CustomList | None = ...,
+        rows: _abc.Iterable[_builtins.str] | None = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["list", b"list"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["list", b"list", "request_id", b"request_id", "rows", b"rows"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadListRequest: _TypeAlias = UploadListRequest  # noqa: Y015
+
+@_typing.final
+class GetListRequest(_message.Message):
+    """Request for GetList."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`lists/{list}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetListRequest: _TypeAlias = GetListRequest  # noqa: Y015
+
+@_typing.final
+class ListListsRequest(_message.Message):
+    """Request for ListLists."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (default 50, at most 1000)."""
+    page_token: _builtins.str
+    """From a previous response's next_page_token."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListListsRequest: _TypeAlias = ListListsRequest  # noqa: Y015
+
+@_typing.final
+class ListListsResponse(_message.Message):
+    """Response for ListLists."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LISTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty at the end."""
+    @_builtins.property
+    def lists(self) -> _containers.RepeatedCompositeFieldContainer[Global___CustomList]:
+        """The page of lists."""
+
+    def __init__(
+        self,
+        *,
+        lists: _abc.Iterable[Global___CustomList] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["lists", b"lists", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListListsResponse: _TypeAlias = ListListsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteListRequest(_message.Message):
+    """Request for DeleteList."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`lists/{list}`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteListRequest: _TypeAlias = DeleteListRequest  # noqa: Y015

@@ -46,6 +46,31 @@ class SegmentationServiceStub:
                 request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetUserRequest.SerializeToString,
                 response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.User.FromString,
                 _registered_method=True)
+        self.IngestEvents = channel.unary_unary(
+                '/herald.segmentation.v1.SegmentationService/IngestEvents',
+                request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.IngestEventsRequest.SerializeToString,
+                response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.IngestEventsResponse.FromString,
+                _registered_method=True)
+        self.UploadList = channel.stream_unary(
+                '/herald.segmentation.v1.SegmentationService/UploadList',
+                request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UploadListRequest.SerializeToString,
+                response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.CustomList.FromString,
+                _registered_method=True)
+        self.GetList = channel.unary_unary(
+                '/herald.segmentation.v1.SegmentationService/GetList',
+                request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetListRequest.SerializeToString,
+                response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.CustomList.FromString,
+                _registered_method=True)
+        self.ListLists = channel.unary_unary(
+                '/herald.segmentation.v1.SegmentationService/ListLists',
+                request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.ListListsRequest.SerializeToString,
+                response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.ListListsResponse.FromString,
+                _registered_method=True)
+        self.DeleteList = channel.unary_unary(
+                '/herald.segmentation.v1.SegmentationService/DeleteList',
+                request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DeleteListRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
         self.CreateSegment = channel.unary_unary(
                 '/herald.segmentation.v1.SegmentationService/CreateSegment',
                 request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.CreateSegmentRequest.SerializeToString,
@@ -96,6 +121,42 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IngestEvents(self, request, context):
+        """Records what users did (at most 1000 events or 1 MB per call); idempotent by client_event_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadList(self, request_iterator, context):
+        """Uploads a custom list: the first message names the list, the following ones carry rows of
+        identities (up to 1,000,000 rows in all).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetList(self, request, context):
+        """Returns one custom list with its match counts.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListLists(self, request, context):
+        """Lists custom lists, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteList(self, request, context):
+        """Deletes a custom list.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateSegment(self, request, context):
         """Saves a segment definition.
         """
@@ -125,14 +186,15 @@ class SegmentationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def EstimateReach(self, request, context):
-        """Counts the users a segment selects right now.
+        """Counts the users an audience selects right now, and those of them a channel can reach.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamAudience(self, request, context):
-        """Streams the members of a segment in pages, ordered by user id, from one consistent snapshot.
+        """Streams the reachable members of an audience in pages, ordered by user id: the same users
+        EstimateReach counts as reachable.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -150,6 +212,31 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.GetUser,
                     request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetUserRequest.FromString,
                     response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.User.SerializeToString,
+            ),
+            'IngestEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.IngestEvents,
+                    request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.IngestEventsRequest.FromString,
+                    response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.IngestEventsResponse.SerializeToString,
+            ),
+            'UploadList': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadList,
+                    request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UploadListRequest.FromString,
+                    response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.CustomList.SerializeToString,
+            ),
+            'GetList': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetList,
+                    request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetListRequest.FromString,
+                    response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.CustomList.SerializeToString,
+            ),
+            'ListLists': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListLists,
+                    request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.ListListsRequest.FromString,
+                    response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.ListListsResponse.SerializeToString,
+            ),
+            'DeleteList': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteList,
+                    request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DeleteListRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
             'CreateSegment': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateSegment,
@@ -237,6 +324,141 @@ class SegmentationService:
             '/herald.segmentation.v1.SegmentationService/GetUser',
             herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetUserRequest.SerializeToString,
             herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.User.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IngestEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.segmentation.v1.SegmentationService/IngestEvents',
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.IngestEventsRequest.SerializeToString,
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.IngestEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadList(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/herald.segmentation.v1.SegmentationService/UploadList',
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.UploadListRequest.SerializeToString,
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.CustomList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.segmentation.v1.SegmentationService/GetList',
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.GetListRequest.SerializeToString,
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.CustomList.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListLists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.segmentation.v1.SegmentationService/ListLists',
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.ListListsRequest.SerializeToString,
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.ListListsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteList(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.segmentation.v1.SegmentationService/DeleteList',
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DeleteListRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -38,6 +38,18 @@ class SegmentationServiceStub:
     """Creates or replaces user profiles in one call (at most 1000 users)."""
     GetUser: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.GetUserRequest, _segmentation_service_pb2.User]
     """Returns one user profile."""
+    IngestEvents: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.IngestEventsRequest, _segmentation_service_pb2.IngestEventsResponse]
+    """Records what users did (at most 1000 events or 1 MB per call); idempotent by client_event_id."""
+    UploadList: _grpc.StreamUnaryMultiCallable[_segmentation_service_pb2.UploadListRequest, _segmentation_service_pb2.CustomList]
+    """Uploads a custom list: the first message names the list, the following ones carry rows of
+    identities (up to 1,000,000 rows in all).
+    """
+    GetList: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.GetListRequest, _segmentation_service_pb2.CustomList]
+    """Returns one custom list with its match counts."""
+    ListLists: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.ListListsRequest, _segmentation_service_pb2.ListListsResponse]
+    """Lists custom lists, newest first."""
+    DeleteList: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.DeleteListRequest, _empty_pb2.Empty]
+    """Deletes a custom list."""
     CreateSegment: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.CreateSegmentRequest, _segmentation_service_pb2.Segment]
     """Saves a segment definition."""
     GetSegment: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.GetSegmentRequest, _segmentation_service_pb2.Segment]
@@ -47,9 +59,11 @@ class SegmentationServiceStub:
     DeleteSegment: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.DeleteSegmentRequest, _empty_pb2.Empty]
     """Deletes a saved segment."""
     EstimateReach: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.EstimateReachRequest, _segmentation_service_pb2.EstimateReachResponse]
-    """Counts the users a segment selects right now."""
+    """Counts the users an audience selects right now, and those of them a channel can reach."""
     StreamAudience: _grpc.UnaryStreamMultiCallable[_segmentation_service_pb2.StreamAudienceRequest, _segmentation_service_pb2.StreamAudienceResponse]
-    """Streams the members of a segment in pages, ordered by user id, from one consistent snapshot."""
+    """Streams the reachable members of an audience in pages, ordered by user id: the same users
+    EstimateReach counts as reachable.
+    """
 
 @_typing.type_check_only
 class SegmentationServiceAsyncStub(SegmentationServiceStub):
@@ -60,6 +74,18 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     """Creates or replaces user profiles in one call (at most 1000 users)."""
     GetUser: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.GetUserRequest, _segmentation_service_pb2.User]  # type: ignore[assignment]
     """Returns one user profile."""
+    IngestEvents: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.IngestEventsRequest, _segmentation_service_pb2.IngestEventsResponse]  # type: ignore[assignment]
+    """Records what users did (at most 1000 events or 1 MB per call); idempotent by client_event_id."""
+    UploadList: _aio.StreamUnaryMultiCallable[_segmentation_service_pb2.UploadListRequest, _segmentation_service_pb2.CustomList]  # type: ignore[assignment]
+    """Uploads a custom list: the first message names the list, the following ones carry rows of
+    identities (up to 1,000,000 rows in all).
+    """
+    GetList: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.GetListRequest, _segmentation_service_pb2.CustomList]  # type: ignore[assignment]
+    """Returns one custom list with its match counts."""
+    ListLists: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.ListListsRequest, _segmentation_service_pb2.ListListsResponse]  # type: ignore[assignment]
+    """Lists custom lists, newest first."""
+    DeleteList: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.DeleteListRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Deletes a custom list."""
     CreateSegment: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.CreateSegmentRequest, _segmentation_service_pb2.Segment]  # type: ignore[assignment]
     """Saves a segment definition."""
     GetSegment: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.GetSegmentRequest, _segmentation_service_pb2.Segment]  # type: ignore[assignment]
@@ -69,9 +95,11 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     DeleteSegment: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.DeleteSegmentRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a saved segment."""
     EstimateReach: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.EstimateReachRequest, _segmentation_service_pb2.EstimateReachResponse]  # type: ignore[assignment]
-    """Counts the users a segment selects right now."""
+    """Counts the users an audience selects right now, and those of them a channel can reach."""
     StreamAudience: _aio.UnaryStreamMultiCallable[_segmentation_service_pb2.StreamAudienceRequest, _segmentation_service_pb2.StreamAudienceResponse]  # type: ignore[assignment]
-    """Streams the members of a segment in pages, ordered by user id, from one consistent snapshot."""
+    """Streams the reachable members of an audience in pages, ordered by user id: the same users
+    EstimateReach counts as reachable.
+    """
 
 class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns user profiles and saved segments, and answers who is in a segment."""
@@ -91,6 +119,48 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segmentation_service_pb2.User, _abc.Awaitable[_segmentation_service_pb2.User]]:
         """Returns one user profile."""
+
+    @_abc_1.abstractmethod
+    def IngestEvents(
+        self,
+        request: _segmentation_service_pb2.IngestEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_service_pb2.IngestEventsResponse, _abc.Awaitable[_segmentation_service_pb2.IngestEventsResponse]]:
+        """Records what users did (at most 1000 events or 1 MB per call); idempotent by client_event_id."""
+
+    @_abc_1.abstractmethod
+    def UploadList(
+        self,
+        request_iterator: _MaybeAsyncIterator[_segmentation_service_pb2.UploadListRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_service_pb2.CustomList, _abc.Awaitable[_segmentation_service_pb2.CustomList]]:
+        """Uploads a custom list: the first message names the list, the following ones carry rows of
+        identities (up to 1,000,000 rows in all).
+        """
+
+    @_abc_1.abstractmethod
+    def GetList(
+        self,
+        request: _segmentation_service_pb2.GetListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_service_pb2.CustomList, _abc.Awaitable[_segmentation_service_pb2.CustomList]]:
+        """Returns one custom list with its match counts."""
+
+    @_abc_1.abstractmethod
+    def ListLists(
+        self,
+        request: _segmentation_service_pb2.ListListsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_service_pb2.ListListsResponse, _abc.Awaitable[_segmentation_service_pb2.ListListsResponse]]:
+        """Lists custom lists, newest first."""
+
+    @_abc_1.abstractmethod
+    def DeleteList(
+        self,
+        request: _segmentation_service_pb2.DeleteListRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Deletes a custom list."""
 
     @_abc_1.abstractmethod
     def CreateSegment(
@@ -130,7 +200,7 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _segmentation_service_pb2.EstimateReachRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_segmentation_service_pb2.EstimateReachResponse, _abc.Awaitable[_segmentation_service_pb2.EstimateReachResponse]]:
-        """Counts the users a segment selects right now."""
+        """Counts the users an audience selects right now, and those of them a channel can reach."""
 
     @_abc_1.abstractmethod
     def StreamAudience(
@@ -138,6 +208,8 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _segmentation_service_pb2.StreamAudienceRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_segmentation_service_pb2.StreamAudienceResponse], _abc.AsyncIterator[_segmentation_service_pb2.StreamAudienceResponse]]:
-        """Streams the members of a segment in pages, ordered by user id, from one consistent snapshot."""
+        """Streams the reachable members of an audience in pages, ordered by user id: the same users
+        EstimateReach counts as reachable.
+        """
 
 def add_SegmentationServiceServicer_to_server(servicer: SegmentationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,199 @@
+"""Events: what users did, recorded once each and announced on JetStream through the outbox."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf import json_format
+
+from herald.events.v1 import events_pb2
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common import api
+from herald_common.auth import account_name, current_account_id
+from herald_common.bus import Subjects
+from herald_common.db import Database
+from herald_common.errors import Validator
+from herald_common.outbox import OutboxEvent, enqueue
+from herald_segmentation.profiles import check_consistent_types, check_properties
+from herald_segmentation.properties import USER, PropertyType, event_subject, record_types
+from herald_segmentation.storage import SCHEMA, outbox, users
+
+MAX_EVENTS = 1000
+MAX_BATCH_BYTES = 1 << 20
+# An event of this name sets the user's custom properties from its own.
+PROFILE_EVENT = "herald.profile"
+MAX_AHEAD = timedelta(days=1)
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+
+_RECORD = sa.text(
+    f"""
+    WITH fresh AS (
+        INSERT INTO {SCHEMA}.event_receipts (account_id, client_event_id)
+        SELECT :account_id, unnest(CAST(:ids AS text[]))
+        ON CONFLICT DO NOTHING
+        RETURNING client_event_id
+    ), stored AS (
+        INSERT INTO {SCHEMA}.events (account_id, user_id, name, occurred_at, properties)
+        SELECT :account_id, e.user_id, e.name, e.occurred_at, CAST(e.properties AS jsonb)
+        FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:names AS text[]),
+                    CAST(:times AS timestamptz[]), CAST(:properties AS text[]))
+             AS e(client_event_id, user_id, name, occurred_at, properties)
+        JOIN fresh USING (client_event_id)
+        RETURNING user_id
+    )
+    SELECT client_event_id FROM fresh
+    """
+)
+_NEW_USERS = sa.text(
+    f"""
+    INSERT INTO {SCHEMA}.users (account_id, user_id)
+    SELECT :account_id, unnest(CAST(:users AS text[]))
+    ON CONFLICT DO NOTHING
+    """
+)
+
+
+def _month(moment: datetime) -> date:
+    return date(moment.year, moment.month, 1)
+
+
+def _next_month(month: date) -> date:
+    return date(month.year + month.month // 12, month.month % 12 + 1, 1)
+
+
+class Events:
+    def __init__(self, database: Database, subjects: Subjects, notify_outbox: Callable[[], None]) -> None:
+        self.database = database
+        self.subjects = subjects
+        self.notify_outbox = notify_outbox
+        self._partitions: set[date] = set()
+
+    async def _ensure_partitions(self, months: set[date]) -> None:
+        """Makes the month partitions these events go to (each once per process)."""
+        for month in sorted(months - self._partitions):
+            async with self.database.transaction() as session:
+                await session.execute(
+                    sa.text("SELECT pg_advisory_xact_lock(hashtext('segmentation:events'))")
+                )
+                await session.execute(
+                    sa.text(
+                        f"CREATE TABLE IF NOT EXISTS {SCHEMA}.events_{month:%Y_%m} "
+                        f"PARTITION OF {SCHEMA}.events FOR VALUES "
+                        f"FROM ('{month.isoformat()}') TO ('{_next_month(month).isoformat()}')"
+                    )
+                )
+            self._partitions.add(month)
+
+    @staticmethod
+    def _validate(
+        batch: Sequence[pb.Event], size: int, now: datetime
+    ) -> tuple[list[Any], list[tuple[str, str, str, PropertyType]], Validator]:
+        check = Validator()
+        check.require(0 < len(batch) <= MAX_EVENTS, "events", f"between 1 and {MAX_EVENTS} events")
+        check.require(size <= MAX_BATCH_BYTES, "events", f"{size} bytes; at most {MAX_BATCH_BYTES} per call")
+        typed: list[tuple[str, str, str, PropertyType]] = []
+        parsed = []
+        for i, event in enumerate(batch):
+            path = f"events[{i}]"
+            check.require(
+                api.is_valid_id(event.user_id), f"{path}.user_id", "required: 1-200 letters, digits or ._:@+-"
+            )
+            check.require(
+                bool(event.name.strip()) and len(event.name) <= 200,
+                f"{path}.name",
+                "required: 1-200 characters",
+            )
+            check.require(
+                0 < len(event.client_event_id) <= 200, f"{path}.client_event_id", "required: 1-200 characters"
+            )
+            when = api.from_timestamp(event.time) if event.HasField("time") else now
+            check.require(when <= now + MAX_AHEAD, f"{path}.time", "at most one day ahead of now")
+            check.require(when >= EARLIEST, f"{path}.time", "in 2000 or later")
+            values = json_format.MessageToDict(event.properties)
+            subject = USER if event.name == PROFILE_EVENT else event_subject(event.name)
+            for key, kind in check_properties(values, f"{path}.properties", check).items():
+                typed.append((f"{path}.properties.{key}", subject, key, kind))
+            parsed.append((event, when, values))
+        return parsed, typed, check
+
+    async def ingest(self, batch: Sequence[pb.Event], size: int) -> tuple[int, int]:
+        """Records the events not recorded before; returns (accepted, duplicates)."""
+        now = api.utcnow()
+        parsed, typed, check = self._validate(batch, size, now)
+        first: dict[tuple[str, str], PropertyType] = {}
+        for _, subject, key, kind in typed:
+            first.setdefault((subject, key), kind)
+        check_consistent_types(typed, first, check)
+        check.raise_if_any()
+        # The first of several events with one client id in a call counts; the others are duplicates.
+        unique = list(
+            {
+                event.client_event_id: (event, when, values) for event, when, values in reversed(parsed)
+            }.values()
+        )
+        unique.reverse()
+        await self._ensure_partitions({_month(when) for _, when, _ in unique})
+        account_id = current_account_id()
+        async with self.database.transaction() as session:
+            on_record = await record_types(session, account_id, first)
+            check_consistent_types(typed, on_record, check)
+            check.raise_if_any()
+            fresh = set(
+                await session.scalars(
+                    _RECORD,
+                    {
+                        "account_id": account_id,
+                        "ids": [e.client_event_id for e, _, _ in unique],
+                        "users": [e.user_id for e, _, _ in unique],
+                        "names": [e.name for e, _, _ in unique],
+                        "times": [when for _, when, _ in unique],
+                        "properties": [json.dumps(values) for _, _, values in unique],
+                    },
+                )
+            )
+            recorded = [(e, when, values) for e, when, values in unique if e.client_event_id in fresh]
+            if recorded:
+                await session.execute(
+                    _NEW_USERS,
+                    {"account_id": account_id, "users": sorted({e.user_id for e, _, _ in recorded})},
+                )
+                await self._apply_profile_events(session, account_id, recorded)
+                await self._announce(session, account_id, recorded, now)
+        if recorded:
+            self.notify_outbox()
+        return len(recorded), len(batch) - len(recorded)
+
+    @staticmethod
+    async def _apply_profile_events(session: Any, account_id: uuid.UUID, recorded: list[Any]) -> None:
+        merged: dict[str, dict[str, Any]] = {}
+        for event, _, values in sorted(recorded, key=lambda r: r[1]):  # the newest value wins
+            if event.name == PROFILE_EVENT:
+                merged.setdefault(event.user_id, {}).update(values)
+        for user_id, values in merged.items():
+            await session.execute(
+                sa.update(users)
+                .where(users.c.account_id == account_id, users.c.user_id == user_id)
+                .values(
+                    properties=users.c.properties.op("||")(sa.cast(values, users.c.properties.type)),
+                    updated_at=sa.func.now(),
+                )
+            )
+
+    async def _announce(
+        self, session: Any, account_id: uuid.UUID, recorded: list[Any], now: datetime
+    ) -> None:
+        announced = events_pb2.EventsIngested(
+            event_id=str(uuid.uuid4()), account=account_name(account_id), receive_time=api.timestamp(now)
+        )
+        for event, when, _ in recorded:
+            copy = announced.events.add()
+            copy.CopyFrom(event)
+            copy.time.CopyFrom(api.timestamp(when))
+        await enqueue(
+            session, outbox, [OutboxEvent.of(self.subjects.events_ingested, announced, announced.event_id)]
+        )
