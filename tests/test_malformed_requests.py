@@ -62,7 +62,7 @@ CASES: list[tuple[str, Call, str]] = [
         lambda p: p.segmentation.EstimateReach(
             segmentation_pb.EstimateReachRequest(audience=audience("segments/?"))
         ),
-        "segment",
+        "audience.segment",
     ),
     ("no users", lambda p: p.segmentation.UpsertUsers(segmentation_pb.UpsertUsersRequest()), "users"),
     (
@@ -206,4 +206,4 @@ async def test_malformed_audience_stream_is_invalid(platform: Platform) -> None:
         ):
             pass
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "segment" in field_violations(raised.value)
+    assert "audience.segment" in field_violations(raised.value)

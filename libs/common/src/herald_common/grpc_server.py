@@ -144,8 +144,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
+        if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
+            return handler
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 

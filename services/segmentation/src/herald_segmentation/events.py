@@ -9,7 +9,6 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import json_format
 
 from herald.events.v1 import events_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
@@ -20,7 +19,14 @@ from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_segmentation.profiles import check_consistent_types, check_properties
-from herald_segmentation.properties import USER, PropertyType, event_subject, record_types
+from herald_segmentation.properties import (
+    USER,
+    PropertyType,
+    as_python,
+    event_subject,
+    known_types,
+    record_types,
+)
 from herald_segmentation.storage import SCHEMA, outbox, users
 
 MAX_EVENTS = 1000
@@ -114,7 +120,7 @@ class Events:
             when = api.from_timestamp(event.time) if event.HasField("time") else now
             check.require(when <= now + MAX_AHEAD, f"{path}.time", "at most one day ahead of now")
             check.require(when >= EARLIEST, f"{path}.time", "in 2000 or later")
-            values = json_format.MessageToDict(event.properties)
+            values = as_python(event.properties) or {}
             subject = USER if event.name == PROFILE_EVENT else event_subject(event.name)
             for key, kind in check_properties(values, f"{path}.properties", check).items():
                 typed.append((f"{path}.properties.{key}", subject, key, kind))
@@ -129,6 +135,9 @@ class Events:
         for _, subject, key, kind in typed:
             first.setdefault((subject, key), kind)
         check_consistent_types(typed, first, check)
+        account_id = current_account_id()
+        async with self.database.transaction() as session:
+            check_consistent_types(typed, await known_types(session, account_id, first), check)
         check.raise_if_any()
         # The first of several events with one client id in a call counts; the others are duplicates.
         unique = list(
@@ -138,7 +147,6 @@ class Events:
         )
         unique.reverse()
         await self._ensure_partitions({_month(when) for _, when, _ in unique})
-        account_id = current_account_id()
         async with self.database.transaction() as session:
             on_record = await record_types(session, account_id, first)
             check_consistent_types(typed, on_record, check)

@@ -15,14 +15,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 from sqlalchemy.dialects.postgresql import JSONB
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.errors import Validator
 from herald_common.validation import check_text_fields
-from herald_segmentation.properties import USER, PropertyType, Typed, event_subject, parse_datetime
+from herald_segmentation.properties import USER, PropertyType, Typed, as_python, event_subject, parse_datetime
 from herald_segmentation.storage import devices, events, list_members, users
 
 Op = pb.Operator
@@ -85,8 +85,8 @@ _APP_COLUMNS = {
     pb.AppField.APP_FIELD_PUSH_TOKEN_TYPE: devices.c.push_token_type,
 }
 # Fields whose values are names of an enum.
-_ENUM_VALUES = {
-    pb.ProfileField.PROFILE_FIELD_GENDER: pb.Gender,
+_PROFILE_ENUMS = {pb.ProfileField.PROFILE_FIELD_GENDER: pb.Gender}
+_APP_ENUMS = {
     pb.AppField.APP_FIELD_PLATFORM: pb.Platform,
     pb.AppField.APP_FIELD_PUSH_TOKEN_TYPE: pb.PushTokenType,
 }
@@ -94,7 +94,7 @@ _COUNT_OPERATORS = {Op.OPERATOR_GREATER_THAN_OR_EQUAL, Op.OPERATOR_LESS_THAN_OR_
 
 
 def _python(value: struct_pb2.Value) -> Any:
-    return json_format.MessageToDict(value)
+    return as_python(value)
 
 
 def _value_type(value: Any) -> PropertyType | None:
@@ -296,8 +296,7 @@ def _profile_type(field: int) -> PropertyType:
     return T.STRING
 
 
-def _validate_enum_values(field: int, value: struct_pb2.Value, path: str, check: Validator) -> None:
-    enum = _ENUM_VALUES.get(field)
+def _validate_enum_values(enum: Any, value: struct_pb2.Value, path: str, check: Validator) -> None:
     if enum is None:
         return
     given = _python(value)
@@ -326,7 +325,7 @@ def _validate_profile(condition: pb.ProfileCondition, path: str, check: Validato
         check,
     )
     if len(check.violations) == errors and condition.operator not in _PRESENCE:
-        _validate_enum_values(condition.field, condition.value, path, check)
+        _validate_enum_values(_PROFILE_ENUMS.get(condition.field), condition.value, path, check)
 
 
 def _validate_app(condition: pb.AppFieldCondition, path: str, check: Validator) -> None:
@@ -339,7 +338,7 @@ def _validate_app(condition: pb.AppFieldCondition, path: str, check: Validator) 
     errors = len(check.violations)
     _validate_operand(condition.operator, condition.value, condition.HasField("value"), T.STRING, path, check)
     if len(check.violations) == errors and condition.operator not in _PRESENCE:
-        _validate_enum_values(condition.field, condition.value, path, check)
+        _validate_enum_values(_APP_ENUMS.get(condition.field), condition.value, path, check)
 
 
 def _validate_radius(condition: pb.RadiusCondition, path: str, check: Validator) -> None:

@@ -10,7 +10,6 @@ from datetime import date
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import json_format
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,7 +19,16 @@ from herald_common.auth import current_account_id, current_caller
 from herald_common.db import Database
 from herald_common.errors import NotFound, ResourceExhausted, Validator
 from herald_common.validation import check_text_fields
-from herald_segmentation.properties import USER, PropertyType, Typed, record_types, type_of, value_problem
+from herald_segmentation.properties import (
+    USER,
+    PropertyType,
+    Typed,
+    as_python,
+    known_types,
+    record_types,
+    type_of,
+    value_problem,
+)
 from herald_segmentation.storage import devices, users
 
 MAX_UPSERT = 1000
@@ -243,14 +251,16 @@ class Profiles:
                 check.add(f"{path}.user_id", f"{user.user_id!r} appears twice in the request")
             seen.add(user.user_id)
             _check_user(user, path, check)
-            values = json_format.MessageToDict(user.properties)
+            values = as_python(user.properties) or {}
             properties.append(values)
             for key, kind in check_properties(values, f"{path}.properties", check).items():
                 typed.append((f"{path}.properties.{key}", USER, key, kind))
                 first.setdefault((USER, key), kind)
         check_consistent_types(typed, first, check)
-        check.raise_if_any()
         account_id = current_account_id()
+        async with self.database.transaction() as session:
+            check_consistent_types(typed, await known_types(session, account_id, first), check)
+        check.raise_if_any()
         async with self.database.transaction() as session:
             on_record = await record_types(session, account_id, first)
             check_consistent_types(typed, on_record, check)

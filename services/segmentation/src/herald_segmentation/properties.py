@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf import json_format
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -55,6 +56,15 @@ def type_of(value: Any) -> PropertyType | None:
     if isinstance(value, list):
         return PropertyType.LIST
     return PropertyType.OBJECT
+
+
+def as_python(message: Any) -> Any:
+    """A Struct or Value as plain Python; None when it holds a number JSON cannot carry (NaN,
+    infinities), which check_text_fields reports at its exact path."""
+    try:
+        return json_format.MessageToDict(message)
+    except ValueError:
+        return None
 
 
 def value_problem(value: Any) -> str | None:
