@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -17,6 +18,14 @@ from herald_segmentation import storage as segmentation_storage
 from tests.conftest import Platform
 
 STORAGE = [campaign_storage, dispatch_storage, scheduler_storage, segmentation_storage]
+# Month partitions of the events table are made as events arrive, not by migrations.
+_EVENT_PARTITION = re.compile(r"events_\d{4}_\d{2}")
+
+
+def _compared(name: str | None, type_: str, storage: Any) -> bool:
+    if type_ == "schema":
+        return bool(name == storage.SCHEMA)
+    return not (type_ == "table" and name is not None and _EVENT_PARTITION.fullmatch(name))
 
 
 @pytest.mark.parametrize("storage", STORAGE, ids=[s.SCHEMA for s in STORAGE])
@@ -28,7 +37,7 @@ async def test_migrated_schema_matches_declared_tables(platform: Platform, stora
             connection,
             opts={
                 "include_schemas": True,
-                "include_name": lambda name, type_, _: type_ != "schema" or name == storage.SCHEMA,
+                "include_name": lambda name, type_, _: _compared(name, type_, storage),
                 "version_table_schema": storage.SCHEMA,
             },
         )
