@@ -3,16 +3,22 @@ EstimateReach counts exactly the users StreamAudience streams."""
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
+import nats
 import pytest
 from google.protobuf import json_format, timestamp_pb2
+from nats.js import JetStreamContext
 
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
+from herald.events.v1 import events_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
-from tests.conftest import Platform
+from herald_common.bus import Subjects
+from tests.conftest import Platform, eventually
 from tests.harness import Clients, create_account
 from tests.helpers import condition, field_violations, user, value
 
@@ -508,3 +514,28 @@ async def test_bad_events_are_refused_and_nothing_is_written(acct: Clients) -> N
     assert "events" in await _violations(
         acct.segmentation.IngestEvents(pb.IngestEventsRequest(events=[heavy]))
     )
+
+
+async def test_recorded_events_are_announced_on_jetstream(
+    platform: Platform, acct: Clients, js: JetStreamContext
+) -> None:
+    marker = f"announced-{uuid.uuid4().hex}"
+    event = pb.Event(user_id="ben", name="Shared Link", client_event_id=marker)
+    await acct.segmentation.IngestEvents(pb.IngestEventsRequest(events=[event]))
+    subjects = Subjects(platform.settings.namespace)
+
+    async def announced() -> events_pb2.EventsIngested | None:
+        try:
+            last = await js.get_last_msg(subjects.stream("segmentation"), subjects.events_ingested)
+        except nats.js.errors.NotFoundError:
+            return None
+        message = events_pb2.EventsIngested.FromString(last.data or b"")
+        return message if message.events and message.events[0].client_event_id == marker else None
+
+    await eventually(announced)
+    message = await announced()
+    assert message is not None
+    account = (await acct.accounts.GetAccount(accounts_pb.GetAccountRequest())).name
+    assert message.account == account
+    assert [(e.user_id, e.name) for e in message.events] == [("ben", "Shared Link")]
+    assert message.events[0].HasField("time")  # set to when it was received
