@@ -58,7 +58,7 @@ async def test_campaign_without_audience_is_invalid(platform: Platform, referenc
     campaign = segment_export_campaign("", destination, audience=None)
     error = await _create_fails(platform, campaign)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "campaign.audience.segment" in field_violations(error)
+    assert "campaign.audience" in field_violations(error)
 
 
 async def test_campaign_with_unknown_segment_names_the_field(
@@ -91,7 +91,7 @@ async def test_every_problem_is_reported_at_once(platform: Platform) -> None:
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert set(field_violations(error)) >= {
         "campaign.display_name",
-        "campaign.audience.segment",
+        "campaign.audience",
         "campaign.destination",
         "campaign.schedule",
         "campaign.segment_export.event_name",

@@ -303,6 +303,13 @@ async def _create_campaign(w: World) -> None:
         segment_export_campaign(w.b_segment.name, w.destination.name),
     ):
         await _refused(w.b.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign)))
+    # Nor have A's list as its audience, nor an ad-hoc audience built on A's segment.
+    on_list = _b_campaign(w)
+    on_list.audience.list = w.custom_list.name
+    ad_hoc = _b_campaign(w)
+    ad_hoc.audience.filter.all_of.add(in_segment=w.segment.name)
+    for campaign in (on_list, ad_hoc):
+        await _refused(w.b.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign)))
     created = await w.b.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=_b_campaign(w), request_id=w.request_id)
     )

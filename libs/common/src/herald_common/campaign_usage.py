@@ -19,10 +19,13 @@ class CampaignUsage:
     def __init__(self, campaign_service: grpc.aio.Channel) -> None:
         self.campaigns = campaign_grpc.CampaignServiceStub(campaign_service)
 
-    async def live_campaigns_using(self, *, segment: str = "", destination: str = "") -> list[str]:
-        """Names of scheduled or running campaigns (up to ten) using the segment or destination."""
+    async def live_campaigns_using(
+        self, *, segment: str = "", destination: str = "", custom_list: str = ""
+    ) -> list[str]:
+        """Names of scheduled or running campaigns (up to ten) using the segment, destination or
+        custom list."""
         request = campaign_pb.ListCampaignsRequest(
-            segment=segment, destination=destination, states=LIVE_STATES, page_size=10
+            segment=segment, destination=destination, list=custom_list, states=LIVE_STATES, page_size=10
         )
         try:
             response = await self.campaigns.ListCampaigns(

@@ -70,14 +70,20 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
         "campaign.display_name",
         f"at most {MAX_DISPLAY_NAME} characters",
     )
-    if check.require(
-        bool(campaign.audience.segment), "campaign.audience.segment", "required: an audience segment"
-    ):
-        check.require(
-            campaign.audience.segment.startswith("segments/"),
-            "campaign.audience.segment",
-            "must look like segments/<id>",
-        )
+    source = campaign.audience.WhichOneof("source")
+    if check.require(source is not None, "campaign.audience", "required: a segment, a filter or a list"):
+        if source == "segment":
+            check.require(
+                campaign.audience.segment.startswith("segments/"),
+                "campaign.audience.segment",
+                "must look like segments/<id>",
+            )
+        elif source == "list":
+            check.require(
+                campaign.audience.list.startswith("lists/"),
+                "campaign.audience.list",
+                "must look like lists/<id>",
+            )
     if check.require(bool(campaign.destination), "campaign.destination", "required"):
         check.require(
             campaign.destination.startswith("destinations/"),
@@ -122,7 +128,8 @@ def _spec_columns(spec: pb.Campaign) -> dict[str, Any]:
     what they use."""
     return {
         "spec": spec.SerializeToString(),
-        "segment": spec.audience.segment,
+        # The saved segment or list the audience is, if it is one.
+        "segment": spec.audience.segment or spec.audience.list,
         "destination": spec.destination,
     }
 
@@ -202,7 +209,7 @@ class Campaigns:
 
     async def _check_references(self, campaign: pb.Campaign) -> None:
         """The segment and destination exist, and the destination takes this kind of content."""
-        await self.references.segment(campaign.audience.segment, "campaign.audience.segment")
+        await self.references.audience(campaign.audience, "campaign.audience")
         destination = await self.references.destination(campaign.destination, "campaign.destination")
         content = campaign.WhichOneof("content") or ""
         needed = channels.for_content(content).destination_enum
@@ -314,6 +321,9 @@ class Campaigns:
         if request.destination:
             api.parse_uuid_name(request.destination, "destinations", "destination")
             where.append(campaigns.c.destination == request.destination)
+        if request.list:
+            api.parse_uuid_name(request.list, "lists", "list")
+            where.append(campaigns.c.segment == request.list)
         if request.states:
             where.append(campaigns.c.state.in_([_state_name(s) for s in request.states]))
         async with self.database.transaction() as session:

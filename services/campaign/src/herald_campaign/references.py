@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import grpc
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common import deadlines
-from herald_common.errors import NotFound, Unavailable, invalid
+from herald_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable, invalid
 
 LOOKUP_TIMEOUT_SECONDS = 5.0
 
@@ -22,19 +25,32 @@ def _translate(error: grpc.aio.AioRpcError, name: str, field: str, owner: str) -
     return Unavailable(f"{owner} service: {error.code().name} {error.details()}")
 
 
+def _details(error: grpc.aio.AioRpcError) -> tuple[list[FieldViolation], str]:
+    """The field violations and the missing resource's name an error of ours carries."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    violations: list[FieldViolation] = []
+    missing = ""
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
+        elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
+            info = error_details_pb2.ResourceInfo()
+            detail.Unpack(info)
+            missing = info.resource_name
+    return violations, missing
+
+
+def _under(field: str, path: str) -> str:
+    """Segmentation's `audience.x` as the campaign's `campaign.audience.x`."""
+    return path + field.removeprefix("audience") if field.startswith("audience") else path
+
+
 class References:
     def __init__(self, segmentation: grpc.aio.Channel, dispatch: grpc.aio.Channel) -> None:
         self.segments = segmentation_grpc.SegmentationServiceStub(segmentation)
         self.destinations = dispatch_grpc.DispatchServiceStub(dispatch)
-
-    async def segment(self, name: str, field: str) -> segmentation_pb.Segment:
-        try:
-            return await self.segments.GetSegment(
-                segmentation_pb.GetSegmentRequest(name=name),
-                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
-            )
-        except grpc.aio.AioRpcError as error:
-            raise _translate(error, name, field, "segmentation") from None
 
     async def destination(self, name: str, field: str) -> dispatch_pb.Destination:
         try:
@@ -44,3 +60,21 @@ class References:
             )
         except grpc.aio.AioRpcError as error:
             raise _translate(error, name, field, "dispatch") from None
+
+    async def audience(self, audience: campaign_pb.Audience, field: str) -> None:
+        """The audience is valid and everything it names is the caller's: segmentation checks it
+        by estimating its reach; its answers are reported at the campaign's own field paths."""
+        request = segmentation_pb.EstimateReachRequest(
+            audience=segmentation_pb.Audience.FromString(audience.SerializeToString())
+        )
+        try:
+            await self.segments.EstimateReach(request, timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS))
+        except grpc.aio.AioRpcError as error:
+            violations, missing = _details(error)
+            if error.code() == grpc.StatusCode.NOT_FOUND and violations:
+                raise NotFound(missing, _under(violations[0].field, field)) from None
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT and violations:
+                raise InvalidArgument(
+                    [FieldViolation(_under(v.field, field), v.description) for v in violations]
+                ) from None
+            raise _translate(error, "", field, "segmentation") from None

@@ -243,7 +243,8 @@ class RunExecutor:
         destination_id = campaign.destination.removeprefix("destinations/")
         subject = self.subjects.delivery_batch(kind.destination_type, destination_id)
         request = segmentation_pb.StreamAudienceRequest(
-            audience=segmentation_pb.Audience(segment=campaign.audience.segment),
+            # The campaign's Audience has segmentation's shape, field for field.
+            audience=segmentation_pb.Audience.FromString(campaign.audience.SerializeToString()),
             channel=kind.audience_channel,
             attribute_keys=sorted(kind.attribute_keys(campaign)),
             page_size=AUDIENCE_PAGE_SIZE,

@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.auth import current_account_id
+from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.paging import keyset_page
@@ -84,8 +85,9 @@ def _owned(list_id: uuid.UUID) -> sa.ColumnElement[bool]:
 
 
 class Lists:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, campaign_usage: CampaignUsage) -> None:
         self.database = database
+        self.campaign_usage = campaign_usage
 
     async def upload(self, requests: AsyncIterator[pb.UploadListRequest]) -> pb.CustomList:
         """Creates the list the first message describes from the rows of every message, in one
@@ -193,6 +195,11 @@ class Lists:
 
     async def delete(self, name: str) -> None:
         list_id = api.parse_uuid_name(name, "lists")
+        campaigns = await self.campaign_usage.live_campaigns_using(custom_list=name)
+        if campaigns:
+            raise FailedPrecondition(
+                name, f"{name} is the audience of scheduled or running campaigns: {', '.join(campaigns)}"
+            )
         account_id = current_account_id()
         async with self.database.transaction() as session:
             users_of = (

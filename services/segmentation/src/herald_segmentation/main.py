@@ -28,11 +28,12 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         settings, service="segmentation", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
     campaign_service = infra.channel("campaign")
+    usage = CampaignUsage(campaign_service)
     servicer = SegmentationServicer(
         profiles=Profiles(infra.database),
         events=Events(infra.database, infra.subjects, infra.relay.notify),
-        lists=Lists(infra.database),
-        segments=Segmentation(infra.database, CampaignUsage(campaign_service)),
+        lists=Lists(infra.database, usage),
+        segments=Segmentation(infra.database, usage),
     )
 
     def register(server: grpc.aio.Server) -> None:

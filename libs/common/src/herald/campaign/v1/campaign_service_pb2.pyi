@@ -10,6 +10,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from herald.segmentation.v1 import segmentation_service_pb2 as _segmentation_service_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -68,18 +69,30 @@ class Audience(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SEGMENT_FIELD_NUMBER: _builtins.int
+    FILTER_FIELD_NUMBER: _builtins.int
+    LIST_FIELD_NUMBER: _builtins.int
     segment: _builtins.str
-    """Saved segment: `segments/{segment}`; required."""
+    """A saved segment: `segments/{segment}`."""
+    list: _builtins.str
+    """A custom list: `lists/{list}`."""
+    @_builtins.property
+    def filter(self) -> _segmentation_service_pb2.SegmentFilter:
+        """An ad-hoc segment, defined with the campaign."""
+
     def __init__(
         self,
         *,
         segment: _builtins.str = ...,
+        filter: _segmentation_service_pb2.SegmentFilter | None = ...,
+        list: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "list", b"list", "segment", b"segment", "source", b"source"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["segment", b"segment"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["filter", b"filter", "list", b"list", "segment", b"segment", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType_source: _TypeAlias = _typing.Literal["segment", "filter", "list"]  # noqa: Y015
+    _WhichOneofArgType_source: _TypeAlias = _typing.Literal["source", b"source"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_source) -> _WhichOneofReturnType_source | None: ...
 
 Global___Audience: _TypeAlias = Audience  # noqa: Y015
 
@@ -439,6 +452,7 @@ class ListCampaignsRequest(_message.Message):
     SEGMENT_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
+    LIST_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """At most this many (default 50, at most 1000)."""
     page_token: _builtins.str
@@ -447,6 +461,8 @@ class ListCampaignsRequest(_message.Message):
     """Only campaigns whose audience is this segment (`segments/{id}`)."""
     destination: _builtins.str
     """Only campaigns that deliver to this destination (`destinations/{id}`)."""
+    list: _builtins.str
+    """Only campaigns whose audience is this custom list (`lists/{id}`)."""
     @_builtins.property
     def states(self) -> _containers.RepeatedScalarFieldContainer[Global___State.ValueType]:
         """Only campaigns in one of these states."""
@@ -459,10 +475,11 @@ class ListCampaignsRequest(_message.Message):
         segment: _builtins.str = ...,
         destination: _builtins.str = ...,
         states: _abc.Iterable[Global___State.ValueType] | None = ...,
+        list: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "page_size", b"page_size", "page_token", b"page_token", "segment", b"segment", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "list", b"list", "page_size", b"page_size", "page_token", b"page_token", "segment", b"segment", "states", b"states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
