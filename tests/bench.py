@@ -38,6 +38,7 @@ from herald_common import auth
 from herald_common.embedded import EmbeddedInfrastructure
 from herald_common.logging import configure_logging
 from herald_common.settings import Settings
+from tests import bench_segmentation
 from tests.ceiling import run_ceiling
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import audience, condition, matching, segment_export_campaign, user
@@ -317,10 +318,13 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--users", type=int, default=None, help="audience size (default 20,000)")
-    parser.add_argument("--full", action="store_true", help="the issue's full size: 1,000,000 users")
+    parser.add_argument("--full", action="store_true", help="the issues' full sizes (1M users; 20M events)")
+    parser.add_argument("--only", choices=("pipeline", "segmentation"), help="run one benchmark")
     args = parser.parse_args()
-    users = args.users or (1_000_000 if args.full else 20_000)
-    asyncio.run(bench(users))
+    if args.only != "segmentation":
+        asyncio.run(bench(args.users or (1_000_000 if args.full else 20_000)))
+    if args.only != "pipeline":
+        asyncio.run(bench_segmentation.run(*((1_000_000, 20_000_000) if args.full else (100_000, 2_000_000))))
 
 
 if __name__ == "__main__":

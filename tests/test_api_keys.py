@@ -20,6 +20,12 @@ from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_pb_grpc
+from herald_campaign import accounts
+from herald_campaign import servicer as campaign_servicer
+from herald_common.auth import ROLE_PERMISSIONS
+from herald_dispatch import servicer as dispatch_servicer
+from herald_scheduler import servicer as scheduler_servicer
+from herald_segmentation import servicer as segmentation_servicer
 from tests.conftest import Platform
 from tests.harness import Clients, create_account
 from tests.helpers import condition, field_violations, matching, user
@@ -98,8 +104,20 @@ async def test_each_role_may_do_what_it_is_for_and_nothing_more(
     assert upserted.upserted_count == 1
     assert [await _code(c) for c in _reads(ingest)] == [grpc.StatusCode.PERMISSION_DENIED] * 4
 
+    sent = await ingest.segmentation.IngestEvents(
+        segmentation_pb.IngestEventsRequest(
+            events=[segmentation_pb.Event(user_id="ingested-1", name="Opened", client_event_id="role-1")]
+        )
+    )
+    assert sent.accepted_count == 1
+
     publishable = await keys(Role.ROLE_PUBLISHABLE)
     assert [await _code(c) for c in _reads(publishable)] == [grpc.StatusCode.PERMISSION_DENIED] * 4
+    browser_event = segmentation_pb.Event(user_id="visitor-1", name="Page Viewed", client_event_id="role-2")
+    sent = await publishable.segmentation.IngestEvents(
+        segmentation_pb.IngestEventsRequest(events=[browser_event])
+    )
+    assert sent.accepted_count == 1
     assert (
         await _code(
             publishable.segmentation.UpsertUsers(segmentation_pb.UpsertUsersRequest(users=[user("p-1")]))
@@ -284,3 +302,12 @@ async def test_oversized_or_malformed_credentials_get_a_clear_refusal(platform: 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await stub.ListSegments(request, metadata=huge)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value.details()
+
+
+def test_a_publishable_key_opens_only_the_browser_operations() -> None:
+    """Of every RPC of every service, a publishable (browser) key may call only these."""
+    tables = [accounts.PERMISSIONS, campaign_servicer.PERMISSIONS, scheduler_servicer.PERMISSIONS]
+    tables += [segmentation_servicer.PERMISSIONS, dispatch_servicer.PERMISSIONS]
+    allowed = ROLE_PERMISSIONS["ROLE_PUBLISHABLE"]
+    callable_ = sorted(m for table in tables for m, needed in table.items() if needed in allowed)
+    assert callable_ == ["/herald.segmentation.v1.SegmentationService/IngestEvents"]
