@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Callable, Sequence
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -22,10 +22,10 @@ from herald_segmentation.profiles import check_consistent_types, check_propertie
 from herald_segmentation.properties import (
     USER,
     PropertyType,
-    as_python,
     event_subject,
     known_types,
     record_types,
+    struct_values,
 )
 from herald_segmentation.storage import SCHEMA, outbox, users
 
@@ -33,8 +33,8 @@ MAX_EVENTS = 1000
 MAX_BATCH_BYTES = 1 << 20
 # An event of this name sets the user's custom properties from its own.
 PROFILE_EVENT = "herald.profile"
-MAX_AHEAD = timedelta(days=1)
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+MAX_AHEAD_SECONDS = 86400.0
+EARLIEST_SECONDS = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
 
 _RECORD = sa.text(
     f"""
@@ -45,9 +45,9 @@ _RECORD = sa.text(
         RETURNING client_event_id
     ), stored AS (
         INSERT INTO {SCHEMA}.events (account_id, user_id, name, occurred_at, properties)
-        SELECT :account_id, e.user_id, e.name, e.occurred_at, CAST(e.properties AS jsonb)
+        SELECT :account_id, e.user_id, e.name, to_timestamp(e.occurred_at), CAST(e.properties AS jsonb)
         FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:names AS text[]),
-                    CAST(:times AS timestamptz[]), CAST(:properties AS text[]))
+                    CAST(:times AS float8[]), CAST(:properties AS text[]))
              AS e(client_event_id, user_id, name, occurred_at, properties)
         JOIN fresh USING (client_event_id)
         RETURNING user_id
@@ -64,7 +64,8 @@ _NEW_USERS = sa.text(
 )
 
 
-def _month(moment: datetime) -> date:
+def _month(seconds: float) -> date:
+    moment = datetime.fromtimestamp(seconds, UTC)
     return date(moment.year, moment.month, 1)
 
 
@@ -97,7 +98,7 @@ class Events:
 
     @staticmethod
     def _validate(
-        batch: Sequence[pb.Event], size: int, now: datetime
+        batch: Sequence[pb.Event], size: int, now: float
     ) -> tuple[list[Any], list[tuple[str, str, str, PropertyType]], Validator]:
         check = Validator()
         check.require(0 < len(batch) <= MAX_EVENTS, "events", f"between 1 and {MAX_EVENTS} events")
@@ -117,10 +118,12 @@ class Events:
             check.require(
                 0 < len(event.client_event_id) <= 200, f"{path}.client_event_id", "required: 1-200 characters"
             )
-            when = api.from_timestamp(event.time) if event.HasField("time") else now
-            check.require(when <= now + MAX_AHEAD, f"{path}.time", "at most one day ahead of now")
-            check.require(when >= EARLIEST, f"{path}.time", "in 2000 or later")
-            values = as_python(event.properties) or {}
+            check.require("\x00" not in event.name + event.user_id, path, "NUL characters are not allowed")
+            # Seconds since the epoch: cheaper than a datetime per event.
+            when = event.time.seconds + event.time.nanos / 1e9 if event.HasField("time") else now
+            check.require(when <= now + MAX_AHEAD_SECONDS, f"{path}.time", "at most one day ahead of now")
+            check.require(when >= EARLIEST_SECONDS, f"{path}.time", "in 2000 or later")
+            values = struct_values(event.properties, f"{path}.properties", check)
             subject = USER if event.name == PROFILE_EVENT else event_subject(event.name)
             for key, kind in check_properties(values, f"{path}.properties", check).items():
                 typed.append((f"{path}.properties.{key}", subject, key, kind))
@@ -129,8 +132,8 @@ class Events:
 
     async def ingest(self, batch: Sequence[pb.Event], size: int) -> tuple[int, int]:
         """Records the events not recorded before; returns (accepted, duplicates)."""
-        now = api.utcnow()
-        parsed, typed, check = self._validate(batch, size, now)
+        received = api.utcnow()
+        parsed, typed, check = self._validate(batch, size, received.timestamp())
         first: dict[tuple[str, str], PropertyType] = {}
         for _, subject, key, kind in typed:
             first.setdefault((subject, key), kind)
@@ -146,7 +149,9 @@ class Events:
             }.values()
         )
         unique.reverse()
-        await self._ensure_partitions({_month(when) for _, when, _ in unique})
+        await self._ensure_partitions(
+            {_month(when) for when in {int(w) // 86400 * 86400 for _, w, _ in unique}}
+        )
         async with self.database.transaction() as session:
             on_record = await record_types(session, account_id, first)
             check_consistent_types(typed, on_record, check)
@@ -171,7 +176,7 @@ class Events:
                     {"account_id": account_id, "users": sorted({e.user_id for e, _, _ in recorded})},
                 )
                 await self._apply_profile_events(session, account_id, recorded)
-                await self._announce(session, account_id, recorded, now)
+                await self._announce(session, account_id, recorded, received)
         if recorded:
             self.notify_outbox()
         return len(recorded), len(batch) - len(recorded)
@@ -198,10 +203,10 @@ class Events:
         announced = events_pb2.EventsIngested(
             event_id=str(uuid.uuid4()), account=account_name(account_id), receive_time=api.timestamp(now)
         )
-        for event, when, _ in recorded:
-            copy = announced.events.add()
-            copy.CopyFrom(event)
-            copy.time.CopyFrom(api.timestamp(when))
+        announced.events.extend(event for event, _, _ in recorded)
+        for copy in announced.events:
+            if not copy.HasField("time"):
+                copy.time.CopyFrom(announced.receive_time)
         await enqueue(
             session, outbox, [OutboxEvent.of(self.subjects.events_ingested, announced, announced.event_id)]
         )

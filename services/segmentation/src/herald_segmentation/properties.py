@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping
@@ -10,10 +11,11 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import json_format
+from google.protobuf import json_format, struct_pb2
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from herald_common.errors import Validator
 from herald_segmentation.storage import property_types
 
 USER = "user"
@@ -67,6 +69,36 @@ def as_python(message: Any) -> Any:
         return None
 
 
+def struct_values(struct: struct_pb2.Struct, path: str, check: Validator) -> dict[str, Any]:
+    """A Struct as plain Python (as json_format gives it, several times faster), reporting what
+    JSON or PostgreSQL cannot hold (NaN, infinities, NUL characters) at its path."""
+    values = {}
+    for key, item in struct.fields.items():
+        check.require("\x00" not in key, f"{path}.{key}", "NUL characters are not allowed in keys")
+        values[key] = _plain(item, f"{path}.{key}", check)
+    return values
+
+
+def _plain(item: struct_pb2.Value, path: str, check: Validator) -> Any:
+    kind = item.WhichOneof("kind")
+    if kind == "string_value":
+        check.require("\x00" not in item.string_value, path, "NUL characters are not allowed")
+        return item.string_value
+    if kind == "number_value":
+        return (
+            item.number_value
+            if check.require(math.isfinite(item.number_value), path, "must be finite")
+            else None
+        )
+    if kind == "bool_value":
+        return item.bool_value
+    if kind == "struct_value":
+        return struct_values(item.struct_value, path, check)
+    if kind == "list_value":
+        return [_plain(v, f"{path}[{i}]", check) for i, v in enumerate(item.list_value.values)]
+    return None
+
+
 def value_problem(value: Any) -> str | None:
     if isinstance(value, list) and not all(isinstance(v, str) for v in value):
         return "a list property holds strings only"
@@ -76,17 +108,29 @@ def value_problem(value: Any) -> str | None:
 Typed = dict[tuple[str, str], PropertyType]  # (subject, key) -> type
 
 
-async def known_types(session: AsyncSession, account_id: uuid.UUID, keys: Iterable[tuple[str, str]]) -> Typed:
-    wanted = set(keys)
-    if not wanted:
+# Types on record never change: each process keeps those it has read from committed rows.
+_ON_RECORD: dict[uuid.UUID, Typed] = {}
+
+
+async def _read_types(session: AsyncSession, account_id: uuid.UUID, keys: set[tuple[str, str]]) -> Typed:
+    if not keys:
         return {}
     rows = await session.execute(
         sa.select(property_types.c.subject, property_types.c.key, property_types.c.type).where(
             property_types.c.account_id == account_id,
-            sa.tuple_(property_types.c.subject, property_types.c.key).in_(sorted(wanted)),
+            sa.tuple_(property_types.c.subject, property_types.c.key).in_(sorted(keys)),
         )
     )
     return {(r.subject, r.key): PropertyType(r.type) for r in rows}
+
+
+async def known_types(session: AsyncSession, account_id: uuid.UUID, keys: Iterable[tuple[str, str]]) -> Typed:
+    """The types on record for these properties. Call it in a transaction that writes nothing, so
+    what it reads is committed and can be kept."""
+    held = _ON_RECORD.setdefault(account_id, {})
+    wanted = set(keys)
+    held.update(await _read_types(session, account_id, wanted - held.keys()))
+    return {key: held[key] for key in wanted if key in held}
 
 
 async def record_types(
@@ -94,16 +138,22 @@ async def record_types(
 ) -> Typed:
     """Records the types of properties not seen before; returns every type now on record for
     them (a concurrent writer may have recorded another type first)."""
-    if not seen:
-        return {}
+    held = _ON_RECORD.get(account_id, {})
+    new = {key: kind for key, kind in seen.items() if key not in held}
+    if not new:
+        return {key: held[key] for key in seen}
     await session.execute(
         insert(property_types)
         .on_conflict_do_nothing()
         .values(
             [
                 {"account_id": account_id, "subject": subject, "key": key, "type": kind.value}
-                for (subject, key), kind in sorted(seen.items())
+                for (subject, key), kind in sorted(new.items())
             ]
         )
     )
-    return await known_types(session, account_id, seen)
+    # Read inside this transaction, which may still roll back: not kept.
+    return {
+        **{key: held[key] for key in seen if key in held},
+        **await _read_types(session, account_id, set(new)),
+    }
