@@ -250,6 +250,8 @@ class RunExecutor:
             page_size=AUDIENCE_PAGE_SIZE,
             start_after_user_id=row.cursor,
             attributes_as_json=True,
+            # A resumed run selects as of the moment the run first started ("the last 7 days").
+            evaluation_time=api.timestamp(row.started_at or api.utcnow()),
         )
         cursor = row.cursor
         async for page in self.audiences.StreamAudience(request, timeout=AUDIENCE_DEADLINE_SECONDS):

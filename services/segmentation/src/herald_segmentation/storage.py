@@ -78,10 +78,14 @@ events = sa.Table(
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("properties", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # Carries user and properties: conditions on events read this index only.
     sa.Index(
-        "ix_segmentation_events_name", "account_id", "name", "occurred_at", postgresql_include=["user_id"]
+        "ix_segmentation_events_name",
+        "account_id",
+        "name",
+        "occurred_at",
+        postgresql_include=["user_id", "properties"],
     ),
-    sa.Index("ix_segmentation_events_user", "account_id", "user_id", "occurred_at"),
 )
 
 # The client event ids recorded, so a resent event is recorded once.
