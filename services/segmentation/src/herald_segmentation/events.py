@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 
@@ -73,6 +73,32 @@ def _next_month(month: date) -> date:
     return date(month.year + month.month // 12, month.month % 12 + 1, 1)
 
 
+class _Received(NamedTuple):
+    event: pb.Event
+    client_id: str
+    user_id: str
+    name: str
+    when: float  # seconds since the epoch
+    values: dict[str, Any]
+
+
+def _report(event: pb.Event, when: float, now: float, path: str, check: Validator) -> None:
+    """Says what is wrong with an event that failed the quick check."""
+    check.require(
+        api.is_valid_id(event.user_id), f"{path}.user_id", "required: 1-200 letters, digits or ._:@+-"
+    )
+    check.require(
+        bool(event.name.strip()) and len(event.name) <= 200 and "\x00" not in event.name,
+        f"{path}.name",
+        "required: 1-200 characters, no NUL",
+    )
+    check.require(
+        0 < len(event.client_event_id) <= 200, f"{path}.client_event_id", "required: 1-200 characters"
+    )
+    check.require(when <= now + MAX_AHEAD_SECONDS, f"{path}.time", "at most one day ahead of now")
+    check.require(when >= EARLIEST_SECONDS, f"{path}.time", "in 2000 or later")
+
+
 class Events:
     def __init__(self, database: Database, subjects: Subjects, notify_outbox: Callable[[], None]) -> None:
         self.database = database
@@ -99,7 +125,7 @@ class Events:
     @staticmethod
     def _validate(
         batch: Sequence[pb.Event], size: int, now: float
-    ) -> tuple[list[Any], list[tuple[str, str, str, PropertyType]], Validator]:
+    ) -> tuple[list[_Received], list[tuple[str, str, str, PropertyType]], Validator]:
         check = Validator()
         check.require(0 < len(batch) <= MAX_EVENTS, "events", f"between 1 and {MAX_EVENTS} events")
         check.require(size <= MAX_BATCH_BYTES, "events", f"{size} bytes; at most {MAX_BATCH_BYTES} per call")
@@ -107,27 +133,24 @@ class Events:
         parsed = []
         for i, event in enumerate(batch):
             path = f"events[{i}]"
-            check.require(
-                api.is_valid_id(event.user_id), f"{path}.user_id", "required: 1-200 letters, digits or ._:@+-"
-            )
-            check.require(
-                bool(event.name.strip()) and len(event.name) <= 200,
-                f"{path}.name",
-                "required: 1-200 characters",
-            )
-            check.require(
-                0 < len(event.client_event_id) <= 200, f"{path}.client_event_id", "required: 1-200 characters"
-            )
-            check.require("\x00" not in event.name + event.user_id, path, "NUL characters are not allowed")
-            # Seconds since the epoch: cheaper than a datetime per event.
+            # Fields read once (each read of a message field makes a new string), and checked
+            # without building a message unless something is wrong: this runs per event.
+            user_id, name, client_id = event.user_id, event.name, event.client_event_id
             when = event.time.seconds + event.time.nanos / 1e9 if event.HasField("time") else now
-            check.require(when <= now + MAX_AHEAD_SECONDS, f"{path}.time", "at most one day ahead of now")
-            check.require(when >= EARLIEST_SECONDS, f"{path}.time", "in 2000 or later")
+            if not (
+                api.is_valid_id(user_id)
+                and 0 < len(name) <= 200
+                and name.strip()
+                and "\x00" not in name
+                and 0 < len(client_id) <= 200
+                and EARLIEST_SECONDS <= when <= now + MAX_AHEAD_SECONDS
+            ):
+                _report(event, when, now, path, check)
             values = struct_values(event.properties, f"{path}.properties", check)
-            subject = USER if event.name == PROFILE_EVENT else event_subject(event.name)
+            subject = USER if name == PROFILE_EVENT else event_subject(name)
             for key, kind in check_properties(values, f"{path}.properties", check).items():
                 typed.append((f"{path}.properties.{key}", subject, key, kind))
-            parsed.append((event, when, values))
+            parsed.append(_Received(event, client_id, user_id, name, when, values))
         return parsed, typed, check
 
     async def ingest(self, batch: Sequence[pb.Event], size: int) -> tuple[int, int]:
@@ -143,15 +166,9 @@ class Events:
             check_consistent_types(typed, await known_types(session, account_id, first), check)
         check.raise_if_any()
         # The first of several events with one client id in a call counts; the others are duplicates.
-        unique = list(
-            {
-                event.client_event_id: (event, when, values) for event, when, values in reversed(parsed)
-            }.values()
-        )
+        unique = list({r.client_id: r for r in reversed(parsed)}.values())
         unique.reverse()
-        await self._ensure_partitions(
-            {_month(when) for when in {int(w) // 86400 * 86400 for _, w, _ in unique}}
-        )
+        await self._ensure_partitions({_month(day) for day in {int(r.when) // 86400 * 86400 for r in unique}})
         async with self.database.transaction() as session:
             on_record = await record_types(session, account_id, first)
             check_consistent_types(typed, on_record, check)
@@ -161,19 +178,18 @@ class Events:
                     _RECORD,
                     {
                         "account_id": account_id,
-                        "ids": [e.client_event_id for e, _, _ in unique],
-                        "users": [e.user_id for e, _, _ in unique],
-                        "names": [e.name for e, _, _ in unique],
-                        "times": [when for _, when, _ in unique],
-                        "properties": [json.dumps(values) for _, _, values in unique],
+                        "ids": [r.client_id for r in unique],
+                        "users": [r.user_id for r in unique],
+                        "names": [r.name for r in unique],
+                        "times": [r.when for r in unique],
+                        "properties": [json.dumps(r.values) for r in unique],
                     },
                 )
             )
-            recorded = [(e, when, values) for e, when, values in unique if e.client_event_id in fresh]
+            recorded = [r for r in unique if r.client_id in fresh]
             if recorded:
                 await session.execute(
-                    _NEW_USERS,
-                    {"account_id": account_id, "users": sorted({e.user_id for e, _, _ in recorded})},
+                    _NEW_USERS, {"account_id": account_id, "users": sorted({r.user_id for r in recorded})}
                 )
                 await self._apply_profile_events(session, account_id, recorded)
                 await self._announce(session, account_id, recorded, received)
@@ -182,11 +198,11 @@ class Events:
         return len(recorded), len(batch) - len(recorded)
 
     @staticmethod
-    async def _apply_profile_events(session: Any, account_id: uuid.UUID, recorded: list[Any]) -> None:
+    async def _apply_profile_events(session: Any, account_id: uuid.UUID, recorded: list[_Received]) -> None:
         merged: dict[str, dict[str, Any]] = {}
-        for event, _, values in sorted(recorded, key=lambda r: r[1]):  # the newest value wins
-            if event.name == PROFILE_EVENT:
-                merged.setdefault(event.user_id, {}).update(values)
+        for r in sorted(recorded, key=lambda r: r.when):  # the newest value wins
+            if r.name == PROFILE_EVENT:
+                merged.setdefault(r.user_id, {}).update(r.values)
         for user_id, values in merged.items():
             await session.execute(
                 sa.update(users)
@@ -198,12 +214,12 @@ class Events:
             )
 
     async def _announce(
-        self, session: Any, account_id: uuid.UUID, recorded: list[Any], now: datetime
+        self, session: Any, account_id: uuid.UUID, recorded: list[_Received], now: datetime
     ) -> None:
         announced = events_pb2.EventsIngested(
             event_id=str(uuid.uuid4()), account=account_name(account_id), receive_time=api.timestamp(now)
         )
-        announced.events.extend(event for event, _, _ in recorded)
+        announced.events.extend(r.event for r in recorded)
         for copy in announced.events:
             if not copy.HasField("time"):
                 copy.time.CopyFrom(announced.receive_time)

@@ -692,14 +692,15 @@ def _counted(condition: pb.EventCondition, ctx: Context) -> sa.ColumnElement[boo
 
 def _constant(condition: pb.ConstantPropertyCondition, ctx: Context) -> sa.ColumnElement[bool]:
     key = condition.property
-    value = events.c.properties[key]
+    # As text: hashing text is much cheaper than hashing jsonb, and a property keeps one type.
+    value = events.c.properties[key].astext
     sets = []
     for event in condition.events:
         rows = [*_event_rows(event, ctx), events.c.properties.has_key(key)]
-        query = sa.select(events.c.user_id, value.label("v")).where(*rows).group_by(events.c.user_id, value)
+        query = sa.select(events.c.user_id, value.label("v")).where(*rows)
         if event.HasField("count") and event.count.value > 1:
-            query = query.having(sa.func.count() >= event.count.value)
-        sets.append(query)
+            query = query.group_by(events.c.user_id, value).having(sa.func.count() >= event.count.value)
+        sets.append(query)  # INTERSECT removes duplicates itself: no grouping without a count
     shared = sa.intersect(*sets).subquery()
     return users.c.user_id.in_(sa.select(shared.c.user_id))
 

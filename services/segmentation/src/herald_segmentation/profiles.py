@@ -62,9 +62,11 @@ def check_properties(properties: dict[str, Any], path: str, check: Validator) ->
     """Checks custom property values; returns the type of each non-null one."""
     found = {}
     for key, value in properties.items():
-        check.require(bool(key.strip()) and len(key) <= 200, f"{path}.{key}", "keys are 1-200 characters")
+        if not (key.strip() and len(key) <= 200):
+            check.add(f"{path}.{key}", "keys are 1-200 characters")
         problem = value_problem(value)
-        check.require(problem is None, f"{path}.{key}", problem or "")
+        if problem is not None:
+            check.add(f"{path}.{key}", problem)
         kind = type_of(value)
         if kind is not None:
             found[key] = kind
