@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from herald_common import clock
 from herald_common.errors import invalid
 
 DEFAULT_PAGE_SIZE = 50
@@ -78,4 +79,5 @@ def from_timestamp(ts: Timestamp) -> datetime:
 
 
 def utcnow() -> datetime:
-    return datetime.now(UTC)
+    """Now, by the one clock of herald_common.clock (a test may set it)."""
+    return clock.now()

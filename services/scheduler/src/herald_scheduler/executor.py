@@ -178,7 +178,8 @@ class RunExecutor:
                 sa.select(runs.c.id)
                 .where(
                     sa.or_(
-                        sa.and_(runs.c.state == _PENDING, runs.c.scheduled_time <= sa.func.now()),
+                        # Due by the clock of schedules; leases keep to the database's real time.
+                        sa.and_(runs.c.state == _PENDING, runs.c.scheduled_time <= api.utcnow()),
                         sa.and_(runs.c.state == _RUNNING, runs.c.lease_until < sa.func.now()),
                     )
                 )
@@ -195,7 +196,7 @@ class RunExecutor:
                         state=_RUNNING,
                         lease_owner=self.owner,
                         lease_until=sa.func.now() + self.lease,
-                        started_at=sa.func.coalesce(runs.c.started_at, sa.func.now()),
+                        started_at=sa.func.coalesce(runs.c.started_at, api.utcnow()),
                         version=runs.c.version + 1,
                     )
                     .returning(*runs.c)
@@ -356,7 +357,7 @@ class RunExecutor:
                     .where(runs.c.id == run_id, runs.c.state == _RUNNING, runs.c.lease_owner == self.owner)
                     .values(
                         state=RunState.Name(state),
-                        ended_at=sa.func.now(),
+                        ended_at=api.utcnow(),
                         lease_until=None,
                         lease_owner=None,
                         error=error,

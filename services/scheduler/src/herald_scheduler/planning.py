@@ -111,7 +111,7 @@ class Planner:
                     .where(runs.c.campaign == campaign.name, runs.c.state.in_(_OPEN_RUN_STATES))
                     .values(
                         state=RunState.Name(RunState.RUN_STATE_CANCELLED),
-                        ended_at=sa.func.now(),
+                        ended_at=api.utcnow(),
                         lease_owner=None,
                         version=runs.c.version + 1,
                     )
