@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from herald_scheduler.timing import (
+from herald_common.timing import (
     Frequency,
     QuietHours,
     Recurrence,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -25,6 +26,7 @@ from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
+from herald_common.schedules import check_schedule, times_after
 from herald_common.validation import check_text_fields
 
 State = pb.State
@@ -90,14 +92,7 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
             "campaign.destination",
             "must look like destinations/<id>",
         )
-    when = campaign.schedule.WhichOneof("when")
-    check.require(when is not None, "campaign.schedule", "required: send_now or send_later")
-    if when == "send_later":
-        check.require(
-            campaign.schedule.send_later.HasField("send_time"),
-            "campaign.schedule.send_later.send_time",
-            "required",
-        )
+    check_schedule(campaign.schedule, "campaign.schedule", check)
     content = campaign.WhichOneof("content")
     check.require(content is not None, "campaign.content", "required: exactly one kind of content")
     if content == "segment_export":
@@ -121,6 +116,26 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
                 problem = personalization.problem(template)
                 if problem:
                     check.add(field, problem)
+
+
+def _check_ahead(name: str, spec: pb.Campaign, now: datetime) -> None:
+    """At publish, a schedule's fixed times must all be ahead, and a recurring one must have an
+    occurrence ahead."""
+    schedule = spec.schedule
+    when = schedule.WhichOneof("when")
+    if when == "send_later" and api.from_timestamp(schedule.send_later.send_time) <= now:
+        raise invalid("campaign.schedule.send_later.send_time", "is in the past")
+    if when == "send_multiple":
+        check = Validator()
+        for i, send_time in enumerate(schedule.send_multiple.send_times):
+            check.require(
+                api.from_timestamp(send_time) > now,
+                f"campaign.schedule.send_multiple.send_times[{i}]",
+                "is in the past",
+            )
+        check.raise_if_any()
+    if when == "recurring" and not times_after(spec, now, 1):
+        raise FailedPrecondition(name, f"the recurring schedule of {name} has no occurrence after now")
 
 
 def _spec_columns(spec: pb.Campaign) -> dict[str, Any]:
@@ -339,9 +354,7 @@ class Campaigns:
                 raise FailedPrecondition(name, f"only a draft can be published; {name} is {row.state}")
             spec = pb.Campaign.FromString(row.spec)
             now = api.utcnow()
-            send_later = spec.schedule.WhichOneof("when") == "send_later"
-            if send_later and api.from_timestamp(spec.schedule.send_later.send_time) <= now:
-                raise invalid("campaign.schedule.send_later.send_time", "is in the past")
+            _check_ahead(name, spec, now)
             row = await self._set_state(session, row.id, State.STATE_SCHEDULED, published_at=now)
         self._notify()
         return _message(row)

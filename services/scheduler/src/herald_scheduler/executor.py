@@ -30,6 +30,7 @@ from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
+from herald_scheduler.planning import plan_following
 from herald_scheduler.runs import RunEvents, run_name
 from herald_scheduler.storage import campaigns, outbox, runs
 
@@ -211,6 +212,8 @@ class RunExecutor:
                     )
                 )
             ).first()
+            if stored is not None:
+                await plan_following(session, row, campaign_pb.Campaign.FromString(stored.snapshot))
             await self.run_events.changed(session, [row])
         self.notify_outbox()
         if stored is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
@@ -17,6 +18,7 @@ from herald_common import api
 from herald_common.auth import NO_ACCOUNT, account_id_of
 from herald_common.db import Database
 from herald_common.logging import get_logger
+from herald_common.schedules import MAX_SEND_TIMES, times_after
 from herald_scheduler.runs import RunEvents
 from herald_scheduler.storage import campaigns, runs
 
@@ -26,14 +28,47 @@ log = get_logger(__name__)
 _OPEN_RUN_STATES = [RunState.Name(RunState.RUN_STATE_PENDING), RunState.Name(RunState.RUN_STATE_RUNNING)]
 
 
-def run_times(campaign: campaign_pb.Campaign) -> list[datetime]:
-    """Every time the campaign's schedule asks for a run."""
-    when = campaign.schedule.WhichOneof("when")
-    if when == "send_now":
-        return [api.from_timestamp(campaign.publish_time)]
-    if when == "send_later":
-        return [api.from_timestamp(campaign.schedule.send_later.send_time)]
-    return []
+def first_runs(campaign: campaign_pb.Campaign) -> list[tuple[datetime, bool]]:
+    """The runs to plan when a campaign is published, each with whether it is the last. A
+    recurring schedule plans its first occurrence only; each run plans the next when it starts."""
+    recurring = campaign.schedule.WhichOneof("when") == "recurring"
+    published = api.from_timestamp(campaign.publish_time)
+    times = times_after(campaign, published, 2 if recurring else MAX_SEND_TIMES)
+    if recurring:
+        return [(times[0], len(times) == 1)] if times else []
+    return [(t, i == len(times) - 1) for i, t in enumerate(times)]
+
+
+async def plan_following(session: AsyncSession, run: Any, campaign: campaign_pb.Campaign) -> None:
+    """Plans the occurrence after a starting run of a recurring campaign (once, however often the
+    run is started)."""
+    if run.final or campaign.schedule.WhichOneof("when") != "recurring":
+        return
+    times = times_after(campaign, run.scheduled_time, 2)
+    if times:
+        await _insert_runs(session, campaign.name, run.account_id, [(times[0], len(times) == 1)])
+
+
+async def _insert_runs(
+    session: AsyncSession, campaign: str, account_id: uuid.UUID, planned: list[tuple[datetime, bool]]
+) -> None:
+    await session.execute(
+        insert(runs)
+        .values(
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "account_id": account_id,
+                    "campaign": campaign,
+                    "scheduled_time": when,
+                    "state": RunState.Name(RunState.RUN_STATE_PENDING),
+                    "final": final,
+                }
+                for when, final in planned
+            ]
+        )
+        .on_conflict_do_nothing(constraint="runs_campaign_time_key")
+    )
 
 
 def _account_of(change: events.CampaignChanged) -> uuid.UUID:
@@ -85,25 +120,9 @@ class Planner:
         self, session: AsyncSession, campaign: campaign_pb.Campaign, account_id: uuid.UUID
     ) -> None:
         if campaign.state == CampaignState.STATE_SCHEDULED:
-            times = run_times(campaign)
-            if times:
-                await session.execute(
-                    insert(runs)
-                    .values(
-                        [
-                            {
-                                "id": uuid.uuid4(),
-                                "account_id": account_id,
-                                "campaign": campaign.name,
-                                "scheduled_time": when,
-                                "state": RunState.Name(RunState.RUN_STATE_PENDING),
-                                "final": i == len(times) - 1,
-                            }
-                            for i, when in enumerate(times)
-                        ]
-                    )
-                    .on_conflict_do_nothing(constraint="runs_campaign_time_key")
-                )
+            planned = first_runs(campaign)
+            if planned:
+                await _insert_runs(session, campaign.name, account_id, planned)
         elif campaign.state == CampaignState.STATE_STOPPED:
             cancelled = (
                 await session.execute(

@@ -62,6 +62,50 @@ STATE_FAILED: State.ValueType  # 6
 """A run could not finish; see failure_reason."""
 Global___State: _TypeAlias = State  # noqa: Y015
 
+class _Weekday:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WeekdayEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Weekday.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEEKDAY_UNSPECIFIED: _Weekday.ValueType  # 0
+    """Not set; invalid."""
+    WEEKDAY_MONDAY: _Weekday.ValueType  # 1
+    """Monday."""
+    WEEKDAY_TUESDAY: _Weekday.ValueType  # 2
+    """Tuesday."""
+    WEEKDAY_WEDNESDAY: _Weekday.ValueType  # 3
+    """Wednesday."""
+    WEEKDAY_THURSDAY: _Weekday.ValueType  # 4
+    """Thursday."""
+    WEEKDAY_FRIDAY: _Weekday.ValueType  # 5
+    """Friday."""
+    WEEKDAY_SATURDAY: _Weekday.ValueType  # 6
+    """Saturday."""
+    WEEKDAY_SUNDAY: _Weekday.ValueType  # 7
+    """Sunday."""
+
+class Weekday(_Weekday, metaclass=_WeekdayEnumTypeWrapper):
+    """A day of the week."""
+
+WEEKDAY_UNSPECIFIED: Weekday.ValueType  # 0
+"""Not set; invalid."""
+WEEKDAY_MONDAY: Weekday.ValueType  # 1
+"""Monday."""
+WEEKDAY_TUESDAY: Weekday.ValueType  # 2
+"""Tuesday."""
+WEEKDAY_WEDNESDAY: Weekday.ValueType  # 3
+"""Wednesday."""
+WEEKDAY_THURSDAY: Weekday.ValueType  # 4
+"""Thursday."""
+WEEKDAY_FRIDAY: Weekday.ValueType  # 5
+"""Friday."""
+WEEKDAY_SATURDAY: Weekday.ValueType  # 6
+"""Saturday."""
+WEEKDAY_SUNDAY: Weekday.ValueType  # 7
+"""Sunday."""
+Global___Weekday: _TypeAlias = Weekday  # noqa: Y015
+
 @_typing.final
 class Audience(_message.Message):
     """Who receives a campaign."""
@@ -192,6 +236,168 @@ class SendLater(_message.Message):
 Global___SendLater: _TypeAlias = SendLater  # noqa: Y015
 
 @_typing.final
+class SendMultiple(_message.Message):
+    """Deliver at several fixed times."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SEND_TIMES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def send_times(self) -> _containers.RepeatedCompositeFieldContainer[_timestamp_pb2.Timestamp]:
+        """1 to 50 distinct times, all in the future at publish time; one run each."""
+
+    def __init__(
+        self,
+        *,
+        send_times: _abc.Iterable[_timestamp_pb2.Timestamp] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["send_times", b"send_times"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendMultiple: _TypeAlias = SendMultiple  # noqa: Y015
+
+@_typing.final
+class EveryNDays(_message.Message):
+    """Every N days."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVERY_FIELD_NUMBER: _builtins.int
+    every: _builtins.int
+    """1 to 365."""
+    def __init__(
+        self,
+        *,
+        every: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["every", b"every"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EveryNDays: _TypeAlias = EveryNDays  # noqa: Y015
+
+@_typing.final
+class Weekly(_message.Message):
+    """On chosen weekdays, every N weeks."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WEEKDAYS_FIELD_NUMBER: _builtins.int
+    EVERY_FIELD_NUMBER: _builtins.int
+    every: _builtins.int
+    """Every this many weeks (default 1, at most 52)."""
+    @_builtins.property
+    def weekdays(self) -> _containers.RepeatedScalarFieldContainer[Global___Weekday.ValueType]:
+        """At least one weekday."""
+
+    def __init__(
+        self,
+        *,
+        weekdays: _abc.Iterable[Global___Weekday.ValueType] | None = ...,
+        every: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["every", b"every", "weekdays", b"weekdays"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Weekly: _TypeAlias = Weekly  # noqa: Y015
+
+@_typing.final
+class Monthly(_message.Message):
+    """On a day of the month, every N months. A day a month lacks (the 31st in April) falls on that
+    month's last day.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAY_OF_MONTH_FIELD_NUMBER: _builtins.int
+    EVERY_FIELD_NUMBER: _builtins.int
+    day_of_month: _builtins.int
+    """1 to 31."""
+    every: _builtins.int
+    """Every this many months (default 1, at most 12)."""
+    def __init__(
+        self,
+        *,
+        day_of_month: _builtins.int = ...,
+        every: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["day_of_month", b"day_of_month", "every", b"every"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Monthly: _TypeAlias = Monthly  # noqa: Y015
+
+@_typing.final
+class Recurring(_message.Message):
+    """Deliver again and again. The first occurrence is the first matching day on or after the start
+    date, never a day before it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAILY_FIELD_NUMBER: _builtins.int
+    WEEKLY_FIELD_NUMBER: _builtins.int
+    MONTHLY_FIELD_NUMBER: _builtins.int
+    TIME_OF_DAY_FIELD_NUMBER: _builtins.int
+    START_DATE_FIELD_NUMBER: _builtins.int
+    END_DATE_FIELD_NUMBER: _builtins.int
+    OCCURRENCES_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    time_of_day: _builtins.str
+    """Wall-clock time of day, `HH:MM` (24-hour)."""
+    start_date: _builtins.str
+    """The first day that may have an occurrence, `YYYY-MM-DD`."""
+    end_date: _builtins.str
+    """The last day that may have one, `YYYY-MM-DD`; empty for no end."""
+    occurrences: _builtins.int
+    """At most this many occurrences; zero for no limit."""
+    timezone: _builtins.str
+    """IANA time zone of the dates and the time of day, for example `Europe/Berlin`; empty is UTC."""
+    @_builtins.property
+    def daily(self) -> Global___EveryNDays:
+        """Every N days from the start date."""
+
+    @_builtins.property
+    def weekly(self) -> Global___Weekly:
+        """On weekdays."""
+
+    @_builtins.property
+    def monthly(self) -> Global___Monthly:
+        """On a day of the month."""
+
+    def __init__(
+        self,
+        *,
+        daily: Global___EveryNDays | None = ...,
+        weekly: Global___Weekly | None = ...,
+        monthly: Global___Monthly | None = ...,
+        time_of_day: _builtins.str = ...,
+        start_date: _builtins.str = ...,
+        end_date: _builtins.str = ...,
+        occurrences: _builtins.int = ...,
+        timezone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["daily", b"daily", "frequency", b"frequency", "monthly", b"monthly", "weekly", b"weekly"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["daily", b"daily", "end_date", b"end_date", "frequency", b"frequency", "monthly", b"monthly", "occurrences", b"occurrences", "start_date", b"start_date", "time_of_day", b"time_of_day", "timezone", b"timezone", "weekly", b"weekly"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_frequency: _TypeAlias = _typing.Literal["daily", "weekly", "monthly"]  # noqa: Y015
+    _WhichOneofArgType_frequency: _TypeAlias = _typing.Literal["frequency", b"frequency"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_frequency) -> _WhichOneofReturnType_frequency | None: ...
+
+Global___Recurring: _TypeAlias = Recurring  # noqa: Y015
+
+@_typing.final
 class Schedule(_message.Message):
     """When a campaign delivers."""
 
@@ -199,6 +405,8 @@ class Schedule(_message.Message):
 
     SEND_NOW_FIELD_NUMBER: _builtins.int
     SEND_LATER_FIELD_NUMBER: _builtins.int
+    SEND_MULTIPLE_FIELD_NUMBER: _builtins.int
+    RECURRING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def send_now(self) -> Global___SendNow:
         """Deliver at publish."""
@@ -207,17 +415,27 @@ class Schedule(_message.Message):
     def send_later(self) -> Global___SendLater:
         """Deliver once, later."""
 
+    @_builtins.property
+    def send_multiple(self) -> Global___SendMultiple:
+        """Deliver at several fixed times."""
+
+    @_builtins.property
+    def recurring(self) -> Global___Recurring:
+        """Deliver on a recurring calendar."""
+
     def __init__(
         self,
         *,
         send_now: Global___SendNow | None = ...,
         send_later: Global___SendLater | None = ...,
+        send_multiple: Global___SendMultiple | None = ...,
+        recurring: Global___Recurring | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["send_later", b"send_later", "send_now", b"send_now", "when", b"when"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["recurring", b"recurring", "send_later", b"send_later", "send_multiple", b"send_multiple", "send_now", b"send_now", "when", b"when"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["send_later", b"send_later", "send_now", b"send_now", "when", b"when"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recurring", b"recurring", "send_later", b"send_later", "send_multiple", b"send_multiple", "send_now", b"send_now", "when", b"when"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_when: _TypeAlias = _typing.Literal["send_now", "send_later"]  # noqa: Y015
+    _WhichOneofReturnType_when: _TypeAlias = _typing.Literal["send_now", "send_later", "send_multiple", "recurring"]  # noqa: Y015
     _WhichOneofArgType_when: _TypeAlias = _typing.Literal["when", b"when"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_when) -> _WhichOneofReturnType_when | None: ...
 
