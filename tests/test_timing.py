@@ -22,7 +22,6 @@ from herald_common.timing import (
     occurrence_days,
     quiet_hours_delay,
     run_start,
-    sampling_rank,
     throttle_window,
 )
 
@@ -271,13 +270,3 @@ def test_control_groups_are_stable_and_sized(percent: float) -> None:
     if 0 < percent < 100:
         other = [u for u in users if in_control_group("campaigns/c2", u, percent)]
         assert other != held  # another campaign holds back other users
-
-
-def test_sampling_ranks_are_reproducible_per_seed() -> None:
-    users = [f"user-{i}" for i in range(1000)]
-    first = sorted(users, key=lambda u: sampling_rank("seed-1", u))[:100]
-    again = sorted(users, key=lambda u: sampling_rank("seed-1", u))[:100]
-    other = sorted(users, key=lambda u: sampling_rank("seed-2", u))[:100]
-    assert first == again and first != other
-    # Roughly uniform: each tenth of the users supplies about a tenth of the sample.
-    assert all(3 <= sum(1 for u in first if int(u.split("-")[1]) // 100 == k) <= 20 for k in range(10))

@@ -78,6 +78,10 @@ class Subjects:
         return f"{self.namespace}.dispatch.waiting"
 
     @property
+    def campaign_alerts(self) -> str:
+        return f"{self.namespace}.scheduler.campaign.alert"
+
+    @property
     def events_ingested(self) -> str:
         return f"{self.namespace}.segmentation.events.ingested"
 

@@ -178,8 +178,3 @@ def in_control_group(campaign: str, user_id: str, percent: float) -> bool:
     in the same group across every run of a recurring campaign."""
     return _unit_hash("control", campaign, user_id) % 10_000 < round(percent * 100)
 
-
-def sampling_rank(seed: str, user_id: str) -> int:
-    """A user's place in a run's random order: the N users with the lowest ranks are a uniform
-    random sample of N, reproducible from the seed recorded on the run."""
-    return _unit_hash("sample", seed, user_id)

@@ -44,7 +44,10 @@ _STATUS_COLUMNS = {
 # Reasons kept per campaign, and users kept as examples of each.
 MAX_REASON_LENGTH = 300
 MAX_EXAMPLES = 5
-_UPDATABLE = {"display_name", "audience", "destination", "schedule", "segment_export"}
+_UPDATABLE = {"display_name", "audience", "destination", "schedule", "targeting", "segment_export"}
+MAX_CONTROL_PERCENT = 90
+# Caps below this are refused: a sample that small says little, a limit that small is a typo.
+MIN_CAP = 100
 _OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time")
 
 
@@ -93,6 +96,7 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
             "must look like destinations/<id>",
         )
     check_schedule(campaign.schedule, "campaign.schedule", check)
+    _check_targeting(campaign.targeting, check)
     content = campaign.WhichOneof("content")
     check.require(content is not None, "campaign.content", "required: exactly one kind of content")
     if content == "segment_export":
@@ -116,6 +120,19 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
                 problem = personalization.problem(template)
                 if problem:
                     check.add(field, problem)
+
+
+def _check_targeting(targeting: pb.Targeting, check: Validator) -> None:
+    check.require(
+        0 <= targeting.control_group_percent <= MAX_CONTROL_PERCENT,
+        "campaign.targeting.control_group_percent",
+        f"0 to {MAX_CONTROL_PERCENT} percent",
+    )
+    cap = targeting.WhichOneof("cap")
+    if cap is not None:
+        check.require(
+            getattr(targeting, cap) >= MIN_CAP, f"campaign.targeting.{cap}", f"at least {MIN_CAP} users"
+        )
 
 
 def _check_ahead(name: str, spec: pb.Campaign, now: datetime) -> None:

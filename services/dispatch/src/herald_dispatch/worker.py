@@ -106,11 +106,15 @@ class DeliveryWorker:
         pending = list({r.delivery_id: r for r in batch.recipients if r.delivery_id not in finished}.values())
         if not pending:
             return
-        if not known.delivering:
+        held_back = [Outcome(r, SKIPPED, reason="control group") for r in pending if r.held_back]
+        pending = [r for r in pending if not r.held_back]
+        if not pending:
+            outcomes = held_back
+        elif not known.delivering:
             state = campaign_pb.State.Name(known.campaign.state).removeprefix("STATE_").lower()
-            outcomes = [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
+            outcomes = held_back + [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
         else:
-            outcomes = await self._send(batch, known, pending, attempted_before=attempt > 1)
+            outcomes = held_back + await self._send(batch, known, pending, attempted_before=attempt > 1)
         if await self.ledger.record(batch, known.account_id, attempt, outcomes):
             self.infra.relay.notify()
 

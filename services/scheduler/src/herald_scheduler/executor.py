@@ -30,6 +30,7 @@ from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
+from herald_common.timing import in_control_group
 from herald_scheduler.planning import plan_following
 from herald_scheduler.runs import RunEvents, run_name
 from herald_scheduler.storage import campaigns, outbox, runs
@@ -82,6 +83,10 @@ class RunDefinitionError(Exception):
     """The campaign itself cannot be executed: retrying cannot help."""
 
 
+class SafetyLimitExceeded(RunDefinitionError):
+    """More users qualify than the campaign's safety limit allows: the run does not start."""
+
+
 def _retry_delay(attempts: int) -> float:
     return min(2.0 ** min(attempts, 16), MAX_RETRY_DELAY_SECONDS)
 
@@ -95,9 +100,15 @@ def _failure(error: Exception) -> tuple[bool, str]:
     return False, f"{type(error).__name__}: {error}"[:500]
 
 
-def _recipient(run_id: uuid.UUID, member: segmentation_pb.AudienceMember) -> events.Recipient:
+def _recipient(
+    run_id: uuid.UUID, member: segmentation_pb.AudienceMember, campaign: campaign_pb.Campaign
+) -> events.Recipient:
+    percent = campaign.targeting.control_group_percent
     recipient = events.Recipient(
-        delivery_id=delivery_id(run_id, member.user_id), user_id=member.user_id, timezone=member.timezone
+        delivery_id=delivery_id(run_id, member.user_id),
+        user_id=member.user_id,
+        timezone=member.timezone,
+        held_back=percent > 0 and in_control_group(campaign.name, member.user_id, percent),
     )
     if len(member.attributes_json) > MAX_RECIPIENT_ATTRIBUTE_BYTES:
         recipient.oversized_attributes_bytes = len(member.attributes_json)
@@ -229,6 +240,10 @@ class RunExecutor:
         except RunStopped:
             log.info("run_stopped", run=run_name(row))
             return
+        except SafetyLimitExceeded as exceeded:
+            log.warning("run_refused", run=run_name(row), reason=str(exceeded))
+            await self._end(row.id, RunState.RUN_STATE_FAILED, str(exceeded), alert=True)
+            return
         except Exception as error:
             permanent, reason = _failure(error)
             log.warning("run_interrupted", run=run_name(row), reason=reason, permanent=permanent)
@@ -246,10 +261,29 @@ class RunExecutor:
             raise RunDefinitionError("the campaign has no content Herald can deliver") from None
         destination_id = campaign.destination.removeprefix("destinations/")
         subject = self.subjects.delivery_batch(kind.destination_type, destination_id)
+        # The campaign's Audience has segmentation's shape, field for field.
+        audience = segmentation_pb.Audience.FromString(campaign.audience.SerializeToString())
+        targeting = campaign.targeting
+        cap = targeting.WhichOneof("cap")
+        if cap == "safety_limit" and not row.cursor:
+            reach = await self.audiences.EstimateReach(
+                segmentation_pb.EstimateReachRequest(audience=audience, channel=kind.audience_channel),
+                timeout=AUDIENCE_DEADLINE_SECONDS,
+            )
+            if reach.reachable_count > targeting.safety_limit:
+                raise SafetyLimitExceeded(
+                    f"safety limit: {reach.reachable_count:,} users qualify and the limit is "
+                    f"{targeting.safety_limit:,}; the run did not start"
+                )
+        sample: dict[str, Any] = {}
+        if cap == "random_cap":
+            sample = {"sample_size": targeting.random_cap, "sample_seed": str(row.id)}
+            if not row.sample_seed:
+                await self._record_seed(row.id, str(row.id))
         request = segmentation_pb.StreamAudienceRequest(
-            # The campaign's Audience has segmentation's shape, field for field.
-            audience=segmentation_pb.Audience.FromString(campaign.audience.SerializeToString()),
+            audience=audience,
             channel=kind.audience_channel,
+            **sample,
             attribute_keys=sorted(kind.attribute_keys(campaign)),
             page_size=AUDIENCE_PAGE_SIZE,
             start_after_user_id=row.cursor,
@@ -302,7 +336,7 @@ class RunExecutor:
         account_id = advanced[0].account_id
         run = f"{campaign.name}/runs/{run_id}"
         now = api.timestamp(api.utcnow())
-        recipients = [_recipient(run_id, m) for m in members]
+        recipients = [_recipient(run_id, m, campaign) for m in members]
         batches = []
         for chunk in _chunks(recipients):
             batch_id = str(uuid.uuid5(run_id, f"batch:{chunk[0].user_id}"))
@@ -352,7 +386,33 @@ class RunExecutor:
                 return
         await self._end(run_id, RunState.RUN_STATE_FAILED, reason)
 
-    async def _end(self, run_id: uuid.UUID, state: RunState.ValueType, error: str) -> None:
+    async def _alert(self, session: AsyncSession, row: Any, reason: str) -> None:
+        alert = events.CampaignAlert(
+            event_id=str(uuid.uuid4()),
+            account=account_name(row.account_id),
+            campaign=row.campaign,
+            run=run_name(row),
+            reason=reason,
+            occur_time=api.timestamp(api.utcnow()),
+        )
+        await enqueue(session, outbox, [OutboxEvent.of(self.subjects.campaign_alerts, alert, alert.event_id)])
+
+    async def _record_seed(self, run_id: uuid.UUID, seed: str) -> None:
+        async with self.database.transaction() as session:
+            updated = (
+                await session.execute(
+                    sa.update(runs)
+                    .where(runs.c.id == run_id, runs.c.lease_owner == self.owner)
+                    .values(sample_seed=seed, version=runs.c.version + 1)
+                    .returning(*runs.c)
+                )
+            ).all()
+            await self.run_events.changed(session, updated)
+        self.notify_outbox()
+
+    async def _end(
+        self, run_id: uuid.UUID, state: RunState.ValueType, error: str, *, alert: bool = False
+    ) -> None:
         async with self.database.transaction() as session:
             row = (
                 await session.execute(
@@ -371,5 +431,7 @@ class RunExecutor:
             ).first()
             if row is not None:
                 await self.run_events.changed(session, [row])
+                if alert:
+                    await self._alert(session, row, error)
                 log.info("run_finished", run=run_name(row), state=row.state, targeted=row.targeted)
         self.notify_outbox()

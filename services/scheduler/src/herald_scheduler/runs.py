@@ -38,6 +38,7 @@ def run_message(row: Any) -> pb.Run:
         final=row.final,
         error=row.error,
         attempts=row.attempts,
+        sample_seed=row.sample_seed,
     )
 
 

@@ -40,6 +40,8 @@ runs = sa.Table(
     # The last user id planned: pages commit with it, so a resumed run plans nobody twice.
     sa.Column("cursor", sa.Text, nullable=False, server_default=""),
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
+    # The seed a random cap chose its users with ('' without one).
+    sa.Column("sample_seed", sa.Text, nullable=False, server_default=""),
     # One higher on every change; RunChanged carries it so readers keep the newest report.
     sa.Column("version", sa.BigInteger, nullable=False, server_default="1"),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),

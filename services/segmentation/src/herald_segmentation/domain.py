@@ -277,6 +277,10 @@ class Segmentation:
         _check_channel(request.channel)
         if request.page_size < 0 or request.page_size > MAX_AUDIENCE_PAGE:
             raise invalid("page_size", f"between 0 and {MAX_AUDIENCE_PAGE}")
+        if request.sample_size < 0:
+            raise invalid("sample_size", "zero (everyone) or more")
+        if request.sample_size and not request.sample_seed:
+            raise invalid("sample_seed", "required with sample_size")
         limit = request.page_size or DEFAULT_AUDIENCE_PAGE
         now = (
             api.from_timestamp(request.evaluation_time)
@@ -302,11 +306,18 @@ class Segmentation:
                     < sa.func.now() - sa.text(f"interval '{SNAPSHOT_HOURS} hours'")
                 )
             )
+            members = sa.select(users.c.user_id).where(condition, reachable(request.channel))
+            if request.sample_size:
+                # A uniform random sample, the same for the same seed: a resumed stream picks the
+                # same members and goes on after the last one sent.
+                rank = sa.func.md5(sa.literal(request.sample_seed) + users.c.user_id)
+                members = members.order_by(rank).limit(request.sample_size)
+            chosen = members.subquery()
             await session.execute(
                 sa.insert(audience_snapshots).from_select(
                     ["snapshot_id", "account_id", "user_id"],
-                    sa.select(sa.literal(snapshot_id), users.c.account_id, users.c.user_id).where(
-                        condition, reachable(request.channel), users.c.user_id > request.start_after_user_id
+                    sa.select(sa.literal(snapshot_id), sa.literal(account_id), chosen.c.user_id).where(
+                        chosen.c.user_id > request.start_after_user_id
                     ),
                 )
             )

@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from herald.segmentation.v1 import segmentation_service_pb2 as herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)herald/campaign/v1/campaign_service.proto\x12\x12herald.campaign.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x31herald/segmentation/v1/segmentation_service.proto\"p\n\x08\x41udience\x12\x11\n\x07segment\x18\x01 \x01(\tH\x00\x12\x37\n\x06\x66ilter\x18\x02 \x01(\x0b\x32%.herald.segmentation.v1.SegmentFilterH\x00\x12\x0e\n\x04list\x18\x03 \x01(\tH\x00\x42\x08\n\x06source\"\xda\x01\n\x14SegmentExportContent\x12\x12\n\nevent_name\x18\x01 \x01(\t\x12\x1a\n\x12profile_attributes\x18\x02 \x03(\t\x12Y\n\x11\x63ustom_properties\x18\x03 \x03(\x0b\x32>.herald.campaign.v1.SegmentExportContent.CustomPropertiesEntry\x1a\x37\n\x15\x43ustomPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\t\n\x07SendNow\":\n\tSendLater\x12-\n\tsend_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x0cSendMultiple\x12.\n\nsend_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1b\n\nEveryNDays\x12\r\n\x05\x65very\x18\x01 \x01(\x05\"F\n\x06Weekly\x12-\n\x08weekdays\x18\x01 \x03(\x0e\x32\x1b.herald.campaign.v1.Weekday\x12\r\n\x05\x65very\x18\x02 \x01(\x05\".\n\x07Monthly\x12\x14\n\x0c\x64\x61y_of_month\x18\x01 \x01(\x05\x12\r\n\x05\x65very\x18\x02 \x01(\x05\"\x89\x02\n\tRecurring\x12/\n\x05\x64\x61ily\x18\x01 \x01(\x0b\x32\x1e.herald.campaign.v1.EveryNDaysH\x00\x12,\n\x06weekly\x18\x02 \x01(\x0b\x32\x1a.herald.campaign.v1.WeeklyH\x00\x12.\n\x07monthly\x18\x03 \x01(\x0b\x32\x1b.herald.campaign.v1.MonthlyH\x00\x12\x13\n\x0btime_of_day\x18\x04 \x01(\t\x12\x12\n\nstart_date\x18\x05 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x06 \x01(\t\x12\x13\n\x0boccurrences\x18\x07 \x01(\x05\x12\x10\n\x08timezone\x18\x08 \x01(\tB\x0b\n\tfrequency\"\xe7\x01\n\x08Schedule\x12/\n\x08send_now\x18\x01 \x01(\x0b\x32\x1b.herald.campaign.v1.SendNowH\x00\x12\x33\n\nsend_later\x18\x02 \x01(\x0b\x32\x1d.herald.campaign.v1.SendLaterH\x00\x12\x39\n\rsend_multiple\x18\x03 \x01(\x0b\x32 .herald.campaign.v1.SendMultipleH\x00\x12\x32\n\trecurring\x18\x04 \x01(\x0b\x32\x1d.herald.campaign.v1.RecurringH\x00\x42\x06\n\x04when\"\xc8\x03\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.herald.campaign.v1.State\x12.\n\x08\x61udience\x18\x04 \x01(\x0b\x32\x1c.herald.campaign.v1.Audience\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12.\n\x08schedule\x18\x06 \x01(\x0b\x32\x1c.herald.campaign.v1.Schedule\x12\x42\n\x0esegment_export\x18\n \x01(\x0b\x32(.herald.campaign.v1.SegmentExportContentH\x00\x12/\n\x0b\x63reate_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cpublish_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x17 \x01(\tB\t\n\x07\x63ontent\"\xd3\x01\n\rCampaignStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08targeted\x18\x02 \x01(\x03\x12\x0c\n\x04sent\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\x12\x0f\n\x07skipped\x18\x05 \x01(\x03\x12\x0f\n\x07unknown\x18\x06 \x01(\x03\x12\x0e\n\x06resent\x18\x07 \x01(\x03\x12:\n\x0f\x66\x61ilure_reasons\x18\x08 \x03(\x0b\x32!.herald.campaign.v1.FailureReason\x12\x16\n\x0ewaiting_reason\x18\t \x01(\t\"H\n\rFailureReason\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x18\n\x10\x65xample_user_ids\x18\x03 \x03(\t\"[\n\x15\x43reateCampaignRequest\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\"\n\x12GetCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x9c\x01\n\x14ListCampaignsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12)\n\x06states\x18\x05 \x03(\x0e\x32\x19.herald.campaign.v1.State\x12\x0c\n\x04list\x18\x06 \x01(\t\"a\n\x15ListCampaignsResponse\x12/\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x15UpdateCampaignRequest\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"%\n\x15\x44\x65leteCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16PublishCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13StopCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x17GetCampaignStatsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*\x91\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_DRAFT\x10\x01\x12\x13\n\x0fSTATE_SCHEDULED\x10\x02\x12\x11\n\rSTATE_RUNNING\x10\x03\x12\x13\n\x0fSTATE_COMPLETED\x10\x04\x12\x11\n\rSTATE_STOPPED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07\x32\xef\x05\n\x0f\x43\x61mpaignService\x12Y\n\x0e\x43reateCampaign\x12).herald.campaign.v1.CreateCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12S\n\x0bGetCampaign\x12&.herald.campaign.v1.GetCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12\x64\n\rListCampaigns\x12(.herald.campaign.v1.ListCampaignsRequest\x1a).herald.campaign.v1.ListCampaignsResponse\x12Y\n\x0eUpdateCampaign\x12).herald.campaign.v1.UpdateCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12S\n\x0e\x44\x65leteCampaign\x12).herald.campaign.v1.DeleteCampaignRequest\x1a\x16.google.protobuf.Empty\x12[\n\x0fPublishCampaign\x12*.herald.campaign.v1.PublishCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12U\n\x0cStopCampaign\x12\'.herald.campaign.v1.StopCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12\x62\n\x10GetCampaignStats\x12+.herald.campaign.v1.GetCampaignStatsRequest\x1a!.herald.campaign.v1.CampaignStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)herald/campaign/v1/campaign_service.proto\x12\x12herald.campaign.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x31herald/segmentation/v1/segmentation_service.proto\"p\n\x08\x41udience\x12\x11\n\x07segment\x18\x01 \x01(\tH\x00\x12\x37\n\x06\x66ilter\x18\x02 \x01(\x0b\x32%.herald.segmentation.v1.SegmentFilterH\x00\x12\x0e\n\x04list\x18\x03 \x01(\tH\x00\x42\x08\n\x06source\"\xda\x01\n\x14SegmentExportContent\x12\x12\n\nevent_name\x18\x01 \x01(\t\x12\x1a\n\x12profile_attributes\x18\x02 \x03(\t\x12Y\n\x11\x63ustom_properties\x18\x03 \x03(\x0b\x32>.herald.campaign.v1.SegmentExportContent.CustomPropertiesEntry\x1a\x37\n\x15\x43ustomPropertiesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\t\n\x07SendNow\":\n\tSendLater\x12-\n\tsend_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x0cSendMultiple\x12.\n\nsend_times\x18\x01 \x03(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1b\n\nEveryNDays\x12\r\n\x05\x65very\x18\x01 \x01(\x05\"F\n\x06Weekly\x12-\n\x08weekdays\x18\x01 \x03(\x0e\x32\x1b.herald.campaign.v1.Weekday\x12\r\n\x05\x65very\x18\x02 \x01(\x05\".\n\x07Monthly\x12\x14\n\x0c\x64\x61y_of_month\x18\x01 \x01(\x05\x12\r\n\x05\x65very\x18\x02 \x01(\x05\"\x89\x02\n\tRecurring\x12/\n\x05\x64\x61ily\x18\x01 \x01(\x0b\x32\x1e.herald.campaign.v1.EveryNDaysH\x00\x12,\n\x06weekly\x18\x02 \x01(\x0b\x32\x1a.herald.campaign.v1.WeeklyH\x00\x12.\n\x07monthly\x18\x03 \x01(\x0b\x32\x1b.herald.campaign.v1.MonthlyH\x00\x12\x13\n\x0btime_of_day\x18\x04 \x01(\t\x12\x12\n\nstart_date\x18\x05 \x01(\t\x12\x10\n\x08\x65nd_date\x18\x06 \x01(\t\x12\x13\n\x0boccurrences\x18\x07 \x01(\x05\x12\x10\n\x08timezone\x18\x08 \x01(\tB\x0b\n\tfrequency\"_\n\tTargeting\x12\x1d\n\x15\x63ontrol_group_percent\x18\x01 \x01(\x01\x12\x16\n\x0csafety_limit\x18\x02 \x01(\x03H\x00\x12\x14\n\nrandom_cap\x18\x03 \x01(\x03H\x00\x42\x05\n\x03\x63\x61p\"\xe7\x01\n\x08Schedule\x12/\n\x08send_now\x18\x01 \x01(\x0b\x32\x1b.herald.campaign.v1.SendNowH\x00\x12\x33\n\nsend_later\x18\x02 \x01(\x0b\x32\x1d.herald.campaign.v1.SendLaterH\x00\x12\x39\n\rsend_multiple\x18\x03 \x01(\x0b\x32 .herald.campaign.v1.SendMultipleH\x00\x12\x32\n\trecurring\x18\x04 \x01(\x0b\x32\x1d.herald.campaign.v1.RecurringH\x00\x42\x06\n\x04when\"\xfa\x03\n\x08\x43\x61mpaign\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12(\n\x05state\x18\x03 \x01(\x0e\x32\x19.herald.campaign.v1.State\x12.\n\x08\x61udience\x18\x04 \x01(\x0b\x32\x1c.herald.campaign.v1.Audience\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12.\n\x08schedule\x18\x06 \x01(\x0b\x32\x1c.herald.campaign.v1.Schedule\x12\x30\n\ttargeting\x18\x07 \x01(\x0b\x32\x1d.herald.campaign.v1.Targeting\x12\x42\n\x0esegment_export\x18\n \x01(\x0b\x32(.herald.campaign.v1.SegmentExportContentH\x00\x12/\n\x0b\x63reate_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x15 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0cpublish_time\x18\x16 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x66\x61ilure_reason\x18\x17 \x01(\tB\t\n\x07\x63ontent\"\xd3\x01\n\rCampaignStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08targeted\x18\x02 \x01(\x03\x12\x0c\n\x04sent\x18\x03 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x04 \x01(\x03\x12\x0f\n\x07skipped\x18\x05 \x01(\x03\x12\x0f\n\x07unknown\x18\x06 \x01(\x03\x12\x0e\n\x06resent\x18\x07 \x01(\x03\x12:\n\x0f\x66\x61ilure_reasons\x18\x08 \x03(\x0b\x32!.herald.campaign.v1.FailureReason\x12\x16\n\x0ewaiting_reason\x18\t \x01(\t\"H\n\rFailureReason\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\x12\x18\n\x10\x65xample_user_ids\x18\x03 \x03(\t\"[\n\x15\x43reateCampaignRequest\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\"\n\x12GetCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x9c\x01\n\x14ListCampaignsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x0f\n\x07segment\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12)\n\x06states\x18\x05 \x03(\x0e\x32\x19.herald.campaign.v1.State\x12\x0c\n\x04list\x18\x06 \x01(\t\"a\n\x15ListCampaignsResponse\x12/\n\tcampaigns\x18\x01 \x03(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"x\n\x15UpdateCampaignRequest\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"%\n\x15\x44\x65leteCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"&\n\x16PublishCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"#\n\x13StopCampaignRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\'\n\x17GetCampaignStatsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*\x91\x01\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bSTATE_DRAFT\x10\x01\x12\x13\n\x0fSTATE_SCHEDULED\x10\x02\x12\x11\n\rSTATE_RUNNING\x10\x03\x12\x13\n\x0fSTATE_COMPLETED\x10\x04\x12\x11\n\rSTATE_STOPPED\x10\x05\x12\x10\n\x0cSTATE_FAILED\x10\x06*\xb6\x01\n\x07Weekday\x12\x17\n\x13WEEKDAY_UNSPECIFIED\x10\x00\x12\x12\n\x0eWEEKDAY_MONDAY\x10\x01\x12\x13\n\x0fWEEKDAY_TUESDAY\x10\x02\x12\x15\n\x11WEEKDAY_WEDNESDAY\x10\x03\x12\x14\n\x10WEEKDAY_THURSDAY\x10\x04\x12\x12\n\x0eWEEKDAY_FRIDAY\x10\x05\x12\x14\n\x10WEEKDAY_SATURDAY\x10\x06\x12\x12\n\x0eWEEKDAY_SUNDAY\x10\x07\x32\xef\x05\n\x0f\x43\x61mpaignService\x12Y\n\x0e\x43reateCampaign\x12).herald.campaign.v1.CreateCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12S\n\x0bGetCampaign\x12&.herald.campaign.v1.GetCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12\x64\n\rListCampaigns\x12(.herald.campaign.v1.ListCampaignsRequest\x1a).herald.campaign.v1.ListCampaignsResponse\x12Y\n\x0eUpdateCampaign\x12).herald.campaign.v1.UpdateCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12S\n\x0e\x44\x65leteCampaign\x12).herald.campaign.v1.DeleteCampaignRequest\x1a\x16.google.protobuf.Empty\x12[\n\x0fPublishCampaign\x12*.herald.campaign.v1.PublishCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12U\n\x0cStopCampaign\x12\'.herald.campaign.v1.StopCampaignRequest\x1a\x1c.herald.campaign.v1.Campaign\x12\x62\n\x10GetCampaignStats\x12+.herald.campaign.v1.GetCampaignStatsRequest\x1a!.herald.campaign.v1.CampaignStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,10 +37,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEGMENTEXPORTCONTENT_CUSTOMPROPERTIESENTRY']._loaded_options = None
   _globals['_SEGMENTEXPORTCONTENT_CUSTOMPROPERTIESENTRY']._serialized_options = b'8\001'
-  _globals['_STATE']._serialized_start=2747
-  _globals['_STATE']._serialized_end=2892
-  _globals['_WEEKDAY']._serialized_start=2895
-  _globals['_WEEKDAY']._serialized_end=3077
+  _globals['_STATE']._serialized_start=2894
+  _globals['_STATE']._serialized_end=3039
+  _globals['_WEEKDAY']._serialized_start=3042
+  _globals['_WEEKDAY']._serialized_end=3224
   _globals['_AUDIENCE']._serialized_start=212
   _globals['_AUDIENCE']._serialized_end=324
   _globals['_SEGMENTEXPORTCONTENT']._serialized_start=327
@@ -61,32 +61,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MONTHLY']._serialized_end=829
   _globals['_RECURRING']._serialized_start=832
   _globals['_RECURRING']._serialized_end=1097
-  _globals['_SCHEDULE']._serialized_start=1100
-  _globals['_SCHEDULE']._serialized_end=1331
-  _globals['_CAMPAIGN']._serialized_start=1334
-  _globals['_CAMPAIGN']._serialized_end=1790
-  _globals['_CAMPAIGNSTATS']._serialized_start=1793
-  _globals['_CAMPAIGNSTATS']._serialized_end=2004
-  _globals['_FAILUREREASON']._serialized_start=2006
-  _globals['_FAILUREREASON']._serialized_end=2078
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=2080
-  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=2171
-  _globals['_GETCAMPAIGNREQUEST']._serialized_start=2173
-  _globals['_GETCAMPAIGNREQUEST']._serialized_end=2207
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=2210
-  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=2366
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=2368
-  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=2465
-  _globals['_UPDATECAMPAIGNREQUEST']._serialized_start=2467
-  _globals['_UPDATECAMPAIGNREQUEST']._serialized_end=2587
-  _globals['_DELETECAMPAIGNREQUEST']._serialized_start=2589
-  _globals['_DELETECAMPAIGNREQUEST']._serialized_end=2626
-  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_start=2628
-  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_end=2666
-  _globals['_STOPCAMPAIGNREQUEST']._serialized_start=2668
-  _globals['_STOPCAMPAIGNREQUEST']._serialized_end=2703
-  _globals['_GETCAMPAIGNSTATSREQUEST']._serialized_start=2705
-  _globals['_GETCAMPAIGNSTATSREQUEST']._serialized_end=2744
-  _globals['_CAMPAIGNSERVICE']._serialized_start=3080
-  _globals['_CAMPAIGNSERVICE']._serialized_end=3831
+  _globals['_TARGETING']._serialized_start=1099
+  _globals['_TARGETING']._serialized_end=1194
+  _globals['_SCHEDULE']._serialized_start=1197
+  _globals['_SCHEDULE']._serialized_end=1428
+  _globals['_CAMPAIGN']._serialized_start=1431
+  _globals['_CAMPAIGN']._serialized_end=1937
+  _globals['_CAMPAIGNSTATS']._serialized_start=1940
+  _globals['_CAMPAIGNSTATS']._serialized_end=2151
+  _globals['_FAILUREREASON']._serialized_start=2153
+  _globals['_FAILUREREASON']._serialized_end=2225
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_start=2227
+  _globals['_CREATECAMPAIGNREQUEST']._serialized_end=2318
+  _globals['_GETCAMPAIGNREQUEST']._serialized_start=2320
+  _globals['_GETCAMPAIGNREQUEST']._serialized_end=2354
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_start=2357
+  _globals['_LISTCAMPAIGNSREQUEST']._serialized_end=2513
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_start=2515
+  _globals['_LISTCAMPAIGNSRESPONSE']._serialized_end=2612
+  _globals['_UPDATECAMPAIGNREQUEST']._serialized_start=2614
+  _globals['_UPDATECAMPAIGNREQUEST']._serialized_end=2734
+  _globals['_DELETECAMPAIGNREQUEST']._serialized_start=2736
+  _globals['_DELETECAMPAIGNREQUEST']._serialized_end=2773
+  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_start=2775
+  _globals['_PUBLISHCAMPAIGNREQUEST']._serialized_end=2813
+  _globals['_STOPCAMPAIGNREQUEST']._serialized_start=2815
+  _globals['_STOPCAMPAIGNREQUEST']._serialized_end=2850
+  _globals['_GETCAMPAIGNSTATSREQUEST']._serialized_start=2852
+  _globals['_GETCAMPAIGNSTATSREQUEST']._serialized_end=2891
+  _globals['_CAMPAIGNSERVICE']._serialized_start=3227
+  _globals['_CAMPAIGNSERVICE']._serialized_end=3978
 # @@protoc_insertion_point(module_scope)

@@ -398,6 +398,45 @@ class Recurring(_message.Message):
 Global___Recurring: _TypeAlias = Recurring  # noqa: Y015
 
 @_typing.final
+class Targeting(_message.Message):
+    """Who of a qualified audience a campaign reaches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTROL_GROUP_PERCENT_FIELD_NUMBER: _builtins.int
+    SAFETY_LIMIT_FIELD_NUMBER: _builtins.int
+    RANDOM_CAP_FIELD_NUMBER: _builtins.int
+    control_group_percent: _builtins.float
+    """Percent of the qualified audience held back as a control group, 0 to 90. Chosen per
+    (campaign, user): a user stays in the same group across every run. Control users are
+    recorded (skipped, reason "control group"), never sent.
+    """
+    safety_limit: _builtins.int
+    """All qualified users, but a run does not start when more than this many qualify (at least
+    100): the campaign fails with the reason and a CampaignAlert is published.
+    """
+    random_cap: _builtins.int
+    """Only this many users per run (at least 100), chosen uniformly at random; the run records
+    its seed.
+    """
+    def __init__(
+        self,
+        *,
+        control_group_percent: _builtins.float = ...,
+        safety_limit: _builtins.int = ...,
+        random_cap: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "random_cap", b"random_cap", "safety_limit", b"safety_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "control_group_percent", b"control_group_percent", "random_cap", b"random_cap", "safety_limit", b"safety_limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_cap: _TypeAlias = _typing.Literal["safety_limit", "random_cap"]  # noqa: Y015
+    _WhichOneofArgType_cap: _TypeAlias = _typing.Literal["cap", b"cap"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_cap) -> _WhichOneofReturnType_cap | None: ...
+
+Global___Targeting: _TypeAlias = Targeting  # noqa: Y015
+
+@_typing.final
 class Schedule(_message.Message):
     """When a campaign delivers."""
 
@@ -453,6 +492,7 @@ class Campaign(_message.Message):
     AUDIENCE_FIELD_NUMBER: _builtins.int
     DESTINATION_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
+    TARGETING_FIELD_NUMBER: _builtins.int
     SEGMENT_EXPORT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -475,6 +515,10 @@ class Campaign(_message.Message):
     @_builtins.property
     def schedule(self) -> Global___Schedule:
         """When it is delivered; required."""
+
+    @_builtins.property
+    def targeting(self) -> Global___Targeting:
+        """Who of the audience is held back or left out."""
 
     @_builtins.property
     def segment_export(self) -> Global___SegmentExportContent:
@@ -501,15 +545,16 @@ class Campaign(_message.Message):
         audience: Global___Audience | None = ...,
         destination: _builtins.str = ...,
         schedule: Global___Schedule | None = ...,
+        targeting: Global___Targeting | None = ...,
         segment_export: Global___SegmentExportContent | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
         failure_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "destination", b"destination", "display_name", b"display_name", "failure_reason", b"failure_reason", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "destination", b"destination", "display_name", b"display_name", "failure_reason", b"failure_reason", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015

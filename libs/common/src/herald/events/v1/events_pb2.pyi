@@ -156,6 +156,7 @@ class Recipient(_message.Message):
     ATTRIBUTES_JSON_FIELD_NUMBER: _builtins.int
     TIMEZONE_FIELD_NUMBER: _builtins.int
     OVERSIZED_ATTRIBUTES_BYTES_FIELD_NUMBER: _builtins.int
+    HELD_BACK_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """Stable id of this delivery, reused on every retry and sent to destinations for de-duplication."""
     user_id: _builtins.str
@@ -168,6 +169,8 @@ class Recipient(_message.Message):
     """Set instead of attributes_json when the attributes were too large to carry: dispatch fails
     the delivery with this size as the reason.
     """
+    held_back: _builtins.bool
+    """In the campaign's control group: recorded as skipped ("control group"), never sent."""
     def __init__(
         self,
         *,
@@ -176,10 +179,11 @@ class Recipient(_message.Message):
         attributes_json: _builtins.bytes = ...,
         timezone: _builtins.str = ...,
         oversized_attributes_bytes: _builtins.int = ...,
+        held_back: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes_json", b"attributes_json", "delivery_id", b"delivery_id", "oversized_attributes_bytes", b"oversized_attributes_bytes", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes_json", b"attributes_json", "delivery_id", b"delivery_id", "held_back", b"held_back", "oversized_attributes_bytes", b"oversized_attributes_bytes", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -476,3 +480,49 @@ class EventsIngested(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventsIngested: _TypeAlias = EventsIngested  # noqa: Y015
+
+@_typing.final
+class CampaignAlert(_message.Message):
+    """Published by the scheduler when a run does not start because a rule forbids it (a safety
+    limit exceeded, for example): someone should look.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per event; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    run: _builtins.str
+    """`campaigns/{campaign}/runs/{run}`."""
+    reason: _builtins.str
+    """What happened, for people."""
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        campaign: _builtins.str = ...,
+        run: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "event_id", b"event_id", "occur_time", b"occur_time", "reason", b"reason", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CampaignAlert: _TypeAlias = CampaignAlert  # noqa: Y015

@@ -73,6 +73,7 @@ class Run(_message.Message):
     FINAL_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
+    SAMPLE_SEED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `campaigns/{campaign}/runs/{run}`."""
     campaign: _builtins.str
@@ -89,6 +90,8 @@ class Run(_message.Message):
     """Why the run failed, if it did; while it is retrying, why the last attempt failed."""
     attempts: _builtins.int
     """Attempts made to plan it; transient failures are retried with growing delays."""
+    sample_seed: _builtins.str
+    """The seed a random cap chose its users with (empty without one)."""
     @_builtins.property
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
         """When the run is due."""
@@ -115,10 +118,11 @@ class Run(_message.Message):
         final: _builtins.bool = ...,
         error: _builtins.str = ...,
         attempts: _builtins.int = ...,
+        sample_seed: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "audience_size", b"audience_size", "campaign", b"campaign", "end_time", b"end_time", "error", b"error", "final", b"final", "name", b"name", "scheduled_time", b"scheduled_time", "start_time", b"start_time", "state", b"state", "targeted", b"targeted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "audience_size", b"audience_size", "campaign", b"campaign", "end_time", b"end_time", "error", b"error", "final", b"final", "name", b"name", "sample_seed", b"sample_seed", "scheduled_time", b"scheduled_time", "start_time", b"start_time", "state", b"state", "targeted", b"targeted"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1444,6 +1444,8 @@ class StreamAudienceRequest(_message.Message):
     ATTRIBUTES_AS_JSON_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     EVALUATION_TIME_FIELD_NUMBER: _builtins.int
+    SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
+    SAMPLE_SEED_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Members per streamed page (default 500, at most 5000)."""
     start_after_user_id: _builtins.str
@@ -1452,6 +1454,12 @@ class StreamAudienceRequest(_message.Message):
     """Return attributes as attributes_json instead of attributes (compact, for bulk readers)."""
     channel: Global___Channel.ValueType
     """Only the members this channel can reach."""
+    sample_size: _builtins.int
+    """When set, only this many reachable members, chosen uniformly at random by sample_seed (the
+    same seed chooses the same members).
+    """
+    sample_seed: _builtins.str
+    """The seed of the sample; required with sample_size."""
     @_builtins.property
     def audience(self) -> Global___Audience:
         """Who; required."""
@@ -1478,10 +1486,12 @@ class StreamAudienceRequest(_message.Message):
         attributes_as_json: _builtins.bool = ...,
         channel: Global___Channel.ValueType = ...,
         evaluation_time: _timestamp_pb2.Timestamp | None = ...,
+        sample_size: _builtins.int = ...,
+        sample_seed: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "evaluation_time", b"evaluation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "audience", b"audience", "channel", b"channel", "evaluation_time", b"evaluation_time", "page_size", b"page_size", "start_after_user_id", b"start_after_user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "audience", b"audience", "channel", b"channel", "evaluation_time", b"evaluation_time", "page_size", b"page_size", "sample_seed", b"sample_seed", "sample_size", b"sample_size", "start_after_user_id", b"start_after_user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
