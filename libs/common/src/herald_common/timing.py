@@ -177,4 +177,3 @@ def in_control_group(campaign: str, user_id: str, percent: float) -> bool:
     """Whether a user is held back: decided by the campaign and the user alone, so the user stays
     in the same group across every run of a recurring campaign."""
     return _unit_hash("control", campaign, user_id) % 10_000 < round(percent * 100)
-
