@@ -379,6 +379,14 @@ async def _get_run(w: World) -> None:
     await _refused(w.b.scheduler.GetRun(scheduler_pb.GetRunRequest(name=w.run.name)))
 
 
+@probe(scheduler_pb, "WatchRun")
+async def _watch_run(w: World) -> None:
+    async def watched() -> list[scheduler_pb.Run]:
+        return [run async for run in w.b.scheduler.WatchRun(scheduler_pb.WatchRunRequest(name=w.run.name))]
+
+    await _refused(watched())
+
+
 @probe(scheduler_pb, "ListRuns")
 async def _list_runs(w: World) -> None:
     listed = await w.b.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=w.campaign.name))

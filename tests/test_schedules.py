@@ -212,3 +212,29 @@ async def test_duplicate_or_past_dates_and_spent_calendars_are_refused(
         await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=name))
     assert no_future.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert await _state(platform, name) == campaign_pb.State.STATE_DRAFT  # nothing changed
+
+
+async def test_watching_a_run_streams_its_progress_until_it_ends(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> None:
+    later = campaign_pb.Schedule(send_later=campaign_pb.SendLater())
+    later.send_later.send_time.FromDatetime(MONDAY_NOON + timedelta(hours=1))
+    name, _ = await _campaign(platform, segment_api, later)
+    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=name))
+    await eventually(lambda: _has_runs(platform, name, 1))
+    [run] = await _runs(platform, name)
+    stream = platform.scheduler.WatchRun(scheduler_pb.WatchRunRequest(name=run.name))
+    first = await stream.read()
+    assert isinstance(first, scheduler_pb.Run) and first.state == scheduler_pb.RUN_STATE_PENDING
+    manual_clock.advance(timedelta(hours=1, seconds=1))
+    rest = [r async for r in stream]
+    states = [first.state] + [r.state for r in rest]
+    assert states[-1] == scheduler_pb.RUN_STATE_DISPATCHED  # and the stream ended with it
+    assert states == sorted(
+        states,
+        key=[
+            scheduler_pb.RUN_STATE_PENDING,
+            scheduler_pb.RUN_STATE_RUNNING,
+            scheduler_pb.RUN_STATE_DISPATCHED,
+        ].index,
+    )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -19,6 +20,8 @@ from herald_common.errors import NotFound, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
 from herald_scheduler.storage import outbox, runs
+
+_ENDED = {pb.RunState.Name(s) for s in (pb.RUN_STATE_DISPATCHED, pb.RUN_STATE_FAILED, pb.RUN_STATE_CANCELLED)}
 
 
 def run_name(row: Any) -> str:
@@ -91,6 +94,25 @@ class RunQueries:
         if row is None or run_name(row) != name:
             raise NotFound(name)
         return run_message(row)
+
+    async def watch(self, name: str, poll_seconds: float = 0.25) -> AsyncIterator[pb.Run]:
+        """The run now, then each new version of it, until it has ended. Another account's run
+        answers NOT_FOUND, as GetRun does."""
+        version = 0
+        while True:
+            run_id = _parse_run_name(name)
+            async with self.database.transaction() as session:
+                row = (
+                    await session.execute(sa.select(runs).where(runs.c.id == run_id, _of_callers_account()))
+                ).first()
+            if row is None or run_name(row) != name:
+                raise NotFound(name)
+            if row.version != version:
+                version = row.version
+                yield run_message(row)
+            if row.state in _ENDED:
+                return
+            await asyncio.sleep(poll_seconds)
 
     async def list(self, parent: str, size: int, token: str) -> tuple[list[pb.Run], str]:
         api.parse_uuid_name(parent, "campaigns", "parent")

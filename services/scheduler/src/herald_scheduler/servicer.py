@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -19,6 +20,7 @@ PERMISSIONS = method_permissions(
     {
         "GetRun": Permission.READ,
         "ListRuns": Permission.READ,
+        "WatchRun": Permission.READ,
     },
 )
 
@@ -29,6 +31,10 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.Run:
         return await self.queries.get(request.name)
+
+    async def WatchRun(self, request: pb.WatchRunRequest, context: Context) -> AsyncIterator[pb.Run]:
+        async for run in self.queries.watch(request.name):
+            yield run
 
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         found, token = await self.queries.list(request.parent, request.page_size, request.page_token)

@@ -45,6 +45,11 @@ class SchedulerServiceStub:
                 request_serializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsRequest.SerializeToString,
                 response_deserializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/herald.scheduler.v1.SchedulerService/WatchRun',
+                request_serializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.SerializeToString,
+                response_deserializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.Run.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -65,6 +70,13 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchRun(self, request, context):
+        """Streams a run as it changes: its state now, then every change, until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +89,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.ListRuns,
                     request_deserializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsRequest.FromString,
                     response_serializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsResponse.SerializeToString,
+            ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.FromString,
+                    response_serializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.Run.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +151,33 @@ class SchedulerService:
             '/herald.scheduler.v1.SchedulerService/ListRuns',
             herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsRequest.SerializeToString,
             herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/herald.scheduler.v1.SchedulerService/WatchRun',
+            herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.SerializeToString,
+            herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.Run.FromString,
             options,
             channel_credentials,
             insecure,

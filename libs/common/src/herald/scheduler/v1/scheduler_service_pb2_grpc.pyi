@@ -37,6 +37,8 @@ class SchedulerServiceStub:
     """Returns one run."""
     ListRuns: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunsRequest, _scheduler_service_pb2.ListRunsResponse]
     """Lists the runs of a campaign, oldest first."""
+    WatchRun: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchRunRequest, _scheduler_service_pb2.Run]
+    """Streams a run as it changes: its state now, then every change, until it ends."""
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -47,6 +49,8 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Returns one run."""
     ListRuns: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListRunsRequest, _scheduler_service_pb2.ListRunsResponse]  # type: ignore[assignment]
     """Lists the runs of a campaign, oldest first."""
+    WatchRun: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchRunRequest, _scheduler_service_pb2.Run]  # type: ignore[assignment]
+    """Streams a run as it changes: its state now, then every change, until it ends."""
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Plans and executes campaign runs."""
@@ -66,5 +70,13 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_service_pb2.ListRunsResponse, _abc.Awaitable[_scheduler_service_pb2.ListRunsResponse]]:
         """Lists the runs of a campaign, oldest first."""
+
+    @_abc_1.abstractmethod
+    def WatchRun(
+        self,
+        request: _scheduler_service_pb2.WatchRunRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.Run], _abc.AsyncIterator[_scheduler_service_pb2.Run]]:
+        """Streams a run as it changes: its state now, then every change, until it ends."""
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
