@@ -365,6 +365,21 @@ async def _stop_campaign(w: World) -> None:
     await _refused(w.b.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=w.campaign.name)))
 
 
+@probe(campaign_pb, "ExplainDelivery")
+async def _explain_delivery(w: World) -> None:
+    request = campaign_pb.ExplainDeliveryRequest(campaign=w.campaign.name, user_id="only-a")
+    await _refused(w.b.campaigns.ExplainDelivery(request))
+    mine = await w.a.campaigns.ExplainDelivery(request)
+    assert [d.decision for d in mine.decisions] == [campaign_pb.DECISION_SENT]
+
+
+@probe(dispatch_pb, "ListDeliveries")
+async def _list_deliveries(w: World) -> None:
+    request = dispatch_pb.ListDeliveriesRequest(campaign=w.campaign.name, user_id="only-a")
+    assert list((await w.b.dispatch.ListDeliveries(request)).deliveries) == []
+    assert [d.status for d in (await w.a.dispatch.ListDeliveries(request)).deliveries] == ["sent"]
+
+
 @probe(campaign_pb, "GetCampaignStats")
 async def _get_campaign_stats(w: World) -> None:
     request = campaign_pb.GetCampaignStatsRequest(name=f"{w.campaign.name}/stats")
@@ -483,6 +498,12 @@ async def _world(platform: Platform, other: tuple[str, Clients], segment_api: Se
         return done[0] if done else None
 
     await eventually(finished_run)
+
+    async def completed() -> bool:
+        got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=campaign.name))
+        return got.state == campaign_pb.State.STATE_COMPLETED
+
+    await eventually(completed)  # every delivery has its result
     run = await finished_run()
     assert run is not None and run.targeted == 2
     key = await platform.accounts.CreateApiKey(

@@ -125,6 +125,18 @@ async def test_a_control_group_is_held_back_and_stays_the_same_across_runs(
     assert all(day == first for day in others)  # the same users every run
     assert len(first) == 1000 - held // 3
 
+    async def explain(user_id: str) -> list[tuple[int, int]]:
+        request = campaign_pb.ExplainDeliveryRequest(campaign=name, user_id=user_id)
+        found = await platform.campaigns.ExplainDelivery(request)
+        return [(d.decision, d.rule) for d in found.decisions]
+
+    control_user = next(f"{tag}-{i:04d}" for i in range(1000) if f"{tag}-{i:04d}" not in first)
+    assert await explain(control_user) == [(campaign_pb.DECISION_SKIPPED, campaign_pb.RULE_CONTROL_GROUP)] * 3
+    assert await explain(sorted(first)[0]) == [(campaign_pb.DECISION_SENT, campaign_pb.RULE_DELIVERED)] * 3
+    assert (
+        await explain("someone-else") == [(campaign_pb.DECISION_NOT_TARGETED, campaign_pb.RULE_AUDIENCE)] * 3
+    )
+
 
 async def test_a_random_cap_sends_to_exactly_n_chosen_by_a_recorded_seed(
     platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock

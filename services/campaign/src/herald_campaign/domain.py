@@ -387,6 +387,29 @@ class Campaigns:
         self._notify()
         return _message(row)
 
+    async def explain(self, campaign_name: str, user_id: str) -> pb.DeliveryExplanation:
+        """Why a user did or did not get the campaign: per run, from the delivery results dispatch
+        recorded and the runs the scheduler reported."""
+        campaign_id = api.parse_uuid_name(campaign_name, "campaigns", "campaign")
+        async with self.database.transaction() as session:
+            state = await session.scalar(sa.select(campaigns.c.state).where(_owned(campaign_id)))
+            if state is None:
+                raise NotFound(campaign_name, "campaign")
+            reported = (
+                await session.execute(
+                    sa.select(runs)
+                    .where(runs.c.campaign_id == campaign_id)
+                    .order_by(runs.c.scheduled_at.nulls_last(), runs.c.run)
+                )
+            ).all()
+        results = {d.run: d for d in await self.references.deliveries(campaign_name, user_id)}
+        explanation = pb.DeliveryExplanation(campaign=campaign_name, user_id=user_id)
+        # Once the campaign has ended, every delivery has its result: no result means not targeted.
+        settled = state not in (_state_name(State.STATE_SCHEDULED), _state_name(State.STATE_RUNNING))
+        for run in reported:
+            explanation.decisions.append(_decision(run, results.get(run.run), settled))
+        return explanation
+
     async def stats(self, name: str) -> pb.CampaignStats:
         if not name.endswith("/stats"):
             raise invalid("name", "must look like campaigns/<id>/stats")
@@ -463,6 +486,9 @@ class Campaigns:
                     targeted=run.targeted,
                     final=run.final,
                     error=run.error,
+                    scheduled_at=api.from_timestamp(run.scheduled_time)
+                    if run.HasField("scheduled_time")
+                    else None,
                     version=change.version,
                 )
                 await session.execute(
@@ -473,6 +499,7 @@ class Campaigns:
                             "targeted": statement.excluded.targeted,
                             "final": statement.excluded.final,
                             "error": statement.excluded.error,
+                            "scheduled_at": statement.excluded.scheduled_at,
                             "version": statement.excluded.version,
                         },
                         where=runs.c.version < statement.excluded.version,
@@ -578,6 +605,42 @@ class Campaigns:
                 await self._set_state(session, campaign_id, State.STATE_COMPLETED)
             elif row.state == _state_name(State.STATE_SCHEDULED):
                 await self._set_state(session, campaign_id, State.STATE_RUNNING)
+
+
+_RESULT_DECISIONS = {
+    "sent": (pb.DECISION_SENT, pb.RULE_DELIVERED),
+    "failed": (pb.DECISION_FAILED, pb.RULE_DESTINATION),
+    "unknown": (pb.DECISION_UNKNOWN, pb.RULE_DESTINATION),
+}
+
+
+def _decision(run: Any, result: dispatch_pb.Delivery | None, settled: bool) -> pb.RunDecision:
+    """One run's decision for a user, and the rule behind it."""
+    if result is not None:
+        if result.status == "skipped":
+            control = result.reason == "control group"
+            decision, rule = pb.DECISION_SKIPPED, pb.RULE_CONTROL_GROUP if control else pb.RULE_CAMPAIGN_STATE
+        else:
+            decision, rule = _RESULT_DECISIONS.get(result.status, (pb.DECISION_FAILED, pb.RULE_DESTINATION))
+        return pb.RunDecision(
+            run=run.run, decision=decision, rule=rule, reason=result.reason or result.status
+        )
+    if run.state == "RUN_STATE_FAILED":
+        return pb.RunDecision(run=run.run, decision=pb.DECISION_SKIPPED, rule=pb.RULE_RUN, reason=run.error)
+    if run.state == "RUN_STATE_DISPATCHED" and settled:
+        reason = (
+            "not in this run's audience: did not qualify, was not reachable, or fell outside a random cap"
+        )
+        return pb.RunDecision(
+            run=run.run, decision=pb.DECISION_NOT_TARGETED, rule=pb.RULE_AUDIENCE, reason=reason
+        )
+    if run.state == "RUN_STATE_CANCELLED":
+        reason = "the run was cancelled when the campaign stopped"
+        return pb.RunDecision(
+            run=run.run, decision=pb.DECISION_SKIPPED, rule=pb.RULE_CAMPAIGN_STATE, reason=reason
+        )
+    reason = "no result yet: the run is to come, under way, or its deliveries are on their way"
+    return pb.RunDecision(run=run.run, decision=pb.DECISION_PENDING, rule=pb.RULE_SCHEDULE, reason=reason)
 
 
 def _campaign_id(name: str) -> uuid.UUID:

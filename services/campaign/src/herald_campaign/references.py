@@ -61,6 +61,17 @@ class References:
         except grpc.aio.AioRpcError as error:
             raise _translate(error, name, field, "dispatch") from None
 
+    async def deliveries(self, campaign: str, user_id: str) -> list[dispatch_pb.Delivery]:
+        """A user's final delivery results for a campaign, from dispatch."""
+        try:
+            found = await self.destinations.ListDeliveries(
+                dispatch_pb.ListDeliveriesRequest(campaign=campaign, user_id=user_id),
+                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, campaign, "user_id", "dispatch") from None
+        return list(found.deliveries)
+
     async def audience(self, audience: campaign_pb.Audience, field: str) -> None:
         """The audience is valid and everything it names is the caller's: segmentation checks it
         by estimating its reach; its answers are reported at the campaign's own field paths."""

@@ -26,6 +26,7 @@ PERMISSIONS = method_permissions(
         "PublishCampaign": Permission.WRITE,
         "StopCampaign": Permission.WRITE,
         "GetCampaignStats": Permission.READ,
+        "ExplainDelivery": Permission.READ,
     },
 )
 
@@ -58,6 +59,11 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
 
     async def StopCampaign(self, request: pb.StopCampaignRequest, context: Context) -> pb.Campaign:
         return await self.campaigns.stop(request.name)
+
+    async def ExplainDelivery(
+        self, request: pb.ExplainDeliveryRequest, context: Context
+    ) -> pb.DeliveryExplanation:
+        return await self.campaigns.explain(request.campaign, request.user_id)
 
     async def GetCampaignStats(
         self, request: pb.GetCampaignStatsRequest, context: Context

@@ -43,6 +43,7 @@ runs = sa.Table(
     sa.Column("targeted", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("final", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("error", sa.Text, nullable=False, server_default=""),
+    sa.Column("scheduled_at", sa.DateTime(timezone=True), nullable=True),
     # RunChanged.version of this report: older reports arriving late are ignored.
     sa.Column("version", sa.BigInteger, nullable=False),
 )

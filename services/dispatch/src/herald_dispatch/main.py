@@ -25,6 +25,7 @@ from herald_common.secret_box import SecretBox
 from herald_common.settings import Settings
 from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
+from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations, reseal
 from herald_dispatch.netguard import NetworkPolicy
 from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
@@ -68,7 +69,7 @@ async def start(
     resealed = await reseal(infra.database, secrets)
     if resealed:
         log.info("destination_credentials_resealed", count=resealed, key_id=secrets.current)
-    servicer = DispatchServicer(destinations)
+    servicer = DispatchServicer(destinations, DeliveryQueries(infra.database))
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_DispatchServiceServicer_to_server(servicer, server)

@@ -10,6 +10,7 @@ from google.protobuf import empty_pb2
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
 from herald_common.auth import Permission, method_permissions
+from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -22,13 +23,21 @@ PERMISSIONS = method_permissions(
         "GetDestination": Permission.READ,
         "ListDestinations": Permission.READ,
         "DeleteDestination": Permission.WRITE,
+        "ListDeliveries": Permission.READ,
     },
 )
 
 
 class DispatchServicer(pb_grpc.DispatchServiceServicer):
-    def __init__(self, destinations: Destinations) -> None:
+    def __init__(self, destinations: Destinations, deliveries: DeliveryQueries) -> None:
         self.destinations = destinations
+        self.deliveries = deliveries
+
+    async def ListDeliveries(
+        self, request: pb.ListDeliveriesRequest, context: Context
+    ) -> pb.ListDeliveriesResponse:
+        found = await self.deliveries.of_user(request.campaign, request.user_id)
+        return pb.ListDeliveriesResponse(deliveries=found)
 
     async def CreateDestination(
         self, request: pb.CreateDestinationRequest, context: Context

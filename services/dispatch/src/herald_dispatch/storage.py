@@ -42,6 +42,7 @@ deliveries = sa.Table(
     sa.Column("reason", sa.Text, nullable=False, server_default=""),
     sa.Column("resent", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("completed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Index("ix_dispatch_deliveries_user", "account_id", "campaign", "user_id"),
 )
 
 # One row per DeliveryBatch attempted: written before sending, so a batch handed over again after

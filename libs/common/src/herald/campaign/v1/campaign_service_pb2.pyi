@@ -106,6 +106,94 @@ WEEKDAY_SUNDAY: Weekday.ValueType  # 7
 """Sunday."""
 Global___Weekday: _TypeAlias = Weekday  # noqa: Y015
 
+class _Decision:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _DecisionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Decision.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    DECISION_UNSPECIFIED: _Decision.ValueType  # 0
+    """Not set."""
+    DECISION_SENT: _Decision.ValueType  # 1
+    """The destination accepted the message."""
+    DECISION_FAILED: _Decision.ValueType  # 2
+    """It failed for good."""
+    DECISION_SKIPPED: _Decision.ValueType  # 3
+    """Not sent on purpose."""
+    DECISION_UNKNOWN: _Decision.ValueType  # 4
+    """Attempted before a crash, result unknown."""
+    DECISION_NOT_TARGETED: _Decision.ValueType  # 5
+    """The user was not in the run's audience."""
+    DECISION_PENDING: _Decision.ValueType  # 6
+    """The run has not reached the user yet."""
+
+class Decision(_Decision, metaclass=_DecisionEnumTypeWrapper):
+    """What happened to one user in one run."""
+
+DECISION_UNSPECIFIED: Decision.ValueType  # 0
+"""Not set."""
+DECISION_SENT: Decision.ValueType  # 1
+"""The destination accepted the message."""
+DECISION_FAILED: Decision.ValueType  # 2
+"""It failed for good."""
+DECISION_SKIPPED: Decision.ValueType  # 3
+"""Not sent on purpose."""
+DECISION_UNKNOWN: Decision.ValueType  # 4
+"""Attempted before a crash, result unknown."""
+DECISION_NOT_TARGETED: Decision.ValueType  # 5
+"""The user was not in the run's audience."""
+DECISION_PENDING: Decision.ValueType  # 6
+"""The run has not reached the user yet."""
+Global___Decision: _TypeAlias = Decision  # noqa: Y015
+
+class _Rule:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rule.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RULE_UNSPECIFIED: _Rule.ValueType  # 0
+    """Not set."""
+    RULE_DELIVERED: _Rule.ValueType  # 1
+    """Delivered as planned."""
+    RULE_CONTROL_GROUP: _Rule.ValueType  # 2
+    """Held back in the control group."""
+    RULE_CAMPAIGN_STATE: _Rule.ValueType  # 3
+    """The campaign was stopped."""
+    RULE_DESTINATION: _Rule.ValueType  # 4
+    """The destination refused it or could not be reached."""
+    RULE_AUDIENCE: _Rule.ValueType  # 5
+    """Not in the audience: did not qualify, was not reachable on the channel, or fell outside a
+    random cap.
+    """
+    RULE_RUN: _Rule.ValueType  # 6
+    """The run itself did not go ahead (a safety limit, for example)."""
+    RULE_SCHEDULE: _Rule.ValueType  # 7
+    """The run is still to come or under way."""
+
+class Rule(_Rule, metaclass=_RuleEnumTypeWrapper):
+    """The rule behind a decision."""
+
+RULE_UNSPECIFIED: Rule.ValueType  # 0
+"""Not set."""
+RULE_DELIVERED: Rule.ValueType  # 1
+"""Delivered as planned."""
+RULE_CONTROL_GROUP: Rule.ValueType  # 2
+"""Held back in the control group."""
+RULE_CAMPAIGN_STATE: Rule.ValueType  # 3
+"""The campaign was stopped."""
+RULE_DESTINATION: Rule.ValueType  # 4
+"""The destination refused it or could not be reached."""
+RULE_AUDIENCE: Rule.ValueType  # 5
+"""Not in the audience: did not qualify, was not reachable on the channel, or fell outside a
+random cap.
+"""
+RULE_RUN: Rule.ValueType  # 6
+"""The run itself did not go ahead (a safety limit, for example)."""
+RULE_SCHEDULE: Rule.ValueType  # 7
+"""The run is still to come or under way."""
+Global___Rule: _TypeAlias = Rule  # noqa: Y015
+
 @_typing.final
 class Audience(_message.Message):
     """Who receives a campaign."""
@@ -895,3 +983,95 @@ class GetCampaignStatsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCampaignStatsRequest: _TypeAlias = GetCampaignStatsRequest  # noqa: Y015
+
+@_typing.final
+class ExplainDeliveryRequest(_message.Message):
+    """Request for ExplainDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    user_id: _builtins.str
+    """The user."""
+    def __init__(
+        self,
+        *,
+        campaign: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExplainDeliveryRequest: _TypeAlias = ExplainDeliveryRequest  # noqa: Y015
+
+@_typing.final
+class RunDecision(_message.Message):
+    """The decision for a user in one run."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """`campaigns/{campaign}/runs/{run}`."""
+    decision: Global___Decision.ValueType
+    """What happened."""
+    rule: Global___Rule.ValueType
+    """The rule that made it."""
+    reason: _builtins.str
+    """In words."""
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+        decision: Global___Decision.ValueType = ...,
+        rule: Global___Rule.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["decision", b"decision", "reason", b"reason", "rule", b"rule", "run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunDecision: _TypeAlias = RunDecision  # noqa: Y015
+
+@_typing.final
+class DeliveryExplanation(_message.Message):
+    """Response for ExplainDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    DECISIONS_FIELD_NUMBER: _builtins.int
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    user_id: _builtins.str
+    """The user."""
+    @_builtins.property
+    def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunDecision]:
+        """One per run of the campaign, in run order."""
+
+    def __init__(
+        self,
+        *,
+        campaign: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        decisions: _abc.Iterable[Global___RunDecision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "decisions", b"decisions", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryExplanation: _TypeAlias = DeliveryExplanation  # noqa: Y015

@@ -76,6 +76,11 @@ class CampaignServiceStub:
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.GetCampaignStatsRequest.SerializeToString,
                 response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.FromString,
                 _registered_method=True)
+        self.ExplainDelivery = channel.unary_unary(
+                '/herald.campaign.v1.CampaignService/ExplainDelivery',
+                request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExplainDeliveryRequest.SerializeToString,
+                response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeliveryExplanation.FromString,
+                _registered_method=True)
 
 
 class CampaignServiceServicer:
@@ -138,6 +143,14 @@ class CampaignServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainDelivery(self, request, context):
+        """Why a user did or did not get a campaign: the decision for them in each run, and the rule
+        that made it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CampaignServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +193,11 @@ def add_CampaignServiceServicer_to_server(servicer, server):
                     servicer.GetCampaignStats,
                     request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.GetCampaignStatsRequest.FromString,
                     response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.SerializeToString,
+            ),
+            'ExplainDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainDelivery,
+                    request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExplainDeliveryRequest.FromString,
+                    response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeliveryExplanation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +417,33 @@ class CampaignService:
             '/herald.campaign.v1.CampaignService/GetCampaignStats',
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.GetCampaignStatsRequest.SerializeToString,
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.campaign.v1.CampaignService/ExplainDelivery',
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExplainDeliveryRequest.SerializeToString,
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeliveryExplanation.FromString,
             options,
             channel_credentials,
             insecure,

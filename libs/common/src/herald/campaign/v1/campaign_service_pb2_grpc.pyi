@@ -50,6 +50,10 @@ class CampaignServiceStub:
     """Stops a scheduled or running campaign; no new deliveries are planned."""
     GetCampaignStats: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.GetCampaignStatsRequest, _campaign_service_pb2.CampaignStats]
     """Returns delivery counts for a campaign."""
+    ExplainDelivery: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.ExplainDeliveryRequest, _campaign_service_pb2.DeliveryExplanation]
+    """Why a user did or did not get a campaign: the decision for them in each run, and the rule
+    that made it.
+    """
 
 @_typing.type_check_only
 class CampaignServiceAsyncStub(CampaignServiceStub):
@@ -72,6 +76,10 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     """Stops a scheduled or running campaign; no new deliveries are planned."""
     GetCampaignStats: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.GetCampaignStatsRequest, _campaign_service_pb2.CampaignStats]  # type: ignore[assignment]
     """Returns delivery counts for a campaign."""
+    ExplainDelivery: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.ExplainDeliveryRequest, _campaign_service_pb2.DeliveryExplanation]  # type: ignore[assignment]
+    """Why a user did or did not get a campaign: the decision for them in each run, and the rule
+    that made it.
+    """
 
 class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns campaign definitions, their lifecycle and their results."""
@@ -139,5 +147,15 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_campaign_service_pb2.CampaignStats, _abc.Awaitable[_campaign_service_pb2.CampaignStats]]:
         """Returns delivery counts for a campaign."""
+
+    @_abc_1.abstractmethod
+    def ExplainDelivery(
+        self,
+        request: _campaign_service_pb2.ExplainDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_campaign_service_pb2.DeliveryExplanation, _abc.Awaitable[_campaign_service_pb2.DeliveryExplanation]]:
+        """Why a user did or did not get a campaign: the decision for them in each run, and the rule
+        that made it.
+        """
 
 def add_CampaignServiceServicer_to_server(servicer: CampaignServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

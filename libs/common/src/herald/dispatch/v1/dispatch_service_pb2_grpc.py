@@ -56,6 +56,11 @@ class DispatchServiceStub:
                 request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.DeleteDestinationRequest.SerializeToString,
                 response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
                 _registered_method=True)
+        self.ListDeliveries = channel.unary_unary(
+                '/herald.dispatch.v1.DispatchService/ListDeliveries',
+                request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesRequest.SerializeToString,
+                response_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesResponse.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer:
@@ -90,6 +95,13 @@ class DispatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeliveries(self, request, context):
+        """The final results of one user's deliveries of a campaign, one per run, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +124,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.DeleteDestination,
                     request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.DeleteDestinationRequest.FromString,
                     response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ListDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeliveries,
+                    request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesRequest.FromString,
+                    response_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +240,33 @@ class DispatchService:
             '/herald.dispatch.v1.DispatchService/DeleteDestination',
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.DeleteDestinationRequest.SerializeToString,
             google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.dispatch.v1.DispatchService/ListDeliveries',
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesRequest.SerializeToString,
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,6 +42,8 @@ class DispatchServiceStub:
     """Lists destinations, newest first; credentials are masked."""
     DeleteDestination: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.DeleteDestinationRequest, _empty_pb2.Empty]
     """Deletes a destination."""
+    ListDeliveries: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDeliveriesRequest, _dispatch_service_pb2.ListDeliveriesResponse]
+    """The final results of one user's deliveries of a campaign, one per run, oldest first."""
 
 @_typing.type_check_only
 class DispatchServiceAsyncStub(DispatchServiceStub):
@@ -56,6 +58,8 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     """Lists destinations, newest first; credentials are masked."""
     DeleteDestination: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.DeleteDestinationRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a destination."""
+    ListDeliveries: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDeliveriesRequest, _dispatch_service_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
+    """The final results of one user's deliveries of a campaign, one per run, oldest first."""
 
 class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns destinations and delivers messages to them."""
@@ -91,5 +95,13 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
         """Deletes a destination."""
+
+    @_abc_1.abstractmethod
+    def ListDeliveries(
+        self,
+        request: _dispatch_service_pb2.ListDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_service_pb2.ListDeliveriesResponse, _abc.Awaitable[_dispatch_service_pb2.ListDeliveriesResponse]]:
+        """The final results of one user's deliveries of a campaign, one per run, oldest first."""
 
 def add_DispatchServiceServicer_to_server(servicer: DispatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
