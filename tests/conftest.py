@@ -11,12 +11,14 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import nats
 import pytest
 from nats.js import JetStreamContext
 
+from herald_common import clock
 from herald_common.bus import Subjects, ensure_streams
 from herald_common.embedded import EmbeddedInfrastructure
 from herald_common.logging import configure_logging
@@ -101,3 +103,16 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not met within {within}s")
         await asyncio.sleep(interval)
+
+
+# Monday 23 November 2026, noon UTC: where tests that move the clock start.
+CLOCK_START = datetime(2026, 11, 23, 12, tzinfo=UTC)
+
+
+@pytest.fixture
+def manual_clock() -> Iterator[clock.ManualClock]:
+    """Makes every service read a clock the test moves, from CLOCK_START; restored afterwards."""
+    manual = clock.ManualClock(CLOCK_START)
+    previous = clock.use(manual)
+    yield manual
+    clock.use(previous)

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
-
-import pytest
+from datetime import UTC, timedelta
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
@@ -17,14 +14,6 @@ from herald_common import clock
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
-
-
-@pytest.fixture
-def manual_clock() -> Iterator[clock.ManualClock]:
-    manual = clock.ManualClock(datetime.now(UTC))
-    previous = clock.use(manual)
-    yield manual
-    clock.use(previous)
 
 
 async def test_a_send_later_campaign_runs_when_the_clock_reaches_it(

@@ -4,7 +4,6 @@ the test moves: a week and a half of schedules in seconds."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -15,7 +14,7 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
-from tests.conftest import Platform, eventually
+from tests.conftest import CLOCK_START, Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
     condition,
@@ -27,15 +26,7 @@ from tests.helpers import (
 )
 
 BERLIN = ZoneInfo("Europe/Berlin")
-MONDAY_NOON = datetime(2026, 11, 23, 12, tzinfo=UTC)
-
-
-@pytest.fixture
-def manual_clock() -> Iterator[clock.ManualClock]:
-    manual = clock.ManualClock(MONDAY_NOON)
-    previous = clock.use(manual)
-    yield manual
-    clock.use(previous)
+MONDAY_NOON = CLOCK_START
 
 
 async def _campaign(

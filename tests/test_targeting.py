@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import grpc
 import nats
@@ -19,7 +18,7 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
 from herald_common.bus import Subjects
-from tests.conftest import Platform, eventually
+from tests.conftest import CLOCK_START, Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
     condition,
@@ -30,15 +29,7 @@ from tests.helpers import (
     user,
 )
 
-START = datetime(2026, 11, 23, 12, tzinfo=UTC)
-
-
-@pytest.fixture
-def manual_clock() -> Iterator[clock.ManualClock]:
-    manual = clock.ManualClock(START)
-    previous = clock.use(manual)
-    yield manual
-    clock.use(previous)
+START = CLOCK_START
 
 
 async def _campaign(
@@ -130,6 +121,11 @@ async def test_a_control_group_is_held_back_and_stays_the_same_across_runs(
         found = await platform.campaigns.ExplainDelivery(request)
         return [(d.decision, d.rule) for d in found.decisions]
 
+    async def completed() -> bool:
+        got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))
+        return got.state == campaign_pb.State.STATE_COMPLETED
+
+    await eventually(completed)  # from now on, no result means not targeted
     control_user = next(f"{tag}-{i:04d}" for i in range(1000) if f"{tag}-{i:04d}" not in first)
     assert await explain(control_user) == [(campaign_pb.DECISION_SKIPPED, campaign_pb.RULE_CONTROL_GROUP)] * 3
     assert await explain(sorted(first)[0]) == [(campaign_pb.DECISION_SENT, campaign_pb.RULE_DELIVERED)] * 3
