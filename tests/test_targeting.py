@@ -169,12 +169,19 @@ async def test_a_safety_limit_stops_the_run_and_raises_an_alert(
     assert campaign is not None and "safety limit" in campaign.failure_reason
     assert _received_by_day(segment_api, tag) == {}
     subjects = Subjects(platform.settings.namespace)
-    try:
-        last = await js.get_last_msg(subjects.stream("scheduler"), subjects.campaign_alerts)
-    except nats.js.errors.NotFoundError:
-        pytest.fail("no CampaignAlert was published")
-    alert = events_pb2.CampaignAlert.FromString(last.data or b"")
-    assert (alert.campaign, alert.run, alert.account) == (name, run.name, platform.account)
+
+    async def alerted() -> events_pb2.CampaignAlert | None:
+        try:
+            last = await js.get_last_msg(subjects.stream("scheduler"), subjects.campaign_alerts)
+        except nats.js.errors.NotFoundError:
+            return None
+        alert = events_pb2.CampaignAlert.FromString(last.data or b"")
+        return alert if alert.campaign == name else None
+
+    await eventually(alerted)
+    alert = await alerted()
+    assert alert is not None and (alert.run, alert.account) == (run.name, platform.account)
+    assert "safety limit" in alert.reason
 
 
 @pytest.mark.parametrize(
