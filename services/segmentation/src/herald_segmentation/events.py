@@ -18,15 +18,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
-from herald_segmentation.profiles import check_consistent_types, check_properties
-from herald_segmentation.properties import (
-    USER,
-    PropertyType,
-    event_subject,
-    known_types,
-    record_types,
-    struct_values,
-)
+from herald_segmentation.properties import USER, SentTypes, check_properties, event_subject, struct_values
 from herald_segmentation.storage import SCHEMA, outbox, users
 
 MAX_EVENTS = 1000
@@ -125,11 +117,11 @@ class Events:
     @staticmethod
     def _validate(
         batch: Sequence[pb.Event], size: int, now: float
-    ) -> tuple[list[_Received], list[tuple[str, str, str, PropertyType]], Validator]:
+    ) -> tuple[list[_Received], SentTypes, Validator]:
         check = Validator()
         check.require(0 < len(batch) <= MAX_EVENTS, "events", f"between 1 and {MAX_EVENTS} events")
         check.require(size <= MAX_BATCH_BYTES, "events", f"{size} bytes; at most {MAX_BATCH_BYTES} per call")
-        typed: list[tuple[str, str, str, PropertyType]] = []
+        types = SentTypes()
         parsed = []
         for i, event in enumerate(batch):
             path = f"events[{i}]"
@@ -149,30 +141,23 @@ class Events:
             values = struct_values(event.properties, f"{path}.properties", check)
             subject = USER if name == PROFILE_EVENT else event_subject(name)
             for key, kind in check_properties(values, f"{path}.properties", check).items():
-                typed.append((f"{path}.properties.{key}", subject, key, kind))
+                types.add(f"{path}.properties.{key}", subject, key, kind)
             parsed.append(_Received(event, client_id, user_id, name, when, values))
-        return parsed, typed, check
+        return parsed, types, check
 
     async def ingest(self, batch: Sequence[pb.Event], size: int) -> tuple[int, int]:
         """Records the events not recorded before; returns (accepted, duplicates)."""
         received = api.utcnow()
-        parsed, typed, check = self._validate(batch, size, received.timestamp())
-        first: dict[tuple[str, str], PropertyType] = {}
-        for _, subject, key, kind in typed:
-            first.setdefault((subject, key), kind)
-        check_consistent_types(typed, first, check)
+        parsed, types, check = self._validate(batch, size, received.timestamp())
         account_id = current_account_id()
-        async with self.database.transaction() as session:
-            check_consistent_types(typed, await known_types(session, account_id, first), check)
+        await types.check(self.database, account_id, check)
         check.raise_if_any()
         # The first of several events with one client id in a call counts; the others are duplicates.
         unique = list({r.client_id: r for r in reversed(parsed)}.values())
         unique.reverse()
         await self._ensure_partitions({_month(day) for day in {int(r.when) // 86400 * 86400 for r in unique}})
         async with self.database.transaction() as session:
-            on_record = await record_types(session, account_id, first)
-            check_consistent_types(typed, on_record, check)
-            check.raise_if_any()
+            await types.record(session, account_id, check)
             fresh = set(
                 await session.scalars(
                     _RECORD,

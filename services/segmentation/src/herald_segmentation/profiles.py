@@ -19,16 +19,7 @@ from herald_common.auth import current_account_id, current_caller
 from herald_common.db import Database
 from herald_common.errors import NotFound, ResourceExhausted, Validator
 from herald_common.validation import check_text_fields
-from herald_segmentation.properties import (
-    USER,
-    PropertyType,
-    Typed,
-    as_python,
-    known_types,
-    record_types,
-    type_of,
-    value_problem,
-)
+from herald_segmentation.properties import USER, SentTypes, as_python, check_properties
 from herald_segmentation.storage import devices, users
 
 MAX_UPSERT = 1000
@@ -56,34 +47,6 @@ def parse_date(text: str) -> date | None:
         return date.fromisoformat(text) if len(text) == 10 else None
     except ValueError:
         return None
-
-
-def check_properties(properties: dict[str, Any], path: str, check: Validator) -> dict[str, PropertyType]:
-    """Checks custom property values; returns the type of each non-null one."""
-    found = {}
-    for key, value in properties.items():
-        if not (key.strip() and len(key) <= 200):
-            check.add(f"{path}.{key}", "keys are 1-200 characters")
-        problem = value_problem(value)
-        if problem is not None:
-            check.add(f"{path}.{key}", problem)
-        kind = type_of(value)
-        if kind is not None:
-            found[key] = kind
-    return found
-
-
-def check_consistent_types(
-    typed: list[tuple[str, str, str, PropertyType]], on_record: Typed, check: Validator
-) -> None:
-    """Each (path, subject, key, type) must match the type on record for (subject, key)."""
-    for path, subject, key, kind in typed:
-        recorded = on_record.get((subject, key))
-        if recorded is not None and recorded != kind:
-            check.add(
-                path,
-                f"{key!r} was first sent as {recorded.value}; send a {recorded.value}, not a {kind.value}",
-            )
 
 
 def _check_user(user: pb.User, path: str, check: Validator) -> None:
@@ -243,8 +206,7 @@ class Profiles:
         check.require(0 < len(batch) <= MAX_UPSERT, "users", f"between 1 and {MAX_UPSERT} users")
         seen: set[str] = set()
         properties: list[dict[str, Any]] = []
-        typed: list[tuple[str, str, str, PropertyType]] = []
-        first: dict[tuple[str, str], PropertyType] = {}
+        types = SentTypes()
         for i, user in enumerate(batch):
             path = f"users[{i}]"
             if not api.is_valid_id(user.user_id):
@@ -256,17 +218,12 @@ class Profiles:
             values = as_python(user.properties) or {}
             properties.append(values)
             for key, kind in check_properties(values, f"{path}.properties", check).items():
-                typed.append((f"{path}.properties.{key}", USER, key, kind))
-                first.setdefault((USER, key), kind)
-        check_consistent_types(typed, first, check)
+                types.add(f"{path}.properties.{key}", USER, key, kind)
         account_id = current_account_id()
-        async with self.database.transaction() as session:
-            check_consistent_types(typed, await known_types(session, account_id, first), check)
+        await types.check(self.database, account_id, check)
         check.raise_if_any()
         async with self.database.transaction() as session:
-            on_record = await record_types(session, account_id, first)
-            check_consistent_types(typed, on_record, check)
-            check.raise_if_any()  # rolls back: nothing written
+            await types.record(session, account_id, check)
             await self._write(session, account_id, batch, properties)
         return len(batch)
 

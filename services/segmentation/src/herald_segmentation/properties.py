@@ -7,6 +7,7 @@ import math
 import re
 import uuid
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,7 @@ from google.protobuf import json_format, struct_pb2
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_segmentation.storage import property_types
 
@@ -157,3 +159,50 @@ async def record_types(
         **{key: held[key] for key in seen if key in held},
         **await _read_types(session, account_id, set(new)),
     }
+
+
+def check_properties(properties: dict[str, Any], path: str, check: Validator) -> dict[str, PropertyType]:
+    """Checks custom property values; returns the type of each non-null one."""
+    found = {}
+    for key, value in properties.items():
+        if not (key.strip() and len(key) <= 200):
+            check.add(f"{path}.{key}", "keys are 1-200 characters")
+        problem = value_problem(value)
+        if problem is not None:
+            check.add(f"{path}.{key}", problem)
+        kind = type_of(value)
+        if kind is not None:
+            found[key] = kind
+    return found
+
+
+@dataclass
+class SentTypes:
+    """The types of the custom properties one request sends: each property must keep one type,
+    within the request and as on record."""
+
+    sent: list[tuple[str, str, str, PropertyType]] = field(default_factory=list)  # path, subject, key
+    first: dict[tuple[str, str], PropertyType] = field(default_factory=dict)
+
+    def add(self, path: str, subject: str, key: str, kind: PropertyType) -> None:
+        self.sent.append((path, subject, key, kind))
+        self.first.setdefault((subject, key), kind)
+
+    def _against(self, on_record: Typed, check: Validator) -> None:
+        for path, subject, key, kind in self.sent:
+            recorded = on_record.get((subject, key))
+            if recorded is not None and recorded != kind:
+                wanted = recorded.value
+                check.add(path, f"{key!r} was first sent as {wanted}; send a {wanted}, not a {kind.value}")
+
+    async def check(self, database: Database, account_id: uuid.UUID, check: Validator) -> None:
+        """Against each other and against the types on record, before anything is written."""
+        self._against(self.first, check)
+        async with database.transaction() as session:
+            self._against(await known_types(session, account_id, self.first), check)
+
+    async def record(self, session: AsyncSession, account_id: uuid.UUID, check: Validator) -> None:
+        """Records the new types in the writing transaction; raises if a concurrent writer recorded
+        another type first (the transaction then rolls back)."""
+        self._against(await record_types(session, account_id, self.first), check)
+        check.raise_if_any()
