@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import re
 from datetime import date, datetime, time
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald_common import api
 from herald_common.errors import Validator
-from herald_common.timing import Frequency, Recurrence, next_occurrence
+from herald_common.timing import Frequency, Recurrence, next_occurrence, zone_named
 
 MAX_SEND_TIMES = 50
 MAX_OCCURRENCES = 10_000
@@ -19,10 +19,7 @@ UTC_ZONE = ZoneInfo("UTC")
 
 
 def _zone(name: str) -> ZoneInfo | None:
-    try:
-        return ZoneInfo(name) if name else UTC_ZONE
-    except (ZoneInfoNotFoundError, ValueError):
-        return None
+    return zone_named(name) if name else UTC_ZONE
 
 
 def _day(text: str) -> date | None:

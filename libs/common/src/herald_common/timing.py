@@ -15,12 +15,20 @@ import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # The zone that reaches a wall-clock time first (UTC+14): a run in users' own zones starts when it
 # does, up to 26 hours before the zone that reaches it last (UTC-12).
 EARLIEST_ZONE = ZoneInfo("Etc/GMT-14")
 THROTTLE_WINDOW_SECONDS = 300
+
+
+def zone_named(name: str) -> ZoneInfo | None:
+    """The IANA time zone of that name; None when there is none."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        return None
 
 
 def local_instant(day: date, at: time, zone: ZoneInfo) -> datetime:

@@ -22,7 +22,15 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.errors import Validator
 from herald_common.validation import check_text_fields
-from herald_segmentation.properties import USER, PropertyType, Typed, as_python, event_subject, parse_datetime
+from herald_segmentation.properties import (
+    USER,
+    PropertyType,
+    Typed,
+    as_python,
+    event_subject,
+    parse_datetime,
+    type_of,
+)
 from herald_segmentation.storage import devices, events, list_members, users
 
 Op = pb.Operator
@@ -98,13 +106,9 @@ def _python(value: struct_pb2.Value) -> Any:
 
 
 def _value_type(value: Any) -> PropertyType | None:
-    if isinstance(value, bool):
-        return T.BOOLEAN
-    if isinstance(value, int | float):
-        return T.NUMBER
-    if isinstance(value, str):
-        return T.DATETIME if parse_datetime(value) else T.STRING
-    return None
+    """The type of an operand: a scalar's, as a property value's; None for lists and objects."""
+    kind = type_of(value)
+    return None if kind in (T.LIST, T.OBJECT) else kind
 
 
 # --- walking the tree -------------------------------------------------------------------------

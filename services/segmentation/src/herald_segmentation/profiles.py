@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import uuid
-import zoneinfo
 from collections.abc import Sequence
 from datetime import date
 from typing import Any
@@ -18,6 +17,7 @@ from herald_common import api
 from herald_common.auth import current_account_id, current_caller
 from herald_common.db import Database
 from herald_common.errors import NotFound, ResourceExhausted, Validator
+from herald_common.timing import zone_named
 from herald_common.validation import check_text_fields
 from herald_segmentation.properties import USER, SentTypes, as_python, check_properties
 from herald_segmentation.storage import devices, users
@@ -34,14 +34,6 @@ _COUNTRY = re.compile(r"^[A-Z]{2}$")
 _IDENTITY_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
 
-def valid_timezone(name: str) -> bool:
-    try:
-        zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
-        return False
-    return True
-
-
 def parse_date(text: str) -> date | None:
     try:
         return date.fromisoformat(text) if len(text) == 10 else None
@@ -50,7 +42,7 @@ def parse_date(text: str) -> date | None:
 
 
 def _check_user(user: pb.User, path: str, check: Validator) -> None:
-    if user.timezone and not valid_timezone(user.timezone):
+    if user.timezone and zone_named(user.timezone) is None:
         check.add(f"{path}.timezone", f"unknown IANA timezone {user.timezone!r}")
     check_text_fields(user, path, check)
     if user.email:
