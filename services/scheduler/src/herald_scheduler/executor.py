@@ -223,13 +223,13 @@ class RunExecutor:
                     )
                 )
             ).first()
+            snapshot = None
             if stored is not None:
-                await plan_following(session, row, campaign_pb.Campaign.FromString(stored.snapshot))
+                snapshot = Snapshot(campaign_pb.Campaign.FromString(stored.snapshot), stored.version)
+                await plan_following(session, row, snapshot.campaign)
             await self.run_events.changed(session, [row])
         self.notify_outbox()
-        if stored is None:
-            return row, None
-        return row, Snapshot(campaign_pb.Campaign.FromString(stored.snapshot), stored.version)
+        return row, snapshot
 
     async def _execute(self, row: Any, snapshot: Snapshot | None) -> None:
         log.info("run_started", run=run_name(row), cursor=row.cursor, attempts=row.attempts)

@@ -85,7 +85,8 @@ class RunQueries:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    async def get(self, name: str) -> pb.Run:
+    async def _row(self, name: str) -> Any:
+        """The caller's run of that name; another account's answers NOT_FOUND."""
         run_id = _parse_run_name(name)
         async with self.database.transaction() as session:
             row = (
@@ -93,20 +94,17 @@ class RunQueries:
             ).first()
         if row is None or run_name(row) != name:
             raise NotFound(name)
-        return run_message(row)
+        return row
+
+    async def get(self, name: str) -> pb.Run:
+        return run_message(await self._row(name))
 
     async def watch(self, name: str, poll_seconds: float = 0.25) -> AsyncIterator[pb.Run]:
         """The run now, then each new version of it, until it has ended. Another account's run
         answers NOT_FOUND, as GetRun does."""
         version = 0
         while True:
-            run_id = _parse_run_name(name)
-            async with self.database.transaction() as session:
-                row = (
-                    await session.execute(sa.select(runs).where(runs.c.id == run_id, _of_callers_account()))
-                ).first()
-            if row is None or run_name(row) != name:
-                raise NotFound(name)
+            row = await self._row(name)
             if row.version != version:
                 version = row.version
                 yield run_message(row)

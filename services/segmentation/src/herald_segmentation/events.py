@@ -19,7 +19,7 @@ from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_segmentation.properties import USER, SentTypes, check_properties, event_subject, struct_values
-from herald_segmentation.storage import SCHEMA, outbox, users
+from herald_segmentation.storage import SCHEMA, outbox
 
 MAX_EVENTS = 1000
 MAX_BATCH_BYTES = 1 << 20
@@ -45,6 +45,14 @@ _RECORD = sa.text(
         RETURNING user_id
     )
     SELECT client_event_id FROM fresh
+    """
+)
+# Profile events' properties merged into their users' profiles, in one statement for the batch.
+_SET_PROPERTIES = sa.text(
+    f"""
+    UPDATE {SCHEMA}.users u SET properties = u.properties || CAST(p.properties AS jsonb), updated_at = now()
+    FROM unnest(CAST(:users AS text[]), CAST(:properties AS text[])) AS p(user_id, properties)
+    WHERE u.account_id = :account_id AND u.user_id = p.user_id
     """
 )
 _NEW_USERS = sa.text(
@@ -188,14 +196,14 @@ class Events:
         for r in sorted(recorded, key=lambda r: r.when):  # the newest value wins
             if r.name == PROFILE_EVENT:
                 merged.setdefault(r.user_id, {}).update(r.values)
-        for user_id, values in merged.items():
+        if merged:
             await session.execute(
-                sa.update(users)
-                .where(users.c.account_id == account_id, users.c.user_id == user_id)
-                .values(
-                    properties=users.c.properties.op("||")(sa.cast(values, users.c.properties.type)),
-                    updated_at=sa.func.now(),
-                )
+                _SET_PROPERTIES,
+                {
+                    "account_id": account_id,
+                    "users": list(merged),
+                    "properties": [json.dumps(values) for values in merged.values()],
+                },
             )
 
     async def _announce(
