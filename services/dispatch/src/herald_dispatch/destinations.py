@@ -14,7 +14,7 @@ from herald_common import api, channels
 from herald_common.auth import current_account_id
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
-from herald_common.errors import FailedPrecondition, NotFound, Validator
+from herald_common.errors import NotFound, Validator
 from herald_common.paging import keyset_page
 from herald_common.secret_box import Sealed, SecretBox
 from herald_common.validation import check_text_fields
@@ -196,11 +196,7 @@ class Destinations:
 
     async def delete(self, name: str) -> None:
         destination_id = api.parse_uuid_name(name, "destinations")
-        users = await self.campaign_usage.live_campaigns_using(destination=name)
-        if users:
-            raise FailedPrecondition(
-                name, f"{name} is used by scheduled or running campaigns: {', '.join(users)}"
-            )
+        await self.campaign_usage.refuse_if_used(name)
         async with self.database.transaction() as session:
             result = await session.execute(
                 sa.delete(destinations).where(

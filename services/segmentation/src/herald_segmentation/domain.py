@@ -98,6 +98,18 @@ def _attribute(key: str) -> Any:
     return sa.func.coalesce(sa.func.to_jsonb(sa.func.nullif(system, "")), users.c.properties[key])
 
 
+async def refuse_if_in_saved_segments(session: AsyncSession, account_id: uuid.UUID, name: str) -> None:
+    """FAILED_PRECONDITION naming them when saved segments refer to this segment or list."""
+    referring = (
+        await session.scalars(
+            sa.select(segments.c.id).where(segments.c.account_id == account_id, segments.c.uses.any(name))
+        )
+    ).all()
+    if referring:
+        named = ", ".join(f"segments/{s}" for s in referring)
+        raise FailedPrecondition(name, f"{name} is used by saved segments: {named}")
+
+
 class Segmentation:
     def __init__(self, database: Database, campaign_usage: CampaignUsage) -> None:
         self.database = database
@@ -227,23 +239,9 @@ class Segmentation:
 
     async def delete_segment(self, name: str) -> None:
         segment_id = api.parse_uuid_name(name, "segments")
-        users_of = await self.campaign_usage.live_campaigns_using(segment=name)
-        if users_of:
-            raise FailedPrecondition(
-                name, f"{name} is the audience of scheduled or running campaigns: {', '.join(users_of)}"
-            )
-        account_id = current_account_id()
+        await self.campaign_usage.refuse_if_used(name)
         async with self.database.transaction() as session:
-            referring = (
-                await session.scalars(
-                    sa.select(segments.c.id).where(
-                        segments.c.account_id == account_id, segments.c.uses.any(name)
-                    )
-                )
-            ).all()
-            if referring:
-                named = ", ".join(f"segments/{s}" for s in referring)
-                raise FailedPrecondition(name, f"{name} is used by saved segments: {named}")
+            await refuse_if_in_saved_segments(session, current_account_id(), name)
             result = await session.execute(sa.delete(segments).where(_owned(segment_id)))
         if result.rowcount == 0:  # type: ignore[attr-defined]
             raise NotFound(name)

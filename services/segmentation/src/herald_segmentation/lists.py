@@ -14,11 +14,12 @@ from herald_common import api
 from herald_common.auth import current_account_id
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
-from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
+from herald_common.errors import NotFound, Validator, invalid
 from herald_common.paging import keyset_page
 from herald_common.validation import check_text_fields
+from herald_segmentation.domain import refuse_if_in_saved_segments
 from herald_segmentation.profiles import E164, EMAIL
-from herald_segmentation.storage import SCHEMA, list_members, lists, segments
+from herald_segmentation.storage import SCHEMA, list_members, lists
 
 MAX_ROWS = 1_000_000
 MAX_ROWS_PER_MESSAGE = 10_000
@@ -195,23 +196,10 @@ class Lists:
 
     async def delete(self, name: str) -> None:
         list_id = api.parse_uuid_name(name, "lists")
-        campaigns = await self.campaign_usage.live_campaigns_using(custom_list=name)
-        if campaigns:
-            raise FailedPrecondition(
-                name, f"{name} is the audience of scheduled or running campaigns: {', '.join(campaigns)}"
-            )
+        await self.campaign_usage.refuse_if_used(name)
         account_id = current_account_id()
         async with self.database.transaction() as session:
-            users_of = (
-                await session.scalars(
-                    sa.select(segments.c.id).where(
-                        segments.c.account_id == account_id, segments.c.uses.any(name)
-                    )
-                )
-            ).all()
-            if users_of:
-                named = ", ".join(f"segments/{s}" for s in users_of)
-                raise FailedPrecondition(name, f"{name} is used by saved segments: {named}")
+            await refuse_if_in_saved_segments(session, account_id, name)
             result = await session.execute(sa.delete(lists).where(_owned(list_id)))
             if result.rowcount == 0:  # type: ignore[attr-defined]
                 raise NotFound(name)
