@@ -35,14 +35,13 @@ from herald.events.v1 import events_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common import auth
-from herald_common.embedded import EmbeddedInfrastructure
 from herald_common.logging import configure_logging
 from herald_common.settings import Settings
 from tests import bench_segmentation
 from tests.ceiling import run_ceiling
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import audience, condition, matching, segment_export_campaign, user
-from tests.processes import ServiceProcesses, environment
+from tests.processes import ServiceProcesses, benchmark_servers, environment
 
 TARGET_RATE = 17_000  # deliveries/s: 1M in 60 s
 TARGET_RATIO = 0.5
@@ -234,22 +233,18 @@ async def _herald_export(
 
 async def bench(users: int) -> None:
     configure_logging("warning")
-    database_url, nats_url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
-    embedded = None
-    if not (database_url and nats_url):
-        embedded = EmbeddedInfrastructure(Path(mkdtemp(prefix="herald-bench-")))
-        await asyncio.to_thread(embedded.start)
-        database_url, nats_url = embedded.database_url, embedded.nats_url
     memory = PeakMemory()
-    memory.watch_servers()
-    sampler = asyncio.create_task(memory.sample_forever())
     tag = uuid.uuid4().hex[:8]
+    sampler: asyncio.Task[None] | None = None
     try:
         async with (
+            benchmark_servers("herald-bench-") as (database_url, nats_url),
             fresh_settings(database_url, nats_url) as settings,
             fake_segment(memory) as segment_url,
             aiohttp.ClientSession() as http,
         ):
+            memory.watch_servers()
+            sampler = asyncio.create_task(memory.sample_forever())
             async with service_processes(settings, memory) as services:
                 herald = await _herald_export(
                     services, segment_url, tag, users, http, memory, settings.bootstrap_token
@@ -265,9 +260,8 @@ async def bench(users: int) -> None:
                 users,
             )
     finally:
-        sampler.cancel()
-        if embedded is not None:
-            embedded.stop()
+        if sampler is not None:
+            sampler.cancel()
     rate = users / herald["acked_s"]
     ceiling_rate = users / ceiling_s
     print(f"users                                  {users:>12,}")

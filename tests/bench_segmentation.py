@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import time
 import uuid
@@ -26,11 +25,10 @@ import asyncpg
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
-from herald_common.embedded import EmbeddedInfrastructure
 from herald_common.logging import configure_logging
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition, value
-from tests.processes import ServiceProcesses, environment
+from tests.processes import ServiceProcesses, benchmark_servers, environment
 
 TARGET_ESTIMATE_P95_S = 1.0
 TARGET_INGEST_RATE = 50_000
@@ -267,23 +265,16 @@ async def _upload_list(stub: Any, rows: int) -> tuple[pb.CustomList, float]:
 
 async def run(users: int, events: int) -> None:
     configure_logging("warning")
-    database_url, nats_url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
-    embedded = None
-    if not (database_url and nats_url):
-        embedded = EmbeddedInfrastructure(Path(mkdtemp(prefix="herald-bench-segmentation-")))
-        await asyncio.to_thread(embedded.start)
-        database_url, nats_url = embedded.database_url, embedded.nats_url
-    try:
-        async with fresh_settings(database_url, nats_url) as settings:
-            services = ServiceProcesses(environment(settings), Path(mkdtemp(prefix="herald-bench-logs-")))
-            await services.start()
-            try:
-                await _measure(services, settings.database_url, settings.bootstrap_token, users, events)
-            finally:
-                await services.stop()
-    finally:
-        if embedded is not None:
-            embedded.stop()
+    async with (
+        benchmark_servers("herald-bench-segmentation-") as (database_url, nats_url),
+        fresh_settings(database_url, nats_url) as settings,
+    ):
+        services = ServiceProcesses(environment(settings), Path(mkdtemp(prefix="herald-bench-logs-")))
+        await services.start()
+        try:
+            await _measure(services, settings.database_url, settings.bootstrap_token, users, events)
+        finally:
+            await services.stop()
 
 
 async def _measure(

@@ -6,9 +6,12 @@ import uuid
 from typing import Any
 
 import grpc
+import nats
 from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
+from nats.js import JetStreamContext
+from nats.js.api import RawStreamMsg
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
@@ -119,3 +122,11 @@ def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
             detail.Unpack(bad_request)
             found.update({v.field: v.description for v in bad_request.field_violations})
     return found
+
+
+async def last_message(js: JetStreamContext, stream: str, subject: str) -> RawStreamMsg | None:
+    """The newest message a stream holds on a subject; None while it holds none."""
+    try:
+        return await js.get_last_msg(stream, subject)
+    except nats.js.errors.NotFoundError:
+        return None

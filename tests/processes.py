@@ -11,14 +11,15 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from tempfile import mkdtemp
 from typing import IO
 
 import asyncpg
 
-from herald_common.embedded import free_port, start_nats_server, wait_for_port
+from herald_common.embedded import EmbeddedInfrastructure, free_port, start_nats_server, wait_for_port
 from herald_common.grpc_server import health_status
 from herald_common.settings import Settings
 
@@ -276,3 +277,19 @@ class OwnNats:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.kill()
+
+
+@contextlib.asynccontextmanager
+async def benchmark_servers(prefix: str) -> AsyncIterator[tuple[str, str]]:
+    """(database URL, NATS URL) for a benchmark: DATABASE_URL and NATS_URL when both are set,
+    else an embedded PostgreSQL and nats-server in a new folder, stopped afterwards."""
+    database_url, nats_url = os.environ.get("DATABASE_URL"), os.environ.get("NATS_URL")
+    if database_url and nats_url:
+        yield database_url, nats_url
+        return
+    embedded = EmbeddedInfrastructure(Path(mkdtemp(prefix=prefix)))
+    await asyncio.to_thread(embedded.start)
+    try:
+        yield embedded.database_url, embedded.nats_url
+    finally:
+        embedded.stop()

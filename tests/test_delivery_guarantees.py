@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import uuid
 
-import nats
 from nats.js import JetStreamContext
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -18,6 +17,7 @@ from tests.helpers import (
     condition,
     create_segment,
     create_segment_destination,
+    last_message,
     segment_export_campaign,
     user,
 )
@@ -55,11 +55,8 @@ def _subject(subjects: Subjects, destination: str) -> str:
 
 
 async def _dead_letter(js: JetStreamContext, subjects: Subjects, marker: bytes) -> dict[str, str] | None:
-    try:
-        last = await js.get_last_msg(subjects.stream("deadletter"), subjects.dead_letter("dispatch-segment"))
-    except nats.js.errors.NotFoundError:
-        return None
-    return dict(last.headers or {}) if last.data == marker else None
+    last = await last_message(js, subjects.stream("deadletter"), subjects.dead_letter("dispatch-segment"))
+    return dict(last.headers or {}) if last is not None and last.data == marker else None
 
 
 async def test_redelivered_job_is_sent_once(

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import nats
 import pytest
 from google.protobuf import field_mask_pb2
 from nats.js import JetStreamContext
@@ -33,6 +32,7 @@ from tests.helpers import (
     condition,
     create_segment,
     create_segment_destination,
+    last_message,
     matching,
     segment_export_campaign,
     user,
@@ -580,13 +580,10 @@ async def test_reports_naming_another_account_are_set_aside(
     await js.publish(subjects.delivery_outcomes, payload)
 
     async def dead_lettered() -> dict[str, str] | None:
-        try:
-            last = await js.get_last_msg(
-                subjects.stream("deadletter"), subjects.dead_letter("campaign-outcomes")
-            )
-        except nats.js.errors.NotFoundError:
-            return None
-        return dict(last.headers or {}) if last.data == payload else None
+        last = await last_message(
+            js, subjects.stream("deadletter"), subjects.dead_letter("campaign-outcomes")
+        )
+        return dict(last.headers or {}) if last is not None and last.data == payload else None
 
     await eventually(dead_lettered)
     headers = await dead_lettered()

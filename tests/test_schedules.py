@@ -26,7 +26,6 @@ from tests.helpers import (
 )
 
 BERLIN = ZoneInfo("Europe/Berlin")
-MONDAY_NOON = CLOCK_START
 
 
 async def _campaign(
@@ -98,7 +97,7 @@ async def _completed(platform: Platform, name: str) -> bool:
 async def test_a_campaign_on_several_dates_runs_once_at_each(
     platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
 ) -> None:
-    times = [MONDAY_NOON + timedelta(days=2), MONDAY_NOON + timedelta(hours=5)]
+    times = [CLOCK_START + timedelta(days=2), CLOCK_START + timedelta(hours=5)]
     schedule = campaign_pb.Schedule(send_multiple=campaign_pb.SendMultiple())
     for when in times:
         schedule.send_multiple.send_times.add().FromDatetime(when)
@@ -183,14 +182,14 @@ async def test_duplicate_or_past_dates_and_spent_calendars_are_refused(
 ) -> None:
     twice = campaign_pb.Schedule(send_multiple=campaign_pb.SendMultiple())
     for _ in range(2):
-        twice.send_multiple.send_times.add().FromDatetime(MONDAY_NOON + timedelta(days=1))
+        twice.send_multiple.send_times.add().FromDatetime(CLOCK_START + timedelta(days=1))
     with pytest.raises(grpc.aio.AioRpcError) as duplicate:
         await _campaign(platform, segment_api, twice)
     assert "campaign.schedule.send_multiple.send_times[1]" in field_violations(duplicate.value)
 
     past = campaign_pb.Schedule(send_multiple=campaign_pb.SendMultiple())
-    past.send_multiple.send_times.add().FromDatetime(MONDAY_NOON + timedelta(days=1))
-    past.send_multiple.send_times.add().FromDatetime(MONDAY_NOON - timedelta(hours=1))
+    past.send_multiple.send_times.add().FromDatetime(CLOCK_START + timedelta(days=1))
+    past.send_multiple.send_times.add().FromDatetime(CLOCK_START - timedelta(hours=1))
     name, _ = await _campaign(platform, segment_api, past)
     with pytest.raises(grpc.aio.AioRpcError) as in_the_past:
         await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=name))
@@ -209,7 +208,7 @@ async def test_watching_a_run_streams_its_progress_until_it_ends(
     platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
 ) -> None:
     later = campaign_pb.Schedule(send_later=campaign_pb.SendLater())
-    later.send_later.send_time.FromDatetime(MONDAY_NOON + timedelta(hours=1))
+    later.send_later.send_time.FromDatetime(CLOCK_START + timedelta(hours=1))
     name, _ = await _campaign(platform, segment_api, later)
     await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=name))
     await eventually(lambda: _has_runs(platform, name, 1))

@@ -9,7 +9,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import grpc
-import nats
 import pytest
 from google.protobuf import json_format, timestamp_pb2
 from nats.js import JetStreamContext
@@ -20,7 +19,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common.bus import Subjects
 from tests.conftest import Platform, eventually
 from tests.harness import Clients, create_account
-from tests.helpers import condition, field_violations, user, value
+from tests.helpers import condition, field_violations, last_message, user, value
 
 NOW = datetime.now(UTC)
 
@@ -525,9 +524,8 @@ async def test_recorded_events_are_announced_on_jetstream(
     subjects = Subjects(platform.settings.namespace)
 
     async def announced() -> events_pb2.EventsIngested | None:
-        try:
-            last = await js.get_last_msg(subjects.stream("segmentation"), subjects.events_ingested)
-        except nats.js.errors.NotFoundError:
+        last = await last_message(js, subjects.stream("segmentation"), subjects.events_ingested)
+        if last is None:
             return None
         message = events_pb2.EventsIngested.FromString(last.data or b"")
         return message if message.events and message.events[0].client_event_id == marker else None

@@ -8,7 +8,6 @@ from collections import Counter
 from datetime import timedelta
 
 import grpc
-import nats
 import pytest
 from nats.js import JetStreamContext
 
@@ -25,11 +24,10 @@ from tests.helpers import (
     create_segment,
     create_segment_destination,
     field_violations,
+    last_message,
     segment_export_campaign,
     user,
 )
-
-START = CLOCK_START
 
 
 async def _campaign(
@@ -75,7 +73,7 @@ async def _run_day(platform: Platform, manual_clock: clock.ManualClock, name: st
         return len(await _runs(platform, name)) >= n
 
     await eventually(planned)
-    manual_clock.advance(START.replace(hour=9) + timedelta(days=n, seconds=1) - manual_clock.now())
+    manual_clock.advance(CLOCK_START.replace(hour=9) + timedelta(days=n, seconds=1) - manual_clock.now())
 
     async def ended() -> bool:
         runs = await _runs(platform, name)
@@ -171,9 +169,8 @@ async def test_a_safety_limit_stops_the_run_and_raises_an_alert(
     subjects = Subjects(platform.settings.namespace)
 
     async def alerted() -> events_pb2.CampaignAlert | None:
-        try:
-            last = await js.get_last_msg(subjects.stream("scheduler"), subjects.campaign_alerts)
-        except nats.js.errors.NotFoundError:
+        last = await last_message(js, subjects.stream("scheduler"), subjects.campaign_alerts)
+        if last is None:
             return None
         alert = events_pb2.CampaignAlert.FromString(last.data or b"")
         return alert if alert.campaign == name else None
