@@ -155,6 +155,18 @@ async def _revoke_api_key(w: World) -> None:
         await keyed.close()
 
 
+@probe(accounts_pb, "UpdateAccountSettings")
+async def _update_account_settings(w: World) -> None:
+    before = (await w.a.accounts.GetAccount(accounts_pb.GetAccountRequest())).settings
+    settings = accounts_pb.AccountSettings(default_timezone="Asia/Tokyo", throttle_per_five_minutes=77)
+    updated = await w.b.accounts.UpdateAccountSettings(
+        accounts_pb.UpdateAccountSettingsRequest(settings=settings)
+    )
+    assert updated.name == w.b_account and updated.settings == settings
+    # Only the caller's own account changed.
+    assert (await w.a.accounts.GetAccount(accounts_pb.GetAccountRequest())).settings == before
+
+
 # --- segmentation -----------------------------------------------------------------------------
 
 

@@ -138,12 +138,15 @@ async def test_a_random_cap_sends_to_exactly_n_chosen_by_a_recorded_seed(
     name, tag = await _campaign(platform, segment_api, 1000, campaign_pb.Targeting(random_cap=100), days=2)
     for n in (1, 2):
         await _run_day(platform, manual_clock, name, n)
-    await _settled(platform, name, 200)
+    stats = await _settled(platform, name, 2000)
+    # Everyone the runs considered is recorded: the hundred drawn sent, the rest left out.
+    assert (stats.sent, stats.skipped) == (200, 1800)
+    assert {r.reason: r.count for r in stats.failure_reasons} == {"left out by the random cap": 1800}
     days = list(_received_by_day(segment_api, tag).values())
     assert [len(d) for d in days] == [100, 100]
     assert days[0] != days[1]  # each run draws anew
     runs = await _runs(platform, name)
-    assert [r.targeted for r in runs] == [100, 100]
+    assert [r.targeted for r in runs] == [1000, 1000]
     assert all(r.sample_seed for r in runs) and runs[0].sample_seed != runs[1].sample_seed
     # Spread over the audience, not the first hundred by id.
     assert max(Counter(int(u.split("-")[1]) // 250 for u in days[0]).values()) <= 50

@@ -59,6 +59,10 @@ class Subjects:
         return f"{self.namespace}.campaign.changed"
 
     @property
+    def account_changed(self) -> str:
+        return f"{self.namespace}.campaign.account.changed"
+
+    @property
     def run_changed(self) -> str:
         return f"{self.namespace}.scheduler.run.changed"
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
@@ -27,6 +28,8 @@ class ChannelKind:
     attribute_keys: Callable[[campaign_pb.Campaign], set[str]]
     # Who of an audience this kind can reach.
     audience_channel: segmentation_pb.Channel.ValueType
+    # Which of the account's frequency caps counts its messages.
+    cap_channel: accounts_pb.CapChannel.ValueType
 
 
 def _segment_export_attributes(campaign: campaign_pb.Campaign) -> set[str]:
@@ -43,6 +46,7 @@ KINDS = (
         destination_enum=dispatch_pb.DestinationType.DESTINATION_TYPE_SEGMENT,
         attribute_keys=_segment_export_attributes,
         audience_channel=segmentation_pb.Channel.CHANNEL_SEGMENT,
+        cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_SEGMENT,
     ),
 )
 

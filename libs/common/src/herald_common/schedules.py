@@ -4,18 +4,31 @@ checks schedules; the scheduler plans runs from them; both read them here."""
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, time
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
 from zoneinfo import ZoneInfo
 
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald_common import api
 from herald_common.errors import Validator
-from herald_common.timing import Frequency, Recurrence, next_occurrence, zone_named
+from herald_common.timing import (
+    Frequency,
+    QuietHours,
+    Recurrence,
+    next_occurrence,
+    run_start,
+    zone_named,
+)
 
 MAX_SEND_TIMES = 50
 MAX_OCCURRENCES = 10_000
 _TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 UTC_ZONE = ZoneInfo("UTC")
+# How long before its planned instant a run in users' zones may start (UTC+14 versus UTC-12),
+# with an hour to spare for DST.
+RUN_LEAD = timedelta(hours=27)
+_HH_MM = "HH:MM, 00:00 to 23:59"
 
 
 def _zone(name: str) -> ZoneInfo | None:
@@ -65,7 +78,7 @@ def _check_recurring(rule: pb.Recurring, path: str, check: Validator) -> None:
     else:
         check.require(1 <= rule.monthly.day_of_month <= 31, f"{path}.monthly.day_of_month", "1 to 31")
         check.require(0 <= rule.monthly.every <= 12, f"{path}.monthly.every", "0 (every month) to 12")
-    check.require(bool(_TIME_OF_DAY.match(rule.time_of_day)), f"{path}.time_of_day", "HH:MM, 00:00 to 23:59")
+    check.require(bool(_TIME_OF_DAY.match(rule.time_of_day)), f"{path}.time_of_day", _HH_MM)
     start = _day(rule.start_date)
     check.require(start is not None, f"{path}.start_date", "a date as YYYY-MM-DD")
     if rule.end_date:
@@ -133,3 +146,122 @@ def times_after(campaign: pb.Campaign, after: datetime, limit: int) -> list[date
             found.append(following)
         return found
     return []
+
+
+def parse_time_of_day(text: str) -> time | None:
+    """`HH:MM` as a time; None when it is not one."""
+    if not _TIME_OF_DAY.match(text):
+        return None
+    hours, minutes = (int(part) for part in text.split(":"))
+    return time(hours, minutes)
+
+
+def check_delivery(campaign: pb.Campaign, path: str, check: Validator) -> None:
+    """The shape of a campaign's delivery preferences."""
+    delivery = campaign.delivery
+    if delivery.user_timezone:
+        check.require(
+            campaign.schedule.WhichOneof("when") != "send_now",
+            f"{path}.user_timezone",
+            "needs a schedule with a time: send later, several times or recurring",
+        )
+    if delivery.cutoff_time:
+        check.require(parse_time_of_day(delivery.cutoff_time) is not None, f"{path}.cutoff_time", _HH_MM)
+    if delivery.HasField("quiet_hours"):
+        quiet = delivery.quiet_hours
+        start, end = parse_time_of_day(quiet.start), parse_time_of_day(quiet.end)
+        check.require(start is not None, f"{path}.quiet_hours.start", _HH_MM)
+        check.require(end is not None, f"{path}.quiet_hours.end", _HH_MM)
+        if start is not None and end is not None:
+            check.require(start != end, f"{path}.quiet_hours.end", "must differ from start (zero length)")
+        check.require(
+            quiet.action != pb.QUIET_HOURS_ACTION_UNSPECIFIED,
+            f"{path}.quiet_hours.action",
+            "required: QUIET_HOURS_ACTION_DISCARD or QUIET_HOURS_ACTION_DELAY",
+        )
+
+
+@dataclass(frozen=True)
+class DeliveryRules:
+    """A campaign's delivery preferences, parsed for the scheduler."""
+
+    user_timezone: bool
+    cutoff: time | None
+    quiet_hours: QuietHours | None
+    discard_in_quiet_hours: bool
+    throttle: bool
+    frequency_caps: bool
+
+    @classmethod
+    def of(cls, campaign: pb.Campaign) -> DeliveryRules:
+        delivery = campaign.delivery
+        quiet = None
+        if delivery.HasField("quiet_hours"):
+            start = parse_time_of_day(delivery.quiet_hours.start)
+            end = parse_time_of_day(delivery.quiet_hours.end)
+            assert start is not None and end is not None  # checked
+            quiet = QuietHours(start, end)
+        return cls(
+            user_timezone=delivery.user_timezone,
+            cutoff=parse_time_of_day(delivery.cutoff_time) if delivery.cutoff_time else None,
+            quiet_hours=quiet,
+            discard_in_quiet_hours=delivery.quiet_hours.action == pb.QUIET_HOURS_ACTION_DISCARD,
+            throttle=delivery.throttle,
+            frequency_caps=not delivery.ignore_frequency_caps,
+        )
+
+
+@dataclass(frozen=True)
+class Occurrence:
+    """One run a schedule asks for."""
+
+    planned: datetime  # the schedule's own instant
+    start: datetime  # when the run starts: `planned`, or as UTC+14 reaches its wall-clock time
+
+
+def account_zone(settings: accounts_pb.AccountSettings) -> ZoneInfo:
+    """The account's default time zone (UTC when it sets none)."""
+    return zone_named(settings.default_timezone) or UTC_ZONE
+
+
+def schedule_zone(campaign: pb.Campaign, default_zone: ZoneInfo) -> ZoneInfo:
+    """The zone whose wall clock a schedule's times are read in: a recurring schedule's own, else
+    the account's default."""
+    if campaign.schedule.WhichOneof("when") == "recurring":
+        return _zone(campaign.schedule.recurring.timezone) or UTC_ZONE
+    return default_zone
+
+
+def wall_clock(campaign: pb.Campaign, planned: datetime, default_zone: ZoneInfo) -> tuple[date, time]:
+    """The calendar day and time of day an occurrence names, for delivery in users' zones."""
+    local = planned.astimezone(schedule_zone(campaign, default_zone))
+    if campaign.schedule.WhichOneof("when") == "recurring":
+        # The rule's own time, even where a DST gap moved this day's instant forward.
+        return local.date(), recurrence(campaign.schedule.recurring)[0].at
+    return local.date(), local.time().replace(tzinfo=None)
+
+
+def _start_of(campaign: pb.Campaign, planned: datetime, default_zone: ZoneInfo) -> datetime:
+    if not campaign.delivery.user_timezone:
+        return planned
+    return run_start(*wall_clock(campaign, planned, default_zone))
+
+
+def occurrences_after(
+    campaign: pb.Campaign, default_zone: ZoneInfo, after: datetime, limit: int
+) -> list[Occurrence]:
+    """Up to `limit` runs the schedule asks for that start strictly after an instant, in order.
+    With delivery in users' zones a run starts up to 26 hours before its planned instant."""
+    if not campaign.delivery.user_timezone:
+        return [Occurrence(t, t) for t in times_after(campaign, after, limit)]
+    found: list[Occurrence] = []
+    cursor = after - RUN_LEAD
+    while len(found) < limit:
+        following = times_after(campaign, cursor, 1)
+        if not following or following[0] <= cursor:
+            break
+        cursor = following[0]
+        start = _start_of(campaign, cursor, default_zone)
+        if start > after:
+            found.append(Occurrence(cursor, start))
+    return found

@@ -32,10 +32,12 @@ from herald_common.auth import (
     method_permissions,
     new_key,
 )
+from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import NotFound, Validator, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
+from herald_common.timing import zone_named
 from herald_common.validation import check_text_fields
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AccountService"].full_name
@@ -48,10 +50,12 @@ PERMISSIONS = method_permissions(
         "CreateApiKey": Permission.KEYS,
         "ListApiKeys": Permission.KEYS,
         "RevokeApiKey": Permission.KEYS,
+        "UpdateAccountSettings": Permission.KEYS,
     },
 )
 MAX_DISPLAY_NAME = 200
 MAX_BATCH_SIZE = 1000  # UpsertUsers never takes more
+MAX_THROTTLE = 10_000_000
 Role = pb.Role
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -65,7 +69,41 @@ def _account_message(row: Any) -> pb.Account:
     )
     if row.deleted_at is not None:
         account.delete_time.CopyFrom(api.timestamp(row.deleted_at))
+    account.settings.ParseFromString(row.settings)
     return account
+
+
+def check_settings(settings: pb.AccountSettings) -> None:
+    """INVALID_ARGUMENT naming each field that is wrong."""
+    check = Validator()
+    path = "settings"
+    check_text_fields(settings, path, check)
+    check.require(
+        not settings.default_timezone or zone_named(settings.default_timezone) is not None,
+        f"{path}.default_timezone",
+        f"unknown IANA time zone {settings.default_timezone!r}",
+    )
+    check.require(
+        0 <= settings.throttle_per_five_minutes <= MAX_THROTTLE,
+        f"{path}.throttle_per_five_minutes",
+        f"0 (none) to {MAX_THROTTLE:,}",
+    )
+    seen: set[int] = set()
+    for i, cap in enumerate(settings.frequency_caps):
+        field = f"{path}.frequency_caps[{i}]"
+        check.require(cap.channel != pb.CAP_CHANNEL_UNSPECIFIED, f"{field}.channel", "required")
+        check.require(cap.channel not in seen, f"{field}.channel", "a channel has at most one cap")
+        seen.add(cap.channel)
+        check.require(cap.per_day >= 0, f"{field}.per_day", "zero (no daily cap) or more")
+        check.require(cap.per_week >= 0, f"{field}.per_week", "zero (no weekly cap) or more")
+        check.require(cap.per_day > 0 or cap.per_week > 0, field, "a daily or a weekly cap is required")
+    if settings.alert_webhook_url:
+        check.require(
+            settings.alert_webhook_url.startswith(("https://", "http://")),
+            f"{path}.alert_webhook_url",
+            "an https:// URL",
+        )
+    check.raise_if_any()
 
 
 def _key_message(row: Any) -> pb.ApiKey:
@@ -268,6 +306,34 @@ class Accounts:
         self.notify_outbox()
         return _key_message(row)
 
+    async def update_settings(self, settings: pb.AccountSettings) -> pb.Account:
+        account_id = current_account_id()
+        check_settings(settings)
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    sa.update(accounts)
+                    .where(accounts.c.id == account_id)
+                    .values(
+                        settings=settings.SerializeToString(),
+                        settings_version=accounts.c.settings_version + 1,
+                    )
+                    .returning(*accounts.c)
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"accounts/{account_id}")
+            event = events.AccountChanged(
+                event_id=str(uuid.uuid4()),
+                account=f"accounts/{row.id}",
+                settings=settings,
+                version=row.settings_version,
+            )
+            subject = Subjects(self.namespace).account_changed
+            await enqueue(session, outbox, [OutboxEvent.of(subject, event, event.event_id)])
+        self.notify_outbox()
+        return _account_message(row)
+
 
 class AccountServicer(pb_grpc.AccountServiceServicer):
     def __init__(self, accounts_: Accounts) -> None:
@@ -295,3 +361,8 @@ class AccountServicer(pb_grpc.AccountServiceServicer):
 
     async def RevokeApiKey(self, request: pb.RevokeApiKeyRequest, context: Context) -> pb.ApiKey:
         return await self.accounts.revoke_key(request.name)
+
+    async def UpdateAccountSettings(
+        self, request: pb.UpdateAccountSettingsRequest, context: Context
+    ) -> pb.Account:
+        return await self.accounts.update_settings(request.settings)

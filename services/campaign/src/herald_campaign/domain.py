@@ -10,15 +10,17 @@ from typing import Any
 
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from herald.accounts.v1 import account_service_pb2 as pb_accounts
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_campaign.references import References
-from herald_campaign.storage import campaigns, failure_reasons, outbox, outcome_events, runs, stats
+from herald_campaign.storage import accounts, campaigns, failure_reasons, outbox, outcome_events, runs, stats
 from herald_common import api, channels, personalization
 from herald_common.auth import account_id_of, current_account_id
 from herald_common.bus import Subjects
@@ -26,7 +28,8 @@ from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
-from herald_common.schedules import check_schedule, times_after
+from herald_common.schedules import account_zone, check_delivery, check_schedule, occurrences_after
+from herald_common.skips import SkipReason
 from herald_common.validation import check_text_fields
 
 State = pb.State
@@ -44,7 +47,15 @@ _STATUS_COLUMNS = {
 # Reasons kept per campaign, and users kept as examples of each.
 MAX_REASON_LENGTH = 300
 MAX_EXAMPLES = 5
-_UPDATABLE = {"display_name", "audience", "destination", "schedule", "targeting", "segment_export"}
+_UPDATABLE = {
+    "display_name",
+    "audience",
+    "destination",
+    "schedule",
+    "targeting",
+    "delivery",
+    "segment_export",
+}
 MAX_CONTROL_PERCENT = 90
 # Caps below this are refused: a sample that small says little, a limit that small is a typo.
 MIN_CAP = 100
@@ -97,6 +108,7 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
         )
     check_schedule(campaign.schedule, "campaign.schedule", check)
     _check_targeting(campaign.targeting, check)
+    check_delivery(campaign, "campaign.delivery", check)
     content = campaign.WhichOneof("content")
     check.require(content is not None, "campaign.content", "required: exactly one kind of content")
     if content == "segment_export":
@@ -135,24 +147,43 @@ def _check_targeting(targeting: pb.Targeting, check: Validator) -> None:
         )
 
 
-def _check_ahead(name: str, spec: pb.Campaign, now: datetime) -> None:
-    """At publish, a schedule's fixed times must all be ahead, and a recurring one must have an
-    occurrence ahead."""
+def _check_ahead(name: str, spec: pb.Campaign, now: datetime, account: pb_accounts.AccountSettings) -> None:
+    """At publish, a schedule's fixed times must all be ahead (with delivery in users' zones, ahead
+    in the earliest zone), a recurring one must have an occurrence ahead, and a throttle needs the
+    account's limit."""
     schedule = spec.schedule
     when = schedule.WhichOneof("when")
-    if when == "send_later" and api.from_timestamp(schedule.send_later.send_time) <= now:
-        raise invalid("campaign.schedule.send_later.send_time", "is in the past")
+    zone = account_zone(account)
+
+    def ahead(send_time: Timestamp) -> bool:
+        return bool(occurrences_after(_single(spec, send_time), zone, now, 1))
+
+    if when == "send_later" and not ahead(schedule.send_later.send_time):
+        raise invalid("campaign.schedule.send_later.send_time", _PAST)
     if when == "send_multiple":
         check = Validator()
         for i, send_time in enumerate(schedule.send_multiple.send_times):
-            check.require(
-                api.from_timestamp(send_time) > now,
-                f"campaign.schedule.send_multiple.send_times[{i}]",
-                "is in the past",
-            )
+            check.require(ahead(send_time), f"campaign.schedule.send_multiple.send_times[{i}]", _PAST)
         check.raise_if_any()
-    if when == "recurring" and not times_after(spec, now, 1):
+    if when == "recurring" and not occurrences_after(spec, zone, now, 1):
         raise FailedPrecondition(name, f"the recurring schedule of {name} has no occurrence after now")
+    if spec.delivery.throttle and account.throttle_per_five_minutes <= 0:
+        raise FailedPrecondition(
+            name,
+            "campaign.delivery.throttle needs the account's throttle limit: set "
+            "AccountSettings.throttle_per_five_minutes first",
+        )
+
+
+_PAST = "is in the past (with delivery in users' time zones: already past in the earliest zone, UTC+14)"
+
+
+def _single(spec: pb.Campaign, send_time: Timestamp) -> pb.Campaign:
+    """The campaign as if it had only this send time."""
+    single = pb.Campaign()
+    single.delivery.CopyFrom(spec.delivery)
+    single.schedule.send_later.send_time.CopyFrom(send_time)
+    return single
 
 
 def _spec_columns(spec: pb.Campaign) -> dict[str, Any]:
@@ -174,6 +205,15 @@ def _spec(campaign: pb.Campaign) -> pb.Campaign:
         spec.ClearField(field)  # type: ignore[arg-type]
     spec.display_name = campaign.display_name.strip()
     return spec
+
+
+async def _account_settings(session: AsyncSession, account_id: uuid.UUID) -> Any:
+    """(settings, settings_version) of an account, or None."""
+    return (
+        await session.execute(
+            sa.select(accounts.c.settings, accounts.c.settings_version).where(accounts.c.id == account_id)
+        )
+    ).first()
 
 
 def _owned(campaign_id: uuid.UUID) -> sa.ColumnElement[bool]:
@@ -198,6 +238,10 @@ class Campaigns:
             version=row.version,
             account=f"accounts/{row.account_id}" if row.account_id else "",
         )
+        account = await _account_settings(session, row.account_id)
+        if account is not None:
+            event.account_settings.ParseFromString(account.settings)
+            event.account_settings_version = account.settings_version
         await enqueue(
             session, outbox, [OutboxEvent.of(self.subjects.campaign_changed, event, event.event_id)]
         )
@@ -371,7 +415,11 @@ class Campaigns:
                 raise FailedPrecondition(name, f"only a draft can be published; {name} is {row.state}")
             spec = pb.Campaign.FromString(row.spec)
             now = api.utcnow()
-            _check_ahead(name, spec, now)
+            account = pb_accounts.AccountSettings()
+            found = await _account_settings(session, row.account_id)
+            if found is not None:
+                account.ParseFromString(found.settings)
+            _check_ahead(name, spec, now, account)
             row = await self._set_state(session, row.id, State.STATE_SCHEDULED, published_at=now)
         self._notify()
         return _message(row)
@@ -612,14 +660,25 @@ _RESULT_DECISIONS = {
     "failed": (pb.DECISION_FAILED, pb.RULE_DESTINATION),
     "unknown": (pb.DECISION_UNKNOWN, pb.RULE_DESTINATION),
 }
+# The rule behind each reason the scheduler skips a delivery for; other skips are the campaign's
+# state (stopped).
+_SKIP_RULES = {
+    SkipReason.CONTROL_GROUP: pb.RULE_CONTROL_GROUP,
+    SkipReason.NOT_REACHABLE: pb.RULE_NOT_REACHABLE,
+    SkipReason.TARGETING_CAP: pb.RULE_TARGETING_CAP,
+    SkipReason.QUIET_HOURS: pb.RULE_QUIET_HOURS,
+    SkipReason.CUTOFF: pb.RULE_CUTOFF,
+    SkipReason.FREQUENCY_CAP: pb.RULE_FREQUENCY_CAP,
+    SkipReason.THROTTLED_CUTOFF: pb.RULE_THROTTLE,
+}
 
 
 def _decision(run: Any, result: dispatch_pb.Delivery | None, settled: bool) -> pb.RunDecision:
     """One run's decision for a user, and the rule behind it."""
     if result is not None:
         if result.status == "skipped":
-            control = result.reason == "control group"
-            decision, rule = pb.DECISION_SKIPPED, pb.RULE_CONTROL_GROUP if control else pb.RULE_CAMPAIGN_STATE
+            decision = pb.DECISION_SKIPPED
+            rule = _SKIP_RULES.get(result.reason, pb.RULE_CAMPAIGN_STATE)  # type: ignore[call-overload]
         else:
             decision, rule = _RESULT_DECISIONS.get(result.status, (pb.DECISION_FAILED, pb.RULE_DESTINATION))
         return pb.RunDecision(
@@ -628,9 +687,7 @@ def _decision(run: Any, result: dispatch_pb.Delivery | None, settled: bool) -> p
     if run.state == "RUN_STATE_FAILED":
         return pb.RunDecision(run=run.run, decision=pb.DECISION_SKIPPED, rule=pb.RULE_RUN, reason=run.error)
     if run.state == "RUN_STATE_DISPATCHED" and settled:
-        reason = (
-            "not in this run's audience: did not qualify, was not reachable, or fell outside a random cap"
-        )
+        reason = "not in this run's audience: did not qualify"
         return pb.RunDecision(
             run=run.run, decision=pb.DECISION_NOT_TARGETED, rule=pb.RULE_AUDIENCE, reason=reason
         )

@@ -97,6 +97,9 @@ accounts = sa.Table(
     sa.Column("requests_per_second", sa.Float, nullable=False, server_default="0"),
     sa.Column("max_batch_size", sa.Integer, nullable=False, server_default="0"),
     sa.Column("deleted_at", sa.DateTime(timezone=True), nullable=True),
+    # AccountSettings, serialized; one higher settings_version on every change.
+    sa.Column("settings", sa.LargeBinary, nullable=False, server_default=sa.text("''::bytea")),
+    sa.Column("settings_version", sa.BigInteger, nullable=False, server_default="0"),
 )
 api_keys = sa.Table(
     "api_keys",

@@ -106,15 +106,16 @@ class DeliveryWorker:
         pending = list({r.delivery_id: r for r in batch.recipients if r.delivery_id not in finished}.values())
         if not pending:
             return
-        held_back = [Outcome(r, SKIPPED, reason="control group") for r in pending if r.held_back]
-        pending = [r for r in pending if not r.held_back]
+        # The scheduler's rules (control group, do-not-disturb hours, cut-off, caps) decided these.
+        decided = [Outcome(r, SKIPPED, reason=r.skip_reason) for r in pending if r.skip_reason]
+        pending = [r for r in pending if not r.skip_reason]
         if not pending:
-            outcomes = held_back
+            outcomes = decided
         elif not known.delivering:
             state = campaign_pb.State.Name(known.campaign.state).removeprefix("STATE_").lower()
-            outcomes = held_back + [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
+            outcomes = decided + [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
         else:
-            outcomes = held_back + await self._send(batch, known, pending, attempted_before=attempt > 1)
+            outcomes = decided + await self._send(batch, known, pending, attempted_before=attempt > 1)
         if await self.ledger.record(batch, known.account_id, attempt, outcomes):
             self.infra.relay.notify()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -18,6 +18,7 @@ import grpc
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
@@ -30,8 +31,12 @@ from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
+from herald_common.schedules import account_zone
+from herald_common.skips import SkipReason
 from herald_common.timing import in_control_group
-from herald_scheduler.planning import plan_following
+from herald_scheduler.due import Due, RunTiming
+from herald_scheduler.handover import delivery_batches
+from herald_scheduler.planning import account_settings, plan_following
 from herald_scheduler.runs import RunEvents, run_name
 from herald_scheduler.storage import campaigns, outbox, runs
 
@@ -39,9 +44,6 @@ log = get_logger(__name__)
 
 RunState = pb.RunState
 AUDIENCE_PAGE_SIZE = 1000
-# A DeliveryBatch carries at most this many recipients and bytes: well inside NATS's 1 MB.
-BATCH_RECIPIENTS = 500
-BATCH_BYTES = 512 * 1024
 # Profile attributes larger than this are not carried; dispatch fails that delivery with the size.
 MAX_RECIPIENT_ATTRIBUTE_BYTES = 64 * 1024
 # Transient failures are retried with doubling delays up to this cap, for this many attempts
@@ -73,6 +75,7 @@ class Snapshot:
 
     campaign: campaign_pb.Campaign
     version: int
+    account: accounts_pb.AccountSettings
 
 
 class RunStopped(Exception):
@@ -100,15 +103,9 @@ def _failure(error: Exception) -> tuple[bool, str]:
     return False, f"{type(error).__name__}: {error}"[:500]
 
 
-def _recipient(
-    run_id: uuid.UUID, member: segmentation_pb.AudienceMember, campaign: campaign_pb.Campaign
-) -> events.Recipient:
-    percent = campaign.targeting.control_group_percent
+def _recipient(run_id: uuid.UUID, member: segmentation_pb.AudienceMember) -> events.Recipient:
     recipient = events.Recipient(
-        delivery_id=delivery_id(run_id, member.user_id),
-        user_id=member.user_id,
-        timezone=member.timezone,
-        held_back=percent > 0 and in_control_group(campaign.name, member.user_id, percent),
+        delivery_id=delivery_id(run_id, member.user_id), user_id=member.user_id, timezone=member.timezone
     )
     if len(member.attributes_json) > MAX_RECIPIENT_ATTRIBUTE_BYTES:
         recipient.oversized_attributes_bytes = len(member.attributes_json)
@@ -117,18 +114,38 @@ def _recipient(
     return recipient
 
 
-def _chunks(recipients: Sequence[events.Recipient]) -> Iterator[list[events.Recipient]]:
-    chunk: list[events.Recipient] = []
-    size = 0
-    for recipient in recipients:
-        bytes_ = recipient.ByteSize()
-        if chunk and (len(chunk) >= BATCH_RECIPIENTS or size + bytes_ > BATCH_BYTES):
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(recipient)
-        size += bytes_
-    if chunk:
-        yield chunk
+def _left_out(member: segmentation_pb.AudienceMember, campaign: campaign_pb.Campaign) -> SkipReason | None:
+    """The targeting rule that leaves a qualified user out, if one does."""
+    if member.unreachable:
+        return SkipReason.NOT_REACHABLE
+    if member.outside_sample:
+        return SkipReason.TARGETING_CAP
+    percent = campaign.targeting.control_group_percent
+    if percent > 0 and in_control_group(campaign.name, member.user_id, percent):
+        return SkipReason.CONTROL_GROUP
+    return None
+
+
+_HOLD = sa.text(
+    """
+    INSERT INTO scheduler.pending_deliveries
+        (run_id, delivery_id, account_id, campaign, user_id, due_at, cutoff_at, zone, recipient)
+    SELECT :run_id, d, :account_id, :campaign, u, a, c, z, r
+    FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:due AS timestamptz[]),
+                CAST(:cutoffs AS timestamptz[]), CAST(:zones AS text[]), CAST(:recipients AS bytea[]))
+         AS t(d, u, a, c, z, r)
+    ON CONFLICT DO NOTHING
+    """
+)
+
+
+def _finished_state(state: RunState.ValueType) -> Any:
+    """A run that planned everyone is DISPATCHED, or RELEASING while deliveries still wait."""
+    if state != RunState.RUN_STATE_DISPATCHED:
+        return RunState.Name(state)
+    return sa.case(
+        (runs.c.waiting > 0, RunState.Name(RunState.RUN_STATE_RELEASING)), else_=RunState.Name(state)
+    )
 
 
 class RunExecutor:
@@ -141,6 +158,7 @@ class RunExecutor:
         run_events: RunEvents,
         segmentation: grpc.aio.Channel,
         notify_outbox: Callable[[], None],
+        notify_releaser: Callable[[], None],
         poll_seconds: float = 0.5,
         max_concurrent_runs: int = 4,
         lease_seconds: float = 60.0,
@@ -150,6 +168,7 @@ class RunExecutor:
         self.run_events = run_events
         self.audiences = segmentation_grpc.SegmentationServiceStub(segmentation)
         self.notify_outbox = notify_outbox
+        self.notify_releaser = notify_releaser
         self.max_concurrent_runs = max_concurrent_runs
         self.lease = timedelta(seconds=lease_seconds)
         self.owner = uuid.uuid4().hex
@@ -225,8 +244,11 @@ class RunExecutor:
             ).first()
             snapshot = None
             if stored is not None:
-                snapshot = Snapshot(campaign_pb.Campaign.FromString(stored.snapshot), stored.version)
-                await plan_following(session, row, snapshot.campaign)
+                settings = await account_settings(session, row.account_id)
+                snapshot = Snapshot(
+                    campaign_pb.Campaign.FromString(stored.snapshot), stored.version, settings
+                )
+                await plan_following(session, row, snapshot.campaign, account_zone(settings))
             await self.run_events.changed(session, [row])
         self.notify_outbox()
         return row, snapshot
@@ -259,8 +281,6 @@ class RunExecutor:
             kind = channels.of_campaign(campaign)
         except KeyError:
             raise RunDefinitionError("the campaign has no content Herald can deliver") from None
-        destination_id = campaign.destination.removeprefix("destinations/")
-        subject = self.subjects.delivery_batch(kind.destination_type, destination_id)
         # The campaign's Audience has segmentation's shape, field for field.
         audience = segmentation_pb.Audience.FromString(campaign.audience.SerializeToString())
         targeting = campaign.targeting
@@ -288,16 +308,19 @@ class RunExecutor:
             page_size=AUDIENCE_PAGE_SIZE,
             start_after_user_id=row.cursor,
             attributes_as_json=True,
+            include_left_out=True,
             # A resumed run selects as of the moment the run first started ("the last 7 days").
             evaluation_time=api.timestamp(row.started_at or api.utcnow()),
         )
+        timing = RunTiming(campaign, row.planned_time or row.scheduled_time, snapshot.account)
         cursor = row.cursor
         async for page in self.audiences.StreamAudience(request, timeout=AUDIENCE_DEADLINE_SECONDS):
             if not page.members:
                 continue
             async with self.database.transaction() as session:
-                cursor = await self._plan_page(session, row.id, cursor, snapshot, subject, page.members)
+                cursor = await self._plan_page(session, row.id, cursor, snapshot, timing, page.members)
             self.notify_outbox()
+            self.notify_releaser()
 
     async def _plan_page(
         self,
@@ -305,10 +328,24 @@ class RunExecutor:
         run_id: uuid.UUID,
         cursor: str,
         snapshot: Snapshot,
-        subject: str,
+        timing: RunTiming,
         members: Sequence[segmentation_pb.AudienceMember],
     ) -> str:
+        """Decides each member's delivery: those a rule skips go to dispatch now (recorded with the
+        reason), the others wait in pending_deliveries for their due time."""
         campaign = snapshot.campaign
+        skipped: list[events.Recipient] = []
+        held: list[tuple[events.Recipient, Due]] = []
+        for member in members:
+            recipient = _recipient(run_id, member)
+            skip = _left_out(member, campaign)
+            due = timing.of(member.timezone)
+            skip = skip or due.skip
+            if skip is None:
+                held.append((recipient, due))
+            else:
+                recipient.skip_reason = skip
+                skipped.append(recipient)
         last = members[-1].user_id
         # Moving the cursor only from where this replica left it also checks the run is still
         # ours and still running (not cancelled, not taken over).
@@ -325,6 +362,8 @@ class RunExecutor:
                     cursor=last,
                     targeted=runs.c.targeted + len(members),
                     audience_size=runs.c.audience_size + len(members),
+                    waiting=runs.c.waiting + len(held),
+                    released=runs.c.released + len(skipped),
                     lease_until=sa.func.now() + self.lease,
                     version=runs.c.version + 1,
                 )
@@ -334,24 +373,26 @@ class RunExecutor:
         if not advanced:
             raise RunStopped()
         account_id = advanced[0].account_id
-        run = f"{campaign.name}/runs/{run_id}"
-        now = api.timestamp(api.utcnow())
-        recipients = [_recipient(run_id, m, campaign) for m in members]
-        batches = []
-        for chunk in _chunks(recipients):
-            batch_id = str(uuid.uuid5(run_id, f"batch:{chunk[0].user_id}"))
-            batch = events.DeliveryBatch(
-                batch_id=batch_id,
-                campaign=campaign.name,
-                campaign_version=snapshot.version,
-                run=run,
-                destination=campaign.destination,
-                plan_time=now,
-                recipients=chunk,
-                account=account_name(account_id),
+        if held:
+            await session.execute(
+                _HOLD,
+                {
+                    "run_id": run_id,
+                    "account_id": account_id,
+                    "campaign": campaign.name,
+                    "ids": [r.delivery_id for r, _ in held],
+                    "users": [r.user_id for r, _ in held],
+                    "due": [d.at for _, d in held],
+                    "cutoffs": [d.cutoff_at for _, d in held],
+                    "zones": [d.zone for _, d in held],
+                    "recipients": [r.SerializeToString() for r, _ in held],
+                },
             )
-            batches.append(OutboxEvent.of(subject, batch, batch_id))
-        await enqueue(session, outbox, batches)
+        if skipped:
+            batches = delivery_batches(
+                self.subjects, campaign, snapshot.version, run_id, account_id, skipped, api.utcnow()
+            )
+            await enqueue(session, outbox, batches)
         await self.run_events.changed(session, advanced)
         return last
 
@@ -419,8 +460,10 @@ class RunExecutor:
                     sa.update(runs)
                     .where(runs.c.id == run_id, runs.c.state == _RUNNING, runs.c.lease_owner == self.owner)
                     .values(
-                        state=RunState.Name(state),
-                        ended_at=api.utcnow(),
+                        state=_finished_state(state),
+                        ended_at=sa.case((runs.c.waiting > 0, None), else_=api.utcnow())
+                        if state == RunState.RUN_STATE_DISPATCHED
+                        else api.utcnow(),
                         lease_until=None,
                         lease_owner=None,
                         error=error,

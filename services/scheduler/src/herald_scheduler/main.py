@@ -10,10 +10,12 @@ from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from herald_common import runtime
+from herald_common.auth import account_id_of
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 from herald_scheduler.executor import RunExecutor
 from herald_scheduler.planning import Planner
+from herald_scheduler.release import Releaser
 from herald_scheduler.runs import RunEvents, RunQueries
 from herald_scheduler.servicer import PERMISSIONS, SchedulerServicer
 from herald_scheduler.storage import SCHEMA, outbox
@@ -21,6 +23,13 @@ from herald_scheduler.storage import SCHEMA, outbox
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONSUMER = "scheduler-campaigns"
+ACCOUNTS_CONSUMER = "scheduler-accounts"
+
+
+def _account_changed_problem(event: events.AccountChanged) -> str | None:
+    if account_id_of(event.account) is None:
+        return f"AccountChanged names no account ({event.account!r})"
+    return None
 
 
 async def start(settings: Settings, port: int | None = None) -> ServiceHost:
@@ -30,12 +39,14 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     run_events = RunEvents(infra.subjects)
     planner = Planner(infra.database, run_events)
     segmentation = infra.channel("segmentation")
+    releaser = Releaser(infra.database, infra.subjects, run_events, infra.relay.notify)
     executor = RunExecutor(
         infra.database,
         infra.subjects,
         run_events,
         segmentation,
         infra.relay.notify,
+        releaser.notify,
         lease_seconds=settings.run_lease_seconds,
     )
     servicer = SchedulerServicer(RunQueries(infra.database))
@@ -65,8 +76,21 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         apply=apply_campaign_changes,
         problem=runtime.campaign_changed_problem,
     )
+
+    async def apply_account_changes(changes: list[events.AccountChanged]) -> None:
+        await planner.apply_accounts(changes)
+
+    await infra.consume(
+        owner="campaign",
+        durable=ACCOUNTS_CONSUMER,
+        filter_subject=infra.subjects.account_changed,
+        event_type=events.AccountChanged,
+        apply=apply_account_changes,
+        problem=_account_changed_problem,
+    )
     executor.start()
-    host.on_stop.extend([executor.stop, segmentation.close])
+    releaser.start()
+    host.on_stop.extend([executor.stop, releaser.stop, segmentation.close])
     return host
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import timedelta
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
@@ -18,39 +20,68 @@ from herald_common import api
 from herald_common.auth import NO_ACCOUNT, account_id_of
 from herald_common.db import Database
 from herald_common.logging import get_logger
-from herald_common.schedules import MAX_SEND_TIMES, times_after
+from herald_common.schedules import MAX_SEND_TIMES, Occurrence, account_zone, occurrences_after
 from herald_scheduler.runs import RunEvents
-from herald_scheduler.storage import campaigns, runs
+from herald_scheduler.storage import accounts, campaigns, pending_deliveries, runs
 
 CampaignState = campaign_pb.State
 RunState = pb.RunState
 log = get_logger(__name__)
-_OPEN_RUN_STATES = [RunState.Name(RunState.RUN_STATE_PENDING), RunState.Name(RunState.RUN_STATE_RUNNING)]
+_OPEN_RUN_STATES = [
+    RunState.Name(s)
+    for s in (RunState.RUN_STATE_PENDING, RunState.RUN_STATE_RUNNING, RunState.RUN_STATE_RELEASING)
+]
 
 
-def first_runs(campaign: campaign_pb.Campaign) -> list[tuple[datetime, bool]]:
+def first_runs(campaign: campaign_pb.Campaign, zone: ZoneInfo) -> list[tuple[Occurrence, bool]]:
     """The runs to plan when a campaign is published, each with whether it is the last. A
     recurring schedule plans its first occurrence only; each run plans the next when it starts."""
     recurring = campaign.schedule.WhichOneof("when") == "recurring"
     published = api.from_timestamp(campaign.publish_time)
-    times = times_after(campaign, published, 2 if recurring else MAX_SEND_TIMES)
+    if campaign.schedule.WhichOneof("when") == "send_now":
+        published -= timedelta(microseconds=1)  # its one occurrence is the publish time itself
+    found = occurrences_after(campaign, zone, published, 2 if recurring else MAX_SEND_TIMES)
     if recurring:
-        return [(times[0], len(times) == 1)] if times else []
-    return [(t, i == len(times) - 1) for i, t in enumerate(times)]
+        return [(found[0], len(found) == 1)] if found else []
+    return [(o, i == len(found) - 1) for i, o in enumerate(found)]
 
 
-async def plan_following(session: AsyncSession, run: Any, campaign: campaign_pb.Campaign) -> None:
+async def plan_following(
+    session: AsyncSession, run: Any, campaign: campaign_pb.Campaign, zone: ZoneInfo
+) -> None:
     """Plans the occurrence after a starting run of a recurring campaign (once, however often the
     run is started)."""
     if run.final or campaign.schedule.WhichOneof("when") != "recurring":
         return
-    times = times_after(campaign, run.scheduled_time, 2)
-    if times:
-        await _insert_runs(session, campaign.name, run.account_id, [(times[0], len(times) == 1)])
+    found = occurrences_after(campaign, zone, run.scheduled_time, 2)
+    if found:
+        await _insert_runs(session, campaign.name, run.account_id, [(found[0], len(found) == 1)])
+
+
+async def account_settings(session: AsyncSession, account_id: uuid.UUID) -> accounts_pb.AccountSettings:
+    """The account's newest settings known here (defaults when none are)."""
+    stored = await session.scalar(sa.select(accounts.c.settings).where(accounts.c.account_id == account_id))
+    return accounts_pb.AccountSettings.FromString(stored or b"")
+
+
+async def store_account_settings(
+    session: AsyncSession, account_id: uuid.UUID, settings: accounts_pb.AccountSettings, version: int
+) -> None:
+    """Keeps the settings if they are newer than those held."""
+    statement = insert(accounts).values(
+        account_id=account_id, settings=settings.SerializeToString(), version=version
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[accounts.c.account_id],
+            set_={"settings": statement.excluded.settings, "version": statement.excluded.version},
+            where=accounts.c.version < statement.excluded.version,
+        )
+    )
 
 
 async def _insert_runs(
-    session: AsyncSession, campaign: str, account_id: uuid.UUID, planned: list[tuple[datetime, bool]]
+    session: AsyncSession, campaign: str, account_id: uuid.UUID, planned: list[tuple[Occurrence, bool]]
 ) -> None:
     await session.execute(
         insert(runs)
@@ -60,7 +91,8 @@ async def _insert_runs(
                     "id": uuid.uuid4(),
                     "account_id": account_id,
                     "campaign": campaign,
-                    "scheduled_time": when,
+                    "scheduled_time": when.start,
+                    "planned_time": when.planned,
                     "state": RunState.Name(RunState.RUN_STATE_PENDING),
                     "final": final,
                 }
@@ -91,8 +123,19 @@ class Planner:
         ordered = sorted(changes, key=lambda c: (c.campaign.name, c.version))
         async with self.database.transaction() as session:
             for change in ordered:
+                account_id = _account_of(change)
+                await store_account_settings(
+                    session, account_id, change.account_settings, change.account_settings_version
+                )
                 if await self._store_snapshot(session, change):
-                    await self._react(session, change.campaign, _account_of(change))
+                    await self._react(session, change.campaign, account_id)
+
+    async def apply_accounts(self, changes: Sequence[events.AccountChanged]) -> None:
+        async with self.database.transaction() as session:
+            for change in sorted(changes, key=lambda c: c.version):
+                account_id = account_id_of(change.account)
+                if account_id is not None:
+                    await store_account_settings(session, account_id, change.settings, change.version)
 
     async def _store_snapshot(self, session: AsyncSession, change: events.CampaignChanged) -> bool:
         statement = insert(campaigns).values(
@@ -120,7 +163,8 @@ class Planner:
         self, session: AsyncSession, campaign: campaign_pb.Campaign, account_id: uuid.UUID
     ) -> None:
         if campaign.state == CampaignState.STATE_SCHEDULED:
-            planned = first_runs(campaign)
+            zone = account_zone(await account_settings(session, account_id))
+            planned = first_runs(campaign, zone)
             if planned:
                 await _insert_runs(session, campaign.name, account_id, planned)
         elif campaign.state == CampaignState.STATE_STOPPED:
@@ -137,4 +181,10 @@ class Planner:
                     .returning(*runs.c)
                 )
             ).all()
+            # What still waits goes now: dispatch records each as skipped ("campaign stopped").
+            await session.execute(
+                sa.update(pending_deliveries)
+                .where(pending_deliveries.c.run_id.in_([r.id for r in cancelled]))
+                .values(due_at=sa.func.least(pending_deliveries.c.due_at, api.utcnow()), cutoff_at=None)
+            )
             await self.run_events.changed(session, cancelled)

@@ -42,6 +42,11 @@ def run_message(row: Any) -> pb.Run:
         error=row.error,
         attempts=row.attempts,
         sample_seed=row.sample_seed,
+        planned_time=api.optional_timestamp(row.planned_time),
+        waiting=row.waiting,
+        released=row.released,
+        first_release_time=api.optional_timestamp(row.first_release_at),
+        last_release_time=api.optional_timestamp(row.last_release_at),
     )
 
 

@@ -42,6 +42,14 @@ runs = sa.Table(
     sa.Column("attempts", sa.Integer, nullable=False, server_default="0"),
     # The seed a random cap chose its users with ('' without one).
     sa.Column("sample_seed", sa.Text, nullable=False, server_default=""),
+    # The occurrence's own instant (scheduled_time is when the run starts: earlier with delivery
+    # in users' zones).
+    sa.Column("planned_time", sa.DateTime(timezone=True), nullable=True),
+    # Deliveries waiting in pending_deliveries, and handed to dispatch (skipped ones included).
+    sa.Column("waiting", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("released", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("first_release_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_release_at", sa.DateTime(timezone=True), nullable=True),
     # One higher on every change; RunChanged carries it so readers keep the newest report.
     sa.Column("version", sa.BigInteger, nullable=False, server_default="1"),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
@@ -51,6 +59,62 @@ runs = sa.Table(
     sa.UniqueConstraint("campaign", "scheduled_time", name="runs_campaign_time_key"),
     sa.Index("runs_due", "state", "scheduled_time"),
     sa.Index("ix_scheduler_runs_account_campaign", "account_id", "campaign"),
+)
+
+# Each account's settings (default zone, throttle, frequency caps), from AccountChanged and from
+# CampaignChanged, whichever is newer.
+accounts = sa.Table(
+    "accounts",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("settings", sa.LargeBinary, nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+)
+
+# Planned deliveries waiting for their due time (the user's local time, the end of do-not-disturb
+# hours, the next throttle window): released in (due_at, seq) order by any replica.
+pending_deliveries = sa.Table(
+    "pending_deliveries",
+    metadata,
+    sa.Column("run_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("campaign", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False),
+    sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+    # Not handed over by then: skipped, never sent late.
+    sa.Column("cutoff_at", sa.DateTime(timezone=True), nullable=True),
+    # The user's zone: frequency caps count in their local day and week.
+    sa.Column("zone", sa.Text, nullable=False),
+    # Held back by the campaign's throttle at least once.
+    sa.Column("throttled", sa.Boolean, nullable=False, server_default=sa.false()),
+    # The events.Recipient, serialized.
+    sa.Column("recipient", sa.LargeBinary, nullable=False),
+    sa.Index("ix_scheduler_pending_due", "due_at", "seq"),
+)
+
+# Deliveries a throttled campaign released in each 5-minute window, shared by every replica.
+throttle_windows = sa.Table(
+    "throttle_windows",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("campaign", sa.Text, primary_key=True),
+    sa.Column("window_start", sa.DateTime(timezone=True), primary_key=True),
+    sa.Column("used", sa.Integer, nullable=False),
+)
+
+# Messages each user was handed on a channel per local day (`D2026-11-23`) and ISO week (`W` and
+# its Monday), for the account's frequency caps; rows are dropped after `expires_on`.
+frequency_counts = sa.Table(
+    "frequency_counts",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("channel", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("period", sa.Text, primary_key=True),
+    sa.Column("used", sa.Integer, nullable=False),
+    sa.Column("expires_on", sa.Date, nullable=False, index=True),
 )
 
 outbox = outbox_table(metadata)

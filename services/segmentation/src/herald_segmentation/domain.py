@@ -32,7 +32,16 @@ from herald_segmentation.filters import (
     validate_filter,
 )
 from herald_segmentation.properties import known_types
-from herald_segmentation.storage import audience_snapshots, devices, list_members, lists, segments, users
+from herald_segmentation.storage import (
+    LEFT_OUT_BY_SAMPLE,
+    LEFT_OUT_UNREACHABLE,
+    audience_snapshots,
+    devices,
+    list_members,
+    lists,
+    segments,
+    users,
+)
 
 MAX_AUDIENCE_PAGE = 5000
 MAX_AUDIENCE_PAGE_BYTES = 1 << 20
@@ -307,19 +316,13 @@ class Segmentation:
                     < sa.func.now() - sa.text(f"interval '{SNAPSHOT_HOURS} hours'")
                 )
             )
-            members = sa.select(users.c.user_id).where(condition, reachable(request.channel))
-            if request.sample_size:
-                # A uniform random sample, the same for the same seed: a resumed stream picks the
-                # same members and goes on after the last one sent.
-                rank = sa.func.md5(sa.literal(request.sample_seed) + users.c.user_id)
-                members = members.order_by(rank).limit(request.sample_size)
-            chosen = members.subquery()
+            chosen = _snapshot_members(request, condition).subquery()
             await session.execute(
                 sa.insert(audience_snapshots).from_select(
-                    ["snapshot_id", "account_id", "user_id"],
-                    sa.select(sa.literal(snapshot_id), sa.literal(account_id), chosen.c.user_id).where(
-                        chosen.c.user_id > request.start_after_user_id
-                    ),
+                    ["snapshot_id", "account_id", "user_id", "left_out"],
+                    sa.select(
+                        sa.literal(snapshot_id), sa.literal(account_id), chosen.c.user_id, chosen.c.left_out
+                    ).where(chosen.c.user_id > request.start_after_user_id),
                 )
             )
         try:
@@ -349,7 +352,10 @@ class Segmentation:
             rows = (
                 await session.execute(
                     sa.select(
-                        users.c.user_id, users.c.timezone, sa.cast(attributes, sa.Text).label("attributes")
+                        users.c.user_id,
+                        users.c.timezone,
+                        sa.cast(attributes, sa.Text).label("attributes"),
+                        audience_snapshots.c.left_out,
                     )
                     .select_from(
                         audience_snapshots.join(
@@ -370,7 +376,12 @@ class Segmentation:
         page: list[pb.AudienceMember] = []
         size = 0
         for row in rows:
-            member = pb.AudienceMember(user_id=row.user_id, timezone=row.timezone)
+            member = pb.AudienceMember(
+                user_id=row.user_id,
+                timezone=row.timezone,
+                unreachable=row.left_out == LEFT_OUT_UNREACHABLE,
+                outside_sample=row.left_out == LEFT_OUT_BY_SAMPLE,
+            )
             if as_json:
                 member.attributes_json = row.attributes.encode()
             else:
@@ -386,6 +397,30 @@ class Segmentation:
             await session.execute(
                 sa.delete(audience_snapshots).where(audience_snapshots.c.snapshot_id == snapshot_id)
             )
+
+
+def _snapshot_members(request: pb.StreamAudienceRequest, condition: Any) -> sa.Select[Any]:
+    """(user_id, left_out) of the users a stream holds: the reachable ones, drawn by the sample
+    when there is one, and with include_left_out the others too, flagged."""
+    reach = reachable(request.channel)
+    # A uniform random sample, the same for the same seed: a resumed stream picks the same
+    # members and goes on after the last one sent.
+    rank = sa.func.md5(sa.literal(request.sample_seed) + users.c.user_id)
+    if not request.include_left_out:
+        members = sa.select(users.c.user_id, sa.literal(0, sa.SmallInteger).label("left_out")).where(
+            condition, reach
+        )
+        return members.order_by(rank).limit(request.sample_size) if request.sample_size else members
+    qualified = sa.select(
+        users.c.user_id,
+        reach.label("reach"),
+        sa.func.row_number().over(partition_by=reach, order_by=rank).label("draw"),
+    ).where(condition)
+    ranked = qualified.subquery()
+    cases: list[tuple[Any, int]] = [(sa.not_(ranked.c.reach), LEFT_OUT_UNREACHABLE)]
+    if request.sample_size:
+        cases.append((ranked.c.draw > request.sample_size, LEFT_OUT_BY_SAMPLE))
+    return sa.select(ranked.c.user_id, sa.case(*cases, else_=0).label("left_out"))
 
 
 def _check_channel(channel: int) -> None:

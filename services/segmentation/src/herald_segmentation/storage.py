@@ -148,7 +148,11 @@ audience_snapshots = sa.Table(
     sa.Column("snapshot_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("user_id", sa.Text, primary_key=True),
+    # 0: a member; LEFT_OUT_UNREACHABLE or LEFT_OUT_BY_SAMPLE when the stream includes those.
+    sa.Column("left_out", sa.SmallInteger, nullable=False, server_default="0"),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
+LEFT_OUT_UNREACHABLE = 1
+LEFT_OUT_BY_SAMPLE = 2
 
 outbox = outbox_table(metadata)

@@ -25,39 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(herald/accounts/v1/account_service.proto\x12\x12herald.accounts.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb9\x01\n\x07\x41\x63\x63ount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05quota\x18\x04 \x01(\x0b\x32\x19.herald.accounts.v1.Quota\x12/\n\x0b\x64\x65lete_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"<\n\x05Quota\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\x05\"\xf9\x01\n\x06\x41piKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.herald.accounts.v1.Role\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x14\x43reateAccountRequest\x12,\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1b.herald.accounts.v1.Account\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x81\x01\n\x15\x43reateAccountResponse\x12,\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1b.herald.accounts.v1.Account\x12-\n\tadmin_key\x18\x02 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x0b\n\x03key\x18\x03 \x01(\t\"$\n\x14\x44\x65leteAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11GetAccountRequest\"B\n\x13\x43reateApiKeyRequest\x12+\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\"P\n\x14\x43reateApiKeyResponse\x12+\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\";\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x13ListApiKeysResponse\x12,\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13RevokeApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*u\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x0f\n\x0bROLE_EDITOR\x10\x02\x12\x0f\n\x0bROLE_VIEWER\x10\x03\x12\x0f\n\x0bROLE_INGEST\x10\x04\x12\x14\n\x10ROLE_PUBLISHABLE\x10\x05\x32\xb8\x04\n\x0e\x41\x63\x63ountService\x12\x64\n\rCreateAccount\x12(.herald.accounts.v1.CreateAccountRequest\x1a).herald.accounts.v1.CreateAccountResponse\x12V\n\rDeleteAccount\x12(.herald.accounts.v1.DeleteAccountRequest\x1a\x1b.herald.accounts.v1.Account\x12P\n\nGetAccount\x12%.herald.accounts.v1.GetAccountRequest\x1a\x1b.herald.accounts.v1.Account\x12\x61\n\x0c\x43reateApiKey\x12\'.herald.accounts.v1.CreateApiKeyRequest\x1a(.herald.accounts.v1.CreateApiKeyResponse\x12^\n\x0bListApiKeys\x12&.herald.accounts.v1.ListApiKeysRequest\x1a\'.herald.accounts.v1.ListApiKeysResponse\x12S\n\x0cRevokeApiKey\x12\'.herald.accounts.v1.RevokeApiKeyRequest\x1a\x1a.herald.accounts.v1.ApiKeyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(herald/accounts/v1/account_service.proto\x12\x12herald.accounts.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf0\x01\n\x07\x41\x63\x63ount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05quota\x18\x04 \x01(\x0b\x32\x19.herald.accounts.v1.Quota\x12/\n\x0b\x64\x65lete_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x08settings\x18\x06 \x01(\x0b\x32#.herald.accounts.v1.AccountSettings\"b\n\x0c\x46requencyCap\x12/\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1e.herald.accounts.v1.CapChannel\x12\x0f\n\x07per_day\x18\x02 \x01(\x05\x12\x10\n\x08per_week\x18\x03 \x01(\x05\"\xa3\x01\n\x0f\x41\x63\x63ountSettings\x12\x18\n\x10\x64\x65\x66\x61ult_timezone\x18\x01 \x01(\t\x12!\n\x19throttle_per_five_minutes\x18\x02 \x01(\x05\x12\x38\n\x0e\x66requency_caps\x18\x03 \x03(\x0b\x32 .herald.accounts.v1.FrequencyCap\x12\x19\n\x11\x61lert_webhook_url\x18\x04 \x01(\t\"<\n\x05Quota\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\x05\"\xf9\x01\n\x06\x41piKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.herald.accounts.v1.Role\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"X\n\x14\x43reateAccountRequest\x12,\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1b.herald.accounts.v1.Account\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x81\x01\n\x15\x43reateAccountResponse\x12,\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1b.herald.accounts.v1.Account\x12-\n\tadmin_key\x18\x02 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x0b\n\x03key\x18\x03 \x01(\t\"$\n\x14\x44\x65leteAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11GetAccountRequest\"B\n\x13\x43reateApiKeyRequest\x12+\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\"P\n\x14\x43reateApiKeyResponse\x12+\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\";\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x13ListApiKeysResponse\x12,\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13RevokeApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x1cUpdateAccountSettingsRequest\x12\x35\n\x08settings\x18\x01 \x01(\x0b\x32#.herald.accounts.v1.AccountSettings*u\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x0f\n\x0bROLE_EDITOR\x10\x02\x12\x0f\n\x0bROLE_VIEWER\x10\x03\x12\x0f\n\x0bROLE_INGEST\x10\x04\x12\x14\n\x10ROLE_PUBLISHABLE\x10\x05*\x8d\x01\n\nCapChannel\x12\x1b\n\x17\x43\x41P_CHANNEL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41P_CHANNEL_SEGMENT\x10\x01\x12\x19\n\x15\x43\x41P_CHANNEL_MPARTICLE\x10\x02\x12\x13\n\x0f\x43\x41P_CHANNEL_SMS\x10\x03\x12\x19\n\x15\x43\x41P_CHANNEL_WEB_POPUP\x10\x04\x32\xa0\x05\n\x0e\x41\x63\x63ountService\x12\x64\n\rCreateAccount\x12(.herald.accounts.v1.CreateAccountRequest\x1a).herald.accounts.v1.CreateAccountResponse\x12V\n\rDeleteAccount\x12(.herald.accounts.v1.DeleteAccountRequest\x1a\x1b.herald.accounts.v1.Account\x12P\n\nGetAccount\x12%.herald.accounts.v1.GetAccountRequest\x1a\x1b.herald.accounts.v1.Account\x12\x61\n\x0c\x43reateApiKey\x12\'.herald.accounts.v1.CreateApiKeyRequest\x1a(.herald.accounts.v1.CreateApiKeyResponse\x12^\n\x0bListApiKeys\x12&.herald.accounts.v1.ListApiKeysRequest\x1a\'.herald.accounts.v1.ListApiKeysResponse\x12S\n\x0cRevokeApiKey\x12\'.herald.accounts.v1.RevokeApiKeyRequest\x1a\x1a.herald.accounts.v1.ApiKey\x12\x66\n\x15UpdateAccountSettings\x12\x30.herald.accounts.v1.UpdateAccountSettingsRequest\x1a\x1b.herald.accounts.v1.Accountb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.accounts.v1.account_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1222
-  _globals['_ROLE']._serialized_end=1339
+  _globals['_ROLE']._serialized_start=1630
+  _globals['_ROLE']._serialized_end=1747
+  _globals['_CAPCHANNEL']._serialized_start=1750
+  _globals['_CAPCHANNEL']._serialized_end=1891
   _globals['_ACCOUNT']._serialized_start=98
-  _globals['_ACCOUNT']._serialized_end=283
-  _globals['_QUOTA']._serialized_start=285
-  _globals['_QUOTA']._serialized_end=345
-  _globals['_APIKEY']._serialized_start=348
-  _globals['_APIKEY']._serialized_end=597
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=599
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=687
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=690
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=819
-  _globals['_DELETEACCOUNTREQUEST']._serialized_start=821
-  _globals['_DELETEACCOUNTREQUEST']._serialized_end=857
-  _globals['_GETACCOUNTREQUEST']._serialized_start=859
-  _globals['_GETACCOUNTREQUEST']._serialized_end=878
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=880
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=946
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=948
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1028
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1030
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1089
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1091
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1183
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1185
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1220
-  _globals['_ACCOUNTSERVICE']._serialized_start=1342
-  _globals['_ACCOUNTSERVICE']._serialized_end=1910
+  _globals['_ACCOUNT']._serialized_end=338
+  _globals['_FREQUENCYCAP']._serialized_start=340
+  _globals['_FREQUENCYCAP']._serialized_end=438
+  _globals['_ACCOUNTSETTINGS']._serialized_start=441
+  _globals['_ACCOUNTSETTINGS']._serialized_end=604
+  _globals['_QUOTA']._serialized_start=606
+  _globals['_QUOTA']._serialized_end=666
+  _globals['_APIKEY']._serialized_start=669
+  _globals['_APIKEY']._serialized_end=918
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=920
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=1008
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=1011
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=1140
+  _globals['_DELETEACCOUNTREQUEST']._serialized_start=1142
+  _globals['_DELETEACCOUNTREQUEST']._serialized_end=1178
+  _globals['_GETACCOUNTREQUEST']._serialized_start=1180
+  _globals['_GETACCOUNTREQUEST']._serialized_end=1199
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1201
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1267
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1269
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1349
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1351
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1410
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1412
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1504
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1506
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1541
+  _globals['_UPDATEACCOUNTSETTINGSREQUEST']._serialized_start=1543
+  _globals['_UPDATEACCOUNTSETTINGSREQUEST']._serialized_end=1628
+  _globals['_ACCOUNTSERVICE']._serialized_start=1894
+  _globals['_ACCOUNTSERVICE']._serialized_end=2566
 # @@protoc_insertion_point(module_scope)

@@ -56,6 +56,38 @@ ROLE_PUBLISHABLE: Role.ValueType  # 5
 """Browser-safe: send events and fetch web pop-ups of its account, nothing else."""
 Global___Role: _TypeAlias = Role  # noqa: Y015
 
+class _CapChannel:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CapChannelEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CapChannel.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CAP_CHANNEL_UNSPECIFIED: _CapChannel.ValueType  # 0
+    """Not set; invalid."""
+    CAP_CHANNEL_SEGMENT: _CapChannel.ValueType  # 1
+    """Segment exports."""
+    CAP_CHANNEL_MPARTICLE: _CapChannel.ValueType  # 2
+    """mParticle exports."""
+    CAP_CHANNEL_SMS: _CapChannel.ValueType  # 3
+    """SMS."""
+    CAP_CHANNEL_WEB_POPUP: _CapChannel.ValueType  # 4
+    """Web pop-ups."""
+
+class CapChannel(_CapChannel, metaclass=_CapChannelEnumTypeWrapper):
+    """A channel whose messages frequency caps count."""
+
+CAP_CHANNEL_UNSPECIFIED: CapChannel.ValueType  # 0
+"""Not set; invalid."""
+CAP_CHANNEL_SEGMENT: CapChannel.ValueType  # 1
+"""Segment exports."""
+CAP_CHANNEL_MPARTICLE: CapChannel.ValueType  # 2
+"""mParticle exports."""
+CAP_CHANNEL_SMS: CapChannel.ValueType  # 3
+"""SMS."""
+CAP_CHANNEL_WEB_POPUP: CapChannel.ValueType  # 4
+"""Web pop-ups."""
+Global___CapChannel: _TypeAlias = CapChannel  # noqa: Y015
+
 @_typing.final
 class Account(_message.Message):
     """A tenant: owns users, segments, campaigns, destinations and everything they produce."""
@@ -67,6 +99,7 @@ class Account(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     QUOTA_FIELD_NUMBER: _builtins.int
     DELETE_TIME_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `accounts/{account}`. Output only."""
     display_name: _builtins.str
@@ -85,6 +118,10 @@ class Account(_message.Message):
     def delete_time(self) -> _timestamp_pb2.Timestamp:
         """When it was deleted; unset while it exists. Output only."""
 
+    @_builtins.property
+    def settings(self) -> Global___AccountSettings:
+        """How the account's campaigns deliver; changed with UpdateAccountSettings."""
+
     def __init__(
         self,
         *,
@@ -93,14 +130,85 @@ class Account(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         quota: Global___Quota | None = ...,
         delete_time: _timestamp_pb2.Timestamp | None = ...,
+        settings: Global___AccountSettings | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "quota", b"quota"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "quota", b"quota", "settings", b"settings"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "display_name", b"display_name", "name", b"name", "quota", b"quota"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "delete_time", b"delete_time", "display_name", b"display_name", "name", b"name", "quota", b"quota", "settings", b"settings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Account: _TypeAlias = Account  # noqa: Y015
+
+@_typing.final
+class FrequencyCap(_message.Message):
+    """At most this many messages of a channel per user, across every campaign that applies the
+    account's limits, counted in the user's local day and ISO week (Monday to Sunday).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    PER_DAY_FIELD_NUMBER: _builtins.int
+    PER_WEEK_FIELD_NUMBER: _builtins.int
+    channel: Global___CapChannel.ValueType
+    """The channel; at most one cap per channel."""
+    per_day: _builtins.int
+    """Per local day; zero for no daily cap."""
+    per_week: _builtins.int
+    """Per local week; zero for no weekly cap."""
+    def __init__(
+        self,
+        *,
+        channel: Global___CapChannel.ValueType = ...,
+        per_day: _builtins.int = ...,
+        per_week: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "per_day", b"per_day", "per_week", b"per_week"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FrequencyCap: _TypeAlias = FrequencyCap  # noqa: Y015
+
+@_typing.final
+class AccountSettings(_message.Message):
+    """Account-wide delivery settings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFAULT_TIMEZONE_FIELD_NUMBER: _builtins.int
+    THROTTLE_PER_FIVE_MINUTES_FIELD_NUMBER: _builtins.int
+    FREQUENCY_CAPS_FIELD_NUMBER: _builtins.int
+    ALERT_WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    default_timezone: _builtins.str
+    """IANA time zone of users whose profile has none, and of schedules that name none; empty is UTC."""
+    throttle_per_five_minutes: _builtins.int
+    """Deliveries per 5 minutes for each campaign that turns its throttle on; zero for none."""
+    alert_webhook_url: _builtins.str
+    """`https://` URL that receives a JSON POST for each campaign alert (a safety limit stopping a
+    run, say); empty for none.
+    """
+    @_builtins.property
+    def frequency_caps(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrequencyCap]:
+        """Frequency caps ("global campaign limits")."""
+
+    def __init__(
+        self,
+        *,
+        default_timezone: _builtins.str = ...,
+        throttle_per_five_minutes: _builtins.int = ...,
+        frequency_caps: _abc.Iterable[Global___FrequencyCap] | None = ...,
+        alert_webhook_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_webhook_url", b"alert_webhook_url", "default_timezone", b"default_timezone", "frequency_caps", b"frequency_caps", "throttle_per_five_minutes", b"throttle_per_five_minutes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountSettings: _TypeAlias = AccountSettings  # noqa: Y015
 
 @_typing.final
 class Quota(_message.Message):
@@ -412,3 +520,27 @@ class RevokeApiKeyRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RevokeApiKeyRequest: _TypeAlias = RevokeApiKeyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateAccountSettingsRequest(_message.Message):
+    """Request of UpdateAccountSettings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def settings(self) -> Global___AccountSettings:
+        """The new settings; they replace the old ones whole."""
+
+    def __init__(
+        self,
+        *,
+        settings: Global___AccountSettings | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateAccountSettingsRequest: _TypeAlias = UpdateAccountSettingsRequest  # noqa: Y015

@@ -66,6 +66,11 @@ class AccountServiceStub:
                 request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.RevokeApiKeyRequest.SerializeToString,
                 response_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.ApiKey.FromString,
                 _registered_method=True)
+        self.UpdateAccountSettings = channel.unary_unary(
+                '/herald.accounts.v1.AccountService/UpdateAccountSettings',
+                request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.UpdateAccountSettingsRequest.SerializeToString,
+                response_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
@@ -117,6 +122,13 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateAccountSettings(self, request, context):
+        """Replaces the caller's account settings (time zone, throttle, frequency caps, alert webhook).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +161,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.RevokeApiKey,
                     request_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.RevokeApiKeyRequest.FromString,
                     response_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.ApiKey.SerializeToString,
+            ),
+            'UpdateAccountSettings': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateAccountSettings,
+                    request_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.UpdateAccountSettingsRequest.FromString,
+                    response_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -315,6 +332,33 @@ class AccountService:
             '/herald.accounts.v1.AccountService/RevokeApiKey',
             herald_dot_accounts_dot_v1_dot_account__service__pb2.RevokeApiKeyRequest.SerializeToString,
             herald_dot_accounts_dot_v1_dot_account__service__pb2.ApiKey.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateAccountSettings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.accounts.v1.AccountService/UpdateAccountSettings',
+            herald_dot_accounts_dot_v1_dot_account__service__pb2.UpdateAccountSettingsRequest.SerializeToString,
+            herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.FromString,
             options,
             channel_credentials,
             insecure,

@@ -51,6 +51,8 @@ class AccountServiceStub:
     """Lists the account's keys, newest first, without the keys themselves."""
     RevokeApiKey: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.RevokeApiKeyRequest, _account_service_pb2.ApiKey]
     """Revokes a key: every service refuses it within seconds."""
+    UpdateAccountSettings: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.UpdateAccountSettingsRequest, _account_service_pb2.Account]
+    """Replaces the caller's account settings (time zone, throttle, frequency caps, alert webhook)."""
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -75,6 +77,8 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """Lists the account's keys, newest first, without the keys themselves."""
     RevokeApiKey: _aio.UnaryUnaryMultiCallable[_account_service_pb2.RevokeApiKeyRequest, _account_service_pb2.ApiKey]  # type: ignore[assignment]
     """Revokes a key: every service refuses it within seconds."""
+    UpdateAccountSettings: _aio.UnaryUnaryMultiCallable[_account_service_pb2.UpdateAccountSettingsRequest, _account_service_pb2.Account]  # type: ignore[assignment]
+    """Replaces the caller's account settings (time zone, throttle, frequency caps, alert webhook)."""
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts and their API keys. Every call to Herald carries a key of one account
@@ -132,5 +136,13 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.ApiKey, _abc.Awaitable[_account_service_pb2.ApiKey]]:
         """Revokes a key: every service refuses it within seconds."""
+
+    @_abc_1.abstractmethod
+    def UpdateAccountSettings(
+        self,
+        request: _account_service_pb2.UpdateAccountSettingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.Account, _abc.Awaitable[_account_service_pb2.Account]]:
+        """Replaces the caller's account settings (time zone, throttle, frequency caps, alert webhook)."""
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

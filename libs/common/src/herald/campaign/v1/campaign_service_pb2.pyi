@@ -106,6 +106,30 @@ WEEKDAY_SUNDAY: Weekday.ValueType  # 7
 """Sunday."""
 Global___Weekday: _TypeAlias = Weekday  # noqa: Y015
 
+class _QuietHoursAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _QuietHoursActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_QuietHoursAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    QUIET_HOURS_ACTION_UNSPECIFIED: _QuietHoursAction.ValueType  # 0
+    """Not set; invalid when quiet hours are given."""
+    QUIET_HOURS_ACTION_DISCARD: _QuietHoursAction.ValueType  # 1
+    """Skipped, recorded with the reason "do-not-disturb hours"."""
+    QUIET_HOURS_ACTION_DELAY: _QuietHoursAction.ValueType  # 2
+    """Delivered when the hours end."""
+
+class QuietHoursAction(_QuietHoursAction, metaclass=_QuietHoursActionEnumTypeWrapper):
+    """What a delivery inside do-not-disturb hours does."""
+
+QUIET_HOURS_ACTION_UNSPECIFIED: QuietHoursAction.ValueType  # 0
+"""Not set; invalid when quiet hours are given."""
+QUIET_HOURS_ACTION_DISCARD: QuietHoursAction.ValueType  # 1
+"""Skipped, recorded with the reason "do-not-disturb hours"."""
+QUIET_HOURS_ACTION_DELAY: QuietHoursAction.ValueType  # 2
+"""Delivered when the hours end."""
+Global___QuietHoursAction: _TypeAlias = QuietHoursAction  # noqa: Y015
+
 class _Decision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -170,6 +194,18 @@ class _RuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rule.ValueType],
     """The run itself did not go ahead (a safety limit, for example)."""
     RULE_SCHEDULE: _Rule.ValueType  # 7
     """The run is still to come or under way."""
+    RULE_NOT_REACHABLE: _Rule.ValueType  # 8
+    """Qualified, but the channel cannot reach the user (no phone number, unsubscribed, ...)."""
+    RULE_QUIET_HOURS: _Rule.ValueType  # 9
+    """Due inside the user's do-not-disturb hours, and the campaign discards those."""
+    RULE_CUTOFF: _Rule.ValueType  # 10
+    """Not handed over by the campaign's cut-off time."""
+    RULE_FREQUENCY_CAP: _Rule.ValueType  # 11
+    """The user had the most messages the account's frequency caps allow on the channel."""
+    RULE_TARGETING_CAP: _Rule.ValueType  # 12
+    """Left out by the campaign's random cap ("only N per run")."""
+    RULE_THROTTLE: _Rule.ValueType  # 13
+    """Held back by the campaign's throttle until its cut-off time passed."""
 
 class Rule(_Rule, metaclass=_RuleEnumTypeWrapper):
     """The rule behind a decision."""
@@ -192,6 +228,18 @@ RULE_RUN: Rule.ValueType  # 6
 """The run itself did not go ahead (a safety limit, for example)."""
 RULE_SCHEDULE: Rule.ValueType  # 7
 """The run is still to come or under way."""
+RULE_NOT_REACHABLE: Rule.ValueType  # 8
+"""Qualified, but the channel cannot reach the user (no phone number, unsubscribed, ...)."""
+RULE_QUIET_HOURS: Rule.ValueType  # 9
+"""Due inside the user's do-not-disturb hours, and the campaign discards those."""
+RULE_CUTOFF: Rule.ValueType  # 10
+"""Not handed over by the campaign's cut-off time."""
+RULE_FREQUENCY_CAP: Rule.ValueType  # 11
+"""The user had the most messages the account's frequency caps allow on the channel."""
+RULE_TARGETING_CAP: Rule.ValueType  # 12
+"""Left out by the campaign's random cap ("only N per run")."""
+RULE_THROTTLE: Rule.ValueType  # 13
+"""Held back by the campaign's throttle until its cut-off time passed."""
 Global___Rule: _TypeAlias = Rule  # noqa: Y015
 
 @_typing.final
@@ -525,6 +573,91 @@ class Targeting(_message.Message):
 Global___Targeting: _TypeAlias = Targeting  # noqa: Y015
 
 @_typing.final
+class QuietHours(_message.Message):
+    """Do-not-disturb hours in each user's local time. A start after the end crosses midnight
+    (21:00 to 09:00); start and end must differ.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    start: _builtins.str
+    """`HH:MM`, inclusive."""
+    end: _builtins.str
+    """`HH:MM`, exclusive."""
+    action: Global___QuietHoursAction.ValueType
+    """Discard or delay what falls inside."""
+    def __init__(
+        self,
+        *,
+        start: _builtins.str = ...,
+        end: _builtins.str = ...,
+        action: Global___QuietHoursAction.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "end", b"end", "start", b"start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___QuietHours: _TypeAlias = QuietHours  # noqa: Y015
+
+@_typing.final
+class DeliveryPreferences(_message.Message):
+    """When each user may receive a campaign's message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_TIMEZONE_FIELD_NUMBER: _builtins.int
+    CUTOFF_TIME_FIELD_NUMBER: _builtins.int
+    QUIET_HOURS_FIELD_NUMBER: _builtins.int
+    THROTTLE_FIELD_NUMBER: _builtins.int
+    IGNORE_FREQUENCY_CAPS_FIELD_NUMBER: _builtins.int
+    user_timezone: _builtins.bool
+    """Deliver at the scheduled wall-clock time in each user's own time zone (their profile's, else
+    the account's default). The run starts as the earliest zone on Earth (UTC+14) reaches the
+    time; each delivery waits for its user's local time. Needs a schedule with a time (not send
+    now). The wall-clock time is the schedule's time in the recurring schedule's zone, else in the
+    account's default zone.
+    """
+    cutoff_time: _builtins.str
+    """`HH:MM`: deliveries not handed to the destination by this wall-clock time (in the user's zone
+    with user_timezone, else in the schedule's zone) on the day they are due are skipped, never
+    sent late. Empty for none.
+    """
+    throttle: _builtins.bool
+    """Apply the account's throttle ("global throttle limits"): at most
+    AccountSettings.throttle_per_five_minutes deliveries of this campaign per 5 minutes; the rest
+    wait for the next window, in order.
+    """
+    ignore_frequency_caps: _builtins.bool
+    """Do not apply the account's frequency caps ("don't apply global campaign limits"); its
+    deliveries are not counted against them either.
+    """
+    @_builtins.property
+    def quiet_hours(self) -> Global___QuietHours:
+        """Do-not-disturb hours; unset for none."""
+
+    def __init__(
+        self,
+        *,
+        user_timezone: _builtins.bool = ...,
+        cutoff_time: _builtins.str = ...,
+        quiet_hours: Global___QuietHours | None = ...,
+        throttle: _builtins.bool = ...,
+        ignore_frequency_caps: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_hours", b"quiet_hours"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutoff_time", b"cutoff_time", "ignore_frequency_caps", b"ignore_frequency_caps", "quiet_hours", b"quiet_hours", "throttle", b"throttle", "user_timezone", b"user_timezone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryPreferences: _TypeAlias = DeliveryPreferences  # noqa: Y015
+
+@_typing.final
 class Schedule(_message.Message):
     """When a campaign delivers."""
 
@@ -581,6 +714,7 @@ class Campaign(_message.Message):
     DESTINATION_FIELD_NUMBER: _builtins.int
     SCHEDULE_FIELD_NUMBER: _builtins.int
     TARGETING_FIELD_NUMBER: _builtins.int
+    DELIVERY_FIELD_NUMBER: _builtins.int
     SEGMENT_EXPORT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
@@ -609,6 +743,12 @@ class Campaign(_message.Message):
         """Who of the audience is held back or left out."""
 
     @_builtins.property
+    def delivery(self) -> Global___DeliveryPreferences:
+        """When each user may receive it: their time zone, do-not-disturb hours, cut-off, throttle and
+        frequency caps.
+        """
+
+    @_builtins.property
     def segment_export(self) -> Global___SegmentExportContent:
         """For a Segment destination."""
 
@@ -634,15 +774,16 @@ class Campaign(_message.Message):
         destination: _builtins.str = ...,
         schedule: Global___Schedule | None = ...,
         targeting: Global___Targeting | None = ...,
+        delivery: Global___DeliveryPreferences | None = ...,
         segment_export: Global___SegmentExportContent | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
         failure_reason: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "destination", b"destination", "display_name", b"display_name", "failure_reason", b"failure_reason", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "display_name", b"display_name", "failure_reason", b"failure_reason", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
@@ -878,7 +1019,8 @@ class UpdateCampaignRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Fields to change: display_name, audience, destination, schedule, segment_export (or
+        """Fields to change: display_name, audience, destination, schedule, targeting, delivery,
+        segment_export (or
         sub-fields of them). Empty changes every field set in `campaign`; `*` replaces them all.
         """
 

@@ -23,38 +23,41 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from herald.accounts.v1 import account_service_pb2 as herald_dot_accounts_dot_v1_dot_account__service__pb2
 from herald.campaign.v1 import campaign_service_pb2 as herald_dot_campaign_dot_v1_dot_campaign__service__pb2
 from herald.scheduler.v1 import scheduler_service_pb2 as herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dherald/events/v1/events.proto\x12\x10herald.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a)herald/campaign/v1/campaign_service.proto\x1a+herald/scheduler/v1/scheduler_service.proto\x1a\x31herald/segmentation/v1/segmentation_service.proto\"\xa5\x01\n\x0f\x43\x61mpaignChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63\x61mpaign\x18\x03 \x01(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07\x61\x63\x63ount\x18\x05 \x01(\t\"\x97\x01\n\nRunChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x03run\x18\x03 \x01(\x0b\x32\x18.herald.scheduler.v1.Run\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07\x61\x63\x63ount\x18\x05 \x01(\t\"\x93\x01\n\tRecipient\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61ttributes_json\x18\x03 \x01(\x0c\x12\x10\n\x08timezone\x18\x04 \x01(\t\x12\"\n\x1aoversized_attributes_bytes\x18\x05 \x01(\x03\x12\x11\n\theld_back\x18\x06 \x01(\x08\"\xe0\x01\n\rDeliveryBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61mpaign_version\x18\x03 \x01(\x03\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12-\n\tplan_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\nrecipients\x18\x07 \x03(\x0b\x32\x1b.herald.events.v1.Recipient\x12\x0f\n\x07\x61\x63\x63ount\x18\x08 \x01(\t\"\x9a\x01\n\x0e\x44\x65liveryResult\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .herald.events.v1.DeliveryStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x0e\n\x06resent\x18\x06 \x01(\x08\"\xcc\x01\n\x10\x44\x65liveryOutcomes\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x0b\n\x03run\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\x31\n\x07results\x18\x05 \x03(\x0b\x32 .herald.events.v1.DeliveryResult\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x63\x63ount\x18\x07 \x01(\t\"\x9e\x01\n\x12\x44\x65stinationWaiting\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\noccur_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x63\x63ount\x18\x06 \x01(\t\"\xb2\x01\n\x0b\x41piKeyState\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x15\n\rsecret_sha256\x18\x04 \x01(\x0c\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x1b\n\x13requests_per_second\x18\x06 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x17\n\x0f\x61\x63\x63ount_deleted\x18\x08 \x01(\x08\"\x94\x01\n\x0e\x45ventsIngested\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12-\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x1d.herald.segmentation.v1.Event\x12\x30\n\x0creceive_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\rCampaignAlert\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x03 \x01(\t\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa1\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45LIVERY_STATUS_SENT\x10\x01\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x02\x12\x1b\n\x17\x44\x45LIVERY_STATUS_SKIPPED\x10\x03\x12\x1b\n\x17\x44\x45LIVERY_STATUS_UNKNOWN\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dherald/events/v1/events.proto\x12\x10herald.events.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a(herald/accounts/v1/account_service.proto\x1a)herald/campaign/v1/campaign_service.proto\x1a+herald/scheduler/v1/scheduler_service.proto\x1a\x31herald/segmentation/v1/segmentation_service.proto\"\x86\x02\n\x0f\x43\x61mpaignChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\x08\x63\x61mpaign\x18\x03 \x01(\x0b\x32\x1c.herald.campaign.v1.Campaign\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07\x61\x63\x63ount\x18\x05 \x01(\t\x12=\n\x10\x61\x63\x63ount_settings\x18\x06 \x01(\x0b\x32#.herald.accounts.v1.AccountSettings\x12 \n\x18\x61\x63\x63ount_settings_version\x18\x07 \x01(\x03\"{\n\x0e\x41\x63\x63ountChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x35\n\x08settings\x18\x03 \x01(\x0b\x32#.herald.accounts.v1.AccountSettings\x12\x0f\n\x07version\x18\x04 \x01(\x03\"\x97\x01\n\nRunChanged\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12.\n\noccur_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x03run\x18\x03 \x01(\x0b\x32\x18.herald.scheduler.v1.Run\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x0f\n\x07\x61\x63\x63ount\x18\x05 \x01(\t\"\x9b\x01\n\tRecipient\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x17\n\x0f\x61ttributes_json\x18\x03 \x01(\x0c\x12\x10\n\x08timezone\x18\x04 \x01(\t\x12\"\n\x1aoversized_attributes_bytes\x18\x05 \x01(\x03\x12\x13\n\x0bskip_reason\x18\x07 \x01(\tJ\x04\x08\x06\x10\x07\"\xe0\x01\n\rDeliveryBatch\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x18\n\x10\x63\x61mpaign_version\x18\x03 \x01(\x03\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x05 \x01(\t\x12-\n\tplan_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\nrecipients\x18\x07 \x03(\x0b\x32\x1b.herald.events.v1.Recipient\x12\x0f\n\x07\x61\x63\x63ount\x18\x08 \x01(\t\"\x9a\x01\n\x0e\x44\x65liveryResult\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x30\n\x06status\x18\x03 \x01(\x0e\x32 .herald.events.v1.DeliveryStatus\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x0e\n\x06resent\x18\x06 \x01(\x08\"\xcc\x01\n\x10\x44\x65liveryOutcomes\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x0b\n\x03run\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\x31\n\x07results\x18\x05 \x03(\x0b\x32 .herald.events.v1.DeliveryResult\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x63\x63ount\x18\x07 \x01(\t\"\x9e\x01\n\x12\x44\x65stinationWaiting\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12.\n\noccur_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07\x61\x63\x63ount\x18\x06 \x01(\t\"\xb2\x01\n\x0b\x41piKeyState\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x15\n\rsecret_sha256\x18\x04 \x01(\x0c\x12\x0f\n\x07revoked\x18\x05 \x01(\x08\x12\x1b\n\x13requests_per_second\x18\x06 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x17\n\x0f\x61\x63\x63ount_deleted\x18\x08 \x01(\x08\"\x94\x01\n\x0e\x45ventsIngested\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12-\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x1d.herald.segmentation.v1.Event\x12\x30\n\x0creceive_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x91\x01\n\rCampaignAlert\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x63\x63ount\x18\x02 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x03 \x01(\t\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12.\n\noccur_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*\xa1\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x44\x45LIVERY_STATUS_SENT\x10\x01\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x02\x12\x1b\n\x17\x44\x45LIVERY_STATUS_SKIPPED\x10\x03\x12\x1b\n\x17\x44\x45LIVERY_STATUS_UNKNOWN\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.events.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DELIVERYSTATUS']._serialized_start=1928
-  _globals['_DELIVERYSTATUS']._serialized_end=2089
-  _globals['_CAMPAIGNCHANGED']._serialized_start=224
-  _globals['_CAMPAIGNCHANGED']._serialized_end=389
-  _globals['_RUNCHANGED']._serialized_start=392
-  _globals['_RUNCHANGED']._serialized_end=543
-  _globals['_RECIPIENT']._serialized_start=546
-  _globals['_RECIPIENT']._serialized_end=693
-  _globals['_DELIVERYBATCH']._serialized_start=696
-  _globals['_DELIVERYBATCH']._serialized_end=920
-  _globals['_DELIVERYRESULT']._serialized_start=923
-  _globals['_DELIVERYRESULT']._serialized_end=1077
-  _globals['_DELIVERYOUTCOMES']._serialized_start=1080
-  _globals['_DELIVERYOUTCOMES']._serialized_end=1284
-  _globals['_DESTINATIONWAITING']._serialized_start=1287
-  _globals['_DESTINATIONWAITING']._serialized_end=1445
-  _globals['_APIKEYSTATE']._serialized_start=1448
-  _globals['_APIKEYSTATE']._serialized_end=1626
-  _globals['_EVENTSINGESTED']._serialized_start=1629
-  _globals['_EVENTSINGESTED']._serialized_end=1777
-  _globals['_CAMPAIGNALERT']._serialized_start=1780
-  _globals['_CAMPAIGNALERT']._serialized_end=1925
+  _globals['_DELIVERYSTATUS']._serialized_start=2200
+  _globals['_DELIVERYSTATUS']._serialized_end=2361
+  _globals['_CAMPAIGNCHANGED']._serialized_start=266
+  _globals['_CAMPAIGNCHANGED']._serialized_end=528
+  _globals['_ACCOUNTCHANGED']._serialized_start=530
+  _globals['_ACCOUNTCHANGED']._serialized_end=653
+  _globals['_RUNCHANGED']._serialized_start=656
+  _globals['_RUNCHANGED']._serialized_end=807
+  _globals['_RECIPIENT']._serialized_start=810
+  _globals['_RECIPIENT']._serialized_end=965
+  _globals['_DELIVERYBATCH']._serialized_start=968
+  _globals['_DELIVERYBATCH']._serialized_end=1192
+  _globals['_DELIVERYRESULT']._serialized_start=1195
+  _globals['_DELIVERYRESULT']._serialized_end=1349
+  _globals['_DELIVERYOUTCOMES']._serialized_start=1352
+  _globals['_DELIVERYOUTCOMES']._serialized_end=1556
+  _globals['_DESTINATIONWAITING']._serialized_start=1559
+  _globals['_DESTINATIONWAITING']._serialized_end=1717
+  _globals['_APIKEYSTATE']._serialized_start=1720
+  _globals['_APIKEYSTATE']._serialized_end=1898
+  _globals['_EVENTSINGESTED']._serialized_start=1901
+  _globals['_EVENTSINGESTED']._serialized_end=2049
+  _globals['_CAMPAIGNALERT']._serialized_start=2052
+  _globals['_CAMPAIGNALERT']._serialized_end=2197
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from herald.accounts.v1 import account_service_pb2 as _account_service_pb2
 from herald.campaign.v1 import campaign_service_pb2 as _campaign_service_pb2
 from herald.scheduler.v1 import scheduler_service_pb2 as _scheduler_service_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as _segmentation_service_pb2
@@ -70,6 +71,8 @@ class CampaignChanged(_message.Message):
     CAMPAIGN_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     ACCOUNT_FIELD_NUMBER: _builtins.int
+    ACCOUNT_SETTINGS_FIELD_NUMBER: _builtins.int
+    ACCOUNT_SETTINGS_VERSION_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the NATS message id."""
     version: _builtins.int
@@ -78,6 +81,8 @@ class CampaignChanged(_message.Message):
     """
     account: _builtins.str
     """The account that owns the campaign: `accounts/{account}`."""
+    account_settings_version: _builtins.int
+    """AccountChanged.version of those settings."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the change committed."""
@@ -85,6 +90,10 @@ class CampaignChanged(_message.Message):
     @_builtins.property
     def campaign(self) -> _campaign_service_pb2.Campaign:
         """The campaign after the change."""
+
+    @_builtins.property
+    def account_settings(self) -> _account_service_pb2.AccountSettings:
+        """The account's settings as of this change, so a run never starts with older ones."""
 
     def __init__(
         self,
@@ -94,14 +103,52 @@ class CampaignChanged(_message.Message):
         campaign: _campaign_service_pb2.Campaign | None = ...,
         version: _builtins.int = ...,
         account: _builtins.str = ...,
+        account_settings: _account_service_pb2.AccountSettings | None = ...,
+        account_settings_version: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "occur_time", b"occur_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["account_settings", b"account_settings", "campaign", b"campaign", "occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "event_id", b"event_id", "occur_time", b"occur_time", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_settings", b"account_settings", "account_settings_version", b"account_settings_version", "campaign", b"campaign", "event_id", b"event_id", "occur_time", b"occur_time", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CampaignChanged: _TypeAlias = CampaignChanged  # noqa: Y015
+
+@_typing.final
+class AccountChanged(_message.Message):
+    """Published by campaign whenever an account's settings change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per event; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    version: _builtins.int
+    """One higher on every change: consumers keep the highest they have seen."""
+    @_builtins.property
+    def settings(self) -> _account_service_pb2.AccountSettings:
+        """The settings after the change."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        settings: _account_service_pb2.AccountSettings | None = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["settings", b"settings"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "event_id", b"event_id", "settings", b"settings", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AccountChanged: _TypeAlias = AccountChanged  # noqa: Y015
 
 @_typing.final
 class RunChanged(_message.Message):
@@ -156,7 +203,7 @@ class Recipient(_message.Message):
     ATTRIBUTES_JSON_FIELD_NUMBER: _builtins.int
     TIMEZONE_FIELD_NUMBER: _builtins.int
     OVERSIZED_ATTRIBUTES_BYTES_FIELD_NUMBER: _builtins.int
-    HELD_BACK_FIELD_NUMBER: _builtins.int
+    SKIP_REASON_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """Stable id of this delivery, reused on every retry and sent to destinations for de-duplication."""
     user_id: _builtins.str
@@ -169,8 +216,10 @@ class Recipient(_message.Message):
     """Set instead of attributes_json when the attributes were too large to carry: dispatch fails
     the delivery with this size as the reason.
     """
-    held_back: _builtins.bool
-    """In the campaign's control group: recorded as skipped ("control group"), never sent."""
+    skip_reason: _builtins.str
+    """Set when a rule decided against sending (the control group, do-not-disturb hours, a cut-off,
+    a frequency cap, ...): dispatch records the delivery as skipped with this reason, never sends.
+    """
     def __init__(
         self,
         *,
@@ -179,11 +228,11 @@ class Recipient(_message.Message):
         attributes_json: _builtins.bytes = ...,
         timezone: _builtins.str = ...,
         oversized_attributes_bytes: _builtins.int = ...,
-        held_back: _builtins.bool = ...,
+        skip_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes_json", b"attributes_json", "delivery_id", b"delivery_id", "held_back", b"held_back", "oversized_attributes_bytes", b"oversized_attributes_bytes", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes_json", b"attributes_json", "delivery_id", b"delivery_id", "oversized_attributes_bytes", b"oversized_attributes_bytes", "skip_reason", b"skip_reason", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -38,6 +38,10 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     """Cancelled before it planned every delivery."""
     RUN_STATE_FAILED: _RunState.ValueType  # 5
     """Could not plan its deliveries; see error."""
+    RUN_STATE_RELEASING: _RunState.ValueType  # 6
+    """Every user is planned; deliveries wait for their users' local times, do-not-disturb hours
+    or the throttle, and are handed to dispatch as each falls due.
+    """
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
     """Lifecycle of a run."""
@@ -54,6 +58,10 @@ RUN_STATE_CANCELLED: RunState.ValueType  # 4
 """Cancelled before it planned every delivery."""
 RUN_STATE_FAILED: RunState.ValueType  # 5
 """Could not plan its deliveries; see error."""
+RUN_STATE_RELEASING: RunState.ValueType  # 6
+"""Every user is planned; deliveries wait for their users' local times, do-not-disturb hours
+or the throttle, and are handed to dispatch as each falls due.
+"""
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 
 @_typing.final
@@ -74,6 +82,11 @@ class Run(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ATTEMPTS_FIELD_NUMBER: _builtins.int
     SAMPLE_SEED_FIELD_NUMBER: _builtins.int
+    PLANNED_TIME_FIELD_NUMBER: _builtins.int
+    WAITING_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    FIRST_RELEASE_TIME_FIELD_NUMBER: _builtins.int
+    LAST_RELEASE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `campaigns/{campaign}/runs/{run}`."""
     campaign: _builtins.str
@@ -92,6 +105,10 @@ class Run(_message.Message):
     """Attempts made to plan it; transient failures are retried with growing delays."""
     sample_seed: _builtins.str
     """The seed a random cap chose its users with (empty without one)."""
+    waiting: _builtins.int
+    """Deliveries waiting for their due time."""
+    released: _builtins.int
+    """Deliveries handed to dispatch so far, skipped ones included."""
     @_builtins.property
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
         """When the run is due."""
@@ -103,6 +120,20 @@ class Run(_message.Message):
     @_builtins.property
     def end_time(self) -> _timestamp_pb2.Timestamp:
         """When planning ended."""
+
+    @_builtins.property
+    def planned_time(self) -> _timestamp_pb2.Timestamp:
+        """The occurrence's nominal time: the schedule's time (with delivery in users' time zones, the
+        wall-clock time it names, as a UTC instant in the schedule's zone).
+        """
+
+    @_builtins.property
+    def first_release_time(self) -> _timestamp_pb2.Timestamp:
+        """When the first delivery was handed to dispatch."""
+
+    @_builtins.property
+    def last_release_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last delivery so far was handed to dispatch."""
 
     def __init__(
         self,
@@ -119,10 +150,15 @@ class Run(_message.Message):
         error: _builtins.str = ...,
         attempts: _builtins.int = ...,
         sample_seed: _builtins.str = ...,
+        planned_time: _timestamp_pb2.Timestamp | None = ...,
+        waiting: _builtins.int = ...,
+        released: _builtins.int = ...,
+        first_release_time: _timestamp_pb2.Timestamp | None = ...,
+        last_release_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "first_release_time", b"first_release_time", "last_release_time", b"last_release_time", "planned_time", b"planned_time", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "audience_size", b"audience_size", "campaign", b"campaign", "end_time", b"end_time", "error", b"error", "final", b"final", "name", b"name", "sample_seed", b"sample_seed", "scheduled_time", b"scheduled_time", "start_time", b"start_time", "state", b"state", "targeted", b"targeted"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "audience_size", b"audience_size", "campaign", b"campaign", "end_time", b"end_time", "error", b"error", "final", b"final", "first_release_time", b"first_release_time", "last_release_time", b"last_release_time", "name", b"name", "planned_time", b"planned_time", "released", b"released", "sample_seed", b"sample_seed", "scheduled_time", b"scheduled_time", "start_time", b"start_time", "state", b"state", "targeted", b"targeted", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

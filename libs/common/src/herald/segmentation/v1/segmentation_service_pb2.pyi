@@ -1446,6 +1446,7 @@ class StreamAudienceRequest(_message.Message):
     EVALUATION_TIME_FIELD_NUMBER: _builtins.int
     SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
     SAMPLE_SEED_FIELD_NUMBER: _builtins.int
+    INCLUDE_LEFT_OUT_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Members per streamed page (default 500, at most 5000)."""
     start_after_user_id: _builtins.str
@@ -1460,6 +1461,10 @@ class StreamAudienceRequest(_message.Message):
     """
     sample_seed: _builtins.str
     """The seed of the sample; required with sample_size."""
+    include_left_out: _builtins.bool
+    """Also stream the qualified users the channel cannot reach or the sample leaves out, flagged
+    (`unreachable`, `outside_sample`), so a campaign can record why each was not sent.
+    """
     @_builtins.property
     def audience(self) -> Global___Audience:
         """Who; required."""
@@ -1488,10 +1493,11 @@ class StreamAudienceRequest(_message.Message):
         evaluation_time: _timestamp_pb2.Timestamp | None = ...,
         sample_size: _builtins.int = ...,
         sample_seed: _builtins.str = ...,
+        include_left_out: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "evaluation_time", b"evaluation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "audience", b"audience", "channel", b"channel", "evaluation_time", b"evaluation_time", "page_size", b"page_size", "sample_seed", b"sample_seed", "sample_size", b"sample_size", "start_after_user_id", b"start_after_user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "audience", b"audience", "channel", b"channel", "evaluation_time", b"evaluation_time", "include_left_out", b"include_left_out", "page_size", b"page_size", "sample_seed", b"sample_seed", "sample_size", b"sample_size", "start_after_user_id", b"start_after_user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1507,12 +1513,18 @@ class AudienceMember(_message.Message):
     ATTRIBUTES_FIELD_NUMBER: _builtins.int
     TIMEZONE_FIELD_NUMBER: _builtins.int
     ATTRIBUTES_JSON_FIELD_NUMBER: _builtins.int
+    UNREACHABLE_FIELD_NUMBER: _builtins.int
+    OUTSIDE_SAMPLE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user's id."""
     timezone: _builtins.str
     """The user's IANA timezone, or empty."""
     attributes_json: _builtins.bytes
     """The same attributes as a JSON object, when the request asked for attributes_as_json."""
+    unreachable: _builtins.bool
+    """Qualified, but the request's channel cannot reach the user (only with include_left_out)."""
+    outside_sample: _builtins.bool
+    """Qualified and reachable, but not drawn by the sample (only with include_left_out)."""
     @_builtins.property
     def attributes(self) -> _struct_pb2.Struct:
         """The requested profile fields that the user has."""
@@ -1524,10 +1536,12 @@ class AudienceMember(_message.Message):
         attributes: _struct_pb2.Struct | None = ...,
         timezone: _builtins.str = ...,
         attributes_json: _builtins.bytes = ...,
+        unreachable: _builtins.bool = ...,
+        outside_sample: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "attributes_json", b"attributes_json", "timezone", b"timezone", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "attributes_json", b"attributes_json", "outside_sample", b"outside_sample", "timezone", b"timezone", "unreachable", b"unreachable", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,16 @@
+"""Why a planned delivery was not sent: the reasons the scheduler records, each the words users
+see in stats and explanations."""
+
+from __future__ import annotations
+
+import enum
+
+
+class SkipReason(enum.StrEnum):
+    CONTROL_GROUP = "control group"
+    NOT_REACHABLE = "not reachable on the channel"
+    TARGETING_CAP = "left out by the random cap"
+    QUIET_HOURS = "due in do-not-disturb hours (discarded)"
+    CUTOFF = "cut-off time passed"
+    FREQUENCY_CAP = "frequency cap reached"
+    THROTTLED_CUTOFF = "throttled until the cut-off time passed"

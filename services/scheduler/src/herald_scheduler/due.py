@@ -1,0 +1,58 @@
+"""When each user of a run is due, and which timing rule (do-not-disturb hours, cut-off) skips
+them. Every user of one zone shares the answer, so a run works it out once per zone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald_common.schedules import DeliveryRules, account_zone, schedule_zone, wall_clock
+from herald_common.skips import SkipReason
+from herald_common.timing import cutoff_instant, local_instant, quiet_hours_delay, zone_named
+
+
+@dataclass(frozen=True)
+class Due:
+    zone: str  # the IANA zone the user's local day is counted in
+    at: datetime  # when the delivery may be handed over
+    cutoff_at: datetime | None  # not handed over by then: skipped
+    skip: SkipReason | None  # a timing rule skips it outright
+
+
+class RunTiming:
+    def __init__(
+        self, campaign: campaign_pb.Campaign, planned: datetime, settings: accounts_pb.AccountSettings
+    ) -> None:
+        self.rules = DeliveryRules.of(campaign)
+        self.planned = planned
+        self.default_zone = account_zone(settings)
+        self.schedule_zone = schedule_zone(campaign, self.default_zone)
+        self.wall = wall_clock(campaign, planned, self.default_zone) if self.rules.user_timezone else None
+        self._by_zone: dict[str, Due] = {}
+
+    def of(self, timezone: str) -> Due:
+        """The answer for users whose profile names this zone (empty or unknown: the account's)."""
+        known = self._by_zone.get(timezone)
+        if known is None:
+            zone = (zone_named(timezone) if timezone else None) or self.default_zone
+            known = self._by_zone[timezone] = self._work_out(zone)
+        return known
+
+    def _work_out(self, zone: ZoneInfo) -> Due:
+        rules = self.rules
+        due = self.planned if self.wall is None else local_instant(*self.wall, zone)
+        cutoff_zone = zone if rules.user_timezone else self.schedule_zone
+        cutoff_at = cutoff_instant(due, cutoff_zone, rules.cutoff) if rules.cutoff else None
+        skip = None
+        if rules.quiet_hours is not None:
+            delayed = quiet_hours_delay(due, zone, rules.quiet_hours)
+            if delayed is not None:
+                if rules.discard_in_quiet_hours:
+                    skip = SkipReason.QUIET_HOURS
+                due = delayed
+        if skip is None and cutoff_at is not None and due >= cutoff_at:
+            skip = SkipReason.CUTOFF
+        return Due(zone=zone.key, at=due, cutoff_at=cutoff_at, skip=skip)
