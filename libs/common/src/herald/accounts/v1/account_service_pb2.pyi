@@ -183,7 +183,9 @@ class AccountSettings(_message.Message):
     FREQUENCY_CAPS_FIELD_NUMBER: _builtins.int
     ALERT_WEBHOOK_URL_FIELD_NUMBER: _builtins.int
     default_timezone: _builtins.str
-    """IANA time zone of users whose profile has none, and of schedules that name none; empty is UTC."""
+    """IANA time zone of users whose profile has none, and in which a fixed send time names the
+    wall-clock time for delivery in users' time zones; empty is UTC.
+    """
     throttle_per_five_minutes: _builtins.int
     """Deliveries per 5 minutes for each campaign that turns its throttle on; zero for none."""
     alert_webhook_url: _builtins.str
