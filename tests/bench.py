@@ -37,7 +37,7 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common import auth
 from herald_common.logging import configure_logging
 from herald_common.settings import Settings
-from tests import bench_segmentation
+from tests import bench_scheduling, bench_segmentation
 from tests.ceiling import run_ceiling
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import audience, condition, matching, segment_export_campaign, user
@@ -313,12 +313,19 @@ def main() -> None:
     )
     parser.add_argument("--users", type=int, default=None, help="audience size (default 20,000)")
     parser.add_argument("--full", action="store_true", help="the issues' full sizes (1M users; 20M events)")
-    parser.add_argument("--only", choices=("pipeline", "segmentation"), help="run one benchmark")
+    parser.add_argument(
+        "--only", choices=("pipeline", "segmentation", "scheduling"), help="run one benchmark"
+    )
     args = parser.parse_args()
-    if args.only != "segmentation":
+    if args.only in (None, "pipeline"):
         asyncio.run(bench(args.users or (1_000_000 if args.full else 20_000)))
-    if args.only != "pipeline":
+    if args.only in (None, "segmentation"):
         asyncio.run(bench_segmentation.run(*((1_000_000, 20_000_000) if args.full else (100_000, 2_000_000))))
+    if args.only in (None, "scheduling"):
+        sizes = (
+            (1_000_000, bench_scheduling.FULL_SPEED) if args.full else (100_000, bench_scheduling.QUICK_SPEED)
+        )
+        asyncio.run(bench_scheduling.run(*sizes))
 
 
 if __name__ == "__main__":

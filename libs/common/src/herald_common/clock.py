@@ -7,6 +7,7 @@ windows keep to real time: they are about processes, not about the calendar.
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -32,6 +33,19 @@ class ManualClock:
     def advance(self, delta: timedelta) -> datetime:
         self._now += delta
         return self._now
+
+
+class ScaledClock:
+    """A clock that runs `speed` times faster than real time from `start`: simulations and
+    benchmarks live through a day's schedules in minutes."""
+
+    def __init__(self, start: datetime, speed: float) -> None:
+        self.start = start
+        self.speed = speed
+        self._origin = time.monotonic()
+
+    def now(self) -> datetime:
+        return self.start + timedelta(seconds=(time.monotonic() - self._origin) * self.speed)
 
 
 _clock: Clock = SystemClock()

@@ -90,10 +90,11 @@ _COUNT = sa.text(
         released = r.released + t.n,
         first_release_at = coalesce(r.first_release_at, :now),
         last_release_at = :now,
+        max_lateness_seconds = greatest(r.max_lateness_seconds, t.late),
         state = CASE WHEN r.state = :releasing AND r.waiting = t.n THEN :dispatched ELSE r.state END,
         ended_at = CASE WHEN r.state = :releasing AND r.waiting = t.n THEN :now ELSE r.ended_at END,
         version = r.version + 1
-    FROM unnest(CAST(:runs AS uuid[]), CAST(:counts AS bigint[])) AS t(id, n)
+    FROM unnest(CAST(:runs AS uuid[]), CAST(:counts AS bigint[]), CAST(:late AS float8[])) AS t(id, n, late)
     WHERE r.id = t.id
     RETURNING r.*
     """
@@ -118,6 +119,12 @@ class _Round:
     forget: list[Any] = field(default_factory=list)
     deferred: dict[datetime, list[Any]] = field(default_factory=lambda: defaultdict(list))
 
+    def lateness(self, run_id: uuid.UUID) -> float:
+        """Seconds the longest-waiting delivery of a run is handed over after its due time, as of
+        now (deliveries a throttle held back aside)."""
+        due = [r.due_at for r in self.forget if r.run_id == run_id and not r.throttled]
+        return max((api.utcnow() - min(due)).total_seconds(), 0.0) if due else 0.0
+
     def release(self, row: Any, skip: SkipReason | None = None) -> None:
         recipient = events.Recipient.FromString(row.recipient)
         if skip is not None:
@@ -139,9 +146,6 @@ class Releaser:
         self.subjects = subjects
         self.run_events = run_events
         self.notify_outbox = notify_outbox
-        # The most a delivery was handed over after its due time (throttled ones aside), seconds.
-        self.max_lateness = 0.0
-        self.released = 0
         self._swept: date | None = None
         self._loop = WakeableLoop("releaser", self.release_due, poll_seconds)
 
@@ -165,10 +169,6 @@ class Releaser:
             decided = await self._decide(session, rows, now)
             await self._hand_over(session, decided)
         self.notify_outbox()
-        on_time = [r.due_at for r in decided.forget if not r.throttled]
-        if on_time:
-            self.max_lateness = max(self.max_lateness, (api.utcnow() - min(on_time)).total_seconds())
-        self.released += len(decided.forget)
         return len(rows) == RELEASE_ROWS
 
     async def _decide(self, session: AsyncSession, rows: list[Any], now: datetime) -> _Round:
@@ -277,6 +277,7 @@ class Releaser:
                     "dispatched": _DISPATCHED,
                     "runs": list(decided.released),
                     "counts": [len(r) for r in decided.released.values()],
+                    "late": [decided.lateness(run_id) for run_id in decided.released],
                 },
             )
         ).all()

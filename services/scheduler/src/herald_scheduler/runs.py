@@ -47,6 +47,7 @@ def run_message(row: Any) -> pb.Run:
         released=row.released,
         first_release_time=api.optional_timestamp(row.first_release_at),
         last_release_time=api.optional_timestamp(row.last_release_at),
+        max_release_lateness_seconds=row.max_lateness_seconds,
     )
 
 

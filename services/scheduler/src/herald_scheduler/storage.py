@@ -50,6 +50,7 @@ runs = sa.Table(
     sa.Column("released", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("first_release_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("last_release_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("max_lateness_seconds", sa.Float, nullable=False, server_default="0"),
     # One higher on every change; RunChanged carries it so readers keep the newest report.
     sa.Column("version", sa.BigInteger, nullable=False, server_default="1"),
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),

@@ -25,25 +25,25 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+herald/scheduler/v1/scheduler_service.proto\x12\x13herald.scheduler.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x97\x04\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.herald.scheduler.v1.RunState\x12\x32\n\x0escheduled_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\raudience_size\x18\x07 \x01(\x03\x12\x10\n\x08targeted\x18\x08 \x01(\x03\x12\r\n\x05\x66inal\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x05\x12\x13\n\x0bsample_seed\x18\x0c \x01(\t\x12\x30\n\x0cplanned_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07waiting\x18\x0e \x01(\x03\x12\x10\n\x08released\x18\x0f \x01(\x03\x12\x36\n\x12\x66irst_release_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_release_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x0fListRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.herald.scheduler.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb5\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x18\n\x14RUN_STATE_DISPATCHED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05\x12\x17\n\x13RUN_STATE_RELEASING\x10\x06\x32\x81\x02\n\x10SchedulerService\x12\x46\n\x06GetRun\x12\".herald.scheduler.v1.GetRunRequest\x1a\x18.herald.scheduler.v1.Run\x12W\n\x08ListRuns\x12$.herald.scheduler.v1.ListRunsRequest\x1a%.herald.scheduler.v1.ListRunsResponse\x12L\n\x08WatchRun\x12$.herald.scheduler.v1.WatchRunRequest\x1a\x18.herald.scheduler.v1.Run0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+herald/scheduler/v1/scheduler_service.proto\x12\x13herald.scheduler.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x04\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.herald.scheduler.v1.RunState\x12\x32\n\x0escheduled_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\raudience_size\x18\x07 \x01(\x03\x12\x10\n\x08targeted\x18\x08 \x01(\x03\x12\r\n\x05\x66inal\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x05\x12\x13\n\x0bsample_seed\x18\x0c \x01(\t\x12\x30\n\x0cplanned_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07waiting\x18\x0e \x01(\x03\x12\x10\n\x08released\x18\x0f \x01(\x03\x12\x36\n\x12\x66irst_release_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_release_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x1cmax_release_lateness_seconds\x18\x12 \x01(\x01\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x0fListRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.herald.scheduler.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\xb5\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x18\n\x14RUN_STATE_DISPATCHED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05\x12\x17\n\x13RUN_STATE_RELEASING\x10\x06\x32\x81\x02\n\x10SchedulerService\x12\x46\n\x06GetRun\x12\".herald.scheduler.v1.GetRunRequest\x1a\x18.herald.scheduler.v1.Run\x12W\n\x08ListRuns\x12$.herald.scheduler.v1.ListRunsRequest\x1a%.herald.scheduler.v1.ListRunsResponse\x12L\n\x08WatchRun\x12$.herald.scheduler.v1.WatchRunRequest\x1a\x18.herald.scheduler.v1.Run0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.scheduler.v1.scheduler_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=863
-  _globals['_RUNSTATE']._serialized_end=1044
+  _globals['_RUNSTATE']._serialized_start=901
+  _globals['_RUNSTATE']._serialized_end=1082
   _globals['_RUN']._serialized_start=102
-  _globals['_RUN']._serialized_end=637
-  _globals['_GETRUNREQUEST']._serialized_start=639
-  _globals['_GETRUNREQUEST']._serialized_end=668
-  _globals['_WATCHRUNREQUEST']._serialized_start=670
-  _globals['_WATCHRUNREQUEST']._serialized_end=701
-  _globals['_LISTRUNSREQUEST']._serialized_start=703
-  _globals['_LISTRUNSREQUEST']._serialized_end=775
-  _globals['_LISTRUNSRESPONSE']._serialized_start=777
-  _globals['_LISTRUNSRESPONSE']._serialized_end=860
-  _globals['_SCHEDULERSERVICE']._serialized_start=1047
-  _globals['_SCHEDULERSERVICE']._serialized_end=1304
+  _globals['_RUN']._serialized_end=675
+  _globals['_GETRUNREQUEST']._serialized_start=677
+  _globals['_GETRUNREQUEST']._serialized_end=706
+  _globals['_WATCHRUNREQUEST']._serialized_start=708
+  _globals['_WATCHRUNREQUEST']._serialized_end=739
+  _globals['_LISTRUNSREQUEST']._serialized_start=741
+  _globals['_LISTRUNSREQUEST']._serialized_end=813
+  _globals['_LISTRUNSRESPONSE']._serialized_start=815
+  _globals['_LISTRUNSRESPONSE']._serialized_end=898
+  _globals['_SCHEDULERSERVICE']._serialized_start=1085
+  _globals['_SCHEDULERSERVICE']._serialized_end=1342
 # @@protoc_insertion_point(module_scope)

@@ -87,6 +87,7 @@ class Run(_message.Message):
     RELEASED_FIELD_NUMBER: _builtins.int
     FIRST_RELEASE_TIME_FIELD_NUMBER: _builtins.int
     LAST_RELEASE_TIME_FIELD_NUMBER: _builtins.int
+    MAX_RELEASE_LATENESS_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `campaigns/{campaign}/runs/{run}`."""
     campaign: _builtins.str
@@ -109,6 +110,10 @@ class Run(_message.Message):
     """Deliveries waiting for their due time."""
     released: _builtins.int
     """Deliveries handed to dispatch so far, skipped ones included."""
+    max_release_lateness_seconds: _builtins.float
+    """The most any delivery was handed over after its due time, in seconds (deliveries a throttle
+    held back aside): how punctual the run was.
+    """
     @_builtins.property
     def scheduled_time(self) -> _timestamp_pb2.Timestamp:
         """When the run is due."""
@@ -155,10 +160,11 @@ class Run(_message.Message):
         released: _builtins.int = ...,
         first_release_time: _timestamp_pb2.Timestamp | None = ...,
         last_release_time: _timestamp_pb2.Timestamp | None = ...,
+        max_release_lateness_seconds: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "first_release_time", b"first_release_time", "last_release_time", b"last_release_time", "planned_time", b"planned_time", "scheduled_time", b"scheduled_time", "start_time", b"start_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "audience_size", b"audience_size", "campaign", b"campaign", "end_time", b"end_time", "error", b"error", "final", b"final", "first_release_time", b"first_release_time", "last_release_time", b"last_release_time", "name", b"name", "planned_time", b"planned_time", "released", b"released", "sample_seed", b"sample_seed", "scheduled_time", b"scheduled_time", "start_time", b"start_time", "state", b"state", "targeted", b"targeted", "waiting", b"waiting"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "audience_size", b"audience_size", "campaign", b"campaign", "end_time", b"end_time", "error", b"error", "final", b"final", "first_release_time", b"first_release_time", "last_release_time", b"last_release_time", "max_release_lateness_seconds", b"max_release_lateness_seconds", "name", b"name", "planned_time", b"planned_time", "released", b"released", "sample_seed", b"sample_seed", "scheduled_time", b"scheduled_time", "start_time", b"start_time", "state", b"state", "targeted", b"targeted", "waiting", b"waiting"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -20,6 +20,7 @@ def upgrade() -> None:
         sa.Column("released", sa.BigInteger, nullable=False, server_default="0"),
         sa.Column("first_release_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_release_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("max_lateness_seconds", sa.Float, nullable=False, server_default="0"),
     ):
         op.add_column("runs", column, schema=SCHEMA)
     op.execute(f"UPDATE {SCHEMA}.runs SET planned_time = scheduled_time")
@@ -74,5 +75,12 @@ def downgrade() -> None:
     op.drop_table("throttle_windows", schema=SCHEMA)
     op.drop_table("pending_deliveries", schema=SCHEMA)
     op.drop_table("accounts", schema=SCHEMA)
-    for column in ("last_release_at", "first_release_at", "released", "waiting", "planned_time"):
+    for column in (
+        "max_lateness_seconds",
+        "last_release_at",
+        "first_release_at",
+        "released",
+        "waiting",
+        "planned_time",
+    ):
         op.drop_column("runs", column, schema=SCHEMA)
