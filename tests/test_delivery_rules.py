@@ -210,18 +210,24 @@ async def test_a_weekly_campaign_reaches_each_user_at_their_own_local_time(
         assert api.from_timestamp(runs[0].last_release_time).hour == 14
 
 
+NEW_YORK_AND_TOKYO = {"America/New_York": 10, "Asia/Tokyo": 10}
+
+
+async def _at_ten_pm(
+    account: Account, action: campaign_pb.QuietHoursAction.ValueType, cutoff_time: str = ""
+) -> str:
+    """A campaign at 22:00 UTC with do-not-disturb hours from 23:00 to 08:00: 17:00 in New York,
+    outside them; 07:00 the next day in Tokyo, inside them (they end at 23:00 UTC)."""
+    quiet = campaign_pb.QuietHours(start="23:00", end="08:00", action=action)
+    delivery = campaign_pb.DeliveryPreferences(quiet_hours=quiet, cutoff_time=cutoff_time)
+    return await account.campaign(_later(CLOCK_START.replace(hour=22)), delivery=delivery)
+
+
 async def test_do_not_disturb_hours_delay_deliveries_to_their_end(
     platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
 ) -> None:
-    # 22:00 UTC is 17:00 in New York and 07:00 (next day) in Tokyo, inside 23:00 to 08:00.
-    zones = {"America/New_York": 10, "Asia/Tokyo": 10}
-    async with _account(platform, segment_api, zones) as account:
-        quiet = campaign_pb.QuietHours(
-            start="23:00", end="08:00", action=campaign_pb.QUIET_HOURS_ACTION_DELAY
-        )
-        name = await account.campaign(
-            _later(CLOCK_START.replace(hour=22)), delivery=campaign_pb.DeliveryPreferences(quiet_hours=quiet)
-        )
+    async with _account(platform, segment_api, NEW_YORK_AND_TOKYO) as account:
+        name = await _at_ten_pm(account, campaign_pb.QUIET_HOURS_ACTION_DELAY)
         await _move_to(manual_clock, CLOCK_START.replace(hour=22, second=1))
         await account.settled(name, 10)
         received = _received(segment_api, account.tag)
@@ -237,14 +243,8 @@ async def test_do_not_disturb_hours_delay_deliveries_to_their_end(
 async def test_do_not_disturb_hours_discard_what_falls_inside(
     platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
 ) -> None:
-    zones = {"America/New_York": 10, "Asia/Tokyo": 10}
-    async with _account(platform, segment_api, zones) as account:
-        quiet = campaign_pb.QuietHours(
-            start="23:00", end="08:00", action=campaign_pb.QUIET_HOURS_ACTION_DISCARD
-        )
-        name = await account.campaign(
-            _later(CLOCK_START.replace(hour=22)), delivery=campaign_pb.DeliveryPreferences(quiet_hours=quiet)
-        )
+    async with _account(platform, segment_api, NEW_YORK_AND_TOKYO) as account:
+        name = await _at_ten_pm(account, campaign_pb.QUIET_HOURS_ACTION_DISCARD)
         await _move_to(manual_clock, CLOCK_START.replace(hour=22, second=1))
         stats = await account.settled(name, 20)
         assert (stats.sent, stats.skipped) == (10, 10)
@@ -263,13 +263,8 @@ async def test_a_cut_off_skips_users_who_would_be_late(
 ) -> None:
     # Tokyo's deliveries wait for the end of do-not-disturb hours (23:00 UTC), past the 22:30
     # cut-off: skipped. New York's go at 22:00, before it.
-    zones = {"America/New_York": 10, "Asia/Tokyo": 10}
-    async with _account(platform, segment_api, zones) as account:
-        quiet = campaign_pb.QuietHours(
-            start="23:00", end="08:00", action=campaign_pb.QUIET_HOURS_ACTION_DELAY
-        )
-        delivery = campaign_pb.DeliveryPreferences(quiet_hours=quiet, cutoff_time="22:30")
-        name = await account.campaign(_later(CLOCK_START.replace(hour=22)), delivery=delivery)
+    async with _account(platform, segment_api, NEW_YORK_AND_TOKYO) as account:
+        name = await _at_ten_pm(account, campaign_pb.QUIET_HOURS_ACTION_DELAY, cutoff_time="22:30")
         await _move_to(manual_clock, CLOCK_START.replace(hour=22, second=1))
         stats = await account.settled(name, 20)
         assert (stats.sent, stats.skipped) == (10, 10)

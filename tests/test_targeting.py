@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
 from nats.js import JetStreamContext
 
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
@@ -152,8 +156,35 @@ async def test_a_random_cap_sends_to_exactly_n_chosen_by_a_recorded_seed(
     assert max(Counter(int(u.split("-")[1]) // 250 for u in days[0]).values()) <= 50
 
 
+@pytest.fixture
+async def alert_webhook(platform: Platform) -> AsyncIterator[list[tuple[dict[str, Any], str]]]:
+    """A webhook the account's alerts go to: what it received, (JSON body, Idempotency-Key)."""
+    received: list[tuple[dict[str, Any], str]] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        received.append((await request.json(), request.headers.get("Idempotency-Key", "")))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/alerts", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    settings = accounts_pb.AccountSettings(alert_webhook_url=f"http://127.0.0.1:{port}/alerts")
+    await platform.accounts.UpdateAccountSettings(accounts_pb.UpdateAccountSettingsRequest(settings=settings))
+    yield received
+    await platform.accounts.UpdateAccountSettings(accounts_pb.UpdateAccountSettingsRequest())
+    await runner.cleanup()
+
+
 async def test_a_safety_limit_stops_the_run_and_raises_an_alert(
-    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock, js: JetStreamContext
+    platform: Platform,
+    segment_api: SegmentApi,
+    manual_clock: clock.ManualClock,
+    js: JetStreamContext,
+    alert_webhook: list[tuple[dict[str, Any], str]],
 ) -> None:
     name, tag = await _campaign(platform, segment_api, 150, campaign_pb.Targeting(safety_limit=100))
     await _run_day(platform, manual_clock, name, 1)
@@ -182,6 +213,15 @@ async def test_a_safety_limit_stops_the_run_and_raises_an_alert(
     alert = await alerted()
     assert alert is not None and (alert.run, alert.account) == (run.name, platform.account)
     assert "safety limit" in alert.reason
+
+    # The account's alert webhook got it too, once, keyed by the alert's id.
+    async def posted() -> bool:
+        return any(body.get("campaign") == name for body, _ in alert_webhook)
+
+    await eventually(posted)
+    [(body, key)] = [(b, k) for b, k in alert_webhook if b.get("campaign") == name]
+    assert (body["type"], body["run"], key) == ("campaign.alert", run.name, alert.event_id)
+    assert "safety limit" in body["reason"]
 
 
 @pytest.mark.parametrize(

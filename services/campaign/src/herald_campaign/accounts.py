@@ -35,6 +35,7 @@ from herald_common.auth import (
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import NotFound, Validator, invalid
+from herald_common.netguard import NetworkPolicy
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
 from herald_common.timing import zone_named
@@ -73,7 +74,7 @@ def _account_message(row: Any) -> pb.Account:
     return account
 
 
-def check_settings(settings: pb.AccountSettings) -> None:
+async def check_settings(settings: pb.AccountSettings, network: NetworkPolicy) -> None:
     """INVALID_ARGUMENT naming each field that is wrong."""
     check = Validator()
     path = "settings"
@@ -98,11 +99,10 @@ def check_settings(settings: pb.AccountSettings) -> None:
         check.require(cap.per_week >= 0, f"{field}.per_week", "zero (no weekly cap) or more")
         check.require(cap.per_day > 0 or cap.per_week > 0, field, "a daily or a weekly cap is required")
     if settings.alert_webhook_url:
-        check.require(
-            settings.alert_webhook_url.startswith(("https://", "http://")),
-            f"{path}.alert_webhook_url",
-            "an https:// URL",
-        )
+        # The platform calls this URL: the same rules as a destination's endpoint.
+        problem = await network.url_problem(settings.alert_webhook_url)
+        if problem:
+            check.add(f"{path}.alert_webhook_url", problem)
     check.raise_if_any()
 
 
@@ -132,8 +132,15 @@ def _parse_key_name(name: str) -> tuple[uuid.UUID, uuid.UUID]:
 
 class Accounts:
     def __init__(
-        self, database: Database, namespace: str, notify_outbox: Any, keys: KeyRegistry, uses: KeyValue
+        self,
+        database: Database,
+        namespace: str,
+        notify_outbox: Any,
+        keys: KeyRegistry,
+        uses: KeyValue,
+        network: NetworkPolicy,
     ) -> None:
+        self.network = network
         self.database = database
         self.namespace = namespace
         self.notify_outbox = notify_outbox
@@ -308,7 +315,7 @@ class Accounts:
 
     async def update_settings(self, settings: pb.AccountSettings) -> pb.Account:
         account_id = current_account_id()
-        check_settings(settings)
+        await check_settings(settings, self.network)
         async with self.database.transaction() as session:
             row = (
                 await session.execute(

@@ -9,15 +9,18 @@ import grpc
 from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
+from herald.events.v1 import events_pb2 as events
 from herald_campaign.accounts import PERMISSIONS as ACCOUNT_PERMISSIONS
 from herald_campaign.accounts import SERVICE_NAME as ACCOUNT_SERVICE_NAME
 from herald_campaign.accounts import Accounts, AccountServicer
+from herald_campaign.alerts import AlertWebhooks, alert_problem
 from herald_campaign.consumers import start_consumers
 from herald_campaign.domain import Campaigns
 from herald_campaign.references import References
 from herald_campaign.servicer import PERMISSIONS, CampaignServicer
 from herald_campaign.storage import SCHEMA, outbox
 from herald_common import runtime
+from herald_common.netguard import NetworkPolicy
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 
@@ -35,8 +38,9 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         infra.database, infra.subjects, References(segmentation, dispatch), infra.relay.notify
     )
     servicer = CampaignServicer(campaigns)
+    network = NetworkPolicy(settings.allowed_destination_networks)
     account_servicer = AccountServicer(
-        Accounts(infra.database, settings.namespace, infra.relay.notify, infra.keys, infra.key_uses)
+        Accounts(infra.database, settings.namespace, infra.relay.notify, infra.keys, infra.key_uses, network)
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -53,6 +57,16 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     )
     host.on_stop.extend([segmentation.close, dispatch.close])
     await start_consumers(infra, campaigns)
+    webhooks = AlertWebhooks(infra.database, network)
+    await infra.consume(
+        owner="scheduler",
+        durable="campaign-alert-webhooks",
+        filter_subject=infra.subjects.campaign_alerts,
+        event_type=events.CampaignAlert,
+        apply=webhooks.send,
+        problem=alert_problem,
+        batch_size=16,
+    )
     return host
 
 

@@ -15,11 +15,11 @@ from herald_common.auth import current_account_id
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import NotFound, Validator
+from herald_common.netguard import NetworkPolicy
 from herald_common.paging import keyset_page
 from herald_common.secret_box import Sealed, SecretBox
 from herald_common.validation import check_text_fields
 from herald_dispatch.channels import Channel
-from herald_dispatch.netguard import NetworkPolicy
 from herald_dispatch.storage import destinations
 
 MAX_DISPLAY_NAME = 200

@@ -20,6 +20,7 @@ from herald_common import runtime
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database, make_engine
 from herald_common.logging import get_logger
+from herald_common.netguard import NetworkPolicy
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.secret_box import SecretBox
 from herald_common.settings import Settings
@@ -27,7 +28,6 @@ from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations, reseal
-from herald_dispatch.netguard import NetworkPolicy
 from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
 from herald_dispatch.storage import SCHEMA, outbox
 from herald_dispatch.worker import DeliveryWorker, WorkerOptions

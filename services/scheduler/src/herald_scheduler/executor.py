@@ -43,7 +43,7 @@ from herald_scheduler.storage import campaigns, outbox, runs
 log = get_logger(__name__)
 
 RunState = pb.RunState
-AUDIENCE_PAGE_SIZE = 1000
+AUDIENCE_PAGE_SIZE = 2000
 # Profile attributes larger than this are not carried; dispatch fails that delivery with the size.
 MAX_RECIPIENT_ATTRIBUTE_BYTES = 64 * 1024
 # Transient failures are retried with doubling delays up to this cap, for this many attempts
@@ -129,14 +129,23 @@ def _left_out(member: segmentation_pb.AudienceMember, campaign: campaign_pb.Camp
 _HOLD = sa.text(
     """
     INSERT INTO scheduler.pending_deliveries
-        (run_id, delivery_id, account_id, campaign, user_id, due_at, cutoff_at, zone, recipient)
-    SELECT :run_id, d, :account_id, :campaign, u, a, c, z, r
-    FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:due AS timestamptz[]),
-                CAST(:cutoffs AS timestamptz[]), CAST(:zones AS text[]), CAST(:recipients AS bytea[]))
-         AS t(d, u, a, c, z, r)
+        (run_id, group_id, account_id, campaign, due_at, cutoff_at, zone, size, recipients)
+    SELECT :run_id, g, :account_id, :campaign, a, c, z, n, r
+    FROM unnest(CAST(:groups AS text[]), CAST(:due AS timestamptz[]), CAST(:cutoffs AS timestamptz[]),
+                CAST(:zones AS text[]), CAST(:sizes AS int[]), CAST(:recipients AS bytea[]))
+         AS t(g, a, c, z, n, r)
     ON CONFLICT DO NOTHING
     """
 )
+
+
+def _groups(held: list[tuple[events.Recipient, Due]]) -> list[tuple[Due, list[events.Recipient]]]:
+    """Deliveries that fall due together (the same time, cut-off and zone), in planning order:
+    each group waits as one row."""
+    groups: dict[Due, list[events.Recipient]] = {}
+    for recipient, due in held:
+        groups.setdefault(due, []).append(recipient)
+    return list(groups.items())
 
 
 def _finished_state(state: RunState.ValueType) -> Any:
@@ -374,18 +383,22 @@ class RunExecutor:
             raise RunStopped()
         account_id = advanced[0].account_id
         if held:
+            groups = _groups(held)
             await session.execute(
                 _HOLD,
                 {
                     "run_id": run_id,
                     "account_id": account_id,
                     "campaign": campaign.name,
-                    "ids": [r.delivery_id for r, _ in held],
-                    "users": [r.user_id for r, _ in held],
-                    "due": [d.at for _, d in held],
-                    "cutoffs": [d.cutoff_at for _, d in held],
-                    "zones": [d.zone for _, d in held],
-                    "recipients": [r.SerializeToString() for r, _ in held],
+                    "groups": [members[0].delivery_id for _, members in groups],
+                    "due": [due.at for due, _ in groups],
+                    "cutoffs": [due.cutoff_at for due, _ in groups],
+                    "zones": [due.zone for due, _ in groups],
+                    "sizes": [len(members) for _, members in groups],
+                    "recipients": [
+                        events.PendingRecipients(recipients=members).SerializeToString()
+                        for _, members in groups
+                    ],
                 },
             )
         if skipped:

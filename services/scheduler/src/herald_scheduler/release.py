@@ -39,7 +39,12 @@ from herald_scheduler.runs import RunEvents
 from herald_scheduler.storage import accounts, campaigns, outbox
 
 log = get_logger(__name__)
-RELEASE_ROWS = 5000
+# A round hands over whole groups, about this many deliveries in all, from at most this many groups.
+RELEASE_DELIVERIES = 5000
+RELEASE_GROUPS = 200
+# Rounds in flight at once in a replica: while one waits on PostgreSQL another decides, so a
+# zone's deliveries that all fall due at once go out within about a second.
+CONCURRENT_ROUNDS = 3
 _ACTIVE = {
     campaign_pb.State.Name(campaign_pb.STATE_SCHEDULED),
     campaign_pb.State.Name(campaign_pb.STATE_RUNNING),
@@ -49,7 +54,7 @@ _DISPATCHED = pb.RunState.Name(pb.RUN_STATE_DISPATCHED)
 
 _DUE = sa.text(
     """
-    SELECT run_id, delivery_id, account_id, campaign, user_id, due_at, cutoff_at, zone, throttled, recipient
+    SELECT run_id, group_id, account_id, campaign, due_at, cutoff_at, zone, throttled, size, recipients
     FROM scheduler.pending_deliveries
     WHERE due_at <= :now
     ORDER BY due_at, seq
@@ -60,15 +65,15 @@ _DUE = sa.text(
 _FORGET = sa.text(
     """
     DELETE FROM scheduler.pending_deliveries p
-    USING unnest(CAST(:runs AS uuid[]), CAST(:ids AS text[])) AS t(r, d)
-    WHERE p.run_id = t.r AND p.delivery_id = t.d
+    USING unnest(CAST(:runs AS uuid[]), CAST(:groups AS text[])) AS t(r, g)
+    WHERE p.run_id = t.r AND p.group_id = t.g
     """
 )
 _DEFER = sa.text(
     """
-    UPDATE scheduler.pending_deliveries p SET due_at = :until, throttled = true
-    FROM unnest(CAST(:runs AS uuid[]), CAST(:ids AS text[])) AS t(r, d)
-    WHERE p.run_id = t.r AND p.delivery_id = t.d
+    UPDATE scheduler.pending_deliveries
+    SET due_at = :until, throttled = true, size = :size, recipients = :recipients
+    WHERE run_id = :run_id AND group_id = :group_id
     """
 )
 _THROTTLE_TAKE = sa.text(
@@ -104,10 +109,19 @@ _COUNT = sa.text(
 @dataclass
 class _Campaign:
     campaign: campaign_pb.Campaign
+    account_id: uuid.UUID
     version: int
     active: bool
     rules: DeliveryRules
     kind: channels.ChannelKind
+
+
+@dataclass(frozen=True)
+class _Waiting:
+    """One pending delivery, with the group it waits in."""
+
+    group: Any
+    recipient: events.Recipient
 
 
 @dataclass
@@ -116,21 +130,39 @@ class _Round:
 
     now: datetime
     released: dict[uuid.UUID, list[events.Recipient]] = field(default_factory=lambda: defaultdict(list))
-    forget: list[Any] = field(default_factory=list)
-    deferred: dict[datetime, list[Any]] = field(default_factory=lambda: defaultdict(list))
+    # The earliest due time of each run's deliveries handed over on time (not throttled).
+    earliest_due: dict[uuid.UUID, datetime] = field(default_factory=dict)
+    # Deliveries that wait on, by group (run, group id), with the time they wait for.
+    kept: dict[tuple[uuid.UUID, str], tuple[datetime, list[events.Recipient]]] = field(default_factory=dict)
+
+    def release(self, waiting: _Waiting, skip: SkipReason | None = None) -> None:
+        group = waiting.group
+        if skip is not None:
+            waiting.recipient.skip_reason = skip
+        self.released[group.run_id].append(waiting.recipient)
+        if not group.throttled:
+            earliest = self.earliest_due.get(group.run_id)
+            self.earliest_due[group.run_id] = (
+                group.due_at if earliest is None else min(earliest, group.due_at)
+            )
+
+    def defer(self, waiting: _Waiting, until: datetime) -> None:
+        key = (waiting.group.run_id, waiting.group.group_id)
+        self.kept.setdefault(key, (until, []))[1].append(waiting.recipient)
 
     def lateness(self, run_id: uuid.UUID) -> float:
         """Seconds the longest-waiting delivery of a run is handed over after its due time, as of
         now (deliveries a throttle held back aside)."""
-        due = [r.due_at for r in self.forget if r.run_id == run_id and not r.throttled]
-        return max((api.utcnow() - min(due)).total_seconds(), 0.0) if due else 0.0
+        due = self.earliest_due.get(run_id)
+        return max((api.utcnow() - due).total_seconds(), 0.0) if due is not None else 0.0
 
-    def release(self, row: Any, skip: SkipReason | None = None) -> None:
-        recipient = events.Recipient.FromString(row.recipient)
-        if skip is not None:
-            recipient.skip_reason = skip
-        self.released[row.run_id].append(recipient)
-        self.forget.append(row)
+
+def _expand(groups: list[Any]) -> list[_Waiting]:
+    return [
+        _Waiting(group, recipient)
+        for group in groups
+        for recipient in events.PendingRecipients.FromString(group.recipients).recipients
+    ]
 
 
 class Releaser:
@@ -147,60 +179,75 @@ class Releaser:
         self.run_events = run_events
         self.notify_outbox = notify_outbox
         self._swept: date | None = None
-        self._loop = WakeableLoop("releaser", self.release_due, poll_seconds)
+        self._loops = [
+            WakeableLoop(f"releaser-{n}", self.release_due, poll_seconds) for n in range(CONCURRENT_ROUNDS)
+        ]
 
     def notify(self) -> None:
-        self._loop.notify()
+        for loop in self._loops:
+            loop.notify()
 
     def start(self) -> None:
-        self._loop.start()
+        for loop in self._loops:
+            loop.start()
 
     async def stop(self) -> None:
-        await self._loop.stop()
+        for loop in self._loops:
+            await loop.stop()
 
     async def release_due(self) -> bool:
-        """Releases up to RELEASE_ROWS due deliveries; True when more may be due already."""
+        """Releases the groups of deliveries that are due, oldest first, up to about
+        RELEASE_DELIVERIES; True when more may be due already."""
         now = api.utcnow()
         async with self.database.transaction() as session:
-            rows = list((await session.execute(_DUE, {"now": now, "limit": RELEASE_ROWS})).all())
-            if not rows:
+            locked = (await session.execute(_DUE, {"now": now, "limit": RELEASE_GROUPS})).all()
+            if not locked:
                 await self._sweep(session, now)
                 return False
-            decided = await self._decide(session, rows, now)
-            await self._hand_over(session, decided)
+            groups: list[Any] = []
+            size = 0
+            for group in locked:  # the rest stay as they are, for the next round
+                if groups and size + group.size > RELEASE_DELIVERIES:
+                    break
+                groups.append(group)
+                size += group.size
+            decided = await self._decide(session, groups, now)
+            await self._hand_over(session, groups, decided)
         self.notify_outbox()
-        return len(rows) == RELEASE_ROWS
+        return len(groups) < len(locked) or len(locked) == RELEASE_GROUPS
 
-    async def _decide(self, session: AsyncSession, rows: list[Any], now: datetime) -> _Round:
+    async def _decide(self, session: AsyncSession, groups: list[Any], now: datetime) -> _Round:
         decided = _Round(now)
-        known = await self._campaigns(session, {r.campaign for r in rows})
-        settings = await self._settings(session, {r.account_id for r in rows})
+        known = await self._campaigns(session, {g.campaign for g in groups})
+        settings = await self._settings(session, {g.account_id for g in groups})
         by_campaign: dict[str, list[Any]] = defaultdict(list)
-        for row in rows:
-            by_campaign[row.campaign].append(row)
-        capped: list[tuple[Any, frequency.Send]] = []
-        for name, group in by_campaign.items():
+        for group in groups:
+            by_campaign[group.campaign].append(group)
+        capped: list[tuple[_Waiting, frequency.Send]] = []
+        # Campaigns in name order: concurrent rounds take throttle windows' locks in one order.
+        for name, of_campaign in sorted(by_campaign.items()):
             campaign = known.get(name)
             if campaign is None:
-                log.warning("pending_deliveries_of_unknown_campaign", campaign=name, count=len(group))
+                log.warning("pending_deliveries_of_unknown_campaign", campaign=name, groups=len(of_campaign))
                 continue
+            waiting = _expand(of_campaign)
             if not campaign.active:  # dispatch records each as skipped with the campaign's state
-                for row in group:
-                    decided.release(row)
+                for each in waiting:
+                    decided.release(each)
                 continue
-            account = settings.get(group[0].account_id, accounts_pb.AccountSettings())
-            for row in await self._throttle(session, campaign, account, group, decided):
-                cap = _cap(campaign, account)
+            account = settings.get(of_campaign[0].account_id, accounts_pb.AccountSettings())
+            cap = _cap(campaign, account)
+            for each in await self._throttle(session, campaign, account, waiting, decided):
                 if cap is None:
-                    decided.release(row)
+                    decided.release(each)
                 else:
-                    send = frequency.Send(
-                        row.account_id, campaign.kind.destination_type, row.user_id, row.zone, cap
-                    )
-                    capped.append((row, send))
+                    group = each.group
+                    channel = campaign.kind.destination_type
+                    send = frequency.Send(group.account_id, channel, each.recipient.user_id, group.zone, cap)
+                    capped.append((each, send))
         fits = await frequency.admit(session, [send for _, send in capped], now)
-        for (row, _), ok in zip(capped, fits, strict=True):
-            decided.release(row, None if ok else SkipReason.FREQUENCY_CAP)
+        for (each, _), ok in zip(capped, fits, strict=True):
+            decided.release(each, None if ok else SkipReason.FREQUENCY_CAP)
         return decided
 
     async def _throttle(
@@ -208,63 +255,75 @@ class Releaser:
         session: AsyncSession,
         campaign: _Campaign,
         account: accounts_pb.AccountSettings,
-        group: list[Any],
+        waiting: list[_Waiting],
         decided: _Round,
-    ) -> list[Any]:
-        """The rows of one campaign that may go now: past their cut-off ones are skipped, and
-        under a throttle those beyond the window's budget wait for the next window."""
+    ) -> list[_Waiting]:
+        """The deliveries of one campaign that may go now: those past their cut-off are skipped,
+        and under a throttle those beyond the window's budget wait for the next window."""
         now = decided.now
         limit = account.throttle_per_five_minutes if campaign.rules.throttle else 0
         window = throttle_window(now)
         following = window + timedelta(seconds=THROTTLE_WINDOW_SECONDS)
-        budget = len(group)
+        budget = len(waiting)
         if limit > 0:
             used = await session.scalar(
                 _THROTTLE_TAKE,
-                {"account_id": group[0].account_id, "campaign": campaign.campaign.name, "window": window},
+                {"account_id": campaign.account_id, "campaign": campaign.campaign.name, "window": window},
             )
             budget = max(limit - int(used or 0), 0)
-        going: list[Any] = []
-        for row in group:
-            if row.cutoff_at is not None and now >= row.cutoff_at:
-                decided.release(row, SkipReason.THROTTLED_CUTOFF if row.throttled else SkipReason.CUTOFF)
+        going: list[_Waiting] = []
+        for each in waiting:
+            cutoff_at = each.group.cutoff_at
+            if cutoff_at is not None and now >= cutoff_at:
+                decided.release(
+                    each, SkipReason.THROTTLED_CUTOFF if each.group.throttled else SkipReason.CUTOFF
+                )
             elif len(going) < budget:
-                going.append(row)
-            elif row.cutoff_at is not None and following >= row.cutoff_at:
-                decided.release(row, SkipReason.THROTTLED_CUTOFF)
+                going.append(each)
+            elif cutoff_at is not None and following >= cutoff_at:
+                decided.release(each, SkipReason.THROTTLED_CUTOFF)
             else:
-                decided.deferred[following].append(row)
+                decided.defer(each, following)
         if limit > 0 and going:
             await session.execute(
                 _THROTTLE_USE, {"n": len(going), "campaign": campaign.campaign.name, "window": window}
             )
         return going
 
-    async def _hand_over(self, session: AsyncSession, decided: _Round) -> None:
-        for until, rows in decided.deferred.items():
+    async def _hand_over(self, session: AsyncSession, groups: list[Any], decided: _Round) -> None:
+        """Rewrites the groups that wait on, deletes the others and queues what was released."""
+        for (run_id, group_id), (until, kept) in decided.kept.items():
+            recipients = events.PendingRecipients(recipients=kept).SerializeToString()
             await session.execute(
                 _DEFER,
-                {"until": until, "runs": [r.run_id for r in rows], "ids": [r.delivery_id for r in rows]},
+                {
+                    "until": until,
+                    "size": len(kept),
+                    "recipients": recipients,
+                    "run_id": run_id,
+                    "group_id": group_id,
+                },
             )
-        if not decided.forget:
+        done = [g for g in groups if (g.run_id, g.group_id) not in decided.kept]
+        if done:
+            await session.execute(
+                _FORGET, {"runs": [g.run_id for g in done], "groups": [g.group_id for g in done]}
+            )
+        if not decided.released:
             return
-        await session.execute(
-            _FORGET,
-            {"runs": [r.run_id for r in decided.forget], "ids": [r.delivery_id for r in decided.forget]},
-        )
-        first = {r.run_id: r for r in decided.forget}
-        known = await self._campaigns(session, {r.campaign for r in first.values()})
+        first = {g.run_id: g for g in groups}
+        known = await self._campaigns(session, {g.campaign for g in first.values()})
         queued: list[OutboxEvent] = []
-        for run_id, recipients in decided.released.items():
-            row = first[run_id]
-            campaign = known[row.campaign]
+        for run_id, released in decided.released.items():
+            group = first[run_id]
+            campaign = known[group.campaign]
             queued += delivery_batches(
                 self.subjects,
                 campaign.campaign,
                 campaign.version,
                 run_id,
-                row.account_id,
-                recipients,
+                group.account_id,
+                released,
                 decided.now,
             )
         await enqueue(session, outbox, queued)
@@ -285,15 +344,20 @@ class Releaser:
 
     async def _campaigns(self, session: AsyncSession, names: set[str]) -> dict[str, _Campaign]:
         rows = await session.execute(
-            sa.select(campaigns.c.name, campaigns.c.snapshot, campaigns.c.version, campaigns.c.state).where(
-                campaigns.c.name.in_(names)
-            )
+            sa.select(
+                campaigns.c.name,
+                campaigns.c.account_id,
+                campaigns.c.snapshot,
+                campaigns.c.version,
+                campaigns.c.state,
+            ).where(campaigns.c.name.in_(names))
         )
         found = {}
         for row in rows:
             campaign = campaign_pb.Campaign.FromString(row.snapshot)
             found[row.name] = _Campaign(
                 campaign=campaign,
+                account_id=row.account_id,
                 version=row.version,
                 active=row.state in _ACTIVE,
                 rules=DeliveryRules.of(campaign),

@@ -239,6 +239,32 @@ class Recipient(_message.Message):
 Global___Recipient: _TypeAlias = Recipient  # noqa: Y015
 
 @_typing.final
+class PendingRecipients(_message.Message):
+    """Planned deliveries of one run that fall due together, as the scheduler keeps them while they
+    wait for their time.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECIPIENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def recipients(self) -> _containers.RepeatedCompositeFieldContainer[Global___Recipient]:
+        """In planning order."""
+
+    def __init__(
+        self,
+        *,
+        recipients: _abc.Iterable[Global___Recipient] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["recipients", b"recipients"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PendingRecipients: _TypeAlias = PendingRecipients  # noqa: Y015
+
+@_typing.final
 class DeliveryBatch(_message.Message):
     """Published by scheduler on `<namespace>.jobs.<destination type>.<destination id>`: deliver one
     campaign's content to many recipients. The content itself is not copied: dispatch knows every

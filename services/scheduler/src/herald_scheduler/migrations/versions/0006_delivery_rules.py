@@ -34,16 +34,21 @@ def upgrade() -> None:
     op.create_table(
         "pending_deliveries",
         sa.Column("run_id", UUID(as_uuid=True), primary_key=True),
-        sa.Column("delivery_id", sa.Text, primary_key=True),
+        # The group's first delivery id.
+        sa.Column("group_id", sa.Text, primary_key=True),
         sa.Column("account_id", UUID(as_uuid=True), nullable=False),
         sa.Column("campaign", sa.Text, nullable=False),
-        sa.Column("user_id", sa.Text, nullable=False),
         sa.Column("seq", sa.BigInteger, sa.Identity(), nullable=False),
         sa.Column("due_at", sa.DateTime(timezone=True), nullable=False),
+        # Not handed over by then: skipped, never sent late.
         sa.Column("cutoff_at", sa.DateTime(timezone=True), nullable=True),
+        # The users' zone: frequency caps count in their local day and week.
         sa.Column("zone", sa.Text, nullable=False),
+        # Held back by the campaign's throttle at least once.
         sa.Column("throttled", sa.Boolean, nullable=False, server_default=sa.false()),
-        sa.Column("recipient", sa.LargeBinary, nullable=False),
+        sa.Column("size", sa.Integer, nullable=False),
+        # events.PendingRecipients, serialized.
+        sa.Column("recipients", sa.LargeBinary, nullable=False),
         schema=SCHEMA,
     )
     op.create_index("ix_scheduler_pending_due", "pending_deliveries", ["due_at", "seq"], schema=SCHEMA)
