@@ -240,6 +240,24 @@ async def test_do_not_disturb_hours_delay_deliveries_to_their_end(
         assert tokyo == {"2026-11-23T23:00"}
 
 
+async def test_stopping_a_campaign_skips_what_still_waits(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> None:
+    async with _account(platform, segment_api, NEW_YORK_AND_TOKYO) as account:
+        name = await _at_ten_pm(account, campaign_pb.QUIET_HOURS_ACTION_DELAY)
+        await _move_to(manual_clock, CLOCK_START.replace(hour=22, second=1))
+        await account.sent(name, 10)  # New York's; Tokyo's wait for 23:00 UTC
+        await account.clients.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=name))
+        stats = await account.settled(name, 20)
+        assert (stats.sent, stats.skipped) == (10, 10)
+        assert {r.reason: r.count for r in stats.failure_reasons} == {"campaign stopped": 10}
+        [run] = await account.runs(name)
+        assert (run.state, run.waiting) == (scheduler_pb.RUN_STATE_CANCELLED, 0)
+        await _move_to(manual_clock, CLOCK_START.replace(hour=23, second=1))
+        await asyncio.sleep(0.5)
+        assert {_zone_of(u) for u in _received(segment_api, account.tag)} == {"America/New_York"}
+
+
 async def test_do_not_disturb_hours_discard_what_falls_inside(
     platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
 ) -> None:

@@ -340,6 +340,37 @@ async def test_channels_count_only_reachable_users(acct: Clients) -> None:
     assert await _selected(acct, everyone, pb.CHANNEL_SEGMENT) == ["ana", "ben", "cy", "dee"]
 
 
+async def test_a_stream_can_include_whom_it_leaves_out_flagged(acct: Clients) -> None:
+    """What a campaign records as "not reachable" or "left out by the random cap"."""
+    everyone = _all(prop("zzz", "NOT_EXISTS"))
+
+    async def flags(**fields: object) -> dict[str, tuple[bool, bool]]:
+        request = pb.StreamAudienceRequest(audience=everyone, include_left_out=True, page_size=2, **fields)  # type: ignore[arg-type]
+        return {
+            m.user_id: (m.unreachable, m.outside_sample)
+            async for page in acct.segmentation.StreamAudience(request)
+            for m in page.members
+        }
+
+    # SMS reaches only ana: the others come flagged, none dropped.
+    assert await flags(channel=pb.CHANNEL_SMS) == {
+        "ana": (False, False),
+        "ben": (True, False),
+        "cy": (True, False),
+        "dee": (True, False),
+    }
+    # A sample of two draws from the reachable users; the other two come flagged.
+    sampled = await flags(channel=pb.CHANNEL_SEGMENT, sample_size=2, sample_seed="seed-1")
+    assert sorted(sampled.values()) == [(False, False), (False, False), (False, True), (False, True)]
+    chosen = {u for u, (_, outside) in sampled.items() if not outside}
+    plain = pb.StreamAudienceRequest(
+        audience=everyone, channel=pb.CHANNEL_SEGMENT, sample_size=2, sample_seed="seed-1"
+    )
+    assert chosen == {
+        m.user_id async for page in acct.segmentation.StreamAudience(plain) for m in page.members
+    }
+
+
 async def _upload(clients: Clients, kind: int, *chunks: list[str]) -> pb.CustomList:
     async def messages() -> AsyncIterator[pb.UploadListRequest]:
         yield pb.UploadListRequest(list=pb.CustomList(display_name="uploaded", identity_kind=kind))  # type: ignore[arg-type]
