@@ -161,6 +161,11 @@ class Platform:
     def address(self, service: str) -> str:
         return f"127.0.0.1:{self.hosts[service].port}"
 
+    async def restart_scheduler(self) -> None:
+        """Stops the scheduler and starts it again on the same port, as a redeploy would."""
+        await self.hosts["scheduler"].stop()
+        self.hosts["scheduler"] = await scheduler_main.start(self.settings)
+
     @property
     def addresses(self) -> dict[str, str]:
         return {name: self.address(name) for name in self.hosts}
