@@ -385,6 +385,15 @@ async def _explain_delivery(w: World) -> None:
     assert [d.decision for d in mine.decisions] == [campaign_pb.DECISION_SENT]
 
 
+@probe(campaign_pb, "PreviewMessage")
+async def _preview_message(w: World) -> None:
+    # A's user is not B's to render a message for.
+    request = campaign_pb.PreviewMessageRequest(body="Hi {{ profile.cohort }}", user_id="only-a")
+    await _refused(w.b.campaigns.PreviewMessage(request))
+    mine = await w.a.campaigns.PreviewMessage(request)
+    assert mine.text == f"Hi {w.cohort}"
+
+
 @probe(dispatch_pb, "ListDeliveries")
 async def _list_deliveries(w: World) -> None:
     request = dispatch_pb.ListDeliveriesRequest(campaign=w.campaign.name, user_id="only-a")

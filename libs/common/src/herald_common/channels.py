@@ -38,25 +38,51 @@ def _segment_export_attributes(campaign: campaign_pb.Campaign) -> set[str]:
     return needed.union(export.profile_attributes)
 
 
-KINDS = (
-    ChannelKind(
-        destination_type="segment",
-        content_field="segment_export",
-        config_field="segment",
-        destination_enum=dispatch_pb.DestinationType.DESTINATION_TYPE_SEGMENT,
-        attribute_keys=_segment_export_attributes,
-        audience_channel=segmentation_pb.Channel.CHANNEL_SEGMENT,
-        cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_SEGMENT,
-    ),
+def _sms_attributes(campaign: campaign_pb.Campaign) -> set[str]:
+    return personalization.profile_properties([campaign.sms.body]) | {"phone"}
+
+
+_SEGMENT = ChannelKind(
+    destination_type="segment",
+    content_field="segment_export",
+    config_field="segment",
+    destination_enum=dispatch_pb.DestinationType.DESTINATION_TYPE_SEGMENT,
+    attribute_keys=_segment_export_attributes,
+    audience_channel=segmentation_pb.Channel.CHANNEL_SEGMENT,
+    cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_SEGMENT,
 )
 
-_BY_CONTENT = {kind.content_field: kind for kind in KINDS}
+
+def _sms(provider: str, destination_enum: dispatch_pb.DestinationType.ValueType) -> ChannelKind:
+    """Every SMS provider takes the same content and reaches the same users."""
+    return ChannelKind(
+        destination_type=provider,
+        content_field="sms",
+        config_field=provider,
+        destination_enum=destination_enum,
+        attribute_keys=_sms_attributes,
+        audience_channel=segmentation_pb.Channel.CHANNEL_SMS,
+        cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_SMS,
+    )
+
+
+KINDS = (
+    _SEGMENT,
+    _sms("twilio", dispatch_pb.DestinationType.DESTINATION_TYPE_TWILIO),
+    _sms("vonage", dispatch_pb.DestinationType.DESTINATION_TYPE_VONAGE),
+    _sms("msg91", dispatch_pb.DestinationType.DESTINATION_TYPE_MSG91),
+    _sms("exotel", dispatch_pb.DestinationType.DESTINATION_TYPE_EXOTEL),
+    _sms("netcore", dispatch_pb.DestinationType.DESTINATION_TYPE_NETCORE),
+)
+
 _BY_CONFIG = {kind.config_field: kind for kind in KINDS}
+_BY_TYPE = {kind.destination_type: kind for kind in KINDS}
 _BY_ENUM: dict[int, ChannelKind] = {int(kind.destination_enum): kind for kind in KINDS}
 
 
-def for_content(content_field: str) -> ChannelKind:
-    return _BY_CONTENT[content_field]
+def for_content(content_field: str) -> list[ChannelKind]:
+    """The kinds of destination that take this content."""
+    return [kind for kind in KINDS if kind.content_field == content_field]
 
 
 def for_config(config_field: str) -> ChannelKind:
@@ -68,4 +94,11 @@ def for_destination_type(value: int) -> ChannelKind | None:
 
 
 def of_campaign(campaign: campaign_pb.Campaign) -> ChannelKind:
-    return for_content(campaign.WhichOneof("content") or "")
+    """The kind of the campaign's destination (KeyError when it has none Herald delivers)."""
+    if campaign.destination_type:
+        return _BY_TYPE[campaign.destination_type]
+    # Saved before campaigns recorded their destination's kind: only Segment exports existed.
+    kinds = for_content(campaign.WhichOneof("content") or "")
+    if len(kinds) != 1:
+        raise KeyError(campaign.WhichOneof("content"))
+    return kinds[0]

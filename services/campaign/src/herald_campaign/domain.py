@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from google.protobuf import field_mask_pb2
+from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -19,9 +19,10 @@ from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_campaign.references import References
 from herald_campaign.storage import accounts, campaigns, failure_reasons, outbox, outcome_events, runs, stats
-from herald_common import api, channels, personalization
+from herald_common import api, channels, personalization, sms
 from herald_common.auth import account_id_of, current_account_id
 from herald_common.bus import Subjects
 from herald_common.db import Database
@@ -30,6 +31,7 @@ from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
 from herald_common.schedules import account_zone, check_delivery, check_schedule, occurrences_after
 from herald_common.skips import SkipReason
+from herald_common.sms import check_sms_content
 from herald_common.validation import check_text_fields
 
 State = pb.State
@@ -55,11 +57,12 @@ _UPDATABLE = {
     "targeting",
     "delivery",
     "segment_export",
+    "sms",
 }
 MAX_CONTROL_PERCENT = 90
 # Caps below this are refused: a sample that small says little, a limit that small is a typo.
 MIN_CAP = 100
-_OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time")
+_OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time", "failure_reason")
 
 
 def _state_name(state: State.ValueType) -> str:
@@ -132,6 +135,8 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
                 problem = personalization.problem(template)
                 if problem:
                     check.add(field, problem)
+    if content == "sms":
+        check_sms_content(campaign.sms, "campaign.sms", check)
 
 
 def _check_targeting(targeting: pb.Targeting, check: Validator) -> None:
@@ -284,18 +289,21 @@ class Campaigns:
         return _message(row)
 
     async def _check_references(self, campaign: pb.Campaign) -> None:
-        """The segment and destination exist, and the destination takes this kind of content."""
+        """The segment and destination exist, and the destination takes this kind of content;
+        the campaign records the destination's kind."""
         await self.references.audience(campaign.audience, "campaign.audience")
         destination = await self.references.destination(campaign.destination, "campaign.destination")
         content = campaign.WhichOneof("content") or ""
-        needed = channels.for_content(content).destination_enum
-        if destination.type != needed:
+        kinds = channels.for_content(content)
+        kind = next((k for k in kinds if k.destination_enum == destination.type), None)
+        if kind is None:
             type_name = dispatch_pb.DestinationType.Name
             raise invalid(
                 f"campaign.{content}",
                 f"{campaign.destination} is a {type_name(destination.type)} destination; "
-                f"{content} content needs {type_name(needed)}",
+                f"{content} content needs {' or '.join(type_name(k.destination_enum) for k in kinds)}",
             )
+        campaign.destination_type = kind.destination_type
 
     async def update(self, campaign: pb.Campaign, update_mask: field_mask_pb2.FieldMask) -> pb.Campaign:
         api.parse_uuid_name(campaign.name, "campaigns", "campaign.name")
@@ -457,6 +465,29 @@ class Campaigns:
         for run in reported:
             explanation.decisions.append(_decision(run, results.get(run.run), settled))
         return explanation
+
+    async def preview(self, body: str, user_id: str) -> pb.MessagePreview:
+        """An SMS body rendered for one user, with how it travels (encoding, length, segments)."""
+        check = Validator()
+        problem = sms.body_problem(body)
+        if problem:
+            check.add("body", problem)
+        check.require(bool(user_id), "user_id", "required")
+        check.raise_if_any()
+        user = await self.references.user(user_id, "user_id")
+        try:
+            text = personalization.render(body, _profile_of(user))
+        except personalization.PersonalizationError as error:
+            reason = f"the body cannot be rendered for {user_id}: {error}"
+            raise FailedPrecondition(f"users/{user_id}", reason) from None
+        measured = sms.measure(text)
+        return pb.MessagePreview(
+            text=text,
+            encoding=_ENCODINGS[measured.encoding],
+            characters=measured.characters,
+            units=measured.units,
+            segments=measured.segments,
+        )
 
     async def stats(self, name: str) -> pb.CampaignStats:
         if not name.endswith("/stats"):
@@ -698,6 +729,27 @@ def _decision(run: Any, result: dispatch_pb.Delivery | None, settled: bool) -> p
         )
     reason = "no result yet: the run is to come, under way, or its deliveries are on their way"
     return pb.RunDecision(run=run.run, decision=pb.DECISION_PENDING, rule=pb.RULE_SCHEDULE, reason=reason)
+
+
+_ENCODINGS = {sms.Encoding.GSM7: pb.SMS_ENCODING_GSM7, sms.Encoding.UCS2: pb.SMS_ENCODING_UCS2}
+
+
+def _profile_of(user: segmentation_pb.User) -> dict[str, Any]:
+    """A user's profile as templates see it: custom properties, and system fields where set (as
+    dispatch's recipients carry them)."""
+    profile: dict[str, Any] = json_format.MessageToDict(user.properties)
+    system = {
+        "email": user.email,
+        "phone": user.phone,
+        "country": user.location.country,
+        "region": user.location.region,
+        "city": user.location.city,
+        "date_of_birth": user.date_of_birth,
+    }
+    if user.gender:
+        system["gender"] = segmentation_pb.Gender.Name(user.gender)
+    profile.update({key: value for key, value in system.items() if value})
+    return profile
 
 
 def _campaign_id(name: str) -> uuid.UUID:

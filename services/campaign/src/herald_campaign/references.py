@@ -61,6 +61,15 @@ class References:
         except grpc.aio.AioRpcError as error:
             raise _translate(error, name, field, "dispatch") from None
 
+    async def user(self, user_id: str, field: str) -> segmentation_pb.User:
+        try:
+            return await self.segments.GetUser(
+                segmentation_pb.GetUserRequest(name=f"users/{user_id}"),
+                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, f"users/{user_id}", field, "segmentation") from None
+
     async def deliveries(self, campaign: str, user_id: str) -> list[dispatch_pb.Delivery]:
         """A user's final delivery results for a campaign, from dispatch."""
         try:

@@ -27,6 +27,7 @@ PERMISSIONS = method_permissions(
         "StopCampaign": Permission.WRITE,
         "GetCampaignStats": Permission.READ,
         "ExplainDelivery": Permission.READ,
+        "PreviewMessage": Permission.READ,
     },
 )
 
@@ -69,3 +70,6 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
         self, request: pb.GetCampaignStatsRequest, context: Context
     ) -> pb.CampaignStats:
         return await self.campaigns.stats(request.name)
+
+    async def PreviewMessage(self, request: pb.PreviewMessageRequest, context: Context) -> pb.MessagePreview:
+        return await self.campaigns.preview(request.body, request.user_id)

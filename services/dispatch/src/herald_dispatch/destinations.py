@@ -95,9 +95,11 @@ class Destinations:
         config = destination.WhichOneof("config")
         channel = self._channel(destination)
         if not check.require(
-            channel is not None and config is not None,
-            "destination.config",
-            "exactly one destination config is required",
+            config is not None, "destination.config", "exactly one destination config is required"
+        ):
+            return
+        if not check.require(
+            channel is not None, f"destination.{config}", "this kind of destination is not available yet"
         ):
             return
         assert channel is not None and config is not None

@@ -82,6 +82,7 @@ def mask_secret(secret: str) -> str:
 def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
     """Every channel, by destination type, sending through `http`."""
     from herald_dispatch.channels.segment import SegmentChannel
+    from herald_dispatch.channels.twilio import TwilioChannel
 
-    channels: list[Channel] = [SegmentChannel(http)]
+    channels: list[Channel] = [SegmentChannel(http), TwilioChannel(http)]
     return {channel.kind.destination_type: channel for channel in channels}

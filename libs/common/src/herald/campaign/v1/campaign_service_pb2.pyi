@@ -130,6 +130,30 @@ QUIET_HOURS_ACTION_DELAY: QuietHoursAction.ValueType  # 2
 """Delivered when the hours end."""
 Global___QuietHoursAction: _TypeAlias = QuietHoursAction  # noqa: Y015
 
+class _SmsEncoding:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SmsEncodingEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SmsEncoding.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SMS_ENCODING_UNSPECIFIED: _SmsEncoding.ValueType  # 0
+    """Not set."""
+    SMS_ENCODING_GSM7: _SmsEncoding.ValueType  # 1
+    """GSM 03.38 7-bit: 160 characters in one SMS, 153 per segment."""
+    SMS_ENCODING_UCS2: _SmsEncoding.ValueType  # 2
+    """UCS-2: 70 code units in one SMS, 67 per segment."""
+
+class SmsEncoding(_SmsEncoding, metaclass=_SmsEncodingEnumTypeWrapper):
+    """How a message body encodes for SMS."""
+
+SMS_ENCODING_UNSPECIFIED: SmsEncoding.ValueType  # 0
+"""Not set."""
+SMS_ENCODING_GSM7: SmsEncoding.ValueType  # 1
+"""GSM 03.38 7-bit: 160 characters in one SMS, 153 per segment."""
+SMS_ENCODING_UCS2: SmsEncoding.ValueType  # 2
+"""UCS-2: 70 code units in one SMS, 67 per segment."""
+Global___SmsEncoding: _TypeAlias = SmsEncoding  # noqa: Y015
+
 class _Decision:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -329,6 +353,34 @@ class SegmentExportContent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SegmentExportContent: _TypeAlias = SegmentExportContent  # noqa: Y015
+
+@_typing.final
+class SmsContent(_message.Message):
+    """Content of an SMS campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    DLT_TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    body: _builtins.str
+    """The message: Liquid over the profile (`{{ profile.first_name }}`); 1 to 1,600 characters."""
+    dlt_template_id: _builtins.str
+    """India DLT content template id (19 digits); required to send to +91 numbers through a
+    provider that needs it (Exotel, MSG91, Vonage with an entity id).
+    """
+    def __init__(
+        self,
+        *,
+        body: _builtins.str = ...,
+        dlt_template_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "dlt_template_id", b"dlt_template_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmsContent: _TypeAlias = SmsContent  # noqa: Y015
 
 @_typing.final
 class SendNow(_message.Message):
@@ -716,10 +768,12 @@ class Campaign(_message.Message):
     TARGETING_FIELD_NUMBER: _builtins.int
     DELIVERY_FIELD_NUMBER: _builtins.int
     SEGMENT_EXPORT_FIELD_NUMBER: _builtins.int
+    SMS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    DESTINATION_TYPE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `campaigns/{campaign}`. Output only."""
     display_name: _builtins.str
@@ -730,6 +784,10 @@ class Campaign(_message.Message):
     """Where it is delivered: `destinations/{destination}`; required."""
     failure_reason: _builtins.str
     """Output only; why the campaign is FAILED."""
+    destination_type: _builtins.str
+    """Output only: the kind of its destination (`segment`, `twilio`, `vonage`, `msg91`, `exotel`,
+    `netcore`), set when the campaign is saved.
+    """
     @_builtins.property
     def audience(self) -> Global___Audience:
         """Who receives it; required."""
@@ -751,6 +809,10 @@ class Campaign(_message.Message):
     @_builtins.property
     def segment_export(self) -> Global___SegmentExportContent:
         """For a Segment destination."""
+
+    @_builtins.property
+    def sms(self) -> Global___SmsContent:
+        """For an SMS destination (Twilio, Vonage, MSG91, Exotel or Netcore)."""
 
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
@@ -776,16 +838,18 @@ class Campaign(_message.Message):
         targeting: Global___Targeting | None = ...,
         delivery: Global___DeliveryPreferences | None = ...,
         segment_export: Global___SegmentExportContent | None = ...,
+        sms: Global___SmsContent | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
         failure_reason: _builtins.str = ...,
+        destination_type: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "display_name", b"display_name", "failure_reason", b"failure_reason", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
@@ -1020,7 +1084,7 @@ class UpdateCampaignRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Fields to change: display_name, audience, destination, schedule, targeting, delivery,
-        segment_export (or
+        segment_export, sms (or
         sub-fields of them). Empty changes every field set in `campaign`; `*` replaces them all.
         """
 
@@ -1125,6 +1189,70 @@ class GetCampaignStatsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCampaignStatsRequest: _TypeAlias = GetCampaignStatsRequest  # noqa: Y015
+
+@_typing.final
+class PreviewMessageRequest(_message.Message):
+    """Request for PreviewMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BODY_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    body: _builtins.str
+    """The SMS body to render; 1 to 1,600 characters."""
+    user_id: _builtins.str
+    """The user whose profile fills it in; required."""
+    def __init__(
+        self,
+        *,
+        body: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreviewMessageRequest: _TypeAlias = PreviewMessageRequest  # noqa: Y015
+
+@_typing.final
+class MessagePreview(_message.Message):
+    """Response for PreviewMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    ENCODING_FIELD_NUMBER: _builtins.int
+    CHARACTERS_FIELD_NUMBER: _builtins.int
+    UNITS_FIELD_NUMBER: _builtins.int
+    SEGMENTS_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """The rendered text."""
+    encoding: Global___SmsEncoding.ValueType
+    """Its encoding."""
+    characters: _builtins.int
+    """Characters, as a person counts them."""
+    units: _builtins.int
+    """Septets (GSM-7, extension characters count two) or UTF-16 code units (UCS-2)."""
+    segments: _builtins.int
+    """SMS segments it is sent and charged as."""
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        encoding: Global___SmsEncoding.ValueType = ...,
+        characters: _builtins.int = ...,
+        units: _builtins.int = ...,
+        segments: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["characters", b"characters", "encoding", b"encoding", "segments", b"segments", "text", b"text", "units", b"units"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MessagePreview: _TypeAlias = MessagePreview  # noqa: Y015
 
 @_typing.final
 class ExplainDeliveryRequest(_message.Message):

@@ -81,6 +81,11 @@ class CampaignServiceStub:
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExplainDeliveryRequest.SerializeToString,
                 response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeliveryExplanation.FromString,
                 _registered_method=True)
+        self.PreviewMessage = channel.unary_unary(
+                '/herald.campaign.v1.CampaignService/PreviewMessage',
+                request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.PreviewMessageRequest.SerializeToString,
+                response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.MessagePreview.FromString,
+                _registered_method=True)
 
 
 class CampaignServiceServicer:
@@ -151,6 +156,14 @@ class CampaignServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PreviewMessage(self, request, context):
+        """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
+        and segment count.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CampaignServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -198,6 +211,11 @@ def add_CampaignServiceServicer_to_server(servicer, server):
                     servicer.ExplainDelivery,
                     request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExplainDeliveryRequest.FromString,
                     response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeliveryExplanation.SerializeToString,
+            ),
+            'PreviewMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PreviewMessage,
+                    request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.PreviewMessageRequest.FromString,
+                    response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.MessagePreview.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -444,6 +462,33 @@ class CampaignService:
             '/herald.campaign.v1.CampaignService/ExplainDelivery',
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExplainDeliveryRequest.SerializeToString,
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.DeliveryExplanation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PreviewMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.campaign.v1.CampaignService/PreviewMessage',
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.PreviewMessageRequest.SerializeToString,
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.MessagePreview.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,10 @@ class CampaignServiceStub:
     """Why a user did or did not get a campaign: the decision for them in each run, and the rule
     that made it.
     """
+    PreviewMessage: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.PreviewMessageRequest, _campaign_service_pb2.MessagePreview]
+    """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
+    and segment count.
+    """
 
 @_typing.type_check_only
 class CampaignServiceAsyncStub(CampaignServiceStub):
@@ -79,6 +83,10 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     ExplainDelivery: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.ExplainDeliveryRequest, _campaign_service_pb2.DeliveryExplanation]  # type: ignore[assignment]
     """Why a user did or did not get a campaign: the decision for them in each run, and the rule
     that made it.
+    """
+    PreviewMessage: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.PreviewMessageRequest, _campaign_service_pb2.MessagePreview]  # type: ignore[assignment]
+    """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
+    and segment count.
     """
 
 class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -156,6 +164,16 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_campaign_service_pb2.DeliveryExplanation, _abc.Awaitable[_campaign_service_pb2.DeliveryExplanation]]:
         """Why a user did or did not get a campaign: the decision for them in each run, and the rule
         that made it.
+        """
+
+    @_abc_1.abstractmethod
+    def PreviewMessage(
+        self,
+        request: _campaign_service_pb2.PreviewMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_campaign_service_pb2.MessagePreview, _abc.Awaitable[_campaign_service_pb2.MessagePreview]]:
+        """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
+        and segment count.
         """
 
 def add_CampaignServiceServicer_to_server(servicer: CampaignServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

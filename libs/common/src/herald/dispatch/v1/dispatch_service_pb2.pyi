@@ -30,6 +30,16 @@ class _DestinationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Desti
     """Not set."""
     DESTINATION_TYPE_SEGMENT: _DestinationType.ValueType  # 1
     """Segment HTTP Tracking API."""
+    DESTINATION_TYPE_TWILIO: _DestinationType.ValueType  # 2
+    """Twilio Programmable Messaging (SMS)."""
+    DESTINATION_TYPE_VONAGE: _DestinationType.ValueType  # 3
+    """Vonage (Nexmo) SMS API."""
+    DESTINATION_TYPE_MSG91: _DestinationType.ValueType  # 4
+    """MSG91 flow API (SMS, India)."""
+    DESTINATION_TYPE_EXOTEL: _DestinationType.ValueType  # 5
+    """Exotel SMS API."""
+    DESTINATION_TYPE_NETCORE: _DestinationType.ValueType  # 6
+    """Netcore bulk SMS API."""
 
 class DestinationType(_DestinationType, metaclass=_DestinationTypeEnumTypeWrapper):
     """Kind of destination, derived from its config."""
@@ -38,6 +48,16 @@ DESTINATION_TYPE_UNSPECIFIED: DestinationType.ValueType  # 0
 """Not set."""
 DESTINATION_TYPE_SEGMENT: DestinationType.ValueType  # 1
 """Segment HTTP Tracking API."""
+DESTINATION_TYPE_TWILIO: DestinationType.ValueType  # 2
+"""Twilio Programmable Messaging (SMS)."""
+DESTINATION_TYPE_VONAGE: DestinationType.ValueType  # 3
+"""Vonage (Nexmo) SMS API."""
+DESTINATION_TYPE_MSG91: DestinationType.ValueType  # 4
+"""MSG91 flow API (SMS, India)."""
+DESTINATION_TYPE_EXOTEL: DestinationType.ValueType  # 5
+"""Exotel SMS API."""
+DESTINATION_TYPE_NETCORE: DestinationType.ValueType  # 6
+"""Netcore bulk SMS API."""
 Global___DestinationType: _TypeAlias = DestinationType  # noqa: Y015
 
 @_typing.final
@@ -67,6 +87,211 @@ class SegmentConfig(_message.Message):
 Global___SegmentConfig: _TypeAlias = SegmentConfig  # noqa: Y015
 
 @_typing.final
+class TwilioConfig(_message.Message):
+    """A Twilio account that sends SMS."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_SID_FIELD_NUMBER: _builtins.int
+    AUTH_TOKEN_FIELD_NUMBER: _builtins.int
+    FROM_FIELD_NUMBER: _builtins.int
+    MESSAGING_SERVICE_SID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    account_sid: _builtins.str
+    """`AC` and 32 hex digits; required."""
+    auth_token: _builtins.str
+    """The account's auth token; required. Returned masked."""
+    messaging_service_sid: _builtins.str
+    """`MG` and 32 hex digits: Twilio picks the sender from the service's pool."""
+    endpoint_url: _builtins.str
+    """Base URL; empty is `https://api.twilio.com`."""
+    def __init__(
+        self,
+        *,
+        account_sid: _builtins.str = ...,
+        auth_token: _builtins.str = ...,
+        messaging_service_sid: _builtins.str = ...,
+        endpoint_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "messaging_service_sid", b"messaging_service_sid", "sender", b"sender"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "auth_token", b"auth_token", "endpoint_url", b"endpoint_url", "from", b"from", "messaging_service_sid", b"messaging_service_sid", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_sender: _TypeAlias = _typing.Literal["from", "messaging_service_sid"]  # noqa: Y015
+    _WhichOneofArgType_sender: _TypeAlias = _typing.Literal["sender", b"sender"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_sender) -> _WhichOneofReturnType_sender | None: ...
+
+Global___TwilioConfig: _TypeAlias = TwilioConfig  # noqa: Y015
+
+@_typing.final
+class VonageConfig(_message.Message):
+    """A Vonage (Nexmo) account that sends SMS."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    API_SECRET_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    SIGNATURE_SECRET_FIELD_NUMBER: _builtins.int
+    DLT_ENTITY_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    api_key: _builtins.str
+    """8 characters; required."""
+    api_secret: _builtins.str
+    """16 characters; required. Returned masked."""
+    sender: _builtins.str
+    """An E.164 number (sent without `+`) or an alphanumeric sender id (1-11 characters); required."""
+    signature_secret: _builtins.str
+    """Verifies signed delivery receipts when set. Returned masked."""
+    dlt_entity_id: _builtins.str
+    """India DLT principal entity id (19 digits), sent as `entity-id`."""
+    endpoint_url: _builtins.str
+    """Base URL; empty is `https://rest.nexmo.com`."""
+    def __init__(
+        self,
+        *,
+        api_key: _builtins.str = ...,
+        api_secret: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        signature_secret: _builtins.str = ...,
+        dlt_entity_id: _builtins.str = ...,
+        endpoint_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "api_secret", b"api_secret", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "sender", b"sender", "signature_secret", b"signature_secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VonageConfig: _TypeAlias = VonageConfig  # noqa: Y015
+
+@_typing.final
+class Msg91Config(_message.Message):
+    """An MSG91 account that sends SMS through the flow API."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHKEY_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    ROUTE_FIELD_NUMBER: _builtins.int
+    DLT_ENTITY_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    authkey: _builtins.str
+    """The account's authkey; required. Returned masked."""
+    sender: _builtins.str
+    """DLT-approved sender id: 6 letters; required."""
+    route: _builtins.str
+    """Route, for example `4` (transactional); optional."""
+    dlt_entity_id: _builtins.str
+    """India DLT principal entity id (19 digits)."""
+    endpoint_url: _builtins.str
+    """Base URL; empty is `https://control.msg91.com`."""
+    def __init__(
+        self,
+        *,
+        authkey: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        route: _builtins.str = ...,
+        dlt_entity_id: _builtins.str = ...,
+        endpoint_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authkey", b"authkey", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "route", b"route", "sender", b"sender"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Msg91Config: _TypeAlias = Msg91Config  # noqa: Y015
+
+@_typing.final
+class ExotelConfig(_message.Message):
+    """An Exotel account that sends SMS."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    API_TOKEN_FIELD_NUMBER: _builtins.int
+    ACCOUNT_SID_FIELD_NUMBER: _builtins.int
+    SUBDOMAIN_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    DLT_ENTITY_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    api_key: _builtins.str
+    """API key; required."""
+    api_token: _builtins.str
+    """API token; required. Returned masked."""
+    account_sid: _builtins.str
+    """Account SID; required."""
+    subdomain: _builtins.str
+    """`api.exotel.com` (Singapore) or `api.in.exotel.com` (Mumbai); required."""
+    sender: _builtins.str
+    """ExoPhone or DLT-approved sender header; required."""
+    dlt_entity_id: _builtins.str
+    """India DLT principal entity id (19 digits); required for India."""
+    endpoint_url: _builtins.str
+    """Base URL replacing `https://{subdomain}`; empty for the real one."""
+    def __init__(
+        self,
+        *,
+        api_key: _builtins.str = ...,
+        api_token: _builtins.str = ...,
+        account_sid: _builtins.str = ...,
+        subdomain: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        dlt_entity_id: _builtins.str = ...,
+        endpoint_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "api_key", b"api_key", "api_token", b"api_token", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "sender", b"sender", "subdomain", b"subdomain"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExotelConfig: _TypeAlias = ExotelConfig  # noqa: Y015
+
+@_typing.final
+class NetcoreConfig(_message.Message):
+    """A Netcore account that sends SMS through its bulk push API."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEED_ID_FIELD_NUMBER: _builtins.int
+    USERNAME_FIELD_NUMBER: _builtins.int
+    PASSWORD_FIELD_NUMBER: _builtins.int
+    SENDER_FIELD_NUMBER: _builtins.int
+    DLT_ENTITY_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    feed_id: _builtins.str
+    """Feed id; required."""
+    username: _builtins.str
+    """Username (the registered mobile number); required."""
+    password: _builtins.str
+    """Password; required. Returned masked."""
+    sender: _builtins.str
+    """DLT-approved sender id: 6 letters; required."""
+    dlt_entity_id: _builtins.str
+    """India DLT principal entity id (19 digits)."""
+    endpoint_url: _builtins.str
+    """Base URL; empty is `https://bulkpush.mytoday.com`."""
+    def __init__(
+        self,
+        *,
+        feed_id: _builtins.str = ...,
+        username: _builtins.str = ...,
+        password: _builtins.str = ...,
+        sender: _builtins.str = ...,
+        dlt_entity_id: _builtins.str = ...,
+        endpoint_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "feed_id", b"feed_id", "password", b"password", "sender", b"sender", "username", b"username"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NetcoreConfig: _TypeAlias = NetcoreConfig  # noqa: Y015
+
+@_typing.final
 class Destination(_message.Message):
     """Where campaign messages go."""
 
@@ -76,6 +301,11 @@ class Destination(_message.Message):
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     SEGMENT_FIELD_NUMBER: _builtins.int
+    TWILIO_FIELD_NUMBER: _builtins.int
+    VONAGE_FIELD_NUMBER: _builtins.int
+    MSG91_FIELD_NUMBER: _builtins.int
+    EXOTEL_FIELD_NUMBER: _builtins.int
+    NETCORE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `destinations/{destination}`. Output only."""
@@ -88,6 +318,26 @@ class Destination(_message.Message):
         """Segment export."""
 
     @_builtins.property
+    def twilio(self) -> Global___TwilioConfig:
+        """SMS through Twilio."""
+
+    @_builtins.property
+    def vonage(self) -> Global___VonageConfig:
+        """SMS through Vonage."""
+
+    @_builtins.property
+    def msg91(self) -> Global___Msg91Config:
+        """SMS through MSG91."""
+
+    @_builtins.property
+    def exotel(self) -> Global___ExotelConfig:
+        """SMS through Exotel."""
+
+    @_builtins.property
+    def netcore(self) -> Global___NetcoreConfig:
+        """SMS through Netcore."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
@@ -98,13 +348,18 @@ class Destination(_message.Message):
         display_name: _builtins.str = ...,
         type: Global___DestinationType.ValueType = ...,
         segment: Global___SegmentConfig | None = ...,
+        twilio: Global___TwilioConfig | None = ...,
+        vonage: Global___VonageConfig | None = ...,
+        msg91: Global___Msg91Config | None = ...,
+        exotel: Global___ExotelConfig | None = ...,
+        netcore: Global___NetcoreConfig | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "segment", b"segment"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "exotel", b"exotel", "msg91", b"msg91", "netcore", b"netcore", "segment", b"segment", "twilio", b"twilio", "vonage", b"vonage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "name", b"name", "segment", b"segment", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "segment", b"segment", "twilio", b"twilio", "type", b"type", "vonage", b"vonage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment"]  # noqa: Y015
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment", "twilio", "vonage", "msg91", "exotel", "netcore"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
 

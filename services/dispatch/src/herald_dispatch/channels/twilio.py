@@ -1,0 +1,167 @@
+"""SMS through Twilio Programmable Messaging: one form POST per message to
+/2010-04-01/Accounts/{AccountSid}/Messages.json with Basic auth (Account SID and auth token).
+
+Twilio has no idempotency key, so a request whose answer was lost (a timeout, a dropped
+connection after sending) is not sent again: its delivery is reported UNKNOWN. A 429 (error 20429)
+is never processed and is retried with backoff; other answers are final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from google.protobuf.message import Message
+
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
+from herald.events.v1 import events_pb2 as events
+from herald_common import channels, personalization
+from herald_common.errors import Validator
+from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext, mask_secret
+from herald_dispatch.retry import backoff_seconds, retry_after_seconds
+
+KIND = channels.for_config("twilio")
+DEFAULT_ENDPOINT = "https://api.twilio.com"
+ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
+MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-f]{32}$")
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+# Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
+ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
+REQUEST_TIMEOUT_SECONDS = 15.0
+# Messages of one batch in flight at once (Twilio limits concurrent requests per account).
+CONCURRENT_REQUESTS = 16
+# A throttled message is retried for this long before it fails.
+MAX_THROTTLED_SECONDS = 3600.0
+
+
+def sender_problem(sender: str) -> str | None:
+    """Why a `From` cannot be a Twilio sender, or None."""
+    if E164.match(sender) or ALPHANUMERIC_SENDER.match(sender):
+        return None
+    return "an E.164 number (+14155550100) or 1-11 letters, digits and spaces with a letter"
+
+
+def _error(status: int, text: str) -> str:
+    """Twilio's error code and message, short, from its JSON answer."""
+    try:
+        body: Any = json.loads(text)
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    code = body.get("code", "")
+    message = str(body.get("message", ""))[:160]
+    return f"twilio {status}" + (f" error {code}" if code else "") + (f": {message}" if message else "")
+
+
+class TwilioChannel:
+    kind = KIND
+    resend_unknown = False  # Twilio sends twice what is posted twice
+    requests_per_second = 100
+
+    def __init__(
+        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
+    ) -> None:
+        self.http = http
+        self.max_throttled_seconds = max_throttled_seconds
+        self.timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
+
+    def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
+        assert isinstance(config, pb.TwilioConfig)
+        check.require(
+            bool(ACCOUNT_SID.match(config.account_sid)),
+            f"{field}.account_sid",
+            "AC followed by 32 hex digits",
+        )
+        check.require(
+            bool(config.auth_token.strip()) and len(config.auth_token) <= 200,
+            f"{field}.auth_token",
+            "required",
+        )
+        sender = config.WhichOneof("sender")
+        if sender == "from":
+            problem = sender_problem(getattr(config, "from"))
+            if problem:
+                check.add(f"{field}.from", problem)
+        elif sender == "messaging_service_sid":
+            check.require(
+                bool(MESSAGING_SERVICE_SID.match(config.messaging_service_sid)),
+                f"{field}.messaging_service_sid",
+                "MG followed by 32 hex digits",
+            )
+        else:
+            check.add(f"{field}.sender", "required: from or messaging_service_sid")
+        return [config.endpoint_url or DEFAULT_ENDPOINT]
+
+    def mask(self, config: Message) -> None:
+        assert isinstance(config, pb.TwilioConfig)
+        config.auth_token = mask_secret(config.auth_token)
+
+    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
+        config = context.destination.twilio
+        body = context.campaign.sms.body
+        limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
+
+        async def one(recipient: events.Recipient) -> Outcome:
+            profile = json.loads(recipient.attributes_json or b"{}")
+            phone = profile.get("phone") if isinstance(profile, dict) else None
+            if not isinstance(phone, str) or not E164.match(phone):
+                return Outcome(recipient, SKIPPED, 0, "no phone number")
+            try:
+                text = personalization.render(body, profile)
+            except personalization.PersonalizationError as error:
+                return Outcome(recipient, FAILED, 0, f"personalization failed: {error}")
+            if not text.strip():
+                return Outcome(recipient, FAILED, 0, "the rendered message is empty")
+            async with limit:
+                return await self._send(context, config, recipient, phone, text)
+
+        return list(await asyncio.gather(*(one(r) for r in recipients)))
+
+    async def _send(
+        self,
+        context: SendContext,
+        config: pb.TwilioConfig,
+        recipient: events.Recipient,
+        phone: str,
+        text: str,
+    ) -> Outcome:
+        base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
+        url = f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
+        form = {"To": phone, "Body": text}
+        if config.WhichOneof("sender") == "messaging_service_sid":
+            form["MessagingServiceSid"] = config.messaging_service_sid
+        else:
+            form["From"] = getattr(config, "from")
+        credentials = base64.b64encode(f"{config.account_sid}:{config.auth_token}".encode()).decode()
+        headers = {"Accept": "application/json", "Authorization": f"Basic {credentials}"}
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            if not await context.wanted():
+                return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
+            await context.permit()
+            attempts += 1
+            try:
+                async with self.http.post(url, data=form, headers=headers, timeout=self.timeout) as response:
+                    status = response.status
+                    answer = await response.text()
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+            except (TimeoutError, aiohttp.ClientError) as error:
+                # The message may have been created: Twilio would send a second one.
+                reason = f"no answer from Twilio ({type(error).__name__}); it may have been sent"
+                return Outcome(recipient, UNKNOWN, attempts, reason)
+            if status in (200, 201):
+                await context.waiting(None)
+                return Outcome(recipient, SENT, attempts)
+            if status != 429 or time.monotonic() - started > self.max_throttled_seconds:
+                return Outcome(recipient, FAILED, attempts, _error(status, answer))
+            # Error 20429: never processed, always safe to retry.
+            await context.waiting("Twilio is throttling requests (429); retrying")
+            await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))

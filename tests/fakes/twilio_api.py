@@ -1,0 +1,136 @@
+"""A local stand-in for Twilio's Programmable Messaging API, faithful to its documented behaviour:
+
+- POST /2010-04-01/Accounts/{AccountSid}/Messages.json, form-encoded, HTTP Basic auth with the
+  Account SID and auth token (401, error 20003, otherwise; 404 error 20404 for another account's
+  path);
+- `To` must be E.164 (400, error 21211), `From` or `MessagingServiceSid` is required (400, error
+  21603), `Body` is required and at most 1,600 characters (400, errors 21602 and 21617);
+- 201 Created with the Message JSON (`sid` SM..., `status` queued, `num_segments`, ...);
+- 429 with error 20429 past a concurrency limit or on demand: never processed;
+- no de-duplication: what is posted twice is sent twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from herald_common.sms import measure
+
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+
+
+@dataclass
+class SentMessage:
+    sid: str
+    to: str
+    sender: str
+    body: str
+
+
+@dataclass
+class TwilioApi:
+    account_sid: str
+    auth_token: str
+    # Requests handled at once before 429s (None: unlimited).
+    max_concurrent: int | None = None
+    messages: list[SentMessage] = field(default_factory=list)
+    refused: list[tuple[int, int]] = field(default_factory=list)  # (HTTP status, Twilio error code)
+    url: str = ""
+    _forced: list[int] = field(default_factory=list)
+    _in_flight: int = 0
+    _runner: web.AppRunner | None = None
+
+    def throttle_next(self, count: int) -> None:
+        """Answers the next `count` requests with 429 (error 20429)."""
+        self._forced.extend([429] * count)
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _error(self, status: int, code: int, message: str) -> web.Response:
+        self.refused.append((status, code))
+        return web.json_response(
+            {
+                "code": code,
+                "message": message,
+                "more_info": f"https://www.twilio.com/docs/errors/{code}",
+                "status": status,
+            },
+            status=status,
+        )
+
+    def _authenticated(self, request: web.Request) -> bool:
+        header = request.headers.get("Authorization", "")
+        if not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except ValueError:
+            return False
+        return (user, password) == (self.account_sid, self.auth_token)
+
+    async def _create(self, request: web.Request) -> web.Response:
+        if not self._authenticated(request):
+            return self._error(401, 20003, "Authenticate")
+        if request.match_info["sid"] != self.account_sid:
+            return self._error(404, 20404, "The requested resource was not found")
+        if self._forced:
+            self._forced.pop(0)
+            return self._error(429, 20429, "Too Many Requests")
+        if self.max_concurrent is not None and self._in_flight >= self.max_concurrent:
+            return self._error(429, 20429, "Too Many Requests")
+        self._in_flight += 1
+        try:
+            await asyncio.sleep(0)  # others may arrive while this one is handled
+            form = await request.post()
+            return self._accept({k: str(v) for k, v in form.items()})
+        finally:
+            self._in_flight -= 1
+
+    def _accept(self, form: dict[str, str]) -> web.Response:
+        to, body = form.get("To", ""), form.get("Body", "")
+        sender = form.get("From") or form.get("MessagingServiceSid", "")
+        if not E164.match(to):
+            return self._error(400, 21211, f"The 'To' number {to} is not a valid phone number.")
+        if not sender:
+            return self._error(400, 21603, "A 'From' or 'MessagingServiceSid' parameter is required")
+        if not body:
+            return self._error(400, 21602, "Message body is required.")
+        if len(body) > 1600:
+            return self._error(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
+        sid = "SM" + uuid.uuid4().hex
+        self.messages.append(SentMessage(sid, to, sender, body))
+        answer: dict[str, Any] = {
+            "sid": sid,
+            "account_sid": self.account_sid,
+            "to": to,
+            "from": form.get("From"),
+            "messaging_service_sid": form.get("MessagingServiceSid"),
+            "body": body,
+            "status": "queued",
+            "num_segments": str(measure(body).segments),
+            "direction": "outbound-api",
+            "error_code": None,
+            "error_message": None,
+            "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
+        }
+        return web.json_response(answer, status=201)

@@ -1,0 +1,257 @@
+"""SMS campaigns through Twilio, end to end through the public API against a faithful fake of
+Twilio's Messages API: rendering, who is reachable, throttling, previews and bad input."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from tests.conftest import Platform, eventually
+from tests.fakes.twilio_api import TwilioApi
+from tests.harness import Clients, create_account
+from tests.helpers import condition, create_segment, create_segment_destination, field_violations, user
+
+ACCOUNT_SID = "AC" + "0" * 31 + "1"
+AUTH_TOKEN = "f" * 32
+BODY = "Hi {{ profile.first_name | default: 'there' }}, your code is {{ profile.code }}"
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[TwilioApi]:
+    fake = TwilioApi(ACCOUNT_SID, AUTH_TOKEN)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+@dataclass
+class SmsAccount:
+    clients: Clients
+    segment: str
+    destination: str
+    tag: str
+
+
+@pytest.fixture
+async def account(platform: Platform, twilio: TwilioApi) -> AsyncIterator[SmsAccount]:
+    """An account of its own: 30 users with phones, 5 without, 3 who unsubscribed from SMS."""
+    _, key = await create_account(platform.address("campaign"), platform.settings.bootstrap_token, "sms")
+    clients = Clients.open(platform.addresses, key)
+    tag = uuid.uuid4().hex[:8]
+    users = []
+    for i in range(38):
+        member = user(f"{tag}-{i:02d}", cohort=tag, code=f"C{i:02d}")
+        if i % 2 == 0:
+            member.properties.update({"first_name": f"Ana{i}"})
+        if i < 33:
+            member.phone = f"+1415555{i:04d}"
+        member.subscriptions.sms_unsubscribed = 30 <= i < 33
+        users.append(member)
+    await clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=users))
+    segment = await create_segment(clients, condition("cohort", "EQUALS", tag))
+    destination = await clients.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(
+                display_name="Twilio US",
+                twilio=dispatch_pb.TwilioConfig(
+                    account_sid=ACCOUNT_SID,
+                    auth_token=AUTH_TOKEN,
+                    endpoint_url=twilio.url,
+                    **{"from": "+14155550000"},
+                ),
+            )
+        )
+    )
+    yield SmsAccount(clients, segment.name, destination.name, tag)
+    await clients.close()
+
+
+def _sms_campaign(account: SmsAccount, body: str = BODY, **fields: object) -> campaign_pb.Campaign:
+    campaign = campaign_pb.Campaign(
+        display_name="Weekend offer",
+        audience=campaign_pb.Audience(segment=account.segment),
+        destination=account.destination,
+        schedule=campaign_pb.Schedule(send_now=campaign_pb.SendNow()),
+        sms=campaign_pb.SmsContent(body=body),
+    )
+    for key, value in fields.items():
+        getattr(campaign, key).CopyFrom(value)
+    return campaign
+
+
+async def _send(account: SmsAccount, campaign: campaign_pb.Campaign) -> str:
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    assert created.destination_type == "twilio"
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    return created.name
+
+
+async def _completed(account: SmsAccount, name: str) -> campaign_pb.CampaignStats:
+    async def done() -> bool:
+        got = await account.clients.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))
+        return got.state == campaign_pb.State.STATE_COMPLETED
+
+    await eventually(done)
+    return await account.clients.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+    )
+
+
+async def test_an_sms_campaign_reaches_every_reachable_user_once_through_twilio(
+    account: SmsAccount, twilio: TwilioApi
+) -> None:
+    twilio.throttle_next(5)  # ridden out: a 429 from Twilio is never processed
+    name = await _send(account, _sms_campaign(account))
+    stats = await _completed(account, name)
+    # 30 with a phone and still subscribed; 3 unsubscribed and 5 without a phone are not reachable.
+    assert (stats.sent, stats.failed, stats.skipped) == (30, 0, 8)
+    assert {r.reason: r.count for r in stats.failure_reasons} == {"not reachable on the channel": 8}
+    assert sorted(m.to for m in twilio.messages) == [f"+1415555{i:04d}" for i in range(30)]
+    bodies = {m.to: m.body for m in twilio.messages}
+    assert bodies["+14155550000"] == "Hi Ana0, your code is C00"
+    assert bodies["+14155550001"] == "Hi there, your code is C01"
+    assert {m.sender for m in twilio.messages} == {"+14155550000"}
+    assert [status for status, _ in twilio.refused] == [429] * 5
+    explained = await account.clients.campaigns.ExplainDelivery(
+        campaign_pb.ExplainDeliveryRequest(campaign=name, user_id=f"{account.tag}-36")
+    )
+    assert [(d.decision, d.rule) for d in explained.decisions] == [
+        (campaign_pb.DECISION_SKIPPED, campaign_pb.RULE_NOT_REACHABLE)
+    ]
+
+
+async def test_messages_twilio_refuses_fail_with_its_error(account: SmsAccount, twilio: TwilioApi) -> None:
+    # A body that renders past 1,600 characters for one user: Twilio answers error 21617.
+    long_code = user(f"{account.tag}-00", cohort=account.tag, code="x" * 1600)
+    long_code.phone = "+14155550000"
+    await account.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[long_code]))
+    name = await _send(account, _sms_campaign(account))
+    stats = await _completed(account, name)
+    assert (stats.sent, stats.failed) == (29, 1)
+    [failure] = [r for r in stats.failure_reasons if r.reason.startswith("twilio")]
+    assert failure.reason.startswith("twilio 400 error 21617")
+    assert list(failure.example_user_ids) == [f"{account.tag}-00"]
+
+
+async def test_preview_renders_the_body_for_a_user_with_its_encoding_and_segments(
+    account: SmsAccount,
+) -> None:
+    preview = await account.clients.campaigns.PreviewMessage(
+        campaign_pb.PreviewMessageRequest(body=BODY, user_id=f"{account.tag}-02")
+    )
+    assert (preview.text, preview.encoding, preview.characters, preview.segments) == (
+        "Hi Ana2, your code is C02",
+        campaign_pb.SMS_ENCODING_GSM7,
+        25,
+        1,
+    )
+    emoji = await account.clients.campaigns.PreviewMessage(
+        campaign_pb.PreviewMessageRequest(
+            body="{{ profile.code }} \U0001f381" * 10, user_id=f"{account.tag}-02"
+        )
+    )
+    assert (emoji.encoding, emoji.characters, emoji.units, emoji.segments) == (
+        campaign_pb.SMS_ENCODING_UCS2,
+        50,
+        60,
+        1,
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await account.clients.campaigns.PreviewMessage(
+            campaign_pb.PreviewMessageRequest(body=BODY, user_id="nobody-at-all")
+        )
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as broken:
+        await account.clients.campaigns.PreviewMessage(
+            campaign_pb.PreviewMessageRequest(body="{{ profile.code ", user_id=f"{account.tag}-02")
+        )
+    assert broken.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "body" in field_violations(broken.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        (campaign_pb.SmsContent(body="{% if %}"), "campaign.sms.body"),
+        (campaign_pb.SmsContent(body="   "), "campaign.sms.body"),
+        (campaign_pb.SmsContent(body="a" * 1601), "campaign.sms.body"),
+        (campaign_pb.SmsContent(body="hello", dlt_template_id="12345"), "campaign.sms.dlt_template_id"),
+    ],
+)
+async def test_bad_sms_content_names_the_field_and_writes_nothing(
+    account: SmsAccount, content: campaign_pb.SmsContent, field: str
+) -> None:
+    campaign = _sms_campaign(account)
+    campaign.sms.CopyFrom(content)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await account.clients.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in field_violations(raised.value)
+    assert not (await account.clients.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest())).campaigns
+
+
+async def test_sms_content_needs_an_sms_destination(account: SmsAccount, twilio: TwilioApi) -> None:
+    segment_destination = await create_segment_destination(account.clients, twilio.url, "wk_x")
+    campaign = _sms_campaign(account)
+    campaign.destination = segment_destination.name
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await account.clients.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "DESTINATION_TYPE_TWILIO" in field_violations(raised.value)["campaign.sms"]
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [
+        (
+            dispatch_pb.TwilioConfig(account_sid="AC123", auth_token=AUTH_TOKEN, **{"from": "+14155550000"}),
+            "account_sid",
+        ),
+        (dispatch_pb.TwilioConfig(account_sid=ACCOUNT_SID, **{"from": "+14155550000"}), "auth_token"),
+        (dispatch_pb.TwilioConfig(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN), "sender"),
+        (
+            dispatch_pb.TwilioConfig(
+                account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, **{"from": "TooLongSender1"}
+            ),
+            "from",
+        ),
+        (
+            dispatch_pb.TwilioConfig(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, **{"from": "12345"}),
+            "from",
+        ),
+        (
+            dispatch_pb.TwilioConfig(
+                account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, messaging_service_sid="MGxyz"
+            ),
+            "messaging_service_sid",
+        ),
+    ],
+)
+async def test_bad_twilio_destinations_name_the_field(
+    account: SmsAccount, config: dispatch_pb.TwilioConfig, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await account.clients.dispatch.CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(display_name="t", twilio=config)
+            )
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"destination.twilio.{field}" in field_violations(raised.value)
+
+
+async def test_a_twilio_destination_never_shows_its_token(account: SmsAccount) -> None:
+    got = await account.clients.dispatch.GetDestination(
+        dispatch_pb.GetDestinationRequest(name=account.destination)
+    )
+    assert got.type == dispatch_pb.DESTINATION_TYPE_TWILIO
+    assert got.twilio.auth_token.endswith(AUTH_TOKEN[-4:]) and AUTH_TOKEN not in got.twilio.auth_token
