@@ -1,5 +1,5 @@
-"""SMS campaigns through Twilio, end to end through the public API against a faithful fake of
-Twilio's Messages API: rendering, who is reachable, throttling, previews and bad input."""
+"""SMS campaigns end to end through the public API, against faithful fakes of the providers'
+APIs (Twilio, Vonage): rendering, who is reachable, throttling, previews and bad input."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from tests.conftest import Platform, eventually
 from tests.fakes.twilio_api import TwilioApi
+from tests.fakes.vonage_api import VonageApi
 from tests.harness import Clients, create_account
 from tests.helpers import condition, create_segment, create_segment_destination, field_violations, user
 
@@ -255,3 +256,90 @@ async def test_a_twilio_destination_never_shows_its_token(account: SmsAccount) -
     )
     assert got.type == dispatch_pb.DESTINATION_TYPE_TWILIO
     assert got.twilio.auth_token.endswith(AUTH_TOKEN[-4:]) and AUTH_TOKEN not in got.twilio.auth_token
+
+
+VONAGE_KEY, VONAGE_SECRET = "a1b2c3d4", "s3cr3tS3cr3tAbCd"
+
+
+@pytest.fixture
+async def vonage() -> AsyncIterator[VonageApi]:
+    fake = VonageApi(VONAGE_KEY, VONAGE_SECRET, max_per_second=30)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+async def _vonage_destination(account: SmsAccount, vonage: VonageApi, **fields: str) -> str:
+    config = dispatch_pb.VonageConfig(
+        api_key=VONAGE_KEY, api_secret=VONAGE_SECRET, sender="Herald", endpoint_url=vonage.url, **fields
+    )
+    created = await account.clients.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(display_name="Vonage", vonage=config)
+        )
+    )
+    return created.name
+
+
+async def test_an_sms_campaign_through_vonage_slows_down_when_throttled_and_sends_each_once(
+    account: SmsAccount, vonage: VonageApi
+) -> None:
+    vonage.throttle_next(10)  # status "1": slowed down and sent again, not failed
+    campaign = _sms_campaign(account, body="{{ profile.code }}: 20% off today \U0001f381")
+    campaign.destination = await _vonage_destination(account, vonage, dlt_entity_id="1101611580000043694")
+    campaign.sms.dlt_template_id = "1107172768973504659"
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    assert created.destination_type == "vonage"
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    stats = await _completed(account, created.name)
+    assert (stats.sent, stats.failed, stats.skipped) == (30, 0, 8)
+    assert sorted(m.to for m in vonage.messages) == [f"1415555{i:04d}" for i in range(30)]  # E.164 without +
+    assert vonage.statuses.count("1") >= 10
+    refs = [m.client_ref for m in vonage.messages]
+    assert len(set(refs)) == 30 and all(len(r) == 36 for r in refs)  # each delivery id once
+    first = next(m for m in vonage.messages if m.to == "14155550003")
+    assert (first.text, first.type, first.sender) == ("C03: 20% off today \U0001f381", "unicode", "Herald")
+    assert first.extra == {"entity-id": "1101611580000043694", "content-id": "1107172768973504659"}
+
+
+async def test_vonage_refusals_fail_with_its_status(account: SmsAccount, vonage: VonageApi) -> None:
+    vonage.api_secret = "ChangedSecret123"  # the destination's secret no longer works: status 4
+    campaign = _sms_campaign(account)
+    campaign.destination = await _vonage_destination(account, vonage)
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    stats = await _completed(account, created.name)
+    assert (stats.sent, stats.failed) == (0, 30)
+    assert {r.reason for r in stats.failure_reasons if r.reason.startswith("vonage")} == {
+        "vonage status 4: Bad Credentials"
+    }
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"api_key": "short"}, "api_key"),
+        ({"api_secret": "not-sixteen"}, "api_secret"),
+        ({"sender": "Way Too Long Sender"}, "sender"),
+        ({"sender": ""}, "sender"),
+        ({"dlt_entity_id": "110161158"}, "dlt_entity_id"),
+    ],
+)
+async def test_bad_vonage_destinations_name_the_field(
+    account: SmsAccount, fields: dict[str, str], field: str
+) -> None:
+    config = dispatch_pb.VonageConfig(api_key=VONAGE_KEY, api_secret=VONAGE_SECRET, sender="Herald")
+    for key, value in fields.items():
+        setattr(config, key, value)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await account.clients.dispatch.CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(display_name="v", vonage=config)
+            )
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"destination.vonage.{field}" in field_violations(raised.value)

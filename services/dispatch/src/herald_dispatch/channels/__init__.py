@@ -83,6 +83,7 @@ def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
     """Every channel, by destination type, sending through `http`."""
     from herald_dispatch.channels.segment import SegmentChannel
     from herald_dispatch.channels.twilio import TwilioChannel
+    from herald_dispatch.channels.vonage import VonageChannel
 
-    channels: list[Channel] = [SegmentChannel(http), TwilioChannel(http)]
+    channels: list[Channel] = [SegmentChannel(http), TwilioChannel(http), VonageChannel(http)]
     return {channel.kind.destination_type: channel for channel in channels}

@@ -21,21 +21,17 @@ from google.protobuf.message import Message
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
-from herald_common import channels, personalization
+from herald_common import channels
 from herald_common.errors import Validator
 from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext, mask_secret
+from herald_dispatch.channels.sms import ALPHANUMERIC_SENDER, E164, send_each
 from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 
 KIND = channels.for_config("twilio")
 DEFAULT_ENDPOINT = "https://api.twilio.com"
 ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
 MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-f]{32}$")
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-# Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
-ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
 REQUEST_TIMEOUT_SECONDS = 15.0
-# Messages of one batch in flight at once (Twilio limits concurrent requests per account).
-CONCURRENT_REQUESTS = 16
 # A throttled message is retried for this long before it fails.
 MAX_THROTTLED_SECONDS = 3600.0
 
@@ -105,24 +101,11 @@ class TwilioChannel:
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
         config = context.destination.twilio
-        body = context.campaign.sms.body
-        limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
 
-        async def one(recipient: events.Recipient) -> Outcome:
-            profile = json.loads(recipient.attributes_json or b"{}")
-            phone = profile.get("phone") if isinstance(profile, dict) else None
-            if not isinstance(phone, str) or not E164.match(phone):
-                return Outcome(recipient, SKIPPED, 0, "no phone number")
-            try:
-                text = personalization.render(body, profile)
-            except personalization.PersonalizationError as error:
-                return Outcome(recipient, FAILED, 0, f"personalization failed: {error}")
-            if not text.strip():
-                return Outcome(recipient, FAILED, 0, "the rendered message is empty")
-            async with limit:
-                return await self._send(context, config, recipient, phone, text)
+        async def send(recipient: events.Recipient, phone: str, text: str) -> Outcome:
+            return await self._send(context, config, recipient, phone, text)
 
-        return list(await asyncio.gather(*(one(r) for r in recipients)))
+        return await send_each(context, recipients, send)
 
     async def _send(
         self,

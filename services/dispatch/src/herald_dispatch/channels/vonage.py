@@ -1,0 +1,154 @@
+"""SMS through the Vonage (Nexmo) SMS API: one form POST per message to /sms/json with the
+account's api_key and api_secret in the body.
+
+Vonage answers 200 to almost everything and puts the outcome in each message part's `status`:
+"0" accepted; "1" throttled (sent faster than the account's 30 requests per second), which waits
+and tries again without counting against the message; any other status is final, with Vonage's
+error text. Vonage has no idempotency key: a request whose answer was lost is reported UNKNOWN,
+not sent again. The delivery id goes out as `client-ref`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from google.protobuf.message import Message
+
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
+from herald.events.v1 import events_pb2 as events
+from herald_common import channels, sms
+from herald_common.errors import Validator
+from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext, mask_secret
+from herald_dispatch.channels.sms import ALPHANUMERIC_SENDER, send_each
+from herald_dispatch.retry import backoff_seconds, retry_after_seconds
+
+KIND = channels.for_config("vonage")
+DEFAULT_ENDPOINT = "https://rest.nexmo.com"
+API_KEY = re.compile(r"^[A-Za-z0-9]{8}$")
+API_SECRET = re.compile(r"^[A-Za-z0-9]{16}$")
+NUMBER_SENDER = re.compile(r"^\+?[1-9]\d{6,14}$")
+REQUEST_TIMEOUT_SECONDS = 15.0
+# A throttled message waits this long in all before it fails.
+MAX_THROTTLED_SECONDS = 3600.0
+THROTTLED = "1"
+
+
+def sender_problem(sender: str) -> str | None:
+    if NUMBER_SENDER.match(sender) or ALPHANUMERIC_SENDER.match(sender):
+        return None
+    return "an E.164 number or 1-11 letters, digits and spaces with a letter"
+
+
+def _parts(text: str) -> list[dict[str, Any]]:
+    try:
+        body: Any = json.loads(text)
+    except ValueError:
+        return []
+    parts = body.get("messages") if isinstance(body, dict) else None
+    return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
+
+
+class VonageChannel:
+    kind = KIND
+    resend_unknown = False  # Vonage sends twice what is posted twice
+    requests_per_second = 30  # every Vonage API key's default limit
+
+    def __init__(
+        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
+    ) -> None:
+        self.http = http
+        self.max_throttled_seconds = max_throttled_seconds
+        self.timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
+
+    def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
+        assert isinstance(config, pb.VonageConfig)
+        check.require(bool(API_KEY.match(config.api_key)), f"{field}.api_key", "8 letters and digits")
+        check.require(
+            bool(API_SECRET.match(config.api_secret)), f"{field}.api_secret", "16 letters and digits"
+        )
+        problem = sender_problem(config.sender)
+        if problem:
+            check.add(f"{field}.sender", problem)
+        check.require(
+            len(config.signature_secret) <= 200, f"{field}.signature_secret", "at most 200 characters"
+        )
+        if config.dlt_entity_id:
+            check.require(sms.is_dlt_id(config.dlt_entity_id), f"{field}.dlt_entity_id", "19 digits")
+        return [config.endpoint_url or DEFAULT_ENDPOINT]
+
+    def mask(self, config: Message) -> None:
+        assert isinstance(config, pb.VonageConfig)
+        config.api_secret = mask_secret(config.api_secret)
+        if config.signature_secret:
+            config.signature_secret = mask_secret(config.signature_secret)
+
+    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
+        async def send(recipient: events.Recipient, phone: str, text: str) -> Outcome:
+            return await self._send(context, recipient, phone, text)
+
+        return await send_each(context, recipients, send)
+
+    def _form(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
+    ) -> dict[str, str]:
+        config = context.destination.vonage
+        form = {
+            "api_key": config.api_key,
+            "api_secret": config.api_secret,
+            "from": config.sender.removeprefix("+"),
+            "to": phone.removeprefix("+"),
+            "text": text,
+            "type": "unicode" if sms.measure(text).encoding is sms.Encoding.UCS2 else "text",
+            "client-ref": recipient.delivery_id,
+        }
+        if config.dlt_entity_id:
+            form["entity-id"] = config.dlt_entity_id
+        if context.campaign.sms.dlt_template_id:
+            form["content-id"] = context.campaign.sms.dlt_template_id
+        return form
+
+    async def _send(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
+    ) -> Outcome:
+        config = context.destination.vonage
+        url = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/") + "/sms/json"
+        form = self._form(context, recipient, phone, text)
+        started = time.monotonic()
+        attempts = 0
+        while True:
+            if not await context.wanted():
+                return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
+            await context.permit()
+            attempts += 1
+            try:
+                async with self.http.post(
+                    url, data=form, headers={"Accept": "application/json"}, timeout=self.timeout
+                ) as response:
+                    status = response.status
+                    answer = await response.text()
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+            except (TimeoutError, aiohttp.ClientError) as error:
+                reason = f"no answer from Vonage ({type(error).__name__}); it may have been sent"
+                return Outcome(recipient, UNKNOWN, attempts, reason)
+            parts = _parts(answer) if status == 200 else []
+            throttled = status == 429 or any(p.get("status") == THROTTLED for p in parts)
+            if throttled and time.monotonic() - started <= self.max_throttled_seconds:
+                # Slowing down, not failing: the message was not accepted and is sent again.
+                await context.waiting("Vonage is throttling (status 1); slowing down")
+                await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))
+                continue
+            if status != 200 or not parts:
+                return Outcome(recipient, FAILED, attempts, f"vonage answered HTTP {status}")
+            refused = [p for p in parts if p.get("status") != "0"]
+            if refused:
+                first = refused[0]
+                reason = f"vonage status {first.get('status')}: {str(first.get('error-text', ''))[:160]}"
+                return Outcome(recipient, FAILED, attempts, reason)
+            await context.waiting(None)
+            return Outcome(recipient, SENT, attempts)
