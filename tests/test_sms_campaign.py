@@ -343,3 +343,38 @@ async def test_bad_vonage_destinations_name_the_field(
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"destination.vonage.{field}" in field_violations(raised.value)
+
+
+async def test_publishing_to_india_through_a_dlt_provider_needs_the_template_id(
+    account: SmsAccount, vonage: VonageApi
+) -> None:
+    destination = await _vonage_destination(account, vonage, dlt_entity_id="1101611580000043694")
+    campaign = _sms_campaign(account)
+    campaign.destination = destination
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    # Nobody in the audience has a +91 number yet: no DLT template needed.
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+
+    indian = user(f"{account.tag}-in", cohort=account.tag, code="IN1")
+    indian.phone = "+919812345678"
+    await account.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[indian]))
+    second = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=second.name))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "campaign.sms.dlt_template_id" in (raised.value.details() or "")
+    got = await account.clients.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=second.name))
+    assert got.state == campaign_pb.State.STATE_DRAFT
+
+    campaign.sms.dlt_template_id = "1107172768973504659"
+    third = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    published = await account.clients.campaigns.PublishCampaign(
+        campaign_pb.PublishCampaignRequest(name=third.name)
+    )
+    assert published.state == campaign_pb.State.STATE_SCHEDULED

@@ -60,6 +60,8 @@ _UPDATABLE = {
     "sms",
 }
 MAX_CONTROL_PERCENT = 90
+# SMS providers that always carry India DLT ids (Vonage does when its destination has an entity id).
+DLT_PROVIDERS = {"exotel", "msg91"}
 # Caps below this are refused: a sample that small says little, a limit that small is a typo.
 MIN_CAP = 100
 _OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time", "failure_reason")
@@ -428,9 +430,26 @@ class Campaigns:
             if found is not None:
                 account.ParseFromString(found.settings)
             _check_ahead(name, spec, now, account)
+            await self._check_dlt(name, spec)
             row = await self._set_state(session, row.id, State.STATE_SCHEDULED, published_at=now)
         self._notify()
         return _message(row)
+
+    async def _check_dlt(self, name: str, spec: pb.Campaign) -> None:
+        """India's DLT rules: an SMS campaign sent through a provider that carries DLT ids, to
+        +91 numbers, needs its content template id."""
+        if spec.WhichOneof("content") != "sms" or spec.sms.dlt_template_id:
+            return
+        needs_dlt = spec.destination_type in DLT_PROVIDERS
+        if spec.destination_type == "vonage":
+            destination = await self.references.destination(spec.destination, "campaign.destination")
+            needs_dlt = bool(destination.vonage.dlt_entity_id)
+        if needs_dlt and await self.references.reaches_india(spec.audience):
+            raise FailedPrecondition(
+                name,
+                f"campaign.sms.dlt_template_id is required: {name} sends to +91 numbers through "
+                f"{spec.destination_type}, and India's DLT rules need the approved template's id",
+            )
 
     async def stop(self, name: str) -> pb.Campaign:
         async with self.database.transaction() as session:

@@ -81,6 +81,35 @@ class References:
             raise _translate(error, campaign, "user_id", "dispatch") from None
         return list(found.deliveries)
 
+    async def reaches_india(self, audience: campaign_pb.Audience) -> bool:
+        """Whether anyone the audience reaches by SMS has a +91 phone number."""
+        source = audience.WhichOneof("source")
+        if source == "segment":
+            within = segmentation_pb.Condition(in_segment=audience.segment)
+        elif source == "list":
+            within = segmentation_pb.Condition(in_list=audience.list)
+        else:
+            within = segmentation_pb.Condition(
+                group=segmentation_pb.SegmentFilter.FromString(audience.filter.SerializeToString())
+            )
+        indian = segmentation_pb.Condition(
+            profile=segmentation_pb.ProfileCondition(
+                field=segmentation_pb.PROFILE_FIELD_PHONE, operator=segmentation_pb.OPERATOR_STARTS_WITH
+            )
+        )
+        indian.profile.value.string_value = "+91"
+        request = segmentation_pb.EstimateReachRequest(
+            audience=segmentation_pb.Audience(filter=segmentation_pb.SegmentFilter(all_of=[within, indian])),
+            channel=segmentation_pb.CHANNEL_SMS,
+        )
+        try:
+            reach = await self.segments.EstimateReach(
+                request, timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS)
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, "", "campaign.audience", "segmentation") from None
+        return reach.reachable_count > 0
+
     async def audience(self, audience: campaign_pb.Audience, field: str) -> None:
         """The audience is valid and everything it names is the caller's: segmentation checks it
         by estimating its reach; its answers are reported at the campaign's own field paths."""
