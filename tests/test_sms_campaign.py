@@ -378,3 +378,76 @@ async def test_publishing_to_india_through_a_dlt_provider_needs_the_template_id(
         campaign_pb.PublishCampaignRequest(name=third.name)
     )
     assert published.state == campaign_pb.State.STATE_SCHEDULED
+
+
+async def _group(account: SmsAccount, *members: str) -> str:
+    created = await account.clients.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(
+                display_name="US providers",
+                sms_provider_group=dispatch_pb.SmsProviderGroupConfig(destinations=list(members)),
+            )
+        )
+    )
+    return created.name
+
+
+async def test_a_provider_group_fails_over_when_its_first_provider_stops_taking_messages(
+    account: SmsAccount, twilio: TwilioApi, vonage: VonageApi
+) -> None:
+    twilio.throttle_next(5)  # Twilio throttles first, then its token is revoked after 10 messages
+    twilio.revoke_after = 10
+    group = await _group(account, account.destination, await _vonage_destination(account, vonage))
+    campaign = _sms_campaign(account)
+    campaign.destination = group
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    assert created.destination_type == "sms_provider_group"
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    stats = await _completed(account, created.name)
+    assert (stats.sent, stats.failed, stats.skipped) == (30, 0, 8)
+    through_twilio = [m.to for m in twilio.messages]
+    through_vonage = ["+" + m.to for m in vonage.messages]
+    assert len(through_twilio) == 10 and len(through_vonage) == 20
+    # Every reachable user got exactly one message, across both providers.
+    assert sorted(through_twilio + through_vonage) == [f"+1415555{i:04d}" for i in range(30)]
+    assert len({m.client_ref for m in vonage.messages}) == 20
+    assert (429, 20429) in twilio.refused and (401, 20003) in twilio.refused
+
+
+async def test_a_message_the_first_provider_refuses_for_itself_does_not_fail_over(
+    account: SmsAccount, twilio: TwilioApi, vonage: VonageApi
+) -> None:
+    long_code = user(f"{account.tag}-00", cohort=account.tag, code="x" * 1600)
+    long_code.phone = "+14155550000"
+    await account.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[long_code]))
+    group = await _group(account, account.destination, await _vonage_destination(account, vonage))
+    campaign = _sms_campaign(account)
+    campaign.destination = group
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    stats = await _completed(account, created.name)
+    assert (stats.sent, stats.failed) == (29, 1)
+    assert vonage.messages == []  # Twilio's 21617 is about the message: final
+
+
+async def test_bad_provider_groups_name_the_field(account: SmsAccount, twilio: TwilioApi) -> None:
+    segment_destination = await create_segment_destination(account.clients, twilio.url, "wk_x")
+    cases = [
+        ([account.destination], "destination.sms_provider_group.destinations"),
+        ([account.destination, account.destination], "destination.sms_provider_group.destinations[1]"),
+        ([account.destination, "destinations/not-a-uuid"], "destination.sms_provider_group.destinations[1]"),
+        (
+            [account.destination, "destinations/00000000-0000-0000-0000-000000000000"],
+            "destination.sms_provider_group.destinations[1]",
+        ),
+        ([account.destination, segment_destination.name], "destination.sms_provider_group.destinations[1]"),
+    ]
+    for members, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await _group(account, *members)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, members
+        assert field in field_violations(raised.value), (members, field_violations(raised.value))

@@ -1,8 +1,8 @@
 """A local stand-in for Twilio's Programmable Messaging API, faithful to its documented behaviour:
 
 - POST /2010-04-01/Accounts/{AccountSid}/Messages.json, form-encoded, HTTP Basic auth with the
-  Account SID and auth token (401, error 20003, otherwise; 404 error 20404 for another account's
-  path);
+  Account SID and auth token (401, error 20003, otherwise, or once the token is revoked; 404
+  error 20404 for another account's path);
 - `To` must be E.164 (400, error 21211), `From` or `MessagingServiceSid` is required (400, error
   21603), `Body` is required and at most 1,600 characters (400, errors 21602 and 21617);
 - 201 Created with the Message JSON (`sid` SM..., `status` queued, `num_segments`, ...);
@@ -40,6 +40,8 @@ class TwilioApi:
     auth_token: str
     # Requests handled at once before 429s (None: unlimited).
     max_concurrent: int | None = None
+    # After this many messages the auth token is revoked: every request gets 401 (None: never).
+    revoke_after: int | None = None
     messages: list[SentMessage] = field(default_factory=list)
     refused: list[tuple[int, int]] = field(default_factory=list)  # (HTTP status, Twilio error code)
     url: str = ""
@@ -102,6 +104,9 @@ class TwilioApi:
         try:
             await asyncio.sleep(0)  # others may arrive while this one is handled
             form = await request.post()
+            # Checked and counted with no await in between: exactly `revoke_after` get through.
+            if self.revoke_after is not None and len(self.messages) >= self.revoke_after:
+                return self._error(401, 20003, "Authenticate")
             return self._accept({k: str(v) for k, v in form.items()})
         finally:
             self._in_flight -= 1

@@ -73,6 +73,7 @@ KINDS = (
     _sms("msg91", dispatch_pb.DestinationType.DESTINATION_TYPE_MSG91),
     _sms("exotel", dispatch_pb.DestinationType.DESTINATION_TYPE_EXOTEL),
     _sms("netcore", dispatch_pb.DestinationType.DESTINATION_TYPE_NETCORE),
+    _sms("sms_provider_group", dispatch_pb.DestinationType.DESTINATION_TYPE_SMS_PROVIDER_GROUP),
 )
 
 _BY_CONFIG = {kind.config_field: kind for kind in KINDS}

@@ -14,7 +14,7 @@ from herald_common import api, channels
 from herald_common.auth import current_account_id
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
-from herald_common.errors import NotFound, Validator
+from herald_common.errors import InvalidArgument, NotFound, Validator
 from herald_common.netguard import NetworkPolicy
 from herald_common.paging import keyset_page
 from herald_common.secret_box import Sealed, SecretBox
@@ -104,10 +104,31 @@ class Destinations:
             return
         assert channel is not None and config is not None
         field = f"destination.{config}"
+        if config == "sms_provider_group":
+            await self._check_members(destination.sms_provider_group, f"{field}.destinations", check)
         for url in channel.validate_config(getattr(destination, config), field, check):
             problem = await self.policy.url_problem(url)
             if problem:
                 check.add(f"{field}.endpoint_url", problem)
+
+    async def _check_members(self, group: pb.SmsProviderGroupConfig, field: str, check: Validator) -> None:
+        """Each member of a provider group is an SMS provider destination of the account."""
+        providers = {
+            int(k.destination_enum)
+            for k in channels.for_content("sms")
+            if k.config_field != "sms_provider_group"
+        }
+        for i, name in enumerate(group.destinations):
+            try:
+                member = await self.load(name, f"{field}[{i}]", current_account_id(), reveal_secrets=False)
+            except (NotFound, InvalidArgument):
+                check.add(f"{field}[{i}]", f"{name} is not a destination of this account")
+                continue
+            check.require(
+                int(member.type) in providers and self._channel(member) is not None,
+                f"{field}[{i}]",
+                f"{name} is a {pb.DestinationType.Name(member.type)} destination, not an SMS provider",
+            )
 
     def _message(self, row: Any, *, reveal_secrets: bool) -> pb.Destination:
         destination = _open(self.secrets, row)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from nats.aio.msg import Msg
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import api, bus
 from herald_common.auth import account_id_of, account_name
@@ -141,8 +142,14 @@ class DeliveryWorker:
             resent = {r.delivery_id for r in pending}
         key = (batch.campaign, batch.destination)
 
+        async def permit_for(destination_name: str, requests_per_second: int) -> None:
+            await self.limiter.acquire(known.account_id, destination_name, requests_per_second)
+
         async def permit() -> None:
-            await self.limiter.acquire(known.account_id, batch.destination, self.channel.requests_per_second)
+            await permit_for(batch.destination, self.channel.requests_per_second)
+
+        async def destination_named(name: str) -> pb.Destination:
+            return await self.destinations.for_delivery(name, known.account_id)
 
         async def wanted() -> bool:
             return (await self.campaigns.get(batch.campaign)).delivering
@@ -160,6 +167,8 @@ class DeliveryWorker:
             wanted=wanted,
             waiting=waiting,
             resent=resent,
+            destination_named=destination_named,
+            permit_for=permit_for,
         )
         return await self.channel.deliver(context, pending)
 

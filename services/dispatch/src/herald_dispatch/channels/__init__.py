@@ -35,6 +35,8 @@ class Outcome:
     attempts: int = 0
     reason: str = ""
     resent: bool = False
+    # Another provider could succeed where this one failed (in a provider group, the next is tried).
+    failover: bool = False
 
 
 @dataclass
@@ -52,6 +54,10 @@ class SendContext:
     waiting: Callable[[str | None], Awaitable[None]]
     # Deliveries attempted before a crash and sent again (de-duplicated by the destination).
     resent: set[str] = field(default_factory=set)
+    # Another destination of the account, with its secrets (the members of a provider group).
+    destination_named: Callable[[str], Awaitable[pb.Destination]] | None = None
+    # Waits for another destination's shared rate limit: (destination name, requests per second).
+    permit_for: Callable[[str, int], Awaitable[None]] | None = None
 
 
 class Channel(Protocol):
@@ -81,9 +87,11 @@ def mask_secret(secret: str) -> str:
 
 def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
     """Every channel, by destination type, sending through `http`."""
+    from herald_dispatch.channels.provider_group import ProviderGroupChannel
     from herald_dispatch.channels.segment import SegmentChannel
     from herald_dispatch.channels.twilio import TwilioChannel
     from herald_dispatch.channels.vonage import VonageChannel
 
-    channels: list[Channel] = [SegmentChannel(http), TwilioChannel(http), VonageChannel(http)]
+    providers: list[Channel] = [TwilioChannel(http), VonageChannel(http)]
+    channels: list[Channel] = [SegmentChannel(http), *providers, ProviderGroupChannel(providers)]
     return {channel.kind.destination_type: channel for channel in channels}

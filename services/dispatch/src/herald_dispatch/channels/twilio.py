@@ -139,12 +139,15 @@ class TwilioChannel:
             except (TimeoutError, aiohttp.ClientError) as error:
                 # The message may have been created: Twilio would send a second one.
                 reason = f"no answer from Twilio ({type(error).__name__}); it may have been sent"
-                return Outcome(recipient, UNKNOWN, attempts, reason)
+                return Outcome(recipient, UNKNOWN, attempts, reason, failover=True)
             if status in (200, 201):
                 await context.waiting(None)
                 return Outcome(recipient, SENT, attempts)
             if status != 429 or time.monotonic() - started > self.max_throttled_seconds:
-                return Outcome(recipient, FAILED, attempts, _error(status, answer))
+                # Credentials, an unpaid account, throttling past its budget or a server error:
+                # another provider could take the message; a 400 about the message could not.
+                failover = status in (401, 402, 403, 429) or status >= 500
+                return Outcome(recipient, FAILED, attempts, _error(status, answer), failover=failover)
             # Error 20429: never processed, always safe to retry.
             await context.waiting("Twilio is throttling requests (429); retrying")
             await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))

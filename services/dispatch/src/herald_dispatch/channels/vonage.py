@@ -37,6 +37,9 @@ REQUEST_TIMEOUT_SECONDS = 15.0
 # A throttled message waits this long in all before it fails.
 MAX_THROTTLED_SECONDS = 3600.0
 THROTTLED = "1"
+# Statuses about the account or Vonage, not the message: throttled, internal error, bad
+# credentials, barred account, no credit, too many binds, HTTP not enabled.
+PROVIDER_PROBLEMS = {"1", "4", "5", "8", "9", "10", "11"}
 
 
 def sender_problem(sender: str) -> str | None:
@@ -135,7 +138,7 @@ class VonageChannel:
                     retry_after = retry_after_seconds(response.headers.get("Retry-After"))
             except (TimeoutError, aiohttp.ClientError) as error:
                 reason = f"no answer from Vonage ({type(error).__name__}); it may have been sent"
-                return Outcome(recipient, UNKNOWN, attempts, reason)
+                return Outcome(recipient, UNKNOWN, attempts, reason, failover=True)
             parts = _parts(answer) if status == 200 else []
             throttled = status == 429 or any(p.get("status") == THROTTLED for p in parts)
             if throttled and time.monotonic() - started <= self.max_throttled_seconds:
@@ -144,11 +147,12 @@ class VonageChannel:
                 await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))
                 continue
             if status != 200 or not parts:
-                return Outcome(recipient, FAILED, attempts, f"vonage answered HTTP {status}")
+                return Outcome(recipient, FAILED, attempts, f"vonage answered HTTP {status}", failover=True)
             refused = [p for p in parts if p.get("status") != "0"]
             if refused:
                 first = refused[0]
-                reason = f"vonage status {first.get('status')}: {str(first.get('error-text', ''))[:160]}"
-                return Outcome(recipient, FAILED, attempts, reason)
+                code = str(first.get("status"))
+                reason = f"vonage status {code}: {str(first.get('error-text', ''))[:160]}"
+                return Outcome(recipient, FAILED, attempts, reason, failover=code in PROVIDER_PROBLEMS)
             await context.waiting(None)
             return Outcome(recipient, SENT, attempts)

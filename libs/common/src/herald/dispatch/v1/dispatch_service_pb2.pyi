@@ -40,6 +40,8 @@ class _DestinationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Desti
     """Exotel SMS API."""
     DESTINATION_TYPE_NETCORE: _DestinationType.ValueType  # 6
     """Netcore bulk SMS API."""
+    DESTINATION_TYPE_SMS_PROVIDER_GROUP: _DestinationType.ValueType  # 7
+    """An ordered list of SMS provider destinations, with failover."""
 
 class DestinationType(_DestinationType, metaclass=_DestinationTypeEnumTypeWrapper):
     """Kind of destination, derived from its config."""
@@ -58,6 +60,8 @@ DESTINATION_TYPE_EXOTEL: DestinationType.ValueType  # 5
 """Exotel SMS API."""
 DESTINATION_TYPE_NETCORE: DestinationType.ValueType  # 6
 """Netcore bulk SMS API."""
+DESTINATION_TYPE_SMS_PROVIDER_GROUP: DestinationType.ValueType  # 7
+"""An ordered list of SMS provider destinations, with failover."""
 Global___DestinationType: _TypeAlias = DestinationType  # noqa: Y015
 
 @_typing.final
@@ -292,6 +296,36 @@ class NetcoreConfig(_message.Message):
 Global___NetcoreConfig: _TypeAlias = NetcoreConfig  # noqa: Y015
 
 @_typing.final
+class SmsProviderGroupConfig(_message.Message):
+    """SMS providers tried in order. A message goes to the first; when a provider fails in a way another
+    could fix (no connection, no answer, a 5xx, throttling past its retry budget, refused
+    credentials, no balance), it goes to the next, with the same delivery id. A final error for the
+    message itself (an invalid number, a rejected template) does not fail over.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def destinations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """2 to 5 distinct SMS provider destinations of the account (`destinations/{destination}`), in
+        order; not groups.
+        """
+
+    def __init__(
+        self,
+        *,
+        destinations: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destinations", b"destinations"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmsProviderGroupConfig: _TypeAlias = SmsProviderGroupConfig  # noqa: Y015
+
+@_typing.final
 class Destination(_message.Message):
     """Where campaign messages go."""
 
@@ -306,6 +340,7 @@ class Destination(_message.Message):
     MSG91_FIELD_NUMBER: _builtins.int
     EXOTEL_FIELD_NUMBER: _builtins.int
     NETCORE_FIELD_NUMBER: _builtins.int
+    SMS_PROVIDER_GROUP_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `destinations/{destination}`. Output only."""
@@ -338,6 +373,10 @@ class Destination(_message.Message):
         """SMS through Netcore."""
 
     @_builtins.property
+    def sms_provider_group(self) -> Global___SmsProviderGroupConfig:
+        """SMS through the first provider of a group that can take it."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
@@ -353,13 +392,14 @@ class Destination(_message.Message):
         msg91: Global___Msg91Config | None = ...,
         exotel: Global___ExotelConfig | None = ...,
         netcore: Global___NetcoreConfig | None = ...,
+        sms_provider_group: Global___SmsProviderGroupConfig | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "exotel", b"exotel", "msg91", b"msg91", "netcore", b"netcore", "segment", b"segment", "twilio", b"twilio", "vonage", b"vonage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "exotel", b"exotel", "msg91", b"msg91", "netcore", b"netcore", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "vonage", b"vonage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "segment", b"segment", "twilio", b"twilio", "type", b"type", "vonage", b"vonage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "type", b"type", "vonage", b"vonage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment", "twilio", "vonage", "msg91", "exotel", "netcore"]  # noqa: Y015
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment", "twilio", "vonage", "msg91", "exotel", "netcore", "sms_provider_group"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
 

@@ -1,0 +1,82 @@
+"""SMS through a provider group: each message goes to the group's first provider, and what that
+provider fails in a way another could fix goes on to the next, with the same delivery id. A
+message's own final error (an invalid number, a rejected template) stays final."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+from google.protobuf.message import Message
+
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
+from herald.events.v1 import events_pb2 as events
+from herald_common import channels
+from herald_common.errors import Validator
+from herald_dispatch.channels import FAILED, Channel, Outcome, SendContext
+
+KIND = channels.for_config("sms_provider_group")
+MIN_MEMBERS, MAX_MEMBERS = 2, 5
+DESTINATION_NAME = re.compile(r"^destinations/[0-9a-f-]{36}$")
+
+
+class ProviderGroupChannel:
+    kind = KIND
+    resend_unknown = False
+    # The group calls nothing itself; each member keeps its own shared limit.
+    requests_per_second = 1_000_000
+
+    def __init__(self, providers: Sequence[Channel]) -> None:
+        self.providers = {int(p.kind.destination_enum): p for p in providers}
+
+    def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
+        """The members' shape; that each is an SMS provider of the account is checked on save."""
+        assert isinstance(config, pb.SmsProviderGroupConfig)
+        members = list(config.destinations)
+        check.require(
+            MIN_MEMBERS <= len(members) <= MAX_MEMBERS,
+            f"{field}.destinations",
+            f"{MIN_MEMBERS} to {MAX_MEMBERS} SMS provider destinations",
+        )
+        for i, name in enumerate(members):
+            check.require(
+                bool(DESTINATION_NAME.match(name)),
+                f"{field}.destinations[{i}]",
+                "must look like destinations/<id>",
+            )
+            check.require(name not in members[:i], f"{field}.destinations[{i}]", "appears twice")
+        return []
+
+    def is_provider(self, destination: pb.Destination) -> bool:
+        return int(destination.type) in self.providers
+
+    def mask(self, config: Message) -> None:
+        """Nothing secret: the members hold the credentials."""
+
+    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
+        assert context.destination_named is not None and context.permit_for is not None
+        permit_for = context.permit_for
+        members = list(context.destination.sms_provider_group.destinations)
+        outcomes: list[Outcome] = []
+        pending = list(recipients)
+        for i, name in enumerate(members):
+            last = i == len(members) - 1
+            member = await context.destination_named(name)
+            provider = self.providers.get(int(member.type))
+            if provider is None:  # changed since the group was saved
+                if last:
+                    outcomes += [Outcome(r, FAILED, 0, f"{name} is not an SMS provider") for r in pending]
+                continue
+            rate = provider.requests_per_second
+
+            async def permit(name: str = name, rate: int = rate) -> None:
+                await permit_for(name, rate)
+
+            through = dataclasses.replace(context, destination=member, permit=permit)
+            results = await provider.deliver(through, pending)
+            outcomes += [o for o in results if last or not o.failover]
+            pending = [o.recipient for o in results if o.failover and not last]
+            if not pending:
+                break
+        return outcomes
