@@ -1,5 +1,5 @@
 """SMS campaigns end to end through the public API, against faithful fakes of the providers'
-APIs (Twilio, Vonage): rendering, who is reachable, throttling, previews and bad input."""
+APIs (Twilio, Vonage, Exotel): rendering, who is reachable, throttling, previews and bad input."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from tests.conftest import Platform, eventually
+from tests.fakes.exotel_api import ExotelApi
 from tests.fakes.twilio_api import TwilioApi
 from tests.fakes.vonage_api import VonageApi
 from tests.harness import Clients, create_account
@@ -451,3 +452,84 @@ async def test_bad_provider_groups_name_the_field(account: SmsAccount, twilio: T
             await _group(account, *members)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, members
         assert field in field_violations(raised.value), (members, field_violations(raised.value))
+
+
+EXOTEL_ENTITY = "1101611580000043694"
+
+
+@pytest.fixture
+async def exotel() -> AsyncIterator[ExotelApi]:
+    fake = ExotelApi("exo_key", "exo_token", "heraldtest1", senders={"HRLDIN"}, max_per_minute=6000)
+    await fake.start()
+    yield fake
+    await fake.stop()
+
+
+def _exotel_config(exotel: ExotelApi, **fields: object) -> dispatch_pb.ExotelConfig:
+    config = dispatch_pb.ExotelConfig(
+        api_key="exo_key",
+        api_token="exo_token",
+        account_sid="heraldtest1",
+        subdomain="api.in.exotel.com",
+        sender="HRLDIN",
+        dlt_entity_id=EXOTEL_ENTITY,
+        endpoint_url=exotel.url,
+        requests_per_minute=6000,
+    )
+    for key, value in fields.items():
+        setattr(config, key, value)
+    return config
+
+
+async def test_an_sms_campaign_through_exotel_carries_dlt_ids_and_waits_out_429(
+    account: SmsAccount, exotel: ExotelApi
+) -> None:
+    exotel.throttle_next(4)  # 429 with Retry-After: 1, waited out
+    destination = await account.clients.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(display_name="Exotel India", exotel=_exotel_config(exotel))
+        )
+    )
+    campaign = _sms_campaign(account, body="नमस्ते {{ profile.code }}")
+    campaign.destination = destination.name
+    campaign.sms.dlt_template_id = "1107172768973504659"
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    assert created.destination_type == "exotel"
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    stats = await _completed(account, created.name)
+    assert (stats.sent, stats.failed, stats.skipped) == (30, 0, 8)
+    assert sorted(m.to for m in exotel.messages) == [f"+1415555{i:04d}" for i in range(30)]
+    assert exotel.refused == [429] * 4
+    first = next(m for m in exotel.messages if m.to == "+14155550004")
+    assert first.body == "नमस्ते C04"
+    assert (first.form["EncodingType"], first.form["DltEntityId"], first.form["DltTemplateId"]) == (
+        "unicode",
+        EXOTEL_ENTITY,
+        "1107172768973504659",
+    )
+    assert len({m.form["CustomField"] for m in exotel.messages}) == 30  # each delivery id once
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"api_token": ""}, "api_token"),
+        ({"subdomain": "api.exotel.in"}, "subdomain"),
+        ({"sender": "HERALD1"}, "sender"),
+        ({"dlt_entity_id": ""}, "dlt_entity_id"),  # required on the Mumbai cluster
+        ({"dlt_entity_id": "123"}, "dlt_entity_id"),
+    ],
+)
+async def test_bad_exotel_destinations_name_the_field(
+    account: SmsAccount, exotel: ExotelApi, fields: dict[str, str], field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await account.clients.dispatch.CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(display_name="e", exotel=_exotel_config(exotel, **fields))
+            )
+        )
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"destination.exotel.{field}" in field_violations(raised.value)

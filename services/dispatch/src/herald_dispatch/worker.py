@@ -146,7 +146,7 @@ class DeliveryWorker:
             await self.limiter.acquire(known.account_id, destination_name, requests_per_second)
 
         async def permit() -> None:
-            await permit_for(batch.destination, self.channel.requests_per_second)
+            await permit_for(batch.destination, self.channel.requests_per_second(destination))
 
         async def destination_named(name: str) -> pb.Destination:
             return await self.destinations.for_delivery(name, known.account_id)

@@ -65,8 +65,6 @@ class Channel(Protocol):
     # Whether a delivery attempted before a crash, with no recorded result, is sent again: true
     # when the destination de-duplicates by our delivery id, else it is reported UNKNOWN.
     resend_unknown: bool
-    # Shared across replicas: at most this many requests per second to one destination.
-    requests_per_second: int
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         """Checks a config; returns the URLs it will call, for the network policy."""
@@ -74,6 +72,10 @@ class Channel(Protocol):
 
     def mask(self, config: Message) -> None:
         """Hides the config's secrets before it leaves the service."""
+        ...
+
+    def requests_per_second(self, destination: pb.Destination) -> int:
+        """At most this many requests per second to the destination, across every replica."""
         ...
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
@@ -87,11 +89,12 @@ def mask_secret(secret: str) -> str:
 
 def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
     """Every channel, by destination type, sending through `http`."""
+    from herald_dispatch.channels.exotel import ExotelChannel
     from herald_dispatch.channels.provider_group import ProviderGroupChannel
     from herald_dispatch.channels.segment import SegmentChannel
     from herald_dispatch.channels.twilio import TwilioChannel
     from herald_dispatch.channels.vonage import VonageChannel
 
-    providers: list[Channel] = [TwilioChannel(http), VonageChannel(http)]
+    providers: list[Channel] = [TwilioChannel(http), VonageChannel(http), ExotelChannel(http)]
     channels: list[Channel] = [SegmentChannel(http), *providers, ProviderGroupChannel(providers)]
     return {channel.kind.destination_type: channel for channel in channels}

@@ -24,8 +24,6 @@ DESTINATION_NAME = re.compile(r"^destinations/[0-9a-f-]{36}$")
 class ProviderGroupChannel:
     kind = KIND
     resend_unknown = False
-    # The group calls nothing itself; each member keeps its own shared limit.
-    requests_per_second = 1_000_000
 
     def __init__(self, providers: Sequence[Channel]) -> None:
         self.providers = {int(p.kind.destination_enum): p for p in providers}
@@ -51,6 +49,9 @@ class ProviderGroupChannel:
     def is_provider(self, destination: pb.Destination) -> bool:
         return int(destination.type) in self.providers
 
+    def requests_per_second(self, destination: pb.Destination) -> int:
+        return 1_000_000  # the group calls nothing itself; each member keeps its own limit
+
     def mask(self, config: Message) -> None:
         """Nothing secret: the members hold the credentials."""
 
@@ -68,7 +69,7 @@ class ProviderGroupChannel:
                 if last:
                     outcomes += [Outcome(r, FAILED, 0, f"{name} is not an SMS provider") for r in pending]
                 continue
-            rate = provider.requests_per_second
+            rate = provider.requests_per_second(member)
 
             async def permit(name: str = name, rate: int = rate) -> None:
                 await permit_for(name, rate)

@@ -102,7 +102,6 @@ def _batches(items: Sequence[_Encoded]) -> list[list[_Encoded]]:
 class SegmentChannel:
     kind = KIND
     resend_unknown = True  # Segment de-duplicates on messageId
-    requests_per_second = 1000  # Segment's recommended ceiling per workspace
 
     def __init__(self, http: aiohttp.ClientSession, *, max_retry_seconds: float = MAX_RETRY_SECONDS) -> None:
         self.http = http
@@ -115,6 +114,9 @@ class SegmentChannel:
         check.require(len(config.write_key) <= 200, f"{field}.write_key", "at most 200 characters")
         check.require(bool(config.endpoint_url), f"{field}.endpoint_url", "required: an https URL")
         return [config.endpoint_url] if config.endpoint_url else []
+
+    def requests_per_second(self, destination: pb.Destination) -> int:
+        return 1000  # Segment's recommended ceiling per workspace
 
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.SegmentConfig)

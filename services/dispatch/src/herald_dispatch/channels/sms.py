@@ -1,16 +1,21 @@
-"""What every SMS provider shares: each recipient's phone and rendered text, then one request per
-message, a few at a time."""
+"""What every SMS provider shares: each recipient's phone and rendered text, one request per
+message a few at a time, and what to do with the answer (sent, throttled, failed, fail over)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiohttp
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import personalization
-from herald_dispatch.channels import FAILED, SKIPPED, Outcome, SendContext
+from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext
+from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 # Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
@@ -51,3 +56,66 @@ async def send_each(
             return await send(recipient, *prepared)
 
     return list(await asyncio.gather(*(one(r) for r in recipients)))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a provider's answer to one message means."""
+
+    sent: bool = False
+    throttled: bool = False  # not processed: wait and send again
+    reason: str = ""  # why it failed
+    failover: bool = False  # another provider could take it
+
+
+ACCEPTED = Verdict(sent=True)
+THROTTLED = Verdict(throttled=True)
+Judge = Callable[[int, str], Verdict]
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15.0)
+# A throttled message waits this long in all before it fails (and may fail over).
+MAX_THROTTLED_SECONDS = 3600.0
+
+
+async def post_message(
+    http: aiohttp.ClientSession,
+    context: SendContext,
+    recipient: events.Recipient,
+    *,
+    provider: str,
+    url: str,
+    form: dict[str, str] | None = None,
+    json_body: object = None,
+    headers: dict[str, str],
+    judge: Judge,
+    max_throttled_seconds: float = MAX_THROTTLED_SECONDS,
+) -> Outcome:
+    """Posts one message until the provider answers for good. Providers cannot de-duplicate, so a
+    request whose answer was lost is not sent again: it is UNKNOWN (and may fail over)."""
+    started = time.monotonic()
+    attempts = 0
+    while True:
+        if not await context.wanted():
+            return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
+        await context.permit()
+        attempts += 1
+        try:
+            async with http.post(
+                url, data=form, json=json_body, headers=headers, timeout=REQUEST_TIMEOUT
+            ) as response:
+                status = response.status
+                answer = await response.text()
+                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        except (TimeoutError, aiohttp.ClientError) as error:
+            reason = f"no answer from {provider} ({type(error).__name__}); it may have been sent"
+            return Outcome(recipient, UNKNOWN, attempts, reason, failover=True)
+        verdict = judge(status, answer)
+        if verdict.sent:
+            await context.waiting(None)
+            return Outcome(recipient, SENT, attempts)
+        if not verdict.throttled:
+            return Outcome(recipient, FAILED, attempts, verdict.reason, failover=verdict.failover)
+        if time.monotonic() - started > max_throttled_seconds:
+            reason = f"{provider} throttled it for {max_throttled_seconds:,.0f} s"
+            return Outcome(recipient, FAILED, attempts, reason, failover=True)
+        await context.waiting(f"{provider} is throttling; slowing down")
+        await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))

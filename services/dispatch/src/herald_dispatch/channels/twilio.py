@@ -8,11 +8,9 @@ is never processed and is retried with backoff; other answers are final.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,17 +21,22 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels
 from herald_common.errors import Validator
-from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext, mask_secret
-from herald_dispatch.channels.sms import ALPHANUMERIC_SENDER, E164, send_each
-from herald_dispatch.retry import backoff_seconds, retry_after_seconds
+from herald_dispatch.channels import Outcome, SendContext, mask_secret
+from herald_dispatch.channels.sms import (
+    ACCEPTED,
+    ALPHANUMERIC_SENDER,
+    E164,
+    MAX_THROTTLED_SECONDS,
+    THROTTLED,
+    Verdict,
+    post_message,
+    send_each,
+)
 
 KIND = channels.for_config("twilio")
 DEFAULT_ENDPOINT = "https://api.twilio.com"
 ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
 MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-f]{32}$")
-REQUEST_TIMEOUT_SECONDS = 15.0
-# A throttled message is retried for this long before it fails.
-MAX_THROTTLED_SECONDS = 3600.0
 
 
 def sender_problem(sender: str) -> str | None:
@@ -41,6 +44,16 @@ def sender_problem(sender: str) -> str | None:
     if E164.match(sender) or ALPHANUMERIC_SENDER.match(sender):
         return None
     return "an E.164 number (+14155550100) or 1-11 letters, digits and spaces with a letter"
+
+
+def _judge(status: int, text: str) -> Verdict:
+    if status in (200, 201):
+        return ACCEPTED
+    if status == 429:  # error 20429: never processed, always safe to send again
+        return THROTTLED
+    # Credentials, an unpaid account or a server error: another provider could take the message;
+    # a 400 about the message could not.
+    return Verdict(reason=_error(status, text), failover=status in (401, 402, 403) or status >= 500)
 
 
 def _error(status: int, text: str) -> str:
@@ -59,14 +72,12 @@ def _error(status: int, text: str) -> str:
 class TwilioChannel:
     kind = KIND
     resend_unknown = False  # Twilio sends twice what is posted twice
-    requests_per_second = 100
 
     def __init__(
         self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
     ) -> None:
         self.http = http
         self.max_throttled_seconds = max_throttled_seconds
-        self.timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         assert isinstance(config, pb.TwilioConfig)
@@ -95,6 +106,9 @@ class TwilioChannel:
             check.add(f"{field}.sender", "required: from or messaging_service_sid")
         return [config.endpoint_url or DEFAULT_ENDPOINT]
 
+    def requests_per_second(self, destination: pb.Destination) -> int:
+        return 100  # Twilio's default concurrency, roughly
+
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.TwilioConfig)
         config.auth_token = mask_secret(config.auth_token)
@@ -116,38 +130,20 @@ class TwilioChannel:
         text: str,
     ) -> Outcome:
         base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
-        url = f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json"
         form = {"To": phone, "Body": text}
         if config.WhichOneof("sender") == "messaging_service_sid":
             form["MessagingServiceSid"] = config.messaging_service_sid
         else:
             form["From"] = getattr(config, "from")
         credentials = base64.b64encode(f"{config.account_sid}:{config.auth_token}".encode()).decode()
-        headers = {"Accept": "application/json", "Authorization": f"Basic {credentials}"}
-        started = time.monotonic()
-        attempts = 0
-        while True:
-            if not await context.wanted():
-                return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-            await context.permit()
-            attempts += 1
-            try:
-                async with self.http.post(url, data=form, headers=headers, timeout=self.timeout) as response:
-                    status = response.status
-                    answer = await response.text()
-                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-            except (TimeoutError, aiohttp.ClientError) as error:
-                # The message may have been created: Twilio would send a second one.
-                reason = f"no answer from Twilio ({type(error).__name__}); it may have been sent"
-                return Outcome(recipient, UNKNOWN, attempts, reason, failover=True)
-            if status in (200, 201):
-                await context.waiting(None)
-                return Outcome(recipient, SENT, attempts)
-            if status != 429 or time.monotonic() - started > self.max_throttled_seconds:
-                # Credentials, an unpaid account, throttling past its budget or a server error:
-                # another provider could take the message; a 400 about the message could not.
-                failover = status in (401, 402, 403, 429) or status >= 500
-                return Outcome(recipient, FAILED, attempts, _error(status, answer), failover=failover)
-            # Error 20429: never processed, always safe to retry.
-            await context.waiting("Twilio is throttling requests (429); retrying")
-            await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))
+        return await post_message(
+            self.http,
+            context,
+            recipient,
+            provider="Twilio",
+            url=f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json",
+            form=form,
+            headers={"Accept": "application/json", "Authorization": f"Basic {credentials}"},
+            judge=_judge,
+            max_throttled_seconds=self.max_throttled_seconds,
+        )

@@ -10,10 +10,8 @@ not sent again. The delivery id goes out as `client-ref`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,19 +22,23 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, sms
 from herald_common.errors import Validator
-from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext, mask_secret
-from herald_dispatch.channels.sms import ALPHANUMERIC_SENDER, send_each
-from herald_dispatch.retry import backoff_seconds, retry_after_seconds
+from herald_dispatch.channels import Outcome, SendContext, mask_secret
+from herald_dispatch.channels.sms import (
+    ACCEPTED,
+    ALPHANUMERIC_SENDER,
+    MAX_THROTTLED_SECONDS,
+    THROTTLED,
+    Verdict,
+    post_message,
+    send_each,
+)
 
 KIND = channels.for_config("vonage")
 DEFAULT_ENDPOINT = "https://rest.nexmo.com"
 API_KEY = re.compile(r"^[A-Za-z0-9]{8}$")
 API_SECRET = re.compile(r"^[A-Za-z0-9]{16}$")
 NUMBER_SENDER = re.compile(r"^\+?[1-9]\d{6,14}$")
-REQUEST_TIMEOUT_SECONDS = 15.0
-# A throttled message waits this long in all before it fails.
-MAX_THROTTLED_SECONDS = 3600.0
-THROTTLED = "1"
+THROTTLED_STATUS = "1"
 # Statuses about the account or Vonage, not the message: throttled, internal error, bad
 # credentials, barred account, no credit, too many binds, HTTP not enabled.
 PROVIDER_PROBLEMS = {"1", "4", "5", "8", "9", "10", "11"}
@@ -46,6 +48,20 @@ def sender_problem(sender: str) -> str | None:
     if NUMBER_SENDER.match(sender) or ALPHANUMERIC_SENDER.match(sender):
         return None
     return "an E.164 number or 1-11 letters, digits and spaces with a letter"
+
+
+def _judge(status: int, text: str) -> Verdict:
+    parts = _parts(text) if status == 200 else []
+    if status == 429 or any(p.get("status") == THROTTLED_STATUS for p in parts):
+        return THROTTLED  # slowing down, not failing: the message was not accepted
+    if status != 200 or not parts:
+        return Verdict(reason=f"vonage answered HTTP {status}", failover=True)
+    refused = [p for p in parts if p.get("status") != "0"]
+    if not refused:
+        return ACCEPTED
+    code = str(refused[0].get("status"))
+    reason = f"vonage status {code}: {str(refused[0].get('error-text', ''))[:160]}"
+    return Verdict(reason=reason, failover=code in PROVIDER_PROBLEMS)
 
 
 def _parts(text: str) -> list[dict[str, Any]]:
@@ -60,14 +76,12 @@ def _parts(text: str) -> list[dict[str, Any]]:
 class VonageChannel:
     kind = KIND
     resend_unknown = False  # Vonage sends twice what is posted twice
-    requests_per_second = 30  # every Vonage API key's default limit
 
     def __init__(
         self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
     ) -> None:
         self.http = http
         self.max_throttled_seconds = max_throttled_seconds
-        self.timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         assert isinstance(config, pb.VonageConfig)
@@ -84,6 +98,9 @@ class VonageChannel:
         if config.dlt_entity_id:
             check.require(sms.is_dlt_id(config.dlt_entity_id), f"{field}.dlt_entity_id", "19 digits")
         return [config.endpoint_url or DEFAULT_ENDPOINT]
+
+    def requests_per_second(self, destination: pb.Destination) -> int:
+        return 30  # every Vonage API key's default limit
 
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.VonageConfig)
@@ -120,39 +137,14 @@ class VonageChannel:
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str
     ) -> Outcome:
         config = context.destination.vonage
-        url = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/") + "/sms/json"
-        form = self._form(context, recipient, phone, text)
-        started = time.monotonic()
-        attempts = 0
-        while True:
-            if not await context.wanted():
-                return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-            await context.permit()
-            attempts += 1
-            try:
-                async with self.http.post(
-                    url, data=form, headers={"Accept": "application/json"}, timeout=self.timeout
-                ) as response:
-                    status = response.status
-                    answer = await response.text()
-                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-            except (TimeoutError, aiohttp.ClientError) as error:
-                reason = f"no answer from Vonage ({type(error).__name__}); it may have been sent"
-                return Outcome(recipient, UNKNOWN, attempts, reason, failover=True)
-            parts = _parts(answer) if status == 200 else []
-            throttled = status == 429 or any(p.get("status") == THROTTLED for p in parts)
-            if throttled and time.monotonic() - started <= self.max_throttled_seconds:
-                # Slowing down, not failing: the message was not accepted and is sent again.
-                await context.waiting("Vonage is throttling (status 1); slowing down")
-                await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))
-                continue
-            if status != 200 or not parts:
-                return Outcome(recipient, FAILED, attempts, f"vonage answered HTTP {status}", failover=True)
-            refused = [p for p in parts if p.get("status") != "0"]
-            if refused:
-                first = refused[0]
-                code = str(first.get("status"))
-                reason = f"vonage status {code}: {str(first.get('error-text', ''))[:160]}"
-                return Outcome(recipient, FAILED, attempts, reason, failover=code in PROVIDER_PROBLEMS)
-            await context.waiting(None)
-            return Outcome(recipient, SENT, attempts)
+        return await post_message(
+            self.http,
+            context,
+            recipient,
+            provider="Vonage",
+            url=(config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/") + "/sms/json",
+            form=self._form(context, recipient, phone, text),
+            headers={"Accept": "application/json"},
+            judge=_judge,
+            max_throttled_seconds=self.max_throttled_seconds,
+        )

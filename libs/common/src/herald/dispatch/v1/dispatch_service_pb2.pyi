@@ -220,6 +220,7 @@ class ExotelConfig(_message.Message):
     SENDER_FIELD_NUMBER: _builtins.int
     DLT_ENTITY_ID_FIELD_NUMBER: _builtins.int
     ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_MINUTE_FIELD_NUMBER: _builtins.int
     api_key: _builtins.str
     """API key; required."""
     api_token: _builtins.str
@@ -234,6 +235,8 @@ class ExotelConfig(_message.Message):
     """India DLT principal entity id (19 digits); required for India."""
     endpoint_url: _builtins.str
     """Base URL replacing `https://{subdomain}`; empty for the real one."""
+    requests_per_minute: _builtins.int
+    """The account's SMS API limit (0: Exotel's default, 200 a minute), shared by every replica."""
     def __init__(
         self,
         *,
@@ -244,10 +247,11 @@ class ExotelConfig(_message.Message):
         sender: _builtins.str = ...,
         dlt_entity_id: _builtins.str = ...,
         endpoint_url: _builtins.str = ...,
+        requests_per_minute: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "api_key", b"api_key", "api_token", b"api_token", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "sender", b"sender", "subdomain", b"subdomain"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "api_key", b"api_key", "api_token", b"api_token", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "requests_per_minute", b"requests_per_minute", "sender", b"sender", "subdomain", b"subdomain"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

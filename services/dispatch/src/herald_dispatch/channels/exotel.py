@@ -1,0 +1,136 @@
+"""SMS through Exotel: one form POST per message to /v1/Accounts/{AccountSid}/Sms/send.json on
+the account's cluster (api.exotel.com in Singapore, api.in.exotel.com in Mumbai), with HTTP
+Basic auth (API key and token).
+
+India's DLT ids go as DltEntityId and DltTemplateId. Exotel allows 200 requests a minute; a 429
+carries Retry-After and is waited out. Exotel has no idempotency key: a request whose answer was
+lost is reported UNKNOWN, not sent again.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+from google.protobuf.message import Message
+
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
+from herald.events.v1 import events_pb2 as events
+from herald_common import channels, sms
+from herald_common.errors import Validator
+from herald_dispatch.channels import Outcome, SendContext, mask_secret
+from herald_dispatch.channels.sms import (
+    ACCEPTED,
+    MAX_THROTTLED_SECONDS,
+    THROTTLED,
+    Verdict,
+    post_message,
+    send_each,
+)
+
+KIND = channels.for_config("exotel")
+CLUSTERS = ("api.exotel.com", "api.in.exotel.com")
+INDIA_CLUSTER = "api.in.exotel.com"
+DEFAULT_REQUESTS_PER_MINUTE = 200  # Exotel's SMS API limit per account
+# An ExoPhone (digits, optionally with +) or a DLT sender header (6 letters).
+SENDER = re.compile(r"^(\+?\d{6,15}|[A-Za-z]{6})$")
+
+
+def _judge(status: int, text: str) -> Verdict:
+    if status in (200, 202):
+        return ACCEPTED
+    if status == 429:  # past 200 requests a minute: Retry-After says when
+        return THROTTLED
+    return Verdict(reason=_error(status, text), failover=status in (401, 402, 403) or status >= 500)
+
+
+def _error(status: int, text: str) -> str:
+    """Exotel's RestException message, short."""
+    try:
+        body: Any = json.loads(text)
+    except ValueError:
+        body = {}
+    exception = body.get("RestException") if isinstance(body, dict) else None
+    message = str(exception.get("Message", ""))[:160] if isinstance(exception, dict) else ""
+    return f"exotel {status}" + (f": {message}" if message else "")
+
+
+class ExotelChannel:
+    kind = KIND
+    resend_unknown = False
+
+    def __init__(
+        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
+    ) -> None:
+        self.http = http
+        self.max_throttled_seconds = max_throttled_seconds
+
+    def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
+        assert isinstance(config, pb.ExotelConfig)
+        for name in ("api_key", "api_token", "account_sid"):
+            value = getattr(config, name)
+            check.require(bool(value.strip()) and len(value) <= 200, f"{field}.{name}", "required")
+        check.require(config.subdomain in CLUSTERS, f"{field}.subdomain", f"one of {', '.join(CLUSTERS)}")
+        check.require(
+            bool(SENDER.match(config.sender)),
+            f"{field}.sender",
+            "an ExoPhone number or a 6-letter DLT header",
+        )
+        if config.dlt_entity_id or config.subdomain == INDIA_CLUSTER:
+            check.require(
+                sms.is_dlt_id(config.dlt_entity_id), f"{field}.dlt_entity_id", "19 digits (required in India)"
+            )
+        check.require(
+            0 <= config.requests_per_minute <= 1_000_000,
+            f"{field}.requests_per_minute",
+            "0 (200) to 1,000,000",
+        )
+        return [config.endpoint_url or f"https://{config.subdomain or CLUSTERS[0]}"]
+
+    def requests_per_second(self, destination: pb.Destination) -> int:
+        per_minute = destination.exotel.requests_per_minute or DEFAULT_REQUESTS_PER_MINUTE
+        return max(per_minute // 60, 1)
+
+    def mask(self, config: Message) -> None:
+        assert isinstance(config, pb.ExotelConfig)
+        config.api_token = mask_secret(config.api_token)
+
+    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
+        async def send(recipient: events.Recipient, phone: str, text: str) -> Outcome:
+            return await self._send(context, recipient, phone, text)
+
+        return await send_each(context, recipients, send)
+
+    async def _send(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
+    ) -> Outcome:
+        config = context.destination.exotel
+        base = (config.endpoint_url or f"https://{config.subdomain}").rstrip("/")
+        url = f"{base}/v1/Accounts/{config.account_sid}/Sms/send.json"
+        form = {
+            "From": config.sender,
+            "To": phone,
+            "Body": text,
+            "EncodingType": "unicode" if sms.measure(text).encoding is sms.Encoding.UCS2 else "plain",
+            "CustomField": recipient.delivery_id,
+        }
+        if config.dlt_entity_id:
+            form["DltEntityId"] = config.dlt_entity_id
+        if context.campaign.sms.dlt_template_id:
+            form["DltTemplateId"] = context.campaign.sms.dlt_template_id
+        credentials = base64.b64encode(f"{config.api_key}:{config.api_token}".encode()).decode()
+        return await post_message(
+            self.http,
+            context,
+            recipient,
+            provider="Exotel",
+            url=url,
+            form=form,
+            headers={"Accept": "application/json", "Authorization": f"Basic {credentials}"},
+            judge=_judge,
+            max_throttled_seconds=self.max_throttled_seconds,
+        )

@@ -1,0 +1,117 @@
+"""A local stand-in for Exotel's SMS API, faithful to its documented behaviour:
+
+- POST /v1/Accounts/{AccountSid}/Sms/send.json, form-encoded, HTTP Basic auth with the API key
+  and token (401 with a RestException otherwise);
+- `From` must be one of the account's senders (400), `To` and `Body` are required (400), a body
+  is at most 2,000 characters (400), and on the Mumbai cluster `DltEntityId` is mandatory (400);
+- 200 with the SMSMessage JSON (`Sid`, `Status` queued, ...);
+- 429 with Retry-After and a RestException past its requests per minute, or on demand;
+- no de-duplication.
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass
+class ExotelMessage:
+    sid: str
+    to: str
+    sender: str
+    body: str
+    form: dict[str, str]
+
+
+@dataclass
+class ExotelApi:
+    api_key: str
+    api_token: str
+    account_sid: str
+    senders: set[str]
+    require_dlt: bool = True
+    # Requests per minute before 429 (None: unlimited); Retry-After in seconds on a 429.
+    max_per_minute: int | None = None
+    retry_after: int = 1
+    messages: list[ExotelMessage] = field(default_factory=list)
+    refused: list[int] = field(default_factory=list)
+    url: str = ""
+    _forced: int = 0
+    _window: list[float] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+
+    def throttle_next(self, count: int) -> None:
+        self._forced += count
+
+    async def start(self) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/Accounts/{sid}/Sms/send.json", self._send)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _error(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> web.Response:
+        self.refused.append(status)
+        body = {"RestException": {"Status": status, "Message": message, "Code": code}}
+        return web.json_response(body, status=status, headers=headers)
+
+    def _over_rate(self) -> bool:
+        if self._forced:
+            self._forced -= 1
+            return True
+        if self.max_per_minute is None:
+            return False
+        now = time.monotonic()
+        self._window = [t for t in self._window if now - t < 60.0]
+        if len(self._window) >= self.max_per_minute:
+            return True
+        self._window.append(now)
+        return False
+
+    async def _send(self, request: web.Request) -> web.Response:
+        header = request.headers.get("Authorization", "")
+        credentials = base64.b64decode(header[6:]).decode() if header.startswith("Basic ") else ""
+        if credentials != f"{self.api_key}:{self.api_token}" or request.match_info["sid"] != self.account_sid:
+            return self._error(401, "UNAUTHORIZED", "Authentication failed")
+        if self._over_rate():
+            return self._error(
+                429, "TOO_MANY_REQUESTS", "Rate limit exceeded", {"Retry-After": str(self.retry_after)}
+            )
+        form = {k: str(v) for k, v in (await request.post()).items()}
+        to, sender, body = form.get("To", ""), form.get("From", ""), form.get("Body", "")
+        if not to or not body:
+            return self._error(400, "BAD_REQUEST", "To and Body are required")
+        if sender not in self.senders:
+            return self._error(400, "BAD_REQUEST", f"Invalid sender {sender}")
+        if len(body) > 2000:
+            return self._error(400, "BAD_REQUEST", "Body is longer than 2000 characters")
+        if self.require_dlt and not form.get("DltEntityId"):
+            return self._error(400, "BAD_REQUEST", "DltEntityId is mandatory")
+        sid = uuid.uuid4().hex
+        self.messages.append(ExotelMessage(sid, to, sender, body, form))
+        message = {
+            "Sid": sid,
+            "AccountSid": self.account_sid,
+            "From": sender,
+            "To": to,
+            "Body": body,
+            "Status": "queued",
+            "Direction": "outbound-api",
+            "Uri": f"/v1/Accounts/{self.account_sid}/SMS/Messages/{sid}.json",
+        }
+        return web.json_response({"SMSMessage": message})
