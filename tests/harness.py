@@ -181,6 +181,7 @@ async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
         settings,
         ports=ports,
         addresses={name: f"127.0.0.1:{port}" for name, port in ports.items()},
+        receipts_port=free_port(),
     )
     hosts: dict[str, ServiceHost] = {}
     hosts["segmentation"] = await segmentation_main.start(wired)

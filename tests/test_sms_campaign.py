@@ -1,12 +1,16 @@
 """SMS campaigns end to end through the public API, against faithful fakes of the providers'
-APIs (Twilio, Vonage, Exotel): rendering, who is reachable, throttling, previews and bad input."""
+APIs (Twilio, Vonage, Exotel): rendering, who is reachable, throttling, failover, previews,
+delivery receipts (signed ones counted once each, early ones kept, forged ones refused) and bad
+input."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import grpc
 import pytest
 
@@ -533,3 +537,84 @@ async def test_bad_exotel_destinations_name_the_field(
         )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert f"destination.exotel.{field}" in field_violations(raised.value)
+
+
+# --- delivery receipts ------------------------------------------------------------------------
+
+
+def _receipts_url(platform: Platform, account: SmsAccount) -> str:
+    destination_id = account.destination.removeprefix("destinations/")
+    return f"http://127.0.0.1:{platform.settings.receipts_port}/v1/receipts/twilio/{destination_id}"
+
+
+async def _receipts(account: SmsAccount, name: str, settled: int) -> campaign_pb.CampaignStats:
+    async def counted() -> campaign_pb.CampaignStats | None:
+        stats = await account.clients.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+        )
+        receipts = stats.receipts
+        return stats if receipts.delivered + receipts.undelivered + receipts.failed >= settled else None
+
+    await eventually(counted)
+    stats = await counted()
+    assert stats is not None
+    return stats
+
+
+async def test_twilio_receipts_become_delivered_and_undelivered_counts_once_each(
+    platform: Platform, account: SmsAccount, twilio: TwilioApi
+) -> None:
+    twilio.undelivered = {"+14155550007", "+14155550008", "+14155550009"}
+    twilio.callback_copies = 2  # every final callback comes twice
+    name = await _send(account, _sms_campaign(account))
+    assert (await _completed(account, name)).sent == 30
+    stats = await _receipts(account, name, 30)
+    assert (stats.receipts.delivered, stats.receipts.undelivered, stats.receipts.failed) == (27, 3, 0)
+    reasons = {r.reason: r for r in stats.failure_reasons}
+    assert reasons["undelivered (twilio 30003)"].count == 3
+    assert sorted(reasons["undelivered (twilio 30003)"].example_user_ids) == [
+        f"{account.tag}-{i:02d}" for i in (7, 8, 9)
+    ]
+    await eventually(lambda: _answered(twilio, 90))
+    assert set(twilio.callback_answers) == {200}
+    await asyncio.sleep(0.5)  # the copies changed nothing
+    again = await _receipts(account, name, 30)
+    assert (again.receipts.delivered, again.receipts.undelivered) == (27, 3)
+
+
+async def _answered(twilio: TwilioApi, count: int) -> bool:
+    return len(twilio.callback_answers) >= count
+
+
+async def test_a_forged_receipt_is_refused_and_changes_nothing(
+    platform: Platform, account: SmsAccount, twilio: TwilioApi
+) -> None:
+    name = await _send(account, _sms_campaign(account))
+    await _receipts(account, name, 30)
+    message = twilio.messages[0]
+    url = _receipts_url(platform, account)
+    forged = {"MessageSid": message.sid, "MessageStatus": "undelivered", "ErrorCode": "30007"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(
+            url, data=forged, headers={"X-Twilio-Signature": "bm90IGEgc2lnbmF0dXJl"}
+        ) as answer:
+            assert answer.status == 403
+        async with http.post(url, data=forged) as unsigned:
+            assert unsigned.status == 403
+        # Signed with another account's token: refused too.
+        other = TwilioApi(twilio.account_sid, "0" * 32)
+        async with http.post(
+            url, data=forged, headers={"X-Twilio-Signature": other.sign(url, forged)}
+        ) as answer:
+            assert answer.status == 403
+        # Correctly signed, but the message already has its final receipt: nothing changes.
+        async with http.post(
+            url, data=forged, headers={"X-Twilio-Signature": twilio.sign(url, forged)}
+        ) as answer:
+            assert answer.status == 200
+        unknown = f"{url[: url.rindex('/')]}/00000000-0000-0000-0000-000000000000"
+        async with http.post(unknown, data=forged) as answer:
+            assert answer.status == 404
+    await asyncio.sleep(0.5)
+    stats = await _receipts(account, name, 30)
+    assert (stats.receipts.delivered, stats.receipts.undelivered) == (30, 0)

@@ -7,18 +7,25 @@
   21603), `Body` is required and at most 1,600 characters (400, errors 21602 and 21617);
 - 201 Created with the Message JSON (`sid` SM..., `status` queued, `num_segments`, ...);
 - 429 with error 20429 past a concurrency limit or on demand: never processed;
-- no de-duplication: what is posted twice is sent twice.
+- no de-duplication: what is posted twice is sent twice;
+- status callbacks to a message's `StatusCallback`: `sent`, then `delivered` (or `undelivered`
+  with error 30003 for the numbers told so), form-encoded and signed with X-Twilio-Signature
+  (base64 HMAC-SHA1 of the URL and the sorted parameters, keyed by the auth token), as Twilio's
+  libraries check them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
+import hmac
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from herald_common.sms import measure
@@ -42,6 +49,13 @@ class TwilioApi:
     max_concurrent: int | None = None
     # After this many messages the auth token is revoked: every request gets 401 (None: never).
     revoke_after: int | None = None
+    # Numbers whose messages end `undelivered` (error 30003) in their status callbacks.
+    undelivered: set[str] = field(default_factory=set)
+    # Each final callback is sent this many times (providers retry; receivers must not count twice).
+    callback_copies: int = 1
+    # Status callbacks answered, by HTTP status.
+    callback_answers: list[int] = field(default_factory=list)
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     messages: list[SentMessage] = field(default_factory=list)
     refused: list[tuple[int, int]] = field(default_factory=list)  # (HTTP status, Twilio error code)
     url: str = ""
@@ -65,8 +79,33 @@ class TwilioApi:
         return self.url
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
+
+    def sign(self, url: str, params: dict[str, str]) -> str:
+        payload = url + "".join(k + v for k, v in sorted(params.items()))
+        return base64.b64encode(
+            hmac.new(self.auth_token.encode(), payload.encode(), hashlib.sha1).digest()
+        ).decode()
+
+    async def _callbacks(self, url: str, message: SentMessage) -> None:
+        base = {
+            "MessageSid": message.sid,
+            "AccountSid": self.account_sid,
+            "To": message.to,
+            "From": message.sender,
+        }
+        final = {**base, "MessageStatus": "delivered"}
+        if message.to in self.undelivered:
+            final = {**base, "MessageStatus": "undelivered", "ErrorCode": "30003"}
+        async with aiohttp.ClientSession() as http:
+            for params in [{**base, "MessageStatus": "sent"}] + [final] * self.callback_copies:
+                headers = {"X-Twilio-Signature": self.sign(url, params)}
+                async with http.post(url, data=params, headers=headers) as response:
+                    self.callback_answers.append(response.status)
 
     def _error(self, status: int, code: int, message: str) -> web.Response:
         self.refused.append((status, code))
@@ -124,6 +163,11 @@ class TwilioApi:
             return self._error(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
         sid = "SM" + uuid.uuid4().hex
         self.messages.append(SentMessage(sid, to, sender, body))
+        callback = form.get("StatusCallback")
+        if callback:
+            task = asyncio.create_task(self._callbacks(callback, self.messages[-1]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         answer: dict[str, Any] = {
             "sid": sid,
             "account_sid": self.account_sid,

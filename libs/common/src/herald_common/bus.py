@@ -78,6 +78,10 @@ class Subjects:
         return f"{self.namespace}.dispatch.outcomes"
 
     @property
+    def delivery_receipts(self) -> str:
+        return f"{self.namespace}.dispatch.receipts"
+
+    @property
     def destination_waiting(self) -> str:
         return f"{self.namespace}.dispatch.waiting"
 

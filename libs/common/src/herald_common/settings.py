@@ -52,6 +52,10 @@ class Settings:
     account_requests_per_second: float = 200.0
     account_max_batch_size: int = 1000
     bootstrap_token: str = field(default="", repr=False)
+    # Dispatch serves providers' delivery receipts over HTTP on this port (0: not served), and
+    # tells providers to call it at this public base URL (empty: http://host:port).
+    receipts_port: int = 0
+    receipts_url: str = ""
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -89,6 +93,8 @@ class Settings:
             account_requests_per_second=float(env.get("HERALD_ACCOUNT_REQUESTS_PER_SECOND", "200")),
             account_max_batch_size=int(env.get("HERALD_ACCOUNT_MAX_BATCH_SIZE", "1000")),
             bootstrap_token=env.get("HERALD_BOOTSTRAP_TOKEN", ""),
+            receipts_port=int(env.get("HERALD_RECEIPTS_PORT", "0")),
+            receipts_url=env.get("HERALD_RECEIPTS_URL", ""),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
             ),

@@ -36,6 +36,12 @@ def _outcomes_problem(event: events.DeliveryOutcomes) -> str | None:
     return _campaign_id_problem(event.campaign, event.account)
 
 
+def _receipts_problem(event: events.DeliveryReceipts) -> str | None:
+    if not event.event_id or not event.results:
+        return "DeliveryReceipts without event_id or results"
+    return _campaign_id_problem(event.campaign, event.account)
+
+
 def _waiting_problem(event: events.DestinationWaiting) -> str | None:
     if not event.HasField("occur_time"):
         return "DestinationWaiting without occur_time"
@@ -69,4 +75,13 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
         apply=campaigns.record_waiting,
         problem=_waiting_problem,
         verify=lambda waits: campaigns.foreign_reports([(w.campaign, w.account) for w in waits]),
+    )
+    await infra.consume(
+        owner="dispatch",
+        durable="campaign-receipts",
+        filter_subject=infra.subjects.delivery_receipts,
+        event_type=events.DeliveryReceipts,
+        apply=campaigns.record_receipts,
+        problem=_receipts_problem,
+        verify=lambda found: campaigns.foreign_reports([(r.campaign, r.account) for r in found]),
     )

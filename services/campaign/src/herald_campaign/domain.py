@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +45,11 @@ _STATUS_COLUMNS = {
     events.DeliveryStatus.DELIVERY_STATUS_FAILED: "failed",
     events.DeliveryStatus.DELIVERY_STATUS_SKIPPED: "skipped",
     events.DeliveryStatus.DELIVERY_STATUS_UNKNOWN: "unknown",
+}
+_RECEIPT_COLUMNS = {
+    events.ReceiptStatus.RECEIPT_STATUS_DELIVERED: "delivered",
+    events.ReceiptStatus.RECEIPT_STATUS_UNDELIVERED: "undelivered",
+    events.ReceiptStatus.RECEIPT_STATUS_FAILED: "receipt_failed",
 }
 # Reasons kept per campaign, and users kept as examples of each.
 MAX_REASON_LENGTH = 300
@@ -543,6 +548,9 @@ class Campaigns:
             unknown=counts.unknown,
             resent=counts.resent,
             waiting_reason=counts.waiting_reason,
+            receipts=pb.ReceiptCounts(
+                delivered=counts.delivered, undelivered=counts.undelivered, failed=counts.receipt_failed
+            ),
             failure_reasons=[
                 pb.FailureReason(
                     reason=r.reason, count=r._mapping["count"], example_user_ids=r.example_user_ids
@@ -613,21 +621,7 @@ class Campaigns:
         if not by_event:
             return
         async with self.database.transaction() as session:
-            new = set(
-                await session.scalars(
-                    insert(outcome_events)
-                    .on_conflict_do_nothing(index_elements=[outcome_events.c.event_id])
-                    .returning(outcome_events.c.event_id),
-                    [
-                        {
-                            "event_id": e.event_id,
-                            "campaign_id": _campaign_id(e.campaign),
-                            "account_id": account_id_of(e.account),
-                        }
-                        for e in by_event.values()
-                    ],
-                )
-            )
+            new = await _not_counted_before(session, by_event.values())
             counts: dict[uuid.UUID, Counter[str]] = {}
             reasons: dict[tuple[uuid.UUID, str], list[str]] = {}
             owners: dict[uuid.UUID, uuid.UUID | None] = {}
@@ -652,6 +646,39 @@ class Campaigns:
             await _count_reasons(session, reasons, owners)
             await self._advance(session, set(counts))
         self._notify()
+
+    async def record_receipts(self, received: Sequence[events.DeliveryReceipts]) -> None:
+        """Counts each DeliveryReceipts event once (each delivery is in one such event)."""
+        by_event = {r.event_id: r for r in received}
+        if not by_event:
+            return
+        async with self.database.transaction() as session:
+            new = await _not_counted_before(session, by_event.values())
+            counts: dict[uuid.UUID, Counter[str]] = {}
+            reasons: dict[tuple[uuid.UUID, str], list[str]] = {}
+            owners: dict[uuid.UUID, uuid.UUID | None] = {}
+            for event in (by_event[e] for e in sorted(new)):
+                campaign_id = _campaign_id(event.campaign)
+                owners[campaign_id] = account_id_of(event.account)
+                tally = counts.setdefault(campaign_id, Counter())
+                for result in event.results:
+                    column = _RECEIPT_COLUMNS.get(result.status)
+                    if column is None:
+                        continue
+                    tally[column] += 1
+                    if result.status != events.ReceiptStatus.RECEIPT_STATUS_DELIVERED:
+                        word = "undelivered" if column == "undelivered" else "failed after sending"
+                        reason = f"{word} ({result.error_code})" if result.error_code else word
+                        reasons.setdefault((campaign_id, reason[:MAX_REASON_LENGTH]), []).append(
+                            result.user_id
+                        )
+            for campaign_id, tally in sorted(counts.items()):
+                await session.execute(
+                    sa.update(stats)
+                    .where(stats.c.campaign_id == campaign_id)
+                    .values({c: stats.c[c] + tally[c] for c in _RECEIPT_COLUMNS.values()})
+                )
+            await _count_reasons(session, reasons, owners)
 
     async def record_waiting(self, received: Sequence[events.DestinationWaiting]) -> None:
         """Shows on each campaign whether a destination holds its deliveries back; newest report wins."""
@@ -773,6 +800,27 @@ def _profile_of(user: segmentation_pb.User) -> dict[str, Any]:
 
 def _campaign_id(name: str) -> uuid.UUID:
     return uuid.UUID(name.removeprefix("campaigns/"))
+
+
+async def _not_counted_before(
+    session: AsyncSession, received: Iterable[events.DeliveryOutcomes | events.DeliveryReceipts]
+) -> set[str]:
+    """The ids of the events not counted before, now marked counted."""
+    return set(
+        await session.scalars(
+            insert(outcome_events)
+            .on_conflict_do_nothing(index_elements=[outcome_events.c.event_id])
+            .returning(outcome_events.c.event_id),
+            [
+                {
+                    "event_id": e.event_id,
+                    "campaign_id": _campaign_id(e.campaign),
+                    "account_id": account_id_of(e.account),
+                }
+                for e in received
+            ],
+        )
+    )
 
 
 async def _count_reasons(

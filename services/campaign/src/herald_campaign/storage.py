@@ -80,6 +80,10 @@ stats = sa.Table(
     sa.Column("skipped", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("unknown", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("resent", sa.BigInteger, nullable=False, server_default="0"),
+    # What providers' receipts said of sent messages.
+    sa.Column("delivered", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("undelivered", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("receipt_failed", sa.BigInteger, nullable=False, server_default="0"),
     # Set while a destination holds this campaign's deliveries back.
     sa.Column("waiting_reason", sa.Text, nullable=False, server_default=""),
     sa.Column("waiting_changed_at", sa.DateTime(timezone=True), nullable=True),

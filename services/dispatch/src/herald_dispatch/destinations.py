@@ -210,6 +210,14 @@ class Destinations:
         self._for_delivery[(name, account_id)] = (time.monotonic(), destination)
         return destination
 
+    async def for_receipts(self, destination_id: uuid.UUID) -> tuple[uuid.UUID, pb.Destination] | None:
+        """(owner, destination with secrets) for checking a provider's receipt; None if unknown."""
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(sa.select(destinations).where(destinations.c.id == destination_id))
+            ).first()
+        return None if row is None else (row.account_id, self._message(row, reveal_secrets=True))
+
     async def list(self, size: int, token: str) -> tuple[list[pb.Destination], str]:
         async with self.database.transaction() as session:
             rows, next_token = await keyset_page(

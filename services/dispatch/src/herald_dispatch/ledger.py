@@ -19,6 +19,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_dispatch.channels import Outcome
+from herald_dispatch.receipts import apply_receipts
 from herald_dispatch.storage import outbox
 
 _STATUS_NAMES = {
@@ -30,15 +31,18 @@ _STATUS_NAMES = {
 _RECORD = sa.text(
     """
     INSERT INTO dispatch.deliveries
-        (delivery_id, account_id, campaign, run, destination, user_id, status, attempts, reason, resent)
+        (delivery_id, account_id, campaign, run, destination, user_id, status, attempts, reason, resent,
+         provider_message_id)
     SELECT d, :account_id, :campaign, :run, :destination, u, s, a, r,
            -- Another attempt at the batch began after this one (this replica stalled past its ack
            -- wait): whatever this one sent, that one may send again.
            x OR (s = 'sent' AND (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id)
-                                > CAST(:attempt AS int))
+                                > CAST(:attempt AS int)),
+           nullif(m, '')
     FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:statuses AS text[]),
-                CAST(:attempts AS int[]), CAST(:reasons AS text[]), CAST(:resent AS bool[]))
-         AS t(d, u, s, a, r, x)
+                CAST(:attempts AS int[]), CAST(:reasons AS text[]), CAST(:resent AS bool[]),
+                CAST(:messages AS text[]))
+         AS t(d, u, s, a, r, x, m)
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING delivery_id, resent
     """
@@ -108,6 +112,7 @@ class DeliveryLedger:
                         "attempts": [o.attempts for o in rows],
                         "reasons": [o.reason for o in rows],
                         "resent": [o.resent for o in rows],
+                        "messages": [o.provider_message_id for o in rows],
                     },
                 )
             ).all()
@@ -137,4 +142,8 @@ class DeliveryLedger:
             await enqueue(
                 session, outbox, [OutboxEvent.of(self.subjects.delivery_outcomes, report, report.event_id)]
             )
+            # Receipts that came before these deliveries were recorded apply now.
+            message_ids = [o.provider_message_id for o in rows if o.provider_message_id]
+            if message_ids:
+                await apply_receipts(session, self.subjects, account_id, message_ids)
         return len(resent)

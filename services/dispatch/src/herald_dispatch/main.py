@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -28,6 +29,7 @@ from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations, reseal
+from herald_dispatch.receipts import ReceiptServer
 from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
 from herald_dispatch.storage import SCHEMA, outbox
 from herald_dispatch.worker import DeliveryWorker, WorkerOptions
@@ -92,11 +94,22 @@ async def start(
         apply=campaigns.apply,
         problem=runtime.campaign_changed_problem,
     )
-    chosen = worker_types_from_env(sorted(channels)) if workers is None else workers
-    for worker_type in chosen:
-        worker = DeliveryWorker(
-            infra, destinations, campaigns, channels[worker_type], options or WorkerOptions()
+    receipts_url = ""
+    if settings.receipts_port:
+        server = ReceiptServer(
+            infra.database,
+            infra.subjects,
+            destinations.for_receipts,
+            infra.relay.notify,
+            settings.receipts_url,
         )
+        port_taken = await server.start(settings.host, settings.receipts_port)
+        host.on_stop.append(server.stop)
+        receipts_url = settings.receipts_url or f"http://{settings.host}:{port_taken}"
+    chosen = worker_types_from_env(sorted(channels)) if workers is None else workers
+    worker_options = replace(options or WorkerOptions(), receipts_url=receipts_url or settings.receipts_url)
+    for worker_type in chosen:
+        worker = DeliveryWorker(infra, destinations, campaigns, channels[worker_type], worker_options)
         await worker.start()
     return host
 

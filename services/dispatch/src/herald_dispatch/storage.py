@@ -42,7 +42,29 @@ deliveries = sa.Table(
     sa.Column("reason", sa.Text, nullable=False, server_default=""),
     sa.Column("resent", sa.Boolean, nullable=False, server_default=sa.false()),
     sa.Column("completed_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # The provider's id of a sent message, and the final status its receipts gave.
+    sa.Column("provider_message_id", sa.Text, nullable=True),
+    sa.Column("receipt_status", sa.Text, nullable=True),
     sa.Index("ix_dispatch_deliveries_user", "account_id", "campaign", "user_id"),
+    sa.Index(
+        "ix_dispatch_deliveries_provider_message",
+        "account_id",
+        "provider_message_id",
+        postgresql_where=sa.text("provider_message_id IS NOT NULL"),
+    ),
+)
+
+# Final delivery receipts by provider message id, first one wins; kept so a receipt that arrives
+# before its delivery is recorded is applied when it is.
+receipts = sa.Table(
+    "receipts",
+    metadata,
+    sa.Column("destination", sa.Text, primary_key=True),
+    sa.Column("provider_message_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("error_code", sa.Text, nullable=False, server_default=""),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
 
 # One row per DeliveryBatch attempted: written before sending, so a batch handed over again after

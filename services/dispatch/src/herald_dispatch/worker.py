@@ -27,6 +27,7 @@ from herald_dispatch.channels import FAILED, SKIPPED, UNKNOWN, Channel, Outcome,
 from herald_dispatch.destinations import Destinations
 from herald_dispatch.ledger import DeliveryLedger
 from herald_dispatch.ratelimit import SharedRateLimiter
+from herald_dispatch.receipts import receipt_url
 from herald_dispatch.storage import outbox
 
 log = get_logger(__name__)
@@ -50,6 +51,8 @@ class WorkerOptions:
     # Batches of one destination sent at once, and batches held by this worker in all.
     lane_concurrency: int = 8
     max_in_flight: int = 64
+    # Public base URL of the receipts endpoint that providers are told to call ('' for none).
+    receipts_url: str = ""
 
 
 @dataclass
@@ -169,6 +172,7 @@ class DeliveryWorker:
             resent=resent,
             destination_named=destination_named,
             permit_for=permit_for,
+            receipt_url=lambda d: receipt_url(self.options.receipts_url, d),
         )
         return await self.channel.deliver(context, pending)
 

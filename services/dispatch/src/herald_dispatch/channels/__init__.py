@@ -37,6 +37,8 @@ class Outcome:
     resent: bool = False
     # Another provider could succeed where this one failed (in a provider group, the next is tried).
     failover: bool = False
+    # The provider's id of the message it accepted: its delivery receipts name it.
+    provider_message_id: str = ""
 
 
 @dataclass
@@ -58,6 +60,8 @@ class SendContext:
     destination_named: Callable[[str], Awaitable[pb.Destination]] | None = None
     # Waits for another destination's shared rate limit: (destination name, requests per second).
     permit_for: Callable[[str, int], Awaitable[None]] | None = None
+    # Where a destination's provider sends delivery receipts ('' when they are not taken).
+    receipt_url: Callable[[pb.Destination], str] = lambda _: ""
 
 
 class Channel(Protocol):

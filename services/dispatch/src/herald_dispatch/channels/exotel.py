@@ -10,10 +10,8 @@ lost is reported UNKNOWN, not sent again.
 from __future__ import annotations
 
 import base64
-import json
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import aiohttp
 from google.protobuf.message import Message
@@ -24,10 +22,11 @@ from herald_common import channels, sms
 from herald_common.errors import Validator
 from herald_dispatch.channels import Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
-    ACCEPTED,
     MAX_THROTTLED_SECONDS,
     THROTTLED,
     Verdict,
+    accepted,
+    json_object,
     post_message,
     send_each,
 )
@@ -42,7 +41,8 @@ SENDER = re.compile(r"^(\+?\d{6,15}|[A-Za-z]{6})$")
 
 def _judge(status: int, text: str) -> Verdict:
     if status in (200, 202):
-        return ACCEPTED
+        message = json_object(text).get("SMSMessage")
+        return accepted(message.get("Sid") if isinstance(message, dict) else "")
     if status == 429:  # past 200 requests a minute: Retry-After says when
         return THROTTLED
     return Verdict(reason=_error(status, text), failover=status in (401, 402, 403) or status >= 500)
@@ -50,11 +50,7 @@ def _judge(status: int, text: str) -> Verdict:
 
 def _error(status: int, text: str) -> str:
     """Exotel's RestException message, short."""
-    try:
-        body: Any = json.loads(text)
-    except ValueError:
-        body = {}
-    exception = body.get("RestException") if isinstance(body, dict) else None
+    exception = json_object(text).get("RestException")
     message = str(exception.get("Message", ""))[:160] if isinstance(exception, dict) else ""
     return f"exotel {status}" + (f": {message}" if message else "")
 
@@ -118,6 +114,9 @@ class ExotelChannel:
             "EncodingType": "unicode" if sms.measure(text).encoding is sms.Encoding.UCS2 else "plain",
             "CustomField": recipient.delivery_id,
         }
+        callback = context.receipt_url(context.destination)
+        if callback:
+            form["StatusCallback"] = callback
         if config.dlt_entity_id:
             form["DltEntityId"] = config.dlt_entity_id
         if context.campaign.sms.dlt_template_id:

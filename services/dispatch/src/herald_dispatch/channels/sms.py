@@ -9,6 +9,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 
@@ -63,14 +64,29 @@ class Verdict:
     """What a provider's answer to one message means."""
 
     sent: bool = False
+    message_id: str = ""  # the provider's id of the message it accepted
     throttled: bool = False  # not processed: wait and send again
     reason: str = ""  # why it failed
     failover: bool = False  # another provider could take it
 
 
-ACCEPTED = Verdict(sent=True)
 THROTTLED = Verdict(throttled=True)
 Judge = Callable[[int, str], Verdict]
+
+
+def accepted(message_id: object) -> Verdict:
+    return Verdict(sent=True, message_id=str(message_id or ""))
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """A provider's JSON answer as a dict ({} when it is not one)."""
+    try:
+        body = json.loads(text)
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
+
+
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15.0)
 # A throttled message waits this long in all before it fails (and may fail over).
 MAX_THROTTLED_SECONDS = 3600.0
@@ -111,7 +127,7 @@ async def post_message(
         verdict = judge(status, answer)
         if verdict.sent:
             await context.waiting(None)
-            return Outcome(recipient, SENT, attempts)
+            return Outcome(recipient, SENT, attempts, provider_message_id=verdict.message_id)
         if not verdict.throttled:
             return Outcome(recipient, FAILED, attempts, verdict.reason, failover=verdict.failover)
         if time.monotonic() - started > max_throttled_seconds:

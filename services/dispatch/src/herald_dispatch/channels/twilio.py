@@ -9,10 +9,8 @@ is never processed and is retried with backoff; other answers are final.
 from __future__ import annotations
 
 import base64
-import json
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import aiohttp
 from google.protobuf.message import Message
@@ -23,12 +21,13 @@ from herald_common import channels
 from herald_common.errors import Validator
 from herald_dispatch.channels import Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
-    ACCEPTED,
     ALPHANUMERIC_SENDER,
     E164,
     MAX_THROTTLED_SECONDS,
     THROTTLED,
     Verdict,
+    accepted,
+    json_object,
     post_message,
     send_each,
 )
@@ -48,7 +47,7 @@ def sender_problem(sender: str) -> str | None:
 
 def _judge(status: int, text: str) -> Verdict:
     if status in (200, 201):
-        return ACCEPTED
+        return accepted(json_object(text).get("sid"))
     if status == 429:  # error 20429: never processed, always safe to send again
         return THROTTLED
     # Credentials, an unpaid account or a server error: another provider could take the message;
@@ -58,12 +57,7 @@ def _judge(status: int, text: str) -> Verdict:
 
 def _error(status: int, text: str) -> str:
     """Twilio's error code and message, short, from its JSON answer."""
-    try:
-        body: Any = json.loads(text)
-    except ValueError:
-        body = {}
-    if not isinstance(body, dict):
-        body = {}
+    body = json_object(text)
     code = body.get("code", "")
     message = str(body.get("message", ""))[:160]
     return f"twilio {status}" + (f" error {code}" if code else "") + (f": {message}" if message else "")
@@ -131,6 +125,9 @@ class TwilioChannel:
     ) -> Outcome:
         base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
         form = {"To": phone, "Body": text}
+        callback = context.receipt_url(context.destination)
+        if callback:
+            form["StatusCallback"] = callback
         if config.WhichOneof("sender") == "messaging_service_sid":
             form["MessagingServiceSid"] = config.messaging_service_sid
         else:

@@ -10,7 +10,6 @@ not sent again. The delivery id goes out as `client-ref`.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -24,11 +23,12 @@ from herald_common import channels, sms
 from herald_common.errors import Validator
 from herald_dispatch.channels import Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
-    ACCEPTED,
     ALPHANUMERIC_SENDER,
     MAX_THROTTLED_SECONDS,
     THROTTLED,
     Verdict,
+    accepted,
+    json_object,
     post_message,
     send_each,
 )
@@ -58,18 +58,14 @@ def _judge(status: int, text: str) -> Verdict:
         return Verdict(reason=f"vonage answered HTTP {status}", failover=True)
     refused = [p for p in parts if p.get("status") != "0"]
     if not refused:
-        return ACCEPTED
+        return accepted(parts[0].get("message-id"))  # receipts come per part; the first stands for all
     code = str(refused[0].get("status"))
     reason = f"vonage status {code}: {str(refused[0].get('error-text', ''))[:160]}"
     return Verdict(reason=reason, failover=code in PROVIDER_PROBLEMS)
 
 
 def _parts(text: str) -> list[dict[str, Any]]:
-    try:
-        body: Any = json.loads(text)
-    except ValueError:
-        return []
-    parts = body.get("messages") if isinstance(body, dict) else None
+    parts = json_object(text).get("messages")
     return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
 
 
@@ -127,6 +123,9 @@ class VonageChannel:
             "type": "unicode" if sms.measure(text).encoding is sms.Encoding.UCS2 else "text",
             "client-ref": recipient.delivery_id,
         }
+        callback = context.receipt_url(context.destination)
+        if callback:
+            form["callback"] = callback
         if config.dlt_entity_id:
             form["entity-id"] = config.dlt_entity_id
         if context.campaign.sms.dlt_template_id:

@@ -870,6 +870,7 @@ class CampaignStats(_message.Message):
     RESENT_FIELD_NUMBER: _builtins.int
     FAILURE_REASONS_FIELD_NUMBER: _builtins.int
     WAITING_REASON_FIELD_NUMBER: _builtins.int
+    RECEIPTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`campaigns/{campaign}/stats`."""
     targeted: _builtins.int
@@ -894,6 +895,10 @@ class CampaignStats(_message.Message):
     def failure_reasons(self) -> _containers.RepeatedCompositeFieldContainer[Global___FailureReason]:
         """Why deliveries failed or were skipped, most frequent first."""
 
+    @_builtins.property
+    def receipts(self) -> Global___ReceiptCounts:
+        """What providers' delivery receipts say became of sent messages (SMS)."""
+
     def __init__(
         self,
         *,
@@ -906,14 +911,47 @@ class CampaignStats(_message.Message):
         resent: _builtins.int = ...,
         failure_reasons: _abc.Iterable[Global___FailureReason] | None = ...,
         waiting_reason: _builtins.str = ...,
+        receipts: Global___ReceiptCounts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receipts", b"receipts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failure_reasons", b"failure_reasons", "name", b"name", "resent", b"resent", "sent", b"sent", "skipped", b"skipped", "targeted", b"targeted", "unknown", b"unknown", "waiting_reason", b"waiting_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failure_reasons", b"failure_reasons", "name", b"name", "receipts", b"receipts", "resent", b"resent", "sent", b"sent", "skipped", b"skipped", "targeted", b"targeted", "unknown", b"unknown", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CampaignStats: _TypeAlias = CampaignStats  # noqa: Y015
+
+@_typing.final
+class ReceiptCounts(_message.Message):
+    """Sent messages by what their delivery receipt says; messages without a final receipt yet are
+    in none.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERED_FIELD_NUMBER: _builtins.int
+    UNDELIVERED_FIELD_NUMBER: _builtins.int
+    FAILED_FIELD_NUMBER: _builtins.int
+    delivered: _builtins.int
+    """Reached the handset."""
+    undelivered: _builtins.int
+    """The carrier could not deliver them."""
+    failed: _builtins.int
+    """The provider could not send them."""
+    def __init__(
+        self,
+        *,
+        delivered: _builtins.int = ...,
+        undelivered: _builtins.int = ...,
+        failed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivered", b"delivered", "failed", b"failed", "undelivered", b"undelivered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiptCounts: _TypeAlias = ReceiptCounts  # noqa: Y015
 
 @_typing.final
 class FailureReason(_message.Message):

@@ -60,6 +60,34 @@ so it was not sent again.
 """
 Global___DeliveryStatus: _TypeAlias = DeliveryStatus  # noqa: Y015
 
+class _ReceiptStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReceiptStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReceiptStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RECEIPT_STATUS_UNSPECIFIED: _ReceiptStatus.ValueType  # 0
+    """Not set."""
+    RECEIPT_STATUS_DELIVERED: _ReceiptStatus.ValueType  # 1
+    """It reached the handset."""
+    RECEIPT_STATUS_UNDELIVERED: _ReceiptStatus.ValueType  # 2
+    """The carrier could not deliver it (unreachable handset, filtered, expired)."""
+    RECEIPT_STATUS_FAILED: _ReceiptStatus.ValueType  # 3
+    """The provider could not send it."""
+
+class ReceiptStatus(_ReceiptStatus, metaclass=_ReceiptStatusEnumTypeWrapper):
+    """What a provider's delivery receipt says became of a sent message."""
+
+RECEIPT_STATUS_UNSPECIFIED: ReceiptStatus.ValueType  # 0
+"""Not set."""
+RECEIPT_STATUS_DELIVERED: ReceiptStatus.ValueType  # 1
+"""It reached the handset."""
+RECEIPT_STATUS_UNDELIVERED: ReceiptStatus.ValueType  # 2
+"""The carrier could not deliver it (unreachable handset, filtered, expired)."""
+RECEIPT_STATUS_FAILED: ReceiptStatus.ValueType  # 3
+"""The provider could not send it."""
+Global___ReceiptStatus: _TypeAlias = ReceiptStatus  # noqa: Y015
+
 @_typing.final
 class CampaignChanged(_message.Message):
     """Published by campaign whenever a campaign is created or changes state."""
@@ -416,6 +444,78 @@ class DeliveryOutcomes(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliveryOutcomes: _TypeAlias = DeliveryOutcomes  # noqa: Y015
+
+@_typing.final
+class ReceiptResult(_message.Message):
+    """The final receipt of one sent delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The delivery's stable id."""
+    user_id: _builtins.str
+    """The recipient."""
+    status: Global___ReceiptStatus.ValueType
+    """What became of it."""
+    error_code: _builtins.str
+    """The provider's error code, if any (`twilio 30003`, `vonage 6`)."""
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        status: Global___ReceiptStatus.ValueType = ...,
+        error_code: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "error_code", b"error_code", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReceiptResult: _TypeAlias = ReceiptResult  # noqa: Y015
+
+@_typing.final
+class DeliveryReceipts(_message.Message):
+    """Published by dispatch when providers' receipts settle what became of sent deliveries. Each
+    delivery is reported once, with its first final receipt.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per event; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReceiptResult]:
+        """The receipts."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        campaign: _builtins.str = ...,
+        results: _abc.Iterable[Global___ReceiptResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "event_id", b"event_id", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeliveryReceipts: _TypeAlias = DeliveryReceipts  # noqa: Y015
 
 @_typing.final
 class DestinationWaiting(_message.Message):
