@@ -130,18 +130,22 @@ async def _accepted(http: aiohttp.ClientSession, url: str) -> dict[str, int]:
         return stats
 
 
-async def _upsert(channel: grpc.aio.Channel, tag: str, users: int) -> float:
+async def upsert_users(channel: grpc.aio.Channel, tag: str, users: int, *, phones: bool = False) -> float:
+    """Loads users through the API (with E.164 phones when asked); returns users per second."""
     stub = segmentation_grpc.SegmentationServiceStub(channel)
     started = time.perf_counter()
     batch = 1000
 
+    def member(i: int) -> segmentation_pb.User:
+        loaded = user(f"{tag}-{i:08d}", cohort=tag, first_name=f"U{i}", plan="gold", code=f"C{i % 997}")
+        if phones:
+            loaded.phone = f"+1415{i:07d}"
+        return loaded
+
     async def load(offset: int) -> None:
         await stub.UpsertUsers(
             segmentation_pb.UpsertUsersRequest(
-                users=[
-                    user(f"{tag}-{i:08d}", cohort=tag, first_name=f"U{i}", plan="gold", code=f"C{i % 997}")
-                    for i in range(offset, min(offset + batch, users))
-                ]
+                users=[member(i) for i in range(offset, min(offset + batch, users))]
             )
         )
 
@@ -166,7 +170,7 @@ async def _herald_export(
         keyed_channel(services.address("campaign"), key) as campaigns_channel,
         keyed_channel(services.address("dispatch"), key) as dispatch_channel,
     ):
-        upsert_rate = await _upsert(segmentation, tag, users)
+        upsert_rate = await upsert_users(segmentation, tag, users)
         segments = segmentation_grpc.SegmentationServiceStub(segmentation)
         segment = await segments.CreateSegment(
             segmentation_pb.CreateSegmentRequest(
@@ -314,7 +318,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=None, help="audience size (default 20,000)")
     parser.add_argument("--full", action="store_true", help="the issues' full sizes (1M users; 20M events)")
     parser.add_argument(
-        "--only", choices=("pipeline", "segmentation", "scheduling"), help="run one benchmark"
+        "--only", choices=("pipeline", "segmentation", "scheduling", "sms"), help="run one benchmark"
     )
     args = parser.parse_args()
     if args.only in (None, "pipeline"):
@@ -326,6 +330,10 @@ def main() -> None:
             (1_000_000, bench_scheduling.FULL_SPEED) if args.full else (100_000, bench_scheduling.QUICK_SPEED)
         )
         asyncio.run(bench_scheduling.run(*sizes))
+    if args.only in (None, "sms"):
+        from tests import bench_sms  # it builds on this module's helpers
+
+        asyncio.run(bench_sms.run(100_000 if args.full else 20_000))
 
 
 if __name__ == "__main__":

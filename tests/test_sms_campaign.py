@@ -618,3 +618,53 @@ async def test_a_forged_receipt_is_refused_and_changes_nothing(
     await asyncio.sleep(0.5)
     stats = await _receipts(account, name, 30)
     assert (stats.receipts.delivered, stats.receipts.undelivered) == (30, 0)
+
+
+async def test_vonage_receipts_are_checked_by_signature_and_counted(
+    platform: Platform, account: SmsAccount, vonage: VonageApi
+) -> None:
+    vonage.signature_secret = "vonage-signature-secret"
+    vonage.failing = {"14155550001", "14155550002"}
+    campaign = _sms_campaign(account)
+    campaign.destination = await _vonage_destination(
+        account, vonage, signature_secret=vonage.signature_secret
+    )
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    stats = await _receipts(account, created.name, 30)
+    assert (stats.receipts.delivered, stats.receipts.failed) == (28, 2)
+    assert {r.reason: r.count for r in stats.failure_reasons}["failed after sending (vonage 6)"] == 2
+    destination_id = campaign.destination.removeprefix("destinations/")
+    url = f"http://127.0.0.1:{platform.settings.receipts_port}/v1/receipts/vonage/{destination_id}"
+    forged = {"messageId": "0C000000217B7F02", "status": "delivered", "timestamp": "1", "nonce": "x"}
+    async with aiohttp.ClientSession() as http, http.post(url, data={**forged, "sig": "0" * 32}) as answer:
+        assert answer.status == 403
+
+
+async def test_exotel_receipts_come_to_a_secret_path(
+    platform: Platform, account: SmsAccount, exotel: ExotelApi
+) -> None:
+    exotel.failing = {"+14155550005"}
+    destination = await account.clients.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(display_name="Exotel", exotel=_exotel_config(exotel))
+        )
+    )
+    campaign = _sms_campaign(account)
+    campaign.destination = destination.name
+    campaign.sms.dlt_template_id = "1107172768973504659"
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=campaign)
+    )
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    stats = await _receipts(account, created.name, 30)
+    assert (stats.receipts.delivered, stats.receipts.failed) == (29, 1)
+    callback = exotel.messages[0].form["StatusCallback"]
+    assert callback.startswith(f"http://127.0.0.1:{platform.settings.receipts_port}/v1/receipts/exotel/")
+    forged = callback[: callback.rindex("/")] + "/" + "0" * 32
+    refused = {"SmsSid": exotel.messages[0].sid, "Status": "failed"}
+    async with aiohttp.ClientSession() as http, http.post(forged, data=refused) as answer:
+        assert answer.status == 403
+    assert set(exotel.callback_answers) == {200}

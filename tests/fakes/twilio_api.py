@@ -70,6 +70,7 @@ class TwilioApi:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
+        app.router.add_get("/_fake/stats", self._stats)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -106,6 +107,9 @@ class TwilioApi:
                 headers = {"X-Twilio-Signature": self.sign(url, params)}
                 async with http.post(url, data=params, headers=headers) as response:
                     self.callback_answers.append(response.status)
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        return web.json_response({"messages": len(self.messages), "refused": len(self.refused)})
 
     def _error(self, status: int, code: int, message: str) -> web.Response:
         self.refused.append((status, code))
@@ -183,3 +187,25 @@ class TwilioApi:
             "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
         }
         return web.json_response(answer, status=201)
+
+
+async def _serve(account_sid: str, auth_token: str) -> None:
+    """Runs the fake alone, for benchmarks that keep it off the services' processes."""
+    api = TwilioApi(account_sid, auth_token)
+    await api.start()
+    print(api.url, flush=True)
+    await asyncio.Event().wait()
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="A local Twilio Messages API")
+    parser.add_argument("--account-sid", required=True)
+    parser.add_argument("--auth-token", required=True)
+    args = parser.parse_args()
+    asyncio.run(_serve(args.account_sid, args.auth_token))
+
+
+if __name__ == "__main__":
+    main()

@@ -6,18 +6,24 @@
   "0" accepted, "1" throttled (past its requests per second, or on demand), "2" missing
   parameter, "3" invalid parameter, "4" bad credentials;
 - one `messages[]` entry per SMS segment, each with a `message-id`, `client-ref` echoed;
-- no de-duplication: what is posted twice is sent twice.
+- no de-duplication: what is posted twice is sent twice;
+- a delivery receipt per part to the message's `callback` (form-encoded: msisdn, to, messageId,
+  status `delivered`, or `failed` with err-code 6 for the numbers told so, ...), signed with
+  timestamp, nonce and an MD5 `sig` when the account has a signature secret.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import hashlib
 import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from herald_common.sms import measure
@@ -41,12 +47,47 @@ class VonageApi:
     api_secret: str
     # Requests per second before status "1" (None: unlimited).
     max_per_second: float | None = None
+    # Signs delivery receipts when set.
+    signature_secret: str = ""
+    # Numbers whose messages end `failed` (err-code 6) in their receipts.
+    failing: set[str] = field(default_factory=set)
+    receipt_answers: list[int] = field(default_factory=list)
     messages: list[VonageMessage] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)  # the status of every answer, in order
     url: str = ""
     _forced: list[str] = field(default_factory=list)
     _window: list[float] = field(default_factory=list)
     _runner: web.AppRunner | None = None
+    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def sign(self, params: dict[str, str]) -> str:
+        pairs = "".join(
+            f"&{k}={v.replace('&', '_').replace('=', '_')}" for k, v in sorted(params.items()) if k != "sig"
+        )
+        return hashlib.md5((pairs + self.signature_secret).encode()).hexdigest()
+
+    async def _receipts(self, url: str, message: VonageMessage, message_ids: list[str]) -> None:
+        async with aiohttp.ClientSession() as http:
+            for message_id in message_ids:
+                failed = message.to in self.failing
+                params = {
+                    "msisdn": message.to,
+                    "to": message.sender,
+                    "network-code": "23410",
+                    "messageId": message_id,
+                    "price": "0.03330000",
+                    "status": "failed" if failed else "delivered",
+                    "scts": "2611231200",
+                    "err-code": "6" if failed else "0",
+                    "api-key": self.api_key,
+                    "message-timestamp": "2026-11-23 12:00:00",
+                    "client-ref": message.client_ref,
+                }
+                if self.signature_secret:
+                    params |= {"timestamp": str(int(time.time())), "nonce": uuid.uuid4().hex}
+                    params["sig"] = self.sign(params)
+                async with http.post(url, data=params) as response:
+                    self.receipt_answers.append(response.status)
 
     def throttle_next(self, count: int) -> None:
         """Answers the next `count` requests with status "1" (throttled)."""
@@ -64,6 +105,9 @@ class VonageApi:
         return self.url
 
     async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -120,4 +164,10 @@ class VonageApi:
             }
             for _ in range(max(measure(text).segments, 1))
         ]
+        callback = form.get("callback")
+        if callback:
+            ids = [str(p["message-id"]) for p in parts]
+            task = asyncio.create_task(self._receipts(callback, self.messages[-1], ids))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return self._answer(parts)
