@@ -44,12 +44,26 @@ class SharedRateLimiter:
         self.database = database
         # Permits this replica holds per destination, and when their second ends (monotonic).
         self._held: dict[str, tuple[int, float]] = {}
+        # One request at a time asks the database for more permits of a destination; the others
+        # queue here instead of all polling it.
+        self._refilling: dict[str, asyncio.Lock] = {}
+
+    def _take_held(self, destination: str) -> bool:
+        permits, until = self._held.get(destination, (0, 0.0))
+        if permits > 0 and time.monotonic() < until:
+            self._held[destination] = (permits - 1, until)
+            return True
+        return False
 
     async def acquire(self, account_id: uuid.UUID, destination: str, limit: int) -> None:
+        if self._take_held(destination):
+            return
+        async with self._refilling.setdefault(destination, asyncio.Lock()):
+            await self._refill(account_id, destination, limit)
+
+    async def _refill(self, account_id: uuid.UUID, destination: str, limit: int) -> None:
         while True:
-            permits, until = self._held.get(destination, (0, 0.0))
-            if permits > 0 and time.monotonic() < until:
-                self._held[destination] = (permits - 1, until)
+            if self._take_held(destination):
                 return
             block = max(1, limit // BLOCKS_PER_SECOND)
             async with self.database.transaction() as session:

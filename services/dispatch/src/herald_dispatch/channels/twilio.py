@@ -33,6 +33,7 @@ from herald_dispatch.channels.sms import (
 )
 
 KIND = channels.for_config("twilio")
+DEFAULT_REQUESTS_PER_SECOND = 100
 DEFAULT_ENDPOINT = "https://api.twilio.com"
 ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
 MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-f]{32}$")
@@ -98,10 +99,15 @@ class TwilioChannel:
             )
         else:
             check.add(f"{field}.sender", "required: from or messaging_service_sid")
+        check.require(
+            0 <= config.requests_per_second <= 100_000,
+            f"{field}.requests_per_second",
+            "0 (the default) to 100,000",
+        )
         return [config.endpoint_url or DEFAULT_ENDPOINT]
 
     def requests_per_second(self, destination: pb.Destination) -> int:
-        return 100  # Twilio's default concurrency, roughly
+        return destination.twilio.requests_per_second or DEFAULT_REQUESTS_PER_SECOND
 
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.TwilioConfig)

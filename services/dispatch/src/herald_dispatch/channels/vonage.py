@@ -34,6 +34,7 @@ from herald_dispatch.channels.sms import (
 )
 
 KIND = channels.for_config("vonage")
+DEFAULT_REQUESTS_PER_SECOND = 30
 DEFAULT_ENDPOINT = "https://rest.nexmo.com"
 API_KEY = re.compile(r"^[A-Za-z0-9]{8}$")
 API_SECRET = re.compile(r"^[A-Za-z0-9]{16}$")
@@ -93,10 +94,15 @@ class VonageChannel:
         )
         if config.dlt_entity_id:
             check.require(sms.is_dlt_id(config.dlt_entity_id), f"{field}.dlt_entity_id", "19 digits")
+        check.require(
+            0 <= config.requests_per_second <= 100_000,
+            f"{field}.requests_per_second",
+            "0 (the default) to 100,000",
+        )
         return [config.endpoint_url or DEFAULT_ENDPOINT]
 
     def requests_per_second(self, destination: pb.Destination) -> int:
-        return 30  # every Vonage API key's default limit
+        return destination.vonage.requests_per_second or DEFAULT_REQUESTS_PER_SECOND
 
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.VonageConfig)

@@ -101,6 +101,7 @@ class TwilioConfig(_message.Message):
     FROM_FIELD_NUMBER: _builtins.int
     MESSAGING_SERVICE_SID_FIELD_NUMBER: _builtins.int
     ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     account_sid: _builtins.str
     """`AC` and 32 hex digits; required."""
     auth_token: _builtins.str
@@ -109,6 +110,8 @@ class TwilioConfig(_message.Message):
     """`MG` and 32 hex digits: Twilio picks the sender from the service's pool."""
     endpoint_url: _builtins.str
     """Base URL; empty is `https://api.twilio.com`."""
+    requests_per_second: _builtins.int
+    """Requests per second the account may make (0: 100), shared by every replica."""
     def __init__(
         self,
         *,
@@ -116,10 +119,11 @@ class TwilioConfig(_message.Message):
         auth_token: _builtins.str = ...,
         messaging_service_sid: _builtins.str = ...,
         endpoint_url: _builtins.str = ...,
+        requests_per_second: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["from", b"from", "messaging_service_sid", b"messaging_service_sid", "sender", b"sender"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "auth_token", b"auth_token", "endpoint_url", b"endpoint_url", "from", b"from", "messaging_service_sid", b"messaging_service_sid", "sender", b"sender"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "auth_token", b"auth_token", "endpoint_url", b"endpoint_url", "from", b"from", "messaging_service_sid", b"messaging_service_sid", "requests_per_second", b"requests_per_second", "sender", b"sender"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_sender: _TypeAlias = _typing.Literal["from", "messaging_service_sid"]  # noqa: Y015
     _WhichOneofArgType_sender: _TypeAlias = _typing.Literal["sender", b"sender"]  # noqa: Y015
@@ -139,6 +143,7 @@ class VonageConfig(_message.Message):
     SIGNATURE_SECRET_FIELD_NUMBER: _builtins.int
     DLT_ENTITY_ID_FIELD_NUMBER: _builtins.int
     ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     api_key: _builtins.str
     """8 characters; required."""
     api_secret: _builtins.str
@@ -151,6 +156,8 @@ class VonageConfig(_message.Message):
     """India DLT principal entity id (19 digits), sent as `entity-id`."""
     endpoint_url: _builtins.str
     """Base URL; empty is `https://rest.nexmo.com`."""
+    requests_per_second: _builtins.int
+    """Requests per second the API key may make (0: Vonage's default, 30), shared by every replica."""
     def __init__(
         self,
         *,
@@ -160,10 +167,11 @@ class VonageConfig(_message.Message):
         signature_secret: _builtins.str = ...,
         dlt_entity_id: _builtins.str = ...,
         endpoint_url: _builtins.str = ...,
+        requests_per_second: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "api_secret", b"api_secret", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "sender", b"sender", "signature_secret", b"signature_secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "api_secret", b"api_secret", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "requests_per_second", b"requests_per_second", "sender", b"sender", "signature_secret", b"signature_secret"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
