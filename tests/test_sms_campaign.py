@@ -9,6 +9,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import grpc
@@ -66,17 +67,25 @@ async def account(platform: Platform, twilio: TwilioApi) -> AsyncIterator[SmsAcc
         dispatch_pb.CreateDestinationRequest(
             destination=dispatch_pb.Destination(
                 display_name="Twilio US",
-                twilio=dispatch_pb.TwilioConfig(
+                twilio=_twilio(
                     account_sid=ACCOUNT_SID,
                     auth_token=AUTH_TOKEN,
                     endpoint_url=twilio.url,
-                    **{"from": "+14155550000"},
+                    sender="+14155550000",
                 ),
             )
         )
     )
     yield SmsAccount(clients, segment.name, destination.name, tag)
     await clients.close()
+
+
+def _twilio(sender: str = "", **fields: Any) -> dispatch_pb.TwilioConfig:
+    """A Twilio config; `sender` goes in `from`, a Python keyword."""
+    config = dispatch_pb.TwilioConfig(**fields)
+    if sender:
+        setattr(config, "from", sender)
+    return config
 
 
 def _sms_campaign(account: SmsAccount, body: str = BODY, **fields: object) -> campaign_pb.Campaign:
@@ -219,19 +228,17 @@ async def test_sms_content_needs_an_sms_destination(account: SmsAccount, twilio:
     ("config", "field"),
     [
         (
-            dispatch_pb.TwilioConfig(account_sid="AC123", auth_token=AUTH_TOKEN, **{"from": "+14155550000"}),
+            _twilio(account_sid="AC123", auth_token=AUTH_TOKEN, sender="+14155550000"),
             "account_sid",
         ),
-        (dispatch_pb.TwilioConfig(account_sid=ACCOUNT_SID, **{"from": "+14155550000"}), "auth_token"),
+        (_twilio(account_sid=ACCOUNT_SID, sender="+14155550000"), "auth_token"),
         (dispatch_pb.TwilioConfig(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN), "sender"),
         (
-            dispatch_pb.TwilioConfig(
-                account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, **{"from": "TooLongSender1"}
-            ),
+            _twilio(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, sender="TooLongSender1"),
             "from",
         ),
         (
-            dispatch_pb.TwilioConfig(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, **{"from": "12345"}),
+            _twilio(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, sender="12345"),
             "from",
         ),
         (
@@ -274,7 +281,7 @@ async def vonage() -> AsyncIterator[VonageApi]:
     await fake.stop()
 
 
-async def _vonage_destination(account: SmsAccount, vonage: VonageApi, **fields: str) -> str:
+async def _vonage_destination(account: SmsAccount, vonage: VonageApi, **fields: Any) -> str:
     config = dispatch_pb.VonageConfig(
         api_key=VONAGE_KEY, api_secret=VONAGE_SECRET, sender="Herald", endpoint_url=vonage.url, **fields
     )
