@@ -675,3 +675,34 @@ async def test_exotel_receipts_come_to_a_secret_path(
     async with aiohttp.ClientSession() as http, http.post(forged, data=refused) as answer:
         assert answer.status == 403
     assert set(exotel.callback_answers) == {200}
+
+
+async def test_a_stop_reply_unsubscribes_the_user_from_sms(
+    platform: Platform, account: SmsAccount, twilio: TwilioApi
+) -> None:
+    destination_id = account.destination.removeprefix("destinations/")
+    url = f"http://127.0.0.1:{platform.settings.receipts_port}/v1/inbound/twilio/{destination_id}"
+    reply = {"MessageSid": "SM" + "1" * 32, "From": "+14155550004", "To": "+14155550000", "Body": " Stop "}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=reply, headers={"X-Twilio-Signature": "Zm9yZ2Vk"}) as forged:
+            assert forged.status == 403
+        async with http.post(
+            url,
+            data={**reply, "Body": "thanks!"},
+            headers={"X-Twilio-Signature": twilio.sign(url, {**reply, "Body": "thanks!"})},
+        ) as chat:
+            assert chat.status == 200
+        async with http.post(
+            url, data=reply, headers={"X-Twilio-Signature": twilio.sign(url, reply)}
+        ) as answer:
+            assert answer.status == 200 and "<Response>" in await answer.text()
+
+    async def unsubscribed() -> bool:
+        got = await account.clients.segmentation.GetUser(pb.GetUserRequest(name=f"users/{account.tag}-04"))
+        return got.subscriptions.sms_unsubscribed
+
+    await eventually(unsubscribed)
+    reach = await account.clients.segmentation.EstimateReach(
+        pb.EstimateReachRequest(audience=pb.Audience(segment=account.segment), channel=pb.CHANNEL_SMS)
+    )
+    assert reach.reachable_count == 29  # 30 subscribed, one of whom replied STOP; "thanks!" is not

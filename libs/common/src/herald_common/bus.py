@@ -82,6 +82,10 @@ class Subjects:
         return f"{self.namespace}.dispatch.receipts"
 
     @property
+    def sms_opt_outs(self) -> str:
+        return f"{self.namespace}.dispatch.sms.optout"
+
+    @property
     def destination_waiting(self) -> str:
         return f"{self.namespace}.dispatch.waiting"
 

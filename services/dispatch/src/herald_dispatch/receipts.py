@@ -1,5 +1,5 @@
-"""Providers' delivery receipts: an HTTP endpoint for their callbacks, checked, recorded once, and
-reported to the campaign service.
+"""Providers' delivery receipts and inbound replies: an HTTP endpoint for their callbacks, checked,
+recorded once, and reported to the campaign service (receipts) or segmentation (STOP replies).
 
 Each provider calls `/v1/receipts/{provider}/{destination id}` (Exotel, which signs nothing, with
 a token derived from the destination's API token in the path). A receipt whose signature does not
@@ -27,12 +27,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
+from herald_common import api
 from herald_common.auth import account_name
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
+from herald_dispatch.channels.sms import E164
 from herald_dispatch.storage import outbox, receipts
 
 log = get_logger(__name__)
@@ -216,6 +218,8 @@ class ReceiptServer:
         app.router.add_post("/v1/receipts/twilio/{destination}", self._twilio)
         app.router.add_post("/v1/receipts/vonage/{destination}", self._vonage)
         app.router.add_post("/v1/receipts/exotel/{destination}/{token}", self._exotel)
+        app.router.add_post("/v1/inbound/twilio/{destination}", self._twilio_inbound)
+        app.router.add_post("/v1/inbound/vonage/{destination}", self._vonage_inbound)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -248,28 +252,86 @@ class ReceiptServer:
             return {str(k): str(v) for k, v in body.items()} if isinstance(body, dict) else {}
         return {k: str(v) for k, v in (await request.post()).items()}
 
-    async def _twilio(self, request: web.Request) -> web.Response:
+    async def _signed_twilio(
+        self, request: web.Request
+    ) -> tuple[uuid.UUID, pb.Destination, dict[str, str]] | None:
+        """(owner, destination, parameters) of a Twilio callback; None when its signature fails."""
         account_id, destination = await self._destination(request, "twilio")
         params = await self._params(request)
         expected = twilio_signature(destination.twilio.auth_token, self._url(request), params)
         if not hmac.compare_digest(expected, request.headers.get("X-Twilio-Signature", "")):
-            return _forbidden("twilio", destination)
-        return await self._record(account_id, destination, _twilio(params))
+            log.warning("callback_signature_refused", provider="twilio", destination=destination.name)
+            return None
+        return account_id, destination, params
 
-    async def _vonage(self, request: web.Request) -> web.Response:
+    async def _signed_vonage(
+        self, request: web.Request
+    ) -> tuple[uuid.UUID, pb.Destination, dict[str, str]] | None:
+        """(owner, destination, parameters) of a Vonage callback; None when its signature fails."""
         account_id, destination = await self._destination(request, "vonage")
         params = await self._params(request)
         secret = destination.vonage.signature_secret
         if secret and not hmac.compare_digest(
             vonage_signature(secret, params), params.get("sig", "").lower()
         ):
-            return _forbidden("vonage", destination)
+            log.warning("callback_signature_refused", provider="vonage", destination=destination.name)
+            return None
+        return account_id, destination, params
+
+    async def _twilio(self, request: web.Request) -> web.Response:
+        signed = await self._signed_twilio(request)
+        if signed is None:
+            return _forbidden()
+        account_id, destination, params = signed
+        return await self._record(account_id, destination, _twilio(params))
+
+    async def _vonage(self, request: web.Request) -> web.Response:
+        signed = await self._signed_vonage(request)
+        if signed is None:
+            return _forbidden()
+        account_id, destination, params = signed
         return await self._record(account_id, destination, _vonage(params))
+
+    async def _twilio_inbound(self, request: web.Request) -> web.Response:
+        """A reply to one of the account's Twilio numbers; TwiML that sends nothing back."""
+        signed = await self._signed_twilio(request)
+        if signed is None:
+            return _forbidden()
+        account_id, destination, params = signed
+        if is_opt_out(params.get("Body", "")):
+            await self._opt_out(account_id, destination, params.get("From", ""))
+        return web.Response(text="<Response></Response>", content_type="text/xml")
+
+    async def _vonage_inbound(self, request: web.Request) -> web.Response:
+        signed = await self._signed_vonage(request)
+        if signed is None:
+            return _forbidden()
+        account_id, destination, params = signed
+        if is_opt_out(params.get("text", "")):
+            await self._opt_out(account_id, destination, "+" + params.get("msisdn", "").lstrip("+"))
+        return web.Response(status=200)
+
+    async def _opt_out(self, account_id: uuid.UUID, destination: pb.Destination, phone: str) -> None:
+        if not E164.match(phone):
+            return
+        event = events.SmsOptOut(
+            event_id=str(uuid.uuid4()),
+            account=account_name(account_id),
+            phone=phone,
+            destination=destination.name,
+            occur_time=api.timestamp(api.utcnow()),
+        )
+        async with self.database.transaction() as session:
+            await enqueue(
+                session, outbox, [OutboxEvent.of(self.subjects.sms_opt_outs, event, event.event_id)]
+            )
+        self.notify_outbox()
 
     async def _exotel(self, request: web.Request) -> web.Response:
         account_id, destination = await self._destination(request, "exotel")
         if not hmac.compare_digest(exotel_token(destination), request.match_info["token"]):
-            return _forbidden("exotel", destination)
+            log.warning("callback_signature_refused", provider="exotel", destination=destination.name)
+            return _forbidden()
         return await self._record(account_id, destination, _exotel(await self._params(request)))
 
     async def _record(
@@ -304,6 +366,13 @@ class ReceiptServer:
         return applied >= 1000
 
 
-def _forbidden(provider: str, destination: pb.Destination) -> web.Response:
-    log.warning("receipt_signature_refused", provider=provider, destination=destination.name)
+def _forbidden() -> web.Response:
     return web.Response(status=403, text="signature does not verify")
+
+
+# Replies that opt out of SMS, as carriers and Twilio's Advanced Opt-Out recognise them.
+OPT_OUT_KEYWORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"}
+
+
+def is_opt_out(body: str) -> bool:
+    return body.strip().upper() in OPT_OUT_KEYWORDS

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import grpc
 
+from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as pb_grpc
 from herald_common import runtime
+from herald_common.auth import account_id_of
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
@@ -29,8 +31,9 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     )
     campaign_service = infra.channel("campaign")
     usage = CampaignUsage(campaign_service)
+    profiles = Profiles(infra.database)
     servicer = SegmentationServicer(
-        profiles=Profiles(infra.database),
+        profiles=profiles,
         events=Events(infra.database, infra.subjects, infra.relay.notify),
         lists=Lists(infra.database, usage),
         segments=Segmentation(infra.database, usage),
@@ -48,7 +51,21 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         permissions=PERMISSIONS,
     )
     host.on_stop.append(campaign_service.close)
+    await infra.consume(
+        owner="dispatch",
+        durable="segmentation-sms-opt-outs",
+        filter_subject=infra.subjects.sms_opt_outs,
+        event_type=events.SmsOptOut,
+        apply=profiles.opt_out_of_sms,
+        problem=_opt_out_problem,
+    )
     return host
+
+
+def _opt_out_problem(event: events.SmsOptOut) -> str | None:
+    if account_id_of(event.account) is None or not event.phone:
+        return f"SmsOptOut without an account or a phone ({event.account!r}, {event.phone!r})"
+    return None
 
 
 def main() -> None:

@@ -12,9 +12,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
-from herald_common.auth import current_account_id, current_caller
+from herald_common.auth import account_id_of, current_account_id, current_caller
 from herald_common.db import Database
 from herald_common.errors import NotFound, ResourceExhausted, Validator
 from herald_common.timing import zone_named
@@ -263,3 +264,19 @@ class Profiles:
         if row is None:
             raise NotFound(name)
         return user_message(row, device_rows)
+
+    async def opt_out_of_sms(self, replies: Sequence[events.SmsOptOut]) -> None:
+        """Marks the users with each number that replied STOP as unsubscribed from SMS (in the
+        account whose destination the reply came through)."""
+        by_account: dict[uuid.UUID, set[str]] = {}
+        for reply in replies:
+            account_id = account_id_of(reply.account)
+            if account_id is not None:
+                by_account.setdefault(account_id, set()).add(reply.phone)
+        async with self.database.transaction() as session:
+            for account_id, phones in sorted(by_account.items()):
+                await session.execute(
+                    sa.update(users)
+                    .where(users.c.account_id == account_id, users.c.phone.in_(sorted(phones)))
+                    .values(sms_unsubscribed=True)
+                )

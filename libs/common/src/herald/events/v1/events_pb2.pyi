@@ -518,6 +518,48 @@ class DeliveryReceipts(_message.Message):
 Global___DeliveryReceipts: _TypeAlias = DeliveryReceipts  # noqa: Y015
 
 @_typing.final
+class SmsOptOut(_message.Message):
+    """Published by dispatch when someone replies STOP (or another opt-out keyword) to an SMS:
+    segmentation marks the users with that number SMS-unsubscribed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per event; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    phone: _builtins.str
+    """The E.164 number that opted out."""
+    destination: _builtins.str
+    """`destinations/{destination}` the reply came through."""
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When the reply arrived."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        phone: _builtins.str = ...,
+        destination: _builtins.str = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "phone", b"phone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmsOptOut: _TypeAlias = SmsOptOut  # noqa: Y015
+
+@_typing.final
 class DestinationWaiting(_message.Message):
     """Published by dispatch when a destination starts or stops holding a campaign's deliveries back
     (an outage, a rate limit): deliveries wait and are retried, and the campaign shows why.
