@@ -394,6 +394,11 @@ async def _preview_message(w: World) -> None:
     assert mine.text == f"Hi {w.cohort}"
 
 
+@probe(dispatch_pb, "TestDestination")
+async def _test_destination(w: World) -> None:
+    await _refused(w.b.dispatch.TestDestination(dispatch_pb.TestDestinationRequest(name=w.destination.name)))
+
+
 @probe(dispatch_pb, "ListDeliveries")
 async def _list_deliveries(w: World) -> None:
     request = dispatch_pb.ListDeliveriesRequest(campaign=w.campaign.name, user_id="only-a")

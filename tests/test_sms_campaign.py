@@ -706,3 +706,34 @@ async def test_a_stop_reply_unsubscribes_the_user_from_sms(
         pb.EstimateReachRequest(audience=pb.Audience(segment=account.segment), channel=pb.CHANNEL_SMS)
     )
     assert reach.reachable_count == 29  # 30 subscribed, one of whom replied STOP; "thanks!" is not
+
+
+async def test_testing_a_destination_checks_its_credentials_and_sends_nothing(
+    account: SmsAccount, twilio: TwilioApi, vonage: VonageApi, exotel: ExotelApi
+) -> None:
+    async def test(name: str) -> tuple[bool, str]:
+        answer = await account.clients.dispatch.TestDestination(dispatch_pb.TestDestinationRequest(name=name))
+        return answer.ok, answer.detail
+
+    assert await test(account.destination) == (True, "Twilio account Herald test is active")
+    vonage_destination = await _vonage_destination(account, vonage)
+    assert await test(vonage_destination) == (True, "Vonage balance 15.54")
+    exotel_destination = await account.clients.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(display_name="Exotel", exotel=_exotel_config(exotel))
+        )
+    )
+    assert await test(exotel_destination.name) == (True, "Exotel account heraldtest1 is active")
+    group = await _group(account, account.destination, vonage_destination)
+    assert (await test(group))[0]
+
+    twilio.auth_token = "rotated" + "0" * 25  # the saved token no longer works
+    assert await test(account.destination) == (False, "Twilio refused the credentials (HTTP 401)")
+    ok, detail = await test(group)
+    assert not ok and "Twilio refused" in detail and "Vonage balance" in detail
+    assert twilio.messages == [] and vonage.messages == [] and exotel.messages == []
+
+    segment_destination = await create_segment_destination(account.clients, twilio.url, "wk_x")
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await test(segment_destination.name)
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -1,7 +1,8 @@
 """A local stand-in for Exotel's SMS API, faithful to its documented behaviour:
 
-- POST /v1/Accounts/{AccountSid}/Sms/send.json, form-encoded, HTTP Basic auth with the API key
-  and token (401 with a RestException otherwise);
+- GET /v1/Accounts/{AccountSid}.json: the account; POST /v1/Accounts/{AccountSid}/Sms/send.json,
+  form-encoded; both with HTTP Basic auth with the API key and token (401 with a RestException
+  otherwise);
 - `From` must be one of the account's senders (400), `To` and `Body` are required (400), a body
   is at most 2,000 characters (400), and on the Mumbai cluster `DltEntityId` is mandatory (400);
 - 200 with the SMSMessage JSON (`Sid`, `Status` queued, ...);
@@ -72,6 +73,7 @@ class ExotelApi:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/Accounts/{sid}/Sms/send.json", self._send)
+        app.router.add_get("/v1/Accounts/{sid}.json", self._account)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -107,10 +109,21 @@ class ExotelApi:
         self._window.append(now)
         return False
 
-    async def _send(self, request: web.Request) -> web.Response:
+    def _authenticated(self, request: web.Request) -> bool:
         header = request.headers.get("Authorization", "")
         credentials = base64.b64decode(header[6:]).decode() if header.startswith("Basic ") else ""
-        if credentials != f"{self.api_key}:{self.api_token}" or request.match_info["sid"] != self.account_sid:
+        return (
+            credentials == f"{self.api_key}:{self.api_token}"
+            and request.match_info["sid"] == self.account_sid
+        )
+
+    async def _account(self, request: web.Request) -> web.Response:
+        if not self._authenticated(request):
+            return self._error(401, "UNAUTHORIZED", "Authentication failed")
+        return web.json_response({"Account": {"Sid": self.account_sid, "Status": "active"}})
+
+    async def _send(self, request: web.Request) -> web.Response:
+        if not self._authenticated(request):
             return self._error(401, "UNAUTHORIZED", "Authentication failed")
         if self._over_rate():
             return self._error(

@@ -1,5 +1,6 @@
 """A local stand-in for Twilio's Programmable Messaging API, faithful to its documented behaviour:
 
+- GET /2010-04-01/Accounts/{AccountSid}.json: the account, with the same auth;
 - POST /2010-04-01/Accounts/{AccountSid}/Messages.json, form-encoded, HTTP Basic auth with the
   Account SID and auth token (401, error 20003, otherwise, or once the token is revoked; 404
   error 20404 for another account's path);
@@ -71,6 +72,7 @@ class TwilioApi:
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
         app.router.add_get("/_fake/stats", self._stats)
+        app.router.add_get("/2010-04-01/Accounts/{sid}.json", self._account)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -107,6 +109,14 @@ class TwilioApi:
                 headers = {"X-Twilio-Signature": self.sign(url, params)}
                 async with http.post(url, data=params, headers=headers) as response:
                     self.callback_answers.append(response.status)
+
+    async def _account(self, request: web.Request) -> web.Response:
+        """The Account resource: how a client learns its credentials work, sending nothing."""
+        if not self._authenticated(request) or request.match_info["sid"] != self.account_sid:
+            return self._error(401, 20003, "Authenticate")
+        return web.json_response(
+            {"sid": self.account_sid, "friendly_name": "Herald test", "status": "active"}
+        )
 
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"messages": len(self.messages), "refused": len(self.refused)})

@@ -1,5 +1,6 @@
 """A local stand-in for the Vonage (Nexmo) SMS API, faithful to its documented behaviour:
 
+- GET /account/get-balance?api_key&api_secret: 200 with the balance, 401 for bad credentials;
 - POST /sms/json, form-encoded, credentials as `api_key` and `api_secret` in the body or HTTP
   Basic auth;
 - HTTP 200 for nearly everything, the outcome in `messages[].status` (all values strings):
@@ -96,6 +97,7 @@ class VonageApi:
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/sms/json", self._send)
+        app.router.add_get("/account/get-balance", self._balance)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -131,6 +133,14 @@ class VonageApi:
             return True
         self._window.append(now)
         return False
+
+    async def _balance(self, request: web.Request) -> web.Response:
+        """GET /account/get-balance: 200 with the balance, 401 for bad credentials."""
+        if (request.query.get("api_key"), request.query.get("api_secret")) != (self.api_key, self.api_secret):
+            return web.json_response(
+                {"error-code": "401", "error-code-label": "authentication failed"}, status=401
+            )
+        return web.json_response({"value": 15.5359, "autoReload": False})
 
     async def _send(self, request: web.Request) -> web.Response:
         form = {k: str(v) for k, v in (await request.post()).items()}

@@ -14,12 +14,12 @@ from herald_common import api, channels
 from herald_common.auth import current_account_id
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
-from herald_common.errors import InvalidArgument, NotFound, Validator
+from herald_common.errors import FailedPrecondition, InvalidArgument, NotFound, Validator
 from herald_common.netguard import NetworkPolicy
 from herald_common.paging import keyset_page
 from herald_common.secret_box import Sealed, SecretBox
 from herald_common.validation import check_text_fields
-from herald_dispatch.channels import Channel
+from herald_dispatch.channels import CannotCheck, Channel
 from herald_dispatch.storage import destinations
 
 MAX_DISPLAY_NAME = 200
@@ -209,6 +209,30 @@ class Destinations:
         destination = await self.load(name, "destination", account_id, reveal_secrets=True)
         self._for_delivery[(name, account_id)] = (time.monotonic(), destination)
         return destination
+
+    async def test(self, name: str) -> tuple[bool, str]:
+        """Whether the destination's provider accepts its credentials (a group: every member's)."""
+        destination = await self.load(name, "name", current_account_id(), reveal_secrets=True)
+        members = [destination]
+        if destination.WhichOneof("config") == "sms_provider_group":
+            members = [
+                await self.load(m, "name", current_account_id(), reveal_secrets=True)
+                for m in destination.sms_provider_group.destinations
+            ]
+        answers = []
+        for member in members:
+            channel = self._channel(member)
+            if channel is None:
+                answers.append((False, f"{member.name} is not a kind of destination this installation runs"))
+                continue
+            try:
+                answers.append(await channel.check_credentials(member))
+            except CannotCheck as reason:
+                raise FailedPrecondition(name, str(reason)) from None
+        if len(members) == 1:
+            return answers[0]
+        detail = "; ".join(f"{m.name}: {text}" for m, (_, text) in zip(members, answers, strict=True))
+        return all(ok for ok, _ in answers), detail
 
     async def for_receipts(self, destination_id: uuid.UUID) -> tuple[uuid.UUID, pb.Destination] | None:
         """(owner, destination with secrets) for checking a provider's receipt; None if unknown."""

@@ -24,6 +24,7 @@ PERMISSIONS = method_permissions(
         "ListDestinations": Permission.READ,
         "DeleteDestination": Permission.WRITE,
         "ListDeliveries": Permission.READ,
+        "TestDestination": Permission.READ,
     },
 )
 
@@ -58,3 +59,9 @@ class DispatchServicer(pb_grpc.DispatchServiceServicer):
     ) -> empty_pb2.Empty:
         await self.destinations.delete(request.name)
         return empty_pb2.Empty()
+
+    async def TestDestination(
+        self, request: pb.TestDestinationRequest, context: Context
+    ) -> pb.TestDestinationResponse:
+        ok, detail = await self.destinations.test(request.name)
+        return pb.TestDestinationResponse(ok=ok, detail=detail)

@@ -82,9 +82,18 @@ class Channel(Protocol):
         """At most this many requests per second to the destination, across every replica."""
         ...
 
+    async def check_credentials(self, destination: pb.Destination) -> tuple[bool, str]:
+        """(accepted?, what the provider said) for the destination's credentials, sending
+        nothing; CannotCheck when the provider offers no way to."""
+        ...
+
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
         """Sends to every recipient and returns one outcome for each."""
         ...
+
+
+class CannotCheck(Exception):
+    """The provider cannot check credentials without sending a message."""
 
 
 def mask_secret(secret: str) -> str:

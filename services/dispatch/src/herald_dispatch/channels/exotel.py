@@ -26,6 +26,7 @@ from herald_dispatch.channels.sms import (
     THROTTLED,
     Verdict,
     accepted,
+    check_with,
     json_object,
     post_message,
     send_each,
@@ -37,6 +38,11 @@ INDIA_CLUSTER = "api.in.exotel.com"
 DEFAULT_REQUESTS_PER_MINUTE = 200  # Exotel's SMS API limit per account
 # An ExoPhone (digits, optionally with +) or a DLT sender header (6 letters).
 SENDER = re.compile(r"^(\+?\d{6,15}|[A-Za-z]{6})$")
+
+
+def _auth(config: pb.ExotelConfig) -> dict[str, str]:
+    credentials = base64.b64encode(f"{config.api_key}:{config.api_token}".encode()).decode()
+    return {"Accept": "application/json", "Authorization": f"Basic {credentials}"}
 
 
 def _judge(status: int, text: str) -> Verdict:
@@ -91,6 +97,19 @@ class ExotelChannel:
         per_minute = destination.exotel.requests_per_minute or DEFAULT_REQUESTS_PER_MINUTE
         return max(per_minute // 60, 1)
 
+    async def check_credentials(self, destination: pb.Destination) -> tuple[bool, str]:
+        config = destination.exotel
+        base = (config.endpoint_url or f"https://{config.subdomain}").rstrip("/")
+
+        def describe(text: str) -> str:
+            account = json_object(text).get("Account")
+            status = account.get("Status", "known") if isinstance(account, dict) else "known"
+            return f"Exotel account {config.account_sid} is {status}"
+
+        return await check_with(
+            self.http, "Exotel", f"{base}/v1/Accounts/{config.account_sid}.json", _auth(config), describe
+        )
+
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.ExotelConfig)
         config.api_token = mask_secret(config.api_token)
@@ -121,7 +140,6 @@ class ExotelChannel:
             form["DltEntityId"] = config.dlt_entity_id
         if context.campaign.sms.dlt_template_id:
             form["DltTemplateId"] = context.campaign.sms.dlt_template_id
-        credentials = base64.b64encode(f"{config.api_key}:{config.api_token}".encode()).decode()
         return await post_message(
             self.http,
             context,
@@ -129,7 +147,7 @@ class ExotelChannel:
             provider="Exotel",
             url=url,
             form=form,
-            headers={"Accept": "application/json", "Authorization": f"Basic {credentials}"},
+            headers=_auth(config),
             judge=_judge,
             max_throttled_seconds=self.max_throttled_seconds,
         )

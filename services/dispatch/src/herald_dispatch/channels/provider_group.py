@@ -14,7 +14,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels
 from herald_common.errors import Validator
-from herald_dispatch.channels import FAILED, Channel, Outcome, SendContext
+from herald_dispatch.channels import FAILED, CannotCheck, Channel, Outcome, SendContext
 
 KIND = channels.for_config("sms_provider_group")
 MIN_MEMBERS, MAX_MEMBERS = 2, 5
@@ -51,6 +51,9 @@ class ProviderGroupChannel:
 
     def requests_per_second(self, destination: pb.Destination) -> int:
         return 1_000_000  # the group calls nothing itself; each member keeps its own limit
+
+    async def check_credentials(self, destination: pb.Destination) -> tuple[bool, str]:
+        raise CannotCheck("a provider group is checked member by member")
 
     def mask(self, config: Message) -> None:
         """Nothing secret: the members hold the credentials."""

@@ -24,7 +24,16 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import channels, personalization
 from herald_common.errors import Validator
 from herald_common.logging import get_logger
-from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext, mask_secret
+from herald_dispatch.channels import (
+    FAILED,
+    SENT,
+    SKIPPED,
+    UNKNOWN,
+    CannotCheck,
+    Outcome,
+    SendContext,
+    mask_secret,
+)
 from herald_dispatch.retry import backoff_seconds, is_retryable, retry_after_seconds
 
 log = get_logger(__name__)
@@ -117,6 +126,11 @@ class SegmentChannel:
 
     def requests_per_second(self, destination: pb.Destination) -> int:
         return 1000  # Segment's recommended ceiling per workspace
+
+    async def check_credentials(self, destination: pb.Destination) -> tuple[bool, str]:
+        raise CannotCheck(
+            "Segment accepts any write key and drops events for unknown ones; send a test event"
+        )
 
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.SegmentConfig)

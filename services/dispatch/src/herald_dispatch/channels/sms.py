@@ -135,3 +135,24 @@ async def post_message(
             return Outcome(recipient, FAILED, attempts, reason, failover=True)
         await context.waiting(f"{provider} is throttling; slowing down")
         await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))
+
+
+async def check_with(
+    http: aiohttp.ClientSession,
+    provider: str,
+    url: str,
+    headers: dict[str, str],
+    describe: Callable[[str], str],
+) -> tuple[bool, str]:
+    """GETs a provider's account resource: 200 means the credentials work (`describe` words the
+    answer); anything else, or no answer, means they do not, or cannot be told."""
+    try:
+        async with http.get(url, headers=headers, timeout=REQUEST_TIMEOUT) as response:
+            status, text = response.status, await response.text()
+    except (TimeoutError, aiohttp.ClientError) as error:
+        return False, f"{provider} could not be reached ({type(error).__name__})"
+    if status == 200:
+        return True, describe(text)
+    if status in (401, 403):
+        return False, f"{provider} refused the credentials (HTTP {status})"
+    return False, f"{provider} answered HTTP {status}"

@@ -27,6 +27,7 @@ from herald_dispatch.channels.sms import (
     THROTTLED,
     Verdict,
     accepted,
+    check_with,
     json_object,
     post_message,
     send_each,
@@ -44,6 +45,11 @@ def sender_problem(sender: str) -> str | None:
     if E164.match(sender) or ALPHANUMERIC_SENDER.match(sender):
         return None
     return "an E.164 number (+14155550100) or 1-11 letters, digits and spaces with a letter"
+
+
+def _auth(config: pb.TwilioConfig) -> dict[str, str]:
+    credentials = base64.b64encode(f"{config.account_sid}:{config.auth_token}".encode()).decode()
+    return {"Accept": "application/json", "Authorization": f"Basic {credentials}"}
 
 
 def _judge(status: int, text: str) -> Verdict:
@@ -109,6 +115,23 @@ class TwilioChannel:
     def requests_per_second(self, destination: pb.Destination) -> int:
         return destination.twilio.requests_per_second or DEFAULT_REQUESTS_PER_SECOND
 
+    async def check_credentials(self, destination: pb.Destination) -> tuple[bool, str]:
+        config = destination.twilio
+        base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
+
+        def describe(text: str) -> str:
+            account = json_object(text)
+            name = account.get("friendly_name", config.account_sid)
+            return f"Twilio account {name} is {account.get('status', 'known')}"
+
+        return await check_with(
+            self.http,
+            "Twilio",
+            f"{base}/2010-04-01/Accounts/{config.account_sid}.json",
+            _auth(config),
+            describe,
+        )
+
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.TwilioConfig)
         config.auth_token = mask_secret(config.auth_token)
@@ -138,7 +161,6 @@ class TwilioChannel:
             form["MessagingServiceSid"] = config.messaging_service_sid
         else:
             form["From"] = getattr(config, "from")
-        credentials = base64.b64encode(f"{config.account_sid}:{config.auth_token}".encode()).decode()
         return await post_message(
             self.http,
             context,
@@ -146,7 +168,7 @@ class TwilioChannel:
             provider="Twilio",
             url=f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json",
             form=form,
-            headers={"Accept": "application/json", "Authorization": f"Basic {credentials}"},
+            headers=_auth(config),
             judge=_judge,
             max_throttled_seconds=self.max_throttled_seconds,
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 from google.protobuf.message import Message
@@ -28,6 +29,7 @@ from herald_dispatch.channels.sms import (
     THROTTLED,
     Verdict,
     accepted,
+    check_with,
     json_object,
     post_message,
     send_each,
@@ -103,6 +105,21 @@ class VonageChannel:
 
     def requests_per_second(self, destination: pb.Destination) -> int:
         return destination.vonage.requests_per_second or DEFAULT_REQUESTS_PER_SECOND
+
+    async def check_credentials(self, destination: pb.Destination) -> tuple[bool, str]:
+        config = destination.vonage
+        base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
+        query = urlencode({"api_key": config.api_key, "api_secret": config.api_secret})
+
+        def describe(text: str) -> str:
+            value = json_object(text).get("value")
+            return (
+                f"Vonage balance {float(value):.2f}"
+                if isinstance(value, int | float)
+                else "Vonage account known"
+            )
+
+        return await check_with(self.http, "Vonage", f"{base}/account/get-balance?{query}", {}, describe)
 
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.VonageConfig)

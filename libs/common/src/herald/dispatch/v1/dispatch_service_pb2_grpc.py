@@ -61,6 +61,11 @@ class DispatchServiceStub:
                 request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesRequest.SerializeToString,
                 response_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.TestDestination = channel.unary_unary(
+                '/herald.dispatch.v1.DispatchService/TestDestination',
+                request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationRequest.SerializeToString,
+                response_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationResponse.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer:
@@ -102,6 +107,14 @@ class DispatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TestDestination(self, request, context):
+        """Checks a destination's credentials with its provider, sending nothing: whether the account
+        is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -129,6 +142,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.ListDeliveries,
                     request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesRequest.FromString,
                     response_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesResponse.SerializeToString,
+            ),
+            'TestDestination': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestDestination,
+                    request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationRequest.FromString,
+                    response_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +285,33 @@ class DispatchService:
             '/herald.dispatch.v1.DispatchService/ListDeliveries',
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesRequest.SerializeToString,
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestDestination(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.dispatch.v1.DispatchService/TestDestination',
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationRequest.SerializeToString,
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationResponse.FromString,
             options,
             channel_credentials,
             insecure,

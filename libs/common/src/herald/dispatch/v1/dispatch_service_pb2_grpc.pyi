@@ -44,6 +44,10 @@ class DispatchServiceStub:
     """Deletes a destination."""
     ListDeliveries: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDeliveriesRequest, _dispatch_service_pb2.ListDeliveriesResponse]
     """The final results of one user's deliveries of a campaign, one per run, oldest first."""
+    TestDestination: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.TestDestinationRequest, _dispatch_service_pb2.TestDestinationResponse]
+    """Checks a destination's credentials with its provider, sending nothing: whether the account
+    is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
+    """
 
 @_typing.type_check_only
 class DispatchServiceAsyncStub(DispatchServiceStub):
@@ -60,6 +64,10 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     """Deletes a destination."""
     ListDeliveries: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDeliveriesRequest, _dispatch_service_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
     """The final results of one user's deliveries of a campaign, one per run, oldest first."""
+    TestDestination: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.TestDestinationRequest, _dispatch_service_pb2.TestDestinationResponse]  # type: ignore[assignment]
+    """Checks a destination's credentials with its provider, sending nothing: whether the account
+    is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
+    """
 
 class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
     """Owns destinations and delivers messages to them."""
@@ -103,5 +111,15 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_service_pb2.ListDeliveriesResponse, _abc.Awaitable[_dispatch_service_pb2.ListDeliveriesResponse]]:
         """The final results of one user's deliveries of a campaign, one per run, oldest first."""
+
+    @_abc_1.abstractmethod
+    def TestDestination(
+        self,
+        request: _dispatch_service_pb2.TestDestinationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_service_pb2.TestDestinationResponse, _abc.Awaitable[_dispatch_service_pb2.TestDestinationResponse]]:
+        """Checks a destination's credentials with its provider, sending nothing: whether the account
+        is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
+        """
 
 def add_DispatchServiceServicer_to_server(servicer: DispatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
