@@ -399,6 +399,20 @@ async def _test_destination(w: World) -> None:
     await _refused(w.b.dispatch.TestDestination(dispatch_pb.TestDestinationRequest(name=w.destination.name)))
 
 
+@probe(campaign_pb, "SendTestMessage")
+async def _send_test_message(w: World) -> None:
+    request = campaign_pb.SendTestMessageRequest(campaign=w.campaign.name, phone_numbers=["+14155550100"])
+    await _refused(w.b.campaigns.SendTestMessage(request))
+
+
+@probe(dispatch_pb, "SendTestMessages")
+async def _send_test_messages(w: World) -> None:
+    request = dispatch_pb.SendTestMessagesRequest(
+        destination=w.destination.name, messages=[dispatch_pb.TestMessage(phone="+14155550100", text="hi")]
+    )
+    await _refused(w.b.dispatch.SendTestMessages(request))
+
+
 @probe(dispatch_pb, "ListDeliveries")
 async def _list_deliveries(w: World) -> None:
     request = dispatch_pb.ListDeliveriesRequest(campaign=w.campaign.name, user_id="only-a")

@@ -737,3 +737,50 @@ async def test_testing_a_destination_checks_its_credentials_and_sends_nothing(
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await test(segment_destination.name)
     assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_a_test_message_goes_out_now_and_never_counts(account: SmsAccount, twilio: TwilioApi) -> None:
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=_sms_campaign(account))
+    )  # a draft: test messages do not need it published
+    sent = await account.clients.campaigns.SendTestMessage(
+        campaign_pb.SendTestMessageRequest(
+            campaign=created.name,
+            phone_numbers=["+14155559999"],
+            user_ids=[f"{account.tag}-02", f"{account.tag}-35"],  # the second has no phone
+        )
+    )
+    first, by_user, no_phone = sent.results
+    assert (first.phone, first.text, first.sent) == ("+14155559999", "Hi there, your code is ", True)
+    assert first.detail == twilio.messages[0].sid
+    assert (by_user.phone, by_user.text, by_user.sent) == ("+14155550002", "Hi Ana2, your code is C02", True)
+    assert (no_phone.sent, no_phone.detail) == (False, "the user has no phone number")
+    assert len(twilio.messages) == 2
+    stats = await account.clients.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
+    )
+    assert (stats.sent, stats.failed, stats.skipped) == (0, 0, 0)
+
+    twilio.auth_token = "rotated" + "0" * 25
+    refused = await account.clients.campaigns.SendTestMessage(
+        campaign_pb.SendTestMessageRequest(campaign=created.name, phone_numbers=["+14155559999"])
+    )
+    assert (refused.results[0].sent, refused.results[0].detail) == (
+        False,
+        "twilio 401 error 20003: Authenticate",
+    )
+    for bad, field in (
+        (campaign_pb.SendTestMessageRequest(campaign=created.name), "phone_numbers"),
+        (
+            campaign_pb.SendTestMessageRequest(campaign=created.name, phone_numbers=["0415"]),
+            "phone_numbers[0]",
+        ),
+        (
+            campaign_pb.SendTestMessageRequest(campaign=created.name, phone_numbers=["+14155559999"] * 6),
+            "phone_numbers",
+        ),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await account.clients.campaigns.SendTestMessage(bad)
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in field_violations(raised.value)

@@ -10,6 +10,7 @@ Basic Multilingual Plane takes two UTF-16 code units; neither pair is split acro
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -24,6 +25,8 @@ GSM7_BASIC = frozenset(
 # Characters of the extension table: each costs an escape septet too.
 GSM7_EXTENSION = frozenset("\f^{}\\[~]|€")
 MAX_BODY_CHARACTERS = 1600
+# A phone number in E.164: +, a country code, at most 15 digits in all.
+E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 DLT_ID_DIGITS = 19
 _SINGLE = {"GSM-7": 160, "UCS-2": 70}
 _PER_SEGMENT = {"GSM-7": 153, "UCS-2": 67}

@@ -65,6 +65,7 @@ _UPDATABLE = {
     "sms",
 }
 MAX_CONTROL_PERCENT = 90
+MAX_TEST_MESSAGES = 5
 # SMS providers that always carry India DLT ids (Vonage does when its destination has an entity id).
 DLT_PROVIDERS = {"exotel", "msg91"}
 # Caps below this are refused: a sample that small says little, a limit that small is a typo.
@@ -512,6 +513,54 @@ class Campaigns:
             units=measured.units,
             segments=measured.segments,
         )
+
+    async def send_test(self, request: pb.SendTestMessageRequest) -> pb.SendTestMessageResponse:
+        """The campaign's SMS, rendered for each number (empty profile) or test user (their own),
+        sent now through its destination; never counted in its stats."""
+        check = Validator()
+        count = len(request.phone_numbers) + len(request.user_ids)
+        check.require(
+            1 <= count <= MAX_TEST_MESSAGES,
+            "phone_numbers",
+            f"1 to {MAX_TEST_MESSAGES} numbers and users in all",
+        )
+        for i, phone in enumerate(request.phone_numbers):
+            check.require(
+                bool(sms.E164.match(phone)),
+                f"phone_numbers[{i}]",
+                "an E.164 number, for example +14155550100",
+            )
+        for i, user_id in enumerate(request.user_ids):
+            check.require(bool(user_id), f"user_ids[{i}]", "required")
+        check.raise_if_any()
+        campaign = await self.get(request.campaign)
+        if campaign.WhichOneof("content") != "sms":
+            raise FailedPrecondition(request.campaign, f"{request.campaign} is not an SMS campaign")
+        body = campaign.sms.body
+        results = [pb.TestMessageResult(phone=phone) for phone in request.phone_numbers]
+        profiles: list[dict[str, Any]] = [{} for _ in request.phone_numbers]
+        for i, user_id in enumerate(request.user_ids):
+            user = await self.references.user(user_id, f"user_ids[{i}]")
+            results.append(pb.TestMessageResult(phone=user.phone, user_id=user_id))
+            profiles.append(_profile_of(user))
+        sending: list[pb.TestMessageResult] = []
+        for result, profile in zip(results, profiles, strict=True):
+            if not result.phone:
+                result.detail = "the user has no phone number"
+                continue
+            try:
+                result.text = personalization.render(body, profile)
+            except personalization.PersonalizationError as error:
+                result.detail = f"personalization failed: {error}"
+                continue
+            sending.append(result)
+        if sending:
+            answers = await self.references.send_test_messages(
+                campaign.destination, [(r.phone, r.text) for r in sending], campaign.sms.dlt_template_id
+            )
+            for result, answer in zip(sending, answers, strict=True):
+                result.sent, result.detail = answer.sent, answer.detail
+        return pb.SendTestMessageResponse(results=results)
 
     async def stats(self, name: str) -> pb.CampaignStats:
         if not name.endswith("/stats"):

@@ -15,6 +15,8 @@ from herald_common import deadlines
 from herald_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable, invalid
 
 LOOKUP_TIMEOUT_SECONDS = 5.0
+# Test messages wait for the provider's answers (a throttled provider may take a while).
+SEND_TIMEOUT_SECONDS = 60.0
 
 
 def _translate(error: grpc.aio.AioRpcError, name: str, field: str, owner: str) -> Exception:
@@ -69,6 +71,23 @@ class References:
             )
         except grpc.aio.AioRpcError as error:
             raise _translate(error, f"users/{user_id}", field, "segmentation") from None
+
+    async def send_test_messages(
+        self, destination: str, messages: list[tuple[str, str]], dlt_template_id: str
+    ) -> list[dispatch_pb.TestMessageAnswer]:
+        """Sends (phone, text) pairs through the destination now; the provider's answer to each."""
+        request = dispatch_pb.SendTestMessagesRequest(
+            destination=destination,
+            messages=[dispatch_pb.TestMessage(phone=phone, text=text) for phone, text in messages],
+            dlt_template_id=dlt_template_id,
+        )
+        try:
+            sent = await self.destinations.SendTestMessages(
+                request, timeout=deadlines.timeout(SEND_TIMEOUT_SECONDS)
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, destination, "campaign.destination", "dispatch") from None
+        return list(sent.answers)
 
     async def deliveries(self, campaign: str, user_id: str) -> list[dispatch_pb.Delivery]:
         """A user's final delivery results for a campaign, from dispatch."""

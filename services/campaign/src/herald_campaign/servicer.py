@@ -28,6 +28,7 @@ PERMISSIONS = method_permissions(
         "GetCampaignStats": Permission.READ,
         "ExplainDelivery": Permission.READ,
         "PreviewMessage": Permission.READ,
+        "SendTestMessage": Permission.WRITE,
     },
 )
 
@@ -73,3 +74,8 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
 
     async def PreviewMessage(self, request: pb.PreviewMessageRequest, context: Context) -> pb.MessagePreview:
         return await self.campaigns.preview(request.body, request.user_id)
+
+    async def SendTestMessage(
+        self, request: pb.SendTestMessageRequest, context: Context
+    ) -> pb.SendTestMessageResponse:
+        return await self.campaigns.send_test(request)

@@ -79,7 +79,7 @@ class Destinations:
         # Destinations as the workers use them (secrets revealed), each read at most once a second.
         self._for_delivery: dict[tuple[str, uuid.UUID], tuple[float, pb.Destination]] = {}
 
-    def _channel(self, destination: pb.Destination) -> Channel | None:
+    def channel_of(self, destination: pb.Destination) -> Channel | None:
         config = destination.WhichOneof("config")
         kind = channels.for_config(config) if config else None
         return self.channels.get(kind.destination_type) if kind else None
@@ -93,7 +93,7 @@ class Destinations:
         )
         check_text_fields(destination, "destination", check)
         config = destination.WhichOneof("config")
-        channel = self._channel(destination)
+        channel = self.channel_of(destination)
         if not check.require(
             config is not None, "destination.config", "exactly one destination config is required"
         ):
@@ -125,7 +125,7 @@ class Destinations:
                 check.add(f"{field}[{i}]", f"{name} is not a destination of this account")
                 continue
             check.require(
-                int(member.type) in providers and self._channel(member) is not None,
+                int(member.type) in providers and self.channel_of(member) is not None,
                 f"{field}[{i}]",
                 f"{name} is a {pb.DestinationType.Name(member.type)} destination, not an SMS provider",
             )
@@ -134,7 +134,7 @@ class Destinations:
         destination = _open(self.secrets, row)
         destination.name = f"destinations/{row.id}"
         destination.create_time.CopyFrom(api.timestamp(row.created_at))
-        channel = self._channel(destination)
+        channel = self.channel_of(destination)
         config = destination.WhichOneof("config")
         if not reveal_secrets and channel is not None and config is not None:
             channel.mask(getattr(destination, config))
@@ -221,7 +221,7 @@ class Destinations:
             ]
         answers = []
         for member in members:
-            channel = self._channel(member)
+            channel = self.channel_of(member)
             if channel is None:
                 answers.append((False, f"{member.name} is not a kind of destination this installation runs"))
                 continue

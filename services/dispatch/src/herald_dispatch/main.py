@@ -29,9 +29,11 @@ from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations, reseal
+from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.receipts import ReceiptServer
 from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
 from herald_dispatch.storage import SCHEMA, outbox
+from herald_dispatch.test_messages import TestMessages
 from herald_dispatch.worker import DeliveryWorker, WorkerOptions
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatchService"].full_name
@@ -71,7 +73,8 @@ async def start(
     resealed = await reseal(infra.database, secrets)
     if resealed:
         log.info("destination_credentials_resealed", count=resealed, key_id=secrets.current)
-    servicer = DispatchServicer(destinations, DeliveryQueries(infra.database))
+    tests = TestMessages(destinations, SharedRateLimiter(infra.database))
+    servicer = DispatchServicer(destinations, DeliveryQueries(infra.database), tests)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_DispatchServiceServicer_to_server(servicer, server)

@@ -34,7 +34,7 @@ from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
-from herald_dispatch.channels.sms import E164
+from herald_common.sms import E164
 from herald_dispatch.storage import outbox, receipts
 
 log = get_logger(__name__)

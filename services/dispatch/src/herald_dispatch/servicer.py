@@ -12,6 +12,7 @@ from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
 from herald_common.auth import Permission, method_permissions
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations
+from herald_dispatch.test_messages import TestMessages
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -25,14 +26,16 @@ PERMISSIONS = method_permissions(
         "DeleteDestination": Permission.WRITE,
         "ListDeliveries": Permission.READ,
         "TestDestination": Permission.READ,
+        "SendTestMessages": Permission.WRITE,
     },
 )
 
 
 class DispatchServicer(pb_grpc.DispatchServiceServicer):
-    def __init__(self, destinations: Destinations, deliveries: DeliveryQueries) -> None:
+    def __init__(self, destinations: Destinations, deliveries: DeliveryQueries, tests: TestMessages) -> None:
         self.destinations = destinations
         self.deliveries = deliveries
+        self.tests = tests
 
     async def ListDeliveries(
         self, request: pb.ListDeliveriesRequest, context: Context
@@ -65,3 +68,8 @@ class DispatchServicer(pb_grpc.DispatchServiceServicer):
     ) -> pb.TestDestinationResponse:
         ok, detail = await self.destinations.test(request.name)
         return pb.TestDestinationResponse(ok=ok, detail=detail)
+
+    async def SendTestMessages(
+        self, request: pb.SendTestMessagesRequest, context: Context
+    ) -> pb.SendTestMessagesResponse:
+        return pb.SendTestMessagesResponse(answers=await self.tests.send(request))

@@ -115,14 +115,14 @@ class ExotelChannel:
         config.api_token = mask_secret(config.api_token)
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        async def send(recipient: events.Recipient, phone: str, text: str) -> Outcome:
-            return await self._send(context, recipient, phone, text)
+        return await send_each(
+            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
+        )
 
-        return await send_each(context, recipients, send)
-
-    async def _send(
+    async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str
     ) -> Outcome:
+        """Sends one rendered message to one number."""
         config = context.destination.exotel
         base = (config.endpoint_url or f"https://{config.subdomain}").rstrip("/")
         url = f"{base}/v1/Accounts/{config.account_sid}/Sms/send.json"

@@ -14,7 +14,8 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels
 from herald_common.errors import Validator
-from herald_dispatch.channels import FAILED, CannotCheck, Channel, Outcome, SendContext
+from herald_dispatch.channels import FAILED, CannotCheck, Outcome, SendContext
+from herald_dispatch.channels.sms import SmsChannel
 
 KIND = channels.for_config("sms_provider_group")
 MIN_MEMBERS, MAX_MEMBERS = 2, 5
@@ -25,7 +26,7 @@ class ProviderGroupChannel:
     kind = KIND
     resend_unknown = False
 
-    def __init__(self, providers: Sequence[Channel]) -> None:
+    def __init__(self, providers: Sequence[SmsChannel]) -> None:
         self.providers = {int(p.kind.destination_enum): p for p in providers}
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
@@ -57,6 +58,30 @@ class ProviderGroupChannel:
 
     def mask(self, config: Message) -> None:
         """Nothing secret: the members hold the credentials."""
+
+    async def send_one(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
+    ) -> Outcome:
+        """One message through the members in turn, as far as failover takes it."""
+        assert context.destination_named is not None and context.permit_for is not None
+        permit_for = context.permit_for
+        members = list(context.destination.sms_provider_group.destinations)
+        outcome = Outcome(recipient, FAILED, 0, "the group has no SMS provider")
+        for name in members:
+            member = await context.destination_named(name)
+            provider = self.providers.get(int(member.type))
+            if provider is None:
+                continue
+
+            async def permit(name: str = name, rate: int = provider.requests_per_second(member)) -> None:
+                await permit_for(name, rate)
+
+            outcome = await provider.send_one(
+                dataclasses.replace(context, destination=member, permit=permit), recipient, phone, text
+            )
+            if not outcome.failover:
+                break
+        return outcome
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
         assert context.destination_named is not None and context.permit_for is not None

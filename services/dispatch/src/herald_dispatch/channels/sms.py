@@ -9,22 +9,30 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import personalization
-from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext
+from herald_common.sms import E164
+from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
 from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 # Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
 ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
 # Messages of one batch in flight at once.
 CONCURRENT_REQUESTS = 16
 # Sends one message (recipient, E.164 phone, text) and returns its outcome.
 SendOne = Callable[[events.Recipient, str, str], Awaitable[Outcome]]
+
+
+class SmsChannel(Channel, Protocol):
+    """An SMS provider (or a group of them): sends one rendered message to one number."""
+
+    async def send_one(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
+    ) -> Outcome: ...
 
 
 def _message(recipient: events.Recipient, body: str) -> tuple[str, str] | Outcome:

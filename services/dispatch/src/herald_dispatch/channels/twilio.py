@@ -19,10 +19,10 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels
 from herald_common.errors import Validator
+from herald_common.sms import E164
 from herald_dispatch.channels import Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
-    E164,
     MAX_THROTTLED_SECONDS,
     THROTTLED,
     Verdict,
@@ -137,21 +137,15 @@ class TwilioChannel:
         config.auth_token = mask_secret(config.auth_token)
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        config = context.destination.twilio
+        return await send_each(
+            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
+        )
 
-        async def send(recipient: events.Recipient, phone: str, text: str) -> Outcome:
-            return await self._send(context, config, recipient, phone, text)
-
-        return await send_each(context, recipients, send)
-
-    async def _send(
-        self,
-        context: SendContext,
-        config: pb.TwilioConfig,
-        recipient: events.Recipient,
-        phone: str,
-        text: str,
+    async def send_one(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
     ) -> Outcome:
+        """Sends one rendered message to one number."""
+        config = context.destination.twilio
         base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
         form = {"To": phone, "Body": text}
         callback = context.receipt_url(context.destination)

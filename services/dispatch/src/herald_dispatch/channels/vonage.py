@@ -128,10 +128,9 @@ class VonageChannel:
             config.signature_secret = mask_secret(config.signature_secret)
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        async def send(recipient: events.Recipient, phone: str, text: str) -> Outcome:
-            return await self._send(context, recipient, phone, text)
-
-        return await send_each(context, recipients, send)
+        return await send_each(
+            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
+        )
 
     def _form(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str
@@ -155,9 +154,10 @@ class VonageChannel:
             form["content-id"] = context.campaign.sms.dlt_template_id
         return form
 
-    async def _send(
+    async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str
     ) -> Outcome:
+        """Sends one rendered message to one number."""
         config = context.destination.vonage
         return await post_message(
             self.http,

@@ -1255,6 +1255,102 @@ class PreviewMessageRequest(_message.Message):
 Global___PreviewMessageRequest: _TypeAlias = PreviewMessageRequest  # noqa: Y015
 
 @_typing.final
+class SendTestMessageRequest(_message.Message):
+    """Request for SendTestMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    PHONE_NUMBERS_FIELD_NUMBER: _builtins.int
+    USER_IDS_FIELD_NUMBER: _builtins.int
+    campaign: _builtins.str
+    """`campaigns/{campaign}`: an SMS campaign, in any state."""
+    @_builtins.property
+    def phone_numbers(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """E.164 numbers; the body renders with an empty profile for them."""
+
+    @_builtins.property
+    def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Users whose profile fills the body in and whose phone receives it."""
+
+    def __init__(
+        self,
+        *,
+        campaign: _builtins.str = ...,
+        phone_numbers: _abc.Iterable[_builtins.str] | None = ...,
+        user_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "phone_numbers", b"phone_numbers", "user_ids", b"user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendTestMessageRequest: _TypeAlias = SendTestMessageRequest  # noqa: Y015
+
+@_typing.final
+class TestMessageResult(_message.Message):
+    """One test message's fate."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHONE_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    phone: _builtins.str
+    """The number it went to."""
+    user_id: _builtins.str
+    """The test user, when it was one."""
+    text: _builtins.str
+    """The text sent."""
+    sent: _builtins.bool
+    """The provider accepted it."""
+    detail: _builtins.str
+    """The provider's message id when sent; else why not."""
+    def __init__(
+        self,
+        *,
+        phone: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        text: _builtins.str = ...,
+        sent: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "phone", b"phone", "sent", b"sent", "text", b"text", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestMessageResult: _TypeAlias = TestMessageResult  # noqa: Y015
+
+@_typing.final
+class SendTestMessageResponse(_message.Message):
+    """Response for SendTestMessage."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestMessageResult]:
+        """One per number, then one per user, in the request's order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___TestMessageResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendTestMessageResponse: _TypeAlias = SendTestMessageResponse  # noqa: Y015
+
+@_typing.final
 class MessagePreview(_message.Message):
     """Response for PreviewMessage."""
 

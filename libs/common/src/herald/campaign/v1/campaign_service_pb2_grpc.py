@@ -86,6 +86,11 @@ class CampaignServiceStub:
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.PreviewMessageRequest.SerializeToString,
                 response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.MessagePreview.FromString,
                 _registered_method=True)
+        self.SendTestMessage = channel.unary_unary(
+                '/herald.campaign.v1.CampaignService/SendTestMessage',
+                request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.SendTestMessageRequest.SerializeToString,
+                response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.SendTestMessageResponse.FromString,
+                _registered_method=True)
 
 
 class CampaignServiceServicer:
@@ -164,6 +169,14 @@ class CampaignServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendTestMessage(self, request, context):
+        """Sends an SMS campaign's message, rendered, to up to 5 phone numbers or test users through the
+        campaign's provider, now, and returns each provider's answer. Never counted in stats.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CampaignServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +229,11 @@ def add_CampaignServiceServicer_to_server(servicer, server):
                     servicer.PreviewMessage,
                     request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.PreviewMessageRequest.FromString,
                     response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.MessagePreview.SerializeToString,
+            ),
+            'SendTestMessage': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendTestMessage,
+                    request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.SendTestMessageRequest.FromString,
+                    response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.SendTestMessageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -489,6 +507,33 @@ class CampaignService:
             '/herald.campaign.v1.CampaignService/PreviewMessage',
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.PreviewMessageRequest.SerializeToString,
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.MessagePreview.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTestMessage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.campaign.v1.CampaignService/SendTestMessage',
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.SendTestMessageRequest.SerializeToString,
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.SendTestMessageResponse.FromString,
             options,
             channel_credentials,
             insecure,

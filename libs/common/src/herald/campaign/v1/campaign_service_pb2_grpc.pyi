@@ -58,6 +58,10 @@ class CampaignServiceStub:
     """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
     and segment count.
     """
+    SendTestMessage: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.SendTestMessageRequest, _campaign_service_pb2.SendTestMessageResponse]
+    """Sends an SMS campaign's message, rendered, to up to 5 phone numbers or test users through the
+    campaign's provider, now, and returns each provider's answer. Never counted in stats.
+    """
 
 @_typing.type_check_only
 class CampaignServiceAsyncStub(CampaignServiceStub):
@@ -87,6 +91,10 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     PreviewMessage: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.PreviewMessageRequest, _campaign_service_pb2.MessagePreview]  # type: ignore[assignment]
     """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
     and segment count.
+    """
+    SendTestMessage: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.SendTestMessageRequest, _campaign_service_pb2.SendTestMessageResponse]  # type: ignore[assignment]
+    """Sends an SMS campaign's message, rendered, to up to 5 phone numbers or test users through the
+    campaign's provider, now, and returns each provider's answer. Never counted in stats.
     """
 
 class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -174,6 +182,16 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_campaign_service_pb2.MessagePreview, _abc.Awaitable[_campaign_service_pb2.MessagePreview]]:
         """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
         and segment count.
+        """
+
+    @_abc_1.abstractmethod
+    def SendTestMessage(
+        self,
+        request: _campaign_service_pb2.SendTestMessageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_campaign_service_pb2.SendTestMessageResponse, _abc.Awaitable[_campaign_service_pb2.SendTestMessageResponse]]:
+        """Sends an SMS campaign's message, rendered, to up to 5 phone numbers or test users through the
+        campaign's provider, now, and returns each provider's answer. Never counted in stats.
         """
 
 def add_CampaignServiceServicer_to_server(servicer: CampaignServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -684,3 +684,111 @@ class TestDestinationResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TestDestinationResponse: _TypeAlias = TestDestinationResponse  # noqa: Y015
+
+@_typing.final
+class TestMessage(_message.Message):
+    """One message of SendTestMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PHONE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    phone: _builtins.str
+    """E.164 number."""
+    text: _builtins.str
+    """The text, already rendered; 1 to 1,600 characters."""
+    def __init__(
+        self,
+        *,
+        phone: _builtins.str = ...,
+        text: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["phone", b"phone", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestMessage: _TypeAlias = TestMessage  # noqa: Y015
+
+@_typing.final
+class SendTestMessagesRequest(_message.Message):
+    """Request for SendTestMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    DLT_TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    destination: _builtins.str
+    """`destinations/{destination}`: an SMS provider or provider group."""
+    dlt_template_id: _builtins.str
+    """India DLT content template id, for providers that carry it."""
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestMessage]:
+        """1 to 5 messages."""
+
+    def __init__(
+        self,
+        *,
+        destination: _builtins.str = ...,
+        messages: _abc.Iterable[Global___TestMessage] | None = ...,
+        dlt_template_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["destination", b"destination", "dlt_template_id", b"dlt_template_id", "messages", b"messages"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendTestMessagesRequest: _TypeAlias = SendTestMessagesRequest  # noqa: Y015
+
+@_typing.final
+class TestMessageAnswer(_message.Message):
+    """The provider's answer to one test message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENT_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    sent: _builtins.bool
+    """The provider accepted it."""
+    detail: _builtins.str
+    """The provider's message id when sent; else why not."""
+    def __init__(
+        self,
+        *,
+        sent: _builtins.bool = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "sent", b"sent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TestMessageAnswer: _TypeAlias = TestMessageAnswer  # noqa: Y015
+
+@_typing.final
+class SendTestMessagesResponse(_message.Message):
+    """Response for SendTestMessages."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANSWERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def answers(self) -> _containers.RepeatedCompositeFieldContainer[Global___TestMessageAnswer]:
+        """One per message, in order."""
+
+    def __init__(
+        self,
+        *,
+        answers: _abc.Iterable[Global___TestMessageAnswer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SendTestMessagesResponse: _TypeAlias = SendTestMessagesResponse  # noqa: Y015

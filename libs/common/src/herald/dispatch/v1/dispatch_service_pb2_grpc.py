@@ -66,6 +66,11 @@ class DispatchServiceStub:
                 request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationRequest.SerializeToString,
                 response_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationResponse.FromString,
                 _registered_method=True)
+        self.SendTestMessages = channel.unary_unary(
+                '/herald.dispatch.v1.DispatchService/SendTestMessages',
+                request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesRequest.SerializeToString,
+                response_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesResponse.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer:
@@ -115,6 +120,14 @@ class DispatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SendTestMessages(self, request, context):
+        """Sends rendered SMS texts through an SMS destination now, outside any campaign's stats, and
+        returns each provider's answer (at most 5 messages).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -147,6 +160,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.TestDestination,
                     request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationRequest.FromString,
                     response_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationResponse.SerializeToString,
+            ),
+            'SendTestMessages': grpc.unary_unary_rpc_method_handler(
+                    servicer.SendTestMessages,
+                    request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesRequest.FromString,
+                    response_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -312,6 +330,33 @@ class DispatchService:
             '/herald.dispatch.v1.DispatchService/TestDestination',
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationRequest.SerializeToString,
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.TestDestinationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SendTestMessages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.dispatch.v1.DispatchService/SendTestMessages',
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesRequest.SerializeToString,
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesResponse.FromString,
             options,
             channel_credentials,
             insecure,

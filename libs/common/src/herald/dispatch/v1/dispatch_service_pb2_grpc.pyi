@@ -48,6 +48,10 @@ class DispatchServiceStub:
     """Checks a destination's credentials with its provider, sending nothing: whether the account
     is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
     """
+    SendTestMessages: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.SendTestMessagesRequest, _dispatch_service_pb2.SendTestMessagesResponse]
+    """Sends rendered SMS texts through an SMS destination now, outside any campaign's stats, and
+    returns each provider's answer (at most 5 messages).
+    """
 
 @_typing.type_check_only
 class DispatchServiceAsyncStub(DispatchServiceStub):
@@ -67,6 +71,10 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     TestDestination: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.TestDestinationRequest, _dispatch_service_pb2.TestDestinationResponse]  # type: ignore[assignment]
     """Checks a destination's credentials with its provider, sending nothing: whether the account
     is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
+    """
+    SendTestMessages: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.SendTestMessagesRequest, _dispatch_service_pb2.SendTestMessagesResponse]  # type: ignore[assignment]
+    """Sends rendered SMS texts through an SMS destination now, outside any campaign's stats, and
+    returns each provider's answer (at most 5 messages).
     """
 
 class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -120,6 +128,16 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dispatch_service_pb2.TestDestinationResponse, _abc.Awaitable[_dispatch_service_pb2.TestDestinationResponse]]:
         """Checks a destination's credentials with its provider, sending nothing: whether the account
         is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
+        """
+
+    @_abc_1.abstractmethod
+    def SendTestMessages(
+        self,
+        request: _dispatch_service_pb2.SendTestMessagesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_service_pb2.SendTestMessagesResponse, _abc.Awaitable[_dispatch_service_pb2.SendTestMessagesResponse]]:
+        """Sends rendered SMS texts through an SMS destination now, outside any campaign's stats, and
+        returns each provider's answer (at most 5 messages).
         """
 
 def add_DispatchServiceServicer_to_server(servicer: DispatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
