@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 import uuid
@@ -23,6 +22,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
+
+from tests.fakes import LocalServer
 
 
 @dataclass
@@ -35,7 +36,7 @@ class ExotelMessage:
 
 
 @dataclass
-class ExotelApi:
+class ExotelApi(LocalServer):
     api_key: str
     api_token: str
     account_sid: str
@@ -48,11 +49,8 @@ class ExotelApi:
     callback_answers: list[int] = field(default_factory=list)
     messages: list[ExotelMessage] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
-    url: str = ""
     _forced: int = 0
     _window: list[float] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def _callback(self, url: str, message: ExotelMessage) -> None:
         failed = message.to in self.failing
@@ -70,24 +68,14 @@ class ExotelApi:
     def throttle_next(self, count: int) -> None:
         self._forced += count
 
+    def __post_init__(self) -> None:
+        LocalServer.__init__(self)
+
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/v1/Accounts/{sid}/Sms/send.json", self._send)
         app.router.add_get("/v1/Accounts/{sid}.json", self._account)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        return await self.serve(app)
 
     def _error(
         self, status: int, code: str, message: str, headers: dict[str, str] | None = None
@@ -142,9 +130,7 @@ class ExotelApi:
         sid = uuid.uuid4().hex
         self.messages.append(ExotelMessage(sid, to, sender, body, form))
         if form.get("StatusCallback"):
-            task = asyncio.create_task(self._callback(form["StatusCallback"], self.messages[-1]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.in_background(self._callback(form["StatusCallback"], self.messages[-1]))
         message = {
             "Sid": sid,
             "AccountSid": self.account_sid,

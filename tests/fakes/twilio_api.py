@@ -30,6 +30,7 @@ import aiohttp
 from aiohttp import web
 
 from herald_common.sms import measure
+from tests.fakes import LocalServer
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
@@ -43,7 +44,7 @@ class SentMessage:
 
 
 @dataclass
-class TwilioApi:
+class TwilioApi(LocalServer):
     account_sid: str
     auth_token: str
     # Requests handled at once before 429s (None: unlimited).
@@ -56,37 +57,24 @@ class TwilioApi:
     callback_copies: int = 1
     # Status callbacks answered, by HTTP status.
     callback_answers: list[int] = field(default_factory=list)
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     messages: list[SentMessage] = field(default_factory=list)
     refused: list[tuple[int, int]] = field(default_factory=list)  # (HTTP status, Twilio error code)
-    url: str = ""
     _forced: list[int] = field(default_factory=list)
     _in_flight: int = 0
-    _runner: web.AppRunner | None = None
 
     def throttle_next(self, count: int) -> None:
         """Answers the next `count` requests with 429 (error 20429)."""
         self._forced.extend([429] * count)
+
+    def __post_init__(self) -> None:
+        LocalServer.__init__(self)
 
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
         app.router.add_get("/_fake/stats", self._stats)
         app.router.add_get("/2010-04-01/Accounts/{sid}.json", self._account)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        return await self.serve(app)
 
     def sign(self, url: str, params: dict[str, str]) -> str:
         payload = url + "".join(k + v for k, v in sorted(params.items()))
@@ -179,9 +167,7 @@ class TwilioApi:
         self.messages.append(SentMessage(sid, to, sender, body))
         callback = form.get("StatusCallback")
         if callback:
-            task = asyncio.create_task(self._callbacks(callback, self.messages[-1]))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.in_background(self._callbacks(callback, self.messages[-1]))
         answer: dict[str, Any] = {
             "sid": sid,
             "account_sid": self.account_sid,

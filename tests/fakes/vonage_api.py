@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import re
@@ -28,6 +27,7 @@ import aiohttp
 from aiohttp import web
 
 from herald_common.sms import measure
+from tests.fakes import LocalServer
 
 NUMBER = re.compile(r"^[1-9]\d{6,14}$")
 
@@ -43,7 +43,7 @@ class VonageMessage:
 
 
 @dataclass
-class VonageApi:
+class VonageApi(LocalServer):
     api_key: str
     api_secret: str
     # Requests per second before status "1" (None: unlimited).
@@ -55,11 +55,8 @@ class VonageApi:
     receipt_answers: list[int] = field(default_factory=list)
     messages: list[VonageMessage] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)  # the status of every answer, in order
-    url: str = ""
     _forced: list[str] = field(default_factory=list)
     _window: list[float] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
-    _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     def sign(self, params: dict[str, str]) -> str:
         pairs = "".join(
@@ -94,24 +91,14 @@ class VonageApi:
         """Answers the next `count` requests with status "1" (throttled)."""
         self._forced.extend(["1"] * count)
 
+    def __post_init__(self) -> None:
+        LocalServer.__init__(self)
+
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/sms/json", self._send)
         app.router.add_get("/account/get-balance", self._balance)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        self.url = f"http://127.0.0.1:{port}"
-        return self.url
-
-    async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._runner is not None:
-            await self._runner.cleanup()
+        return await self.serve(app)
 
     def _answer(self, parts: list[dict[str, Any]]) -> web.Response:
         self.statuses.extend(str(p["status"]) for p in parts)
@@ -177,7 +164,5 @@ class VonageApi:
         callback = form.get("callback")
         if callback:
             ids = [str(p["message-id"]) for p in parts]
-            task = asyncio.create_task(self._receipts(callback, self.messages[-1], ids))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.in_background(self._receipts(callback, self.messages[-1], ids))
         return self._answer(parts)
