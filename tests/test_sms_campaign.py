@@ -784,3 +784,72 @@ async def test_a_test_message_goes_out_now_and_never_counts(account: SmsAccount,
             await account.clients.campaigns.SendTestMessage(bad)
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in field_violations(raised.value)
+
+
+async def test_a_thousand_users_through_a_group_whose_first_provider_throttles_then_fails(
+    platform: Platform, twilio: TwilioApi, vonage: VonageApi
+) -> None:
+    """The issue's proof: every reachable user gets exactly one message across both providers
+    (by delivery id), the unreachable are skipped with a reason, receipts become delivered counts
+    and a forged receipt is refused."""
+    _, key = await create_account(platform.address("campaign"), platform.settings.bootstrap_token, "sms 1k")
+    clients = Clients.open(platform.addresses, key)
+    try:
+        tag = uuid.uuid4().hex[:8]
+        users = []
+        for i in range(1000):
+            member = user(f"{tag}-{i:04d}", cohort=tag, code=f"K{i:04d}")
+            if i % 10:  # one in ten has no phone
+                member.phone = f"+1650555{i:04d}"
+            users.append(member)
+        await clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=users))
+        segment = await create_segment(clients, condition("cohort", "EQUALS", tag))
+        account = SmsAccount(clients, segment.name, "", tag)
+        twilio_destination = await clients.dispatch.CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(
+                    display_name="Twilio",
+                    twilio=_twilio(
+                        account_sid=ACCOUNT_SID,
+                        auth_token=AUTH_TOKEN,
+                        endpoint_url=twilio.url,
+                        requests_per_second=5000,
+                        sender="+16505550000",
+                    ),
+                )
+            )
+        )
+        vonage.max_per_second = None
+        group = await _group(
+            account,
+            twilio_destination.name,
+            await _vonage_destination(account, vonage, requests_per_second=5000),
+        )
+        twilio.throttle_next(20)  # Twilio throttles first...
+        twilio.revoke_after = 300  # ...then refuses everything
+        campaign = _sms_campaign(account, body="Your code is {{ profile.code }}")
+        campaign.destination = group
+        created = await clients.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+        await clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+        stats = await _completed(account, created.name)
+        assert (stats.sent, stats.failed, stats.skipped) == (900, 0, 100)
+        assert {r.reason: r.count for r in stats.failure_reasons} == {"not reachable on the channel": 100}
+        via_twilio = [m.to for m in twilio.messages]
+        via_vonage = ["+" + m.to for m in vonage.messages]
+        assert len(via_twilio) == 300 and len(via_vonage) == 600
+        assert sorted(via_twilio + via_vonage) == sorted(u.phone for u in users if u.phone)
+        assert len({m.client_ref for m in vonage.messages}) == 600  # one delivery id each
+        receipts = await _receipts(account, created.name, 900)
+        assert receipts.receipts.delivered == 900
+        # A forged Twilio receipt for one of its messages is refused and changes nothing.
+        destination_id = twilio_destination.name.removeprefix("destinations/")
+        url = f"http://127.0.0.1:{platform.settings.receipts_port}/v1/receipts/twilio/{destination_id}"
+        forged = {"MessageSid": twilio.messages[0].sid, "MessageStatus": "undelivered", "ErrorCode": "30007"}
+        signature = {"X-Twilio-Signature": "Zm9yZ2Vk"}
+        async with aiohttp.ClientSession() as http, http.post(url, data=forged, headers=signature) as answer:
+            assert answer.status == 403
+        await asyncio.sleep(0.5)
+        again = await _receipts(account, created.name, 900)
+        assert (again.receipts.delivered, again.receipts.undelivered) == (900, 0)
+    finally:
+        await clients.close()
