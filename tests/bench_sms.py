@@ -144,5 +144,7 @@ async def run(users: int) -> None:
         f"  where the time went: Herald's processes {herald_cpu:,.1f} CPU-s, PostgreSQL and NATS "
         f"{servers_cpu:,.1f} CPU-s, the provider {provider_cpu:,.1f} CPU-s, over {elapsed:,.1f} s on 2 cores"
     )
+    for name, used in sorted(cpu.items(), key=lambda item: -item[1]):
+        print(f"    {name:<24} {used:>8,.1f} CPU-s")
     share = herald_cpu / (herald_cpu + provider_cpu) if herald_cpu + provider_cpu else 0.0
     print(f"  our code vs the provider: {share:.0%} of their CPU was ours, {1 - share:.0%} the provider's")

@@ -6,6 +6,7 @@ so a stopped campaign stops sending within seconds without a query per request.
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Sequence
@@ -42,6 +43,7 @@ class CampaignBook:
     def __init__(self, database: Database) -> None:
         self.database = database
         self._cache: dict[str, KnownCampaign] = {}
+        self._reading: dict[str, asyncio.Lock] = {}
 
     async def apply(self, changes: Sequence[events.CampaignChanged]) -> None:
         """Keeps the newest version of each campaign; older events arriving late change nothing."""
@@ -78,27 +80,44 @@ class CampaignBook:
             self._cache.pop(change.campaign.name, None)
 
     async def get(self, name: str, at_least_version: int = 0) -> KnownCampaign:
-        """The campaign as last announced; NotReady until the announcement of that version arrived."""
+        """The campaign as last announced; NotReady until the announcement of that version arrived.
+        When the cached copy is stale, one caller reads it again while the others wait for it."""
         known = self._cache.get(name)
-        if (
-            known is None
-            or time.monotonic() - known.read_at > CACHE_SECONDS
-            or known.version < at_least_version
-        ):
-            async with self.database.transaction() as session:
-                row = (
-                    await session.execute(
-                        sa.select(campaigns.c.snapshot, campaigns.c.version, campaigns.c.account_id).where(
-                            campaigns.c.name == name
-                        )
-                    )
-                ).first()
-            if row is None:
-                raise NotReady(f"{name} has not been announced yet")
-            known = KnownCampaign(
-                campaign_pb.Campaign.FromString(row.snapshot), row.version, row.account_id, time.monotonic()
+        if self._fresh(known, at_least_version):
+            assert known is not None
+            return known
+        async with self._reading.setdefault(name, asyncio.Lock()):
+            cached = self._cache.get(name)
+            known = (
+                cached
+                if cached is not None and self._fresh(cached, at_least_version)
+                else await self._read(name)
             )
-            self._cache[name] = known
         if known.version < at_least_version:
             raise NotReady(f"{name} version {at_least_version} has not been announced yet")
+        return known
+
+    @staticmethod
+    def _fresh(known: KnownCampaign | None, at_least_version: int) -> bool:
+        return (
+            known is not None
+            and time.monotonic() - known.read_at <= CACHE_SECONDS
+            and known.version >= at_least_version
+        )
+
+    async def _read(self, name: str) -> KnownCampaign:
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    sa.select(campaigns.c.snapshot, campaigns.c.version, campaigns.c.account_id).where(
+                        campaigns.c.name == name
+                    )
+                )
+            ).first()
+        if row is None:
+            raise NotReady(f"{name} has not been announced yet")
+        known = KnownCampaign(
+            campaign_pb.Campaign.FromString(row.snapshot), row.version, row.account_id, time.monotonic()
+        )
+        self._cache[name] = known
         return known

@@ -10,6 +10,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -107,14 +108,16 @@ async def post_message(
     *,
     provider: str,
     url: str,
-    form: dict[str, str] | None = None,
-    json_body: object = None,
+    form: dict[str, str],
     headers: dict[str, str],
     judge: Judge,
     max_throttled_seconds: float = MAX_THROTTLED_SECONDS,
 ) -> Outcome:
     """Posts one message until the provider answers for good. Providers cannot de-duplicate, so a
     request whose answer was lost is not sent again: it is UNKNOWN (and may fail over)."""
+    # Encoded once, for every attempt.
+    body = urlencode(form).encode()
+    headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
     started = time.monotonic()
     attempts = 0
     while True:
@@ -123,9 +126,7 @@ async def post_message(
         await context.permit()
         attempts += 1
         try:
-            async with http.post(
-                url, data=form, json=json_body, headers=headers, timeout=REQUEST_TIMEOUT
-            ) as response:
+            async with http.post(url, data=body, headers=headers, timeout=REQUEST_TIMEOUT) as response:
                 status = response.status
                 answer = await response.text()
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
