@@ -853,3 +853,14 @@ async def test_a_thousand_users_through_a_group_whose_first_provider_throttles_t
         assert (again.receipts.delivered, again.receipts.undelivered) == (900, 0)
     finally:
         await clients.close()
+
+
+async def test_a_provider_in_a_group_cannot_be_deleted(account: SmsAccount, vonage: VonageApi) -> None:
+    member = await _vonage_destination(account, vonage)
+    group = await _group(account, account.destination, member)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await account.clients.dispatch.DeleteDestination(dispatch_pb.DeleteDestinationRequest(name=member))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert group in (raised.value.details() or "")
+    await account.clients.dispatch.DeleteDestination(dispatch_pb.DeleteDestinationRequest(name=group))
+    await account.clients.dispatch.DeleteDestination(dispatch_pb.DeleteDestinationRequest(name=member))

@@ -62,6 +62,9 @@ async def reseal(database: Database, secrets: SecretBox, batch: int = 100) -> in
             return resealed
 
 
+GROUP_KIND = channels.for_config("sms_provider_group")
+
+
 class Destinations:
     def __init__(
         self,
@@ -253,6 +256,21 @@ class Destinations:
         destination_id = api.parse_uuid_name(name, "destinations")
         await self.campaign_usage.refuse_if_used(name)
         async with self.database.transaction() as session:
+            groups = (
+                await session.execute(
+                    sa.select(destinations).where(
+                        destinations.c.account_id == current_account_id(),
+                        destinations.c.type == GROUP_KIND.destination_type,
+                    )
+                )
+            ).all()
+            using = sorted(
+                g.name
+                for g in (self._message(row, reveal_secrets=False) for row in groups)
+                if name in g.sms_provider_group.destinations
+            )
+            if using:
+                raise FailedPrecondition(name, f"{name} is a member of {', '.join(using)}; take it out first")
             result = await session.execute(
                 sa.delete(destinations).where(
                     destinations.c.id == destination_id, destinations.c.account_id == current_account_id()
