@@ -1,5 +1,5 @@
 """SMS campaigns end to end through the public API, against faithful fakes of the providers'
-APIs (Twilio, Vonage, Exotel): rendering, who is reachable, throttling, failover, previews,
+APIs (Twilio, Vonage, Exotel, Netcore): rendering, who is reachable, throttling, failover, previews,
 delivery receipts (signed ones counted once each, early ones kept, forged ones refused) and bad
 input."""
 
@@ -20,6 +20,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from tests.conftest import Platform, eventually
 from tests.fakes.exotel_api import ExotelApi
+from tests.fakes.netcore_api import NetcoreApi
 from tests.fakes.twilio_api import TwilioApi
 from tests.fakes.vonage_api import VonageApi
 from tests.harness import Clients, create_account
@@ -864,3 +865,56 @@ async def test_a_provider_in_a_group_cannot_be_deleted(account: SmsAccount, vona
     assert group in (raised.value.details() or "")
     await account.clients.dispatch.DeleteDestination(dispatch_pb.DeleteDestinationRequest(name=group))
     await account.clients.dispatch.DeleteDestination(dispatch_pb.DeleteDestinationRequest(name=member))
+
+
+async def test_an_sms_campaign_through_netcore(account: SmsAccount) -> None:
+    netcore = NetcoreApi("feed123", "919800000000", "netcore-password")
+    await netcore.start()
+    try:
+        config = dispatch_pb.NetcoreConfig(
+            feed_id="feed123",
+            username="919800000000",
+            password="netcore-password",
+            sender="HRLDIN",
+            endpoint_url=netcore.url,
+        )
+        destination = await account.clients.dispatch.CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(display_name="Netcore", netcore=config)
+            )
+        )
+        campaign = _sms_campaign(account)
+        campaign.destination = destination.name
+        created = await account.clients.campaigns.CreateCampaign(
+            campaign_pb.CreateCampaignRequest(campaign=campaign)
+        )
+        assert created.destination_type == "netcore"
+        await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+        stats = await _completed(account, created.name)
+        assert (stats.sent, stats.failed, stats.skipped) == (30, 0, 8)
+        assert sorted(m.to for m in netcore.messages) == [f"1415555{i:04d}" for i in range(30)]
+        assert {m.sender for m in netcore.messages} == {"HRLDIN"}
+        # The password changed at Netcore: its XML error is the reason.
+        netcore.password = "changed"
+        again = await account.clients.campaigns.CreateCampaign(
+            campaign_pb.CreateCampaignRequest(campaign=campaign)
+        )
+        await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=again.name))
+        refused = await _completed(account, again.name)
+        assert (refused.sent, refused.failed) == (0, 30)
+        assert {r.reason for r in refused.failure_reasons if r.reason.startswith("netcore")} == {
+            "netcore error 102: Invalid feedid, username or password"
+        }
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await account.clients.dispatch.CreateDestination(
+                dispatch_pb.CreateDestinationRequest(
+                    destination=dispatch_pb.Destination(
+                        display_name="n",
+                        netcore=dispatch_pb.NetcoreConfig(feed_id="f", username="u", sender="HRL"),
+                    )
+                )
+            )
+        violations = field_violations(raised.value)
+        assert {"destination.netcore.password", "destination.netcore.sender"} <= set(violations)
+    finally:
+        await netcore.stop()

@@ -103,12 +103,18 @@ def mask_secret(secret: str) -> str:
 def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
     """Every channel, by destination type, sending through `http`."""
     from herald_dispatch.channels.exotel import ExotelChannel
+    from herald_dispatch.channels.netcore import NetcoreChannel
     from herald_dispatch.channels.provider_group import ProviderGroupChannel
     from herald_dispatch.channels.segment import SegmentChannel
     from herald_dispatch.channels.sms import SmsChannel
     from herald_dispatch.channels.twilio import TwilioChannel
     from herald_dispatch.channels.vonage import VonageChannel
 
-    providers: list[SmsChannel] = [TwilioChannel(http), VonageChannel(http), ExotelChannel(http)]
+    providers: list[SmsChannel] = [
+        TwilioChannel(http),
+        VonageChannel(http),
+        ExotelChannel(http),
+        NetcoreChannel(http),
+    ]
     channels: list[Channel] = [SegmentChannel(http), *providers, ProviderGroupChannel(providers)]
     return {channel.kind.destination_type: channel for channel in channels}

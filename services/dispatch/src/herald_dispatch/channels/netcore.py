@@ -1,0 +1,119 @@
+"""SMS through Netcore's bulk push API: one form POST per message to /BulkSms/SingleMsgApi with the
+feed id, username and password in the form, the number as digits without `+`, the text and the
+sender id.
+
+Netcore answers in XML. Its exact schema is not published; a `REQUEST-ERROR` or `ERROR` element
+means the message was refused (its CODE and DESC are the reason), anything else with HTTP 200 that
+it was accepted, with the request id (`REQID`) as the message id. Netcore has no idempotency key:
+a request whose answer was lost is reported UNKNOWN, not sent again.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from xml.etree import ElementTree
+
+import aiohttp
+from google.protobuf.message import Message
+
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
+from herald.events.v1 import events_pb2 as events
+from herald_common import channels, sms
+from herald_common.errors import Validator
+from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_secret
+from herald_dispatch.channels.sms import (
+    MAX_THROTTLED_SECONDS,
+    THROTTLED,
+    Verdict,
+    accepted,
+    post_message,
+    send_each,
+)
+
+KIND = channels.for_config("netcore")
+DEFAULT_ENDPOINT = "https://bulkpush.mytoday.com"
+DEFAULT_REQUESTS_PER_SECOND = 50
+SENDER = re.compile(r"^[A-Za-z]{6}$")
+
+
+def _judge(status: int, text: str) -> Verdict:
+    if status == 429:
+        return THROTTLED
+    if status != 200:
+        return Verdict(
+            reason=f"netcore answered HTTP {status}", failover=status in (401, 403) or status >= 500
+        )
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError:
+        return Verdict(reason="netcore answered something other than XML", failover=True)
+    error = root.find(".//ERROR")
+    if error is not None or root.tag in ("ERROR", "REQUEST-ERROR"):
+        found = error if error is not None else root
+        code, desc = found.findtext("CODE", ""), found.findtext("DESC", "")
+        # Netcore's error codes are not published, so none is known to be the account's rather
+        # than the message's: they are final, not failed over.
+        return Verdict(reason=f"netcore error {code}: {desc}"[:200])
+    return accepted(root.get("REQID") or root.findtext(".//REQID") or "")
+
+
+class NetcoreChannel:
+    kind = KIND
+    resend_unknown = False
+
+    def __init__(
+        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
+    ) -> None:
+        self.http = http
+        self.max_throttled_seconds = max_throttled_seconds
+
+    def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
+        assert isinstance(config, pb.NetcoreConfig)
+        for name in ("feed_id", "username", "password"):
+            value = getattr(config, name)
+            check.require(bool(value.strip()) and len(value) <= 200, f"{field}.{name}", "required")
+        check.require(bool(SENDER.match(config.sender)), f"{field}.sender", "a 6-letter DLT sender id")
+        if config.dlt_entity_id:
+            check.require(sms.is_dlt_id(config.dlt_entity_id), f"{field}.dlt_entity_id", "19 digits")
+        return [config.endpoint_url or DEFAULT_ENDPOINT]
+
+    def requests_per_second(self, destination: pb.Destination) -> int:
+        return DEFAULT_REQUESTS_PER_SECOND
+
+    async def check_credentials(self, destination: pb.Destination) -> tuple[bool, str]:
+        raise CannotCheck("Netcore's bulk push API has no way to check credentials without sending")
+
+    def mask(self, config: Message) -> None:
+        assert isinstance(config, pb.NetcoreConfig)
+        config.password = mask_secret(config.password)
+
+    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
+        return await send_each(
+            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
+        )
+
+    async def send_one(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
+    ) -> Outcome:
+        """Sends one rendered message to one number."""
+        config = context.destination.netcore
+        form = {
+            "feedid": config.feed_id,
+            "username": config.username,
+            "password": config.password,
+            "To": phone.removeprefix("+"),
+            "Text": text,
+            "senderid": config.sender,
+        }
+        return await post_message(
+            self.http,
+            context,
+            recipient,
+            provider="Netcore",
+            url=(config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/") + "/BulkSms/SingleMsgApi",
+            form=form,
+            headers={"Accept": "application/xml"},
+            judge=_judge,
+            max_throttled_seconds=self.max_throttled_seconds,
+        )
