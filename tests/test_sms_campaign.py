@@ -1,5 +1,5 @@
 """SMS campaigns end to end through the public API, against faithful fakes of the providers'
-APIs (Twilio, Vonage, Exotel, Netcore): rendering, who is reachable, throttling, failover, previews,
+APIs (Twilio, Vonage, Exotel, MSG91, Netcore): rendering, who is reachable, throttling, failover, previews,
 delivery receipts (signed ones counted once each, early ones kept, forged ones refused) and bad
 input."""
 
@@ -20,6 +20,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from tests.conftest import Platform, eventually
 from tests.fakes.exotel_api import ExotelApi
+from tests.fakes.msg91_api import Msg91Api
 from tests.fakes.netcore_api import NetcoreApi
 from tests.fakes.twilio_api import TwilioApi
 from tests.fakes.vonage_api import VonageApi
@@ -918,3 +919,59 @@ async def test_an_sms_campaign_through_netcore(account: SmsAccount) -> None:
         assert {"destination.netcore.password", "destination.netcore.sender"} <= set(violations)
     finally:
         await netcore.stop()
+
+
+async def test_an_sms_campaign_through_msg91_carries_the_body_as_the_flow_variable(
+    account: SmsAccount,
+) -> None:
+    flow = "5e1e93cad6fc054d8e759a5b"
+    msg91 = Msg91Api("msg91-authkey", templates={flow: {"VAR1"}})
+    await msg91.start()
+    try:
+        config = dispatch_pb.Msg91Config(
+            authkey="msg91-authkey",
+            sender="HRLDIN",
+            route="4",
+            flow_template_id=flow,
+            dlt_entity_id="1101611580000043694",
+            endpoint_url=msg91.url,
+        )
+        destination = await account.clients.dispatch.CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(display_name="MSG91", msg91=config)
+            )
+        )
+        campaign = _sms_campaign(account, body="{{ profile.code }}: आज 20% छूट")
+        campaign.destination = destination.name
+        campaign.sms.dlt_template_id = "1107172768973504659"
+        created = await account.clients.campaigns.CreateCampaign(
+            campaign_pb.CreateCampaignRequest(campaign=campaign)
+        )
+        assert created.destination_type == "msg91"
+        await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+        stats = await _completed(account, created.name)
+        assert (stats.sent, stats.failed, stats.skipped) == (30, 0, 8)
+        assert sorted(m.mobiles for m in msg91.messages) == [f"1415555{i:04d}" for i in range(30)]
+        first = next(m for m in msg91.messages if m.mobiles == "14155550006")
+        assert (first.variables["VAR1"], first.sender, first.unicode) == ("C06: आज 20% छूट", "HRLDIN", True)
+        # The caller's IP is no longer whitelisted at MSG91: 418, the reason recorded.
+        msg91.ip_whitelisted = False
+        again = await account.clients.campaigns.CreateCampaign(
+            campaign_pb.CreateCampaignRequest(campaign=campaign)
+        )
+        await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=again.name))
+        refused = await _completed(account, again.name)
+        assert (refused.sent, refused.failed) == (0, 30)
+        assert "msg91 418: IP not whitelisted" in {r.reason for r in refused.failure_reasons}
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await account.clients.dispatch.CreateDestination(
+                dispatch_pb.CreateDestinationRequest(
+                    destination=dispatch_pb.Destination(
+                        display_name="m",
+                        msg91=dispatch_pb.Msg91Config(authkey="k", sender="HRLDIN", flow_template_id="x"),
+                    )
+                )
+            )
+        assert "destination.msg91.flow_template_id" in field_violations(raised.value)
+    finally:
+        await msg91.stop()

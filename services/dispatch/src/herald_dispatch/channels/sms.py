@@ -108,16 +108,21 @@ async def post_message(
     *,
     provider: str,
     url: str,
-    form: dict[str, str],
+    form: dict[str, str] | None = None,
+    json_body: object = None,
     headers: dict[str, str],
     judge: Judge,
     max_throttled_seconds: float = MAX_THROTTLED_SECONDS,
 ) -> Outcome:
     """Posts one message until the provider answers for good. Providers cannot de-duplicate, so a
     request whose answer was lost is not sent again: it is UNKNOWN (and may fail over)."""
-    # Encoded once, for every attempt.
-    body = urlencode(form).encode()
-    headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+    # Encoded once, for every attempt: a form, or JSON.
+    if form is not None:
+        body = urlencode(form).encode()
+        headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+    else:
+        body = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
+        headers = {**headers, "Content-Type": "application/json"}
     started = time.monotonic()
     attempts = 0
     while True:

@@ -188,6 +188,8 @@ class Msg91Config(_message.Message):
     ROUTE_FIELD_NUMBER: _builtins.int
     DLT_ENTITY_ID_FIELD_NUMBER: _builtins.int
     ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    FLOW_TEMPLATE_ID_FIELD_NUMBER: _builtins.int
+    BODY_VARIABLE_FIELD_NUMBER: _builtins.int
     authkey: _builtins.str
     """The account's authkey; required. Returned masked."""
     sender: _builtins.str
@@ -198,6 +200,14 @@ class Msg91Config(_message.Message):
     """India DLT principal entity id (19 digits)."""
     endpoint_url: _builtins.str
     """Base URL; empty is `https://control.msg91.com`."""
+    flow_template_id: _builtins.str
+    """The MSG91 flow template messages go through (24 hex digits; made in MSG91's panel with the
+    DLT template it maps to); required.
+    """
+    body_variable: _builtins.str
+    """The template's variable that carries Herald's rendered body (default `VAR1`): register the
+    flow template as `##VAR1##`.
+    """
     def __init__(
         self,
         *,
@@ -206,10 +216,12 @@ class Msg91Config(_message.Message):
         route: _builtins.str = ...,
         dlt_entity_id: _builtins.str = ...,
         endpoint_url: _builtins.str = ...,
+        flow_template_id: _builtins.str = ...,
+        body_variable: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["authkey", b"authkey", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "route", b"route", "sender", b"sender"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authkey", b"authkey", "body_variable", b"body_variable", "dlt_entity_id", b"dlt_entity_id", "endpoint_url", b"endpoint_url", "flow_template_id", b"flow_template_id", "route", b"route", "sender", b"sender"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
