@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Sequence
 
 import aiohttp
 from google.protobuf.message import Message
@@ -24,12 +23,12 @@ from herald_dispatch.channels import Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
     MAX_THROTTLED_SECONDS,
     THROTTLED,
+    SmsProvider,
     Verdict,
     accepted,
     check_with,
     json_object,
     post_message,
-    send_each,
 )
 
 KIND = channels.for_config("exotel")
@@ -61,7 +60,7 @@ def _error(status: int, text: str) -> str:
     return f"exotel {status}" + (f": {message}" if message else "")
 
 
-class ExotelChannel:
+class ExotelChannel(SmsProvider):
     kind = KIND
     resend_unknown = False
 
@@ -113,11 +112,6 @@ class ExotelChannel:
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.ExotelConfig)
         config.api_token = mask_secret(config.api_token)
-
-    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        return await send_each(
-            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
-        )
 
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str

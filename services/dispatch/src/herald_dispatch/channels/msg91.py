@@ -11,7 +11,6 @@ answer was lost is reported UNKNOWN, not sent again.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 
 import aiohttp
 from google.protobuf.message import Message
@@ -24,11 +23,11 @@ from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_sec
 from herald_dispatch.channels.sms import (
     MAX_THROTTLED_SECONDS,
     THROTTLED,
+    SmsProvider,
     Verdict,
     accepted,
     json_object,
     post_message,
-    send_each,
 )
 
 KIND = channels.for_config("msg91")
@@ -50,7 +49,7 @@ def _judge(status: int, text: str) -> Verdict:
     return Verdict(reason=reason, failover=status in (401, 403, 418) or status >= 500)
 
 
-class Msg91Channel:
+class Msg91Channel(SmsProvider):
     kind = KIND
     resend_unknown = False
 
@@ -89,11 +88,6 @@ class Msg91Channel:
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.Msg91Config)
         config.authkey = mask_secret(config.authkey)
-
-    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        return await send_each(
-            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
-        )
 
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str

@@ -11,7 +11,6 @@ a request whose answer was lost is reported UNKNOWN, not sent again.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from xml.etree import ElementTree
 
 import aiohttp
@@ -25,10 +24,10 @@ from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_sec
 from herald_dispatch.channels.sms import (
     MAX_THROTTLED_SECONDS,
     THROTTLED,
+    SmsProvider,
     Verdict,
     accepted,
     post_message,
-    send_each,
 )
 
 KIND = channels.for_config("netcore")
@@ -58,7 +57,7 @@ def _judge(status: int, text: str) -> Verdict:
     return accepted(root.get("REQID") or root.findtext(".//REQID") or "")
 
 
-class NetcoreChannel:
+class NetcoreChannel(SmsProvider):
     kind = KIND
     resend_unknown = False
 
@@ -87,11 +86,6 @@ class NetcoreChannel:
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.NetcoreConfig)
         config.password = mask_secret(config.password)
-
-    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        return await send_each(
-            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
-        )
 
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str

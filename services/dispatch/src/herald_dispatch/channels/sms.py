@@ -170,3 +170,17 @@ async def check_with(
     if status in (401, 403):
         return False, f"{provider} refused the credentials (HTTP {status})"
     return False, f"{provider} answered HTTP {status}"
+
+
+class SmsProvider:
+    """What the providers share: a batch is each recipient's message sent through `send_one`."""
+
+    async def send_one(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
+    ) -> Outcome:
+        raise NotImplementedError
+
+    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
+        return await send_each(
+            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
+        )

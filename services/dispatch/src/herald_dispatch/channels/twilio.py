@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import re
-from collections.abc import Sequence
 
 import aiohttp
 from google.protobuf.message import Message
@@ -25,12 +24,12 @@ from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
     MAX_THROTTLED_SECONDS,
     THROTTLED,
+    SmsProvider,
     Verdict,
     accepted,
     check_with,
     json_object,
     post_message,
-    send_each,
 )
 
 KIND = channels.for_config("twilio")
@@ -70,7 +69,7 @@ def _error(status: int, text: str) -> str:
     return f"twilio {status}" + (f" error {code}" if code else "") + (f": {message}" if message else "")
 
 
-class TwilioChannel:
+class TwilioChannel(SmsProvider):
     kind = KIND
     resend_unknown = False  # Twilio sends twice what is posted twice
 
@@ -135,11 +134,6 @@ class TwilioChannel:
     def mask(self, config: Message) -> None:
         assert isinstance(config, pb.TwilioConfig)
         config.auth_token = mask_secret(config.auth_token)
-
-    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        return await send_each(
-            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
-        )
 
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str

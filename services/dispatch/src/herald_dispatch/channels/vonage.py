@@ -11,7 +11,6 @@ not sent again. The delivery id goes out as `client-ref`.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlencode
 
@@ -27,12 +26,12 @@ from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
     MAX_THROTTLED_SECONDS,
     THROTTLED,
+    SmsProvider,
     Verdict,
     accepted,
     check_with,
     json_object,
     post_message,
-    send_each,
 )
 
 KIND = channels.for_config("vonage")
@@ -72,7 +71,7 @@ def _parts(text: str) -> list[dict[str, Any]]:
     return [p for p in parts if isinstance(p, dict)] if isinstance(parts, list) else []
 
 
-class VonageChannel:
+class VonageChannel(SmsProvider):
     kind = KIND
     resend_unknown = False  # Vonage sends twice what is posted twice
 
@@ -126,11 +125,6 @@ class VonageChannel:
         config.api_secret = mask_secret(config.api_secret)
         if config.signature_secret:
             config.signature_secret = mask_secret(config.signature_secret)
-
-    async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        return await send_each(
-            context, recipients, lambda r, phone, text: self.send_one(context, r, phone, text)
-        )
 
     def _form(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str
