@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from tempfile import mkdtemp
 
@@ -108,20 +108,24 @@ async def service_processes(settings: Settings, memory: PeakMemory) -> AsyncIter
 
 
 @asynccontextmanager
-async def fake_segment(memory: PeakMemory) -> AsyncIterator[str]:
+async def fake_process(memory: PeakMemory, name: str, *argv: str) -> AsyncIterator[str]:
+    """A fake API (`python -m <argv>`) in a process of its own, watched as `name`; its URL is the
+    first line it prints."""
     process = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "tests.fakes.segment_api", "--write-key", WRITE_KEY],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-m", *argv], stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None
     url = (await asyncio.to_thread(process.stdout.readline)).strip()
-    memory.watch("fake Segment API", process.pid)
+    memory.watch(name, process.pid)
     try:
         yield url
     finally:
         process.terminate()
         process.wait(10)
+
+
+def fake_segment(memory: PeakMemory) -> AbstractAsyncContextManager[str]:
+    return fake_process(memory, "fake Segment API", "tests.fakes.segment_api", "--write-key", WRITE_KEY)
 
 
 async def _accepted(http: aiohttp.ClientSession, url: str) -> dict[str, int]:

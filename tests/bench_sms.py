@@ -8,12 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import aiohttp
 
@@ -24,7 +21,7 @@ from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.logging import configure_logging
-from tests.bench import PeakMemory, service_processes, upsert_users
+from tests.bench import PeakMemory, fake_process, service_processes, upsert_users
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition, matching
 from tests.processes import benchmark_servers
@@ -35,29 +32,9 @@ AUTH_TOKEN = "e" * 32
 HERALD = ("segmentation", "campaign", "scheduler", "dispatch")
 
 
-@asynccontextmanager
-async def fake_twilio(memory: PeakMemory) -> AsyncIterator[str]:
-    process = subprocess.Popen(  # noqa: ASYNC220
-        [
-            sys.executable,
-            "-m",
-            "tests.fakes.twilio_api",
-            "--account-sid",
-            ACCOUNT_SID,
-            "--auth-token",
-            AUTH_TOKEN,
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    url = (await asyncio.to_thread(process.stdout.readline)).strip()
-    memory.watch("fake Twilio API", process.pid)
-    try:
-        yield url
-    finally:
-        process.terminate()
-        process.wait(10)
+def fake_twilio(memory: PeakMemory) -> AbstractAsyncContextManager[str]:
+    argv = ("tests.fakes.twilio_api", "--account-sid", ACCOUNT_SID, "--auth-token", AUTH_TOKEN)
+    return fake_process(memory, "fake Twilio API", *argv)
 
 
 async def _accepted(http: aiohttp.ClientSession, url: str) -> int:

@@ -22,6 +22,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
 from herald_common.bus import Subjects
 from tests.conftest import CLOCK_START, Platform, eventually
+from tests.fakes import LocalServer
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
     condition,
@@ -167,16 +168,13 @@ async def alert_webhook(platform: Platform) -> AsyncIterator[list[tuple[dict[str
 
     app = web.Application()
     app.router.add_post("/alerts", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    settings = accounts_pb.AccountSettings(alert_webhook_url=f"http://127.0.0.1:{port}/alerts")
+    server = LocalServer()
+    url = await server.serve(app)
+    settings = accounts_pb.AccountSettings(alert_webhook_url=f"{url}/alerts")
     await platform.accounts.UpdateAccountSettings(accounts_pb.UpdateAccountSettingsRequest(settings=settings))
     yield received
     await platform.accounts.UpdateAccountSettings(accounts_pb.UpdateAccountSettingsRequest())
-    await runner.cleanup()
+    await server.stop()
 
 
 async def test_a_safety_limit_stops_the_run_and_raises_an_alert(

@@ -74,6 +74,18 @@ def _account_message(row: Any) -> pb.Account:
     return account
 
 
+async def settings_of(session: AsyncSession, account_id: uuid.UUID) -> tuple[pb.AccountSettings, int]:
+    """An account's settings and their version (defaults and 0 when it has none)."""
+    row = (
+        await session.execute(
+            sa.select(accounts.c.settings, accounts.c.settings_version).where(accounts.c.id == account_id)
+        )
+    ).first()
+    if row is None:
+        return pb.AccountSettings(), 0
+    return pb.AccountSettings.FromString(row.settings), row.settings_version
+
+
 async def check_settings(settings: pb.AccountSettings, network: NetworkPolicy) -> None:
     """INVALID_ARGUMENT naming each field that is wrong."""
     check = Validator()

@@ -12,12 +12,10 @@ import json
 import uuid
 
 import aiohttp
-import sqlalchemy as sa
 from google.protobuf.json_format import MessageToDict
 
-from herald.accounts.v1 import account_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
-from herald_campaign.storage import accounts
+from herald_campaign.accounts import settings_of
 from herald_common.auth import account_id_of
 from herald_common.db import Database
 from herald_common.logging import get_logger
@@ -46,8 +44,8 @@ class AlertWebhooks:
 
     async def _url(self, account_id: uuid.UUID) -> str:
         async with self.database.transaction() as session:
-            stored = await session.scalar(sa.select(accounts.c.settings).where(accounts.c.id == account_id))
-        return pb.AccountSettings.FromString(stored or b"").alert_webhook_url
+            settings, _ = await settings_of(session, account_id)
+        return settings.alert_webhook_url
 
     async def send(self, alerts: list[events.CampaignAlert]) -> None:
         async with aiohttp.ClientSession(

@@ -20,8 +20,9 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald_campaign.accounts import settings_of
 from herald_campaign.references import References
-from herald_campaign.storage import accounts, campaigns, failure_reasons, outbox, outcome_events, runs, stats
+from herald_campaign.storage import campaigns, failure_reasons, outbox, outcome_events, runs, stats
 from herald_common import api, channels, personalization, sms
 from herald_common.auth import account_id_of, current_account_id
 from herald_common.bus import Subjects
@@ -220,15 +221,6 @@ def _spec(campaign: pb.Campaign) -> pb.Campaign:
     return spec
 
 
-async def _account_settings(session: AsyncSession, account_id: uuid.UUID) -> Any:
-    """(settings, settings_version) of an account, or None."""
-    return (
-        await session.execute(
-            sa.select(accounts.c.settings, accounts.c.settings_version).where(accounts.c.id == account_id)
-        )
-    ).first()
-
-
 def _owned(campaign_id: uuid.UUID) -> sa.ColumnElement[bool]:
     """The campaign, if the caller's account owns it: another account's answers NOT_FOUND."""
     return sa.and_(campaigns.c.id == campaign_id, campaigns.c.account_id == current_account_id())
@@ -251,10 +243,9 @@ class Campaigns:
             version=row.version,
             account=f"accounts/{row.account_id}" if row.account_id else "",
         )
-        account = await _account_settings(session, row.account_id)
-        if account is not None:
-            event.account_settings.ParseFromString(account.settings)
-            event.account_settings_version = account.settings_version
+        settings, version = await settings_of(session, row.account_id)
+        event.account_settings.CopyFrom(settings)
+        event.account_settings_version = version
         await enqueue(
             session, outbox, [OutboxEvent.of(self.subjects.campaign_changed, event, event.event_id)]
         )
@@ -431,10 +422,7 @@ class Campaigns:
                 raise FailedPrecondition(name, f"only a draft can be published; {name} is {row.state}")
             spec = pb.Campaign.FromString(row.spec)
             now = api.utcnow()
-            account = pb_accounts.AccountSettings()
-            found = await _account_settings(session, row.account_id)
-            if found is not None:
-                account.ParseFromString(found.settings)
+            account, _ = await settings_of(session, row.account_id)
             _check_ahead(name, spec, now, account)
             await self._check_dlt(name, spec)
             row = await self._set_state(session, row.id, State.STATE_SCHEDULED, published_at=now)

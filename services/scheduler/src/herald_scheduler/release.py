@@ -129,6 +129,8 @@ class _Round:
     """What one release round decided."""
 
     now: datetime
+    # The round's campaigns, as read once for it.
+    campaigns: dict[str, _Campaign]
     released: dict[uuid.UUID, list[events.Recipient]] = field(default_factory=lambda: defaultdict(list))
     # The earliest due time of each run's deliveries handed over on time (not throttled).
     earliest_due: dict[uuid.UUID, datetime] = field(default_factory=dict)
@@ -217,8 +219,8 @@ class Releaser:
         return len(groups) < len(locked) or len(locked) == RELEASE_GROUPS
 
     async def _decide(self, session: AsyncSession, groups: list[Any], now: datetime) -> _Round:
-        decided = _Round(now)
         known = await self._campaigns(session, {g.campaign for g in groups})
+        decided = _Round(now, known)
         settings = await self._settings(session, {g.account_id for g in groups})
         by_campaign: dict[str, list[Any]] = defaultdict(list)
         for group in groups:
@@ -312,11 +314,10 @@ class Releaser:
         if not decided.released:
             return
         first = {g.run_id: g for g in groups}
-        known = await self._campaigns(session, {g.campaign for g in first.values()})
         queued: list[OutboxEvent] = []
         for run_id, released in decided.released.items():
             group = first[run_id]
-            campaign = known[group.campaign]
+            campaign = decided.campaigns[group.campaign]
             queued += delivery_batches(
                 self.subjects,
                 campaign.campaign,
