@@ -6,6 +6,7 @@ input."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -103,11 +104,11 @@ def _sms_campaign(account: SmsAccount, body: str = BODY, **fields: object) -> ca
     return campaign
 
 
-async def _send(account: SmsAccount, campaign: campaign_pb.Campaign) -> str:
+async def _send(account: SmsAccount, campaign: campaign_pb.Campaign, kind: str = "twilio") -> str:
     created = await account.clients.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=campaign)
     )
-    assert created.destination_type == "twilio"
+    assert created.destination_type == kind
     await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
     return created.name
 
@@ -975,3 +976,70 @@ async def test_an_sms_campaign_through_msg91_carries_the_body_as_the_flow_variab
         assert "destination.msg91.flow_template_id" in field_violations(raised.value)
     finally:
         await msg91.stop()
+
+
+@pytest.mark.parametrize("version", [2, 3])
+async def test_msg91_delivery_reports_come_to_the_webhook_its_destination_shows(
+    platform: Platform, account: SmsAccount, version: int
+) -> None:
+    flow = "5e1e93cad6fc054d8e759a5b"
+    msg91 = Msg91Api("msg91-authkey", templates={flow: {"VAR1"}}, failing={"14155550003"})
+    await msg91.start()
+    try:
+        config = dispatch_pb.Msg91Config(
+            authkey="msg91-authkey", sender="HRLDIN", flow_template_id=flow, endpoint_url=msg91.url
+        )
+        destination = await account.clients.dispatch.CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(display_name="MSG91", msg91=config)
+            )
+        )
+        # The URL to paste into MSG91's panel as the delivery-report webhook.
+        base = f"http://127.0.0.1:{platform.settings.receipts_port}/v1/receipts/msg91/"
+        assert destination.receipt_url.startswith(base) and "msg91-authkey" not in destination.receipt_url
+        shown = await account.clients.dispatch.GetDestination(
+            dispatch_pb.GetDestinationRequest(name=destination.name)
+        )
+        assert shown.receipt_url == destination.receipt_url and shown.msg91.authkey != "msg91-authkey"
+        msg91.webhook_url, msg91.webhook_version = destination.receipt_url, version
+
+        campaign = _sms_campaign(account)
+        campaign.destination = destination.name
+        name = await _send(account, campaign, "msg91")
+        stats = await _receipts(account, name, 30)
+        assert (stats.receipts.delivered, stats.receipts.undelivered, stats.receipts.failed) == (29, 0, 1)
+        assert {r.reason: r.count for r in stats.failure_reasons}["failed after sending (msg91 16)"] == 1
+        assert set(msg91.webhook_answers) == {200}
+
+        report = [{"requestId": msg91.messages[0].request_id, "report": [{"status": "2"}]}]
+        forged = destination.receipt_url[: destination.receipt_url.rindex("/")] + "/" + "0" * 32
+        async with aiohttp.ClientSession() as http:
+            async with http.post(forged, data={"data": json.dumps(report)}) as answer:
+                assert answer.status == 403
+            async with http.post(destination.receipt_url, data={"data": "not json"}) as answer:
+                assert answer.status == 400
+            # A repeated report of a message already counted changes nothing.
+            async with http.post(destination.receipt_url, json=report) as answer:
+                assert answer.status == 200
+        await asyncio.sleep(0.5)
+        again = await _receipts(account, name, 30)
+        assert (again.receipts.delivered, again.receipts.undelivered) == (29, 0)
+    finally:
+        await msg91.stop()
+
+
+async def test_twilio_and_vonage_destinations_show_where_replies_go(
+    platform: Platform, account: SmsAccount, vonage: VonageApi
+) -> None:
+    twilio = await account.clients.dispatch.GetDestination(
+        dispatch_pb.GetDestinationRequest(name=account.destination)
+    )
+    base = f"http://127.0.0.1:{platform.settings.receipts_port}/v1"
+    twilio_id = account.destination.removeprefix("destinations/")
+    assert twilio.reply_url == f"{base}/inbound/twilio/{twilio_id}"
+    assert twilio.receipt_url == f"{base}/receipts/twilio/{twilio_id}"
+    vonage_name = await _vonage_destination(account, vonage)
+    created = await account.clients.dispatch.GetDestination(
+        dispatch_pb.GetDestinationRequest(name=vonage_name)
+    )
+    assert created.reply_url == f"{base}/inbound/vonage/{vonage_name.removeprefix('destinations/')}"

@@ -6,16 +6,22 @@
 - `{"type": "success", "message": <request id>}` when accepted;
 - `{"type": "error", "message": ...}` with 401 for an unknown authkey, 418 for a caller whose IP
   is not whitelisted (on demand), and 400 for an unknown template or a missing variable;
-- no de-duplication.
+- no de-duplication;
+- delivery reports to the webhook set in its panel (`webhook_url`), unsigned, per request id:
+  version 2 form-encoded with the reports as a JSON string in `data`, version 3 the same as JSON;
+  each `report` entry carries the number, `status` (1 delivered, 16 rejected for the numbers told
+  so) and `desc`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from tests.fakes import LocalServer
@@ -39,6 +45,12 @@ class Msg91Api(LocalServer):
     templates: dict[str, set[str]]
     ip_whitelisted: bool = True
     messages: list[Msg91Message] = field(default_factory=list)
+    # The delivery-report webhook as set in the panel ('' for none), and its version (2 or 3).
+    webhook_url: str = ""
+    webhook_version: int = 2
+    # Numbers (digits) whose messages the operator rejects.
+    failing: set[str] = field(default_factory=set)
+    webhook_answers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         LocalServer.__init__(self)
@@ -79,4 +91,25 @@ class Msg91Api(LocalServer):
                     body.get("unicode") == "1",
                 )
             )
+        if self.webhook_url:
+            self.in_background(self._report(request_id, [str(r["mobiles"]) for r in recipients]))
         return web.json_response({"type": "success", "message": request_id})
+
+    async def _report(self, request_id: str, numbers: list[str]) -> None:
+        report = [
+            {
+                "date": "2026-11-23 12:00:00",
+                "number": number,
+                "status": "16" if number in self.failing else "1",
+                "desc": "REJECTED" if number in self.failing else "DELIVERED",
+            }
+            for number in numbers
+        ]
+        reports = [{"senderId": "HRLDIN", "requestId": request_id, "report": report, "userId": "1"}]
+        async with aiohttp.ClientSession() as http:
+            if self.webhook_version == 3:
+                answer = await http.post(self.webhook_url, json=reports)
+            else:
+                answer = await http.post(self.webhook_url, data={"data": json.dumps(reports)})
+            self.webhook_answers.append(answer.status)
+            answer.release()

@@ -19,7 +19,9 @@ from herald_common.netguard import NetworkPolicy
 from herald_common.paging import keyset_page
 from herald_common.secret_box import Sealed, SecretBox
 from herald_common.validation import check_text_fields
-from herald_dispatch.channels import CannotCheck, Channel
+from herald_dispatch.channels import CannotCheck, Channel, SendContext
+from herald_dispatch.ratelimit import SharedRateLimiter
+from herald_dispatch.receipts import receipt_url, reply_url
 from herald_dispatch.storage import destinations
 
 MAX_DISPLAY_NAME = 200
@@ -79,6 +81,8 @@ class Destinations:
         self.policy = policy
         self.campaign_usage = campaign_usage
         self.secrets = secrets
+        # The receipt endpoint's public base URL, once it serves ('' when dispatch takes none).
+        self.receipts_url = ""
         # Destinations as the workers use them (secrets revealed), each read at most once a second.
         self._for_delivery: dict[tuple[str, uuid.UUID], tuple[float, pb.Destination]] = {}
 
@@ -139,6 +143,8 @@ class Destinations:
         destination.create_time.CopyFrom(api.timestamp(row.created_at))
         channel = self.channel_of(destination)
         config = destination.WhichOneof("config")
+        destination.receipt_url = receipt_url(self.receipts_url, destination)
+        destination.reply_url = reply_url(self.receipts_url, destination)
         if not reveal_secrets and channel is not None and config is not None:
             channel.mask(getattr(destination, config))
         return destination
@@ -212,6 +218,34 @@ class Destinations:
         destination = await self.load(name, "destination", account_id, reveal_secrets=True)
         self._for_delivery[(name, account_id)] = (time.monotonic(), destination)
         return destination
+
+    def send_context(
+        self,
+        account_id: uuid.UUID,
+        destination: pb.Destination,
+        channel: Channel,
+        limiter: SharedRateLimiter,
+        **rest: Any,
+    ) -> SendContext:
+        """What `channel` needs to send through `destination` for `account_id`: the shared rate
+        limits of the destination (and of a group's members) and the account's other destinations."""
+
+        async def permit_for(destination_name: str, requests_per_second: int) -> None:
+            await limiter.acquire(account_id, destination_name, requests_per_second)
+
+        async def permit() -> None:
+            await permit_for(destination.name, channel.requests_per_second(destination))
+
+        async def destination_named(name: str) -> pb.Destination:
+            return await self.for_delivery(name, account_id)
+
+        return SendContext(
+            destination=destination,
+            permit=permit,
+            destination_named=destination_named,
+            permit_for=permit_for,
+            **rest,
+        )
 
     async def test(self, name: str) -> tuple[bool, str]:
         """Whether the destination's provider accepts its credentials (a group: every member's)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import aiohttp
@@ -97,7 +96,7 @@ async def start(
         apply=campaigns.apply,
         problem=runtime.campaign_changed_problem,
     )
-    receipts_url = ""
+    destinations.receipts_url = settings.receipts_url
     if settings.receipts_port:
         server = ReceiptServer(
             infra.database,
@@ -108,9 +107,9 @@ async def start(
         )
         port_taken = await server.start(settings.host, settings.receipts_port)
         host.on_stop.append(server.stop)
-        receipts_url = settings.receipts_url or f"http://{settings.host}:{port_taken}"
+        destinations.receipts_url = settings.receipts_url or f"http://{settings.host}:{port_taken}"
     chosen = worker_types_from_env(sorted(channels)) if workers is None else workers
-    worker_options = replace(options or WorkerOptions(), receipts_url=receipts_url or settings.receipts_url)
+    worker_options = options or WorkerOptions()
     for worker_type in chosen:
         worker = DeliveryWorker(infra, destinations, campaigns, channels[worker_type], worker_options)
         await worker.start()

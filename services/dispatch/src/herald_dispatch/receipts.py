@@ -1,8 +1,8 @@
 """Providers' delivery receipts and inbound replies: an HTTP endpoint for their callbacks, checked,
 recorded once, and reported to the campaign service (receipts) or segmentation (STOP replies).
 
-Each provider calls `/v1/receipts/{provider}/{destination id}` (Exotel, which signs nothing, with
-a token derived from the destination's API token in the path). A receipt whose signature does not
+Each provider calls `/v1/receipts/{provider}/{destination id}` (Exotel and MSG91, which sign
+nothing, with a token derived from the destination's secret in the path). A receipt whose signature does not
 verify gets 403 and changes nothing. Only final statuses count (delivered, undelivered, failed);
 the first one recorded for a message wins, so a repeated receipt changes nothing, and a receipt
 that arrives before its delivery is recorded waits in `receipts` and is applied when it is (by
@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -59,6 +60,21 @@ EXOTEL_STATUSES = {
     "expired": "undelivered",
     "failed": "failed",
 }
+# MSG91's DLR status numbers; the others (submitted, pending, ...) are progress.
+MSG91_STATUSES = {
+    "1": "delivered",
+    "2": "undelivered",
+    "9": "failed",  # NDNC: the number is on India's do-not-call registry (promotional)
+    "16": "failed",  # rejected
+    "17": "failed",  # blocked number
+    "25": "failed",  # rejected
+}
+# Kinds whose receipts come to a secret path, and the secret each path token derives from.
+_PATH_SECRETS: dict[str, Callable[[pb.Destination], str]] = {
+    "exotel": lambda d: d.exotel.api_token,
+    "msg91": lambda d: d.msg91.authkey,
+}
+_SIGNED = ("twilio", "vonage")
 
 _APPLY = """
     WITH applied AS (
@@ -152,19 +168,29 @@ def vonage_signature(secret: str, params: Mapping[str, str]) -> str:
     return hashlib.md5((pairs + secret).encode()).hexdigest()
 
 
-def exotel_token(destination: pb.Destination) -> str:
-    """The secret path part of an Exotel destination's receipt URL (Exotel signs nothing)."""
-    key = destination.exotel.api_token.encode()
+def path_token(destination: pb.Destination) -> str:
+    """The secret path part of the receipt URL of a provider that signs nothing (Exotel, MSG91):
+    derived from the destination's own secret, so it changes when that secret does."""
+    kind = destination.WhichOneof("config") or ""
+    key = _PATH_SECRETS[kind](destination).encode()
     return hmac.new(key, destination.name.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def receipt_url(base: str, destination: pb.Destination) -> str:
     """Where the destination's provider sends delivery receipts; '' when receipts are not taken."""
-    kind = destination.WhichOneof("config")
-    if not base or kind not in ("twilio", "vonage", "exotel"):
+    kind = destination.WhichOneof("config") or ""
+    if not base or kind not in (*_SIGNED, *_PATH_SECRETS):
         return ""
     url = f"{base.rstrip('/')}/v1/receipts/{kind}/{destination.name.removeprefix('destinations/')}"
-    return f"{url}/{exotel_token(destination)}" if kind == "exotel" else url
+    return f"{url}/{path_token(destination)}" if kind in _PATH_SECRETS else url
+
+
+def reply_url(base: str, destination: pb.Destination) -> str:
+    """Where the destination's provider sends replies (STOP); '' when replies are not taken."""
+    kind = destination.WhichOneof("config") or ""
+    if not base or kind not in _SIGNED:
+        return ""
+    return f"{base.rstrip('/')}/v1/inbound/{kind}/{destination.name.removeprefix('destinations/')}"
 
 
 @dataclass(frozen=True)
@@ -194,6 +220,27 @@ def _exotel(params: Mapping[str, str]) -> Receipt | None:
     return Receipt(params.get("SmsSid", ""), status, error) if status else None
 
 
+def _msg91(payload: object) -> list[Receipt]:
+    """MSG91's DLR webhook, any version: a list (or one) of requests, each a `requestId` with its
+    `report` of per-number statuses (or the status fields beside it); `data` may wrap it."""
+    if isinstance(payload, dict) and "data" in payload:
+        payload = payload["data"]
+        if isinstance(payload, str):
+            payload = json.loads(payload)
+    found = []
+    for request in payload if isinstance(payload, list) else [payload]:
+        if not isinstance(request, dict):
+            continue
+        reports = request.get("report")
+        for report in reports if isinstance(reports, list) else [request]:
+            code = str(report.get("status", "")) if isinstance(report, dict) else ""
+            status = MSG91_STATUSES.get(code)
+            if status:
+                error = f"msg91 {code}" if status != "delivered" else ""
+                found.append(Receipt(str(request.get("requestId", "")), status, error))
+    return found
+
+
 class ReceiptServer:
     """The HTTP endpoint providers call with delivery receipts."""
 
@@ -218,6 +265,7 @@ class ReceiptServer:
         app.router.add_post("/v1/receipts/twilio/{destination}", self._twilio)
         app.router.add_post("/v1/receipts/vonage/{destination}", self._vonage)
         app.router.add_post("/v1/receipts/exotel/{destination}/{token}", self._exotel)
+        app.router.add_post("/v1/receipts/msg91/{destination}/{token}", self._msg91)
         app.router.add_post("/v1/inbound/twilio/{destination}", self._twilio_inbound)
         app.router.add_post("/v1/inbound/vonage/{destination}", self._vonage_inbound)
         self._runner = web.AppRunner(app, access_log=None)
@@ -245,6 +293,16 @@ class ReceiptServer:
     def _url(self, request: web.Request) -> str:
         """The URL the provider called, as it saw it (behind a proxy, the public base URL)."""
         return f"{self.public_url}{request.path_qs}" if self.public_url else str(request.url)
+
+    async def _with_path_token(
+        self, request: web.Request, kind: str
+    ) -> tuple[uuid.UUID, pb.Destination] | None:
+        """(owner, destination) of a callback to a secret path; None when the token is wrong."""
+        account_id, destination = await self._destination(request, kind)
+        if not hmac.compare_digest(path_token(destination), request.match_info["token"]):
+            log.warning("callback_signature_refused", provider=kind, destination=destination.name)
+            return None
+        return account_id, destination
 
     async def _params(self, request: web.Request) -> dict[str, str]:
         if request.content_type == "application/json":
@@ -283,14 +341,14 @@ class ReceiptServer:
         if signed is None:
             return _forbidden()
         account_id, destination, params = signed
-        return await self._record(account_id, destination, _twilio(params))
+        return await self._record(account_id, destination, [_twilio(params)])
 
     async def _vonage(self, request: web.Request) -> web.Response:
         signed = await self._signed_vonage(request)
         if signed is None:
             return _forbidden()
         account_id, destination, params = signed
-        return await self._record(account_id, destination, _vonage(params))
+        return await self._record(account_id, destination, [_vonage(params)])
 
     async def _twilio_inbound(self, request: web.Request) -> web.Response:
         """A reply to one of the account's Twilio numbers; TwiML that sends nothing back."""
@@ -328,30 +386,44 @@ class ReceiptServer:
         self.notify_outbox()
 
     async def _exotel(self, request: web.Request) -> web.Response:
-        account_id, destination = await self._destination(request, "exotel")
-        if not hmac.compare_digest(exotel_token(destination), request.match_info["token"]):
-            log.warning("callback_signature_refused", provider="exotel", destination=destination.name)
+        found = await self._with_path_token(request, "exotel")
+        if found is None:
             return _forbidden()
-        return await self._record(account_id, destination, _exotel(await self._params(request)))
+        return await self._record(*found, [_exotel(await self._params(request))])
+
+    async def _msg91(self, request: web.Request) -> web.Response:
+        found = await self._with_path_token(request, "msg91")
+        if found is None:
+            return _forbidden()
+        try:
+            if request.content_type == "application/json":
+                payload = await request.json()
+            else:
+                payload = {k: str(v) for k, v in (await request.post()).items()}
+            found_receipts = _msg91(payload)
+        except ValueError:
+            return web.Response(status=400, text="the body is not an MSG91 delivery report")
+        return await self._record(*found, found_receipts)
 
     async def _record(
-        self, account_id: uuid.UUID, destination: pb.Destination, receipt: Receipt | None
+        self, account_id: uuid.UUID, destination: pb.Destination, found: Sequence[Receipt | None]
     ) -> web.Response:
-        if receipt is None or not receipt.message_id:
+        final = {r.message_id: r for r in found if r is not None and r.message_id}
+        if not final:
             return web.Response(status=200)  # progress (queued, sent, ...): nothing final yet
+        rows = [
+            {
+                "destination": destination.name,
+                "provider_message_id": r.message_id,
+                "account_id": account_id,
+                "status": r.status,
+                "error_code": r.error_code,
+            }
+            for r in final.values()
+        ]
         async with self.database.transaction() as session:
-            await session.execute(
-                insert(receipts)
-                .values(
-                    destination=destination.name,
-                    provider_message_id=receipt.message_id,
-                    account_id=account_id,
-                    status=receipt.status,
-                    error_code=receipt.error_code,
-                )
-                .on_conflict_do_nothing()
-            )
-            await apply_receipts(session, self.subjects, account_id, [receipt.message_id])
+            await session.execute(insert(receipts).values(rows).on_conflict_do_nothing())
+            await apply_receipts(session, self.subjects, account_id, list(final))
         self.notify_outbox()
         return web.Response(status=200)
 

@@ -13,7 +13,7 @@ from herald_common import api, sms
 from herald_common.auth import current_account_id
 from herald_common.errors import Validator, invalid
 from herald_common.sms import E164
-from herald_dispatch.channels import SENT, SendContext
+from herald_dispatch.channels import SENT
 from herald_dispatch.channels.sms import SmsChannel
 from herald_dispatch.destinations import Destinations
 from herald_dispatch.ratelimit import SharedRateLimiter
@@ -50,32 +50,24 @@ class TestMessages:
             raise invalid("destination", f"{request.destination} is not an SMS destination")
         provider = cast(SmsChannel, channel)
 
-        async def permit_for(name: str, rate: int) -> None:
-            await self.limiter.acquire(account_id, name, rate)
-
-        async def member(name: str) -> pb.Destination:
-            return await self.destinations.for_delivery(name, account_id)
-
-        async def permit() -> None:
-            await permit_for(destination.name, provider.requests_per_second(destination))
-
         async def wanted() -> bool:
             return True
 
         async def waiting(_: str | None) -> None:
             return None
 
-        context = SendContext(
-            destination=destination,
+        context = self.destinations.send_context(
+            account_id,
+            destination,
+            provider,
+            self.limiter,
             campaign=campaign_pb.Campaign(
                 sms=campaign_pb.SmsContent(dlt_template_id=request.dlt_template_id)
             ),
             plan_time=api.utcnow(),
-            permit=permit,
             wanted=wanted,
             waiting=waiting,
-            destination_named=member,
-            permit_for=permit_for,
+            receipts=False,  # a test message counts nowhere
         )
         answers = []
         for message in request.messages:

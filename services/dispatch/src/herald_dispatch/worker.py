@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from nats.aio.msg import Msg
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
-from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import api, bus
 from herald_common.auth import account_id_of, account_name
@@ -23,11 +22,10 @@ from herald_common.logging import get_logger
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.runtime import Infrastructure
 from herald_dispatch.campaigns import CampaignBook, KnownCampaign
-from herald_dispatch.channels import FAILED, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
+from herald_dispatch.channels import FAILED, SKIPPED, UNKNOWN, Channel, Outcome
 from herald_dispatch.destinations import Destinations
 from herald_dispatch.ledger import DeliveryLedger
 from herald_dispatch.ratelimit import SharedRateLimiter
-from herald_dispatch.receipts import receipt_url
 from herald_dispatch.storage import outbox
 
 log = get_logger(__name__)
@@ -52,7 +50,6 @@ class WorkerOptions:
     lane_concurrency: int = 8
     max_in_flight: int = 64
     # Public base URL of the receipts endpoint that providers are told to call ('' for none).
-    receipts_url: str = ""
 
 
 @dataclass
@@ -145,15 +142,6 @@ class DeliveryWorker:
             resent = {r.delivery_id for r in pending}
         key = (batch.campaign, batch.destination)
 
-        async def permit_for(destination_name: str, requests_per_second: int) -> None:
-            await self.limiter.acquire(known.account_id, destination_name, requests_per_second)
-
-        async def permit() -> None:
-            await permit_for(batch.destination, self.channel.requests_per_second(destination))
-
-        async def destination_named(name: str) -> pb.Destination:
-            return await self.destinations.for_delivery(name, known.account_id)
-
         async def wanted() -> bool:
             return (await self.campaigns.get(batch.campaign)).delivering
 
@@ -162,17 +150,16 @@ class DeliveryWorker:
                 self._waiting[key] = reason or ""
                 await self._report_waiting(batch, known.account_id, reason or "")
 
-        context = SendContext(
-            destination=destination,
+        context = self.destinations.send_context(
+            known.account_id,
+            destination,
+            self.channel,
+            self.limiter,
             campaign=known.campaign,
             plan_time=api.from_timestamp(batch.plan_time),
-            permit=permit,
             wanted=wanted,
             waiting=waiting,
             resent=resent,
-            destination_named=destination_named,
-            permit_for=permit_for,
-            receipt_url=lambda d: receipt_url(self.options.receipts_url, d),
         )
         return await self.channel.deliver(context, pending)
 

@@ -60,8 +60,13 @@ class SendContext:
     destination_named: Callable[[str], Awaitable[pb.Destination]] | None = None
     # Waits for another destination's shared rate limit: (destination name, requests per second).
     permit_for: Callable[[str, int], Awaitable[None]] | None = None
-    # Where a destination's provider sends delivery receipts ('' when they are not taken).
-    receipt_url: Callable[[pb.Destination], str] = lambda _: ""
+    # Whether providers are asked to send delivery receipts (to `destination.receipt_url`).
+    receipts: bool = True
+
+    @property
+    def receipt_url(self) -> str:
+        """The callback URL to give the provider with each message ('' for none)."""
+        return self.destination.receipt_url if self.receipts else ""
 
 
 class Channel(Protocol):

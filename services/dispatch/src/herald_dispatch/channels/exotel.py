@@ -127,7 +127,7 @@ class ExotelChannel(SmsProvider):
             "EncodingType": "unicode" if sms.measure(text).encoding is sms.Encoding.UCS2 else "plain",
             "CustomField": recipient.delivery_id,
         }
-        callback = context.receipt_url(context.destination)
+        callback = context.receipt_url
         if callback:
             form["StatusCallback"] = callback
         if config.dlt_entity_id:

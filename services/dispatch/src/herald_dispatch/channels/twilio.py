@@ -142,7 +142,7 @@ class TwilioChannel(SmsProvider):
         config = context.destination.twilio
         base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
         form = {"To": phone, "Body": text}
-        callback = context.receipt_url(context.destination)
+        callback = context.receipt_url
         if callback:
             form["StatusCallback"] = callback
         if config.WhichOneof("sender") == "messaging_service_sid":

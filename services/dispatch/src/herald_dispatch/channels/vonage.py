@@ -139,7 +139,7 @@ class VonageChannel(SmsProvider):
             "type": "unicode" if sms.measure(text).encoding is sms.Encoding.UCS2 else "text",
             "client-ref": recipient.delivery_id,
         }
-        callback = context.receipt_url(context.destination)
+        callback = context.receipt_url
         if callback:
             form["callback"] = callback
         if config.dlt_entity_id:

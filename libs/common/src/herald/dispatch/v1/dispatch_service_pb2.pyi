@@ -366,12 +366,23 @@ class Destination(_message.Message):
     NETCORE_FIELD_NUMBER: _builtins.int
     SMS_PROVIDER_GROUP_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    RECEIPT_URL_FIELD_NUMBER: _builtins.int
+    REPLY_URL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `destinations/{destination}`. Output only."""
     display_name: _builtins.str
     """Human-readable name; required."""
     type: Global___DestinationType.ValueType
     """Output only; follows config."""
+    receipt_url: _builtins.str
+    """Where the provider sends delivery receipts; output only, empty when dispatch takes none.
+    Twilio, Vonage and Exotel are given it with every message; set it as the delivery-report
+    webhook in MSG91's panel.
+    """
+    reply_url: _builtins.str
+    """Where the provider sends replies to the sender (Twilio's and Vonage's inbound-message
+    webhook); output only. Set it on the number so that a STOP reply unsubscribes the user.
+    """
     @_builtins.property
     def segment(self) -> Global___SegmentConfig:
         """Segment export."""
@@ -418,10 +429,12 @@ class Destination(_message.Message):
         netcore: Global___NetcoreConfig | None = ...,
         sms_provider_group: Global___SmsProviderGroupConfig | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        receipt_url: _builtins.str = ...,
+        reply_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "exotel", b"exotel", "msg91", b"msg91", "netcore", b"netcore", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "vonage", b"vonage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "type", b"type", "vonage", b"vonage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "receipt_url", b"receipt_url", "reply_url", b"reply_url", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "type", b"type", "vonage", b"vonage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment", "twilio", "vonage", "msg91", "exotel", "netcore", "sms_provider_group"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
