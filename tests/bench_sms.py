@@ -1,8 +1,8 @@
 """The SMS benchmark: an SMS campaign to N users through the fake Twilio API at an unlimited rate,
-the four services as separate processes (dispatch with two replicas) and the fake in a process of
-its own. Prints messages per second from publish to the last message Twilio accepted, next to
-the target, and where the time went: the CPU Herald's processes used against the run's length,
-and the CPU the provider used."""
+the four services as separate processes and the fake in a process of its own. Prints messages
+per second from publish to the last message Twilio accepted, next to the target, and where the
+time went: the CPU Herald's processes used against the run's length, and the CPU the provider
+used."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import uvloop
 from aiohttp import web
 
 MAX_EVENT_BYTES = 32 * 1024
@@ -226,7 +227,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--write-key", required=True)
     args = parser.parse_args()
-    asyncio.run(_serve(args.port, args.write_key))
+    uvloop.run(_serve(args.port, args.write_key))
 
 
 if __name__ == "__main__":

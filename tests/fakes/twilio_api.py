@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import uvloop
 from aiohttp import web
 
 from herald_common.sms import measure
@@ -200,7 +201,7 @@ def main() -> None:
     parser.add_argument("--account-sid", required=True)
     parser.add_argument("--auth-token", required=True)
     args = parser.parse_args()
-    asyncio.run(_serve(args.account_sid, args.auth_token))
+    uvloop.run(_serve(args.account_sid, args.auth_token))
 
 
 if __name__ == "__main__":

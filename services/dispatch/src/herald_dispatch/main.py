@@ -64,7 +64,10 @@ async def start(
         settings, service="dispatch", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
     policy = NetworkPolicy(settings.allowed_destination_networks)
-    http = aiohttp.ClientSession(connector=policy.connector(limit=HTTP_CONNECTIONS))
+    # No cookie jar: a provider's cookies must not follow one account's requests into another's.
+    http = aiohttp.ClientSession(
+        connector=policy.connector(limit=HTTP_CONNECTIONS), cookie_jar=aiohttp.DummyCookieJar()
+    )
     channels = registry(http)
     campaigns = CampaignBook(infra.database)
     campaign_service = infra.channel("campaign")

@@ -49,7 +49,6 @@ class WorkerOptions:
     # Batches of one destination sent at once, and batches held by this worker in all.
     lane_concurrency: int = 8
     max_in_flight: int = 64
-    # Public base URL of the receipts endpoint that providers are told to call ('' for none).
 
 
 @dataclass

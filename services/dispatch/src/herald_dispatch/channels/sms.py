@@ -54,18 +54,19 @@ def _message(recipient: events.Recipient, body: str) -> tuple[str, str] | Outcom
 async def send_each(
     context: SendContext, recipients: Sequence[events.Recipient], send: SendOne
 ) -> list[Outcome]:
-    """One outcome per recipient, CONCURRENT_REQUESTS messages in flight at once."""
-    limit = asyncio.Semaphore(CONCURRENT_REQUESTS)
+    """One outcome per recipient (in their order), CONCURRENT_REQUESTS messages in flight at once:
+    that many senders take the next recipient in turn (not a task per recipient)."""
     body = context.campaign.sms.body
+    outcomes: list[Outcome | None] = [None] * len(recipients)
+    turns = iter(enumerate(recipients))
 
-    async def one(recipient: events.Recipient) -> Outcome:
-        prepared = _message(recipient, body)
-        if isinstance(prepared, Outcome):
-            return prepared
-        async with limit:
-            return await send(recipient, *prepared)
+    async def sender() -> None:
+        for i, recipient in turns:
+            prepared = _message(recipient, body)
+            outcomes[i] = prepared if isinstance(prepared, Outcome) else await send(recipient, *prepared)
 
-    return list(await asyncio.gather(*(one(r) for r in recipients)))
+    await asyncio.gather(*(sender() for _ in range(min(CONCURRENT_REQUESTS, len(recipients)))))
+    return [o for o in outcomes if o is not None]
 
 
 @dataclass(frozen=True)
