@@ -130,3 +130,16 @@ async def last_message(js: JetStreamContext, stream: str, subject: str) -> RawSt
         return await js.get_last_msg(stream, subject)
     except nats.js.errors.NotFoundError:
         return None
+
+
+def precondition_subjects(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The google.rpc.PreconditionFailure violations an error carries: description by subject."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, f"no google.rpc.Status details on {error.code()}: {error.details()}"
+    found: dict[str, str] = {}
+    for detail in status.details:
+        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
+            failure = error_details_pb2.PreconditionFailure()
+            detail.Unpack(failure)
+            found.update({v.subject: v.description for v in failure.violations})
+    return found

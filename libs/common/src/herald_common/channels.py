@@ -32,10 +32,22 @@ class ChannelKind:
     cap_channel: accounts_pb.CapChannel.ValueType
 
 
+def _push_tokens(selection: campaign_pb.PushTokenSelection) -> set[str]:
+    return {"devices"} if selection.gcm or selection.apns else set()
+
+
 def _segment_export_attributes(campaign: campaign_pb.Campaign) -> set[str]:
     export = campaign.segment_export
     needed = personalization.profile_properties(export.custom_properties.values())
-    return needed.union(export.profile_attributes)
+    return needed | set(export.profile_attributes) | _push_tokens(export.push_tokens)
+
+
+def _mparticle_export_attributes(campaign: campaign_pb.Campaign) -> set[str]:
+    export = campaign.mparticle_export
+    needed = personalization.profile_properties(export.custom_attributes.values())
+    # Email and phone also identify the user to mParticle (user_identities).
+    identities = {"email", "phone"}
+    return needed | set(export.profile_attributes) | identities | _push_tokens(export.push_tokens)
 
 
 def _sms_attributes(campaign: campaign_pb.Campaign) -> set[str]:
@@ -50,6 +62,17 @@ _SEGMENT = ChannelKind(
     attribute_keys=_segment_export_attributes,
     audience_channel=segmentation_pb.Channel.CHANNEL_SEGMENT,
     cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_SEGMENT,
+)
+
+
+_MPARTICLE = ChannelKind(
+    destination_type="mparticle",
+    content_field="mparticle_export",
+    config_field="mparticle",
+    destination_enum=dispatch_pb.DestinationType.DESTINATION_TYPE_MPARTICLE,
+    attribute_keys=_mparticle_export_attributes,
+    audience_channel=segmentation_pb.Channel.CHANNEL_MPARTICLE,
+    cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_MPARTICLE,
 )
 
 
@@ -68,6 +91,7 @@ def _sms(provider: str, destination_enum: dispatch_pb.DestinationType.ValueType)
 
 KINDS = (
     _SEGMENT,
+    _MPARTICLE,
     _sms("twilio", dispatch_pb.DestinationType.DESTINATION_TYPE_TWILIO),
     _sms("vonage", dispatch_pb.DestinationType.DESTINATION_TYPE_VONAGE),
     _sms("msg91", dispatch_pb.DestinationType.DESTINATION_TYPE_MSG91),

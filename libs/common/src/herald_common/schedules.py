@@ -23,6 +23,7 @@ from herald_common.timing import (
 
 MAX_SEND_TIMES = 50
 MAX_OCCURRENCES = 10_000
+MAX_LIVE_DELAY = timedelta(days=30)
 _TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 UTC_ZONE = ZoneInfo("UTC")
 # How long before its planned instant a run in users' zones may start (UTC+14 versus UTC-12),
@@ -46,7 +47,7 @@ def check_schedule(schedule: pb.Schedule, path: str, check: Validator) -> None:
     """The schedule's shape; whether its times are still ahead is checked at publish."""
     when = schedule.WhichOneof("when")
     if not check.require(
-        when is not None, path, "required: send_now, send_later, send_multiple or recurring"
+        when is not None, path, "required: send_now, send_later, send_multiple, recurring or live"
     ):
         return
     if when == "send_later":
@@ -62,6 +63,16 @@ def check_schedule(schedule: pb.Schedule, path: str, check: Validator) -> None:
             check.require(t not in times[:i], f"{path}.send_multiple.send_times[{i}]", "appears twice")
     elif when == "recurring":
         _check_recurring(schedule.recurring, f"{path}.recurring", check)
+    elif when == "live":
+        live = schedule.live
+        if live.HasField("start_time") and live.HasField("end_time"):
+            check.require(
+                live.end_time.ToNanoseconds() > live.start_time.ToNanoseconds(),
+                f"{path}.live.end_time",
+                "must be after start_time",
+            )
+        delay = live.delay.ToTimedelta()
+        check.require(timedelta(0) <= delay <= MAX_LIVE_DELAY, f"{path}.live.delay", "0 to 30 days")
 
 
 def _check_recurring(rule: pb.Recurring, path: str, check: Validator) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -37,9 +38,6 @@ from herald_common.validation import check_text_fields
 
 State = pb.State
 _RUN_ENDED = {"RUN_STATE_DISPATCHED", "RUN_STATE_FAILED", "RUN_STATE_CANCELLED"}
-# A segment export carries at most this many profile attributes and custom key-value pairs.
-MAX_PROFILE_ATTRIBUTES = 50
-MAX_CUSTOM_PROPERTIES = 50
 MAX_DISPLAY_NAME = 200
 _STATUS_COLUMNS = {
     events.DeliveryStatus.DELIVERY_STATUS_SENT: "sent",
@@ -64,6 +62,7 @@ _UPDATABLE = {
     "delivery",
     "segment_export",
     "sms",
+    "mparticle_export",
 }
 MAX_CONTROL_PERCENT = 90
 MAX_TEST_MESSAGES = 5
@@ -125,27 +124,105 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
     check.require(content is not None, "campaign.content", "required: exactly one kind of content")
     if content == "segment_export":
         export = campaign.segment_export
-        check.require(bool(export.event_name.strip()), "campaign.segment_export.event_name", "required")
-        check.require(
-            len(export.profile_attributes) <= MAX_PROFILE_ATTRIBUTES,
-            "campaign.segment_export.profile_attributes",
-            f"at most {MAX_PROFILE_ATTRIBUTES} profile attributes",
+        _check_export(
+            "campaign.segment_export",
+            export.event_name,
+            export.profile_attributes,
+            ("custom_properties", export.custom_properties),
+            SEGMENT_LIMITS,
+            check,
+        )
+    if content == "mparticle_export":
+        mparticle = campaign.mparticle_export
+        _check_export(
+            "campaign.mparticle_export",
+            mparticle.event_name,
+            mparticle.profile_attributes,
+            ("custom_attributes", mparticle.custom_attributes),
+            MPARTICLE_LIMITS,
+            check,
         )
         check.require(
-            len(export.custom_properties) <= MAX_CUSTOM_PROPERTIES,
-            "campaign.segment_export.custom_properties",
-            f"at most {MAX_CUSTOM_PROPERTIES} custom key-value pairs",
+            mparticle.custom_event_type in ("", *MPARTICLE_EVENT_TYPES),
+            "campaign.mparticle_export.custom_event_type",
+            f"one of {', '.join(MPARTICLE_EVENT_TYPES)}",
         )
-        for i, key in enumerate(export.profile_attributes):
-            check.require(bool(key.strip()), f"campaign.segment_export.profile_attributes[{i}]", "empty")
-        for key, template in export.custom_properties.items():
-            field = f"campaign.segment_export.custom_properties[{key}]"
-            if check.require(bool(key.strip()), field, "empty key"):
-                problem = personalization.problem(template)
-                if problem:
-                    check.add(field, problem)
     if content == "sms":
         check_sms_content(campaign.sms, "campaign.sms", check)
+
+
+@dataclass(frozen=True)
+class ExportLimits:
+    """What an export's destination takes: counts, and lengths in characters."""
+
+    profile_attributes: int
+    pairs: int
+    event_name: int = 0  # 0: no limit
+    key: int = 0
+    static_value: int = 0
+
+
+SEGMENT_LIMITS = ExportLimits(profile_attributes=50, pairs=50)
+# mParticle's documented limits: 100 user attributes per batch and 100 attributes per event,
+# names of 256 characters, values of 4,096.
+MPARTICLE_LIMITS = ExportLimits(profile_attributes=100, pairs=100, event_name=256, key=256, static_value=4096)
+MPARTICLE_EVENT_TYPES = (
+    "attribution",
+    "location",
+    "media",
+    "navigation",
+    "search",
+    "social",
+    "transaction",
+    "user_content",
+    "user_preference",
+    "other",
+)
+
+
+def _check_export(
+    path: str,
+    event_name: str,
+    profile_attributes: Sequence[str],
+    pairs: tuple[str, Mapping[str, str]],
+    limits: ExportLimits,
+    check: Validator,
+) -> None:
+    """An export's event name, profile attributes and custom key-value pairs (Liquid)."""
+    if check.require(bool(event_name.strip()), f"{path}.event_name", "required"):
+        check.require(
+            not limits.event_name or len(event_name) <= limits.event_name,
+            f"{path}.event_name",
+            f"at most {limits.event_name} characters",
+        )
+    check.require(
+        len(profile_attributes) <= limits.profile_attributes,
+        f"{path}.profile_attributes",
+        f"at most {limits.profile_attributes} profile attributes",
+    )
+    for i, key in enumerate(profile_attributes):
+        field = f"{path}.profile_attributes[{i}]"
+        if check.require(bool(key.strip()), field, "empty"):
+            check.require(not limits.key or len(key) <= limits.key, field, f"at most {limits.key} characters")
+    pairs_name, values = pairs
+    check.require(
+        len(values) <= limits.pairs, f"{path}.{pairs_name}", f"at most {limits.pairs} custom key-value pairs"
+    )
+    for key, template in values.items():
+        field = f"{path}.{pairs_name}[{key}]"
+        if not check.require(bool(key.strip()), field, "empty key"):
+            continue
+        check.require(
+            not limits.key or len(key) <= limits.key, field, f"a key of at most {limits.key} characters"
+        )
+        check.require(
+            not limits.static_value or len(template) <= limits.static_value,
+            field,
+            f"a value of at most {limits.static_value:,} characters",
+        )
+        problem = personalization.problem(template)
+        if problem:
+            check.add(field, problem)
 
 
 def _check_targeting(targeting: pb.Targeting, check: Validator) -> None:
@@ -303,6 +380,13 @@ class Campaigns:
                 f"{content} content needs {' or '.join(type_name(k.destination_enum) for k in kinds)}",
             )
         campaign.destination_type = kind.destination_type
+        if kind.destination_type == "mparticle" and campaign.schedule.live.delay.ToTimedelta():
+            raise FailedPrecondition(
+                "campaign.schedule.live.delay",
+                "an mParticle export is not triggered for live campaigns with a delay: "
+                "send it as the user acts (no delay)",
+                kind="CHANNEL",
+            )
 
     async def update(self, campaign: pb.Campaign, update_mask: field_mask_pb2.FieldMask) -> pb.Campaign:
         api.parse_uuid_name(campaign.name, "campaigns", "campaign.name")
@@ -424,6 +508,13 @@ class Campaigns:
             now = api.utcnow()
             account, _ = await settings_of(session, row.account_id)
             _check_ahead(name, spec, now, account)
+            if spec.schedule.WhichOneof("when") == "live":
+                raise FailedPrecondition(
+                    "campaign.schedule.live",
+                    f"{name} is a live-behaviour campaign, and this installation does not trigger "
+                    "campaigns from live behaviour yet",
+                    kind="FEATURE",
+                )
             await self._check_dlt(name, spec)
             row = await self._set_state(session, row.id, State.STATE_SCHEDULED, published_at=now)
         self._notify()

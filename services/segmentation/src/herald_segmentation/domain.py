@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import JSONB, insert
+from sqlalchemy.dialects.postgresql import JSONB, aggregate_order_by, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
@@ -60,21 +60,35 @@ _SYSTEM_ATTRIBUTES: dict[str, Any] = {
     "region": users.c.region,
     "city": users.c.city,
     "date_of_birth": sa.func.coalesce(sa.cast(users.c.date_of_birth, sa.Text), ""),
+    "timezone": users.c.timezone,
 }
+# A user's devices, most recently seen first.
 _DEVICES = (
     sa.select(
         sa.func.jsonb_agg(
-            sa.func.jsonb_build_object(
-                "device_id",
+            aggregate_order_by(
+                sa.func.jsonb_build_object(
+                    "device_id",
+                    devices.c.device_id,
+                    "platform",
+                    devices.c.platform,
+                    "app_version",
+                    devices.c.app_version,
+                    "make",
+                    devices.c.make,
+                    "model",
+                    devices.c.model,
+                    "os_version",
+                    devices.c.os_version,
+                    "push_token",
+                    devices.c.push_token,
+                    "push_token_type",
+                    devices.c.push_token_type,
+                    "last_seen_time",
+                    devices.c.last_seen_at,
+                ),
+                devices.c.last_seen_at.desc().nulls_last(),
                 devices.c.device_id,
-                "platform",
-                devices.c.platform,
-                "app_version",
-                devices.c.app_version,
-                "push_token",
-                devices.c.push_token,
-                "push_token_type",
-                devices.c.push_token_type,
             )
         )
     )

@@ -108,6 +108,7 @@ def mask_secret(secret: str) -> str:
 def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
     """Every channel, by destination type, sending through `http`."""
     from herald_dispatch.channels.exotel import ExotelChannel
+    from herald_dispatch.channels.mparticle import MparticleChannel
     from herald_dispatch.channels.msg91 import Msg91Channel
     from herald_dispatch.channels.netcore import NetcoreChannel
     from herald_dispatch.channels.provider_group import ProviderGroupChannel
@@ -123,5 +124,10 @@ def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
         NetcoreChannel(http),
         Msg91Channel(http),
     ]
-    channels: list[Channel] = [SegmentChannel(http), *providers, ProviderGroupChannel(providers)]
+    channels: list[Channel] = [
+        SegmentChannel(http),
+        MparticleChannel(http),
+        *providers,
+        ProviderGroupChannel(providers),
+    ]
     return {channel.kind.destination_type: channel for channel in channels}

@@ -7,7 +7,6 @@ the retry budget), other 4xx fail the deliveries; an outage is ridden out for up
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import re
@@ -23,20 +22,14 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, personalization
 from herald_common.errors import Validator
-from herald_common.logging import get_logger
-from herald_dispatch.channels import (
-    FAILED,
-    SENT,
-    SKIPPED,
-    UNKNOWN,
-    CannotCheck,
-    Outcome,
-    SendContext,
-    mask_secret,
+from herald_dispatch.channels import FAILED, CannotCheck, Outcome, SendContext, mask_secret
+from herald_dispatch.channels.export import (
+    MAX_RETRY_SECONDS,
+    ExportRequest,
+    post_until_answered,
+    push_device,
+    readable,
 )
-from herald_dispatch.retry import backoff_seconds, is_retryable, retry_after_seconds
-
-log = get_logger(__name__)
 
 KIND = channels.for_config("segment")
 MAX_EVENT_BYTES = 32 * 1024
@@ -44,11 +37,6 @@ MAX_EVENT_BYTES = 32 * 1024
 MAX_BATCH_BYTES = 475_000
 MAX_BATCH_EVENTS = 500
 LIBRARY = {"name": "herald", "version": "0.1.0"}
-# How long one request may go on failing or being rate limited before its deliveries fail.
-MAX_RETRY_SECONDS = 12 * 3600.0
-# After this long failing, the campaign is told the destination is holding deliveries back.
-WAITING_AFTER_SECONDS = 5.0
-REQUEST_TIMEOUT_SECONDS = 15.0
 
 
 def _iso_millis(seconds: float) -> str:
@@ -72,6 +60,7 @@ class _EventBuilder:
             k: v for k, v in content.custom_properties.items() if not personalization.is_static(v)
         }
         self.traits = list(content.profile_attributes)
+        self.push_tokens = content.push_tokens
         self.timestamp = _iso_millis(context.plan_time.timestamp())
 
     def build(self, recipient: events.Recipient) -> dict[str, Any]:
@@ -79,6 +68,20 @@ class _EventBuilder:
         properties = dict(self.static)
         for key, template in self.templates.items():
             properties[key] = personalization.render(template, profile)
+        context: dict[str, Any] = {
+            "traits": {key: readable(key, profile[key]) for key in self.traits if key in profile},
+            "library": LIBRARY,
+        }
+        device = push_device(profile, self.push_tokens)
+        if device is not None:
+            # Segment's context.device: one device, its push token in `token`.
+            context["device"] = {
+                "id": device.get("device_id", ""),
+                "type": device["platform"],
+                "token": device["push_token"],
+                "manufacturer": device.get("make", ""),
+                "model": device.get("model", ""),
+            }
         return {
             "type": "track",
             "event": self.event_name,
@@ -86,10 +89,7 @@ class _EventBuilder:
             "messageId": recipient.delivery_id,
             "timestamp": self.timestamp,
             "properties": properties,
-            "context": {
-                "traits": {key: profile[key] for key in self.traits if key in profile},
-                "library": LIBRARY,
-            },
+            "context": context,
         }
 
 
@@ -115,7 +115,6 @@ class SegmentChannel:
     def __init__(self, http: aiohttp.ClientSession, *, max_retry_seconds: float = MAX_RETRY_SECONDS) -> None:
         self.http = http
         self.max_retry_seconds = max_retry_seconds
-        self.timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         assert isinstance(config, pb.SegmentConfig)
@@ -177,26 +176,12 @@ class SegmentChannel:
     async def _post(
         self, context: SendContext, config: pb.SegmentConfig, batch: Sequence[_Encoded]
     ) -> tuple[events.DeliveryStatus.ValueType, int, str, bool]:
-        """Posts one batch until Segment answers for good: (status, attempts, reason, sent again
-        after an attempt that may have arrived)."""
-        url = config.endpoint_url.rstrip("/") + "/v1/batch"
+        """Posts one batch until Segment answers for good."""
         credentials = base64.b64encode(f"{config.write_key}:".encode()).decode()
         events_json = ",".join(item.json for item in batch)
         write_key = json.dumps(config.write_key)
-        attempts = 0
-        retries = 0
-        started = time.monotonic()
-        waiting = False
-        # A request that timed out or lost its connection after being sent may have arrived:
-        # the retry is a resend that Segment de-duplicates on messageId.
-        maybe_arrived = False
-        while True:
-            if not await context.wanted():
-                if maybe_arrived:
-                    return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
-                return SKIPPED, attempts, "campaign stopped", False
-            await context.permit()
-            attempts += 1
+
+        def prepare(retries: int) -> tuple[bytes, dict[str, str]]:
             body = f'{{"batch":[{events_json}],"sentAt":"{_iso_millis(time.time())}","writeKey":{write_key}}}'
             headers = {
                 "Content-Type": "application/json",
@@ -205,46 +190,12 @@ class SegmentChannel:
             }
             if retries:
                 headers["X-Retry-Count"] = str(retries)
-            retry_after: float | None = None
-            try:
-                async with self.http.post(
-                    url, data=body.encode(), headers=headers, timeout=self.timeout
-                ) as response:
-                    status = response.status
-                    text = await response.text()
-                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-                if 200 <= status < 300:
-                    if waiting:
-                        await context.waiting(None)
-                    return SENT, attempts, "", maybe_arrived
-                problem = f"Segment answered {status}{_error_code(text)}"
-                if not is_retryable(status):
-                    if waiting:
-                        await context.waiting(None)
-                    return FAILED, attempts, problem, maybe_arrived
-            except (aiohttp.ClientError, TimeoutError, OSError) as error:
-                problem = f"Segment unreachable: {type(error).__name__}"
-                maybe_arrived = maybe_arrived or not isinstance(error, aiohttp.ClientConnectorError)
-            elapsed = time.monotonic() - started
-            if elapsed > self.max_retry_seconds:
-                reason = f"gave up after {elapsed / 3600:.1f} h of failures; {problem}"
-                return FAILED, attempts, reason, maybe_arrived
-            if retry_after:
-                wait = retry_after  # a rate limit with a deadline: it does not spend the retry budget
-            else:
-                retries += 1
-                wait = backoff_seconds(retries)
-            if not waiting and elapsed + wait >= WAITING_AFTER_SECONDS:
-                waiting = True
-                await context.waiting(problem)
-            log.info(
-                "segment_retry",
-                destination=context.destination.name,
-                events=len(batch),
-                wait=wait,
-                reason=problem,
-            )
-            await asyncio.sleep(wait)
+            return body.encode(), headers
+
+        request = ExportRequest(
+            "Segment", config.endpoint_url.rstrip("/") + "/v1/batch", prepare, _error_code
+        )
+        return await post_until_answered(self.http, context, request, self.max_retry_seconds)
 
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9 _.:-]")

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -301,6 +302,34 @@ class Audience(_message.Message):
 Global___Audience: _TypeAlias = Audience  # noqa: Y015
 
 @_typing.final
+class PushTokenSelection(_message.Message):
+    """The push tokens an export carries: those of the user's most recently seen device with a token
+    of a chosen kind.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GCM_FIELD_NUMBER: _builtins.int
+    APNS_FIELD_NUMBER: _builtins.int
+    gcm: _builtins.bool
+    """Firebase / GCM tokens (Android devices)."""
+    apns: _builtins.bool
+    """APNs tokens (iOS devices)."""
+    def __init__(
+        self,
+        *,
+        gcm: _builtins.bool = ...,
+        apns: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apns", b"apns", "gcm", b"gcm"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PushTokenSelection: _TypeAlias = PushTokenSelection  # noqa: Y015
+
+@_typing.final
 class SegmentExportContent(_message.Message):
     """Content of a Segment export: one `track` event per user."""
 
@@ -329,15 +358,25 @@ class SegmentExportContent(_message.Message):
     EVENT_NAME_FIELD_NUMBER: _builtins.int
     PROFILE_ATTRIBUTES_FIELD_NUMBER: _builtins.int
     CUSTOM_PROPERTIES_FIELD_NUMBER: _builtins.int
+    PUSH_TOKENS_FIELD_NUMBER: _builtins.int
     event_name: _builtins.str
     """Event name sent as `event`; required."""
     @_builtins.property
     def profile_attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Profile properties sent as `context.traits`."""
+        """Profile attributes sent as `context.traits`: custom properties, or the system fields
+        `email`, `phone`, `gender`, `date_of_birth`, `country`, `region`, `city`, `timezone` and
+        `devices` (each device's platform, app and OS versions, make, model and push token).
+        """
 
     @_builtins.property
     def custom_properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Custom key-value pairs sent in `properties`."""
+
+    @_builtins.property
+    def push_tokens(self) -> Global___PushTokenSelection:
+        """Push tokens sent as `context.device` (`token`, `type` android or ios, `id`, `model`,
+        `manufacturer`).
+        """
 
     def __init__(
         self,
@@ -345,14 +384,87 @@ class SegmentExportContent(_message.Message):
         event_name: _builtins.str = ...,
         profile_attributes: _abc.Iterable[_builtins.str] | None = ...,
         custom_properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        push_tokens: Global___PushTokenSelection | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["push_tokens", b"push_tokens"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_properties", b"custom_properties", "event_name", b"event_name", "profile_attributes", b"profile_attributes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_properties", b"custom_properties", "event_name", b"event_name", "profile_attributes", b"profile_attributes", "push_tokens", b"push_tokens"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SegmentExportContent: _TypeAlias = SegmentExportContent  # noqa: Y015
+
+@_typing.final
+class MparticleExportContent(_message.Message):
+    """Content of an mParticle export: one batch per user with one `custom_event`."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class CustomAttributesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    CUSTOM_EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    PROFILE_ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    CUSTOM_ATTRIBUTES_FIELD_NUMBER: _builtins.int
+    PUSH_TOKENS_FIELD_NUMBER: _builtins.int
+    event_name: _builtins.str
+    """The custom event's `event_name`; required, at most 256 characters."""
+    custom_event_type: _builtins.str
+    """Its `custom_event_type`: `attribution`, `location`, `media`, `navigation`, `search`,
+    `social`, `transaction`, `user_content`, `user_preference` or `other` (the default).
+    """
+    @_builtins.property
+    def profile_attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Profile attributes sent as `user_attributes` (at most 100), the same names a Segment export
+        takes; first_name, last_name, phone, gender, country, region, city, zip and address go as
+        mParticle's reserved `$FirstName`, `$LastName`, `$Mobile`, `$Gender`, `$Country`, `$State`,
+        `$City`, `$Zip` and `$Address`, and date_of_birth also as `$Age`.
+        """
+
+    @_builtins.property
+    def custom_attributes(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Custom key-value pairs (Liquid over the profile) sent as the event's `custom_attributes`:
+        at most 100, names at most 256 characters, values at most 4,096.
+        """
+
+    @_builtins.property
+    def push_tokens(self) -> Global___PushTokenSelection:
+        """Push tokens sent as the batch's `device_info` (`push_token`, `platform`)."""
+
+    def __init__(
+        self,
+        *,
+        event_name: _builtins.str = ...,
+        custom_event_type: _builtins.str = ...,
+        profile_attributes: _abc.Iterable[_builtins.str] | None = ...,
+        custom_attributes: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        push_tokens: Global___PushTokenSelection | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["push_tokens", b"push_tokens"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["custom_attributes", b"custom_attributes", "custom_event_type", b"custom_event_type", "event_name", b"event_name", "profile_attributes", b"profile_attributes", "push_tokens", b"push_tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MparticleExportContent: _TypeAlias = MparticleExportContent  # noqa: Y015
 
 @_typing.final
 class SmsContent(_message.Message):
@@ -586,6 +698,44 @@ class Recurring(_message.Message):
 Global___Recurring: _TypeAlias = Recurring  # noqa: Y015
 
 @_typing.final
+class Live(_message.Message):
+    """Deliver as users act: a live-behaviour campaign, each qualifying action triggering a message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    DELAY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When triggering starts; unset is at publish."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """When it ends; unset for no end. After start_time."""
+
+    @_builtins.property
+    def delay(self) -> _duration_pb2.Duration:
+        """How long after the action the message goes, up to 30 days; unset is at once. An mParticle
+        export takes none (its message is not triggered for campaigns with delays).
+        """
+
+    def __init__(
+        self,
+        *,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        delay: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Live: _TypeAlias = Live  # noqa: Y015
+
+@_typing.final
 class Targeting(_message.Message):
     """Who of a qualified audience a campaign reaches."""
 
@@ -719,6 +869,7 @@ class Schedule(_message.Message):
     SEND_LATER_FIELD_NUMBER: _builtins.int
     SEND_MULTIPLE_FIELD_NUMBER: _builtins.int
     RECURRING_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def send_now(self) -> Global___SendNow:
         """Deliver at publish."""
@@ -735,6 +886,10 @@ class Schedule(_message.Message):
     def recurring(self) -> Global___Recurring:
         """Deliver on a recurring calendar."""
 
+    @_builtins.property
+    def live(self) -> Global___Live:
+        """Deliver as users act."""
+
     def __init__(
         self,
         *,
@@ -742,12 +897,13 @@ class Schedule(_message.Message):
         send_later: Global___SendLater | None = ...,
         send_multiple: Global___SendMultiple | None = ...,
         recurring: Global___Recurring | None = ...,
+        live: Global___Live | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["recurring", b"recurring", "send_later", b"send_later", "send_multiple", b"send_multiple", "send_now", b"send_now", "when", b"when"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "recurring", b"recurring", "send_later", b"send_later", "send_multiple", b"send_multiple", "send_now", b"send_now", "when", b"when"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["recurring", b"recurring", "send_later", b"send_later", "send_multiple", b"send_multiple", "send_now", b"send_now", "when", b"when"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "recurring", b"recurring", "send_later", b"send_later", "send_multiple", b"send_multiple", "send_now", b"send_now", "when", b"when"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_when: _TypeAlias = _typing.Literal["send_now", "send_later", "send_multiple", "recurring"]  # noqa: Y015
+    _WhichOneofReturnType_when: _TypeAlias = _typing.Literal["send_now", "send_later", "send_multiple", "recurring", "live"]  # noqa: Y015
     _WhichOneofArgType_when: _TypeAlias = _typing.Literal["when", b"when"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_when) -> _WhichOneofReturnType_when | None: ...
 
@@ -769,6 +925,7 @@ class Campaign(_message.Message):
     DELIVERY_FIELD_NUMBER: _builtins.int
     SEGMENT_EXPORT_FIELD_NUMBER: _builtins.int
     SMS_FIELD_NUMBER: _builtins.int
+    MPARTICLE_EXPORT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
@@ -786,7 +943,7 @@ class Campaign(_message.Message):
     """Output only; why the campaign is FAILED."""
     destination_type: _builtins.str
     """Output only: the kind of its destination (`segment`, `twilio`, `vonage`, `msg91`, `exotel`,
-    `netcore`), set when the campaign is saved.
+    `netcore`, `sms_provider_group`, `mparticle`), set when the campaign is saved.
     """
     @_builtins.property
     def audience(self) -> Global___Audience:
@@ -815,6 +972,10 @@ class Campaign(_message.Message):
         """For an SMS destination (Twilio, Vonage, MSG91, Exotel or Netcore)."""
 
     @_builtins.property
+    def mparticle_export(self) -> Global___MparticleExportContent:
+        """For an mParticle destination."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
@@ -839,17 +1000,18 @@ class Campaign(_message.Message):
         delivery: Global___DeliveryPreferences | None = ...,
         segment_export: Global___SegmentExportContent | None = ...,
         sms: Global___SmsContent | None = ...,
+        mparticle_export: Global___MparticleExportContent | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
         failure_reason: _builtins.str = ...,
         destination_type: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "mparticle_export", b"mparticle_export", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms", "mparticle_export"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 

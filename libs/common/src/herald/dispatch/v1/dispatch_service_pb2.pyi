@@ -42,6 +42,8 @@ class _DestinationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Desti
     """Netcore bulk SMS API."""
     DESTINATION_TYPE_SMS_PROVIDER_GROUP: _DestinationType.ValueType  # 7
     """An ordered list of SMS provider destinations, with failover."""
+    DESTINATION_TYPE_MPARTICLE: _DestinationType.ValueType  # 8
+    """mParticle Events API (server-to-server input feed)."""
 
 class DestinationType(_DestinationType, metaclass=_DestinationTypeEnumTypeWrapper):
     """Kind of destination, derived from its config."""
@@ -62,6 +64,8 @@ DESTINATION_TYPE_NETCORE: DestinationType.ValueType  # 6
 """Netcore bulk SMS API."""
 DESTINATION_TYPE_SMS_PROVIDER_GROUP: DestinationType.ValueType  # 7
 """An ordered list of SMS provider destinations, with failover."""
+DESTINATION_TYPE_MPARTICLE: DestinationType.ValueType  # 8
+"""mParticle Events API (server-to-server input feed)."""
 Global___DestinationType: _TypeAlias = DestinationType  # noqa: Y015
 
 @_typing.final
@@ -350,6 +354,50 @@ class SmsProviderGroupConfig(_message.Message):
 Global___SmsProviderGroupConfig: _TypeAlias = SmsProviderGroupConfig  # noqa: Y015
 
 @_typing.final
+class MparticleConfig(_message.Message):
+    """An mParticle server-to-server input feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POD_FIELD_NUMBER: _builtins.int
+    ENDPOINT_URL_FIELD_NUMBER: _builtins.int
+    API_KEY_FIELD_NUMBER: _builtins.int
+    API_SECRET_FIELD_NUMBER: _builtins.int
+    ENVIRONMENT_FIELD_NUMBER: _builtins.int
+    BATCHES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    pod: _builtins.str
+    """The workspace's pod: `US1`, `US2`, `EU1` or `AU1`; required unless endpoint_url is set."""
+    endpoint_url: _builtins.str
+    """Base URL replacing the pod's (a proxy); http or https."""
+    api_key: _builtins.str
+    """The feed's server-to-server key; required."""
+    api_secret: _builtins.str
+    """The feed's secret; required. Returned masked."""
+    environment: _builtins.str
+    """`production` or `development`; required."""
+    batches_per_second: _builtins.int
+    """Batches per second the workspace takes (0: mParticle's default, 270), shared by every
+    replica.
+    """
+    def __init__(
+        self,
+        *,
+        pod: _builtins.str = ...,
+        endpoint_url: _builtins.str = ...,
+        api_key: _builtins.str = ...,
+        api_secret: _builtins.str = ...,
+        environment: _builtins.str = ...,
+        batches_per_second: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "api_secret", b"api_secret", "batches_per_second", b"batches_per_second", "endpoint_url", b"endpoint_url", "environment", b"environment", "pod", b"pod"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MparticleConfig: _TypeAlias = MparticleConfig  # noqa: Y015
+
+@_typing.final
 class Destination(_message.Message):
     """Where campaign messages go."""
 
@@ -365,6 +413,7 @@ class Destination(_message.Message):
     EXOTEL_FIELD_NUMBER: _builtins.int
     NETCORE_FIELD_NUMBER: _builtins.int
     SMS_PROVIDER_GROUP_FIELD_NUMBER: _builtins.int
+    MPARTICLE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     RECEIPT_URL_FIELD_NUMBER: _builtins.int
     REPLY_URL_FIELD_NUMBER: _builtins.int
@@ -412,6 +461,10 @@ class Destination(_message.Message):
         """SMS through the first provider of a group that can take it."""
 
     @_builtins.property
+    def mparticle(self) -> Global___MparticleConfig:
+        """mParticle export."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
@@ -428,15 +481,16 @@ class Destination(_message.Message):
         exotel: Global___ExotelConfig | None = ...,
         netcore: Global___NetcoreConfig | None = ...,
         sms_provider_group: Global___SmsProviderGroupConfig | None = ...,
+        mparticle: Global___MparticleConfig | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         receipt_url: _builtins.str = ...,
         reply_url: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "exotel", b"exotel", "msg91", b"msg91", "netcore", b"netcore", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "vonage", b"vonage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "exotel", b"exotel", "mparticle", b"mparticle", "msg91", b"msg91", "netcore", b"netcore", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "vonage", b"vonage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "receipt_url", b"receipt_url", "reply_url", b"reply_url", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "type", b"type", "vonage", b"vonage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "mparticle", b"mparticle", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "receipt_url", b"receipt_url", "reply_url", b"reply_url", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "type", b"type", "vonage", b"vonage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment", "twilio", "vonage", "msg91", "exotel", "netcore", "sms_provider_group"]  # noqa: Y015
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment", "twilio", "vonage", "msg91", "exotel", "netcore", "sms_provider_group", "mparticle"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
 

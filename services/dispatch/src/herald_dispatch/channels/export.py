@@ -1,0 +1,139 @@
+"""What the export destinations (Segment, mParticle) share: the readable form of a profile's
+system fields, the device whose push token an export carries, and posting one request until the
+destination answers for good (429 and 5xx retried, Retry-After honoured without spending the
+retry budget, other 4xx final)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2 as events
+from herald_common.logging import get_logger
+from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, SendContext
+from herald_dispatch.retry import backoff_seconds, is_retryable, retry_after_seconds
+
+log = get_logger(__name__)
+
+# How long one request may go on failing or being rate limited before its deliveries fail.
+MAX_RETRY_SECONDS = 12 * 3600.0
+# After this long failing, the campaign is told the destination is holding deliveries back.
+WAITING_AFTER_SECONDS = 5.0
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15.0)
+
+_GENDERS = {"GENDER_FEMALE": "female", "GENDER_MALE": "male", "GENDER_OTHER": "other"}
+PLATFORMS = {"PLATFORM_ANDROID": "android", "PLATFORM_IOS": "ios", "PLATFORM_WEB": "web"}
+TOKEN_TYPES = {"PUSH_TOKEN_TYPE_GCM": "gcm", "PUSH_TOKEN_TYPE_APNS": "apns"}
+
+
+def readable(key: str, value: Any) -> Any:
+    """A profile value as an export carries it: the system fields' enum names in plain words."""
+    if key == "gender" and isinstance(value, str):
+        return _GENDERS.get(value, value)
+    if key == "devices" and isinstance(value, list):
+        return [
+            {
+                **device,
+                "platform": PLATFORMS.get(device.get("platform", ""), ""),
+                "push_token_type": TOKEN_TYPES.get(device.get("push_token_type", ""), ""),
+            }
+            for device in value
+            if isinstance(device, dict)
+        ]
+    return value
+
+
+def push_device(profile: dict[str, Any], selection: campaign_pb.PushTokenSelection) -> dict[str, Any] | None:
+    """The user's most recently seen device with a push token of a chosen kind (devices come
+    most recent first), in readable form; None when there is none."""
+    wanted = {kind for kind, chosen in (("gcm", selection.gcm), ("apns", selection.apns)) if chosen}
+    if not wanted:
+        return None
+    for device in readable("devices", profile.get("devices")) or []:
+        if device.get("push_token") and device["push_token_type"] in wanted:
+            return dict(device)
+    return None
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One request to an export destination, as each attempt sends it."""
+
+    provider: str  # as reasons name it: "Segment", "mParticle"
+    url: str
+    # (body, headers) for an attempt, given how many retries came before it.
+    prepare: Callable[[int], tuple[bytes, dict[str, str]]]
+    # A short, sanitized error code from an error answer's body ('' for none).
+    error_code: Callable[[str], str]
+    # Rate-limit permits each attempt takes (mParticle counts batches, not requests).
+    permits: int = 1
+
+
+async def post_until_answered(
+    http: aiohttp.ClientSession,
+    context: SendContext,
+    request: ExportRequest,
+    max_retry_seconds: float = MAX_RETRY_SECONDS,
+) -> tuple[events.DeliveryStatus.ValueType, int, str, bool]:
+    """Posts until the destination answers for good: (status, attempts, reason, sent again after
+    an attempt that may have arrived). Such a resend is safe only because the destinations
+    de-duplicate on the delivery ids the body carries."""
+    attempts = 0
+    retries = 0
+    started = time.monotonic()
+    waiting = False
+    # A request that timed out or lost its connection after being sent may have arrived.
+    maybe_arrived = False
+    while True:
+        if not await context.wanted():
+            if maybe_arrived:
+                return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
+            return SKIPPED, attempts, "campaign stopped", False
+        for _ in range(request.permits):
+            await context.permit()
+        attempts += 1
+        body, headers = request.prepare(retries)
+        retry_after: float | None = None
+        try:
+            async with http.post(request.url, data=body, headers=headers, timeout=REQUEST_TIMEOUT) as answer:
+                status = answer.status
+                text = await answer.text()
+                retry_after = retry_after_seconds(answer.headers.get("Retry-After"))
+            if 200 <= status < 300:
+                if waiting:
+                    await context.waiting(None)
+                return SENT, attempts, "", maybe_arrived
+            problem = f"{request.provider} answered {status}{request.error_code(text)}"
+            if not is_retryable(status):
+                if waiting:
+                    await context.waiting(None)
+                return FAILED, attempts, problem, maybe_arrived
+        except (aiohttp.ClientError, TimeoutError, OSError) as error:
+            problem = f"{request.provider} unreachable: {type(error).__name__}"
+            maybe_arrived = maybe_arrived or not isinstance(error, aiohttp.ClientConnectorError)
+        elapsed = time.monotonic() - started
+        if elapsed > max_retry_seconds:
+            reason = f"gave up after {elapsed / 3600:.1f} h of failures; {problem}"
+            return FAILED, attempts, reason, maybe_arrived
+        if retry_after:
+            wait = retry_after  # a rate limit with a deadline: it does not spend the retry budget
+        else:
+            retries += 1
+            wait = backoff_seconds(retries)
+        if not waiting and elapsed + wait >= WAITING_AFTER_SECONDS:
+            waiting = True
+            await context.waiting(problem)
+        log.info(
+            "export_retry",
+            provider=request.provider,
+            destination=context.destination.name,
+            wait=wait,
+            reason=problem,
+        )
+        await asyncio.sleep(wait)
