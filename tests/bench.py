@@ -323,7 +323,9 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=None, help="audience size (default 20,000)")
     parser.add_argument("--full", action="store_true", help="the issues' full sizes (1M users; 20M events)")
     parser.add_argument(
-        "--only", choices=("pipeline", "segmentation", "scheduling", "sms"), help="run one benchmark"
+        "--only",
+        choices=("pipeline", "segmentation", "scheduling", "sms", "mparticle"),
+        help="run one benchmark",
     )
     args = parser.parse_args()
     if args.only in (None, "pipeline"):
@@ -339,6 +341,10 @@ def main() -> None:
         from tests import bench_sms  # it builds on this module's helpers
 
         asyncio.run(bench_sms.run(100_000 if args.full else 20_000))
+    if args.only in (None, "mparticle"):
+        from tests import bench_mparticle  # it builds on this module's helpers
+
+        asyncio.run(bench_mparticle.run(100_000 if args.full else 20_000))
 
 
 if __name__ == "__main__":

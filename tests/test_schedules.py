@@ -9,6 +9,8 @@ from zoneinfo import ZoneInfo
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
@@ -166,6 +168,18 @@ def _recurring(**fields: object) -> campaign_pb.Schedule:
             campaign_pb.Schedule(send_multiple=campaign_pb.SendMultiple()),
             "campaign.schedule.send_multiple.send_times",
         ),
+        (
+            campaign_pb.Schedule(
+                live=campaign_pb.Live(
+                    start_time=Timestamp(seconds=1_800_000_000), end_time=Timestamp(seconds=1_700_000_000)
+                )
+            ),
+            "campaign.schedule.live.end_time",
+        ),
+        (
+            campaign_pb.Schedule(live=campaign_pb.Live(delay=Duration(seconds=31 * 86400))),
+            "campaign.schedule.live.delay",
+        ),
     ],
 )
 async def test_bad_schedules_name_the_field(
@@ -228,3 +242,16 @@ async def test_watching_a_run_streams_its_progress_until_it_ends(
             scheduler_pb.RUN_STATE_DISPATCHED,
         ].index,
     )
+
+
+async def test_a_live_campaign_is_saved_but_not_published_until_live_triggering_exists(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    live = campaign_pb.Schedule(live=campaign_pb.Live(delay=Duration(seconds=600)))
+    name, _ = await _campaign(platform, segment_api, live)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=name))
+    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "live" in (raised.value.details() or "")
+    got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))
+    assert got.state == campaign_pb.State.STATE_DRAFT

@@ -172,7 +172,7 @@ def check_delivery(campaign: pb.Campaign, path: str, check: Validator) -> None:
     delivery = campaign.delivery
     if delivery.user_timezone:
         check.require(
-            campaign.schedule.WhichOneof("when") != "send_now",
+            campaign.schedule.WhichOneof("when") not in ("send_now", "live"),
             f"{path}.user_timezone",
             "needs a schedule with a time: send later, several times or recurring",
         )
