@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import nats
 from google.protobuf import struct_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 from nats.js import JetStreamContext
@@ -18,6 +19,8 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from tests.conftest import Platform
 from tests.harness import Clients
+
+M = TypeVar("M", bound=Message)
 
 
 def value(v: Any) -> struct_pb2.Value:
@@ -111,17 +114,35 @@ def segment_export_campaign(segment: str, destination: str, **overrides: Any) ->
     return campaign
 
 
-def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """The google.rpc.BadRequest field violations an error carries, by field."""
+def _details(error: grpc.aio.AioRpcError, kind: type[M]) -> list[M]:
+    """The details of one google.rpc type an error's status carries."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert status is not None, f"no google.rpc.Status details on {error.code()}: {error.details()}"
-    found: dict[str, str] = {}
+    found = []
     for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad_request = error_details_pb2.BadRequest()
-            detail.Unpack(bad_request)
-            found.update({v.field: v.description for v in bad_request.field_violations})
+        if detail.Is(kind.DESCRIPTOR):
+            unpacked = kind()
+            detail.Unpack(unpacked)
+            found.append(unpacked)
     return found
+
+
+def field_violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The google.rpc.BadRequest field violations an error carries, by field."""
+    return {
+        v.field: v.description
+        for bad_request in _details(error, error_details_pb2.BadRequest)
+        for v in bad_request.field_violations
+    }
+
+
+def precondition_subjects(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The google.rpc.PreconditionFailure violations an error carries: description by subject."""
+    return {
+        v.subject: v.description
+        for failure in _details(error, error_details_pb2.PreconditionFailure)
+        for v in failure.violations
+    }
 
 
 async def last_message(js: JetStreamContext, stream: str, subject: str) -> RawStreamMsg | None:
@@ -130,16 +151,3 @@ async def last_message(js: JetStreamContext, stream: str, subject: str) -> RawSt
         return await js.get_last_msg(stream, subject)
     except nats.js.errors.NotFoundError:
         return None
-
-
-def precondition_subjects(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    """The google.rpc.PreconditionFailure violations an error carries: description by subject."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, f"no google.rpc.Status details on {error.code()}: {error.details()}"
-    found: dict[str, str] = {}
-    for detail in status.details:
-        if detail.Is(error_details_pb2.PreconditionFailure.DESCRIPTOR):
-            failure = error_details_pb2.PreconditionFailure()
-            detail.Unpack(failure)
-            found.update({v.subject: v.description for v in failure.violations})
-    return found

@@ -6,8 +6,10 @@ retry budget, other 4xx final)."""
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +17,9 @@ import aiohttp
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
+from herald_common import personalization
 from herald_common.logging import get_logger
-from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, SendContext
+from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Outcome, SendContext
 from herald_dispatch.retry import backoff_seconds, is_retryable, retry_after_seconds
 
 log = get_logger(__name__)
@@ -59,6 +62,91 @@ def push_device(profile: dict[str, Any], selection: campaign_pb.PushTokenSelecti
         if device.get("push_token") and device["push_token_type"] in wanted:
             return dict(device)
     return None
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:-]")
+
+
+def code_text(code: object) -> str:
+    """A destination's error code for a failure reason: short and sanitized, since response
+    bodies are not copied into events."""
+    return f" ({_UNSAFE.sub('', str(code))[:40]})"
+
+
+class PastLimits(Exception):
+    """A user's event or batch goes past what the destination takes: that delivery fails with
+    the reason, the others go on."""
+
+
+@dataclass
+class Encoded:
+    recipient: events.Recipient
+    json: bytes
+
+
+def encode_each(
+    recipients: Sequence[events.Recipient],
+    build: Callable[[events.Recipient], dict[str, Any]],
+    max_bytes: int,
+    too_large: Callable[[int], str],
+) -> tuple[list[Encoded], list[Outcome]]:
+    """Each recipient's event as compact JSON, and the outcomes of those that cannot go: profile
+    attributes too large to carry, a template that fails, a value or a size past the limits."""
+    encoded: list[Encoded] = []
+    failed: list[Outcome] = []
+    for recipient in recipients:
+        if recipient.oversized_attributes_bytes:
+            reason = f"profile attributes are {recipient.oversized_attributes_bytes} bytes; too large"
+            failed.append(Outcome(recipient, FAILED, 0, reason))
+            continue
+        try:
+            item = json.dumps(build(recipient), separators=(",", ":"), ensure_ascii=False).encode()
+        except personalization.PersonalizationError as error:
+            failed.append(Outcome(recipient, FAILED, 0, f"personalization failed: {error}"))
+            continue
+        except PastLimits as error:
+            failed.append(Outcome(recipient, FAILED, 0, str(error)))
+            continue
+        if len(item) > max_bytes:
+            failed.append(Outcome(recipient, FAILED, 0, too_large(len(item))))
+        else:
+            encoded.append(Encoded(recipient, item))
+    return encoded, failed
+
+
+def packed(items: Sequence[Encoded], max_items: int, max_bytes: int) -> list[list[Encoded]]:
+    """Items in order, packed into requests of at most `max_items` and `max_bytes` of JSON."""
+    requests: list[list[Encoded]] = []
+    current: list[Encoded] = []
+    size = 0
+    for item in items:
+        if current and (size + len(item.json) + 1 > max_bytes or len(current) >= max_items):
+            requests.append(current)
+            current, size = [], 0
+        current.append(item)
+        size += len(item.json) + 1
+    if current:
+        requests.append(current)
+    return requests
+
+
+def outcomes_of(
+    context: SendContext,
+    request: Sequence[Encoded],
+    answered: tuple[events.DeliveryStatus.ValueType, int, str, bool],
+) -> list[Outcome]:
+    """One outcome per delivery a request carried, from how the destination answered it."""
+    status, attempts, reason, sent_twice = answered
+    return [
+        Outcome(
+            item.recipient,
+            status,
+            attempts,
+            reason,
+            sent_twice or item.recipient.delivery_id in context.resent,
+        )
+        for item in request
+    ]
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
 
@@ -25,11 +23,16 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, personalization
 from herald_common.errors import Validator
-from herald_dispatch.channels import FAILED, Outcome, SendContext, mask_secret
+from herald_dispatch.channels import Outcome, SendContext, mask_secret
 from herald_dispatch.channels.export import (
     MAX_RETRY_SECONDS,
     REQUEST_TIMEOUT,
     ExportRequest,
+    PastLimits,
+    code_text,
+    encode_each,
+    outcomes_of,
+    packed,
     post_until_answered,
     push_device,
     readable,
@@ -67,17 +70,13 @@ PLATFORMS = {"android": "Android", "ios": "iOS", "web": "web"}
 USER_AGENT = "herald/0.1.0"
 
 
-class _TooLarge(Exception):
-    """A value past mParticle's documented limits: the user's delivery fails with why."""
-
-
 def _user_value(key: str, value: Any) -> Any:
     """A profile value as a user attribute: a string, number or boolean, or a list of strings."""
     value = readable(key, value)
     if isinstance(value, list) and all(isinstance(v, str | int | float) for v in value):
         entries = [str(v) for v in value]
         if len(entries) > MAX_LIST_ENTRIES or any(len(e) > MAX_LIST_ENTRY_CHARACTERS for e in entries):
-            raise _TooLarge(
+            raise PastLimits(
                 f"user attribute {key} is a list past mParticle's limits "
                 f"({MAX_LIST_ENTRIES} entries of at most {MAX_LIST_ENTRY_CHARACTERS} characters)"
             )
@@ -85,7 +84,7 @@ def _user_value(key: str, value: Any) -> Any:
     if not isinstance(value, str | int | float | bool):
         value = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     if isinstance(value, str) and len(value) > MAX_VALUE_CHARACTERS:
-        raise _TooLarge(
+        raise PastLimits(
             f"user attribute {key} is {len(value):,} characters; "
             f"mParticle takes at most {MAX_VALUE_CHARACTERS:,}"
         )
@@ -98,12 +97,6 @@ def _age(born: str, on: date) -> int | None:
     except ValueError:
         return None
     return on.year - birthday.year - ((on.month, on.day) < (birthday.month, birthday.day))
-
-
-@dataclass
-class _Encoded:
-    recipient: events.Recipient
-    json: bytes
 
 
 class _BatchBuilder:
@@ -131,7 +124,7 @@ class _BatchBuilder:
                 if age is not None:
                     attributes["$Age"] = age
         if len(attributes) > MAX_USER_ATTRIBUTES:
-            raise _TooLarge(
+            raise PastLimits(
                 f"{len(attributes)} user attributes; mParticle takes at most {MAX_USER_ATTRIBUTES}"
             )
         return attributes
@@ -142,7 +135,7 @@ class _BatchBuilder:
         for key, template in self.templates.items():
             value = personalization.render(template, profile)
             if len(value) > MAX_VALUE_CHARACTERS:
-                raise _TooLarge(
+                raise PastLimits(
                     f"custom attribute {key} is {len(value):,} characters; "
                     f"mParticle takes at most {MAX_VALUE_CHARACTERS:,}"
                 )
@@ -183,35 +176,14 @@ class _BatchBuilder:
         return batch
 
 
-def _requests(items: Sequence[_Encoded]) -> list[list[_Encoded]]:
-    """Batches packed into requests within mParticle's count and size limits, in order."""
-    requests: list[list[_Encoded]] = []
-    current: list[_Encoded] = []
-    size = 2
-    for item in items:
-        if current and (
-            size + len(item.json) + 1 > MAX_REQUEST_BYTES or len(current) >= MAX_BATCHES_PER_REQUEST
-        ):
-            requests.append(current)
-            current, size = [], 2
-        current.append(item)
-        size += len(item.json) + 1
-    if current:
-        requests.append(current)
-    return requests
-
-
-_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:-]")
-
-
 def _error_code(text: str) -> str:
-    """mParticle's first error code, short and sanitized: bodies are not copied into events."""
+    """mParticle's first error code."""
     try:
         payload = json.loads(text)
         code = payload["errors"][0]["code"]
     except (ValueError, KeyError, IndexError, TypeError):
         return ""
-    return f" ({_UNSAFE.sub('', str(code))[:40]})"
+    return code_text(code)
 
 
 def _same(body: bytes, headers: dict[str, str]) -> Callable[[int], tuple[bytes, dict[str, str]]]:
@@ -278,30 +250,13 @@ class MparticleChannel:
         return False, f"mParticle answered HTTP {status}"
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        encoded: list[_Encoded] = []
         builder = _BatchBuilder(context)
-        for recipient in recipients:
-            if recipient.oversized_attributes_bytes:
-                size = recipient.oversized_attributes_bytes
-                outcomes.append(
-                    Outcome(recipient, FAILED, 0, f"profile attributes are {size} bytes; too large")
-                )
-                continue
-            try:
-                batch = json.dumps(builder.build(recipient), separators=(",", ":"), ensure_ascii=False)
-            except personalization.PersonalizationError as error:
-                outcomes.append(Outcome(recipient, FAILED, 0, f"personalization failed: {error}"))
-                continue
-            except _TooLarge as error:
-                outcomes.append(Outcome(recipient, FAILED, 0, str(error)))
-                continue
-            encoded_batch = batch.encode()
-            if len(encoded_batch) > MAX_BATCH_BYTES:
-                reason = f"batch is {len(encoded_batch):,} bytes; mParticle takes at most 128 KB per batch"
-                outcomes.append(Outcome(recipient, FAILED, 0, reason))
-            else:
-                encoded.append(_Encoded(recipient, encoded_batch))
+        encoded, outcomes = encode_each(
+            recipients,
+            builder.build,
+            MAX_BATCH_BYTES,
+            lambda size: f"batch is {size:,} bytes; mParticle takes at most 128 KB per batch",
+        )
         config = context.destination.mparticle
         url = f"{base_url(config)}/v2/bulkevents"
         headers = {
@@ -309,20 +264,9 @@ class MparticleChannel:
             "Content-Type": "application/json",
             "User-Agent": USER_AGENT,
         }
-        for request in _requests(encoded):
+        for request in packed(encoded, MAX_BATCHES_PER_REQUEST, MAX_REQUEST_BYTES):
             body = b"[" + b",".join(item.json for item in request) + b"]"
             export = ExportRequest("mParticle", url, _same(body, headers), _error_code, permits=len(request))
-            status, attempts, reason, sent_twice = await post_until_answered(
-                self.http, context, export, self.max_retry_seconds
-            )
-            outcomes.extend(
-                Outcome(
-                    item.recipient,
-                    status,
-                    attempts,
-                    reason,
-                    sent_twice or item.recipient.delivery_id in context.resent,
-                )
-                for item in request
-            )
+            answered = await post_until_answered(self.http, context, export, self.max_retry_seconds)
+            outcomes += outcomes_of(context, request, answered)
         return outcomes

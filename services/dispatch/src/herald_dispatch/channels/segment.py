@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -22,10 +20,15 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, personalization
 from herald_common.errors import Validator
-from herald_dispatch.channels import FAILED, CannotCheck, Outcome, SendContext, mask_secret
+from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_secret
 from herald_dispatch.channels.export import (
     MAX_RETRY_SECONDS,
+    Encoded,
     ExportRequest,
+    code_text,
+    encode_each,
+    outcomes_of,
+    packed,
     post_until_answered,
     push_device,
     readable,
@@ -41,12 +44,6 @@ LIBRARY = {"name": "herald", "version": "0.1.0"}
 
 def _iso_millis(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int(seconds * 1000) % 1000:03d}Z"
-
-
-@dataclass
-class _Encoded:
-    recipient: events.Recipient
-    json: str
 
 
 class _EventBuilder:
@@ -93,21 +90,6 @@ class _EventBuilder:
         }
 
 
-def _batches(items: Sequence[_Encoded]) -> list[list[_Encoded]]:
-    batches: list[list[_Encoded]] = []
-    current: list[_Encoded] = []
-    size = 0
-    for item in items:
-        if current and (size + len(item.json) + 1 > MAX_BATCH_BYTES or len(current) >= MAX_BATCH_EVENTS):
-            batches.append(current)
-            current, size = [], 0
-        current.append(item)
-        size += len(item.json) + 1
-    if current:
-        batches.append(current)
-    return batches
-
-
 class SegmentChannel:
     kind = KIND
     resend_unknown = True  # Segment de-duplicates on messageId
@@ -136,53 +118,29 @@ class SegmentChannel:
         config.write_key = mask_secret(config.write_key)
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        encoded: list[_Encoded] = []
         builder = _EventBuilder(context)
-        for recipient in recipients:
-            if recipient.oversized_attributes_bytes:
-                size = recipient.oversized_attributes_bytes
-                outcomes.append(
-                    Outcome(recipient, FAILED, 0, f"profile attributes are {size} bytes; too large")
-                )
-                continue
-            try:
-                event = json.dumps(builder.build(recipient), separators=(",", ":"), ensure_ascii=False)
-            except personalization.PersonalizationError as error:
-                outcomes.append(Outcome(recipient, FAILED, 0, f"personalization failed: {error}"))
-                continue
-            size = len(event.encode())
-            if size > MAX_EVENT_BYTES:
-                outcomes.append(
-                    Outcome(recipient, FAILED, 0, f"event is {size} bytes; Segment accepts at most 32 KB")
-                )
-            else:
-                encoded.append(_Encoded(recipient, event))
+        encoded, outcomes = encode_each(
+            recipients,
+            builder.build,
+            MAX_EVENT_BYTES,
+            lambda size: f"event is {size} bytes; Segment accepts at most 32 KB",
+        )
         config = context.destination.segment
-        for batch in _batches(encoded):
-            status, attempts, reason, sent_twice = await self._post(context, config, batch)
-            outcomes.extend(
-                Outcome(
-                    item.recipient,
-                    status,
-                    attempts,
-                    reason,
-                    sent_twice or item.recipient.delivery_id in context.resent,
-                )
-                for item in batch
-            )
+        for batch in packed(encoded, MAX_BATCH_EVENTS, MAX_BATCH_BYTES):
+            outcomes += outcomes_of(context, batch, await self._post(context, config, batch))
         return outcomes
 
     async def _post(
-        self, context: SendContext, config: pb.SegmentConfig, batch: Sequence[_Encoded]
+        self, context: SendContext, config: pb.SegmentConfig, batch: Sequence[Encoded]
     ) -> tuple[events.DeliveryStatus.ValueType, int, str, bool]:
         """Posts one batch until Segment answers for good."""
         credentials = base64.b64encode(f"{config.write_key}:".encode()).decode()
-        events_json = ",".join(item.json for item in batch)
+        events_json = b",".join(item.json for item in batch)
         write_key = json.dumps(config.write_key)
 
         def prepare(retries: int) -> tuple[bytes, dict[str, str]]:
-            body = f'{{"batch":[{events_json}],"sentAt":"{_iso_millis(time.time())}","writeKey":{write_key}}}'
+            tail = f'],"sentAt":"{_iso_millis(time.time())}","writeKey":{write_key}}}'
+            body = b'{"batch":[' + events_json + tail.encode()
             headers = {
                 "Content-Type": "application/json",
                 "User-Agent": f"herald/{LIBRARY['version']}",
@@ -190,7 +148,7 @@ class SegmentChannel:
             }
             if retries:
                 headers["X-Retry-Count"] = str(retries)
-            return body.encode(), headers
+            return body, headers
 
         request = ExportRequest(
             "Segment", config.endpoint_url.rstrip("/") + "/v1/batch", prepare, _error_code
@@ -198,15 +156,12 @@ class SegmentChannel:
         return await post_until_answered(self.http, context, request, self.max_retry_seconds)
 
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9 _.:-]")
-
-
 def _error_code(text: str) -> str:
-    """Segment's error code, short and sanitized: response bodies are not copied into events."""
+    """Segment's error code."""
     try:
         payload = json.loads(text)
     except ValueError:
         return ""
     if isinstance(payload, dict) and isinstance(payload.get("code"), str):
-        return f" ({_UNSAFE.sub('', payload['code'])[:40]})"
+        return code_text(payload["code"])
     return ""
