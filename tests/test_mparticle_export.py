@@ -227,21 +227,21 @@ async def test_an_mparticle_export_reaches_mparticle_once_per_user_within_every_
     today = date.today()
     age = today.year - 1990 - ((today.month, today.day) < (6, 15))
     assert batch["user_attributes"] == {
-        "$FirstName": "Ana4",
+        "$firstname": "Ana4",
         "plan": "gold",
         "email": "user4@example.com",
-        "$Mobile": "+14155550004",
-        "$Gender": "male",
+        "$mobile": "+14155550004",
+        "$gender": "M",
         "date_of_birth": "1990-06-15",
-        "$Age": age,
-        "$City": "San Francisco",
+        "$age": str(age),
+        "$city": "San Francisco",
     }
     # The most recently seen device with a chosen token: user 4's iPad.
     assert batch["device_info"]["push_token"] == "apns-token-4"
     assert batch["device_info"]["platform"] == "iOS"
     odd = by_user[f"{account.tag}-0005"]
     assert odd["device_info"]["push_token"] == "gcm-token-5"
-    assert "mobile_number" not in odd["user_identities"] and "$Mobile" not in odd["user_attributes"]
+    assert "mobile_number" not in odd["user_identities"] and "$mobile" not in odd["user_attributes"]
 
 
 async def test_only_the_chosen_kind_of_push_token_is_sent(

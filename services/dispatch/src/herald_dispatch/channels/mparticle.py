@@ -54,18 +54,20 @@ MAX_BATCH_BYTES = 128 * 1024
 MAX_USER_ATTRIBUTES = 100
 MAX_VALUE_CHARACTERS = 4096
 MAX_LIST_ENTRIES, MAX_LIST_ENTRY_CHARACTERS = 1000, 512
-# Profile fields that have a reserved mParticle user attribute.
+# Profile fields that have a reserved mParticle user attribute (as the JSON reference spells them).
 RESERVED = {
-    "first_name": "$FirstName",
-    "last_name": "$LastName",
-    "phone": "$Mobile",
-    "gender": "$Gender",
-    "country": "$Country",
-    "region": "$State",
-    "city": "$City",
-    "zip": "$Zip",
-    "address": "$Address",
+    "first_name": "$firstname",
+    "last_name": "$lastname",
+    "phone": "$mobile",
+    "gender": "$gender",
+    "country": "$country",
+    "region": "$state",
+    "city": "$city",
+    "zip": "$zip",
+    "address": "$address",
 }
+# `$gender` takes a letter.
+GENDER_LETTERS = {"female": "F", "male": "M", "other": "O"}
 PLATFORMS = {"android": "Android", "ios": "iOS", "web": "web"}
 USER_AGENT = "herald/0.1.0"
 
@@ -118,11 +120,14 @@ class _BatchBuilder:
         for key in self.content.profile_attributes:
             if key not in profile or profile[key] in (None, ""):
                 continue
-            attributes[RESERVED.get(key, key)] = _user_value(key, profile[key])
+            value = _user_value(key, profile[key])
+            attributes[RESERVED.get(key, key)] = (
+                GENDER_LETTERS.get(value, value) if key == "gender" else value
+            )
             if key == "date_of_birth":
                 age = _age(str(profile[key]), self.plan_time.date())
                 if age is not None:
-                    attributes["$Age"] = age
+                    attributes["$age"] = str(age)
         if len(attributes) > MAX_USER_ATTRIBUTES:
             raise PastLimits(
                 f"{len(attributes)} user attributes; mParticle takes at most {MAX_USER_ATTRIBUTES}"

@@ -435,8 +435,8 @@ class MparticleExportContent(_message.Message):
     def profile_attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Profile attributes sent as `user_attributes` (at most 100), the same names a Segment export
         takes; first_name, last_name, phone, gender, country, region, city, zip and address go as
-        mParticle's reserved `$FirstName`, `$LastName`, `$Mobile`, `$Gender`, `$Country`, `$State`,
-        `$City`, `$Zip` and `$Address`, and date_of_birth also as `$Age`.
+        mParticle's reserved `$firstname`, `$lastname`, `$mobile`, `$gender`, `$country`, `$state`,
+        `$city`, `$zip` and `$address`, and date_of_birth also as `$age`.
         """
 
     @_builtins.property
