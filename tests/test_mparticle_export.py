@@ -401,3 +401,22 @@ async def test_a_segment_export_carries_push_tokens_and_system_fields(
         assert "device" not in by_user[f"{account.tag}-0005"]["context"]  # no iOS device
     finally:
         await segment_api.stop()
+
+
+async def test_the_batches_per_second_limit_holds_so_mparticle_never_throttles(
+    account: ExportAccount, mparticle: MparticleApi
+) -> None:
+    # mParticle counts batches, not requests: 400 a second is four full requests.
+    mparticle.max_batches_per_second = 600
+    destination = await _destination(account.clients, mparticle, batches_per_second=400)
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=_campaign(
+                account, destination.name, mparticle_export=_content(custom_attributes={"a": "b"})
+            )
+        )
+    )
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    stats = await _completed(account.clients, created.name)
+    assert stats.sent == USERS and len(mparticle.batches) == USERS
+    assert [status for _, _, status in mparticle.requests if status != 202] == []

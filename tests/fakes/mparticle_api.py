@@ -10,8 +10,8 @@ behaviour:
   `environment`, without events, or with an event missing `event_type` or a custom event's
   `event_name` / valid `custom_event_type` is dropped (counted in `dropped`);
 - batches de-duplicated on `source_request_id`;
-- 429 with Retry-After and X-mp-rate-limit-exceeded on demand (`throttle_next`), and 503 on
-  demand (`fail_next`);
+- 429 with Retry-After and X-mp-rate-limit-exceeded past its batches per second (each clock
+  second counted alone) or on demand (`throttle_next`), and 503 on demand (`fail_next`);
 - user identities accepted with the JSON reference's `customer_id` or the SDK's `customerid`.
 """
 
@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import base64
 import json
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,8 @@ class MparticleApi(LocalServer):
     api_key: str
     api_secret: str
     retry_after: int = 1
+    # Batches a clock second takes before 429s (None: unlimited).
+    max_batches_per_second: int | None = None
     # Batches accepted, by source_request_id, and every source_message_id recorded, in order.
     batches: dict[str, dict[str, Any]] = field(default_factory=dict)
     source_message_ids: list[str] = field(default_factory=list)
@@ -77,6 +80,7 @@ class MparticleApi(LocalServer):
     repeated: int = 0
     _throttle: int = 0
     _fail: int = 0
+    _second: tuple[int, int] = (0, 0)  # (clock second, batches taken in it)
 
     def __post_init__(self) -> None:
         LocalServer.__init__(self)
@@ -99,15 +103,27 @@ class MparticleApi(LocalServer):
         body = {"errors": [{"code": code, "message": message}]}
         return web.json_response(body, status=status, headers=headers)
 
-    def _refusal(self, request: web.Request, body: bytes) -> web.Response | None:
+    def _over_rate(self, batches: int) -> bool:
+        if self.max_batches_per_second is None:
+            return False
+        second, taken = self._second
+        now = int(time.time())
+        if now != second:
+            second, taken = now, 0
+        if taken + batches > self.max_batches_per_second:
+            return True
+        self._second = (second, taken + batches)
+        return False
+
+    def _refusal(self, request: web.Request, body: bytes, batches: int = 1) -> web.Response | None:
         header = request.headers.get("Authorization", "")
         if not header:
             return self._error(401, "UNAUTHORIZED", "Authorization header missing")
         expected = "Basic " + base64.b64encode(f"{self.api_key}:{self.api_secret}".encode()).decode()
         if header != expected:
             return self._error(403, "FORBIDDEN", "Invalid API key or secret")
-        if self._throttle:
-            self._throttle -= 1
+        if self._throttle or self._over_rate(batches):
+            self._throttle = max(self._throttle - 1, 0)
             headers = {"Retry-After": str(self.retry_after), "X-mp-rate-limit-exceeded": "workspace"}
             return self._error(429, "TOO_MANY_REQUESTS", "You have exceeded your provisioned limit", headers)
         if self._fail:
@@ -137,12 +153,14 @@ class MparticleApi(LocalServer):
 
     async def _bulk(self, request: web.Request) -> web.Response:
         body = await request.read()
-        refused = self._refusal(request, body)
-        batches: Any = None
+        try:
+            batches: Any = json.loads(body)
+        except ValueError:
+            batches = None
+        count = len(batches) if isinstance(batches, list) else 0
+        refused = self._refusal(request, body, count)
         if refused is None:
-            try:
-                batches = json.loads(body)
-            except ValueError:
+            if batches is None:
                 refused = self._error(400, "BAD_REQUEST", "Malformed JSON")
             else:
                 if not isinstance(batches, list):
@@ -151,7 +169,6 @@ class MparticleApi(LocalServer):
                     refused = self._error(
                         400, "BAD_REQUEST", "You may not send more than 100 EVENT DATA items per request"
                     )
-        count = len(batches) if isinstance(batches, list) else 0
         if refused is not None:
             self.requests.append((len(body), count, refused.status))
             return refused
