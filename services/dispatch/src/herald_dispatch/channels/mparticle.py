@@ -121,9 +121,9 @@ class _BatchBuilder:
             if key not in profile or profile[key] in (None, ""):
                 continue
             value = _user_value(key, profile[key])
-            attributes[RESERVED.get(key, key)] = (
-                GENDER_LETTERS.get(value, value) if key == "gender" else value
-            )
+            if key == "gender" and isinstance(value, str):
+                value = GENDER_LETTERS.get(value, value)
+            attributes[RESERVED.get(key, key)] = value
             if key == "date_of_birth":
                 age = _age(str(profile[key]), self.plan_time.date())
                 if age is not None:
