@@ -144,7 +144,8 @@ class TwilioApi(LocalServer):
             return self._error(429, 20429, "Too Many Requests")
         self._in_flight += 1
         try:
-            await asyncio.sleep(0)  # others may arrive while this one is handled
+            if self.max_concurrent is not None:
+                await asyncio.sleep(0)  # others may arrive while this one is handled
             form = await request.post()
             # Checked and counted with no await in between: exactly `revoke_after` get through.
             if self.revoke_after is not None and len(self.messages) >= self.revoke_after:
