@@ -62,6 +62,8 @@ _SYSTEM_ATTRIBUTES: dict[str, Any] = {
     "date_of_birth": sa.func.coalesce(sa.cast(users.c.date_of_birth, sa.Text), ""),
     "timezone": users.c.timezone,
 }
+# The last known position, as numbers.
+_SYSTEM_NUMBERS: dict[str, Any] = {"latitude": users.c.latitude, "longitude": users.c.longitude}
 # A user's devices, most recently seen first.
 _DEVICES = (
     sa.select(
@@ -80,6 +82,8 @@ _DEVICES = (
                     devices.c.model,
                     "os_version",
                     devices.c.os_version,
+                    "sdk_version",
+                    devices.c.sdk_version,
                     "push_token",
                     devices.c.push_token,
                     "push_token_type",
@@ -115,6 +119,8 @@ def _attribute(key: str) -> Any:
     """A member attribute: a system field when the profile has it, else the custom property."""
     if key == "devices":
         return sa.func.coalesce(_DEVICES, users.c.properties[key])
+    if key in _SYSTEM_NUMBERS:
+        return sa.func.coalesce(sa.func.to_jsonb(_SYSTEM_NUMBERS[key]), users.c.properties[key])
     system = _SYSTEM_ATTRIBUTES.get(key)
     if system is None:
         return users.c.properties[key]

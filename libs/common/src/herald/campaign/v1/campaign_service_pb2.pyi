@@ -364,8 +364,9 @@ class SegmentExportContent(_message.Message):
     @_builtins.property
     def profile_attributes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Profile attributes sent as `context.traits`: custom properties, or the system fields
-        `email`, `phone`, `gender`, `date_of_birth`, `country`, `region`, `city`, `timezone` and
-        `devices` (each device's platform, app and OS versions, make, model and push token).
+        `email`, `phone`, `gender`, `date_of_birth`, `country`, `region`, `city`, `latitude`,
+        `longitude`, `timezone` and `devices` (each device's platform, app, OS and SDK versions,
+        make, model and push token).
         """
 
     @_builtins.property
