@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -58,10 +58,22 @@ async def plan_following(
         await _insert_runs(session, campaign.name, run.account_id, [(found[0], len(found) == 1)])
 
 
+async def accounts_settings(
+    session: AsyncSession, account_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, accounts_pb.AccountSettings]:
+    """The accounts' newest settings known here, in one query; an account none are known of
+    has the defaults."""
+    wanted = set(account_ids)
+    rows = await session.execute(
+        sa.select(accounts.c.account_id, accounts.c.settings).where(accounts.c.account_id.in_(wanted))
+    )
+    found = {r.account_id: accounts_pb.AccountSettings.FromString(r.settings) for r in rows}
+    return {account_id: found.get(account_id, accounts_pb.AccountSettings()) for account_id in wanted}
+
+
 async def account_settings(session: AsyncSession, account_id: uuid.UUID) -> accounts_pb.AccountSettings:
     """The account's newest settings known here (defaults when none are)."""
-    stored = await session.scalar(sa.select(accounts.c.settings).where(accounts.c.account_id == account_id))
-    return accounts_pb.AccountSettings.FromString(stored or b"")
+    return (await accounts_settings(session, [account_id]))[account_id]
 
 
 async def store_account_settings(

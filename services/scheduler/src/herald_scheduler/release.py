@@ -35,8 +35,9 @@ from herald_common.skips import SkipReason
 from herald_common.timing import THROTTLE_WINDOW_SECONDS, throttle_window
 from herald_scheduler import frequency
 from herald_scheduler.handover import delivery_batches
+from herald_scheduler.planning import accounts_settings
 from herald_scheduler.runs import RunEvents
-from herald_scheduler.storage import accounts, campaigns, outbox
+from herald_scheduler.storage import campaigns, outbox
 
 log = get_logger(__name__)
 # A round hands over whole groups, about this many deliveries in all, from at most this many groups.
@@ -221,7 +222,7 @@ class Releaser:
     async def _decide(self, session: AsyncSession, groups: list[Any], now: datetime) -> _Round:
         known = await self._campaigns(session, {g.campaign for g in groups})
         decided = _Round(now, known)
-        settings = await self._settings(session, {g.account_id for g in groups})
+        settings = await accounts_settings(session, {g.account_id for g in groups})
         by_campaign: dict[str, list[Any]] = defaultdict(list)
         for group in groups:
             by_campaign[group.campaign].append(group)
@@ -237,7 +238,7 @@ class Releaser:
                 for each in waiting:
                     decided.release(each)
                 continue
-            account = settings.get(of_campaign[0].account_id, accounts_pb.AccountSettings())
+            account = settings[of_campaign[0].account_id]
             cap = _cap(campaign, account)
             for each in await self._throttle(session, campaign, account, waiting, decided):
                 if cap is None:
@@ -365,16 +366,6 @@ class Releaser:
                 kind=channels.of_campaign(campaign),
             )
         return found
-
-    async def _settings(
-        self, session: AsyncSession, account_ids: set[uuid.UUID]
-    ) -> dict[uuid.UUID, accounts_pb.AccountSettings]:
-        rows = await session.execute(
-            sa.select(accounts.c.account_id, accounts.c.settings).where(
-                accounts.c.account_id.in_(account_ids)
-            )
-        )
-        return {r.account_id: accounts_pb.AccountSettings.FromString(r.settings) for r in rows}
 
     async def _sweep(self, session: AsyncSession, now: datetime) -> None:
         """Once a day, drops frequency counts and throttle windows that no longer matter."""
