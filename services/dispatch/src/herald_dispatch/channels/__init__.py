@@ -6,6 +6,7 @@ and mask its destinations, run its worker type and deliver its batches.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -99,6 +100,11 @@ class Channel(Protocol):
 
 class CannotCheck(Exception):
     """The provider cannot check credentials without sending a message."""
+
+
+def basic_auth(user: str, password: str) -> str:
+    """An HTTP Basic Authorization header value."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def mask_secret(secret: str) -> str:

@@ -9,19 +9,16 @@ lost is reported UNKNOWN, not sent again.
 
 from __future__ import annotations
 
-import base64
 import re
 
-import aiohttp
 from google.protobuf.message import Message
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, sms
 from herald_common.errors import Validator
-from herald_dispatch.channels import Outcome, SendContext, mask_secret
+from herald_dispatch.channels import Outcome, SendContext, basic_auth, mask_secret
 from herald_dispatch.channels.sms import (
-    MAX_THROTTLED_SECONDS,
     THROTTLED,
     SmsProvider,
     Verdict,
@@ -40,8 +37,7 @@ SENDER = re.compile(r"^(\+?\d{6,15}|[A-Za-z]{6})$")
 
 
 def _auth(config: pb.ExotelConfig) -> dict[str, str]:
-    credentials = base64.b64encode(f"{config.api_key}:{config.api_token}".encode()).decode()
-    return {"Accept": "application/json", "Authorization": f"Basic {credentials}"}
+    return {"Accept": "application/json", "Authorization": basic_auth(config.api_key, config.api_token)}
 
 
 def _judge(status: int, text: str) -> Verdict:
@@ -63,12 +59,6 @@ def _error(status: int, text: str) -> str:
 class ExotelChannel(SmsProvider):
     kind = KIND
     resend_unknown = False
-
-    def __init__(
-        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
-    ) -> None:
-        self.http = http
-        self.max_throttled_seconds = max_throttled_seconds
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         assert isinstance(config, pb.ExotelConfig)

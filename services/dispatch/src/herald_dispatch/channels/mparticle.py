@@ -9,7 +9,6 @@ backoff; 400, 401 and 403 are final.
 
 from __future__ import annotations
 
-import base64
 import json
 from collections.abc import Callable, Sequence
 from datetime import date, datetime
@@ -23,7 +22,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, personalization
 from herald_common.errors import Validator
-from herald_dispatch.channels import Outcome, SendContext, mask_secret
+from herald_dispatch.channels import Outcome, SendContext, basic_auth, mask_secret
 from herald_dispatch.channels.export import (
     MAX_RETRY_SECONDS,
     REQUEST_TIMEOUT,
@@ -197,7 +196,7 @@ def _same(body: bytes, headers: dict[str, str]) -> Callable[[int], tuple[bytes, 
 
 
 def _auth(config: pb.MparticleConfig) -> str:
-    return "Basic " + base64.b64encode(f"{config.api_key}:{config.api_secret}".encode()).decode()
+    return basic_auth(config.api_key, config.api_secret)
 
 
 def base_url(config: pb.MparticleConfig) -> str:

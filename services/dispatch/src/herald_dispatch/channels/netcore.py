@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from xml.etree import ElementTree
 
-import aiohttp
 from google.protobuf.message import Message
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
@@ -22,7 +21,6 @@ from herald_common import channels, sms
 from herald_common.errors import Validator
 from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
-    MAX_THROTTLED_SECONDS,
     THROTTLED,
     SmsProvider,
     Verdict,
@@ -60,12 +58,6 @@ def _judge(status: int, text: str) -> Verdict:
 class NetcoreChannel(SmsProvider):
     kind = KIND
     resend_unknown = False
-
-    def __init__(
-        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
-    ) -> None:
-        self.http = http
-        self.max_throttled_seconds = max_throttled_seconds
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         assert isinstance(config, pb.NetcoreConfig)

@@ -7,7 +7,6 @@ the retry budget), other 4xx fail the deliveries; an outage is ridden out for up
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections.abc import Sequence
@@ -20,7 +19,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, personalization
 from herald_common.errors import Validator
-from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_secret
+from herald_dispatch.channels import CannotCheck, Outcome, SendContext, basic_auth, mask_secret
 from herald_dispatch.channels.export import (
     MAX_RETRY_SECONDS,
     Encoded,
@@ -134,7 +133,7 @@ class SegmentChannel:
         self, context: SendContext, config: pb.SegmentConfig, batch: Sequence[Encoded]
     ) -> tuple[events.DeliveryStatus.ValueType, int, str, bool]:
         """Posts one batch until Segment answers for good."""
-        credentials = base64.b64encode(f"{config.write_key}:".encode()).decode()
+        authorization = basic_auth(config.write_key, "")
         events_json = b",".join(item.json for item in batch)
         write_key = json.dumps(config.write_key)
 
@@ -144,7 +143,7 @@ class SegmentChannel:
             headers = {
                 "Content-Type": "application/json",
                 "User-Agent": f"herald/{LIBRARY['version']}",
-                "Authorization": f"Basic {credentials}",
+                "Authorization": authorization,
             }
             if retries:
                 headers["X-Retry-Count"] = str(retries)

@@ -176,6 +176,12 @@ async def check_with(
 class SmsProvider:
     """What the providers share: a batch is each recipient's message sent through `send_one`."""
 
+    def __init__(
+        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
+    ) -> None:
+        self.http = http
+        self.max_throttled_seconds = max_throttled_seconds
+
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str
     ) -> Outcome:

@@ -8,10 +8,8 @@ is never processed and is retried with backoff; other answers are final.
 
 from __future__ import annotations
 
-import base64
 import re
 
-import aiohttp
 from google.protobuf.message import Message
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
@@ -19,10 +17,9 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import channels
 from herald_common.errors import Validator
 from herald_common.sms import E164
-from herald_dispatch.channels import Outcome, SendContext, mask_secret
+from herald_dispatch.channels import Outcome, SendContext, basic_auth, mask_secret
 from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
-    MAX_THROTTLED_SECONDS,
     THROTTLED,
     SmsProvider,
     Verdict,
@@ -47,8 +44,7 @@ def sender_problem(sender: str) -> str | None:
 
 
 def _auth(config: pb.TwilioConfig) -> dict[str, str]:
-    credentials = base64.b64encode(f"{config.account_sid}:{config.auth_token}".encode()).decode()
-    return {"Accept": "application/json", "Authorization": f"Basic {credentials}"}
+    return {"Accept": "application/json", "Authorization": basic_auth(config.account_sid, config.auth_token)}
 
 
 def _judge(status: int, text: str) -> Verdict:
@@ -72,12 +68,6 @@ def _error(status: int, text: str) -> str:
 class TwilioChannel(SmsProvider):
     kind = KIND
     resend_unknown = False  # Twilio sends twice what is posted twice
-
-    def __init__(
-        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
-    ) -> None:
-        self.http = http
-        self.max_throttled_seconds = max_throttled_seconds
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         assert isinstance(config, pb.TwilioConfig)

@@ -14,7 +14,6 @@ import re
 from typing import Any
 from urllib.parse import urlencode
 
-import aiohttp
 from google.protobuf.message import Message
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
@@ -24,7 +23,6 @@ from herald_common.errors import Validator
 from herald_dispatch.channels import Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
-    MAX_THROTTLED_SECONDS,
     THROTTLED,
     SmsProvider,
     Verdict,
@@ -74,12 +72,6 @@ def _parts(text: str) -> list[dict[str, Any]]:
 class VonageChannel(SmsProvider):
     kind = KIND
     resend_unknown = False  # Vonage sends twice what is posted twice
-
-    def __init__(
-        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
-    ) -> None:
-        self.http = http
-        self.max_throttled_seconds = max_throttled_seconds
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         assert isinstance(config, pb.VonageConfig)
