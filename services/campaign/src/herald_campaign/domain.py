@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2, json_format
@@ -745,68 +745,19 @@ class Campaigns:
 
     async def record_outcomes(self, received: Sequence[events.DeliveryOutcomes]) -> None:
         """Counts each DeliveryOutcomes event once; completes campaigns whose deliveries all have one."""
-        by_event = {o.event_id: o for o in received}
-        if not by_event:
+        if not received:
             return
         async with self.database.transaction() as session:
-            new = await _not_counted_before(session, by_event.values())
-            counts: dict[uuid.UUID, Counter[str]] = {}
-            reasons: dict[tuple[uuid.UUID, str], list[str]] = {}
-            owners: dict[uuid.UUID, uuid.UUID | None] = {}
-            for event in (by_event[e] for e in sorted(new)):
-                campaign_id = _campaign_id(event.campaign)
-                owners[campaign_id] = account_id_of(event.account)
-                tally = counts.setdefault(campaign_id, Counter())
-                for result in event.results:
-                    tally[_STATUS_COLUMNS.get(result.status, "failed")] += 1
-                    tally["resent"] += int(result.resent)
-                    if result.status != events.DeliveryStatus.DELIVERY_STATUS_SENT:
-                        reason = result.reason[:MAX_REASON_LENGTH] or "no reason given"
-                        reasons.setdefault((campaign_id, reason), []).append(result.user_id)
-            for campaign_id, tally in sorted(counts.items()):
-                await session.execute(
-                    sa.update(stats)
-                    .where(stats.c.campaign_id == campaign_id)
-                    .values(
-                        {c: stats.c[c] + tally[c] for c in ("sent", "failed", "skipped", "unknown", "resent")}
-                    )
-                )
-            await _count_reasons(session, reasons, owners)
-            await self._advance(session, set(counts))
+            counted = await _count_results(session, received, _OUTCOME_COUNTS, _outcome_counts)
+            await self._advance(session, counted)
         self._notify()
 
     async def record_receipts(self, received: Sequence[events.DeliveryReceipts]) -> None:
         """Counts each DeliveryReceipts event once (each delivery is in one such event)."""
-        by_event = {r.event_id: r for r in received}
-        if not by_event:
+        if not received:
             return
         async with self.database.transaction() as session:
-            new = await _not_counted_before(session, by_event.values())
-            counts: dict[uuid.UUID, Counter[str]] = {}
-            reasons: dict[tuple[uuid.UUID, str], list[str]] = {}
-            owners: dict[uuid.UUID, uuid.UUID | None] = {}
-            for event in (by_event[e] for e in sorted(new)):
-                campaign_id = _campaign_id(event.campaign)
-                owners[campaign_id] = account_id_of(event.account)
-                tally = counts.setdefault(campaign_id, Counter())
-                for result in event.results:
-                    column = _RECEIPT_COLUMNS.get(result.status)
-                    if column is None:
-                        continue
-                    tally[column] += 1
-                    if result.status != events.ReceiptStatus.RECEIPT_STATUS_DELIVERED:
-                        word = "undelivered" if column == "undelivered" else "failed after sending"
-                        reason = f"{word} ({result.error_code})" if result.error_code else word
-                        reasons.setdefault((campaign_id, reason[:MAX_REASON_LENGTH]), []).append(
-                            result.user_id
-                        )
-            for campaign_id, tally in sorted(counts.items()):
-                await session.execute(
-                    sa.update(stats)
-                    .where(stats.c.campaign_id == campaign_id)
-                    .values({c: stats.c[c] + tally[c] for c in _RECEIPT_COLUMNS.values()})
-                )
-            await _count_reasons(session, reasons, owners)
+            await _count_results(session, received, tuple(_RECEIPT_COLUMNS.values()), _receipt_counts)
 
     async def record_waiting(self, received: Sequence[events.DestinationWaiting]) -> None:
         """Shows on each campaign whether a destination holds its deliveries back; newest report wins."""
@@ -930,9 +881,7 @@ def _campaign_id(name: str) -> uuid.UUID:
     return uuid.UUID(name.removeprefix("campaigns/"))
 
 
-async def _not_counted_before(
-    session: AsyncSession, received: Iterable[events.DeliveryOutcomes | events.DeliveryReceipts]
-) -> set[str]:
+async def _not_counted_before(session: AsyncSession, received: Iterable[_ResultEvent[Any]]) -> set[str]:
     """The ids of the events not counted before, now marked counted."""
     return set(
         await session.scalars(
@@ -949,6 +898,82 @@ async def _not_counted_before(
             ],
         )
     )
+
+
+# The stats columns each kind of result event counts.
+_OUTCOME_COUNTS = ("sent", "failed", "skipped", "unknown", "resent")
+
+
+def _outcome_counts(result: events.DeliveryResult) -> tuple[list[str], str | None]:
+    """The stats columns a delivery result adds one to, and its reason when it was not sent."""
+    columns = [_STATUS_COLUMNS.get(result.status, "failed")] + ["resent"] * int(result.resent)
+    if result.status == events.DeliveryStatus.DELIVERY_STATUS_SENT:
+        return columns, None
+    return columns, result.reason[:MAX_REASON_LENGTH] or "no reason given"
+
+
+def _receipt_counts(result: events.ReceiptResult) -> tuple[list[str], str | None]:
+    """The stats column a receipt adds one to (none for a status not counted), and its reason
+    when the message was not delivered."""
+    column = _RECEIPT_COLUMNS.get(result.status)
+    if column is None:
+        return [], None
+    if result.status == events.ReceiptStatus.RECEIPT_STATUS_DELIVERED:
+        return [column], None
+    word = "undelivered" if column == "undelivered" else "failed after sending"
+    reason = f"{word} ({result.error_code})" if result.error_code else word
+    return [column], reason[:MAX_REASON_LENGTH]
+
+
+_Result = TypeVar("_Result", covariant=True)
+
+
+class _ResultEvent(Protocol[_Result]):
+    """An event of delivery results (DeliveryOutcomes, DeliveryReceipts) for one campaign."""
+
+    @property
+    def event_id(self) -> str: ...
+    @property
+    def campaign(self) -> str: ...
+    @property
+    def account(self) -> str: ...
+    @property
+    def results(self) -> Sequence[_Result]: ...
+
+
+_R = TypeVar("_R", events.DeliveryResult, events.ReceiptResult)
+
+
+async def _count_results(
+    session: AsyncSession,
+    received: Sequence[_ResultEvent[_R]],
+    columns: Sequence[str],
+    counts_of: Callable[[_R], tuple[list[str], str | None]],
+) -> set[uuid.UUID]:
+    """Adds the results of the events not counted before to their campaigns' stats and failure
+    reasons; returns the campaigns counted."""
+    by_event = {e.event_id: e for e in received}
+    new = await _not_counted_before(session, by_event.values())
+    counts: dict[uuid.UUID, Counter[str]] = {}
+    reasons: dict[tuple[uuid.UUID, str], list[str]] = {}
+    owners: dict[uuid.UUID, uuid.UUID | None] = {}
+    for event in (by_event[e] for e in sorted(new)):
+        campaign_id = _campaign_id(event.campaign)
+        owners[campaign_id] = account_id_of(event.account)
+        tally = counts.setdefault(campaign_id, Counter())
+        for result in event.results:
+            added, reason = counts_of(result)
+            tally.update(added)
+            if reason is not None:
+                reasons.setdefault((campaign_id, reason), []).append(result.user_id)
+    for campaign_id, tally in sorted(counts.items()):
+        await session.execute(
+            sa.update(stats)
+            .where(stats.c.campaign_id == campaign_id)
+            .values({c: stats.c[c] + tally[c] for c in columns})
+        )
+    await _count_reasons(session, reasons, owners)
+    return set(counts)
 
 
 async def _count_reasons(
