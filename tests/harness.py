@@ -68,6 +68,8 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             bootstrap_token=secrets.token_urlsafe(24),
             # Tests call as fast as they can; quotas are tested with accounts' own limits.
             account_requests_per_second=5000.0,
+            # Providers that answer late are tested without waiting the production 15 s.
+            sms_answer_timeout_seconds=2.0,
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -9,6 +9,8 @@
 - 201 Created with the Message JSON (`sid` SM..., `status` queued, `num_segments`, ...);
 - 429 with error 20429 past a concurrency limit or on demand: never processed;
 - no de-duplication: what is posted twice is sent twice;
+- the faults of a real network, on demand: a message accepted but answered late, accepted and its
+  connection dropped before the answer, or accepted and answered 502/503/504 by an edge proxy;
 - status callbacks to a message's `StatusCallback`: `sent`, then `delivered` (or `undelivered`
   with error 30003 for the numbers told so), form-encoded and signed with X-Twilio-Signature
   (base64 HMAC-SHA1 of the URL and the sorted parameters, keyed by the auth token), as Twilio's
@@ -60,6 +62,10 @@ class TwilioApi(LocalServer):
     callback_answers: list[int] = field(default_factory=list)
     messages: list[SentMessage] = field(default_factory=list)
     refused: list[tuple[int, int]] = field(default_factory=list)  # (HTTP status, Twilio error code)
+    # Faults on demand for the next accepted messages, in order: "late" (answered after
+    # `late_seconds`), "drop" (the connection closes before the answer) or an edge's HTTP status.
+    faults: list[str | int] = field(default_factory=list)
+    late_seconds: float = 3.0
     _forced: list[int] = field(default_factory=list)
     _in_flight: int = 0
 
@@ -150,7 +156,18 @@ class TwilioApi(LocalServer):
             # Checked and counted with no await in between: exactly `revoke_after` get through.
             if self.revoke_after is not None and len(self.messages) >= self.revoke_after:
                 return self._error(401, 20003, "Authenticate")
-            return self._accept({k: str(v) for k, v in form.items()})
+            answer = self._accept({k: str(v) for k, v in form.items()})
+            if answer.status != 201 or not self.faults:
+                return answer
+            fault = self.faults.pop(0)
+            if fault == "late":
+                await asyncio.sleep(self.late_seconds)
+                return answer
+            if fault == "drop":
+                assert request.transport is not None
+                request.transport.close()
+                return answer
+            return web.Response(status=int(fault), text="<html><body>Bad Gateway</body></html>")
         finally:
             self._in_flight -= 1
 

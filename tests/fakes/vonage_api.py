@@ -6,7 +6,8 @@
 - HTTP 200 for nearly everything, the outcome in `messages[].status` (all values strings):
   "0" accepted, "1" throttled (past its requests per second, or on demand), "2" missing
   parameter, "3" invalid parameter, "4" bad credentials;
-- one `messages[]` entry per SMS segment, each with a `message-id`, `client-ref` echoed;
+- one `messages[]` entry per SMS segment, each with a `message-id`, `client-ref` echoed; on
+  demand a message of several parts is partly accepted, its last part throttled;
 - no de-duplication: what is posted twice is sent twice;
 - a delivery receipt per part to the message's `callback` (form-encoded: msisdn, to, messageId,
   status `delivered`, or `failed` with err-code 6 for the numbers told so, ...), signed with
@@ -55,6 +56,8 @@ class VonageApi(LocalServer):
     receipt_answers: list[int] = field(default_factory=list)
     messages: list[VonageMessage] = field(default_factory=list)
     statuses: list[str] = field(default_factory=list)  # the status of every answer, in order
+    # The next this many messages of several parts have their last part throttled (status "1").
+    partly_accepted: int = 0
     _forced: list[str] = field(default_factory=list)
     _window: list[float] = field(default_factory=list)
 
@@ -161,8 +164,11 @@ class VonageApi(LocalServer):
             }
             for _ in range(max(measure(text).segments, 1))
         ]
+        if len(parts) > 1 and self.partly_accepted > 0:
+            self.partly_accepted -= 1
+            parts[-1] = {"status": "1", "error-text": "Throughput Rate Exceeded", "client-ref": client_ref}
         callback = form.get("callback")
         if callback:
-            ids = [str(p["message-id"]) for p in parts]
+            ids = [str(p["message-id"]) for p in parts if p["status"] == "0"]
             self.in_background(self._receipts(callback, self.messages[-1], ids))
         return self._answer(parts)

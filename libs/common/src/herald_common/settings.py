@@ -56,6 +56,9 @@ class Settings:
     # tells providers to call it at this public base URL (empty: http://host:port).
     receipts_port: int = 0
     receipts_url: str = ""
+    # How long an SMS provider has to answer a message once it is written; past it the message is
+    # UNKNOWN (perhaps sent), never sent again.
+    sms_answer_timeout_seconds: float = 15.0
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -95,6 +98,7 @@ class Settings:
             bootstrap_token=env.get("HERALD_BOOTSTRAP_TOKEN", ""),
             receipts_port=int(env.get("HERALD_RECEIPTS_PORT", "0")),
             receipts_url=env.get("HERALD_RECEIPTS_URL", ""),
+            sms_answer_timeout_seconds=float(env.get("HERALD_SMS_ANSWER_TIMEOUT_SECONDS", "15")),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
             ),

@@ -68,7 +68,7 @@ async def start(
     http = aiohttp.ClientSession(
         connector=policy.connector(limit=HTTP_CONNECTIONS), cookie_jar=aiohttp.DummyCookieJar()
     )
-    channels = registry(http)
+    channels = registry(http, answer_timeout_seconds=settings.sms_answer_timeout_seconds)
     campaigns = CampaignBook(infra.database)
     campaign_service = infra.channel("campaign")
     destinations = Destinations(infra.database, channels, policy, CampaignUsage(campaign_service), secrets)

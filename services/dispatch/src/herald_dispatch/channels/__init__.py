@@ -111,8 +111,9 @@ def mask_secret(secret: str) -> str:
     return "*" * max(len(secret) - 4, 4) + secret[-4:] if len(secret) > 4 else "****"
 
 
-def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
-    """Every channel, by destination type, sending through `http`."""
+def registry(http: aiohttp.ClientSession, *, answer_timeout_seconds: float) -> dict[str, Channel]:
+    """Every channel, by destination type, sending through `http`; SMS providers have
+    `answer_timeout_seconds` to answer each message."""
     from herald_dispatch.channels.exotel import ExotelChannel
     from herald_dispatch.channels.mparticle import MparticleChannel
     from herald_dispatch.channels.msg91 import Msg91Channel
@@ -124,11 +125,11 @@ def registry(http: aiohttp.ClientSession) -> dict[str, Channel]:
     from herald_dispatch.channels.vonage import VonageChannel
 
     providers: list[SmsChannel] = [
-        TwilioChannel(http),
-        VonageChannel(http),
-        ExotelChannel(http),
-        NetcoreChannel(http),
-        Msg91Channel(http),
+        TwilioChannel(http, answer_timeout_seconds=answer_timeout_seconds),
+        VonageChannel(http, answer_timeout_seconds=answer_timeout_seconds),
+        ExotelChannel(http, answer_timeout_seconds=answer_timeout_seconds),
+        NetcoreChannel(http, answer_timeout_seconds=answer_timeout_seconds),
+        Msg91Channel(http, answer_timeout_seconds=answer_timeout_seconds),
     ]
     channels: list[Channel] = [
         SegmentChannel(http),

@@ -19,13 +19,12 @@ from herald_common import channels, sms
 from herald_common.errors import Validator
 from herald_dispatch.channels import Outcome, SendContext, basic_auth, mask_secret
 from herald_dispatch.channels.sms import (
-    THROTTLED,
+    AnswerTable,
+    Meaning,
     SmsProvider,
     Verdict,
-    accepted,
     check_with,
     json_object,
-    post_message,
 )
 
 KIND = channels.for_config("exotel")
@@ -40,13 +39,27 @@ def _auth(config: pb.ExotelConfig) -> dict[str, str]:
     return {"Accept": "application/json", "Authorization": basic_auth(config.api_key, config.api_token)}
 
 
+ANSWERS = AnswerTable(
+    "Exotel",
+    {
+        200: Meaning.SENT,
+        202: Meaning.SENT,
+        429: Meaning.THROTTLED,  # past 200 requests a minute: Retry-After says when
+        401: Meaning.NOT_SENT,  # the credentials
+        402: Meaning.NOT_SENT,  # payment required, or the plan's limit
+        403: Meaning.NOT_SENT,
+        404: Meaning.NOT_SENT,  # the account's path
+        409: Meaning.UNKNOWN,  # "duplicate request": something like it was processed
+        # 400 is about the message (a sender or body DLT does not allow): final. 5xx: unknown.
+    },
+)
+
+
 def _judge(status: int, text: str) -> Verdict:
-    if status in (200, 202):
+    if ANSWERS.meaning(status) is Meaning.SENT:
         message = json_object(text).get("SMSMessage")
-        return accepted(message.get("Sid") if isinstance(message, dict) else "")
-    if status == 429:  # past 200 requests a minute: Retry-After says when
-        return THROTTLED
-    return Verdict(reason=_error(status, text), failover=status in (401, 402, 403) or status >= 500)
+        return ANSWERS.verdict(status, message_id=message.get("Sid") if isinstance(message, dict) else "")
+    return ANSWERS.verdict(status, reason=_error(status, text))
 
 
 def _error(status: int, text: str) -> str:
@@ -124,8 +137,7 @@ class ExotelChannel(SmsProvider):
             form["DltEntityId"] = config.dlt_entity_id
         if context.campaign.sms.dlt_template_id:
             form["DltTemplateId"] = context.campaign.sms.dlt_template_id
-        return await post_message(
-            self.http,
+        return await self.post(
             context,
             recipient,
             provider="Exotel",
@@ -133,5 +145,4 @@ class ExotelChannel(SmsProvider):
             form=form,
             headers=_auth(config),
             judge=_judge,
-            max_throttled_seconds=self.max_throttled_seconds,
         )

@@ -20,12 +20,11 @@ from herald_common import channels, sms
 from herald_common.errors import Validator
 from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
-    THROTTLED,
+    AnswerTable,
+    Meaning,
     SmsProvider,
     Verdict,
-    accepted,
     json_object,
-    post_message,
 )
 
 KIND = channels.for_config("msg91")
@@ -36,15 +35,27 @@ TEMPLATE_ID = re.compile(r"^[0-9a-f]{24}$")
 VARIABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,29}$")
 
 
+ANSWERS = AnswerTable(
+    "MSG91",
+    {
+        (200, "success"): Meaning.SENT,
+        (200, "error"): Meaning.FINAL,  # refused, with MSG91's reason
+        429: Meaning.THROTTLED,
+        401: Meaning.NOT_SENT,  # the authkey
+        403: Meaning.NOT_SENT,
+        418: Meaning.NOT_SENT,  # the calling IP is not whitelisted
+        # Any other answer, a 200 without a type included, proves nothing: unknown.
+    },
+)
+
+
 def _judge(status: int, text: str) -> Verdict:
     answer = json_object(text)
-    if status == 429:
-        return THROTTLED
-    if status == 200 and answer.get("type") == "success":
-        return accepted(answer.get("message"))
+    kind = str(answer.get("type", ""))
     reason = f"msg91 {status}: {str(answer.get('message', ''))[:160]}".rstrip(": ")
-    # A refused key or IP (401, 418), or MSG91's own trouble: another provider could send it.
-    return Verdict(reason=reason, failover=status in (401, 403, 418) or status >= 500)
+    if ANSWERS.meaning(status, kind) is Meaning.SENT:
+        return ANSWERS.verdict(status, kind, message_id=answer.get("message"))
+    return ANSWERS.verdict(status, kind, reason=reason)
 
 
 class Msg91Channel(SmsProvider):
@@ -96,8 +107,7 @@ class Msg91Channel(SmsProvider):
             body["route"] = config.route
         if sms.measure(text).encoding is sms.Encoding.UCS2:
             body["unicode"] = "1"
-        return await post_message(
-            self.http,
+        return await self.post(
             context,
             recipient,
             provider="MSG91",
@@ -105,5 +115,4 @@ class Msg91Channel(SmsProvider):
             json_body=body,
             headers={"authkey": config.authkey, "accept": "application/json"},
             judge=_judge,
-            max_throttled_seconds=self.max_throttled_seconds,
         )

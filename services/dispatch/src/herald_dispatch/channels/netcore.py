@@ -21,11 +21,10 @@ from herald_common import channels, sms
 from herald_common.errors import Validator
 from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
-    THROTTLED,
+    AnswerTable,
+    Meaning,
     SmsProvider,
     Verdict,
-    accepted,
-    post_message,
 )
 
 KIND = channels.for_config("netcore")
@@ -34,25 +33,34 @@ DEFAULT_REQUESTS_PER_SECOND = 50
 SENDER = re.compile(r"^[A-Za-z]{6}$")
 
 
+ANSWERS = AnswerTable(
+    "Netcore",
+    {
+        (200, "accepted"): Meaning.SENT,
+        # Netcore's error codes are not published, so none is known to be the account's rather
+        # than the message's: they are final, not failed over.
+        (200, "error"): Meaning.FINAL,
+        429: Meaning.THROTTLED,
+        401: Meaning.NOT_SENT,
+        403: Meaning.NOT_SENT,
+        # A 200 that is not XML proves nothing: unknown.
+    },
+)
+
+
 def _judge(status: int, text: str) -> Verdict:
-    if status == 429:
-        return THROTTLED
     if status != 200:
-        return Verdict(
-            reason=f"netcore answered HTTP {status}", failover=status in (401, 403) or status >= 500
-        )
+        return ANSWERS.verdict(status, reason=f"netcore answered HTTP {status}")
     try:
         root = ElementTree.fromstring(text)
     except ElementTree.ParseError:
-        return Verdict(reason="netcore answered something other than XML", failover=True)
+        return ANSWERS.verdict(status, "unreadable", reason="netcore answered something other than XML")
     error = root.find(".//ERROR")
     if error is not None or root.tag in ("ERROR", "REQUEST-ERROR"):
         found = error if error is not None else root
         code, desc = found.findtext("CODE", ""), found.findtext("DESC", "")
-        # Netcore's error codes are not published, so none is known to be the account's rather
-        # than the message's: they are final, not failed over.
-        return Verdict(reason=f"netcore error {code}: {desc}"[:200])
-    return accepted(root.get("REQID") or root.findtext(".//REQID") or "")
+        return ANSWERS.verdict(status, "error", reason=f"netcore error {code}: {desc}"[:200])
+    return ANSWERS.verdict(status, "accepted", message_id=root.get("REQID") or root.findtext(".//REQID"))
 
 
 class NetcoreChannel(SmsProvider):
@@ -92,8 +100,7 @@ class NetcoreChannel(SmsProvider):
             "Text": text,
             "senderid": config.sender,
         }
-        return await post_message(
-            self.http,
+        return await self.post(
             context,
             recipient,
             provider="Netcore",
@@ -101,5 +108,4 @@ class NetcoreChannel(SmsProvider):
             form=form,
             headers={"Accept": "application/xml"},
             judge=_judge,
-            max_throttled_seconds=self.max_throttled_seconds,
         )

@@ -4,10 +4,11 @@ message a few at a time, and what to do with the answer (sent, throttled, failed
 from __future__ import annotations
 
 import asyncio
+import enum
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlencode
@@ -69,23 +70,54 @@ async def send_each(
     return [o for o in outcomes if o is not None]
 
 
+class Meaning(enum.Enum):
+    """What a provider's answer says about one message: the only thing a resend is decided on."""
+
+    SENT = "sent"
+    # Not processed (the provider says so): wait, then send again through the same provider.
+    THROTTLED = "throttled"
+    # Proved not processed, for a reason of the provider's or the account's (credentials, credit,
+    # an unreachable server): another provider of a group may take it.
+    NOT_SENT = "not sent"
+    # Refused for the message itself (an invalid number, a text too long): no provider would take it.
+    FINAL = "final"
+    # It may have been sent (no answer, a dropped connection, a server error the provider does not
+    # document as "not processed"): never sent again, through any provider.
+    UNKNOWN = "unknown"
+
+
+@dataclass(frozen=True)
+class AnswerTable:
+    """One provider's answers and what each means. Keys are an HTTP status, or (HTTP status, the
+    provider's own code) where the provider says more than the status. An answer the table does not
+    name is FINAL for a 4xx (the request was refused) and UNKNOWN otherwise (a 5xx, or a success
+    whose body cannot be read, may have been processed)."""
+
+    provider: str
+    meanings: Mapping[int | tuple[int, str], Meaning]
+
+    def meaning(self, status: int, code: str = "") -> Meaning:
+        found = self.meanings.get((status, code)) if code else None
+        if found is None:
+            found = self.meanings.get(status)
+        if found is not None:
+            return found
+        return Meaning.FINAL if 400 <= status < 500 else Meaning.UNKNOWN
+
+    def verdict(self, status: int, code: str = "", *, message_id: object = "", reason: str = "") -> Verdict:
+        return Verdict(self.meaning(status, code), str(message_id or ""), reason)
+
+
 @dataclass(frozen=True)
 class Verdict:
-    """What a provider's answer to one message means."""
+    """What a provider's answer to one message means, with its id or why it was refused."""
 
-    sent: bool = False
+    meaning: Meaning
     message_id: str = ""  # the provider's id of the message it accepted
-    throttled: bool = False  # not processed: wait and send again
-    reason: str = ""  # why it failed
-    failover: bool = False  # another provider could take it
+    reason: str = ""
 
 
-THROTTLED = Verdict(throttled=True)
 Judge = Callable[[int, str], Verdict]
-
-
-def accepted(message_id: object) -> Verdict:
-    return Verdict(sent=True, message_id=str(message_id or ""))
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -97,9 +129,38 @@ def json_object(text: str) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=15.0)
+# Connecting (a free pooled connection included) gives up after this long: nothing was sent.
+CONNECT_TIMEOUT_SECONDS = 5.0
+# A connection that cannot be made is tried this many times before the message fails (and may
+# fail over): it proves nothing was sent.
+CONNECT_ATTEMPTS = 3
 # A throttled message waits this long in all before it fails (and may fail over).
 MAX_THROTTLED_SECONDS = 3600.0
+# How long a provider has to answer a request once it is written; past it the message is UNKNOWN.
+ANSWER_TIMEOUT_SECONDS = 15.0
+
+
+def _outcome(recipient: events.Recipient, verdict: Verdict, attempts: int, provider: str) -> Outcome:
+    """The outcome of a provider's final answer (neither throttled nor a refused connection)."""
+    if verdict.meaning is Meaning.SENT:
+        return Outcome(recipient, SENT, attempts, provider_message_id=verdict.message_id)
+    if verdict.meaning is Meaning.UNKNOWN:
+        reason = verdict.reason or f"{provider} gave no clear answer"
+        return Outcome(
+            recipient,
+            UNKNOWN,
+            attempts,
+            f"{reason}; it may have been sent",
+            provider_message_id=verdict.message_id,
+        )
+    return Outcome(
+        recipient,
+        FAILED,
+        attempts,
+        verdict.reason,
+        failover=verdict.meaning is Meaning.NOT_SENT,
+        provider_message_id=verdict.message_id,
+    )
 
 
 async def post_message(
@@ -114,9 +175,11 @@ async def post_message(
     headers: dict[str, str],
     judge: Judge,
     max_throttled_seconds: float = MAX_THROTTLED_SECONDS,
+    answer_timeout_seconds: float = ANSWER_TIMEOUT_SECONDS,
 ) -> Outcome:
-    """Posts one message until the provider answers for good. Providers cannot de-duplicate, so a
-    request whose answer was lost is not sent again: it is UNKNOWN (and may fail over)."""
+    """Posts one message until the provider answers for good. Providers cannot de-duplicate, so
+    it is posted again only after an answer proving it was not processed (throttled, or no
+    connection made); an answer that proves nothing makes it UNKNOWN, never sent again."""
     # Encoded once, for every attempt: a form, or JSON.
     if form is not None:
         body = urlencode(form).encode()
@@ -124,27 +187,38 @@ async def post_message(
     else:
         body = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
         headers = {**headers, "Content-Type": "application/json"}
+    timeout = aiohttp.ClientTimeout(
+        total=None, connect=CONNECT_TIMEOUT_SECONDS, sock_read=answer_timeout_seconds
+    )
     started = time.monotonic()
-    attempts = 0
+    attempts = refused_connections = 0
     while True:
         if not await context.wanted():
             return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
         await context.permit()
         attempts += 1
         try:
-            async with http.post(url, data=body, headers=headers, timeout=REQUEST_TIMEOUT) as response:
+            async with http.post(url, data=body, headers=headers, timeout=timeout) as response:
                 status = response.status
                 answer = await response.text()
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+            # No connection was made: nothing was written, so it is safe to try again.
+            refused_connections += 1
+            if refused_connections >= CONNECT_ATTEMPTS:
+                reason = f"could not connect to {provider} ({type(error).__name__})"
+                return Outcome(recipient, FAILED, attempts, reason, failover=True)
+            await context.waiting(f"{provider} cannot be reached")
+            await asyncio.sleep(backoff_seconds(refused_connections))
+            continue
         except (TimeoutError, aiohttp.ClientError) as error:
             reason = f"no answer from {provider} ({type(error).__name__}); it may have been sent"
-            return Outcome(recipient, UNKNOWN, attempts, reason, failover=True)
+            return Outcome(recipient, UNKNOWN, attempts, reason)
         verdict = judge(status, answer)
-        if verdict.sent:
-            await context.waiting(None)
-            return Outcome(recipient, SENT, attempts, provider_message_id=verdict.message_id)
-        if not verdict.throttled:
-            return Outcome(recipient, FAILED, attempts, verdict.reason, failover=verdict.failover)
+        if verdict.meaning is not Meaning.THROTTLED:
+            if verdict.meaning is Meaning.SENT:
+                await context.waiting(None)
+            return _outcome(recipient, verdict, attempts, provider)
         if time.monotonic() - started > max_throttled_seconds:
             reason = f"{provider} throttled it for {max_throttled_seconds:,.0f} s"
             return Outcome(recipient, FAILED, attempts, reason, failover=True)
@@ -162,7 +236,9 @@ async def check_with(
     """GETs a provider's account resource: 200 means the credentials work (`describe` words the
     answer); anything else, or no answer, means they do not, or cannot be told."""
     try:
-        async with http.get(url, headers=headers, timeout=REQUEST_TIMEOUT) as response:
+        async with http.get(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_SECONDS)
+        ) as response:
             status, text = response.status, await response.text()
     except (TimeoutError, aiohttp.ClientError) as error:
         return False, f"{provider} could not be reached ({type(error).__name__})"
@@ -174,13 +250,30 @@ async def check_with(
 
 
 class SmsProvider:
-    """What the providers share: a batch is each recipient's message sent through `send_one`."""
+    """What the providers share: a batch is each recipient's message sent through `send_one`,
+    and each message posted through `post`."""
 
     def __init__(
-        self, http: aiohttp.ClientSession, *, max_throttled_seconds: float = MAX_THROTTLED_SECONDS
+        self,
+        http: aiohttp.ClientSession,
+        *,
+        max_throttled_seconds: float = MAX_THROTTLED_SECONDS,
+        answer_timeout_seconds: float = ANSWER_TIMEOUT_SECONDS,
     ) -> None:
         self.http = http
         self.max_throttled_seconds = max_throttled_seconds
+        self.answer_timeout_seconds = answer_timeout_seconds
+
+    async def post(self, context: SendContext, recipient: events.Recipient, **request: Any) -> Outcome:
+        """`post_message` with this provider's connection pool and limits."""
+        return await post_message(
+            self.http,
+            context,
+            recipient,
+            max_throttled_seconds=self.max_throttled_seconds,
+            answer_timeout_seconds=self.answer_timeout_seconds,
+            **request,
+        )
 
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str

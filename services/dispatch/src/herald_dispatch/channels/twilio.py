@@ -20,13 +20,12 @@ from herald_common.sms import E164
 from herald_dispatch.channels import Outcome, SendContext, basic_auth, mask_secret
 from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
-    THROTTLED,
+    AnswerTable,
+    Meaning,
     SmsProvider,
     Verdict,
-    accepted,
     check_with,
     json_object,
-    post_message,
 )
 
 KIND = channels.for_config("twilio")
@@ -47,14 +46,29 @@ def _auth(config: pb.TwilioConfig) -> dict[str, str]:
     return {"Accept": "application/json", "Authorization": basic_auth(config.account_sid, config.auth_token)}
 
 
+ANSWERS = AnswerTable(
+    "Twilio",
+    {
+        200: Meaning.SENT,
+        201: Meaning.SENT,
+        429: Meaning.THROTTLED,  # error 20429: "never processed and always safe to retry"
+        401: Meaning.NOT_SENT,  # error 20003: the credentials
+        403: Meaning.NOT_SENT,
+        404: Meaning.NOT_SENT,  # error 20404: the account's path
+        (400, "21606"): Meaning.NOT_SENT,  # the sender cannot send SMS
+        (400, "21408"): Meaning.NOT_SENT,  # the account may not send to that region
+        (400, "21603"): Meaning.NOT_SENT,  # no sender configured
+        # Any other 400 is about the message (error 21211 an invalid number, 21617 too long):
+        # final. A 5xx is not documented as "not processed": unknown.
+    },
+)
+
+
 def _judge(status: int, text: str) -> Verdict:
-    if status in (200, 201):
-        return accepted(json_object(text).get("sid"))
-    if status == 429:  # error 20429: never processed, always safe to send again
-        return THROTTLED
-    # Credentials, an unpaid account or a server error: another provider could take the message;
-    # a 400 about the message could not.
-    return Verdict(reason=_error(status, text), failover=status in (401, 402, 403) or status >= 500)
+    body = json_object(text)
+    if ANSWERS.meaning(status) is Meaning.SENT:
+        return ANSWERS.verdict(status, message_id=body.get("sid"))
+    return ANSWERS.verdict(status, str(body.get("code", "")), reason=_error(status, text))
 
 
 def _error(status: int, text: str) -> str:
@@ -139,8 +153,7 @@ class TwilioChannel(SmsProvider):
             form["MessagingServiceSid"] = config.messaging_service_sid
         else:
             form["From"] = getattr(config, "from")
-        return await post_message(
-            self.http,
+        return await self.post(
             context,
             recipient,
             provider="Twilio",
@@ -148,5 +161,4 @@ class TwilioChannel(SmsProvider):
             form=form,
             headers=_auth(config),
             judge=_judge,
-            max_throttled_seconds=self.max_throttled_seconds,
         )

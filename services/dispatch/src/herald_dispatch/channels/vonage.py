@@ -23,13 +23,12 @@ from herald_common.errors import Validator
 from herald_dispatch.channels import Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
-    THROTTLED,
+    AnswerTable,
+    Meaning,
     SmsProvider,
     Verdict,
-    accepted,
     check_with,
     json_object,
-    post_message,
 )
 
 KIND = channels.for_config("vonage")
@@ -38,10 +37,27 @@ DEFAULT_ENDPOINT = "https://rest.nexmo.com"
 API_KEY = re.compile(r"^[A-Za-z0-9]{8}$")
 API_SECRET = re.compile(r"^[A-Za-z0-9]{16}$")
 NUMBER_SENDER = re.compile(r"^\+?[1-9]\d{6,14}$")
-THROTTLED_STATUS = "1"
-# Statuses about the account or Vonage, not the message: throttled, internal error, bad
-# credentials, barred account, no credit, too many binds, HTTP not enabled.
-PROVIDER_PROBLEMS = {"1", "4", "5", "8", "9", "10", "11"}
+# Vonage answers 200 and a status per message part; each status's meaning, from its API
+# specification's error list.
+ANSWERS = AnswerTable(
+    "Vonage",
+    {
+        (200, "0"): Meaning.SENT,
+        (200, "1"): Meaning.THROTTLED,  # faster than the account's limit: not accepted
+        429: Meaning.THROTTLED,
+        401: Meaning.NOT_SENT,
+        403: Meaning.NOT_SENT,
+        # The account's or Vonage's: credentials, internal error, barred account, no credit, too
+        # many binds, HTTP not enabled, a bad signature, the sender, demo mode, sig with secret.
+        **{
+            (200, code): Meaning.NOT_SENT for code in ("4", "5", "8", "9", "10", "11", "14", "15", "29", "32")
+        },
+        # The message's: missing or invalid parameters, an unknown prefix, a barred number, too
+        # long, a bad network code or callback, a de-activated number.
+        **{(200, code): Meaning.FINAL for code in ("2", "3", "6", "7", "12", "22", "23", "33")},
+        # A status Vonage does not document, or a 200 without parts, proves nothing: unknown.
+    },
+)
 
 
 def sender_problem(sender: str) -> str | None:
@@ -51,17 +67,22 @@ def sender_problem(sender: str) -> str | None:
 
 
 def _judge(status: int, text: str) -> Verdict:
-    parts = _parts(text) if status == 200 else []
-    if status == 429 or any(p.get("status") == THROTTLED_STATUS for p in parts):
-        return THROTTLED  # slowing down, not failing: the message was not accepted
-    if status != 200 or not parts:
-        return Verdict(reason=f"vonage answered HTTP {status}", failover=True)
-    refused = [p for p in parts if p.get("status") != "0"]
-    if not refused:
-        return accepted(parts[0].get("message-id"))  # receipts come per part; the first stands for all
+    if status != 200:
+        return ANSWERS.verdict(status, reason=f"vonage answered HTTP {status}")
+    parts = _parts(text)
+    if not parts:
+        return ANSWERS.verdict(status, "no parts", reason="vonage answered without message parts")
+    accepted = [p for p in parts if str(p.get("status")) == "0"]
+    refused = [p for p in parts if str(p.get("status")) != "0"]
+    if not refused:  # receipts come per part; the first stands for all
+        return ANSWERS.verdict(status, "0", message_id=accepted[0].get("message-id"))
     code = str(refused[0].get("status"))
     reason = f"vonage status {code}: {str(refused[0].get('error-text', ''))[:160]}"
-    return Verdict(reason=reason, failover=code in PROVIDER_PROBLEMS)
+    if accepted:
+        # Some parts went out: sending the message again would repeat them, so it ends here.
+        reason = f"partly sent: vonage accepted {len(accepted)} of {len(parts)} parts; {reason}"
+        return Verdict(Meaning.FINAL, str(accepted[0].get("message-id", "")), reason)
+    return ANSWERS.verdict(status, code, reason=reason)
 
 
 def _parts(text: str) -> list[dict[str, Any]]:
@@ -145,8 +166,7 @@ class VonageChannel(SmsProvider):
     ) -> Outcome:
         """Sends one rendered message to one number."""
         config = context.destination.vonage
-        return await post_message(
-            self.http,
+        return await self.post(
             context,
             recipient,
             provider="Vonage",
@@ -154,5 +174,4 @@ class VonageChannel(SmsProvider):
             form=self._form(context, recipient, phone, text),
             headers={"Accept": "application/json"},
             judge=_judge,
-            max_throttled_seconds=self.max_throttled_seconds,
         )
