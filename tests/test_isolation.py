@@ -413,6 +413,15 @@ async def _send_test_messages(w: World) -> None:
     await _refused(w.b.dispatch.SendTestMessages(request))
 
 
+@probe(dispatch_pb, "HaltCampaignDeliveries")
+async def _halt_campaign_deliveries(w: World) -> None:
+    # Only Herald's services halt deliveries (StopCampaign does); no account key may, its own
+    # campaigns included.
+    request = dispatch_pb.HaltCampaignDeliveriesRequest(campaign=w.campaign.name)
+    await _refused(w.b.dispatch.HaltCampaignDeliveries(request), grpc.StatusCode.PERMISSION_DENIED)
+    await _refused(w.a.dispatch.HaltCampaignDeliveries(request), grpc.StatusCode.PERMISSION_DENIED)
+
+
 @probe(dispatch_pb, "ListDeliveries")
 async def _list_deliveries(w: World) -> None:
     request = dispatch_pb.ListDeliveriesRequest(campaign=w.campaign.name, user_id="only-a")

@@ -3,10 +3,16 @@ provider; what was proved not sent goes on; opt-outs hold at send time; a stop s
 
 from __future__ import annotations
 
+import asyncio
 import socket
+
+import aiohttp
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald_common import clock
+from tests.conftest import CLOCK_START, Platform, eventually
 from tests.fakes.twilio_api import TwilioApi
 from tests.fakes.vonage_api import VonageApi
 from tests.test_sms_campaign import (
@@ -92,3 +98,83 @@ async def test_a_vonage_message_partly_accepted_is_never_sent_again(
     assert sorted("+" + m.to for m in vonage.messages) == [f"+1415555{i:04d}" for i in range(30)]
     [partly] = [r for r in stats.failure_reasons if r.reason.startswith("partly sent")]
     assert "accepted 1 of 2 parts" in partly.reason
+
+
+async def _reply(platform: Platform, account: SmsAccount, twilio: TwilioApi, phone: str, body: str) -> None:
+    """`phone` replies `body` to the account's Twilio number, signed as Twilio signs it."""
+    destination_id = account.destination.removeprefix("destinations/")
+    url = f"http://127.0.0.1:{platform.settings.receipts_port}/v1/inbound/twilio/{destination_id}"
+    reply = {"MessageSid": "SM" + "2" * 32, "From": phone, "To": "+14155550000", "Body": body}
+    async with aiohttp.ClientSession() as http:
+        signature = {"X-Twilio-Signature": twilio.sign(url, reply)}
+        async with http.post(url, data=reply, headers=signature) as answer:
+            assert answer.status == 200
+
+
+async def test_a_stop_between_planning_and_release_is_honoured_at_send_time(
+    platform: Platform, account: SmsAccount, twilio: TwilioApi, manual_clock: clock.ManualClock
+) -> None:
+    # Published at 12:00 inside do-not-disturb hours: planned now, released at 13:00.
+    quiet = campaign_pb.QuietHours(start="11:00", end="13:00", action=campaign_pb.QUIET_HOURS_ACTION_DELAY)
+    campaign = _sms_campaign(account, delivery=campaign_pb.DeliveryPreferences(quiet_hours=quiet))
+    name = await _publish(account, campaign)
+
+    async def planned() -> bool:
+        runs = await account.clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))
+        return bool(runs.runs) and runs.runs[0].waiting == 30
+
+    await eventually(planned)
+    await _reply(platform, account, twilio, "+14155550004", "STOP")
+    await _reply(platform, account, twilio, "+14155550005", "STOP")
+    await _reply(platform, account, twilio, "+14155550005", "START")  # and back in
+    manual_clock.advance(CLOCK_START.replace(hour=13, second=1) - manual_clock.now())
+    stats = await _completed(account, name)
+    assert (stats.sent, stats.skipped, stats.failed, stats.unknown) == (29, 9, 0, 0)
+    assert "+14155550004" not in {m.to for m in twilio.messages}
+    assert "+14155550005" in {m.to for m in twilio.messages}
+    assert {r.reason: r.count for r in stats.failure_reasons}["opted out"] == 1
+
+    # A test message to the phone that opted out is refused too, and reaches no provider.
+    sent = await account.clients.campaigns.SendTestMessage(
+        campaign_pb.SendTestMessageRequest(campaign=name, phone_numbers=["+14155550004", "+14155559999"])
+    )
+    assert [(r.sent, r.detail.startswith("opted out")) for r in sent.results] == [
+        (False, True),
+        (True, False),
+    ]
+    assert [m.to for m in twilio.messages].count("+14155550004") == 0
+
+
+async def test_once_stop_campaign_returns_no_new_provider_request_starts(
+    account: SmsAccount, twilio: TwilioApi
+) -> None:
+    twilio.answer_seconds = 0.2  # each answer takes a while, so the stop lands mid-campaign
+    name = await _publish(account, _sms_campaign(account))
+    await eventually(lambda: _arrived(twilio, 5), interval=0.01)
+    await account.clients.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=name))
+    arrived, in_flight = len(twilio.arrivals), twilio.in_flight
+    await asyncio.sleep(1.5)
+    late = len(twilio.arrivals) - arrived
+    assert late <= in_flight, (late, in_flight)
+    stats = await _stopped_stats(account, name)
+    # Every user ends with one outcome, and what was not sent is "campaign stopped".
+    assert stats.sent + stats.skipped + stats.failed + stats.unknown == 38
+    assert stats.sent == len(twilio.messages) < 30
+    assert {r.reason: r.count for r in stats.failure_reasons}["campaign stopped"] == 30 - stats.sent
+
+
+async def _arrived(twilio: TwilioApi, count: int) -> bool:
+    return len(twilio.arrivals) >= count
+
+
+async def _stopped_stats(account: SmsAccount, name: str) -> campaign_pb.CampaignStats:
+    async def settled() -> campaign_pb.CampaignStats | None:
+        stats = await account.clients.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+        )
+        return stats if stats.sent + stats.skipped + stats.failed + stats.unknown >= 38 else None
+
+    await eventually(settled)
+    stats = await settled()
+    assert stats is not None
+    return stats

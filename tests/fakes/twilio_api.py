@@ -1,6 +1,9 @@
 """A local stand-in for Twilio's Programmable Messaging API, faithful to its documented behaviour:
 
 - GET /2010-04-01/Accounts/{AccountSid}.json: the account, with the same auth;
+- GET /2010-04-01/Accounts/{AccountSid}/Messages.json: the account's messages, newest first,
+  filtered by `To` and `From`, `PageSize` at a time (at most 1,000) with `next_page_uri` to the
+  next page;
 - POST /2010-04-01/Accounts/{AccountSid}/Messages.json, form-encoded, HTTP Basic auth with the
   Account SID and auth token (401, error 20003, otherwise, or once the token is revoked; 404
   error 20404 for another account's path);
@@ -24,9 +27,13 @@ import base64
 import hashlib
 import hmac
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 import uvloop
@@ -44,6 +51,8 @@ class SentMessage:
     to: str
     sender: str
     body: str
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
+    messaging_service_sid: str = ""
 
 
 @dataclass
@@ -66,6 +75,12 @@ class TwilioApi(LocalServer):
     # `late_seconds`), "drop" (the connection closes before the answer) or an edge's HTTP status.
     faults: list[str | int] = field(default_factory=list)
     late_seconds: float = 3.0
+    # Every message takes this long to answer (0: at once).
+    answer_seconds: float = 0.0
+    # When each request to create a message arrived (monotonic), and how many are being answered.
+    arrivals: list[float] = field(default_factory=list)
+    in_flight: int = 0
+    listings: int = 0  # GETs of the Message list
     _forced: list[int] = field(default_factory=list)
     _in_flight: int = 0
 
@@ -79,6 +94,7 @@ class TwilioApi(LocalServer):
     async def start(self) -> str:
         app = web.Application()
         app.router.add_post("/2010-04-01/Accounts/{sid}/Messages.json", self._create)
+        app.router.add_get("/2010-04-01/Accounts/{sid}/Messages.json", self._list)
         app.router.add_get("/_fake/stats", self._stats)
         app.router.add_get("/2010-04-01/Accounts/{sid}.json", self._account)
         return await self.serve(app)
@@ -113,6 +129,61 @@ class TwilioApi(LocalServer):
             {"sid": self.account_sid, "friendly_name": "Herald test", "status": "active"}
         )
 
+    async def _list(self, request: web.Request) -> web.Response:
+        """The Message list resource, newest first, filtered by To and From, a page at a time."""
+        self.listings += 1
+        if not self._authenticated(request):
+            return self._error(401, 20003, "Authenticate")
+        if request.match_info["sid"] != self.account_sid:
+            return self._error(404, 20404, "The requested resource was not found")
+        query = request.query
+        try:
+            size = min(int(query.get("PageSize", "50")), 1000)
+            page = int(query.get("Page", "0"))
+        except ValueError:
+            return self._error(400, 20001, "Invalid paging parameters")
+        found = [
+            m
+            for m in reversed(self.messages)
+            if query.get("To", m.to) == m.to and query.get("From", m.sender) == m.sender
+        ]
+        chosen = found[page * size : (page + 1) * size]
+        base = f"/2010-04-01/Accounts/{self.account_sid}/Messages.json"
+        filters = {k: query[k] for k in ("To", "From") if k in query}
+        following = None
+        if (page + 1) * size < len(found):
+            following = f"{base}?{urlencode({**filters, 'PageSize': size, 'Page': page + 1})}"
+        return web.json_response(
+            {
+                "messages": [self._resource(m) for m in chosen],
+                "page": page,
+                "page_size": size,
+                "first_page_uri": f"{base}?{urlencode({**filters, 'PageSize': size, 'Page': 0})}",
+                "next_page_uri": following,
+                "uri": str(request.rel_url),
+            }
+        )
+
+    def _resource(self, message: SentMessage) -> dict[str, Any]:
+        created = format_datetime(message.created)
+        return {
+            "sid": message.sid,
+            "account_sid": self.account_sid,
+            "to": message.to,
+            "from": message.sender if not message.messaging_service_sid else None,
+            "messaging_service_sid": message.messaging_service_sid or None,
+            "body": message.body,
+            "status": "queued",
+            "num_segments": str(measure(message.body).segments),
+            "direction": "outbound-api",
+            "date_created": created,
+            "date_updated": created,
+            "date_sent": None,
+            "error_code": None,
+            "error_message": None,
+            "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{message.sid}.json",
+        }
+
     async def _stats(self, request: web.Request) -> web.Response:
         return web.json_response({"messages": len(self.messages), "refused": len(self.refused)})
 
@@ -139,6 +210,16 @@ class TwilioApi(LocalServer):
         return (user, password) == (self.account_sid, self.auth_token)
 
     async def _create(self, request: web.Request) -> web.Response:
+        self.arrivals.append(time.monotonic())
+        self.in_flight += 1
+        try:
+            if self.answer_seconds:
+                await asyncio.sleep(self.answer_seconds)
+            return await self._created(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _created(self, request: web.Request) -> web.Response:
         if not self._authenticated(request):
             return self._error(401, 20003, "Authenticate")
         if request.match_info["sid"] != self.account_sid:
@@ -183,25 +264,14 @@ class TwilioApi(LocalServer):
         if len(body) > 1600:
             return self._error(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
         sid = "SM" + uuid.uuid4().hex
-        self.messages.append(SentMessage(sid, to, sender, body))
+        message = SentMessage(
+            sid, to, sender, body, messaging_service_sid=form.get("MessagingServiceSid", "")
+        )
+        self.messages.append(message)
         callback = form.get("StatusCallback")
         if callback:
-            self.in_background(self._callbacks(callback, self.messages[-1]))
-        answer: dict[str, Any] = {
-            "sid": sid,
-            "account_sid": self.account_sid,
-            "to": to,
-            "from": form.get("From"),
-            "messaging_service_sid": form.get("MessagingServiceSid"),
-            "body": body,
-            "status": "queued",
-            "num_segments": str(measure(body).segments),
-            "direction": "outbound-api",
-            "error_code": None,
-            "error_message": None,
-            "uri": f"/2010-04-01/Accounts/{self.account_sid}/Messages/{sid}.json",
-        }
-        return web.json_response(answer, status=201)
+            self.in_background(self._callbacks(callback, message))
+        return web.json_response(self._resource(message), status=201)
 
 
 async def _serve(account_sid: str, auth_token: str) -> None:

@@ -51,6 +51,7 @@ class Permission(enum.Enum):
     KEYS = "keys"
     WEB = "web"
     BOOTSTRAP = "bootstrap"
+    INTERNAL = "internal"  # only Herald's services, with the service token
 
 
 ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
@@ -61,7 +62,9 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
     "ROLE_VIEWER": frozenset({Permission.READ}),
     "ROLE_INGEST": frozenset({Permission.INGEST, Permission.EVENTS}),
     "ROLE_PUBLISHABLE": frozenset({Permission.EVENTS, Permission.WEB}),
-    SERVICE_ROLE: frozenset({Permission.READ, Permission.WRITE, Permission.INGEST, Permission.EVENTS}),
+    SERVICE_ROLE: frozenset(
+        {Permission.READ, Permission.WRITE, Permission.INGEST, Permission.EVENTS, Permission.INTERNAL}
+    ),
 }
 
 

@@ -70,6 +70,8 @@ class Infrastructure:
     authenticator: Authenticator
     key_uses: KeyValue
     consumers: list[PullConsumer | LaneConsumer] = field(default_factory=list)
+    # Set when the process begins to shut down: long work stops taking more and hands back the rest.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     async def open(
@@ -277,6 +279,7 @@ class ServiceHost:
         return self.grpc.port
 
     async def stop(self) -> None:
+        self.infra.stopping.set()
         if self._health_task is not None:
             self._health_task.cancel()
         await self.grpc.stop(self.infra.settings.shutdown_grace_seconds)

@@ -303,6 +303,13 @@ def _owned(campaign_id: uuid.UUID) -> sa.ColumnElement[bool]:
     return sa.and_(campaigns.c.id == campaign_id, campaigns.c.account_id == current_account_id())
 
 
+def _stoppable(name: str, state: str) -> None:
+    if state not in (_state_name(State.STATE_SCHEDULED), _state_name(State.STATE_RUNNING)):
+        raise FailedPrecondition(
+            name, f"only a scheduled or running campaign can be stopped; {name} is {state}"
+        )
+
+
 class Campaigns:
     def __init__(
         self, database: Database, subjects: Subjects, references: References, notify: Callable[[], None]
@@ -537,12 +544,14 @@ class Campaigns:
             )
 
     async def stop(self, name: str) -> pb.Campaign:
+        """Stops the campaign: dispatch halts its deliveries on every replica first, so once this
+        returns no new provider request of it starts; then its pending runs are cancelled."""
+        async with self.database.transaction() as session:
+            _stoppable(name, (await self._locked(session, name)).state)
+        await self.references.halt_deliveries(name)
         async with self.database.transaction() as session:
             row = await self._locked(session, name)
-            if row.state not in (_state_name(State.STATE_SCHEDULED), _state_name(State.STATE_RUNNING)):
-                raise FailedPrecondition(
-                    name, f"only a scheduled or running campaign can be stopped; {name} is {row.state}"
-                )
+            _stoppable(name, row.state)
             row = await self._set_state(session, row.id, State.STATE_STOPPED)
         self._notify()
         return _message(row)

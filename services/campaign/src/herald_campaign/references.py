@@ -89,6 +89,16 @@ class References:
             raise _translate(error, destination, "campaign.destination", "dispatch") from None
         return list(sent.answers)
 
+    async def halt_deliveries(self, campaign: str) -> None:
+        """Tells dispatch to stop the campaign's deliveries on every replica, now."""
+        try:
+            await self.destinations.HaltCampaignDeliveries(
+                dispatch_pb.HaltCampaignDeliveriesRequest(campaign=campaign),
+                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise Unavailable(f"dispatch service: {error.code().name} {error.details()}") from None
+
     async def deliveries(self, campaign: str, user_id: str) -> list[dispatch_pb.Delivery]:
         """A user's final delivery results for a campaign, from dispatch."""
         try:

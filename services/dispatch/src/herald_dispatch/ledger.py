@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import sqlalchemy as sa
 
@@ -48,6 +49,10 @@ _RECORD = sa.text(
     """
 )
 
+# An intent has served its purpose once its delivery has a result.
+_FORGET_INTENTS = sa.text(
+    "DELETE FROM dispatch.delivery_intents WHERE delivery_id = ANY(CAST(:ids AS text[]))"
+)
 _BEGIN = sa.text(
     """
     WITH attempt AS (
@@ -58,9 +63,18 @@ _BEGIN = sa.text(
     )
     SELECT (SELECT attempts FROM attempt) AS attempts,
            ARRAY(SELECT delivery_id FROM dispatch.deliveries
-                 WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished
+                 WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished,
+           ARRAY(SELECT delivery_id FROM dispatch.delivery_intents
+                 WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS intended
     """
 )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    number: int  # above 1, deliveries without a result may have been sent before
+    finished: set[str]  # deliveries with a final result
+    intended: set[str]  # deliveries without one whose provider request may have been made
 
 
 class DeliveryLedger:
@@ -68,10 +82,10 @@ class DeliveryLedger:
         self.database = database
         self.subjects = subjects
 
-    async def begin(self, batch: events.DeliveryBatch, account_id: uuid.UUID) -> tuple[set[str], int]:
-        """Records an attempt at the batch, before anything is sent, in one round trip. Returns the
-        deliveries that already have a final result (the batch was handed over again) and this
-        attempt's number: above 1, deliveries without a result may have been sent before."""
+    async def begin(self, batch: events.DeliveryBatch, account_id: uuid.UUID) -> Attempt:
+        """Records an attempt at the batch, before anything is sent, in one round trip: its
+        number, the deliveries that already have a final result (the batch was handed over
+        again) and those whose request was about to be made when an earlier attempt ended."""
         async with self.database.transaction() as session:
             row = (
                 await session.execute(
@@ -83,10 +97,16 @@ class DeliveryLedger:
                     },
                 )
             ).one()
-        return set(row.finished), int(row.attempts)
+        return Attempt(int(row.attempts), set(row.finished), set(row.intended))
 
     async def record(
-        self, batch: events.DeliveryBatch, account_id: uuid.UUID, attempt: int, outcomes: Sequence[Outcome]
+        self,
+        batch: events.DeliveryBatch,
+        account_id: uuid.UUID,
+        attempt: int,
+        outcomes: Sequence[Outcome],
+        *,
+        forget_intents: bool = False,
     ) -> int:
         """Stores results not stored before and reports them in one DeliveryOutcomes event.
         Whichever attempt records a delivery first wins; a sent delivery counts as resent when a
@@ -117,6 +137,8 @@ class DeliveryLedger:
                 )
             ).all()
             resent = {r.delivery_id: r.resent for r in stored}
+            if forget_intents:
+                await session.execute(_FORGET_INTENTS, {"ids": [o.recipient.delivery_id for o in rows]})
             if not resent:
                 return 0
             report = events.DeliveryOutcomes(

@@ -28,6 +28,7 @@ from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations, reseal
+from herald_dispatch.gate import SendGate
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.receipts import ReceiptServer
 from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
@@ -75,8 +76,9 @@ async def start(
     resealed = await reseal(infra.database, secrets)
     if resealed:
         log.info("destination_credentials_resealed", count=resealed, key_id=secrets.current)
-    tests = TestMessages(destinations, SharedRateLimiter(infra.database))
-    servicer = DispatchServicer(destinations, DeliveryQueries(infra.database), tests)
+    gate = SendGate(infra.database)
+    tests = TestMessages(destinations, SharedRateLimiter(infra.database), gate)
+    servicer = DispatchServicer(destinations, DeliveryQueries(infra.database), tests, gate)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_DispatchServiceServicer_to_server(servicer, server)

@@ -36,6 +36,7 @@ from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.sms import E164
+from herald_dispatch.gate import record_opt_out
 from herald_dispatch.storage import outbox, receipts
 
 log = get_logger(__name__)
@@ -356,8 +357,7 @@ class ReceiptServer:
         if signed is None:
             return _forbidden()
         account_id, destination, params = signed
-        if is_opt_out(params.get("Body", "")):
-            await self._opt_out(account_id, destination, params.get("From", ""))
+        await self._reply(account_id, destination, params.get("From", ""), params.get("Body", ""))
         return web.Response(text="<Response></Response>", content_type="text/xml")
 
     async def _vonage_inbound(self, request: web.Request) -> web.Response:
@@ -365,13 +365,23 @@ class ReceiptServer:
         if signed is None:
             return _forbidden()
         account_id, destination, params = signed
-        if is_opt_out(params.get("text", "")):
-            await self._opt_out(account_id, destination, "+" + params.get("msisdn", "").lstrip("+"))
+        phone = "+" + params.get("msisdn", "").lstrip("+")
+        await self._reply(account_id, destination, phone, params.get("text", ""))
         return web.Response(status=200)
 
-    async def _opt_out(self, account_id: uuid.UUID, destination: pb.Destination, phone: str) -> None:
-        if not E164.match(phone):
+    async def _reply(self, account_id: uuid.UUID, destination: pb.Destination, phone: str, body: str) -> None:
+        """A STOP reply opts the phone out of the account's SMS at once (dispatch skips it from its
+        next message on) and unsubscribes its users; a START reply lets the phone be texted again."""
+        keyword = body.strip().upper()
+        if not E164.match(phone) or keyword not in OPT_OUT_KEYWORDS | OPT_IN_KEYWORDS:
             return
+        async with self.database.transaction() as session:
+            await record_opt_out(session, account_id, phone, opted_out=keyword in OPT_OUT_KEYWORDS)
+            if keyword in OPT_OUT_KEYWORDS:
+                await enqueue(session, outbox, [self._opt_out_event(account_id, destination, phone)])
+        self.notify_outbox()
+
+    def _opt_out_event(self, account_id: uuid.UUID, destination: pb.Destination, phone: str) -> OutboxEvent:
         event = events.SmsOptOut(
             event_id=str(uuid.uuid4()),
             account=account_name(account_id),
@@ -379,11 +389,7 @@ class ReceiptServer:
             destination=destination.name,
             occur_time=api.timestamp(api.utcnow()),
         )
-        async with self.database.transaction() as session:
-            await enqueue(
-                session, outbox, [OutboxEvent.of(self.subjects.sms_opt_outs, event, event.event_id)]
-            )
-        self.notify_outbox()
+        return OutboxEvent.of(self.subjects.sms_opt_outs, event, event.event_id)
 
     async def _exotel(self, request: web.Request) -> web.Response:
         found = await self._with_path_token(request, "exotel")
@@ -444,7 +450,5 @@ def _forbidden() -> web.Response:
 
 # Replies that opt out of SMS, as carriers and Twilio's Advanced Opt-Out recognise them.
 OPT_OUT_KEYWORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"}
-
-
-def is_opt_out(body: str) -> bool:
-    return body.strip().upper() in OPT_OUT_KEYWORDS
+# Replies that opt back in, as carriers and Twilio recognise them.
+OPT_IN_KEYWORDS = {"START", "UNSTOP", "YES"}

@@ -9,9 +9,11 @@ from google.protobuf import empty_pb2
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
-from herald_common.auth import Permission, method_permissions
+from herald_common import api
+from herald_common.auth import Permission, current_account_id, method_permissions
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations
+from herald_dispatch.gate import SendGate
 from herald_dispatch.test_messages import TestMessages
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -27,15 +29,26 @@ PERMISSIONS = method_permissions(
         "ListDeliveries": Permission.READ,
         "TestDestination": Permission.READ,
         "SendTestMessages": Permission.WRITE,
+        "HaltCampaignDeliveries": Permission.INTERNAL,
     },
 )
 
 
 class DispatchServicer(pb_grpc.DispatchServiceServicer):
-    def __init__(self, destinations: Destinations, deliveries: DeliveryQueries, tests: TestMessages) -> None:
+    def __init__(
+        self, destinations: Destinations, deliveries: DeliveryQueries, tests: TestMessages, gate: SendGate
+    ) -> None:
         self.destinations = destinations
         self.deliveries = deliveries
         self.tests = tests
+        self.gate = gate
+
+    async def HaltCampaignDeliveries(
+        self, request: pb.HaltCampaignDeliveriesRequest, context: Context
+    ) -> empty_pb2.Empty:
+        api.parse_uuid_name(request.campaign, "campaigns", "campaign")
+        await self.gate.halt(current_account_id(), request.campaign)
+        return empty_pb2.Empty()
 
     async def ListDeliveries(
         self, request: pb.ListDeliveriesRequest, context: Context

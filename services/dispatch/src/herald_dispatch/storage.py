@@ -104,3 +104,32 @@ rate_windows = sa.Table(
 )
 
 outbox = outbox_table(metadata)
+
+# Deliveries about to be sent through a provider that cannot de-duplicate, written just before
+# their request and removed with their result: one left behind by a crash may have been sent.
+delivery_intents = sa.Table(
+    "delivery_intents",
+    metadata,
+    sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("intended_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# Campaigns whose deliveries stop at once on every replica (StopCampaign).
+halted_campaigns = sa.Table(
+    "halted_campaigns",
+    metadata,
+    sa.Column("campaign", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("halted_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# Phones that replied STOP to one of the account's numbers: never texted by it again until they
+# reply START.
+sms_opt_outs = sa.Table(
+    "sms_opt_outs",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("phone", sa.Text, primary_key=True),
+    sa.Column("opted_out_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)

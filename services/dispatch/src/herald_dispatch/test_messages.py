@@ -16,15 +16,17 @@ from herald_common.sms import E164
 from herald_dispatch.channels import SENT
 from herald_dispatch.channels.sms import SmsChannel
 from herald_dispatch.destinations import Destinations
+from herald_dispatch.gate import SendGate
 from herald_dispatch.ratelimit import SharedRateLimiter
 
 MAX_TEST_MESSAGES = 5
 
 
 class TestMessages:
-    def __init__(self, destinations: Destinations, limiter: SharedRateLimiter) -> None:
+    def __init__(self, destinations: Destinations, limiter: SharedRateLimiter, gate: SendGate) -> None:
         self.destinations = destinations
         self.limiter = limiter
+        self.gate = gate
 
     async def send(self, request: pb.SendTestMessagesRequest) -> list[pb.TestMessageAnswer]:
         check = Validator()
@@ -69,9 +71,20 @@ class TestMessages:
             waiting=waiting,
             receipts=False,  # a test message counts nowhere
         )
+        tests = [
+            (events.Recipient(delivery_id=f"test-{uuid.uuid4()}", user_id="test"), message)
+            for message in request.messages
+        ]
+        opted_out = (
+            await self.gate.admit(
+                account_id, "", [(r.delivery_id, m.phone) for r, m in tests], record_intent=False
+            )
+        ).opted_out
         answers = []
-        for message in request.messages:
-            test = events.Recipient(delivery_id=f"test-{uuid.uuid4()}", user_id="test")
+        for test, message in tests:
+            if test.delivery_id in opted_out:
+                answers.append(pb.TestMessageAnswer(sent=False, detail="opted out: the phone replied STOP"))
+                continue
             outcome = await provider.send_one(context, test, message.phone, message.text)
             sent = outcome.status == SENT
             answers.append(

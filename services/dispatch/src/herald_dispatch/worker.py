@@ -8,6 +8,7 @@ exactly one recorded outcome: sent, failed or skipped with a reason, or unknown.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from nats.aio.msg import Msg
@@ -24,7 +25,8 @@ from herald_common.runtime import Infrastructure
 from herald_dispatch.campaigns import CampaignBook, KnownCampaign
 from herald_dispatch.channels import FAILED, SKIPPED, UNKNOWN, Channel, Outcome
 from herald_dispatch.destinations import Destinations
-from herald_dispatch.ledger import DeliveryLedger
+from herald_dispatch.gate import Admission, SendGate
+from herald_dispatch.ledger import Attempt, DeliveryLedger
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.storage import outbox
 
@@ -62,6 +64,7 @@ class DeliveryWorker:
     def __post_init__(self) -> None:
         self.ledger = DeliveryLedger(self.infra.database, self.infra.subjects)
         self.limiter = SharedRateLimiter(self.infra.database)
+        self.gate = SendGate(self.infra.database)
         self.consumer_name = f"dispatch-{self.channel.kind.destination_type}"
         self._waiting: dict[tuple[str, str], str] = {}
         # Batches being delivered here: a second copy (redelivered while the first is still being
@@ -96,35 +99,48 @@ class DeliveryWorker:
             raise NotReady(f"{batch.batch_id} is being delivered already")
         self._in_flight.add(batch.batch_id)
         try:
-            await self.deliver(batch, known)
+            complete = await self.deliver(batch, known)
         finally:
             self._in_flight.discard(batch.batch_id)
-        await msg.ack()
+        if complete:
+            await msg.ack()
+        else:  # shutting down: another replica sends the recipients not reached
+            await msg.nak()
 
-    async def deliver(self, batch: events.DeliveryBatch, known: KnownCampaign) -> None:
-        finished, attempt = await self.ledger.begin(batch, known.account_id)
-        pending = list({r.delivery_id: r for r in batch.recipients if r.delivery_id not in finished}.values())
+    async def deliver(self, batch: events.DeliveryBatch, known: KnownCampaign) -> bool:
+        """Delivers what of the batch has no result yet; False when this process began shutting
+        down before every recipient had an outcome."""
+        attempt = await self.ledger.begin(batch, known.account_id)
+        pending = list(
+            {r.delivery_id: r for r in batch.recipients if r.delivery_id not in attempt.finished}.values()
+        )
         if not pending:
-            return
+            return True
         # The scheduler's rules (control group, do-not-disturb hours, cut-off, caps) decided these.
         decided = [Outcome(r, SKIPPED, reason=r.skip_reason) for r in pending if r.skip_reason]
         pending = [r for r in pending if not r.skip_reason]
         if not pending:
             outcomes = decided
-        elif not known.delivering:
+        elif not known.delivering or await self.gate.halted(batch.campaign):
             state = campaign_pb.State.Name(known.campaign.state).removeprefix("STATE_").lower()
+            if known.delivering:  # halted by StopCampaign before this replica heard of it
+                state = "stopped"
             outcomes = decided + [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
         else:
-            outcomes = decided + await self._send(batch, known, pending, attempted_before=attempt > 1)
-        if await self.ledger.record(batch, known.account_id, attempt, outcomes):
+            outcomes = decided + await self._send(batch, known, pending, attempt)
+        recorded = await self.ledger.record(
+            batch, known.account_id, attempt.number, outcomes, forget_intents=not self.channel.resend_unknown
+        )
+        if recorded:
             self.infra.relay.notify()
+        return len({o.recipient.delivery_id for o in outcomes}) >= len(pending) + len(decided)
 
     async def _send(
         self,
         batch: events.DeliveryBatch,
         known: KnownCampaign,
         pending: list[events.Recipient],
-        attempted_before: bool,
+        attempt: Attempt,
     ) -> list[Outcome]:
         try:
             destination = await self.destinations.for_delivery(batch.destination, known.account_id)
@@ -134,15 +150,30 @@ class DeliveryWorker:
             reason = f"{batch.destination} is not a {self.channel.kind.destination_type} destination"
             return [Outcome(r, FAILED, reason=reason) for r in pending]
         resent: set[str] = set()
-        if attempted_before:
-            if not self.channel.resend_unknown:
+        unknown: list[Outcome] = []
+        if attempt.number > 1:
+            if self.channel.resend_unknown:
+                resent = {r.delivery_id for r in pending}
+            else:
+                # Only the deliveries whose request was about to be made may have been sent; the
+                # others were never attempted and go out now.
                 reason = "attempted before a restart; result unknown and not sent again"
-                return [Outcome(r, UNKNOWN, reason=reason) for r in pending]
-            resent = {r.delivery_id for r in pending}
+                unknown = [
+                    Outcome(r, UNKNOWN, reason=reason) for r in pending if r.delivery_id in attempt.intended
+                ]
+                pending = [r for r in pending if r.delivery_id not in attempt.intended]
+                if not pending:
+                    return unknown
         key = (batch.campaign, batch.destination)
+        account_id = known.account_id
 
         async def wanted() -> bool:
-            return (await self.campaigns.get(batch.campaign)).delivering
+            return (await self.campaigns.get(batch.campaign)).delivering and not await self.gate.halted(
+                batch.campaign
+            )
+
+        async def admit(wave: Sequence[tuple[str, str]]) -> Admission:
+            return await self.gate.admit(account_id, batch.campaign, wave)
 
         async def waiting(reason: str | None) -> None:
             if self._waiting.get(key, "") != (reason or ""):
@@ -159,8 +190,10 @@ class DeliveryWorker:
             wanted=wanted,
             waiting=waiting,
             resent=resent,
+            admit=admit,
+            draining=self.infra.stopping.is_set,
         )
-        return await self.channel.deliver(context, pending)
+        return unknown + await self.channel.deliver(context, pending)
 
     async def _report_waiting(self, batch: events.DeliveryBatch, account_id: uuid.UUID, reason: str) -> None:
         event = events.DestinationWaiting(

@@ -20,6 +20,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common.channels import ChannelKind
 from herald_common.errors import Validator
+from herald_dispatch.gate import Admission
 
 SENT = events.DeliveryStatus.DELIVERY_STATUS_SENT
 FAILED = events.DeliveryStatus.DELIVERY_STATUS_FAILED
@@ -63,6 +64,13 @@ class SendContext:
     permit_for: Callable[[str, int], Awaitable[None]] | None = None
     # Whether providers are asked to send delivery receipts (to `destination.receipt_url`).
     receipts: bool = True
+    # Asked before each wave of messages to providers that cannot de-duplicate, with (delivery id,
+    # phone) pairs: whether the campaign was halted and which phones opted out; the intent to send
+    # the others is recorded.
+    admit: Callable[[Sequence[tuple[str, str]]], Awaitable[Admission]] | None = None
+    # True once this process is shutting down: the channel takes no new recipient, and those it
+    # has not reached get no outcome (the batch is handed back to another replica).
+    draining: Callable[[], bool] = lambda: False
 
     @property
     def receipt_url(self) -> str:

@@ -19,6 +19,7 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import personalization
 from herald_common.sms import E164
 from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
+from herald_dispatch.gate import Admission
 from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 
 # Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
@@ -55,18 +56,53 @@ def _message(recipient: events.Recipient, body: str) -> tuple[str, str] | Outcom
 async def send_each(
     context: SendContext, recipients: Sequence[events.Recipient], send: SendOne
 ) -> list[Outcome]:
-    """One outcome per recipient (in their order), CONCURRENT_REQUESTS messages in flight at once:
-    that many senders take the next recipient in turn (not a task per recipient)."""
+    """One outcome per recipient reached (in their order), CONCURRENT_REQUESTS messages in flight
+    at once: that many senders take the next recipient in turn (not a task per recipient).
+
+    Recipients are admitted in waves of CONCURRENT_REQUESTS, each wave's intent recorded before
+    its first request: a halted campaign skips the rest, an opted-out phone is skipped. Once the
+    process drains, no new wave starts and the recipients not reached get no outcome."""
     body = context.campaign.sms.body
     outcomes: list[Outcome | None] = [None] * len(recipients)
-    turns = iter(enumerate(recipients))
+    waiting: list[tuple[int, events.Recipient, str, str]] = []
+    for i, recipient in enumerate(recipients):
+        prepared = _message(recipient, body)
+        if isinstance(prepared, Outcome):
+            outcomes[i] = prepared
+        else:
+            waiting.append((i, recipient, *prepared))
+    waiting.reverse()  # taken from the end, in the recipients' order
+    admitted: list[tuple[int, events.Recipient, str, str]] = []
+    admitting = asyncio.Lock()
+
+    async def next_admitted() -> tuple[int, events.Recipient, str, str] | None:
+        async with admitting:
+            while not admitted and waiting and not context.draining():
+                wave = [waiting.pop() for _ in range(min(CONCURRENT_REQUESTS, len(waiting)))]
+                admission = (
+                    await context.admit([(r.delivery_id, phone) for _, r, phone, _ in wave])
+                    if context.admit is not None
+                    else Admission()
+                )
+                if admission.halted:
+                    for i, recipient, _, _ in wave + waiting:
+                        outcomes[i] = Outcome(recipient, SKIPPED, 0, "campaign stopped")
+                    waiting.clear()
+                    return None
+                for item in wave:
+                    if item[1].delivery_id in admission.opted_out:
+                        outcomes[item[0]] = Outcome(item[1], SKIPPED, 0, "opted out")
+                    else:
+                        admitted.append(item)
+                admitted.reverse()
+            return admitted.pop() if admitted else None
 
     async def sender() -> None:
-        for i, recipient in turns:
-            prepared = _message(recipient, body)
-            outcomes[i] = prepared if isinstance(prepared, Outcome) else await send(recipient, *prepared)
+        while (item := await next_admitted()) is not None:
+            i, recipient, phone, text = item
+            outcomes[i] = await send(recipient, phone, text)
 
-    await asyncio.gather(*(sender() for _ in range(min(CONCURRENT_REQUESTS, len(recipients)))))
+    await asyncio.gather(*(sender() for _ in range(min(CONCURRENT_REQUESTS, len(waiting)))))
     return [o for o in outcomes if o is not None]
 
 
@@ -193,7 +229,8 @@ async def post_message(
     started = time.monotonic()
     attempts = refused_connections = 0
     while True:
-        if not await context.wanted():
+        # The wave was admitted before the first attempt; a retry after waiting asks again.
+        if attempts and not await context.wanted():
             return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
         await context.permit()
         attempts += 1

@@ -69,6 +69,28 @@ DESTINATION_TYPE_MPARTICLE: DestinationType.ValueType  # 8
 Global___DestinationType: _TypeAlias = DestinationType  # noqa: Y015
 
 @_typing.final
+class HaltCampaignDeliveriesRequest(_message.Message):
+    """Request of HaltCampaignDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    campaign: _builtins.str
+    """`campaigns/{campaign}`; required."""
+    def __init__(
+        self,
+        *,
+        campaign: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HaltCampaignDeliveriesRequest: _TypeAlias = HaltCampaignDeliveriesRequest  # noqa: Y015
+
+@_typing.final
 class SegmentConfig(_message.Message):
     """Segment HTTP Tracking API source."""
 

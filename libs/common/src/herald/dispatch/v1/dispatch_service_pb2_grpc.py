@@ -71,6 +71,11 @@ class DispatchServiceStub:
                 request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesRequest.SerializeToString,
                 response_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesResponse.FromString,
                 _registered_method=True)
+        self.HaltCampaignDeliveries = channel.unary_unary(
+                '/herald.dispatch.v1.DispatchService/HaltCampaignDeliveries',
+                request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.HaltCampaignDeliveriesRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class DispatchServiceServicer:
@@ -128,6 +133,15 @@ class DispatchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HaltCampaignDeliveries(self, request, context):
+        """Stops a campaign's deliveries on every dispatch replica: once it returns, no new provider
+        request of the campaign starts (requests already under way may complete), and what was not
+        sent is recorded skipped, "campaign stopped". Only Herald's services call it (StopCampaign).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DispatchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +179,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.SendTestMessages,
                     request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesRequest.FromString,
                     response_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesResponse.SerializeToString,
+            ),
+            'HaltCampaignDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.HaltCampaignDeliveries,
+                    request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.HaltCampaignDeliveriesRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +376,33 @@ class DispatchService:
             '/herald.dispatch.v1.DispatchService/SendTestMessages',
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesRequest.SerializeToString,
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.SendTestMessagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HaltCampaignDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.dispatch.v1.DispatchService/HaltCampaignDeliveries',
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.HaltCampaignDeliveriesRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

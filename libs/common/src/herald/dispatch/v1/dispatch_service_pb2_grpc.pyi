@@ -52,6 +52,11 @@ class DispatchServiceStub:
     """Sends rendered SMS texts through an SMS destination now, outside any campaign's stats, and
     returns each provider's answer (at most 5 messages).
     """
+    HaltCampaignDeliveries: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.HaltCampaignDeliveriesRequest, _empty_pb2.Empty]
+    """Stops a campaign's deliveries on every dispatch replica: once it returns, no new provider
+    request of the campaign starts (requests already under way may complete), and what was not
+    sent is recorded skipped, "campaign stopped". Only Herald's services call it (StopCampaign).
+    """
 
 @_typing.type_check_only
 class DispatchServiceAsyncStub(DispatchServiceStub):
@@ -75,6 +80,11 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     SendTestMessages: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.SendTestMessagesRequest, _dispatch_service_pb2.SendTestMessagesResponse]  # type: ignore[assignment]
     """Sends rendered SMS texts through an SMS destination now, outside any campaign's stats, and
     returns each provider's answer (at most 5 messages).
+    """
+    HaltCampaignDeliveries: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.HaltCampaignDeliveriesRequest, _empty_pb2.Empty]  # type: ignore[assignment]
+    """Stops a campaign's deliveries on every dispatch replica: once it returns, no new provider
+    request of the campaign starts (requests already under way may complete), and what was not
+    sent is recorded skipped, "campaign stopped". Only Herald's services call it (StopCampaign).
     """
 
 class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -138,6 +148,17 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_dispatch_service_pb2.SendTestMessagesResponse, _abc.Awaitable[_dispatch_service_pb2.SendTestMessagesResponse]]:
         """Sends rendered SMS texts through an SMS destination now, outside any campaign's stats, and
         returns each provider's answer (at most 5 messages).
+        """
+
+    @_abc_1.abstractmethod
+    def HaltCampaignDeliveries(
+        self,
+        request: _dispatch_service_pb2.HaltCampaignDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_empty_pb2.Empty, _abc.Awaitable[_empty_pb2.Empty]]:
+        """Stops a campaign's deliveries on every dispatch replica: once it returns, no new provider
+        request of the campaign starts (requests already under way may complete), and what was not
+        sent is recorded skipped, "campaign stopped". Only Herald's services call it (StopCampaign).
         """
 
 def add_DispatchServiceServicer_to_server(servicer: DispatchServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
