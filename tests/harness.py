@@ -70,6 +70,7 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             account_requests_per_second=5000.0,
             # Providers that answer late are tested without waiting the production 15 s.
             sms_answer_timeout_seconds=2.0,
+            sms_settle_seconds=1.0,
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

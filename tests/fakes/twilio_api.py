@@ -13,7 +13,8 @@
 - 429 with error 20429 past a concurrency limit or on demand: never processed;
 - no de-duplication: what is posted twice is sent twice;
 - the faults of a real network, on demand: a message accepted but answered late, accepted and its
-  connection dropped before the answer, or accepted and answered 502/503/504 by an edge proxy;
+  connection dropped before the answer, or accepted and answered 502/503/504 by an edge proxy; or
+  a request answered 504 by the edge without reaching Twilio at all;
 - status callbacks to a message's `StatusCallback`: `sent`, then `delivered` (or `undelivered`
   with error 30003 for the numbers told so), form-encoded and signed with X-Twilio-Signature
   (base64 HMAC-SHA1 of the URL and the sorted parameters, keyed by the auth token), as Twilio's
@@ -75,6 +76,8 @@ class TwilioApi(LocalServer):
     # `late_seconds`), "drop" (the connection closes before the answer) or an edge's HTTP status.
     faults: list[str | int] = field(default_factory=list)
     late_seconds: float = 3.0
+    # The next this many requests are answered 504 by the edge and never reach Twilio.
+    edge_timeouts: int = 0
     # Every message takes this long to answer (0: at once).
     answer_seconds: float = 0.0
     # When each request to create a message arrived (monotonic), and how many are being answered.
@@ -220,6 +223,9 @@ class TwilioApi(LocalServer):
             self.in_flight -= 1
 
     async def _created(self, request: web.Request) -> web.Response:
+        if self.edge_timeouts:
+            self.edge_timeouts -= 1
+            return web.Response(status=504, text="<html><body>Gateway Timeout</body></html>")
         if not self._authenticated(request):
             return self._error(401, 20003, "Authenticate")
         if request.match_info["sid"] != self.account_sid:

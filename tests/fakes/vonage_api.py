@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import re
@@ -58,6 +59,9 @@ class VonageApi(LocalServer):
     statuses: list[str] = field(default_factory=list)  # the status of every answer, in order
     # The next this many messages of several parts have their last part throttled (status "1").
     partly_accepted: int = 0
+    # The next this many accepted messages are answered after `late_seconds`.
+    late_answers: int = 0
+    late_seconds: float = 3.0
     _forced: list[str] = field(default_factory=list)
     _window: list[float] = field(default_factory=list)
 
@@ -167,6 +171,9 @@ class VonageApi(LocalServer):
         if len(parts) > 1 and self.partly_accepted > 0:
             self.partly_accepted -= 1
             parts[-1] = {"status": "1", "error-text": "Throughput Rate Exceeded", "client-ref": client_ref}
+        if self.late_answers > 0:
+            self.late_answers -= 1
+            await asyncio.sleep(self.late_seconds)
         callback = form.get("callback")
         if callback:
             ids = [str(p["message-id"]) for p in parts if p["status"] == "0"]

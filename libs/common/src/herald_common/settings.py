@@ -59,6 +59,8 @@ class Settings:
     # How long an SMS provider has to answer a message once it is written; past it the message is
     # UNKNOWN (perhaps sent), never sent again.
     sms_answer_timeout_seconds: float = 15.0
+    # How long an unanswered message waits before the provider (Twilio) is asked whether it made it.
+    sms_settle_seconds: float = 120.0
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -99,6 +101,7 @@ class Settings:
             receipts_port=int(env.get("HERALD_RECEIPTS_PORT", "0")),
             receipts_url=env.get("HERALD_RECEIPTS_URL", ""),
             sms_answer_timeout_seconds=float(env.get("HERALD_SMS_ANSWER_TIMEOUT_SECONDS", "15")),
+            sms_settle_seconds=float(env.get("HERALD_SMS_SETTLE_SECONDS", "120")),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
             ),

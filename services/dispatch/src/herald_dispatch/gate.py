@@ -1,9 +1,11 @@
 """The last check before provider requests, shared by every replica through PostgreSQL.
 
-Before each small wave of SMS requests one statement asks whether the campaign was halted and
-which phones opted out, and records the intent to send the rest. So a stop reaches every
-replica's next wave, a STOP reply the next message to that phone, and a crash leaves unknown only
-the deliveries of the waves really under way.
+Before each small wave of SMS requests one statement asks whether the campaign was halted, whether
+a later attempt at the batch has begun (another replica took it over: this one must stop), which
+phones opted out, and records the intent to send the rest, each delivery claimed by one attempt
+only. So a stop reaches every replica's next wave, a STOP reply the next message to that phone, a
+replica that stalled past its ack wait sends nothing its successor took, and a crash leaves unknown
+only the deliveries of the waves really under way.
 """
 
 from __future__ import annotations
@@ -21,17 +23,35 @@ from herald_dispatch.storage import halted_campaigns, sms_opt_outs
 
 
 @dataclass(frozen=True)
+class Sender:
+    """Who asks to send: an attempt at a batch, refused once a later attempt at it has begun
+    (`fenced`); or the settler, which holds its deliveries by a lease instead."""
+
+    account_id: uuid.UUID
+    campaign: str
+    batch_id: str
+    attempt: int
+    fenced: bool = True
+
+
+@dataclass(frozen=True)
 class Admission:
-    """What a wave may do: nothing once its campaign is halted; else all but the opted-out."""
+    """What a wave may do: nothing once its campaign is halted or its attempt superseded; else
+    send the admitted, skip the opted-out, and leave the others to the attempt that claimed them."""
 
     halted: bool = False
-    opted_out: frozenset[str] = frozenset()  # delivery ids whose phone opted out
+    superseded: bool = False
+    admitted: frozenset[str] = frozenset()  # delivery ids
+    opted_out: frozenset[str] = frozenset()
 
 
 _ADMIT = sa.text(
     """
     WITH gate AS (
-        SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign) AS halted
+        SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign) AS halted,
+               CAST(:fenced AS bool) AND coalesce(
+                   (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id), 0
+               ) <> :attempt AS superseded
     ),
     wave AS (
         SELECT d, p FROM unnest(CAST(:ids AS text[]), CAST(:phones AS text[])) AS t(d, p)
@@ -41,45 +61,61 @@ _ADMIT = sa.text(
         JOIN dispatch.sms_opt_outs o ON o.account_id = :account_id AND o.phone = w.p
     ),
     intended AS (
-        INSERT INTO dispatch.delivery_intents (delivery_id, account_id)
-        SELECT d, :account_id FROM wave
-        WHERE CAST(:record AS bool) AND NOT (SELECT halted FROM gate) AND d NOT IN (SELECT d FROM blocked)
-        ON CONFLICT (delivery_id) DO NOTHING
+        INSERT INTO dispatch.delivery_intents AS i (delivery_id, account_id, destination, batch_id, attempt)
+        SELECT d, :account_id, :destination, :batch_id, :attempt FROM wave
+        WHERE NOT (SELECT halted OR superseded FROM gate)
+          AND d NOT IN (SELECT d FROM blocked)
+          AND NOT EXISTS (SELECT 1 FROM dispatch.deliveries x WHERE x.delivery_id = d)
+        -- The same attempt may ask again (a group's next provider); another attempt may not.
+        ON CONFLICT (delivery_id) DO UPDATE SET destination = excluded.destination
+            WHERE i.batch_id = excluded.batch_id AND i.attempt = excluded.attempt
+        RETURNING delivery_id
     )
-    SELECT (SELECT halted FROM gate) AS halted, ARRAY(SELECT d FROM blocked) AS opted_out
+    SELECT (SELECT halted FROM gate) AS halted, (SELECT superseded FROM gate) AS superseded,
+           ARRAY(SELECT delivery_id FROM intended) AS admitted, ARRAY(SELECT d FROM blocked) AS opted_out
     """
 )
 _HALTED = sa.text("SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign)")
+_OPTED_OUT = sa.text(
+    """
+    SELECT phone FROM dispatch.sms_opt_outs
+    WHERE account_id = :account_id AND phone = ANY(CAST(:phones AS text[]))
+    """
+)
 
 
 class SendGate:
     def __init__(self, database: Database) -> None:
         self.database = database
 
-    async def admit(
-        self,
-        account_id: uuid.UUID,
-        campaign: str,
-        wave: Sequence[tuple[str, str]],
-        *,
-        record_intent: bool = True,
-    ) -> Admission:
-        """For (delivery id, phone) pairs about to be sent: whether the campaign is halted, and
-        which phones opted out; records the intent to send the others (`record_intent`)."""
+    async def admit(self, sender: Sender, destination: str, wave: Sequence[tuple[str, str]]) -> Admission:
+        """For (delivery id, phone) pairs about to be sent through `destination`: records the
+        intent to send those it admits, in one statement."""
         async with self.database.transaction() as session:
             row = (
                 await session.execute(
                     _ADMIT,
                     {
-                        "campaign": campaign,
-                        "account_id": account_id,
+                        "account_id": sender.account_id,
+                        "campaign": sender.campaign,
+                        "batch_id": sender.batch_id,
+                        "attempt": sender.attempt,
+                        "fenced": sender.fenced,
+                        "destination": destination,
                         "ids": [d for d, _ in wave],
                         "phones": [p for _, p in wave],
-                        "record": record_intent,
                     },
                 )
             ).one()
-        return Admission(bool(row.halted), frozenset(row.opted_out))
+        return Admission(
+            bool(row.halted), bool(row.superseded), frozenset(row.admitted), frozenset(row.opted_out)
+        )
+
+    async def opted_out(self, account_id: uuid.UUID, phones: Sequence[str]) -> set[str]:
+        """Which of `phones` replied STOP to the account."""
+        async with self.database.transaction() as session:
+            found = await session.execute(_OPTED_OUT, {"account_id": account_id, "phones": list(phones)})
+            return {row.phone for row in found}
 
     async def halted(self, campaign: str) -> bool:
         async with self.database.transaction() as session:
@@ -102,8 +138,7 @@ async def record_opt_out(session: AsyncSession, account_id: uuid.UUID, phone: st
             insert(sms_opt_outs).values(account_id=account_id, phone=phone).on_conflict_do_nothing()
         )
     else:
+        opt_out = sms_opt_outs.c
         await session.execute(
-            sa.delete(sms_opt_outs).where(
-                sms_opt_outs.c.account_id == account_id, sms_opt_outs.c.phone == phone
-            )
+            sa.delete(sms_opt_outs).where(opt_out.account_id == account_id, opt_out.phone == phone)
         )

@@ -10,8 +10,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import api
@@ -19,7 +21,7 @@ from herald_common.auth import account_name
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.outbox import OutboxEvent, enqueue
-from herald_dispatch.channels import Outcome
+from herald_dispatch.channels import UNKNOWN, Outcome
 from herald_dispatch.receipts import apply_receipts
 from herald_dispatch.storage import outbox
 
@@ -49,9 +51,41 @@ _RECORD = sa.text(
     """
 )
 
-# An intent has served its purpose once its delivery has a result.
+# An intent has served its purpose once its delivery has a result, or waits to be settled; a
+# delivery waiting to be settled is done once it has a result.
 _FORGET_INTENTS = sa.text(
     "DELETE FROM dispatch.delivery_intents WHERE delivery_id = ANY(CAST(:ids AS text[]))"
+)
+_SETTLED = sa.text("DELETE FROM dispatch.unsettled WHERE delivery_id = ANY(CAST(:ids AS text[]))")
+_UNSETTLED = sa.text(
+    """
+    INSERT INTO dispatch.unsettled AS u
+        (delivery_id, account_id, destination_type, batch, recipient, provider_destination, phone, text,
+         attempts, attempted_at, settle_after)
+    SELECT d, :account_id, :destination_type, :batch, r, p, ph, tx, a,
+           coalesce((SELECT intended_at FROM dispatch.delivery_intents i WHERE i.delivery_id = d), now()),
+           now() + make_interval(secs => :settle_seconds)
+    FROM unnest(CAST(:ids AS text[]), CAST(:recipients AS bytea[]), CAST(:providers AS text[]),
+                CAST(:phones AS text[]), CAST(:texts AS text[]), CAST(:attempts AS int[]))
+         AS t(d, r, p, ph, tx, a)
+    ON CONFLICT (delivery_id) DO UPDATE
+        SET provider_destination = excluded.provider_destination, text = excluded.text,
+            attempts = u.attempts + excluded.attempts, attempted_at = excluded.attempted_at,
+            settle_after = excluded.settle_after, rounds = u.rounds + 1
+    """
+)
+# Due deliveries of a worker type, held for `lease` seconds while they are looked up.
+_CLAIM_UNSETTLED = sa.text(
+    """
+    UPDATE dispatch.unsettled SET settle_after = now() + make_interval(secs => :lease)
+    WHERE delivery_id IN (
+        SELECT delivery_id FROM dispatch.unsettled
+        WHERE destination_type = :destination_type AND settle_after <= now()
+        ORDER BY settle_after LIMIT :limit FOR UPDATE SKIP LOCKED
+    )
+    RETURNING delivery_id, account_id, batch, recipient, provider_destination, phone, text, attempts,
+              attempted_at, rounds
+    """
 )
 _BEGIN = sa.text(
     """
@@ -64,23 +98,54 @@ _BEGIN = sa.text(
     SELECT (SELECT attempts FROM attempt) AS attempts,
            ARRAY(SELECT delivery_id FROM dispatch.deliveries
                  WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished,
-           ARRAY(SELECT delivery_id FROM dispatch.delivery_intents
-                 WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS intended
+           (SELECT coalesce(json_object_agg(delivery_id, destination), '{}')
+            FROM dispatch.delivery_intents WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS intended
     """
 )
+
+
+# The attempt number the settler sends and records with: after every real attempt, so what it
+# sends never counts as resent, and held by its lease rather than fenced by attempt numbers.
+SETTLING = 1 << 30
 
 
 @dataclass(frozen=True)
 class Attempt:
     number: int  # above 1, deliveries without a result may have been sent before
     finished: set[str]  # deliveries with a final result
-    intended: set[str]  # deliveries without one whose provider request may have been made
+    # Deliveries without one whose provider request may have been made, and the provider's
+    # destination it went to.
+    intended: dict[str, str]
+
+    @property
+    def settling(self) -> bool:
+        return self.number == SETTLING
+
+    @property
+    def again(self) -> bool:
+        """A batch handed over again: an earlier attempt may have sent some of it."""
+        return 1 < self.number < SETTLING
 
 
 class DeliveryLedger:
-    def __init__(self, database: Database, subjects: Subjects) -> None:
+    def __init__(
+        self, database: Database, subjects: Subjects, destination_type: str, settle_seconds: float
+    ) -> None:
         self.database = database
         self.subjects = subjects
+        # The worker type whose deliveries this ledger records (and settles).
+        self.destination_type = destination_type
+        # How long an unanswered message waits before its provider is asked about it.
+        self.settle_seconds = settle_seconds
+
+    async def claim_unsettled(self, limit: int, lease_seconds: float) -> list[Any]:
+        """Unknown deliveries due to be looked up, held from other replicas for `lease_seconds`."""
+        async with self.database.transaction() as session:
+            claimed = await session.execute(
+                _CLAIM_UNSETTLED,
+                {"destination_type": self.destination_type, "limit": limit, "lease": lease_seconds},
+            )
+            return list(claimed.all())
 
     async def begin(self, batch: events.DeliveryBatch, account_id: uuid.UUID) -> Attempt:
         """Records an attempt at the batch, before anything is sent, in one round trip: its
@@ -97,7 +162,7 @@ class DeliveryLedger:
                     },
                 )
             ).one()
-        return Attempt(int(row.attempts), set(row.finished), set(row.intended))
+        return Attempt(int(row.attempts), set(row.finished), dict(row.intended))
 
     async def record(
         self,
@@ -114,8 +179,16 @@ class DeliveryLedger:
         unique = {o.recipient.delivery_id: o for o in outcomes}
         if not unique:
             return 0
-        rows = list(unique.values())
+        to_settle = [o for o in unique.values() if o.status == UNKNOWN and o.settle is not None]
+        rows = [o for o in unique.values() if not (o.status == UNKNOWN and o.settle is not None)]
         async with self.database.transaction() as session:
+            if to_settle:
+                await self._wait_to_settle(session, batch, account_id, to_settle)
+            if forget_intents:
+                await session.execute(_FORGET_INTENTS, {"ids": list(unique)})
+                await session.execute(_SETTLED, {"ids": [o.recipient.delivery_id for o in rows]})
+            if not rows:
+                return 0
             stored = (
                 await session.execute(
                     _RECORD,
@@ -137,8 +210,6 @@ class DeliveryLedger:
                 )
             ).all()
             resent = {r.delivery_id: r.resent for r in stored}
-            if forget_intents:
-                await session.execute(_FORGET_INTENTS, {"ids": [o.recipient.delivery_id for o in rows]})
             if not resent:
                 return 0
             report = events.DeliveryOutcomes(
@@ -169,3 +240,37 @@ class DeliveryLedger:
             if message_ids:
                 await apply_receipts(session, self.subjects, account_id, message_ids)
         return len(resent)
+
+    async def _wait_to_settle(
+        self,
+        session: AsyncSession,
+        batch: events.DeliveryBatch,
+        account_id: uuid.UUID,
+        outcomes: list[Outcome],
+    ) -> None:
+        """Unknown deliveries whose provider can be asked wait to be looked up, with what was sent."""
+        header = events.DeliveryBatch(
+            batch_id=batch.batch_id,
+            campaign=batch.campaign,
+            campaign_version=batch.campaign_version,
+            run=batch.run,
+            destination=batch.destination,
+            plan_time=batch.plan_time,
+            account=batch.account,
+        )
+        settlements = [o.settle for o in outcomes if o.settle is not None]
+        await session.execute(
+            _UNSETTLED,
+            {
+                "account_id": account_id,
+                "destination_type": self.destination_type,
+                "batch": header.SerializeToString(),
+                "settle_seconds": self.settle_seconds,
+                "ids": [o.recipient.delivery_id for o in outcomes],
+                "recipients": [o.recipient.SerializeToString() for o in outcomes],
+                "providers": [s.provider_destination for s in settlements],
+                "phones": [s.phone for s in settlements],
+                "texts": [s.text for s in settlements],
+                "attempts": [o.attempts for o in outcomes],
+            },
+        )

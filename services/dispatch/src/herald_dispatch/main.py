@@ -118,6 +118,7 @@ async def start(
     for worker_type in chosen:
         worker = DeliveryWorker(infra, destinations, campaigns, channels[worker_type], worker_options)
         await worker.start()
+        host.on_stop.append(worker.stop)
     return host
 
 

@@ -112,7 +112,36 @@ delivery_intents = sa.Table(
     metadata,
     sa.Column("delivery_id", sa.Text, primary_key=True),
     sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    # The provider's destination the request goes to (a member, for a provider group).
+    sa.Column("destination", sa.Text, nullable=False),
+    # The attempt at a batch that claimed it: no other attempt may send it.
+    sa.Column("batch_id", sa.Text, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False),
     sa.Column("intended_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+
+# Deliveries whose provider request may have been sent, waiting to be looked up with a provider
+# that can tell (Twilio lists its messages): found, they are sent; not found, sent once now.
+unsettled = sa.Table(
+    "unsettled",
+    metadata,
+    sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    # The worker type that settles it (the campaign's destination's), and its batch without
+    # recipients, so the delivery is recorded, or sent, as its batch would have been.
+    sa.Column("destination_type", sa.Text, nullable=False),
+    sa.Column("batch", sa.LargeBinary, nullable=False),
+    sa.Column("recipient", sa.LargeBinary, nullable=False),
+    # Where the request went, and what: the provider is asked for a message to that phone with
+    # that text made since `attempted_at`.
+    sa.Column("provider_destination", sa.Text, nullable=False),
+    sa.Column("phone", sa.Text, nullable=False),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("attempts", sa.Integer, nullable=False),
+    sa.Column("attempted_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("settle_after", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("rounds", sa.Integer, nullable=False, server_default="0"),
+    sa.Index("ix_dispatch_unsettled_due", "destination_type", "settle_after"),
 )
 
 # Campaigns whose deliveries stop at once on every replica (StopCampaign).

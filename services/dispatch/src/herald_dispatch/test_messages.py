@@ -75,14 +75,10 @@ class TestMessages:
             (events.Recipient(delivery_id=f"test-{uuid.uuid4()}", user_id="test"), message)
             for message in request.messages
         ]
-        opted_out = (
-            await self.gate.admit(
-                account_id, "", [(r.delivery_id, m.phone) for r, m in tests], record_intent=False
-            )
-        ).opted_out
+        opted_out = await self.gate.opted_out(account_id, [m.phone for m in request.messages])
         answers = []
         for test, message in tests:
-            if test.delivery_id in opted_out:
+            if message.phone in opted_out:
                 answers.append(pb.TestMessageAnswer(sent=False, detail="opted out: the phone replied STOP"))
                 continue
             outcome = await provider.send_one(context, test, message.phone, message.text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 from nats.aio.msg import Msg
 
@@ -20,17 +21,25 @@ from herald_common.auth import account_id_of, account_name
 from herald_common.errors import DomainError
 from herald_common.faults import NotReady
 from herald_common.logging import get_logger
+from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.runtime import Infrastructure
 from herald_dispatch.campaigns import CampaignBook, KnownCampaign
-from herald_dispatch.channels import FAILED, SKIPPED, UNKNOWN, Channel, Outcome
+from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, Settlement, sms
+from herald_dispatch.channels.sms import CANNOT_TELL, Lookup, SmsChannel
 from herald_dispatch.destinations import Destinations
-from herald_dispatch.gate import Admission, SendGate
-from herald_dispatch.ledger import Attempt, DeliveryLedger
+from herald_dispatch.gate import Admission, Sender, SendGate
+from herald_dispatch.ledger import SETTLING, Attempt, DeliveryLedger
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.storage import outbox
 
 log = get_logger(__name__)
+# Unknown deliveries looked up at a time, how long one is held while it is, how often the
+# settler looks for due ones, and how many times a provider that cannot tell is asked.
+SETTLE_BATCH = 100
+SETTLE_LEASE_SECONDS = 60.0
+SETTLE_POLL_SECONDS = 1.0
+SETTLE_ROUNDS = 5
 
 
 def batch_problem(batch: events.DeliveryBatch) -> str | None:
@@ -62,7 +71,16 @@ class DeliveryWorker:
     options: WorkerOptions = field(default_factory=WorkerOptions)
 
     def __post_init__(self) -> None:
-        self.ledger = DeliveryLedger(self.infra.database, self.infra.subjects)
+        self.ledger = DeliveryLedger(
+            self.infra.database,
+            self.infra.subjects,
+            self.channel.kind.destination_type,
+            self.infra.settings.sms_settle_seconds,
+        )
+        # Unknown deliveries that their provider can be asked about are settled in the background.
+        self._settler = WakeableLoop(
+            f"settle-{self.channel.kind.destination_type}", self.settle_unknown, SETTLE_POLL_SECONDS
+        )
         self.limiter = SharedRateLimiter(self.infra.database)
         self.gate = SendGate(self.infra.database)
         self.consumer_name = f"dispatch-{self.channel.kind.destination_type}"
@@ -72,6 +90,8 @@ class DeliveryWorker:
         self._in_flight: set[str] = set()
 
     async def start(self) -> None:
+        if self.channel.kind.content_field == "sms":
+            self._settler.start()
         await self.infra.consume_lanes(
             owner="jobs",
             durable=self.consumer_name,
@@ -80,6 +100,9 @@ class DeliveryWorker:
             lane_concurrency=self.options.lane_concurrency,
             max_in_flight=self.options.max_in_flight,
         )
+
+    async def stop(self) -> None:
+        await self._settler.stop()
 
     async def handle(self, msg: Msg) -> None:
         decoded = await bus.decode_batch(
@@ -151,16 +174,15 @@ class DeliveryWorker:
             return [Outcome(r, FAILED, reason=reason) for r in pending]
         resent: set[str] = set()
         unknown: list[Outcome] = []
-        if attempt.number > 1:
+        if attempt.again:
             if self.channel.resend_unknown:
                 resent = {r.delivery_id for r in pending}
             else:
                 # Only the deliveries whose request was about to be made may have been sent; the
                 # others were never attempted and go out now.
-                reason = "attempted before a restart; result unknown and not sent again"
-                unknown = [
-                    Outcome(r, UNKNOWN, reason=reason) for r in pending if r.delivery_id in attempt.intended
-                ]
+                unknown = await self._attempted_before(
+                    known, [r for r in pending if r.delivery_id in attempt.intended], attempt.intended
+                )
                 pending = [r for r in pending if r.delivery_id not in attempt.intended]
                 if not pending:
                     return unknown
@@ -172,8 +194,16 @@ class DeliveryWorker:
                 batch.campaign
             )
 
-        async def admit(wave: Sequence[tuple[str, str]]) -> Admission:
-            return await self.gate.admit(account_id, batch.campaign, wave)
+        sender = Sender(
+            account_id,
+            batch.campaign,
+            batch.batch_id,
+            attempt.number,
+            fenced=not attempt.settling,
+        )
+
+        async def admit(provider: str, wave: Sequence[tuple[str, str]]) -> Admission:
+            return await self.gate.admit(sender, provider, wave)
 
         async def waiting(reason: str | None) -> None:
             if self._waiting.get(key, "") != (reason or ""):
@@ -194,6 +224,82 @@ class DeliveryWorker:
             draining=self.infra.stopping.is_set,
         )
         return unknown + await self.channel.deliver(context, pending)
+
+    async def _attempted_before(
+        self, known: KnownCampaign, recipients: list[events.Recipient], providers: dict[str, str]
+    ) -> list[Outcome]:
+        """Deliveries whose request was under way when an earlier attempt ended: unknown, and
+        waiting to be looked up where the provider they went to can tell."""
+        reason = "attempted before a restart; result unknown and not sent again"
+        settles: dict[str, bool] = {}
+        outcomes = []
+        for recipient in recipients:
+            provider = providers[recipient.delivery_id]
+            if provider not in settles:
+                settles[provider] = await self._can_settle(provider, known.account_id)
+            prepared = sms.message_of(recipient, known.campaign.sms.body)
+            if settles[provider] and not isinstance(prepared, Outcome):
+                settle = Settlement(provider, *prepared)
+                outcomes.append(Outcome(recipient, UNKNOWN, reason=reason, settle=settle))
+            else:
+                outcomes.append(Outcome(recipient, UNKNOWN, reason=reason))
+        return outcomes
+
+    async def _can_settle(self, provider: str, account_id: uuid.UUID) -> bool:
+        try:
+            destination = await self.destinations.for_delivery(provider, account_id)
+        except DomainError:
+            return False
+        channel = self.destinations.channel_of(destination)
+        return bool(getattr(channel, "can_settle", False))
+
+    async def settle_unknown(self) -> bool:
+        """Looks up due unknown deliveries with the provider each went to: one it made is sent
+        (with its id), one it did not make is sent now, once; one it cannot tell of is asked
+        again later, until SETTLE_ROUNDS. True when more may be due."""
+        claimed = await self.ledger.claim_unsettled(SETTLE_BATCH, SETTLE_LEASE_SECONDS)
+        by_batch: dict[bytes, list[Any]] = {}
+        for row in claimed:
+            by_batch.setdefault(row.batch, []).append(row)
+        for header, rows in by_batch.items():
+            await self._settle_batch(events.DeliveryBatch.FromString(header), rows)
+        return len(claimed) == SETTLE_BATCH
+
+    async def _settle_batch(self, batch: events.DeliveryBatch, rows: list[Any]) -> None:
+        account_id = rows[0].account_id
+        outcomes: list[Outcome] = []
+        not_sent: list[events.Recipient] = []
+        for row in rows:
+            recipient = events.Recipient.FromString(row.recipient)
+            found = await self._look_up(row)
+            if found.sent is None:
+                if row.rounds + 1 >= SETTLE_ROUNDS:
+                    reason = f"{row.provider_destination} could not tell whether it was sent; not sent again"
+                    outcomes.append(Outcome(recipient, UNKNOWN, row.attempts, reason))
+                continue  # asked again once its lease runs out
+            if found.sent:
+                outcomes.append(Outcome(recipient, SENT, row.attempts, provider_message_id=found.message_id))
+            else:
+                not_sent.append(recipient)
+        if not_sent:
+            known = await self.campaigns.get(batch.campaign, batch.campaign_version)
+            if known.delivering and not await self.gate.halted(batch.campaign):
+                outcomes += await self._send(batch, known, not_sent, Attempt(SETTLING, set(), {}))
+            else:
+                outcomes += [Outcome(r, SKIPPED, reason="campaign stopped") for r in not_sent]
+        if outcomes and await self.ledger.record(batch, account_id, SETTLING, outcomes, forget_intents=True):
+            self.infra.relay.notify()
+
+    async def _look_up(self, row: Any) -> Lookup:
+        try:
+            destination = await self.destinations.for_delivery(row.provider_destination, row.account_id)
+        except DomainError:
+            return CANNOT_TELL
+        channel = self.destinations.channel_of(destination)
+        if not getattr(channel, "can_settle", False):
+            return CANNOT_TELL
+        provider = cast(SmsChannel, channel)
+        return await provider.look_up(destination, row.phone, row.text, row.attempted_at)
 
     async def _report_waiting(self, batch: events.DeliveryBatch, account_id: uuid.UUID, reason: str) -> None:
         event = events.DestinationWaiting(

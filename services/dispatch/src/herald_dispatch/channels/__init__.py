@@ -29,6 +29,16 @@ UNKNOWN = events.DeliveryStatus.DELIVERY_STATUS_UNKNOWN
 
 
 @dataclass(frozen=True)
+class Settlement:
+    """An unanswered message a provider can be asked about later: the destination it went to,
+    the phone and the text."""
+
+    provider_destination: str
+    phone: str
+    text: str
+
+
+@dataclass(frozen=True)
 class Outcome:
     """The final result of one delivery."""
 
@@ -41,6 +51,9 @@ class Outcome:
     failover: bool = False
     # The provider's id of the message it accepted: its delivery receipts name it.
     provider_message_id: str = ""
+    # An UNKNOWN outcome the provider can settle: the delivery waits to be looked up instead of
+    # ending unknown.
+    settle: Settlement | None = None
 
 
 @dataclass
@@ -64,10 +77,10 @@ class SendContext:
     permit_for: Callable[[str, int], Awaitable[None]] | None = None
     # Whether providers are asked to send delivery receipts (to `destination.receipt_url`).
     receipts: bool = True
-    # Asked before each wave of messages to providers that cannot de-duplicate, with (delivery id,
-    # phone) pairs: whether the campaign was halted and which phones opted out; the intent to send
-    # the others is recorded.
-    admit: Callable[[Sequence[tuple[str, str]]], Awaitable[Admission]] | None = None
+    # Asked before each wave of messages to providers that cannot de-duplicate, with the provider's
+    # destination and (delivery id, phone) pairs: whether the campaign was halted and which phones
+    # opted out; the intent to send the others is recorded.
+    admit: Callable[[str, Sequence[tuple[str, str]]], Awaitable[Admission]] | None = None
     # True once this process is shutting down: the channel takes no new recipient, and those it
     # has not reached get no outcome (the batch is handed back to another replica).
     draining: Callable[[], bool] = lambda: False

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from collections.abc import Sequence
+from datetime import datetime
 
 from google.protobuf.message import Message
 
@@ -15,7 +16,7 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import channels
 from herald_common.errors import Validator
 from herald_dispatch.channels import FAILED, CannotCheck, Outcome, SendContext
-from herald_dispatch.channels.sms import SmsChannel
+from herald_dispatch.channels.sms import CANNOT_TELL, Lookup, SmsChannel
 
 KIND = channels.for_config("sms_provider_group")
 MIN_MEMBERS, MAX_MEMBERS = 2, 5
@@ -25,6 +26,7 @@ DESTINATION_NAME = re.compile(r"^destinations/[0-9a-f-]{36}$")
 class ProviderGroupChannel:
     kind = KIND
     resend_unknown = False
+    can_settle = False  # its members settle what went through them
 
     def __init__(self, providers: Sequence[SmsChannel]) -> None:
         self.providers = {int(p.kind.destination_enum): p for p in providers}
@@ -58,6 +60,9 @@ class ProviderGroupChannel:
 
     def mask(self, config: Message) -> None:
         """Nothing secret: the members hold the credentials."""
+
+    async def look_up(self, destination: pb.Destination, phone: str, text: str, since: datetime) -> Lookup:
+        return CANNOT_TELL
 
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str

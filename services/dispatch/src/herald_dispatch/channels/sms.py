@@ -10,11 +10,13 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
 
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import personalization
 from herald_common.sms import E164
@@ -30,15 +32,34 @@ CONCURRENT_REQUESTS = 16
 SendOne = Callable[[events.Recipient, str, str], Awaitable[Outcome]]
 
 
+@dataclass(frozen=True)
+class Lookup:
+    """What a provider says of a message that went unanswered: sent (with its id), not sent, or
+    None when it cannot tell now."""
+
+    sent: bool | None
+    message_id: str = ""
+
+
+CANNOT_TELL = Lookup(None)
+
+
 class SmsChannel(Channel, Protocol):
     """An SMS provider (or a group of them): sends one rendered message to one number."""
+
+    # Whether `look_up` can tell if an unanswered message was sent.
+    can_settle: bool
 
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str
     ) -> Outcome: ...
 
+    async def look_up(self, destination: pb.Destination, phone: str, text: str, since: datetime) -> Lookup:
+        """Whether a message with `text` to `phone` was made through `destination` since `since`."""
+        ...
 
-def _message(recipient: events.Recipient, body: str) -> tuple[str, str] | Outcome:
+
+def message_of(recipient: events.Recipient, body: str) -> tuple[str, str] | Outcome:
     """(phone, text) for a recipient, or the outcome that stops it before any provider is called."""
     profile = json.loads(recipient.attributes_json or b"{}")
     phone = profile.get("phone") if isinstance(profile, dict) else None
@@ -61,12 +82,13 @@ async def send_each(
 
     Recipients are admitted in waves of CONCURRENT_REQUESTS, each wave's intent recorded before
     its first request: a halted campaign skips the rest, an opted-out phone is skipped. Once the
-    process drains, no new wave starts and the recipients not reached get no outcome."""
+    process drains, or another replica took the batch over, no new wave starts and the recipients
+    not reached get no outcome here."""
     body = context.campaign.sms.body
     outcomes: list[Outcome | None] = [None] * len(recipients)
     waiting: list[tuple[int, events.Recipient, str, str]] = []
     for i, recipient in enumerate(recipients):
-        prepared = _message(recipient, body)
+        prepared = message_of(recipient, body)
         if isinstance(prepared, Outcome):
             outcomes[i] = prepared
         else:
@@ -79,20 +101,21 @@ async def send_each(
         async with admitting:
             while not admitted and waiting and not context.draining():
                 wave = [waiting.pop() for _ in range(min(CONCURRENT_REQUESTS, len(waiting)))]
-                admission = (
-                    await context.admit([(r.delivery_id, phone) for _, r, phone, _ in wave])
-                    if context.admit is not None
-                    else Admission()
-                )
+                pairs = [(r.delivery_id, phone) for _, r, phone, _ in wave]
+                if context.admit is None:
+                    admission = Admission(admitted=frozenset(d for d, _ in pairs))
+                else:
+                    admission = await context.admit(context.destination.name, pairs)
                 if admission.halted:
                     for i, recipient, _, _ in wave + waiting:
                         outcomes[i] = Outcome(recipient, SKIPPED, 0, "campaign stopped")
+                if admission.halted or admission.superseded:
                     waiting.clear()
                     return None
                 for item in wave:
                     if item[1].delivery_id in admission.opted_out:
                         outcomes[item[0]] = Outcome(item[1], SKIPPED, 0, "opted out")
-                    else:
+                    elif item[1].delivery_id in admission.admitted:
                         admitted.append(item)
                 admitted.reverse()
             return admitted.pop() if admitted else None
@@ -289,6 +312,11 @@ async def check_with(
 class SmsProvider:
     """What the providers share: a batch is each recipient's message sent through `send_one`,
     and each message posted through `post`."""
+
+    can_settle = False
+
+    async def look_up(self, destination: pb.Destination, phone: str, text: str, since: datetime) -> Lookup:
+        return CANNOT_TELL
 
     def __init__(
         self,

@@ -2,14 +2,23 @@
 /2010-04-01/Accounts/{AccountSid}/Messages.json with Basic auth (Account SID and auth token).
 
 Twilio has no idempotency key, so a request whose answer was lost (a timeout, a dropped
-connection after sending) is not sent again: its delivery is reported UNKNOWN. A 429 (error 20429)
-is never processed and is retried with backoff; other answers are final.
+connection after sending) is never simply sent again. Twilio can be asked, though: its Message
+list, filtered by To and From and read newest first back to the attempt, shows whether such a
+message was made. That settles the delivery as sent (with its SID, so its receipts link) or as
+not sent, and then it is sent once. A 429 (error 20429) is never processed and is retried with
+backoff; other answers are final.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+from urllib.parse import urlencode
 
+import aiohttp
 from google.protobuf.message import Message
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
@@ -17,10 +26,12 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import channels
 from herald_common.errors import Validator
 from herald_common.sms import E164
-from herald_dispatch.channels import Outcome, SendContext, basic_auth, mask_secret
+from herald_dispatch.channels import UNKNOWN, Outcome, SendContext, Settlement, basic_auth, mask_secret
 from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
+    CANNOT_TELL,
     AnswerTable,
+    Lookup,
     Meaning,
     SmsProvider,
     Verdict,
@@ -29,6 +40,12 @@ from herald_dispatch.channels.sms import (
 )
 
 KIND = channels.for_config("twilio")
+# Looking up an unanswered message: pages of the Message list read at most, their size, how long
+# each may take, and how far before the attempt a message may be dated (the clocks may differ).
+LOOKUP_MAX_PAGES = 20
+LOOKUP_PAGE_SIZE = 100
+LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=15.0)
+LOOKUP_CLOCK_MARGIN = timedelta(minutes=5)
 DEFAULT_REQUESTS_PER_SECOND = 100
 DEFAULT_ENDPOINT = "https://api.twilio.com"
 ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
@@ -79,9 +96,18 @@ def _error(status: int, text: str) -> str:
     return f"twilio {status}" + (f" error {code}" if code else "") + (f": {message}" if message else "")
 
 
+def _twilio_time(value: object) -> datetime | None:
+    """A Twilio date (RFC 2822, "Mon, 23 Nov 2026 12:00:00 +0000")."""
+    try:
+        return parsedate_to_datetime(str(value))
+    except (TypeError, ValueError):
+        return None
+
+
 class TwilioChannel(SmsProvider):
     kind = KIND
     resend_unknown = False  # Twilio sends twice what is posted twice
+    can_settle = True
 
     def validate_config(self, config: Message, field: str, check: Validator) -> list[str]:
         assert isinstance(config, pb.TwilioConfig)
@@ -139,10 +165,58 @@ class TwilioChannel(SmsProvider):
         assert isinstance(config, pb.TwilioConfig)
         config.auth_token = mask_secret(config.auth_token)
 
+    async def look_up(self, destination: pb.Destination, phone: str, text: str, since: datetime) -> Lookup:
+        """Reads the account's messages to `phone` (from the destination's sender), newest first,
+        back to `since` (less a margin for clocks), for one with `text`. The list is not filtered
+        by DateSent: a message still queued has none yet."""
+        config = destination.twilio
+        base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
+        query = {"To": phone, "PageSize": str(LOOKUP_PAGE_SIZE)}
+        if config.WhichOneof("sender") == "from":
+            query["From"] = getattr(config, "from")
+        url: str | None = f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json?{urlencode(query)}"
+        oldest = since - LOOKUP_CLOCK_MARGIN
+        for _ in range(LOOKUP_MAX_PAGES):
+            assert url is not None
+            page = await self._get_json(url, _auth(config))
+            if page is None:
+                return CANNOT_TELL
+            messages = page.get("messages")
+            for message in messages if isinstance(messages, list) else []:
+                created = _twilio_time(message.get("date_created"))
+                if created is None:
+                    return CANNOT_TELL
+                if created < oldest:
+                    return Lookup(sent=False)  # newest first: the rest are older still
+                if message.get("body") == text and str(message.get("direction", "")).startswith("outbound"):
+                    return Lookup(sent=True, message_id=str(message.get("sid", "")))
+            following = page.get("next_page_uri")
+            if not following:
+                return Lookup(sent=False)
+            url = base + str(following)
+        return CANNOT_TELL
+
+    async def _get_json(self, url: str, headers: dict[str, str]) -> dict[str, Any] | None:
+        try:
+            async with self.http.get(url, headers=headers, timeout=LOOKUP_TIMEOUT) as response:
+                if response.status != 200:
+                    return None
+                return json_object(await response.text())
+        except (TimeoutError, aiohttp.ClientError):
+            return None
+
     async def send_one(
         self, context: SendContext, recipient: events.Recipient, phone: str, text: str
     ) -> Outcome:
-        """Sends one rendered message to one number."""
+        """Sends one rendered message to one number; an unanswered one waits to be looked up."""
+        outcome = await self._post_one(context, recipient, phone, text)
+        if outcome.status == UNKNOWN:
+            return dataclasses.replace(outcome, settle=Settlement(context.destination.name, phone, text))
+        return outcome
+
+    async def _post_one(
+        self, context: SendContext, recipient: events.Recipient, phone: str, text: str
+    ) -> Outcome:
         config = context.destination.twilio
         base = (config.endpoint_url or DEFAULT_ENDPOINT).rstrip("/")
         form = {"To": phone, "Body": text}
