@@ -1,11 +1,13 @@
 """The fault suite: Herald deployed as separate processes (two dispatch replicas) against a
-PostgreSQL and a nats-server of its own, exporting 20,000 users to the fake Segment API while one
+PostgreSQL and a nats-server of its own, exporting 20,000 users to the fake Segment API, and
+texting 5,000 users through a provider group (the Twilio fake, then the Vonage fake), while one
 part after another is killed, frozen or made to fail.
 
-Every case asserts what the campaign's owner would check: every member received, a duplicate only
-where Segment's messageId makes it harmless and Herald counted it as resent, the campaign
-COMPLETED with exact stats, and nothing done by hand (a killed service is restarted by the
-supervisor, as Kubernetes would).
+Every case asserts what the campaign's owner would check: every member received; for the export,
+a duplicate only where Segment's messageId makes it harmless and Herald counted it as resent; for
+SMS, no phone texted twice, counted at the fakes by (phone, text); the campaign COMPLETED with
+exact stats; and nothing done by hand (a killed service is restarted by the supervisor, as
+Kubernetes would).
 
 `make test` runs the cases marked as the fast subset; `make chaos` runs all of them.
 """
@@ -18,8 +20,10 @@ import secrets
 import signal
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import asyncpg
 import grpc
@@ -34,6 +38,8 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common.grpc_server import health_status
 from herald_common.secret_box import new_key_setting
 from tests.fakes.segment_api import SegmentApi
+from tests.fakes.twilio_api import TwilioApi
+from tests.fakes.vonage_api import VonageApi
 from tests.harness import create_account, keyed_channel
 from tests.helpers import condition, matching, segment_export_campaign, user
 from tests.processes import OwnNats, OwnPostgres, ServiceProcesses
@@ -41,8 +47,11 @@ from tests.processes import OwnNats, OwnPostgres, ServiceProcesses
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
 AUDIENCE = 20_000
+SMS_AUDIENCE = 5_000
 ACK_WAIT_SECONDS = 5
 SETTINGS = {
+    "HERALD_SMS_ANSWER_TIMEOUT_SECONDS": "5",
+    "HERALD_SMS_SETTLE_SECONDS": "2",
     "HERALD_ACK_WAIT_SECONDS": str(ACK_WAIT_SECONDS),
     "HERALD_RUN_LEASE_SECONDS": "10",
     "HERALD_SHUTDOWN_GRACE_SECONDS": "2",
@@ -104,11 +113,61 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
         postgres.stop()
 
 
+class Delivery(Protocol):
+    """A campaign under way, as the faults see it: how much has arrived, and its destination's
+    faults on demand."""
+
+    campaign: str
+    audience: int
+
+    def received(self) -> int: ...
+
+    def fail_for(self, seconds: float, status: int = 500, retry_after: float | None = None) -> None: ...
+
+    def hang_for(self, seconds: float) -> None: ...
+
+
 @dataclass
 class Export:
     campaign: str
     users: set[str]
     segment_api: SegmentApi
+    audience: int = AUDIENCE
+
+    def received(self) -> int:
+        return len(self.segment_api.events)
+
+    def fail_for(self, seconds: float, status: int = 500, retry_after: float | None = None) -> None:
+        self.segment_api.fail_for(seconds, status, retry_after)
+
+    def hang_for(self, seconds: float) -> None:
+        self.segment_api.hang_for(seconds)
+
+
+@dataclass
+class Texting:
+    """An SMS campaign through a group of Twilio (throttled to 500 messages a second, so the
+    faults land mid-campaign), then Vonage."""
+
+    campaign: str
+    texts: dict[str, str]  # phone: the text each member must get
+    twilio: TwilioApi
+    vonage: VonageApi
+    audience: int = SMS_AUDIENCE
+
+    def arrived(self) -> list[tuple[str, str]]:
+        return [(m.to, m.body) for m in self.twilio.messages] + [
+            ("+" + m.to, m.text) for m in self.vonage.messages
+        ]
+
+    def received(self) -> int:
+        return len(self.twilio.messages) + len(self.vonage.messages)
+
+    def fail_for(self, seconds: float, status: int = 500, retry_after: float | None = None) -> None:
+        self.twilio.fail_for(seconds, status, retry_after)
+
+    def hang_for(self, seconds: float) -> None:
+        self.twilio.hang_for(seconds)
 
 
 async def _start_export(cluster: Cluster, segment_api: SegmentApi) -> Export:
@@ -155,14 +214,77 @@ async def _until(check: Callable[[], Awaitable[bool]], within: float, what: str)
         await asyncio.sleep(0.05)
 
 
-async def _received(export: Export, count: int) -> None:
+async def _start_texting(cluster: Cluster, twilio: TwilioApi, vonage: VonageApi) -> Texting:
+    tag = uuid.uuid4().hex[:8]
+    phones = [f"+1415{i:07d}" for i in range(SMS_AUDIENCE)]
+    for offset in range(0, SMS_AUDIENCE, 1000):
+        members = []
+        for i in range(offset, offset + 1000):
+            member = user(f"{tag}-{i:05d}", cohort=tag, first_name=f"U{i}")
+            member.phone = phones[i]
+            members.append(member)
+        await cluster.segmentation.UpsertUsers(segmentation_pb.UpsertUsersRequest(users=members))
+    segment = await cluster.segmentation.CreateSegment(
+        segmentation_pb.CreateSegmentRequest(
+            segment=segmentation_pb.Segment(
+                display_name=f"chaos sms {tag}", filter=matching(condition("cohort", "EQUALS", tag))
+            )
+        )
+    )
+    twilio_config = dispatch_pb.TwilioConfig(
+        account_sid=twilio.account_sid,
+        auth_token=twilio.auth_token,
+        endpoint_url=twilio.url,
+        requests_per_second=500,
+    )
+    setattr(twilio_config, "from", "+14155550000")
+    providers: list[str] = []
+    for config in (
+        {"twilio": twilio_config},
+        {
+            "vonage": dispatch_pb.VonageConfig(
+                api_key=vonage.api_key, api_secret=vonage.api_secret, sender="Herald", endpoint_url=vonage.url
+            )
+        },
+    ):
+        created = await cluster.dispatch.CreateDestination(
+            dispatch_pb.CreateDestinationRequest(
+                destination=dispatch_pb.Destination(display_name=f"chaos {tag}", **config)
+            )
+        )
+        providers.append(created.name)
+    group = await cluster.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(
+                display_name=f"chaos group {tag}",
+                sms_provider_group=dispatch_pb.SmsProviderGroupConfig(destinations=providers),
+            )
+        )
+    )
+    created_campaign = await cluster.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=campaign_pb.Campaign(
+                display_name=f"chaos sms {tag}",
+                audience=campaign_pb.Audience(segment=segment.name),
+                destination=group.name,
+                schedule=campaign_pb.Schedule(send_now=campaign_pb.SendNow()),
+                sms=campaign_pb.SmsContent(body="Hi {{ profile.first_name }}, your order shipped"),
+            )
+        )
+    )
+    await cluster.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created_campaign.name))
+    texts = {phone: f"Hi U{i}, your order shipped" for i, phone in enumerate(phones)}
+    return Texting(created_campaign.name, texts, twilio, vonage)
+
+
+async def _received(export: Delivery, count: int) -> None:
     async def enough() -> bool:
-        return len(export.segment_api.events) >= count
+        return export.received() >= count
 
-    await _until(enough, 120, f"{count} events at Segment")
+    await _until(enough, 120, f"{count} deliveries at the destination")
 
 
-async def _planning(cluster: Cluster, export: Export) -> None:
+async def _planning(cluster: Cluster, export: Delivery) -> None:
     """Waits until the run has planned its first page: the fault then lands mid-run."""
 
     async def started() -> bool:
@@ -178,7 +300,7 @@ async def _planning(cluster: Cluster, export: Export) -> None:
     await _until(started, 120, "run planning")
 
 
-async def _completed(cluster: Cluster, export: Export, within: float = 400) -> campaign_pb.CampaignStats:
+async def _completed(cluster: Cluster, export: Delivery, within: float = 400) -> campaign_pb.CampaignStats:
     """The campaign's stats once it is COMPLETED; services may be restarting meanwhile."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
@@ -196,9 +318,8 @@ async def _completed(cluster: Cluster, export: Export, within: float = 400) -> c
             if error.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise
         await asyncio.sleep(0.5)
-    received = len(export.segment_api.events)
     raise AssertionError(
-        f"campaign not COMPLETED within {within}s ({received} of {AUDIENCE} received)\n"
+        f"campaign not COMPLETED within {within}s ({export.received()} of {export.audience} received)\n"
         + cluster.services.logs()
     )
 
@@ -223,7 +344,24 @@ def _assert_everyone_received_once(export: Export, stats: campaign_pb.CampaignSt
     assert not stats.waiting_reason
 
 
-Fault = Callable[[Cluster, Export], Awaitable[None]]
+def _assert_everyone_texted_once(texting: Texting, stats: campaign_pb.CampaignStats) -> None:
+    arrived = Counter(texting.arrived())
+    twice = [pair for pair, count in arrived.items() if count > 1]
+    assert not twice, f"{len(twice)} phones texted twice, e.g. {twice[:3]}"
+    missing = set(texting.texts.items()) - set(arrived)
+    assert not missing, f"{len(missing)} members never texted, e.g. {sorted(missing)[:3]}"
+    assert sum(arrived.values()) == SMS_AUDIENCE
+    assert (stats.targeted, stats.sent, stats.failed, stats.skipped, stats.unknown, stats.resent) == (
+        SMS_AUDIENCE,
+        SMS_AUDIENCE,
+        0,
+        0,
+        0,
+        0,
+    ), stats
+
+
+Fault = Callable[[Cluster, Delivery], Awaitable[None]]
 
 
 async def _kill_services(cluster: Cluster, service: str) -> None:
@@ -231,35 +369,35 @@ async def _kill_services(cluster: Cluster, service: str) -> None:
         process.kill()  # the supervisor starts it again
 
 
-async def dispatch_killed(cluster: Cluster, export: Export) -> None:
-    await _received(export, AUDIENCE // 10)
+async def dispatch_killed(cluster: Cluster, export: Delivery) -> None:
+    await _received(export, export.audience // 10)
     await _kill_services(cluster, "dispatch")
 
 
-async def scheduler_killed(cluster: Cluster, export: Export) -> None:
+async def scheduler_killed(cluster: Cluster, export: Delivery) -> None:
     await _planning(cluster, export)
     await _kill_services(cluster, "scheduler")
 
 
-async def campaign_killed(cluster: Cluster, export: Export) -> None:
-    await _received(export, AUDIENCE // 10)
+async def campaign_killed(cluster: Cluster, export: Delivery) -> None:
+    await _received(export, export.audience // 10)
     await _kill_services(cluster, "campaign")
 
 
-async def segmentation_killed(cluster: Cluster, export: Export) -> None:
+async def segmentation_killed(cluster: Cluster, export: Delivery) -> None:
     await _planning(cluster, export)
     await _kill_services(cluster, "segmentation")
 
 
-async def nats_killed(cluster: Cluster, export: Export) -> None:
-    await _received(export, AUDIENCE // 10)
+async def nats_killed(cluster: Cluster, export: Delivery) -> None:
+    await _received(export, export.audience // 10)
     cluster.nats.kill()
     await asyncio.sleep(3)
     cluster.nats.start()  # same port, same store
 
 
-async def postgres_killed(cluster: Cluster, export: Export) -> None:
-    await _received(export, AUDIENCE // 10)
+async def postgres_killed(cluster: Cluster, export: Delivery) -> None:
+    await _received(export, export.audience // 10)
     cluster.postgres.kill()
     # While the database is away the services say so, for probes and operators.
     address = cluster.services.address("campaign")
@@ -271,23 +409,29 @@ async def postgres_killed(cluster: Cluster, export: Export) -> None:
     cluster.postgres.start()  # crash recovery on the same data
 
 
-async def destination_fails_for_20s(cluster: Cluster, export: Export) -> None:
-    await _received(export, AUDIENCE // 10)
-    export.segment_api.fail_for(20, status=500)
+async def destination_fails_for_20s(cluster: Cluster, export: Delivery) -> None:
+    await _received(export, export.audience // 10)
+    export.fail_for(20, status=500)
 
 
-async def destination_rate_limits(cluster: Cluster, export: Export) -> None:
-    await _received(export, AUDIENCE // 10)
-    export.segment_api.fail_for(6, status=429, retry_after=2)
+async def destination_rate_limits(cluster: Cluster, export: Delivery) -> None:
+    await _received(export, export.audience // 10)
+    export.fail_for(6, status=429, retry_after=2)
 
 
-async def destination_hangs_for_60s(cluster: Cluster, export: Export) -> None:
-    await _received(export, AUDIENCE // 10)
-    export.segment_api.hang_for(60)
+async def destination_hangs_for_60s(cluster: Cluster, export: Delivery) -> None:
+    await _received(export, export.audience // 10)
+    export.hang_for(60)
 
 
-async def dispatch_frozen_past_ack_wait(cluster: Cluster, export: Export) -> None:
-    await _received(export, AUDIENCE // 10)
+async def dispatch_terminated(cluster: Cluster, export: Delivery) -> None:
+    """A rolling restart: SIGTERM, then the supervisor starts it again."""
+    await _received(export, export.audience // 10)
+    await asyncio.gather(*(asyncio.to_thread(p.terminate) for p in cluster.services.of("dispatch")))
+
+
+async def dispatch_frozen_past_ack_wait(cluster: Cluster, export: Delivery) -> None:
+    await _received(export, export.audience // 10)
     frozen = cluster.services.of("dispatch")[0]
     frozen.signal(signal.SIGSTOP)
     await asyncio.sleep(ACK_WAIT_SECONDS * 3)  # its batches go to the other replica meanwhile
@@ -295,6 +439,7 @@ async def dispatch_frozen_past_ack_wait(cluster: Cluster, export: Export) -> Non
 
 
 FAST = [dispatch_killed, postgres_killed, nats_killed]
+SMS_FAST = [dispatch_killed, dispatch_terminated]
 FULL = [
     scheduler_killed,
     campaign_killed,
@@ -322,3 +467,28 @@ async def test_export_survives(cluster: Cluster, fault: Fault) -> None:
         _assert_everyone_received_once(export, stats)
     finally:
         await segment_api.stop()
+
+
+@pytest.mark.parametrize(
+    "fault",
+    [pytest.param(f, id=f.__name__) for f in SMS_FAST]
+    + [
+        pytest.param(f, id=f.__name__, marks=pytest.mark.full_chaos)
+        for f in [*FAST, *FULL]
+        if f not in SMS_FAST
+    ],
+)
+async def test_sms_survives(cluster: Cluster, fault: Fault) -> None:
+    await cluster.services.wait_serving()
+    twilio = TwilioApi("AC" + uuid.uuid4().hex, secrets.token_hex(16))
+    vonage = VonageApi("a1b2c3d4", "s3cr3tS3cr3tAbCd")
+    await twilio.start()
+    await vonage.start()
+    try:
+        texting = await _start_texting(cluster, twilio, vonage)
+        await fault(cluster, texting)
+        stats = await _completed(cluster, texting)
+        _assert_everyone_texted_once(texting, stats)
+    finally:
+        await twilio.stop()
+        await vonage.stop()

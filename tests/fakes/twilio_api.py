@@ -85,7 +85,18 @@ class TwilioApi(LocalServer):
     in_flight: int = 0
     listings: int = 0  # GETs of the Message list
     _forced: list[int] = field(default_factory=list)
+    _failing: tuple[float, int, float | None] = (0.0, 500, None)
+    _hanging_until: float = 0.0
     _in_flight: int = 0
+
+    def fail_for(self, seconds: float, status: int = 500, retry_after: float | None = None) -> None:
+        """For the next `seconds`, answers every message request with `status` without taking it
+        (an outage, or a long 429 with Retry-After)."""
+        self._failing = (time.monotonic() + seconds, status, retry_after)
+
+    def hang_for(self, seconds: float) -> None:
+        """For the next `seconds`, takes messages but answers none until the time is up."""
+        self._hanging_until = time.monotonic() + seconds
 
     def throttle_next(self, count: int) -> None:
         """Answers the next `count` requests with 429 (error 20429)."""
@@ -223,6 +234,12 @@ class TwilioApi(LocalServer):
             self.in_flight -= 1
 
     async def _created(self, request: web.Request) -> web.Response:
+        until, status, retry_after = self._failing
+        if time.monotonic() < until:
+            answer = self._error(status, 20429 if status == 429 else 20500, "Service unavailable")
+            if retry_after is not None:
+                answer.headers["Retry-After"] = str(int(retry_after))
+            return answer
         if self.edge_timeouts:
             self.edge_timeouts -= 1
             return web.Response(status=504, text="<html><body>Gateway Timeout</body></html>")
@@ -244,6 +261,9 @@ class TwilioApi(LocalServer):
             if self.revoke_after is not None and len(self.messages) >= self.revoke_after:
                 return self._error(401, 20003, "Authenticate")
             answer = self._accept({k: str(v) for k, v in form.items()})
+            hanging = self._hanging_until - time.monotonic()
+            if hanging > 0:
+                await asyncio.sleep(hanging)
             if answer.status != 201 or not self.faults:
                 return answer
             fault = self.faults.pop(0)
