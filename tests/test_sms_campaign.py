@@ -1038,8 +1038,13 @@ async def test_twilio_and_vonage_destinations_show_where_replies_go(
     twilio_id = account.destination.removeprefix("destinations/")
     assert twilio.reply_url == f"{base}/inbound/twilio/{twilio_id}"
     assert twilio.receipt_url == f"{base}/receipts/twilio/{twilio_id}"
-    vonage_name = await _vonage_destination(account, vonage)
-    created = await account.clients.dispatch.GetDestination(
-        dispatch_pb.GetDestinationRequest(name=vonage_name)
-    )
-    assert created.reply_url == f"{base}/inbound/vonage/{vonage_name.removeprefix('destinations/')}"
+    # Vonage signs callbacks only with a signature secret; without one its URLs carry a secret token.
+    signed = await _vonage_destination(account, vonage, signature_secret="vonage-signature-secret")
+    got = await account.clients.dispatch.GetDestination(dispatch_pb.GetDestinationRequest(name=signed))
+    assert got.reply_url == f"{base}/inbound/vonage/{signed.removeprefix('destinations/')}"
+    assert got.receipt_url == f"{base}/receipts/vonage/{signed.removeprefix('destinations/')}"
+    unsigned = await _vonage_destination(account, vonage)
+    got = await account.clients.dispatch.GetDestination(dispatch_pb.GetDestinationRequest(name=unsigned))
+    prefix = f"{base}/inbound/vonage/{unsigned.removeprefix('destinations/')}/"
+    assert got.reply_url.startswith(prefix) and len(got.reply_url) == len(prefix) + 32
+    assert got.receipt_url.startswith(f"{base}/receipts/vonage/") and len(got.receipt_url) == len(prefix) + 33

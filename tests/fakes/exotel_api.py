@@ -8,9 +8,9 @@
 - 200 with the SMSMessage JSON (`Sid`, `Status` queued, ...);
 - 429 with Retry-After and a RestException past its requests per minute, or on demand;
 - no de-duplication;
-- a status callback to the message's `StatusCallback` (form-encoded SmsSid, To, Status
-  `delivered`, or `failed` with DetailedStatusCode 30005 for the numbers told so); Exotel signs
-  nothing.
+- a status callback to the message's `StatusCallback` once it is final (form-encoded SmsSid, To,
+  Status `sent` with DetailedStatus DELIVERED_TO_HANDSET 20000; `failed` with 30005 for the
+  numbers told so; `failed_dnd` for numbers on the do-not-call registry); Exotel signs nothing.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class ExotelApi(LocalServer):
     max_per_minute: int | None = None
     retry_after: int = 1
     failing: set[str] = field(default_factory=set)
+    # Numbers on India's do-not-call registry: their messages end `failed_dnd`.
+    dnd: set[str] = field(default_factory=set)
     callback_answers: list[int] = field(default_factory=list)
     messages: list[ExotelMessage] = field(default_factory=list)
     refused: list[int] = field(default_factory=list)
@@ -53,13 +55,17 @@ class ExotelApi(LocalServer):
     _window: list[float] = field(default_factory=list)
 
     async def _callback(self, url: str, message: ExotelMessage) -> None:
-        failed = message.to in self.failing
+        status, detailed, code = "sent", "DELIVERED_TO_HANDSET", "20000"
+        if message.to in self.failing:
+            status, detailed, code = "failed", "DLT_TEMPLATE_MISMATCH", "30005"
+        elif message.to in self.dnd:
+            status, detailed, code = "failed_dnd", "NUMBER_IN_DND", "30002"
         params = {
             "SmsSid": message.sid,
             "To": message.to,
-            "Status": "failed" if failed else "delivered",
-            "DetailedStatus": "DLT_TEMPLATE_MISMATCH" if failed else "DELIVERED_TO_HANDSET",
-            "DetailedStatusCode": "30005" if failed else "20000",
+            "Status": status,
+            "DetailedStatus": detailed,
+            "DetailedStatusCode": code,
             "DateSent": "2026-11-23 12:00:00",
         }
         async with aiohttp.ClientSession() as http, http.post(url, data=params) as response:

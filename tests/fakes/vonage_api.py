@@ -6,12 +6,14 @@
 - HTTP 200 for nearly everything, the outcome in `messages[].status` (all values strings):
   "0" accepted, "1" throttled (past its requests per second, or on demand), "2" missing
   parameter, "3" invalid parameter, "4" bad credentials;
+- `client-ref` of at most 40 characters (status "3" otherwise);
 - one `messages[]` entry per SMS segment, each with a `message-id`, `client-ref` echoed; on
   demand a message of several parts is partly accepted, its last part throttled;
 - no de-duplication: what is posted twice is sent twice;
 - a delivery receipt per part to the message's `callback` (form-encoded: msisdn, to, messageId,
   status `delivered`, or `failed` with err-code 6 for the numbers told so, ...), signed with
-  timestamp, nonce and an MD5 `sig` when the account has a signature secret.
+  timestamp, nonce and a `sig` when the account has a signature secret, by the account's
+  signature method: the legacy MD5 hash, or HMAC-MD5, -SHA1, -SHA256 or -SHA512.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import hmac
 import re
 import time
 import uuid
@@ -50,8 +53,10 @@ class VonageApi(LocalServer):
     api_secret: str
     # Requests per second before status "1" (None: unlimited).
     max_per_second: float | None = None
-    # Signs delivery receipts when set.
+    # Signs delivery receipts when set, by `signature_method`: "md5hash" (MD5 of the parameters
+    # followed by the secret) or an HMAC digest ("md5", "sha1", "sha256", "sha512").
     signature_secret: str = ""
+    signature_method: str = "md5hash"
     # Numbers whose messages end `failed` (err-code 6) in their receipts.
     failing: set[str] = field(default_factory=set)
     receipt_answers: list[int] = field(default_factory=list)
@@ -69,7 +74,9 @@ class VonageApi(LocalServer):
         pairs = "".join(
             f"&{k}={v.replace('&', '_').replace('=', '_')}" for k, v in sorted(params.items()) if k != "sig"
         )
-        return hashlib.md5((pairs + self.signature_secret).encode()).hexdigest()
+        if self.signature_method == "md5hash":
+            return hashlib.md5((pairs + self.signature_secret).encode()).hexdigest()
+        return hmac.new(self.signature_secret.encode(), pairs.encode(), self.signature_method).hexdigest()
 
     async def _receipts(self, url: str, message: VonageMessage, message_ids: list[str]) -> None:
         async with aiohttp.ClientSession() as http:
@@ -154,6 +161,8 @@ class VonageApi(LocalServer):
         if not NUMBER.match(to):
             return self._answer([{"status": "3", "error-text": "Invalid to param"}])
         client_ref = form.get("client-ref", "")
+        if len(client_ref) > 40:
+            return self._answer([{"status": "3", "error-text": "Invalid client-ref: at most 40 characters"}])
         extra = {k: v for k, v in form.items() if k in ("entity-id", "content-id")}
         self.messages.append(VonageMessage(to, sender, text, form.get("type", "text"), client_ref, extra))
         parts = [
