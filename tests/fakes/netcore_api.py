@@ -1,7 +1,7 @@
 """A local stand-in for Netcore's bulk push SMS API, as far as it is documented:
 
 - POST (or GET) /BulkSms/SingleMsgApi with feedid, username, password, To (digits, no `+`), Text
-  and senderid as form (or query) parameters;
+  and senderid as form (or query) parameters, and India's DLT ids as entityid and templateid;
 - answers in XML. The schema is not published; this fake answers the shape integrations parse:
   `<RESULT REQID="..."><MID SUBMITDATE="..." ID="1"/></RESULT>` when accepted, and
   `<RESULT><REQUEST-ERROR><ERROR><CODE>..</CODE><DESC>..</DESC></ERROR></REQUEST-ERROR></RESULT>`
@@ -28,6 +28,8 @@ class NetcoreMessage:
     to: str
     sender: str
     text: str
+    # The other parameters it came with (entityid, templateid, unicode, ...).
+    extra: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -66,7 +68,9 @@ class NetcoreApi(LocalServer):
         if not text or not sender:
             return self._error("106", "Text and senderid are required")
         request_id = uuid.uuid4().hex[:20]
-        self.messages.append(NetcoreMessage(request_id, to, sender, text))
+        known = ("feedid", "username", "password", "To", "Text", "senderid")
+        extra = {k: v for k, v in form.items() if k not in known}
+        self.messages.append(NetcoreMessage(request_id, to, sender, text, extra))
         mid = '<MID SUBMITDATE="2026-11-23 12:00:00" ID="1" TAG="" TID="1"/>'
         body = f'<RESULT REQID="{request_id}">{mid}</RESULT>'
         return web.Response(text=body, content_type="application/xml")

@@ -66,8 +66,10 @@ _UPDATABLE = {
 }
 MAX_CONTROL_PERCENT = 90
 MAX_TEST_MESSAGES = 5
-# SMS providers that always carry India DLT ids (Vonage does when its destination has an entity id).
-DLT_PROVIDERS = {"exotel", "msg91"}
+# SMS providers that carry India's DLT ids: each needs the campaign's template id to reach +91
+# numbers, and those named here also their destination's principal entity id.
+DLT_PROVIDERS = {"exotel", "msg91", "netcore", "vonage"}
+ENTITY_ID_PROVIDERS = {"netcore", "vonage"}
 # Caps below this are refused: a sample that small says little, a limit that small is a typo.
 MIN_CAP = 100
 _OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time", "failure_reason")
@@ -528,19 +530,39 @@ class Campaigns:
         return _message(row)
 
     async def _check_dlt(self, name: str, spec: pb.Campaign) -> None:
-        """India's DLT rules: an SMS campaign sent through a provider that carries DLT ids, to
-        +91 numbers, needs its content template id."""
-        if spec.WhichOneof("content") != "sms" or spec.sms.dlt_template_id:
+        """India's DLT rules: an SMS campaign that reaches +91 numbers through a provider carrying
+        DLT ids (or a group with one) needs its content template id, and the provider's
+        destination its principal entity id."""
+        if spec.WhichOneof("content") != "sms":
             return
-        needs_dlt = spec.destination_type in DLT_PROVIDERS
-        if spec.destination_type == "vonage":
-            destination = await self.references.destination(spec.destination, "campaign.destination")
-            needs_dlt = bool(destination.vonage.dlt_entity_id)
-        if needs_dlt and await self.references.reaches_india(spec.audience):
+        destination = await self.references.destination(spec.destination, "campaign.destination")
+        providers = [destination]
+        if destination.WhichOneof("config") == "sms_provider_group":
+            providers = [
+                await self.references.destination(member, "campaign.destination")
+                for member in destination.sms_provider_group.destinations
+            ]
+        kinds = {p.WhichOneof("config") or "" for p in providers}
+        no_entity = [
+            p.name
+            for p in providers
+            if p.WhichOneof("config") in ENTITY_ID_PROVIDERS
+            and not getattr(p, p.WhichOneof("config") or "").dlt_entity_id
+        ]
+        if not (kinds & DLT_PROVIDERS) or not await self.references.reaches_india(spec.audience):
+            return
+        if not spec.sms.dlt_template_id:
             raise FailedPrecondition(
                 name,
                 f"campaign.sms.dlt_template_id is required: {name} sends to +91 numbers through "
-                f"{spec.destination_type}, and India's DLT rules need the approved template's id",
+                f"{', '.join(sorted(kinds & DLT_PROVIDERS))}, and India's DLT rules need the approved "
+                "template's id",
+            )
+        if no_entity:
+            raise FailedPrecondition(
+                name,
+                f"{name} sends to +91 numbers through {', '.join(no_entity)}, which has no "
+                "dlt_entity_id: India's DLT rules need the principal entity's id",
             )
 
     async def stop(self, name: str) -> pb.Campaign:

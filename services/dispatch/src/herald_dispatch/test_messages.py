@@ -72,7 +72,7 @@ class TestMessages:
             receipts=False,  # a test message counts nowhere
         )
         tests = [
-            (events.Recipient(delivery_id=f"test-{uuid.uuid4()}", user_id="test"), message)
+            (events.Recipient(delivery_id=f"test-{uuid.uuid4().hex}", user_id="test"), message)
             for message in request.messages
         ]
         opted_out = await self.gate.opted_out(account_id, [m.phone for m in request.messages])

@@ -1,6 +1,9 @@
 """SMS through Netcore's bulk push API: one form POST per message to /BulkSms/SingleMsgApi with the
 feed id, username and password in the form, the number as digits without `+`, the text and the
-sender id.
+sender id, and India's DLT ids as `entityid` and `templateid` (Netcore's Single Message API
+reference, emaildocs.netcorecloud.com/reference/single-message-api). A text that needs UCS-2 goes
+with `unicode=1` [unverified: Netcore's public reference names no encoding parameter; this is the
+flag its integrations are seen to send]. A +91 number is not sent to without both DLT ids.
 
 Netcore answers in XML. Its exact schema is not published; a `REQUEST-ERROR` or `ERROR` element
 means the message was refused (its CODE and DESC are the reason), anything else with HTTP 200 that
@@ -19,12 +22,13 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, sms
 from herald_common.errors import Validator
-from herald_dispatch.channels import CannotCheck, Outcome, SendContext, mask_secret
+from herald_dispatch.channels import FAILED, CannotCheck, Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
     AnswerTable,
     Meaning,
     SmsProvider,
     Verdict,
+    dlt_missing,
 )
 
 KIND = channels.for_config("netcore")
@@ -92,6 +96,10 @@ class NetcoreChannel(SmsProvider):
     ) -> Outcome:
         """Sends one rendered message to one number."""
         config = context.destination.netcore
+        template_id = context.campaign.sms.dlt_template_id
+        missing = dlt_missing(phone, config.dlt_entity_id, template_id)
+        if missing:  # another provider of a group may carry the ids
+            return Outcome(recipient, FAILED, 0, f"netcore: {missing}", failover=True)
         form = {
             "feedid": config.feed_id,
             "username": config.username,
@@ -99,7 +107,14 @@ class NetcoreChannel(SmsProvider):
             "To": phone.removeprefix("+"),
             "Text": text,
             "senderid": config.sender,
+            "async": "0",
         }
+        if config.dlt_entity_id:
+            form["entityid"] = config.dlt_entity_id
+        if template_id:
+            form["templateid"] = template_id
+        if sms.measure(text).encoding is sms.Encoding.UCS2:
+            form["unicode"] = "1"
         return await self.post(
             context,
             recipient,

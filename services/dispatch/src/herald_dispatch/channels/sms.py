@@ -309,6 +309,19 @@ async def check_with(
     return False, f"{provider} answered HTTP {status}"
 
 
+def dlt_missing(phone: str, entity_id: str, template_id: str) -> str:
+    """What India's DLT rules need that a message to `phone` lacks ('' when nothing): +91 numbers
+    are reached only with the principal entity's id and the approved template's id."""
+    if not phone.startswith("+91"):
+        return ""
+    missing = [
+        name for name, value in (("dlt_entity_id", entity_id), ("dlt_template_id", template_id)) if not value
+    ]
+    if not missing:
+        return ""
+    return f"India's DLT rules need {' and '.join(missing)} for +91 numbers; not sent"
+
+
 class SmsProvider:
     """What the providers share: a batch is each recipient's message sent through `send_one`,
     and each message posted through `post`."""

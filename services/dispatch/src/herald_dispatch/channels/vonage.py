@@ -10,6 +10,7 @@ not sent again. The delivery id goes out as `client-ref`.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any
 from urllib.parse import urlencode
@@ -20,7 +21,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import channels, sms
 from herald_common.errors import Validator
-from herald_dispatch.channels import Outcome, SendContext, mask_secret
+from herald_dispatch.channels import FAILED, Outcome, SendContext, mask_secret
 from herald_dispatch.channels.sms import (
     ALPHANUMERIC_SENDER,
     AnswerTable,
@@ -28,6 +29,7 @@ from herald_dispatch.channels.sms import (
     SmsProvider,
     Verdict,
     check_with,
+    dlt_missing,
     json_object,
 )
 
@@ -37,6 +39,7 @@ DEFAULT_ENDPOINT = "https://rest.nexmo.com"
 API_KEY = re.compile(r"^[A-Za-z0-9]{8}$")
 API_SECRET = re.compile(r"^[A-Za-z0-9]{16}$")
 NUMBER_SENDER = re.compile(r"^\+?[1-9]\d{6,14}$")
+MAX_CLIENT_REF = 40
 # Vonage answers 200 and a status per message part; each status's meaning, from its API
 # specification's error list.
 ANSWERS = AnswerTable(
@@ -58,6 +61,14 @@ ANSWERS = AnswerTable(
         # A status Vonage does not document, or a 200 without parts, proves nothing: unknown.
     },
 )
+
+
+def client_ref(delivery_id: str) -> str:
+    """The delivery id as Vonage's `client-ref`, which holds at most 40 characters: longer ids
+    go as a digest of them."""
+    if len(delivery_id) <= MAX_CLIENT_REF:
+        return delivery_id
+    return hashlib.sha256(delivery_id.encode()).hexdigest()[:MAX_CLIENT_REF]
 
 
 def sender_problem(sender: str) -> str | None:
@@ -150,7 +161,7 @@ class VonageChannel(SmsProvider):
             "to": phone.removeprefix("+"),
             "text": text,
             "type": "unicode" if sms.measure(text).encoding is sms.Encoding.UCS2 else "text",
-            "client-ref": recipient.delivery_id,
+            "client-ref": client_ref(recipient.delivery_id),
         }
         callback = context.receipt_url
         if callback:
@@ -166,6 +177,9 @@ class VonageChannel(SmsProvider):
     ) -> Outcome:
         """Sends one rendered message to one number."""
         config = context.destination.vonage
+        missing = dlt_missing(phone, config.dlt_entity_id, context.campaign.sms.dlt_template_id)
+        if missing:  # another provider of a group may carry the ids
+            return Outcome(recipient, FAILED, 0, f"vonage: {missing}", failover=True)
         return await self.post(
             context,
             recipient,

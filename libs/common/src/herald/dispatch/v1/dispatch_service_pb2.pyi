@@ -347,10 +347,14 @@ Global___NetcoreConfig: _TypeAlias = NetcoreConfig  # noqa: Y015
 
 @_typing.final
 class SmsProviderGroupConfig(_message.Message):
-    """SMS providers tried in order. A message goes to the first; when a provider fails in a way another
-    could fix (no connection, no answer, a 5xx, throttling past its retry budget, refused
-    credentials, no balance), it goes to the next, with the same delivery id. A final error for the
-    message itself (an invalid number, a rejected template) does not fail over.
+    """SMS providers tried in order. A message goes to the first; it goes on to the next, with the same
+    delivery id, only when the provider's answer proves it was not sent and another could send it (no
+    connection could be made, throttling past its retry budget, refused credentials, no balance, an
+    error the provider documents as its own). An answer that proves nothing (no answer in time, a
+    dropped connection, a 5xx the provider does not document as "not processed") makes the delivery
+    unknown, and it is never sent through another provider; Twilio is asked later whether it made
+    the message. A final error for the message itself (an invalid number, a rejected template) does
+    not fail over.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
