@@ -151,3 +151,14 @@ async def last_message(js: JetStreamContext, stream: str, subject: str) -> RawSt
         return await js.get_last_msg(stream, subject)
     except nats.js.errors.NotFoundError:
         return None
+
+
+def busiest_second(times: list[float]) -> int:
+    """The most of `times` (seconds) inside any rolling second [t, t + 1)."""
+    ordered = sorted(times)
+    busiest = start = 0
+    for end, at in enumerate(ordered):
+        while ordered[start] <= at - 1.0:
+            start += 1
+        busiest = max(busiest, end - start + 1)
+    return busiest

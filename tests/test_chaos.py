@@ -41,7 +41,7 @@ from tests.fakes.segment_api import SegmentApi
 from tests.fakes.twilio_api import TwilioApi
 from tests.fakes.vonage_api import VonageApi
 from tests.harness import create_account, keyed_channel
-from tests.helpers import condition, matching, segment_export_campaign, user
+from tests.helpers import busiest_second, condition, matching, segment_export_campaign, user
 from tests.processes import OwnNats, OwnPostgres, ServiceProcesses
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
@@ -351,6 +351,8 @@ def _assert_everyone_texted_once(texting: Texting, stats: campaign_pb.CampaignSt
     missing = set(texting.texts.items()) - set(arrived)
     assert not missing, f"{len(missing)} members never texted, e.g. {sorted(missing)[:3]}"
     assert sum(arrived.values()) == SMS_AUDIENCE
+    # Twilio's 500 requests a second held in every rolling second, across both replicas.
+    assert busiest_second(texting.twilio.arrivals) <= 500
     assert (stats.targeted, stats.sent, stats.failed, stats.skipped, stats.unknown, stats.resent) == (
         SMS_AUDIENCE,
         SMS_AUDIENCE,

@@ -1,4 +1,4 @@
-"""The per-destination request rate is shared by every dispatch replica."""
+"""The per-destination request rate is shared by every dispatch replica, in every rolling second."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import uuid
 from herald_common.db import Database, make_engine
 from herald_dispatch.ratelimit import SharedRateLimiter
 from tests.conftest import Platform
+from tests.helpers import busiest_second
 
 
 async def test_two_replicas_together_stay_within_the_destination_rate(platform: Platform) -> None:
@@ -32,8 +33,6 @@ async def test_two_replicas_together_stay_within_the_destination_rate(platform: 
     finally:
         for engine in engines:
             await engine.dispose()
-    # Windows are the database's seconds: `seconds` of sending touch at most seconds + 1 of them.
-    assert len(granted) <= limit * (seconds + 1)
+    # The destination's limit holds in every rolling second, and is nearly used.
+    assert busiest_second(granted) <= limit
     assert len(granted) >= limit * (seconds - 1)
-    # No stretch of one second ever carries more than two windows' worth.
-    assert max(sum(1 for t in granted if start <= t < start + 1.0) for start in granted) <= 2 * limit

@@ -15,6 +15,7 @@ from herald_common import clock
 from tests.conftest import CLOCK_START, Platform, eventually
 from tests.fakes.twilio_api import TwilioApi
 from tests.fakes.vonage_api import VonageApi
+from tests.helpers import busiest_second
 from tests.test_sms_campaign import (
     ACCOUNT_SID,
     AUTH_TOKEN,
@@ -192,3 +193,25 @@ async def _stopped_stats(account: SmsAccount, name: str) -> campaign_pb.Campaign
     stats = await settled()
     assert stats is not None
     return stats
+
+
+async def test_a_provider_limit_holds_in_every_rolling_second(account: SmsAccount, twilio: TwilioApi) -> None:
+    limited = await account.clients.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(
+                display_name="Twilio, 12 a second",
+                twilio=_twilio(
+                    account_sid=ACCOUNT_SID,
+                    auth_token=AUTH_TOKEN,
+                    endpoint_url=twilio.url,
+                    sender="+14155550000",
+                    requests_per_second=12,
+                ),
+            )
+        )
+    )
+    campaign = _sms_campaign(account)
+    campaign.destination = limited.name
+    stats = await _completed(account, await _publish(account, campaign))
+    assert stats.sent == 30
+    assert busiest_second(twilio.arrivals) <= 12

@@ -56,6 +56,9 @@ class SegmentApi:
     # Off for long benchmarks: keep message ids only, not every request and event body.
     record_bodies: bool = True
     request_count: int = 0
+    # When each request arrived (monotonic), and how many are being answered now.
+    arrivals: list[float] = field(default_factory=list)
+    in_flight: int = 0
     # An outage: every request answered with (status, Retry-After) until the monotonic deadline.
     _failing: tuple[float, int, float | None] = (0.0, 0, None)
     _hanging_until: float = 0.0
@@ -127,6 +130,14 @@ class SegmentApi:
         )
 
     async def _handle(self, request: web.Request) -> web.Response:
+        self.arrivals.append(time.monotonic())
+        self.in_flight += 1
+        try:
+            return await self._answer(request)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(self, request: web.Request) -> web.Response:
         call = request.match_info["call"]
         raw = await request.read()
         self.request_count += 1

@@ -566,16 +566,16 @@ class Campaigns:
             )
 
     async def stop(self, name: str) -> pb.Campaign:
-        """Stops the campaign: dispatch halts its deliveries on every replica first, so once this
-        returns no new provider request of it starts; then its pending runs are cancelled."""
-        async with self.database.transaction() as session:
-            _stoppable(name, (await self._locked(session, name)).state)
-        await self.references.halt_deliveries(name)
+        """Stops the campaign (its pending runs are cancelled), then has dispatch halt its
+        deliveries on every replica: once this returns, no new provider request of it starts.
+        Stopping a stopped campaign halts again, so a stop whose halt failed can be retried."""
         async with self.database.transaction() as session:
             row = await self._locked(session, name)
-            _stoppable(name, row.state)
-            row = await self._set_state(session, row.id, State.STATE_STOPPED)
+            if row.state != _state_name(State.STATE_STOPPED):
+                _stoppable(name, row.state)
+                row = await self._set_state(session, row.id, State.STATE_STOPPED)
         self._notify()
+        await self.references.halt_deliveries(name)
         return _message(row)
 
     async def explain(self, campaign_name: str, user_id: str) -> pb.DeliveryExplanation:

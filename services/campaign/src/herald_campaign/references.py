@@ -15,6 +15,8 @@ from herald_common import deadlines
 from herald_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable, invalid
 
 LOOKUP_TIMEOUT_SECONDS = 5.0
+# A halt returns once the campaign's requests already under way have been made.
+HALT_TIMEOUT_SECONDS = 25.0
 # Test messages wait for the provider's answers (a throttled provider may take a while).
 SEND_TIMEOUT_SECONDS = 60.0
 
@@ -94,7 +96,7 @@ class References:
         try:
             await self.destinations.HaltCampaignDeliveries(
                 dispatch_pb.HaltCampaignDeliveriesRequest(campaign=campaign),
-                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
+                timeout=deadlines.timeout(HALT_TIMEOUT_SECONDS),
             )
         except grpc.aio.AioRpcError as error:
             raise Unavailable(f"dispatch service: {error.code().name} {error.details()}") from None

@@ -10,6 +10,8 @@ only the deliveries of the waves really under way.
 
 from __future__ import annotations
 
+import asyncio
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,8 +63,9 @@ _ADMIT = sa.text(
         JOIN dispatch.sms_opt_outs o ON o.account_id = :account_id AND o.phone = w.p
     ),
     intended AS (
-        INSERT INTO dispatch.delivery_intents AS i (delivery_id, account_id, destination, batch_id, attempt)
-        SELECT d, :account_id, :destination, :batch_id, :attempt FROM wave
+        INSERT INTO dispatch.delivery_intents AS i
+            (delivery_id, account_id, destination, batch_id, attempt, campaign)
+        SELECT d, :account_id, :destination, :batch_id, :attempt, :campaign FROM wave
         WHERE NOT (SELECT halted OR superseded FROM gate)
           AND d NOT IN (SELECT d FROM blocked)
           AND NOT EXISTS (SELECT 1 FROM dispatch.deliveries x WHERE x.delivery_id = d)
@@ -76,6 +79,9 @@ _ADMIT = sa.text(
     """
 )
 _HALTED = sa.text("SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign)")
+_UNDER_WAY = sa.text("SELECT EXISTS (SELECT 1 FROM dispatch.delivery_intents WHERE campaign = :campaign)")
+# How often a halt looks whether the campaign's admitted requests have all been made.
+HALT_POLL_SECONDS = 0.05
 _OPTED_OUT = sa.text(
     """
     SELECT phone FROM dispatch.sms_opt_outs
@@ -121,13 +127,24 @@ class SendGate:
         async with self.database.transaction() as session:
             return bool(await session.scalar(_HALTED, {"campaign": campaign}))
 
-    async def halt(self, account_id: uuid.UUID, campaign: str) -> None:
+    async def halt(self, account_id: uuid.UUID, campaign: str, within: float) -> bool:
+        """Halts the campaign: no replica admits another wave of it. Then waits, up to `within`
+        seconds, until the requests already admitted have been made and recorded, so that none
+        starts after this returns; False when some were still under way."""
         async with self.database.transaction() as session:
             await session.execute(
                 insert(halted_campaigns)
                 .values(campaign=campaign, account_id=account_id)
                 .on_conflict_do_nothing()
             )
+        deadline = time.monotonic() + within
+        while True:
+            async with self.database.transaction() as session:
+                if not await session.scalar(_UNDER_WAY, {"campaign": campaign}):
+                    return True
+            if time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(HALT_POLL_SECONDS)
 
 
 async def record_opt_out(session: AsyncSession, account_id: uuid.UUID, phone: str, opted_out: bool) -> None:

@@ -1,14 +1,19 @@
-"""A per-destination request rate shared by every dispatch replica, counted in PostgreSQL.
+"""A per-destination request rate shared by every dispatch replica, scheduled in PostgreSQL.
 
-Windows are seconds of the database's clock, so replicas whose clocks disagree still share them.
-A replica takes permits in blocks (a twentieth of the rate) and spends them within the same
-second, so the database sees a few takes a second, not one per request.
+Each request to a destination of `limit` requests a second gets its own time slot from one
+schedule row the replicas share (the database's clock, so replicas whose clocks disagree still
+share it). A replica reserves slots in blocks (a twentieth of a second's worth), so the database
+sees a few reservations a second, not one per request, and sends each request at its slot's time.
+A slot its sender reaches more than JITTER_SECONDS late is dropped rather than sent close to the
+next one, and slots are spaced for `limit` in 1 + 2 * JITTER_SECONDS seconds: so even with that
+much lateness here and on the way, no rolling second at the provider holds more than `limit`
+requests, across replicas, and idle time is never saved up into a burst.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import collections
 import time
 import uuid
 
@@ -16,71 +21,72 @@ import sqlalchemy as sa
 
 from herald_common.db import Database
 
-_TAKE = sa.text(
+# Reserves `count` slots `spacing` seconds apart, from now or from the schedule's end, whichever
+# is later; answers when the first is, as seconds from the database's now.
+_RESERVE = sa.text(
     """
-    INSERT INTO dispatch.rate_windows AS w (destination, account_id, second, used, granted)
-    VALUES (:destination, :account_id, floor(extract(epoch FROM clock_timestamp()))::bigint,
-            LEAST(CAST(:block AS int), CAST(:limit AS int)), LEAST(CAST(:block AS int), CAST(:limit AS int)))
-    ON CONFLICT (destination, second) DO UPDATE
-        SET used = w.used + LEAST(CAST(:block AS int), CAST(:limit AS int) - w.used),
-            granted = LEAST(CAST(:block AS int), CAST(:limit AS int) - w.used)
-        WHERE w.used < CAST(:limit AS int)
-    RETURNING granted, 1 - (extract(epoch FROM clock_timestamp()) - second) AS seconds_left
-    """
-)
-_FORGET = sa.text(
-    """
-    DELETE FROM dispatch.rate_windows
-    WHERE second < floor(extract(epoch FROM clock_timestamp()))::bigint - 60
+    WITH now AS (SELECT clock_timestamp() AS at,
+                        CAST(:count AS int) * CAST(:spacing AS float8) AS span)
+    INSERT INTO dispatch.rate_schedules AS r (destination, account_id, next_slot)
+    SELECT :destination, :account_id, at + make_interval(secs => span) FROM now
+    ON CONFLICT (destination) DO UPDATE
+        SET next_slot = GREATEST(r.next_slot, (SELECT at FROM now))
+                        + make_interval(secs => (SELECT span FROM now))
+    RETURNING extract(epoch FROM next_slot - (SELECT at FROM now)) - (SELECT span FROM now) AS first_in
     """
 )
 BLOCKS_PER_SECOND = 20
+JITTER_SECONDS = 0.025
 
 
 class SharedRateLimiter:
-    """At most `limit` requests per second to one destination, across replicas."""
+    """At most `limit` requests per rolling second to one destination, across replicas."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        # Permits this replica holds per destination, and when their second ends (monotonic).
-        self._held: dict[str, tuple[int, float]] = {}
-        # One request at a time asks the database for more permits of a destination; the others
-        # queue here instead of all polling it.
-        self._refilling: dict[str, asyncio.Lock] = {}
+        # Slots this replica reserved per destination: their times (monotonic), earliest first.
+        self._slots: dict[str, collections.deque[float]] = {}
+        # One request at a time reserves more slots of a destination; the others queue here.
+        self._reserving: dict[str, asyncio.Lock] = {}
 
-    def _take_held(self, destination: str) -> bool:
-        permits, until = self._held.get(destination, (0, 0.0))
-        if permits > 0 and time.monotonic() < until:
-            self._held[destination] = (permits - 1, until)
-            return True
-        return False
+    def _next_slot(self, destination: str) -> float | None:
+        slots = self._slots.get(destination)
+        now = time.monotonic()
+        while slots:
+            slot = slots.popleft()
+            if slot >= now - JITTER_SECONDS:  # not yet, or only just past
+                return slot
+        return None
 
     async def acquire(self, account_id: uuid.UUID, destination: str, limit: int) -> None:
-        if self._take_held(destination):
-            return
-        async with self._refilling.setdefault(destination, asyncio.Lock()):
-            await self._refill(account_id, destination, limit)
+        """Waits for the destination's next slot."""
+        spacing = (1.0 + 2 * JITTER_SECONDS) / max(limit, 1)
+        slot = self._next_slot(destination)
+        while slot is None:
+            async with self._reserving.setdefault(destination, asyncio.Lock()):
+                slot = self._next_slot(destination)
+                if slot is None:
+                    await self._reserve(account_id, destination, limit, spacing)
+                    slot = self._next_slot(destination)
+        delay = slot - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
 
-    async def _refill(self, account_id: uuid.UUID, destination: str, limit: int) -> None:
-        while True:
-            if self._take_held(destination):
-                return
-            block = max(1, limit // BLOCKS_PER_SECOND)
-            async with self.database.transaction() as session:
-                row = (
-                    await session.execute(
-                        _TAKE,
-                        {
-                            "destination": destination,
-                            "account_id": account_id,
-                            "limit": limit,
-                            "block": block,
-                        },
-                    )
-                ).first()
-                if random.random() < 0.01:  # old windows are of no use; clear them now and then
-                    await session.execute(_FORGET)
-            if row is not None and row.granted > 0:
-                self._held[destination] = (row.granted - 1, time.monotonic() + float(row.seconds_left))
-                return
-            await asyncio.sleep(random.uniform(0.05, 0.2))
+    async def _reserve(self, account_id: uuid.UUID, destination: str, limit: int, spacing: float) -> None:
+        count = max(1, limit // BLOCKS_PER_SECOND)
+        async with self.database.transaction() as session:
+            first_in = float(
+                await session.scalar(
+                    _RESERVE,
+                    {
+                        "destination": destination,
+                        "account_id": account_id,
+                        "count": count,
+                        "spacing": spacing,
+                    },
+                )
+            )
+        start = time.monotonic() + first_in
+        self._slots.setdefault(destination, collections.deque()).extend(
+            start + i * spacing for i in range(count)
+        )

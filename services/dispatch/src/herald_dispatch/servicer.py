@@ -11,12 +11,16 @@ from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as pb_grpc
 from herald_common import api
 from herald_common.auth import Permission, current_account_id, method_permissions
+from herald_common.logging import get_logger
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import Destinations
 from herald_dispatch.gate import SendGate
 from herald_dispatch.test_messages import TestMessages
 
 Context = grpc.aio.ServicerContext[Any, Any]
+log = get_logger(__name__)
+# A halt waits this long at most for a campaign's admitted requests to be made.
+HALT_WAIT_SECONDS = 20.0
 
 
 PERMISSIONS = method_permissions(
@@ -47,7 +51,9 @@ class DispatchServicer(pb_grpc.DispatchServiceServicer):
         self, request: pb.HaltCampaignDeliveriesRequest, context: Context
     ) -> empty_pb2.Empty:
         api.parse_uuid_name(request.campaign, "campaigns", "campaign")
-        await self.gate.halt(current_account_id(), request.campaign)
+        within = min(context.time_remaining() or HALT_WAIT_SECONDS, HALT_WAIT_SECONDS) - 0.5
+        if not await self.gate.halt(current_account_id(), request.campaign, within):
+            log.warning("halt_left_requests_under_way", campaign=request.campaign)
         return empty_pb2.Empty()
 
     async def ListDeliveries(

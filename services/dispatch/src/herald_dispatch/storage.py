@@ -91,16 +91,14 @@ campaigns = sa.Table(
     sa.Column("snapshot", sa.LargeBinary, nullable=False),
 )
 
-# Requests sent to each destination per second, shared by every dispatch replica.
-rate_windows = sa.Table(
-    "rate_windows",
+# Each destination's schedule of request slots, shared by every dispatch replica: the end of the
+# slots reserved so far.
+rate_schedules = sa.Table(
+    "rate_schedules",
     metadata,
     sa.Column("destination", sa.Text, primary_key=True),
     sa.Column("account_id", UUID(as_uuid=True), nullable=False),
-    sa.Column("second", sa.BigInteger, primary_key=True),
-    sa.Column("used", sa.Integer, nullable=False),
-    # Permits handed out by the latest take.
-    sa.Column("granted", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("next_slot", sa.DateTime(timezone=True), nullable=False),
 )
 
 outbox = outbox_table(metadata)
@@ -117,7 +115,9 @@ delivery_intents = sa.Table(
     # The attempt at a batch that claimed it: no other attempt may send it.
     sa.Column("batch_id", sa.Text, nullable=False),
     sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("campaign", sa.Text, nullable=False),
     sa.Column("intended_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    sa.Index("ix_dispatch_delivery_intents_campaign", "campaign"),
 )
 
 # Deliveries whose provider request may have been sent, waiting to be looked up with a provider

@@ -148,7 +148,12 @@ class DeliveryWorker:
             state = campaign_pb.State.Name(known.campaign.state).removeprefix("STATE_").lower()
             if known.delivering:  # halted by StopCampaign before this replica heard of it
                 state = "stopped"
-            outcomes = decided + [Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending]
+            # What an earlier attempt had under way may have been sent: unknown, never skipped.
+            under_way = [r for r in pending if attempt.again and r.delivery_id in attempt.intended]
+            outcomes = decided + await self._attempted_before(known, under_way, attempt.intended)
+            outcomes += [
+                Outcome(r, SKIPPED, reason=f"campaign {state}") for r in pending if r not in under_way
+            ]
         else:
             outcomes = decided + await self._send(batch, known, pending, attempt)
         recorded = await self.ledger.record(

@@ -22,7 +22,9 @@ def upgrade() -> None:
         sa.Column("destination", sa.Text, nullable=False),
         sa.Column("batch_id", sa.Text, nullable=False),
         sa.Column("attempt", sa.Integer, nullable=False),
+        sa.Column("campaign", sa.Text, nullable=False),
         sa.Column("intended_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+        sa.Index("ix_dispatch_delivery_intents_campaign", "campaign"),
         schema=SCHEMA,
     )
     op.create_table(
