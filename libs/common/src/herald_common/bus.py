@@ -140,7 +140,9 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
             max_age=spec.max_age_seconds,
             max_bytes=spec.max_bytes,
             retention=RetentionPolicy.WORK_QUEUE if spec.work_queue else RetentionPolicy.LIMITS,
-            discard=DiscardPolicy.NEW if spec.work_queue else DiscardPolicy.OLD,
+            # A full stream refuses what is new rather than dropping what a consumer may not have
+            # read yet: the refused events wait in their outbox (which then reports itself stuck).
+            discard=DiscardPolicy.NEW,
         )
         try:
             await js.stream_info(name)
