@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 import grpc
@@ -17,10 +18,12 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.bus import Subjects
+from herald_common.grpc_server import health_status
+from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
-from tests.harness import admin_url, database_name
+from tests.harness import Clients, admin_url, create_account, database_name
 from tests.helpers import (
     condition,
     create_segment,
@@ -32,7 +35,7 @@ from tests.helpers import (
 
 
 async def _audience(
-    platform: Platform, size: int, **properties: object
+    platform: Platform | Clients, size: int, **properties: object
 ) -> tuple[str, segmentation_pb.Segment]:
     tag = uuid.uuid4().hex[:8]
     for offset in range(0, size, 1000):
@@ -47,23 +50,25 @@ async def _audience(
     return tag, await create_segment(platform, condition("cohort", "EQUALS", tag))
 
 
-async def _publish(platform: Platform, campaign: campaign_pb.Campaign) -> str:
+async def _publish(platform: Platform | Clients, campaign: campaign_pb.Campaign) -> str:
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
     await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
     return created.name
 
 
-async def _state(platform: Platform, name: str) -> campaign_pb.State.ValueType:
+async def _state(platform: Platform | Clients, name: str) -> campaign_pb.State.ValueType:
     return (await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))).state
 
 
-async def _stats(platform: Platform, name: str) -> campaign_pb.CampaignStats:
+async def _stats(platform: Platform | Clients, name: str) -> campaign_pb.CampaignStats:
     return await platform.campaigns.GetCampaignStats(
         campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
     )
 
 
-async def _completed(platform: Platform, name: str, within: float = 60.0) -> campaign_pb.CampaignStats:
+async def _completed(
+    platform: Platform | Clients, name: str, within: float = 60.0
+) -> campaign_pb.CampaignStats:
     async def done() -> bool:
         return await _state(platform, name) == campaign_pb.State.STATE_COMPLETED
 
@@ -286,3 +291,127 @@ async def test_streams_are_bounded_and_jobs_leave_once_delivered(
         assert info.config.max_bytes and info.config.max_bytes > 0, name
     jobs = await js.stream_info(subjects.stream("jobs"))
     assert jobs.config.retention == nats.js.api.RetentionPolicy.WORK_QUEUE
+
+
+async def _export_seconds(clients: Clients, segment: str, destination: str) -> float:
+    """Seconds from publishing an export to its COMPLETED state."""
+    started = asyncio.get_running_loop().time()
+    name = await _publish(clients, segment_export_campaign(segment, destination))
+    await _completed(clients, name, within=120)
+    return asyncio.get_running_loop().time() - started
+
+
+async def test_a_hanging_destination_delays_no_other_accounts_deliveries(platform: Platform) -> None:
+    """Destination A (one account) hangs for 120 s with far more batches than a dispatch worker
+    holds at once; destination B (another account) exports 10,000 users as fast as it does alone."""
+    hanging, healthy = SegmentApi(write_keys={"wk_a"}), SegmentApi(write_keys={"wk_b"})
+    await hanging.start()
+    await healthy.start()
+    clients = []
+    try:
+        for owner in ("hanging", "healthy"):
+            _, key = await create_account(
+                platform.address("campaign"), platform.settings.bootstrap_token, owner
+            )
+            clients.append(Clients.open(platform.addresses, key))
+        a, b = clients
+        _, a_segment = await _audience(a, 36_000)  # 72 batches: more than the worker's 64 in flight
+        _, b_segment = await _audience(b, 10_000)
+        a_destination = await create_segment_destination(a, hanging.url, "wk_a")
+        b_destination = await create_segment_destination(b, healthy.url, "wk_b")
+        alone = await _export_seconds(b, b_segment.name, b_destination.name)
+
+        hanging.hang_for(120)
+        a_campaign = await _publish(a, segment_export_campaign(a_segment.name, a_destination.name))
+
+        async def a_stuck() -> bool:
+            return hanging.in_flight >= 8  # its lane is full of hanging requests
+
+        await eventually(a_stuck, within=60)
+        beside = await _export_seconds(b, b_segment.name, b_destination.name)
+        assert beside <= max(2 * alone, alone + 5), (alone, beside)
+        assert len(healthy.events) == 20_000
+        await a.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=a_campaign))
+    finally:
+        for opened in clients:
+            await opened.close()
+        await hanging.stop()
+        await healthy.stop()
+
+
+async def test_a_poison_pending_row_is_quarantined_and_releases_go_on(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    _, segment = await _audience(platform, 20)
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    known = await _publish(platform, segment_export_campaign(segment.name, destination.name))
+    await _completed(platform, known)
+    # Two rows no release can ever take, due before everything else: one whose recipients are not
+    # a PendingRecipients, one of a campaign the scheduler never heard of.
+    connection = await asyncpg.connect(platform.settings.database_url)
+    try:
+        poison = [(known, b"\xff\xff\xff\xff"), (f"campaigns/{uuid.uuid4()}", b"")]
+        for campaign, recipients in poison:
+            await connection.execute(
+                """
+                INSERT INTO scheduler.pending_deliveries
+                    (run_id, group_id, account_id, campaign, due_at, zone, size, recipients)
+                VALUES ($1, $2, $3, $4, now() - interval '1 day', 'UTC', 1, $5)
+                """,
+                uuid.uuid4(),
+                f"poison-{uuid.uuid4()}",
+                uuid.UUID(platform.account.removeprefix("accounts/")),
+                campaign,
+                recipients,
+            )
+        name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
+        assert (await _completed(platform, name)).sent == 20
+
+        async def quarantined() -> list[str]:
+            rows = await connection.fetch(
+                "SELECT problem FROM scheduler.pending_deliveries WHERE group_id LIKE 'poison-%'"
+            )
+            return [r["problem"] for r in rows if r["problem"]]
+
+        await eventually(lambda: _has(quarantined, 2))
+        problems = await quarantined()
+        assert any("DecodeError" in p for p in problems) and any("does not know" in p for p in problems)
+        assert await health_status(platform.address("scheduler")) == "SERVING"
+    finally:
+        await connection.execute("DELETE FROM scheduler.pending_deliveries WHERE group_id LIKE 'poison-%'")
+        await connection.close()
+
+
+async def _has(found: Callable[[], Awaitable[list[str]]], count: int) -> bool:
+    return len(await found()) >= count
+
+
+async def test_a_background_loop_that_keeps_failing_makes_its_service_not_serving(platform: Platform) -> None:
+    infra = platform.hosts["dispatch"].infra
+    broken = True
+
+    async def step() -> bool:
+        if broken:
+            raise RuntimeError("the step keeps failing")
+        return False
+
+    loop = WakeableLoop("test-loop", step, poll_seconds=0.1)
+    infra.watch(loop)
+    loop.start()
+    address = platform.address("dispatch")
+    try:
+
+        async def status_is(wanted: str, service: str = "") -> bool:
+            return await health_status(address, service) == wanted
+
+        await eventually(lambda: status_is("NOT_SERVING"), within=20)
+        assert await status_is("NOT_SERVING", "loop.test-loop")
+        assert await status_is("SERVING", "liveness")  # a restart would not help: not dead
+        broken = False
+        await eventually(lambda: status_is("SERVING"), within=20)
+        assert await status_is("SERVING", "loop.test-loop")
+    finally:
+        infra.loops.remove(loop)
+        await loop.stop()

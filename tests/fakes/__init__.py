@@ -20,7 +20,7 @@ class LocalServer:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def serve(self, app: web.Application) -> str:
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
         await site.start()

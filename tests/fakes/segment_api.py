@@ -80,7 +80,7 @@ class SegmentApi:
         app = web.Application(client_max_size=8 * 1024 * 1024)
         app.router.add_post("/v1/{call}", self._handle)
         app.router.add_get("/_fake/stats", self._stats)
-        self._runner = web.AppRunner(app, access_log=None)
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", port)
         await site.start()

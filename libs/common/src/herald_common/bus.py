@@ -194,6 +194,8 @@ BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 MessageHandler = Callable[[Msg], Awaitable[None]]
 # Longest wait before a message whose handling failed is offered again.
 MAX_REDELIVERY_DELAY_SECONDS = 60.0
+# A message of a lane that already holds all it may is offered again after this long.
+LANE_FULL_DELAY_SECONDS = 2.0
 
 
 class _Consumer:
@@ -374,9 +376,11 @@ class LaneConsumer(_Consumer):
     """Handles messages one at a time, concurrently, in lanes keyed by subject.
 
     Each lane (a destination, say) has its own concurrency, so one lane waiting on a rate limit or
-    an outage never holds another back; `max_in_flight` bounds the messages held at once. The
-    handler acks; on stop, handlers get the grace period and what is still running is handed back
-    to JetStream for redelivery.
+    an outage never holds another back; `max_in_flight` bounds the messages held at once. A lane
+    holds at most `lane_concurrency` more messages waiting for their turn: past that, a message is
+    handed back to JetStream for a while (redelivered after LANE_FULL_DELAY_SECONDS), so a stuck
+    lane cannot fill every in-flight slot. The handler acks; on stop, handlers get the grace
+    period and what is still running is handed back to JetStream for redelivery.
     """
 
     def __init__(
@@ -394,6 +398,7 @@ class LaneConsumer(_Consumer):
         self.lane_concurrency = lane_concurrency
         self.max_in_flight = max_in_flight
         self._lanes: dict[str, asyncio.Semaphore] = {}
+        self._held: dict[str, int] = {}  # messages of each lane running or waiting for their turn
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def _run(self, subscription: JetStreamContext.PullSubscription) -> None:
@@ -409,6 +414,12 @@ class LaneConsumer(_Consumer):
 
     async def _handle(self, msg: Msg) -> None:
         lane = self._lanes.setdefault(msg.subject, asyncio.Semaphore(self.lane_concurrency))
+        held = self._held.get(msg.subject, 0)
+        if held >= 2 * self.lane_concurrency:
+            with contextlib.suppress(Exception):  # not sent back: it returns after the ack wait
+                await msg.nak(delay=LANE_FULL_DELAY_SECONDS)
+            return
+        self._held[msg.subject] = held + 1
         self._in_progress[id(msg)] = msg
         try:
             async with lane:
@@ -422,6 +433,9 @@ class LaneConsumer(_Consumer):
             await self._settle_failure(msg, error)
         finally:
             self._in_progress.pop(id(msg), None)
+            self._held[msg.subject] -= 1
+            if not self._held[msg.subject]:
+                del self._held[msg.subject], self._lanes[msg.subject]
 
     async def _drain(self, grace_seconds: float) -> None:
         if not self._tasks:

@@ -212,6 +212,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 LIVENESS_SERVICE = "liveness"
 
 
+def _status(serving: bool) -> int:
+    return health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 class PortInUse(RuntimeError):
     """The service's port is taken (another instance, or another program)."""
 
@@ -262,24 +266,26 @@ class GrpcServer:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         return self.port
 
+    async def set_component(self, name: str, serving: bool) -> None:
+        """The health of one part of the service, under its own health service name."""
+        await self.health.set(name, _status(serving))
+
     async def set_serving(self, serving: bool) -> None:
-        status = (
-            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
         for name in ["", *self.service_names]:
-            await self.health.set(name, status)
+            await self.health.set(name, _status(serving))
 
     async def stop(self, grace: float) -> None:
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
 
 
-async def health_status(address: str) -> str:
-    """What a service at `address` reports to a probe: SERVING, NOT_SERVING, or UNREACHABLE."""
+async def health_status(address: str, service: str = "") -> str:
+    """What a service at `address` reports to a probe for `service` (its health service name;
+    "" for the whole service): SERVING, NOT_SERVING, or UNREACHABLE."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub: Any = health_pb2_grpc.HealthStub(channel)  # the generated stub knows only the sync API
         try:
-            answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+            answer = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
         except grpc.aio.AioRpcError:
             return "UNREACHABLE"
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))

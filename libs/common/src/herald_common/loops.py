@@ -11,9 +11,15 @@ from herald_common.logging import get_logger
 log = get_logger(__name__)
 
 
+# A loop whose step failed this many times in a row reports itself failing (its service's health
+# says NOT_SERVING) until a step succeeds.
+FAILING_AFTER = 3
+
+
 class WakeableLoop:
     """Calls `step` repeatedly. `step` returns True when more work may be waiting right away;
-    otherwise the loop sleeps until `notify()` or `poll_seconds` pass."""
+    otherwise the loop sleeps until `notify()` or `poll_seconds` pass. A step that raises is logged
+    and tried again a second later; `failing` tells when it keeps raising."""
 
     def __init__(self, name: str, step: Callable[[], Awaitable[bool]], poll_seconds: float) -> None:
         self.name = name
@@ -22,6 +28,12 @@ class WakeableLoop:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self.failures = 0  # in a row
+        self.last_error = ""
+
+    @property
+    def failing(self) -> bool:
+        return self.failures >= FAILING_AFTER
 
     def notify(self) -> None:
         self._wake.set()
@@ -39,8 +51,11 @@ class WakeableLoop:
         while not self._stopping:
             try:
                 more = await self.step()
-            except Exception:
-                log.exception("loop_step_failed", loop=self.name)
+                self.failures = 0
+            except Exception as error:
+                self.failures += 1
+                self.last_error = repr(error)[:500]
+                log.exception("loop_step_failed", loop=self.name, failures=self.failures)
                 more = False
                 await asyncio.sleep(1)
             if not more:

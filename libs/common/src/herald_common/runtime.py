@@ -41,6 +41,7 @@ from herald_common.bus import (
 from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, PortInUse, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
+from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxRelay
 from herald_common.secret_box import SecretKeysError
 from herald_common.settings import Settings
@@ -70,6 +71,8 @@ class Infrastructure:
     authenticator: Authenticator
     key_uses: KeyValue
     consumers: list[PullConsumer | LaneConsumer] = field(default_factory=list)
+    # Background loops whose repeated failure makes the service NOT_SERVING.
+    loops: list[WakeableLoop] = field(default_factory=list)
     # Set when the process begins to shut down: long work stops taking more and hands back the rest.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -184,20 +187,31 @@ class Infrastructure:
             await consumer.stop(self.settings.shutdown_grace_seconds)
         self.consumers.clear()
 
-    async def healthy(self) -> bool:
-        """Whether this service can do its work: database and NATS reachable, outbox moving,
-        consumers running."""
-        if not self.nats.is_connected or self.relay.stuck:
-            return False
-        if not all(consumer.alive for consumer in self.consumers):
-            return False
+    def watch(self, *loops: WakeableLoop) -> None:
+        """Makes these background loops part of the service's health."""
+        self.loops.extend(loops)
+
+    async def problems(self) -> list[str]:
+        """What keeps this service from doing its work (nothing when healthy): database or NATS
+        unreachable, the outbox stuck, a consumer stopped, a background loop failing."""
+        found = []
+        if not self.nats.is_connected:
+            found.append("NATS is not connected")
+        if self.relay.stuck:
+            found.append("the outbox is stuck")
+        found += [f"consumer {c.durable} has stopped" for c in self.consumers if not c.alive]
+        found += [
+            f"loop {loop.name} failed {loop.failures} times in a row: {loop.last_error}"
+            for loop in self.loops
+            if loop.failing
+        ]
         try:
             async with asyncio.timeout(HEALTH_CHECK_TIMEOUT_SECONDS):
                 async with self.database.engine.connect() as connection:
                     await connection.execute(sa.text("SELECT 1"))
-        except Exception:
-            return False
-        return True
+        except Exception as error:
+            found.append(f"the database is unreachable ({type(error).__name__})")
+        return found
 
     async def close(self) -> None:
         await self.stop_consumers()
@@ -264,15 +278,22 @@ class ServiceHost:
         return host
 
     async def _watch_health(self) -> None:
-        """Reports NOT_SERVING while the service cannot do its work, so probes and operators see it."""
+        """Reports NOT_SERVING while the service cannot do its work, so probes and operators see it,
+        with the reason logged; each background loop also has a health status of its own
+        (`loop.<name>`)."""
         serving = True
+        loops: dict[str, bool] = {}
         while True:
             await asyncio.sleep(HEALTH_CHECK_INTERVAL_SECONDS)
-            healthy = await self.infra.healthy()
-            if healthy != serving:
-                serving = healthy
-                await self.grpc.set_serving(healthy)
-                log.warning("health_changed", service=self.name, serving=healthy)
+            problems = await self.infra.problems()
+            if (not problems) != serving:
+                serving = not problems
+                await self.grpc.set_serving(serving)
+                log.warning("health_changed", service=self.name, serving=serving, problems=problems)
+            for loop in self.infra.loops:
+                if loops.get(loop.name) != (not loop.failing):
+                    loops[loop.name] = not loop.failing
+                    await self.grpc.set_component(f"loop.{loop.name}", not loop.failing)
 
     @property
     def port(self) -> int:

@@ -111,6 +111,7 @@ async def start(
             settings.receipts_url,
         )
         port_taken = await server.start(settings.host, settings.receipts_port)
+        infra.watch(server.sweeper)
         host.on_stop.append(server.stop)
         destinations.receipts_url = settings.receipts_url or f"http://{settings.host}:{port_taken}"
     chosen = worker_types_from_env(sorted(channels)) if workers is None else workers
@@ -119,6 +120,7 @@ async def start(
         worker = DeliveryWorker(infra, destinations, campaigns, channels[worker_type], worker_options)
         await worker.start()
         host.on_stop.append(worker.stop)
+        infra.watch(worker.settler)
     return host
 
 

@@ -78,7 +78,7 @@ class DeliveryWorker:
             self.infra.settings.sms_settle_seconds,
         )
         # Unknown deliveries that their provider can be asked about are settled in the background.
-        self._settler = WakeableLoop(
+        self.settler = WakeableLoop(
             f"settle-{self.channel.kind.destination_type}", self.settle_unknown, SETTLE_POLL_SECONDS
         )
         self.limiter = SharedRateLimiter(self.infra.database)
@@ -91,7 +91,7 @@ class DeliveryWorker:
 
     async def start(self) -> None:
         if self.channel.kind.content_field == "sms":
-            self._settler.start()
+            self.settler.start()
         await self.infra.consume_lanes(
             owner="jobs",
             durable=self.consumer_name,
@@ -102,7 +102,7 @@ class DeliveryWorker:
         )
 
     async def stop(self) -> None:
-        await self._settler.stop()
+        await self.settler.stop()
 
     async def handle(self, msg: Msg) -> None:
         decoded = await bus.decode_batch(

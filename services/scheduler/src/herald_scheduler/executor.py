@@ -182,16 +182,16 @@ class RunExecutor:
         self.lease = timedelta(seconds=lease_seconds)
         self.owner = uuid.uuid4().hex
         self._active: set[asyncio.Task[None]] = set()
-        self._loop = WakeableLoop("run-executor", self._claim_next, poll_seconds)
+        self.loop = WakeableLoop("run-executor", self._claim_next, poll_seconds)
 
     def notify(self) -> None:
-        self._loop.notify()
+        self.loop.notify()
 
     def start(self) -> None:
-        self._loop.start()
+        self.loop.start()
 
     async def stop(self) -> None:
-        await self._loop.stop()
+        await self.loop.stop()
         for task in self._active:
             task.cancel()  # the lease runs out and another replica resumes from the cursor
         await asyncio.gather(*self._active, return_exceptions=True)
@@ -209,7 +209,7 @@ class RunExecutor:
 
     def _run_done(self, task: asyncio.Task[None]) -> None:
         self._active.discard(task)
-        self._loop.notify()
+        self.loop.notify()
 
     async def _claim(self) -> tuple[Any, Snapshot | None] | None:
         """Takes one due run (or one abandoned by a crashed replica, or due for a retry) and leases it."""

@@ -88,6 +88,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         apply=apply_account_changes,
         problem=_account_changed_problem,
     )
+    infra.watch(executor.loop, *releaser.loops)
     executor.start()
     releaser.start()
     host.on_stop.extend([executor.stop, releaser.stop, segmentation.close])

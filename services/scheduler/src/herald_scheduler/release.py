@@ -27,6 +27,7 @@ from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api, channels
 from herald_common.bus import Subjects
 from herald_common.db import Database
+from herald_common.faults import is_transient
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
@@ -37,7 +38,7 @@ from herald_scheduler import frequency
 from herald_scheduler.handover import delivery_batches
 from herald_scheduler.planning import accounts_settings
 from herald_scheduler.runs import RunEvents
-from herald_scheduler.storage import campaigns, outbox
+from herald_scheduler.storage import campaigns, outbox, pending_deliveries
 
 log = get_logger(__name__)
 # A round hands over whole groups, about this many deliveries in all, from at most this many groups.
@@ -57,7 +58,7 @@ _DUE = sa.text(
     """
     SELECT run_id, group_id, account_id, campaign, due_at, cutoff_at, zone, throttled, size, recipients
     FROM scheduler.pending_deliveries
-    WHERE due_at <= :now
+    WHERE due_at <= :now AND problem IS NULL
     ORDER BY due_at, seq
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -182,25 +183,66 @@ class Releaser:
         self.run_events = run_events
         self.notify_outbox = notify_outbox
         self._swept: date | None = None
-        self._loops = [
+        self.loops = [
             WakeableLoop(f"releaser-{n}", self.release_due, poll_seconds) for n in range(CONCURRENT_ROUNDS)
         ]
 
     def notify(self) -> None:
-        for loop in self._loops:
+        for loop in self.loops:
             loop.notify()
 
     def start(self) -> None:
-        for loop in self._loops:
+        for loop in self.loops:
             loop.start()
 
     async def stop(self) -> None:
-        for loop in self._loops:
+        for loop in self.loops:
             await loop.stop()
 
     async def release_due(self) -> bool:
         """Releases the groups of deliveries that are due, oldest first, up to about
-        RELEASE_DELIVERIES; True when more may be due already."""
+        RELEASE_DELIVERIES; True when more may be due already. A round that fails for a reason that
+        will not pass by itself is taken again group by group, and the groups that fail alone are
+        quarantined with the reason, so one bad row holds no other back."""
+        try:
+            return await self._release_round()
+        except Exception as error:
+            if is_transient(error):
+                raise
+            log.error("release_round_failed", error=repr(error))
+            await self._quarantine_poison()
+            return True
+
+    async def _quarantine_poison(self) -> None:
+        now = api.utcnow()
+        async with self.database.transaction() as session:
+            for group in (await session.execute(_DUE, {"now": now, "limit": RELEASE_GROUPS})).all():
+                try:
+                    async with session.begin_nested():
+                        decided = await self._decide(session, [group], now)
+                        await self._hand_over(session, [group], decided)
+                except Exception as error:
+                    if is_transient(error):
+                        raise
+                    problem = f"cannot be released: {error!r}"[:1000]
+                    await session.execute(
+                        sa.update(pending_deliveries)
+                        .where(
+                            pending_deliveries.c.run_id == group.run_id,
+                            pending_deliveries.c.group_id == group.group_id,
+                        )
+                        .values(problem=problem)
+                    )
+                    log.error(
+                        "pending_deliveries_quarantined",
+                        run=str(group.run_id),
+                        group=group.group_id,
+                        campaign=group.campaign,
+                        problem=problem,
+                    )
+        self.notify_outbox()
+
+    async def _release_round(self) -> bool:
         now = api.utcnow()
         async with self.database.transaction() as session:
             locked = (await session.execute(_DUE, {"now": now, "limit": RELEASE_GROUPS})).all()
@@ -230,9 +272,8 @@ class Releaser:
         # Campaigns in name order: concurrent rounds take throttle windows' locks in one order.
         for name, of_campaign in sorted(by_campaign.items()):
             campaign = known.get(name)
-            if campaign is None:
-                log.warning("pending_deliveries_of_unknown_campaign", campaign=name, groups=len(of_campaign))
-                continue
+            if campaign is None:  # quarantined with this reason
+                raise LookupError(f"the scheduler does not know {name}")
             waiting = _expand(of_campaign)
             if not campaign.active:  # dispatch records each as skipped with the campaign's state
                 for each in waiting:

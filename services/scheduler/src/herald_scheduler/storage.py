@@ -93,7 +93,9 @@ pending_deliveries = sa.Table(
     sa.Column("size", sa.Integer, nullable=False),
     # events.PendingRecipients, serialized.
     sa.Column("recipients", sa.LargeBinary, nullable=False),
-    sa.Index("ix_scheduler_pending_due", "due_at", "seq"),
+    # Why the group can never be released (quarantined, out of the due order); NULL for the others.
+    sa.Column("problem", sa.Text, nullable=True),
+    sa.Index("ix_scheduler_pending_due", "due_at", "seq", postgresql_where=sa.text("problem IS NULL")),
 )
 
 # Deliveries a throttled campaign released in each 5-minute window, shared by every replica.

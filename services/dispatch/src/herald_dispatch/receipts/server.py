@@ -93,7 +93,7 @@ class ReceiptServer:
         self.notify_outbox = notify_outbox
         self.public_url = public_url.rstrip("/")
         self._runner: web.AppRunner | None = None
-        self._sweeper = WakeableLoop("receipt-sweeper", self.sweep, SWEEP_SECONDS)
+        self.sweeper = WakeableLoop("receipt-sweeper", self.sweep, SWEEP_SECONDS)
 
     async def start(self, host: str, port: int) -> int:
         app = web.Application(client_max_size=MAX_BODY_BYTES)
@@ -105,11 +105,11 @@ class ReceiptServer:
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
         await site.start()
-        self._sweeper.start()
+        self.sweeper.start()
         return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
 
     async def stop(self) -> None:
-        await self._sweeper.stop()
+        await self.sweeper.stop()
         if self._runner is not None:
             await self._runner.cleanup()
 
