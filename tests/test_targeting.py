@@ -3,9 +3,10 @@ cap with its seed recorded, and a safety limit that stops a run and raises an al
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ from herald_common.bus import Subjects
 from tests.conftest import CLOCK_START, Platform, eventually
 from tests.fakes import LocalServer
 from tests.fakes.segment_api import SegmentApi
+from tests.harness import Clients, create_account
 from tests.helpers import (
     condition,
     create_segment,
@@ -201,7 +203,7 @@ async def test_a_safety_limit_stops_the_run_and_raises_an_alert(
     subjects = Subjects(platform.settings.namespace)
 
     async def alerted() -> events_pb2.CampaignAlert | None:
-        last = await last_message(js, subjects.stream("scheduler"), subjects.campaign_alerts)
+        last = await last_message(js, subjects.stream("scheduler"), subjects.campaign_alert(platform.account))
         if last is None:
             return None
         alert = events_pb2.CampaignAlert.FromString(last.data or b"")
@@ -238,3 +240,65 @@ async def test_bad_targeting_names_the_field(
         await _campaign(platform, segment_api, 1, targeting)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert field in field_violations(raised.value)
+
+
+async def test_a_dead_alert_webhook_delays_only_its_own_accounts_alerts(
+    platform: Platform, js: JetStreamContext
+) -> None:
+    """Account A's webhook hangs; account B's alert still arrives at once, and only once."""
+    received: dict[str, list[str]] = {"hanging": [], "healthy": []}
+
+    def webhook(owner: str, hang: bool) -> Callable[[web.Request], Awaitable[web.Response]]:
+        async def receive(request: web.Request) -> web.Response:
+            received[owner].append(request.headers.get("Idempotency-Key", ""))
+            if hang:
+                await asyncio.sleep(30)
+            return web.Response(status=204)
+
+        return receive
+
+    app = web.Application()
+    app.router.add_post("/hanging", webhook("hanging", hang=True))
+    app.router.add_post("/healthy", webhook("healthy", hang=False))
+    server = LocalServer()
+    url = await server.serve(app)
+    accounts = {}
+    try:
+        for owner in ("hanging", "healthy"):
+            account, key = await create_account(
+                platform.address("campaign"), platform.settings.bootstrap_token
+            )
+            clients = Clients.open(platform.addresses, key)
+            settings = accounts_pb.AccountSettings(alert_webhook_url=f"{url}/{owner}")
+            await clients.accounts.UpdateAccountSettings(
+                accounts_pb.UpdateAccountSettingsRequest(settings=settings)
+            )
+            await clients.close()
+            accounts[owner] = account
+        subjects = Subjects(platform.settings.namespace)
+        for owner, count in (("hanging", 20), ("healthy", 1)):
+            for i in range(count):
+                alert = events_pb2.CampaignAlert(
+                    event_id=str(uuid.uuid4()),
+                    account=accounts[owner],
+                    campaign=f"campaigns/{uuid.uuid4()}",
+                    run=f"campaigns/x/runs/{i}",
+                    reason="safety limit",
+                )
+                await js.publish(
+                    subjects.campaign_alert(accounts[owner]),
+                    alert.SerializeToString(),
+                    headers={"Nats-Msg-Id": alert.event_id},
+                )
+        started = asyncio.get_running_loop().time()
+
+        async def healthy_alerted() -> bool:
+            return bool(received["healthy"])
+
+        await eventually(healthy_alerted, within=8)  # before the hanging webhook's 10 s timeout
+        assert asyncio.get_running_loop().time() - started < 8
+        await asyncio.sleep(1)
+        assert len(received["healthy"]) == 1  # sent once, whatever happens to the other account
+        assert len(received["hanging"]) == 1  # the other account waits on its own webhook, one at a time
+    finally:
+        await server.stop()

@@ -89,9 +89,13 @@ class Subjects:
     def destination_waiting(self) -> str:
         return f"{self.namespace}.dispatch.waiting"
 
+    def campaign_alert(self, account: str) -> str:
+        """Alerts of one account (`accounts/{id}`): each account's webhook is a lane of its own."""
+        return f"{self.namespace}.scheduler.campaign.alert.{account.removeprefix('accounts/')}"
+
     @property
     def campaign_alerts(self) -> str:
-        return f"{self.namespace}.scheduler.campaign.alert"
+        return f"{self.namespace}.scheduler.campaign.alert.*"
 
     @property
     def events_ingested(self) -> str:

@@ -9,11 +9,10 @@ import grpc
 from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as pb_grpc
-from herald.events.v1 import events_pb2 as events
 from herald_campaign.accounts import PERMISSIONS as ACCOUNT_PERMISSIONS
 from herald_campaign.accounts import SERVICE_NAME as ACCOUNT_SERVICE_NAME
 from herald_campaign.accounts import Accounts, AccountServicer
-from herald_campaign.alerts import AlertWebhooks, alert_problem
+from herald_campaign.alerts import AlertWebhooks
 from herald_campaign.consumers import start_consumers
 from herald_campaign.domain import Campaigns
 from herald_campaign.references import References
@@ -57,16 +56,9 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     )
     host.on_stop.extend([segmentation.close, dispatch.close])
     await start_consumers(infra, campaigns)
-    webhooks = AlertWebhooks(infra.database, network)
-    await infra.consume(
-        owner="scheduler",
-        durable="campaign-alert-webhooks",
-        filter_subject=infra.subjects.campaign_alerts,
-        event_type=events.CampaignAlert,
-        apply=webhooks.send,
-        problem=alert_problem,
-        batch_size=16,
-    )
+    webhooks = AlertWebhooks(infra, network)
+    await webhooks.start()
+    host.on_stop.append(webhooks.close)
     return host
 
 

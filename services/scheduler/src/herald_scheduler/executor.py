@@ -321,7 +321,9 @@ class RunExecutor:
             # A resumed run selects as of the moment the run first started ("the last 7 days").
             evaluation_time=api.timestamp(row.started_at or api.utcnow()),
         )
-        timing = RunTiming(campaign, row.planned_time or row.scheduled_time, snapshot.account)
+        timing = RunTiming(
+            campaign, row.planned_time or row.scheduled_time, snapshot.account, row.scheduled_time
+        )
         cursor = row.cursor
         async for page in self.audiences.StreamAudience(request, timeout=AUDIENCE_DEADLINE_SECONDS):
             if not page.members:
@@ -449,7 +451,8 @@ class RunExecutor:
             reason=reason,
             occur_time=api.timestamp(api.utcnow()),
         )
-        await enqueue(session, outbox, [OutboxEvent.of(self.subjects.campaign_alerts, alert, alert.event_id)])
+        subject = self.subjects.campaign_alert(alert.account)
+        await enqueue(session, outbox, [OutboxEvent.of(subject, alert, alert.event_id)])
 
     async def _record_seed(self, run_id: uuid.UUID, seed: str) -> None:
         async with self.database.transaction() as session:
