@@ -24,6 +24,7 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api, clock
+from herald_common.skips import SkipReason
 from herald_scheduler import main as scheduler_main
 from tests.conftest import CLOCK_START, Platform, eventually
 from tests.fakes.segment_api import SegmentApi
@@ -462,12 +463,12 @@ async def test_publishing_needs_what_the_delivery_rules_rely_on(
             )
         assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "throttle_per_five_minutes" in (raised.value.details() or "")
-        # Delivery in users' zones needs the time ahead in the earliest zone: 20:00 UTC today is
-        # already past in UTC+14 (it is 02:00 tomorrow there), though ahead in UTC.
+        # Delivery in users' zones needs the time ahead in some zone: Sunday 20:00 has passed in
+        # every one by Monday 12:00 UTC (the last, UTC-12, reached it at 08:00 UTC).
         local = segment_export_campaign(
             account.segment,
             account.destination,
-            schedule=_later(CLOCK_START.replace(hour=20)),
+            schedule=_later(CLOCK_START.replace(day=22, hour=20)),
             delivery=campaign_pb.DeliveryPreferences(user_timezone=True),
         )
         created = await account.clients.campaigns.CreateCampaign(
@@ -521,3 +522,97 @@ async def test_bad_account_settings_name_the_field_and_change_nothing(
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in field_violations(raised.value)
         assert (await account.clients.accounts.GetAccount(accounts_pb.GetAccountRequest())).settings == good
+
+
+async def test_published_after_the_first_zones_passed_the_time_the_rest_still_get_it(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> None:
+    """Monday 09:00 in users' zones, published at 12:00 UTC: past in Tokyo, ahead in New York."""
+    async with _account(platform, segment_api, NEW_YORK_AND_TOKYO) as account:
+        name = await account.campaign(
+            _later(CLOCK_START.replace(hour=9)), delivery=campaign_pb.DeliveryPreferences(user_timezone=True)
+        )
+        await _move_to(manual_clock, CLOCK_START.replace(hour=14, second=1))  # 09:00 in New York
+        stats = await account.settled(name, 20)
+        assert (stats.sent, stats.skipped) == (10, 10)
+        assert {r.reason: r.count for r in stats.failure_reasons} == {SkipReason.SEND_TIME_PASSED.value: 10}
+        assert {_zone_of(u) for u in _received(segment_api, account.tag)} == {"America/New_York"}
+        assert {at[:16] for at in _received(segment_api, account.tag).values()} == {"2026-11-23T14:00"}
+        tokyo_user = f"{account.tag}-Asia:Tokyo-0000"
+        assert await account.explain(name, tokyo_user) == [
+            (campaign_pb.DECISION_SKIPPED, campaign_pb.RULE_SCHEDULE)
+        ]
+
+
+async def test_a_recurring_campaign_published_late_keeps_its_first_day_where_it_is_ahead(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> None:
+    async with _account(platform, segment_api, NEW_YORK_AND_TOKYO) as account:
+        daily = campaign_pb.Recurring(
+            daily=campaign_pb.EveryNDays(every=1), time_of_day="09:00", start_date="2026-11-23", occurrences=2
+        )
+        name = await account.campaign(
+            campaign_pb.Schedule(recurring=daily),
+            delivery=campaign_pb.DeliveryPreferences(user_timezone=True),
+        )
+        await _move_to(manual_clock, CLOCK_START.replace(hour=14, second=1))
+        await account.settled(name, 20)  # Monday: New York sent, Tokyo past
+        await _move_to(manual_clock, CLOCK_START.replace(day=24, hour=14, second=1))  # Tuesday, both
+        stats = await account.settled(name, 40)
+        assert (stats.sent, stats.skipped) == (30, 10)
+        days = Counter((_zone_of(u), at[:10]) for u, at in _exports(segment_api, account.tag))
+        assert days == {
+            ("America/New_York", "2026-11-23"): 10,
+            ("Asia/Tokyo", "2026-11-24"): 10,
+            ("America/New_York", "2026-11-24"): 10,
+        }
+
+
+async def test_several_send_times_with_one_past_keep_the_others_and_say_so(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> None:
+    async with _account(platform, segment_api, {UTC_ZONE: 5}) as account:
+        times = [CLOCK_START.replace(hour=11), CLOCK_START.replace(hour=13)]  # 11:00 is past
+        campaign = segment_export_campaign(
+            account.segment,
+            account.destination,
+            schedule=campaign_pb.Schedule(
+                send_multiple=campaign_pb.SendMultiple(send_times=[api.timestamp(t) for t in times])
+            ),
+        )
+        created = await account.clients.campaigns.CreateCampaign(
+            campaign_pb.CreateCampaignRequest(campaign=campaign)
+        )
+        published = await account.clients.campaigns.PublishCampaign(
+            campaign_pb.PublishCampaignRequest(name=created.name)
+        )
+        assert published.state == campaign_pb.State.STATE_SCHEDULED
+        [note] = published.publish_notes
+        assert "send_times[0]" in note and "dropped" in note
+        await _move_to(manual_clock, CLOCK_START.replace(hour=13, second=1))
+        stats = await account.settled(created.name, 5)
+        assert stats.sent == 5
+        assert len(await account.runs(created.name)) == 1
+
+
+async def test_a_cut_off_at_the_send_time_itself_is_refused(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> None:
+    async with _account(platform, segment_api, {UTC_ZONE: 1}) as account:
+        campaign = segment_export_campaign(
+            account.segment,
+            account.destination,
+            schedule=_later(CLOCK_START.replace(hour=13)),
+            delivery=campaign_pb.DeliveryPreferences(cutoff_time="13:00"),
+        )
+        created = await account.clients.campaigns.CreateCampaign(
+            campaign_pb.CreateCampaignRequest(campaign=campaign)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await account.clients.campaigns.PublishCampaign(
+                campaign_pb.PublishCampaignRequest(name=created.name)
+            )
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "campaign.delivery.cutoff_time" in field_violations(raised.value)
+        got = await account.clients.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
+        assert got.state == campaign_pb.State.STATE_DRAFT

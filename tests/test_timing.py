@@ -197,10 +197,16 @@ def test_quiet_hours(quiet: QuietHours, moment: time, inside: bool) -> None:
         (utc(2026, 11, 24, 15), NY, NIGHT, None),  # 10:00: outside
         (utc(2026, 11, 24, 18, 30), NY, LUNCH, utc(2026, 11, 24, 19)),
         (utc(2026, 11, 24, 16), KOLKATA, NIGHT, utc(2026, 11, 25, 3, 30)),  # 21:30 IST
-        # The night the clocks spring forward in Berlin: 02:30 does not exist, so 03:30 CEST.
-        (utc(2026, 3, 28, 22), BERLIN, QuietHours(time(22), time(2, 30)), utc(2026, 3, 29, 1, 30)),
-        # Sydney's fall back night: 02:30 happens twice; quiet hours end at the first.
-        (utc(2026, 4, 4, 12), SYDNEY, QuietHours(time(22), time(2, 30)), utc(2026, 4, 4, 15, 30)),
+        # The night the clocks spring forward in Berlin: an end at 02:30 does not exist; the
+        # hours are over the moment the clocks jump from 02:00 to 03:00 CEST (01:00 UTC).
+        (utc(2026, 3, 28, 22), BERLIN, QuietHours(time(22), time(2, 30)), utc(2026, 3, 29, 1)),
+        # Sydney's fall back night: 02:30 happens twice (15:30 and 16:30 UTC); the hours end at
+        # the second, so nothing goes out in the repeated hour that is still inside them.
+        (utc(2026, 4, 4, 12), SYDNEY, QuietHours(time(22), time(2, 30)), utc(2026, 4, 4, 16, 30)),
+        # Due at the second 02:10 (16:10 UTC): inside them, until the second 02:30.
+        (utc(2026, 4, 4, 16, 10), SYDNEY, QuietHours(time(22), time(2, 30)), utc(2026, 4, 4, 16, 30)),
+        # An end at 02:15 in New York's gap (02:00 -> 03:00 EDT): at the jump, 07:00 UTC.
+        (utc(2026, 3, 8, 6, 30), NY, QuietHours(time(1), time(2, 15)), utc(2026, 3, 8, 7)),
     ],
 )
 def test_quiet_hours_delay(

@@ -17,6 +17,7 @@ from herald_common.timing import (
     QuietHours,
     Recurrence,
     next_occurrence,
+    run_last_due,
     run_start,
     zone_named,
 )
@@ -259,10 +260,17 @@ def _start_of(campaign: pb.Campaign, planned: datetime, default_zone: ZoneInfo) 
 
 
 def occurrences_after(
-    campaign: pb.Campaign, default_zone: ZoneInfo, after: datetime, limit: int
+    campaign: pb.Campaign,
+    default_zone: ZoneInfo,
+    after: datetime,
+    limit: int,
+    *,
+    under_way: bool = False,
 ) -> list[Occurrence]:
     """Up to `limit` runs the schedule asks for that start strictly after an instant, in order.
-    With delivery in users' zones a run starts up to 26 hours before its planned instant."""
+    With delivery in users' zones a run starts up to 26 hours before its planned instant; with
+    `under_way` (publishing) a run the earliest zones have already reached but the last has not
+    counts too, starting at `after`: its users whose time has passed are skipped."""
     if not campaign.delivery.user_timezone:
         return [Occurrence(t, t) for t in times_after(campaign, after, limit)]
     found: list[Occurrence] = []
@@ -275,4 +283,6 @@ def occurrences_after(
         start = _start_of(campaign, cursor, default_zone)
         if start > after:
             found.append(Occurrence(cursor, start))
+        elif under_way and run_last_due(*wall_clock(campaign, cursor, default_zone)) > after:
+            found.append(Occurrence(cursor, after))
     return found

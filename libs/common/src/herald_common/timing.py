@@ -5,6 +5,11 @@ Wall-clock times are applied in IANA time zones with one answer for each DST edg
   spring-forward night where 02:00 becomes 03:00 is delivered at 03:30;
 - a time that exists twice (the clocks fall back over it) takes its first occurrence.
 These are Python's `fold=0` semantics (PEP 495), so `local_instant` is all it takes.
+
+The end of do-not-disturb hours is the one exception, since it is a limit, not an appointment:
+deliveries go at the first instant the wall clock is no longer inside the hours. An end that
+does not exist is the instant the clocks jump (03:00 above), and an end that exists twice is its
+second occurrence, so nothing goes out in the repeated hour.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 # The zone that reaches a wall-clock time first (UTC+14): a run in users' own zones starts when it
 # does, up to 26 hours before the zone that reaches it last (UTC-12).
 EARLIEST_ZONE = ZoneInfo("Etc/GMT-14")
+LATEST_ZONE = ZoneInfo("Etc/GMT+12")
 THROTTLE_WINDOW_SECONDS = 300
 
 
@@ -34,6 +40,26 @@ def zone_named(name: str) -> ZoneInfo | None:
 def local_instant(day: date, at: time, zone: ZoneInfo) -> datetime:
     """The UTC instant of a wall-clock time on a day in a zone (see the module's DST rules)."""
     return datetime.combine(day, at.replace(tzinfo=None, fold=0), tzinfo=zone).astimezone(UTC)
+
+
+def first_instant_not_before(day: date, at: time, zone: ZoneInfo) -> datetime:
+    """The first UTC instant from which the wall clock in `zone` shows `at` on `day` or later,
+    never to go back before it: the jump itself when `at` falls in a spring-forward gap, the
+    second occurrence when it falls in a repeated fall-back hour."""
+    wall = datetime.combine(day, at.replace(tzinfo=None))
+    second = wall.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    if second.astimezone(zone).replace(tzinfo=None) == wall:
+        return second  # exists (once, or twice: then this is the second)
+    # In a gap: as UTC moves on, the wall clock first shows `wall` or later at the jump, which
+    # lies between the two readings of `wall` (clocks change on whole seconds).
+    low, high = int(second.timestamp()), int(local_instant(day, at, zone).timestamp())
+    while high - low > 1:
+        middle = (low + high) // 2
+        if datetime.fromtimestamp(middle, zone).replace(tzinfo=None) >= wall:
+            high = middle
+        else:
+            low = middle
+    return datetime.fromtimestamp(high, UTC)
 
 
 def local_day(instant: datetime, zone: ZoneInfo) -> date:
@@ -127,6 +153,12 @@ def run_start(day: date, at: time) -> datetime:
     return local_instant(day, at, EARLIEST_ZONE)
 
 
+def run_last_due(day: date, at: time) -> datetime:
+    """When the last zone on Earth (UTC-12) reaches a wall-clock time: until then, a run in users'
+    own zones still has users to deliver to."""
+    return local_instant(day, at, LATEST_ZONE)
+
+
 @dataclass(frozen=True)
 class QuietHours:
     """Do-not-disturb hours in the user's local time; `start` after `end` crosses midnight."""
@@ -144,12 +176,14 @@ class QuietHours:
         return moment >= self.start or moment < self.end
 
     def end_after(self, instant: datetime, zone: ZoneInfo) -> datetime:
-        """The first end of the quiet hours after an instant inside them, as a UTC instant."""
+        """The first end of the quiet hours after an instant inside them, as a UTC instant (see
+        the module's rule for ends at DST edges)."""
         local = instant.astimezone(zone)
         day = local.date()
-        if local.time() >= self.end:  # inside a window that crosses midnight, before it
+        if local.time().replace(tzinfo=None) >= self.end:  # inside a window crossing midnight
             day += timedelta(days=1)
-        return local_instant(day, self.end, zone)
+        end = first_instant_not_before(day, self.end, zone)
+        return end if end > instant else first_instant_not_before(day + timedelta(days=1), self.end, zone)
 
 
 def quiet_hours_delay(instant: datetime, zone: ZoneInfo, quiet: QuietHours) -> datetime | None:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
+from zoneinfo import ZoneInfo
 
 import sqlalchemy as sa
 from google.protobuf import field_mask_pb2, json_format
@@ -31,7 +32,13 @@ from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
-from herald_common.schedules import account_zone, check_delivery, check_schedule, occurrences_after
+from herald_common.schedules import (
+    account_zone,
+    check_delivery,
+    check_schedule,
+    occurrences_after,
+    parse_time_of_day,
+)
 from herald_common.skips import SkipReason
 from herald_common.sms import check_sms_content
 from herald_common.validation import check_text_fields
@@ -240,25 +247,38 @@ def _check_targeting(targeting: pb.Targeting, check: Validator) -> None:
         )
 
 
-def _check_ahead(name: str, spec: pb.Campaign, now: datetime, account: pb_accounts.AccountSettings) -> None:
-    """At publish, a schedule's fixed times must all be ahead (with delivery in users' zones, ahead
-    in the earliest zone), a recurring one must have an occurrence ahead, and a throttle needs the
-    account's limit."""
+def _check_ahead(
+    name: str, spec: pb.Campaign, now: datetime, account: pb_accounts.AccountSettings
+) -> list[str]:
+    """At publish, a schedule's fixed time must be ahead (with delivery in users' zones, ahead in
+    the last zone), several times must have one ahead (those past are dropped: returned as notes),
+    a recurring schedule an occurrence ahead, a cut-off must come after the send time, and a
+    throttle needs the account's limit."""
     schedule = spec.schedule
     when = schedule.WhichOneof("when")
     zone = account_zone(account)
 
     def ahead(send_time: Timestamp) -> bool:
-        return bool(occurrences_after(_single(spec, send_time), zone, now, 1))
+        return bool(occurrences_after(_single(spec, send_time), zone, now, 1, under_way=True))
 
     if when == "send_later" and not ahead(schedule.send_later.send_time):
         raise invalid("campaign.schedule.send_later.send_time", _PAST)
+    notes: list[str] = []
     if when == "send_multiple":
-        check = Validator()
-        for i, send_time in enumerate(schedule.send_multiple.send_times):
-            check.require(ahead(send_time), f"campaign.schedule.send_multiple.send_times[{i}]", _PAST)
-        check.raise_if_any()
-    if when == "recurring" and not occurrences_after(spec, zone, now, 1):
+        times = schedule.send_multiple.send_times
+        past = [i for i, send_time in enumerate(times) if not ahead(send_time)]
+        if len(past) == len(times):
+            check = Validator()
+            for i in past:
+                check.add(f"campaign.schedule.send_multiple.send_times[{i}]", _PAST)
+            check.raise_if_any()
+        notes += [
+            f"campaign.schedule.send_multiple.send_times[{i}] "
+            f"({api.from_timestamp(times[i]).isoformat()}) was past: dropped"
+            for i in past
+        ]
+    _check_cutoff(spec, zone)
+    if when == "recurring" and not occurrences_after(spec, zone, now, 1, under_way=True):
         raise FailedPrecondition(name, f"the recurring schedule of {name} has no occurrence after now")
     if spec.delivery.throttle and account.throttle_per_five_minutes <= 0:
         raise FailedPrecondition(
@@ -266,9 +286,37 @@ def _check_ahead(name: str, spec: pb.Campaign, now: datetime, account: pb_accoun
             "campaign.delivery.throttle needs the account's throttle limit: set "
             "AccountSettings.throttle_per_five_minutes first",
         )
+    return notes
 
 
-_PAST = "is in the past (with delivery in users' time zones: already past in the earliest zone, UTC+14)"
+def _check_cutoff(spec: pb.Campaign, zone: ZoneInfo) -> None:
+    """A cut-off at the very time of day a schedule sends would skip every delivery: it must come
+    after it."""
+    cutoff = parse_time_of_day(spec.delivery.cutoff_time) if spec.delivery.cutoff_time else None
+    if cutoff is None:
+        return
+    schedule = spec.schedule
+    when = schedule.WhichOneof("when")
+    if when == "recurring":
+        send_times = [parse_time_of_day(schedule.recurring.time_of_day)]
+    elif when == "send_later":
+        send_times = [api.from_timestamp(schedule.send_later.send_time).astimezone(zone).time()]
+    elif when == "send_multiple":
+        send_times = [
+            api.from_timestamp(t).astimezone(zone).time() for t in schedule.send_multiple.send_times
+        ]
+    else:
+        return
+    if any(t is not None and t.replace(second=0, microsecond=0) == cutoff for t in send_times):
+        raise invalid(
+            "campaign.delivery.cutoff_time",
+            f"{spec.delivery.cutoff_time} is the send time itself: a cut-off must come after it",
+        )
+
+
+_PAST = (
+    "is in the past (with delivery in users' time zones: already past in every zone, the last being UTC-12)"
+)
 
 
 def _single(spec: pb.Campaign, send_time: Timestamp) -> pb.Campaign:
@@ -516,7 +564,7 @@ class Campaigns:
             spec = pb.Campaign.FromString(row.spec)
             now = api.utcnow()
             account, _ = await settings_of(session, row.account_id)
-            _check_ahead(name, spec, now, account)
+            notes = _check_ahead(name, spec, now, account)
             if spec.schedule.WhichOneof("when") == "live":
                 raise FailedPrecondition(
                     "campaign.schedule.live",
@@ -527,7 +575,9 @@ class Campaigns:
             await self._check_dlt(name, spec)
             row = await self._set_state(session, row.id, State.STATE_SCHEDULED, published_at=now)
         self._notify()
-        return _message(row)
+        published = _message(row)
+        published.publish_notes.extend(notes)
+        return published
 
     async def _check_dlt(self, name: str, spec: pb.Campaign) -> None:
         """India's DLT rules: an SMS campaign that reaches +91 numbers through a provider carrying
@@ -857,6 +907,7 @@ _SKIP_RULES = {
     SkipReason.CUTOFF: pb.RULE_CUTOFF,
     SkipReason.FREQUENCY_CAP: pb.RULE_FREQUENCY_CAP,
     SkipReason.THROTTLED_CUTOFF: pb.RULE_THROTTLE,
+    SkipReason.SEND_TIME_PASSED: pb.RULE_SCHEDULE,
 }
 
 

@@ -24,10 +24,17 @@ class Due:
 
 class RunTiming:
     def __init__(
-        self, campaign: campaign_pb.Campaign, planned: datetime, settings: accounts_pb.AccountSettings
+        self,
+        campaign: campaign_pb.Campaign,
+        planned: datetime,
+        settings: accounts_pb.AccountSettings,
+        started: datetime | None = None,
     ) -> None:
         self.rules = DeliveryRules.of(campaign)
         self.planned = planned
+        # When the run started: in users' own zones, a user's time before it had passed when the
+        # campaign was published (a run on time starts as the first zone reaches the time).
+        self.started = started
         self.default_zone = account_zone(settings)
         self.schedule_zone = schedule_zone(campaign, self.default_zone)
         self.wall = wall_clock(campaign, planned, self.default_zone) if self.rules.user_timezone else None
@@ -47,6 +54,8 @@ class RunTiming:
         cutoff_zone = zone if rules.user_timezone else self.schedule_zone
         cutoff_at = cutoff_instant(due, cutoff_zone, rules.cutoff) if rules.cutoff else None
         skip = None
+        if self.wall is not None and self.started is not None and due < self.started:
+            return Due(zone=zone.key, at=due, cutoff_at=cutoff_at, skip=SkipReason.SEND_TIME_PASSED)
         if rules.quiet_hours is not None:
             delayed = quiet_hours_delay(due, zone, rules.quiet_hours)
             if delayed is not None:

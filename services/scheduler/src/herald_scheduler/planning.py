@@ -40,7 +40,7 @@ def first_runs(campaign: campaign_pb.Campaign, zone: ZoneInfo) -> list[tuple[Occ
     published = api.from_timestamp(campaign.publish_time)
     if campaign.schedule.WhichOneof("when") == "send_now":
         published -= timedelta(microseconds=1)  # its one occurrence is the publish time itself
-    found = occurrences_after(campaign, zone, published, 2 if recurring else MAX_SEND_TIMES)
+    found = occurrences_after(campaign, zone, published, 2 if recurring else MAX_SEND_TIMES, under_way=True)
     if recurring:
         return [(found[0], len(found) == 1)] if found else []
     return [(o, i == len(found) - 1) for i, o in enumerate(found)]

@@ -932,6 +932,7 @@ class Campaign(_message.Message):
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     DESTINATION_TYPE_FIELD_NUMBER: _builtins.int
+    PUBLISH_NOTES_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `campaigns/{campaign}`. Output only."""
     display_name: _builtins.str
@@ -988,6 +989,12 @@ class Campaign(_message.Message):
     def publish_time(self) -> _timestamp_pb2.Timestamp:
         """Output only; set by PublishCampaign."""
 
+    @_builtins.property
+    def publish_notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only, in PublishCampaign's answer: what publishing left out, such as send times of
+        several that were already past (dropped; the others are kept).
+        """
+
     def __init__(
         self,
         *,
@@ -1007,10 +1014,11 @@ class Campaign(_message.Message):
         publish_time: _timestamp_pb2.Timestamp | None = ...,
         failure_reason: _builtins.str = ...,
         destination_type: _builtins.str = ...,
+        publish_notes: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "mparticle_export", b"mparticle_export", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms", "mparticle_export"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
