@@ -36,6 +36,10 @@ class Sender:
     fenced: bool = True
 
 
+class Superseded(Exception):
+    """Another attempt at the batch has begun: this one stops and records nothing more."""
+
+
 @dataclass(frozen=True)
 class Admission:
     """What a wave may do: nothing once its campaign is halted or its attempt superseded; else
@@ -79,6 +83,14 @@ _ADMIT = sa.text(
     """
 )
 _HALTED = sa.text("SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign)")
+_MAY_SEND = sa.text(
+    """
+    SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign) AS halted,
+           CAST(:fenced AS bool) AND coalesce(
+               (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id), 0
+           ) <> :attempt AS superseded
+    """
+)
 _UNDER_WAY = sa.text("SELECT EXISTS (SELECT 1 FROM dispatch.delivery_intents WHERE campaign = :campaign)")
 # How often a halt looks whether the campaign's admitted requests have all been made.
 HALT_POLL_SECONDS = 0.05
@@ -122,6 +134,25 @@ class SendGate:
         async with self.database.transaction() as session:
             found = await session.execute(_OPTED_OUT, {"account_id": account_id, "phones": list(phones)})
             return {row.phone for row in found}
+
+    async def may_send(self, sender: Sender) -> bool:
+        """Whether the sender's next request may start: False once its campaign is halted; raises
+        Superseded once another attempt at its batch has begun (another replica took it over)."""
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    _MAY_SEND,
+                    {
+                        "campaign": sender.campaign,
+                        "batch_id": sender.batch_id,
+                        "attempt": sender.attempt,
+                        "fenced": sender.fenced,
+                    },
+                )
+            ).one()
+        if row.superseded:
+            raise Superseded(f"{sender.batch_id} was taken over by attempt after {sender.attempt}")
+        return not row.halted
 
     async def halted(self, campaign: str) -> bool:
         async with self.database.transaction() as session:

@@ -28,7 +28,7 @@ from herald_dispatch.campaigns import CampaignBook, KnownCampaign
 from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, Settlement, sms
 from herald_dispatch.channels.sms import CANNOT_TELL, Lookup, SmsChannel
 from herald_dispatch.destinations import Destinations
-from herald_dispatch.gate import Admission, Sender, SendGate
+from herald_dispatch.gate import Admission, Sender, SendGate, Superseded
 from herald_dispatch.ledger import SETTLING, Attempt, DeliveryLedger
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.storage import outbox
@@ -123,6 +123,11 @@ class DeliveryWorker:
         self._in_flight.add(batch.batch_id)
         try:
             complete = await self.deliver(batch, known)
+        except Superseded as superseded:
+            # Another replica took the batch over while this one stalled: it sends the rest and
+            # counts what this one may have sent as resent.
+            log.warning("batch_superseded", batch=batch.batch_id, reason=str(superseded))
+            return
         finally:
             self._in_flight.discard(batch.batch_id)
         if complete:
@@ -194,11 +199,6 @@ class DeliveryWorker:
         key = (batch.campaign, batch.destination)
         account_id = known.account_id
 
-        async def wanted() -> bool:
-            return (await self.campaigns.get(batch.campaign)).delivering and not await self.gate.halted(
-                batch.campaign
-            )
-
         sender = Sender(
             account_id,
             batch.campaign,
@@ -206,6 +206,9 @@ class DeliveryWorker:
             attempt.number,
             fenced=not attempt.settling,
         )
+
+        async def wanted() -> bool:
+            return (await self.campaigns.get(batch.campaign)).delivering and await self.gate.may_send(sender)
 
         async def admit(provider: str, wave: Sequence[tuple[str, str]]) -> Admission:
             return await self.gate.admit(sender, provider, wave)
