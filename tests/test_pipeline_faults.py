@@ -151,8 +151,11 @@ async def test_bad_profile_data_fails_one_delivery_with_its_reason(
     assert _received(segment_api, tag) == [f"{tag}-{i:05d}" for i in range(3)]
 
 
-async def test_stop_halts_deliveries_already_planned(platform: Platform, segment_api: SegmentApi) -> None:
-    tag, segment = await _audience(platform, 3000)
+async def test_stop_halts_deliveries_and_every_member_ends_with_an_outcome(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    audience = 20_000
+    tag, segment = await _audience(platform, audience)
     destination = await create_segment_destination(
         platform, segment_api.url, next(iter(segment_api.write_keys))
     )
@@ -168,15 +171,18 @@ async def test_stop_halts_deliveries_already_planned(platform: Platform, segment
     await asyncio.sleep(4)
     # Once the stop is acknowledged no new request starts: at most those then on the wire arrive.
     assert len(segment_api.arrivals) - arrived <= in_flight
-    assert len(_received(segment_api, tag)) < 3000
+    assert len(_received(segment_api, tag)) < audience
 
+    # The whole audience is accounted for, planned or not when the stop came: what was not sent
+    # is skipped, "campaign stopped".
     async def all_accounted() -> bool:
         stats = await _stats(platform, name)
-        return stats.sent + stats.skipped + stats.failed == stats.targeted > 0
+        return stats.sent + stats.skipped + stats.failed + stats.unknown == stats.targeted == audience
 
     await eventually(all_accounted, within=60)
     stats = await _stats(platform, name)
-    assert stats.skipped > 0 and stats.sent == len(_received(segment_api, tag))
+    assert stats.sent == len(_received(segment_api, tag))
+    assert {r.reason: r.count for r in stats.failure_reasons} == {"campaign stopped": audience - stats.sent}
     assert await _state(platform, name) == campaign_pb.State.STATE_STOPPED
 
 

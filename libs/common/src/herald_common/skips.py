@@ -14,4 +14,5 @@ class SkipReason(enum.StrEnum):
     CUTOFF = "cut-off time passed"
     FREQUENCY_CAP = "frequency cap reached"
     THROTTLED_CUTOFF = "throttled until the cut-off time passed"
+    CAMPAIGN_STOPPED = "campaign stopped"
     SEND_TIME_PASSED = "the send time had passed in the user's time zone when the campaign was published"

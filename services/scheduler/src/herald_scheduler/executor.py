@@ -53,6 +53,7 @@ MAX_RETRY_DELAY_SECONDS = 300.0
 AUDIENCE_DEADLINE_SECONDS = 900.0
 _PENDING = RunState.Name(RunState.RUN_STATE_PENDING)
 _RUNNING = RunState.Name(RunState.RUN_STATE_RUNNING)
+_STOPPED = campaign_pb.State.Name(campaign_pb.State.STATE_STOPPED)
 # Answers from segmentation that retrying cannot change.
 _PERMANENT_CODES = {
     grpc.StatusCode.NOT_FOUND,
@@ -345,11 +346,14 @@ class RunExecutor:
         """Decides each member's delivery: those a rule skips go to dispatch now (recorded with the
         reason), the others wait in pending_deliveries for their due time."""
         campaign = snapshot.campaign
+        stopped = await session.scalar(
+            sa.select(campaigns.c.state == _STOPPED).where(campaigns.c.name == campaign.name)
+        )
         skipped: list[events.Recipient] = []
         held: list[tuple[events.Recipient, Due]] = []
         for member in members:
             recipient = _recipient(run_id, member)
-            skip = _left_out(member, campaign)
+            skip = SkipReason.CAMPAIGN_STOPPED if stopped else _left_out(member, campaign)
             due = timing.of(member.timezone)
             skip = skip or due.skip
             if skip is None:

@@ -27,9 +27,9 @@ from herald_scheduler.storage import accounts, campaigns, pending_deliveries, ru
 CampaignState = campaign_pb.State
 RunState = pb.RunState
 log = get_logger(__name__)
-_OPEN_RUN_STATES = [
+_STOPPABLE_RUN_STATES = [
     RunState.Name(s)
-    for s in (RunState.RUN_STATE_PENDING, RunState.RUN_STATE_RUNNING, RunState.RUN_STATE_RELEASING)
+    for s in (RunState.RUN_STATE_PENDING, RunState.RUN_STATE_RELEASING)
 ]
 
 
@@ -180,10 +180,12 @@ class Planner:
             if planned:
                 await _insert_runs(session, campaign.name, account_id, planned)
         elif campaign.state == CampaignState.STATE_STOPPED:
+            # A run planning its audience plans on, recording every member left as skipped
+            # ("campaign stopped"), so the stats account for the whole audience; the others end.
             cancelled = (
                 await session.execute(
                     sa.update(runs)
-                    .where(runs.c.campaign == campaign.name, runs.c.state.in_(_OPEN_RUN_STATES))
+                    .where(runs.c.campaign == campaign.name, runs.c.state.in_(_STOPPABLE_RUN_STATES))
                     .values(
                         state=RunState.Name(RunState.RUN_STATE_CANCELLED),
                         ended_at=api.utcnow(),
@@ -193,10 +195,10 @@ class Planner:
                     .returning(*runs.c)
                 )
             ).all()
-            # What still waits goes now: dispatch records each as skipped ("campaign stopped").
+            # What still waits goes now, of every run: dispatch records each as skipped.
             await session.execute(
                 sa.update(pending_deliveries)
-                .where(pending_deliveries.c.run_id.in_([r.id for r in cancelled]))
+                .where(pending_deliveries.c.campaign == campaign.name)
                 .values(due_at=sa.func.least(pending_deliveries.c.due_at, api.utcnow()), cutoff_at=None)
             )
             await self.run_events.changed(session, cancelled)
