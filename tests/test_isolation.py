@@ -117,6 +117,13 @@ async def _delete_account(w: World) -> None:
     assert (await w.a.accounts.GetAccount(accounts_pb.GetAccountRequest())).name == w.a.account
 
 
+@probe(accounts_pb, "ReplayDeadLetters")
+async def _replay_dead_letters(w: World) -> None:
+    # Dead letters are the installation's, of every account: only the operator replays them.
+    request = accounts_pb.ReplayDeadLettersRequest()
+    await _refused(w.b.accounts.ReplayDeadLetters(request), grpc.StatusCode.PERMISSION_DENIED)
+
+
 @probe(accounts_pb, "GetAccount")
 async def _get_account(w: World) -> None:
     assert (await w.b.accounts.GetAccount(accounts_pb.GetAccountRequest())).name == w.b_account

@@ -200,6 +200,12 @@ async def test_a_destination_outage_is_ridden_out_and_shown_while_it_lasts(
         return "Segment answered 500" in (await _stats(platform, name)).waiting_reason
 
     await eventually(waiting_shown)
+
+    async def state_says_so() -> bool:  # the campaign itself says what it waits on, while it does
+        got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))
+        return "Segment answered 500" in got.state_reason or got.state == campaign_pb.State.STATE_COMPLETED
+
+    await eventually(state_says_so)
     stats = await _completed(platform, name)
     assert (stats.targeted, stats.sent, stats.failed) == (600, 600, 0)
     assert stats.waiting_reason == ""

@@ -155,6 +155,36 @@ async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
             await js.add_stream(config)
 
 
+async def replay_dead_letters(
+    js: JetStreamContext, subjects: Subjects, consumer: str, limit: int
+) -> tuple[int, int]:
+    """Republishes the dead letters of `consumer` (every consumer's when empty), oldest first, up
+    to `limit`, each to the subject it came from, then removes it from the dead letters. Returns
+    (replayed, left)."""
+    stream = subjects.stream("deadletter")
+    subject = subjects.dead_letter(consumer or "*")
+    replayed, seq = 0, 1
+    while replayed < limit:
+        try:
+            found = await js.get_msg(stream, seq=seq, subject=subject, next=True)
+        except NotFoundError:
+            break
+        found_seq = found.seq or seq
+        source = (found.headers or {}).get(SOURCE_SUBJECT_HEADER, "")
+        if source:
+            # A replayed message has an id of its own: the original's may still be in the
+            # duplicate window, and JetStream would drop it as a repeat.
+            replay_id = f"replay-{stream}-{found_seq}"
+            await js.publish(source, found.data or b"", headers={"Nats-Msg-Id": replay_id})
+            await js.delete_msg(stream, found_seq)
+            replayed += 1
+            log.info("dead_letter_replayed", subject=source, consumer=consumer or "*")
+        seq = found_seq + 1
+    info = await js.stream_info(stream, subjects_filter=subject)
+    left = sum((info.state.subjects or {}).values())
+    return replayed, left
+
+
 async def dead_letter(js: JetStreamContext, subjects: Subjects, consumer: str, msg: Msg, reason: str) -> None:
     """Keeps a message that can never be processed, with the reason, then removes it from work."""
     await js.publish(
@@ -223,9 +253,12 @@ class _Consumer:
         max_deliveries: int = 10,
         redelivery_base_seconds: float = 2.0,
         max_ack_pending: int = 20_000,
+        dead_lettered: Callable[[Msg, str], Awaitable[None]] | None = None,
     ) -> None:
         self.js = js
         self.subjects = subjects
+        # Told of each message this consumer dead-letters for failing every attempt, with the reason.
+        self.dead_lettered = dead_lettered
         self.stream = stream
         self.durable = durable
         self.filter_subject = filter_subject
@@ -296,9 +329,10 @@ class _Consumer:
             if is_transient(error):
                 await msg.nak(delay=self._delay(delivered))
             elif delivered >= self.max_deliveries:
-                await dead_letter(
-                    self.js, self.subjects, self.durable, msg, f"failed {delivered} times: {error!r}"[:1000]
-                )
+                reason = f"failed {delivered} times: {error!r}"[:1000]
+                await dead_letter(self.js, self.subjects, self.durable, msg, reason)
+                if self.dead_lettered is not None:
+                    await self.dead_lettered(msg, reason)
             else:
                 await msg.nak(delay=self._delay(delivered))
         except Exception as settle_error:

@@ -158,15 +158,18 @@ class Infrastructure:
         handler: MessageHandler,
         lane_concurrency: int,
         max_in_flight: int,
+        dead_lettered: Callable[[Msg, str], Awaitable[None]] | None = None,
     ) -> None:
         """Starts a durable consumer that handles each message alone, concurrently, one lane per
-        subject; `handler` acks."""
+        subject; `handler` acks; `dead_lettered` hears of each message set aside after failing
+        every attempt."""
         consumer = LaneConsumer(
             self.js,
             self.subjects,
             handler=handler,
             lane_concurrency=lane_concurrency,
             max_in_flight=max_in_flight,
+            dead_lettered=dead_lettered,
             **self._consumer_options(owner, durable, filter_subject),
         )
         await consumer.start()

@@ -7,6 +7,7 @@ transaction as the change, so every service learns of a new or revoked key withi
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from datetime import datetime
 from typing import Any
@@ -22,7 +23,7 @@ from herald.accounts.v1 import account_service_pb2 as pb
 from herald.accounts.v1 import account_service_pb2_grpc as pb_grpc
 from herald.events.v1 import events_pb2 as events
 from herald_campaign.storage import accounts, api_keys, outbox
-from herald_common import api
+from herald_common import api, bus
 from herald_common.auth import (
     KeyRegistry,
     NewKey,
@@ -38,6 +39,7 @@ from herald_common.errors import NotFound, Validator, invalid
 from herald_common.netguard import NetworkPolicy
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
+from herald_common.runtime import Infrastructure
 from herald_common.timing import zone_named
 from herald_common.validation import check_text_fields
 
@@ -52,8 +54,11 @@ PERMISSIONS = method_permissions(
         "ListApiKeys": Permission.KEYS,
         "RevokeApiKey": Permission.KEYS,
         "UpdateAccountSettings": Permission.KEYS,
+        "ReplayDeadLetters": Permission.BOOTSTRAP,
     },
 )
+DEFAULT_REPLAY, MAX_REPLAY = 1000, 10_000
+CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_-]{0,100}$")
 MAX_DISPLAY_NAME = 200
 MAX_BATCH_SIZE = 1000  # UpsertUsers never takes more
 MAX_THROTTLE = 10_000_000
@@ -355,8 +360,21 @@ class Accounts:
 
 
 class AccountServicer(pb_grpc.AccountServiceServicer):
-    def __init__(self, accounts_: Accounts) -> None:
+    def __init__(self, accounts_: Accounts, infra: Infrastructure) -> None:
         self.accounts = accounts_
+        self.infra = infra
+
+    async def ReplayDeadLetters(
+        self, request: pb.ReplayDeadLettersRequest, context: Context
+    ) -> pb.ReplayDeadLettersResponse:
+        check = Validator()
+        check.require(bool(CONSUMER_NAME.match(request.consumer)), "consumer", "a consumer's name, or empty")
+        check.require(0 <= request.limit <= MAX_REPLAY, "limit", f"0 ({DEFAULT_REPLAY:,}) to {MAX_REPLAY:,}")
+        check.raise_if_any()
+        replayed, left = await bus.replay_dead_letters(
+            self.infra.js, self.infra.subjects, request.consumer, request.limit or DEFAULT_REPLAY
+        )
+        return pb.ReplayDeadLettersResponse(replayed=replayed, remaining=left)
 
     async def CreateAccount(
         self, request: pb.CreateAccountRequest, context: Context

@@ -527,10 +527,22 @@ class Campaigns:
     async def get(self, name: str) -> pb.Campaign:
         campaign_id = api.parse_uuid_name(name, "campaigns")
         async with self.database.transaction() as session:
-            row = (await session.execute(sa.select(campaigns).where(_owned(campaign_id)))).first()
+            row = (
+                await session.execute(
+                    sa.select(campaigns, stats.c.waiting_reason)
+                    .outerjoin(stats, stats.c.campaign_id == campaigns.c.id)
+                    .where(_owned(campaign_id))
+                )
+            ).first()
         if row is None:
             raise NotFound(name)
-        return _message(row)
+        found = _message(row)
+        found.state_reason = (
+            row.failure_reason
+            or (row.waiting_reason if row.state == _state_name(State.STATE_RUNNING) else "")
+            or ""
+        )
+        return found
 
     async def list(self, request: pb.ListCampaignsRequest) -> tuple[list[pb.Campaign], str]:
         """A page of campaigns, newest first, narrowed to those using a segment or destination or

@@ -39,7 +39,8 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     servicer = CampaignServicer(campaigns)
     network = NetworkPolicy(settings.allowed_destination_networks)
     account_servicer = AccountServicer(
-        Accounts(infra.database, settings.namespace, infra.relay.notify, infra.keys, infra.key_uses, network)
+        Accounts(infra.database, settings.namespace, infra.relay.notify, infra.keys, infra.key_uses, network),
+        infra,
     )
 
     def register(server: grpc.aio.Server) -> None:

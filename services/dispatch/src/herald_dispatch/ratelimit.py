@@ -61,16 +61,20 @@ class SharedRateLimiter:
     async def acquire(self, account_id: uuid.UUID, destination: str, limit: int) -> None:
         """Waits for the destination's next slot."""
         spacing = (1.0 + 2 * JITTER_SECONDS) / max(limit, 1)
-        slot = self._next_slot(destination)
-        while slot is None:
-            async with self._reserving.setdefault(destination, asyncio.Lock()):
-                slot = self._next_slot(destination)
-                if slot is None:
-                    await self._reserve(account_id, destination, limit, spacing)
+        while True:
+            slot = self._next_slot(destination)
+            while slot is None:
+                async with self._reserving.setdefault(destination, asyncio.Lock()):
                     slot = self._next_slot(destination)
-        delay = slot - time.monotonic()
-        if delay > 0:
-            await asyncio.sleep(delay)
+                    if slot is None:
+                        await self._reserve(account_id, destination, limit, spacing)
+                        slot = self._next_slot(destination)
+            delay = slot - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            # Woken too late (the process was paused, or the loop busy): that slot has passed.
+            if time.monotonic() <= slot + JITTER_SECONDS:
+                return
 
     async def _reserve(self, account_id: uuid.UUID, destination: str, limit: int, spacing: float) -> None:
         count = max(1, limit // BLOCKS_PER_SECOND)

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -99,10 +100,26 @@ class DeliveryWorker:
             handler=self.handle,
             lane_concurrency=self.options.lane_concurrency,
             max_in_flight=self.options.max_in_flight,
+            dead_lettered=self._dead_lettered,
         )
 
     async def stop(self) -> None:
         await self.settler.stop()
+
+    async def _dead_lettered(self, msg: Msg, reason: str) -> None:
+        """A batch set aside after failing every attempt: its campaign says it waits on it."""
+        try:
+            batch = events.DeliveryBatch.FromString(msg.data)
+        except DecodeError:
+            return
+        account_id = account_id_of(batch.account)
+        if account_id is None:
+            return
+        waiting = (
+            f"{len(batch.recipients)} deliveries were dead-lettered ({reason[:200]}); an operator "
+            "replays them with ReplayDeadLetters once the cause is fixed"
+        )
+        await self._report_waiting(batch, account_id, waiting)
 
     async def handle(self, msg: Msg) -> None:
         decoded = await bus.decode_batch(

@@ -27,10 +27,7 @@ from herald_scheduler.storage import accounts, campaigns, pending_deliveries, ru
 CampaignState = campaign_pb.State
 RunState = pb.RunState
 log = get_logger(__name__)
-_STOPPABLE_RUN_STATES = [
-    RunState.Name(s)
-    for s in (RunState.RUN_STATE_PENDING, RunState.RUN_STATE_RELEASING)
-]
+_STOPPABLE_RUN_STATES = [RunState.Name(s) for s in (RunState.RUN_STATE_PENDING, RunState.RUN_STATE_RELEASING)]
 
 
 def first_runs(campaign: campaign_pb.Campaign, zone: ZoneInfo) -> list[tuple[Occurrence, bool]]:

@@ -89,6 +89,58 @@ CAP_CHANNEL_WEB_POPUP: CapChannel.ValueType  # 4
 Global___CapChannel: _TypeAlias = CapChannel  # noqa: Y015
 
 @_typing.final
+class ReplayDeadLettersRequest(_message.Message):
+    """Request of ReplayDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONSUMER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    consumer: _builtins.str
+    """The consumer whose dead letters to replay (for example `dispatch-twilio`); empty for all."""
+    limit: _builtins.int
+    """At most this many; 0 is 1,000, at most 10,000."""
+    def __init__(
+        self,
+        *,
+        consumer: _builtins.str = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["consumer", b"consumer", "limit", b"limit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayDeadLettersRequest: _TypeAlias = ReplayDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ReplayDeadLettersResponse(_message.Message):
+    """Answer of ReplayDeadLetters."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.int
+    """Messages republished."""
+    remaining: _builtins.int
+    """Dead letters of the consumer left, beyond the limit."""
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["remaining", b"remaining", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplayDeadLettersResponse: _TypeAlias = ReplayDeadLettersResponse  # noqa: Y015
+
+@_typing.final
 class Account(_message.Message):
     """A tenant: owns users, segments, campaigns, destinations and everything they produce."""
 

@@ -71,6 +71,11 @@ class AccountServiceStub:
                 request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.UpdateAccountSettingsRequest.SerializeToString,
                 response_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.FromString,
                 _registered_method=True)
+        self.ReplayDeadLetters = channel.unary_unary(
+                '/herald.accounts.v1.AccountService/ReplayDeadLetters',
+                request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.ReplayDeadLettersRequest.SerializeToString,
+                response_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.ReplayDeadLettersResponse.FromString,
+                _registered_method=True)
 
 
 class AccountServiceServicer:
@@ -129,6 +134,17 @@ class AccountServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplayDeadLetters(self, request, context):
+        """Republishes dead-lettered messages to the subjects they came from, once their cause has been
+        fixed, oldest first; each is removed from the dead letters once republished, so a replay
+        happens once (and consumers are idempotent, so a message replayed twice changes nothing). A
+        message that fails again is dead-lettered again. Called by an operator with the bootstrap
+        token: dead letters are the installation's, of every account.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccountServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -166,6 +182,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.UpdateAccountSettings,
                     request_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.UpdateAccountSettingsRequest.FromString,
                     response_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.SerializeToString,
+            ),
+            'ReplayDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDeadLetters,
+                    request_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.ReplayDeadLettersRequest.FromString,
+                    response_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.ReplayDeadLettersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +380,33 @@ class AccountService:
             '/herald.accounts.v1.AccountService/UpdateAccountSettings',
             herald_dot_accounts_dot_v1_dot_account__service__pb2.UpdateAccountSettingsRequest.SerializeToString,
             herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.accounts.v1.AccountService/ReplayDeadLetters',
+            herald_dot_accounts_dot_v1_dot_account__service__pb2.ReplayDeadLettersRequest.SerializeToString,
+            herald_dot_accounts_dot_v1_dot_account__service__pb2.ReplayDeadLettersResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,13 @@ class AccountServiceStub:
     """Revokes a key: every service refuses it within seconds."""
     UpdateAccountSettings: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.UpdateAccountSettingsRequest, _account_service_pb2.Account]
     """Replaces the caller's account settings (time zone, throttle, frequency caps, alert webhook)."""
+    ReplayDeadLetters: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ReplayDeadLettersRequest, _account_service_pb2.ReplayDeadLettersResponse]
+    """Republishes dead-lettered messages to the subjects they came from, once their cause has been
+    fixed, oldest first; each is removed from the dead letters once republished, so a replay
+    happens once (and consumers are idempotent, so a message replayed twice changes nothing). A
+    message that fails again is dead-lettered again. Called by an operator with the bootstrap
+    token: dead letters are the installation's, of every account.
+    """
 
 @_typing.type_check_only
 class AccountServiceAsyncStub(AccountServiceStub):
@@ -79,6 +86,13 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """Revokes a key: every service refuses it within seconds."""
     UpdateAccountSettings: _aio.UnaryUnaryMultiCallable[_account_service_pb2.UpdateAccountSettingsRequest, _account_service_pb2.Account]  # type: ignore[assignment]
     """Replaces the caller's account settings (time zone, throttle, frequency caps, alert webhook)."""
+    ReplayDeadLetters: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ReplayDeadLettersRequest, _account_service_pb2.ReplayDeadLettersResponse]  # type: ignore[assignment]
+    """Republishes dead-lettered messages to the subjects they came from, once their cause has been
+    fixed, oldest first; each is removed from the dead letters once republished, so a replay
+    happens once (and consumers are idempotent, so a message replayed twice changes nothing). A
+    message that fails again is dead-lettered again. Called by an operator with the bootstrap
+    token: dead letters are the installation's, of every account.
+    """
 
 class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accounts and their API keys. Every call to Herald carries a key of one account
@@ -144,5 +158,18 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.Account, _abc.Awaitable[_account_service_pb2.Account]]:
         """Replaces the caller's account settings (time zone, throttle, frequency caps, alert webhook)."""
+
+    @_abc_1.abstractmethod
+    def ReplayDeadLetters(
+        self,
+        request: _account_service_pb2.ReplayDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.ReplayDeadLettersResponse, _abc.Awaitable[_account_service_pb2.ReplayDeadLettersResponse]]:
+        """Republishes dead-lettered messages to the subjects they came from, once their cause has been
+        fixed, oldest first; each is removed from the dead letters once republished, so a replay
+        happens once (and consumers are idempotent, so a message replayed twice changes nothing). A
+        message that fails again is dead-lettered again. Called by an operator with the bootstrap
+        token: dead letters are the installation's, of every account.
+        """
 
 def add_AccountServiceServicer_to_server(servicer: AccountServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -933,6 +933,7 @@ class Campaign(_message.Message):
     FAILURE_REASON_FIELD_NUMBER: _builtins.int
     DESTINATION_TYPE_FIELD_NUMBER: _builtins.int
     PUBLISH_NOTES_FIELD_NUMBER: _builtins.int
+    STATE_REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `campaigns/{campaign}`. Output only."""
     display_name: _builtins.str
@@ -946,6 +947,11 @@ class Campaign(_message.Message):
     destination_type: _builtins.str
     """Output only: the kind of its destination (`segment`, `twilio`, `vonage`, `msg91`, `exotel`,
     `netcore`, `sms_provider_group`, `mparticle`), set when the campaign is saved.
+    """
+    state_reason: _builtins.str
+    """Output only, in GetCampaign's answer: what a running campaign waits on, if anything (a
+    destination that throttles or fails, deliveries dead-lettered until an operator replays them
+    with ReplayDeadLetters), or why it failed.
     """
     @_builtins.property
     def audience(self) -> Global___Audience:
@@ -1015,10 +1021,11 @@ class Campaign(_message.Message):
         failure_reason: _builtins.str = ...,
         destination_type: _builtins.str = ...,
         publish_notes: _abc.Iterable[_builtins.str] | None = ...,
+        state_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "mparticle_export", b"mparticle_export", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "state_reason", b"state_reason", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms", "mparticle_export"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
