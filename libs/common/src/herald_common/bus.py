@@ -101,6 +101,11 @@ class Subjects:
     def events_ingested(self) -> str:
         return f"{self.namespace}.segmentation.events.ingested"
 
+    @property
+    def campaign_halts(self) -> str:
+        """Core NATS (no stream): a halted campaign, told at once to every dispatch replica."""
+        return f"{self.namespace}.control.halt"
+
     def dead_letter(self, consumer: str) -> str:
         return f"{self.namespace}.deadletter.{consumer}"
 
@@ -228,8 +233,11 @@ BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 MessageHandler = Callable[[Msg], Awaitable[None]]
 # Longest wait before a message whose handling failed is offered again.
 MAX_REDELIVERY_DELAY_SECONDS = 60.0
-# A message of a lane that already holds all it may is offered again after this long.
-LANE_FULL_DELAY_SECONDS = 2.0
+# A lane holds at most this many times its concurrency (running, or waiting for their turn); a
+# message past that is offered again after LANE_FULL_DELAY_SECONDS. A stuck lane then fills at
+# most half of a worker's in-flight slots.
+LANE_HOLDS = 4
+LANE_FULL_DELAY_SECONDS = 1.0
 
 
 class _Consumer:
@@ -415,9 +423,9 @@ class LaneConsumer(_Consumer):
 
     Each lane (a destination, say) has its own concurrency, so one lane waiting on a rate limit or
     an outage never holds another back; `max_in_flight` bounds the messages held at once. A lane
-    holds at most `lane_concurrency` more messages waiting for their turn: past that, a message is
-    handed back to JetStream for a while (redelivered after LANE_FULL_DELAY_SECONDS), so a stuck
-    lane cannot fill every in-flight slot. The handler acks; on stop, handlers get the grace
+    holds at most LANE_HOLDS times its concurrency: past that, a message is handed back to
+    JetStream for a while (redelivered after LANE_FULL_DELAY_SECONDS), so a stuck lane cannot fill
+    every in-flight slot. The handler acks; on stop, handlers get the grace
     period and what is still running is handed back to JetStream for redelivery.
     """
 
@@ -453,7 +461,7 @@ class LaneConsumer(_Consumer):
     async def _handle(self, msg: Msg) -> None:
         lane = self._lanes.setdefault(msg.subject, asyncio.Semaphore(self.lane_concurrency))
         held = self._held.get(msg.subject, 0)
-        if held >= 2 * self.lane_concurrency:
+        if held >= LANE_HOLDS * self.lane_concurrency:
             with contextlib.suppress(Exception):  # not sent back: it returns after the ack wait
                 await msg.nak(delay=LANE_FULL_DELAY_SECONDS)
             return

@@ -17,9 +17,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_dispatch.storage import halted_campaigns, sms_opt_outs
 
@@ -51,25 +54,25 @@ class Admission:
     opted_out: frozenset[str] = frozenset()
 
 
-_ADMIT = sa.text(
-    """
+# $1 account, $2 campaign, $3 batch, $4 attempt, $5 fenced, $6 destination, $7 ids, $8 phones.
+_ADMIT = """
     WITH gate AS (
-        SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign) AS halted,
-               CAST(:fenced AS bool) AND coalesce(
-                   (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id), 0
-               ) <> :attempt AS superseded
+        SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = $2) AS halted,
+               $5::bool AND coalesce(
+                   (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = $3), 0
+               ) <> $4 AS superseded
     ),
     wave AS (
-        SELECT d, p FROM unnest(CAST(:ids AS text[]), CAST(:phones AS text[])) AS t(d, p)
+        SELECT d, p FROM unnest($7::text[], $8::text[]) AS t(d, p)
     ),
     blocked AS (
         SELECT w.d FROM wave w
-        JOIN dispatch.sms_opt_outs o ON o.account_id = :account_id AND o.phone = w.p
+        JOIN dispatch.sms_opt_outs o ON o.account_id = $1 AND o.phone = w.p
     ),
     intended AS (
         INSERT INTO dispatch.delivery_intents AS i
             (delivery_id, account_id, destination, batch_id, attempt, campaign)
-        SELECT d, :account_id, :destination, :batch_id, :attempt, :campaign FROM wave
+        SELECT d, $1, $6, $3, $4, $2 FROM wave
         WHERE NOT (SELECT halted OR superseded FROM gate)
           AND d NOT IN (SELECT d FROM blocked)
           AND NOT EXISTS (SELECT 1 FROM dispatch.deliveries x WHERE x.delivery_id = d)
@@ -80,8 +83,7 @@ _ADMIT = sa.text(
     )
     SELECT (SELECT halted FROM gate) AS halted, (SELECT superseded FROM gate) AS superseded,
            ARRAY(SELECT delivery_id FROM intended) AS admitted, ARRAY(SELECT d FROM blocked) AS opted_out
-    """
-)
+"""
 _HALTED = sa.text("SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign)")
 _MAY_SEND = sa.text(
     """
@@ -103,30 +105,45 @@ _OPTED_OUT = sa.text(
 
 
 class SendGate:
-    def __init__(self, database: Database) -> None:
+    def __init__(
+        self, database: Database, nats: NatsClient | None = None, subjects: Subjects | None = None
+    ) -> None:
         self.database = database
+        self.nats = nats
+        self.subjects = subjects
+        # Campaigns this process has been told are halted: a request admitted before the halt
+        # is skipped, not made, when its turn comes after it.
+        self.halted_here: set[str] = set()
+
+    async def follow_halts(self) -> None:
+        """Hears of halts from every replica at once (the database stays the authority)."""
+        assert self.nats is not None and self.subjects is not None
+
+        async def heard(msg: Msg) -> None:
+            self.halted_here.add(msg.data.decode(errors="replace"))
+
+        await self.nats.subscribe(self.subjects.campaign_halts, cb=heard)
 
     async def admit(self, sender: Sender, destination: str, wave: Sequence[tuple[str, str]]) -> Admission:
         """For (delivery id, phone) pairs about to be sent through `destination`: records the
-        intent to send those it admits, in one statement."""
-        async with self.database.transaction() as session:
-            row = (
-                await session.execute(
-                    _ADMIT,
-                    {
-                        "account_id": sender.account_id,
-                        "campaign": sender.campaign,
-                        "batch_id": sender.batch_id,
-                        "attempt": sender.attempt,
-                        "fenced": sender.fenced,
-                        "destination": destination,
-                        "ids": [d for d, _ in wave],
-                        "phones": [p for _, p in wave],
-                    },
-                )
-            ).one()
+        intent to send those it admits, in one statement (on asyncpg directly: it runs before
+        every few dozen messages)."""
+        row = await self.database.fetch_row(
+            _ADMIT,
+            sender.account_id,
+            sender.campaign,
+            sender.batch_id,
+            sender.attempt,
+            sender.fenced,
+            destination,
+            [d for d, _ in wave],
+            [p for _, p in wave],
+        )
         return Admission(
-            bool(row.halted), bool(row.superseded), frozenset(row.admitted), frozenset(row.opted_out)
+            bool(row["halted"]),
+            bool(row["superseded"]),
+            frozenset(row["admitted"]),
+            frozenset(row["opted_out"]),
         )
 
     async def opted_out(self, account_id: uuid.UUID, phones: Sequence[str]) -> set[str]:
@@ -168,6 +185,9 @@ class SendGate:
                 .values(campaign=campaign, account_id=account_id)
                 .on_conflict_do_nothing()
             )
+        self.halted_here.add(campaign)
+        if self.nats is not None and self.subjects is not None:
+            await self.nats.publish(self.subjects.campaign_halts, campaign.encode())
         deadline = time.monotonic() + within
         while True:
             async with self.database.transaction() as session:

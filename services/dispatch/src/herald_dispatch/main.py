@@ -76,7 +76,8 @@ async def start(
     resealed = await reseal(infra.database, secrets)
     if resealed:
         log.info("destination_credentials_resealed", count=resealed, key_id=secrets.current)
-    gate = SendGate(infra.database)
+    gate = SendGate(infra.database, infra.nats, infra.subjects)
+    await gate.follow_halts()
     tests = TestMessages(destinations, SharedRateLimiter(infra.database), gate)
     servicer = DispatchServicer(destinations, DeliveryQueries(infra.database), tests, gate)
 
@@ -117,7 +118,7 @@ async def start(
     chosen = worker_types_from_env(sorted(channels)) if workers is None else workers
     worker_options = options or WorkerOptions()
     for worker_type in chosen:
-        worker = DeliveryWorker(infra, destinations, campaigns, channels[worker_type], worker_options)
+        worker = DeliveryWorker(infra, destinations, campaigns, channels[worker_type], gate, worker_options)
         await worker.start()
         host.on_stop.append(worker.stop)
         infra.watch(worker.settler)

@@ -37,6 +37,7 @@ _RESERVE = sa.text(
 )
 BLOCKS_PER_SECOND = 20
 JITTER_SECONDS = 0.025
+MIN_SLEEP_SECONDS = 0.002
 
 
 class SharedRateLimiter:
@@ -70,7 +71,7 @@ class SharedRateLimiter:
                         await self._reserve(account_id, destination, limit, spacing)
                         slot = self._next_slot(destination)
             delay = slot - time.monotonic()
-            if delay > 0:
+            if delay > MIN_SLEEP_SECONDS:  # a slot due within a hair goes now, without a timer
                 await asyncio.sleep(delay)
             # Woken too late (the process was paused, or the loop busy): that slot has passed.
             if time.monotonic() <= slot + JITTER_SECONDS:

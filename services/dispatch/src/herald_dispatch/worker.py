@@ -69,6 +69,8 @@ class DeliveryWorker:
     destinations: Destinations
     campaigns: CampaignBook
     channel: Channel
+    # The process's send gate, shared by its workers (they hear of halts through it).
+    gate: SendGate
     options: WorkerOptions = field(default_factory=WorkerOptions)
 
     def __post_init__(self) -> None:
@@ -83,7 +85,6 @@ class DeliveryWorker:
             f"settle-{self.channel.kind.destination_type}", self.settle_unknown, SETTLE_POLL_SECONDS
         )
         self.limiter = SharedRateLimiter(self.infra.database)
-        self.gate = SendGate(self.infra.database)
         self.consumer_name = f"dispatch-{self.channel.kind.destination_type}"
         self._waiting: dict[tuple[str, str], str] = {}
         # Batches being delivered here: a second copy (redelivered while the first is still being
@@ -247,6 +248,7 @@ class DeliveryWorker:
             resent=resent,
             admit=admit,
             draining=self.infra.stopping.is_set,
+            halted=lambda: batch.campaign in self.gate.halted_here,
         )
         return unknown + await self.channel.deliver(context, pending)
 

@@ -84,6 +84,8 @@ class SendContext:
     # True once this process is shutting down: the channel takes no new recipient, and those it
     # has not reached get no outcome (the batch is handed back to another replica).
     draining: Callable[[], bool] = lambda: False
+    # True once this process heard the campaign was halted: a request admitted before is skipped.
+    halted: Callable[[], bool] = lambda: False
 
     @property
     def receipt_url(self) -> str:

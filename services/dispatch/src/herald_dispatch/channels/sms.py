@@ -4,6 +4,7 @@ message a few at a time, and what to do with the answer (sent, throttled, failed
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import json
 import re
@@ -28,6 +29,9 @@ from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
 # Messages of one batch in flight at once.
 CONCURRENT_REQUESTS = 16
+# Messages whose intent is recorded at once, before the first of them is sent: a few rounds of
+# requests, so recording costs little, and a crash leaves few unknown.
+WAVE_SIZE = 4 * CONCURRENT_REQUESTS
 # Sends one message (recipient, E.164 phone, text) and returns its outcome.
 SendOne = Callable[[events.Recipient, str, str], Awaitable[Outcome]]
 
@@ -80,52 +84,71 @@ async def send_each(
     """One outcome per recipient reached (in their order), CONCURRENT_REQUESTS messages in flight
     at once: that many senders take the next recipient in turn (not a task per recipient).
 
-    Recipients are admitted in waves of CONCURRENT_REQUESTS, each wave's intent recorded before
-    its first request: a halted campaign skips the rest, an opted-out phone is skipped. Once the
-    process drains, or another replica took the batch over, no new wave starts and the recipients
-    not reached get no outcome here."""
+    Recipients are admitted in waves of WAVE_SIZE, each wave's intent recorded before its first
+    request (the next wave is admitted while the last of the current one goes out): a halted
+    campaign skips the rest, an opted-out phone is skipped. Once the process drains, or another
+    replica took the batch over, no new wave starts and the recipients not reached get no outcome
+    here."""
     body = context.campaign.sms.body
     outcomes: list[Outcome | None] = [None] * len(recipients)
-    waiting: list[tuple[int, events.Recipient, str, str]] = []
+    waiting: collections.deque[tuple[int, events.Recipient, str, str]] = collections.deque()
     for i, recipient in enumerate(recipients):
         prepared = message_of(recipient, body)
         if isinstance(prepared, Outcome):
             outcomes[i] = prepared
         else:
             waiting.append((i, recipient, *prepared))
-    waiting.reverse()  # taken from the end, in the recipients' order
-    admitted: list[tuple[int, events.Recipient, str, str]] = []
-    admitting = asyncio.Lock()
+    senders = min(CONCURRENT_REQUESTS, len(waiting))
+    admitted: collections.deque[tuple[int, events.Recipient, str, str]] = collections.deque()
+    admitting: asyncio.Task[None] | None = None
+
+    async def admit_wave() -> None:
+        wave = [waiting.popleft() for _ in range(min(WAVE_SIZE, len(waiting)))]
+        pairs = [(r.delivery_id, phone) for _, r, phone, _ in wave]
+        if context.admit is None:
+            admission = Admission(admitted=frozenset(d for d, _ in pairs))
+        else:
+            admission = await context.admit(context.destination.name, pairs)
+        if admission.halted:
+            for i, recipient, _, _ in [*wave, *waiting]:
+                outcomes[i] = Outcome(recipient, SKIPPED, 0, "campaign stopped")
+        if admission.halted or admission.superseded:
+            waiting.clear()
+            return
+        for item in wave:
+            if item[1].delivery_id in admission.opted_out:
+                outcomes[item[0]] = Outcome(item[1], SKIPPED, 0, "opted out")
+            elif item[1].delivery_id in admission.admitted:
+                admitted.append(item)
+
+    def admit_next() -> None:
+        """Starts admitting the next wave, unless one is under way or none is to be admitted."""
+        nonlocal admitting
+        if admitting is not None and not admitting.done():
+            return
+        if admitting is not None:
+            admitting.result()  # an admission that failed fails the batch
+        if waiting and not context.draining():
+            admitting = asyncio.create_task(admit_wave())
 
     async def next_admitted() -> tuple[int, events.Recipient, str, str] | None:
-        async with admitting:
-            while not admitted and waiting and not context.draining():
-                wave = [waiting.pop() for _ in range(min(CONCURRENT_REQUESTS, len(waiting)))]
-                pairs = [(r.delivery_id, phone) for _, r, phone, _ in wave]
-                if context.admit is None:
-                    admission = Admission(admitted=frozenset(d for d, _ in pairs))
-                else:
-                    admission = await context.admit(context.destination.name, pairs)
-                if admission.halted:
-                    for i, recipient, _, _ in wave + waiting:
-                        outcomes[i] = Outcome(recipient, SKIPPED, 0, "campaign stopped")
-                if admission.halted or admission.superseded:
-                    waiting.clear()
-                    return None
-                for item in wave:
-                    if item[1].delivery_id in admission.opted_out:
-                        outcomes[item[0]] = Outcome(item[1], SKIPPED, 0, "opted out")
-                    elif item[1].delivery_id in admission.admitted:
-                        admitted.append(item)
-                admitted.reverse()
-            return admitted.pop() if admitted else None
+        while True:
+            if len(admitted) <= senders:  # the next wave is on its way while these go out
+                admit_next()
+            if admitted:
+                return admitted.popleft()
+            if admitting is None or admitting.done():
+                return None  # nothing left to admit, or draining
+            await asyncio.shield(admitting)
 
     async def sender() -> None:
         while (item := await next_admitted()) is not None:
             i, recipient, phone, text = item
             outcomes[i] = await send(recipient, phone, text)
 
-    await asyncio.gather(*(sender() for _ in range(min(CONCURRENT_REQUESTS, len(waiting)))))
+    await asyncio.gather(*(sender() for _ in range(senders)))
+    if admitting is not None:
+        await admitting
     return [o for o in outcomes if o is not None]
 
 
@@ -251,6 +274,8 @@ async def post_message(
     )
     started = time.monotonic()
     attempts = refused_connections = 0
+    if context.halted():  # admitted before a stop that came while it waited for its turn
+        return Outcome(recipient, SKIPPED, 0, "campaign stopped")
     while True:
         # The wave was admitted before the first attempt; a retry after waiting asks again.
         if attempts and not await context.wanted():
