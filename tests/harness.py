@@ -71,6 +71,8 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             # Providers that answer late are tested without waiting the production 15 s.
             sms_answer_timeout_seconds=2.0,
             sms_settle_seconds=1.0,
+            # Small enough that the isolation test's hanging destination could fill it all.
+            dispatch_max_in_flight=64,
         )
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')

@@ -234,10 +234,10 @@ MessageHandler = Callable[[Msg], Awaitable[None]]
 # Longest wait before a message whose handling failed is offered again.
 MAX_REDELIVERY_DELAY_SECONDS = 60.0
 # A lane holds at most this many times its concurrency (running, or waiting for their turn); a
-# message past that is offered again after LANE_FULL_DELAY_SECONDS. A stuck lane then fills at
-# most half of a worker's in-flight slots.
-LANE_HOLDS = 4
-LANE_FULL_DELAY_SECONDS = 1.0
+# message past that is offered again after LANE_FULL_DELAY_SECONDS. A stuck lane then fills a
+# small share of a worker's in-flight slots.
+LANE_HOLDS = 2
+LANE_FULL_DELAY_SECONDS = 0.25
 
 
 class _Consumer:

@@ -29,7 +29,8 @@ class Settings:
     # Where each service is reached by the others (host:port).
     addresses: dict[str, str] = field(default_factory=dict)
     log_level: str = "info"
-    shutdown_grace_seconds: float = 5.0
+    # How long a stopping service lets handlers finish (dispatch workers: the requests they made).
+    shutdown_grace_seconds: float = 25.0
     # A message that keeps failing is retried with delays doubling from this base, then
     # dead-lettered after max_deliveries attempts.
     max_deliveries: int = 10
@@ -61,6 +62,9 @@ class Settings:
     sms_answer_timeout_seconds: float = 15.0
     # How long an unanswered message waits before the provider (Twilio) is asked whether it made it.
     sms_settle_seconds: float = 120.0
+    # Delivery batches a dispatch worker holds at once, across its destinations (each holds at
+    # most twice its lane's concurrency): batches are tens of KB, so many destinations fit.
+    dispatch_max_in_flight: int = 256
 
     def port(self, service: str) -> int:
         return self.ports[service]
@@ -88,7 +92,7 @@ class Settings:
             ports=ports,
             addresses=addresses,
             log_level=env.get("LOG_LEVEL", "info"),
-            shutdown_grace_seconds=float(env.get("HERALD_SHUTDOWN_GRACE_SECONDS", "5")),
+            shutdown_grace_seconds=float(env.get("HERALD_SHUTDOWN_GRACE_SECONDS", "25")),
             max_deliveries=int(env.get("HERALD_MAX_DELIVERIES", "10")),
             redelivery_base_seconds=float(env.get("HERALD_REDELIVERY_BASE_SECONDS", "2")),
             ack_wait_seconds=float(env.get("HERALD_ACK_WAIT_SECONDS", "30")),
@@ -102,6 +106,7 @@ class Settings:
             receipts_url=env.get("HERALD_RECEIPTS_URL", ""),
             sms_answer_timeout_seconds=float(env.get("HERALD_SMS_ANSWER_TIMEOUT_SECONDS", "15")),
             sms_settle_seconds=float(env.get("HERALD_SMS_SETTLE_SECONDS", "120")),
+            dispatch_max_in_flight=int(env.get("HERALD_DISPATCH_MAX_IN_FLIGHT", "256")),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
             ),

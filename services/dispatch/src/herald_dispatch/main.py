@@ -116,7 +116,7 @@ async def start(
         host.on_stop.append(server.stop)
         destinations.receipts_url = settings.receipts_url or f"http://{settings.host}:{port_taken}"
     chosen = worker_types_from_env(sorted(channels)) if workers is None else workers
-    worker_options = options or WorkerOptions()
+    worker_options = options or WorkerOptions(max_in_flight=settings.dispatch_max_in_flight)
     for worker_type in chosen:
         worker = DeliveryWorker(infra, destinations, campaigns, channels[worker_type], gate, worker_options)
         await worker.start()

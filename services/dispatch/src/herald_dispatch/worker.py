@@ -60,7 +60,7 @@ def batch_problem(batch: events.DeliveryBatch) -> str | None:
 class WorkerOptions:
     # Batches of one destination sent at once, and batches held by this worker in all.
     lane_concurrency: int = 8
-    max_in_flight: int = 64
+    max_in_flight: int = 256
 
 
 @dataclass

@@ -268,7 +268,14 @@ class RunExecutor:
         try:
             if snapshot is None:
                 raise RunDefinitionError("the campaign of this run is unknown")
-            await self._plan(row, snapshot)
+            # The lease is renewed while the run works, not only as pages are planned: an audience
+            # whose first page takes longer than a lease (a large sample, a slow segment) would
+            # otherwise pass from replica to replica, each starting over.
+            keeper = asyncio.create_task(self._keep_lease(row.id), name=f"lease:{row.id}")
+            try:
+                await self._plan(row, snapshot)
+            finally:
+                keeper.cancel()
         except RunStopped:
             log.info("run_stopped", run=run_name(row))
             return
@@ -282,6 +289,21 @@ class RunExecutor:
             await self._interrupted(row.id, permanent, reason)
             return
         await self._end(row.id, RunState.RUN_STATE_DISPATCHED, "")
+
+    async def _keep_lease(self, run_id: uuid.UUID) -> None:
+        while True:
+            await asyncio.sleep(self.lease.total_seconds() / 3)
+            try:
+                async with self.database.transaction() as session:
+                    await session.execute(
+                        sa.update(runs)
+                        .where(
+                            runs.c.id == run_id, runs.c.state == _RUNNING, runs.c.lease_owner == self.owner
+                        )
+                        .values(lease_until=sa.func.now() + self.lease)
+                    )
+            except Exception as error:  # the database away: planning notices too, and retries
+                log.warning("lease_renewal_failed", run=str(run_id), error=repr(error))
 
     async def _plan(self, row: Any, snapshot: Snapshot) -> None:
         # The audience is read as the campaign's account: only its own users, only its segments.
