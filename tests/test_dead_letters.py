@@ -14,6 +14,7 @@ from nats.js import JetStreamContext
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common import api
@@ -47,7 +48,7 @@ async def test_a_dead_lettered_batch_is_delivered_once_replayed(
     batch = events.DeliveryBatch(
         batch_id=str(uuid.uuid4()),
         campaign=created.name,
-        campaign_version=1,
+        campaign_version=2,  # as published (1 is the draft it was created as)
         run=f"{created.name}/runs/{uuid.uuid4()}",
         destination=destination.name,
         plan_time=api.timestamp(api.utcnow()),
@@ -80,7 +81,13 @@ async def test_a_dead_lettered_batch_is_delivered_once_replayed(
     async def delivered() -> bool:
         return {f"{tag}-dl-{i}" for i in range(3)} <= set(segment_api.events)
 
-    await eventually(delivered)
+    try:
+        await eventually(delivered)
+    except AssertionError:
+        found = await platform.dispatch.ListDeliveries(
+            dispatch_pb.ListDeliveriesRequest(campaign=created.name, user_id=f"{tag}-0")
+        )
+        raise AssertionError(f"not delivered; dispatch recorded {list(found.deliveries)}") from None
     again = await operator.ReplayDeadLetters(request, metadata=bootstrap)
     assert (again.replayed, again.remaining) == (0, 0)  # replayed once, then gone
     with pytest.raises(grpc.aio.AioRpcError) as bad:

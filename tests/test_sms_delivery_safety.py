@@ -9,7 +9,6 @@ import socket
 import aiohttp
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
-from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_common import clock
 from tests.conftest import CLOCK_START, Platform, eventually
@@ -17,13 +16,12 @@ from tests.fakes.twilio_api import TwilioApi
 from tests.fakes.vonage_api import VonageApi
 from tests.helpers import busiest_second
 from tests.test_sms_campaign import (
-    ACCOUNT_SID,
-    AUTH_TOKEN,
     SmsAccount,
     _completed,
     _group,
+    _publish,
     _sms_campaign,
-    _twilio,
+    _twilio_destination,
     _vonage_destination,
     account,
     twilio,
@@ -31,14 +29,6 @@ from tests.test_sms_campaign import (
 )
 
 __all__ = ["account", "twilio", "vonage"]  # fixtures
-
-
-async def _publish(account: SmsAccount, campaign: campaign_pb.Campaign) -> str:
-    created = await account.clients.campaigns.CreateCampaign(
-        campaign_pb.CreateCampaignRequest(campaign=campaign)
-    )
-    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-    return created.name
 
 
 async def test_a_group_never_sends_again_what_its_first_provider_may_have_sent(
@@ -81,21 +71,9 @@ async def test_a_provider_that_cannot_be_reached_fails_over_and_each_phone_is_te
     with socket.socket() as unused:  # a port nothing listens on: every connection is refused
         unused.bind(("127.0.0.1", 0))
         closed_port = unused.getsockname()[1]
-    unreachable = await account.clients.dispatch.CreateDestination(
-        dispatch_pb.CreateDestinationRequest(
-            destination=dispatch_pb.Destination(
-                display_name="Twilio, down",
-                twilio=_twilio(
-                    account_sid=ACCOUNT_SID,
-                    auth_token=AUTH_TOKEN,
-                    endpoint_url=f"http://127.0.0.1:{closed_port}",
-                    sender="+14155550000",
-                ),
-            )
-        )
-    )
+    unreachable = await _twilio_destination(account, f"http://127.0.0.1:{closed_port}")
     campaign = _sms_campaign(account)
-    campaign.destination = await _group(account, unreachable.name, await _vonage_destination(account, vonage))
+    campaign.destination = await _group(account, unreachable, await _vonage_destination(account, vonage))
     stats = await _completed(account, await _publish(account, campaign))
     assert (stats.sent, stats.unknown, stats.failed) == (30, 0, 0)
     assert sorted("+" + m.to for m in vonage.messages) == [f"+1415555{i:04d}" for i in range(30)]
@@ -196,22 +174,8 @@ async def _stopped_stats(account: SmsAccount, name: str) -> campaign_pb.Campaign
 
 
 async def test_a_provider_limit_holds_in_every_rolling_second(account: SmsAccount, twilio: TwilioApi) -> None:
-    limited = await account.clients.dispatch.CreateDestination(
-        dispatch_pb.CreateDestinationRequest(
-            destination=dispatch_pb.Destination(
-                display_name="Twilio, 12 a second",
-                twilio=_twilio(
-                    account_sid=ACCOUNT_SID,
-                    auth_token=AUTH_TOKEN,
-                    endpoint_url=twilio.url,
-                    sender="+14155550000",
-                    requests_per_second=12,
-                ),
-            )
-        )
-    )
     campaign = _sms_campaign(account)
-    campaign.destination = limited.name
+    campaign.destination = await _twilio_destination(account, twilio.url, requests_per_second=12)
     stats = await _completed(account, await _publish(account, campaign))
     assert stats.sent == 30
     assert busiest_second(twilio.arrivals) <= 12

@@ -7,7 +7,6 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_dispatch.receipts import vonage
@@ -17,6 +16,7 @@ from tests.fakes.vonage_api import VonageApi
 from tests.test_sms_campaign import (
     SmsAccount,
     _exotel_config,
+    _publish,
     _receipts,
     _sms_campaign,
     _vonage_destination,
@@ -142,11 +142,3 @@ async def test_a_malformed_callback_gets_400_and_changes_nothing(
         for url in (destination.receipt_url, destination.reply_url):
             async with http.post(url, data=body, headers={"Content-Type": content_type}) as answer:
                 assert answer.status == 400, (url, await answer.text())
-
-
-async def _publish(account: SmsAccount, campaign: campaign_pb.Campaign) -> str:
-    created = await account.clients.campaigns.CreateCampaign(
-        campaign_pb.CreateCampaignRequest(campaign=campaign)
-    )
-    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-    return created.name

@@ -5,9 +5,9 @@ schedule row the replicas share (the database's clock, so replicas whose clocks 
 share it). A replica reserves slots in blocks (a twentieth of a second's worth), so the database
 sees a few reservations a second, not one per request, and sends each request at its slot's time.
 A slot its sender reaches more than JITTER_SECONDS late is dropped rather than sent close to the
-next one, and slots are spaced for `limit` in 1 + 2 * JITTER_SECONDS seconds: so even with that
-much lateness here and on the way, no rolling second at the provider holds more than `limit`
-requests, across replicas, and idle time is never saved up into a burst.
+next one, and slots are spaced so that 1 + 2 * JITTER_SECONDS seconds hold fewer than `limit` of
+them: so even with that much lateness here and on the way, no rolling second at the provider
+holds more than `limit` requests, across replicas, and idle time is never saved up into a burst.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ _RESERVE = sa.text(
     """
 )
 BLOCKS_PER_SECOND = 20
-JITTER_SECONDS = 0.025
+JITTER_SECONDS = 0.04
 MIN_SLEEP_SECONDS = 0.002
 
 
@@ -61,7 +61,8 @@ class SharedRateLimiter:
 
     async def acquire(self, account_id: uuid.UUID, destination: str, limit: int) -> None:
         """Waits for the destination's next slot."""
-        spacing = (1.0 + 2 * JITTER_SECONDS) / max(limit, 1)
+        # Any window of 1 + 2 * JITTER_SECONDS seconds holds at most `limit` slots.
+        spacing = (1.0 + 2 * JITTER_SECONDS) / max(limit - 1, 0.5)
         while True:
             slot = self._next_slot(destination)
             while slot is None:
