@@ -62,6 +62,9 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             namespace=namespace,
             shutdown_grace_seconds=0.5,
             ack_wait_seconds=3.0,
+            # A message that keeps failing is dead-lettered within seconds, not minutes.
+            max_deliveries=4,
+            redelivery_base_seconds=0.2,
             allowed_destination_networks=("127.0.0.0/8", "::1/128"),
             secret_keys=new_key_setting("test"),
             service_token=secrets.token_urlsafe(24),

@@ -97,3 +97,66 @@ async def test_a_dead_lettered_batch_is_delivered_once_replayed(
     assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     await operator_channel.close()
     await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=created.name))
+
+
+async def test_a_campaign_says_when_its_deliveries_wait_among_the_dead_letters(
+    platform: Platform, js: JetStreamContext
+) -> None:
+    """A batch dispatch cannot handle however often it tries (a recipient whose attributes are
+    not JSON) is dead-lettered, and its campaign says so until an operator replays it."""
+    from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+
+    tag = uuid.uuid4().hex[:8]
+    await platform.segmentation.UpsertUsers(
+        segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-0", cohort=tag)])
+    )
+    segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
+    twilio = dispatch_pb.TwilioConfig(
+        account_sid="AC" + "0" * 31 + "2", auth_token="t" * 32, endpoint_url="http://127.0.0.1:9"
+    )
+    setattr(twilio, "from", "+14155550000")
+    destination = await platform.dispatch.CreateDestination(
+        dispatch_pb.CreateDestinationRequest(
+            destination=dispatch_pb.Destination(display_name="t", twilio=twilio)
+        )
+    )
+    later = api.utcnow() + timedelta(days=1)
+    created = await platform.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=campaign_pb.Campaign(
+                display_name="dead letters",
+                audience=campaign_pb.Audience(segment=segment.name),
+                destination=destination.name,
+                schedule=campaign_pb.Schedule(
+                    send_later=campaign_pb.SendLater(send_time=api.timestamp(later))
+                ),
+                sms=campaign_pb.SmsContent(body="Hi"),
+            )
+        )
+    )
+    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    poison = events.DeliveryBatch(
+        batch_id=str(uuid.uuid4()),
+        campaign=created.name,
+        campaign_version=2,
+        run=f"{created.name}/runs/{uuid.uuid4()}",
+        destination=destination.name,
+        plan_time=api.timestamp(api.utcnow()),
+        recipients=[
+            events.Recipient(delivery_id=f"{tag}-p", user_id=f"{tag}-0", attributes_json=b"{not json")
+        ],
+        account=platform.account,
+    )
+    subjects = Subjects(platform.settings.namespace)
+    await js.publish(
+        subjects.delivery_batch("twilio", destination.name.removeprefix("destinations/")),
+        poison.SerializeToString(),
+        headers={"Nats-Msg-Id": poison.batch_id},
+    )
+
+    async def says_so() -> bool:
+        got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
+        return "dead-lettered" in got.state_reason and "ReplayDeadLetters" in got.state_reason
+
+    await eventually(says_so, within=30)
+    await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=created.name))

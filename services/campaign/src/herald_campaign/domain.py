@@ -537,11 +537,8 @@ class Campaigns:
         if row is None:
             raise NotFound(name)
         found = _message(row)
-        found.state_reason = (
-            row.failure_reason
-            or (row.waiting_reason if row.state == _state_name(State.STATE_RUNNING) else "")
-            or ""
-        )
+        under_way = row.state in (_state_name(State.STATE_SCHEDULED), _state_name(State.STATE_RUNNING))
+        found.state_reason = row.failure_reason or (row.waiting_reason if under_way else "") or ""
         return found
 
     async def list(self, request: pb.ListCampaignsRequest) -> tuple[list[pb.Campaign], str]:

@@ -949,7 +949,7 @@ class Campaign(_message.Message):
     `netcore`, `sms_provider_group`, `mparticle`), set when the campaign is saved.
     """
     state_reason: _builtins.str
-    """Output only, in GetCampaign's answer: what a running campaign waits on, if anything (a
+    """Output only, in GetCampaign's answer: what a campaign under way waits on, if anything (a
     destination that throttles or fails, deliveries dead-lettered until an operator replays them
     with ReplayDeadLetters), or why it failed.
     """
