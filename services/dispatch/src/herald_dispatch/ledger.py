@@ -38,9 +38,11 @@ _RECORD = sa.text(
          provider_message_id)
     SELECT d, :account_id, :campaign, :run, :destination, u, s, a, r,
            -- Another attempt at the batch began after this one (this replica stalled past its ack
-           -- wait): whatever this one sent, that one may send again.
-           x OR (s = 'sent' AND (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id)
-                                > CAST(:attempt AS int)),
+           -- wait): whatever this one sent, that one may send again, where the destination
+           -- de-duplicates (an SMS delivery belongs to the one attempt that claimed it).
+           x OR (CAST(:claimed AS bool) IS FALSE AND s = 'sent'
+                 AND (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id)
+                     > CAST(:attempt AS int)),
            nullif(m, '')
     FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:statuses AS text[]),
                 CAST(:attempts AS int[]), CAST(:reasons AS text[]), CAST(:resent AS bool[]),
@@ -171,11 +173,13 @@ class DeliveryLedger:
         attempt: int,
         outcomes: Sequence[Outcome],
         *,
-        forget_intents: bool = False,
+        claimed: bool = False,
     ) -> int:
         """Stores results not stored before and reports them in one DeliveryOutcomes event.
         Whichever attempt records a delivery first wins; a sent delivery counts as resent when a
-        later attempt at its batch exists, since that attempt may send it too."""
+        later attempt at its batch exists, since that attempt may send it too, unless deliveries
+        are `claimed` (SMS: each by the one attempt that recorded its intent, which these results
+        also clear)."""
         unique = {o.recipient.delivery_id: o for o in outcomes}
         if not unique:
             return 0
@@ -184,7 +188,7 @@ class DeliveryLedger:
         async with self.database.transaction() as session:
             if to_settle:
                 await self._wait_to_settle(session, batch, account_id, to_settle)
-            if forget_intents:
+            if claimed:
                 await session.execute(_FORGET_INTENTS, {"ids": list(unique)})
                 await session.execute(_SETTLED, {"ids": [o.recipient.delivery_id for o in rows]})
             if not rows:
@@ -195,6 +199,7 @@ class DeliveryLedger:
                     {
                         "batch_id": batch.batch_id,
                         "attempt": attempt,
+                        "claimed": claimed,
                         "account_id": account_id,
                         "campaign": batch.campaign,
                         "run": batch.run,

@@ -80,6 +80,7 @@ class SharedRateLimiter:
 
     async def _reserve(self, account_id: uuid.UUID, destination: str, limit: int, spacing: float) -> None:
         count = max(1, limit // BLOCKS_PER_SECOND)
+        asked = time.monotonic()
         async with self.database.transaction() as session:
             first_in = float(
                 await session.scalar(
@@ -92,7 +93,8 @@ class SharedRateLimiter:
                     },
                 )
             )
-        start = time.monotonic() + first_in
+        # The database's now lies between asking and hearing back: take the middle.
+        start = (asked + time.monotonic()) / 2 + first_in
         self._slots.setdefault(destination, collections.deque()).extend(
             start + i * spacing for i in range(count)
         )

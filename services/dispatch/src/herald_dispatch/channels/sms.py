@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import enum
 import json
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -29,6 +31,11 @@ from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
 # Messages of one batch in flight at once.
 CONCURRENT_REQUESTS = 16
+# When the message a sender is about to post was admitted (monotonic; the sender's task's own).
+ADMITTED_AT: contextvars.ContextVar[float] = contextvars.ContextVar("admitted_at", default=math.inf)
+# A message admitted longer ago than this is confirmed again just before its request: well under
+# the settle delay, so a replica that was paused never posts what its successor has settled.
+STALE_ADMISSION_SECONDS = 1.0
 # Messages whose intent is recorded at once, before the first of them is sent: a few rounds of
 # requests, so recording costs little, and a crash leaves few unknown.
 WAVE_SIZE = 4 * CONCURRENT_REQUESTS
@@ -101,6 +108,7 @@ async def send_each(
     senders = min(CONCURRENT_REQUESTS, len(waiting))
     admitted: collections.deque[tuple[int, events.Recipient, str, str]] = collections.deque()
     admitting: asyncio.Task[None] | None = None
+    admitted_at: dict[int, float] = {}
 
     async def admit_wave() -> None:
         wave = [waiting.popleft() for _ in range(min(WAVE_SIZE, len(waiting)))]
@@ -120,6 +128,7 @@ async def send_each(
                 outcomes[item[0]] = Outcome(item[1], SKIPPED, 0, "opted out")
             elif item[1].delivery_id in admission.admitted:
                 admitted.append(item)
+                admitted_at[item[0]] = time.monotonic()
 
     def admit_next() -> None:
         """Starts admitting the next wave, unless one is under way or none is to be admitted."""
@@ -144,6 +153,7 @@ async def send_each(
     async def sender() -> None:
         while (item := await next_admitted()) is not None:
             i, recipient, phone, text = item
+            ADMITTED_AT.set(admitted_at[i])
             outcomes[i] = await send(recipient, phone, text)
 
     await asyncio.gather(*(sender() for _ in range(senders)))
@@ -281,6 +291,12 @@ async def post_message(
         if attempts and not await context.wanted():
             return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
         await context.permit()
+        # Admitted a while ago (a slow rate limit, or this process was paused and another replica
+        # may have taken the batch over and settled it): asked again just before the request.
+        admitted_at = ADMITTED_AT.get()
+        stale = not attempts and time.monotonic() - admitted_at > STALE_ADMISSION_SECONDS
+        if stale and not await context.wanted():  # raises Superseded when the batch was taken over
+            return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
         attempts += 1
         try:
             async with http.post(url, data=body, headers=headers, timeout=timeout) as response:
