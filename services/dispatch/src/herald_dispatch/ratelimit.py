@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 import uuid
 
@@ -32,7 +33,8 @@ _RESERVE = sa.text(
     ON CONFLICT (destination) DO UPDATE
         SET next_slot = GREATEST(r.next_slot, (SELECT at FROM now))
                         + make_interval(secs => (SELECT span FROM now))
-    RETURNING extract(epoch FROM next_slot - (SELECT at FROM now)) - (SELECT span FROM now) AS first_in
+    RETURNING extract(epoch FROM next_slot) - (SELECT span FROM now) AS first_slot,
+              extract(epoch FROM (SELECT at FROM now)) AS database_now
     """
 )
 BLOCKS_PER_SECOND = 20
@@ -49,6 +51,9 @@ class SharedRateLimiter:
         self._slots: dict[str, collections.deque[float]] = {}
         # One request at a time reserves more slots of a destination; the others queue here.
         self._reserving: dict[str, asyncio.Lock] = {}
+        # The database's clock minus this process's monotonic one, from the quickest round trip.
+        self._clock_offset = 0.0
+        self._best_round_trip = math.inf
 
     def _next_slot(self, destination: str) -> float | None:
         slots = self._slots.get(destination)
@@ -82,8 +87,8 @@ class SharedRateLimiter:
         count = max(1, limit // BLOCKS_PER_SECOND)
         asked = time.monotonic()
         async with self.database.transaction() as session:
-            first_in = float(
-                await session.scalar(
+            row = (
+                await session.execute(
                     _RESERVE,
                     {
                         "destination": destination,
@@ -92,9 +97,16 @@ class SharedRateLimiter:
                         "spacing": spacing,
                     },
                 )
-            )
-        # The database's now lies between asking and hearing back: take the middle.
-        start = (asked + time.monotonic()) / 2 + first_in
+            ).one()
+        heard = time.monotonic()
+        # The database's clock against this process's: its now lies between asking and hearing
+        # back, so the quickest round trip seen tells the offset best (a slow one would shift this
+        # replica's slots onto another's). Older measurements weigh a little less each time.
+        self._best_round_trip *= 1.02
+        if heard - asked <= self._best_round_trip:
+            self._best_round_trip = heard - asked
+            self._clock_offset = float(row.database_now) - (asked + heard) / 2
+        start = float(row.first_slot) - self._clock_offset
         self._slots.setdefault(destination, collections.deque()).extend(
             start + i * spacing for i in range(count)
         )
