@@ -183,8 +183,10 @@ class DeliveryLedger:
         unique = {o.recipient.delivery_id: o for o in outcomes}
         if not unique:
             return 0
-        to_settle = [o for o in unique.values() if o.status == UNKNOWN and o.settle is not None]
-        rows = [o for o in unique.values() if not (o.status == UNKNOWN and o.settle is not None)]
+        to_settle: list[Outcome] = []
+        rows: list[Outcome] = []
+        for outcome in unique.values():
+            (to_settle if outcome.status == UNKNOWN and outcome.settle is not None else rows).append(outcome)
         async with self.database.transaction() as session:
             if to_settle:
                 await self._wait_to_settle(session, batch, account_id, to_settle)

@@ -16,6 +16,7 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import api, bus
 from herald_common.auth import account_id_of, account_name
@@ -142,8 +143,9 @@ class DeliveryWorker:
         try:
             complete = await self.deliver(batch, known)
         except Superseded as superseded:
-            # Another replica took the batch over while this one stalled: it sends the rest and
-            # counts what this one may have sent as resent.
+            # Another replica took the batch over while this one stalled: it sends the rest (an
+            # export counts what this one may have sent as resent; an SMS delivery stays with the
+            # attempt that claimed it).
             log.warning("batch_superseded", batch=batch.batch_id, reason=str(superseded))
             return
         finally:
@@ -263,7 +265,7 @@ class DeliveryWorker:
         for recipient in recipients:
             provider = providers[recipient.delivery_id]
             if provider not in settles:
-                settles[provider] = await self._can_settle(provider, known.account_id)
+                settles[provider] = await self._settling_provider(provider, known.account_id) is not None
             prepared = sms.message_of(recipient, known.campaign.sms.body)
             if settles[provider] and not isinstance(prepared, Outcome):
                 settle = Settlement(provider, *prepared)
@@ -272,13 +274,19 @@ class DeliveryWorker:
                 outcomes.append(Outcome(recipient, UNKNOWN, reason=reason))
         return outcomes
 
-    async def _can_settle(self, provider: str, account_id: uuid.UUID) -> bool:
+    async def _settling_provider(
+        self, provider: str, account_id: uuid.UUID
+    ) -> tuple[pb.Destination, SmsChannel] | None:
+        """The provider destination a delivery went to, and its channel, when it can be asked
+        whether a message was made; None when it cannot (or no longer exists)."""
         try:
             destination = await self.destinations.for_delivery(provider, account_id)
         except DomainError:
-            return False
+            return None
         channel = self.destinations.channel_of(destination)
-        return bool(getattr(channel, "can_settle", False))
+        if not getattr(channel, "can_settle", False):
+            return None
+        return destination, cast(SmsChannel, channel)
 
     async def settle_unknown(self) -> bool:
         """Looks up due unknown deliveries with the provider each went to: one it made is sent
@@ -318,14 +326,10 @@ class DeliveryWorker:
             self.infra.relay.notify()
 
     async def _look_up(self, row: Any) -> Lookup:
-        try:
-            destination = await self.destinations.for_delivery(row.provider_destination, row.account_id)
-        except DomainError:
+        found = await self._settling_provider(row.provider_destination, row.account_id)
+        if found is None:
             return CANNOT_TELL
-        channel = self.destinations.channel_of(destination)
-        if not getattr(channel, "can_settle", False):
-            return CANNOT_TELL
-        provider = cast(SmsChannel, channel)
+        destination, provider = found
         return await provider.look_up(destination, row.phone, row.text, row.attempted_at)
 
     async def _report_waiting(self, batch: events.DeliveryBatch, account_id: uuid.UUID, reason: str) -> None:
