@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -116,3 +117,21 @@ def manual_clock() -> Iterator[clock.ManualClock]:
     previous = clock.use(manual)
     yield manual
     clock.use(previous)
+
+
+@pytest.fixture(autouse=True)
+async def report_hung_tasks(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """A test about to reach its time limit prints what every task of the loop is waiting on
+    (the time-limit report shows threads only, and the loop's thread is always in select)."""
+    marker = request.node.get_closest_marker("timeout")
+    limit = float(marker.args[0]) if marker and marker.args else float(request.config.getini("timeout"))
+
+    async def report_when_late() -> None:
+        await asyncio.sleep(max(limit - 10, 1))
+        for task in asyncio.all_tasks():
+            print(f"--- task {task.get_name()}")
+            task.print_stack(file=sys.stdout)
+
+    watchdog = asyncio.create_task(report_when_late(), name="hung-task-report")
+    yield
+    watchdog.cancel()

@@ -33,6 +33,7 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import api
 from herald_common.errors import DomainError, ResourceExhausted
 from herald_common.logging import get_logger
+from herald_common.loops import cancel_and_wait
 
 log = get_logger(__name__)
 
@@ -228,10 +229,7 @@ class KeyUses:
                 return
 
     async def stop(self, bucket: KeyValue | None) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if bucket is not None:
             with contextlib.suppress(Exception):
                 await self.report(bucket)
@@ -278,10 +276,7 @@ class KeyRegistry:
         self._keys[state.key_id] = state
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     async def _state(self, key_id: str) -> events.ApiKeyState | None:
         """The key's state; one not seen yet (created a moment ago) is read from the bucket."""

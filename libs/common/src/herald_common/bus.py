@@ -19,6 +19,7 @@ from nats.js.errors import NotFoundError
 
 from herald_common.faults import is_transient
 from herald_common.logging import get_logger
+from herald_common.loops import cancel_and_wait
 
 log = get_logger(__name__)
 
@@ -356,10 +357,7 @@ class _Consumer:
         if self._task is not None:
             await self._task
         await self._drain(grace_seconds)
-        if self._keepalive is not None:
-            self._keepalive.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keepalive
+        await cancel_and_wait(self._keepalive)
 
     async def _drain(self, grace_seconds: float) -> None:
         """Lets handlers still running finish within the grace period."""

@@ -11,6 +11,17 @@ from herald_common.logging import get_logger
 log = get_logger(__name__)
 
 
+async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:
+    """Cancels `task` and waits until it has ended. Cancels again while it runs: on Python 3.11,
+    `asyncio.wait_for` (which libraries use inside loops) drops a cancellation that arrives as its
+    inner wait completes, and a loop that only ends on cancellation would then run on forever."""
+    while task is not None and not task.done():
+        task.cancel()
+        await asyncio.wait([task], timeout=1.0)
+    if task is not None and not task.cancelled() and task.exception() is not None:
+        log.warning("task_failed_before_stop", task=task.get_name(), error=repr(task.exception()))
+
+
 # A loop whose step failed this many times in a row reports itself failing (its service's health
 # says NOT_SERVING) until a step succeeds.
 FAILING_AFTER = 3

@@ -41,7 +41,7 @@ from herald_common.bus import (
 from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, PortInUse, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
-from herald_common.loops import WakeableLoop
+from herald_common.loops import WakeableLoop, cancel_and_wait
 from herald_common.outbox import OutboxRelay
 from herald_common.secret_box import SecretKeysError
 from herald_common.settings import Settings
@@ -304,8 +304,7 @@ class ServiceHost:
 
     async def stop(self) -> None:
         self.infra.stopping.set()
-        if self._health_task is not None:
-            self._health_task.cancel()
+        await cancel_and_wait(self._health_task)
         await self.grpc.stop(self.infra.settings.shutdown_grace_seconds)
         await self.infra.stop_consumers()
         for callback in self.on_stop:

@@ -230,11 +230,11 @@ class Destinations:
         """What `channel` needs to send through `destination` for `account_id`: the shared rate
         limits of the destination (and of a group's members) and the account's other destinations."""
 
-        async def permit_for(destination_name: str, requests_per_second: int) -> None:
-            await limiter.acquire(account_id, destination_name, requests_per_second)
+        async def permit_for(destination_name: str, requests_per_second: int) -> float:
+            return await limiter.acquire(account_id, destination_name, requests_per_second)
 
-        async def permit() -> None:
-            await permit_for(destination.name, channel.requests_per_second(destination))
+        async def permit() -> float:
+            return await permit_for(destination.name, channel.requests_per_second(destination))
 
         async def destination_named(name: str) -> pb.Destination:
             return await self.for_delivery(name, account_id)

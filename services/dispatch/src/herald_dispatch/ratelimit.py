@@ -37,8 +37,10 @@ _RESERVE = sa.text(
               extract(epoch FROM (SELECT at FROM now)) AS database_now
     """
 )
+_DATABASE_NOW = sa.text("SELECT extract(epoch FROM clock_timestamp())")
+CALIBRATION_ROUND_TRIPS = 3
 BLOCKS_PER_SECOND = 20
-JITTER_SECONDS = 0.04
+JITTER_SECONDS = 0.05
 MIN_SLEEP_SECONDS = 0.002
 
 
@@ -64,8 +66,10 @@ class SharedRateLimiter:
                 return slot
         return None
 
-    async def acquire(self, account_id: uuid.UUID, destination: str, limit: int) -> None:
-        """Waits for the destination's next slot."""
+    async def acquire(self, account_id: uuid.UUID, destination: str, limit: int) -> float:
+        """Waits for the destination's next slot; answers the latest (monotonic) time the request
+        may go out in it: one that does something else first (asks the database) and is later than
+        that must take another slot."""
         # Any window of 1 + 2 * JITTER_SECONDS seconds holds at most `limit` slots.
         spacing = (1.0 + 2 * JITTER_SECONDS) / max(limit - 1, 0.5)
         while True:
@@ -81,32 +85,31 @@ class SharedRateLimiter:
                 await asyncio.sleep(delay)
             # Woken too late (the process was paused, or the loop busy): that slot has passed.
             if time.monotonic() <= slot + JITTER_SECONDS:
-                return
+                return slot + JITTER_SECONDS
 
     async def _reserve(self, account_id: uuid.UUID, destination: str, limit: int, spacing: float) -> None:
         count = max(1, limit // BLOCKS_PER_SECOND)
-        asked = time.monotonic()
+        values = {"destination": destination, "account_id": account_id, "count": count, "spacing": spacing}
         async with self.database.transaction() as session:
-            row = (
-                await session.execute(
-                    _RESERVE,
-                    {
-                        "destination": destination,
-                        "account_id": account_id,
-                        "count": count,
-                        "spacing": spacing,
-                    },
-                )
-            ).one()
-        heard = time.monotonic()
-        # The database's clock against this process's: its now lies between asking and hearing
-        # back, so the quickest round trip seen tells the offset best (a slow one would shift this
-        # replica's slots onto another's). Older measurements weigh a little less each time.
-        self._best_round_trip *= 1.02
-        if heard - asked <= self._best_round_trip:
-            self._best_round_trip = heard - asked
-            self._clock_offset = float(row.database_now) - (asked + heard) / 2
+            # Timed on a connection already held (opening one, or checking it, is no part of the
+            # round trip); a replica that has not measured the clock yet first asks it a few times.
+            for _ in range(CALIBRATION_ROUND_TRIPS if math.isinf(self._best_round_trip) else 0):
+                asked = time.monotonic()
+                database_now = (await session.execute(_DATABASE_NOW)).scalar_one()
+                self._measured(asked, float(database_now), time.monotonic())
+            asked = time.monotonic()
+            row = (await session.execute(_RESERVE, values)).one()
+            self._measured(asked, float(row.database_now), time.monotonic())
         start = float(row.first_slot) - self._clock_offset
         self._slots.setdefault(destination, collections.deque()).extend(
             start + i * spacing for i in range(count)
         )
+
+    def _measured(self, asked: float, database_now: float, heard: float) -> None:
+        """The database's clock against this process's: its now lies between asking and hearing
+        back, so the quickest round trip seen tells the offset best (a slow one would shift this
+        replica's slots onto another's). Older measurements weigh a little less each time."""
+        self._best_round_trip *= 1.02
+        if heard - asked <= self._best_round_trip:
+            self._best_round_trip = heard - asked
+            self._clock_offset = database_now - (asked + heard) / 2

@@ -29,7 +29,7 @@ from herald_common.auth import account_name, act_as, service_caller
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.logging import get_logger
-from herald_common.loops import WakeableLoop
+from herald_common.loops import WakeableLoop, cancel_and_wait
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.schedules import account_zone
 from herald_common.skips import SkipReason
@@ -275,7 +275,7 @@ class RunExecutor:
             try:
                 await self._plan(row, snapshot)
             finally:
-                keeper.cancel()
+                await cancel_and_wait(keeper)
         except RunStopped:
             log.info("run_stopped", run=run_name(row))
             return

@@ -63,8 +63,9 @@ class SendContext:
     destination: pb.Destination
     campaign: campaign_pb.Campaign
     plan_time: datetime
-    # Waits for the destination's shared rate limit before each request.
-    permit: Callable[[], Awaitable[None]]
+    # Waits for the destination's shared rate limit before each request; answers the latest
+    # (monotonic) time the request may still go out in its slot.
+    permit: Callable[[], Awaitable[float]]
     # False once the campaign was stopped: the channel skips what it has not sent yet.
     wanted: Callable[[], Awaitable[bool]]
     # Tells the campaign a destination holds deliveries back (reason) or flows again (None).
@@ -74,7 +75,7 @@ class SendContext:
     # Another destination of the account, with its secrets (the members of a provider group).
     destination_named: Callable[[str], Awaitable[pb.Destination]] | None = None
     # Waits for another destination's shared rate limit: (destination name, requests per second).
-    permit_for: Callable[[str, int], Awaitable[None]] | None = None
+    permit_for: Callable[[str, int], Awaitable[float]] | None = None
     # Whether providers are asked to send delivery receipts (to `destination.receipt_url`).
     receipts: bool = True
     # Asked before each wave of messages to providers that cannot de-duplicate, with the provider's

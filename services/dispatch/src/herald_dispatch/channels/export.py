@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -179,13 +180,17 @@ async def post_until_answered(
     # A request that timed out or lost its connection after being sent may have arrived.
     maybe_arrived = False
     while True:
+        send_by = math.inf
         for _ in range(request.permits):
-            await context.permit()
+            send_by = await context.permit()
         # Asked after the rate limit's wait, just before the request, so a stop made meanwhile holds.
         if not await context.wanted():
             if maybe_arrived:
                 return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
             return SKIPPED, attempts, "campaign stopped", False
+        if time.monotonic() > send_by:  # asking took the slots' time: the request takes new ones
+            for _ in range(request.permits):
+                await context.permit()
         attempts += 1
         body, headers = request.prepare(retries)
         retry_after: float | None = None

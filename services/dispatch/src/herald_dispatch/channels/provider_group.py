@@ -5,6 +5,7 @@ message's own final error (an invalid number, a rejected template) stays final."
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Sequence
 from datetime import datetime
@@ -77,10 +78,7 @@ class ProviderGroupChannel:
             provider = self.providers.get(int(member.type))
             if provider is None:
                 continue
-
-            async def permit(name: str = name, rate: int = provider.requests_per_second(member)) -> None:
-                await permit_for(name, rate)
-
+            permit = functools.partial(permit_for, name, provider.requests_per_second(member))
             outcome = await provider.send_one(
                 dataclasses.replace(context, destination=member, permit=permit), recipient, phone, text
             )
@@ -102,11 +100,7 @@ class ProviderGroupChannel:
                 if last:
                     outcomes += [Outcome(r, FAILED, 0, f"{name} is not an SMS provider") for r in pending]
                 continue
-            rate = provider.requests_per_second(member)
-
-            async def permit(name: str = name, rate: int = rate) -> None:
-                await permit_for(name, rate)
-
+            permit = functools.partial(permit_for, name, provider.requests_per_second(member))
             through = dataclasses.replace(context, destination=member, permit=permit)
             results = await provider.deliver(through, pending)
             outcomes += [o for o in results if last or not o.failover]

@@ -290,13 +290,15 @@ async def post_message(
         # The wave was admitted before the first attempt; a retry after waiting asks again.
         if attempts and not await context.wanted():
             return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-        await context.permit()
+        send_by = await context.permit()
         # Admitted a while ago (a slow rate limit, or this process was paused and another replica
         # may have taken the batch over and settled it): asked again just before the request.
         admitted_at = ADMITTED_AT.get()
-        stale = not attempts and time.monotonic() - admitted_at > STALE_ADMISSION_SECONDS
-        if stale and not await context.wanted():  # raises Superseded when the batch was taken over
-            return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
+        if not attempts and time.monotonic() - admitted_at > STALE_ADMISSION_SECONDS:
+            if not await context.wanted():  # raises Superseded when the batch was taken over
+                return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
+            if time.monotonic() > send_by:  # asking took its slot's time: sent in the next one
+                await context.permit()
         attempts += 1
         try:
             async with http.post(url, data=body, headers=headers, timeout=timeout) as response:
