@@ -188,7 +188,10 @@ async def test_oversized_events_fail_and_the_campaign_still_completes(
     tag = uuid.uuid4().hex[:8]
     await platform.segmentation.UpsertUsers(
         segmentation_pb.UpsertUsersRequest(
-            users=[user(f"{tag}-{i}", cohort=tag, bio="x" * 40_000) for i in range(5)]
+            users=[
+                user(f"{tag}-{i}", cohort=tag, bio="x" * 14_000, bio2="y" * 14_000, bio3="z" * 14_000)
+                for i in range(5)
+            ]
         )
     )
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
@@ -196,7 +199,7 @@ async def test_oversized_events_fail_and_the_campaign_still_completes(
         platform, segment_api.url, next(iter(segment_api.write_keys))
     )
     campaign = segment_export_campaign(segment.name, destination.name)
-    campaign.segment_export.profile_attributes.append("bio")  # 40 KB of traits per event
+    campaign.segment_export.profile_attributes.extend(["bio", "bio2", "bio3"])  # 42 KB of traits per event
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
     await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
 

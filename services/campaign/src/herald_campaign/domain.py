@@ -670,7 +670,7 @@ class Campaigns:
         check.raise_if_any()
         user = await self.references.user(user_id, "user_id")
         try:
-            text = personalization.render(body, _profile_of(user))
+            text = await personalization.render_off_loop(body, _profile_of(user))
         except personalization.PersonalizationError as error:
             reason = f"the body cannot be rendered for {user_id}: {error}"
             raise FailedPrecondition(f"users/{user_id}", reason) from None
@@ -718,7 +718,7 @@ class Campaigns:
                 result.detail = "the user has no phone number"
                 continue
             try:
-                result.text = personalization.render(body, profile)
+                result.text = await personalization.render_off_loop(body, profile)
             except personalization.PersonalizationError as error:
                 result.detail = f"personalization failed: {error}"
                 continue

@@ -262,11 +262,11 @@ class DeliveryWorker:
         reason = "attempted before a restart; result unknown and not sent again"
         settles: dict[str, bool] = {}
         outcomes = []
-        for recipient in recipients:
+        messages = await sms.messages_of(recipients, known.campaign.sms.body)
+        for recipient, prepared in zip(recipients, messages, strict=True):
             provider = providers[recipient.delivery_id]
             if provider not in settles:
                 settles[provider] = await self._settling_provider(provider, known.account_id) is not None
-            prepared = sms.message_of(recipient, known.campaign.sms.body)
             if settles[provider] and not isinstance(prepared, Outcome):
                 settle = Settlement(provider, *prepared)
                 outcomes.append(Outcome(recipient, UNKNOWN, reason=reason, settle=settle))

@@ -101,9 +101,30 @@ def _plain(item: struct_pb2.Value, path: str, check: Validator) -> Any:
     return None
 
 
+# Bounds on one custom property (templates render them per recipient, audiences carry them):
+# a string's characters, a list's items, and the distinct keys one request may set on a subject.
+MAX_STRING_CHARACTERS = 16 * 1024
+MAX_LIST_ITEMS = 256
+MAX_PROPERTY_KEYS = 1000
+
+
 def value_problem(value: Any) -> str | None:
-    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-        return "a list property holds strings only"
+    if isinstance(value, list):
+        if not all(isinstance(v, str) for v in value):
+            return "a list property holds strings only"
+        if len(value) > MAX_LIST_ITEMS:
+            return f"a list of {len(value):,} items; at most {MAX_LIST_ITEMS}"
+        return next((p for p in map(_string_problem, value) if p is not None), None)
+    if isinstance(value, str):
+        return _string_problem(value)
+    return None
+
+
+def _string_problem(value: str) -> str | None:
+    if len(value) > MAX_STRING_CHARACTERS:
+        return f"{len(value):,} characters; a string property holds at most {MAX_STRING_CHARACTERS:,}"
+    if "\x00" in value:
+        return "contains a NUL character"
     return None
 
 
@@ -163,13 +184,19 @@ async def record_types(
 
 def check_properties(properties: dict[str, Any], path: str, check: Validator) -> dict[str, PropertyType]:
     """Checks custom property values; returns the type of each non-null one."""
-    found = {}
+    found: dict[str, PropertyType] = {}
+    if len(properties) > MAX_PROPERTY_KEYS:
+        check.add(path, f"{len(properties):,} properties; at most {MAX_PROPERTY_KEYS:,}")
+        return found
     for key, value in properties.items():
-        if not (key.strip() and len(key) <= 200):
-            check.add(f"{path}.{key}", "keys are 1-200 characters")
+        if not (key.strip() and len(key) <= 200) or "\x00" in key:
+            shown = key.replace("\x00", "\\0")
+            check.add(f"{path}.{shown}", "keys are 1-200 characters, without NUL")
+            continue  # not looked up: PostgreSQL cannot take it
         problem = value_problem(value)
         if problem is not None:
             check.add(f"{path}.{key}", problem)
+            continue
         kind = type_of(value)
         if kind is not None:
             found[key] = kind

@@ -10,7 +10,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,14 +85,27 @@ class Encoded:
     json: bytes
 
 
-def encode_each(
+async def encode_each(
+    recipients: Sequence[events.Recipient],
+    build: Callable[[events.Recipient], dict[str, Any]],
+    max_bytes: int,
+    too_large: Callable[[int], str],
+    templates: Iterable[str] = (),
+) -> tuple[list[Encoded], list[Outcome]]:
+    """Each recipient's event as compact JSON, and the outcomes of those that cannot go: profile
+    attributes too large to carry, a template that fails, a value or a size past the limits.
+    Where `templates` take the Liquid engine, the batch is built off the event loop."""
+    if any(personalization.needs_engine(template) for template in templates):
+        return await asyncio.to_thread(_encode_each, recipients, build, max_bytes, too_large)
+    return _encode_each(recipients, build, max_bytes, too_large)
+
+
+def _encode_each(
     recipients: Sequence[events.Recipient],
     build: Callable[[events.Recipient], dict[str, Any]],
     max_bytes: int,
     too_large: Callable[[int], str],
 ) -> tuple[list[Encoded], list[Outcome]]:
-    """Each recipient's event as compact JSON, and the outcomes of those that cannot go: profile
-    attributes too large to carry, a template that fails, a value or a size past the limits."""
     encoded: list[Encoded] = []
     failed: list[Outcome] = []
     for recipient in recipients:

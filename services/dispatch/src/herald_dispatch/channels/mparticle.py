@@ -255,11 +255,12 @@ class MparticleChannel:
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
         builder = _BatchBuilder(context)
-        encoded, outcomes = encode_each(
+        encoded, outcomes = await encode_each(
             recipients,
             builder.build,
             MAX_BATCH_BYTES,
             lambda size: f"batch is {size:,} bytes; mParticle takes at most 128 KB per batch",
+            builder.templates.values(),
         )
         config = context.destination.mparticle
         url = f"{base_url(config)}/v2/bulkevents"

@@ -118,11 +118,12 @@ class SegmentChannel:
 
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
         builder = _EventBuilder(context)
-        encoded, outcomes = encode_each(
+        encoded, outcomes = await encode_each(
             recipients,
             builder.build,
             MAX_EVENT_BYTES,
             lambda size: f"event is {size} bytes; Segment accepts at most 32 KB",
+            builder.templates.values(),
         )
         config = context.destination.segment
         for batch in packed(encoded, MAX_BATCH_EVENTS, MAX_BATCH_BYTES):

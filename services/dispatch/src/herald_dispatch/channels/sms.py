@@ -22,7 +22,7 @@ import aiohttp
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import personalization
-from herald_common.sms import E164
+from herald_common.sms import E164, MAX_BODY_CHARACTERS
 from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
 from herald_dispatch.gate import Admission
 from herald_dispatch.retry import backoff_seconds, retry_after_seconds
@@ -82,7 +82,17 @@ def message_of(recipient: events.Recipient, body: str) -> tuple[str, str] | Outc
         return Outcome(recipient, FAILED, 0, f"personalization failed: {error}")
     if not text.strip():
         return Outcome(recipient, FAILED, 0, "the rendered message is empty")
+    if len(text) > MAX_BODY_CHARACTERS:
+        reason = f"the rendered message is {len(text):,} characters; at most {MAX_BODY_CHARACTERS:,}"
+        return Outcome(recipient, FAILED, 0, reason)
     return phone, text
+
+
+async def messages_of(recipients: Sequence[events.Recipient], body: str) -> list[tuple[str, str] | Outcome]:
+    """`message_of` for each recipient; off the event loop when the body takes the Liquid engine."""
+    if personalization.needs_engine(body):
+        return await asyncio.to_thread(lambda: [message_of(r, body) for r in recipients])
+    return [message_of(r, body) for r in recipients]
 
 
 async def send_each(
@@ -99,8 +109,8 @@ async def send_each(
     body = context.campaign.sms.body
     outcomes: list[Outcome | None] = [None] * len(recipients)
     waiting: collections.deque[tuple[int, events.Recipient, str, str]] = collections.deque()
-    for i, recipient in enumerate(recipients):
-        prepared = message_of(recipient, body)
+    messages = await messages_of(recipients, body)
+    for i, (recipient, prepared) in enumerate(zip(recipients, messages, strict=True)):
         if isinstance(prepared, Outcome):
             outcomes[i] = prepared
         else:
