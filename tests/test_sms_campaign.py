@@ -172,17 +172,20 @@ async def test_an_sms_campaign_reaches_every_reachable_user_once_through_twilio(
     ]
 
 
-async def test_messages_twilio_refuses_fail_with_its_error(account: SmsAccount, twilio: TwilioApi) -> None:
-    # A body that renders past 1,600 characters for one user: Twilio answers error 21617.
+async def test_a_message_rendered_past_1600_characters_fails_before_any_provider(
+    account: SmsAccount, twilio: TwilioApi
+) -> None:
+    # Twilio would refuse it (error 21617); it is not even sent.
     long_code = user(f"{account.tag}-00", cohort=account.tag, code="x" * 1600)
     long_code.phone = "+14155550000"
     await account.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[long_code]))
     name = await _send(account, _sms_campaign(account))
     stats = await _completed(account, name)
     assert (stats.sent, stats.failed) == (29, 1)
-    [failure] = [r for r in stats.failure_reasons if r.reason.startswith("twilio")]
-    assert failure.reason.startswith("twilio 400 error 21617")
+    [failure] = [r for r in stats.failure_reasons if "rendered message" in r.reason]
+    assert failure.reason == "the rendered message is 1,623 characters; at most 1,600"
     assert list(failure.example_user_ids) == [f"{account.tag}-00"]
+    assert "+14155550000" not in {m.to for m in twilio.messages}
 
 
 async def test_preview_renders_the_body_for_a_user_with_its_encoding_and_segments(

@@ -15,7 +15,7 @@ from herald_common.errors import invalid
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}$")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:@+-]{0,199}\Z")
 
 
 def parse_name(name: str, collection: str, field: str = "name") -> str:

@@ -21,13 +21,16 @@ from herald_common.auth import Authenticator, Permission, PermissionDenied, Unau
 from herald_common.errors import (
     DomainError,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
     Unavailable,
+    invalid,
 )
 from herald_common.faults import is_transient
 from herald_common.logging import get_logger
+from herald_common.validation import nul_fields
 
 log = get_logger(__name__)
 
@@ -40,17 +43,39 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
+# A BadRequest names at most this many violations, each field path at most this long.
+MAX_VIOLATIONS = 20
+MAX_FIELD_CHARACTERS = 300
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def status_for(error: DomainError) -> status_pb2.Status:
     """The google.rpc.Status a domain error is reported as, with machine-readable details."""
     if isinstance(error, InvalidArgument):
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in error.violations
-            ]
-        )
+        # At most MAX_VIOLATIONS, then how many more: the status travels in trailing metadata,
+        # which clients refuse past a few kilobytes.
+        shown = error.violations[:MAX_VIOLATIONS]
+        violations = [
+            error_details_pb2.BadRequest.FieldViolation(
+                field=_clipped(v.field, MAX_FIELD_CHARACTERS), description=_clipped(v.description, 500)
+            )
+            for v in shown
+        ]
+        more = len(error.violations) - len(shown)
+        if more:
+            violations.append(
+                error_details_pb2.BadRequest.FieldViolation(
+                    field="request", description=f"and {more:,} more problems not listed"
+                )
+            )
+        message = "; ".join(f"{v.field}: {v.description}" for v in violations)
         return status_pb2.Status(
-            code=code_pb2.INVALID_ARGUMENT, message=error.message, details=[_pack(bad_request)]
+            code=code_pb2.INVALID_ARGUMENT,
+            message=_clipped(message, 2000),
+            details=[_pack(error_details_pb2.BadRequest(field_violations=violations))],
         )
     if isinstance(error, NotFound):
         resource_type, _, _ = error.resource_name.partition("/")
@@ -121,6 +146,48 @@ async def _internal(context: Any, error: Exception) -> None:
     await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the service log")
 
 
+class _Undecodable:
+    """Stands for a request message whose bytes did not decode."""
+
+
+_UNDECODABLE = _Undecodable()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The request decoder, answering _UNDECODABLE instead of raising: gRPC would report a
+    decoding failure as UNKNOWN; the handler reports it as INVALID_ARGUMENT."""
+    if deserialize is None:
+        return None
+
+    def decode(data: bytes) -> Any:
+        try:
+            request = deserialize(data)
+        except Exception:
+            return _UNDECODABLE
+        # PostgreSQL stores no NUL: such a request is refused here, naming the fields, before any
+        # work. Only a request with a zero byte somewhere can hold one, so most are not walked.
+        if b"\x00" in data:
+            fields = nul_fields(request)
+            if fields:
+                return InvalidArgument(FieldViolation(f, "must not contain NUL characters") for f in fields)
+        return request
+
+    return decode
+
+
+def _decoded(request: Any) -> Any:
+    if request is _UNDECODABLE:
+        raise invalid("request", "not a valid protobuf message of the method's request type")
+    if isinstance(request, InvalidArgument):
+        raise request
+    return request
+
+
+async def _each_decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _decoded(request)
+
+
 # Probes and grpcurl's discovery need no key.
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
@@ -146,6 +213,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
+        decode = _tolerant(handler.request_deserializer)
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
@@ -153,7 +221,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details)
-                    return await inner_unary(request, context)
+                    return await inner_unary(_decoded(request), context)
                 except DomainError as error:
                     await _abort(context, error)
                 except Exception as error:
@@ -161,7 +229,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=decode,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream is not None:
@@ -171,7 +239,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details)
-                    async for response in inner_stream(request, context):
+                    async for response in inner_stream(_decoded(request), context):
                         yield response
                 except DomainError as error:
                     await _abort(context, error)
@@ -180,7 +248,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=decode,
                 response_serializer=handler.response_serializer,
             )
         if handler.stream_unary is not None:
@@ -190,7 +258,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details)
-                    return await inner_upload(requests, context)
+                    return await inner_upload(_each_decoded(requests), context)
                 except DomainError as error:
                     await _abort(context, error)
                 except Exception as error:
@@ -198,7 +266,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
             return grpc.stream_unary_rpc_method_handler(
                 upload,
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=decode,
                 response_serializer=handler.response_serializer,
             )
         # No method streams both ways; one added without its own wrapper here is refused, never

@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as pb
-from herald_common import api
+from herald_common import api, clock
 from herald_common.errors import Validator
 from herald_common.timing import (
     Frequency,
@@ -25,7 +25,11 @@ from herald_common.timing import (
 MAX_SEND_TIMES = 50
 MAX_OCCURRENCES = 10_000
 MAX_LIVE_DELAY = timedelta(days=30)
-_TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+# How far ahead a schedule may reach: a date past it is refused (a start in year 9999 would sit
+# SCHEDULED forever, and date arithmetic near the calendar's end overflows).
+HORIZON_YEARS = 10
+_TOO_FAR = f"at most {HORIZON_YEARS} years ahead"
+_TIME_OF_DAY = re.compile(r"^([01]\d|2[0-3]):[0-5]\d\Z")
 UTC_ZONE = ZoneInfo("UTC")
 # How long before its planned instant a run in users' zones may start (UTC+14 versus UTC-12),
 # with an hour to spare for DST.
@@ -51,8 +55,13 @@ def check_schedule(schedule: pb.Schedule, path: str, check: Validator) -> None:
         when is not None, path, "required: send_now, send_later, send_multiple, recurring or live"
     ):
         return
+    horizon = clock.now() + timedelta(days=366 * HORIZON_YEARS)
     if when == "send_later":
-        check.require(schedule.send_later.HasField("send_time"), f"{path}.send_later.send_time", "required")
+        if check.require(
+            schedule.send_later.HasField("send_time"), f"{path}.send_later.send_time", "required"
+        ):
+            at = api.from_timestamp(schedule.send_later.send_time)
+            check.require(at <= horizon, f"{path}.send_later.send_time", _TOO_FAR)
     elif when == "send_multiple":
         times = [t.ToNanoseconds() for t in schedule.send_multiple.send_times]
         check.require(
@@ -62,10 +71,25 @@ def check_schedule(schedule: pb.Schedule, path: str, check: Validator) -> None:
         )
         for i, t in enumerate(times):
             check.require(t not in times[:i], f"{path}.send_multiple.send_times[{i}]", "appears twice")
+        for i, send_time in enumerate(schedule.send_multiple.send_times):
+            check.require(
+                api.from_timestamp(send_time) <= horizon, f"{path}.send_multiple.send_times[{i}]", _TOO_FAR
+            )
     elif when == "recurring":
         _check_recurring(schedule.recurring, f"{path}.recurring", check)
+        for name in ("start_date", "end_date"):
+            day = _day(getattr(schedule.recurring, name))
+            if day is not None:
+                check.require(day <= horizon.date(), f"{path}.recurring.{name}", _TOO_FAR)
     elif when == "live":
         live = schedule.live
+        for name, present in (
+            ("start_time", live.HasField("start_time")),
+            ("end_time", live.HasField("end_time")),
+        ):
+            if present:
+                at = api.from_timestamp(getattr(live, name))
+                check.require(at <= horizon, f"{path}.live.{name}", _TOO_FAR)
         if live.HasField("start_time") and live.HasField("end_time"):
             check.require(
                 live.end_time.ToNanoseconds() > live.start_time.ToNanoseconds(),

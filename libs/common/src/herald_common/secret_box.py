@@ -17,7 +17,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 NONCE_BYTES = 12
-_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+_KEY_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}\Z")
 
 
 class SecretKeysError(ValueError):

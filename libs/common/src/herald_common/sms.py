@@ -26,7 +26,7 @@ GSM7_BASIC = frozenset(
 GSM7_EXTENSION = frozenset("\f^{}\\[~]|€")
 MAX_BODY_CHARACTERS = 1600
 # A phone number in E.164: +, a country code, at most 15 digits in all.
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+E164 = re.compile(r"^\+[1-9]\d{6,14}\Z")
 DLT_ID_DIGITS = 19
 _SINGLE = {"GSM-7": 160, "UCS-2": 70}
 _PER_SEGMENT = {"GSM-7": 153, "UCS-2": 67}

@@ -58,7 +58,7 @@ PERMISSIONS = method_permissions(
     },
 )
 DEFAULT_REPLAY, MAX_REPLAY = 1000, 10_000
-CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_-]{0,100}$")
+CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_-]{0,100}\Z")
 MAX_DISPLAY_NAME = 200
 MAX_BATCH_SIZE = 1000  # UpsertUsers never takes more
 MAX_THROTTLE = 10_000_000

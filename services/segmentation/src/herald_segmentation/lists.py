@@ -16,9 +16,10 @@ from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import NotFound, Validator, invalid
 from herald_common.paging import keyset_page
+from herald_common.sms import E164
 from herald_common.validation import check_text_fields
 from herald_segmentation.domain import refuse_if_in_saved_segments
-from herald_segmentation.profiles import E164, EMAIL
+from herald_segmentation.profiles import EMAIL
 from herald_segmentation.storage import SCHEMA, list_members, lists
 
 MAX_ROWS = 1_000_000

@@ -18,6 +18,7 @@ from herald_common import api
 from herald_common.auth import account_id_of, current_account_id, current_caller
 from herald_common.db import Database
 from herald_common.errors import NotFound, ResourceExhausted, Validator
+from herald_common.sms import E164
 from herald_common.timing import zone_named
 from herald_common.validation import check_text_fields
 from herald_segmentation.properties import USER, SentTypes, as_python, check_properties
@@ -29,10 +30,9 @@ MAX_UPSERT = 1000
 MAX_PROFILE_BYTES = 256 * 1024
 MAX_DEVICES = 20
 MAX_IDENTITIES = 20
-EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-E164 = re.compile(r"^\+[1-9]\d{6,14}$")
-_COUNTRY = re.compile(r"^[A-Z]{2}$")
-_IDENTITY_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+EMAIL = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+\Z")
+_COUNTRY = re.compile(r"^[A-Z]{2}\Z")
+_IDENTITY_TYPE = re.compile(r"^[a-z][a-z0-9_]{0,63}\Z")
 
 
 def parse_date(text: str) -> date | None:

@@ -32,7 +32,7 @@ CLUSTERS = ("api.exotel.com", "api.in.exotel.com")
 INDIA_CLUSTER = "api.in.exotel.com"
 DEFAULT_REQUESTS_PER_MINUTE = 200  # Exotel's SMS API limit per account
 # An ExoPhone (digits, optionally with +) or a DLT sender header (6 letters).
-SENDER = re.compile(r"^(\+?\d{6,15}|[A-Za-z]{6})$")
+SENDER = re.compile(r"^(\+?\d{6,15}|[A-Za-z]{6})\Z")
 
 
 def _auth(config: pb.ExotelConfig) -> dict[str, str]:

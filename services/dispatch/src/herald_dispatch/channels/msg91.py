@@ -30,9 +30,9 @@ from herald_dispatch.channels.sms import (
 KIND = channels.for_config("msg91")
 DEFAULT_ENDPOINT = "https://control.msg91.com"
 DEFAULT_REQUESTS_PER_SECOND = 50
-SENDER = re.compile(r"^[A-Za-z]{6}$")
-TEMPLATE_ID = re.compile(r"^[0-9a-f]{24}$")
-VARIABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,29}$")
+SENDER = re.compile(r"^[A-Za-z]{6}\Z")
+TEMPLATE_ID = re.compile(r"^[0-9a-f]{24}\Z")
+VARIABLE = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,29}\Z")
 
 
 ANSWERS = AnswerTable(

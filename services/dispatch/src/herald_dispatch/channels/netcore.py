@@ -34,7 +34,7 @@ from herald_dispatch.channels.sms import (
 KIND = channels.for_config("netcore")
 DEFAULT_ENDPOINT = "https://bulkpush.mytoday.com"
 DEFAULT_REQUESTS_PER_SECOND = 50
-SENDER = re.compile(r"^[A-Za-z]{6}$")
+SENDER = re.compile(r"^[A-Za-z]{6}\Z")
 
 
 ANSWERS = AnswerTable(

@@ -21,7 +21,7 @@ from herald_dispatch.channels.sms import CANNOT_TELL, Lookup, SmsChannel
 
 KIND = channels.for_config("sms_provider_group")
 MIN_MEMBERS, MAX_MEMBERS = 2, 5
-DESTINATION_NAME = re.compile(r"^destinations/[0-9a-f-]{36}$")
+DESTINATION_NAME = re.compile(r"^destinations/[0-9a-f-]{36}\Z")
 
 
 class ProviderGroupChannel:

@@ -28,7 +28,7 @@ from herald_dispatch.gate import Admission
 from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 
 # Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
-ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}$")
+ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}\Z")
 # Messages of one batch in flight at once.
 CONCURRENT_REQUESTS = 16
 # When the message a sender is about to post was admitted (monotonic; the sender's task's own).

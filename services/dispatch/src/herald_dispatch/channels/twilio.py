@@ -48,8 +48,8 @@ LOOKUP_TIMEOUT = aiohttp.ClientTimeout(total=15.0)
 LOOKUP_CLOCK_MARGIN = timedelta(minutes=5)
 DEFAULT_REQUESTS_PER_SECOND = 100
 DEFAULT_ENDPOINT = "https://api.twilio.com"
-ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}$")
-MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-f]{32}$")
+ACCOUNT_SID = re.compile(r"^AC[0-9a-f]{32}\Z")
+MESSAGING_SERVICE_SID = re.compile(r"^MG[0-9a-f]{32}\Z")
 
 
 def sender_problem(sender: str) -> str | None:

@@ -36,9 +36,9 @@ from herald_dispatch.channels.sms import (
 KIND = channels.for_config("vonage")
 DEFAULT_REQUESTS_PER_SECOND = 30
 DEFAULT_ENDPOINT = "https://rest.nexmo.com"
-API_KEY = re.compile(r"^[A-Za-z0-9]{8}$")
-API_SECRET = re.compile(r"^[A-Za-z0-9]{16}$")
-NUMBER_SENDER = re.compile(r"^\+?[1-9]\d{6,14}$")
+API_KEY = re.compile(r"^[A-Za-z0-9]{8}\Z")
+API_SECRET = re.compile(r"^[A-Za-z0-9]{16}\Z")
+NUMBER_SENDER = re.compile(r"^\+?[1-9]\d{6,14}\Z")
 MAX_CLIENT_REF = 40
 # Vonage answers 200 and a status per message part; each status's meaning, from its API
 # specification's error list.
