@@ -242,7 +242,7 @@ async def test_a_segment_or_destination_in_use_cannot_be_deleted(
         platform, segment_api.url, next(iter(segment_api.write_keys))
     )
     campaign = segment_export_campaign(segment.name, destination.name)
-    campaign.schedule.send_later.send_time.FromSeconds(4_000_000_000)
+    campaign.schedule.send_later.send_time.FromSeconds(1_950_000_000)
     name = await _publish(platform, campaign)
 
     # Refused the moment the publication is answered, naming the campaign that uses them.
@@ -270,7 +270,7 @@ async def test_campaigns_can_be_found_by_segment_destination_and_state(
         platform, segment_api.url, next(iter(segment_api.write_keys))
     )
     later = segment_export_campaign(segment.name, destination.name)
-    later.schedule.send_later.send_time.FromSeconds(4_000_000_000)
+    later.schedule.send_later.send_time.FromSeconds(1_950_000_000)
     scheduled = await _publish(platform, later)
     draft = await platform.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))

@@ -43,9 +43,11 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
-# A BadRequest names at most this many violations, each field path at most this long.
+# A BadRequest names at most this many violations, each field path at most this long, all of
+# them at most MAX_VIOLATION_CHARACTERS (the status message half that).
 MAX_VIOLATIONS = 20
-MAX_FIELD_CHARACTERS = 300
+MAX_FIELD_CHARACTERS = 512
+MAX_VIOLATION_CHARACTERS = 4000
 
 
 def _clipped(text: str, limit: int) -> str:
@@ -55,16 +57,19 @@ def _clipped(text: str, limit: int) -> str:
 def status_for(error: DomainError) -> status_pb2.Status:
     """The google.rpc.Status a domain error is reported as, with machine-readable details."""
     if isinstance(error, InvalidArgument):
-        # At most MAX_VIOLATIONS, then how many more: the status travels in trailing metadata,
-        # which clients refuse past a few kilobytes.
-        shown = error.violations[:MAX_VIOLATIONS]
-        violations = [
-            error_details_pb2.BadRequest.FieldViolation(
-                field=_clipped(v.field, MAX_FIELD_CHARACTERS), description=_clipped(v.description, 500)
+        # At most MAX_VIOLATIONS (fewer if they are long), then how many more: the status travels
+        # in trailing metadata, which clients refuse past a few kilobytes.
+        violations: list[error_details_pb2.BadRequest.FieldViolation] = []
+        size = 0
+        for v in error.violations[:MAX_VIOLATIONS]:
+            shown = error_details_pb2.BadRequest.FieldViolation(
+                field=_clipped(v.field, MAX_FIELD_CHARACTERS), description=_clipped(v.description, 300)
             )
-            for v in shown
-        ]
-        more = len(error.violations) - len(shown)
+            size += len(shown.field) + len(shown.description)
+            if violations and size > MAX_VIOLATION_CHARACTERS:
+                break
+            violations.append(shown)
+        more = len(error.violations) - len(violations)
         if more:
             violations.append(
                 error_details_pb2.BadRequest.FieldViolation(
@@ -74,7 +79,7 @@ def status_for(error: DomainError) -> status_pb2.Status:
         message = "; ".join(f"{v.field}: {v.description}" for v in violations)
         return status_pb2.Status(
             code=code_pb2.INVALID_ARGUMENT,
-            message=_clipped(message, 2000),
+            message=_clipped(message, MAX_VIOLATION_CHARACTERS // 2),
             details=[_pack(error_details_pb2.BadRequest(field_violations=violations))],
         )
     if isinstance(error, NotFound):
