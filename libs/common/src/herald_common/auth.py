@@ -10,6 +10,7 @@ account they act for (`x-herald-account`); an operator creates accounts with the
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import enum
 import hashlib
@@ -109,6 +110,43 @@ class AccountRates:
             return (1 - tokens) / rate
         self._buckets[account] = (tokens - 1, now)
         return None
+
+
+class FailedGuesses:
+    """Wrong bootstrap tokens per source address, in this process: after MAX_FAILURES within
+    WINDOW_SECONDS, that address may not try the bootstrap token again until the oldest of them
+    is WINDOW_SECONDS old. Bounded: the addresses seen longest ago are forgotten first."""
+
+    MAX_FAILURES = 5
+    WINDOW_SECONDS = 60.0
+    MAX_SOURCES = 10_000
+
+    def __init__(self) -> None:
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def wait(self, source: str) -> float | None:
+        """Seconds until `source` may try again; None when it may now."""
+        failures = self._failures.get(source)
+        if failures is None:
+            return None
+        now = time.monotonic()
+        while failures and failures[0] <= now - self.WINDOW_SECONDS:
+            failures.popleft()
+        if len(failures) < self.MAX_FAILURES:
+            return None
+        return failures[0] + self.WINDOW_SECONDS - now
+
+    def failed(self, source: str) -> None:
+        failures = self._failures.pop(source, None) or collections.deque(maxlen=self.MAX_FAILURES)
+        failures.append(time.monotonic())
+        self._failures[source] = failures  # newest last
+        if len(self._failures) > self.MAX_SOURCES:
+            del self._failures[next(iter(self._failures))]
+
+
+def source_address(peer: str) -> str:
+    """The address part of a gRPC peer ("ipv4:10.0.0.7:51234" → "ipv4:10.0.0.7")."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
 
 _caller: ContextVar[Caller | None] = ContextVar("caller", default=None)
@@ -330,6 +368,7 @@ class Authenticator:
     defaults: QuotaDefaults = field(default_factory=QuotaDefaults)
     rates: AccountRates = field(default_factory=AccountRates)
     uses: KeyUses = field(default_factory=KeyUses)
+    guesses: FailedGuesses = field(default_factory=FailedGuesses)
 
     def limits(self, caller: Caller) -> Caller:
         """The caller with its account's limits filled in from the defaults."""
@@ -339,14 +378,26 @@ class Authenticator:
             max_batch_size=caller.max_batch_size or self.defaults.max_batch_size,
         )
 
-    async def authenticate(self, metadata: Mapping[str, str], needed: Permission) -> Caller:
+    async def authenticate(self, metadata: Mapping[str, str], needed: Permission, source: str = "") -> Caller:
+        """The caller the credentials in `metadata` prove; `source` is the caller's address, which
+        wrong bootstrap tokens are throttled by."""
         authorization = metadata.get("authorization", "")
         scheme, _, credential = authorization.partition(" ")
         credential = credential.strip()
         if not authorization:
             raise Unauthenticated("missing API key: send `authorization: Bearer <key>` metadata")
         if scheme == "Bootstrap":
-            if not self.bootstrap_token or not hmac.compare_digest(credential, self.bootstrap_token):
+            wait = self.guesses.wait(source)
+            if wait is not None:
+                raise ResourceExhausted(
+                    "bootstrap",
+                    f"too many wrong bootstrap tokens from this address; retry in {wait:.0f} s",
+                    retry_after=wait,
+                )
+            if not self.bootstrap_token or not hmac.compare_digest(
+                credential.encode(), self.bootstrap_token.encode()
+            ):
+                self.guesses.failed(source)
                 raise Unauthenticated("wrong bootstrap token")
             if needed is not Permission.BOOTSTRAP:
                 raise PermissionDenied("the bootstrap token only creates and deletes accounts")

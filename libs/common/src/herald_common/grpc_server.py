@@ -17,7 +17,14 @@ from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from herald_common import deadlines
-from herald_common.auth import Authenticator, Permission, PermissionDenied, Unauthenticated, act_as
+from herald_common.auth import (
+    Authenticator,
+    Permission,
+    PermissionDenied,
+    Unauthenticated,
+    act_as,
+    source_address,
+)
 from herald_common.errors import (
     DomainError,
     FailedPrecondition,
@@ -205,14 +212,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.authenticator = authenticator
         self.permissions = permissions
 
-    async def _authenticate(self, details: Any) -> None:
+    async def _authenticate(self, details: Any, context: Any) -> None:
         if details.method.startswith(_OPEN_PREFIXES) or self.authenticator is None:
             return
         needed = self.permissions.get(details.method)
         if needed is None:  # every method declares its permission; refuse rather than guess
             raise PermissionDenied(f"{details.method} is not open to callers")
         metadata = {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
-        act_as(await self.authenticator.authenticate(metadata, needed))
+        source = source_address(context.peer() or "")
+        act_as(await self.authenticator.authenticate(metadata, needed, source))
 
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
@@ -225,7 +233,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: Any) -> Any:
                 _bind_request(handler_call_details, context)
                 try:
-                    await self._authenticate(handler_call_details)
+                    await self._authenticate(handler_call_details, context)
                     return await inner_unary(_decoded(request), context)
                 except DomainError as error:
                     await _abort(context, error)
@@ -243,7 +251,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 _bind_request(handler_call_details, context)
                 try:
-                    await self._authenticate(handler_call_details)
+                    await self._authenticate(handler_call_details, context)
                     async for response in inner_stream(_decoded(request), context):
                         yield response
                 except DomainError as error:
@@ -262,7 +270,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def upload(requests: Any, context: Any) -> Any:
                 _bind_request(handler_call_details, context)
                 try:
-                    await self._authenticate(handler_call_details)
+                    await self._authenticate(handler_call_details, context)
                     return await inner_upload(_each_decoded(requests), context)
                 except DomainError as error:
                     await _abort(context, error)

@@ -54,6 +54,8 @@ class StartupError(RuntimeError):
 
 
 HEALTH_CHECK_TIMEOUT_SECONDS = 2.0
+# The service and bootstrap tokens are secrets an attacker may guess at: at least this long.
+MIN_TOKEN_CHARACTERS = 32
 HEALTH_CHECK_INTERVAL_SECONDS = 2.0
 
 
@@ -88,6 +90,14 @@ class Infrastructure:
     ) -> Infrastructure:
         if not settings.service_token:
             raise StartupError("HERALD_SERVICE_TOKEN is not set: the services use it to call each other")
+        for name, token in (
+            ("HERALD_SERVICE_TOKEN", settings.service_token),
+            ("HERALD_BOOTSTRAP_TOKEN", settings.bootstrap_token),
+        ):
+            if token and len(token) < MIN_TOKEN_CHARACTERS:
+                raise StartupError(
+                    f"{name} is too short: use at least {MIN_TOKEN_CHARACTERS} random characters"
+                )
         engine = make_engine(settings.database_url)
         await migrate(engine, schema, migrations_dir)
         database = Database(engine)
