@@ -37,6 +37,7 @@ def environment(settings: Settings, **extra: str) -> dict[str, str]:
         "HERALD_SERVICE_TOKEN": settings.service_token,
         "HERALD_BOOTSTRAP_TOKEN": settings.bootstrap_token,
         "HERALD_ACCOUNT_REQUESTS_PER_SECOND": str(settings.account_requests_per_second),
+        "HERALD_PUBLISHABLE_REQUESTS_PER_SECOND": str(settings.publishable_requests_per_second),
         "HERALD_ALLOWED_DESTINATION_NETWORKS": ",".join(settings.allowed_destination_networks),
         "LOG_LEVEL": "warning",
         **extra,

@@ -311,3 +311,37 @@ def test_a_publishable_key_opens_only_the_browser_operations() -> None:
     allowed = ROLE_PERMISSIONS["ROLE_PUBLISHABLE"]
     callable_ = sorted(m for table in tables for m, needed in table.items() if needed in allowed)
     assert callable_ == ["/herald.segmentation.v1.SegmentationService/IngestEvents"]
+
+
+async def test_a_flood_with_a_publishable_key_leaves_the_server_keys_quota_alone(platform: Platform) -> None:
+    # An account allowed 5 calls a second (bursts of 10) with its server keys.
+    _, key = await create_account(
+        platform.address("campaign"),
+        platform.settings.bootstrap_token,
+        "flooded",
+        quota=accounts_pb.Quota(requests_per_second=5),
+    )
+    admin = Clients.open(platform.addresses, key)
+    created = await admin.accounts.CreateApiKey(
+        accounts_pb.CreateApiKeyRequest(
+            api_key=accounts_pb.ApiKey(display_name="website", role=Role.ROLE_PUBLISHABLE)
+        )
+    )
+    browser = Clients.open(platform.addresses, created.key)
+    try:
+        visits = [
+            segmentation_pb.IngestEventsRequest(
+                events=[segmentation_pb.Event(user_id="visitor", name="Viewed", client_event_id=f"f{i}")]
+            )
+            for i in range(150)
+        ]
+        flood = await asyncio.gather(*(_code(browser.segmentation.IngestEvents(v)) for v in visits))
+        # The publishable keys have a quota of their own (50 a second, bursts of 100)...
+        assert 90 <= flood.count(grpc.StatusCode.OK) < 150
+        assert set(flood) == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}
+        # ...so the admin's calls still go through.
+        for _ in range(8):
+            await admin.accounts.GetAccount(accounts_pb.GetAccountRequest())
+    finally:
+        await browser.close()
+        await admin.close()

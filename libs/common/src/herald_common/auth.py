@@ -88,10 +88,16 @@ class Caller:
     max_batch_size: int = 0
 
 
+PUBLISHABLE_ROLE = "ROLE_PUBLISHABLE"
+
+
 @dataclass(frozen=True)
 class QuotaDefaults:
     requests_per_second: float = 200.0
     max_batch_size: int = 1000
+    # Calls with the account's publishable (browser) keys, counted apart from its server keys, so
+    # a flood from a public page cannot use up the account's own quota.
+    publishable_requests_per_second: float = 50.0
 
 
 class AccountRates:
@@ -417,12 +423,13 @@ class Authenticator:
         if caller.role == SERVICE_ROLE:
             return caller  # already counted where the account's call came in
         caller = self.limits(caller)
-        wait = self.rates.admit(caller.account, caller.requests_per_second)
+        bucket, rate = caller.account, caller.requests_per_second
+        if caller.role == PUBLISHABLE_ROLE:
+            bucket, rate = f"{caller.account} publishable", self.defaults.publishable_requests_per_second
+        wait = self.rates.admit(bucket, rate)
         if wait is not None:
             raise ResourceExhausted(
-                caller.account,
-                f"more than {caller.requests_per_second:g} calls a second; retry in {wait:.2f} s",
-                retry_after=wait,
+                caller.account, f"more than {rate:g} calls a second; retry in {wait:.2f} s", retry_after=wait
             )
         return caller
 

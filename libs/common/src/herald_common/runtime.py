@@ -108,7 +108,11 @@ class Infrastructure:
         keys = KeyRegistry()
         await keys.start(await ensure_bucket(js, api_keys_bucket(settings.namespace)))
         key_uses = await ensure_bucket(js, api_key_uses_bucket(settings.namespace))
-        defaults = QuotaDefaults(settings.account_requests_per_second, settings.account_max_batch_size)
+        defaults = QuotaDefaults(
+            settings.account_requests_per_second,
+            settings.account_max_batch_size,
+            settings.publishable_requests_per_second,
+        )
         authenticator = Authenticator(keys, settings.service_token, settings.bootstrap_token, defaults)
         authenticator.uses.start(key_uses)
         relay = OutboxRelay(database, outbox, js)

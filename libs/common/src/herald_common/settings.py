@@ -52,6 +52,7 @@ class Settings:
     # Per-account limits where an account has none of its own.
     account_requests_per_second: float = 200.0
     account_max_batch_size: int = 1000
+    publishable_requests_per_second: float = 50.0
     bootstrap_token: str = field(default="", repr=False)
     # Dispatch serves providers' delivery receipts over HTTP on this port (0: not served), and
     # tells providers to call it at this public base URL (empty: http://host:port).
@@ -101,6 +102,7 @@ class Settings:
             service_token=env.get("HERALD_SERVICE_TOKEN", ""),
             account_requests_per_second=float(env.get("HERALD_ACCOUNT_REQUESTS_PER_SECOND", "200")),
             account_max_batch_size=int(env.get("HERALD_ACCOUNT_MAX_BATCH_SIZE", "1000")),
+            publishable_requests_per_second=float(env.get("HERALD_PUBLISHABLE_REQUESTS_PER_SECOND", "50")),
             bootstrap_token=env.get("HERALD_BOOTSTRAP_TOKEN", ""),
             receipts_port=int(env.get("HERALD_RECEIPTS_PORT", "0")),
             receipts_url=env.get("HERALD_RECEIPTS_URL", ""),
