@@ -11,22 +11,24 @@ from typing import Any
 
 import grpc
 import pytest
+from nats.js import JetStreamContext
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.accounts.v1 import account_service_pb2_grpc as accounts_grpc
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from herald.events.v1 import events_pb2
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_pb_grpc
 from herald_campaign import accounts
 from herald_campaign import servicer as campaign_servicer
-from herald_common.auth import ROLE_PERMISSIONS
+from herald_common.auth import KEY_PREFIX, ROLE_PERMISSIONS, KeyRegistry, Unauthenticated, api_keys_bucket
 from herald_dispatch import servicer as dispatch_servicer
 from herald_scheduler import servicer as scheduler_servicer
 from herald_segmentation import servicer as segmentation_servicer
-from tests.conftest import Platform
+from tests.conftest import Platform, eventually
 from tests.harness import Clients, create_account
 from tests.helpers import condition, field_violations, matching, user
 
@@ -345,3 +347,44 @@ async def test_a_flood_with_a_publishable_key_leaves_the_server_keys_quota_alone
     finally:
         await browser.close()
         await admin.close()
+
+
+async def test_an_older_key_state_published_late_does_not_bring_a_revoked_key_back(
+    platform: Platform, js: JetStreamContext
+) -> None:
+    created = await platform.accounts.CreateApiKey(
+        accounts_pb.CreateApiKeyRequest(
+            api_key=accounts_pb.ApiKey(display_name="late", role=Role.ROLE_VIEWER)
+        )
+    )
+    key_id = created.key.removeprefix(KEY_PREFIX).partition("_")[0]
+    viewer = Clients.open(platform.addresses, created.key)
+    try:
+        await viewer.segmentation.ListSegments(segmentation_pb.ListSegmentsRequest())
+        await platform.accounts.RevokeApiKey(accounts_pb.RevokeApiKeyRequest(name=created.api_key.name))
+
+        async def refused() -> bool:
+            code = await _code(viewer.segmentation.ListSegments(segmentation_pb.ListSegmentsRequest()))
+            return code == grpc.StatusCode.UNAUTHENTICATED
+
+        await eventually(refused, within=10)
+        # The key's first state (active) arrives again after its revocation, as an outbox that
+        # publishes out of order would send it.
+        bucket = await js.key_value(api_keys_bucket(platform.settings.namespace))
+        first = (await bucket.history(key_id))[0].value or b""
+        assert not events_pb2.ApiKeyState.FromString(first).revoked
+        await bucket.put(key_id, first)
+        # A process starting now reads every state kept and holds the newest: revoked.
+        starting = KeyRegistry()
+        await starting.start(bucket)
+        try:
+            with pytest.raises(Unauthenticated, match="revoked"):
+                await starting.check(created.key)
+        finally:
+            await starting.stop()
+        # And the running services, which saw the late state arrive too, still refuse the key.
+        for _ in range(5):
+            assert await refused()
+            await asyncio.sleep(0.1)
+    finally:
+        await viewer.close()

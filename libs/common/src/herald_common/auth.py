@@ -27,7 +27,7 @@ from typing import Any
 import grpc
 from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError
+from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from herald.events.v1 import events_pb2 as events
@@ -235,11 +235,16 @@ def api_key_subject(namespace: str, key_id: str) -> str:
     return f"$KV.{api_keys_bucket(namespace)}.{key_id}"
 
 
-async def ensure_bucket(js: JetStreamContext, bucket: str) -> KeyValue:
+async def ensure_bucket(js: JetStreamContext, bucket: str, history: int = 1) -> KeyValue:
     try:
         return await js.key_value(bucket)
     except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=1))
+        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history))
+
+
+# Key states kept per key in the bucket: an older state the outbox published after a newer one
+# must not hide it from a process that starts later, which reads them all and keeps the newest.
+KEY_STATE_HISTORY = 8
 
 
 class KeyUses:
@@ -290,7 +295,7 @@ class KeyRegistry:
 
     async def start(self, bucket: KeyValue) -> None:
         self._bucket = bucket
-        watcher = await bucket.watchall()
+        watcher = await bucket.watchall(include_history=True)
         self._task = asyncio.create_task(self._follow(watcher), name="api-keys")
         await asyncio.wait_for(self._loaded.wait(), timeout=30)
 
@@ -316,8 +321,10 @@ class KeyRegistry:
                 log.warning("api_key_state_malformed", key_id=entry.key)
 
     def learn(self, state: events.ApiKeyState) -> None:
-        """Holds a key's newest state."""
-        self._keys[state.key_id] = state
+        """Holds a key's newest state: one older than what is held is ignored."""
+        held = self._keys.get(state.key_id)
+        if held is None or state.version >= held.version:
+            self._keys[state.key_id] = state
 
     async def stop(self) -> None:
         await cancel_and_wait(self._task)
@@ -328,13 +335,13 @@ class KeyRegistry:
         if state is not None or self._bucket is None:
             return state
         try:
-            entry = await self._bucket.get(key_id)
-        except KeyNotFoundError:
+            entries = await self._bucket.history(key_id)
+        except (KeyNotFoundError, NoKeysError):
             return None
-        if entry.value:
-            state = events.ApiKeyState.FromString(entry.value)
-            self.learn(state)
-        return state
+        for entry in entries:
+            if entry.value and entry.operation not in ("DEL", "PURGE"):
+                self.learn(events.ApiKeyState.FromString(entry.value))
+        return self._keys.get(key_id)
 
     async def wait_for(self, key_id: str, within: float = 5.0) -> None:
         """Returns once the key's latest state is in the bucket, so every service can check it."""

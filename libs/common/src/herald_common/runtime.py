@@ -20,6 +20,7 @@ from nats.js.kv import KeyValue
 from herald.events.v1 import events_pb2 as events
 from herald_common import bus
 from herald_common.auth import (
+    KEY_STATE_HISTORY,
     Authenticator,
     KeyRegistry,
     Permission,
@@ -106,7 +107,7 @@ class Infrastructure:
         subjects = Subjects(settings.namespace)
         await bus.ensure_streams(js, subjects)
         keys = KeyRegistry()
-        await keys.start(await ensure_bucket(js, api_keys_bucket(settings.namespace)))
+        await keys.start(await ensure_bucket(js, api_keys_bucket(settings.namespace), KEY_STATE_HISTORY))
         key_uses = await ensure_bucket(js, api_key_uses_bucket(settings.namespace))
         defaults = QuotaDefaults(
             settings.account_requests_per_second,

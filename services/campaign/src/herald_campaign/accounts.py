@@ -58,6 +58,7 @@ PERMISSIONS = method_permissions(
     },
 )
 DEFAULT_REPLAY, MAX_REPLAY = 1000, 10_000
+_NEXT_VERSION = sa.text("SELECT nextval('campaign.api_key_state_versions')")
 CONSUMER_NAME = re.compile(r"^[A-Za-z0-9_-]{0,100}\Z")
 MAX_DISPLAY_NAME = 200
 MAX_BATCH_SIZE = 1000  # UpsertUsers never takes more
@@ -171,8 +172,15 @@ class Accounts:
                 key.last_use_time.CopyFrom(api.timestamp(datetime.fromisoformat(entry.value.decode())))
         return key
 
-    async def _publish_key(self, session: AsyncSession, row: Any) -> None:
+    async def _publish_key(self, session: AsyncSession, changed: Any) -> None:
+        """Publishes the key's state as it is now. The key's row is locked first and the version
+        taken after it, so of two transactions changing the key or its account, the one that
+        commits later publishes the higher version, and it reads what the other committed."""
+        row = (
+            await session.execute(sa.select(api_keys).where(api_keys.c.id == changed.id).with_for_update())
+        ).one()
         account = (await session.execute(sa.select(accounts).where(accounts.c.id == row.account_id))).one()
+        version = await session.scalar(_NEXT_VERSION)
         state = events.ApiKeyState(
             key_id=row.key_id,
             account=f"accounts/{row.account_id}",
@@ -182,9 +190,10 @@ class Accounts:
             requests_per_second=account.requests_per_second,
             max_batch_size=account.max_batch_size,
             account_deleted=account.deleted_at is not None,
+            version=version,
         )
         subject = api_key_subject(self.namespace, row.key_id)
-        message_id = f"{row.key_id}:{row.revoked_at}:{account.deleted_at}"
+        message_id = f"{row.key_id}:{version}"
         await enqueue(session, outbox, [OutboxEvent.of(subject, state, message_id)])
 
     async def _add_key(

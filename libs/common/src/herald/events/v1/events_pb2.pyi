@@ -621,6 +621,7 @@ class ApiKeyState(_message.Message):
     REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     ACCOUNT_DELETED_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The key id: the part of the key after its `hrld_` prefix and before the secret."""
     account: _builtins.str
@@ -636,6 +637,10 @@ class ApiKeyState(_message.Message):
     max_batch_size: _builtins.int
     account_deleted: _builtins.bool
     """The account was deleted: its keys are refused."""
+    version: _builtins.int
+    """Grows with every change of the key or its account: a follower keeps the state with the
+    highest version, so an older state published late never brings a revoked key back.
+    """
     def __init__(
         self,
         *,
@@ -647,10 +652,11 @@ class ApiKeyState(_message.Message):
         requests_per_second: _builtins.float = ...,
         max_batch_size: _builtins.int = ...,
         account_deleted: _builtins.bool = ...,
+        version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_deleted", b"account_deleted", "key_id", b"key_id", "max_batch_size", b"max_batch_size", "requests_per_second", b"requests_per_second", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_deleted", b"account_deleted", "key_id", b"key_id", "max_batch_size", b"max_batch_size", "requests_per_second", b"requests_per_second", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
