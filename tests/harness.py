@@ -184,12 +184,15 @@ async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
     """All four services on free 127.0.0.1 ports, wired to each other."""
     # Every service may call every other (campaign checks references, segmentation and dispatch
     # ask campaign whether what they delete is in use): ports are chosen before any starts.
-    ports = {name: free_port() for name in ("segmentation", "dispatch", "campaign", "scheduler")}
+    ports: dict[str, int] = {}
+    for name in ("segmentation", "dispatch", "campaign", "scheduler", "receipts"):
+        ports[name] = free_port(avoid=set(ports.values()))  # none bound yet: all must differ
+    receipts_port = ports.pop("receipts")
     wired = replace(
         settings,
         ports=ports,
         addresses={name: f"127.0.0.1:{port}" for name, port in ports.items()},
-        receipts_port=free_port(),
+        receipts_port=receipts_port,
     )
     hosts: dict[str, ServiceHost] = {}
     hosts["segmentation"] = await segmentation_main.start(wired)

@@ -35,7 +35,9 @@ def _processes_using(data_dir: Path) -> list[psutil.Process]:
 
 
 async def test_platform_starts_embedded_servers_and_stops_cleanly(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in SERVICES}
+    ports: dict[str, int] = {}
+    for name in SERVICES:
+        ports[name] = free_port(avoid=set(ports.values()))
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "NATS_URL")}
     env.update({f"HERALD_{name.upper()}_PORT": str(port) for name, port in ports.items()})
     env.update({"HERALD_DATA_DIR": str(tmp_path / "data"), "HERALD_NAMESPACE": "launcher"})

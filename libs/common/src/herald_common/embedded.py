@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,14 @@ from herald_common.logging import get_logger
 log = get_logger(__name__)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    """A port free now, and not one of `avoid` (ports promised to others that may not be bound yet)."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in avoid:
+            return port
 
 
 def _nats_server_binary() -> str:
@@ -68,9 +72,11 @@ def start_nats_server(port: int, store: Path, log_path: Path) -> subprocess.Pope
 class EmbeddedInfrastructure:
     """Starts PostgreSQL and a JetStream-enabled nats-server under `data_dir`."""
 
-    def __init__(self, data_dir: Path, database: str = "herald") -> None:
+    def __init__(self, data_dir: Path, database: str = "herald", avoid_ports: Collection[int] = ()) -> None:
         self.data_dir = data_dir.resolve()
         self.database = database
+        # The services' ports: NATS must not take one before its service binds it.
+        self.avoid_ports = set(avoid_ports)
         self._postgres: Any = None
         self._lock: Any = None
         self._nats: subprocess.Popen[bytes] | None = None
@@ -104,7 +110,7 @@ class EmbeddedInfrastructure:
         log.info("embedded_postgres_started", url=self.database_url)
 
     def _start_nats(self) -> None:
-        port = free_port()
+        port = free_port(avoid=self.avoid_ports)
         store = self.data_dir / "nats"
         store.mkdir(exist_ok=True)
         self._nats = start_nats_server(port, store, self.data_dir / "nats.log")

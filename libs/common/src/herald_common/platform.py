@@ -25,7 +25,7 @@ from herald_common.embedded import EmbeddedInfrastructure, default_data_dir
 from herald_common.grpc_server import health_status
 from herald_common.logging import configure_logging, get_logger
 from herald_common.secret_box import new_key_setting
-from herald_common.settings import Settings
+from herald_common.settings import Settings, service_ports
 
 SERVICES = ["segmentation", "dispatch", "campaign", "scheduler"]
 
@@ -75,7 +75,7 @@ def main() -> None:
     env = dict(os.environ)
     embedded: EmbeddedInfrastructure | None = None
     if not env.get("DATABASE_URL") or not env.get("NATS_URL"):
-        embedded = EmbeddedInfrastructure(default_data_dir())
+        embedded = EmbeddedInfrastructure(default_data_dir(), avoid_ports=service_ports(env).values())
         embedded.start()
         env = {**embedded.environment(), **{k: v for k, v in env.items() if v}}
     # Local fakes and sinks run on loopback; a deployment allows private networks explicitly.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 DEFAULT_PORTS = {"campaign": 50051, "segmentation": 50052, "scheduler": 50053, "dispatch": 50054}
@@ -14,6 +15,11 @@ def _port_env(service: str) -> str:
 
 def _addr_env(service: str) -> str:
     return f"HERALD_{service.upper()}_ADDR"
+
+
+def service_ports(env: Mapping[str, str]) -> dict[str, int]:
+    """Each service's port: HERALD_<SERVICE>_PORT, or its default."""
+    return {service: int(env.get(_port_env(service), port)) for service, port in DEFAULT_PORTS.items()}
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,7 @@ class Settings:
                 "DATABASE_URL and NATS_URL must be set; `make run` starts embedded servers "
                 "and sets them when they are missing"
             )
-        ports = {s: int(env.get(_port_env(s), p)) for s, p in DEFAULT_PORTS.items()}
+        ports = service_ports(env)
         addresses = {s: env[_addr_env(s)] for s in DEFAULT_PORTS if env.get(_addr_env(s))}
         return cls(
             database_url=database_url,
