@@ -88,7 +88,7 @@ class AlertWebhooks:
         body = json.dumps({"type": "campaign.alert", **MessageToDict(alert)})
         headers = {"Content-Type": "application/json", "Idempotency-Key": alert.event_id}
         try:
-            async with self.http.post(url, data=body, headers=headers) as response:
+            async with self.http.post(url, data=body, headers=headers, allow_redirects=False) as response:
                 if response.status >= 300:
                     raise WebhookRefused(f"alert webhook answered {response.status}")
         except (TimeoutError, aiohttp.ClientError) as error:

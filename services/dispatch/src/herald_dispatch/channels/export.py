@@ -208,7 +208,9 @@ async def post_until_answered(
         body, headers = request.prepare(retries)
         retry_after: float | None = None
         try:
-            async with http.post(request.url, data=body, headers=headers, timeout=REQUEST_TIMEOUT) as answer:
+            async with http.post(
+                request.url, data=body, headers=headers, timeout=REQUEST_TIMEOUT, allow_redirects=False
+            ) as answer:
                 status = answer.status
                 text = await answer.text()
                 retry_after = retry_after_seconds(answer.headers.get("Retry-After"))

@@ -243,7 +243,9 @@ class MparticleChannel:
         url = f"{base_url(config)}/v2/bulkevents"
         headers = {"Authorization": _auth(config), "Content-Type": "application/json"}
         try:
-            async with self.http.post(url, data=b"[]", headers=headers, timeout=REQUEST_TIMEOUT) as answer:
+            async with self.http.post(
+                url, data=b"[]", headers=headers, timeout=REQUEST_TIMEOUT, allow_redirects=False
+            ) as answer:
                 status = answer.status
         except (TimeoutError, aiohttp.ClientError) as error:
             return False, f"mParticle could not be reached ({type(error).__name__})"

@@ -311,7 +311,9 @@ async def post_message(
                 await context.permit()
         attempts += 1
         try:
-            async with http.post(url, data=body, headers=headers, timeout=timeout) as response:
+            async with http.post(
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
                 status = response.status
                 answer = await response.text()
                 retry_after = retry_after_seconds(response.headers.get("Retry-After"))
@@ -350,7 +352,10 @@ async def check_with(
     answer); anything else, or no answer, means they do not, or cannot be told."""
     try:
         async with http.get(
-            url, headers=headers, timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_SECONDS)
+            url,
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=ANSWER_TIMEOUT_SECONDS),
+            allow_redirects=False,
         ) as response:
             status, text = response.status, await response.text()
     except (TimeoutError, aiohttp.ClientError) as error:

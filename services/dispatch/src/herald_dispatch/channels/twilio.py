@@ -198,7 +198,9 @@ class TwilioChannel(SmsProvider):
 
     async def _get_json(self, url: str, headers: dict[str, str]) -> dict[str, Any] | None:
         try:
-            async with self.http.get(url, headers=headers, timeout=LOOKUP_TIMEOUT) as response:
+            async with self.http.get(
+                url, headers=headers, timeout=LOOKUP_TIMEOUT, allow_redirects=False
+            ) as response:
                 if response.status != 200:
                     return None
                 return json_object(await response.text())
