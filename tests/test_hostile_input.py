@@ -250,3 +250,22 @@ async def test_a_bad_request_lists_twenty_problems_and_counts_the_rest(platform:
     assert len(violations) == 21
     assert violations["request"] == "and 980 more problems not listed"
     assert len(refused.value.details() or "") <= 2000
+
+
+@pytest.mark.parametrize(
+    ("method", "limit"),
+    [("IngestEvents", 1 << 20), ("UpsertUsers", 4 << 20), ("CreateSegment", 256 * 1024)],
+)
+async def test_a_request_over_its_size_limit_is_refused_before_it_is_read(
+    channels: dict[str, grpc.aio.Channel], method: str, limit: int
+) -> None:
+    # Bytes that would not even decode: the size alone is refused, so no decoding was attempted.
+    oversized = b"\xff" * (limit + 1)
+    path = f"/herald.segmentation.v1.SegmentationService/{method}"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await channels["segmentation"].unary_unary(path)(oversized)  # type: ignore[arg-type]
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        field_violations(refused.value)["request"]
+        == f"{limit + 1:,} bytes; this call takes at most {limit:,}"
+    )

@@ -539,9 +539,10 @@ async def test_bad_events_are_refused_and_nothing_is_written(acct: Clients) -> N
     assert "events" in await _violations(
         acct.segmentation.IngestEvents(pb.IngestEventsRequest(events=too_many))
     )
+    # Over 1 MB: refused before it is even decoded.
     heavy = pb.Event(user_id="ana", name="x", client_event_id="heavy")
     heavy.properties.update({"blob": "x" * 1_100_000})
-    assert "events" in await _violations(
+    assert "request" in await _violations(
         acct.segmentation.IngestEvents(pb.IngestEventsRequest(events=[heavy]))
     )
 

@@ -36,6 +36,7 @@ from herald_common.errors import (
     invalid,
 )
 from herald_common.faults import is_transient
+from herald_common.limits import GRPC_RECEIVE_BYTES, request_limit
 from herald_common.logging import get_logger
 from herald_common.validation import nul_fields
 
@@ -165,13 +166,17 @@ class _Undecodable:
 _UNDECODABLE = _Undecodable()
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any] | None:
     """The request decoder, answering _UNDECODABLE instead of raising: gRPC would report a
-    decoding failure as UNKNOWN; the handler reports it as INVALID_ARGUMENT."""
+    decoding failure as UNKNOWN; the handler reports it as INVALID_ARGUMENT. A request over the
+    method's size limit, or with a NUL in a string, is refused the same way, undecoded or unused."""
     if deserialize is None:
         return None
 
     def decode(data: bytes) -> Any:
+        if len(data) > limit:
+            description = f"{len(data):,} bytes; this call takes at most {limit:,}"
+            return InvalidArgument([FieldViolation("request", description)])
         try:
             request = deserialize(data)
         except Exception:
@@ -226,7 +231,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
-        decode = _tolerant(handler.request_deserializer)
+        decode = _tolerant(handler.request_deserializer, request_limit(handler_call_details.method))
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
@@ -325,7 +330,10 @@ class GrpcServer:
             raise RuntimeError(f"methods without a declared permission: {missing}")
         interceptor = ErrorInterceptor(authenticator, permissions)
         # No SO_REUSEPORT: a second process on the same port must fail, not share it silently.
-        self.server = grpc.aio.server(interceptors=[interceptor], options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(
+            interceptors=[interceptor],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", GRPC_RECEIVE_BYTES)],
+        )
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
         register(self.server)

@@ -1,0 +1,23 @@
+"""The largest request each RPC takes, in bytes of its encoded message (for a streaming upload,
+of each message). A request over it is refused before it is decoded, so it costs no work; gRPC
+itself refuses anything over MAX_REQUEST_BYTES before reading it whole."""
+
+from __future__ import annotations
+
+DEFAULT_REQUEST_BYTES = 256 * 1024
+REQUEST_BYTES = {
+    # 1,000 users; a profile holds at most 256 KB, so a batch of large profiles is smaller.
+    "/herald.segmentation.v1.SegmentationService/UpsertUsers": 4 << 20,
+    "/herald.segmentation.v1.SegmentationService/IngestEvents": 1 << 20,
+    # Each message of the stream: up to 10,000 rows.
+    "/herald.segmentation.v1.SegmentationService/UploadList": 2 << 20,
+}
+MAX_REQUEST_BYTES = max(DEFAULT_REQUEST_BYTES, *REQUEST_BYTES.values())
+# What gRPC reads at most: a little over the largest limit, so that a request just over its limit
+# gets INVALID_ARGUMENT naming it, and one far over is RESOURCE_EXHAUSTED without being read.
+GRPC_RECEIVE_BYTES = MAX_REQUEST_BYTES + 64 * 1024
+
+
+def request_limit(method: str) -> int:
+    """The largest request message `method` (`/package.Service/Method`) takes."""
+    return REQUEST_BYTES.get(method, DEFAULT_REQUEST_BYTES)
