@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+import nats
 import pytest
 from nats.js import JetStreamContext
 
@@ -388,3 +389,20 @@ async def test_an_older_key_state_published_late_does_not_bring_a_revoked_key_ba
             await asyncio.sleep(0.1)
     finally:
         await viewer.close()
+
+
+async def test_a_made_up_key_is_refused_from_memory(platform: Platform) -> None:
+    connection = await nats.connect(platform.settings.nats_url)
+    bucket = await connection.jetstream().key_value(api_keys_bucket(platform.settings.namespace))
+    registry = KeyRegistry(platform.settings.service_token)
+    await registry.start(bucket)
+    await registry.stop()
+    await connection.close()  # from here on, asking the bucket would fail
+    made_up = f"{KEY_PREFIX}0123456789abcdef_{'s' * 43}"
+    with pytest.raises(Unauthenticated, match="unknown API key"):
+        await registry.check(made_up)
+    # Only an id this installation made, and not seen yet (created a moment ago), is asked for.
+    just_created = registry.new_key()
+    with pytest.raises(Exception) as asked:
+        await registry.check(just_created.key)
+    assert not isinstance(asked.value, Unauthenticated)

@@ -216,10 +216,14 @@ def method_permissions(service: str, by_method: Mapping[str, Permission]) -> dic
     return {f"/{service}/{method}": permission for method, permission in by_method.items()}
 
 
-def new_key() -> NewKey:
-    key_id = secrets.token_hex(8)
-    secret = secrets.token_urlsafe(32)
-    return NewKey(key_id, f"{KEY_PREFIX}{key_id}_{secret}", hashlib.sha256(secret.encode()).digest())
+# A key id is 10 random hex digits and 6 of a MAC over them: a made-up id is refused from memory,
+# without asking the key-value bucket (which only a key created a moment ago needs).
+_KEY_ID_RANDOM = 10
+
+
+def _key_id_tag(id_secret: str, random_part: str) -> str:
+    digest = hmac.new(id_secret.encode(), random_part.encode(), hashlib.sha256).hexdigest()
+    return digest[: 16 - _KEY_ID_RANDOM]
 
 
 def api_keys_bucket(namespace: str) -> str:
@@ -287,7 +291,9 @@ class KeyUses:
 class KeyRegistry:
     """Every API key's state, followed live from the key-value bucket."""
 
-    def __init__(self) -> None:
+    def __init__(self, id_secret: str = "") -> None:
+        # Signs new key ids (the service token: every service knows it); empty, ids are not checked.
+        self.id_secret = id_secret
         self._keys: dict[str, events.ApiKeyState] = {}
         self._task: asyncio.Task[None] | None = None
         self._loaded = asyncio.Event()
@@ -320,6 +326,19 @@ class KeyRegistry:
             except Exception:
                 log.warning("api_key_state_malformed", key_id=entry.key)
 
+    def new_key(self) -> NewKey:
+        random_part = secrets.token_hex(_KEY_ID_RANDOM // 2)
+        key_id = random_part + _key_id_tag(self.id_secret, random_part)
+        secret = secrets.token_urlsafe(32)
+        return NewKey(key_id, f"{KEY_PREFIX}{key_id}_{secret}", hashlib.sha256(secret.encode()).digest())
+
+    def _could_exist(self, key_id: str) -> bool:
+        """Whether an id not held yet could be a key's: one this installation made."""
+        if not self.id_secret:
+            return True
+        random_part, tag = key_id[:_KEY_ID_RANDOM], key_id[_KEY_ID_RANDOM:]
+        return hmac.compare_digest(tag, _key_id_tag(self.id_secret, random_part))
+
     def learn(self, state: events.ApiKeyState) -> None:
         """Holds a key's newest state: one older than what is held is ignored."""
         held = self._keys.get(state.key_id)
@@ -332,7 +351,7 @@ class KeyRegistry:
     async def _state(self, key_id: str) -> events.ApiKeyState | None:
         """The key's state; one not seen yet (created a moment ago) is read from the bucket."""
         state = self._keys.get(key_id)
-        if state is not None or self._bucket is None:
+        if state is not None or self._bucket is None or not self._could_exist(key_id):
             return state
         try:
             entries = await self._bucket.history(key_id)

@@ -106,7 +106,7 @@ class Infrastructure:
         js = nats_client.jetstream()
         subjects = Subjects(settings.namespace)
         await bus.ensure_streams(js, subjects)
-        keys = KeyRegistry()
+        keys = KeyRegistry(settings.service_token)
         await keys.start(await ensure_bucket(js, api_keys_bucket(settings.namespace), KEY_STATE_HISTORY))
         key_uses = await ensure_bucket(js, api_key_uses_bucket(settings.namespace))
         defaults = QuotaDefaults(

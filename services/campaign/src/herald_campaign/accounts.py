@@ -31,7 +31,6 @@ from herald_common.auth import (
     api_key_subject,
     current_account_id,
     method_permissions,
-    new_key,
 )
 from herald_common.bus import Subjects
 from herald_common.db import Database
@@ -199,7 +198,7 @@ class Accounts:
     async def _add_key(
         self, session: AsyncSession, account_id: uuid.UUID, display_name: str, role: str
     ) -> tuple[Any, NewKey]:
-        key = new_key()
+        key = self.keys.new_key()
         row = (
             await session.execute(
                 sa.insert(api_keys)
