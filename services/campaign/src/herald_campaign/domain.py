@@ -24,12 +24,13 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_campaign.accounts import settings_of
 from herald_campaign.references import References
-from herald_campaign.storage import campaigns, failure_reasons, outbox, outcome_events, runs, stats
+from herald_campaign.storage import SCHEMA, campaigns, failure_reasons, outbox, outcome_events, runs, stats
 from herald_common import api, channels, personalization, sms
-from herald_common.auth import account_id_of, current_account_id
+from herald_common.auth import account_id_of, current_account_id, current_caller
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
+from herald_common.hourly_quota import HourlyQuota
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
 from herald_common.schedules import (
@@ -73,6 +74,8 @@ _UPDATABLE = {
 }
 MAX_CONTROL_PERCENT = 90
 MAX_TEST_MESSAGES = 5
+# Test messages one API key may send an hour (they are real texts, and cost money).
+TEST_MESSAGES_PER_KEY_HOUR = 50
 # SMS providers that carry India's DLT ids: each needs the campaign's template id to reach +91
 # numbers, and those named here also their destination's principal entity id.
 DLT_PROVIDERS = {"exotel", "msg91", "netcore", "vonage"}
@@ -368,6 +371,7 @@ class Campaigns:
         self.subjects = subjects
         self.references = references
         self._notify = notify
+        self.test_messages = HourlyQuota(database, SCHEMA)
 
     async def _changed(self, session: AsyncSession, row: Any) -> None:
         event = events.CampaignChanged(
@@ -702,6 +706,9 @@ class Campaigns:
         for i, user_id in enumerate(request.user_ids):
             check.require(bool(user_id), f"user_ids[{i}]", "required")
         check.raise_if_any()
+        caller = current_caller()
+        sender = f"key:{caller.key_id}" if caller and caller.key_id else f"account:{current_account_id()}"
+        await self.test_messages.take(sender, count, TEST_MESSAGES_PER_KEY_HOUR, "test messages per key")
         campaign = await self.get(request.campaign)
         if campaign.WhichOneof("content") != "sms":
             raise FailedPrecondition(request.campaign, f"{request.campaign} is not an SMS campaign")

@@ -16,10 +16,11 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
-from herald_common.auth import current_account_id
+from herald_common.auth import SERVICE_ROLE, current_account_id, current_caller
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
+from herald_common.hourly_quota import HourlyQuota
 from herald_common.paging import keyset_page
 from herald_common.validation import check_text_fields
 from herald_segmentation.filters import (
@@ -35,6 +36,7 @@ from herald_segmentation.properties import known_types
 from herald_segmentation.storage import (
     LEFT_OUT_BY_SAMPLE,
     LEFT_OUT_UNREACHABLE,
+    SCHEMA,
     audience_snapshots,
     devices,
     list_members,
@@ -43,6 +45,9 @@ from herald_segmentation.storage import (
     users,
 )
 
+# What key holders may read of audiences per account and hour (a stream copies a whole audience).
+ESTIMATES_PER_HOUR = 3600
+AUDIENCE_STREAMS_PER_HOUR = 60
 MAX_AUDIENCE_PAGE = 5000
 MAX_AUDIENCE_PAGE_BYTES = 1 << 20
 DEFAULT_AUDIENCE_PAGE = 500
@@ -143,6 +148,14 @@ class Segmentation:
     def __init__(self, database: Database, campaign_usage: CampaignUsage) -> None:
         self.database = database
         self.campaign_usage = campaign_usage
+        self.audience_reads = HourlyQuota(database, SCHEMA)
+
+    async def _count_read(self, kind: str, limit: int, what: str) -> None:
+        """Audiences read by key holders are counted per account and hour; our own services
+        (the scheduler planning a run, with the service token) are not."""
+        caller = current_caller()
+        if caller is not None and caller.role != SERVICE_ROLE:
+            await self.audience_reads.take(f"{kind}:{caller.account}", 1, limit, what)
 
     # --- filters: checked, with everything they refer to ---------------------------------------
 
@@ -280,6 +293,7 @@ class Segmentation:
     async def estimate_reach(self, request: pb.EstimateReachRequest) -> tuple[int, int]:
         """(users the audience selects, of them the users the channel reaches)."""
         _check_channel(request.channel)
+        await self._count_read("estimate", ESTIMATES_PER_HOUR, "reach estimates per account")
         async with self.database.transaction() as session:
             for setting in _AUDIENCE_SETTINGS:
                 await session.execute(setting)
@@ -310,6 +324,7 @@ class Segmentation:
             raise invalid("sample_size", "zero (everyone) or more")
         if request.sample_size and not request.sample_seed:
             raise invalid("sample_seed", "required with sample_size")
+        await self._count_read("stream", AUDIENCE_STREAMS_PER_HOUR, "audience streams per account")
         limit = request.page_size or DEFAULT_AUDIENCE_PAGE
         now = (
             api.from_timestamp(request.evaluation_time)
