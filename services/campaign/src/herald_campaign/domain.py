@@ -24,7 +24,15 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_campaign.accounts import settings_of
 from herald_campaign.references import References
-from herald_campaign.storage import SCHEMA, campaigns, failure_reasons, outbox, outcome_events, runs, stats
+from herald_campaign.storage import (
+    campaigns,
+    failure_reasons,
+    hourly_use,
+    outbox,
+    outcome_events,
+    runs,
+    stats,
+)
 from herald_common import api, channels, personalization, sms
 from herald_common.auth import account_id_of, current_account_id, current_caller
 from herald_common.bus import Subjects
@@ -371,7 +379,7 @@ class Campaigns:
         self.subjects = subjects
         self.references = references
         self._notify = notify
-        self.test_messages = HourlyQuota(database, SCHEMA)
+        self.test_messages = HourlyQuota(database, hourly_use)
 
     async def _changed(self, session: AsyncSession, row: Any) -> None:
         event = events.CampaignChanged(
@@ -706,9 +714,11 @@ class Campaigns:
         for i, user_id in enumerate(request.user_ids):
             check.require(bool(user_id), f"user_ids[{i}]", "required")
         check.raise_if_any()
-        caller = current_caller()
-        sender = f"key:{caller.key_id}" if caller and caller.key_id else f"account:{current_account_id()}"
-        await self.test_messages.take(sender, count, TEST_MESSAGES_PER_KEY_HOUR, "test messages per key")
+        caller, account_id = current_caller(), current_account_id()
+        sender = f"key:{caller.key_id}" if caller and caller.key_id else f"account:{account_id}"
+        await self.test_messages.take(
+            account_id, sender, count, TEST_MESSAGES_PER_KEY_HOUR, "test messages per key"
+        )
         campaign = await self.get(request.campaign)
         if campaign.WhichOneof("content") != "sms":
             raise FailedPrecondition(request.campaign, f"{request.campaign} is not an SMS campaign")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, UUID
 
+from herald_common.hourly_quota import hourly_use_table
 from herald_common.outbox import outbox_table
 
 SCHEMA = "campaign"
@@ -119,3 +120,6 @@ api_keys = sa.Table(
 )
 
 outbox = outbox_table(metadata)
+
+# Costly calls counted per hour (herald_common.hourly_quota).
+hourly_use = hourly_use_table(metadata)

@@ -36,9 +36,9 @@ from herald_segmentation.properties import known_types
 from herald_segmentation.storage import (
     LEFT_OUT_BY_SAMPLE,
     LEFT_OUT_UNREACHABLE,
-    SCHEMA,
     audience_snapshots,
     devices,
+    hourly_use,
     list_members,
     lists,
     segments,
@@ -148,14 +148,15 @@ class Segmentation:
     def __init__(self, database: Database, campaign_usage: CampaignUsage) -> None:
         self.database = database
         self.campaign_usage = campaign_usage
-        self.audience_reads = HourlyQuota(database, SCHEMA)
+        self.audience_reads = HourlyQuota(database, hourly_use)
 
     async def _count_read(self, kind: str, limit: int, what: str) -> None:
         """Audiences read by key holders are counted per account and hour; our own services
         (the scheduler planning a run, with the service token) are not."""
         caller = current_caller()
         if caller is not None and caller.role != SERVICE_ROLE:
-            await self.audience_reads.take(f"{kind}:{caller.account}", 1, limit, what)
+            account_id = current_account_id()
+            await self.audience_reads.take(account_id, f"{kind}:{account_id}", 1, limit, what)
 
     # --- filters: checked, with everything they refer to ---------------------------------------
 

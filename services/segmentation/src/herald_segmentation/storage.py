@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
+from herald_common.hourly_quota import hourly_use_table
 from herald_common.outbox import outbox_table
 
 SCHEMA = "segmentation"
@@ -156,3 +157,6 @@ LEFT_OUT_UNREACHABLE = 1
 LEFT_OUT_BY_SAMPLE = 2
 
 outbox = outbox_table(metadata)
+
+# Costly calls counted per hour (herald_common.hourly_quota).
+hourly_use = hourly_use_table(metadata)

@@ -3,8 +3,9 @@
 Revision ID: 0012
 """
 
-import sqlalchemy as sa
 from alembic import op
+
+from herald_common.hourly_quota import create_hourly_use_table
 
 revision = "0012"
 down_revision = "0011"
@@ -12,13 +13,7 @@ SCHEMA = "campaign"
 
 
 def upgrade() -> None:
-    op.create_table(
-        "hourly_use",
-        sa.Column("subject", sa.Text, primary_key=True),
-        sa.Column("hour", sa.DateTime(timezone=True), primary_key=True),
-        sa.Column("used", sa.Integer, nullable=False),
-        schema=SCHEMA,
-    )
+    create_hourly_use_table(SCHEMA)
 
 
 def downgrade() -> None:
