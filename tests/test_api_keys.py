@@ -241,7 +241,7 @@ async def test_listed_keys_show_when_they_were_last_used(
     assert key.last_use_time.ToDatetime() >= key.create_time.ToDatetime()
 
 
-def test_a_method_without_a_declared_permission_stops_the_service_at_start() -> None:
+async def test_a_method_without_a_declared_permission_stops_the_service_at_start() -> None:
     from herald_common.auth import Authenticator, KeyRegistry
     from herald_common.grpc_server import GrpcServer
     from herald_dispatch.servicer import PERMISSIONS

@@ -129,6 +129,14 @@ async def _get_account(w: World) -> None:
     assert (await w.b.accounts.GetAccount(accounts_pb.GetAccountRequest())).name == w.b_account
 
 
+@probe(accounts_pb, "GetIdentitySecret")
+async def _get_identity_secret(w: World) -> None:
+    # Each account's key holders get their own account's secret, never another's.
+    b_secret = await w.b.accounts.GetIdentitySecret(accounts_pb.GetIdentitySecretRequest())
+    a_secret = await w.a.accounts.GetIdentitySecret(accounts_pb.GetIdentitySecretRequest())
+    assert b_secret.identity_secret != a_secret.identity_secret
+
+
 @probe(accounts_pb, "CreateApiKey")
 async def _create_api_key(w: World) -> None:
     created = await w.b.accounts.CreateApiKey(

@@ -211,6 +211,21 @@ class NewKey:
         return f"{KEY_PREFIX}{self.key_id}"
 
 
+# A browser-generated user id: the visitor has not been identified, so no signature is needed.
+ANONYMOUS_PREFIX = "anon:"
+
+
+def identity_secret(service_token: str, account: str) -> str:
+    """The secret a site's server signs an account's user ids with (`accounts/{id}`). Derived
+    from the service token, so every service knows it without storing it."""
+    return hmac.new(service_token.encode(), f"identity:{account}".encode(), hashlib.sha256).hexdigest()
+
+
+def user_signature_matches(secret: str, user_id: str, signature: str) -> bool:
+    expected = hmac.new(secret.encode(), user_id.encode(), hashlib.sha256).hexdigest()
+    return hmac.compare_digest(expected.encode(), signature.strip().lower().encode())
+
+
 def method_permissions(service: str, by_method: Mapping[str, Permission]) -> dict[str, Permission]:
     """A service's permission table keyed by full gRPC method name."""
     return {f"/{service}/{method}": permission for method, permission in by_method.items()}

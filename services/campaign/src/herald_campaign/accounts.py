@@ -29,7 +29,9 @@ from herald_common.auth import (
     NewKey,
     Permission,
     api_key_subject,
+    current_account,
     current_account_id,
+    identity_secret,
     method_permissions,
 )
 from herald_common.bus import Subjects
@@ -49,6 +51,7 @@ PERMISSIONS = method_permissions(
         "CreateAccount": Permission.BOOTSTRAP,
         "DeleteAccount": Permission.BOOTSTRAP,
         "GetAccount": Permission.READ,
+        "GetIdentitySecret": Permission.KEYS,
         "CreateApiKey": Permission.KEYS,
         "ListApiKeys": Permission.KEYS,
         "RevokeApiKey": Permission.KEYS,
@@ -394,6 +397,12 @@ class AccountServicer(pb_grpc.AccountServiceServicer):
 
     async def GetAccount(self, request: pb.GetAccountRequest, context: Context) -> pb.Account:
         return await self.accounts.get_account()
+
+    async def GetIdentitySecret(
+        self, request: pb.GetIdentitySecretRequest, context: Context
+    ) -> pb.IdentitySecret:
+        secret = identity_secret(self.infra.settings.service_token, current_account())
+        return pb.IdentitySecret(identity_secret=secret)
 
     async def CreateApiKey(
         self, request: pb.CreateApiKeyRequest, context: Context

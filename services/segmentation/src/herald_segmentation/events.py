@@ -13,12 +13,27 @@ import sqlalchemy as sa
 from herald.events.v1 import events_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
-from herald_common.auth import account_name, current_account_id
+from herald_common.auth import (
+    ANONYMOUS_PREFIX,
+    PUBLISHABLE_ROLE,
+    account_name,
+    current_account_id,
+    current_caller,
+    identity_secret,
+    user_signature_matches,
+)
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
-from herald_segmentation.properties import USER, SentTypes, check_properties, event_subject, struct_values
+from herald_segmentation.properties import (
+    SERVER_ONLY_KEYS,
+    USER,
+    SentTypes,
+    check_properties,
+    event_subject,
+    struct_values,
+)
 from herald_segmentation.storage import SCHEMA, outbox
 
 MAX_EVENTS = 1000
@@ -100,10 +115,18 @@ def _report(event: pb.Event, when: float, now: float, path: str, check: Validato
 
 
 class Events:
-    def __init__(self, database: Database, subjects: Subjects, notify_outbox: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        database: Database,
+        subjects: Subjects,
+        notify_outbox: Callable[[], None],
+        service_token: str = "",
+    ) -> None:
         self.database = database
         self.subjects = subjects
         self.notify_outbox = notify_outbox
+        # Derives each account's identity secret, which publishable keys' profile events prove.
+        self.service_token = service_token
         self._partitions: set[date] = set()
 
     async def _ensure_partitions(self, months: set[date]) -> None:
@@ -122,15 +145,22 @@ class Events:
                 )
             self._partitions.add(month)
 
-    @staticmethod
     def _validate(
-        batch: Sequence[pb.Event], size: int, now: float
+        self, batch: Sequence[pb.Event], size: int, now: float
     ) -> tuple[list[_Received], SentTypes, Validator]:
         check = Validator()
         check.require(0 < len(batch) <= MAX_EVENTS, "events", f"between 1 and {MAX_EVENTS} events")
         check.require(size <= MAX_BATCH_BYTES, "events", f"{size} bytes; at most {MAX_BATCH_BYTES} per call")
         types = SentTypes()
         parsed = []
+        caller = current_caller()
+        # A publishable key (a web page): profile events need the user's signature, and never
+        # touch what only the account's server may set.
+        browser_secret = (
+            identity_secret(self.service_token, caller.account)
+            if caller is not None and caller.role == PUBLISHABLE_ROLE
+            else None
+        )
         for i, event in enumerate(batch):
             path = f"events[{i}]"
             # Fields read once (each read of a message field makes a new string), and checked
@@ -147,6 +177,8 @@ class Events:
             ):
                 _report(event, when, now, path, check)
             values = struct_values(event.properties, f"{path}.properties", check)
+            if browser_secret is not None and name == PROFILE_EVENT:
+                _check_from_browser(event, values, browser_secret, path, check)
             subject = USER if name == PROFILE_EVENT else event_subject(name)
             for key, kind in check_properties(values, f"{path}.properties", check).items():
                 types.add(f"{path}.properties.{key}", subject, key, kind)
@@ -219,3 +251,20 @@ class Events:
         await enqueue(
             session, outbox, [OutboxEvent.of(self.subjects.events_ingested, announced, announced.event_id)]
         )
+
+
+def _check_from_browser(
+    event: pb.Event, values: dict[str, Any], secret: str, path: str, check: Validator
+) -> None:
+    """A profile event sent with a publishable key: an identified user's needs their signature,
+    and keys only the account's server may set are refused."""
+    user_id = event.user_id
+    if not user_id.startswith(ANONYMOUS_PREFIX):
+        if not event.user_signature:
+            check.add(
+                f"{path}.user_signature", "required to change an identified user's profile from a browser"
+            )
+        elif not user_signature_matches(secret, user_id, event.user_signature):
+            check.add(f"{path}.user_signature", "does not match the user id")
+    for key in sorted(SERVER_ONLY_KEYS & values.keys()):
+        check.add(f"{path}.properties.{key}", "only the account's server sets this (UpsertUsers)")

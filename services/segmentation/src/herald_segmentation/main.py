@@ -34,7 +34,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     profiles = Profiles(infra.database)
     servicer = SegmentationServicer(
         profiles=profiles,
-        events=Events(infra.database, infra.subjects, infra.relay.notify),
+        events=Events(infra.database, infra.subjects, infra.relay.notify, settings.service_token),
         lists=Lists(infra.database, usage),
         segments=Segmentation(infra.database, usage),
     )

@@ -106,6 +106,27 @@ def _plain(item: struct_pb2.Value, path: str, check: Validator) -> Any:
 MAX_STRING_CHARACTERS = 16 * 1024
 MAX_LIST_ITEMS = 256
 MAX_PROPERTY_KEYS = 1000
+# Profile keys a browser (a publishable key) may never set: contact fields, identities,
+# subscription state and the other system fields, which only the account's server sets.
+SERVER_ONLY_KEYS = frozenset(
+    {
+        "email",
+        "phone",
+        "identities",
+        "subscriptions",
+        "sms_unsubscribed",
+        "email_unsubscribed",
+        "push_unsubscribed",
+        "devices",
+        "gender",
+        "date_of_birth",
+        "country",
+        "region",
+        "city",
+        "latitude",
+        "longitude",
+    }
+)
 
 
 def value_problem(value: Any) -> str | None:

@@ -448,6 +448,48 @@ class GetAccountRequest(_message.Message):
 Global___GetAccountRequest: _TypeAlias = GetAccountRequest  # noqa: Y015
 
 @_typing.final
+class GetIdentitySecretRequest(_message.Message):
+    """Request for GetIdentitySecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetIdentitySecretRequest: _TypeAlias = GetIdentitySecretRequest  # noqa: Y015
+
+@_typing.final
+class IdentitySecret(_message.Message):
+    """The key a site's server signs user ids with: `user_signature` is the hex HMAC-SHA256 of the
+    user id keyed by this secret (as its UTF-8 bytes). It stays the same while the installation's
+    service token does.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IDENTITY_SECRET_FIELD_NUMBER: _builtins.int
+    identity_secret: _builtins.str
+    """64 hex characters."""
+    def __init__(
+        self,
+        *,
+        identity_secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["identity_secret", b"identity_secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___IdentitySecret: _TypeAlias = IdentitySecret  # noqa: Y015
+
+@_typing.final
 class CreateApiKeyRequest(_message.Message):
     """Request of CreateApiKey."""
 

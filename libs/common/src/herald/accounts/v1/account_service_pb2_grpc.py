@@ -51,6 +51,11 @@ class AccountServiceStub:
                 request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.GetAccountRequest.SerializeToString,
                 response_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.FromString,
                 _registered_method=True)
+        self.GetIdentitySecret = channel.unary_unary(
+                '/herald.accounts.v1.AccountService/GetIdentitySecret',
+                request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.GetIdentitySecretRequest.SerializeToString,
+                response_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.IdentitySecret.FromString,
+                _registered_method=True)
         self.CreateApiKey = channel.unary_unary(
                 '/herald.accounts.v1.AccountService/CreateApiKey',
                 request_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.CreateApiKeyRequest.SerializeToString,
@@ -101,6 +106,14 @@ class AccountServiceServicer:
 
     def GetAccount(self, request, context):
         """Returns the caller's own account.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetIdentitySecret(self, request, context):
+        """The account's identity secret, which a site's server uses to sign user ids for browser
+        events (admin keys only).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +175,11 @@ def add_AccountServiceServicer_to_server(servicer, server):
                     servicer.GetAccount,
                     request_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.GetAccountRequest.FromString,
                     response_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.SerializeToString,
+            ),
+            'GetIdentitySecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetIdentitySecret,
+                    request_deserializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.GetIdentitySecretRequest.FromString,
+                    response_serializer=herald_dot_accounts_dot_v1_dot_account__service__pb2.IdentitySecret.SerializeToString,
             ),
             'CreateApiKey': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateApiKey,
@@ -272,6 +290,33 @@ class AccountService:
             '/herald.accounts.v1.AccountService/GetAccount',
             herald_dot_accounts_dot_v1_dot_account__service__pb2.GetAccountRequest.SerializeToString,
             herald_dot_accounts_dot_v1_dot_account__service__pb2.Account.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetIdentitySecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.accounts.v1.AccountService/GetIdentitySecret',
+            herald_dot_accounts_dot_v1_dot_account__service__pb2.GetIdentitySecretRequest.SerializeToString,
+            herald_dot_accounts_dot_v1_dot_account__service__pb2.IdentitySecret.FromString,
             options,
             channel_credentials,
             insecure,

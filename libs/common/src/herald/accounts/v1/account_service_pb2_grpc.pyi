@@ -45,6 +45,10 @@ class AccountServiceStub:
     """
     GetAccount: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.GetAccountRequest, _account_service_pb2.Account]
     """Returns the caller's own account."""
+    GetIdentitySecret: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.GetIdentitySecretRequest, _account_service_pb2.IdentitySecret]
+    """The account's identity secret, which a site's server uses to sign user ids for browser
+    events (admin keys only).
+    """
     CreateApiKey: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.CreateApiKeyRequest, _account_service_pb2.CreateApiKeyResponse]
     """Creates an API key of the caller's account; the key itself is in this answer only."""
     ListApiKeys: _grpc.UnaryUnaryMultiCallable[_account_service_pb2.ListApiKeysRequest, _account_service_pb2.ListApiKeysResponse]
@@ -78,6 +82,10 @@ class AccountServiceAsyncStub(AccountServiceStub):
     """
     GetAccount: _aio.UnaryUnaryMultiCallable[_account_service_pb2.GetAccountRequest, _account_service_pb2.Account]  # type: ignore[assignment]
     """Returns the caller's own account."""
+    GetIdentitySecret: _aio.UnaryUnaryMultiCallable[_account_service_pb2.GetIdentitySecretRequest, _account_service_pb2.IdentitySecret]  # type: ignore[assignment]
+    """The account's identity secret, which a site's server uses to sign user ids for browser
+    events (admin keys only).
+    """
     CreateApiKey: _aio.UnaryUnaryMultiCallable[_account_service_pb2.CreateApiKeyRequest, _account_service_pb2.CreateApiKeyResponse]  # type: ignore[assignment]
     """Creates an API key of the caller's account; the key itself is in this answer only."""
     ListApiKeys: _aio.UnaryUnaryMultiCallable[_account_service_pb2.ListApiKeysRequest, _account_service_pb2.ListApiKeysResponse]  # type: ignore[assignment]
@@ -126,6 +134,16 @@ class AccountServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_account_service_pb2.Account, _abc.Awaitable[_account_service_pb2.Account]]:
         """Returns the caller's own account."""
+
+    @_abc_1.abstractmethod
+    def GetIdentitySecret(
+        self,
+        request: _account_service_pb2.GetIdentitySecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_account_service_pb2.IdentitySecret, _abc.Awaitable[_account_service_pb2.IdentitySecret]]:
+        """The account's identity secret, which a site's server uses to sign user ids for browser
+        events (admin keys only).
+        """
 
     @_abc_1.abstractmethod
     def CreateApiKey(

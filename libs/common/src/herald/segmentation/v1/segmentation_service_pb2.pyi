@@ -1582,6 +1582,7 @@ class Event(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     PROPERTIES_FIELD_NUMBER: _builtins.int
     CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    USER_SIGNATURE_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user; 1-200 characters. A user not seen before is created."""
     name: _builtins.str
@@ -1590,6 +1591,11 @@ class Event(_message.Message):
     """
     client_event_id: _builtins.str
     """The sender's id of the event (1-200 characters): a second event with the same id is ignored."""
+    user_signature: _builtins.str
+    """With a publishable key, required on a `herald.profile` event for an identified user (one
+    whose id does not start with `anon:`): the hex HMAC-SHA256 of user_id keyed by the account's
+    identity secret (AccountService.GetIdentitySecret), computed by the site's server.
+    """
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened; at most one day ahead of now. Unset means when received."""
@@ -1606,10 +1612,11 @@ class Event(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         properties: _struct_pb2.Struct | None = ...,
         client_event_id: _builtins.str = ...,
+        user_signature: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["properties", b"properties", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_event_id", b"client_event_id", "name", b"name", "properties", b"properties", "time", b"time", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_event_id", b"client_event_id", "name", b"name", "properties", b"properties", "time", b"time", "user_id", b"user_id", "user_signature", b"user_signature"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
