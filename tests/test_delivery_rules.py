@@ -509,6 +509,13 @@ async def test_publishing_needs_what_the_delivery_rules_rely_on(
             "settings.frequency_caps[1].channel",
         ),
         (accounts_pb.AccountSettings(alert_webhook_url="ftp://example.com"), "settings.alert_webhook_url"),
+        (
+            accounts_pb.AccountSettings(
+                frequency_caps=[accounts_pb.FrequencyCap(channel=accounts_pb.CAP_CHANNEL_SMS, per_day=1)]
+                * 5000
+            ),
+            "settings.frequency_caps",
+        ),
     ],
 )
 async def test_bad_account_settings_name_the_field_and_change_nothing(

@@ -109,8 +109,14 @@ async def check_settings(settings: pb.AccountSettings, network: NetworkPolicy) -
         f"{path}.throttle_per_five_minutes",
         f"0 (none) to {MAX_THROTTLE:,}",
     )
+    channels = len(pb.CapChannel.values()) - 1  # without CAP_CHANNEL_UNSPECIFIED
+    caps = settings.frequency_caps
+    if not check.require(
+        len(caps) <= channels, f"{path}.frequency_caps", f"at most {channels}: one a channel"
+    ):
+        check.raise_if_any()  # not walked one by one: a long list is refused as a whole
     seen: set[int] = set()
-    for i, cap in enumerate(settings.frequency_caps):
+    for i, cap in enumerate(caps):
         field = f"{path}.frequency_caps[{i}]"
         check.require(cap.channel != pb.CAP_CHANNEL_UNSPECIFIED, f"{field}.channel", "required")
         check.require(cap.channel not in seen, f"{field}.channel", "a channel has at most one cap")
