@@ -101,3 +101,19 @@ async def test_oversized_or_unstorable_profile_values_are_refused_on_arrival(
     with pytest.raises(grpc.aio.AioRpcError) as missing:
         await account.clients.segmentation.GetUser(pb.GetUserRequest(name=f"users/{account.tag}-bounds"))
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_profile_events_cannot_take_a_profile_past_a_thousand_properties(account: SmsAccount) -> None:
+    member = f"{account.tag}-wide"
+    await account.clients.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(users=[user(member, **{f"a{i}": i for i in range(900)})])
+    )
+    event = pb.Event(user_id=member, name="herald.profile", client_event_id=f"{member}-1")
+    event.properties.update({f"b{i}": i for i in range(150)})
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await account.clients.segmentation.IngestEvents(pb.IngestEventsRequest(events=[event]))
+    assert field_violations(refused.value)["events[0].properties"] == (
+        "the profile would hold 1,050 properties; at most 1,000"
+    )
+    stored = await account.clients.segmentation.GetUser(pb.GetUserRequest(name=f"users/{member}"))
+    assert len(stored.properties) == 900  # nothing written

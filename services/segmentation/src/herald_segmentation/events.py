@@ -27,6 +27,7 @@ from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_segmentation.properties import (
+    MAX_PROPERTY_KEYS,
     SERVER_ONLY_KEYS,
     USER,
     SentTypes,
@@ -68,6 +69,16 @@ _SET_PROPERTIES = sa.text(
     UPDATE {SCHEMA}.users u SET properties = u.properties || CAST(p.properties AS jsonb), updated_at = now()
     FROM unnest(CAST(:users AS text[]), CAST(:properties AS text[])) AS p(user_id, properties)
     WHERE u.account_id = :account_id AND u.user_id = p.user_id
+    """
+)
+# How many properties each user's profile would hold with the given ones merged in.
+_MERGED_KEY_COUNTS = sa.text(
+    f"""
+    SELECT p.user_id,
+           (SELECT count(*) FROM jsonb_object_keys(
+                coalesce(u.properties, '{{}}'::jsonb) || CAST(p.properties AS jsonb))) AS keys
+    FROM unnest(CAST(:users AS text[]), CAST(:properties AS text[])) AS p(user_id, properties)
+    LEFT JOIN {SCHEMA}.users u ON u.account_id = :account_id AND u.user_id = p.user_id
     """
 )
 _NEW_USERS = sa.text(
@@ -191,6 +202,7 @@ class Events:
         parsed, types, check = self._validate(batch, size, received.timestamp())
         account_id = current_account_id()
         await types.check(self.database, account_id, check)
+        await self._check_profile_sizes(account_id, parsed, check)
         check.raise_if_any()
         # The first of several events with one client id in a call counts; the others are duplicates.
         unique = list({r.client_id: r for r in reversed(parsed)}.values())
@@ -221,6 +233,35 @@ class Events:
         if recorded:
             self.notify_outbox()
         return len(recorded), len(batch) - len(recorded)
+
+    async def _check_profile_sizes(
+        self, account_id: uuid.UUID, parsed: list[_Received], check: Validator
+    ) -> None:
+        """A profile event may not take a profile past MAX_PROPERTY_KEYS properties, counted with
+        what the profile holds now."""
+        first_event: dict[str, int] = {}
+        adding: dict[str, dict[str, Any]] = {}
+        for i, r in enumerate(parsed):
+            if r.name == PROFILE_EVENT:
+                first_event.setdefault(r.user_id, i)
+                adding.setdefault(r.user_id, {}).update(r.values)
+        if not adding:
+            return
+        async with self.database.transaction() as session:
+            rows = await session.execute(
+                _MERGED_KEY_COUNTS,
+                {
+                    "account_id": account_id,
+                    "users": list(adding),
+                    "properties": [json.dumps(values) for values in adding.values()],
+                },
+            )
+            for user_id, keys in rows:
+                if keys > MAX_PROPERTY_KEYS:
+                    path = f"events[{first_event[user_id]}].properties"
+                    check.add(
+                        path, f"the profile would hold {keys:,} properties; at most {MAX_PROPERTY_KEYS:,}"
+                    )
 
     @staticmethod
     async def _apply_profile_events(session: Any, account_id: uuid.UUID, recorded: list[_Received]) -> None:
