@@ -36,7 +36,13 @@ from herald_common.errors import (
     invalid,
 )
 from herald_common.faults import is_transient
-from herald_common.limits import GRPC_RECEIVE_BYTES, request_limit
+from herald_common.limits import (
+    GRPC_RECEIVE_BYTES,
+    HEAVY_AT_ONCE,
+    HEAVY_METHODS,
+    MAX_CONCURRENT_RPCS,
+    request_limit,
+)
 from herald_common.logging import get_logger
 from herald_common.validation import nul_fields
 
@@ -216,6 +222,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, authenticator: Authenticator | None, permissions: dict[str, Permission]) -> None:
         self.authenticator = authenticator
         self.permissions = permissions
+        # The heavy methods take turns (see herald_common.limits).
+        self._heavy = asyncio.Semaphore(HEAVY_AT_ONCE)
 
     async def _authenticate(self, details: Any, context: Any) -> None:
         if details.method.startswith(_OPEN_PREFIXES) or self.authenticator is None:
@@ -239,6 +247,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details, context)
+                    if handler_call_details.method in HEAVY_METHODS:
+                        async with self._heavy:
+                            return await inner_unary(_decoded(request), context)
                     return await inner_unary(_decoded(request), context)
                 except DomainError as error:
                     await _abort(context, error)
@@ -333,6 +344,7 @@ class GrpcServer:
         self.server = grpc.aio.server(
             interceptors=[interceptor],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", GRPC_RECEIVE_BYTES)],
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         self.health = health.aio.HealthServicer()
         self.service_names = list(service_names)
