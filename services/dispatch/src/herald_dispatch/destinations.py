@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any
@@ -67,6 +68,10 @@ async def reseal(database: Database, secrets: SecretBox, batch: int = 100) -> in
 GROUP_KIND = channels.for_config("sms_provider_group")
 
 
+# Connections the dispatch HTTP client keeps open at once (and requests made at once).
+HTTP_CONNECTIONS = 100
+
+
 class Destinations:
     def __init__(
         self,
@@ -81,6 +86,7 @@ class Destinations:
         self.policy = policy
         self.campaign_usage = campaign_usage
         self.secrets = secrets
+        self.request_slots = asyncio.Semaphore(HTTP_CONNECTIONS)
         # The receipt endpoint's public base URL, once it serves ('' when dispatch takes none).
         self.receipts_url = ""
         # Destinations as the workers use them (secrets revealed), each read at most once a second.
@@ -242,6 +248,7 @@ class Destinations:
         return SendContext(
             destination=destination,
             permit=permit,
+            request_slots=self.request_slots,
             destination_named=destination_named,
             permit_for=permit_for,
             **rest,

@@ -27,7 +27,7 @@ from herald_common.settings import Settings
 from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
 from herald_dispatch.deliveries import DeliveryQueries
-from herald_dispatch.destinations import Destinations, reseal
+from herald_dispatch.destinations import HTTP_CONNECTIONS, Destinations, reseal
 from herald_dispatch.gate import SendGate
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.receipts import ReceiptServer
@@ -40,7 +40,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatchService"].full_name
 MIGRATIONS = Path(__file__).parent / "migrations"
 log = get_logger(__name__)
 # Connections to destinations, in all: enough for every lane's concurrent requests.
-HTTP_CONNECTIONS = 100
 
 
 def worker_types_from_env(known: list[str]) -> list[str]:

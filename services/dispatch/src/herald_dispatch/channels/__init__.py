@@ -6,6 +6,7 @@ and mask its destinations, run its worker type and deliver its batches.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,10 @@ class SendContext:
     # Waits for the destination's shared rate limit before each request; answers the latest
     # (monotonic) time the request may still go out in its slot.
     permit: Callable[[], Awaitable[float]]
+    # Held from before a request's permit until its answer: as many as the HTTP client has
+    # connections, so a request never waits for a connection after its rate-limit slot (it would
+    # go out late, bunched with later ones).
+    request_slots: asyncio.Semaphore
     # False once the campaign was stopped: the channel skips what it has not sent yet.
     wanted: Callable[[], Awaitable[bool]]
     # Tells the campaign a destination holds deliveries back (reason) or flows again (None).

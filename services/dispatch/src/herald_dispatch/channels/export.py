@@ -193,39 +193,40 @@ async def post_until_answered(
     # A request that timed out or lost its connection after being sent may have arrived.
     maybe_arrived = False
     while True:
-        send_by = math.inf
-        for _ in range(request.permits):
-            send_by = await context.permit()
-        # Asked after the rate limit's wait, just before the request, so a stop made meanwhile holds.
-        if not await context.wanted():
-            if maybe_arrived:
-                return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
-            return SKIPPED, attempts, "campaign stopped", False
-        if time.monotonic() > send_by:  # asking took the slots' time: the request takes new ones
+        async with context.request_slots:  # a connection is free before the slots are taken
+            send_by = math.inf
             for _ in range(request.permits):
-                await context.permit()
-        attempts += 1
-        body, headers = request.prepare(retries)
-        retry_after: float | None = None
-        try:
-            async with http.post(
-                request.url, data=body, headers=headers, timeout=REQUEST_TIMEOUT, allow_redirects=False
-            ) as answer:
-                status = answer.status
-                text = await answer.text()
-                retry_after = retry_after_seconds(answer.headers.get("Retry-After"))
-            if 200 <= status < 300:
-                if waiting:
-                    await context.waiting(None)
-                return SENT, attempts, "", maybe_arrived
-            problem = f"{request.provider} answered {status}{request.error_code(text)}"
-            if not is_retryable(status):
-                if waiting:
-                    await context.waiting(None)
-                return FAILED, attempts, problem, maybe_arrived
-        except (aiohttp.ClientError, TimeoutError, OSError) as error:
-            problem = f"{request.provider} unreachable: {type(error).__name__}"
-            maybe_arrived = maybe_arrived or not isinstance(error, aiohttp.ClientConnectorError)
+                send_by = await context.permit()
+            # Asked after the rate limit's wait, just before the request, so a stop made meanwhile holds.
+            if not await context.wanted():
+                if maybe_arrived:
+                    return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
+                return SKIPPED, attempts, "campaign stopped", False
+            if time.monotonic() > send_by:  # asking took the slots' time: the request takes new ones
+                for _ in range(request.permits):
+                    await context.permit()
+            attempts += 1
+            body, headers = request.prepare(retries)
+            retry_after: float | None = None
+            try:
+                async with http.post(
+                    request.url, data=body, headers=headers, timeout=REQUEST_TIMEOUT, allow_redirects=False
+                ) as answer:
+                    status = answer.status
+                    text = await answer.text()
+                    retry_after = retry_after_seconds(answer.headers.get("Retry-After"))
+                if 200 <= status < 300:
+                    if waiting:
+                        await context.waiting(None)
+                    return SENT, attempts, "", maybe_arrived
+                problem = f"{request.provider} answered {status}{request.error_code(text)}"
+                if not is_retryable(status):
+                    if waiting:
+                        await context.waiting(None)
+                    return FAILED, attempts, problem, maybe_arrived
+            except (aiohttp.ClientError, TimeoutError, OSError) as error:
+                problem = f"{request.provider} unreachable: {type(error).__name__}"
+                maybe_arrived = maybe_arrived or not isinstance(error, aiohttp.ClientConnectorError)
         elapsed = time.monotonic() - started
         if elapsed > max_retry_seconds:
             reason = f"gave up after {elapsed / 3600:.1f} h of failures; {problem}"

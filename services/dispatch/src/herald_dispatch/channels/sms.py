@@ -300,35 +300,39 @@ async def post_message(
         # The wave was admitted before the first attempt; a retry after waiting asks again.
         if attempts and not await context.wanted():
             return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-        send_by = await context.permit()
-        # Admitted a while ago (a slow rate limit, or this process was paused and another replica
-        # may have taken the batch over and settled it): asked again just before the request.
-        admitted_at = ADMITTED_AT.get()
-        if not attempts and time.monotonic() - admitted_at > STALE_ADMISSION_SECONDS:
-            if not await context.wanted():  # raises Superseded when the batch was taken over
-                return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-            if time.monotonic() > send_by:  # asking took its slot's time: sent in the next one
-                await context.permit()
-        attempts += 1
-        try:
-            async with http.post(
-                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-            ) as response:
-                status = response.status
-                answer = await response.text()
-                retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-        except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+        refused: Exception | None = None
+        async with context.request_slots:  # a connection is free before the slot is taken
+            send_by = await context.permit()
+            # Admitted a while ago (a slow rate limit, or this process was paused and another
+            # replica may have taken the batch over and settled it): asked again just before.
+            admitted_at = ADMITTED_AT.get()
+            if not attempts and time.monotonic() - admitted_at > STALE_ADMISSION_SECONDS:
+                if not await context.wanted():  # raises Superseded when the batch was taken over
+                    return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
+                if time.monotonic() > send_by:  # asking took its slot's time: sent in the next one
+                    await context.permit()
+            attempts += 1
+            try:
+                async with http.post(
+                    url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                ) as response:
+                    status = response.status
+                    answer = await response.text()
+                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+                refused = error
+            except (TimeoutError, aiohttp.ClientError) as error:
+                reason = f"no answer from {provider} ({type(error).__name__}); it may have been sent"
+                return Outcome(recipient, UNKNOWN, attempts, reason)
+        if refused is not None:
             # No connection was made: nothing was written, so it is safe to try again.
             refused_connections += 1
             if refused_connections >= CONNECT_ATTEMPTS:
-                reason = f"could not connect to {provider} ({type(error).__name__})"
+                reason = f"could not connect to {provider} ({type(refused).__name__})"
                 return Outcome(recipient, FAILED, attempts, reason, failover=True)
             await context.waiting(f"{provider} cannot be reached")
             await asyncio.sleep(backoff_seconds(refused_connections))
             continue
-        except (TimeoutError, aiohttp.ClientError) as error:
-            reason = f"no answer from {provider} ({type(error).__name__}); it may have been sent"
-            return Outcome(recipient, UNKNOWN, attempts, reason)
         verdict = judge(status, answer)
         if verdict.meaning is not Meaning.THROTTLED:
             if verdict.meaning is Meaning.SENT:
