@@ -41,7 +41,8 @@ MODULES: list[ModuleType] = [
 ]
 NUL = "a\x00b"
 NOT_A_REQUEST = b"\xff\xff\xff\xff\x0f"
-BROKEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+# The services are up throughout: UNAVAILABLE would be a bad request taken for an outage.
+BROKEN = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.UNAVAILABLE}
 
 
 def _methods() -> Iterator[MethodDescriptor]:
@@ -269,3 +270,14 @@ async def test_a_request_over_its_size_limit_is_refused_before_it_is_read(
         field_violations(refused.value)["request"]
         == f"{limit + 1:,} bytes; this call takes at most {limit:,}"
     )
+
+
+async def test_an_overlong_time_zone_name_is_an_unknown_zone(platform: Platform) -> None:
+    # Zone names are looked up as files: one past the file system's name limit must not be taken
+    # for an outage (UNAVAILABLE) or a bug.
+    member = user("long-zone")
+    member.timezone = "Z" * 300
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await platform.segmentation.UpsertUsers(segmentation_service_pb2.UpsertUsersRequest(users=[member]))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "users[0].timezone" in field_violations(refused.value)

@@ -27,13 +27,17 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 EARLIEST_ZONE = ZoneInfo("Etc/GMT-14")
 LATEST_ZONE = ZoneInfo("Etc/GMT+12")
 THROTTLE_WINDOW_SECONDS = 300
+# The longest IANA zone name is 32 characters (America/Argentina/ComodRivadavia).
+MAX_ZONE_NAME = 64
 
 
 def zone_named(name: str) -> ZoneInfo | None:
     """The IANA time zone of that name; None when there is none."""
+    if not name or len(name) > MAX_ZONE_NAME:  # ZoneInfo looks names up as files: bound them
+        return None
     try:
         return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         return None
 
 
