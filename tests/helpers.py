@@ -17,7 +17,7 @@ from nats.js.api import RawStreamMsg
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
-from tests.conftest import Platform
+from tests.conftest import Platform, eventually
 from tests.harness import Clients
 
 M = TypeVar("M", bound=Message)
@@ -162,3 +162,16 @@ def busiest_second(times: list[float]) -> int:
             start += 1
         busiest = max(busiest, end - start + 1)
     return busiest
+
+
+async def completed_stats(
+    clients: Platform | Clients, name: str, within: float = 30.0
+) -> campaign_pb.CampaignStats:
+    """Waits until the campaign `name` is COMPLETED, then answers its stats."""
+
+    async def done() -> bool:
+        got = await clients.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))
+        return got.state == campaign_pb.State.STATE_COMPLETED
+
+    await eventually(done, within=within)
+    return await clients.campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats"))

@@ -14,6 +14,7 @@ from herald_common.bus import REASON_HEADER, Subjects
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
+    completed_stats,
     condition,
     create_segment,
     create_segment_destination,
@@ -202,15 +203,7 @@ async def test_oversized_events_fail_and_the_campaign_still_completes(
     campaign.segment_export.profile_attributes.extend(["bio", "bio2", "bio3"])  # 42 KB of traits per event
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
     await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-
-    async def completed() -> bool:
-        got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
-        return got.state == campaign_pb.State.STATE_COMPLETED
-
-    await eventually(completed)
-    stats = await platform.campaigns.GetCampaignStats(
-        campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
-    )
+    stats = await completed_stats(platform, created.name)
     assert (stats.targeted, stats.sent, stats.failed) == (5, 0, 5)
     assert not any(e["userId"].startswith(tag) for e in segment_api.events.values())
 

@@ -18,11 +18,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
-from tests.conftest import Platform, eventually
+from tests.conftest import Platform
 from tests.fakes.mparticle_api import MAX_BATCHES, MAX_REQUEST_BYTES, MparticleApi, customer_id
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
 from tests.helpers import (
+    completed_stats,
     condition,
     create_segment,
     create_segment_destination,
@@ -166,12 +167,7 @@ def _campaign(account: ExportAccount, destination: str, **fields: Any) -> campai
 
 
 async def _completed(clients: Clients, name: str) -> campaign_pb.CampaignStats:
-    async def done() -> bool:
-        got = await clients.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))
-        return got.state == campaign_pb.State.STATE_COMPLETED
-
-    await eventually(done, within=90.0)
-    return await clients.campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats"))
+    return await completed_stats(clients, name, within=90.0)
 
 
 async def test_an_mparticle_export_reaches_mparticle_once_per_user_within_every_limit(

@@ -18,8 +18,15 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.netguard import NetworkPolicy
-from tests.conftest import Platform, eventually
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+from tests.conftest import Platform
+from tests.helpers import (
+    completed_stats,
+    condition,
+    create_segment,
+    create_segment_destination,
+    segment_export_campaign,
+    user,
+)
 
 
 @pytest.mark.parametrize(
@@ -149,15 +156,7 @@ async def test_a_redirecting_segment_endpoint_fails_and_nothing_follows_the_redi
             )
         )
         await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-
-        async def completed() -> bool:
-            got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
-            return got.state == campaign_pb.State.STATE_COMPLETED
-
-        await eventually(completed)
-        stats = await platform.campaigns.GetCampaignStats(
-            campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
-        )
+        stats = await completed_stats(platform, created.name)
         assert (stats.sent, stats.failed) == (0, 3)
         assert [r.reason for r in stats.failure_reasons] == ["Segment answered 307"]
         assert len(redirector.requests) == 1 and f"wk_{tag}" in redirector.requests[0]

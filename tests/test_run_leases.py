@@ -16,9 +16,16 @@ from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.embedded import free_port
 from herald_scheduler import main as scheduler_main
-from tests.conftest import Platform, eventually
+from tests.conftest import Platform
 from tests.fakes.segment_api import SegmentApi
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+from tests.helpers import (
+    completed_stats,
+    condition,
+    create_segment,
+    create_segment_destination,
+    segment_export_campaign,
+    user,
+)
 
 FIRST_PAGE_DELAY_SECONDS = 2.5  # far longer than the replicas' 1 s lease
 
@@ -84,12 +91,7 @@ async def test_replicas_with_a_slow_first_page_plan_a_run_once(
             )
         )
         await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-
-        async def completed() -> bool:
-            got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=created.name))
-            return got.state == campaign_pb.State.STATE_COMPLETED
-
-        await eventually(completed, within=30)
+        await completed_stats(platform, created.name)
         received = [e["userId"] for e in segment_api.events.values() if e["userId"].startswith(tag)]
         assert sorted(received) == sorted(f"{tag}-{i}" for i in range(20))
         # The replica that took the run kept it through the slow first page: planned once, not
