@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -240,6 +241,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
         decode = _tolerant(handler.request_deserializer, request_limit(handler_call_details.method))
+        # The heavy methods (unary or uploads) take turns; the others go at once.
+        turn: contextlib.AbstractAsyncContextManager[Any] = (
+            self._heavy if handler_call_details.method in HEAVY_METHODS else contextlib.nullcontext()
+        )
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
@@ -247,10 +252,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details, context)
-                    if handler_call_details.method in HEAVY_METHODS:
-                        async with self._heavy:
-                            return await inner_unary(_decoded(request), context)
-                    return await inner_unary(_decoded(request), context)
+                    async with turn:
+                        return await inner_unary(_decoded(request), context)
                 except DomainError as error:
                     await _abort(context, error)
                 except Exception as error:
@@ -287,7 +290,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details, context)
-                    return await inner_upload(_each_decoded(requests), context)
+                    async with turn:
+                        return await inner_upload(_each_decoded(requests), context)
                 except DomainError as error:
                     await _abort(context, error)
                 except Exception as error:
