@@ -448,6 +448,44 @@ async def test_events_are_recorded_once_and_can_update_profiles(acct: Clients) -
     ]
 
 
+async def test_events_with_large_properties_are_recorded_and_matched(platform: Platform) -> None:
+    """Properties too large for an index entry (a long description, hundreds of keys) are kept
+    whole, and conditions on them match as on any event."""
+    _, key = await create_account(platform.address("campaign"), platform.settings.bootstrap_token, "large")
+    acct = Clients.open(platform.addresses, key)
+    await acct.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[user("ana"), user("ben"), user("cy")]))
+    big = pb.Event(user_id="ana", name="Ordered Large", client_event_id="large-1")
+    big.properties.update({"product_id": "p-9", "description": "d" * 12_000, "amount": 700})
+    wide = pb.Event(user_id="ben", name="Ordered Large", client_event_id="large-2")
+    wide.properties.update({f"attribute_{i}": f"value {i}" for i in range(600)} | {"product_id": "p-9"})
+    wide.properties.update({"amount": 20})
+    viewed = [
+        pb.Event(user_id=u, name="Viewed Large", client_event_id=f"large-view-{u}") for u in ("ana", "ben")
+    ]
+    for v in viewed:
+        v.properties.update({"product_id": "p-9" if v.user_id == "ana" else "p-1"})
+    sent = await acct.segmentation.IngestEvents(pb.IngestEventsRequest(events=[big, wide, *viewed]))
+    assert sent.accepted_count == 4
+    again = await acct.segmentation.IngestEvents(pb.IngestEventsRequest(events=[big, wide]))
+    assert again.duplicate_count == 2
+    ordered = "Ordered Large"
+    assert await _selected(acct, _all(ev(ordered, where=[condition("amount", "GREATER_THAN", 500)]))) == [
+        "ana"
+    ]
+    assert await _selected(
+        acct, _all(ev(ordered, where=[condition("attribute_599", "EQUALS", "value 599")]))
+    ) == ["ben"]
+    assert await _selected(acct, _all(ev(ordered, where=[condition("product_id", "EQUALS", "p-9")]))) == [
+        "ana",
+        "ben",
+    ]
+    same_product = pb.ConstantPropertyCondition(
+        property="product_id", events=[did("Viewed Large"), did(ordered)]
+    )
+    assert await _selected(acct, _all(pb.Condition(constant_property=same_product))) == ["ana"]
+    await acct.close()
+
+
 async def test_profiles_keep_their_system_fields_and_devices(acct: Clients) -> None:
     ana = await acct.segmentation.GetUser(pb.GetUserRequest(name="users/ana"))
     assert (ana.email, ana.phone, ana.gender, ana.date_of_birth) == (

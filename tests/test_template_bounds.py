@@ -5,6 +5,7 @@ when they arrive."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -117,3 +118,28 @@ async def test_profile_events_cannot_take_a_profile_past_a_thousand_properties(a
     )
     stored = await account.clients.segmentation.GetUser(pb.GetUserRequest(name=f"users/{member}"))
     assert len(stored.properties) == 900  # nothing written
+
+
+async def test_concurrent_profile_events_cannot_share_out_the_thousand_property_limit(
+    account: SmsAccount,
+) -> None:
+    """Two calls that each fit, but not together, arriving at once: one is refused, whichever
+    comes second, and the profile never holds more than 1,000 properties."""
+    member = f"{account.tag}-raced"
+    await account.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[user(member, plan="free")]))
+
+    def adding(prefix: str) -> pb.IngestEventsRequest:
+        event = pb.Event(user_id=member, name="herald.profile", client_event_id=f"{member}-{prefix}")
+        event.properties.update({f"{prefix}{i}": i for i in range(600)})
+        return pb.IngestEventsRequest(events=[event])
+
+    answers = await asyncio.gather(
+        *(account.clients.segmentation.IngestEvents(adding(p)) for p in ("a", "b")), return_exceptions=True
+    )
+    refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+    assert len(refused) == 1 and refused[0].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_violations(refused[0])["events[0].properties"] == (
+        "the profile would hold 1,201 properties; at most 1,000"
+    )
+    stored = await account.clients.segmentation.GetUser(pb.GetUserRequest(name=f"users/{member}"))
+    assert len(stored.properties) == 601

@@ -136,7 +136,9 @@ async def refuse_if_in_saved_segments(session: AsyncSession, account_id: uuid.UU
     """FAILED_PRECONDITION naming them when saved segments refer to this segment or list."""
     referring = (
         await session.scalars(
-            sa.select(segments.c.id).where(segments.c.account_id == account_id, segments.c.uses.any(name))
+            sa.select(segments.c.id).where(
+                segments.c.account_id == account_id, sa.literal(name) == sa.any_(segments.c.uses)
+            )
         )
     ).all()
     if referring:

@@ -35,7 +35,7 @@ from herald_segmentation.properties import (
     event_subject,
     struct_values,
 )
-from herald_segmentation.storage import SCHEMA, outbox
+from herald_segmentation.storage import LARGE_PROPERTIES, SCHEMA, outbox
 
 MAX_EVENTS = 1000
 MAX_BATCH_BYTES = 1 << 20
@@ -44,6 +44,8 @@ PROFILE_EVENT = "herald.profile"
 MAX_AHEAD_SECONDS = 86400.0
 EARLIEST_SECONDS = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
 
+# An index entry holds at most about 2.7 KB: the key columns take up to about 1 KB (a name of 200
+# characters, a user id of 200), so properties over LARGE_PROPERTIES bytes go to event_bodies.
 _RECORD = sa.text(
     f"""
     WITH fresh AS (
@@ -51,14 +53,23 @@ _RECORD = sa.text(
         SELECT :account_id, unnest(CAST(:ids AS text[]))
         ON CONFLICT DO NOTHING
         RETURNING client_event_id
-    ), stored AS (
-        INSERT INTO {SCHEMA}.events (account_id, user_id, name, occurred_at, properties)
-        SELECT :account_id, e.user_id, e.name, to_timestamp(e.occurred_at), CAST(e.properties AS jsonb)
+    ), incoming AS (
+        SELECT e.client_event_id, e.user_id, e.name, e.occurred_at, j.properties,
+               pg_column_size(j.properties) > {LARGE_PROPERTIES} AS large
         FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:names AS text[]),
                     CAST(:times AS float8[]), CAST(:properties AS text[]))
              AS e(client_event_id, user_id, name, occurred_at, properties)
         JOIN fresh USING (client_event_id)
+        CROSS JOIN LATERAL (SELECT CAST(e.properties AS jsonb) AS properties) j
+    ), stored AS (
+        INSERT INTO {SCHEMA}.events (account_id, user_id, name, occurred_at, properties)
+        SELECT :account_id, user_id, name, to_timestamp(occurred_at),
+               CASE WHEN large THEN to_jsonb(client_event_id) ELSE properties END
+        FROM incoming
         RETURNING user_id
+    ), bodies AS (
+        INSERT INTO {SCHEMA}.event_bodies (account_id, client_event_id, properties)
+        SELECT :account_id, client_event_id, properties FROM incoming WHERE large
     )
     SELECT client_event_id FROM fresh
     """
@@ -71,14 +82,13 @@ _SET_PROPERTIES = sa.text(
     WHERE u.account_id = :account_id AND u.user_id = p.user_id
     """
 )
-# How many properties each user's profile would hold with the given ones merged in.
-_MERGED_KEY_COUNTS = sa.text(
+# The users among :users whose profile holds more than :most properties, with their count.
+_OVERSIZED_PROFILES = sa.text(
     f"""
-    SELECT p.user_id,
-           (SELECT count(*) FROM jsonb_object_keys(
-                coalesce(u.properties, '{{}}'::jsonb) || CAST(p.properties AS jsonb))) AS keys
-    FROM unnest(CAST(:users AS text[]), CAST(:properties AS text[])) AS p(user_id, properties)
-    LEFT JOIN {SCHEMA}.users u ON u.account_id = :account_id AND u.user_id = p.user_id
+    SELECT user_id, keys FROM (
+        SELECT user_id, (SELECT count(*) FROM jsonb_object_keys(properties)) AS keys
+        FROM {SCHEMA}.users WHERE account_id = :account_id AND user_id = ANY(CAST(:users AS text[]))
+    ) counted WHERE keys > :most
     """
 )
 _NEW_USERS = sa.text(
@@ -202,7 +212,6 @@ class Events:
         parsed, types, check = self._validate(batch, size, received.timestamp())
         account_id = current_account_id()
         await types.check(self.database, account_id, check)
-        await self._check_profile_sizes(account_id, parsed, check)
         check.raise_if_any()
         # The first of several events with one client id in a call counts; the others are duplicates.
         unique = list({r.client_id: r for r in reversed(parsed)}.values())
@@ -229,39 +238,34 @@ class Events:
                     _NEW_USERS, {"account_id": account_id, "users": sorted({r.user_id for r in recorded})}
                 )
                 await self._apply_profile_events(session, account_id, recorded)
+                await self._refuse_oversized_profiles(session, account_id, parsed, recorded)
                 await self._announce(session, account_id, recorded, received)
         if recorded:
             self.notify_outbox()
         return len(recorded), len(batch) - len(recorded)
 
-    async def _check_profile_sizes(
-        self, account_id: uuid.UUID, parsed: list[_Received], check: Validator
+    @staticmethod
+    async def _refuse_oversized_profiles(
+        session: Any, account_id: uuid.UUID, parsed: list[_Received], recorded: list[_Received]
     ) -> None:
-        """A profile event may not take a profile past MAX_PROPERTY_KEYS properties, counted with
-        what the profile holds now."""
-        first_event: dict[str, int] = {}
-        adding: dict[str, dict[str, Any]] = {}
-        for i, r in enumerate(parsed):
-            if r.name == PROFILE_EVENT:
-                first_event.setdefault(r.user_id, i)
-                adding.setdefault(r.user_id, {}).update(r.values)
-        if not adding:
+        """Refuses the whole call when a profile event took a profile past MAX_PROPERTY_KEYS.
+        Counted after the merge in the writing transaction, whose row locks make concurrent calls
+        for one user take turns, so two calls cannot each pass with half of the keys."""
+        touched = {r.user_id for r in recorded if r.name == PROFILE_EVENT}
+        if not touched:
             return
-        async with self.database.transaction() as session:
-            rows = await session.execute(
-                _MERGED_KEY_COUNTS,
-                {
-                    "account_id": account_id,
-                    "users": list(adding),
-                    "properties": [json.dumps(values) for values in adding.values()],
-                },
+        rows = await session.execute(
+            _OVERSIZED_PROFILES,
+            {"account_id": account_id, "users": sorted(touched), "most": MAX_PROPERTY_KEYS},
+        )
+        check = Validator()
+        for user_id, keys in rows:
+            first = next(i for i, r in enumerate(parsed) if r.name == PROFILE_EVENT and r.user_id == user_id)
+            check.add(
+                f"events[{first}].properties",
+                f"the profile would hold {keys:,} properties; at most {MAX_PROPERTY_KEYS:,}",
             )
-            for user_id, keys in rows:
-                if keys > MAX_PROPERTY_KEYS:
-                    path = f"events[{first_event[user_id]}].properties"
-                    check.add(
-                        path, f"the profile would hold {keys:,} properties; at most {MAX_PROPERTY_KEYS:,}"
-                    )
+        check.raise_if_any()
 
     @staticmethod
     async def _apply_profile_events(session: Any, account_id: uuid.UUID, recorded: list[_Received]) -> None:

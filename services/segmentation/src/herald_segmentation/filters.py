@@ -17,6 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from google.protobuf import struct_pb2
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.sql.elements import Grouping
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
@@ -31,7 +32,7 @@ from herald_segmentation.properties import (
     parse_datetime,
     type_of,
 )
-from herald_segmentation.storage import devices, events, list_members, users
+from herald_segmentation.storage import devices, event_bodies, events, list_members, users
 
 Op = pb.Operator
 T = PropertyType
@@ -632,6 +633,28 @@ def _window(window: pb.TimeWindow, ctx: Context) -> tuple[datetime, datetime]:
     return api.from_timestamp(window.since), ctx.now
 
 
+# An event's properties: in its row (and so in the covering index), or, for the few too large
+# for an index entry, in event_bodies under the client event id the row holds as a JSON string.
+_EVENT_PROPERTIES: Any = sa.type_coerce(
+    Grouping(  # in parentheses, so that a subscript applies to the whole expression
+        sa.case(
+            (
+                sa.func.jsonb_typeof(events.c.properties) == "string",
+                sa.select(event_bodies.c.properties)
+                .where(
+                    event_bodies.c.account_id == events.c.account_id,
+                    event_bodies.c.client_event_id
+                    == events.c.properties.op("#>>")(sa.literal_column("'{}'")),
+                )
+                .scalar_subquery(),
+            ),
+            else_=events.c.properties,
+        )
+    ),
+    JSONB,
+)
+
+
 def _event_rows(
     condition: pb.EventCondition, ctx: Context, windowed: bool = True
 ) -> list[sa.ColumnElement[bool]]:
@@ -639,7 +662,7 @@ def _event_rows(
     if condition.event_name:
         where.append(events.c.name == condition.event_name)
     subject = event_subject(condition.event_name)
-    where.extend(_property(w, events.c.properties, subject, ctx) for w in condition.where)
+    where.extend(_property(w, _EVENT_PROPERTIES, subject, ctx) for w in condition.where)
     if windowed and condition.HasField("window"):
         start, end = _window(condition.window, ctx)
         where.extend([events.c.occurred_at >= start, events.c.occurred_at < end])
@@ -697,10 +720,10 @@ def _counted(condition: pb.EventCondition, ctx: Context) -> sa.ColumnElement[boo
 def _constant(condition: pb.ConstantPropertyCondition, ctx: Context) -> sa.ColumnElement[bool]:
     key = condition.property
     # As text: hashing text is much cheaper than hashing jsonb, and a property keeps one type.
-    value = events.c.properties[key].astext
+    value = _EVENT_PROPERTIES[key].astext
     sets = []
     for event in condition.events:
-        rows = [*_event_rows(event, ctx), events.c.properties.has_key(key)]
+        rows = [*_event_rows(event, ctx), _EVENT_PROPERTIES.has_key(key)]
         query = sa.select(events.c.user_id, value.label("v")).where(*rows)
         if event.HasField("count") and event.count.value > 1:
             query = query.group_by(events.c.user_id, value).having(sa.func.count() >= event.count.value)

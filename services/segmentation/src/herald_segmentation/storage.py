@@ -89,6 +89,17 @@ events = sa.Table(
     ),
 )
 
+# The properties of events too large for an entry of the events index (over LARGE_PROPERTIES
+# bytes as jsonb); the event row's properties is then the JSON string of its client event id.
+LARGE_PROPERTIES = 1500
+event_bodies = sa.Table(
+    "event_bodies",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("client_event_id", sa.Text, primary_key=True),
+    sa.Column("properties", JSONB, nullable=False),
+)
+
 # The client event ids recorded, so a resent event is recorded once.
 event_receipts = sa.Table(
     "event_receipts",
