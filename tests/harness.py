@@ -7,6 +7,7 @@ import secrets
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
+from types import ModuleType
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -174,9 +175,25 @@ class Platform:
         await self.hosts["scheduler"].stop()
         self.hosts["scheduler"] = await scheduler_main.start(self.settings)
 
+    async def restart_all(self) -> None:
+        """Stops every service, then starts them again on the same ports, as a full redeploy would."""
+        for name in STOP_ORDER:
+            await self.hosts[name].stop()
+        for name in reversed(STOP_ORDER):
+            self.hosts[name] = await MAINS[name].start(self.settings)
+
     @property
     def addresses(self) -> dict[str, str]:
         return {name: self.address(name) for name in self.hosts}
+
+
+STOP_ORDER = ("scheduler", "campaign", "dispatch", "segmentation")
+MAINS: dict[str, ModuleType] = {
+    "segmentation": segmentation_main,
+    "dispatch": dispatch_main,
+    "campaign": campaign_main,
+    "scheduler": scheduler_main,
+}
 
 
 @contextlib.asynccontextmanager
@@ -195,16 +212,15 @@ async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
         receipts_port=receipts_port,
     )
     hosts: dict[str, ServiceHost] = {}
-    hosts["segmentation"] = await segmentation_main.start(wired)
-    hosts["dispatch"] = await dispatch_main.start(wired)
-    hosts["campaign"] = await campaign_main.start(wired)
-    hosts["scheduler"] = await scheduler_main.start(wired)
+    for name in reversed(STOP_ORDER):
+        hosts[name] = await MAINS[name].start(wired)
     addresses = {name: f"127.0.0.1:{h.port}" for name, h in hosts.items()}
     account, admin_key = await create_account(addresses["campaign"], settings.bootstrap_token)
     clients = Clients.open(addresses, admin_key)
+    platform = Platform(settings=wired, hosts=hosts, account=account, admin_key=admin_key, clients=clients)
     try:
-        yield Platform(settings=wired, hosts=hosts, account=account, admin_key=admin_key, clients=clients)
+        yield platform
     finally:
         await clients.close()
-        for name in ("scheduler", "campaign", "dispatch", "segmentation"):
-            await hosts[name].stop()
+        for name in STOP_ORDER:
+            await platform.hosts[name].stop()

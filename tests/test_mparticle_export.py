@@ -28,7 +28,6 @@ from tests.helpers import (
     create_segment,
     create_segment_destination,
     field_violations,
-    precondition_subjects,
     segment_export_campaign,
     user,
 )
@@ -340,15 +339,18 @@ async def test_a_live_mparticle_campaign_with_a_delay_is_refused(
     account: ExportAccount, mparticle: MparticleApi
 ) -> None:
     destination = await _destination(account.clients, mparticle)
-    delayed = campaign_pb.Schedule(live=campaign_pb.Live(delay=Duration(seconds=600)))
+    trigger = campaign_pb.LiveTrigger(
+        action=campaign_pb.ActionTrigger(event=campaign_pb.LiveEvent(event_name="Added to Cart"))
+    )
+    delayed = campaign_pb.Schedule(live=campaign_pb.Live(delay=Duration(seconds=600), trigger=trigger))
     with pytest.raises(grpc.aio.AioRpcError) as raised:
         await account.clients.campaigns.CreateCampaign(
             campaign_pb.CreateCampaignRequest(campaign=_campaign(account, destination.name, schedule=delayed))
         )
-    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "campaign.schedule.live.delay" in precondition_subjects(raised.value)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "campaign.schedule.live.delay" in field_violations(raised.value)
     # Without a delay it is a valid draft; the same delay on a Segment export is allowed.
-    at_once = campaign_pb.Schedule(live=campaign_pb.Live())
+    at_once = campaign_pb.Schedule(live=campaign_pb.Live(trigger=trigger))
     draft = await account.clients.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=_campaign(account, destination.name, schedule=at_once))
     )
@@ -363,7 +365,7 @@ async def test_a_live_mparticle_campaign_with_a_delay_is_refused(
     with pytest.raises(grpc.aio.AioRpcError) as again:
         draft.schedule.CopyFrom(delayed)
         await account.clients.campaigns.UpdateCampaign(campaign_pb.UpdateCampaignRequest(campaign=draft))
-    assert "campaign.schedule.live.delay" in precondition_subjects(again.value)
+    assert "campaign.schedule.live.delay" in field_violations(again.value)
 
 
 async def test_a_segment_export_carries_push_tokens_and_system_fields(

@@ -247,16 +247,3 @@ async def test_watching_a_run_streams_its_progress_until_it_ends(
             scheduler_pb.RUN_STATE_DISPATCHED,
         ].index,
     )
-
-
-async def test_a_live_campaign_is_saved_but_not_published_until_live_triggering_exists(
-    platform: Platform, segment_api: SegmentApi
-) -> None:
-    live = campaign_pb.Schedule(live=campaign_pb.Live(delay=Duration(seconds=600)))
-    name, _ = await _campaign(platform, segment_api, live)
-    with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=name))
-    assert raised.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "live" in (raised.value.details() or "")
-    got = await platform.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=name))
-    assert got.state == campaign_pb.State.STATE_DRAFT

@@ -103,6 +103,10 @@ class Subjects:
         return f"{self.namespace}.segmentation.events.ingested"
 
     @property
+    def live_matches(self) -> str:
+        return f"{self.namespace}.segmentation.live.matches"
+
+    @property
     def campaign_halts(self) -> str:
         """Core NATS (no stream): a halted campaign, told at once to every dispatch replica."""
         return f"{self.namespace}.control.halt"

@@ -203,6 +203,11 @@ def check_delivery(campaign: pb.Campaign, path: str, check: Validator) -> None:
         )
     if delivery.cutoff_time:
         check.require(parse_time_of_day(delivery.cutoff_time) is not None, f"{path}.cutoff_time", _HH_MM)
+        check.require(
+            campaign.schedule.WhichOneof("when") != "live",
+            f"{path}.cutoff_time",
+            "a live campaign's messages go as users qualify: set its end_time instead",
+        )
     if delivery.HasField("quiet_hours"):
         quiet = delivery.quiet_hours
         start, end = parse_time_of_day(quiet.start), parse_time_of_day(quiet.end)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import calendar
 import enum
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -29,6 +30,20 @@ LATEST_ZONE = ZoneInfo("Etc/GMT+12")
 THROTTLE_WINDOW_SECONDS = 300
 # The longest IANA zone name is 32 characters (America/Argentina/ComodRivadavia).
 MAX_ZONE_NAME = 64
+
+
+# Herald's date-time type: RFC 3339 with its offset, as properties and conditions carry it.
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:\d{2})\Z")
+
+
+def parse_datetime(text: str) -> datetime | None:
+    """An RFC 3339 date-time with its offset, or None."""
+    if not _RFC3339.match(text):
+        return None
+    try:
+        return datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
+    except ValueError:
+        return None
 
 
 def zone_named(name: str) -> ZoneInfo | None:

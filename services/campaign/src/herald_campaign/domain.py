@@ -39,6 +39,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.hourly_quota import HourlyQuota
+from herald_common.live import check_live
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
 from herald_common.schedules import (
@@ -90,7 +91,7 @@ DLT_PROVIDERS = {"exotel", "msg91", "netcore", "vonage"}
 ENTITY_ID_PROVIDERS = {"netcore", "vonage"}
 # Caps below this are refused: a sample that small says little, a limit that small is a typo.
 MIN_CAP = 100
-_OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time", "failure_reason")
+_OUTPUT_ONLY = ("name", "state", "create_time", "update_time", "publish_time", "failure_reason", "warnings")
 
 
 def _state_name(state: State.ValueType) -> str:
@@ -117,20 +118,25 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
         "campaign.display_name",
         f"at most {MAX_DISPLAY_NAME} characters",
     )
+    live = campaign.schedule.WhichOneof("when") == "live"
+    if live:
+        check_live(campaign.schedule.live, "campaign.schedule.live", check)
     source = campaign.audience.WhichOneof("source")
-    if check.require(source is not None, "campaign.audience", "required: a segment, a filter or a list"):
-        if source == "segment":
-            check.require(
-                campaign.audience.segment.startswith("segments/"),
-                "campaign.audience.segment",
-                "must look like segments/<id>",
-            )
-        elif source == "list":
-            check.require(
-                campaign.audience.list.startswith("lists/"),
-                "campaign.audience.list",
-                "must look like lists/<id>",
-            )
+    if source is None:
+        # A live campaign without one reaches everyone who qualifies.
+        check.require(live, "campaign.audience", "required: a segment, a filter or a list")
+    elif source == "segment":
+        check.require(
+            campaign.audience.segment.startswith("segments/"),
+            "campaign.audience.segment",
+            "must look like segments/<id>",
+        )
+    elif source == "list":
+        check.require(
+            campaign.audience.list.startswith("lists/"),
+            "campaign.audience.list",
+            "must look like lists/<id>",
+        )
     if check.require(bool(campaign.destination), "campaign.destination", "required"):
         check.require(
             campaign.destination.startswith("destinations/"),
@@ -138,7 +144,7 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
             "must look like destinations/<id>",
         )
     check_schedule(campaign.schedule, "campaign.schedule", check)
-    _check_targeting(campaign.targeting, check)
+    _check_targeting(campaign.targeting, live, check)
     check_delivery(campaign, "campaign.delivery", check)
     content = campaign.WhichOneof("content")
     check.require(content is not None, "campaign.content", "required: exactly one kind of content")
@@ -245,17 +251,24 @@ def _check_export(
             check.add(field, problem)
 
 
-def _check_targeting(targeting: pb.Targeting, check: Validator) -> None:
+def _check_targeting(targeting: pb.Targeting, live: bool, check: Validator) -> None:
     check.require(
         0 <= targeting.control_group_percent <= MAX_CONTROL_PERCENT,
         "campaign.targeting.control_group_percent",
         f"0 to {MAX_CONTROL_PERCENT} percent",
     )
     cap = targeting.WhichOneof("cap")
-    if cap is not None:
-        check.require(
-            getattr(targeting, cap) >= MIN_CAP, f"campaign.targeting.{cap}", f"at least {MIN_CAP} users"
-        )
+    field = f"campaign.targeting.{cap}"
+    if cap in _LIVE_CAPS:
+        if check.require(live, field, "for live campaigns only (a run's cap is random_cap)"):
+            check.require(getattr(targeting, cap) >= 1, field, "at least 1 message")
+    elif cap is not None and check.require(
+        not live, field, "a live campaign's cap is total_limit or daily_limit"
+    ):
+        check.require(getattr(targeting, cap) >= MIN_CAP, field, f"at least {MIN_CAP} users")
+
+
+_LIVE_CAPS = ("total_limit", "daily_limit")
 
 
 def _check_ahead(
@@ -289,6 +302,12 @@ def _check_ahead(
             for i in past
         ]
     _check_cutoff(spec, zone)
+    if (
+        when == "live"
+        and schedule.live.HasField("end_time")
+        and api.from_timestamp(schedule.live.end_time) <= now
+    ):
+        raise invalid("campaign.schedule.live.end_time", "is in the past")
     if when == "recurring" and not occurrences_after(spec, zone, now, 1, under_way=True):
         raise FailedPrecondition(name, f"the recurring schedule of {name} has no occurrence after now")
     if spec.delivery.throttle and account.throttle_per_five_minutes <= 0:
@@ -408,7 +427,7 @@ class Campaigns:
                 existing = (await session.execute(sa.select(campaigns).where(same_request))).first()
             if existing is not None:
                 return _message(existing)
-        await self._check_references(campaign)
+        warnings = await self._check_references(campaign)
         spec = _spec(campaign)
         async with self.database.transaction() as session:
             row = (
@@ -431,12 +450,21 @@ class Campaigns:
                 await session.execute(insert(stats).values(campaign_id=row.id, account_id=account_id))
                 await self._changed(session, row)
         self._notify()
-        return _message(row)
+        created = _message(row)
+        created.warnings.extend(warnings)
+        return created
 
-    async def _check_references(self, campaign: pb.Campaign) -> None:
+    async def _check_references(self, campaign: pb.Campaign) -> list[str]:
         """The segment and destination exist, and the destination takes this kind of content;
-        the campaign records the destination's kind."""
-        await self.references.audience(campaign.audience, "campaign.audience")
+        the campaign records the destination's kind. Answers warnings (a live trigger on events
+        never sent)."""
+        warnings = []
+        if campaign.audience.WhichOneof("source") is not None:
+            await self.references.audience(campaign.audience, "campaign.audience")
+        if campaign.schedule.WhichOneof("when") == "live":
+            warnings = await self.references.live_trigger(
+                campaign.schedule.live.trigger, "campaign.schedule.live.trigger"
+            )
         destination = await self.references.destination(campaign.destination, "campaign.destination")
         content = campaign.WhichOneof("content") or ""
         kinds = channels.for_content(content)
@@ -450,12 +478,12 @@ class Campaigns:
             )
         campaign.destination_type = kind.destination_type
         if kind.destination_type == "mparticle" and campaign.schedule.live.delay.ToTimedelta():
-            raise FailedPrecondition(
+            raise invalid(
                 "campaign.schedule.live.delay",
                 "an mParticle export is not triggered for live campaigns with a delay: "
                 "send it as the user acts (no delay)",
-                kind="CHANNEL",
             )
+        return warnings
 
     async def update(self, campaign: pb.Campaign, update_mask: field_mask_pb2.FieldMask) -> pb.Campaign:
         api.parse_uuid_name(campaign.name, "campaigns", "campaign.name")
@@ -479,7 +507,7 @@ class Campaigns:
         check = Validator()
         _validate_shape(merged, check)
         check.raise_if_any()
-        await self._check_references(merged)
+        warnings = await self._check_references(merged)
         async with self.database.transaction() as session:
             row = await self._locked(session, campaign.name)
             if row.state != _state_name(State.STATE_DRAFT):
@@ -498,7 +526,9 @@ class Campaigns:
             ).one()
             await self._changed(session, row)
         self._notify()
-        return _message(row)
+        updated = _message(row)
+        updated.warnings.extend(warnings)
+        return updated
 
     async def delete(self, name: str) -> None:
         async with self.database.transaction() as session:
@@ -586,13 +616,6 @@ class Campaigns:
             now = api.utcnow()
             account, _ = await settings_of(session, row.account_id)
             notes = _check_ahead(name, spec, now, account)
-            if spec.schedule.WhichOneof("when") == "live":
-                raise FailedPrecondition(
-                    "campaign.schedule.live",
-                    f"{name} is a live-behaviour campaign, and this installation does not trigger "
-                    "campaigns from live behaviour yet",
-                    kind="FEATURE",
-                )
             await self._check_dlt(name, spec)
             row = await self._set_state(session, row.id, State.STATE_SCHEDULED, published_at=now)
         self._notify()

@@ -13,6 +13,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common import deadlines
 from herald_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable, invalid
+from herald_common.live import RECORDED_SYSTEM_EVENTS, named_events
 
 LOOKUP_TIMEOUT_SECONDS = 5.0
 # A halt returns once the campaign's requests already under way have been made.
@@ -55,6 +56,55 @@ class References:
     def __init__(self, segmentation: grpc.aio.Channel, dispatch: grpc.aio.Channel) -> None:
         self.segments = segmentation_grpc.SegmentationServiceStub(segmentation)
         self.destinations = dispatch_grpc.DispatchServiceStub(dispatch)
+
+    async def live_trigger(self, trigger: campaign_pb.LiveTrigger, path: str) -> list[str]:
+        """Each event the trigger names: its `where` tests fit the properties' types, and a date
+        property is a date where the account has sent it. Answers warnings: events never sent."""
+        warnings = []
+        violations: list[FieldViolation] = []
+        for event, field in named_events(trigger, path):
+            if not event.event_name:
+                continue  # any event
+            request = segmentation_pb.DescribeEventRequest(event_name=event.event_name, where=event.where)
+            try:
+                described = await self.segments.DescribeEvent(
+                    request, timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS)
+                )
+            except grpc.aio.AioRpcError as error:
+                found, _ = _details(error)
+                if error.code() == grpc.StatusCode.INVALID_ARGUMENT and found:
+                    violations += [FieldViolation(f"{field}.{v.field}", v.description) for v in found]
+                    continue
+                raise _translate(error, "", field, "segmentation") from None
+            if not described.seen and event.event_name not in RECORDED_SYSTEM_EVENTS:
+                warnings.append(f"{field}.event_name: no {event.event_name!r} event has been ingested yet")
+        if trigger.WhichOneof("kind") == "date_property":
+            dated = trigger.date_property
+            field = f"{path}.date_property.date_property"
+            described = await self.segments.DescribeEvent(
+                segmentation_pb.DescribeEventRequest(event_name=dated.event.event_name),
+                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
+            )
+            kind = described.property_types.get(
+                dated.date_property, segmentation_pb.PROPERTY_TYPE_UNSPECIFIED
+            )
+            if kind not in (
+                segmentation_pb.PROPERTY_TYPE_UNSPECIFIED,
+                segmentation_pb.PROPERTY_TYPE_DATETIME,
+            ):
+                violations.append(
+                    FieldViolation(
+                        field,
+                        f"{dated.event.event_name!r} events carry {dated.date_property!r} as a "
+                        f"{segmentation_pb.PropertyType.Name(kind).removeprefix('PROPERTY_TYPE_').lower()}, "
+                        "not an RFC 3339 date-time",
+                    )
+                )
+            elif described.seen and kind == segmentation_pb.PROPERTY_TYPE_UNSPECIFIED:
+                warnings.append(f"{field}: no {dated.event.event_name!r} event has carried it yet")
+        if violations:
+            raise InvalidArgument(violations)
+        return warnings
 
     async def destination(self, name: str, field: str) -> dispatch_pb.Destination:
         try:

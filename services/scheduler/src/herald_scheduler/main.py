@@ -14,6 +14,7 @@ from herald_common.auth import account_id_of
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.settings import Settings
 from herald_scheduler.executor import RunExecutor
+from herald_scheduler.live import LiveEngine
 from herald_scheduler.planning import Planner
 from herald_scheduler.release import Releaser
 from herald_scheduler.runs import RunEvents, RunQueries
@@ -24,11 +25,20 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SchedulerService"].full_name
 MIGRATIONS = Path(__file__).parent / "migrations"
 CONSUMER = "scheduler-campaigns"
 ACCOUNTS_CONSUMER = "scheduler-accounts"
+LIVE_CONSUMER = "scheduler-live-matches"
 
 
 def _account_changed_problem(event: events.AccountChanged) -> str | None:
     if account_id_of(event.account) is None:
         return f"AccountChanged names no account ({event.account!r})"
+    return None
+
+
+def _live_matches_problem(event: events.LiveMatches) -> str | None:
+    if account_id_of(event.account) is None:
+        return f"LiveMatches names no account ({event.account!r})"
+    if any(not m.campaign.startswith("campaigns/") or not m.client_event_id for m in event.matches):
+        return "LiveMatches with a match without campaign or client event id"
     return None
 
 
@@ -48,6 +58,9 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         infra.relay.notify,
         releaser.notify,
         lease_seconds=settings.run_lease_seconds,
+    )
+    live = LiveEngine(
+        infra.database, infra.subjects, run_events, segmentation, infra.relay.notify, releaser.notify
     )
     servicer = SchedulerServicer(RunQueries(infra.database))
 
@@ -88,10 +101,19 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         apply=apply_account_changes,
         problem=_account_changed_problem,
     )
-    infra.watch(executor.loop, *releaser.loops)
+    await infra.consume(
+        owner="segmentation",
+        durable=LIVE_CONSUMER,
+        filter_subject=infra.subjects.live_matches,
+        event_type=events.LiveMatches,
+        apply=live.apply_matches,
+        problem=_live_matches_problem,
+    )
+    infra.watch(executor.loop, live.loop, *releaser.loops)
     executor.start()
     releaser.start()
-    host.on_stop.extend([executor.stop, releaser.stop, segmentation.close])
+    live.start()
+    host.on_stop.extend([executor.stop, live.stop, releaser.stop, segmentation.close])
     return host
 
 

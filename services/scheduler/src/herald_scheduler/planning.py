@@ -22,12 +22,22 @@ from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.schedules import MAX_SEND_TIMES, Occurrence, account_zone, occurrences_after
 from herald_scheduler.runs import RunEvents
-from herald_scheduler.storage import accounts, campaigns, pending_deliveries, runs
+from herald_scheduler.storage import (
+    accounts,
+    campaigns,
+    live_awaited,
+    live_timers,
+    pending_deliveries,
+    runs,
+)
 
 CampaignState = campaign_pb.State
 RunState = pb.RunState
 log = get_logger(__name__)
-_STOPPABLE_RUN_STATES = [RunState.Name(s) for s in (RunState.RUN_STATE_PENDING, RunState.RUN_STATE_RELEASING)]
+_STOPPABLE_RUN_STATES = [
+    RunState.Name(s)
+    for s in (RunState.RUN_STATE_PENDING, RunState.RUN_STATE_RELEASING, RunState.RUN_STATE_LIVE)
+]
 
 
 def first_runs(campaign: campaign_pb.Campaign, zone: ZoneInfo) -> list[tuple[Occurrence, bool]]:
@@ -112,6 +122,37 @@ async def _insert_runs(
     )
 
 
+async def drop_waits(session: AsyncSession, names: Sequence[str]) -> None:
+    """A live campaign that ended or stopped waits for nothing more."""
+    await session.execute(sa.delete(live_timers).where(live_timers.c.campaign.in_(names)))
+    await session.execute(sa.delete(live_awaited).where(live_awaited.c.campaign.in_(names)))
+
+
+async def _insert_live_run(
+    session: AsyncSession, campaign: campaign_pb.Campaign, account_id: uuid.UUID
+) -> Sequence[Any]:
+    """A live campaign has one run, LIVE from its start until its end, its total limit or a stop."""
+    live = campaign.schedule.live
+    start = api.from_timestamp(live.start_time if live.HasField("start_time") else campaign.publish_time)
+    statement = (
+        insert(runs)
+        .values(
+            id=uuid.uuid4(),
+            account_id=account_id,
+            campaign=campaign.name,
+            scheduled_time=start,
+            planned_time=start,
+            started_at=start,
+            state=RunState.Name(RunState.RUN_STATE_LIVE),
+            final=True,
+            ends_at=api.from_timestamp(live.end_time) if live.HasField("end_time") else None,
+        )
+        .on_conflict_do_nothing(constraint="runs_campaign_time_key")
+        .returning(*runs.c)
+    )
+    return (await session.execute(statement)).all()
+
+
 def _account_of(change: events.CampaignChanged) -> uuid.UUID:
     """The campaign's account; one that names none stays with the nil account, which owns no
     segment or destination, so its runs fail rather than reach anyone."""
@@ -171,7 +212,9 @@ class Planner:
     async def _react(
         self, session: AsyncSession, campaign: campaign_pb.Campaign, account_id: uuid.UUID
     ) -> None:
-        if campaign.state == CampaignState.STATE_SCHEDULED:
+        if campaign.state == CampaignState.STATE_SCHEDULED and campaign.schedule.WhichOneof("when") == "live":
+            await self.run_events.changed(session, await _insert_live_run(session, campaign, account_id))
+        elif campaign.state == CampaignState.STATE_SCHEDULED:
             zone = account_zone(await account_settings(session, account_id))
             planned = first_runs(campaign, zone)
             if planned:
@@ -198,4 +241,5 @@ class Planner:
                 .where(pending_deliveries.c.campaign == campaign.name)
                 .values(due_at=sa.func.least(pending_deliveries.c.due_at, api.utcnow()), cutoff_at=None)
             )
+            await drop_waits(session, [campaign.name])
             await self.run_events.changed(session, cancelled)

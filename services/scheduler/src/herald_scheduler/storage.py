@@ -56,6 +56,8 @@ runs = sa.Table(
     sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("ended_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("error", sa.Text, nullable=False, server_default=""),
+    # A live run's end (the campaign's end time); NULL for none.
+    sa.Column("ends_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.UniqueConstraint("campaign", "scheduled_time", name="runs_campaign_time_key"),
     sa.Index("runs_due", "state", "scheduled_time"),
@@ -119,6 +121,82 @@ frequency_counts = sa.Table(
     sa.Column("period", sa.Text, primary_key=True),
     sa.Column("used", sa.Integer, nullable=False),
     sa.Column("expires_on", sa.Date, nullable=False, index=True),
+)
+
+# Live campaigns' waits: an inaction trigger's window or a date-property trigger's moment. Each is
+# one row, fired once by whichever replica locks it when due (SKIP LOCKED).
+live_timers = sa.Table(
+    "live_timers",
+    metadata,
+    sa.Column("campaign", sa.Text, primary_key=True),
+    # The client id of the event that started it: the trigger occurrence.
+    sa.Column("occurrence", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("run_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("fire_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("event_name", sa.Text, nullable=False),
+    sa.Column("event_time", sa.DateTime(timezone=True), nullable=False),
+    # The inaction trigger's match property value (JSON; '' without one).
+    sa.Column("match_value", sa.Text, nullable=False, server_default=""),
+    sa.Index("ix_scheduler_live_timers_due", "fire_at"),
+    sa.Index("ix_scheduler_live_timers_user", "campaign", "user_id"),
+)
+
+# Awaited events of inaction triggers, kept for the lateness allowance: a starting event that
+# arrives after the awaited one (but happened before it) starts no wait.
+live_awaited = sa.Table(
+    "live_awaited",
+    metadata,
+    sa.Column("campaign", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("occurrence", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("match_value", sa.Text, nullable=False),
+    sa.Column("event_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_scheduler_live_awaited_expires_at", "expires_at"),
+)
+
+# Every trigger occurrence a live campaign acted on, once: how it qualified, and what became of
+# it (a delivery, or why none). A replayed event or a re-fired timer finds its row and does nothing.
+live_fires = sa.Table(
+    "live_fires",
+    metadata,
+    sa.Column("campaign", sa.Text, primary_key=True),
+    sa.Column("occurrence", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("run_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("fired_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("event_name", sa.Text, nullable=False),
+    sa.Column("event_time", sa.DateTime(timezone=True), nullable=False),
+    # 'event' (it qualified the user as it arrived) or 'timer' (a wait ran out).
+    sa.Column("via", sa.Text, nullable=False),
+    sa.Column("delivery_id", sa.Text, nullable=True),
+    # Why no delivery was made ('' when one was).
+    sa.Column("outcome", sa.Text, nullable=False),
+    sa.Index("ix_scheduler_live_fires_user", "campaign", "user_id", "fired_at"),
+)
+
+# When each user last got a live campaign's message, for its frequency (once, once per N hours).
+live_users = sa.Table(
+    "live_users",
+    metadata,
+    sa.Column("campaign", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("last_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+# Messages a live run planned per day (the account's zone), for a daily limit.
+live_days = sa.Table(
+    "live_days",
+    metadata,
+    sa.Column("run_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("day", sa.Date, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("used", sa.BigInteger, nullable=False),
 )
 
 outbox = outbox_table(metadata)

@@ -26,21 +26,24 @@ from herald_common.validation import check_text_fields
 from herald_segmentation.filters import (
     MAX_DEPTH,
     Context,
+    in_list,
     property_keys,
     reachable,
     references,
     to_sql,
+    validate_event_where,
     validate_filter,
 )
-from herald_segmentation.properties import known_types
+from herald_segmentation.properties import PropertyType, event_subject, known_types
 from herald_segmentation.storage import (
     LEFT_OUT_BY_SAMPLE,
     LEFT_OUT_UNREACHABLE,
     audience_snapshots,
     devices,
+    events,
     hourly_use,
-    list_members,
     lists,
+    property_types,
     segments,
     users,
 )
@@ -51,6 +54,14 @@ AUDIENCE_STREAMS_PER_HOUR = 60
 MAX_AUDIENCE_PAGE = 5000
 MAX_AUDIENCE_PAGE_BYTES = 1 << 20
 DEFAULT_AUDIENCE_PAGE = 500
+MAX_MATCHED_USERS = 1000
+_PROPERTY_TYPES = {
+    PropertyType.STRING: pb.PROPERTY_TYPE_STRING,
+    PropertyType.NUMBER: pb.PROPERTY_TYPE_NUMBER,
+    PropertyType.BOOLEAN: pb.PROPERTY_TYPE_BOOLEAN,
+    PropertyType.DATETIME: pb.PROPERTY_TYPE_DATETIME,
+    PropertyType.LIST: pb.PROPERTY_TYPE_LIST,
+}
 # Conditions on events group and join sets of hundreds of thousands of rows: in memory, not on
 # disk; and without JIT compilation, which costs these sub-second queries more than it saves.
 _AUDIENCE_SETTINGS = (sa.text("SET LOCAL work_mem = '64MB'"), sa.text("SET LOCAL jit = off"))
@@ -199,10 +210,15 @@ class Segmentation:
             await self._prepare(session, nested, where, ctx, depth + 1)
 
     async def _audience(
-        self, session: AsyncSession, audience: pb.Audience, path: str, now: datetime
+        self,
+        session: AsyncSession,
+        audience: pb.Audience,
+        path: str,
+        now: datetime,
+        only_users: list[str] | None = None,
     ) -> sa.ColumnElement[bool]:
-        """The audience as a condition on the caller's users."""
-        ctx = Context(account_id=current_account_id(), now=now, types={})
+        """The audience as a condition on the caller's users (on these users only, if given)."""
+        ctx = Context(account_id=current_account_id(), now=now, types={}, only_users=only_users)
         source = audience.WhichOneof("source")
         if source == "segment":
             segment_id = api.parse_uuid_name(audience.segment, "segments", f"{path}.segment")
@@ -222,11 +238,7 @@ class Segmentation:
             )
             if found is None:
                 raise NotFound(audience.list, f"{path}.list")
-            condition = users.c.user_id.in_(
-                sa.select(list_members.c.user_id).where(
-                    list_members.c.account_id == ctx.account_id, list_members.c.list_id == list_id
-                )
-            )
+            condition = in_list(list_id, ctx)
         else:
             raise invalid(path, "one of segment, filter or list is required")
         return sa.and_(users.c.account_id == ctx.account_id, condition)
@@ -334,14 +346,7 @@ class Segmentation:
             if request.HasField("evaluation_time")
             else api.utcnow()
         )
-        keys = list(dict.fromkeys(k for k in request.attribute_keys if k))
-        attributes = (
-            sa.func.jsonb_strip_nulls(
-                sa.func.jsonb_build_object(*[x for k in keys for x in (k, _attribute(k))])
-            )
-            if keys
-            else sa.literal({}, JSONB)
-        )
+        attributes = _attributes(list(dict.fromkeys(k for k in request.attribute_keys if k)))
         snapshot_id = uuid.uuid4()
         account_id = current_account_id()
         async with self.database.transaction() as session:
@@ -376,6 +381,76 @@ class Segmentation:
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._forget(snapshot_id))
+
+    async def match_users(self, request: pb.MatchUsersRequest) -> list[pb.AudienceMember]:
+        """The given users the audience selects now, with their attributes as JSON; a user the
+        channel cannot reach is flagged `unreachable`."""
+        _check_channel(request.channel)
+        ids = sorted(set(request.user_ids))
+        check = Validator()
+        check.require(0 < len(ids) <= MAX_MATCHED_USERS, "user_ids", f"1 to {MAX_MATCHED_USERS:,} user ids")
+        check.require(
+            all(api.is_valid_id(i) for i in ids), "user_ids", "user ids: 1-200 letters, digits or ._:@+-"
+        )
+        check.raise_if_any()
+        attributes = _attributes(list(dict.fromkeys(k for k in request.attribute_keys if k)))
+        account_id = current_account_id()
+        async with self.database.transaction() as session:
+            condition: sa.ColumnElement[bool] = users.c.account_id == account_id
+            if request.HasField("audience"):
+                condition = await self._audience(session, request.audience, "audience", api.utcnow(), ids)
+            rows = (
+                await session.execute(
+                    sa.select(
+                        users.c.user_id,
+                        users.c.timezone,
+                        sa.cast(attributes, sa.Text).label("attributes"),
+                        reachable(request.channel).label("reachable"),
+                    )
+                    .where(users.c.account_id == account_id, users.c.user_id.in_(ids), condition)
+                    .order_by(users.c.user_id)
+                )
+            ).all()
+        return [
+            pb.AudienceMember(
+                user_id=row.user_id,
+                timezone=row.timezone,
+                attributes_json=row.attributes.encode(),
+                unreachable=not row.reachable,
+            )
+            for row in rows
+        ]
+
+    async def describe_event(self, request: pb.DescribeEventRequest) -> pb.EventDescription:
+        """Whether the event was ever ingested, its properties' types, and whether `where` tests
+        fit them."""
+        check = Validator()
+        name = request.event_name
+        check.require(0 < len(name) <= 200 and bool(name.strip()), "event_name", "required: 1-200 characters")
+        check.raise_if_any()
+        account_id = current_account_id()
+        subject = event_subject(name)
+        async with self.database.transaction() as session:
+            seen = await session.scalar(
+                sa.select(sa.literal(True))
+                .where(events.c.account_id == account_id, events.c.name == name)
+                .limit(1)
+            )
+            rows = (
+                await session.execute(
+                    sa.select(property_types.c.key, property_types.c.type).where(
+                        property_types.c.account_id == account_id, property_types.c.subject == subject
+                    )
+                )
+            ).all()
+        types = {(subject, row.key): PropertyType(row.type) for row in rows}
+        validate_event_where(request.where, name, "where", check, types)
+        check.raise_if_any()
+        described = pb.EventDescription(event_name=name, seen=bool(seen))
+        for (_, key), kind in types.items():
+            if kind in _PROPERTY_TYPES:
+                described.property_types[key] = _PROPERTY_TYPES[kind]
+        return described
 
     async def _page(
         self,
@@ -435,6 +510,15 @@ class Segmentation:
             await session.execute(
                 sa.delete(audience_snapshots).where(audience_snapshots.c.snapshot_id == snapshot_id)
             )
+
+
+def _attributes(keys: list[str]) -> Any:
+    """The profile attributes a delivery carries, as one JSONB object per user."""
+    if not keys:
+        return sa.literal({}, JSONB)
+    return sa.func.jsonb_strip_nulls(
+        sa.func.jsonb_build_object(*[x for k in keys for x in (k, _attribute(k))])
+    )
 
 
 def _snapshot_members(request: pb.StreamAudienceRequest, condition: Any) -> sa.Select[Any]:

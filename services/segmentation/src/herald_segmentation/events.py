@@ -26,6 +26,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
+from herald_segmentation.live import LiveTriggers
 from herald_segmentation.properties import (
     MAX_PROPERTY_KEYS,
     SERVER_ONLY_KEYS,
@@ -142,8 +143,11 @@ class Events:
         subjects: Subjects,
         notify_outbox: Callable[[], None],
         service_token: str = "",
+        live: LiveTriggers | None = None,
     ) -> None:
         self.database = database
+        # Matches recorded events against live campaigns' triggers, in the recording transaction.
+        self.live = live
         self.subjects = subjects
         self.notify_outbox = notify_outbox
         # Derives each account's identity secret, which publishable keys' profile events prove.
@@ -240,6 +244,10 @@ class Events:
                 await self._apply_profile_events(session, account_id, recorded)
                 await self._refuse_oversized_profiles(session, account_id, parsed, recorded)
                 await self._announce(session, account_id, recorded, received)
+                if self.live is not None:
+                    await enqueue(
+                        session, outbox, await self.live.match(session, account_id, recorded, received)
+                    )
         if recorded:
             self.notify_outbox()
         return len(recorded), len(batch) - len(recorded)

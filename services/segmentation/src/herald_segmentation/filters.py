@@ -9,7 +9,7 @@ set once, as a hash join, instead of once per user.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +22,7 @@ from sqlalchemy.sql.elements import Grouping
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.errors import Validator
+from herald_common.timing import parse_datetime
 from herald_common.validation import check_text_fields
 from herald_segmentation.properties import (
     USER,
@@ -29,7 +30,6 @@ from herald_segmentation.properties import (
     Typed,
     as_python,
     event_subject,
-    parse_datetime,
     type_of,
 )
 from herald_segmentation.storage import devices, event_bodies, events, list_members, users
@@ -384,9 +384,7 @@ def _validate_window(window: pb.TimeWindow, path: str, check: Validator) -> None
 
 def _validate_event(condition: pb.EventCondition, path: str, check: Validator, types: Typed) -> None:
     check.require(len(condition.event_name) <= 200, f"{path}.event_name", "at most 200 characters")
-    subject = event_subject(condition.event_name)
-    for i, where in enumerate(condition.where):
-        _validate_property(where, f"{path}.where[{i}]", subject, check, types)
+    validate_event_where(condition.where, condition.event_name, f"{path}.where", check, types)
     if condition.HasField("count"):
         count = condition.count
         check.require(
@@ -440,6 +438,9 @@ class Context:
     now: datetime
     types: Typed
     segments: dict[str, pb.SegmentFilter] = field(default_factory=dict)
+    # Set when the filter is evaluated for these users only: the events and list members read
+    # are theirs alone (an index lookup per user, not a scan of everyone who did the event).
+    only_users: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -659,10 +660,11 @@ def _event_rows(
     condition: pb.EventCondition, ctx: Context, windowed: bool = True
 ) -> list[sa.ColumnElement[bool]]:
     where = [events.c.account_id == ctx.account_id]
+    if ctx.only_users is not None:
+        where.append(events.c.user_id.in_(ctx.only_users))
     if condition.event_name:
         where.append(events.c.name == condition.event_name)
-    subject = event_subject(condition.event_name)
-    where.extend(_property(w, _EVENT_PROPERTIES, subject, ctx) for w in condition.where)
+    where.append(event_where(condition.where, _EVENT_PROPERTIES, condition.event_name, ctx))
     if windowed and condition.HasField("window"):
         start, end = _window(condition.window, ctx)
         where.extend([events.c.occurred_at >= start, events.c.occurred_at < end])
@@ -750,15 +752,38 @@ def _condition(condition: pb.Condition, ctx: Context) -> sa.ColumnElement[bool]:
         return _constant(condition.constant_property, ctx)
     if kind == "in_list":
         list_id = api.parse_uuid_name(condition.in_list, "lists")
-        return users.c.user_id.in_(
-            sa.select(list_members.c.user_id).where(
-                list_members.c.account_id == ctx.account_id, list_members.c.list_id == list_id
-            )
-        )
+        return in_list(list_id, ctx)
     if kind == "in_segment":
         return to_sql(ctx.segments[condition.in_segment], ctx)
     assert kind == "group"
     return to_sql(condition.group, ctx)
+
+
+def in_list(list_id: Any, ctx: Context) -> sa.ColumnElement[bool]:
+    """The user is a member of the list."""
+    members = sa.select(list_members.c.user_id).where(
+        list_members.c.account_id == ctx.account_id, list_members.c.list_id == list_id
+    )
+    if ctx.only_users is not None:
+        members = members.where(list_members.c.user_id.in_(ctx.only_users))
+    return users.c.user_id.in_(members)
+
+
+def event_where(
+    where: Sequence[pb.PropertyCondition], column: Any, event_name: str, ctx: Context
+) -> sa.ColumnElement[bool]:
+    """All of an event condition's `where` tests, on a JSONB column of event properties."""
+    subject = event_subject(event_name)
+    return sa.and_(sa.true(), *[_property(w, column, subject, ctx) for w in where])
+
+
+def validate_event_where(
+    where: Sequence[pb.PropertyCondition], event_name: str, path: str, check: Validator, types: Typed
+) -> None:
+    """Checks `where` tests on an event's properties, each reported at `{path}[i]`."""
+    subject = event_subject(event_name)
+    for i, condition in enumerate(where):
+        _validate_property(condition, f"{path}[{i}]", subject, check, types)
 
 
 def to_sql(segment_filter: pb.SegmentFilter, ctx: Context) -> sa.ColumnElement[bool]:

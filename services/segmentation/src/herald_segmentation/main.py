@@ -17,6 +17,7 @@ from herald_common.settings import Settings
 from herald_segmentation.domain import Segmentation
 from herald_segmentation.events import Events
 from herald_segmentation.lists import Lists
+from herald_segmentation.live import LiveTriggers
 from herald_segmentation.profiles import Profiles
 from herald_segmentation.servicer import PERMISSIONS, SegmentationServicer
 from herald_segmentation.storage import SCHEMA, outbox
@@ -32,9 +33,10 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     campaign_service = infra.channel("campaign")
     usage = CampaignUsage(campaign_service)
     profiles = Profiles(infra.database)
+    live = LiveTriggers(infra.database, infra.subjects)
     servicer = SegmentationServicer(
         profiles=profiles,
-        events=Events(infra.database, infra.subjects, infra.relay.notify, settings.service_token),
+        events=Events(infra.database, infra.subjects, infra.relay.notify, settings.service_token, live),
         lists=Lists(infra.database, usage),
         segments=Segmentation(infra.database, usage),
     )
@@ -58,6 +60,14 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         event_type=events.SmsOptOut,
         apply=profiles.opt_out_of_sms,
         problem=_opt_out_problem,
+    )
+    await infra.consume(
+        owner="campaign",
+        durable="segmentation-live-triggers",
+        filter_subject=infra.subjects.campaign_changed,
+        event_type=events.CampaignChanged,
+        apply=live.apply_campaigns,
+        problem=runtime.campaign_changed_problem,
     )
     return host
 

@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import enum
 import math
-import re
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald_common.db import Database
 from herald_common.errors import Validator
+from herald_common.timing import parse_datetime
 from herald_segmentation.storage import property_types
 
 USER = "user"
-_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]|[+-]\d{2}:\d{2})\Z")
 
 
 class PropertyType(enum.Enum):
@@ -35,16 +33,6 @@ class PropertyType(enum.Enum):
 
 def event_subject(event_name: str) -> str:
     return f"event:{event_name}"
-
-
-def parse_datetime(text: str) -> datetime | None:
-    """An RFC 3339 date-time with its offset, or None."""
-    if not _RFC3339.match(text):
-        return None
-    try:
-        return datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))
-    except ValueError:
-        return None
 
 
 def type_of(value: Any) -> PropertyType | None:

@@ -36,6 +36,8 @@ PERMISSIONS = method_permissions(
         "DeleteSegment": Permission.WRITE,
         "EstimateReach": Permission.READ,
         "StreamAudience": Permission.READ,
+        "MatchUsers": Permission.READ,
+        "DescribeEvent": Permission.READ,
     },
 )
 
@@ -102,3 +104,9 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     ) -> AsyncIterator[pb.StreamAudienceResponse]:
         async for members in self.segments.stream_audience(request):
             yield pb.StreamAudienceResponse(members=members)
+
+    async def MatchUsers(self, request: pb.MatchUsersRequest, context: Context) -> pb.MatchUsersResponse:
+        return pb.MatchUsersResponse(members=await self.segments.match_users(request))
+
+    async def DescribeEvent(self, request: pb.DescribeEventRequest, context: Context) -> pb.EventDescription:
+        return await self.segments.describe_event(request)

@@ -87,6 +87,8 @@ events = sa.Table(
         "occurred_at",
         postgresql_include=["user_id", "properties"],
     ),
+    # One user's events: a live campaign checks the users who qualify, one by one.
+    sa.Index("ix_segmentation_events_user", "account_id", "user_id", "occurred_at"),
 )
 
 # The properties of events too large for an entry of the events index (over LARGE_PROPERTIES
@@ -98,6 +100,22 @@ event_bodies = sa.Table(
     sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
     sa.Column("client_event_id", sa.Text, primary_key=True),
     sa.Column("properties", JSONB, nullable=False),
+)
+
+# Each published live campaign's trigger (from CampaignChanged): arriving events are matched
+# against the account's active ones as they are recorded.
+live_triggers = sa.Table(
+    "live_triggers",
+    metadata,
+    sa.Column("campaign", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    sa.Column("active", sa.Boolean, nullable=False),
+    # herald.campaign.v1.LiveTrigger, serialized.
+    sa.Column("trigger", sa.LargeBinary, nullable=False),
+    sa.Column("start_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("end_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("ix_segmentation_live_triggers_account", "account_id", postgresql_where=sa.text("active")),
 )
 
 # The client event ids recorded, so a resent event is recorded once.

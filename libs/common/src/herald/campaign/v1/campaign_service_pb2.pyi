@@ -107,6 +107,34 @@ WEEKDAY_SUNDAY: Weekday.ValueType  # 7
 """Sunday."""
 Global___Weekday: _TypeAlias = Weekday  # noqa: Y015
 
+class _OffsetUnit:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _OffsetUnitEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_OffsetUnit.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    OFFSET_UNIT_UNSPECIFIED: _OffsetUnit.ValueType  # 0
+    """Not set; invalid."""
+    OFFSET_UNIT_MINUTES: _OffsetUnit.ValueType  # 1
+    """Minutes."""
+    OFFSET_UNIT_HOURS: _OffsetUnit.ValueType  # 2
+    """Hours."""
+    OFFSET_UNIT_DAYS: _OffsetUnit.ValueType  # 3
+    """Days, at `time_of_day` in the user's time zone."""
+
+class OffsetUnit(_OffsetUnit, metaclass=_OffsetUnitEnumTypeWrapper):
+    """Units of a date-property trigger's offset."""
+
+OFFSET_UNIT_UNSPECIFIED: OffsetUnit.ValueType  # 0
+"""Not set; invalid."""
+OFFSET_UNIT_MINUTES: OffsetUnit.ValueType  # 1
+"""Minutes."""
+OFFSET_UNIT_HOURS: OffsetUnit.ValueType  # 2
+"""Hours."""
+OFFSET_UNIT_DAYS: OffsetUnit.ValueType  # 3
+"""Days, at `time_of_day` in the user's time zone."""
+Global___OffsetUnit: _TypeAlias = OffsetUnit  # noqa: Y015
+
 class _QuietHoursAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -707,6 +735,8 @@ class Live(_message.Message):
     START_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
     DELAY_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    FREQUENCY_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """When triggering starts; unset is at publish."""
@@ -717,9 +747,17 @@ class Live(_message.Message):
 
     @_builtins.property
     def delay(self) -> _duration_pb2.Duration:
-        """How long after the action the message goes, up to 30 days; unset is at once. An mParticle
-        export takes none (its message is not triggered for campaigns with delays).
+        """How long after the user qualifies the message goes, up to 30 days; unset is at once. An
+        mParticle export takes none (its message is not triggered for campaigns with delays).
         """
+
+    @_builtins.property
+    def trigger(self) -> Global___LiveTrigger:
+        """What qualifies a user; required."""
+
+    @_builtins.property
+    def frequency(self) -> Global___LiveFrequency:
+        """How often one user may get the message; unset is every time they qualify."""
 
     def __init__(
         self,
@@ -727,14 +765,255 @@ class Live(_message.Message):
         start_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
         delay: _duration_pb2.Duration | None = ...,
+        trigger: Global___LiveTrigger | None = ...,
+        frequency: Global___LiveFrequency | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "end_time", b"end_time", "frequency", b"frequency", "start_time", b"start_time", "trigger", b"trigger"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delay", b"delay", "end_time", b"end_time", "frequency", b"frequency", "start_time", b"start_time", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Live: _TypeAlias = Live  # noqa: Y015
+
+@_typing.final
+class LiveTrigger(_message.Message):
+    """What qualifies a user for a live campaign, judged by each event's own time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTION_FIELD_NUMBER: _builtins.int
+    INACTION_FIELD_NUMBER: _builtins.int
+    DATE_PROPERTY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def action(self) -> Global___ActionTrigger:
+        """The user does an event."""
+
+    @_builtins.property
+    def inaction(self) -> Global___InactionTrigger:
+        """The user does an event and then does not do another within a time."""
+
+    @_builtins.property
+    def date_property(self) -> Global___DatePropertyTrigger:
+        """A date an event carries draws near, or has passed by a given time."""
+
+    def __init__(
+        self,
+        *,
+        action: Global___ActionTrigger | None = ...,
+        inaction: Global___InactionTrigger | None = ...,
+        date_property: Global___DatePropertyTrigger | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "date_property", b"date_property", "inaction", b"inaction", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "date_property", b"date_property", "inaction", b"inaction", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["action", "inaction", "date_property"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___LiveTrigger: _TypeAlias = LiveTrigger  # noqa: Y015
+
+@_typing.final
+class LiveEvent(_message.Message):
+    """An event the trigger watches for: its name and conditions on its properties."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    event_name: _builtins.str
+    """The event's name; empty is any event (for an action trigger only). Herald's own events
+    (`Notification Delivered`, `Notification Replied`, `Control Group`, `App Version Changed`)
+    may be named too.
+    """
+    @_builtins.property
+    def where(self) -> _containers.RepeatedCompositeFieldContainer[_segmentation_service_pb2.PropertyCondition]:
+        """Conditions on the event's properties, all of which must hold (the segment language's
+        event `where`).
+        """
+
+    def __init__(
+        self,
+        *,
+        event_name: _builtins.str = ...,
+        where: _abc.Iterable[_segmentation_service_pb2.PropertyCondition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_name", b"event_name", "where", b"where"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveEvent: _TypeAlias = LiveEvent  # noqa: Y015
+
+@_typing.final
+class ActionTrigger(_message.Message):
+    """Qualifies a user the moment they do an event."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    EARLIER_EVENT_FIELD_NUMBER: _builtins.int
+    CONSTANT_PROPERTY_FIELD_NUMBER: _builtins.int
+    WITHIN_FIELD_NUMBER: _builtins.int
+    constant_property: _builtins.str
+    """The property whose value the two events share; required with earlier_event."""
+    @_builtins.property
+    def event(self) -> Global___LiveEvent:
+        """The event; required."""
+
+    @_builtins.property
+    def earlier_event(self) -> Global___LiveEvent:
+        """Optional: the user must also have done this event earlier (at most `within` before)
+        with the same value of `constant_property`, as in "added to cart the product they viewed".
+        """
+
+    @_builtins.property
+    def within(self) -> _duration_pb2.Duration:
+        """How far back earlier_event counts: 1 minute to 30 days; required with earlier_event."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___LiveEvent | None = ...,
+        earlier_event: Global___LiveEvent | None = ...,
+        constant_property: _builtins.str = ...,
+        within: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["earlier_event", b"earlier_event", "event", b"event", "within", b"within"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["constant_property", b"constant_property", "earlier_event", b"earlier_event", "event", b"event", "within", b"within"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ActionTrigger: _TypeAlias = ActionTrigger  # noqa: Y015
+
+@_typing.final
+class InactionTrigger(_message.Message):
+    """Qualifies a user who does `event` and then does not do `awaited_event` within `within`: the
+    message goes when the time runs out ("added to cart and did not buy within 10 minutes").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    AWAITED_EVENT_FIELD_NUMBER: _builtins.int
+    WITHIN_FIELD_NUMBER: _builtins.int
+    MATCH_PROPERTY_FIELD_NUMBER: _builtins.int
+    match_property: _builtins.str
+    """Optional: the awaited event ends the wait only when it carries the same value of this
+    property (the same `cart_id`): a purchase of another cart does not.
+    """
+    @_builtins.property
+    def event(self) -> Global___LiveEvent:
+        """The event that starts the wait; required, a named event."""
+
+    @_builtins.property
+    def awaited_event(self) -> Global___LiveEvent:
+        """The event that ends it; required, a named event."""
+
+    @_builtins.property
+    def within(self) -> _duration_pb2.Duration:
+        """How long to wait: 1 minute to 30 days."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___LiveEvent | None = ...,
+        awaited_event: Global___LiveEvent | None = ...,
+        within: _duration_pb2.Duration | None = ...,
+        match_property: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["awaited_event", b"awaited_event", "event", b"event", "within", b"within"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["awaited_event", b"awaited_event", "event", b"event", "match_property", b"match_property", "within", b"within"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InactionTrigger: _TypeAlias = InactionTrigger  # noqa: Y015
+
+@_typing.final
+class DatePropertyTrigger(_message.Message):
+    """Qualifies a user when a date an event carried draws near or has passed ("2 days before
+    travel_date, at 10:00").
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    DATE_PROPERTY_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    UNIT_FIELD_NUMBER: _builtins.int
+    TIME_OF_DAY_FIELD_NUMBER: _builtins.int
+    date_property: _builtins.str
+    """The property holding the date (an ISO 8601 date or date-time string, or seconds since the
+    epoch); required, and a date in the events seen so far.
+    """
+    offset: _builtins.int
+    """How far from the date: negative before it, positive after, 0 on it; at most 365 days
+    either way.
+    """
+    unit: Global___OffsetUnit.ValueType
+    """The unit of offset; required."""
+    time_of_day: _builtins.str
+    """With days: the wall-clock time, `HH:MM`, in the user's time zone (the account's when the
+    profile names none); required then.
+    """
+    @_builtins.property
+    def event(self) -> Global___LiveEvent:
+        """The event that carries the date; required, a named event."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___LiveEvent | None = ...,
+        date_property: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        unit: Global___OffsetUnit.ValueType = ...,
+        time_of_day: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date_property", b"date_property", "event", b"event", "offset", b"offset", "time_of_day", b"time_of_day", "unit", b"unit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DatePropertyTrigger: _TypeAlias = DatePropertyTrigger  # noqa: Y015
+
+@_typing.final
+class LiveFrequency(_message.Message):
+    """How often one user may get a live campaign's message."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ONCE_FIELD_NUMBER: _builtins.int
+    AT_MOST_EVERY_FIELD_NUMBER: _builtins.int
+    EVERY_TIME_FIELD_NUMBER: _builtins.int
+    once: _builtins.bool
+    """Once ever."""
+    every_time: _builtins.bool
+    """Every time they qualify."""
+    @_builtins.property
+    def at_most_every(self) -> _duration_pb2.Duration:
+        """At most once in this long (1 hour to 365 days), "once per 24 hours"."""
+
+    def __init__(
+        self,
+        *,
+        once: _builtins.bool = ...,
+        at_most_every: _duration_pb2.Duration | None = ...,
+        every_time: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["at_most_every", b"at_most_every", "every_time", b"every_time", "once", b"once", "rule", b"rule"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["at_most_every", b"at_most_every", "every_time", b"every_time", "once", b"once", "rule", b"rule"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_rule: _TypeAlias = _typing.Literal["once", "at_most_every", "every_time"]  # noqa: Y015
+    _WhichOneofArgType_rule: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_rule) -> _WhichOneofReturnType_rule | None: ...
+
+Global___LiveFrequency: _TypeAlias = LiveFrequency  # noqa: Y015
 
 @_typing.final
 class Targeting(_message.Message):
@@ -745,6 +1024,8 @@ class Targeting(_message.Message):
     CONTROL_GROUP_PERCENT_FIELD_NUMBER: _builtins.int
     SAFETY_LIMIT_FIELD_NUMBER: _builtins.int
     RANDOM_CAP_FIELD_NUMBER: _builtins.int
+    TOTAL_LIMIT_FIELD_NUMBER: _builtins.int
+    DAILY_LIMIT_FIELD_NUMBER: _builtins.int
     control_group_percent: _builtins.float
     """Percent of the qualified audience held back as a control group, 0 to 90. Chosen per
     (campaign, user): a user stays in the same group across every run. Control users are
@@ -758,18 +1039,28 @@ class Targeting(_message.Message):
     """Only this many users per run (at least 100), chosen uniformly at random; the run records
     its seed.
     """
+    total_limit: _builtins.int
+    """Live campaigns: only this many messages in all (at least 1); the campaign then completes
+    by itself.
+    """
+    daily_limit: _builtins.int
+    """Live campaigns: only this many messages a day (at least 1), the day in the account's time
+    zone; users who qualify after that are skipped ("targeting cap") until the next day.
+    """
     def __init__(
         self,
         *,
         control_group_percent: _builtins.float = ...,
         safety_limit: _builtins.int = ...,
         random_cap: _builtins.int = ...,
+        total_limit: _builtins.int = ...,
+        daily_limit: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "random_cap", b"random_cap", "safety_limit", b"safety_limit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "daily_limit", b"daily_limit", "random_cap", b"random_cap", "safety_limit", b"safety_limit", "total_limit", b"total_limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "control_group_percent", b"control_group_percent", "random_cap", b"random_cap", "safety_limit", b"safety_limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cap", b"cap", "control_group_percent", b"control_group_percent", "daily_limit", b"daily_limit", "random_cap", b"random_cap", "safety_limit", b"safety_limit", "total_limit", b"total_limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_cap: _TypeAlias = _typing.Literal["safety_limit", "random_cap"]  # noqa: Y015
+    _WhichOneofReturnType_cap: _TypeAlias = _typing.Literal["safety_limit", "random_cap", "total_limit", "daily_limit"]  # noqa: Y015
     _WhichOneofArgType_cap: _TypeAlias = _typing.Literal["cap", b"cap"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_cap) -> _WhichOneofReturnType_cap | None: ...
 
@@ -934,6 +1225,7 @@ class Campaign(_message.Message):
     DESTINATION_TYPE_FIELD_NUMBER: _builtins.int
     PUBLISH_NOTES_FIELD_NUMBER: _builtins.int
     STATE_REASON_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `campaigns/{campaign}`. Output only."""
     display_name: _builtins.str
@@ -955,7 +1247,10 @@ class Campaign(_message.Message):
     """
     @_builtins.property
     def audience(self) -> Global___Audience:
-        """Who receives it; required."""
+        """Who receives it; required, except for a live campaign, where it narrows who qualifies
+        ("filter on past behaviour and user properties", checked for each user as they qualify)
+        and unset is everyone.
+        """
 
     @_builtins.property
     def schedule(self) -> Global___Schedule:
@@ -1001,6 +1296,12 @@ class Campaign(_message.Message):
         several that were already past (dropped; the others are kept).
         """
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Output only, in CreateCampaign's and UpdateCampaign's answers: what is allowed but may keep
+        the campaign from reaching anyone, such as a live trigger on an event never ingested.
+        """
+
     def __init__(
         self,
         *,
@@ -1022,10 +1323,11 @@ class Campaign(_message.Message):
         destination_type: _builtins.str = ...,
         publish_notes: _abc.Iterable[_builtins.str] | None = ...,
         state_reason: _builtins.str = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "mparticle_export", b"mparticle_export", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "state_reason", b"state_reason", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "state_reason", b"state_reason", "targeting", b"targeting", "update_time", b"update_time", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms", "mparticle_export"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015

@@ -88,6 +88,34 @@ RECEIPT_STATUS_FAILED: ReceiptStatus.ValueType  # 3
 """The provider could not send it."""
 Global___ReceiptStatus: _TypeAlias = ReceiptStatus  # noqa: Y015
 
+class _LiveRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LiveRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LiveRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LIVE_ROLE_UNSPECIFIED: _LiveRole.ValueType  # 0
+    """Not set."""
+    LIVE_ROLE_TRIGGER: _LiveRole.ValueType  # 1
+    """It qualifies the user (an action trigger), starts a wait (an inaction trigger) or carries
+    the date (a date-property trigger).
+    """
+    LIVE_ROLE_AWAITED: _LiveRole.ValueType  # 2
+    """The awaited event of an inaction trigger: it ends the user's waits it matches."""
+
+class LiveRole(_LiveRole, metaclass=_LiveRoleEnumTypeWrapper):
+    """What an arriving event is to a live campaign's trigger."""
+
+LIVE_ROLE_UNSPECIFIED: LiveRole.ValueType  # 0
+"""Not set."""
+LIVE_ROLE_TRIGGER: LiveRole.ValueType  # 1
+"""It qualifies the user (an action trigger), starts a wait (an inaction trigger) or carries
+the date (a date-property trigger).
+"""
+LIVE_ROLE_AWAITED: LiveRole.ValueType  # 2
+"""The awaited event of an inaction trigger: it ends the user's waits it matches."""
+Global___LiveRole: _TypeAlias = LiveRole  # noqa: Y015
+
 @_typing.final
 class CampaignChanged(_message.Message):
     """Published by campaign whenever a campaign is created or changes state."""
@@ -703,6 +731,104 @@ class EventsIngested(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventsIngested: _TypeAlias = EventsIngested  # noqa: Y015
+
+@_typing.final
+class LiveMatch(_message.Message):
+    """One event that one live campaign's trigger watches for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_VERSION_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    ROLE_FIELD_NUMBER: _builtins.int
+    MATCH_VALUE_FIELD_NUMBER: _builtins.int
+    DATE_VALUE_FIELD_NUMBER: _builtins.int
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    campaign_version: _builtins.int
+    """The CampaignChanged version of the trigger it was matched against."""
+    user_id: _builtins.str
+    """The user who did it."""
+    client_event_id: _builtins.str
+    """The event's client id: the trigger occurrence's id."""
+    event_name: _builtins.str
+    """The event's name."""
+    role: Global___LiveRole.ValueType
+    """What the event is to the trigger."""
+    match_value: _builtins.str
+    """The event's value of the inaction trigger's match property, as JSON; empty without one."""
+    date_value: _builtins.str
+    """The event's value of the date-property trigger's date property, as JSON; empty when the
+    event has none.
+    """
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user did it."""
+
+    def __init__(
+        self,
+        *,
+        campaign: _builtins.str = ...,
+        campaign_version: _builtins.int = ...,
+        user_id: _builtins.str = ...,
+        client_event_id: _builtins.str = ...,
+        event_name: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        role: Global___LiveRole.ValueType = ...,
+        match_value: _builtins.str = ...,
+        date_value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "campaign_version", b"campaign_version", "client_event_id", b"client_event_id", "date_value", b"date_value", "event_name", b"event_name", "event_time", b"event_time", "match_value", b"match_value", "role", b"role", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveMatch: _TypeAlias = LiveMatch  # noqa: Y015
+
+@_typing.final
+class LiveMatches(_message.Message):
+    """Published by segmentation (through its outbox, with the events) for each IngestEvents call
+    whose events live campaigns watch for: events later than the lateness allowance are left out.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    MATCHES_FIELD_NUMBER: _builtins.int
+    RECEIVE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per publication; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    @_builtins.property
+    def matches(self) -> _containers.RepeatedCompositeFieldContainer[Global___LiveMatch]:
+        """The matches, in event time order."""
+
+    @_builtins.property
+    def receive_time(self) -> _timestamp_pb2.Timestamp:
+        """When segmentation recorded the events."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        matches: _abc.Iterable[Global___LiveMatch] | None = ...,
+        receive_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["receive_time", b"receive_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "event_id", b"event_id", "matches", b"matches", "receive_time", b"receive_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveMatches: _TypeAlias = LiveMatches  # noqa: Y015
 
 @_typing.final
 class CampaignAlert(_message.Message):

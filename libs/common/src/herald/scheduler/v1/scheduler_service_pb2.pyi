@@ -42,6 +42,10 @@ class _RunStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunState.Val
     """Every user is planned; deliveries wait for their users' local times, do-not-disturb hours
     or the throttle, and are handed to dispatch as each falls due.
     """
+    RUN_STATE_LIVE: _RunState.ValueType  # 7
+    """A live campaign's run: it delivers to users as they qualify, until the campaign's end time,
+    its total limit or a stop.
+    """
 
 class RunState(_RunState, metaclass=_RunStateEnumTypeWrapper):
     """Lifecycle of a run."""
@@ -61,6 +65,10 @@ RUN_STATE_FAILED: RunState.ValueType  # 5
 RUN_STATE_RELEASING: RunState.ValueType  # 6
 """Every user is planned; deliveries wait for their users' local times, do-not-disturb hours
 or the throttle, and are handed to dispatch as each falls due.
+"""
+RUN_STATE_LIVE: RunState.ValueType  # 7
+"""A live campaign's run: it delivers to users as they qualify, until the campaign's end time,
+its total limit or a stop.
 """
 Global___RunState: _TypeAlias = RunState  # noqa: Y015
 

@@ -21,6 +21,42 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _PropertyType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PropertyTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PropertyType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    PROPERTY_TYPE_UNSPECIFIED: _PropertyType.ValueType  # 0
+    """Not seen."""
+    PROPERTY_TYPE_STRING: _PropertyType.ValueType  # 1
+    """A string."""
+    PROPERTY_TYPE_NUMBER: _PropertyType.ValueType  # 2
+    """A number."""
+    PROPERTY_TYPE_BOOLEAN: _PropertyType.ValueType  # 3
+    """true or false."""
+    PROPERTY_TYPE_DATETIME: _PropertyType.ValueType  # 4
+    """An RFC 3339 date-time string with its offset, for example `2027-03-14T09:30:00+01:00`."""
+    PROPERTY_TYPE_LIST: _PropertyType.ValueType  # 5
+    """A list of strings."""
+
+class PropertyType(_PropertyType, metaclass=_PropertyTypeEnumTypeWrapper):
+    """The type of a property, as Herald records it the first time it sees the property."""
+
+PROPERTY_TYPE_UNSPECIFIED: PropertyType.ValueType  # 0
+"""Not seen."""
+PROPERTY_TYPE_STRING: PropertyType.ValueType  # 1
+"""A string."""
+PROPERTY_TYPE_NUMBER: PropertyType.ValueType  # 2
+"""A number."""
+PROPERTY_TYPE_BOOLEAN: PropertyType.ValueType  # 3
+"""true or false."""
+PROPERTY_TYPE_DATETIME: PropertyType.ValueType  # 4
+"""An RFC 3339 date-time string with its offset, for example `2027-03-14T09:30:00+01:00`."""
+PROPERTY_TYPE_LIST: PropertyType.ValueType  # 5
+"""A list of strings."""
+Global___PropertyType: _TypeAlias = PropertyType  # noqa: Y015
+
 class _Gender:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -396,6 +432,152 @@ IDENTITY_KIND_EMAIL: IdentityKind.ValueType  # 2
 IDENTITY_KIND_PHONE: IdentityKind.ValueType  # 3
 """Phone numbers in E.164 form."""
 Global___IdentityKind: _TypeAlias = IdentityKind  # noqa: Y015
+
+@_typing.final
+class MatchUsersRequest(_message.Message):
+    """Request for MatchUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUDIENCE_FIELD_NUMBER: _builtins.int
+    USER_IDS_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ATTRIBUTE_KEYS_FIELD_NUMBER: _builtins.int
+    channel: Global___Channel.ValueType
+    """How they would be reached: a user the channel cannot reach is answered `unreachable`."""
+    @_builtins.property
+    def audience(self) -> Global___Audience:
+        """Who; unset is every user."""
+
+    @_builtins.property
+    def user_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The users to test: 1 to 1,000 ids."""
+
+    @_builtins.property
+    def attribute_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Profile attributes to return for each member, as StreamAudience returns them."""
+
+    def __init__(
+        self,
+        *,
+        audience: Global___Audience | None = ...,
+        user_ids: _abc.Iterable[_builtins.str] | None = ...,
+        channel: Global___Channel.ValueType = ...,
+        attribute_keys: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "audience", b"audience", "channel", b"channel", "user_ids", b"user_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MatchUsersRequest: _TypeAlias = MatchUsersRequest  # noqa: Y015
+
+@_typing.final
+class MatchUsersResponse(_message.Message):
+    """Answer of MatchUsers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MEMBERS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def members(self) -> _containers.RepeatedCompositeFieldContainer[Global___AudienceMember]:
+        """The given users the audience selects, in user id order; `attributes_json` is set."""
+
+    def __init__(
+        self,
+        *,
+        members: _abc.Iterable[Global___AudienceMember] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["members", b"members"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MatchUsersResponse: _TypeAlias = MatchUsersResponse  # noqa: Y015
+
+@_typing.final
+class DescribeEventRequest(_message.Message):
+    """Request for DescribeEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    WHERE_FIELD_NUMBER: _builtins.int
+    event_name: _builtins.str
+    """The event's name; required."""
+    @_builtins.property
+    def where(self) -> _containers.RepeatedCompositeFieldContainer[Global___PropertyCondition]:
+        """Conditions on its properties to check, as in EventCondition.where; reported at
+        `where[i]`.
+        """
+
+    def __init__(
+        self,
+        *,
+        event_name: _builtins.str = ...,
+        where: _abc.Iterable[Global___PropertyCondition] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_name", b"event_name", "where", b"where"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DescribeEventRequest: _TypeAlias = DescribeEventRequest  # noqa: Y015
+
+@_typing.final
+class EventDescription(_message.Message):
+    """Answer of DescribeEvent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class PropertyTypesEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: Global___PropertyType.ValueType
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___PropertyType.ValueType = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    SEEN_FIELD_NUMBER: _builtins.int
+    PROPERTY_TYPES_FIELD_NUMBER: _builtins.int
+    event_name: _builtins.str
+    """The event's name."""
+    seen: _builtins.bool
+    """Whether an event of this name was ever ingested for the account."""
+    @_builtins.property
+    def property_types(self) -> _containers.ScalarMap[_builtins.str, Global___PropertyType.ValueType]:
+        """The type of each property seen on it, by property name."""
+
+    def __init__(
+        self,
+        *,
+        event_name: _builtins.str = ...,
+        seen: _builtins.bool = ...,
+        property_types: _abc.Mapping[_builtins.str, Global___PropertyType.ValueType] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_name", b"event_name", "property_types", b"property_types", "seen", b"seen"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventDescription: _TypeAlias = EventDescription  # noqa: Y015
 
 @_typing.final
 class User(_message.Message):

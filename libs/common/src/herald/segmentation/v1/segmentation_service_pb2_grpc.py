@@ -101,6 +101,16 @@ class SegmentationServiceStub:
                 request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.StreamAudienceRequest.SerializeToString,
                 response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.StreamAudienceResponse.FromString,
                 _registered_method=True)
+        self.MatchUsers = channel.unary_unary(
+                '/herald.segmentation.v1.SegmentationService/MatchUsers',
+                request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MatchUsersRequest.SerializeToString,
+                response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MatchUsersResponse.FromString,
+                _registered_method=True)
+        self.DescribeEvent = channel.unary_unary(
+                '/herald.segmentation.v1.SegmentationService/DescribeEvent',
+                request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DescribeEventRequest.SerializeToString,
+                response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.EventDescription.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -200,6 +210,23 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MatchUsers(self, request, context):
+        """Which of up to 1,000 given users an audience selects now, each with what a delivery needs:
+        one query over those users, never a scan of the audience (how a live campaign checks the
+        users who just qualified).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeEvent(self, request, context):
+        """What Herald has seen of an event: whether it was ever ingested and the type of each of its
+        properties; checks conditions on its properties as an event condition's `where` would.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -267,6 +294,16 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.StreamAudience,
                     request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.StreamAudienceRequest.FromString,
                     response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.StreamAudienceResponse.SerializeToString,
+            ),
+            'MatchUsers': grpc.unary_unary_rpc_method_handler(
+                    servicer.MatchUsers,
+                    request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MatchUsersRequest.FromString,
+                    response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MatchUsersResponse.SerializeToString,
+            ),
+            'DescribeEvent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeEvent,
+                    request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DescribeEventRequest.FromString,
+                    response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.EventDescription.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -621,6 +658,60 @@ class SegmentationService:
             '/herald.segmentation.v1.SegmentationService/StreamAudience',
             herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.StreamAudienceRequest.SerializeToString,
             herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.StreamAudienceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MatchUsers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.segmentation.v1.SegmentationService/MatchUsers',
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MatchUsersRequest.SerializeToString,
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MatchUsersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeEvent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.segmentation.v1.SegmentationService/DescribeEvent',
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DescribeEventRequest.SerializeToString,
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.EventDescription.FromString,
             options,
             channel_credentials,
             insecure,

@@ -64,6 +64,15 @@ class SegmentationServiceStub:
     """Streams the reachable members of an audience in pages, ordered by user id: the same users
     EstimateReach counts as reachable.
     """
+    MatchUsers: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.MatchUsersRequest, _segmentation_service_pb2.MatchUsersResponse]
+    """Which of up to 1,000 given users an audience selects now, each with what a delivery needs:
+    one query over those users, never a scan of the audience (how a live campaign checks the
+    users who just qualified).
+    """
+    DescribeEvent: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.DescribeEventRequest, _segmentation_service_pb2.EventDescription]
+    """What Herald has seen of an event: whether it was ever ingested and the type of each of its
+    properties; checks conditions on its properties as an event condition's `where` would.
+    """
 
 @_typing.type_check_only
 class SegmentationServiceAsyncStub(SegmentationServiceStub):
@@ -99,6 +108,15 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     StreamAudience: _aio.UnaryStreamMultiCallable[_segmentation_service_pb2.StreamAudienceRequest, _segmentation_service_pb2.StreamAudienceResponse]  # type: ignore[assignment]
     """Streams the reachable members of an audience in pages, ordered by user id: the same users
     EstimateReach counts as reachable.
+    """
+    MatchUsers: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.MatchUsersRequest, _segmentation_service_pb2.MatchUsersResponse]  # type: ignore[assignment]
+    """Which of up to 1,000 given users an audience selects now, each with what a delivery needs:
+    one query over those users, never a scan of the audience (how a live campaign checks the
+    users who just qualified).
+    """
+    DescribeEvent: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.DescribeEventRequest, _segmentation_service_pb2.EventDescription]  # type: ignore[assignment]
+    """What Herald has seen of an event: whether it was ever ingested and the type of each of its
+    properties; checks conditions on its properties as an event condition's `where` would.
     """
 
 class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -210,6 +228,27 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_segmentation_service_pb2.StreamAudienceResponse], _abc.AsyncIterator[_segmentation_service_pb2.StreamAudienceResponse]]:
         """Streams the reachable members of an audience in pages, ordered by user id: the same users
         EstimateReach counts as reachable.
+        """
+
+    @_abc_1.abstractmethod
+    def MatchUsers(
+        self,
+        request: _segmentation_service_pb2.MatchUsersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_service_pb2.MatchUsersResponse, _abc.Awaitable[_segmentation_service_pb2.MatchUsersResponse]]:
+        """Which of up to 1,000 given users an audience selects now, each with what a delivery needs:
+        one query over those users, never a scan of the audience (how a live campaign checks the
+        users who just qualified).
+        """
+
+    @_abc_1.abstractmethod
+    def DescribeEvent(
+        self,
+        request: _segmentation_service_pb2.DescribeEventRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_service_pb2.EventDescription, _abc.Awaitable[_segmentation_service_pb2.EventDescription]]:
+        """What Herald has seen of an event: whether it was ever ingested and the type of each of its
+        properties; checks conditions on its properties as an event condition's `where` would.
         """
 
 def add_SegmentationServiceServicer_to_server(servicer: SegmentationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,709 @@
+"""Live campaigns: users qualify as they act, or as a wait runs out, and each qualification
+becomes one delivery, planned like a run's.
+
+Segmentation matches arriving events against the live triggers (LiveMatches). Here:
+- an action trigger's match qualifies the user at the event's time;
+- an inaction trigger's starting event becomes a timer (a row in `live_timers`), which its awaited
+  event deletes; an awaited event is also kept for the lateness allowance, so a starting event
+  that arrives after it, though it happened before, starts no wait;
+- a date-property trigger's event becomes a timer at the moment the date asks for.
+Timers are rows fired by whichever replica locks them when due (SKIP LOCKED): millions can wait,
+a restart loses none, and two replicas never fire one twice.
+
+A qualification is recorded once per (campaign, trigger occurrence) in `live_fires`, with what
+became of it, in the transaction that plans its delivery: a replayed event or a re-fired timer
+finds its row and does nothing. Decisions for one campaign take turns across replicas (an
+advisory lock per campaign), so its frequency and limits hold exactly. A delivery's id follows
+from (run, user, occurrence) and it waits in `pending_deliveries`, where the releaser applies
+the throttle and the account's frequency caps as for any run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from typing import Any
+
+import grpc
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2 as events
+from herald.scheduler.v1 import scheduler_service_pb2 as pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from herald_common import api, channels
+from herald_common.auth import account_id_of, act_as, service_caller
+from herald_common.bus import Subjects
+from herald_common.db import Database
+from herald_common.logging import get_logger
+from herald_common.loops import WakeableLoop
+from herald_common.outbox import enqueue
+from herald_common.schedules import account_zone, parse_time_of_day
+from herald_common.skips import SkipReason
+from herald_common.timing import in_control_group, local_day, local_instant, parse_datetime, zone_named
+from herald_scheduler.due import RunTiming
+from herald_scheduler.executor import MAX_RECIPIENT_ATTRIBUTE_BYTES
+from herald_scheduler.handover import delivery_batches
+from herald_scheduler.planning import accounts_settings, drop_waits
+from herald_scheduler.runs import RunEvents
+from herald_scheduler.storage import (
+    campaigns,
+    live_awaited,
+    live_days,
+    live_fires,
+    live_timers,
+    live_users,
+    outbox,
+    pending_deliveries,
+    runs,
+)
+
+log = get_logger(__name__)
+RunState = pb.RunState
+LIVE = RunState.Name(RunState.RUN_STATE_LIVE)
+# How long an awaited event is kept: segmentation drops events later than this (its lateness
+# allowance), so a starting event older than a kept awaited one cannot still arrive.
+AWAITED_KEPT = timedelta(minutes=10)
+TIMERS_PER_ROUND = 500
+MATCH_USERS_BATCH = 1000
+_ACTIVE = {
+    campaign_pb.State.Name(campaign_pb.STATE_SCHEDULED),
+    campaign_pb.State.Name(campaign_pb.STATE_RUNNING),
+}
+_RELEASING = RunState.Name(RunState.RUN_STATE_RELEASING)
+_DISPATCHED = RunState.Name(RunState.RUN_STATE_DISPATCHED)
+_UNITS = {
+    campaign_pb.OFFSET_UNIT_MINUTES: timedelta(minutes=1),
+    campaign_pb.OFFSET_UNIT_HOURS: timedelta(hours=1),
+}
+NOT_IN_AUDIENCE = "did not match the campaign's audience when they qualified"
+
+
+@dataclass(frozen=True)
+class Fire:
+    """A user qualifying for a live campaign once."""
+
+    campaign: str
+    occurrence: str  # the client id of the event behind it
+    user_id: str
+    event_name: str
+    event_time: datetime
+    at: datetime  # when they qualified: the event's time, or the moment a wait ran out
+    via: str  # 'event' or 'timer'
+    skip: SkipReason | None = None  # recorded as skipped without further checks
+
+
+@dataclass(frozen=True)
+class _Live:
+    """A live campaign that is on, with its run."""
+
+    campaign: campaign_pb.Campaign
+    version: int
+    account_id: uuid.UUID
+    run_id: uuid.UUID
+    settings: accounts_pb.AccountSettings
+
+    @property
+    def trigger(self) -> campaign_pb.LiveTrigger:
+        return self.campaign.schedule.live.trigger
+
+
+def delivery_id(run_id: uuid.UUID, user_id: str, occurrence: str) -> str:
+    return str(uuid.uuid5(run_id, f"{user_id}\n{occurrence}"))
+
+
+def date_moment(trigger: campaign_pb.DatePropertyTrigger, value: Any, zone: Any) -> datetime | None:
+    """When a date-property trigger qualifies the user for the date `value` (None: not a date).
+    With days, the date is the one written in the value (in its own offset), and the moment is
+    `time_of_day` on the day `offset` days from it, in the user's zone."""
+    parsed = parse_datetime(value) if isinstance(value, str) else None
+    if parsed is None:
+        return None
+    if trigger.unit == campaign_pb.OFFSET_UNIT_DAYS:
+        at = parse_time_of_day(trigger.time_of_day)
+        assert at is not None  # checked when the campaign was saved
+        return local_instant(parsed.date() + timedelta(days=trigger.offset), at, zone)
+    return parsed + trigger.offset * _UNITS[trigger.unit]
+
+
+class LiveEngine:
+    def __init__(
+        self,
+        database: Database,
+        subjects: Subjects,
+        run_events: RunEvents,
+        segmentation: grpc.aio.Channel,
+        notify_outbox: Callable[[], None],
+        notify_releaser: Callable[[], None],
+        poll_seconds: float = 0.2,
+    ) -> None:
+        self.database = database
+        self.subjects = subjects
+        self.run_events = run_events
+        self.audiences = segmentation_grpc.SegmentationServiceStub(segmentation)
+        self.notify_outbox = notify_outbox
+        self.notify_releaser = notify_releaser
+        self.loop = WakeableLoop("live-timers", self.fire_due, poll_seconds)
+
+    def start(self) -> None:
+        self.loop.start()
+
+    async def stop(self) -> None:
+        await self.loop.stop()
+
+    # --- events --------------------------------------------------------------------------------
+
+    async def apply_matches(self, published: Sequence[events.LiveMatches]) -> None:
+        """Acts on matched events in event-time order: qualifies, starts waits, ends them."""
+        matches = sorted(
+            ((account_id_of(p.account), m) for p in published for m in p.matches),
+            key=lambda pair: (pair[1].event_time.seconds, pair[1].event_time.nanos),
+        )
+        now = api.utcnow()
+        async with self.database.transaction() as session:
+            live = await self._live(session, {m.campaign for _, m in matches})
+            zones = await self._zones([m for _, m in matches if m.campaign in live], live)
+            fires: list[Fire] = []
+            for account_id, match in matches:
+                on = live.get(match.campaign)
+                if on is None or on.account_id != account_id:
+                    continue  # not live (ended, stopped) or not the account's
+                fires += await self._apply(session, on, match, zones, now)
+            await self._fire(session, live, fires)
+        self.notify_outbox()
+        self.notify_releaser()
+
+    async def _apply(
+        self,
+        session: AsyncSession,
+        on: _Live,
+        match: events.LiveMatch,
+        zones: dict[tuple[uuid.UUID, str], str],
+        now: datetime,
+    ) -> list[Fire]:
+        event_time = api.from_timestamp(match.event_time)
+        fire = Fire(
+            on.campaign.name,
+            match.client_event_id,
+            match.user_id,
+            match.event_name,
+            event_time,
+            event_time,
+            "event",
+        )
+        trigger = on.trigger
+        kind = trigger.WhichOneof("kind")
+        if match.role == events.LIVE_ROLE_AWAITED:
+            await self._end_waits(session, on, match, event_time, now)
+            return []
+        if kind == "action":
+            return [fire]
+        if kind == "inaction":
+            await self._start_wait(session, on, match, event_time)
+            return []
+        if kind != "date_property":
+            return []
+        value = json.loads(match.date_value) if match.date_value else None
+        zone = zone_named(zones.get((on.account_id, match.user_id), "")) or account_zone(on.settings)
+        moment = date_moment(trigger.date_property, value, zone)
+        if moment is None:
+            return [dataclasses.replace(fire, skip=SkipReason.MALFORMED_DATE)]
+        if moment <= now:
+            return [dataclasses.replace(fire, at=moment, skip=SkipReason.DATE_PASSED)]
+        await self._set_timer(session, on, match, event_time, moment)
+        return []
+
+    async def _start_wait(
+        self, session: AsyncSession, on: _Live, match: events.LiveMatch, event_time: datetime
+    ) -> None:
+        """A wait for the awaited event, unless one already arrived in the window."""
+        window = on.trigger.inaction.within.ToTimedelta()
+        already = sa.select(live_awaited.c.occurrence).where(
+            live_awaited.c.campaign == on.campaign.name,
+            live_awaited.c.user_id == match.user_id,
+            live_awaited.c.event_time >= event_time,
+            live_awaited.c.event_time <= event_time + window,
+        )
+        if on.trigger.inaction.match_property:
+            already = already.where(live_awaited.c.match_value == match.match_value)
+        if await session.scalar(already.limit(1)) is not None:
+            return
+        await self._set_timer(session, on, match, event_time, event_time + window)
+
+    async def _set_timer(
+        self,
+        session: AsyncSession,
+        on: _Live,
+        match: events.LiveMatch,
+        event_time: datetime,
+        fire_at: datetime,
+    ) -> None:
+        await session.execute(
+            insert(live_timers)
+            .values(
+                campaign=on.campaign.name,
+                occurrence=match.client_event_id,
+                account_id=on.account_id,
+                run_id=on.run_id,
+                user_id=match.user_id,
+                fire_at=fire_at,
+                event_name=match.event_name,
+                event_time=event_time,
+                match_value=match.match_value,
+            )
+            .on_conflict_do_nothing()
+        )
+
+    async def _end_waits(
+        self, session: AsyncSession, on: _Live, match: events.LiveMatch, event_time: datetime, now: datetime
+    ) -> None:
+        """The awaited event ends the user's waits it falls in (those of its match value)."""
+        ending = sa.delete(live_timers).where(
+            live_timers.c.campaign == on.campaign.name,
+            live_timers.c.user_id == match.user_id,
+            live_timers.c.event_time <= event_time,
+            live_timers.c.fire_at >= event_time,
+        )
+        if on.trigger.inaction.match_property:
+            ending = ending.where(live_timers.c.match_value == match.match_value)
+        await session.execute(ending)
+        await session.execute(
+            insert(live_awaited)
+            .values(
+                campaign=on.campaign.name,
+                user_id=match.user_id,
+                occurrence=match.client_event_id,
+                account_id=on.account_id,
+                match_value=match.match_value,
+                event_time=event_time,
+                expires_at=max(now, event_time) + AWAITED_KEPT,
+            )
+            .on_conflict_do_nothing()
+        )
+
+    async def _zones(
+        self, matches: list[events.LiveMatch], live: dict[str, _Live]
+    ) -> dict[tuple[uuid.UUID, str], str]:
+        """The time zones of the users whose date triggers count in days."""
+        wanted: dict[uuid.UUID, set[str]] = defaultdict(set)
+        for match in matches:
+            on = live[match.campaign]
+            dated = on.trigger.date_property
+            if (
+                on.trigger.WhichOneof("kind") == "date_property"
+                and dated.unit == campaign_pb.OFFSET_UNIT_DAYS
+            ):
+                wanted[on.account_id].add(match.user_id)
+        zones = {}
+        for account_id, users in wanted.items():
+            for member in await self._match_users(account_id, sorted(users), None, None, []):
+                zones[(account_id, member.user_id)] = member.timezone
+        return zones
+
+    # --- timers --------------------------------------------------------------------------------
+
+    async def fire_due(self) -> bool:
+        """Fires the timers that are due, oldest first; True when more may be due already."""
+        now = api.utcnow()
+        async with self.database.transaction() as session:
+            due = (
+                await session.execute(
+                    sa.select(live_timers)
+                    .where(live_timers.c.fire_at <= now)
+                    .order_by(live_timers.c.fire_at)
+                    .limit(TIMERS_PER_ROUND)
+                    .with_for_update(skip_locked=True)
+                )
+            ).all()
+            if not due:
+                await self._end_runs(session, now)
+                await session.execute(sa.delete(live_awaited).where(live_awaited.c.expires_at < now))
+                return False
+            live = await self._live(session, {row.campaign for row in due})
+            fires = [
+                Fire(
+                    row.campaign,
+                    row.occurrence,
+                    row.user_id,
+                    row.event_name,
+                    row.event_time,
+                    row.fire_at,
+                    "timer",
+                )
+                for row in due
+                if row.campaign in live
+            ]
+            await self._fire(session, live, fires)
+            await session.execute(
+                sa.delete(live_timers).where(
+                    sa.tuple_(live_timers.c.campaign, live_timers.c.occurrence).in_(
+                        [(row.campaign, row.occurrence) for row in due]
+                    )
+                )
+            )
+        self.notify_outbox()
+        self.notify_releaser()
+        return len(due) == TIMERS_PER_ROUND
+
+    async def _end_runs(self, session: AsyncSession, now: datetime) -> None:
+        """Ends the live runs whose campaign's end time has come; their waits are dropped."""
+        ended = (
+            await session.execute(
+                _finish(runs.c.state == LIVE, runs.c.ends_at <= now, now=now).returning(*runs.c)
+            )
+        ).all()
+        if ended:
+            await drop_waits(session, [row.campaign for row in ended])
+            await self.run_events.changed(session, ended)
+
+    # --- qualifying --------------------------------------------------------------------------
+
+    async def _live(self, session: AsyncSession, names: set[str]) -> dict[str, _Live]:
+        if not names:
+            return {}
+        rows = (
+            await session.execute(
+                sa.select(
+                    campaigns.c.name,
+                    campaigns.c.account_id,
+                    campaigns.c.snapshot,
+                    campaigns.c.version,
+                    runs.c.id.label("run_id"),
+                )
+                .join(runs, sa.and_(runs.c.campaign == campaigns.c.name, runs.c.state == LIVE))
+                .where(campaigns.c.name.in_(names), campaigns.c.state.in_(_ACTIVE))
+            )
+        ).all()
+        settings = await accounts_settings(session, {row.account_id for row in rows})
+        return {
+            row.name: _Live(
+                campaign_pb.Campaign.FromString(row.snapshot),
+                row.version,
+                row.account_id,
+                row.run_id,
+                settings[row.account_id],
+            )
+            for row in rows
+        }
+
+    async def _fire(self, session: AsyncSession, live: dict[str, _Live], fires: list[Fire]) -> None:
+        """Decides each qualification, campaign by campaign (in name order, as every replica
+        takes their locks), and plans its delivery or records why there is none."""
+        by_campaign: dict[str, list[Fire]] = defaultdict(list)
+        for fire in fires:
+            by_campaign[fire.campaign].append(fire)
+        for name in sorted(by_campaign):
+            await session.execute(
+                sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"live:{name}"}
+            )
+            fresh = await self._not_fired_before(session, live[name], by_campaign[name])
+            if fresh:
+                await _Decision(self, session, live[name], fresh).make()
+
+    async def _not_fired_before(self, session: AsyncSession, on: _Live, fires: list[Fire]) -> list[Fire]:
+        """Records the occurrences not acted on before (the first of duplicates in the list)."""
+        unique = list({f.occurrence: f for f in reversed(fires)}.values())[::-1]
+        now = api.utcnow()
+        recorded = set(
+            await session.scalars(
+                insert(live_fires)
+                .values(
+                    [
+                        {
+                            "campaign": f.campaign,
+                            "occurrence": f.occurrence,
+                            "account_id": on.account_id,
+                            "run_id": on.run_id,
+                            "user_id": f.user_id,
+                            "fired_at": now,
+                            "event_name": f.event_name,
+                            "event_time": f.event_time,
+                            "via": f.via,
+                            "outcome": "",
+                        }
+                        for f in unique
+                    ]
+                )
+                .on_conflict_do_nothing()
+                .returning(live_fires.c.occurrence)
+            )
+        )
+        return [f for f in unique if f.occurrence in recorded]
+
+    async def _match_users(
+        self,
+        account_id: uuid.UUID,
+        user_ids: list[str],
+        campaign: campaign_pb.Campaign | None,
+        channel: int | None,
+        attribute_keys: list[str],
+    ) -> list[segmentation_pb.AudienceMember]:
+        """The users the campaign's audience selects now (every user without one), with what a
+        delivery needs, a thousand per call."""
+        act_as(service_caller(account_id))
+        members: list[segmentation_pb.AudienceMember] = []
+        for start in range(0, len(user_ids), MATCH_USERS_BATCH):
+            request = segmentation_pb.MatchUsersRequest(
+                user_ids=user_ids[start : start + MATCH_USERS_BATCH],
+                channel=channel or segmentation_pb.CHANNEL_UNSPECIFIED,  # type: ignore[arg-type]
+                attribute_keys=attribute_keys,
+            )
+            if campaign is not None and campaign.HasField("audience"):
+                request.audience.ParseFromString(campaign.audience.SerializeToString())
+            members += (await self.audiences.MatchUsers(request, timeout=30)).members
+        return members
+
+
+class _Decision:
+    """What becomes of one campaign's new qualifications, decided in event order."""
+
+    def __init__(self, engine: LiveEngine, session: AsyncSession, on: _Live, fires: list[Fire]) -> None:
+        self.engine, self.session, self.on, self.fires = engine, session, on, fires
+        self.kind = channels.of_campaign(on.campaign)
+        self.outcomes: dict[str, tuple[str | None, str]] = {}  # occurrence -> (delivery id, outcome)
+        self.skipped: list[events.Recipient] = []
+        self.held: list[tuple[events.Recipient, Any]] = []
+
+    async def make(self) -> None:
+        on, fires = self.on, sorted(self.fires, key=lambda f: f.at)
+        checked = [f for f in fires if f.skip is None]
+        members = {
+            m.user_id: m
+            for m in await self.engine._match_users(
+                on.account_id,
+                sorted({f.user_id for f in checked}),
+                on.campaign,
+                self.kind.audience_channel,
+                sorted(self.kind.attribute_keys(on.campaign)),
+            )
+        }
+        last_sent = await self._last_sent({f.user_id for f in checked})
+        limits = _Limits(on.campaign.targeting, on.settings)
+        await limits.load(self.session, on.run_id)
+        sent_at: dict[str, datetime] = {}
+        for fire in fires:
+            if fire.skip is not None:
+                self._skip(fire, fire.skip)
+                continue
+            member = members.get(fire.user_id)
+            if member is None:
+                self.outcomes[fire.occurrence] = (None, NOT_IN_AUDIENCE)
+                continue
+            repeat = self._too_soon(fire, last_sent.get(fire.user_id))
+            if repeat:
+                self.outcomes[fire.occurrence] = (None, repeat)
+                continue
+            if member.unreachable:
+                self._skip(fire, SkipReason.NOT_REACHABLE, member)
+                continue
+            last_sent[fire.user_id] = sent_at[fire.user_id] = fire.at
+            if in_control_group(on.campaign.name, fire.user_id, on.campaign.targeting.control_group_percent):
+                self._skip(fire, SkipReason.CONTROL_GROUP, member)
+            elif not limits.take(fire.at):
+                self._skip(fire, SkipReason.LIVE_LIMIT, member)
+            else:
+                self._plan(fire, member)
+        await self._record(sent_at, limits)
+
+    def _too_soon(self, fire: Fire, last: datetime | None) -> str:
+        """Why the campaign's frequency holds this qualification back ('' when it does not)."""
+        frequency = self.on.campaign.schedule.live.frequency
+        rule = frequency.WhichOneof("rule")
+        if last is None or rule in (None, "every_time"):
+            return ""
+        if rule == "once":
+            return "already got this campaign once (frequency: once)"
+        every = frequency.at_most_every.ToTimedelta()
+        if fire.at - last < every:
+            return f"got this campaign less than {every} before (frequency)"
+        return ""
+
+    def _recipient(self, fire: Fire, member: segmentation_pb.AudienceMember | None) -> events.Recipient:
+        recipient = events.Recipient(
+            delivery_id=delivery_id(self.on.run_id, fire.user_id, fire.occurrence), user_id=fire.user_id
+        )
+        if member is not None:
+            recipient.timezone = member.timezone
+            if len(member.attributes_json) > MAX_RECIPIENT_ATTRIBUTE_BYTES:
+                recipient.oversized_attributes_bytes = len(member.attributes_json)
+            else:
+                recipient.attributes_json = member.attributes_json
+        return recipient
+
+    def _skip(
+        self, fire: Fire, reason: SkipReason, member: segmentation_pb.AudienceMember | None = None
+    ) -> None:
+        recipient = self._recipient(fire, member)
+        recipient.skip_reason = reason
+        self.skipped.append(recipient)
+        self.outcomes[fire.occurrence] = (recipient.delivery_id, str(reason))
+
+    def _plan(self, fire: Fire, member: segmentation_pb.AudienceMember) -> None:
+        live = self.on.campaign.schedule.live
+        planned = fire.at + live.delay.ToTimedelta()
+        due = RunTiming(self.on.campaign, planned, self.on.settings).of(member.timezone)
+        if due.skip is not None:
+            self._skip(fire, due.skip, member)
+            return
+        recipient = self._recipient(fire, member)
+        self.held.append((recipient, due))
+        self.outcomes[fire.occurrence] = (recipient.delivery_id, "")
+
+    async def _last_sent(self, users: set[str]) -> dict[str, datetime]:
+        if not users or self.on.campaign.schedule.live.frequency.WhichOneof("rule") in (None, "every_time"):
+            return {}
+        rows = await self.session.execute(
+            sa.select(live_users.c.user_id, live_users.c.last_at).where(
+                live_users.c.campaign == self.on.campaign.name, live_users.c.user_id.in_(users)
+            )
+        )
+        return {row.user_id: row.last_at for row in rows}
+
+    async def _record(self, sent_at: dict[str, datetime], limits: _Limits) -> None:
+        session, on = self.session, self.on
+        name = on.campaign.name
+        if sent_at and on.campaign.schedule.live.frequency.WhichOneof("rule") not in (None, "every_time"):
+            statement = insert(live_users).values(
+                [
+                    {"campaign": name, "user_id": user, "account_id": on.account_id, "last_at": at}
+                    for user, at in sent_at.items()
+                ]
+            )
+            await session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[live_users.c.campaign, live_users.c.user_id],
+                    set_={"last_at": statement.excluded.last_at},
+                )
+            )
+        await limits.save(session, on.run_id, on.account_id)
+        await session.execute(
+            sa.update(live_fires)
+            .where(live_fires.c.campaign == name, live_fires.c.occurrence == sa.bindparam("occ"))
+            .values(delivery_id=sa.bindparam("delivery"), outcome=sa.bindparam("reason")),
+            [
+                {"occ": occurrence, "delivery": delivery, "reason": reason}
+                for occurrence, (delivery, reason) in self.outcomes.items()
+            ],
+        )
+        targeted = len(self.skipped) + len(self.held)
+        if not targeted:
+            return
+        for recipient, due in self.held:
+            await session.execute(
+                insert(pending_deliveries)
+                .values(
+                    run_id=on.run_id,
+                    group_id=recipient.delivery_id,
+                    account_id=on.account_id,
+                    campaign=name,
+                    due_at=due.at,
+                    cutoff_at=due.cutoff_at,
+                    zone=due.zone,
+                    size=1,
+                    recipients=events.PendingRecipients(recipients=[recipient]).SerializeToString(),
+                )
+                .on_conflict_do_nothing()
+            )
+        if self.skipped:
+            await enqueue(
+                session,
+                outbox,
+                delivery_batches(
+                    self.engine.subjects,
+                    on.campaign,
+                    on.version,
+                    on.run_id,
+                    on.account_id,
+                    self.skipped,
+                    api.utcnow(),
+                ),
+            )
+        counted = (
+            await session.execute(
+                sa.update(runs)
+                .where(runs.c.id == on.run_id)
+                .values(
+                    targeted=runs.c.targeted + targeted,
+                    audience_size=runs.c.audience_size + targeted,
+                    waiting=runs.c.waiting + len(self.held),
+                    released=runs.c.released + len(self.skipped),
+                    version=runs.c.version + 1,
+                )
+                .returning(*runs.c)
+            )
+        ).all()
+        if limits.exhausted:
+            counted = (
+                await session.execute(
+                    _finish(runs.c.id == on.run_id, runs.c.state == LIVE, now=api.utcnow()).returning(*runs.c)
+                )
+            ).all() or counted
+            await drop_waits(session, [name])
+        await self.engine.run_events.changed(session, counted)
+
+
+class _Limits:
+    """A live campaign's limits on messages: in all, and per day in the account's zone."""
+
+    def __init__(self, targeting: campaign_pb.Targeting, settings: accounts_pb.AccountSettings) -> None:
+        cap = targeting.WhichOneof("cap")
+        self.total = targeting.total_limit if cap == "total_limit" else 0
+        self.daily = targeting.daily_limit if cap == "daily_limit" else 0
+        self.zone = account_zone(settings)
+        self.used: dict[date, int] = {}
+        self.taken: dict[date, int] = defaultdict(int)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.total > 0 and sum(self.used.values()) + sum(self.taken.values()) >= self.total
+
+    async def load(self, session: AsyncSession, run_id: uuid.UUID) -> None:
+        if self.total or self.daily:
+            rows = await session.execute(
+                sa.select(live_days.c.day, live_days.c.used).where(live_days.c.run_id == run_id)
+            )
+            self.used = {row.day: row.used for row in rows}
+
+    def take(self, at: datetime) -> bool:
+        """Takes one message's place, if the limits leave one."""
+        day = local_day(at, self.zone)
+        if self.exhausted or (self.daily and self.used.get(day, 0) + self.taken[day] >= self.daily):
+            return False
+        self.taken[day] += 1
+        return True
+
+    async def save(self, session: AsyncSession, run_id: uuid.UUID, account_id: uuid.UUID) -> None:
+        taken = {day: n for day, n in self.taken.items() if n}
+        if not taken:
+            return
+        statement = insert(live_days).values(
+            [{"run_id": run_id, "day": day, "account_id": account_id, "used": n} for day, n in taken.items()]
+        )
+        await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[live_days.c.run_id, live_days.c.day],
+                set_={"used": live_days.c.used + statement.excluded.used},
+            )
+        )
+
+
+def _finish(*where: Any, now: datetime) -> Any:
+    """Ends runs: RELEASING while deliveries still wait, else DISPATCHED."""
+    return (
+        sa.update(runs)
+        .where(*where)
+        .values(
+            state=sa.case((runs.c.waiting > 0, _RELEASING), else_=_DISPATCHED),
+            ended_at=sa.case((runs.c.waiting > 0, None), else_=now),
+            version=runs.c.version + 1,
+        )
+    )

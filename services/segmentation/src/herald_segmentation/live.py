@@ -1,0 +1,249 @@
+"""Live triggers: which arriving events the live campaigns watch for.
+
+Segmentation keeps each live campaign's trigger (from CampaignChanged) and, in the transaction
+that records a call's events, matches them: the event's name, its time (inside the campaign's
+start and end, and not older than the lateness allowance) and its `where` tests, evaluated by
+PostgreSQL exactly as a segment's event condition is. The matches go out as LiveMatches through
+the same outbox as the events; the scheduler owns what follows (timers, limits, delivery).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2 as events
+from herald_common import api
+from herald_common.auth import account_id_of, account_name
+from herald_common.bus import Subjects
+from herald_common.db import Database
+from herald_common.logging import get_logger
+from herald_common.outbox import OutboxEvent
+from herald_segmentation.filters import Context, event_where
+from herald_segmentation.properties import event_subject, known_types
+from herald_segmentation.storage import live_triggers
+
+log = get_logger(__name__)
+# An event that arrives later than this after it happened is recorded but triggers nothing.
+LATENESS_ALLOWANCE = timedelta(minutes=10)
+_ACTIVE = {campaign_pb.STATE_SCHEDULED, campaign_pb.STATE_RUNNING}
+TRIGGER, AWAITED = events.LIVE_ROLE_TRIGGER, events.LIVE_ROLE_AWAITED
+
+
+class Received(Protocol):
+    """An event of the call being recorded, as events.py parsed it."""
+
+    @property
+    def client_id(self) -> str: ...
+    @property
+    def user_id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def when(self) -> float: ...
+    @property
+    def values(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class _Watch:
+    """One event a campaign's trigger watches for."""
+
+    campaign: str
+    version: int
+    role: int
+    event: campaign_pb.LiveEvent
+    start: datetime
+    end: datetime | None
+    match_property: str
+    date_property: str
+
+
+def watches(
+    campaign: str, version: int, trigger: campaign_pb.LiveTrigger, start: datetime, end: datetime | None
+) -> list[_Watch]:
+    kind = trigger.WhichOneof("kind")
+    if kind == "action":
+        return [_Watch(campaign, version, TRIGGER, trigger.action.event, start, end, "", "")]
+    if kind == "inaction":
+        inaction = trigger.inaction
+        match = inaction.match_property
+        return [
+            _Watch(campaign, version, TRIGGER, inaction.event, start, end, match, ""),
+            _Watch(campaign, version, AWAITED, inaction.awaited_event, start, end, match, ""),
+        ]
+    if kind == "date_property":
+        dated = trigger.date_property
+        return [_Watch(campaign, version, TRIGGER, dated.event, start, end, "", dated.date_property)]
+    return []
+
+
+def _json(value: Any) -> str:
+    return "" if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+class LiveTriggers:
+    def __init__(self, database: Database, subjects: Subjects) -> None:
+        self.database = database
+        self.subjects = subjects
+
+    async def apply_campaigns(self, changes: Sequence[events.CampaignChanged]) -> None:
+        """Keeps each live campaign's trigger while it is published; newest version wins."""
+        async with self.database.transaction() as session:
+            for change in sorted(changes, key=lambda c: (c.campaign.name, c.version)):
+                campaign = change.campaign
+                account_id = account_id_of(change.account)
+                if account_id is None or campaign.schedule.WhichOneof("when") != "live":
+                    continue
+                live = campaign.schedule.live
+                start = (
+                    api.from_timestamp(live.start_time)
+                    if live.HasField("start_time")
+                    else api.from_timestamp(campaign.publish_time)
+                )
+                statement = insert(live_triggers).values(
+                    campaign=campaign.name,
+                    account_id=account_id,
+                    version=change.version,
+                    active=campaign.state in _ACTIVE,
+                    trigger=live.trigger.SerializeToString(),
+                    start_at=start,
+                    end_at=api.from_timestamp(live.end_time) if live.HasField("end_time") else None,
+                )
+                await session.execute(
+                    statement.on_conflict_do_update(
+                        index_elements=[live_triggers.c.campaign],
+                        set_={
+                            c: statement.excluded[c]
+                            for c in ("version", "active", "trigger", "start_at", "end_at")
+                        },
+                        where=live_triggers.c.version < statement.excluded.version,
+                    )
+                )
+
+    async def match(
+        self, session: AsyncSession, account_id: uuid.UUID, recorded: Sequence[Received], received: datetime
+    ) -> list[OutboxEvent]:
+        """The LiveMatches of events just recorded (none when no live campaign watches them)."""
+        rows = (
+            await session.execute(
+                sa.select(
+                    live_triggers.c.campaign,
+                    live_triggers.c.version,
+                    live_triggers.c.trigger,
+                    live_triggers.c.start_at,
+                    live_triggers.c.end_at,
+                ).where(live_triggers.c.account_id == account_id, live_triggers.c.active)
+            )
+        ).all()
+        if not rows:
+            return []
+        watching = [
+            w
+            for row in rows
+            for w in watches(
+                row.campaign,
+                row.version,
+                campaign_pb.LiveTrigger.FromString(row.trigger),
+                row.start_at,
+                row.end_at,
+            )
+        ]
+        earliest = (received - LATENESS_ALLOWANCE).timestamp()
+        timely = [e for e in recorded if e.when >= earliest]
+        candidates = [
+            (i, w)
+            for i, e in enumerate(timely)
+            for w in watching
+            if (w.event.event_name in ("", e.name))
+            and w.start.timestamp() <= e.when
+            and (w.end is None or e.when < w.end.timestamp())
+        ]
+        if not candidates:
+            return []
+        passed = await self._where_holds(session, account_id, timely, candidates)
+        matches = []
+        for (i, w), ok in zip(candidates, passed, strict=True):
+            if not ok:
+                continue
+            event = timely[i]
+            match = events.LiveMatch(
+                campaign=w.campaign,
+                campaign_version=w.version,
+                user_id=event.user_id,
+                client_event_id=event.client_id,
+                event_name=event.name,
+                event_time=api.timestamp(datetime.fromtimestamp(event.when, received.tzinfo)),
+                role=w.role,  # type: ignore[arg-type]
+                match_value=_json(event.values.get(w.match_property)) if w.match_property else "",
+                date_value=_json(event.values.get(w.date_property)) if w.date_property else "",
+            )
+            matches.append(match)
+        if not matches:
+            return []
+        matches.sort(key=lambda m: (m.event_time.seconds, m.event_time.nanos))
+        published = events.LiveMatches(
+            event_id=str(uuid.uuid4()),
+            account=account_name(account_id),
+            matches=matches,
+            receive_time=api.timestamp(received),
+        )
+        return [OutboxEvent.of(self.subjects.live_matches, published, published.event_id)]
+
+    async def _where_holds(
+        self,
+        session: AsyncSession,
+        account_id: uuid.UUID,
+        timely: Sequence[Received],
+        candidates: list[tuple[int, _Watch]],
+    ) -> list[bool]:
+        """Whether each candidate's event passes its watch's `where` tests: one query for the call,
+        one row per candidate, each tested by its own watch's conditions."""
+        tested = [k for k, (_, w) in enumerate(candidates) if w.event.where]
+        if not tested:
+            return [True] * len(candidates)
+        distinct = list({id(candidates[k][1]): candidates[k][1] for k in tested}.values())
+        number = {id(w): n for n, w in enumerate(distinct)}
+        keys = {(event_subject(w.event.event_name), c.property) for w in distinct for c in w.event.where}
+        ctx = Context(
+            account_id=account_id, now=api.utcnow(), types=await known_types(session, account_id, keys)
+        )
+        rows = (
+            sa.func.unnest(
+                sa.cast(sa.bindparam("ks"), ARRAY(sa.Integer)),
+                sa.cast(sa.cast(sa.bindparam("properties"), ARRAY(sa.Text)), ARRAY(JSONB)),
+                sa.cast(sa.bindparam("watches"), ARRAY(sa.Integer)),
+            )
+            .table_valued(
+                sa.column("k", sa.Integer), sa.column("properties", JSONB), sa.column("watch", sa.Integer)
+            )
+            .render_derived(name="t")
+        )
+        holds = sa.case(
+            *[
+                (rows.c.watch == n, event_where(w.event.where, rows.c.properties, w.event.event_name, ctx))
+                for n, w in enumerate(distinct)
+            ],
+            else_=sa.false(),
+        )
+        passed = set(
+            await session.scalars(
+                sa.select(rows.c.k).where(holds),
+                {
+                    "ks": tested,
+                    "properties": [json.dumps(timely[candidates[k][0]].values) for k in tested],
+                    "watches": [number[id(candidates[k][1])] for k in tested],
+                },
+            )
+        )
+        needs = set(tested)
+        return [k in passed or k not in needs for k in range(len(candidates))]
