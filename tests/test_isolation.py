@@ -315,6 +315,33 @@ async def _stream_audience(w: World) -> None:
     assert [(m.user_id, m.attributes["owner"]) for m in theirs] == [("shared", "b")]
 
 
+@probe(segmentation_pb, "MatchUsers")
+async def _match_users(w: World) -> None:
+    # B asks about A's users by id: only B's own profile of the shared id is there, A's alone is not.
+    await _refused(
+        w.b.segmentation.MatchUsers(
+            segmentation_pb.MatchUsersRequest(audience=audience(w.segment.name), user_ids=["shared"])
+        )
+    )
+    request = segmentation_pb.MatchUsersRequest(user_ids=["shared", "only-a"], attribute_keys=["owner"])
+    theirs = (await w.b.segmentation.MatchUsers(request)).members
+    assert [(m.user_id, m.attributes_json) for m in theirs] == [("shared", b'{"owner": "b"}')]
+
+
+@probe(segmentation_pb, "DescribeEvent")
+async def _describe_event(w: World) -> None:
+    # Only A sends this event: B learns nothing of it, not even its properties' names.
+    secret = segmentation_pb.Event(user_id="only-a", name="Only A Did This", client_event_id="secret-1")
+    secret.properties.update({"secret_plan": "gold"})
+    await w.a.segmentation.IngestEvents(segmentation_pb.IngestEventsRequest(events=[secret]))
+    request = segmentation_pb.DescribeEventRequest(event_name="Only A Did This")
+    assert dict((await w.a.segmentation.DescribeEvent(request)).property_types) == {
+        "secret_plan": segmentation_pb.PROPERTY_TYPE_STRING
+    }
+    theirs = await w.b.segmentation.DescribeEvent(request)
+    assert not theirs.seen and not theirs.property_types
+
+
 # --- campaigns --------------------------------------------------------------------------------
 
 

@@ -6,22 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
+from herald_common.skips import SkipReason
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
-from tests.helpers import condition, create_segment_destination, user
+from tests.helpers import completed_stats, condition, create_segment_destination, field_violations, user
 
 
 def seconds(n: float) -> Duration:
@@ -44,6 +47,8 @@ class Live:
     clock: clock.ManualClock
     tag: str
     sent: int = 0
+    # What CreateCampaign answered for the last campaign made.
+    warnings: list[str] = field(default_factory=list)
 
     async def campaign(
         self,
@@ -70,6 +75,7 @@ class Live:
         created = await self.clients.campaigns.CreateCampaign(
             campaign_pb.CreateCampaignRequest(campaign=campaign)
         )
+        self.warnings = list(created.warnings)
         published = await self.clients.campaigns.PublishCampaign(
             campaign_pb.PublishCampaignRequest(name=created.name)
         )
@@ -95,7 +101,37 @@ class Live:
         event.properties.update(properties)
         await self.clients.segmentation.IngestEvents(pb.IngestEventsRequest(events=[event]))
 
-    def received(self, campaign: campaign_pb.Campaign | None = None) -> list[str]:
+    def move_to(self, at: datetime) -> None:
+        self.clock.advance(at - self.clock.now())
+
+    async def act_all(self, user_ids: list[str], name: str) -> None:
+        """Each user does the event once, in one call."""
+        batch = []
+        for user_id in user_ids:
+            self.sent += 1
+            event = pb.Event(user_id=user_id, name=name, client_event_id=f"{self.tag}-e{self.sent}")
+            event.time.FromDatetime(self.clock.now())
+            batch.append(event)
+        await self.clients.segmentation.IngestEvents(pb.IngestEventsRequest(events=batch))
+
+    async def wait_for(self, check: Callable[[], bool], within: float = 30) -> None:
+        async def holds() -> bool:
+            return check()
+
+        await eventually(holds, within=within)
+
+    async def stats(self, name: str) -> campaign_pb.CampaignStats:
+        return await self.clients.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+        )
+
+    async def wait_for_stats(self, name: str, check: Callable[[campaign_pb.CampaignStats], bool]) -> None:
+        async def holds() -> bool:
+            return check(await self.stats(name))
+
+        await eventually(holds)
+
+    def received(self) -> list[str]:
         """The users the Segment destination got this account's live events for, in order."""
         return [
             e["userId"]
@@ -137,7 +173,7 @@ async def test_an_action_with_a_property_filter_sends_once_per_matching_event(li
     await live.act(ana, "Added to Cart", amount=250, event_id=f"{live.tag}-cart-1")
     await live.act(ben, "Added to Cart", amount=20)
     await live.act(ben, "Viewed", amount=500)
-    await eventually(lambda: _async(live.received() == [ana]))
+    await live.wait_for(lambda: live.received() == [ana])
     # The same event again (the client retried), and one past the lateness allowance: nothing.
     await live.act(ana, "Added to Cart", amount=250, event_id=f"{live.tag}-cart-1")
     await live.act(ben, "Added to Cart", at=live.clock.now() - timedelta(minutes=11), amount=900)
@@ -169,7 +205,7 @@ async def test_cart_abandonment_sends_when_the_wait_runs_out_unless_that_cart_wa
     await live.settle(1)
     assert live.received() == []
     live.clock.advance(timedelta(minutes=6, seconds=1))
-    await eventually(lambda: _async(sorted(live.received()) == sorted([abandons, buys_another])))
+    await live.wait_for(lambda: sorted(live.received()) == sorted([abandons, buys_another]))
     live.clock.advance(timedelta(minutes=30))
     await live.settle()
     assert sorted(live.received()) == sorted([abandons, buys_another])
@@ -181,30 +217,285 @@ async def test_how_often_one_user_may_get_it(live: Live) -> None:
     ana = f"{live.tag}-0"
     for _ in range(3):
         await live.act(ana, "Opened App")
-    await eventually(lambda: _async(live.received() == [ana]))
+    await live.wait_for(lambda: live.received() == [ana])
     await live.clients.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=once.name))
     daily = await live.campaign(action, frequency=campaign_pb.LiveFrequency(at_most_every=seconds(24 * 3600)))
     ben = f"{live.tag}-1"
     await live.act(ben, "Opened App")
     await live.act(ben, "Opened App")
-    await eventually(lambda: _async(live.received().count(ben) == 1))
+    await live.wait_for(lambda: live.received().count(ben) == 1)
     live.clock.advance(timedelta(hours=23))
     await live.act(ben, "Opened App")
     live.clock.advance(timedelta(hours=1, seconds=1))
     await live.act(ben, "Opened App")
-    await eventually(lambda: _async(live.received().count(ben) == 2))
+    await live.wait_for(lambda: live.received().count(ben) == 2)
     await live.clients.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=daily.name))
     await live.campaign(action, frequency=campaign_pb.LiveFrequency(every_time=True))
     cy = f"{live.tag}-2"
     for _ in range(3):
         await live.act(cy, "Opened App")
-    await eventually(lambda: _async(live.received().count(cy) == 3))
+    await live.wait_for(lambda: live.received().count(cy) == 3)
     await live.settle()
     assert live.received().count(ana) == 1 and live.received().count(ben) == 2
 
 
-async def _async(value: bool) -> bool:
-    return value
+async def test_a_total_limit_completes_the_campaign_and_a_daily_limit_resets_each_day(live: Live) -> None:
+    users = [user(f"{live.tag}-many-{i:03}") for i in range(120)]
+    await live.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=users))
+    action = campaign_pb.LiveTrigger(action=campaign_pb.ActionTrigger(event=live_event("Signed Up")))
+    total = await live.campaign(action, targeting=campaign_pb.Targeting(total_limit=100))
+    await live.act_all([u.user_id for u in users], "Signed Up")
+    stats = await completed_stats(live.clients, total.name)
+    assert (stats.sent, stats.skipped) == (100, 20)
+    assert {r.reason: r.count for r in stats.failure_reasons} == {SkipReason.LIVE_LIMIT: 20}
+    await live.act_all([u.user_id for u in users[:5]], "Signed Up")
+    await live.settle()
+    assert len(live.received()) == 100  # completed: no more
+
+    daily = await live.campaign(action, targeting=campaign_pb.Targeting(daily_limit=50))
+    await live.act_all([u.user_id for u in users[:60]], "Signed Up")
+    await live.wait_for(lambda: len(live.received()) == 150)
+    live.clock.advance(timedelta(days=1))
+    await live.act_all([u.user_id for u in users[60:]], "Signed Up")
+    await live.wait_for(lambda: len(live.received()) == 200)
+    await live.settle()
+    stats = await live.clients.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{daily.name}/stats")
+    )
+    assert (stats.sent, stats.skipped) == (100, 20)
 
 
-__all__ = ["UTC"]
+async def test_a_date_reminder_goes_two_days_before_at_ten_in_each_users_zone_across_dst(live: Live) -> None:
+    new_york, berlin = f"{live.tag}-ny", f"{live.tag}-berlin"
+    await live.clients.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(
+            users=[
+                pb.User(user_id=new_york, timezone="America/New_York"),
+                pb.User(user_id=berlin, timezone="Europe/Berlin"),
+            ]
+        )
+    )
+    reminder = campaign_pb.DatePropertyTrigger(
+        event=live_event("Booked Flight"),
+        date_property="travel_date",
+        offset=-2,
+        unit=campaign_pb.OFFSET_UNIT_DAYS,
+        time_of_day="10:00",
+    )
+    await live.campaign(campaign_pb.LiveTrigger(date_property=reminder))
+    # Both reminders fall after the clocks change (New York 14 March 2027, Berlin 28 March) from
+    # the booking's winter time: 10:00 is 15:00 UTC in New York (still EST) on 13 March, and
+    # 08:00 UTC in Berlin (CEST) on 29 March.
+    await live.act(new_york, "Booked Flight", travel_date="2027-03-15T08:00:00-04:00")
+    await live.act(berlin, "Booked Flight", travel_date="2027-03-31T07:00:00+02:00")
+    await live.settle(1)
+    live.move_to(datetime(2027, 3, 13, 14, 59, tzinfo=UTC))
+    await live.settle()
+    assert live.received() == []
+    live.move_to(datetime(2027, 3, 13, 15, 0, 30, tzinfo=UTC))
+    await live.wait_for(lambda: live.received() == [new_york])
+    live.move_to(datetime(2027, 3, 29, 7, 59, tzinfo=UTC))
+    await live.settle()
+    assert live.received() == [new_york]
+    live.move_to(datetime(2027, 3, 29, 8, 0, 30, tzinfo=UTC))
+    await live.wait_for(lambda: live.received() == [new_york, berlin])
+
+
+async def test_a_date_that_passed_or_is_not_a_date_is_skipped_with_the_reason(live: Live) -> None:
+    def reminder(event: str) -> campaign_pb.LiveTrigger:
+        dated = campaign_pb.DatePropertyTrigger(
+            event=live_event(event),
+            date_property="travel_date",
+            offset=-3,
+            unit=campaign_pb.OFFSET_UNIT_HOURS,
+        )
+        return campaign_pb.LiveTrigger(date_property=dated)
+
+    flights = await live.campaign(reminder("Booked Flight"))
+    soon = (live.clock.now() + timedelta(hours=2)).isoformat()
+    await live.act(f"{live.tag}-0", "Booked Flight", travel_date=soon)
+    await live.act(f"{live.tag}-1", "Booked Flight")
+    # The first train booking ever sent carries no date: the campaign was saved with a warning.
+    trains = await live.campaign(reminder("Booked Train"))
+    assert live.warnings == [
+        "campaign.schedule.live.trigger.date_property.event.event_name: no 'Booked Train' event has been ingested yet"
+    ]
+    await live.act(f"{live.tag}-2", "Booked Train", travel_date="next tuesday")
+    expected = {
+        flights.name: {SkipReason.DATE_PASSED: 1, SkipReason.MALFORMED_DATE: 1},
+        trains.name: {SkipReason.MALFORMED_DATE: 1},
+    }
+    for name, reasons in expected.items():
+        await live.wait_for_stats(name, lambda stats, n=sum(reasons.values()): stats.skipped == n)
+        stats = await live.stats(name)
+        assert {r.reason: r.count for r in stats.failure_reasons} == reasons
+    assert live.received() == []
+
+
+async def test_a_stop_cancels_every_pending_wait(live: Live) -> None:
+    trigger = campaign_pb.LiveTrigger(
+        inaction=campaign_pb.InactionTrigger(
+            event=live_event("Added to Cart"), awaited_event=live_event("Charged"), within=seconds(600)
+        )
+    )
+    created = await live.campaign(trigger)
+    await live.act_all([f"{live.tag}-wait-{i:04}" for i in range(1000)], "Added to Cart")
+    await live.settle(1)
+    await live.clients.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=created.name))
+    live.clock.advance(timedelta(minutes=11))
+    await live.settle(2)
+    assert live.received() == []
+
+
+def _with_within(inaction: campaign_pb.InactionTrigger, n: float) -> campaign_pb.InactionTrigger:
+    changed = campaign_pb.InactionTrigger()
+    changed.CopyFrom(inaction)
+    changed.within.CopyFrom(seconds(n))
+    return changed
+
+
+def _action(name: str = "Added to Cart") -> campaign_pb.LiveTrigger:
+    return campaign_pb.LiveTrigger(action=campaign_pb.ActionTrigger(event=live_event(name)))
+
+
+def _with(live: campaign_pb.Live, **changes: Any) -> campaign_pb.Live:
+    changed = campaign_pb.Live()
+    changed.CopyFrom(live)
+    for name, value in changes.items():
+        getattr(changed, name).CopyFrom(value)
+    return changed
+
+
+_INACTION = campaign_pb.InactionTrigger(
+    event=live_event("Added to Cart"), awaited_event=live_event("Charged")
+)
+_BAD: list[tuple[str, campaign_pb.Live, campaign_pb.Targeting | None, str]] = [
+    ("no trigger", campaign_pb.Live(), None, "campaign.schedule.live.trigger"),
+    (
+        "a wait under a minute",
+        campaign_pb.Live(trigger=campaign_pb.LiveTrigger(inaction=_with_within(_INACTION, 30))),
+        None,
+        "campaign.schedule.live.trigger.inaction.within",
+    ),
+    (
+        "a wait over 30 days",
+        campaign_pb.Live(trigger=campaign_pb.LiveTrigger(inaction=_with_within(_INACTION, 31 * 86400))),
+        None,
+        "campaign.schedule.live.trigger.inaction.within",
+    ),
+    (
+        "a delay over 30 days",
+        campaign_pb.Live(trigger=_action(), delay=seconds(31 * 86400)),
+        None,
+        "campaign.schedule.live.delay",
+    ),
+    (
+        "an end before the start",
+        campaign_pb.Live(
+            trigger=_action(),
+            start_time=Timestamp(seconds=1_900_000_000),
+            end_time=Timestamp(seconds=1_890_000_000),
+        ),
+        None,
+        "campaign.schedule.live.end_time",
+    ),
+    (
+        "a system event Herald does not record",
+        campaign_pb.Live(trigger=_action("Geocluster Entered")),
+        None,
+        "campaign.schedule.live.trigger.action.event.event_name",
+    ),
+    (
+        "a frequency of zero",
+        campaign_pb.Live(trigger=_action(), frequency=campaign_pb.LiveFrequency(at_most_every=seconds(0))),
+        None,
+        "campaign.schedule.live.frequency.at_most_every",
+    ),
+    (
+        "a daily limit under 1",
+        campaign_pb.Live(trigger=_action()),
+        campaign_pb.Targeting(daily_limit=0),
+        "campaign.targeting.daily_limit",
+    ),
+    (
+        "a run's cap",
+        campaign_pb.Live(trigger=_action()),
+        campaign_pb.Targeting(random_cap=500),
+        "campaign.targeting.random_cap",
+    ),
+    (
+        "days without a time of day",
+        campaign_pb.Live(
+            trigger=campaign_pb.LiveTrigger(
+                date_property=campaign_pb.DatePropertyTrigger(
+                    event=live_event("Booked Flight"),
+                    date_property="travel_date",
+                    offset=-2,
+                    unit=campaign_pb.OFFSET_UNIT_DAYS,
+                )
+            )
+        ),
+        None,
+        "campaign.schedule.live.trigger.date_property.time_of_day",
+    ),
+    (
+        "a where test that does not fit the property",
+        campaign_pb.Live(
+            trigger=campaign_pb.LiveTrigger(
+                action=campaign_pb.ActionTrigger(
+                    event=live_event("Added to Cart", condition("amount", "GREATER_THAN", "lots"))
+                )
+            )
+        ),
+        None,
+        "campaign.schedule.live.trigger.action.event.where[0].value",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("live_schedule", "targeting", "field_name"), [c[1:] for c in _BAD], ids=[c[0] for c in _BAD]
+)
+async def test_bad_live_settings_are_refused_naming_the_field(
+    live: Live, live_schedule: campaign_pb.Live, targeting: campaign_pb.Targeting | None, field_name: str
+) -> None:
+    await live.act(f"{live.tag}-0", "Added to Cart", amount=12.5)  # amount is a number from now on
+    before = await live.clients.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest())
+    campaign = campaign_pb.Campaign(
+        display_name="bad",
+        destination=live.destination,
+        schedule=campaign_pb.Schedule(live=live_schedule),
+        targeting=targeting,
+        segment_export=campaign_pb.SegmentExportContent(event_name="x"),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await live.clients.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in field_violations(refused.value)
+    after = await live.clients.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest())
+    assert len(after.campaigns) == len(before.campaigns)
+
+
+async def test_a_date_trigger_on_a_property_that_is_not_a_date_is_refused(live: Live) -> None:
+    await live.act(f"{live.tag}-0", "Booked Flight", travel_date="soon", seat="12A")
+    dated = campaign_pb.DatePropertyTrigger(
+        event=live_event("Booked Flight"),
+        date_property="travel_date",
+        offset=1,
+        unit=campaign_pb.OFFSET_UNIT_HOURS,
+    )
+    campaign = campaign_pb.Campaign(
+        display_name="reminder",
+        destination=live.destination,
+        schedule=campaign_pb.Schedule(
+            live=campaign_pb.Live(trigger=campaign_pb.LiveTrigger(date_property=dated))
+        ),
+        segment_export=campaign_pb.SegmentExportContent(event_name="x"),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await live.clients.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    assert field_violations(refused.value) == {
+        "campaign.schedule.live.trigger.date_property.date_property": (
+            "'Booked Flight' events carry 'travel_date' as a string, not an RFC 3339 date-time"
+        )
+    }

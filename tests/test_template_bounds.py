@@ -24,7 +24,9 @@ __all__ = ["account", "twilio"]
 MULTIPLYING = "{{ 'a'" + " | replace: 'a', 'aaaaaaaaaa'" * 50 + " }}"
 # Each filter on its own is small; together they would run for minutes.
 SLOW = (
-    "{% for i in (1..100) %}{% for j in (1..100) %}{{ 'x' | append: 'y' | upcase }}{% endfor %}{% endfor %}"
+    "{% for i in (1..100) %}{% for j in (1..100) %}"
+    "{{ 'x' | append: 'y' | upcase | downcase | append: 'z' | upcase | downcase | append: 'w' | upcase }}"
+    "{% endfor %}{% endfor %}"
 )
 
 

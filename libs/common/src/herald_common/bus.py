@@ -103,6 +103,14 @@ class Subjects:
         return f"{self.namespace}.segmentation.events.ingested"
 
     @property
+    def sms_replies(self) -> str:
+        return f"{self.namespace}.dispatch.sms.replied"
+
+    @property
+    def system_events(self) -> str:
+        return f"{self.namespace}.segmentation.system.events"
+
+    @property
     def live_matches(self) -> str:
         return f"{self.namespace}.segmentation.live.matches"
 

@@ -30,6 +30,8 @@ class ChannelKind:
     audience_channel: segmentation_pb.Channel.ValueType
     # Which of the account's frequency caps counts its messages.
     cap_channel: accounts_pb.CapChannel.ValueType
+    # An accepted delivery is a notification delivered (an export); otherwise a receipt says so.
+    accepted_is_delivered: bool = False
 
 
 def _push_tokens(selection: campaign_pb.PushTokenSelection) -> set[str]:
@@ -62,6 +64,7 @@ _SEGMENT = ChannelKind(
     attribute_keys=_segment_export_attributes,
     audience_channel=segmentation_pb.Channel.CHANNEL_SEGMENT,
     cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_SEGMENT,
+    accepted_is_delivered=True,
 )
 
 
@@ -73,6 +76,7 @@ _MPARTICLE = ChannelKind(
     attribute_keys=_mparticle_export_attributes,
     audience_channel=segmentation_pb.Channel.CHANNEL_MPARTICLE,
     cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_MPARTICLE,
+    accepted_is_delivered=True,
 )
 
 
@@ -116,6 +120,10 @@ def for_config(config_field: str) -> ChannelKind:
 
 def for_destination_type(value: int) -> ChannelKind | None:
     return _BY_ENUM.get(value)
+
+
+def of_type(destination_type: str) -> ChannelKind | None:
+    return _BY_TYPE.get(destination_type)
 
 
 def of_campaign(campaign: campaign_pb.Campaign) -> ChannelKind:

@@ -173,6 +173,7 @@ class DeliveryLedger:
         attempt: int,
         outcomes: Sequence[Outcome],
         *,
+        destination_type: str,
         claimed: bool = False,
     ) -> int:
         """Stores results not stored before and reports them in one DeliveryOutcomes event.
@@ -224,6 +225,7 @@ class DeliveryLedger:
                 campaign=batch.campaign,
                 run=batch.run,
                 destination=batch.destination,
+                destination_type=destination_type,
                 account=account_name(account_id),
                 occur_time=api.timestamp(api.utcnow()),
                 results=[

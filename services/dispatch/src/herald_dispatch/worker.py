@@ -182,7 +182,12 @@ class DeliveryWorker:
         else:
             outcomes = decided + await self._send(batch, known, pending, attempt)
         recorded = await self.ledger.record(
-            batch, known.account_id, attempt.number, outcomes, claimed=not self.channel.resend_unknown
+            batch,
+            known.account_id,
+            attempt.number,
+            outcomes,
+            destination_type=self.channel.kind.destination_type,
+            claimed=not self.channel.resend_unknown,
         )
         if recorded:
             self.infra.relay.notify()
@@ -322,7 +327,14 @@ class DeliveryWorker:
                 outcomes += await self._send(batch, known, not_sent, Attempt(SETTLING, set(), {}))
             else:
                 outcomes += [Outcome(r, SKIPPED, reason="campaign stopped") for r in not_sent]
-        if outcomes and await self.ledger.record(batch, account_id, SETTLING, outcomes, claimed=True):
+        if outcomes and await self.ledger.record(
+            batch,
+            account_id,
+            SETTLING,
+            outcomes,
+            destination_type=self.channel.kind.destination_type,
+            claimed=True,
+        ):
             self.infra.relay.notify()
 
     async def _look_up(self, row: Any) -> Lookup:

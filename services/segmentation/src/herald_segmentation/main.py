@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -21,6 +22,7 @@ from herald_segmentation.live import LiveTriggers
 from herald_segmentation.profiles import Profiles
 from herald_segmentation.servicer import PERMISSIONS, SegmentationServicer
 from herald_segmentation.storage import SCHEMA, outbox
+from herald_segmentation.system_events import SystemEvents
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -32,11 +34,13 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     )
     campaign_service = infra.channel("campaign")
     usage = CampaignUsage(campaign_service)
-    profiles = Profiles(infra.database)
+    profiles = Profiles(infra.database, infra.subjects)
     live = LiveTriggers(infra.database, infra.subjects)
+    recorder = Events(infra.database, infra.subjects, infra.relay.notify, settings.service_token, live)
+    system = SystemEvents(infra.database, recorder)
     servicer = SegmentationServicer(
         profiles=profiles,
-        events=Events(infra.database, infra.subjects, infra.relay.notify, settings.service_token, live),
+        events=recorder,
         lists=Lists(infra.database, usage),
         segments=Segmentation(infra.database, usage),
     )
@@ -61,6 +65,44 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         apply=profiles.opt_out_of_sms,
         problem=_opt_out_problem,
     )
+    for owner, durable, subject, event_type, apply in (
+        (
+            "dispatch",
+            "segmentation-system-outcomes",
+            infra.subjects.delivery_outcomes,
+            events.DeliveryOutcomes,
+            system.from_outcomes,
+        ),
+        (
+            "dispatch",
+            "segmentation-system-receipts",
+            infra.subjects.delivery_receipts,
+            events.DeliveryReceipts,
+            system.from_receipts,
+        ),
+        (
+            "dispatch",
+            "segmentation-system-replies",
+            infra.subjects.sms_replies,
+            events.SmsReplied,
+            system.from_replies,
+        ),
+        (
+            "segmentation",
+            "segmentation-system-events",
+            infra.subjects.system_events,
+            events.SystemEvents,
+            system.from_queue,
+        ),
+    ):
+        await infra.consume(
+            owner=owner,
+            durable=durable,
+            filter_subject=subject,
+            event_type=event_type,
+            apply=apply,  # type: ignore[arg-type]
+            problem=_names_an_account,
+        )
     await infra.consume(
         owner="campaign",
         durable="segmentation-live-triggers",
@@ -70,6 +112,12 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         problem=runtime.campaign_changed_problem,
     )
     return host
+
+
+def _names_an_account(event: Any) -> str | None:
+    if account_id_of(event.account) is None:
+        return f"{type(event).__name__} names no account ({event.account!r})"
+    return None
 
 
 def _opt_out_problem(event: events.SmsOptOut) -> str | None:

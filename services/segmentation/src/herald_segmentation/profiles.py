@@ -15,14 +15,17 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
-from herald_common.auth import account_id_of, current_account_id, current_caller
+from herald_common.auth import account_id_of, account_name, current_account_id, current_caller
+from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import NotFound, ResourceExhausted, Validator
+from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.sms import E164
 from herald_common.timing import zone_named
 from herald_common.validation import check_text_fields
 from herald_segmentation.properties import USER, SentTypes, as_python, check_properties
-from herald_segmentation.storage import devices, users
+from herald_segmentation.storage import devices, outbox, users
+from herald_segmentation.system_events import app_version_events
 
 MAX_UPSERT = 1000
 # A profile's properties, as JSON, are at most this large: a page of an audience, a delivery batch
@@ -184,8 +187,10 @@ def user_message(row: Any, device_rows: Sequence[Any] = ()) -> pb.User:
 
 
 class Profiles:
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, subjects: Subjects | None = None) -> None:
         self.database = database
+        # Where App Version Changed events are queued (with the profile change, in its transaction).
+        self.subjects = subjects
 
     async def upsert(self, batch: Sequence[pb.User]) -> int:
         caller = current_caller()
@@ -217,7 +222,15 @@ class Profiles:
         check.raise_if_any()
         async with self.database.transaction() as session:
             await types.record(session, account_id, check)
-            await self._write(session, account_id, batch, properties)
+            changed = await self._write(session, account_id, batch, properties)
+            if changed and self.subjects is not None:
+                queued = events.SystemEvents(event_id=str(uuid.uuid4()), account=account_name(account_id))
+                now = api.utcnow()
+                for user_id, versions in sorted(changed.items()):
+                    queued.events.extend(app_version_events(user_id, versions, now, queued.event_id))
+                await enqueue(
+                    session, outbox, [OutboxEvent.of(self.subjects.system_events, queued, queued.event_id)]
+                )
         return len(batch)
 
     @staticmethod
@@ -226,7 +239,9 @@ class Profiles:
         account_id: uuid.UUID,
         batch: Sequence[pb.User],
         properties: list[dict[str, Any]],
-    ) -> None:
+    ) -> dict[str, list[tuple[str, str, str]]]:
+        """Writes the profiles; answers each user's devices whose app version changed, as
+        (device, from, to)."""
         rows = [_row(account_id, user, values) for user, values in zip(batch, properties, strict=True)]
         statement = insert(users)
         replaced = {c: statement.excluded[c] for c in rows[0] if c not in ("account_id", "user_id")}
@@ -236,14 +251,25 @@ class Profiles:
         )
         await session.execute(statement, rows)  # executemany: compiled once, sent in batches
         # A profile's devices are replaced with it.
-        await session.execute(
-            sa.delete(devices).where(
-                devices.c.account_id == account_id, devices.c.user_id.in_([u.user_id for u in batch])
+        before = {
+            (row.user_id, row.device_id): row.app_version
+            for row in await session.execute(
+                sa.delete(devices)
+                .where(devices.c.account_id == account_id, devices.c.user_id.in_([u.user_id for u in batch]))
+                .returning(devices.c.user_id, devices.c.device_id, devices.c.app_version)
             )
-        )
+        }
         device_rows = [_device_row(account_id, u.user_id, d) for u in batch for d in u.devices]
         if device_rows:
             await session.execute(insert(devices), device_rows)
+        changed: dict[str, list[tuple[str, str, str]]] = {}
+        for row in device_rows:
+            previous = before.get((row["user_id"], row["device_id"]))
+            if previous and row["app_version"] and previous != row["app_version"]:
+                changed.setdefault(row["user_id"], []).append(
+                    (row["device_id"], previous, row["app_version"])
+                )
+        return changed
 
     async def get(self, name: str) -> pb.User:
         user_id = api.parse_name(name, "users")

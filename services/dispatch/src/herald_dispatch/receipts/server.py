@@ -48,6 +48,8 @@ MAX_BODY_BYTES = 64 * 1024
 # Replies that opt out of SMS, and back in, as carriers and Twilio's Advanced Opt-Out know them.
 OPT_OUT_KEYWORDS = {"STOP", "STOPALL", "UNSUBSCRIBE", "CANCEL", "END", "QUIT"}
 OPT_IN_KEYWORDS = {"START", "UNSTOP", "YES"}
+# A reply longer than the longest message is cut there.
+MAX_REPLY_CHARACTERS = 1600
 
 
 def _base(base: str, path: str, destination: pb.Destination) -> str:
@@ -164,13 +166,26 @@ class ReceiptServer:
         return f"{self.public_url}{request.path_qs}" if self.public_url else str(request.url)
 
     async def _reply(self, account_id: uuid.UUID, destination: pb.Destination, phone: str, text: str) -> None:
-        """A STOP reply opts the phone out of the account's SMS at once (dispatch skips it from its
+        """Every reply is published (segmentation records it as the users' Notification Replied).
+        A STOP reply opts the phone out of the account's SMS at once (dispatch skips it from its
         next message on) and unsubscribes its users; a START reply lets the phone be texted again."""
-        keyword = text.strip().upper()
-        if not E164.match(phone) or keyword not in OPT_OUT_KEYWORDS | OPT_IN_KEYWORDS:
+        if not E164.match(phone):
             return
+        keyword = text.strip().upper()
+        replied = events.SmsReplied(
+            event_id=str(uuid.uuid4()),
+            account=account_name(account_id),
+            phone=phone,
+            text=text[:MAX_REPLY_CHARACTERS],
+            destination=destination.name,
+            occur_time=api.timestamp(api.utcnow()),
+        )
         async with self.database.transaction() as session:
-            await record_opt_out(session, account_id, phone, opted_out=keyword in OPT_OUT_KEYWORDS)
+            await enqueue(
+                session, outbox, [OutboxEvent.of(self.subjects.sms_replies, replied, replied.event_id)]
+            )
+            if keyword in OPT_OUT_KEYWORDS | OPT_IN_KEYWORDS:
+                await record_opt_out(session, account_id, phone, opted_out=keyword in OPT_OUT_KEYWORDS)
             if keyword in OPT_OUT_KEYWORDS:
                 event = events.SmsOptOut(
                     event_id=str(uuid.uuid4()),

@@ -436,6 +436,7 @@ class DeliveryOutcomes(_message.Message):
     RESULTS_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
     ACCOUNT_FIELD_NUMBER: _builtins.int
+    DESTINATION_TYPE_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     """Unique per event; also the NATS message id."""
     campaign: _builtins.str
@@ -446,6 +447,10 @@ class DeliveryOutcomes(_message.Message):
     """`destinations/{destination}`."""
     account: _builtins.str
     """The account that owns the campaign: `accounts/{account}`."""
+    destination_type: _builtins.str
+    """The destination's type (`segment`, `mparticle`, `twilio`, ...): an export accepted is a
+    notification delivered; an SMS waits for its receipt.
+    """
     @_builtins.property
     def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeliveryResult]:
         """The results."""
@@ -464,10 +469,11 @@ class DeliveryOutcomes(_message.Message):
         results: _abc.Iterable[Global___DeliveryResult] | None = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
         account: _builtins.str = ...,
+        destination_type: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "results", b"results", "run", b"run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "destination", b"destination", "destination_type", b"destination_type", "event_id", b"event_id", "occur_time", b"occur_time", "results", b"results", "run", b"run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -731,6 +737,86 @@ class EventsIngested(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___EventsIngested: _TypeAlias = EventsIngested  # noqa: Y015
+
+@_typing.final
+class SmsReplied(_message.Message):
+    """Published by dispatch for every SMS reply that comes in through a provider (STOP included),
+    so segmentation records it as the replying users' `Notification Replied` event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    PHONE_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
+    DESTINATION_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per publication; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    phone: _builtins.str
+    """The number that replied, E.164."""
+    text: _builtins.str
+    """The reply's text, at most 1,600 characters."""
+    destination: _builtins.str
+    """The destination it came through."""
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When it arrived."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        phone: _builtins.str = ...,
+        text: _builtins.str = ...,
+        destination: _builtins.str = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "destination", b"destination", "event_id", b"event_id", "occur_time", b"occur_time", "phone", b"phone", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SmsReplied: _TypeAlias = SmsReplied  # noqa: Y015
+
+@_typing.final
+class SystemEvents(_message.Message):
+    """Events Herald records itself, queued by segmentation with the change that causes them (a
+    device's new app version) and recorded by its own consumer, as IngestEvents would.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per publication; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_segmentation_service_pb2.Event]:
+        """The events, each with its client_event_id and time set."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        events: _abc.Iterable[_segmentation_service_pb2.Event] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "event_id", b"event_id", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SystemEvents: _TypeAlias = SystemEvents  # noqa: Y015
 
 @_typing.final
 class LiveMatch(_message.Message):

@@ -1,0 +1,161 @@
+"""Events Herald records itself, so live triggers, goals and segments can use them as any other:
+
+- `Notification Delivered`: a delivery receipt said so, or an export was accepted;
+- `Notification Replied`: an SMS reply came in from the user's number;
+- `Control Group`: a campaign held the user back;
+- `App Version Changed`: a device of the profile now reports another app version.
+
+Each is recorded through IngestEvents' own path, as the account, with a client event id that
+follows from what caused it: a report handled twice records its events once.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import datetime
+
+import sqlalchemy as sa
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from herald.events.v1 import events_pb2 as events
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common import api, channels
+from herald_common.auth import account_id_of, act_as, service_caller
+from herald_common.db import Database
+from herald_common.live import (
+    APP_VERSION_CHANGED,
+    CONTROL_GROUP,
+    NOTIFICATION_DELIVERED,
+    NOTIFICATION_REPLIED,
+)
+from herald_common.skips import SkipReason
+from herald_segmentation.events import MAX_EVENTS, Events
+from herald_segmentation.storage import users
+
+
+def _event(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> pb.Event:
+    event = pb.Event(user_id=user_id, name=name, client_event_id=client_id)
+    event.time.CopyFrom(at if isinstance(at, Timestamp) else api.timestamp(at))
+    event.properties.update(properties)
+    return event
+
+
+def app_version_events(
+    user_id: str, changed: Sequence[tuple[str, str, str]], at: datetime, cause: str
+) -> list[pb.Event]:
+    """`App Version Changed` for each (device, from, to) of a profile; `cause` makes the ids."""
+    return [
+        _event(
+            user_id,
+            APP_VERSION_CHANGED,
+            f"herald:app-version:{cause}:{user_id}:{device}",
+            at,
+            device_id=device,
+            previous_version=before,
+            app_version=after,
+        )
+        for device, before, after in changed
+    ]
+
+
+class SystemEvents:
+    def __init__(self, database: Database, recorder: Events) -> None:
+        self.database = database
+        self.recorder = recorder
+
+    async def record(self, account_id: uuid.UUID, recorded: Sequence[pb.Event]) -> None:
+        """Records the events as the account does through IngestEvents, a call's worth at a time."""
+        act_as(service_caller(account_id))
+        for start in range(0, len(recorded), MAX_EVENTS):
+            chunk = list(recorded[start : start + MAX_EVENTS])
+            await self.recorder.ingest(chunk, pb.IngestEventsRequest(events=chunk).ByteSize())
+
+    async def from_outcomes(self, received: Sequence[events.DeliveryOutcomes]) -> None:
+        """Control Group for users held back; Notification Delivered for exports accepted."""
+        for report in received:
+            account_id = account_id_of(report.account)
+            kind = channels.of_type(report.destination_type)
+            if account_id is None:
+                continue
+            found = []
+            for result in report.results:
+                common = {"campaign": report.campaign, "delivery_id": result.delivery_id}
+                if (
+                    result.status == events.DELIVERY_STATUS_SKIPPED
+                    and result.reason == SkipReason.CONTROL_GROUP
+                ):
+                    client_id = f"herald:control-group:{result.delivery_id}"
+                    found.append(
+                        _event(result.user_id, CONTROL_GROUP, client_id, report.occur_time, **common)
+                    )
+                elif (
+                    result.status == events.DELIVERY_STATUS_SENT
+                    and kind is not None
+                    and kind.accepted_is_delivered
+                ):
+                    client_id = f"herald:delivered:{result.delivery_id}"
+                    found.append(
+                        _event(result.user_id, NOTIFICATION_DELIVERED, client_id, report.occur_time, **common)
+                    )
+            await self.record(account_id, found)
+
+    async def from_receipts(self, received: Sequence[events.DeliveryReceipts]) -> None:
+        """Notification Delivered for each delivery a provider's receipt says was delivered."""
+        now = api.utcnow()
+        for report in received:
+            account_id = account_id_of(report.account)
+            if account_id is None:
+                continue
+            found = [
+                _event(
+                    result.user_id,
+                    NOTIFICATION_DELIVERED,
+                    f"herald:delivered:{result.delivery_id}",
+                    now,
+                    campaign=report.campaign,
+                    delivery_id=result.delivery_id,
+                )
+                for result in report.results
+                if result.status == events.RECEIPT_STATUS_DELIVERED and result.user_id
+            ]
+            await self.record(account_id, found)
+
+    async def from_replies(self, received: Sequence[events.SmsReplied]) -> None:
+        """Notification Replied for each user of the account with the number that replied."""
+        by_account: dict[uuid.UUID, list[events.SmsReplied]] = defaultdict(list)
+        for reply in received:
+            account_id = account_id_of(reply.account)
+            if account_id is not None:
+                by_account[account_id].append(reply)
+        for account_id, replies in sorted(by_account.items()):
+            async with self.database.transaction() as session:
+                rows = await session.execute(
+                    sa.select(users.c.user_id, users.c.phone).where(
+                        users.c.account_id == account_id, users.c.phone.in_({r.phone for r in replies})
+                    )
+                )
+                holders: dict[str, list[str]] = defaultdict(list)
+                for row in rows:
+                    holders[row.phone].append(row.user_id)
+            found = [
+                _event(
+                    user_id,
+                    NOTIFICATION_REPLIED,
+                    f"herald:replied:{reply.event_id}:{user_id}",
+                    reply.occur_time,
+                    text=reply.text,
+                    destination=reply.destination,
+                )
+                for reply in replies
+                for user_id in holders.get(reply.phone, [])
+            ]
+            await self.record(account_id, found)
+
+    async def from_queue(self, received: Sequence[events.SystemEvents]) -> None:
+        """Events segmentation queued itself, with the change that caused them."""
+        for queued in received:
+            account_id = account_id_of(queued.account)
+            if account_id is not None:
+                await self.record(account_id, list(queued.events))

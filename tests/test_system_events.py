@@ -1,0 +1,131 @@
+"""Events Herald records itself (Notification Delivered, Notification Replied, Control Group, App
+Version Changed) are events like any other: segments count them and live campaigns trigger on
+them, an mParticle export of an SMS campaign's delivery receipts among them."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common.live import (
+    APP_VERSION_CHANGED,
+    CONTROL_GROUP,
+    NOTIFICATION_DELIVERED,
+    NOTIFICATION_REPLIED,
+)
+from tests.conftest import Platform, eventually
+from tests.fakes.mparticle_api import MparticleApi, customer_id
+from tests.fakes.twilio_api import TwilioApi
+from tests.helpers import completed_stats, condition
+from tests.test_mparticle_export import _destination, mparticle
+from tests.test_sms_campaign import SmsAccount, _publish, _receipts, _sms_campaign, account, twilio
+
+__all__ = ["account", "mparticle", "twilio"]  # fixtures
+
+
+async def _count(account: SmsAccount, name: str, *where: pb.PropertyCondition) -> int:
+    """How many users did the event (with these properties) exactly once."""
+    once = pb.CountCondition(operator=pb.OPERATOR_EQUALS, value=1)
+    did = pb.Condition(event=pb.EventCondition(event_name=name, where=list(where), count=once))
+    audience = pb.Audience(filter=pb.SegmentFilter(all_of=[did]))
+    return (
+        await account.clients.segmentation.EstimateReach(pb.EstimateReachRequest(audience=audience))
+    ).user_count
+
+
+async def _counts(account: SmsAccount, name: str, expected: int, *where: pb.PropertyCondition) -> None:
+    async def reached() -> bool:
+        return await _count(account, name, *where) == expected
+
+    await eventually(reached)
+
+
+async def test_a_live_mparticle_campaign_exports_an_sms_campaigns_delivery_receipts(
+    account: SmsAccount, twilio: TwilioApi, mparticle: MparticleApi
+) -> None:
+    twilio.undelivered = {"+14155550007", "+14155550008", "+14155550009"}
+    texts = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=_sms_campaign(account))
+    )
+    delivered = campaign_pb.LiveEvent(
+        event_name=NOTIFICATION_DELIVERED, where=[condition("campaign", "EQUALS", texts.name)]
+    )
+    export = campaign_pb.Campaign(
+        display_name="Delivered texts to mParticle",
+        destination=(await _destination(account.clients, mparticle)).name,
+        schedule=campaign_pb.Schedule(
+            live=campaign_pb.Live(
+                trigger=campaign_pb.LiveTrigger(action=campaign_pb.ActionTrigger(event=delivered))
+            )
+        ),
+        mparticle_export=campaign_pb.MparticleExportContent(event_name="SMS delivered"),
+    )
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=export)
+    )
+    assert created.warnings == []  # Herald's own events need not have been seen
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    await eventually(lambda: _live_run(account, created.name))
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=texts.name))
+    stats = await _receipts(account, texts.name, 30)
+    assert stats.receipts.delivered == 27
+
+    async def exported() -> bool:
+        return len(mparticle.batches) >= 27
+
+    await eventually(exported)
+    undelivered = {f"{account.tag}-{i:02d}" for i in (7, 8, 9)}
+    expected = {f"{account.tag}-{i:02d}" for i in range(30)} - undelivered
+    assert sorted(customer_id(b) for b in mparticle.batches.values()) == sorted(expected)
+    await _counts(account, NOTIFICATION_DELIVERED, 27, condition("campaign", "EQUALS", texts.name))
+
+
+async def _live_run(account: SmsAccount, name: str) -> bool:
+    from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+
+    runs = await account.clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))
+    return any(r.state == scheduler_pb.RunState.RUN_STATE_LIVE for r in runs.runs)
+
+
+async def test_control_users_replies_and_new_app_versions_are_recorded_as_events(
+    platform: Platform, account: SmsAccount, twilio: TwilioApi
+) -> None:
+    held_back = _sms_campaign(account, targeting=campaign_pb.Targeting(control_group_percent=40))
+    name = await _publish(account, held_back)
+    stats = await completed_stats(account.clients, name)
+    control = {r.reason: r.count for r in stats.failure_reasons}["control group"]
+    assert control > 0
+    await _counts(account, CONTROL_GROUP, control, condition("campaign", "EQUALS", name))
+
+    destination_id = account.destination.removeprefix("destinations/")
+    url = f"http://127.0.0.1:{platform.settings.receipts_port}/v1/inbound/twilio/{destination_id}"
+    reply = {
+        "MessageSid": "SM" + "2" * 32,
+        "From": "+14155550004",
+        "To": "+14155550000",
+        "Body": "Which store?",
+    }
+    async with aiohttp.ClientSession() as http, http.post(
+        url, data=reply, headers={"X-Twilio-Signature": twilio.sign(url, reply)}
+    ) as answer:
+        assert answer.status == 200
+    await _counts(account, NOTIFICATION_REPLIED, 1, condition("text", "EQUALS", "Which store?"))
+
+    phone = pb.User(user_id=f"{account.tag}-00")
+    phone.devices.add(device_id="d1", platform=pb.PLATFORM_IOS, app_version="5.1.0")
+    await account.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[phone]))
+    phone.devices[0].app_version = "5.2.0"
+    await account.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[phone]))
+    await account.clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[phone]))  # unchanged
+    await _counts(
+        account,
+        APP_VERSION_CHANGED,
+        1,
+        condition("previous_version", "EQUALS", "5.1.0"),
+        condition("app_version", "EQUALS", "5.2.0"),
+    )
+    events = await account.clients.segmentation.DescribeEvent(
+        pb.DescribeEventRequest(event_name=APP_VERSION_CHANGED)
+    )
+    assert set(events.property_types) == {"device_id", "previous_version", "app_version"}
