@@ -106,9 +106,10 @@ async def test_control_users_replies_and_new_app_versions_are_recorded_as_events
         "To": "+14155550000",
         "Body": "Which store?",
     }
-    async with aiohttp.ClientSession() as http, http.post(
-        url, data=reply, headers={"X-Twilio-Signature": twilio.sign(url, reply)}
-    ) as answer:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, data=reply, headers={"X-Twilio-Signature": twilio.sign(url, reply)}) as answer,
+    ):
         assert answer.status == 200
     await _counts(account, NOTIFICATION_REPLIED, 1, condition("text", "EQUALS", "Which store?"))
 
