@@ -324,7 +324,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the issues' full sizes (1M users; 20M events)")
     parser.add_argument(
         "--only",
-        choices=("pipeline", "segmentation", "scheduling", "sms", "mparticle"),
+        choices=("pipeline", "segmentation", "scheduling", "sms", "mparticle", "live"),
         help="run one benchmark",
     )
     args = parser.parse_args()
@@ -345,6 +345,10 @@ def main() -> None:
         from tests import bench_mparticle  # it builds on this module's helpers
 
         asyncio.run(bench_mparticle.run(100_000 if args.full else 20_000))
+    if args.only in (None, "live"):
+        from tests import bench_live  # it builds on this module's helpers
+
+        asyncio.run(bench_live.run(bench_live.FULL if args.full else bench_live.QUICK))
 
 
 if __name__ == "__main__":

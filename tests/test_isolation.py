@@ -342,6 +342,12 @@ async def _describe_event(w: World) -> None:
     assert not theirs.seen and not theirs.property_types
 
 
+@probe(scheduler_pb, "ListQualifications")
+async def _list_qualifications(w: World) -> None:
+    request = scheduler_pb.ListQualificationsRequest(campaign=w.campaign.name, user_id="only-a")
+    await _refused(w.b.scheduler.ListQualifications(request))
+
+
 # --- campaigns --------------------------------------------------------------------------------
 
 

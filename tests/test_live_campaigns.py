@@ -120,6 +120,11 @@ class Live:
 
         await eventually(holds, within=within)
 
+    async def explain(self, name: str, user_id: str) -> campaign_pb.DeliveryExplanation:
+        return await self.clients.campaigns.ExplainDelivery(
+            campaign_pb.ExplainDeliveryRequest(campaign=name, user_id=user_id)
+        )
+
     async def stats(self, name: str) -> campaign_pb.CampaignStats:
         return await self.clients.campaigns.GetCampaignStats(
             campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
@@ -181,6 +186,34 @@ async def test_an_action_with_a_property_filter_sends_once_per_matching_event(li
     assert live.received() == [ana]
 
 
+async def test_an_action_can_hold_a_property_constant_with_an_earlier_event(live: Live) -> None:
+    """ "Added to cart the product they viewed in the last hour": the same product_id on both."""
+    trigger = campaign_pb.LiveTrigger(
+        action=campaign_pb.ActionTrigger(
+            event=live_event("Added to Cart"),
+            earlier_event=live_event("Viewed Product", condition("source", "EQUALS", "search")),
+            constant_property="product_id",
+            within=seconds(3600),
+        )
+    )
+    await live.campaign(trigger)
+    same, other, stale, unsearched = (f"{live.tag}-{i}" for i in range(4))
+    await live.act(
+        stale, "Viewed Product", at=live.clock.now() - timedelta(hours=2), product_id="p1", source="search"
+    )
+    for who in (same, other):
+        await live.act(who, "Viewed Product", product_id="p1", source="search")
+    await live.act(unsearched, "Viewed Product", product_id="p1", source="email")
+    live.clock.advance(timedelta(minutes=5))
+    await live.act(same, "Added to Cart", product_id="p1")
+    await live.act(other, "Added to Cart", product_id="p2")
+    await live.act(stale, "Added to Cart", product_id="p1")
+    await live.act(unsearched, "Added to Cart", product_id="p1")
+    await live.wait_for(lambda: live.received() == [same])
+    await live.settle()
+    assert live.received() == [same]
+
+
 async def test_cart_abandonment_sends_when_the_wait_runs_out_unless_that_cart_was_bought(
     live: Live, platform: Platform
 ) -> None:
@@ -192,7 +225,7 @@ async def test_cart_abandonment_sends_when_the_wait_runs_out_unless_that_cart_wa
             match_property="cart_id",
         )
     )
-    await live.campaign(trigger)
+    campaign = await live.campaign(trigger)
     abandons, buys, buys_another = (f"{live.tag}-{i}" for i in range(3))
     for who in (abandons, buys, buys_another):
         await live.act(who, "Added to Cart", cart_id=f"cart-{who}")
@@ -204,8 +237,16 @@ async def test_cart_abandonment_sends_when_the_wait_runs_out_unless_that_cart_wa
     await platform.restart_all()
     await live.settle(1)
     assert live.received() == []
+    waiting = await live.explain(campaign.name, abandons)
+    assert [(w.event_name, w.fire_time.seconds - w.event_time.seconds) for w in waiting.waits] == [
+        ("Added to Cart", 600)
+    ]
+    assert waiting.decisions[0].decision == campaign_pb.DECISION_PENDING
+    assert (await live.explain(campaign.name, buys)).waits == []
     live.clock.advance(timedelta(minutes=6, seconds=1))
     await live.wait_for(lambda: sorted(live.received()) == sorted([abandons, buys_another]))
+    sent = await live.explain(campaign.name, abandons)
+    assert [(d.via, d.decision) for d in sent.live_decisions] == [("timer", campaign_pb.DECISION_SENT)]
     live.clock.advance(timedelta(minutes=30))
     await live.settle()
     assert sorted(live.received()) == sorted([abandons, buys_another])
@@ -237,6 +278,37 @@ async def test_how_often_one_user_may_get_it(live: Live) -> None:
     await live.wait_for(lambda: live.received().count(cy) == 3)
     await live.settle()
     assert live.received().count(ana) == 1 and live.received().count(ben) == 2
+
+
+async def test_explain_delivery_says_what_qualified_each_time_and_what_held_it_back(live: Live) -> None:
+    gold = campaign_pb.Audience(
+        filter=pb.SegmentFilter(all_of=[pb.Condition(property=condition("plan", "EQUALS", "gold"))])
+    )
+    action = campaign_pb.LiveTrigger(action=campaign_pb.ActionTrigger(event=live_event("Opened App")))
+    created = await live.campaign(action, audience=gold, frequency=campaign_pb.LiveFrequency(once=True))
+    free, gold_user, idle = f"{live.tag}-0", f"{live.tag}-1", f"{live.tag}-3"
+    await live.act(free, "Opened App")
+    await live.act(gold_user, "Opened App", event_id=f"{live.tag}-first")
+    await live.wait_for(lambda: live.received() == [gold_user])
+    live.clock.advance(timedelta(minutes=1))
+    await live.act(gold_user, "Opened App", event_id=f"{live.tag}-second")
+
+    async def explained_twice() -> bool:
+        return len((await live.explain(created.name, gold_user)).live_decisions) == 2
+
+    await eventually(explained_twice)
+    twice = await live.explain(created.name, gold_user)
+    assert [(d.client_event_id, d.decision, d.rule) for d in twice.live_decisions] == [
+        (f"{live.tag}-second", campaign_pb.DECISION_SKIPPED, campaign_pb.RULE_LIVE_FREQUENCY),
+        (f"{live.tag}-first", campaign_pb.DECISION_SENT, campaign_pb.RULE_DELIVERED),
+    ]
+    assert twice.live_decisions[0].reason == "already got this campaign once (frequency: once)"
+    outside = await live.explain(created.name, free)
+    assert [(d.decision, d.rule) for d in outside.live_decisions] == [
+        (campaign_pb.DECISION_NOT_TARGETED, campaign_pb.RULE_AUDIENCE)
+    ]
+    [never] = (await live.explain(created.name, idle)).decisions
+    assert (never.decision, never.rule) == (campaign_pb.DECISION_NOT_TARGETED, campaign_pb.RULE_LIVE_TRIGGER)
 
 
 async def test_a_total_limit_completes_the_campaign_and_a_daily_limit_resets_each_day(live: Live) -> None:
@@ -332,6 +404,24 @@ async def test_a_date_that_passed_or_is_not_a_date_is_skipped_with_the_reason(li
         stats = await live.stats(name)
         assert {r.reason: r.count for r in stats.failure_reasons} == reasons
     assert live.received() == []
+
+
+async def test_a_live_campaign_completes_at_its_end_time_and_drops_its_waits(live: Live) -> None:
+    trigger = campaign_pb.LiveTrigger(
+        inaction=campaign_pb.InactionTrigger(
+            event=live_event("Added to Cart"), awaited_event=live_event("Charged"), within=seconds(3600)
+        )
+    )
+    created = await live.campaign(trigger, end_after=timedelta(minutes=30))
+    await live.act(f"{live.tag}-0", "Added to Cart")  # its wait would run out after the end
+    await live.settle(1)
+    live.clock.advance(timedelta(minutes=31))
+    await completed_stats(live.clients, created.name)
+    await live.act(f"{live.tag}-1", "Added to Cart")
+    live.clock.advance(timedelta(hours=2))
+    await live.settle()
+    assert live.received() == []
+    assert (await live.explain(created.name, f"{live.tag}-0")).waits == []
 
 
 async def test_a_stop_cancels_every_pending_wait(live: Live) -> None:

@@ -41,6 +41,15 @@ UNRECORDED_SYSTEM_EVENTS = frozenset(
         "wzrk_fetch",
     }
 )
+# Why a qualification made no delivery, in the words explanations show.
+NOT_IN_AUDIENCE = "did not match the campaign's audience when they qualified"
+ALREADY_ONCE = "already got this campaign once (frequency: once)"
+
+
+def too_recent(every: timedelta) -> str:
+    return f"got this campaign less than {every} before (frequency: at most every {every})"
+
+
 MIN_WINDOW = timedelta(minutes=1)
 MAX_WINDOW = timedelta(days=30)
 MIN_REPEAT = timedelta(hours=1)
@@ -104,6 +113,11 @@ def _check_trigger(trigger: pb.LiveTrigger, path: str, check: Validator) -> None
             "required with earlier_event",
         )
         _window(action.within.ToTimedelta(), f"{path}.action.within", check)
+        check.require(
+            bool(action.event.event_name) and action.earlier_event.event_name != action.event.event_name,
+            f"{path}.action.earlier_event.event_name",
+            "another event than the trigger's own, which must be named",
+        )
     elif kind == "action":
         check.require(
             not action_extras(trigger.action),

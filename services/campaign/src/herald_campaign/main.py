@@ -33,8 +33,9 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     )
     segmentation = infra.channel("segmentation")
     dispatch = infra.channel("dispatch")
+    scheduler = infra.channel("scheduler")
     campaigns = Campaigns(
-        infra.database, infra.subjects, References(segmentation, dispatch), infra.relay.notify
+        infra.database, infra.subjects, References(segmentation, dispatch, scheduler), infra.relay.notify
     )
     servicer = CampaignServicer(campaigns)
     network = NetworkPolicy(settings.allowed_destination_networks)
@@ -55,7 +56,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         settings.port("campaign") if port is None else port,
         permissions={**PERMISSIONS, **ACCOUNT_PERMISSIONS},
     )
-    host.on_stop.extend([segmentation.close, dispatch.close])
+    host.on_stop.extend([segmentation.close, dispatch.close, scheduler.close])
     await start_consumers(infra, campaigns)
     webhooks = AlertWebhooks(infra, network)
     await webhooks.start()

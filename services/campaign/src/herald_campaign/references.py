@@ -9,6 +9,8 @@ from grpc_status import rpc_status
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common import deadlines
@@ -53,9 +55,22 @@ def _under(field: str, path: str) -> str:
 
 
 class References:
-    def __init__(self, segmentation: grpc.aio.Channel, dispatch: grpc.aio.Channel) -> None:
+    def __init__(
+        self, segmentation: grpc.aio.Channel, dispatch: grpc.aio.Channel, scheduler: grpc.aio.Channel
+    ) -> None:
         self.segments = segmentation_grpc.SegmentationServiceStub(segmentation)
         self.destinations = dispatch_grpc.DispatchServiceStub(dispatch)
+        self.runs = scheduler_grpc.SchedulerServiceStub(scheduler)
+
+    async def qualifications(self, campaign: str, user_id: str) -> scheduler_pb.ListQualificationsResponse:
+        """The times the user qualified for a live campaign, and their waits, from the scheduler."""
+        try:
+            return await self.runs.ListQualifications(
+                scheduler_pb.ListQualificationsRequest(campaign=campaign, user_id=user_id),
+                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, campaign, "user_id", "scheduler") from None
 
     async def live_trigger(self, trigger: campaign_pb.LiveTrigger, path: str) -> list[str]:
         """Each event the trigger names: its `where` tests fit the properties' types, and a date

@@ -41,9 +41,11 @@ from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common import api, channels
-from herald_common.auth import account_id_of, act_as, service_caller
+from herald_common.auth import account_id_of, act_as, current_account_id, service_caller
 from herald_common.bus import Subjects
 from herald_common.db import Database
+from herald_common.errors import NotFound, Validator
+from herald_common.live import ALREADY_ONCE, NOT_IN_AUDIENCE, too_recent
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import enqueue
@@ -85,7 +87,6 @@ _UNITS = {
     campaign_pb.OFFSET_UNIT_MINUTES: timedelta(minutes=1),
     campaign_pb.OFFSET_UNIT_HOURS: timedelta(hours=1),
 }
-NOT_IN_AUDIENCE = "did not match the campaign's audience when they qualified"
 
 
 @dataclass(frozen=True)
@@ -521,11 +522,9 @@ class _Decision:
         if last is None or rule in (None, "every_time"):
             return ""
         if rule == "once":
-            return "already got this campaign once (frequency: once)"
+            return ALREADY_ONCE
         every = frequency.at_most_every.ToTimedelta()
-        if fire.at - last < every:
-            return f"got this campaign less than {every} before (frequency)"
-        return ""
+        return too_recent(every) if fire.at - last < every else ""
 
     def _recipient(self, fire: Fire, member: segmentation_pb.AudienceMember | None) -> events.Recipient:
         recipient = events.Recipient(
@@ -706,4 +705,71 @@ def _finish(*where: Any, now: datetime) -> Any:
             ended_at=sa.case((runs.c.waiting > 0, None), else_=now),
             version=runs.c.version + 1,
         )
+    )
+
+
+async def qualifications(
+    database: Database, campaign: str, user_id: str, page_size: int
+) -> tuple[list[pb.Qualification], list[pb.LiveWait]]:
+    """The caller's user's qualifications for a live campaign, newest first, and their waits."""
+    api.parse_uuid_name(campaign, "campaigns", "campaign")
+    check = Validator()
+    check.require(api.is_valid_id(user_id), "user_id", "required: 1-200 letters, digits or ._:@+-")
+    check.require(0 <= page_size <= 1000, "page_size", "0 (50) to 1,000")
+    check.raise_if_any()
+    account_id = current_account_id()
+    async with database.transaction() as session:
+        owned = await session.scalar(
+            sa.select(campaigns.c.name).where(
+                campaigns.c.name == campaign, campaigns.c.account_id == account_id
+            )
+        )
+        if owned is None:
+            raise NotFound(campaign, "campaign")
+        fired = (
+            await session.execute(
+                sa.select(live_fires)
+                .where(
+                    live_fires.c.campaign == campaign,
+                    live_fires.c.user_id == user_id,
+                    live_fires.c.account_id == account_id,
+                )
+                .order_by(live_fires.c.fired_at.desc(), live_fires.c.event_time.desc())
+                .limit(page_size or 50)
+            )
+        ).all()
+        waiting = (
+            await session.execute(
+                sa.select(live_timers)
+                .where(
+                    live_timers.c.campaign == campaign,
+                    live_timers.c.user_id == user_id,
+                    live_timers.c.account_id == account_id,
+                )
+                .order_by(live_timers.c.fire_at)
+                .limit(1000)
+            )
+        ).all()
+    return (
+        [
+            pb.Qualification(
+                event_name=row.event_name,
+                client_event_id=row.occurrence,
+                event_time=api.timestamp(row.event_time),
+                via=row.via,
+                qualify_time=api.timestamp(row.fired_at),
+                delivery_id=row.delivery_id or "",
+                outcome=row.outcome,
+            )
+            for row in fired
+        ],
+        [
+            pb.LiveWait(
+                event_name=row.event_name,
+                client_event_id=row.occurrence,
+                event_time=api.timestamp(row.event_time),
+                fire_time=api.timestamp(row.fire_at),
+            )
+            for row in waiting
+        ],
     )

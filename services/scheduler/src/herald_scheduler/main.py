@@ -62,7 +62,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     live = LiveEngine(
         infra.database, infra.subjects, run_events, segmentation, infra.relay.notify, releaser.notify
     )
-    servicer = SchedulerServicer(RunQueries(infra.database))
+    servicer = SchedulerServicer(RunQueries(infra.database), infra.database)
 
     def register(server: grpc.aio.Server) -> None:
         pb_grpc.add_SchedulerServiceServicer_to_server(servicer, server)

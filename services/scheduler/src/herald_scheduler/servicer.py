@@ -10,6 +10,8 @@ import grpc
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.scheduler.v1 import scheduler_service_pb2_grpc as pb_grpc
 from herald_common.auth import Permission, method_permissions
+from herald_common.db import Database
+from herald_scheduler.live import qualifications
 from herald_scheduler.runs import RunQueries
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -21,13 +23,15 @@ PERMISSIONS = method_permissions(
         "GetRun": Permission.READ,
         "ListRuns": Permission.READ,
         "WatchRun": Permission.READ,
+        "ListQualifications": Permission.READ,
     },
 )
 
 
 class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
-    def __init__(self, queries: RunQueries) -> None:
+    def __init__(self, queries: RunQueries, database: Database) -> None:
         self.queries = queries
+        self.database = database
 
     async def GetRun(self, request: pb.GetRunRequest, context: Context) -> pb.Run:
         return await self.queries.get(request.name)
@@ -39,3 +43,11 @@ class SchedulerServicer(pb_grpc.SchedulerServiceServicer):
     async def ListRuns(self, request: pb.ListRunsRequest, context: Context) -> pb.ListRunsResponse:
         found, token = await self.queries.list(request.parent, request.page_size, request.page_token)
         return pb.ListRunsResponse(runs=found, next_page_token=token)
+
+    async def ListQualifications(
+        self, request: pb.ListQualificationsRequest, context: Context
+    ) -> pb.ListQualificationsResponse:
+        found, waits = await qualifications(
+            self.database, request.campaign, request.user_id, request.page_size
+        )
+        return pb.ListQualificationsResponse(qualifications=found, waits=waits)

@@ -636,7 +636,7 @@ def _window(window: pb.TimeWindow, ctx: Context) -> tuple[datetime, datetime]:
 
 # An event's properties: in its row (and so in the covering index), or, for the few too large
 # for an index entry, in event_bodies under the client event id the row holds as a JSON string.
-_EVENT_PROPERTIES: Any = sa.type_coerce(
+EVENT_PROPERTIES: Any = sa.type_coerce(
     Grouping(  # in parentheses, so that a subscript applies to the whole expression
         sa.case(
             (
@@ -664,7 +664,7 @@ def _event_rows(
         where.append(events.c.user_id.in_(ctx.only_users))
     if condition.event_name:
         where.append(events.c.name == condition.event_name)
-    where.append(event_where(condition.where, _EVENT_PROPERTIES, condition.event_name, ctx))
+    where.append(event_where(condition.where, EVENT_PROPERTIES, condition.event_name, ctx))
     if windowed and condition.HasField("window"):
         start, end = _window(condition.window, ctx)
         where.extend([events.c.occurred_at >= start, events.c.occurred_at < end])
@@ -722,10 +722,10 @@ def _counted(condition: pb.EventCondition, ctx: Context) -> sa.ColumnElement[boo
 def _constant(condition: pb.ConstantPropertyCondition, ctx: Context) -> sa.ColumnElement[bool]:
     key = condition.property
     # As text: hashing text is much cheaper than hashing jsonb, and a property keeps one type.
-    value = _EVENT_PROPERTIES[key].astext
+    value = EVENT_PROPERTIES[key].astext
     sets = []
     for event in condition.events:
-        rows = [*_event_rows(event, ctx), _EVENT_PROPERTIES.has_key(key)]
+        rows = [*_event_rows(event, ctx), EVENT_PROPERTIES.has_key(key)]
         query = sa.select(events.c.user_id, value.label("v")).where(*rows)
         if event.HasField("count") and event.count.value > 1:
             query = query.group_by(events.c.user_id, value).having(sa.func.count() >= event.count.value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -21,22 +22,22 @@ from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
-from herald.events.v1 import events_pb2 as events
+from herald.events.v1 import events_pb2
 from herald_common import api
 from herald_common.auth import account_id_of, account_name
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.outbox import OutboxEvent
-from herald_segmentation.filters import Context, event_where
+from herald_segmentation.filters import EVENT_PROPERTIES, Context, event_where
 from herald_segmentation.properties import event_subject, known_types
-from herald_segmentation.storage import live_triggers
+from herald_segmentation.storage import events, live_triggers
 
 log = get_logger(__name__)
 # An event that arrives later than this after it happened is recorded but triggers nothing.
 LATENESS_ALLOWANCE = timedelta(minutes=10)
 _ACTIVE = {campaign_pb.STATE_SCHEDULED, campaign_pb.STATE_RUNNING}
-TRIGGER, AWAITED = events.LIVE_ROLE_TRIGGER, events.LIVE_ROLE_AWAITED
+TRIGGER, AWAITED = events_pb2.LIVE_ROLE_TRIGGER, events_pb2.LIVE_ROLE_AWAITED
 
 
 class Received(Protocol):
@@ -66,6 +67,8 @@ class _Watch:
     end: datetime | None
     match_property: str
     date_property: str
+    # An action trigger that needs an earlier event with the same value of a property.
+    earlier: campaign_pb.ActionTrigger | None = None
 
 
 def watches(
@@ -73,7 +76,8 @@ def watches(
 ) -> list[_Watch]:
     kind = trigger.WhichOneof("kind")
     if kind == "action":
-        return [_Watch(campaign, version, TRIGGER, trigger.action.event, start, end, "", "")]
+        earlier = trigger.action if trigger.action.HasField("earlier_event") else None
+        return [_Watch(campaign, version, TRIGGER, trigger.action.event, start, end, "", "", earlier)]
     if kind == "inaction":
         inaction = trigger.inaction
         match = inaction.match_property
@@ -87,6 +91,11 @@ def watches(
     return []
 
 
+def _text(value: Any) -> str:
+    """A property value as PostgreSQL's `->>` gives it."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def _json(value: Any) -> str:
     return "" if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -96,7 +105,7 @@ class LiveTriggers:
         self.database = database
         self.subjects = subjects
 
-    async def apply_campaigns(self, changes: Sequence[events.CampaignChanged]) -> None:
+    async def apply_campaigns(self, changes: Sequence[events_pb2.CampaignChanged]) -> None:
         """Keeps each live campaign's trigger while it is published; newest version wins."""
         async with self.database.transaction() as session:
             for change in sorted(changes, key=lambda c: (c.campaign.name, c.version)):
@@ -171,12 +180,16 @@ class LiveTriggers:
         if not candidates:
             return []
         passed = await self._where_holds(session, account_id, timely, candidates)
+        needing = [k for k, ok in enumerate(passed) if ok and candidates[k][1].earlier is not None]
+        if needing:
+            held = await self._earlier_done(session, account_id, timely, candidates, needing)
+            passed = [ok and (k in held or k not in needing) for k, ok in enumerate(passed)]
         matches = []
         for (i, w), ok in zip(candidates, passed, strict=True):
             if not ok:
                 continue
             event = timely[i]
-            match = events.LiveMatch(
+            match = events_pb2.LiveMatch(
                 campaign=w.campaign,
                 campaign_version=w.version,
                 user_id=event.user_id,
@@ -191,13 +204,78 @@ class LiveTriggers:
         if not matches:
             return []
         matches.sort(key=lambda m: (m.event_time.seconds, m.event_time.nanos))
-        published = events.LiveMatches(
+        published = events_pb2.LiveMatches(
             event_id=str(uuid.uuid4()),
             account=account_name(account_id),
             matches=matches,
             receive_time=api.timestamp(received),
         )
         return [OutboxEvent.of(self.subjects.live_matches, published, published.event_id)]
+
+    async def _earlier_done(
+        self,
+        session: AsyncSession,
+        account_id: uuid.UUID,
+        timely: Sequence[Received],
+        candidates: list[tuple[int, _Watch]],
+        needing: list[int],
+    ) -> set[int]:
+        """Which candidates' users did the trigger's earlier event, inside its window, with the
+        same value of the constant property: an index lookup per user, one query per trigger."""
+        held: set[int] = set()
+        by_watch: dict[int, list[int]] = defaultdict(list)
+        for k in needing:
+            by_watch[id(candidates[k][1])].append(k)
+        for ks in by_watch.values():
+            action = candidates[ks[0]][1].earlier
+            assert action is not None
+            prop, earlier = action.constant_property, action.earlier_event
+            ks = [k for k in ks if timely[candidates[k][0]].values.get(prop) is not None]
+            if not ks:
+                continue
+            keys = {(event_subject(earlier.event_name), c.property) for c in earlier.where}
+            ctx = Context(
+                account_id=account_id, now=api.utcnow(), types=await known_types(session, account_id, keys)
+            )
+            rows = (
+                sa.func.unnest(
+                    sa.cast(sa.bindparam("ks"), ARRAY(sa.Integer)),
+                    sa.cast(sa.bindparam("users"), ARRAY(sa.Text)),
+                    sa.cast(sa.bindparam("times"), ARRAY(sa.Float)),
+                    sa.cast(sa.bindparam("values"), ARRAY(sa.Text)),
+                )
+                .table_valued(
+                    sa.column("k", sa.Integer),
+                    sa.column("user_id", sa.Text),
+                    sa.column("at", sa.Float),
+                    sa.column("value", sa.Text),
+                )
+                .render_derived(name="c")
+            )
+            window = action.within.ToTimedelta().total_seconds()
+            done = sa.exists(
+                sa.select(1).where(
+                    events.c.account_id == account_id,
+                    events.c.user_id == rows.c.user_id,
+                    events.c.name == earlier.event_name,
+                    events.c.occurred_at >= sa.func.to_timestamp(rows.c.at - window),
+                    events.c.occurred_at <= sa.func.to_timestamp(rows.c.at),
+                    EVENT_PROPERTIES[prop].astext == rows.c.value,
+                    event_where(earlier.where, EVENT_PROPERTIES, earlier.event_name, ctx),
+                )
+            )
+            held |= set(
+                await session.scalars(
+                    sa.select(rows.c.k).where(done),
+                    {
+                        "ks": ks,
+                        "users": [timely[candidates[k][0]].user_id for k in ks],
+                        "times": [timely[candidates[k][0]].when for k in ks],
+                        "values": [_text(timely[candidates[k][0]].values[prop]) for k in ks],
+                    },
+                )
+            )
+        return held
 
     async def _where_holds(
         self,

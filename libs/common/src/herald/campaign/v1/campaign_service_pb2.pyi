@@ -11,6 +11,7 @@ from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from herald.scheduler.v1 import scheduler_service_pb2 as _scheduler_service_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as _segmentation_service_pb2
 import builtins as _builtins
 import sys
@@ -259,6 +260,14 @@ class _RuleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Rule.ValueType],
     """Left out by the campaign's random cap ("only N per run")."""
     RULE_THROTTLE: _Rule.ValueType  # 13
     """Held back by the campaign's throttle until its cut-off time passed."""
+    RULE_LIVE_TRIGGER: _Rule.ValueType  # 14
+    """A live campaign's trigger: the user has not qualified, or waits to."""
+    RULE_LIVE_FREQUENCY: _Rule.ValueType  # 15
+    """A live campaign's frequency ("once", "once per 24 hours")."""
+    RULE_LIVE_LIMIT: _Rule.ValueType  # 16
+    """A live campaign's limit (in all, or per day) was reached."""
+    RULE_TRIGGER_DATE: _Rule.ValueType  # 17
+    """A date-property trigger's date had passed, or was not a date."""
 
 class Rule(_Rule, metaclass=_RuleEnumTypeWrapper):
     """The rule behind a decision."""
@@ -293,6 +302,14 @@ RULE_TARGETING_CAP: Rule.ValueType  # 12
 """Left out by the campaign's random cap ("only N per run")."""
 RULE_THROTTLE: Rule.ValueType  # 13
 """Held back by the campaign's throttle until its cut-off time passed."""
+RULE_LIVE_TRIGGER: Rule.ValueType  # 14
+"""A live campaign's trigger: the user has not qualified, or waits to."""
+RULE_LIVE_FREQUENCY: Rule.ValueType  # 15
+"""A live campaign's frequency ("once", "once per 24 hours")."""
+RULE_LIVE_LIMIT: Rule.ValueType  # 16
+"""A live campaign's limit (in all, or per day) was reached."""
+RULE_TRIGGER_DATE: Rule.ValueType  # 17
+"""A date-property trigger's date had passed, or was not a date."""
 Global___Rule: _TypeAlias = Rule  # noqa: Y015
 
 @_typing.final
@@ -1937,6 +1954,8 @@ class DeliveryExplanation(_message.Message):
     CAMPAIGN_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
     DECISIONS_FIELD_NUMBER: _builtins.int
+    LIVE_DECISIONS_FIELD_NUMBER: _builtins.int
+    WAITS_FIELD_NUMBER: _builtins.int
     campaign: _builtins.str
     """`campaigns/{campaign}`."""
     user_id: _builtins.str
@@ -1945,17 +1964,75 @@ class DeliveryExplanation(_message.Message):
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunDecision]:
         """One per run of the campaign, in run order."""
 
+    @_builtins.property
+    def live_decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LiveDecision]:
+        """A live campaign: one per time the user qualified, newest first (at most 50)."""
+
+    @_builtins.property
+    def waits(self) -> _containers.RepeatedCompositeFieldContainer[_scheduler_service_pb2.LiveWait]:
+        """A live campaign: the user's waits still running (inaction windows, dates to come)."""
+
     def __init__(
         self,
         *,
         campaign: _builtins.str = ...,
         user_id: _builtins.str = ...,
         decisions: _abc.Iterable[Global___RunDecision] | None = ...,
+        live_decisions: _abc.Iterable[Global___LiveDecision] | None = ...,
+        waits: _abc.Iterable[_scheduler_service_pb2.LiveWait] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "decisions", b"decisions", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "decisions", b"decisions", "live_decisions", b"live_decisions", "user_id", b"user_id", "waits", b"waits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliveryExplanation: _TypeAlias = DeliveryExplanation  # noqa: Y015
+
+@_typing.final
+class LiveDecision(_message.Message):
+    """What became of one time a user qualified for a live campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    DECISION_FIELD_NUMBER: _builtins.int
+    RULE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    event_name: _builtins.str
+    """What qualified them: the event, when they did it and its client id."""
+    client_event_id: _builtins.str
+    """Its client event id."""
+    via: _builtins.str
+    """`event` (it qualified the user as it arrived) or `timer` (a wait ran out, a date came)."""
+    decision: Global___Decision.ValueType
+    """What happened."""
+    rule: Global___Rule.ValueType
+    """The rule that made it."""
+    reason: _builtins.str
+    """In words."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user did it."""
+
+    def __init__(
+        self,
+        *,
+        event_name: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        client_event_id: _builtins.str = ...,
+        via: _builtins.str = ...,
+        decision: Global___Decision.ValueType = ...,
+        rule: Global___Rule.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_event_id", b"client_event_id", "decision", b"decision", "event_name", b"event_name", "event_time", b"event_time", "reason", b"reason", "rule", b"rule", "via", b"via"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveDecision: _TypeAlias = LiveDecision  # noqa: Y015

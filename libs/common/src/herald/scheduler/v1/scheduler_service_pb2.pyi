@@ -279,3 +279,151 @@ class ListRunsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListRunsResponse: _TypeAlias = ListRunsResponse  # noqa: Y015
+
+@_typing.final
+class ListQualificationsRequest(_message.Message):
+    """Request for ListQualifications."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    campaign: _builtins.str
+    """`campaigns/{campaign}`; a live campaign."""
+    user_id: _builtins.str
+    """The user."""
+    page_size: _builtins.int
+    """At most this many qualifications (default 50, at most 1000), newest first."""
+    def __init__(
+        self,
+        *,
+        campaign: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "page_size", b"page_size", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQualificationsRequest: _TypeAlias = ListQualificationsRequest  # noqa: Y015
+
+@_typing.final
+class Qualification(_message.Message):
+    """One time a user qualified for a live campaign."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    VIA_FIELD_NUMBER: _builtins.int
+    QUALIFY_TIME_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    event_name: _builtins.str
+    """The event behind it: the one that qualified them, started the wait, or carried the date."""
+    client_event_id: _builtins.str
+    """Its client event id."""
+    via: _builtins.str
+    """`event` (it qualified the user as it arrived) or `timer` (a wait ran out, a date came)."""
+    delivery_id: _builtins.str
+    """The delivery made for it; empty when none was."""
+    outcome: _builtins.str
+    """Why no delivery was made (not in the audience, the campaign's frequency); empty when one was."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user did it."""
+
+    @_builtins.property
+    def qualify_time(self) -> _timestamp_pb2.Timestamp:
+        """When Herald acted on it."""
+
+    def __init__(
+        self,
+        *,
+        event_name: _builtins.str = ...,
+        client_event_id: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        via: _builtins.str = ...,
+        qualify_time: _timestamp_pb2.Timestamp | None = ...,
+        delivery_id: _builtins.str = ...,
+        outcome: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "qualify_time", b"qualify_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_event_id", b"client_event_id", "delivery_id", b"delivery_id", "event_name", b"event_name", "event_time", b"event_time", "outcome", b"outcome", "qualify_time", b"qualify_time", "via", b"via"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Qualification: _TypeAlias = Qualification  # noqa: Y015
+
+@_typing.final
+class LiveWait(_message.Message):
+    """A wait of a user that has not run out."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_NAME_FIELD_NUMBER: _builtins.int
+    CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    FIRE_TIME_FIELD_NUMBER: _builtins.int
+    event_name: _builtins.str
+    """The event that started it."""
+    client_event_id: _builtins.str
+    """Its client event id."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When the user did it."""
+
+    @_builtins.property
+    def fire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the wait runs out (or the date comes) and the user qualifies."""
+
+    def __init__(
+        self,
+        *,
+        event_name: _builtins.str = ...,
+        client_event_id: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        fire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time", "fire_time", b"fire_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_event_id", b"client_event_id", "event_name", b"event_name", "event_time", b"event_time", "fire_time", b"fire_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveWait: _TypeAlias = LiveWait  # noqa: Y015
+
+@_typing.final
+class ListQualificationsResponse(_message.Message):
+    """Response for ListQualifications."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    QUALIFICATIONS_FIELD_NUMBER: _builtins.int
+    WAITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def qualifications(self) -> _containers.RepeatedCompositeFieldContainer[Global___Qualification]:
+        """Newest first."""
+
+    @_builtins.property
+    def waits(self) -> _containers.RepeatedCompositeFieldContainer[Global___LiveWait]:
+        """The user's waits still running, soonest first."""
+
+    def __init__(
+        self,
+        *,
+        qualifications: _abc.Iterable[Global___Qualification] | None = ...,
+        waits: _abc.Iterable[Global___LiveWait] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["qualifications", b"qualifications", "waits", b"waits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListQualificationsResponse: _TypeAlias = ListQualificationsResponse  # noqa: Y015

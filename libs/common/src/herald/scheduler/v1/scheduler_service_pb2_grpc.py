@@ -50,6 +50,11 @@ class SchedulerServiceStub:
                 request_serializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.SerializeToString,
                 response_deserializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.Run.FromString,
                 _registered_method=True)
+        self.ListQualifications = channel.unary_unary(
+                '/herald.scheduler.v1.SchedulerService/ListQualifications',
+                request_serializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListQualificationsRequest.SerializeToString,
+                response_deserializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListQualificationsResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServiceServicer:
@@ -77,6 +82,14 @@ class SchedulerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListQualifications(self, request, context):
+        """The times a user qualified for a live campaign, newest first (which event or timer, and what
+        became of it), and the waits of theirs still running.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_SchedulerServiceServicer_to_server(servicer, server):
                     servicer.WatchRun,
                     request_deserializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.FromString,
                     response_serializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.Run.SerializeToString,
+            ),
+            'ListQualifications': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListQualifications,
+                    request_deserializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListQualificationsRequest.FromString,
+                    response_serializer=herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListQualificationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class SchedulerService:
             '/herald.scheduler.v1.SchedulerService/WatchRun',
             herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.WatchRunRequest.SerializeToString,
             herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListQualifications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.scheduler.v1.SchedulerService/ListQualifications',
+            herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListQualificationsRequest.SerializeToString,
+            herald_dot_scheduler_dot_v1_dot_scheduler__service__pb2.ListQualificationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

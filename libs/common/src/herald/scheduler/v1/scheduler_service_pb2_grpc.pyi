@@ -39,6 +39,10 @@ class SchedulerServiceStub:
     """Lists the runs of a campaign, oldest first."""
     WatchRun: _grpc.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchRunRequest, _scheduler_service_pb2.Run]
     """Streams a run as it changes: its state now, then every change, until it ends."""
+    ListQualifications: _grpc.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListQualificationsRequest, _scheduler_service_pb2.ListQualificationsResponse]
+    """The times a user qualified for a live campaign, newest first (which event or timer, and what
+    became of it), and the waits of theirs still running.
+    """
 
 @_typing.type_check_only
 class SchedulerServiceAsyncStub(SchedulerServiceStub):
@@ -51,6 +55,10 @@ class SchedulerServiceAsyncStub(SchedulerServiceStub):
     """Lists the runs of a campaign, oldest first."""
     WatchRun: _aio.UnaryStreamMultiCallable[_scheduler_service_pb2.WatchRunRequest, _scheduler_service_pb2.Run]  # type: ignore[assignment]
     """Streams a run as it changes: its state now, then every change, until it ends."""
+    ListQualifications: _aio.UnaryUnaryMultiCallable[_scheduler_service_pb2.ListQualificationsRequest, _scheduler_service_pb2.ListQualificationsResponse]  # type: ignore[assignment]
+    """The times a user qualified for a live campaign, newest first (which event or timer, and what
+    became of it), and the waits of theirs still running.
+    """
 
 class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Plans and executes campaign runs."""
@@ -78,5 +86,15 @@ class SchedulerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_scheduler_service_pb2.Run], _abc.AsyncIterator[_scheduler_service_pb2.Run]]:
         """Streams a run as it changes: its state now, then every change, until it ends."""
+
+    @_abc_1.abstractmethod
+    def ListQualifications(
+        self,
+        request: _scheduler_service_pb2.ListQualificationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_service_pb2.ListQualificationsResponse, _abc.Awaitable[_scheduler_service_pb2.ListQualificationsResponse]]:
+        """The times a user qualified for a live campaign, newest first (which event or timer, and what
+        became of it), and the waits of theirs still running.
+        """
 
 def add_SchedulerServiceServicer_to_server(servicer: SchedulerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
