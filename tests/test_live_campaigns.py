@@ -21,6 +21,8 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
 from herald_common.skips import SkipReason
+from herald_common.timing import in_control_group
+from herald_scheduler import main as scheduler_main
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
@@ -309,6 +311,62 @@ async def test_explain_delivery_says_what_qualified_each_time_and_what_held_it_b
     ]
     [never] = (await live.explain(created.name, idle)).decisions
     assert (never.decision, never.rule) == (campaign_pb.DECISION_NOT_TARGETED, campaign_pb.RULE_LIVE_TRIGGER)
+
+
+async def test_two_scheduler_replicas_fire_each_wait_once(live: Live, platform: Platform) -> None:
+    second = await scheduler_main.start(platform.settings, port=0)
+    try:
+        trigger = campaign_pb.LiveTrigger(
+            inaction=campaign_pb.InactionTrigger(
+                event=live_event("Added to Cart"), awaited_event=live_event("Charged"), within=seconds(60)
+            )
+        )
+        await live.campaign(trigger)
+        waiting = [f"{live.tag}-pair-{i:03}" for i in range(300)]
+        await live.act_all(waiting, "Added to Cart")
+        await live.settle(1)
+        live.clock.advance(timedelta(minutes=2))
+        await live.wait_for(lambda: len(live.received()) == 300)
+        await live.settle()
+        assert sorted(live.received()) == waiting
+        assert live.segment_api.duplicated_ids == set()
+    finally:
+        await second.stop()
+
+
+async def test_each_live_message_keeps_to_the_control_group_and_do_not_disturb_hours(live: Live) -> None:
+    quiet = campaign_pb.DeliveryPreferences(
+        quiet_hours=campaign_pb.QuietHours(
+            start="21:00", end="08:00", action=campaign_pb.QuietHoursAction.QUIET_HOURS_ACTION_DELAY
+        )
+    )
+    action = campaign_pb.LiveTrigger(action=campaign_pb.ActionTrigger(event=live_event("Opened App")))
+    created = await live.campaign(
+        action, delivery=quiet, targeting=campaign_pb.Targeting(control_group_percent=50)
+    )
+    others = [f"{live.tag}-cg-{i:02}" for i in range(40)]
+    control = [u for u in others if in_control_group(created.name, u, 50)]
+    assert 5 < len(control) < 35
+    # Someone in Tokyo, outside the control group, acting at noon UTC: 21:00 there, quiet hours.
+    night_owl = next(
+        u for u in (f"{live.tag}-owl-{i}" for i in range(100)) if not in_control_group(created.name, u, 50)
+    )
+    await live.clients.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(users=[pb.User(user_id=night_owl, timezone="Asia/Tokyo")])
+    )
+    await live.act_all(others, "Opened App")
+    await live.act(night_owl, "Opened App")
+    treated = sorted(set(others) - set(control))
+    await live.wait_for(lambda: sorted(live.received()) == treated)
+    await live.wait_for_stats(created.name, lambda stats: stats.skipped == len(control))
+    stats = await live.stats(created.name)
+    assert {r.reason: r.count for r in stats.failure_reasons} == {SkipReason.CONTROL_GROUP: len(control)}
+    # The message waits for 08:00 in Tokyo (23:00 UTC).
+    live.move_to(datetime(2026, 11, 23, 22, 59, tzinfo=UTC))
+    await live.settle()
+    assert night_owl not in live.received()
+    live.move_to(datetime(2026, 11, 23, 23, 0, 30, tzinfo=UTC))
+    await live.wait_for(lambda: night_owl in live.received())
 
 
 async def test_a_total_limit_completes_the_campaign_and_a_daily_limit_resets_each_day(live: Live) -> None:

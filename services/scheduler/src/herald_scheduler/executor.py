@@ -127,7 +127,7 @@ def _left_out(member: segmentation_pb.AudienceMember, campaign: campaign_pb.Camp
     return None
 
 
-_HOLD = sa.text(
+HOLD = sa.text(
     """
     INSERT INTO scheduler.pending_deliveries
         (run_id, group_id, account_id, campaign, due_at, cutoff_at, zone, size, recipients)
@@ -140,7 +140,7 @@ _HOLD = sa.text(
 )
 
 
-def _groups(held: list[tuple[events.Recipient, Due]]) -> list[tuple[Due, list[events.Recipient]]]:
+def group_by_due(held: list[tuple[events.Recipient, Due]]) -> list[tuple[Due, list[events.Recipient]]]:
     """Deliveries that fall due together (the same time, cut-off and zone), in planning order:
     each group waits as one row."""
     groups: dict[Due, list[events.Recipient]] = {}
@@ -411,9 +411,9 @@ class RunExecutor:
             raise RunStopped()
         account_id = advanced[0].account_id
         if held:
-            groups = _groups(held)
+            groups = group_by_due(held)
             await session.execute(
-                _HOLD,
+                HOLD,
                 {
                     "run_id": run_id,
                     "account_id": account_id,

@@ -25,13 +25,13 @@ import json
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
@@ -53,7 +53,7 @@ from herald_common.schedules import account_zone, parse_time_of_day
 from herald_common.skips import SkipReason
 from herald_common.timing import in_control_group, local_day, local_instant, parse_datetime, zone_named
 from herald_scheduler.due import RunTiming
-from herald_scheduler.executor import MAX_RECIPIENT_ATTRIBUTE_BYTES
+from herald_scheduler.executor import HOLD, MAX_RECIPIENT_ATTRIBUTE_BYTES, group_by_due
 from herald_scheduler.handover import delivery_batches
 from herald_scheduler.planning import accounts_settings, drop_waits
 from herald_scheduler.runs import RunEvents
@@ -65,7 +65,6 @@ from herald_scheduler.storage import (
     live_timers,
     live_users,
     outbox,
-    pending_deliveries,
     runs,
 )
 
@@ -136,6 +135,162 @@ def date_moment(trigger: campaign_pb.DatePropertyTrigger, value: Any, zone: Any)
     return parsed + trigger.offset * _UNITS[trigger.unit]
 
 
+# Awaited events end the waits they fall in (of their match value, where the trigger has one).
+_END_WAITS = sa.text(
+    """
+    DELETE FROM scheduler.live_timers t
+    USING unnest(CAST(:campaigns AS text[]), CAST(:users AS text[]), CAST(:times AS timestamptz[]),
+                 CAST(:values AS text[]), CAST(:matched AS boolean[]))
+         AS b(campaign, user_id, at, value, matched)
+    WHERE t.campaign = b.campaign AND t.user_id = b.user_id AND t.event_time <= b.at AND t.fire_at >= b.at
+      AND (NOT b.matched OR t.match_value = b.value)
+    """
+)
+_KEEP_AWAITED = sa.text(
+    """
+    INSERT INTO scheduler.live_awaited
+        (campaign, user_id, occurrence, account_id, match_value, event_time, expires_at)
+    SELECT * FROM unnest(CAST(:campaigns AS text[]), CAST(:users AS text[]), CAST(:occurrences AS text[]),
+                         CAST(:accounts AS uuid[]), CAST(:values AS text[]), CAST(:times AS timestamptz[]),
+                         CAST(:expires AS timestamptz[]))
+    ON CONFLICT DO NOTHING
+    """
+)
+# Waits start unless (for an inaction) an awaited event of theirs already came inside the window.
+_START_WAITS = sa.text(
+    """
+    INSERT INTO scheduler.live_timers
+        (campaign, occurrence, account_id, run_id, user_id, fire_at, event_name, event_time, match_value)
+    SELECT s.campaign, s.occurrence, s.account_id, s.run_id, s.user_id, s.fire_at, s.event_name, s.event_time,
+           s.match_value
+    FROM unnest(CAST(:campaigns AS text[]), CAST(:occurrences AS text[]), CAST(:accounts AS uuid[]),
+                CAST(:runs AS uuid[]), CAST(:users AS text[]), CAST(:fire AS timestamptz[]),
+                CAST(:names AS text[]), CAST(:times AS timestamptz[]), CAST(:values AS text[]),
+                CAST(:awaits AS boolean[]), CAST(:matched AS boolean[]))
+         AS s(campaign, occurrence, account_id, run_id, user_id, fire_at, event_name, event_time, match_value,
+              awaits, matched)
+    WHERE NOT (s.awaits AND EXISTS (
+        SELECT 1 FROM scheduler.live_awaited a
+        WHERE a.campaign = s.campaign AND a.user_id = s.user_id
+          AND a.event_time >= s.event_time AND a.event_time <= s.fire_at
+          AND (NOT s.matched OR a.match_value = s.match_value)))
+    ON CONFLICT DO NOTHING
+    """
+)
+
+
+# The occurrences not acted on before, recorded as acted on (what became of each follows).
+_FIRED = sa.text(
+    """
+    INSERT INTO scheduler.live_fires
+        (campaign, occurrence, account_id, run_id, user_id, fired_at, event_name, event_time, via, outcome)
+    SELECT :campaign, o, :account_id, :run_id, u, :now, n, t, v, ''
+    FROM unnest(CAST(:occurrences AS text[]), CAST(:users AS text[]), CAST(:names AS text[]),
+                CAST(:times AS timestamptz[]), CAST(:via AS text[])) AS f(o, u, n, t, v)
+    ON CONFLICT DO NOTHING
+    RETURNING occurrence
+    """
+)
+_OUTCOMES = sa.text(
+    """
+    UPDATE scheduler.live_fires f SET delivery_id = o.delivery_id, outcome = o.reason
+    FROM unnest(CAST(:occurrences AS text[]), CAST(:deliveries AS text[]), CAST(:reasons AS text[]))
+         AS o(occurrence, delivery_id, reason)
+    WHERE f.campaign = :campaign AND f.occurrence = o.occurrence
+    """
+)
+_SENT_TO = sa.text(
+    """
+    INSERT INTO scheduler.live_users AS u (campaign, user_id, account_id, last_at)
+    SELECT :campaign, s.user_id, :account_id, s.at
+    FROM unnest(CAST(:users AS text[]), CAST(:times AS timestamptz[])) AS s(user_id, at)
+    ON CONFLICT (campaign, user_id) DO UPDATE SET last_at = excluded.last_at
+    """
+)
+
+
+@dataclass
+class _Plan:
+    """What a batch of matches asks for, gathered to be written set by set."""
+
+    now: datetime
+    fires: list[Fire] = field(default_factory=list)
+    awaited: list[tuple[_Live, events.LiveMatch, datetime]] = field(default_factory=list)
+    waits: list[tuple[_Live, events.LiveMatch, datetime, datetime, bool]] = field(default_factory=list)
+
+    def add(self, on: _Live, match: events.LiveMatch, zones: dict[tuple[uuid.UUID, str], str]) -> None:
+        event_time = api.from_timestamp(match.event_time)
+        trigger = on.trigger
+        kind = trigger.WhichOneof("kind")
+        if match.role == events.LIVE_ROLE_AWAITED:
+            self.awaited.append((on, match, event_time))
+            return
+        fire = Fire(
+            on.campaign.name,
+            match.client_event_id,
+            match.user_id,
+            match.event_name,
+            event_time,
+            event_time,
+            "event",
+        )
+        if kind == "action":
+            self.fires.append(fire)
+        elif kind == "inaction":
+            self.waits.append(
+                (on, match, event_time, event_time + trigger.inaction.within.ToTimedelta(), True)
+            )
+        elif kind == "date_property":
+            value = json.loads(match.date_value) if match.date_value else None
+            zone = zone_named(zones.get((on.account_id, match.user_id), "")) or account_zone(on.settings)
+            moment = date_moment(trigger.date_property, value, zone)
+            if moment is None:
+                self.fires.append(dataclasses.replace(fire, skip=SkipReason.MALFORMED_DATE))
+            elif moment <= self.now:
+                self.fires.append(dataclasses.replace(fire, at=moment, skip=SkipReason.DATE_PASSED))
+            else:
+                self.waits.append((on, match, event_time, moment, False))
+
+    async def write(self, session: AsyncSession) -> None:
+        if self.awaited:
+            rows = self.awaited
+            common = {
+                "campaigns": [on.campaign.name for on, _, _ in rows],
+                "users": [m.user_id for _, m, _ in rows],
+                "times": [at for _, _, at in rows],
+                "values": [m.match_value for _, m, _ in rows],
+            }
+            matched = [bool(on.trigger.inaction.match_property) for on, _, _ in rows]
+            await session.execute(_END_WAITS, {**common, "matched": matched})
+            await session.execute(
+                _KEEP_AWAITED,
+                {
+                    **common,
+                    "occurrences": [m.client_event_id for _, m, _ in rows],
+                    "accounts": [on.account_id for on, _, _ in rows],
+                    "expires": [max(self.now, at) + AWAITED_KEPT for _, _, at in rows],
+                },
+            )
+        if self.waits:
+            rows_ = self.waits
+            await session.execute(
+                _START_WAITS,
+                {
+                    "campaigns": [on.campaign.name for on, *_ in rows_],
+                    "occurrences": [m.client_event_id for _, m, *_ in rows_],
+                    "accounts": [on.account_id for on, *_ in rows_],
+                    "runs": [on.run_id for on, *_ in rows_],
+                    "users": [m.user_id for _, m, *_ in rows_],
+                    "fire": [fire_at for *_, fire_at, _ in rows_],
+                    "names": [m.event_name for _, m, *_ in rows_],
+                    "times": [at for _, _, at, _, _ in rows_],
+                    "values": [m.match_value for _, m, *_ in rows_],
+                    "awaits": [awaits for *_, awaits in rows_],
+                    "matched": [bool(on.trigger.inaction.match_property) for on, *_ in rows_],
+                },
+            )
+
+
 class LiveEngine:
     def __init__(
         self,
@@ -164,132 +319,27 @@ class LiveEngine:
     # --- events --------------------------------------------------------------------------------
 
     async def apply_matches(self, published: Sequence[events.LiveMatches]) -> None:
-        """Acts on matched events in event-time order: qualifies, starts waits, ends them."""
-        matches = sorted(
-            ((account_id_of(p.account), m) for p in published for m in p.matches),
-            key=lambda pair: (pair[1].event_time.seconds, pair[1].event_time.nanos),
-        )
+        """Acts on matched events: ends the waits awaited events fall in, starts waits (unless an
+        awaited event already came in the window) and qualifies users, each kind as one statement
+        for the whole batch, so the order the events arrived in inside it does not matter."""
+        matches = [(account_id_of(p.account), m) for p in published for m in p.matches]
         now = api.utcnow()
         async with self.database.transaction() as session:
             live = await self._live(session, {m.campaign for _, m in matches})
-            zones = await self._zones([m for _, m in matches if m.campaign in live], live)
-            fires: list[Fire] = []
-            for account_id, match in matches:
-                on = live.get(match.campaign)
-                if on is None or on.account_id != account_id:
-                    continue  # not live (ended, stopped) or not the account's
-                fires += await self._apply(session, on, match, zones, now)
-            await self._fire(session, live, fires)
+            # Not live (ended, stopped) or not the account's: nothing to do.
+            mine = [
+                m
+                for account_id, m in matches
+                if m.campaign in live and live[m.campaign].account_id == account_id
+            ]
+            zones = await self._zones(mine, live)
+            plan = _Plan(now)
+            for match in mine:
+                plan.add(live[match.campaign], match, zones)
+            await plan.write(session)
+            await self._fire(session, live, plan.fires)
         self.notify_outbox()
         self.notify_releaser()
-
-    async def _apply(
-        self,
-        session: AsyncSession,
-        on: _Live,
-        match: events.LiveMatch,
-        zones: dict[tuple[uuid.UUID, str], str],
-        now: datetime,
-    ) -> list[Fire]:
-        event_time = api.from_timestamp(match.event_time)
-        fire = Fire(
-            on.campaign.name,
-            match.client_event_id,
-            match.user_id,
-            match.event_name,
-            event_time,
-            event_time,
-            "event",
-        )
-        trigger = on.trigger
-        kind = trigger.WhichOneof("kind")
-        if match.role == events.LIVE_ROLE_AWAITED:
-            await self._end_waits(session, on, match, event_time, now)
-            return []
-        if kind == "action":
-            return [fire]
-        if kind == "inaction":
-            await self._start_wait(session, on, match, event_time)
-            return []
-        if kind != "date_property":
-            return []
-        value = json.loads(match.date_value) if match.date_value else None
-        zone = zone_named(zones.get((on.account_id, match.user_id), "")) or account_zone(on.settings)
-        moment = date_moment(trigger.date_property, value, zone)
-        if moment is None:
-            return [dataclasses.replace(fire, skip=SkipReason.MALFORMED_DATE)]
-        if moment <= now:
-            return [dataclasses.replace(fire, at=moment, skip=SkipReason.DATE_PASSED)]
-        await self._set_timer(session, on, match, event_time, moment)
-        return []
-
-    async def _start_wait(
-        self, session: AsyncSession, on: _Live, match: events.LiveMatch, event_time: datetime
-    ) -> None:
-        """A wait for the awaited event, unless one already arrived in the window."""
-        window = on.trigger.inaction.within.ToTimedelta()
-        already = sa.select(live_awaited.c.occurrence).where(
-            live_awaited.c.campaign == on.campaign.name,
-            live_awaited.c.user_id == match.user_id,
-            live_awaited.c.event_time >= event_time,
-            live_awaited.c.event_time <= event_time + window,
-        )
-        if on.trigger.inaction.match_property:
-            already = already.where(live_awaited.c.match_value == match.match_value)
-        if await session.scalar(already.limit(1)) is not None:
-            return
-        await self._set_timer(session, on, match, event_time, event_time + window)
-
-    async def _set_timer(
-        self,
-        session: AsyncSession,
-        on: _Live,
-        match: events.LiveMatch,
-        event_time: datetime,
-        fire_at: datetime,
-    ) -> None:
-        await session.execute(
-            insert(live_timers)
-            .values(
-                campaign=on.campaign.name,
-                occurrence=match.client_event_id,
-                account_id=on.account_id,
-                run_id=on.run_id,
-                user_id=match.user_id,
-                fire_at=fire_at,
-                event_name=match.event_name,
-                event_time=event_time,
-                match_value=match.match_value,
-            )
-            .on_conflict_do_nothing()
-        )
-
-    async def _end_waits(
-        self, session: AsyncSession, on: _Live, match: events.LiveMatch, event_time: datetime, now: datetime
-    ) -> None:
-        """The awaited event ends the user's waits it falls in (those of its match value)."""
-        ending = sa.delete(live_timers).where(
-            live_timers.c.campaign == on.campaign.name,
-            live_timers.c.user_id == match.user_id,
-            live_timers.c.event_time <= event_time,
-            live_timers.c.fire_at >= event_time,
-        )
-        if on.trigger.inaction.match_property:
-            ending = ending.where(live_timers.c.match_value == match.match_value)
-        await session.execute(ending)
-        await session.execute(
-            insert(live_awaited)
-            .values(
-                campaign=on.campaign.name,
-                user_id=match.user_id,
-                occurrence=match.client_event_id,
-                account_id=on.account_id,
-                match_value=match.match_value,
-                event_time=event_time,
-                expires_at=max(now, event_time) + AWAITED_KEPT,
-            )
-            .on_conflict_do_nothing()
-        )
 
     async def _zones(
         self, matches: list[events.LiveMatch], live: dict[str, _Live]
@@ -413,29 +463,20 @@ class LiveEngine:
     async def _not_fired_before(self, session: AsyncSession, on: _Live, fires: list[Fire]) -> list[Fire]:
         """Records the occurrences not acted on before (the first of duplicates in the list)."""
         unique = list({f.occurrence: f for f in reversed(fires)}.values())[::-1]
-        now = api.utcnow()
         recorded = set(
             await session.scalars(
-                insert(live_fires)
-                .values(
-                    [
-                        {
-                            "campaign": f.campaign,
-                            "occurrence": f.occurrence,
-                            "account_id": on.account_id,
-                            "run_id": on.run_id,
-                            "user_id": f.user_id,
-                            "fired_at": now,
-                            "event_name": f.event_name,
-                            "event_time": f.event_time,
-                            "via": f.via,
-                            "outcome": "",
-                        }
-                        for f in unique
-                    ]
-                )
-                .on_conflict_do_nothing()
-                .returning(live_fires.c.occurrence)
+                _FIRED,
+                {
+                    "campaign": on.campaign.name,
+                    "account_id": on.account_id,
+                    "run_id": on.run_id,
+                    "now": api.utcnow(),
+                    "occurrences": [f.occurrence for f in unique],
+                    "users": [f.user_id for f in unique],
+                    "names": [f.event_name for f in unique],
+                    "times": [f.event_time for f in unique],
+                    "via": [f.via for f in unique],
+                },
             )
         )
         return [f for f in unique if f.occurrence in recorded]
@@ -562,7 +603,8 @@ class _Decision:
             return {}
         rows = await self.session.execute(
             sa.select(live_users.c.user_id, live_users.c.last_at).where(
-                live_users.c.campaign == self.on.campaign.name, live_users.c.user_id.in_(users)
+                live_users.c.campaign == self.on.campaign.name,
+                live_users.c.user_id == sa.func.any(sa.cast(sa.literal(sorted(users)), ARRAY(sa.Text))),
             )
         )
         return {row.user_id: row.last_at for row in rows}
@@ -571,46 +613,46 @@ class _Decision:
         session, on = self.session, self.on
         name = on.campaign.name
         if sent_at and on.campaign.schedule.live.frequency.WhichOneof("rule") not in (None, "every_time"):
-            statement = insert(live_users).values(
-                [
-                    {"campaign": name, "user_id": user, "account_id": on.account_id, "last_at": at}
-                    for user, at in sent_at.items()
-                ]
-            )
             await session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[live_users.c.campaign, live_users.c.user_id],
-                    set_={"last_at": statement.excluded.last_at},
-                )
+                _SENT_TO,
+                {
+                    "campaign": name,
+                    "account_id": on.account_id,
+                    "users": list(sent_at),
+                    "times": list(sent_at.values()),
+                },
             )
         await limits.save(session, on.run_id, on.account_id)
         await session.execute(
-            sa.update(live_fires)
-            .where(live_fires.c.campaign == name, live_fires.c.occurrence == sa.bindparam("occ"))
-            .values(delivery_id=sa.bindparam("delivery"), outcome=sa.bindparam("reason")),
-            [
-                {"occ": occurrence, "delivery": delivery, "reason": reason}
-                for occurrence, (delivery, reason) in self.outcomes.items()
-            ],
+            _OUTCOMES,
+            {
+                "campaign": name,
+                "occurrences": list(self.outcomes),
+                "deliveries": [delivery for delivery, _ in self.outcomes.values()],
+                "reasons": [reason for _, reason in self.outcomes.values()],
+            },
         )
         targeted = len(self.skipped) + len(self.held)
         if not targeted:
             return
-        for recipient, due in self.held:
+        if self.held:
+            groups = group_by_due(self.held)
             await session.execute(
-                insert(pending_deliveries)
-                .values(
-                    run_id=on.run_id,
-                    group_id=recipient.delivery_id,
-                    account_id=on.account_id,
-                    campaign=name,
-                    due_at=due.at,
-                    cutoff_at=due.cutoff_at,
-                    zone=due.zone,
-                    size=1,
-                    recipients=events.PendingRecipients(recipients=[recipient]).SerializeToString(),
-                )
-                .on_conflict_do_nothing()
+                HOLD,
+                {
+                    "run_id": on.run_id,
+                    "account_id": on.account_id,
+                    "campaign": name,
+                    "groups": [members[0].delivery_id for _, members in groups],
+                    "due": [due.at for due, _ in groups],
+                    "cutoffs": [due.cutoff_at for due, _ in groups],
+                    "zones": [due.zone for due, _ in groups],
+                    "sizes": [len(members) for _, members in groups],
+                    "recipients": [
+                        events.PendingRecipients(recipients=members).SerializeToString()
+                        for _, members in groups
+                    ],
+                },
             )
         if self.skipped:
             await enqueue(
