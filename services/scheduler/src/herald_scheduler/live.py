@@ -20,6 +20,7 @@ the throttle and the account's frequency caps as for any run.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import uuid
@@ -76,6 +77,7 @@ LIVE = RunState.Name(RunState.RUN_STATE_LIVE)
 AWAITED_KEPT = timedelta(minutes=10)
 TIMERS_PER_ROUND = 500
 MATCH_USERS_BATCH = 1000
+MATCH_USERS_CONCURRENCY = 4
 _ACTIVE = {
     campaign_pb.State.Name(campaign_pb.STATE_SCHEDULED),
     campaign_pb.State.Name(campaign_pb.STATE_RUNNING),
@@ -452,13 +454,38 @@ class LiveEngine:
         by_campaign: dict[str, list[Fire]] = defaultdict(list)
         for fire in fires:
             by_campaign[fire.campaign].append(fire)
+        members = await self._members(live, by_campaign)
         for name in sorted(by_campaign):
             await session.execute(
                 sa.text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"live:{name}"}
             )
             fresh = await self._not_fired_before(session, live[name], by_campaign[name])
             if fresh:
-                await _Decision(self, session, live[name], fresh).make()
+                await _Decision(self, session, live[name], fresh, members[name]).make()
+
+    async def _members(
+        self, live: dict[str, _Live], by_campaign: dict[str, list[Fire]]
+    ) -> dict[str, dict[str, segmentation_pb.AudienceMember]]:
+        """Who of the qualifying users each campaign's audience selects, with what a delivery
+        needs: one MatchUsers call per audience (campaigns that share one share the call)."""
+        asked: dict[tuple[Any, ...], tuple[_Live, set[str]]] = {}
+        key_of: dict[str, tuple[Any, ...]] = {}
+        for name, fired in by_campaign.items():
+            on = live[name]
+            kind = channels.of_campaign(on.campaign)
+            keys = tuple(sorted(kind.attribute_keys(on.campaign)))
+            key_of[name] = (
+                on.account_id,
+                on.campaign.audience.SerializeToString(),
+                kind.audience_channel,
+                keys,
+            )
+            asked.setdefault(key_of[name], (on, set()))[1].update(f.user_id for f in fired if f.skip is None)
+        found: dict[tuple[Any, ...], dict[str, segmentation_pb.AudienceMember]] = {}
+        for key, (on, users) in asked.items():
+            members = await self._match_users(on.account_id, sorted(users), on.campaign, key[2], list(key[3]))
+            found[key] = {m.user_id: m for m in members}
+        return {name: found[key] for name, key in key_of.items()}
 
     async def _not_fired_before(self, session: AsyncSession, on: _Live, fires: list[Fire]) -> list[Fire]:
         """Records the occurrences not acted on before (the first of duplicates in the list)."""
@@ -492,8 +519,9 @@ class LiveEngine:
         """The users the campaign's audience selects now (every user without one), with what a
         delivery needs, a thousand per call."""
         act_as(service_caller(account_id))
-        members: list[segmentation_pb.AudienceMember] = []
-        for start in range(0, len(user_ids), MATCH_USERS_BATCH):
+        slots = asyncio.Semaphore(MATCH_USERS_CONCURRENCY)
+
+        async def chunk(start: int) -> list[segmentation_pb.AudienceMember]:
             request = segmentation_pb.MatchUsersRequest(
                 user_ids=user_ids[start : start + MATCH_USERS_BATCH],
                 channel=channel or segmentation_pb.CHANNEL_UNSPECIFIED,  # type: ignore[arg-type]
@@ -501,15 +529,25 @@ class LiveEngine:
             )
             if campaign is not None and campaign.HasField("audience"):
                 request.audience.ParseFromString(campaign.audience.SerializeToString())
-            members += (await self.audiences.MatchUsers(request, timeout=30)).members
-        return members
+            async with slots:
+                return list((await self.audiences.MatchUsers(request, timeout=30)).members)
+
+        pages = await asyncio.gather(*(chunk(start) for start in range(0, len(user_ids), MATCH_USERS_BATCH)))
+        return [member for page in pages for member in page]
 
 
 class _Decision:
     """What becomes of one campaign's new qualifications, decided in event order."""
 
-    def __init__(self, engine: LiveEngine, session: AsyncSession, on: _Live, fires: list[Fire]) -> None:
-        self.engine, self.session, self.on, self.fires = engine, session, on, fires
+    def __init__(
+        self,
+        engine: LiveEngine,
+        session: AsyncSession,
+        on: _Live,
+        fires: list[Fire],
+        members: dict[str, segmentation_pb.AudienceMember],
+    ) -> None:
+        self.engine, self.session, self.on, self.fires, self.members = engine, session, on, fires, members
         self.kind = channels.of_campaign(on.campaign)
         self.outcomes: dict[str, tuple[str | None, str]] = {}  # occurrence -> (delivery id, outcome)
         self.skipped: list[events.Recipient] = []
@@ -518,16 +556,7 @@ class _Decision:
     async def make(self) -> None:
         on, fires = self.on, sorted(self.fires, key=lambda f: f.at)
         checked = [f for f in fires if f.skip is None]
-        members = {
-            m.user_id: m
-            for m in await self.engine._match_users(
-                on.account_id,
-                sorted({f.user_id for f in checked}),
-                on.campaign,
-                self.kind.audience_channel,
-                sorted(self.kind.attribute_keys(on.campaign)),
-            )
-        }
+        members = self.members
         last_sent = await self._last_sent({f.user_id for f in checked})
         limits = _Limits(on.campaign.targeting, on.settings)
         await limits.load(self.session, on.run_id)
