@@ -80,7 +80,7 @@ def _triggers(count: int) -> list[campaign_pb.LiveTrigger]:
     for n in range(count):
         kind = n % 3
         if kind == 0:
-            event = _event("Viewed Product", price=("GREATER_THAN", n // 3))
+            event = _event(f"Viewed Product {n // 3}", price=("GREATER_THAN", 10))
             triggers.append(campaign_pb.LiveTrigger(action=campaign_pb.ActionTrigger(event=event)))
         elif kind == 1:
             window = MEASURED_WAIT if n == 1 else timedelta(days=30)
@@ -229,7 +229,13 @@ async def run(sizes: Sizes) -> None:
                 count = rate * sizes.step_seconds
                 # Visitors of this step only (new users, as a site's are), so a delivery is theirs.
                 step_tag = f"{tag}-s{rate}"
-                viewed = _events(step_tag, "Viewed Product", range(count), price=100)
+                # Each action campaign watches its own event: the visitors are spread over them.
+                actions = (sizes.campaigns + 2) // 3
+                viewed = [
+                    e
+                    for k in range(actions)
+                    for e in _events(step_tag, f"Viewed Product {k}", range(k, count, actions), price=100)
+                ]
                 # A tenth as many bookings, whose reminders wait two days: more waits, as in production.
                 travel = (datetime.now(UTC) + timedelta(days=2)).isoformat()
                 viewed += _events(step_tag, "Booked Flight", range(count // 10), travel_date=travel)
@@ -239,7 +245,7 @@ async def run(sizes: Sizes) -> None:
                 await _send_at_rate(ingest, viewed, rate, sent)
                 await asyncio.sleep(2)
                 cpu_after = memory.cpu_seconds()
-                viewers = {e.user_id for e in viewed if e.name == "Viewed Product"}
+                viewers = {e.user_id for e in viewed if e.name == "Viewed Product 0"}
                 latencies = [
                     (observed.seen[(action, u)] - at) * 1000
                     for u, at in sent.items()

@@ -50,13 +50,14 @@ from herald_common.live import ALREADY_ONCE, NOT_IN_AUDIENCE, too_recent
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import enqueue
-from herald_common.schedules import account_zone, parse_time_of_day
+from herald_common.schedules import DeliveryRules, account_zone, parse_time_of_day
 from herald_common.skips import SkipReason
 from herald_common.timing import in_control_group, local_day, local_instant, parse_datetime, zone_named
 from herald_scheduler.due import RunTiming
 from herald_scheduler.executor import HOLD, MAX_RECIPIENT_ATTRIBUTE_BYTES, group_by_due
 from herald_scheduler.handover import delivery_batches
 from herald_scheduler.planning import accounts_settings, drop_waits
+from herald_scheduler.release import released_at_once
 from herald_scheduler.runs import RunEvents
 from herald_scheduler.storage import (
     campaigns,
@@ -552,6 +553,10 @@ class _Decision:
         self.outcomes: dict[str, tuple[str | None, str]] = {}  # occurrence -> (delivery id, outcome)
         self.skipped: list[events.Recipient] = []
         self.held: list[tuple[events.Recipient, Any]] = []
+        # Due already, with no rule left for hand-over time: straight to dispatch.
+        self.going: list[events.Recipient] = []
+        self.at_once = released_at_once(DeliveryRules.of(on.campaign), self.kind, on.settings)
+        self.now = api.utcnow()
 
     async def make(self) -> None:
         on, fires = self.on, sorted(self.fires, key=lambda f: f.at)
@@ -624,7 +629,10 @@ class _Decision:
             self._skip(fire, due.skip, member)
             return
         recipient = self._recipient(fire, member)
-        self.held.append((recipient, due))
+        if self.at_once and due.at <= self.now:
+            self.going.append(recipient)
+        else:
+            self.held.append((recipient, due))
         self.outcomes[fire.occurrence] = (recipient.delivery_id, "")
 
     async def _last_sent(self, users: set[str]) -> dict[str, datetime]:
@@ -661,7 +669,8 @@ class _Decision:
                 "reasons": [reason for _, reason in self.outcomes.values()],
             },
         )
-        targeted = len(self.skipped) + len(self.held)
+        handed = self.skipped + self.going
+        targeted = len(handed) + len(self.held)
         if not targeted:
             return
         if self.held:
@@ -683,18 +692,12 @@ class _Decision:
                     ],
                 },
             )
-        if self.skipped:
+        if handed:
             await enqueue(
                 session,
                 outbox,
                 delivery_batches(
-                    self.engine.subjects,
-                    on.campaign,
-                    on.version,
-                    on.run_id,
-                    on.account_id,
-                    self.skipped,
-                    api.utcnow(),
+                    self.engine.subjects, on.campaign, on.version, on.run_id, on.account_id, handed, self.now
                 ),
             )
         counted = (
@@ -705,7 +708,11 @@ class _Decision:
                     targeted=runs.c.targeted + targeted,
                     audience_size=runs.c.audience_size + targeted,
                     waiting=runs.c.waiting + len(self.held),
-                    released=runs.c.released + len(self.skipped),
+                    released=runs.c.released + len(handed),
+                    first_release_at=sa.func.coalesce(runs.c.first_release_at, self.now)
+                    if handed
+                    else runs.c.first_release_at,
+                    last_release_at=self.now if handed else runs.c.last_release_at,
                     version=runs.c.version + 1,
                 )
                 .returning(*runs.c)

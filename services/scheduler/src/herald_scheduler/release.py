@@ -421,10 +421,25 @@ class Releaser:
 
 
 def _cap(campaign: _Campaign, account: accounts_pb.AccountSettings) -> frequency.Cap | None:
+    return account_cap(campaign.rules, campaign.kind, account)
+
+
+def account_cap(
+    rules: DeliveryRules, kind: channels.ChannelKind, account: accounts_pb.AccountSettings
+) -> frequency.Cap | None:
     """The account's cap on the campaign's channel, unless the campaign opts out."""
-    if not campaign.rules.frequency_caps:
+    if not rules.frequency_caps:
         return None
     for cap in account.frequency_caps:
-        if cap.channel == campaign.kind.cap_channel:
+        if cap.channel == kind.cap_channel:
             return frequency.Cap(per_day=cap.per_day, per_week=cap.per_week)
     return None
+
+
+def released_at_once(
+    rules: DeliveryRules, kind: channels.ChannelKind, account: accounts_pb.AccountSettings
+) -> bool:
+    """Whether a delivery already due needs none of the rules applied at hand-over time (the
+    throttle, the account's frequency caps): it can go to dispatch without waiting its turn."""
+    throttled = rules.throttle and account.throttle_per_five_minutes > 0
+    return not throttled and rules.cutoff is None and account_cap(rules, kind, account) is None
