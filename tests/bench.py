@@ -77,6 +77,19 @@ class PeakMemory:
             used[name] = total
         return used
 
+    def resident(self) -> dict[str, int]:
+        """Each watched process group's resident memory now."""
+        now = {}
+        for name, processes in self.watched.items():
+            total = 0
+            for process in processes:
+                try:
+                    total += process.memory_info().rss
+                except psutil.Error:
+                    continue
+            now[name] = total
+        return now
+
     async def sample_forever(self) -> None:
         while True:
             self.watch_servers()

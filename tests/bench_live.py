@@ -52,7 +52,7 @@ class Sizes:
     pending_waits: int  # long inaction waits loaded before the steps
 
 
-QUICK = Sizes(users=20_000, campaigns=9, rates=(500, 1_000, 2_000), step_seconds=10, pending_waits=20_000)
+QUICK = Sizes(users=20_000, campaigns=9, rates=(1_000, 2_500, 5_000), step_seconds=10, pending_waits=20_000)
 FULL = Sizes(
     users=1_000_000,
     campaigns=50,
@@ -107,6 +107,8 @@ class Observed:
     """Delivery batches seen published, by (campaign, user): when first seen."""
 
     seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    # When each campaign's PublishCampaign returned.
+    published: dict[str, float] = field(default_factory=dict)
 
     async def handler(self, msg: Msg) -> None:
         now = time.time()
@@ -168,6 +170,27 @@ def _events(tag: str, name: str, users: range, **properties: Any) -> list[segmen
     return made
 
 
+async def _publish_to_live(
+    ingest: segmentation_grpc.SegmentationServiceAsyncStub,
+    observed: Observed,
+    tag: str,
+    campaign: str,
+    event: str,
+) -> float:
+    """From the campaign published to the first event of its trigger it delivers: probes until
+    one is."""
+    published = observed.published.get(campaign, time.time())
+    n = 0
+    while True:
+        n += 1
+        probe = _events(f"{tag}-probe{n}", event, range(1), price=100)
+        await ingest.IngestEvents(segmentation_pb.IngestEventsRequest(events=probe))
+        for wait in range(10):
+            if (campaign, probe[0].user_id) in observed.seen:
+                return (observed.seen[(campaign, probe[0].user_id)] - published) * 1000
+            await asyncio.sleep(0.005 * (wait + 1))
+
+
 async def run(sizes: Sizes) -> None:
     configure_logging("warning")
     memory = PeakMemory()
@@ -209,10 +232,16 @@ async def run(sizes: Sizes) -> None:
                 )
                 created = await campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
                 await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+                observed.published[created.name] = time.time()
                 names.append(created.name)
-            await asyncio.sleep(3)  # every service has the triggers
             action, inaction = names[0], names[1]
 
+            # The last action campaign published: how soon its trigger works.
+            last = max(n for n in range(sizes.campaigns) if n % 3 == 0)
+            probe_ms = await _publish_to_live(
+                ingest, observed, tag, names[last], f"Viewed Product {last // 3}"
+            )
+            before_waits = memory.resident()
             started = time.time()
             for offset in range(0, sizes.pending_waits, 10_000):
                 chunk = _events(
@@ -223,6 +252,8 @@ async def run(sizes: Sizes) -> None:
                 )
                 await _send_at_rate(ingest, chunk, 50_000, {}, per_call=1000)
             load_s = time.time() - started
+            await asyncio.sleep(5)  # the waits are written
+            after_waits = memory.resident()
 
             results = []
             for rate in sizes.rates:
@@ -281,7 +312,13 @@ async def run(sizes: Sizes) -> None:
 
     print(f"users                                  {sizes.users:>12,}")
     print(f"live campaigns                         {sizes.campaigns:>12,}")
+    print(f"publish -> a trigger that fires        {probe_ms:>12,.0f} ms   (target <= 2,000)")
     print(f"waits loaded                           {sizes.pending_waits:>12,} in {load_s:,.1f} s")
+    print("resident memory before -> after the waits were loaded:")
+    for name in sorted(n for n in after_waits if n.startswith(HERALD)):
+        print(
+            f"  {name:<36} {before_waits.get(name, 0) / 2**20:>8,.0f} -> {after_waits[name] / 2**20:,.0f} MiB"
+        )
     print("event ingested -> delivery batch published (action trigger):")
     sustained = 0
     for rate, p50, p99, found, _, cpu, count in results:
