@@ -37,7 +37,7 @@ from tests.processes import benchmark_servers
 TARGET_P99_MS = 250.0
 TARGET_TIMER_LATENESS_MS = 1000.0
 TARGET_RATE = 5_000
-EVENTS_PER_CALL = 100
+EVENTS_PER_CALL = 250
 IN_FLIGHT = 16
 MEASURED_WAIT = timedelta(minutes=1)  # the shortest inaction window: its timers fire in the run
 HERALD = ("segmentation", "campaign", "scheduler", "dispatch")
@@ -274,6 +274,7 @@ async def run(sizes: Sizes) -> None:
                 cpu_before = memory.cpu_seconds()
                 step_started = time.time()
                 await _send_at_rate(ingest, viewed, rate, sent)
+                sending_s = time.time() - step_started
                 await asyncio.sleep(2)
                 cpu_after = memory.cpu_seconds()
                 viewers = {e.user_id for e in viewed if e.name == "Viewed Product 0"}
@@ -288,7 +289,7 @@ async def run(sizes: Sizes) -> None:
                         _percentile(latencies, 0.5),
                         _percentile(latencies, 0.99),
                         len(latencies) / max(len(viewers), 1),
-                        time.time() - step_started,
+                        len(viewed) / sending_s,
                         {n: cpu_after[n] - cpu_before.get(n, 0.0) for n in cpu_after},
                         count,
                     )
@@ -321,13 +322,14 @@ async def run(sizes: Sizes) -> None:
         )
     print("event ingested -> delivery batch published (action trigger):")
     sustained = 0
-    for rate, p50, p99, found, _, cpu, count in results:
-        ok = p99 < 1000 and found > 0.99
+    for rate, p50, p99, found, achieved, cpu, count in results:
+        ok = p99 < 1000 and found > 0.99 and achieved >= 0.95 * rate
         sustained = rate if ok else sustained
         herald_us = sum(used for n, used in cpu.items() if n.startswith(HERALD)) / count * 1e6
         print(
             f"  {rate:>6,} events/s   p50 {p50:>8,.1f} ms   p99 {p99:>8,.1f} ms"
             f" (target <= {TARGET_P99_MS:.0f})   seen {found:.1%}   Herald CPU {herald_us:,.0f} µs/event"
+            f"   (sent at {achieved:,.0f}/s)"
         )
         print(
             "      CPU µs/event: "
