@@ -61,10 +61,16 @@ class Live:
         audience: campaign_pb.Audience | None = None,
         delivery: campaign_pb.DeliveryPreferences | None = None,
         end_after: timedelta | None = None,
+        start_after: timedelta | None = None,
+        delay: timedelta | None = None,
     ) -> campaign_pb.Campaign:
         live = campaign_pb.Live(trigger=trigger, frequency=frequency)
         if end_after is not None:
             live.end_time.FromDatetime(self.clock.now() + end_after)
+        if start_after is not None:
+            live.start_time.FromDatetime(self.clock.now() + start_after)
+        if delay is not None:
+            live.delay.FromTimedelta(delay)
         campaign = campaign_pb.Campaign(
             display_name="live",
             audience=audience,
@@ -214,6 +220,25 @@ async def test_an_action_can_hold_a_property_constant_with_an_earlier_event(live
     await live.wait_for(lambda: live.received() == [same])
     await live.settle()
     assert live.received() == [same]
+
+
+async def test_a_live_campaign_triggers_from_its_start_and_sends_after_its_delay(live: Live) -> None:
+    action = campaign_pb.LiveTrigger(action=campaign_pb.ActionTrigger(event=live_event("Signed Up")))
+    await live.campaign(action, start_after=timedelta(hours=1), delay=timedelta(minutes=15))
+    early, late = f"{live.tag}-0", f"{live.tag}-1"
+    await live.act(early, "Signed Up")  # before the start: nothing, ever
+    live.clock.advance(timedelta(hours=1, minutes=1))
+    await live.act(late, "Signed Up")
+    await live.settle()
+    assert live.received() == []  # the delay runs
+    live.clock.advance(timedelta(minutes=14))
+    await live.settle()
+    assert live.received() == []
+    live.clock.advance(timedelta(minutes=1, seconds=1))
+    await live.wait_for(lambda: live.received() == [late])
+    live.clock.advance(timedelta(days=1))
+    await live.settle()
+    assert live.received() == [late]
 
 
 async def test_cart_abandonment_sends_when_the_wait_runs_out_unless_that_cart_was_bought(

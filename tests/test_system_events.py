@@ -130,3 +130,40 @@ async def test_control_users_replies_and_new_app_versions_are_recorded_as_events
         pb.DescribeEventRequest(event_name=APP_VERSION_CHANGED)
     )
     assert set(events.property_types) == {"device_id", "previous_version", "app_version"}
+
+
+async def test_a_live_sms_campaign_texts_each_reachable_user_as_they_act(
+    account: SmsAccount, twilio: TwilioApi
+) -> None:
+    """The seed's own example: a text the moment a user of the segment signs up; the users the
+    channel cannot reach (no phone, unsubscribed) are skipped with the reason."""
+    welcome = _sms_campaign(account, body="Welcome aboard, {{ profile.first_name | default: 'friend' }}!")
+    welcome.schedule.Clear()
+    welcome.schedule.live.trigger.action.event.event_name = "Signed Up"
+    created = await account.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(campaign=welcome)
+    )
+    await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    await eventually(lambda: _live_run(account, created.name))
+    signups = [
+        pb.Event(
+            user_id=f"{account.tag}-{i:02d}", name="Signed Up", client_event_id=f"{account.tag}-signup-{i}"
+        )
+        for i in range(38)
+    ]
+    await account.clients.segmentation.IngestEvents(pb.IngestEventsRequest(events=signups))
+
+    async def counted() -> bool:
+        stats = await account.clients.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
+        )
+        return stats.sent + stats.skipped == 38
+
+    await eventually(counted)
+    stats = await account.clients.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
+    )
+    assert (stats.sent, stats.skipped) == (30, 8)
+    assert {r.reason: r.count for r in stats.failure_reasons} == {"not reachable on the channel": 8}
+    assert sorted(m.to for m in twilio.messages) == sorted(f"+1415555{i:04d}" for i in range(30))
+    assert "Welcome aboard, Ana0!" in {m.body for m in twilio.messages}
