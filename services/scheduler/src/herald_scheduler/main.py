@@ -26,6 +26,7 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 CONSUMER = "scheduler-campaigns"
 ACCOUNTS_CONSUMER = "scheduler-accounts"
 LIVE_CONSUMER = "scheduler-live-matches"
+LIVE_BATCH = 32
 
 
 def _account_changed_problem(event: events.AccountChanged) -> str | None:
@@ -108,6 +109,8 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         event_type=events.LiveMatches,
         apply=live.apply_matches,
         problem=_live_matches_problem,
+        # A message holds up to 1,000 events' matches: a batch stays small in memory and in time.
+        batch_size=LIVE_BATCH,
     )
     infra.watch(executor.loop, live.loop, *releaser.loops)
     executor.start()

@@ -10,6 +10,7 @@ the same outbox as the events; the scheduler owns what follows (timers, limits, 
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
@@ -18,6 +19,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 import sqlalchemy as sa
+from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -70,6 +72,14 @@ class _Watch:
     # An action trigger that needs an earlier event with the same value of a property.
     earlier: campaign_pb.ActionTrigger | None = None
 
+    @property
+    def starts(self) -> float:
+        return self.start.timestamp()
+
+    @property
+    def ends(self) -> float:
+        return self.end.timestamp() if self.end is not None else math.inf
+
 
 def watches(
     campaign: str, version: int, trigger: campaign_pb.LiveTrigger, start: datetime, end: datetime | None
@@ -89,6 +99,12 @@ def watches(
         dated = trigger.date_property
         return [_Watch(campaign, version, TRIGGER, dated.event, start, end, "", dated.date_property)]
     return []
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromNanoseconds(round(seconds * 1e9))
+    return stamp
 
 
 def _text(value: Any) -> str:
@@ -169,13 +185,15 @@ class LiveTriggers:
         ]
         earliest = (received - LATENESS_ALLOWANCE).timestamp()
         timely = [e for e in recorded if e.when >= earliest]
+        by_name: dict[str, list[_Watch]] = defaultdict(list)
+        for w in watching:
+            by_name[w.event.event_name].append(w)  # "" watches any event
+        any_event = by_name.get("", [])
         candidates = [
             (i, w)
             for i, e in enumerate(timely)
-            for w in watching
-            if (w.event.event_name in ("", e.name))
-            and w.start.timestamp() <= e.when
-            and (w.end is None or e.when < w.end.timestamp())
+            for w in (by_name.get(e.name, []) + any_event if any_event else by_name.get(e.name, ()))
+            if w.starts <= e.when < w.ends
         ]
         if not candidates:
             return []
@@ -195,7 +213,7 @@ class LiveTriggers:
                 user_id=event.user_id,
                 client_event_id=event.client_id,
                 event_name=event.name,
-                event_time=api.timestamp(datetime.fromtimestamp(event.when, received.tzinfo)),
+                event_time=_timestamp(event.when),
                 role=w.role,  # type: ignore[arg-type]
                 match_value=_json(event.values.get(w.match_property)) if w.match_property else "",
                 date_value=_json(event.values.get(w.date_property)) if w.date_property else "",
