@@ -272,8 +272,12 @@ async def test_cart_abandonment_sends_when_the_wait_runs_out_unless_that_cart_wa
     assert (await live.explain(campaign.name, buys)).waits == []
     live.clock.advance(timedelta(minutes=6, seconds=1))
     await live.wait_for(lambda: sorted(live.received()) == sorted([abandons, buys_another]))
-    sent = await live.explain(campaign.name, abandons)
-    assert [(d.via, d.decision) for d in sent.live_decisions] == [("timer", campaign_pb.DECISION_SENT)]
+
+    async def explained_sent() -> bool:
+        sent = await live.explain(campaign.name, abandons)
+        return [(d.via, d.decision) for d in sent.live_decisions] == [("timer", campaign_pb.DECISION_SENT)]
+
+    await eventually(explained_sent)  # once dispatch has recorded the Segment's answer
     live.clock.advance(timedelta(minutes=30))
     await live.settle()
     assert sorted(live.received()) == sorted([abandons, buys_another])
@@ -320,15 +324,17 @@ async def test_explain_delivery_says_what_qualified_each_time_and_what_held_it_b
     live.clock.advance(timedelta(minutes=1))
     await live.act(gold_user, "Opened App", event_id=f"{live.tag}-second")
 
-    async def explained_twice() -> bool:
-        return len((await live.explain(created.name, gold_user)).live_decisions) == 2
-
-    await eventually(explained_twice)
-    twice = await live.explain(created.name, gold_user)
-    assert [(d.client_event_id, d.decision, d.rule) for d in twice.live_decisions] == [
+    expected = [
         (f"{live.tag}-second", campaign_pb.DECISION_SKIPPED, campaign_pb.RULE_LIVE_FREQUENCY),
         (f"{live.tag}-first", campaign_pb.DECISION_SENT, campaign_pb.RULE_DELIVERED),
     ]
+
+    async def explained_twice() -> bool:
+        found = (await live.explain(created.name, gold_user)).live_decisions
+        return [(d.client_event_id, d.decision, d.rule) for d in found] == expected
+
+    await eventually(explained_twice)  # once dispatch has recorded the Segment's answer
+    twice = await live.explain(created.name, gold_user)
     assert twice.live_decisions[0].reason == "already got this campaign once (frequency: once)"
     outside = await live.explain(created.name, free)
     assert [(d.decision, d.rule) for d in outside.live_decisions] == [
@@ -413,10 +419,9 @@ async def test_a_total_limit_completes_the_campaign_and_a_daily_limit_resets_eac
     live.clock.advance(timedelta(days=1))
     await live.act_all([u.user_id for u in users[60:]], "Signed Up")
     await live.wait_for(lambda: len(live.received()) == 200)
+    await live.wait_for_stats(daily.name, lambda stats: stats.sent + stats.skipped == 120)
     await live.settle()
-    stats = await live.clients.campaigns.GetCampaignStats(
-        campaign_pb.GetCampaignStatsRequest(name=f"{daily.name}/stats")
-    )
+    stats = await live.stats(daily.name)
     assert (stats.sent, stats.skipped) == (100, 20)
 
 
