@@ -93,13 +93,7 @@ class PeakMemory:
     async def sample_forever(self) -> None:
         while True:
             self.watch_servers()
-            for name, processes in self.watched.items():
-                total = 0
-                for process in processes:
-                    try:
-                        total += process.memory_info().rss
-                    except psutil.Error:
-                        continue
+            for name, total in self.resident().items():
                 self.peaks[name] = max(self.peaks.get(name, 0), total)
             await asyncio.sleep(0.25)
 

@@ -140,6 +140,33 @@ HOLD = sa.text(
 )
 
 
+async def hold(
+    session: AsyncSession,
+    run_id: uuid.UUID,
+    account_id: uuid.UUID,
+    campaign: str,
+    held: list[tuple[events.Recipient, Due]],
+) -> None:
+    """Puts deliveries in pending_deliveries, one row for each group due together."""
+    groups = group_by_due(held)
+    await session.execute(
+        HOLD,
+        {
+            "run_id": run_id,
+            "account_id": account_id,
+            "campaign": campaign,
+            "groups": [members[0].delivery_id for _, members in groups],
+            "due": [due.at for due, _ in groups],
+            "cutoffs": [due.cutoff_at for due, _ in groups],
+            "zones": [due.zone for due, _ in groups],
+            "sizes": [len(members) for _, members in groups],
+            "recipients": [
+                events.PendingRecipients(recipients=members).SerializeToString() for _, members in groups
+            ],
+        },
+    )
+
+
 def group_by_due(held: list[tuple[events.Recipient, Due]]) -> list[tuple[Due, list[events.Recipient]]]:
     """Deliveries that fall due together (the same time, cut-off and zone), in planning order:
     each group waits as one row."""
@@ -411,24 +438,7 @@ class RunExecutor:
             raise RunStopped()
         account_id = advanced[0].account_id
         if held:
-            groups = group_by_due(held)
-            await session.execute(
-                HOLD,
-                {
-                    "run_id": run_id,
-                    "account_id": account_id,
-                    "campaign": campaign.name,
-                    "groups": [members[0].delivery_id for _, members in groups],
-                    "due": [due.at for due, _ in groups],
-                    "cutoffs": [due.cutoff_at for due, _ in groups],
-                    "zones": [due.zone for due, _ in groups],
-                    "sizes": [len(members) for _, members in groups],
-                    "recipients": [
-                        events.PendingRecipients(recipients=members).SerializeToString()
-                        for _, members in groups
-                    ],
-                },
-            )
+            await hold(session, run_id, account_id, campaign.name, held)
         if skipped:
             batches = delivery_batches(
                 self.subjects, campaign, snapshot.version, run_id, account_id, skipped, api.utcnow()

@@ -53,8 +53,8 @@ from herald_common.outbox import enqueue
 from herald_common.schedules import DeliveryRules, account_zone, parse_time_of_day
 from herald_common.skips import SkipReason
 from herald_common.timing import in_control_group, local_day, local_instant, parse_datetime, zone_named
-from herald_scheduler.due import RunTiming
-from herald_scheduler.executor import HOLD, MAX_RECIPIENT_ATTRIBUTE_BYTES, group_by_due
+from herald_scheduler.due import Due, RunTiming
+from herald_scheduler.executor import MAX_RECIPIENT_ATTRIBUTE_BYTES, hold
 from herald_scheduler.handover import delivery_batches
 from herald_scheduler.planning import accounts_settings, drop_waits
 from herald_scheduler.release import released_at_once
@@ -552,7 +552,7 @@ class _Decision:
         self.kind = channels.of_campaign(on.campaign)
         self.outcomes: dict[str, tuple[str | None, str]] = {}  # occurrence -> (delivery id, outcome)
         self.skipped: list[events.Recipient] = []
-        self.held: list[tuple[events.Recipient, Any]] = []
+        self.held: list[tuple[events.Recipient, Due]] = []
         # Due already, with no rule left for hand-over time: straight to dispatch.
         self.going: list[events.Recipient] = []
         self.at_once = released_at_once(DeliveryRules.of(on.campaign), self.kind, on.settings)
@@ -674,24 +674,7 @@ class _Decision:
         if not targeted:
             return
         if self.held:
-            groups = group_by_due(self.held)
-            await session.execute(
-                HOLD,
-                {
-                    "run_id": on.run_id,
-                    "account_id": on.account_id,
-                    "campaign": name,
-                    "groups": [members[0].delivery_id for _, members in groups],
-                    "due": [due.at for due, _ in groups],
-                    "cutoffs": [due.cutoff_at for due, _ in groups],
-                    "zones": [due.zone for due, _ in groups],
-                    "sizes": [len(members) for _, members in groups],
-                    "recipients": [
-                        events.PendingRecipients(recipients=members).SerializeToString()
-                        for _, members in groups
-                    ],
-                },
-            )
+            await hold(session, on.run_id, on.account_id, name, self.held)
         if handed:
             await enqueue(
                 session,
