@@ -105,9 +105,12 @@ def _failure(error: Exception) -> tuple[bool, str]:
 
 
 def _recipient(run_id: uuid.UUID, member: segmentation_pb.AudienceMember) -> events.Recipient:
-    recipient = events.Recipient(
-        delivery_id=delivery_id(run_id, member.user_id), user_id=member.user_id, timezone=member.timezone
-    )
+    return recipient_of(delivery_id(run_id, member.user_id), member)
+
+
+def recipient_of(delivery: str, member: segmentation_pb.AudienceMember) -> events.Recipient:
+    """A member as a delivery's recipient: attributes too large to carry are only measured."""
+    recipient = events.Recipient(delivery_id=delivery, user_id=member.user_id, timezone=member.timezone)
     if len(member.attributes_json) > MAX_RECIPIENT_ATTRIBUTE_BYTES:
         recipient.oversized_attributes_bytes = len(member.attributes_json)
     else:

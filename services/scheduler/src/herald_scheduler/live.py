@@ -54,7 +54,7 @@ from herald_common.schedules import DeliveryRules, account_zone, parse_time_of_d
 from herald_common.skips import SkipReason
 from herald_common.timing import in_control_group, local_day, local_instant, parse_datetime, zone_named
 from herald_scheduler.due import Due, RunTiming
-from herald_scheduler.executor import MAX_RECIPIENT_ATTRIBUTE_BYTES, hold
+from herald_scheduler.executor import hold, recipient_of
 from herald_scheduler.handover import delivery_batches
 from herald_scheduler.planning import accounts_settings, drop_waits
 from herald_scheduler.release import released_at_once
@@ -602,16 +602,10 @@ class _Decision:
         return too_recent(every) if fire.at - last < every else ""
 
     def _recipient(self, fire: Fire, member: segmentation_pb.AudienceMember | None) -> events.Recipient:
-        recipient = events.Recipient(
-            delivery_id=delivery_id(self.on.run_id, fire.user_id, fire.occurrence), user_id=fire.user_id
-        )
-        if member is not None:
-            recipient.timezone = member.timezone
-            if len(member.attributes_json) > MAX_RECIPIENT_ATTRIBUTE_BYTES:
-                recipient.oversized_attributes_bytes = len(member.attributes_json)
-            else:
-                recipient.attributes_json = member.attributes_json
-        return recipient
+        delivery = delivery_id(self.on.run_id, fire.user_id, fire.occurrence)
+        if member is None:  # skipped before the audience was asked (a date that passed)
+            return events.Recipient(delivery_id=delivery, user_id=fire.user_id)
+        return recipient_of(delivery, member)
 
     def _skip(
         self, fire: Fire, reason: SkipReason, member: segmentation_pb.AudienceMember | None = None
