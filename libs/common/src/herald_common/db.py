@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, MetaData, event, text
+from sqlalchemy import ColumnElement, Connection, MetaData, event, text
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -27,6 +29,12 @@ def asyncpg_url(url: str) -> str:
     parts = urlsplit(url)
     scheme = "postgresql+asyncpg"
     return urlunsplit((scheme, parts.netloc, parts.path, parts.query, parts.fragment))
+
+
+def text_in(column: Any, values: Iterable[str]) -> ColumnElement[bool]:
+    """`column = ANY(array)`: one array parameter, where `IN (...)` would bind one per value, so
+    the statement text (and its prepared plan) is the same for any number of values."""
+    return column == sa.func.any(sa.cast(sa.literal(list(values)), ARRAY(sa.Text)))  # type: ignore[no-any-return]
 
 
 def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:

@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
@@ -44,7 +44,7 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common import api, channels
 from herald_common.auth import account_id_of, act_as, current_account_id, service_caller
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, text_in
 from herald_common.errors import NotFound, Validator
 from herald_common.live import ALREADY_ONCE, NOT_IN_AUDIENCE, too_recent
 from herald_common.logging import get_logger
@@ -183,23 +183,24 @@ _START_WAITS = sa.text(
 
 
 # The occurrences not acted on before, recorded as acted on (what became of each follows).
+_FIRED_BEFORE = sa.text(
+    """
+    SELECT occurrence FROM scheduler.live_fires
+    WHERE campaign = :campaign AND occurrence = ANY(CAST(:occurrences AS text[]))
+    """
+)
+# Written once the decisions are made, under the campaign's lock (so no other replica wrote
+# these occurrences since _FIRED_BEFORE read them).
 _FIRED = sa.text(
     """
     INSERT INTO scheduler.live_fires
-        (campaign, occurrence, account_id, run_id, user_id, fired_at, event_name, event_time, via, outcome)
-    SELECT :campaign, o, :account_id, :run_id, u, :now, n, t, v, ''
+        (campaign, occurrence, account_id, run_id, user_id, fired_at, event_name, event_time, via,
+         delivery_id, outcome)
+    SELECT :campaign, o, :account_id, :run_id, u, :now, n, t, v, d, r
     FROM unnest(CAST(:occurrences AS text[]), CAST(:users AS text[]), CAST(:names AS text[]),
-                CAST(:times AS timestamptz[]), CAST(:via AS text[])) AS f(o, u, n, t, v)
+                CAST(:times AS timestamptz[]), CAST(:via AS text[]), CAST(:deliveries AS text[]),
+                CAST(:reasons AS text[])) AS f(o, u, n, t, v, d, r)
     ON CONFLICT DO NOTHING
-    RETURNING occurrence
-    """
-)
-_OUTCOMES = sa.text(
-    """
-    UPDATE scheduler.live_fires f SET delivery_id = o.delivery_id, outcome = o.reason
-    FROM unnest(CAST(:occurrences AS text[]), CAST(:deliveries AS text[]), CAST(:reasons AS text[]))
-         AS o(occurrence, delivery_id, reason)
-    WHERE f.campaign = :campaign AND f.occurrence = o.occurrence
     """
 )
 _SENT_TO = sa.text(
@@ -489,25 +490,15 @@ class LiveEngine:
         return {name: found[key] for name, key in key_of.items()}
 
     async def _not_fired_before(self, session: AsyncSession, on: _Live, fires: list[Fire]) -> list[Fire]:
-        """Records the occurrences not acted on before (the first of duplicates in the list)."""
+        """The occurrences not acted on before (the first of duplicates in the list)."""
         unique = list({f.occurrence: f for f in reversed(fires)}.values())[::-1]
-        recorded = set(
+        seen = set(
             await session.scalars(
-                _FIRED,
-                {
-                    "campaign": on.campaign.name,
-                    "account_id": on.account_id,
-                    "run_id": on.run_id,
-                    "now": api.utcnow(),
-                    "occurrences": [f.occurrence for f in unique],
-                    "users": [f.user_id for f in unique],
-                    "names": [f.event_name for f in unique],
-                    "times": [f.event_time for f in unique],
-                    "via": [f.via for f in unique],
-                },
+                _FIRED_BEFORE,
+                {"campaign": on.campaign.name, "occurrences": [f.occurrence for f in unique]},
             )
         )
-        return [f for f in unique if f.occurrence in recorded]
+        return [f for f in unique if f.occurrence not in seen]
 
     async def _match_users(
         self,
@@ -635,7 +626,7 @@ class _Decision:
         rows = await self.session.execute(
             sa.select(live_users.c.user_id, live_users.c.last_at).where(
                 live_users.c.campaign == self.on.campaign.name,
-                live_users.c.user_id == sa.func.any(sa.cast(sa.literal(sorted(users)), ARRAY(sa.Text))),
+                text_in(live_users.c.user_id, sorted(users)),
             )
         )
         return {row.user_id: row.last_at for row in rows}
@@ -655,12 +646,19 @@ class _Decision:
             )
         await limits.save(session, on.run_id, on.account_id)
         await session.execute(
-            _OUTCOMES,
+            _FIRED,
             {
                 "campaign": name,
-                "occurrences": list(self.outcomes),
-                "deliveries": [delivery for delivery, _ in self.outcomes.values()],
-                "reasons": [reason for _, reason in self.outcomes.values()],
+                "account_id": on.account_id,
+                "run_id": on.run_id,
+                "now": self.now,
+                "occurrences": [f.occurrence for f in self.fires],
+                "users": [f.user_id for f in self.fires],
+                "names": [f.event_name for f in self.fires],
+                "times": [f.event_time for f in self.fires],
+                "via": [f.via for f in self.fires],
+                "deliveries": [self.outcomes[f.occurrence][0] for f in self.fires],
+                "reasons": [self.outcomes[f.occurrence][1] for f in self.fires],
             },
         )
         handed = self.skipped + self.going

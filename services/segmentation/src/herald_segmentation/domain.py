@@ -18,7 +18,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.auth import SERVICE_ROLE, current_account_id, current_caller
 from herald_common.campaign_usage import CampaignUsage
-from herald_common.db import Database
+from herald_common.db import Database, text_in
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.hourly_quota import HourlyQuota
 from herald_common.paging import keyset_page
@@ -407,7 +407,7 @@ class Segmentation:
                         sa.cast(attributes, sa.Text).label("attributes"),
                         reachable(request.channel).label("reachable"),
                     )
-                    .where(users.c.account_id == account_id, users.c.user_id.in_(ids), condition)
+                    .where(users.c.account_id == account_id, text_in(users.c.user_id, ids), condition)
                     .order_by(users.c.user_id)
                 )
             ).all()

@@ -21,6 +21,7 @@ from sqlalchemy.sql.elements import Grouping
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
+from herald_common.db import text_in
 from herald_common.errors import Validator
 from herald_common.timing import parse_datetime
 from herald_common.validation import check_text_fields
@@ -661,7 +662,7 @@ def _event_rows(
 ) -> list[sa.ColumnElement[bool]]:
     where = [events.c.account_id == ctx.account_id]
     if ctx.only_users is not None:
-        where.append(events.c.user_id.in_(ctx.only_users))
+        where.append(text_in(events.c.user_id, ctx.only_users))
     if condition.event_name:
         where.append(events.c.name == condition.event_name)
     where.append(event_where(condition.where, EVENT_PROPERTIES, condition.event_name, ctx))
@@ -765,7 +766,7 @@ def in_list(list_id: Any, ctx: Context) -> sa.ColumnElement[bool]:
         list_members.c.account_id == ctx.account_id, list_members.c.list_id == list_id
     )
     if ctx.only_users is not None:
-        members = members.where(list_members.c.user_id.in_(ctx.only_users))
+        members = members.where(text_in(list_members.c.user_id, ctx.only_users))
     return users.c.user_id.in_(members)
 
 

@@ -72,14 +72,21 @@ class SystemEvents:
             chunk = list(recorded[start : start + MAX_EVENTS])
             await self.recorder.ingest(chunk, pb.IngestEventsRequest(events=chunk).ByteSize())
 
+    async def record_by_account(self, found: dict[uuid.UUID, list[pb.Event]]) -> None:
+        """Records each account's events together: the many small reports of a busy campaign,
+        fetched as one batch, make few writes."""
+        for account_id, recorded in sorted(found.items()):
+            await self.record(account_id, recorded)
+
     async def from_outcomes(self, received: Sequence[events.DeliveryOutcomes]) -> None:
         """Control Group for users held back; Notification Delivered for exports accepted."""
+        by_account: dict[uuid.UUID, list[pb.Event]] = defaultdict(list)
         for report in received:
             account_id = account_id_of(report.account)
             kind = channels.of_type(report.destination_type)
             if account_id is None:
                 continue
-            found = []
+            found = by_account[account_id]
             for result in report.results:
                 common = {"campaign": report.campaign, "delivery_id": result.delivery_id}
                 if (
@@ -99,16 +106,17 @@ class SystemEvents:
                     found.append(
                         _event(result.user_id, NOTIFICATION_DELIVERED, client_id, report.occur_time, **common)
                     )
-            await self.record(account_id, found)
+        await self.record_by_account(by_account)
 
     async def from_receipts(self, received: Sequence[events.DeliveryReceipts]) -> None:
         """Notification Delivered for each delivery a provider's receipt says was delivered."""
         now = api.utcnow()
+        by_account: dict[uuid.UUID, list[pb.Event]] = defaultdict(list)
         for report in received:
             account_id = account_id_of(report.account)
             if account_id is None:
                 continue
-            found = [
+            by_account[account_id] += [
                 _event(
                     result.user_id,
                     NOTIFICATION_DELIVERED,
@@ -120,7 +128,7 @@ class SystemEvents:
                 for result in report.results
                 if result.status == events.RECEIPT_STATUS_DELIVERED and result.user_id
             ]
-            await self.record(account_id, found)
+        await self.record_by_account(by_account)
 
     async def from_replies(self, received: Sequence[events.SmsReplied]) -> None:
         """Notification Replied for each user of the account with the number that replied."""
