@@ -9,7 +9,7 @@ UV_VERSION := 0.13.8
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install run test chaos lint proto proto-check bench clean
+.PHONY: install browser run test chaos lint proto proto-check bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -25,8 +25,15 @@ install: $(VENV)/.synced
 run: install
 	$(BIN)/herald-run
 
-## Run the whole test suite (real PostgreSQL, NATS and gRPC servers).
-test: install
+## Debian's Chromium, which the web SDK's browser tests drive (installed when missing; never a
+## downloaded browser build).
+browser:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+
+## Run the whole test suite (real PostgreSQL, NATS and gRPC servers, and a real browser).
+test: install browser
 	$(BIN)/pytest
 
 ## The whole fault suite: every service, PostgreSQL and NATS killed in turn during an export.
@@ -49,4 +56,4 @@ bench: install
 	$(BIN)/python -m tests.bench $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(TOOLS) .data .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(TOOLS) .data .mypy_cache .ruff_cache .pytest_cache .artifacts

@@ -183,6 +183,11 @@ class Platform:
             self.hosts[name] = await MAINS[name].start(self.settings)
 
     @property
+    def web_url(self) -> str:
+        """The web SDK's API (dispatch's web pop-up worker)."""
+        return f"http://127.0.0.1:{self.settings.web_port}"
+
+    @property
     def addresses(self) -> dict[str, str]:
         return {name: self.address(name) for name in self.hosts}
 
@@ -202,14 +207,16 @@ async def running_platform(settings: Settings) -> AsyncIterator[Platform]:
     # Every service may call every other (campaign checks references, segmentation and dispatch
     # ask campaign whether what they delete is in use): ports are chosen before any starts.
     ports: dict[str, int] = {}
-    for name in ("segmentation", "dispatch", "campaign", "scheduler", "receipts"):
+    for name in ("segmentation", "dispatch", "campaign", "scheduler", "receipts", "web"):
         ports[name] = free_port(avoid=set(ports.values()))  # none bound yet: all must differ
     receipts_port = ports.pop("receipts")
+    web_port = ports.pop("web")
     wired = replace(
         settings,
         ports=ports,
         addresses={name: f"127.0.0.1:{port}" for name, port in ports.items()},
         receipts_port=receipts_port,
+        web_port=web_port,
     )
     hosts: dict[str, ServiceHost] = {}
     for name in reversed(STOP_ORDER):

@@ -36,6 +36,12 @@ from tests.helpers import condition, field_violations, matching, user
 Role = accounts_pb.Role
 
 
+def _key(name: str, role: Any) -> accounts_pb.ApiKey:
+    """A key of the role; a publishable one for this test's site."""
+    origins = ["https://shop.example.com"] if role == Role.ROLE_PUBLISHABLE else []
+    return accounts_pb.ApiKey(display_name=name, role=role, allowed_origins=origins)
+
+
 @pytest.fixture
 async def keys(platform: Platform) -> AsyncIterator[Callable[[Any], Awaitable[Clients]]]:
     """Makes clients calling with a new key of the platform's account with the given role."""
@@ -43,7 +49,7 @@ async def keys(platform: Platform) -> AsyncIterator[Callable[[Any], Awaitable[Cl
 
     async def with_role(role: Any) -> Clients:
         created = await platform.accounts.CreateApiKey(
-            accounts_pb.CreateApiKeyRequest(api_key=accounts_pb.ApiKey(display_name="test", role=role))
+            accounts_pb.CreateApiKeyRequest(api_key=_key("test", role))
         )
         clients = Clients.open(platform.addresses, created.key)
         opened.append(clients)
@@ -313,7 +319,10 @@ def test_a_publishable_key_opens_only_the_browser_operations() -> None:
     tables += [segmentation_servicer.PERMISSIONS, dispatch_servicer.PERMISSIONS]
     allowed = ROLE_PERMISSIONS["ROLE_PUBLISHABLE"]
     callable_ = sorted(m for table in tables for m, needed in table.items() if needed in allowed)
-    assert callable_ == ["/herald.segmentation.v1.SegmentationService/IngestEvents"]
+    assert callable_ == [
+        "/herald.segmentation.v1.SegmentationService/IngestEvents",
+        "/herald.segmentation.v1.SegmentationService/MergeVisitor",
+    ]
 
 
 async def test_a_flood_with_a_publishable_key_leaves_the_server_keys_quota_alone(platform: Platform) -> None:
@@ -326,9 +335,7 @@ async def test_a_flood_with_a_publishable_key_leaves_the_server_keys_quota_alone
     )
     admin = Clients.open(platform.addresses, key)
     created = await admin.accounts.CreateApiKey(
-        accounts_pb.CreateApiKeyRequest(
-            api_key=accounts_pb.ApiKey(display_name="website", role=Role.ROLE_PUBLISHABLE)
-        )
+        accounts_pb.CreateApiKeyRequest(api_key=_key("website", Role.ROLE_PUBLISHABLE))
     )
     browser = Clients.open(platform.addresses, created.key)
     try:

@@ -48,7 +48,7 @@ def _service_of(deployment: dict[str, Any]) -> str:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_pod_runs_unprivileged_on_a_read_only_root(overlay: str) -> None:
     deployments = _of_kind(overlay, "Deployment")
-    assert len(deployments) == 12
+    assert len(deployments) == 13
     for deployment in deployments:
         pod = deployment["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True
@@ -94,6 +94,11 @@ def test_network_policies_keep_the_service_ports_nats_and_postgresql_inside(over
     assert receipts == {
         "from": [{"namespaceSelector": {"matchLabels": {"herald.io/ingress": "true"}}}],
         "ports": [{"protocol": "TCP", "port": "receipts"}],
+    }
+    [web] = policies["herald-web"]["ingress"]
+    assert web == {
+        "from": [{"namespaceSelector": {"matchLabels": {"herald.io/ingress": "true"}}}],
+        "ports": [{"protocol": "TCP", "port": "web"}],
     }
     for store, port in (("nats", 4222), ("postgresql", 5432)):
         spec = policies[f"herald-{store}"]

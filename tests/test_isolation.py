@@ -342,6 +342,26 @@ async def _describe_event(w: World) -> None:
     assert not theirs.seen and not theirs.property_types
 
 
+@probe(segmentation_pb, "MergeVisitor")
+async def _merge_visitor(w: World) -> None:
+    # A's anonymous visitor with the same id as one of B's: B's merge moves only B's visitor.
+    for clients, owner in ((w.a, "a"), (w.b, "b")):
+        event = segmentation_pb.Event(
+            user_id="anon:same", name="Page Viewed", client_event_id=f"visit-{owner}"
+        )
+        event.properties.update({"owner": owner})
+        await clients.segmentation.IngestEvents(segmentation_pb.IngestEventsRequest(events=[event]))
+    merge = segmentation_pb.MergeVisitorRequest(anonymous_id="anon:same", user_id="signed-in")
+    assert (await w.b.segmentation.MergeVisitor(merge)).moved_event_count == 1
+    viewed = segmentation_pb.Condition(event=segmentation_pb.EventCondition(event_name="Page Viewed"))
+    request = segmentation_pb.MatchUsersRequest(
+        user_ids=["anon:same", "signed-in"],
+        audience=segmentation_pb.Audience(filter=segmentation_pb.SegmentFilter(all_of=[viewed])),
+    )
+    assert [m.user_id for m in (await w.a.segmentation.MatchUsers(request)).members] == ["anon:same"]
+    assert [m.user_id for m in (await w.b.segmentation.MatchUsers(request)).members] == ["signed-in"]
+
+
 @probe(scheduler_pb, "ListQualifications")
 async def _list_qualifications(w: World) -> None:
     request = scheduler_pb.ListQualificationsRequest(campaign=w.campaign.name, user_id="only-a")

@@ -209,7 +209,11 @@ async def _seeds(clients: Clients, tag: str) -> dict[str, Message]:
             body="Hello {{ profile.first_name }}", user_id=f"{tag}-1"
         ),
         "herald.accounts.v1.AccountService.CreateApiKey": accounts_pb.CreateApiKeyRequest(
-            api_key=accounts_pb.ApiKey(display_name="site", role=accounts_pb.Role.ROLE_PUBLISHABLE)
+            api_key=accounts_pb.ApiKey(
+                display_name="site",
+                role=accounts_pb.Role.ROLE_PUBLISHABLE,
+                allowed_origins=["https://shop.example.com"],
+            )
         ),
         "herald.accounts.v1.AccountService.UpdateAccountSettings": accounts_pb.UpdateAccountSettingsRequest(
             settings=accounts_pb.AccountSettings(

@@ -35,7 +35,11 @@ async def site(platform: Platform) -> AsyncIterator[Site]:
     admin = Clients.open(platform.addresses, key)
     created = await admin.accounts.CreateApiKey(
         accounts_pb.CreateApiKeyRequest(
-            api_key=accounts_pb.ApiKey(display_name="website", role=accounts_pb.Role.ROLE_PUBLISHABLE)
+            api_key=accounts_pb.ApiKey(
+                display_name="website",
+                role=accounts_pb.Role.ROLE_PUBLISHABLE,
+                allowed_origins=["https://shop.example.com"],
+            )
         )
     )
     browser = Clients.open(platform.addresses, created.key)

@@ -81,3 +81,22 @@ def from_timestamp(ts: Timestamp) -> datetime:
 def utcnow() -> datetime:
     """Now, by the one clock of herald_common.clock (a test may set it)."""
     return clock.now()
+
+
+MAX_ORIGINS = 20
+
+
+def web_origin(text: str) -> str | None:
+    """A web origin (`https://shop.example.com`, `http://localhost:8000`), lower-cased with a
+    default port dropped, as browsers send it in `Origin`; None when it is not one."""
+    scheme, sep, rest = text.strip().partition("://")
+    scheme = scheme.lower()
+    if not sep or scheme not in ("http", "https") or not rest or len(text) > 300:
+        return None
+    host, _, port = rest.lower().partition(":") if not rest.startswith("[") else (rest.lower(), "", "")
+    if not host or any(c in rest for c in "/?#@ \\") or not rest.isprintable():
+        return None
+    if port and (not port.isdigit() or not 0 < int(port) < 65536):
+        return None
+    default = {"http": "80", "https": "443"}[scheme]
+    return f"{scheme}://{host}" + (f":{port}" if port and port != default else "")

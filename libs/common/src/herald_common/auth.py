@@ -40,6 +40,8 @@ log = get_logger(__name__)
 
 KEY_PREFIX = "hrld_"
 ACCOUNT_HEADER = "x-herald-account"
+# With the service token: the role of the caller a service passes on, when it is a browser's.
+ROLE_HEADER = "x-herald-acting-role"
 SERVICE_ROLE = "SERVICE"
 # Owns rows from before accounts existed; no key acts for it.
 NO_ACCOUNT = uuid.UUID(int=0)
@@ -86,6 +88,8 @@ class Caller:
     # The account's own limits; zero takes the installation's defaults.
     requests_per_second: float = 0.0
     max_batch_size: int = 0
+    # A publishable key's web origins.
+    allowed_origins: tuple[str, ...] = ()
 
 
 PUBLISHABLE_ROLE = "ROLE_PUBLISHABLE"
@@ -401,7 +405,14 @@ class KeyRegistry:
             raise Unauthenticated("the account of this API key was deleted; use a key of another account")
         if state.revoked:
             raise Unauthenticated("this API key was revoked; use another key of the account")
-        return Caller(state.account, state.role, key_id, state.requests_per_second, state.max_batch_size)
+        return Caller(
+            state.account,
+            state.role,
+            key_id,
+            state.requests_per_second,
+            state.max_batch_size,
+            tuple(state.allowed_origins),
+        )
 
 
 @dataclass
@@ -452,8 +463,13 @@ class Authenticator:
         if scheme == "Service":
             if not self.service_token or not hmac.compare_digest(credential, self.service_token):
                 raise Unauthenticated("wrong service token")
-            caller = Caller(metadata.get(ACCOUNT_HEADER, ""), SERVICE_ROLE)
-        elif scheme == "Bearer":
+            # A service passing on a browser's calls (the web worker) acts with a browser's rights.
+            browser = metadata.get(ROLE_HEADER, "") == PUBLISHABLE_ROLE
+            caller = Caller(metadata.get(ACCOUNT_HEADER, ""), PUBLISHABLE_ROLE if browser else SERVICE_ROLE)
+            if needed not in ROLE_PERMISSIONS[caller.role]:
+                raise PermissionDenied(f"a browser's calls may not do this ({needed.value} is needed)")
+            return caller  # already counted where the account's call came in
+        if scheme == "Bearer":
             caller = await self.registry.check(credential)
             self.uses.used(caller.key_id)
         else:
@@ -461,8 +477,6 @@ class Authenticator:
         if needed not in ROLE_PERMISSIONS.get(caller.role, frozenset()):
             role = caller.role.removeprefix("ROLE_").lower()
             raise PermissionDenied(f"a {role} key may not do this ({needed.value} is needed)")
-        if caller.role == SERVICE_ROLE:
-            return caller  # already counted where the account's call came in
         caller = self.limits(caller)
         bucket, rate = caller.account, caller.requests_per_second
         if caller.role == PUBLISHABLE_ROLE:
@@ -526,7 +540,8 @@ def service_credentials(token: str) -> list[grpc.aio.ClientInterceptor]:
     def headers() -> list[tuple[str, str]]:
         caller = current_caller()
         account = caller.account if caller is not None else ""
-        return [("authorization", f"Service {token}"), (ACCOUNT_HEADER, account)]
+        role = caller.role if caller is not None and caller.role == PUBLISHABLE_ROLE else ""
+        return [("authorization", f"Service {token}"), (ACCOUNT_HEADER, account), (ROLE_HEADER, role)]
 
     return header_interceptors(headers)
 

@@ -103,6 +103,14 @@ class Subjects:
         return f"{self.namespace}.segmentation.events.ingested"
 
     @property
+    def visitor_merged(self) -> str:
+        return f"{self.namespace}.segmentation.visitor.merged"
+
+    @property
+    def web_interactions(self) -> str:
+        return f"{self.namespace}.dispatch.web.interactions"
+
+    @property
     def sms_replies(self) -> str:
         return f"{self.namespace}.dispatch.sms.replied"
 

@@ -80,6 +80,29 @@ _MPARTICLE = ChannelKind(
 )
 
 
+def popup_texts(message: campaign_pb.PopupMessage) -> list[str]:
+    """A pop-up's templated texts."""
+    return [message.title, message.body, message.button.text]
+
+
+def _web_popup_attributes(campaign: campaign_pb.Campaign) -> set[str]:
+    popup = campaign.web_popup
+    messages = [popup.message, *(variant.message for variant in popup.variants)]
+    needed = personalization.profile_properties(text for m in messages for text in popup_texts(m))
+    return needed | ({popup.variant_property} if popup.variant_property else set())
+
+
+_WEB_POPUP = ChannelKind(
+    destination_type="web_popup",
+    content_field="web_popup",
+    config_field="web_popup",
+    destination_enum=dispatch_pb.DestinationType.DESTINATION_TYPE_WEB_POPUP,
+    attribute_keys=_web_popup_attributes,
+    audience_channel=segmentation_pb.Channel.CHANNEL_WEB_POPUP,
+    cap_channel=accounts_pb.CapChannel.CAP_CHANNEL_WEB_POPUP,
+)
+
+
 def _sms(provider: str, destination_enum: dispatch_pb.DestinationType.ValueType) -> ChannelKind:
     """Every SMS provider takes the same content and reaches the same users."""
     return ChannelKind(
@@ -102,6 +125,7 @@ KINDS = (
     _sms("exotel", dispatch_pb.DestinationType.DESTINATION_TYPE_EXOTEL),
     _sms("netcore", dispatch_pb.DestinationType.DESTINATION_TYPE_NETCORE),
     _sms("sms_provider_group", dispatch_pb.DestinationType.DESTINATION_TYPE_SMS_PROVIDER_GROUP),
+    _WEB_POPUP,
 )
 
 _BY_CONFIG = {kind.config_field: kind for kind in KINDS}

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.errors import Validator
 from herald_common.schedules import parse_time_of_day
 
@@ -18,9 +19,22 @@ NOTIFICATION_DELIVERED = "Notification Delivered"
 NOTIFICATION_REPLIED = "Notification Replied"
 CONTROL_GROUP = "Control Group"
 APP_VERSION_CHANGED = "App Version Changed"
+NOTIFICATION_VIEWED = "Notification Viewed"
+NOTIFICATION_CLICKED = "Notification Clicked"
 RECORDED_SYSTEM_EVENTS = frozenset(
-    {NOTIFICATION_DELIVERED, NOTIFICATION_REPLIED, CONTROL_GROUP, APP_VERSION_CHANGED}
+    {
+        NOTIFICATION_DELIVERED,
+        NOTIFICATION_REPLIED,
+        CONTROL_GROUP,
+        APP_VERSION_CHANGED,
+        NOTIFICATION_VIEWED,
+        NOTIFICATION_CLICKED,
+    }
 )
+# What the web SDK sends for each page view, with the properties page triggers test.
+PAGE_VIEWED = "Page Viewed"
+MAX_URL = 2_000
+MAX_PAGE_COUNT = 1_000
 # The rest of that list: system events of other products that Herald does not record, so a
 # trigger on one would never fire.
 UNRECORDED_SYSTEM_EVENTS = frozenset(
@@ -33,8 +47,6 @@ UNRECORDED_SYSTEM_EVENTS = frozenset(
         "Experiment Rendered",
         "Geocluster Entered",
         "Geocluster Exited",
-        "Notification Clicked",
-        "Notification Viewed",
         "Push Impressions",
         "Reply Sent",
         "UTM Visited",
@@ -80,6 +92,75 @@ def named_events(trigger: pb.LiveTrigger, path: str) -> list[tuple[pb.LiveEvent,
     return []
 
 
+def _condition(key: str, operator: int, value: str | int) -> segmentation_pb.PropertyCondition:
+    condition = segmentation_pb.PropertyCondition(property=key, operator=operator)  # type: ignore[arg-type]
+    if isinstance(value, str):
+        condition.value.string_value = value
+    else:
+        condition.value.number_value = value
+    return condition
+
+
+_URL_OPERATORS = {
+    pb.URL_MATCH_EQUALS: segmentation_pb.OPERATOR_EQUALS,
+    pb.URL_MATCH_CONTAINS: segmentation_pb.OPERATOR_CONTAINS,
+    pb.URL_MATCH_PATTERN: segmentation_pb.OPERATOR_MATCHES,
+}
+
+
+def _url_condition(key: str, test: pb.UrlTest) -> segmentation_pb.PropertyCondition:
+    return _condition(key, _URL_OPERATORS[test.match], test.value)
+
+
+def as_action(trigger: pb.LiveTrigger) -> pb.LiveTrigger:
+    """The trigger as segmentation and the scheduler act on it: a page trigger is an action
+    trigger on the web SDK's `Page Viewed` event, its test a condition on the event's
+    properties."""
+    if trigger.WhichOneof("kind") != "page":
+        return trigger
+    page = trigger.page
+    rule = page.WhichOneof("rule")
+    if rule == "visit":
+        where = _url_condition("url", page.visit)
+    elif rule == "referrer":
+        where = _url_condition("referrer", page.referrer)
+    elif rule == "utm_source":
+        where = _condition("utm_source", segmentation_pb.OPERATOR_MATCHES, page.utm_source)
+    else:
+        at_least = segmentation_pb.OPERATOR_GREATER_THAN_OR_EQUAL
+        where = _condition("session_page_count", at_least, page.page_count)
+    event = pb.LiveEvent(event_name=PAGE_VIEWED, where=[where])
+    return pb.LiveTrigger(action=pb.ActionTrigger(event=event))
+
+
+def _check_page(page: pb.PageTrigger, path: str, check: Validator) -> None:
+    rule = page.WhichOneof("rule")
+    if not check.require(rule is not None, path, "required: visit, referrer, utm_source or page_count"):
+        return
+    if rule in ("visit", "referrer"):
+        test: pb.UrlTest = getattr(page, rule)
+        check.require(
+            test.match in _URL_OPERATORS, f"{path}.{rule}.match", "required: EQUALS, CONTAINS or PATTERN"
+        )
+        check.require(
+            0 < len(test.value) <= MAX_URL and test.value.isprintable(),
+            f"{path}.{rule}.value",
+            f"required: 1 to {MAX_URL:,} characters, no control characters",
+        )
+    elif rule == "utm_source":
+        check.require(
+            0 < len(page.utm_source) <= 200
+            and page.utm_source.isprintable()
+            and not {"*", "?"} & set(page.utm_source),
+            f"{path}.utm_source",
+            "required: 1 to 200 characters, none of them a control character, * or ?",
+        )
+    else:
+        check.require(
+            1 <= page.page_count <= MAX_PAGE_COUNT, f"{path}.page_count", f"1 to {MAX_PAGE_COUNT:,} pages"
+        )
+
+
 def check_live(live: pb.Live, path: str, check: Validator) -> None:
     """A live schedule's trigger and frequency (start, end and delay are checked with it)."""
     if check.require(live.HasField("trigger"), f"{path}.trigger", "required"):
@@ -100,7 +181,10 @@ def _window(within: timedelta, path: str, check: Validator) -> None:
 
 def _check_trigger(trigger: pb.LiveTrigger, path: str, check: Validator) -> None:
     kind = trigger.WhichOneof("kind")
-    if not check.require(kind is not None, path, "required: action, inaction or date_property"):
+    if not check.require(kind is not None, path, "required: action, inaction, date_property or page"):
+        return
+    if kind == "page":
+        _check_page(trigger.page, f"{path}.page", check)
         return
     for event, where in named_events(trigger, path):
         anonymous_allowed = where == f"{path}.action.event"

@@ -64,6 +64,10 @@ class Settings:
     # tells providers to call it at this public base URL (empty: http://host:port).
     receipts_port: int = 0
     receipts_url: str = ""
+    # Dispatch's web pop-up worker serves the web SDK's API on this port (0: not served), and
+    # lets each publishable key make this many requests a second.
+    web_port: int = 0
+    web_requests_per_second: float = 1000.0
     # How long an SMS provider has to answer a message once it is written; past it the message is
     # UNKNOWN (perhaps sent), never sent again.
     sms_answer_timeout_seconds: float = 15.0
@@ -112,6 +116,8 @@ class Settings:
             bootstrap_token=env.get("HERALD_BOOTSTRAP_TOKEN", ""),
             receipts_port=int(env.get("HERALD_RECEIPTS_PORT", "0")),
             receipts_url=env.get("HERALD_RECEIPTS_URL", ""),
+            web_port=int(env.get("HERALD_WEB_PORT", "0")),
+            web_requests_per_second=float(env.get("HERALD_WEB_REQUESTS_PER_SECOND", "1000")),
             sms_answer_timeout_seconds=float(env.get("HERALD_SMS_ANSWER_TIMEOUT_SECONDS", "15")),
             sms_settle_seconds=float(env.get("HERALD_SMS_SETTLE_SECONDS", "120")),
             dispatch_max_in_flight=int(env.get("HERALD_DISPATCH_MAX_IN_FLIGHT", "256")),

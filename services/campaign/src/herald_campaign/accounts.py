@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -142,7 +143,32 @@ def _key_message(row: Any) -> pb.ApiKey:
     )
     if row.revoked_at is not None:
         key.revoke_time.CopyFrom(api.timestamp(row.revoked_at))
+    key.allowed_origins.extend(row.allowed_origins)
     return key
+
+
+def _origins(api_key: pb.ApiKey, check: Validator) -> list[str]:
+    """A publishable key's web origins, normalized; other keys have none."""
+    given = list(api_key.allowed_origins)
+    if api_key.role != Role.ROLE_PUBLISHABLE:
+        check.require(not given, "api_key.allowed_origins", "only for ROLE_PUBLISHABLE keys")
+        return []
+    check.require(
+        0 < len(given) <= api.MAX_ORIGINS,
+        "api_key.allowed_origins",
+        f"required for a publishable key: 1 to {api.MAX_ORIGINS} web origins",
+    )
+    origins = []
+    for i, text in enumerate(given[: api.MAX_ORIGINS]):
+        origin = api.web_origin(text)
+        if check.require(
+            origin is not None,
+            f"api_key.allowed_origins[{i}]",
+            "a web origin: http or https, a host and an optional port, no path (https://shop.example.com)",
+        ):
+            assert origin is not None
+            origins.append(origin)
+    return sorted(set(origins))
 
 
 def _parse_key_name(name: str) -> tuple[uuid.UUID, uuid.UUID]:
@@ -199,13 +225,19 @@ class Accounts:
             max_batch_size=account.max_batch_size,
             account_deleted=account.deleted_at is not None,
             version=version,
+            allowed_origins=row.allowed_origins,
         )
         subject = api_key_subject(self.namespace, row.key_id)
         message_id = f"{row.key_id}:{version}"
         await enqueue(session, outbox, [OutboxEvent.of(subject, state, message_id)])
 
     async def _add_key(
-        self, session: AsyncSession, account_id: uuid.UUID, display_name: str, role: str
+        self,
+        session: AsyncSession,
+        account_id: uuid.UUID,
+        display_name: str,
+        role: str,
+        allowed_origins: Sequence[str] = (),
     ) -> tuple[Any, NewKey]:
         key = self.keys.new_key()
         row = (
@@ -218,6 +250,7 @@ class Accounts:
                     display_name=display_name,
                     role=role,
                     secret_sha256=key.secret_sha256,
+                    allowed_origins=list(allowed_origins),
                 )
                 .returning(*api_keys.c)
             )
@@ -311,10 +344,11 @@ class Accounts:
         )
         check_text_fields(api_key, "api_key", check)
         check.require(api_key.role != Role.ROLE_UNSPECIFIED, "api_key.role", "required")
+        origins = _origins(api_key, check)
         check.raise_if_any()
         async with self.database.transaction() as session:
             row, key = await self._add_key(
-                session, account_id, api_key.display_name.strip(), Role.Name(api_key.role)
+                session, account_id, api_key.display_name.strip(), Role.Name(api_key.role), origins
             )
         self.notify_outbox()
         await self.keys.wait_for(key.key_id)

@@ -42,6 +42,12 @@ def _receipts_problem(event: events.DeliveryReceipts) -> str | None:
     return _campaign_id_problem(event.campaign, event.account)
 
 
+def _popups_problem(event: events.WebInteractions) -> str | None:
+    if not event.event_id or not event.results:
+        return "WebInteractions without event_id or results"
+    return _campaign_id_problem(event.campaign, event.account)
+
+
 def _waiting_problem(event: events.DestinationWaiting) -> str | None:
     if not event.HasField("occur_time"):
         return "DestinationWaiting without occur_time"
@@ -83,5 +89,14 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
         event_type=events.DeliveryReceipts,
         apply=campaigns.record_receipts,
         problem=_receipts_problem,
+        verify=lambda found: campaigns.foreign_reports([(r.campaign, r.account) for r in found]),
+    )
+    await infra.consume(
+        owner="dispatch",
+        durable="campaign-popup-interactions",
+        filter_subject=infra.subjects.web_interactions,
+        event_type=events.WebInteractions,
+        apply=campaigns.record_popup_interactions,
+        problem=_popups_problem,
         verify=lambda found: campaigns.foreign_reports([(r.campaign, r.account) for r in found]),
     )

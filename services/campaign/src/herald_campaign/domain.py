@@ -42,6 +42,7 @@ from herald_common.hourly_quota import HourlyQuota
 from herald_common.live import NOT_IN_AUDIENCE, check_live
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
+from herald_common.popups import check_popup, rendered, variant_for
 from herald_common.schedules import (
     account_zone,
     check_delivery,
@@ -67,6 +68,12 @@ _RECEIPT_COLUMNS = {
     events.ReceiptStatus.RECEIPT_STATUS_UNDELIVERED: "undelivered",
     events.ReceiptStatus.RECEIPT_STATUS_FAILED: "receipt_failed",
 }
+_POPUP_COLUMNS = {
+    events.WebInteractionKind.WEB_INTERACTION_KIND_VIEWED: "viewed",
+    events.WebInteractionKind.WEB_INTERACTION_KIND_CLICKED: "clicked",
+    events.WebInteractionKind.WEB_INTERACTION_KIND_CLOSED: "closed",
+    events.WebInteractionKind.WEB_INTERACTION_KIND_EXPIRED: "expired",
+}
 # Reasons kept per campaign, and users kept as examples of each.
 MAX_REASON_LENGTH = 300
 MAX_EXAMPLES = 5
@@ -80,6 +87,7 @@ _UPDATABLE = {
     "segment_export",
     "sms",
     "mparticle_export",
+    "web_popup",
 }
 MAX_CONTROL_PERCENT = 90
 MAX_TEST_MESSAGES = 5
@@ -175,6 +183,13 @@ def _validate_shape(campaign: pb.Campaign, check: Validator) -> None:
         )
     if content == "sms":
         check_sms_content(campaign.sms, "campaign.sms", check)
+    if content == "web_popup":
+        check_popup(campaign.web_popup, "campaign.web_popup", check)
+        check.require(
+            live, "campaign.schedule.live", "required: a web pop-up is shown as visitors qualify (live)"
+        )
+    if live and campaign.schedule.live.trigger.WhichOneof("kind") == "page":
+        check.require(content == "web_popup", "campaign.schedule.live.trigger.page", "only for web pop-ups")
 
 
 @dataclass(frozen=True)
@@ -734,6 +749,32 @@ class Campaigns:
             segments=measured.segments,
         )
 
+    async def preview_popup(self, content: pb.WebPopupContent, user_id: str) -> pb.MessagePreview:
+        """A web pop-up's messages rendered for one user, and the variant they would get."""
+        check = Validator()
+        check_popup(content, "web_popup", check)
+        check.require(bool(user_id), "user_id", "required")
+        check.raise_if_any()
+        profile = _profile_of(await self.references.user(user_id, "user_id"))
+        chosen, _ = variant_for(content, profile)
+        previews = []
+        for value, message in [("", content.message), *((v.value, v.message) for v in content.variants)]:
+            try:
+                shown = rendered(message, profile)
+            except personalization.PersonalizationError as error:
+                reason = f"the pop-up cannot be rendered for {user_id}: {error}"
+                raise FailedPrecondition(f"users/{user_id}", reason) from None
+            previews.append(
+                pb.PopupPreview(
+                    variant=value,
+                    title=shown["title"],
+                    body=shown["body"],
+                    button_text=shown.get("button", {}).get("text", ""),
+                    image_url=shown.get("image_url", ""),
+                )
+            )
+        return pb.MessagePreview(popups=previews, chosen_variant=chosen)
+
     async def send_test(self, request: pb.SendTestMessageRequest) -> pb.SendTestMessageResponse:
         """The campaign's SMS, rendered for each number (empty profile) or test user (their own),
         sent now through its destination; never counted in its stats."""
@@ -825,6 +866,9 @@ class Campaigns:
             receipts=pb.ReceiptCounts(
                 delivered=counts.delivered, undelivered=counts.undelivered, failed=counts.receipt_failed
             ),
+            popups=pb.PopupCounts(
+                viewed=counts.viewed, clicked=counts.clicked, closed=counts.closed, expired=counts.expired
+            ),
             failure_reasons=[
                 pb.FailureReason(
                     reason=r.reason, count=r._mapping["count"], example_user_ids=r.example_user_ids
@@ -904,6 +948,14 @@ class Campaigns:
             return
         async with self.database.transaction() as session:
             await _count_results(session, received, tuple(_RECEIPT_COLUMNS.values()), _receipt_counts)
+
+    async def record_popup_interactions(self, received: Sequence[events.WebInteractions]) -> None:
+        """Counts what visitors did with web pop-ups (each event once; each (delivery, kind) is in
+        one event)."""
+        if not received:
+            return
+        async with self.database.transaction() as session:
+            await _count_results(session, received, tuple(_POPUP_COLUMNS.values()), _popup_counts)
 
     async def record_waiting(self, received: Sequence[events.DestinationWaiting]) -> None:
         """Shows on each campaign whether a destination holds its deliveries back; newest report wins."""
@@ -1116,6 +1168,11 @@ def _outcome_counts(result: events.DeliveryResult) -> tuple[list[str], str | Non
     return columns, result.reason[:MAX_REASON_LENGTH] or "no reason given"
 
 
+def _popup_counts(result: events.WebInteraction) -> tuple[list[str], str | None]:
+    column = _POPUP_COLUMNS.get(result.kind)
+    return ([column] if column else []), None
+
+
 def _receipt_counts(result: events.ReceiptResult) -> tuple[list[str], str | None]:
     """The stats column a receipt adds one to (none for a status not counted), and its reason
     when the message was not delivered."""
@@ -1133,7 +1190,8 @@ _Result = TypeVar("_Result", covariant=True)
 
 
 class _ResultEvent(Protocol[_Result]):
-    """An event of delivery results (DeliveryOutcomes, DeliveryReceipts) for one campaign."""
+    """An event of delivery results (DeliveryOutcomes, DeliveryReceipts, WebInteractions) for one
+    campaign."""
 
     @property
     def event_id(self) -> str: ...
@@ -1145,7 +1203,7 @@ class _ResultEvent(Protocol[_Result]):
     def results(self) -> Sequence[_Result]: ...
 
 
-_R = TypeVar("_R", events.DeliveryResult, events.ReceiptResult)
+_R = TypeVar("_R", events.DeliveryResult, events.ReceiptResult, events.WebInteraction)
 
 
 async def _count_results(

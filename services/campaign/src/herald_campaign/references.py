@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import grpc
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
@@ -15,6 +13,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common import deadlines
 from herald_common.errors import FieldViolation, InvalidArgument, NotFound, Unavailable, invalid
+from herald_common.grpc_errors import error_details
 from herald_common.live import RECORDED_SYSTEM_EVENTS, named_events
 
 LOOKUP_TIMEOUT_SECONDS = 5.0
@@ -30,23 +29,6 @@ def _translate(error: grpc.aio.AioRpcError, name: str, field: str, owner: str) -
     if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
         return invalid(field, error.details() or "rejected")
     return Unavailable(f"{owner} service: {error.code().name} {error.details()}")
-
-
-def _details(error: grpc.aio.AioRpcError) -> tuple[list[FieldViolation], str]:
-    """The field violations and the missing resource's name an error of ours carries."""
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    violations: list[FieldViolation] = []
-    missing = ""
-    for detail in status.details if status is not None else ():
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
-            violations.extend(FieldViolation(v.field, v.description) for v in bad.field_violations)
-        elif detail.Is(error_details_pb2.ResourceInfo.DESCRIPTOR):
-            info = error_details_pb2.ResourceInfo()
-            detail.Unpack(info)
-            missing = info.resource_name
-    return violations, missing
 
 
 def _under(field: str, path: str) -> str:
@@ -86,7 +68,7 @@ class References:
                     request, timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS)
                 )
             except grpc.aio.AioRpcError as error:
-                found, _ = _details(error)
+                found, _ = error_details(error)
                 if error.code() == grpc.StatusCode.INVALID_ARGUMENT and found:
                     violations += [FieldViolation(f"{field}.{v.field}", v.description) for v in found]
                     continue
@@ -215,7 +197,7 @@ class References:
         try:
             await self.segments.EstimateReach(request, timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS))
         except grpc.aio.AioRpcError as error:
-            violations, missing = _details(error)
+            violations, missing = error_details(error)
             if error.code() == grpc.StatusCode.NOT_FOUND and violations:
                 raise NotFound(missing, _under(violations[0].field, field)) from None
             if error.code() == grpc.StatusCode.INVALID_ARGUMENT and violations:

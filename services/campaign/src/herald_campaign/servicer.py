@@ -73,6 +73,8 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
         return await self.campaigns.stats(request.name)
 
     async def PreviewMessage(self, request: pb.PreviewMessageRequest, context: Context) -> pb.MessagePreview:
+        if request.HasField("web_popup"):
+            return await self.campaigns.preview_popup(request.web_popup, request.user_id)
         return await self.campaigns.preview(request.body, request.user_id)
 
     async def SendTestMessage(

@@ -85,6 +85,11 @@ stats = sa.Table(
     sa.Column("delivered", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("undelivered", sa.BigInteger, nullable=False, server_default="0"),
     sa.Column("receipt_failed", sa.BigInteger, nullable=False, server_default="0"),
+    # What visitors did with web pop-ups.
+    sa.Column("viewed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("clicked", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("closed", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("expired", sa.BigInteger, nullable=False, server_default="0"),
     # Set while a destination holds this campaign's deliveries back.
     sa.Column("waiting_reason", sa.Text, nullable=False, server_default=""),
     sa.Column("waiting_changed_at", sa.DateTime(timezone=True), nullable=True),
@@ -117,6 +122,8 @@ api_keys = sa.Table(
     sa.Column("secret_sha256", sa.LargeBinary, nullable=False),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
     sa.Column("revoked_at", sa.DateTime(timezone=True), nullable=True),
+    # Publishable keys: the web origins whose pages may use the key.
+    sa.Column("allowed_origins", ARRAY(sa.Text), nullable=False, server_default="{}"),
 )
 
 outbox = outbox_table(metadata)

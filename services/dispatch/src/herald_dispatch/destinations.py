@@ -246,6 +246,7 @@ class Destinations:
             return await self.for_delivery(name, account_id)
 
         return SendContext(
+            account_id=account_id,
             destination=destination,
             permit=permit,
             request_slots=self.request_slots,

@@ -20,6 +20,7 @@ from herald_common import runtime
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database, make_engine
 from herald_common.logging import get_logger
+from herald_common.loops import WakeableLoop
 from herald_common.netguard import NetworkPolicy
 from herald_common.runtime import Infrastructure, ServiceHost
 from herald_common.secret_box import SecretBox
@@ -34,6 +35,9 @@ from herald_dispatch.receipts import ReceiptServer
 from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
 from herald_dispatch.storage import SCHEMA, outbox
 from herald_dispatch.test_messages import TestMessages
+from herald_dispatch.web.forwarding import Forwarder
+from herald_dispatch.web.inbox import EXPIRY_SWEEP_SECONDS, PopupInbox
+from herald_dispatch.web.server import WebServer
 from herald_dispatch.worker import DeliveryWorker, WorkerOptions
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DispatchService"].full_name
@@ -68,7 +72,9 @@ async def start(
     http = aiohttp.ClientSession(
         connector=policy.connector(limit=HTTP_CONNECTIONS), cookie_jar=aiohttp.DummyCookieJar()
     )
-    channels = registry(http, answer_timeout_seconds=settings.sms_answer_timeout_seconds)
+    channels = registry(
+        http, answer_timeout_seconds=settings.sms_answer_timeout_seconds, database=infra.database
+    )
     campaigns = CampaignBook(infra.database)
     campaign_service = infra.channel("campaign")
     destinations = Destinations(infra.database, channels, policy, CampaignUsage(campaign_service), secrets)
@@ -115,6 +121,8 @@ async def start(
         host.on_stop.append(server.stop)
         destinations.receipts_url = settings.receipts_url or f"http://{settings.host}:{port_taken}"
     chosen = worker_types_from_env(sorted(channels)) if workers is None else workers
+    if settings.web_port and "web_popup" in chosen:
+        await _serve_web(settings, infra, host, campaigns)
     worker_options = options or WorkerOptions(max_in_flight=settings.dispatch_max_in_flight)
     for worker_type in chosen:
         worker = DeliveryWorker(infra, destinations, campaigns, channels[worker_type], gate, worker_options)
@@ -122,6 +130,32 @@ async def start(
         host.on_stop.append(worker.stop)
         infra.watch(worker.settler)
     return host
+
+
+async def _serve_web(
+    settings: Settings, infra: Infrastructure, host: ServiceHost, campaigns: CampaignBook
+) -> None:
+    """The web SDK's API, and what keeps visitors' pop-up inboxes current."""
+    segmentation = infra.channel("segmentation")
+    host.on_stop.append(segmentation.close)
+    inbox = PopupInbox(infra.database, campaigns, infra.subjects, infra.relay.notify)
+    server = WebServer(
+        infra.keys, inbox, Forwarder(segmentation), settings.service_token, settings.web_requests_per_second
+    )
+    port = await server.start(settings.host, settings.web_port)
+    host.on_stop.append(server.stop)
+    log.info("web_sdk_api_serving", port=port)
+    await infra.consume(
+        owner="segmentation",
+        durable="dispatch-visitor-merges",
+        filter_subject=infra.subjects.visitor_merged,
+        event_type=events.VisitorMerged,
+        apply=inbox.visitors_merged,
+    )
+    expiry = WakeableLoop("web-inbox-expiry", inbox.forget_expired, EXPIRY_SWEEP_SECONDS)
+    expiry.start()
+    host.on_stop.append(expiry.stop)
+    infra.watch(expiry)
 
 
 def main() -> None:

@@ -162,3 +162,35 @@ sms_opt_outs = sa.Table(
     sa.Column("phone", sa.Text, primary_key=True),
     sa.Column("opted_out_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
+
+# Web pop-ups delivered and waiting for their visitor's exit intent: the visitor's pop-up inbox.
+web_inbox = sa.Table(
+    "web_inbox",
+    metadata,
+    sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("campaign", sa.Text, nullable=False),
+    # The pop-up as the web SDK takes it (its texts rendered for the visitor).
+    sa.Column("popup", sa.Text, nullable=False),
+    sa.Column("variant", sa.Text, nullable=False, server_default=""),
+    sa.Column("timezone", sa.Text, nullable=False, server_default=""),
+    sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_dispatch_web_inbox_visitor", "account_id", "user_id", "expires_at"),
+    sa.Index("ix_dispatch_web_inbox_expires", "expires_at"),
+)
+
+# What visitors did with pop-ups: each kind once per delivery.
+web_interactions = sa.Table(
+    "web_interactions",
+    metadata,
+    sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("kind", sa.Text, primary_key=True),  # viewed, clicked, closed, expired
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("campaign", sa.Text, nullable=False),
+    sa.Column("session_id", sa.Text, nullable=False, server_default=""),
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_dispatch_web_interactions_visitor", "account_id", "user_id", "campaign", "at"),
+)

@@ -46,7 +46,7 @@ from herald_common.auth import account_id_of, act_as, current_account_id, servic
 from herald_common.bus import Subjects
 from herald_common.db import Database, text_in
 from herald_common.errors import NotFound, Validator
-from herald_common.live import ALREADY_ONCE, NOT_IN_AUDIENCE, too_recent
+from herald_common.live import ALREADY_ONCE, NOT_IN_AUDIENCE, as_action, too_recent
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import enqueue
@@ -117,7 +117,7 @@ class _Live:
 
     @property
     def trigger(self) -> campaign_pb.LiveTrigger:
-        return self.campaign.schedule.live.trigger
+        return as_action(self.campaign.schedule.live.trigger)
 
 
 def delivery_id(run_id: uuid.UUID, user_id: str, occurrence: str) -> str:

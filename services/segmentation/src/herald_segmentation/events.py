@@ -37,6 +37,7 @@ from herald_segmentation.properties import (
     struct_values,
 )
 from herald_segmentation.storage import LARGE_PROPERTIES, SCHEMA, outbox
+from herald_segmentation.visitors import aliases
 
 MAX_EVENTS = 1000
 MAX_BATCH_BYTES = 1 << 20
@@ -223,6 +224,7 @@ class Events:
         await self._ensure_partitions({_month(day) for day in {int(r.when) // 86400 * 86400 for r in unique}})
         async with self.database.transaction() as session:
             await types.record(session, account_id, check)
+            unique = await _as_merged(session, account_id, unique)
             fresh = set(
                 await session.scalars(
                     _RECORD,
@@ -304,6 +306,17 @@ class Events:
         await enqueue(
             session, outbox, [OutboxEvent.of(self.subjects.events_ingested, announced, announced.event_id)]
         )
+
+
+async def _as_merged(session: Any, account_id: uuid.UUID, received: list[_Received]) -> list[_Received]:
+    """The events, those of anonymous visitors merged into a user since made the user's."""
+    merged = await aliases(session, account_id, {r.user_id for r in received})
+    if not merged:
+        return received
+    for r in received:
+        if r.user_id in merged:
+            r.event.user_id = merged[r.user_id]
+    return [r._replace(user_id=merged[r.user_id]) if r.user_id in merged else r for r in received]
 
 
 def _check_from_browser(

@@ -23,6 +23,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.db import text_in
 from herald_common.errors import Validator
+from herald_common.live import PAGE_VIEWED
 from herald_common.timing import parse_datetime
 from herald_common.validation import check_text_fields
 from herald_segmentation.properties import (
@@ -42,6 +43,7 @@ MAX_CONDITIONS = 200
 MAX_CIRCLES = 100
 MAX_RADIUS_KM = 20_000.0
 MAX_DAYS = 36_500
+MAX_PATTERN = 2_000
 EARTH_RADIUS_KM = 6371.0088
 
 _ORDERING = {
@@ -60,7 +62,7 @@ _PRESENCE = {Op.OPERATOR_EXISTS, Op.OPERATOR_NOT_EXISTS}
 # Which operators suit which type.
 OPERATORS: dict[PropertyType, set[pb.Operator.ValueType]] = {
     T.STRING: {Op.OPERATOR_EQUALS, Op.OPERATOR_NOT_EQUALS, Op.OPERATOR_IN, Op.OPERATOR_CONTAINS}
-    | {Op.OPERATOR_STARTS_WITH}
+    | {Op.OPERATOR_STARTS_WITH, Op.OPERATOR_MATCHES}
     | set(_ORDERING)
     | _PRESENCE,
     T.NUMBER: {Op.OPERATOR_EQUALS, Op.OPERATOR_NOT_EQUALS, Op.OPERATOR_IN, Op.OPERATOR_BETWEEN}
@@ -254,6 +256,13 @@ def _validate_operand(
             f"a number of days from 1 to {MAX_DAYS}",
         )
         return
+    if operator == Op.OPERATOR_MATCHES:
+        check.require(
+            isinstance(given, str) and 0 < len(given) <= MAX_PATTERN,
+            f"{path}.value",
+            f"a pattern of 1 to {MAX_PATTERN:,} characters",
+        )
+        return
     items = given if operator in (Op.OPERATOR_IN, Op.OPERATOR_BETWEEN) else [given]
     if operator == Op.OPERATOR_IN and not check.require(
         isinstance(given, list) and len(given) > 0, f"{path}.value", "a non-empty list"
@@ -287,7 +296,7 @@ def _validate_property(
         given = _python(condition.value) if condition.HasField("value") else None
         sample = given[0] if isinstance(given, list) and given else given
         kind = _value_type(sample) or T.STRING
-        if condition.operator == Op.OPERATOR_CONTAINS:
+        if condition.operator in (Op.OPERATOR_CONTAINS, Op.OPERATOR_MATCHES):
             kind = T.STRING
         if condition.operator in _DATE_ONLY:
             kind = T.DATETIME
@@ -476,6 +485,13 @@ def _property_operand(column: sa.ColumnElement[Any], key: str, kind: PropertyTyp
     )
 
 
+def like_pattern(pattern: str) -> str:
+    """A `*`/`?` wildcard pattern as a LIKE pattern (with `\\` escaping): LIKE never backtracks
+    without bound, as a regular expression could."""
+    escaped = pattern.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
 def _text_operand(column: sa.ColumnElement[Any]) -> Operand:
     return Operand(kind=T.STRING, present=column != "", text=column)
 
@@ -507,6 +523,8 @@ def _compare_any(operand: Operand, operator: pb.Operator.ValueType, value: Any, 
         return sa.func.strpos(sa.func.lower(operand.text), str(value).lower()) > 0
     if operator == Op.OPERATOR_STARTS_WITH:
         return sa.func.starts_with(sa.func.lower(operand.text), str(value).lower())
+    if operator == Op.OPERATOR_MATCHES:
+        return sa.func.lower(operand.text).like(like_pattern(str(value).lower()), escape="\\")
     if kind == T.NUMBER and operand.number is not None:
         target: Any = operand.number
         convert: Any = lambda v: sa.literal(v, sa.Numeric)  # noqa: E731
@@ -802,5 +820,16 @@ def reachable(channel: int) -> sa.ColumnElement[bool]:
     if channel == pb.Channel.CHANNEL_SMS:
         return sa.and_(users.c.phone != "", sa.not_(users.c.sms_unsubscribed))
     if channel == pb.Channel.CHANNEL_WEB_POPUP:
-        return _device_where(devices.c.platform == "PLATFORM_WEB")
+        # A web device on the profile, or a page the web SDK reported (anonymous visitors have
+        # no device).
+        viewed_a_page = (
+            sa.select(sa.literal(1))
+            .where(
+                events.c.account_id == users.c.account_id,
+                events.c.user_id == users.c.user_id,
+                events.c.name == PAGE_VIEWED,
+            )
+            .exists()
+        )
+        return sa.or_(_device_where(devices.c.platform == "PLATFORM_WEB"), viewed_a_page)
     return sa.true()

@@ -29,6 +29,7 @@ from herald_common import api
 from herald_common.auth import account_id_of, account_name
 from herald_common.bus import Subjects
 from herald_common.db import Database
+from herald_common.live import as_action
 from herald_common.logging import get_logger
 from herald_common.outbox import OutboxEvent
 from herald_segmentation.filters import EVENT_PROPERTIES, Context, event_where
@@ -84,6 +85,7 @@ class _Watch:
 def watches(
     campaign: str, version: int, trigger: campaign_pb.LiveTrigger, start: datetime, end: datetime | None
 ) -> list[_Watch]:
+    trigger = as_action(trigger)
     kind = trigger.WhichOneof("kind")
     if kind == "action":
         earlier = trigger.action if trigger.action.HasField("earlier_event") else None

@@ -23,6 +23,7 @@ from herald_segmentation.profiles import Profiles
 from herald_segmentation.servicer import PERMISSIONS, SegmentationServicer
 from herald_segmentation.storage import SCHEMA, outbox
 from herald_segmentation.system_events import SystemEvents
+from herald_segmentation.visitors import Visitors
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SegmentationService"].full_name
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -43,6 +44,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         events=recorder,
         lists=Lists(infra.database, usage),
         segments=Segmentation(infra.database, usage),
+        visitors=Visitors(infra.database, infra.subjects, infra.relay.notify, settings.service_token),
     )
 
     def register(server: grpc.aio.Server) -> None:
@@ -86,6 +88,13 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
             infra.subjects.sms_replies,
             events.SmsReplied,
             system.from_replies,
+        ),
+        (
+            "dispatch",
+            "segmentation-system-popups",
+            infra.subjects.web_interactions,
+            events.WebInteractions,
+            system.from_popups,
         ),
         (
             "segmentation",

@@ -16,6 +16,7 @@ from herald_segmentation.domain import Segmentation
 from herald_segmentation.events import Events
 from herald_segmentation.lists import Lists
 from herald_segmentation.profiles import Profiles
+from herald_segmentation.visitors import Visitors
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
@@ -38,6 +39,7 @@ PERMISSIONS = method_permissions(
         "StreamAudience": Permission.READ,
         "MatchUsers": Permission.READ,
         "DescribeEvent": Permission.READ,
+        "MergeVisitor": Permission.EVENTS,
     },
 )
 
@@ -48,6 +50,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     events: Events
     lists: Lists
     segments: Segmentation
+    visitors: Visitors
 
     async def UpsertUsers(self, request: pb.UpsertUsersRequest, context: Context) -> pb.UpsertUsersResponse:
         return pb.UpsertUsersResponse(upserted_count=await self.profiles.upsert(request.users))
@@ -104,6 +107,11 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     ) -> AsyncIterator[pb.StreamAudienceResponse]:
         async for members in self.segments.stream_audience(request):
             yield pb.StreamAudienceResponse(members=members)
+
+    async def MergeVisitor(
+        self, request: pb.MergeVisitorRequest, context: Context
+    ) -> pb.MergeVisitorResponse:
+        return await self.visitors.merge(request)
 
     async def MatchUsers(self, request: pb.MatchUsersRequest, context: Context) -> pb.MatchUsersResponse:
         return pb.MatchUsersResponse(members=await self.segments.match_users(request))

@@ -189,3 +189,14 @@ outbox = outbox_table(metadata)
 
 # Costly calls counted per hour (herald_common.hourly_quota).
 hourly_use = hourly_use_table(metadata)
+
+# Anonymous web visitors merged into the user they signed in as: later events under the
+# anonymous id are recorded as the user's.
+visitor_aliases = sa.Table(
+    "visitor_aliases",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("anonymous_id", sa.Text, primary_key=True),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("merged_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)

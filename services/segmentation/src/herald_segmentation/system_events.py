@@ -3,7 +3,8 @@
 - `Notification Delivered`: a delivery receipt said so, or an export was accepted;
 - `Notification Replied`: an SMS reply came in from the user's number;
 - `Control Group`: a campaign held the user back;
-- `App Version Changed`: a device of the profile now reports another app version.
+- `App Version Changed`: a device of the profile now reports another app version;
+- `Notification Viewed` and `Notification Clicked`: a visitor saw a web pop-up, or clicked it.
 
 Each is recorded through IngestEvents' own path, as the account, with a client event id that
 follows from what caused it: a report handled twice records its events once.
@@ -27,8 +28,10 @@ from herald_common.db import Database
 from herald_common.live import (
     APP_VERSION_CHANGED,
     CONTROL_GROUP,
+    NOTIFICATION_CLICKED,
     NOTIFICATION_DELIVERED,
     NOTIFICATION_REPLIED,
+    NOTIFICATION_VIEWED,
 )
 from herald_common.skips import SkipReason
 from herald_segmentation.events import MAX_EVENTS, Events
@@ -127,6 +130,31 @@ class SystemEvents:
                 )
                 for result in report.results
                 if result.status == events.RECEIPT_STATUS_DELIVERED and result.user_id
+            ]
+        await self.record_by_account(by_account)
+
+    async def from_popups(self, received: Sequence[events.WebInteractions]) -> None:
+        """Notification Viewed and Notification Clicked for what visitors did with web pop-ups."""
+        names = {
+            events.WEB_INTERACTION_KIND_VIEWED: (NOTIFICATION_VIEWED, "viewed"),
+            events.WEB_INTERACTION_KIND_CLICKED: (NOTIFICATION_CLICKED, "clicked"),
+        }
+        by_account: dict[uuid.UUID, list[pb.Event]] = defaultdict(list)
+        for report in received:
+            account_id = account_id_of(report.account)
+            if account_id is None:
+                continue
+            by_account[account_id] += [
+                _event(
+                    result.user_id,
+                    names[result.kind][0],
+                    f"herald:{names[result.kind][1]}:{result.delivery_id}",
+                    result.occur_time,
+                    campaign=report.campaign,
+                    delivery_id=result.delivery_id,
+                )
+                for result in report.results
+                if result.kind in names and result.user_id
             ]
         await self.record_by_account(by_account)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -20,6 +21,7 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common.channels import ChannelKind
+from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_dispatch.gate import Admission
 
@@ -64,6 +66,7 @@ class SendContext:
     destination: pb.Destination
     campaign: campaign_pb.Campaign
     plan_time: datetime
+    account_id: uuid.UUID
     # Waits for the destination's shared rate limit before each request; answers the latest
     # (monotonic) time the request may still go out in its slot.
     permit: Callable[[], Awaitable[float]]
@@ -140,9 +143,11 @@ def mask_secret(secret: str) -> str:
     return "*" * max(len(secret) - 4, 4) + secret[-4:] if len(secret) > 4 else "****"
 
 
-def registry(http: aiohttp.ClientSession, *, answer_timeout_seconds: float) -> dict[str, Channel]:
+def registry(
+    http: aiohttp.ClientSession, *, answer_timeout_seconds: float, database: Database | None = None
+) -> dict[str, Channel]:
     """Every channel, by destination type, sending through `http`; SMS providers have
-    `answer_timeout_seconds` to answer each message."""
+    `answer_timeout_seconds` to answer each message; web pop-ups go to `database`."""
     from herald_dispatch.channels.exotel import ExotelChannel
     from herald_dispatch.channels.mparticle import MparticleChannel
     from herald_dispatch.channels.msg91 import Msg91Channel
@@ -152,6 +157,7 @@ def registry(http: aiohttp.ClientSession, *, answer_timeout_seconds: float) -> d
     from herald_dispatch.channels.sms import SmsChannel
     from herald_dispatch.channels.twilio import TwilioChannel
     from herald_dispatch.channels.vonage import VonageChannel
+    from herald_dispatch.channels.web_popup import WebPopupChannel
 
     providers: list[SmsChannel] = [
         TwilioChannel(http, answer_timeout_seconds=answer_timeout_seconds),
@@ -165,5 +171,6 @@ def registry(http: aiohttp.ClientSession, *, answer_timeout_seconds: float) -> d
         MparticleChannel(http),
         *providers,
         ProviderGroupChannel(providers),
+        WebPopupChannel(database),
     ]
     return {channel.kind.destination_type: channel for channel in channels}

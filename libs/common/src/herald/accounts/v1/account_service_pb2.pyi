@@ -305,6 +305,7 @@ class ApiKey(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
     LAST_USE_TIME_FIELD_NUMBER: _builtins.int
+    ALLOWED_ORIGINS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Resource name: `accounts/{account}/apiKeys/{key}`. Output only."""
     display_name: _builtins.str
@@ -325,6 +326,13 @@ class ApiKey(_message.Message):
     def last_use_time(self) -> _timestamp_pb2.Timestamp:
         """When a service last accepted it (reported every few seconds); unset if never. Output only."""
 
+    @_builtins.property
+    def allowed_origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """ROLE_PUBLISHABLE only, required for it: the web origins (`https://shop.example.com`,
+        `http://localhost:8000`: scheme, host and port, no path) whose pages may use the key. The web
+        SDK's endpoint grants CORS to these origins and refuses calls from any other; 1 to 20.
+        """
+
     def __init__(
         self,
         *,
@@ -335,10 +343,11 @@ class ApiKey(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         revoke_time: _timestamp_pb2.Timestamp | None = ...,
         last_use_time: _timestamp_pb2.Timestamp | None = ...,
+        allowed_origins: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "last_use_time", b"last_use_time", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "display_name", b"display_name", "last_use_time", b"last_use_time", "name", b"name", "prefix", b"prefix", "revoke_time", b"revoke_time", "role", b"role"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allowed_origins", b"allowed_origins", "create_time", b"create_time", "display_name", b"display_name", "last_use_time", b"last_use_time", "name", b"name", "prefix", b"prefix", "revoke_time", b"revoke_time", "role", b"role"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -108,6 +108,38 @@ WEEKDAY_SUNDAY: Weekday.ValueType  # 7
 """Sunday."""
 Global___Weekday: _TypeAlias = Weekday  # noqa: Y015
 
+class _UrlMatch:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _UrlMatchEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_UrlMatch.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    URL_MATCH_UNSPECIFIED: _UrlMatch.ValueType  # 0
+    """Not set; invalid."""
+    URL_MATCH_EQUALS: _UrlMatch.ValueType  # 1
+    """The whole URL equals the value exactly."""
+    URL_MATCH_CONTAINS: _UrlMatch.ValueType  # 2
+    """The URL contains the value (case-insensitive)."""
+    URL_MATCH_PATTERN: _UrlMatch.ValueType  # 3
+    """The URL matches the pattern (case-insensitive), in which `*` stands for any characters and
+    `?` for one, for example `https://shop.example.com/*/checkout*`.
+    """
+
+class UrlMatch(_UrlMatch, metaclass=_UrlMatchEnumTypeWrapper):
+    """How a URL is tested."""
+
+URL_MATCH_UNSPECIFIED: UrlMatch.ValueType  # 0
+"""Not set; invalid."""
+URL_MATCH_EQUALS: UrlMatch.ValueType  # 1
+"""The whole URL equals the value exactly."""
+URL_MATCH_CONTAINS: UrlMatch.ValueType  # 2
+"""The URL contains the value (case-insensitive)."""
+URL_MATCH_PATTERN: UrlMatch.ValueType  # 3
+"""The URL matches the pattern (case-insensitive), in which `*` stands for any characters and
+`?` for one, for example `https://shop.example.com/*/checkout*`.
+"""
+Global___UrlMatch: _TypeAlias = UrlMatch  # noqa: Y015
+
 class _OffsetUnit:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -135,6 +167,34 @@ OFFSET_UNIT_HOURS: OffsetUnit.ValueType  # 2
 OFFSET_UNIT_DAYS: OffsetUnit.ValueType  # 3
 """Days, at `time_of_day` in the user's time zone."""
 Global___OffsetUnit: _TypeAlias = OffsetUnit  # noqa: Y015
+
+class _PopupFrequency:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _PopupFrequencyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PopupFrequency.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    POPUP_FREQUENCY_UNSPECIFIED: _PopupFrequency.ValueType  # 0
+    """Not set: once per session."""
+    POPUP_FREQUENCY_ONCE_PER_SESSION: _PopupFrequency.ValueType  # 1
+    """At most once per web session (a session ends after 30 idle minutes)."""
+    POPUP_FREQUENCY_ONCE_PER_DAY: _PopupFrequency.ValueType  # 2
+    """At most once per day, in the visitor's time zone."""
+    POPUP_FREQUENCY_ONCE_EVER: _PopupFrequency.ValueType  # 3
+    """Once ever."""
+
+class PopupFrequency(_PopupFrequency, metaclass=_PopupFrequencyEnumTypeWrapper):
+    """How often one visitor may see a web pop-up."""
+
+POPUP_FREQUENCY_UNSPECIFIED: PopupFrequency.ValueType  # 0
+"""Not set: once per session."""
+POPUP_FREQUENCY_ONCE_PER_SESSION: PopupFrequency.ValueType  # 1
+"""At most once per web session (a session ends after 30 idle minutes)."""
+POPUP_FREQUENCY_ONCE_PER_DAY: PopupFrequency.ValueType  # 2
+"""At most once per day, in the visitor's time zone."""
+POPUP_FREQUENCY_ONCE_EVER: PopupFrequency.ValueType  # 3
+"""Once ever."""
+Global___PopupFrequency: _TypeAlias = PopupFrequency  # noqa: Y015
 
 class _QuietHoursAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -802,6 +862,7 @@ class LiveTrigger(_message.Message):
     ACTION_FIELD_NUMBER: _builtins.int
     INACTION_FIELD_NUMBER: _builtins.int
     DATE_PROPERTY_FIELD_NUMBER: _builtins.int
+    PAGE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def action(self) -> Global___ActionTrigger:
         """The user does an event."""
@@ -814,22 +875,97 @@ class LiveTrigger(_message.Message):
     def date_property(self) -> Global___DatePropertyTrigger:
         """A date an event carries draws near, or has passed by a given time."""
 
+    @_builtins.property
+    def page(self) -> Global___PageTrigger:
+        """Web pop-ups only: the visitor views a page of the site that passes a test (page visit,
+        page referral or page count), as the web SDK reports it in its `Page Viewed` event.
+        """
+
     def __init__(
         self,
         *,
         action: Global___ActionTrigger | None = ...,
         inaction: Global___InactionTrigger | None = ...,
         date_property: Global___DatePropertyTrigger | None = ...,
+        page: Global___PageTrigger | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "date_property", b"date_property", "inaction", b"inaction", "kind", b"kind"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "date_property", b"date_property", "inaction", b"inaction", "kind", b"kind", "page", b"page"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "date_property", b"date_property", "inaction", b"inaction", "kind", b"kind"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "date_property", b"date_property", "inaction", b"inaction", "kind", b"kind", "page", b"page"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["action", "inaction", "date_property"]  # noqa: Y015
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["action", "inaction", "date_property", "page"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___LiveTrigger: _TypeAlias = LiveTrigger  # noqa: Y015
+
+@_typing.final
+class PageTrigger(_message.Message):
+    """The page tests of a web pop-up's trigger, judged on each `Page Viewed` event the web SDK sends
+    (its properties `url`, `referrer`, `utm_source` and `session_page_count`).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VISIT_FIELD_NUMBER: _builtins.int
+    REFERRER_FIELD_NUMBER: _builtins.int
+    UTM_SOURCE_FIELD_NUMBER: _builtins.int
+    PAGE_COUNT_FIELD_NUMBER: _builtins.int
+    utm_source: _builtins.str
+    """Page referral: the session came with this `utm_source` (case-insensitive), as from an ad."""
+    page_count: _builtins.int
+    """Page count: the visitor has viewed at least this many pages this session, 1 to 1,000."""
+    @_builtins.property
+    def visit(self) -> Global___UrlTest:
+        """Page visit: the page's URL passes the test."""
+
+    @_builtins.property
+    def referrer(self) -> Global___UrlTest:
+        """Page referral: the session came from a referrer whose URL passes the test."""
+
+    def __init__(
+        self,
+        *,
+        visit: Global___UrlTest | None = ...,
+        referrer: Global___UrlTest | None = ...,
+        utm_source: _builtins.str = ...,
+        page_count: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["page_count", b"page_count", "referrer", b"referrer", "rule", b"rule", "utm_source", b"utm_source", "visit", b"visit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_count", b"page_count", "referrer", b"referrer", "rule", b"rule", "utm_source", b"utm_source", "visit", b"visit"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_rule: _TypeAlias = _typing.Literal["visit", "referrer", "utm_source", "page_count"]  # noqa: Y015
+    _WhichOneofArgType_rule: _TypeAlias = _typing.Literal["rule", b"rule"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_rule) -> _WhichOneofReturnType_rule | None: ...
+
+Global___PageTrigger: _TypeAlias = PageTrigger  # noqa: Y015
+
+@_typing.final
+class UrlTest(_message.Message):
+    """A test on a URL."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MATCH_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    match: Global___UrlMatch.ValueType
+    """How; required."""
+    value: _builtins.str
+    """The URL, part or pattern: 1 to 2,000 characters, no control characters."""
+    def __init__(
+        self,
+        *,
+        match: Global___UrlMatch.ValueType = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["match", b"match", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UrlTest: _TypeAlias = UrlTest  # noqa: Y015
 
 @_typing.final
 class LiveEvent(_message.Message):
@@ -1031,6 +1167,179 @@ class LiveFrequency(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_rule) -> _WhichOneofReturnType_rule | None: ...
 
 Global___LiveFrequency: _TypeAlias = LiveFrequency  # noqa: Y015
+
+@_typing.final
+class WebPopupContent(_message.Message):
+    """A Web Exit Intent pop-up: shown on the account's site when a qualified visitor is about to
+    leave a page. Single message, or by user property: variants keyed by one profile property's
+    value. Every text is shown as text, never as HTML; `{{ profile.x }}` placeholders are filled
+    from the visitor's profile as for SMS.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    VARIANT_PROPERTY_FIELD_NUMBER: _builtins.int
+    VARIANTS_FIELD_NUMBER: _builtins.int
+    FREQUENCY_FIELD_NUMBER: _builtins.int
+    variant_property: _builtins.str
+    """By user property: the profile property whose value picks the variant; required with
+    variants, empty for a single message.
+    """
+    frequency: Global___PopupFrequency.ValueType
+    """How often one visitor may see it; unset is once per session."""
+    @_builtins.property
+    def message(self) -> Global___PopupMessage:
+        """The pop-up (single message), or the one for visitors whose value matches no variant;
+        required.
+        """
+
+    @_builtins.property
+    def variants(self) -> _containers.RepeatedCompositeFieldContainer[Global___PopupVariant]:
+        """Up to 20, each for a distinct value of variant_property."""
+
+    def __init__(
+        self,
+        *,
+        message: Global___PopupMessage | None = ...,
+        variant_property: _builtins.str = ...,
+        variants: _abc.Iterable[Global___PopupVariant] | None = ...,
+        frequency: Global___PopupFrequency.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frequency", b"frequency", "message", b"message", "variant_property", b"variant_property", "variants", b"variants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebPopupContent: _TypeAlias = WebPopupContent  # noqa: Y015
+
+@_typing.final
+class PopupVariant(_message.Message):
+    """A by-user-property variant."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VALUE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    value: _builtins.str
+    """The property value it is for (compared as text, case-sensitive); required, unique."""
+    @_builtins.property
+    def message(self) -> Global___PopupMessage:
+        """The pop-up for those visitors; required."""
+
+    def __init__(
+        self,
+        *,
+        value: _builtins.str = ...,
+        message: Global___PopupMessage | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopupVariant: _TypeAlias = PopupVariant  # noqa: Y015
+
+@_typing.final
+class PopupMessage(_message.Message):
+    """What a pop-up shows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TITLE_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    IMAGE_URL_FIELD_NUMBER: _builtins.int
+    BUTTON_FIELD_NUMBER: _builtins.int
+    title: _builtins.str
+    """The heading; required, up to 200 characters."""
+    body: _builtins.str
+    """The text under it; up to 2,000 characters."""
+    image_url: _builtins.str
+    """An image shown above the text: an https URL, up to 2,000 characters; empty for none."""
+    @_builtins.property
+    def button(self) -> Global___PopupButton:
+        """The button; unset for none (the pop-up still has its close control)."""
+
+    def __init__(
+        self,
+        *,
+        title: _builtins.str = ...,
+        body: _builtins.str = ...,
+        image_url: _builtins.str = ...,
+        button: Global___PopupButton | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["button", b"button"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "button", b"button", "image_url", b"image_url", "title", b"title"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopupMessage: _TypeAlias = PopupMessage  # noqa: Y015
+
+@_typing.final
+class PopupButton(_message.Message):
+    """A pop-up's button."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TEXT_FIELD_NUMBER: _builtins.int
+    OPEN_LINK_FIELD_NUMBER: _builtins.int
+    CALL_FUNCTION_FIELD_NUMBER: _builtins.int
+    text: _builtins.str
+    """Its label; required, up to 100 characters."""
+    call_function: _builtins.str
+    """Calls the site's JavaScript function registered under this name with
+    `herald.registerAction(name, fn)`: a JavaScript identifier, up to 100 characters. A name
+    the page did not register does nothing.
+    """
+    @_builtins.property
+    def open_link(self) -> Global___OpenLink:
+        """Opens a link."""
+
+    def __init__(
+        self,
+        *,
+        text: _builtins.str = ...,
+        open_link: Global___OpenLink | None = ...,
+        call_function: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call_function", b"call_function", "open_link", b"open_link"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "call_function", b"call_function", "open_link", b"open_link", "text", b"text"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["open_link", "call_function"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___PopupButton: _TypeAlias = PopupButton  # noqa: Y015
+
+@_typing.final
+class OpenLink(_message.Message):
+    """A link a pop-up's button opens."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    NEW_TAB_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """An http or https URL, up to 2,000 characters; required."""
+    new_tab: _builtins.bool
+    """In a new tab; else in the same one."""
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        new_tab: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["new_tab", b"new_tab", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OpenLink: _TypeAlias = OpenLink  # noqa: Y015
 
 @_typing.final
 class Targeting(_message.Message):
@@ -1235,6 +1544,7 @@ class Campaign(_message.Message):
     SEGMENT_EXPORT_FIELD_NUMBER: _builtins.int
     SMS_FIELD_NUMBER: _builtins.int
     MPARTICLE_EXPORT_FIELD_NUMBER: _builtins.int
+    WEB_POPUP_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     PUBLISH_TIME_FIELD_NUMBER: _builtins.int
@@ -1296,6 +1606,10 @@ class Campaign(_message.Message):
         """For an mParticle destination."""
 
     @_builtins.property
+    def web_popup(self) -> Global___WebPopupContent:
+        """For a web pop-up destination; the schedule must be live."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
@@ -1333,6 +1647,7 @@ class Campaign(_message.Message):
         segment_export: Global___SegmentExportContent | None = ...,
         sms: Global___SmsContent | None = ...,
         mparticle_export: Global___MparticleExportContent | None = ...,
+        web_popup: Global___WebPopupContent | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         publish_time: _timestamp_pb2.Timestamp | None = ...,
@@ -1342,11 +1657,11 @@ class Campaign(_message.Message):
         state_reason: _builtins.str = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "mparticle_export", b"mparticle_export", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "mparticle_export", b"mparticle_export", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time", "web_popup", b"web_popup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "state_reason", b"state_reason", "targeting", b"targeting", "update_time", b"update_time", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "state_reason", b"state_reason", "targeting", b"targeting", "update_time", b"update_time", "warnings", b"warnings", "web_popup", b"web_popup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms", "mparticle_export"]  # noqa: Y015
+    _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms", "mparticle_export", "web_popup"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
@@ -1368,6 +1683,7 @@ class CampaignStats(_message.Message):
     FAILURE_REASONS_FIELD_NUMBER: _builtins.int
     WAITING_REASON_FIELD_NUMBER: _builtins.int
     RECEIPTS_FIELD_NUMBER: _builtins.int
+    POPUPS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`campaigns/{campaign}/stats`."""
     targeted: _builtins.int
@@ -1396,6 +1712,10 @@ class CampaignStats(_message.Message):
     def receipts(self) -> Global___ReceiptCounts:
         """What providers' delivery receipts say became of sent messages (SMS)."""
 
+    @_builtins.property
+    def popups(self) -> Global___PopupCounts:
+        """What visitors did with web pop-ups."""
+
     def __init__(
         self,
         *,
@@ -1409,14 +1729,49 @@ class CampaignStats(_message.Message):
         failure_reasons: _abc.Iterable[Global___FailureReason] | None = ...,
         waiting_reason: _builtins.str = ...,
         receipts: Global___ReceiptCounts | None = ...,
+        popups: Global___PopupCounts | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["receipts", b"receipts"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["popups", b"popups", "receipts", b"receipts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failure_reasons", b"failure_reasons", "name", b"name", "receipts", b"receipts", "resent", b"resent", "sent", b"sent", "skipped", b"skipped", "targeted", b"targeted", "unknown", b"unknown", "waiting_reason", b"waiting_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failure_reasons", b"failure_reasons", "name", b"name", "popups", b"popups", "receipts", b"receipts", "resent", b"resent", "sent", b"sent", "skipped", b"skipped", "targeted", b"targeted", "unknown", b"unknown", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CampaignStats: _TypeAlias = CampaignStats  # noqa: Y015
+
+@_typing.final
+class PopupCounts(_message.Message):
+    """Web pop-ups by what the visitor did; each counted once per delivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VIEWED_FIELD_NUMBER: _builtins.int
+    CLICKED_FIELD_NUMBER: _builtins.int
+    CLOSED_FIELD_NUMBER: _builtins.int
+    EXPIRED_FIELD_NUMBER: _builtins.int
+    viewed: _builtins.int
+    """Shown to the visitor (an impression)."""
+    clicked: _builtins.int
+    """Their button was clicked."""
+    closed: _builtins.int
+    """Closed without a click (close control, Escape or the overlay)."""
+    expired: _builtins.int
+    """Delivered but expired unseen (the visitor did not come back in time)."""
+    def __init__(
+        self,
+        *,
+        viewed: _builtins.int = ...,
+        clicked: _builtins.int = ...,
+        closed: _builtins.int = ...,
+        expired: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clicked", b"clicked", "closed", b"closed", "expired", b"expired", "viewed", b"viewed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopupCounts: _TypeAlias = PopupCounts  # noqa: Y015
 
 @_typing.final
 class ReceiptCounts(_message.Message):
@@ -1733,19 +2088,25 @@ class PreviewMessageRequest(_message.Message):
 
     BODY_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    WEB_POPUP_FIELD_NUMBER: _builtins.int
     body: _builtins.str
-    """The SMS body to render; 1 to 1,600 characters."""
+    """The SMS body to render; 1 to 1,600 characters. Unless web_popup is given."""
     user_id: _builtins.str
     """The user whose profile fills it in; required."""
+    @_builtins.property
+    def web_popup(self) -> Global___WebPopupContent:
+        """Instead of body: a web pop-up, each of its variants rendered for the user."""
+
     def __init__(
         self,
         *,
         body: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        web_popup: Global___WebPopupContent | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["web_popup", b"web_popup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "user_id", b"user_id", "web_popup", b"web_popup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1858,6 +2219,8 @@ class MessagePreview(_message.Message):
     CHARACTERS_FIELD_NUMBER: _builtins.int
     UNITS_FIELD_NUMBER: _builtins.int
     SEGMENTS_FIELD_NUMBER: _builtins.int
+    POPUPS_FIELD_NUMBER: _builtins.int
+    CHOSEN_VARIANT_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The rendered text."""
     encoding: Global___SmsEncoding.ValueType
@@ -1868,6 +2231,12 @@ class MessagePreview(_message.Message):
     """Septets (GSM-7, extension characters count two) or UTF-16 code units (UCS-2)."""
     segments: _builtins.int
     """SMS segments it is sent and charged as."""
+    chosen_variant: _builtins.str
+    """A web pop-up: the variant the user would get ('' for the default message)."""
+    @_builtins.property
+    def popups(self) -> _containers.RepeatedCompositeFieldContainer[Global___PopupPreview]:
+        """A web pop-up: the default message, then each by-user-property variant, rendered."""
+
     def __init__(
         self,
         *,
@@ -1876,14 +2245,54 @@ class MessagePreview(_message.Message):
         characters: _builtins.int = ...,
         units: _builtins.int = ...,
         segments: _builtins.int = ...,
+        popups: _abc.Iterable[Global___PopupPreview] | None = ...,
+        chosen_variant: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["characters", b"characters", "encoding", b"encoding", "segments", b"segments", "text", b"text", "units", b"units"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["characters", b"characters", "chosen_variant", b"chosen_variant", "encoding", b"encoding", "popups", b"popups", "segments", b"segments", "text", b"text", "units", b"units"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MessagePreview: _TypeAlias = MessagePreview  # noqa: Y015
+
+@_typing.final
+class PopupPreview(_message.Message):
+    """One message of a web pop-up, rendered for a user."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VARIANT_FIELD_NUMBER: _builtins.int
+    TITLE_FIELD_NUMBER: _builtins.int
+    BODY_FIELD_NUMBER: _builtins.int
+    BUTTON_TEXT_FIELD_NUMBER: _builtins.int
+    IMAGE_URL_FIELD_NUMBER: _builtins.int
+    variant: _builtins.str
+    """The variant's property value; '' for the default message."""
+    title: _builtins.str
+    """Rendered title."""
+    body: _builtins.str
+    """Rendered body."""
+    button_text: _builtins.str
+    """Rendered button label; '' without a button."""
+    image_url: _builtins.str
+    """The image, if any."""
+    def __init__(
+        self,
+        *,
+        variant: _builtins.str = ...,
+        title: _builtins.str = ...,
+        body: _builtins.str = ...,
+        button_text: _builtins.str = ...,
+        image_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "button_text", b"button_text", "image_url", b"image_url", "title", b"title", "variant", b"variant"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PopupPreview: _TypeAlias = PopupPreview  # noqa: Y015
 
 @_typing.final
 class ExplainDeliveryRequest(_message.Message):

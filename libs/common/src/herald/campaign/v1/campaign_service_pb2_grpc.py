@@ -163,7 +163,7 @@ class CampaignServiceServicer:
 
     def PreviewMessage(self, request, context):
         """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
-        and segment count.
+        and segment count. Or a web pop-up: each of its variants, and the one the user would get.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -56,7 +56,7 @@ class CampaignServiceStub:
     """
     PreviewMessage: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.PreviewMessageRequest, _campaign_service_pb2.MessagePreview]
     """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
-    and segment count.
+    and segment count. Or a web pop-up: each of its variants, and the one the user would get.
     """
     SendTestMessage: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.SendTestMessageRequest, _campaign_service_pb2.SendTestMessageResponse]
     """Sends an SMS campaign's message, rendered, to up to 5 phone numbers or test users through the
@@ -90,7 +90,7 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     """
     PreviewMessage: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.PreviewMessageRequest, _campaign_service_pb2.MessagePreview]  # type: ignore[assignment]
     """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
-    and segment count.
+    and segment count. Or a web pop-up: each of its variants, and the one the user would get.
     """
     SendTestMessage: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.SendTestMessageRequest, _campaign_service_pb2.SendTestMessageResponse]  # type: ignore[assignment]
     """Sends an SMS campaign's message, rendered, to up to 5 phone numbers or test users through the
@@ -181,7 +181,7 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_campaign_service_pb2.MessagePreview, _abc.Awaitable[_campaign_service_pb2.MessagePreview]]:
         """Renders an SMS body for one user, as the editor previews it: the text, its encoding, length
-        and segment count.
+        and segment count. Or a web pop-up: each of its variants, and the one the user would get.
         """
 
     @_abc_1.abstractmethod

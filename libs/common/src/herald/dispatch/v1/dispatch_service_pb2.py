@@ -22,67 +22,70 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import empty_pb2 as google_dot_protobuf_dot_empty__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)herald/dispatch/v1/dispatch_service.proto\x12\x12herald.dispatch.v1\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"1\n\x1dHaltCampaignDeliveriesRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\"8\n\rSegmentConfig\x12\x11\n\twrite_key\x18\x01 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x02 \x01(\t\"\xa5\x01\n\x0cTwilioConfig\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x01 \x01(\t\x12\x12\n\nauth_token\x18\x02 \x01(\t\x12\x0e\n\x04\x66rom\x18\x03 \x01(\tH\x00\x12\x1f\n\x15messaging_service_sid\x18\x04 \x01(\tH\x00\x12\x14\n\x0c\x65ndpoint_url\x18\x05 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x06 \x01(\x05\x42\x08\n\x06sender\"\xa7\x01\n\x0cVonageConfig\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x12\n\napi_secret\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x18\n\x10signature_secret\x18\x04 \x01(\t\x12\x15\n\rdlt_entity_id\x18\x05 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x06 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x07 \x01(\x05\"\x9b\x01\n\x0bMsg91Config\x12\x0f\n\x07\x61uthkey\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x15\n\rdlt_entity_id\x18\x04 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x05 \x01(\t\x12\x18\n\x10\x66low_template_id\x18\x06 \x01(\t\x12\x15\n\rbody_variable\x18\x07 \x01(\t\"\xb4\x01\n\x0c\x45xotelConfig\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x11\n\tapi_token\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x03 \x01(\t\x12\x11\n\tsubdomain\x18\x04 \x01(\t\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\x15\n\rdlt_entity_id\x18\x06 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x07 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x08 \x01(\x05\"\x81\x01\n\rNetcoreConfig\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x15\n\rdlt_entity_id\x18\x05 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x06 \x01(\t\".\n\x16SmsProviderGroupConfig\x12\x14\n\x0c\x64\x65stinations\x18\x01 \x03(\t\"\x8a\x01\n\x0fMparticleConfig\x12\x0b\n\x03pod\x18\x01 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x02 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\x12\x12\n\napi_secret\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\x1a\n\x12\x62\x61tches_per_second\x18\x06 \x01(\x05\"\x85\x05\n\x0b\x44\x65stination\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x31\n\x04type\x18\x03 \x01(\x0e\x32#.herald.dispatch.v1.DestinationType\x12\x34\n\x07segment\x18\n \x01(\x0b\x32!.herald.dispatch.v1.SegmentConfigH\x00\x12\x32\n\x06twilio\x18\x0b \x01(\x0b\x32 .herald.dispatch.v1.TwilioConfigH\x00\x12\x32\n\x06vonage\x18\x0c \x01(\x0b\x32 .herald.dispatch.v1.VonageConfigH\x00\x12\x30\n\x05msg91\x18\r \x01(\x0b\x32\x1f.herald.dispatch.v1.Msg91ConfigH\x00\x12\x32\n\x06\x65xotel\x18\x0e \x01(\x0b\x32 .herald.dispatch.v1.ExotelConfigH\x00\x12\x34\n\x07netcore\x18\x0f \x01(\x0b\x32!.herald.dispatch.v1.NetcoreConfigH\x00\x12H\n\x12sms_provider_group\x18\x10 \x01(\x0b\x32*.herald.dispatch.v1.SmsProviderGroupConfigH\x00\x12\x38\n\tmparticle\x18\x11 \x01(\x0b\x32#.herald.dispatch.v1.MparticleConfigH\x00\x12/\n\x0b\x63reate_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breceipt_url\x18\x15 \x01(\t\x12\x11\n\treply_url\x18\x16 \x01(\tB\x08\n\x06\x63onfig\"d\n\x18\x43reateDestinationRequest\x12\x34\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1f.herald.dispatch.v1.Destination\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"%\n\x15GetDestinationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x17ListDestinationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"j\n\x18ListDestinationsResponse\x12\x35\n\x0c\x64\x65stinations\x18\x01 \x03(\x0b\x32\x1f.herald.dispatch.v1.Destination\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x44\x65leteDestinationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x15ListDeliveriesRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\x91\x01\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x31\n\rcomplete_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x16ListDeliveriesResponse\x12\x30\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1c.herald.dispatch.v1.Delivery\"&\n\x16TestDestinationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x17TestDestinationResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"*\n\x0bTestMessage\x12\r\n\x05phone\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"z\n\x17SendTestMessagesRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.herald.dispatch.v1.TestMessage\x12\x17\n\x0f\x64lt_template_id\x18\x03 \x01(\t\"1\n\x11TestMessageAnswer\x12\x0c\n\x04sent\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"R\n\x18SendTestMessagesResponse\x12\x36\n\x07\x61nswers\x18\x01 \x03(\x0b\x32%.herald.dispatch.v1.TestMessageAnswer*\xab\x02\n\x0f\x44\x65stinationType\x12 \n\x1c\x44\x45STINATION_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45STINATION_TYPE_SEGMENT\x10\x01\x12\x1b\n\x17\x44\x45STINATION_TYPE_TWILIO\x10\x02\x12\x1b\n\x17\x44\x45STINATION_TYPE_VONAGE\x10\x03\x12\x1a\n\x16\x44\x45STINATION_TYPE_MSG91\x10\x04\x12\x1b\n\x17\x44\x45STINATION_TYPE_EXOTEL\x10\x05\x12\x1c\n\x18\x44\x45STINATION_TYPE_NETCORE\x10\x06\x12\'\n#DESTINATION_TYPE_SMS_PROVIDER_GROUP\x10\x07\x12\x1e\n\x1a\x44\x45STINATION_TYPE_MPARTICLE\x10\x08\x32\xc6\x06\n\x0f\x44ispatchService\x12\x62\n\x11\x43reateDestination\x12,.herald.dispatch.v1.CreateDestinationRequest\x1a\x1f.herald.dispatch.v1.Destination\x12\\\n\x0eGetDestination\x12).herald.dispatch.v1.GetDestinationRequest\x1a\x1f.herald.dispatch.v1.Destination\x12m\n\x10ListDestinations\x12+.herald.dispatch.v1.ListDestinationsRequest\x1a,.herald.dispatch.v1.ListDestinationsResponse\x12Y\n\x11\x44\x65leteDestination\x12,.herald.dispatch.v1.DeleteDestinationRequest\x1a\x16.google.protobuf.Empty\x12g\n\x0eListDeliveries\x12).herald.dispatch.v1.ListDeliveriesRequest\x1a*.herald.dispatch.v1.ListDeliveriesResponse\x12j\n\x0fTestDestination\x12*.herald.dispatch.v1.TestDestinationRequest\x1a+.herald.dispatch.v1.TestDestinationResponse\x12m\n\x10SendTestMessages\x12+.herald.dispatch.v1.SendTestMessagesRequest\x1a,.herald.dispatch.v1.SendTestMessagesResponse\x12\x63\n\x16HaltCampaignDeliveries\x12\x31.herald.dispatch.v1.HaltCampaignDeliveriesRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)herald/dispatch/v1/dispatch_service.proto\x12\x12herald.dispatch.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"1\n\x1dHaltCampaignDeliveriesRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\"8\n\rSegmentConfig\x12\x11\n\twrite_key\x18\x01 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x02 \x01(\t\"A\n\x0eWebPopupConfig\x12/\n\x0c\x65xpire_after\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xa5\x01\n\x0cTwilioConfig\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x01 \x01(\t\x12\x12\n\nauth_token\x18\x02 \x01(\t\x12\x0e\n\x04\x66rom\x18\x03 \x01(\tH\x00\x12\x1f\n\x15messaging_service_sid\x18\x04 \x01(\tH\x00\x12\x14\n\x0c\x65ndpoint_url\x18\x05 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x06 \x01(\x05\x42\x08\n\x06sender\"\xa7\x01\n\x0cVonageConfig\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x12\n\napi_secret\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x18\n\x10signature_secret\x18\x04 \x01(\t\x12\x15\n\rdlt_entity_id\x18\x05 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x06 \x01(\t\x12\x1b\n\x13requests_per_second\x18\x07 \x01(\x05\"\x9b\x01\n\x0bMsg91Config\x12\x0f\n\x07\x61uthkey\x18\x01 \x01(\t\x12\x0e\n\x06sender\x18\x02 \x01(\t\x12\r\n\x05route\x18\x03 \x01(\t\x12\x15\n\rdlt_entity_id\x18\x04 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x05 \x01(\t\x12\x18\n\x10\x66low_template_id\x18\x06 \x01(\t\x12\x15\n\rbody_variable\x18\x07 \x01(\t\"\xb4\x01\n\x0c\x45xotelConfig\x12\x0f\n\x07\x61pi_key\x18\x01 \x01(\t\x12\x11\n\tapi_token\x18\x02 \x01(\t\x12\x13\n\x0b\x61\x63\x63ount_sid\x18\x03 \x01(\t\x12\x11\n\tsubdomain\x18\x04 \x01(\t\x12\x0e\n\x06sender\x18\x05 \x01(\t\x12\x15\n\rdlt_entity_id\x18\x06 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x07 \x01(\t\x12\x1b\n\x13requests_per_minute\x18\x08 \x01(\x05\"\x81\x01\n\rNetcoreConfig\x12\x0f\n\x07\x66\x65\x65\x64_id\x18\x01 \x01(\t\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x10\n\x08password\x18\x03 \x01(\t\x12\x0e\n\x06sender\x18\x04 \x01(\t\x12\x15\n\rdlt_entity_id\x18\x05 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x06 \x01(\t\".\n\x16SmsProviderGroupConfig\x12\x14\n\x0c\x64\x65stinations\x18\x01 \x03(\t\"\x8a\x01\n\x0fMparticleConfig\x12\x0b\n\x03pod\x18\x01 \x01(\t\x12\x14\n\x0c\x65ndpoint_url\x18\x02 \x01(\t\x12\x0f\n\x07\x61pi_key\x18\x03 \x01(\t\x12\x12\n\napi_secret\x18\x04 \x01(\t\x12\x13\n\x0b\x65nvironment\x18\x05 \x01(\t\x12\x1a\n\x12\x62\x61tches_per_second\x18\x06 \x01(\x05\"\xbe\x05\n\x0b\x44\x65stination\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12\x31\n\x04type\x18\x03 \x01(\x0e\x32#.herald.dispatch.v1.DestinationType\x12\x34\n\x07segment\x18\n \x01(\x0b\x32!.herald.dispatch.v1.SegmentConfigH\x00\x12\x32\n\x06twilio\x18\x0b \x01(\x0b\x32 .herald.dispatch.v1.TwilioConfigH\x00\x12\x32\n\x06vonage\x18\x0c \x01(\x0b\x32 .herald.dispatch.v1.VonageConfigH\x00\x12\x30\n\x05msg91\x18\r \x01(\x0b\x32\x1f.herald.dispatch.v1.Msg91ConfigH\x00\x12\x32\n\x06\x65xotel\x18\x0e \x01(\x0b\x32 .herald.dispatch.v1.ExotelConfigH\x00\x12\x34\n\x07netcore\x18\x0f \x01(\x0b\x32!.herald.dispatch.v1.NetcoreConfigH\x00\x12H\n\x12sms_provider_group\x18\x10 \x01(\x0b\x32*.herald.dispatch.v1.SmsProviderGroupConfigH\x00\x12\x38\n\tmparticle\x18\x11 \x01(\x0b\x32#.herald.dispatch.v1.MparticleConfigH\x00\x12\x37\n\tweb_popup\x18\x12 \x01(\x0b\x32\".herald.dispatch.v1.WebPopupConfigH\x00\x12/\n\x0b\x63reate_time\x18\x14 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0breceipt_url\x18\x15 \x01(\t\x12\x11\n\treply_url\x18\x16 \x01(\tB\x08\n\x06\x63onfig\"d\n\x18\x43reateDestinationRequest\x12\x34\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x1f.herald.dispatch.v1.Destination\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"%\n\x15GetDestinationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"@\n\x17ListDestinationsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"j\n\x18ListDestinationsResponse\x12\x35\n\x0c\x64\x65stinations\x18\x01 \x03(\x0b\x32\x1f.herald.dispatch.v1.Destination\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x44\x65leteDestinationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\":\n\x15ListDeliveriesRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\"\x91\x01\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12\x0b\n\x03run\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x31\n\rcomplete_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"J\n\x16ListDeliveriesResponse\x12\x30\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1c.herald.dispatch.v1.Delivery\"&\n\x16TestDestinationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"5\n\x17TestDestinationResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"*\n\x0bTestMessage\x12\r\n\x05phone\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"z\n\x17SendTestMessagesRequest\x12\x13\n\x0b\x64\x65stination\x18\x01 \x01(\t\x12\x31\n\x08messages\x18\x02 \x03(\x0b\x32\x1f.herald.dispatch.v1.TestMessage\x12\x17\n\x0f\x64lt_template_id\x18\x03 \x01(\t\"1\n\x11TestMessageAnswer\x12\x0c\n\x04sent\x18\x01 \x01(\x08\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"R\n\x18SendTestMessagesResponse\x12\x36\n\x07\x61nswers\x18\x01 \x03(\x0b\x32%.herald.dispatch.v1.TestMessageAnswer*\xcb\x02\n\x0f\x44\x65stinationType\x12 \n\x1c\x44\x45STINATION_TYPE_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x44\x45STINATION_TYPE_SEGMENT\x10\x01\x12\x1b\n\x17\x44\x45STINATION_TYPE_TWILIO\x10\x02\x12\x1b\n\x17\x44\x45STINATION_TYPE_VONAGE\x10\x03\x12\x1a\n\x16\x44\x45STINATION_TYPE_MSG91\x10\x04\x12\x1b\n\x17\x44\x45STINATION_TYPE_EXOTEL\x10\x05\x12\x1c\n\x18\x44\x45STINATION_TYPE_NETCORE\x10\x06\x12\'\n#DESTINATION_TYPE_SMS_PROVIDER_GROUP\x10\x07\x12\x1e\n\x1a\x44\x45STINATION_TYPE_MPARTICLE\x10\x08\x12\x1e\n\x1a\x44\x45STINATION_TYPE_WEB_POPUP\x10\t2\xc6\x06\n\x0f\x44ispatchService\x12\x62\n\x11\x43reateDestination\x12,.herald.dispatch.v1.CreateDestinationRequest\x1a\x1f.herald.dispatch.v1.Destination\x12\\\n\x0eGetDestination\x12).herald.dispatch.v1.GetDestinationRequest\x1a\x1f.herald.dispatch.v1.Destination\x12m\n\x10ListDestinations\x12+.herald.dispatch.v1.ListDestinationsRequest\x1a,.herald.dispatch.v1.ListDestinationsResponse\x12Y\n\x11\x44\x65leteDestination\x12,.herald.dispatch.v1.DeleteDestinationRequest\x1a\x16.google.protobuf.Empty\x12g\n\x0eListDeliveries\x12).herald.dispatch.v1.ListDeliveriesRequest\x1a*.herald.dispatch.v1.ListDeliveriesResponse\x12j\n\x0fTestDestination\x12*.herald.dispatch.v1.TestDestinationRequest\x1a+.herald.dispatch.v1.TestDestinationResponse\x12m\n\x10SendTestMessages\x12+.herald.dispatch.v1.SendTestMessagesRequest\x1a,.herald.dispatch.v1.SendTestMessagesResponse\x12\x63\n\x16HaltCampaignDeliveries\x12\x31.herald.dispatch.v1.HaltCampaignDeliveriesRequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.dispatch.v1.dispatch_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DESTINATIONTYPE']._serialized_start=2924
-  _globals['_DESTINATIONTYPE']._serialized_end=3223
-  _globals['_HALTCAMPAIGNDELIVERIESREQUEST']._serialized_start=127
-  _globals['_HALTCAMPAIGNDELIVERIESREQUEST']._serialized_end=176
-  _globals['_SEGMENTCONFIG']._serialized_start=178
-  _globals['_SEGMENTCONFIG']._serialized_end=234
-  _globals['_TWILIOCONFIG']._serialized_start=237
-  _globals['_TWILIOCONFIG']._serialized_end=402
-  _globals['_VONAGECONFIG']._serialized_start=405
-  _globals['_VONAGECONFIG']._serialized_end=572
-  _globals['_MSG91CONFIG']._serialized_start=575
-  _globals['_MSG91CONFIG']._serialized_end=730
-  _globals['_EXOTELCONFIG']._serialized_start=733
-  _globals['_EXOTELCONFIG']._serialized_end=913
-  _globals['_NETCORECONFIG']._serialized_start=916
-  _globals['_NETCORECONFIG']._serialized_end=1045
-  _globals['_SMSPROVIDERGROUPCONFIG']._serialized_start=1047
-  _globals['_SMSPROVIDERGROUPCONFIG']._serialized_end=1093
-  _globals['_MPARTICLECONFIG']._serialized_start=1096
-  _globals['_MPARTICLECONFIG']._serialized_end=1234
-  _globals['_DESTINATION']._serialized_start=1237
-  _globals['_DESTINATION']._serialized_end=1882
-  _globals['_CREATEDESTINATIONREQUEST']._serialized_start=1884
-  _globals['_CREATEDESTINATIONREQUEST']._serialized_end=1984
-  _globals['_GETDESTINATIONREQUEST']._serialized_start=1986
-  _globals['_GETDESTINATIONREQUEST']._serialized_end=2023
-  _globals['_LISTDESTINATIONSREQUEST']._serialized_start=2025
-  _globals['_LISTDESTINATIONSREQUEST']._serialized_end=2089
-  _globals['_LISTDESTINATIONSRESPONSE']._serialized_start=2091
-  _globals['_LISTDESTINATIONSRESPONSE']._serialized_end=2197
-  _globals['_DELETEDESTINATIONREQUEST']._serialized_start=2199
-  _globals['_DELETEDESTINATIONREQUEST']._serialized_end=2239
-  _globals['_LISTDELIVERIESREQUEST']._serialized_start=2241
-  _globals['_LISTDELIVERIESREQUEST']._serialized_end=2299
-  _globals['_DELIVERY']._serialized_start=2302
-  _globals['_DELIVERY']._serialized_end=2447
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=2449
-  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=2523
-  _globals['_TESTDESTINATIONREQUEST']._serialized_start=2525
-  _globals['_TESTDESTINATIONREQUEST']._serialized_end=2563
-  _globals['_TESTDESTINATIONRESPONSE']._serialized_start=2565
-  _globals['_TESTDESTINATIONRESPONSE']._serialized_end=2618
-  _globals['_TESTMESSAGE']._serialized_start=2620
-  _globals['_TESTMESSAGE']._serialized_end=2662
-  _globals['_SENDTESTMESSAGESREQUEST']._serialized_start=2664
-  _globals['_SENDTESTMESSAGESREQUEST']._serialized_end=2786
-  _globals['_TESTMESSAGEANSWER']._serialized_start=2788
-  _globals['_TESTMESSAGEANSWER']._serialized_end=2837
-  _globals['_SENDTESTMESSAGESRESPONSE']._serialized_start=2839
-  _globals['_SENDTESTMESSAGESRESPONSE']._serialized_end=2921
-  _globals['_DISPATCHSERVICE']._serialized_start=3226
-  _globals['_DISPATCHSERVICE']._serialized_end=4064
+  _globals['_DESTINATIONTYPE']._serialized_start=3080
+  _globals['_DESTINATIONTYPE']._serialized_end=3411
+  _globals['_HALTCAMPAIGNDELIVERIESREQUEST']._serialized_start=159
+  _globals['_HALTCAMPAIGNDELIVERIESREQUEST']._serialized_end=208
+  _globals['_SEGMENTCONFIG']._serialized_start=210
+  _globals['_SEGMENTCONFIG']._serialized_end=266
+  _globals['_WEBPOPUPCONFIG']._serialized_start=268
+  _globals['_WEBPOPUPCONFIG']._serialized_end=333
+  _globals['_TWILIOCONFIG']._serialized_start=336
+  _globals['_TWILIOCONFIG']._serialized_end=501
+  _globals['_VONAGECONFIG']._serialized_start=504
+  _globals['_VONAGECONFIG']._serialized_end=671
+  _globals['_MSG91CONFIG']._serialized_start=674
+  _globals['_MSG91CONFIG']._serialized_end=829
+  _globals['_EXOTELCONFIG']._serialized_start=832
+  _globals['_EXOTELCONFIG']._serialized_end=1012
+  _globals['_NETCORECONFIG']._serialized_start=1015
+  _globals['_NETCORECONFIG']._serialized_end=1144
+  _globals['_SMSPROVIDERGROUPCONFIG']._serialized_start=1146
+  _globals['_SMSPROVIDERGROUPCONFIG']._serialized_end=1192
+  _globals['_MPARTICLECONFIG']._serialized_start=1195
+  _globals['_MPARTICLECONFIG']._serialized_end=1333
+  _globals['_DESTINATION']._serialized_start=1336
+  _globals['_DESTINATION']._serialized_end=2038
+  _globals['_CREATEDESTINATIONREQUEST']._serialized_start=2040
+  _globals['_CREATEDESTINATIONREQUEST']._serialized_end=2140
+  _globals['_GETDESTINATIONREQUEST']._serialized_start=2142
+  _globals['_GETDESTINATIONREQUEST']._serialized_end=2179
+  _globals['_LISTDESTINATIONSREQUEST']._serialized_start=2181
+  _globals['_LISTDESTINATIONSREQUEST']._serialized_end=2245
+  _globals['_LISTDESTINATIONSRESPONSE']._serialized_start=2247
+  _globals['_LISTDESTINATIONSRESPONSE']._serialized_end=2353
+  _globals['_DELETEDESTINATIONREQUEST']._serialized_start=2355
+  _globals['_DELETEDESTINATIONREQUEST']._serialized_end=2395
+  _globals['_LISTDELIVERIESREQUEST']._serialized_start=2397
+  _globals['_LISTDELIVERIESREQUEST']._serialized_end=2455
+  _globals['_DELIVERY']._serialized_start=2458
+  _globals['_DELIVERY']._serialized_end=2603
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_start=2605
+  _globals['_LISTDELIVERIESRESPONSE']._serialized_end=2679
+  _globals['_TESTDESTINATIONREQUEST']._serialized_start=2681
+  _globals['_TESTDESTINATIONREQUEST']._serialized_end=2719
+  _globals['_TESTDESTINATIONRESPONSE']._serialized_start=2721
+  _globals['_TESTDESTINATIONRESPONSE']._serialized_end=2774
+  _globals['_TESTMESSAGE']._serialized_start=2776
+  _globals['_TESTMESSAGE']._serialized_end=2818
+  _globals['_SENDTESTMESSAGESREQUEST']._serialized_start=2820
+  _globals['_SENDTESTMESSAGESREQUEST']._serialized_end=2942
+  _globals['_TESTMESSAGEANSWER']._serialized_start=2944
+  _globals['_TESTMESSAGEANSWER']._serialized_end=2993
+  _globals['_SENDTESTMESSAGESRESPONSE']._serialized_start=2995
+  _globals['_SENDTESTMESSAGESRESPONSE']._serialized_end=3077
+  _globals['_DISPATCHSERVICE']._serialized_start=3414
+  _globals['_DISPATCHSERVICE']._serialized_end=4252
 # @@protoc_insertion_point(module_scope)

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
@@ -44,6 +45,8 @@ class _DestinationTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Desti
     """An ordered list of SMS provider destinations, with failover."""
     DESTINATION_TYPE_MPARTICLE: _DestinationType.ValueType  # 8
     """mParticle Events API (server-to-server input feed)."""
+    DESTINATION_TYPE_WEB_POPUP: _DestinationType.ValueType  # 9
+    """Web Exit Intent pop-ups, shown by the web SDK on the account's sites."""
 
 class DestinationType(_DestinationType, metaclass=_DestinationTypeEnumTypeWrapper):
     """Kind of destination, derived from its config."""
@@ -66,6 +69,8 @@ DESTINATION_TYPE_SMS_PROVIDER_GROUP: DestinationType.ValueType  # 7
 """An ordered list of SMS provider destinations, with failover."""
 DESTINATION_TYPE_MPARTICLE: DestinationType.ValueType  # 8
 """mParticle Events API (server-to-server input feed)."""
+DESTINATION_TYPE_WEB_POPUP: DestinationType.ValueType  # 9
+"""Web Exit Intent pop-ups, shown by the web SDK on the account's sites."""
 Global___DestinationType: _TypeAlias = DestinationType  # noqa: Y015
 
 @_typing.final
@@ -115,6 +120,35 @@ class SegmentConfig(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SegmentConfig: _TypeAlias = SegmentConfig  # noqa: Y015
+
+@_typing.final
+class WebPopupConfig(_message.Message):
+    """The account's websites, where the web SDK (served by dispatch's web worker at `/sdk.js`) shows
+    pop-ups. A pop-up is delivered to the visitor's pop-up inbox and shown at their next exit
+    intent on a page of the account's publishable keys' origins.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EXPIRE_AFTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def expire_after(self) -> _duration_pb2.Duration:
+        """How long a delivered pop-up waits for the visitor to come back and show exit intent before
+        it expires unseen: 1 hour to 30 days; unset is 7 days.
+        """
+
+    def __init__(
+        self,
+        *,
+        expire_after: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_after", b"expire_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebPopupConfig: _TypeAlias = WebPopupConfig  # noqa: Y015
 
 @_typing.final
 class TwilioConfig(_message.Message):
@@ -440,6 +474,7 @@ class Destination(_message.Message):
     NETCORE_FIELD_NUMBER: _builtins.int
     SMS_PROVIDER_GROUP_FIELD_NUMBER: _builtins.int
     MPARTICLE_FIELD_NUMBER: _builtins.int
+    WEB_POPUP_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     RECEIPT_URL_FIELD_NUMBER: _builtins.int
     REPLY_URL_FIELD_NUMBER: _builtins.int
@@ -491,6 +526,10 @@ class Destination(_message.Message):
         """mParticle export."""
 
     @_builtins.property
+    def web_popup(self) -> Global___WebPopupConfig:
+        """Web Exit Intent pop-ups."""
+
+    @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """Output only."""
 
@@ -508,15 +547,16 @@ class Destination(_message.Message):
         netcore: Global___NetcoreConfig | None = ...,
         sms_provider_group: Global___SmsProviderGroupConfig | None = ...,
         mparticle: Global___MparticleConfig | None = ...,
+        web_popup: Global___WebPopupConfig | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         receipt_url: _builtins.str = ...,
         reply_url: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "exotel", b"exotel", "mparticle", b"mparticle", "msg91", b"msg91", "netcore", b"netcore", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "vonage", b"vonage"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "exotel", b"exotel", "mparticle", b"mparticle", "msg91", b"msg91", "netcore", b"netcore", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "vonage", b"vonage", "web_popup", b"web_popup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "mparticle", b"mparticle", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "receipt_url", b"receipt_url", "reply_url", b"reply_url", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "type", b"type", "vonage", b"vonage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "create_time", b"create_time", "display_name", b"display_name", "exotel", b"exotel", "mparticle", b"mparticle", "msg91", b"msg91", "name", b"name", "netcore", b"netcore", "receipt_url", b"receipt_url", "reply_url", b"reply_url", "segment", b"segment", "sms_provider_group", b"sms_provider_group", "twilio", b"twilio", "type", b"type", "vonage", b"vonage", "web_popup", b"web_popup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment", "twilio", "vonage", "msg91", "exotel", "netcore", "sms_provider_group", "mparticle"]  # noqa: Y015
+    _WhichOneofReturnType_config: _TypeAlias = _typing.Literal["segment", "twilio", "vonage", "msg91", "exotel", "netcore", "sms_provider_group", "mparticle", "web_popup"]  # noqa: Y015
     _WhichOneofArgType_config: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_config) -> _WhichOneofReturnType_config | None: ...
 

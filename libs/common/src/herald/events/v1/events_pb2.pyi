@@ -88,6 +88,38 @@ RECEIPT_STATUS_FAILED: ReceiptStatus.ValueType  # 3
 """The provider could not send it."""
 Global___ReceiptStatus: _TypeAlias = ReceiptStatus  # noqa: Y015
 
+class _WebInteractionKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebInteractionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebInteractionKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEB_INTERACTION_KIND_UNSPECIFIED: _WebInteractionKind.ValueType  # 0
+    """Not set."""
+    WEB_INTERACTION_KIND_VIEWED: _WebInteractionKind.ValueType  # 1
+    """Shown (an impression)."""
+    WEB_INTERACTION_KIND_CLICKED: _WebInteractionKind.ValueType  # 2
+    """Its button was clicked."""
+    WEB_INTERACTION_KIND_CLOSED: _WebInteractionKind.ValueType  # 3
+    """Closed without a click."""
+    WEB_INTERACTION_KIND_EXPIRED: _WebInteractionKind.ValueType  # 4
+    """Expired in the inbox unseen (the visitor did not come back in time)."""
+
+class WebInteractionKind(_WebInteractionKind, metaclass=_WebInteractionKindEnumTypeWrapper):
+    """What a visitor did with a web pop-up."""
+
+WEB_INTERACTION_KIND_UNSPECIFIED: WebInteractionKind.ValueType  # 0
+"""Not set."""
+WEB_INTERACTION_KIND_VIEWED: WebInteractionKind.ValueType  # 1
+"""Shown (an impression)."""
+WEB_INTERACTION_KIND_CLICKED: WebInteractionKind.ValueType  # 2
+"""Its button was clicked."""
+WEB_INTERACTION_KIND_CLOSED: WebInteractionKind.ValueType  # 3
+"""Closed without a click."""
+WEB_INTERACTION_KIND_EXPIRED: WebInteractionKind.ValueType  # 4
+"""Expired in the inbox unseen (the visitor did not come back in time)."""
+Global___WebInteractionKind: _TypeAlias = WebInteractionKind  # noqa: Y015
+
 class _LiveRole:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -552,6 +584,116 @@ class DeliveryReceipts(_message.Message):
 Global___DeliveryReceipts: _TypeAlias = DeliveryReceipts  # noqa: Y015
 
 @_typing.final
+class VisitorMerged(_message.Message):
+    """Published by segmentation when an anonymous web visitor was merged into the user they signed
+    in as: dispatch moves the visitor's pop-ups to the user.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    ANONYMOUS_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    account: _builtins.str
+    """`accounts/{account}`."""
+    anonymous_id: _builtins.str
+    """The anonymous id."""
+    user_id: _builtins.str
+    """The user."""
+    def __init__(
+        self,
+        *,
+        account: _builtins.str = ...,
+        anonymous_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "anonymous_id", b"anonymous_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VisitorMerged: _TypeAlias = VisitorMerged  # noqa: Y015
+
+@_typing.final
+class WebInteraction(_message.Message):
+    """One visitor's interaction with a pop-up delivered to them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SESSION_ID_FIELD_NUMBER: _builtins.int
+    OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """The delivery of the pop-up."""
+    user_id: _builtins.str
+    """The visitor."""
+    kind: Global___WebInteractionKind.ValueType
+    """What they did."""
+    session_id: _builtins.str
+    """The web session it happened in."""
+    @_builtins.property
+    def occur_time(self) -> _timestamp_pb2.Timestamp:
+        """When the web SDK reported it."""
+
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        kind: Global___WebInteractionKind.ValueType = ...,
+        session_id: _builtins.str = ...,
+        occur_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "kind", b"kind", "occur_time", b"occur_time", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebInteraction: _TypeAlias = WebInteraction  # noqa: Y015
+
+@_typing.final
+class WebInteractions(_message.Message):
+    """Published by dispatch's web worker, once per (delivery, kind): the campaign counts them in its
+    stats; segmentation records Notification Viewed and Notification Clicked.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per event; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebInteraction]:
+        """The interactions."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        campaign: _builtins.str = ...,
+        results: _abc.Iterable[Global___WebInteraction] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "campaign", b"campaign", "event_id", b"event_id", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebInteractions: _TypeAlias = WebInteractions  # noqa: Y015
+
+@_typing.final
 class SmsOptOut(_message.Message):
     """Published by dispatch when someone replies STOP (or another opt-out keyword) to an SMS:
     segmentation marks the users with that number SMS-unsubscribed.
@@ -656,6 +798,7 @@ class ApiKeyState(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _builtins.int
     ACCOUNT_DELETED_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ALLOWED_ORIGINS_FIELD_NUMBER: _builtins.int
     key_id: _builtins.str
     """The key id: the part of the key after its `hrld_` prefix and before the secret."""
     account: _builtins.str
@@ -675,6 +818,10 @@ class ApiKeyState(_message.Message):
     """Grows with every change of the key or its account: a follower keeps the state with the
     highest version, so an older state published late never brings a revoked key back.
     """
+    @_builtins.property
+    def allowed_origins(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """A publishable key's web origins (ApiKey.allowed_origins)."""
+
     def __init__(
         self,
         *,
@@ -687,10 +834,11 @@ class ApiKeyState(_message.Message):
         max_batch_size: _builtins.int = ...,
         account_deleted: _builtins.bool = ...,
         version: _builtins.int = ...,
+        allowed_origins: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_deleted", b"account_deleted", "key_id", b"key_id", "max_batch_size", b"max_batch_size", "requests_per_second", b"requests_per_second", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "account_deleted", b"account_deleted", "allowed_origins", b"allowed_origins", "key_id", b"key_id", "max_batch_size", b"max_batch_size", "requests_per_second", b"requests_per_second", "revoked", b"revoked", "role", b"role", "secret_sha256", b"secret_sha256", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

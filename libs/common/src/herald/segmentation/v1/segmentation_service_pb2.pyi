@@ -177,6 +177,10 @@ class _OperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Operator.Val
     """Date-time within the last N days before evaluation (N is the number value)."""
     OPERATOR_WITHIN_NEXT_DAYS: _Operator.ValueType  # 16
     """Date-time within the next N days after evaluation (N is the number value)."""
+    OPERATOR_MATCHES: _Operator.ValueType  # 17
+    """String matching a pattern, case-insensitive: `*` stands for any characters, `?` for one
+    (`https://shop.example.com/*/checkout*`). Up to 2,000 characters.
+    """
 
 class Operator(_Operator, metaclass=_OperatorEnumTypeWrapper):
     """Comparison applied by a condition; which ones apply depends on the type compared."""
@@ -215,6 +219,10 @@ OPERATOR_WITHIN_LAST_DAYS: Operator.ValueType  # 15
 """Date-time within the last N days before evaluation (N is the number value)."""
 OPERATOR_WITHIN_NEXT_DAYS: Operator.ValueType  # 16
 """Date-time within the next N days after evaluation (N is the number value)."""
+OPERATOR_MATCHES: Operator.ValueType  # 17
+"""String matching a pattern, case-insensitive: `*` stands for any characters, `?` for one
+(`https://shop.example.com/*/checkout*`). Up to 2,000 characters.
+"""
 Global___Operator: _TypeAlias = Operator  # noqa: Y015
 
 class _ProfileField:
@@ -1853,6 +1861,65 @@ class IngestEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IngestEventsResponse: _TypeAlias = IngestEventsResponse  # noqa: Y015
+
+@_typing.final
+class MergeVisitorRequest(_message.Message):
+    """Request for MergeVisitor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ANONYMOUS_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    USER_SIGNATURE_FIELD_NUMBER: _builtins.int
+    anonymous_id: _builtins.str
+    """The anonymous visitor: `anon:` and 1 to 195 letters, digits or ._:@+-; required."""
+    user_id: _builtins.str
+    """The user they signed in as; required, not an `anon:` id."""
+    user_signature: _builtins.str
+    """Hex HMAC-SHA256 of user_id under the account's identity secret
+    (AccountService.GetIdentitySecret), made by the site's server; required with a publishable
+    key, so a page cannot claim another user's profile.
+    """
+    def __init__(
+        self,
+        *,
+        anonymous_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        user_signature: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["anonymous_id", b"anonymous_id", "user_id", b"user_id", "user_signature", b"user_signature"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeVisitorRequest: _TypeAlias = MergeVisitorRequest  # noqa: Y015
+
+@_typing.final
+class MergeVisitorResponse(_message.Message):
+    """Response of MergeVisitor."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MOVED_EVENT_COUNT_FIELD_NUMBER: _builtins.int
+    ALREADY_MERGED_FIELD_NUMBER: _builtins.int
+    moved_event_count: _builtins.int
+    """Events of the anonymous visitor now recorded as the user's (0 when merged before)."""
+    already_merged: _builtins.bool
+    """The visitor had been merged into this user before; nothing changed."""
+    def __init__(
+        self,
+        *,
+        moved_event_count: _builtins.int = ...,
+        already_merged: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["already_merged", b"already_merged", "moved_event_count", b"moved_event_count"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MergeVisitorResponse: _TypeAlias = MergeVisitorResponse  # noqa: Y015
 
 @_typing.final
 class RejectedRow(_message.Message):

@@ -111,6 +111,11 @@ class SegmentationServiceStub:
                 request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DescribeEventRequest.SerializeToString,
                 response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.EventDescription.FromString,
                 _registered_method=True)
+        self.MergeVisitor = channel.unary_unary(
+                '/herald.segmentation.v1.SegmentationService/MergeVisitor',
+                request_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MergeVisitorRequest.SerializeToString,
+                response_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MergeVisitorResponse.FromString,
+                _registered_method=True)
 
 
 class SegmentationServiceServicer:
@@ -227,6 +232,17 @@ class SegmentationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MergeVisitor(self, request, context):
+        """Merges an anonymous web visitor (an `anon:` id the web SDK made before sign-in) into the
+        user they signed in as: the visitor's events, devices and list memberships become the
+        user's, their profile properties too where the user has none of that name, and events sent
+        later under the anonymous id are recorded as the user's. Idempotent. Allowed to publishable
+        keys, which must send the user's signature.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SegmentationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -304,6 +320,11 @@ def add_SegmentationServiceServicer_to_server(servicer, server):
                     servicer.DescribeEvent,
                     request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DescribeEventRequest.FromString,
                     response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.EventDescription.SerializeToString,
+            ),
+            'MergeVisitor': grpc.unary_unary_rpc_method_handler(
+                    servicer.MergeVisitor,
+                    request_deserializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MergeVisitorRequest.FromString,
+                    response_serializer=herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MergeVisitorResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -712,6 +733,33 @@ class SegmentationService:
             '/herald.segmentation.v1.SegmentationService/DescribeEvent',
             herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.DescribeEventRequest.SerializeToString,
             herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.EventDescription.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MergeVisitor(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.segmentation.v1.SegmentationService/MergeVisitor',
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MergeVisitorRequest.SerializeToString,
+            herald_dot_segmentation_dot_v1_dot_segmentation__service__pb2.MergeVisitorResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,13 @@ class SegmentationServiceStub:
     """What Herald has seen of an event: whether it was ever ingested and the type of each of its
     properties; checks conditions on its properties as an event condition's `where` would.
     """
+    MergeVisitor: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.MergeVisitorRequest, _segmentation_service_pb2.MergeVisitorResponse]
+    """Merges an anonymous web visitor (an `anon:` id the web SDK made before sign-in) into the
+    user they signed in as: the visitor's events, devices and list memberships become the
+    user's, their profile properties too where the user has none of that name, and events sent
+    later under the anonymous id are recorded as the user's. Idempotent. Allowed to publishable
+    keys, which must send the user's signature.
+    """
 
 @_typing.type_check_only
 class SegmentationServiceAsyncStub(SegmentationServiceStub):
@@ -117,6 +124,13 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     DescribeEvent: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.DescribeEventRequest, _segmentation_service_pb2.EventDescription]  # type: ignore[assignment]
     """What Herald has seen of an event: whether it was ever ingested and the type of each of its
     properties; checks conditions on its properties as an event condition's `where` would.
+    """
+    MergeVisitor: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.MergeVisitorRequest, _segmentation_service_pb2.MergeVisitorResponse]  # type: ignore[assignment]
+    """Merges an anonymous web visitor (an `anon:` id the web SDK made before sign-in) into the
+    user they signed in as: the visitor's events, devices and list memberships become the
+    user's, their profile properties too where the user has none of that name, and events sent
+    later under the anonymous id are recorded as the user's. Idempotent. Allowed to publishable
+    keys, which must send the user's signature.
     """
 
 class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -249,6 +263,19 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_segmentation_service_pb2.EventDescription, _abc.Awaitable[_segmentation_service_pb2.EventDescription]]:
         """What Herald has seen of an event: whether it was ever ingested and the type of each of its
         properties; checks conditions on its properties as an event condition's `where` would.
+        """
+
+    @_abc_1.abstractmethod
+    def MergeVisitor(
+        self,
+        request: _segmentation_service_pb2.MergeVisitorRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_segmentation_service_pb2.MergeVisitorResponse, _abc.Awaitable[_segmentation_service_pb2.MergeVisitorResponse]]:
+        """Merges an anonymous web visitor (an `anon:` id the web SDK made before sign-in) into the
+        user they signed in as: the visitor's events, devices and list memberships become the
+        user's, their profile properties too where the user has none of that name, and events sent
+        later under the anonymous id are recorded as the user's. Idempotent. Allowed to publishable
+        keys, which must send the user's signature.
         """
 
 def add_SegmentationServiceServicer_to_server(servicer: SegmentationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

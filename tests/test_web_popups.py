@@ -1,0 +1,425 @@
+"""Web Exit Intent pop-ups through the web SDK's HTTP API (the browser itself is driven in
+test_web_sdk_browser.py): visitors qualify by page count, visit, referral or action, see the pop-up
+rendered for them, and what they do with it becomes the campaign's stats and system events."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import uuid
+from dataclasses import replace
+from typing import Any
+
+import grpc
+import pytest
+
+from herald.accounts.v1 import account_service_pb2 as accounts_pb
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common.settings import Settings
+from herald_common.timing import in_control_group
+from tests.conftest import Platform, eventually
+from tests.harness import running_platform
+from tests.helpers import field_violations, user
+from tests.web_site import WebSite, page_count, popup_message, signature, web_site
+
+
+@pytest.fixture
+async def site(platform: Platform) -> Any:
+    async with web_site(platform) as made:
+        yield made
+
+
+def _single(title: str = "Wait!", **button: Any) -> campaign_pb.WebPopupContent:
+    return campaign_pb.WebPopupContent(message=popup_message(title, "10% off today", **button))
+
+
+async def _shown(site: WebSite, visitor: str, session: str, **extra: Any) -> list[dict[str, Any]]:
+    """The pop-ups the visitor gets, once the pipeline delivered what their pages qualified them for."""
+    found: list[dict[str, Any]] = []
+
+    async def check() -> bool:
+        found[:] = await site.popups(visitor, session, **extra)
+        return bool(found)
+
+    await eventually(check, within=20)
+    return found
+
+
+async def _stats(site: WebSite, name: str) -> campaign_pb.CampaignStats:
+    return await site.admin.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+    )
+
+
+async def test_a_page_count_pop_up_shows_to_the_visitor_and_counts_what_they_do(site: WebSite) -> None:
+    content = campaign_pb.WebPopupContent(
+        message=popup_message(
+            "Hi {{ profile.first_name | default: 'there' }}",
+            "Your cart misses you",
+            text="Back to cart",
+            open_link=campaign_pb.OpenLink(url="https://shop.example.com/cart", new_tab=True),
+        )
+    )
+    campaign = await site.campaign(page_count(3), content)
+    reader, browser = f"anon:{uuid.uuid4().hex}", f"anon:{uuid.uuid4().hex}"
+    await site.view_pages(browser, "s1", 1)
+    await site.view_pages(reader, "s2", 3)
+
+    popup = (await _shown(site, reader, "s2"))[0]
+    assert popup["title"] == "Hi there" and popup["body"] == "Your cart misses you"
+    assert popup["button"] == {
+        "text": "Back to cart",
+        "action": "open_link",
+        "url": "https://shop.example.com/cart",
+        "new_tab": True,
+    }
+    assert popup["campaign"] == campaign.name
+    # One page is not three: the other visitor has none (the reader's arrived after theirs).
+    assert await site.popups(browser, "s1") == []
+
+    for kind in ("viewed", "clicked"):
+        answer = await site.call(
+            "interactions",
+            {"user_id": reader, "session_id": "s2", "delivery_id": popup["delivery_id"], "kind": kind},
+        )
+        assert answer.status == 200, answer.body
+    # A view takes it out of the inbox; a second report of a click counts once.
+    assert await site.popups(reader, "s2") == []
+    await site.call(
+        "interactions",
+        {"user_id": reader, "session_id": "s2", "delivery_id": popup["delivery_id"], "kind": "clicked"},
+    )
+
+    async def counted() -> bool:
+        stats = await _stats(site, campaign.name)
+        return stats.popups.viewed == 1 and stats.popups.clicked == 1 and stats.sent == 1
+
+    await eventually(counted)
+    # Notification Viewed and Clicked are the visitor's events, which triggers and goals can use.
+    for name in ("Notification Viewed", "Notification Clicked"):
+
+        async def recorded(name: str = name) -> bool:
+            described = await site.admin.segmentation.DescribeEvent(pb.DescribeEventRequest(event_name=name))
+            return described.seen
+
+        await eventually(recorded)
+    # Someone else cannot report on that pop-up.
+    stranger = await site.call(
+        "interactions",
+        {
+            "user_id": f"anon:{uuid.uuid4().hex}",
+            "session_id": "x",
+            "delivery_id": popup["delivery_id"],
+            "kind": "clicked",
+        },
+    )
+    assert stranger.status == 400 and stranger.body["field"] == "delivery_id"
+
+
+async def test_visit_and_referral_triggers_fire_only_for_matching_pages(site: WebSite) -> None:
+    visit = campaign_pb.LiveTrigger(
+        page=campaign_pb.PageTrigger(
+            visit=campaign_pb.UrlTest(
+                match=campaign_pb.URL_MATCH_PATTERN, value="https://shop.example.com/*/checkout*"
+            )
+        )
+    )
+    utm = campaign_pb.LiveTrigger(page=campaign_pb.PageTrigger(utm_source="Newsletter"))
+    checkout = await site.campaign(visit, _single("Checkout help"))
+    newsletter = await site.campaign(utm, _single("Welcome, reader"))
+    buyer, reader, other = (f"anon:{uuid.uuid4().hex}" for _ in range(3))
+    await site.view_pages(other, "o", 1, url="https://shop.example.com/shoes/cart", utm_source="ads")
+    await site.view_pages(reader, "r", 1, url="https://shop.example.com/", utm_source="newsletter")
+    await site.view_pages(buyer, "b", 1, url="https://shop.example.com/shoes/checkout?step=2")
+
+    assert [p["campaign"] for p in await _shown(site, buyer, "b")] == [checkout.name]
+    assert [p["campaign"] for p in await _shown(site, reader, "r")] == [newsletter.name]
+    assert await site.popups(other, "o") == []
+
+
+async def test_a_by_user_property_pop_up_shows_each_visitor_their_variant(site: WebSite) -> None:
+    content = campaign_pb.WebPopupContent(
+        message=popup_message("Hello"),
+        variant_property="language",
+        variants=[
+            campaign_pb.PopupVariant(value="de", message=popup_message("Hallo")),
+            campaign_pb.PopupVariant(value="fr", message=popup_message("Bonjour")),
+        ],
+    )
+    campaign = await site.campaign(page_count(1), content)
+    people = {"de": "anna", "fr": "zoe", "": "sam"}
+    await site.admin.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(
+            users=[user(f"{name}-{campaign.name[-6:]}", language=lang) for lang, name in people.items()]
+        )
+    )
+    preview = await site.admin.campaigns.PreviewMessage(
+        campaign_pb.PreviewMessageRequest(web_popup=content, user_id=f"zoe-{campaign.name[-6:]}")
+    )
+    assert [(v.variant, v.title) for v in preview.popups] == [
+        ("", "Hello"),
+        ("de", "Hallo"),
+        ("fr", "Bonjour"),
+    ]
+    assert preview.chosen_variant == "fr"
+    for lang, name in people.items():
+        visitor = f"{name}-{campaign.name[-6:]}"
+        await site.view_pages(visitor, "s", 1)
+        signed = {"user_signature": signature(site.identity_secret, visitor)}
+        shown = await _shown(site, visitor, "s", **signed)
+        assert shown[0]["title"] == {"de": "Hallo", "fr": "Bonjour", "": "Hello"}[lang]
+
+
+async def test_a_control_visitor_sees_nothing_and_once_per_session_holds(site: WebSite) -> None:
+    campaign = await site.campaign(
+        page_count(1), _single(), targeting=campaign_pb.Targeting(control_group_percent=50)
+    )
+    visitors = [f"anon:{uuid.uuid4().hex}" for _ in range(12)]
+    held = [v for v in visitors if in_control_group(campaign.name, v, 50)]
+    shown = [v for v in visitors if v not in held]
+    assert held and shown
+    for visitor in visitors:
+        await site.view_pages(visitor, "s", 1)
+    popup = (await _shown(site, shown[0], "s"))[0]
+    await site.call(
+        "interactions",
+        {"user_id": shown[0], "session_id": "s", "delivery_id": popup["delivery_id"], "kind": "viewed"},
+    )
+    # Qualifying again in the same session shows nothing more; a new session may.
+    await site.view_pages(shown[0], "s", 1)
+    await asyncio.sleep(1.5)
+    assert await site.popups(shown[0], "s") == []
+    assert await _shown(site, shown[0], "s-next")
+    for visitor in shown[1:]:
+        await _shown(site, visitor, "s")
+    for visitor in held:
+        assert await site.popups(visitor, "s") == []
+
+    async def recorded() -> bool:
+        stats = await _stats(site, campaign.name)
+        return stats.skipped >= len(held)
+
+    await eventually(recorded)
+
+
+async def test_a_stopped_campaigns_pop_ups_are_not_shown(site: WebSite) -> None:
+    campaign = await site.campaign(page_count(1), _single())
+    visitor = f"anon:{uuid.uuid4().hex}"
+    await site.view_pages(visitor, "s", 1)
+    await _shown(site, visitor, "s")
+    await site.admin.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=campaign.name))
+
+    async def hidden() -> bool:
+        return await site.popups(visitor, "s") == []
+
+    await eventually(hidden, within=5)
+
+
+async def test_identify_merges_the_anonymous_visitor_into_the_user(site: WebSite) -> None:
+    anonymous, user_id = f"anon:{uuid.uuid4().hex}", f"user-{uuid.uuid4().hex[:8]}"
+    answer = await site.call(
+        "events",
+        {
+            "events": [
+                {
+                    "user_id": anonymous,
+                    "name": "herald.profile",
+                    "client_event_id": "p1",
+                    "properties": {"shoe_size": 42},
+                }
+            ]
+        },
+    )
+    assert answer.status == 200, answer.body
+    await site.view_pages(anonymous, "s", 2)
+    refused = await site.call(
+        "identify", {"anonymous_id": anonymous, "user_id": user_id, "user_signature": "0" * 64}
+    )
+    assert refused.status == 400 and "signature" in refused.body["error"]
+    signed = signature(site.identity_secret, user_id)
+    merged = await site.call(
+        "identify", {"anonymous_id": anonymous, "user_id": user_id, "user_signature": signed}
+    )
+    assert merged.status == 200 and merged.body["moved_events"] == 3, merged.body
+    again = await site.call(
+        "identify", {"anonymous_id": anonymous, "user_id": user_id, "user_signature": signed}
+    )
+    assert again.body == {"moved_events": 0, "already_merged": True}
+    # A batch the SDK had not sent yet, under the anonymous id, is the user's too.
+    await site.view_pages(anonymous, "s", 1)
+    found = await site.admin.segmentation.GetUser(pb.GetUserRequest(name=f"users/{user_id}"))
+    assert dict(found.properties)["shoe_size"] == 42
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await site.admin.segmentation.GetUser(pb.GetUserRequest(name=f"users/{anonymous}"))
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    seen = await site.admin.segmentation.EstimateReach(
+        pb.EstimateReachRequest(
+            audience=pb.Audience(
+                filter=pb.SegmentFilter(
+                    all_of=[
+                        pb.Condition(
+                            event=pb.EventCondition(
+                                event_name="Page Viewed",
+                                count=pb.CountCondition(operator=pb.OPERATOR_GREATER_THAN_OR_EQUAL, value=3),
+                            ),
+                        )
+                    ]
+                )
+            )
+        )
+    )
+    assert seen.user_count == 1
+    # An identified visitor's pop-ups are theirs alone: asking without the signature is refused.
+    unsigned = await site.call("popups", {"user_id": user_id, "session_id": "s"})
+    assert unsigned.status == 400 and unsigned.body["field"] == "user_signature"
+
+
+async def test_bad_pop_up_campaigns_are_refused_naming_the_field(site: WebSite) -> None:
+    good = _single()
+    cases: list[tuple[campaign_pb.LiveTrigger, campaign_pb.WebPopupContent, str]] = [
+        (
+            campaign_pb.LiveTrigger(
+                page=campaign_pb.PageTrigger(visit=campaign_pb.UrlTest(match=campaign_pb.URL_MATCH_PATTERN))
+            ),
+            good,
+            "campaign.schedule.live.trigger.page.visit.value",
+        ),
+        (
+            campaign_pb.LiveTrigger(
+                page=campaign_pb.PageTrigger(visit=campaign_pb.UrlTest(value="https://x/\x01"))
+            ),
+            good,
+            "campaign.schedule.live.trigger.page.visit.match",
+        ),
+        (campaign_pb.LiveTrigger(), good, "campaign.schedule.live.trigger"),
+        (
+            campaign_pb.LiveTrigger(page=campaign_pb.PageTrigger(page_count=0)),
+            good,
+            "campaign.schedule.live.trigger.page.page_count",
+        ),
+        (page_count(1), _single(text="Go"), "campaign.web_popup.message.button.call_function"),
+        (
+            page_count(1),
+            _single(text="Go", call_function="open cart()"),
+            "campaign.web_popup.message.button.call_function",
+        ),
+        (
+            page_count(1),
+            campaign_pb.WebPopupContent(
+                message=campaign_pb.PopupMessage(title="Hi", image_url="http://cdn.example.com/a.png")
+            ),
+            "campaign.web_popup.message.image_url",
+        ),
+        (
+            page_count(1),
+            campaign_pb.WebPopupContent(
+                message=popup_message("Hi"),
+                variant_property="plan",
+                variants=[
+                    campaign_pb.PopupVariant(value=str(n), message=popup_message("Hi")) for n in range(21)
+                ],
+            ),
+            "campaign.web_popup.variants",
+        ),
+        (
+            page_count(1),
+            campaign_pb.WebPopupContent(
+                message=popup_message("Hi"),
+                variant_property="plan",
+                variants=[campaign_pb.PopupVariant(value="gold", message=popup_message("Hi"))] * 2,
+            ),
+            "campaign.web_popup.variants[1].value",
+        ),
+    ]
+    # A button with an empty call_function is a button whose action is unset: given as empty.
+    cases[4][1].message.button.call_function = ""
+    before = await site.admin.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest())
+    for trigger, content, field in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await site.campaign(trigger, content, publish=False)
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert field in field_violations(refused.value), (field, field_violations(refused.value))
+    after = await site.admin.campaigns.ListCampaigns(campaign_pb.ListCampaignsRequest())
+    assert len(after.campaigns) == len(before.campaigns)
+
+
+async def test_a_publishable_key_names_its_web_origins(platform: Platform) -> None:
+    for origins, field in (
+        ([], "api_key.allowed_origins"),
+        (["https://shop.example.com/path"], "api_key.allowed_origins[0]"),
+        (["ftp://shop.example.com"], "api_key.allowed_origins[0]"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await platform.accounts.CreateApiKey(
+                accounts_pb.CreateApiKeyRequest(
+                    api_key=accounts_pb.ApiKey(
+                        display_name="web", role=accounts_pb.Role.ROLE_PUBLISHABLE, allowed_origins=origins
+                    )
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in field_violations(refused.value)
+    made = await platform.accounts.CreateApiKey(
+        accounts_pb.CreateApiKeyRequest(
+            api_key=accounts_pb.ApiKey(
+                display_name="web",
+                role=accounts_pb.Role.ROLE_PUBLISHABLE,
+                allowed_origins=["HTTPS://Shop.Example.com:443"],
+            )
+        )
+    )
+    assert list(made.api_key.allowed_origins) == ["https://shop.example.com"]
+
+
+async def test_the_web_api_bounds_what_a_page_can_do(site: WebSite) -> None:
+    visitor = {"user_id": f"anon:{uuid.uuid4().hex}", "session_id": "s"}
+    allowed = await site.call("popups", visitor)
+    assert allowed.status == 200 and allowed.headers["Access-Control-Allow-Origin"] == site.origin
+    foreign = await site.call("popups", visitor, origin="https://evil.example.net")
+    assert foreign.status == 403 and "Access-Control-Allow-Origin" not in foreign.headers
+    for raw, problem in (
+        (b"{not json", "not JSON"),
+        (b"[1, 2]", "a JSON object"),
+        (b" " * 40_000, "at most 32 KB"),
+    ):
+        answer = await site.call("events", None, raw=raw)
+        assert answer.status == 400 and answer.body["error"] == problem, answer.body
+    many = {"events": [{"user_id": "anon:x", "name": "e", "client_event_id": str(n)} for n in range(51)]}
+    assert (await site.call("events", many)).body["field"] == "events"
+    bad_event = {"events": [{"user_id": "anon:x", "name": "", "client_event_id": "1"}]}
+    refused = await site.call("events", bad_event)
+    assert refused.status == 400 and refused.body["field"] == "events[0].name"
+    for key in ("hrld_nope", site.platform.admin_key):
+        assert (await site.call("popups", visitor, key=key)).status == 401
+    assert (await site.call("nothing", visitor)).status == 404
+    async with site.http.options(
+        f"{site.platform.web_url}/v1/web/{site.key}/events", headers={"Origin": site.origin}
+    ) as preflight:
+        assert preflight.status == 204
+        assert preflight.headers["Access-Control-Allow-Origin"] == site.origin
+
+
+async def test_each_key_is_held_to_its_request_rate(settings: Settings) -> None:
+    async with (
+        running_platform(replace(settings, web_requests_per_second=5)) as platform,
+        web_site(platform) as site,
+    ):
+        visitor = {"user_id": f"anon:{uuid.uuid4().hex}", "session_id": "s"}
+        answers = [await site.call("popups", visitor) for _ in range(15)]
+        limited = [a for a in answers if a.status == 429]
+        assert limited and all(a.status in (200, 429) for a in answers)
+        assert int(limited[0].headers["Retry-After"]) >= 1
+        assert limited[0].headers["Access-Control-Allow-Origin"] == site.origin
+
+
+async def test_the_sdk_is_one_small_script_without_eval(site: WebSite) -> None:
+    async with site.http.get(
+        f"{site.platform.web_url}/sdk.js", headers={"Accept-Encoding": "gzip"}, auto_decompress=False
+    ) as served:
+        assert served.status == 200 and served.headers["Content-Encoding"] == "gzip"
+        assert served.content_type == "application/javascript"
+        compressed = await served.read()
+    assert len(compressed) < 15 * 1024, f"{len(compressed):,} bytes gzipped"
+    source = gzip.decompress(compressed).decode()
+    assert "eval(" not in source and "new Function" not in source and "innerHTML" not in source

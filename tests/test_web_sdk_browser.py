@@ -1,0 +1,345 @@
+"""The web SDK in a real browser (Debian's Chromium, driven by Playwright) on a demo site the test
+serves: exit intent made with real mouse movements, the pop-up as a visitor sees and uses it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from playwright.async_api import Browser, Page, async_playwright
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald_common.embedded import free_port
+from herald_common.timing import in_control_group
+from tests.conftest import Platform, eventually
+from tests.web_site import WebSite, page_count, popup_message, web_site
+
+CHROMIUM = shutil.which("chromium") or ""
+ARTIFACTS = Path(__file__).parent.parent / ".artifacts"
+# As a root process on a machine without a display or a network beyond loopback.
+CHROMIUM_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+HOSTILE_CSS = "<style>* { display: none !important; }</style>"
+
+
+def _page(web_url: str, key: str, title: str, extra: str = "") -> str:
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>{extra}
+<script src="{web_url}/sdk.js" data-key="{key}"></script></head>
+<body style="height:3000px"><h1>{title}</h1><p>A demo shop page.</p>
+<script>
+  window.cartOpened = 0;
+  herald.registerAction("openCart", function (info) {{ window.cartOpened += 1; window.lastInfo = info; }});
+</script></body></html>"""
+
+
+@asynccontextmanager
+async def demo_site(platform: Platform) -> AsyncIterator[tuple[str, Callable[[str], None]]]:
+    """A shop on 127.0.0.1 whose pages load the SDK with the key set later; yields (origin, set key)."""
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    state = {"key": ""}
+
+    async def page(request: web.Request) -> web.Response:
+        path = request.match_info["path"]
+        extra = HOSTILE_CSS if path.startswith("hostile") else ""
+        html = _page(platform.web_url, state["key"], path or "home", extra)
+        return web.Response(text=html, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", page)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield origin, lambda key: state.update(key=key)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not CHROMIUM:
+        pytest.fail("Chromium is missing: `make test` installs Debian's chromium package (see the README)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        yield launched
+        await launched.close()
+
+
+@pytest.fixture
+async def shop(platform: Platform) -> AsyncIterator[tuple[WebSite, str]]:
+    async with demo_site(platform) as (origin, set_key), web_site(platform, origin=origin) as site:
+        set_key(site.key)
+        yield site, origin
+
+
+async def _visitor(page: Page) -> str:
+    stored = await page.evaluate("localStorage.getItem('herald:visitor')")
+    return str(json.loads(stored)["anonymousId"])
+
+
+async def _session(page: Page) -> str:
+    stored = await page.evaluate("localStorage.getItem('herald:session')")
+    return str(json.loads(stored)["id"])
+
+
+async def _delivered(site: WebSite, page: Page) -> None:
+    """Waits until the visitor's pop-up is in their inbox (the pipeline is asynchronous)."""
+    visitor, session = await _visitor(page), await _session(page)
+
+    async def ready() -> bool:
+        return bool(await site.popups(visitor, session))
+
+    await eventually(ready, within=20)
+
+
+async def _leave_through_the_top(page: Page) -> None:
+    """A real pointer: into the page, then up and out through the top edge."""
+    await page.mouse.move(400, 300)
+    await page.mouse.move(400, 40, steps=5)
+    await page.mouse.move(400, -20, steps=3)
+
+
+def _dialog(page: Page) -> Any:
+    return page.locator("herald-popup").locator("[role=dialog]")
+
+
+async def _screenshot(page: Page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+
+
+async def _open(browser: Browser, origin: str, *paths: str, visitor: str = "") -> Page:
+    context = await browser.new_context(viewport={"width": 1000, "height": 700})
+    if visitor:  # a visitor the test chose (the SDK keeps the id it finds)
+        stored = json.dumps({"anonymousId": visitor, "userId": "", "signature": ""})
+        await context.add_init_script(f"localStorage.setItem('herald:visitor', {json.dumps(stored)})")
+    page = await context.new_page()
+    for path in paths:
+        await page.goto(f"{origin}/{path}")
+    return page
+
+
+async def test_exit_intent_shows_the_pop_up_and_its_button_opens_the_link(
+    browser: Browser, shop: tuple[WebSite, str]
+) -> None:
+    site, origin = shop
+    content = campaign_pb.WebPopupContent(
+        message=popup_message(
+            "Before you go",
+            "Your cart is waiting",
+            text="Back to cart",
+            open_link=campaign_pb.OpenLink(url=f"{origin}/cart"),
+        )
+    )
+    campaign = await site.campaign(page_count(2), content)
+    page = await _open(browser, origin, "home", "shoes")
+    await _delivered(site, page)
+    await _leave_through_the_top(page)
+    dialog = _dialog(page)
+    await dialog.wait_for(state="visible", timeout=10_000)
+    assert await dialog.get_attribute("aria-modal") == "true"
+    assert await dialog.locator("h2").inner_text() == "Before you go"
+    await _screenshot(page, "exit-intent-popup")
+    await dialog.locator("button.cta").click()
+    await page.wait_for_url(f"{origin}/cart")
+
+    async def counted() -> bool:
+        stats = await site.admin.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{campaign.name}/stats")
+        )
+        return stats.popups.viewed == 1 and stats.popups.clicked == 1
+
+    await eventually(counted)
+
+
+async def test_once_per_session_holds_across_reloads_and_escape_closes(
+    browser: Browser, shop: tuple[WebSite, str]
+) -> None:
+    site, origin = shop
+    campaign = await site.campaign(
+        page_count(1), campaign_pb.WebPopupContent(message=popup_message("Hello", text="OK"))
+    )
+    page = await _open(browser, origin, "home")
+    await _delivered(site, page)
+    await _leave_through_the_top(page)
+    dialog = _dialog(page)
+    await dialog.wait_for(state="visible", timeout=10_000)
+    # Focus stays in the pop-up: Tab goes from the button to the close control and back.
+    focused = []
+    for _ in range(3):
+        await page.keyboard.press("Tab")
+        focused.append(
+            await page.evaluate("document.querySelector('herald-popup').shadowRoot.activeElement.className")
+        )
+    assert focused == ["close", "cta", "close"]
+    await page.keyboard.press("Escape")
+    await dialog.wait_for(state="detached")
+    # Reloads qualify the visitor again, in the same session: nothing more is shown.
+    await page.reload()
+    await page.reload()
+    await asyncio.sleep(3)
+    await _leave_through_the_top(page)
+    await asyncio.sleep(1.5)
+    assert await page.locator("herald-popup").count() == 0
+
+    async def closed() -> bool:
+        stats = await site.admin.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{campaign.name}/stats")
+        )
+        return stats.popups.viewed == 1 and stats.popups.closed == 1
+
+    await eventually(closed)
+
+
+async def test_campaign_text_is_shown_as_text(browser: Browser, shop: tuple[WebSite, str]) -> None:
+    site, origin = shop
+    title = "<script>window.pwned = 1</script>"
+    body = '<img src="x" onerror="window.pwned = 2">'
+    await site.campaign(page_count(1), campaign_pb.WebPopupContent(message=popup_message(title, body)))
+    page = await _open(browser, origin, "home")
+    await _delivered(site, page)
+    await _leave_through_the_top(page)
+    dialog = _dialog(page)
+    await dialog.wait_for(state="visible", timeout=10_000)
+    assert await dialog.locator("h2").inner_text() == title
+    assert await dialog.locator("p").inner_text() == body
+    assert await dialog.locator("img").count() == 0 and await dialog.locator("script").count() == 0
+    assert await page.evaluate("window.pwned") is None
+
+
+async def test_a_registered_function_is_called_and_an_unknown_one_does_nothing(
+    browser: Browser, shop: tuple[WebSite, str]
+) -> None:
+    site, origin = shop
+    known = await site.campaign(
+        page_count(1),
+        campaign_pb.WebPopupContent(message=popup_message("Cart", text="Open", call_function="openCart")),
+    )
+    page = await _open(browser, origin, "home")
+    await _delivered(site, page)
+    await _leave_through_the_top(page)
+    await _dialog(page).locator("button.cta").click()
+    assert await page.evaluate("window.cartOpened") == 1
+    assert (await page.evaluate("window.lastInfo"))["campaign"] == known.name
+    # A name the page never registered: the click closes the pop-up, and nothing else happens.
+    await site.admin.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=known.name))
+    await site.campaign(
+        page_count(1),
+        campaign_pb.WebPopupContent(message=popup_message("Other", text="Go", call_function="notThere")),
+    )
+    other = await _open(browser, origin, "home")
+    await _delivered(site, other)
+    errors: list[str] = []
+    other.on("pageerror", lambda error: errors.append(str(error)))
+    await _leave_through_the_top(other)
+    await _dialog(other).locator("button.cta").click()
+    await _dialog(other).wait_for(state="detached")
+    assert await other.evaluate("window.cartOpened") == 0 and errors == []
+
+
+async def test_a_page_hiding_everything_still_shows_the_pop_up(
+    browser: Browser, shop: tuple[WebSite, str]
+) -> None:
+    site, origin = shop
+    await site.campaign(
+        page_count(1), campaign_pb.WebPopupContent(message=popup_message("Still here", text="OK"))
+    )
+    page = await _open(browser, origin, "hostile")
+    await _delivered(site, page)
+    await _leave_through_the_top(page)
+    dialog = _dialog(page)
+    await dialog.wait_for(state="visible", timeout=10_000)
+    await _screenshot(page, "hostile-css-popup")
+    box = await dialog.bounding_box()
+    assert box is not None and box["width"] > 200 and box["height"] > 50
+
+
+async def test_each_trigger_kind_fires_when_and_only_when_it_should(
+    browser: Browser, shop: tuple[WebSite, str]
+) -> None:
+    site, origin = shop
+    referral = campaign_pb.LiveTrigger(page=campaign_pb.PageTrigger(utm_source="newsletter"))
+    action = campaign_pb.LiveTrigger(
+        action=campaign_pb.ActionTrigger(event=campaign_pb.LiveEvent(event_name="Added to Cart"))
+    )
+    by_referral = await site.campaign(
+        referral, campaign_pb.WebPopupContent(message=popup_message("From the newsletter"))
+    )
+    by_action = await site.campaign(
+        action, campaign_pb.WebPopupContent(message=popup_message("Complete your order"))
+    )
+    count = await site.campaign(
+        page_count(3), campaign_pb.WebPopupContent(message=popup_message("Thanks for browsing"))
+    )
+
+    async def shown_to(page: Page) -> set[str]:
+        visitor, session = await _visitor(page), await _session(page)
+        return {p["campaign"] for p in await site.popups(visitor, session)}
+
+    came = await _open(browser, origin, "home?utm_source=newsletter", "shoes")
+    await _delivered(site, came)
+    acted = await _open(browser, origin, "home")
+    await acted.evaluate("herald.track('Added to Cart', {sku: 'red-shoe'})")
+    await _delivered(site, acted)
+    browsed = await _open(browser, origin, "a", "b", "c")
+    await _delivered(site, browsed)
+    await asyncio.sleep(2)  # anything else that was going to arrive has
+    assert await shown_to(came) == {by_referral.name}
+    assert await shown_to(acted) == {by_action.name}
+    assert await shown_to(browsed) == {count.name}
+
+
+async def test_a_control_group_visitor_sees_nothing(browser: Browser, shop: tuple[WebSite, str]) -> None:
+    site, origin = shop
+    campaign = await site.campaign(
+        page_count(1),
+        campaign_pb.WebPopupContent(message=popup_message("Offer")),
+        targeting=campaign_pb.Targeting(control_group_percent=50),
+    )
+    held = next(
+        v for v in (f"anon:{uuid.uuid4().hex}" for _ in range(100)) if in_control_group(campaign.name, v, 50)
+    )
+    page = await _open(browser, origin, "home", visitor=held)
+
+    async def recorded() -> bool:
+        stats = await site.admin.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{campaign.name}/stats")
+        )
+        return stats.skipped == 1
+
+    await eventually(recorded)
+    await _leave_through_the_top(page)
+    await asyncio.sleep(1.5)
+    assert await page.locator("herald-popup").count() == 0
+
+
+async def test_the_sdk_adds_one_global(browser: Browser, shop: tuple[WebSite, str]) -> None:
+    _, origin = shop
+    page = await _open(browser, origin, "home")
+    added = await page.evaluate(
+        """() => {
+            const frame = document.createElement("iframe");
+            document.body.appendChild(frame);
+            const plain = new Set(Object.getOwnPropertyNames(frame.contentWindow));
+            // Numbered names are the frames (this iframe).
+            return Object.getOwnPropertyNames(window).filter((name) => !plain.has(name) && isNaN(name));
+        }"""
+    )
+    # The demo page's own globals are cartOpened (and lastInfo once used); the SDK's is herald.
+    assert sorted(added) == ["cartOpened", "herald"]
