@@ -99,9 +99,11 @@ class PeakMemory:
 
 
 @asynccontextmanager
-async def service_processes(settings: Settings, memory: PeakMemory) -> AsyncIterator[ServiceProcesses]:
+async def service_processes(
+    settings: Settings, memory: PeakMemory, **extra_env: str
+) -> AsyncIterator[ServiceProcesses]:
     """The four services as child processes, as deployed."""
-    env = environment(settings)
+    env = environment(settings, **extra_env)
     # One process per service: on this 2-core machine a second dispatch replica only contends for
     # the same cores (measured: fewer messages/s, more CPU per message).
     services = ServiceProcesses(env, Path(mkdtemp(prefix="herald-bench-logs-")))
@@ -331,7 +333,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the issues' full sizes (1M users; 20M events)")
     parser.add_argument(
         "--only",
-        choices=("pipeline", "segmentation", "scheduling", "sms", "mparticle", "live"),
+        choices=("pipeline", "segmentation", "scheduling", "sms", "mparticle", "live", "web"),
         help="run one benchmark",
     )
     args = parser.parse_args()
@@ -356,6 +358,10 @@ def main() -> None:
         from tests import bench_live  # it builds on this module's helpers
 
         asyncio.run(bench_live.run(bench_live.FULL if args.full else bench_live.QUICK))
+    if args.only in (None, "web"):
+        from tests import bench_web  # it builds on this module's helpers
+
+        asyncio.run(bench_web.run(bench_web.FULL if args.full else bench_web.QUICK))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import asyncio
 import gzip
 import uuid
 from dataclasses import replace
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ import pytest
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common import clock
 from herald_common.settings import Settings
 from herald_common.timing import in_control_group
 from tests.conftest import Platform, eventually
@@ -134,6 +136,11 @@ async def test_visit_and_referral_triggers_fire_only_for_matching_pages(site: We
     await site.view_pages(buyer, "b", 1, url="https://shop.example.com/shoes/checkout?step=2")
 
     assert [p["campaign"] for p in await _shown(site, buyer, "b")] == [checkout.name]
+    # A page visit's pop-up shows on such pages, not on the next page the visitor goes to.
+    elsewhere = await site.popups(buyer, "b", url="https://shop.example.com/about")
+    assert elsewhere == []
+    back = await site.popups(buyer, "b", url="https://shop.example.com/shoes/checkout")
+    assert [p["campaign"] for p in back] == [checkout.name]
     assert [p["campaign"] for p in await _shown(site, reader, "r")] == [newsletter.name]
     assert await site.popups(other, "o") == []
 
@@ -423,3 +430,17 @@ async def test_the_sdk_is_one_small_script_without_eval(site: WebSite) -> None:
     assert len(compressed) < 15 * 1024, f"{len(compressed):,} bytes gzipped"
     source = gzip.decompress(compressed).decode()
     assert "eval(" not in source and "new Function" not in source and "innerHTML" not in source
+
+
+async def test_a_pop_up_the_visitor_never_came_back_for_expires(
+    platform: Platform, manual_clock: clock.ManualClock
+) -> None:
+    async with web_site(platform) as site:  # its destination keeps pop-ups for a day
+        await site.campaign(page_count(1), _single())
+        visitor = f"anon:{uuid.uuid4().hex}"
+        await site.view_pages(visitor, "s", 1)
+        assert await _shown(site, visitor, "s")
+        manual_clock.advance(timedelta(hours=23))
+        assert await site.popups(visitor, "s2")
+        manual_clock.advance(timedelta(hours=2))
+        assert await site.popups(visitor, "s3") == []

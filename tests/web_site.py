@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -21,6 +20,7 @@ from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald_common import api
 from tests.conftest import Platform, eventually
 from tests.harness import Clients, create_account
 
@@ -87,7 +87,7 @@ class WebSite:
                 "user_id": visitor,
                 "name": "Page Viewed",
                 "client_event_id": uuid.uuid4().hex,
-                "time": datetime.now(UTC).isoformat(),
+                "time": api.utcnow().isoformat(),
                 "properties": {"url": url, "session_id": session, "session_page_count": n, **extra},
             }
             for n in range(1, count + 1)

@@ -83,6 +83,12 @@ class Database:
             raw = await connection.get_raw_connection()
             return await raw.driver_connection.fetchrow(sql, *args)  # type: ignore[union-attr]
 
+    async def fetch(self, sql: str, *args: Any) -> list[Any]:
+        """Every row of one statement, as `fetch_row` runs it."""
+        async with self.engine.connect() as connection:
+            raw = await connection.get_raw_connection()
+            return await raw.driver_connection.fetch(sql, *args)  # type: ignore[union-attr,no-any-return]
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 

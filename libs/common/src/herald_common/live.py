@@ -6,6 +6,7 @@ segmentation's to say; see the campaign service's references.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
@@ -110,6 +111,46 @@ _URL_OPERATORS = {
 
 def _url_condition(key: str, test: pb.UrlTest) -> segmentation_pb.PropertyCondition:
     return _condition(key, _URL_OPERATORS[test.match], test.value)
+
+
+def url_passes(test: pb.UrlTest, url: str) -> bool:
+    """Whether a URL passes a test, as segmentation's conditions judge it: EQUALS exactly,
+    CONTAINS and PATTERN case-insensitively."""
+    if test.match == pb.URL_MATCH_EQUALS:
+        return url == test.value
+    if test.match == pb.URL_MATCH_CONTAINS:
+        return test.value.lower() in url.lower()
+    return _glob(test.value.lower(), url.lower())
+
+
+def _fixed(part: str) -> re.Pattern[str]:
+    """A run of a pattern between `*`s: literal characters and `?`s, of fixed length."""
+    return re.compile("".join("." if c == "?" else re.escape(c) for c in part), re.DOTALL)
+
+
+def _glob(pattern: str, text: str) -> bool:
+    """`*`/`?` matching without backtracking: the runs between `*`s are found leftmost in turn
+    (the first at the start, the last at the end), so a hostile URL costs at most one scan per run."""
+    if "*" not in pattern:
+        return _fixed(pattern).fullmatch(text) is not None
+    first, *middle, last = pattern.split("*")
+    start, end = len(first), len(text) - len(last)
+    if end < start or not _fixed(first).match(text) or not _fixed(last).fullmatch(text, end):
+        return False
+    for part in middle:
+        found = _fixed(part).search(text, start, end)
+        if found is None:
+            return False
+        start = found.end()
+    return True
+
+
+def shown_on(trigger: pb.LiveTrigger, url: str) -> bool:
+    """Whether a pop-up of this trigger shows on a page: one a page visit qualified for shows on
+    such pages only; the others on any."""
+    if trigger.WhichOneof("kind") != "page" or trigger.page.WhichOneof("rule") != "visit":
+        return True
+    return url_passes(trigger.page.visit, url)
 
 
 def as_action(trigger: pb.LiveTrigger) -> pb.LiveTrigger:

@@ -70,6 +70,9 @@ def development_account(data_dir: Path, campaign_port: int, bootstrap_token: str
     return key
 
 
+DEFAULT_WEB_PORT = 8095
+
+
 def main() -> None:
     configure_logging(os.environ.get("LOG_LEVEL", "info"))
     env = dict(os.environ)
@@ -80,6 +83,8 @@ def main() -> None:
         env = {**embedded.environment(), **{k: v for k, v in env.items() if v}}
     # Local fakes and sinks run on loopback; a deployment allows private networks explicitly.
     env.setdefault("HERALD_ALLOWED_DESTINATION_NETWORKS", "127.0.0.0/8,::1/128")
+    # The web SDK and its API (dispatch's web pop-up worker), for a site on this machine.
+    env.setdefault("HERALD_WEB_PORT", str(DEFAULT_WEB_PORT))
     data_dir = default_data_dir()
     if not env.get("HERALD_SECRET_KEYS"):
         env["HERALD_SECRET_KEYS"] = local_secret(data_dir, "secret-keys", lambda: new_key_setting("local"))
@@ -107,7 +112,8 @@ def main() -> None:
         if not stopping and all(c.poll() is None for c in children):
             key = development_account(data_dir, campaign_port, env["HERALD_BOOTSTRAP_TOKEN"])
             print(f"Herald is running. Development account admin key (kept in {data_dir / 'dev-admin-key'}):")
-            print(f"  {key}", flush=True)
+            print(f"  {key}")
+            print(f"Web SDK: http://127.0.0.1:{env['HERALD_WEB_PORT']}/sdk.js", flush=True)
         while not stopping:
             exited = [c for c in children if c.poll() is not None]
             if exited:

@@ -33,6 +33,7 @@ from herald_common.batching import GroupCall
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.faults import NotReady
+from herald_common.live import shown_on
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.schedules import UTC_ZONE, DeliveryRules
 from herald_common.timing import local_day, zone_named
@@ -53,14 +54,13 @@ EXPIRED_PER_SWEEP = 5_000
 # Most pop-ups one answer carries (the newest): the SDK shows one per page view.
 MAX_SHOWN = 5
 
-_LOOKUP = sa.text(
-    """
+# On asyncpg directly (Database.fetch): this runs for every page view.
+_LOOKUP = """
     SELECT q.k, i.delivery_id, i.campaign, i.popup, i.timezone, i.delivered_at,
            v.at AS last_viewed, v.session_id AS last_session
-    FROM unnest(CAST(:accounts AS uuid[]), CAST(:users AS text[]), CAST(:ks AS int[]))
-         AS q(account_id, user_id, k)
+    FROM unnest($1::uuid[], $2::text[], $3::int[]) AS q(account_id, user_id, k)
     JOIN dispatch.web_inbox i
-      ON i.account_id = q.account_id AND i.user_id = q.user_id AND i.expires_at > :now
+      ON i.account_id = q.account_id AND i.user_id = q.user_id AND i.expires_at > $4
     LEFT JOIN LATERAL (
         SELECT w.at, w.session_id FROM dispatch.web_interactions w
         WHERE w.account_id = q.account_id AND w.user_id = q.user_id AND w.campaign = i.campaign
@@ -68,8 +68,7 @@ _LOOKUP = sa.text(
         ORDER BY w.at DESC LIMIT 1
     ) v ON true
     ORDER BY q.k, i.delivered_at DESC
-    """
-)
+"""
 
 
 @dataclass(frozen=True)
@@ -79,6 +78,8 @@ class Visitor:
     session_id: str
     # The browser's IANA zone now ('' when it sent none: the profile's zone is used).
     timezone: str = ""
+    # The page asking ('' when not said: every pop-up may show).
+    url: str = ""
 
 
 def _zone(visitor: Visitor, profile_zone: str) -> ZoneInfo:
@@ -124,18 +125,15 @@ class PopupInbox:
 
     async def _lookup_many(self, visitors: Sequence[tuple[uuid.UUID, str]]) -> list[list[Any]]:
         found: list[list[Any]] = [[] for _ in visitors]
-        async with self.database.transaction() as session:
-            rows = await session.execute(
-                _LOOKUP,
-                {
-                    "accounts": [account_id for account_id, _ in visitors],
-                    "users": [user_id for _, user_id in visitors],
-                    "ks": list(range(len(visitors))),
-                    "now": api.utcnow(),
-                },
-            )
-            for row in rows:
-                found[row.k].append(row)
+        rows = await self.database.fetch(
+            _LOOKUP,
+            [account_id for account_id, _ in visitors],
+            [user_id for _, user_id in visitors],
+            list(range(len(visitors))),
+            api.utcnow(),
+        )
+        for row in rows:
+            found[row["k"]].append(row)
         return found
 
     async def eligible(self, visitor: Visitor) -> list[dict[str, Any]]:
@@ -144,24 +142,27 @@ class PopupInbox:
         shown: list[dict[str, Any]] = []
         campaigns_shown: set[str] = set()
         for row in await self._lookup((visitor.account_id, visitor.user_id)):
-            if row.campaign in campaigns_shown or len(shown) >= MAX_SHOWN:
+            name = row["campaign"]
+            if name in campaigns_shown or len(shown) >= MAX_SHOWN:
                 continue
             try:
-                known = await self.campaigns.get(row.campaign)
+                known = await self.campaigns.get(name)
             except NotReady:
                 continue
             campaign = known.campaign
-            zone = _zone(visitor, row.timezone)
+            zone = _zone(visitor, row["timezone"])
+            frequency = campaign.web_popup.frequency
             if (
                 known.account_id != visitor.account_id
                 or campaign.state not in _SHOWING
                 or _past_end(campaign, now)
-                or _too_soon(campaign.web_popup.frequency, row.last_viewed, row.last_session, visitor, zone)
+                or _too_soon(frequency, row["last_viewed"], row["last_session"], visitor, zone)
                 or _quiet_now(campaign, zone, now)
+                or (visitor.url and not shown_on(campaign.schedule.live.trigger, visitor.url))
             ):
                 continue
-            campaigns_shown.add(row.campaign)
-            shown.append({"delivery_id": row.delivery_id, "campaign": row.campaign, **json.loads(row.popup)})
+            campaigns_shown.add(name)
+            shown.append({"delivery_id": row["delivery_id"], "campaign": name, **json.loads(row["popup"])})
         return shown
 
     async def forget_expired(self) -> bool:

@@ -3,7 +3,7 @@
     GET  /sdk.js                               the web SDK
     POST /v1/web/{publishable key}/events       events the visitor did (IngestEvents semantics)
     POST /v1/web/{publishable key}/identify     an anonymous visitor signed in (MergeVisitor)
-    POST /v1/web/{publishable key}/popups       the pop-ups this visitor may see now
+    POST /v1/web/{publishable key}/popups       the pop-ups this visitor may see now, on this page
     POST /v1/web/{publishable key}/interactions a pop-up viewed, clicked or closed
 
 The key is in the path, so a CORS preflight (which carries no credentials) is judged by it too.
@@ -42,6 +42,7 @@ from herald_common.auth import (
     identity_secret,
     user_signature_matches,
 )
+from herald_common.live import MAX_URL
 from herald_common.logging import get_logger
 from herald_common.timing import zone_named
 from herald_dispatch.web.forwarding import Forwarder, Refused
@@ -260,7 +261,8 @@ class WebServer:
         zone = _text(body, "timezone", required=False, most=100)
         if zone and zone_named(zone) is None:
             raise BadRequest("timezone", "an IANA time zone, for example Europe/Berlin")
-        return Visitor(_account_id(caller), user_id, _text(body, "session_id", most=100), zone)
+        url = _text(body, "url", required=False, most=MAX_URL)
+        return Visitor(_account_id(caller), user_id, _text(body, "session_id", most=100), zone, url)
 
     async def _events(self, caller: Caller, body: dict[str, Any]) -> dict[str, Any]:
         events = _events(body)

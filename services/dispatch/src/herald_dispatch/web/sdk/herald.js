@@ -199,7 +199,12 @@
   // --- pop-ups ------------------------------------------------------------------------------
   function visitorBody() {
     var v = visitor();
-    var body = { user_id: v.userId || v.anonymousId, session_id: session(false).id, timezone: zone() };
+    var body = {
+      user_id: v.userId || v.anonymousId,
+      session_id: session(false).id,
+      timezone: zone(),
+      url: window.location.href
+    };
     if (v.userId && v.signature) body.user_signature = v.signature;
     return body;
   }
