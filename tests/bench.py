@@ -98,6 +98,14 @@ class PeakMemory:
             await asyncio.sleep(0.25)
 
 
+def percentile(values: list[float], p: float) -> float:
+    """The value below which a fraction `p` of the values fall (nan for none)."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
+
+
 @asynccontextmanager
 async def service_processes(
     settings: Settings, memory: PeakMemory, **extra_env: str

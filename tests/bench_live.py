@@ -29,7 +29,7 @@ from herald.events.v1 import events_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.logging import configure_logging
-from tests.bench import WRITE_KEY, PeakMemory, fake_segment, service_processes, upsert_users
+from tests.bench import WRITE_KEY, PeakMemory, fake_segment, percentile, service_processes, upsert_users
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition
 from tests.processes import benchmark_servers
@@ -115,13 +115,6 @@ class Observed:
         batch = events_pb2.DeliveryBatch.FromString(msg.data)
         for recipient in batch.recipients:
             self.seen.setdefault((batch.campaign, recipient.user_id), now)
-
-
-def _percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))]
 
 
 async def _send_at_rate(
@@ -286,8 +279,8 @@ async def run(sizes: Sizes) -> None:
                 results.append(
                     (
                         rate,
-                        _percentile(latencies, 0.5),
-                        _percentile(latencies, 0.99),
+                        percentile(latencies, 0.5),
+                        percentile(latencies, 0.99),
                         len(latencies) / max(len(viewers), 1),
                         len(viewed) / sending_s,
                         {n: cpu_after[n] - cpu_before.get(n, 0.0) for n in cpu_after},
@@ -337,8 +330,8 @@ async def run(sizes: Sizes) -> None:
         )
     print(f"highest rate with p99 under 1 s        {sustained:>12,} events/s   (target >= {TARGET_RATE:,})")
     print(
-        f"inaction timer lateness                p50 {_percentile(lateness, 0.5):,.0f} ms, "
-        f"p99 {_percentile(lateness, 0.99):,.0f} ms   (target p99 <= {TARGET_TIMER_LATENESS_MS:,.0f})"
+        f"inaction timer lateness                p50 {percentile(lateness, 0.5):,.0f} ms, "
+        f"p99 {percentile(lateness, 0.99):,.0f} ms   (target p99 <= {TARGET_TIMER_LATENESS_MS:,.0f})"
         f"   fired {len(lateness):,} of {len(due):,}"
     )
     print("peak RSS by process:")

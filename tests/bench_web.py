@@ -27,7 +27,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald_common.embedded import free_port
 from herald_common.logging import configure_logging
-from tests.bench import PeakMemory, service_processes, upsert_users
+from tests.bench import PeakMemory, percentile, service_processes, upsert_users
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.processes import benchmark_servers
 from tests.web_site import signature
@@ -50,11 +50,6 @@ class Sizes:
 
 QUICK = Sizes(users=20_000, campaigns=10, qualified=2_000, rate=500, seconds=10)
 FULL = Sizes(users=1_000_000, campaigns=50, qualified=50_000, rate=TARGET_RATE, seconds=60)
-
-
-def _percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
 
 
 async def _post(http: aiohttp.ClientSession, url: str, body: object) -> dict[str, object]:
@@ -194,7 +189,7 @@ async def run(sizes: Sizes) -> None:
             cpu = {n: used - cpu_before.get(n, 0.0) for n, used in memory.cpu_seconds().items()}
         sampler.cancel()
 
-    p50, p99 = _percentile(latencies, 0.5), _percentile(latencies, 0.99)
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     print(f"users                                  {sizes.users:>12,}")
     print(f"live pop-up campaigns                  {sizes.campaigns:>12,}")
     print(f"visitors qualified through the pipeline {sizes.qualified:>11,} in {qualify_s:,.1f} s")

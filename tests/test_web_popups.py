@@ -22,8 +22,8 @@ from herald_common.settings import Settings
 from herald_common.timing import in_control_group
 from tests.conftest import Platform, eventually
 from tests.harness import running_platform
-from tests.helpers import field_violations, user
-from tests.web_site import WebSite, page_count, popup_message, signature, web_site
+from tests.helpers import condition, field_violations, user
+from tests.web_site import WebSite, by_language, page_count, popup_message, signature, web_site
 
 
 @pytest.fixture
@@ -146,14 +146,7 @@ async def test_visit_and_referral_triggers_fire_only_for_matching_pages(site: We
 
 
 async def test_a_by_user_property_pop_up_shows_each_visitor_their_variant(site: WebSite) -> None:
-    content = campaign_pb.WebPopupContent(
-        message=popup_message("Hello"),
-        variant_property="language",
-        variants=[
-            campaign_pb.PopupVariant(value="de", message=popup_message("Hallo")),
-            campaign_pb.PopupVariant(value="fr", message=popup_message("Bonjour")),
-        ],
-    )
+    content = by_language()
     campaign = await site.campaign(page_count(1), content)
     people = {"de": "anna", "fr": "zoe", "": "sam"}
     await site.admin.segmentation.UpsertUsers(
@@ -444,3 +437,30 @@ async def test_a_pop_up_the_visitor_never_came_back_for_expires(
         assert await site.popups(visitor, "s2")
         manual_clock.advance(timedelta(hours=2))
         assert await site.popups(visitor, "s3") == []
+
+
+async def test_a_referral_and_an_audience_narrow_who_qualifies(site: WebSite) -> None:
+    referral = campaign_pb.LiveTrigger(
+        page=campaign_pb.PageTrigger(
+            referrer=campaign_pb.UrlTest(match=campaign_pb.URL_MATCH_CONTAINS, value="news.example.org")
+        )
+    )
+    gold = campaign_pb.Audience(
+        filter=pb.SegmentFilter(all_of=[pb.Condition(property=condition("plan", "EQUALS", "gold"))])
+    )
+    campaign = await site.campaign(referral, _single("For our gold readers"), audience=gold)
+    tag = campaign.name[-6:]
+    await site.admin.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(users=[user(f"gold-{tag}", plan="gold"), user(f"free-{tag}", plan="free")])
+    )
+    came = "https://News.Example.org/today"
+    for name, referrer in (
+        (f"gold-{tag}", came),
+        (f"free-{tag}", came),
+        (f"gold2-{tag}", "https://other.example"),
+    ):
+        await site.view_pages(name, "s", 1, referrer=referrer)
+    signed = {"user_signature": signature(site.identity_secret, f"gold-{tag}")}
+    assert [p["campaign"] for p in await _shown(site, f"gold-{tag}", "s", **signed)] == [campaign.name]
+    for name in (f"free-{tag}", f"gold2-{tag}"):
+        assert await site.popups(name, "s", user_signature=signature(site.identity_secret, name)) == []

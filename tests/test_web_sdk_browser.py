@@ -17,10 +17,11 @@ from aiohttp import web
 from playwright.async_api import Browser, Page, async_playwright
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.embedded import free_port
 from herald_common.timing import in_control_group
 from tests.conftest import Platform, eventually
-from tests.web_site import WebSite, page_count, popup_message, web_site
+from tests.web_site import WebSite, by_language, page_count, popup_message, signature, web_site
 
 CHROMIUM = shutil.which("chromium") or ""
 ARTIFACTS = Path(__file__).parent.parent / ".artifacts"
@@ -119,6 +120,11 @@ def _dialog(page: Page) -> Any:
     return page.locator("herald-popup").locator("[role=dialog]")
 
 
+async def _stats(site: WebSite, campaign: str) -> campaign_pb.CampaignStats:
+    request = campaign_pb.GetCampaignStatsRequest(name=f"{campaign}/stats")
+    return await site.admin.campaigns.GetCampaignStats(request)
+
+
 async def _screenshot(page: Page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
@@ -160,9 +166,7 @@ async def test_exit_intent_shows_the_pop_up_and_its_button_opens_the_link(
     await page.wait_for_url(f"{origin}/cart")
 
     async def counted() -> bool:
-        stats = await site.admin.campaigns.GetCampaignStats(
-            campaign_pb.GetCampaignStatsRequest(name=f"{campaign.name}/stats")
-        )
+        stats = await _stats(site, campaign.name)
         return stats.popups.viewed == 1 and stats.popups.clicked == 1
 
     await eventually(counted)
@@ -199,9 +203,7 @@ async def test_once_per_session_holds_across_reloads_and_escape_closes(
     assert await page.locator("herald-popup").count() == 0
 
     async def closed() -> bool:
-        stats = await site.admin.campaigns.GetCampaignStats(
-            campaign_pb.GetCampaignStatsRequest(name=f"{campaign.name}/stats")
-        )
+        stats = await _stats(site, campaign.name)
         return stats.popups.viewed == 1 and stats.popups.closed == 1
 
     await eventually(closed)
@@ -318,9 +320,7 @@ async def test_a_control_group_visitor_sees_nothing(browser: Browser, shop: tupl
     page = await _open(browser, origin, "home", visitor=held)
 
     async def recorded() -> bool:
-        stats = await site.admin.campaigns.GetCampaignStats(
-            campaign_pb.GetCampaignStatsRequest(name=f"{campaign.name}/stats")
-        )
+        stats = await _stats(site, campaign.name)
         return stats.skipped == 1
 
     await eventually(recorded)
@@ -343,3 +343,31 @@ async def test_the_sdk_adds_one_global(browser: Browser, shop: tuple[WebSite, st
     )
     # The demo page's own globals are cartOpened (and lastInfo once used); the SDK's is herald.
     assert sorted(added) == ["cartOpened", "herald"]
+
+
+async def test_a_signed_in_visitor_gets_the_variant_of_their_property(
+    browser: Browser, shop: tuple[WebSite, str]
+) -> None:
+    site, origin = shop
+    content = by_language()
+    await site.campaign(page_count(2), content)
+    user_id = f"shopper-{uuid.uuid4().hex[:8]}"
+    page = await _open(browser, origin, "home")
+    anonymous = await _visitor(page)
+    proof = signature(site.identity_secret, user_id)
+    await page.evaluate(f"herald.identify({json.dumps(user_id)}, {{language: 'de'}}, {json.dumps(proof)})")
+    await page.goto(f"{origin}/shoes")
+
+    async def ready() -> bool:
+        shown = await site.popups(user_id, await _session(page), user_signature=proof)
+        return bool(shown)
+
+    await eventually(ready, within=20)
+    await _leave_through_the_top(page)
+    dialog = _dialog(page)
+    await dialog.wait_for(state="visible", timeout=10_000)
+    assert await dialog.locator("h2").inner_text() == "Hallo"
+    # The anonymous visitor's page view became the signed-in user's.
+    found = await site.admin.segmentation.GetUser(segmentation_pb.GetUserRequest(name=f"users/{user_id}"))
+    assert dict(found.properties)["language"] == "de"
+    assert anonymous.startswith("anon:")

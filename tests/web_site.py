@@ -38,6 +38,18 @@ def popup_message(title: str, body: str = "", **button: Any) -> campaign_pb.Popu
     return message
 
 
+def by_language() -> campaign_pb.WebPopupContent:
+    """A pop-up by user property: German and French variants of a default English one."""
+    return campaign_pb.WebPopupContent(
+        message=popup_message("Hello"),
+        variant_property="language",
+        variants=[
+            campaign_pb.PopupVariant(value="de", message=popup_message("Hallo")),
+            campaign_pb.PopupVariant(value="fr", message=popup_message("Bonjour")),
+        ],
+    )
+
+
 def page_count(at_least: int) -> campaign_pb.LiveTrigger:
     return campaign_pb.LiveTrigger(page=campaign_pb.PageTrigger(page_count=at_least))
 
