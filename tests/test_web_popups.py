@@ -464,3 +464,35 @@ async def test_a_referral_and_an_audience_narrow_who_qualifies(site: WebSite) ->
     assert [p["campaign"] for p in await _shown(site, f"gold-{tag}", "s", **signed)] == [campaign.name]
     for name in (f"free-{tag}", f"gold2-{tag}"):
         assert await site.popups(name, "s", user_signature=signature(site.identity_secret, name)) == []
+
+
+async def test_quiet_hours_and_once_ever_hold_when_the_pop_up_would_show(
+    platform: Platform, manual_clock: clock.ManualClock
+) -> None:
+    # Monday noon UTC: 21:00 in Tokyo, inside the campaign's quiet hours; 13:00 in Berlin.
+    content = campaign_pb.WebPopupContent(
+        message=popup_message("Once"), frequency=campaign_pb.POPUP_FREQUENCY_ONCE_EVER
+    )
+    quiet = campaign_pb.DeliveryPreferences(
+        quiet_hours=campaign_pb.QuietHours(
+            start="21:00", end="09:00", action=campaign_pb.QUIET_HOURS_ACTION_DELAY
+        )
+    )
+    async with web_site(platform) as site:
+        await site.campaign(page_count(1), content, delivery=quiet)
+        visitor = f"anon:{uuid.uuid4().hex}"
+        await site.view_pages(visitor, "s1", 1)
+        popup = (await _shown(site, visitor, "s1", timezone="Europe/Berlin"))[0]
+        assert await site.popups(visitor, "s1", timezone="Asia/Tokyo") == []
+        viewed = {
+            "user_id": visitor,
+            "session_id": "s1",
+            "delivery_id": popup["delivery_id"],
+            "kind": "viewed",
+        }
+        assert (await site.call("interactions", viewed)).status == 200
+        # Qualifying again in a later session: once ever means never again.
+        manual_clock.advance(timedelta(hours=1))
+        await site.view_pages(visitor, "s2", 1)
+        await asyncio.sleep(1.5)
+        assert await site.popups(visitor, "s2", timezone="Europe/Berlin") == []
