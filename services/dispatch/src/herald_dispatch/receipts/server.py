@@ -32,6 +32,7 @@ from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.sms import E164
 from herald_dispatch.gate import record_opt_out
+from herald_dispatch.http import serve
 from herald_dispatch.receipts.callbacks import Body, Callbacks, Receipt, path_token
 from herald_dispatch.receipts.exotel import ExotelCallbacks
 from herald_dispatch.receipts.msg91 import Msg91Callbacks
@@ -103,12 +104,9 @@ class ReceiptServer:
             app.router.add_post(path, self._receipts)
         for path in ("/v1/inbound/{kind}/{destination}", "/v1/inbound/{kind}/{destination}/{token}"):
             app.router.add_post(path, self._inbound)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
+        self._runner, taken = await serve(app, host, port)
         self.sweeper.start()
-        return int(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return taken
 
     async def stop(self) -> None:
         await self.sweeper.stop()

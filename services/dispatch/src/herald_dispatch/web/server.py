@@ -45,6 +45,7 @@ from herald_common.auth import (
 from herald_common.live import MAX_URL
 from herald_common.logging import get_logger
 from herald_common.timing import zone_named
+from herald_dispatch.http import serve
 from herald_dispatch.web.forwarding import Forwarder, Refused
 from herald_dispatch.web.inbox import INTERACTIONS, PopupInbox, Visitor
 
@@ -160,13 +161,8 @@ class WebServer:
         app.router.add_get("/sdk.js", self._serve_sdk)
         app.router.add_route("OPTIONS", "/v1/web/{key}/{action}", self._preflight)
         app.router.add_post("/v1/web/{key}/{action}", self._call)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        return int(sockets[0].getsockname()[1]) if sockets else port
+        self._runner, taken = await serve(app, host, port)
+        return taken
 
     async def stop(self) -> None:
         if self._runner is not None:
