@@ -466,10 +466,7 @@ class Authenticator:
             # A service passing on a browser's calls (the web worker) acts with a browser's rights.
             browser = metadata.get(ROLE_HEADER, "") == PUBLISHABLE_ROLE
             caller = Caller(metadata.get(ACCOUNT_HEADER, ""), PUBLISHABLE_ROLE if browser else SERVICE_ROLE)
-            if needed not in ROLE_PERMISSIONS[caller.role]:
-                raise PermissionDenied(f"a browser's calls may not do this ({needed.value} is needed)")
-            return caller  # already counted where the account's call came in
-        if scheme == "Bearer":
+        elif scheme == "Bearer":
             caller = await self.registry.check(credential)
             self.uses.used(caller.key_id)
         else:
@@ -477,6 +474,8 @@ class Authenticator:
         if needed not in ROLE_PERMISSIONS.get(caller.role, frozenset()):
             role = caller.role.removeprefix("ROLE_").lower()
             raise PermissionDenied(f"a {role} key may not do this ({needed.value} is needed)")
+        if scheme == "Service":
+            return caller  # already counted where the account's call came in
         caller = self.limits(caller)
         bucket, rate = caller.account, caller.requests_per_second
         if caller.role == PUBLISHABLE_ROLE:

@@ -80,15 +80,15 @@ _MPARTICLE = ChannelKind(
 )
 
 
-def popup_texts(message: campaign_pb.PopupMessage) -> list[str]:
-    """A pop-up's templated texts."""
-    return [message.title, message.body, message.button.text]
+def popup_templates(popup: campaign_pb.WebPopupContent) -> list[str]:
+    """The templated texts of a pop-up's messages, its variants' included."""
+    messages = [popup.message, *(variant.message for variant in popup.variants)]
+    return [text for m in messages for text in (m.title, m.body, m.button.text)]
 
 
 def _web_popup_attributes(campaign: campaign_pb.Campaign) -> set[str]:
     popup = campaign.web_popup
-    messages = [popup.message, *(variant.message for variant in popup.variants)]
-    needed = personalization.profile_properties(text for m in messages for text in popup_texts(m))
+    needed = personalization.profile_properties(popup_templates(popup))
     return needed | ({popup.variant_property} if popup.variant_property else set())
 
 

@@ -30,21 +30,11 @@ def _run_problem(event: events.RunChanged) -> str | None:
     return _campaign_id_problem(event.run.campaign, event.account)
 
 
-def _outcomes_problem(event: events.DeliveryOutcomes) -> str | None:
+def _results_problem(
+    event: events.DeliveryOutcomes | events.DeliveryReceipts | events.WebInteractions,
+) -> str | None:
     if not event.event_id or not event.results:
-        return "DeliveryOutcomes without event_id or results"
-    return _campaign_id_problem(event.campaign, event.account)
-
-
-def _receipts_problem(event: events.DeliveryReceipts) -> str | None:
-    if not event.event_id or not event.results:
-        return "DeliveryReceipts without event_id or results"
-    return _campaign_id_problem(event.campaign, event.account)
-
-
-def _popups_problem(event: events.WebInteractions) -> str | None:
-    if not event.event_id or not event.results:
-        return "WebInteractions without event_id or results"
+        return f"{event.DESCRIPTOR.name} without event_id or results"
     return _campaign_id_problem(event.campaign, event.account)
 
 
@@ -70,7 +60,7 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
         filter_subject=infra.subjects.delivery_outcomes,
         event_type=events.DeliveryOutcomes,
         apply=campaigns.record_outcomes,
-        problem=_outcomes_problem,
+        problem=_results_problem,
         verify=lambda outcomes: campaigns.foreign_reports([(o.campaign, o.account) for o in outcomes]),
     )
     await infra.consume(
@@ -88,7 +78,7 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
         filter_subject=infra.subjects.delivery_receipts,
         event_type=events.DeliveryReceipts,
         apply=campaigns.record_receipts,
-        problem=_receipts_problem,
+        problem=_results_problem,
         verify=lambda found: campaigns.foreign_reports([(r.campaign, r.account) for r in found]),
     )
     await infra.consume(
@@ -97,6 +87,6 @@ async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
         filter_subject=infra.subjects.web_interactions,
         event_type=events.WebInteractions,
         apply=campaigns.record_popup_interactions,
-        problem=_popups_problem,
+        problem=_results_problem,
         verify=lambda found: campaigns.foreign_reports([(r.campaign, r.account) for r in found]),
     )

@@ -28,6 +28,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from functools import cached_property
 from typing import Any
 
 import grpc
@@ -115,7 +116,7 @@ class _Live:
     run_id: uuid.UUID
     settings: accounts_pb.AccountSettings
 
-    @property
+    @cached_property  # read for every match: a page trigger is converted once
     def trigger(self) -> campaign_pb.LiveTrigger:
         return as_action(self.campaign.schedule.live.trigger)
 

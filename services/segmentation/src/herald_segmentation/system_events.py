@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import Any, Protocol
 
 import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -63,6 +64,49 @@ def app_version_events(
     ]
 
 
+class _Report(Protocol):
+    @property
+    def account(self) -> str: ...
+
+
+def _outcome_events(report: events.DeliveryOutcomes) -> list[pb.Event]:
+    kind = channels.of_type(report.destination_type)
+    found = []
+    for result in report.results:
+        common = {"campaign": report.campaign, "delivery_id": result.delivery_id}
+        if result.status == events.DELIVERY_STATUS_SKIPPED and result.reason == SkipReason.CONTROL_GROUP:
+            client_id = f"herald:control-group:{result.delivery_id}"
+            found.append(_event(result.user_id, CONTROL_GROUP, client_id, report.occur_time, **common))
+        elif result.status == events.DELIVERY_STATUS_SENT and kind is not None and kind.accepted_is_delivered:
+            client_id = f"herald:delivered:{result.delivery_id}"
+            found.append(
+                _event(result.user_id, NOTIFICATION_DELIVERED, client_id, report.occur_time, **common)
+            )
+    return found
+
+
+# A pop-up interaction's system event, and the word its client event id is made with.
+_POPUP_EVENTS = {
+    events.WEB_INTERACTION_KIND_VIEWED: (NOTIFICATION_VIEWED, "viewed"),
+    events.WEB_INTERACTION_KIND_CLICKED: (NOTIFICATION_CLICKED, "clicked"),
+}
+
+
+def _popup_events(report: events.WebInteractions) -> list[pb.Event]:
+    return [
+        _event(
+            result.user_id,
+            _POPUP_EVENTS[result.kind][0],
+            f"herald:{_POPUP_EVENTS[result.kind][1]}:{result.delivery_id}",
+            result.occur_time,
+            campaign=report.campaign,
+            delivery_id=result.delivery_id,
+        )
+        for result in report.results
+        if result.kind in _POPUP_EVENTS and result.user_id
+    ]
+
+
 class SystemEvents:
     def __init__(self, database: Database, recorder: Events) -> None:
         self.database = database
@@ -75,51 +119,29 @@ class SystemEvents:
             chunk = list(recorded[start : start + MAX_EVENTS])
             await self.recorder.ingest(chunk, pb.IngestEventsRequest(events=chunk).ByteSize())
 
-    async def record_by_account(self, found: dict[uuid.UUID, list[pb.Event]]) -> None:
-        """Records each account's events together: the many small reports of a busy campaign,
-        fetched as one batch, make few writes."""
-        for account_id, recorded in sorted(found.items()):
+    async def record_reports(
+        self, reports: Sequence[_Report], events_of: Callable[[Any], list[pb.Event]]
+    ) -> None:
+        """Records the events each report makes, each account's together: the many small reports
+        of a busy campaign, fetched as one batch, make few writes."""
+        by_account: dict[uuid.UUID, list[pb.Event]] = defaultdict(list)
+        for report in reports:
+            account_id = account_id_of(report.account)
+            if account_id is not None:
+                by_account[account_id] += events_of(report)
+        for account_id, recorded in sorted(by_account.items()):
             await self.record(account_id, recorded)
 
     async def from_outcomes(self, received: Sequence[events.DeliveryOutcomes]) -> None:
         """Control Group for users held back; Notification Delivered for exports accepted."""
-        by_account: dict[uuid.UUID, list[pb.Event]] = defaultdict(list)
-        for report in received:
-            account_id = account_id_of(report.account)
-            kind = channels.of_type(report.destination_type)
-            if account_id is None:
-                continue
-            found = by_account[account_id]
-            for result in report.results:
-                common = {"campaign": report.campaign, "delivery_id": result.delivery_id}
-                if (
-                    result.status == events.DELIVERY_STATUS_SKIPPED
-                    and result.reason == SkipReason.CONTROL_GROUP
-                ):
-                    client_id = f"herald:control-group:{result.delivery_id}"
-                    found.append(
-                        _event(result.user_id, CONTROL_GROUP, client_id, report.occur_time, **common)
-                    )
-                elif (
-                    result.status == events.DELIVERY_STATUS_SENT
-                    and kind is not None
-                    and kind.accepted_is_delivered
-                ):
-                    client_id = f"herald:delivered:{result.delivery_id}"
-                    found.append(
-                        _event(result.user_id, NOTIFICATION_DELIVERED, client_id, report.occur_time, **common)
-                    )
-        await self.record_by_account(by_account)
+        await self.record_reports(received, _outcome_events)
 
     async def from_receipts(self, received: Sequence[events.DeliveryReceipts]) -> None:
         """Notification Delivered for each delivery a provider's receipt says was delivered."""
         now = api.utcnow()
-        by_account: dict[uuid.UUID, list[pb.Event]] = defaultdict(list)
-        for report in received:
-            account_id = account_id_of(report.account)
-            if account_id is None:
-                continue
-            by_account[account_id] += [
+
+        def delivered(report: events.DeliveryReceipts) -> list[pb.Event]:
+            return [
                 _event(
                     result.user_id,
                     NOTIFICATION_DELIVERED,
@@ -131,32 +153,12 @@ class SystemEvents:
                 for result in report.results
                 if result.status == events.RECEIPT_STATUS_DELIVERED and result.user_id
             ]
-        await self.record_by_account(by_account)
+
+        await self.record_reports(received, delivered)
 
     async def from_popups(self, received: Sequence[events.WebInteractions]) -> None:
         """Notification Viewed and Notification Clicked for what visitors did with web pop-ups."""
-        names = {
-            events.WEB_INTERACTION_KIND_VIEWED: (NOTIFICATION_VIEWED, "viewed"),
-            events.WEB_INTERACTION_KIND_CLICKED: (NOTIFICATION_CLICKED, "clicked"),
-        }
-        by_account: dict[uuid.UUID, list[pb.Event]] = defaultdict(list)
-        for report in received:
-            account_id = account_id_of(report.account)
-            if account_id is None:
-                continue
-            by_account[account_id] += [
-                _event(
-                    result.user_id,
-                    names[result.kind][0],
-                    f"herald:{names[result.kind][1]}:{result.delivery_id}",
-                    result.occur_time,
-                    campaign=report.campaign,
-                    delivery_id=result.delivery_id,
-                )
-                for result in report.results
-                if result.kind in names and result.user_id
-            ]
-        await self.record_by_account(by_account)
+        await self.record_reports(received, _popup_events)
 
     async def from_replies(self, received: Sequence[events.SmsReplied]) -> None:
         """Notification Replied for each user of the account with the number that replied."""

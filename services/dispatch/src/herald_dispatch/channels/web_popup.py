@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import timedelta
+from typing import Any
 
 from google.protobuf.message import Message
 from sqlalchemy.dialects.postgresql import insert
@@ -16,11 +17,12 @@ from sqlalchemy.dialects.postgresql import insert
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import api, channels
+from herald_common.channels import popup_templates
 from herald_common.db import Database
 from herald_common.errors import Validator
-from herald_common.personalization import PersonalizationError
 from herald_common.popups import rendered, variant_for
-from herald_dispatch.channels import FAILED, SENT, Outcome, SendContext
+from herald_dispatch.channels import SENT, Outcome, SendContext
+from herald_dispatch.channels.export import encode_each
 from herald_dispatch.storage import web_inbox
 
 KIND = channels.for_config("web_popup")
@@ -64,40 +66,43 @@ class WebPopupChannel:
     async def deliver(self, context: SendContext, recipients: Sequence[events.Recipient]) -> list[Outcome]:
         assert self.database is not None, "web pop-ups are delivered by a worker with a database"
         content = context.campaign.web_popup
+        variants: dict[str, str] = {}  # delivery id -> the variant its visitor got
+
+        def build(recipient: events.Recipient) -> dict[str, Any]:
+            profile = json.loads(recipient.attributes_json or b"{}")
+            variants[recipient.delivery_id], message = variant_for(content, profile)
+            return rendered(message, profile)
+
+        # As exports encode their events: oversized profiles, failing templates and pop-ups past
+        # the size limit fail alone, and Liquid renders off the event loop.
+        encoded, outcomes = await encode_each(
+            recipients,
+            build,
+            MAX_POPUP_BYTES,
+            lambda size: f"the rendered pop-up is {size:,} bytes; at most {MAX_POPUP_BYTES:,}",
+            popup_templates(content),
+        )
         now = api.utcnow()
         expires = now + expiry(context.destination.web_popup)
-        rows, outcomes = [], []
-        for recipient in recipients:
-            if recipient.oversized_attributes_bytes:
-                reason = f"the profile attributes are {recipient.oversized_attributes_bytes:,} bytes"
-                outcomes.append(Outcome(recipient, FAILED, 0, reason))
-                continue
-            profile = json.loads(recipient.attributes_json or b"{}")
-            variant, message = variant_for(content, profile)
-            try:
-                popup = json.dumps(rendered(message, profile))
-            except PersonalizationError as error:
-                outcomes.append(Outcome(recipient, FAILED, 0, str(error)))
-                continue
-            if len(popup) > MAX_POPUP_BYTES:
-                reason = f"the rendered pop-up is {len(popup):,} bytes; at most {MAX_POPUP_BYTES:,}"
-                outcomes.append(Outcome(recipient, FAILED, 0, reason))
-                continue
-            rows.append(
-                {
-                    "delivery_id": recipient.delivery_id,
-                    "account_id": context.account_id,
-                    "user_id": recipient.user_id,
-                    "campaign": context.campaign.name,
-                    "popup": popup,
-                    "variant": variant,
-                    "timezone": recipient.timezone,
-                    "delivered_at": now,
-                    "expires_at": expires,
-                }
-            )
-            outcomes.append(Outcome(recipient, SENT, 1, resent=recipient.delivery_id in context.resent))
+        rows = [
+            {
+                "delivery_id": item.recipient.delivery_id,
+                "account_id": context.account_id,
+                "user_id": item.recipient.user_id,
+                "campaign": context.campaign.name,
+                "popup": item.json.decode(),
+                "variant": variants[item.recipient.delivery_id],
+                "timezone": item.recipient.timezone,
+                "delivered_at": now,
+                "expires_at": expires,
+            }
+            for item in encoded
+        ]
         if rows:
             async with self.database.transaction() as session:
                 await session.execute(insert(web_inbox).on_conflict_do_nothing(), rows)
-        return outcomes
+        sent = [
+            Outcome(item.recipient, SENT, 1, resent=item.recipient.delivery_id in context.resent)
+            for item in encoded
+        ]
+        return outcomes + sent

@@ -86,17 +86,17 @@ def _zone(visitor: Visitor, profile_zone: str) -> ZoneInfo:
     return zone_named(visitor.timezone) or zone_named(profile_zone) or UTC_ZONE
 
 
-def _too_soon(
-    frequency: int, last_viewed: datetime | None, last_session: str, visitor: Visitor, zone: ZoneInfo
-) -> bool:
-    """Whether the pop-up's frequency keeps it from this visitor now."""
+def _too_soon(frequency: int, row: Any, visitor: Visitor, zone: ZoneInfo, now: datetime) -> bool:
+    """Whether the pop-up's frequency keeps it from this visitor now (`row`: their last view of
+    the campaign, if any)."""
+    last_viewed: datetime | None = row["last_viewed"]
     if last_viewed is None:
         return False
     if frequency == campaign_pb.POPUP_FREQUENCY_ONCE_EVER:
         return True
     if frequency == campaign_pb.POPUP_FREQUENCY_ONCE_PER_DAY:
-        return local_day(last_viewed, zone) == local_day(api.utcnow(), zone)
-    return last_session == visitor.session_id  # once per session, the default
+        return local_day(last_viewed, zone) == local_day(now, zone)
+    return bool(row["last_session"] == visitor.session_id)  # once per session, the default
 
 
 def _quiet_now(campaign: campaign_pb.Campaign, zone: ZoneInfo, now: datetime) -> bool:
@@ -151,12 +151,11 @@ class PopupInbox:
                 continue
             campaign = known.campaign
             zone = _zone(visitor, row["timezone"])
-            frequency = campaign.web_popup.frequency
             if (
                 known.account_id != visitor.account_id
                 or campaign.state not in _SHOWING
                 or _past_end(campaign, now)
-                or _too_soon(frequency, row["last_viewed"], row["last_session"], visitor, zone)
+                or _too_soon(campaign.web_popup.frequency, row, visitor, zone, now)
                 or _quiet_now(campaign, zone, now)
                 or (visitor.url and not shown_on(campaign.schedule.live.trigger, visitor.url))
             ):

@@ -218,16 +218,13 @@ class WebServer:
             if wait is not None:
                 cors["Retry-After"] = str(max(1, round(wait + 0.5)))
                 return _error(429, f"more than {self.requests_per_second:g} requests a second", headers=cors)
-            body = await self._body(request)
             try:
-                answer = await self._handlers[action](caller, body)
-            except (BadRequest, Refused) as error:
-                field = error.field if isinstance(error, BadRequest) else ""
-                message = error.description if isinstance(error, BadRequest) else str(error)
-                return _error(400, message, field, headers=cors)
+                answer = await self._handlers[action](caller, await self._body(request))
+            except BadRequest as error:
+                return _error(400, error.description, error.field, headers=cors)
+            except Refused as error:
+                return _error(400, str(error), headers=cors)
             return web.json_response(answer, headers=cors)
-        except BadRequest as error:
-            return _error(400, error.description, error.field)
         except Exception as error:  # Herald's own failure: the SDK retries, the page goes on
             log.warning("web_call_failed", action=action, error=str(error) or type(error).__name__)
             return _error(503, "temporarily unavailable; retry", headers={"Retry-After": "2"})
