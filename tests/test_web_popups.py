@@ -496,3 +496,138 @@ async def test_quiet_hours_and_once_ever_hold_when_the_pop_up_would_show(
         await site.view_pages(visitor, "s2", 1)
         await asyncio.sleep(1.5)
         assert await site.popups(visitor, "s2", timezone="Europe/Berlin") == []
+
+
+async def test_once_per_day_counts_the_visitors_own_day(
+    platform: Platform, manual_clock: clock.ManualClock
+) -> None:
+    content = campaign_pb.WebPopupContent(
+        message=popup_message("Daily deal"), frequency=campaign_pb.POPUP_FREQUENCY_ONCE_PER_DAY
+    )
+    async with web_site(platform) as site:
+        await site.campaign(page_count(1), content)
+        visitor = f"anon:{uuid.uuid4().hex}"
+        await site.view_pages(visitor, "s1", 1)
+        popup = (await _shown(site, visitor, "s1", timezone="Europe/Berlin"))[0]
+        viewed = {
+            "user_id": visitor,
+            "session_id": "s1",
+            "delivery_id": popup["delivery_id"],
+            "kind": "viewed",
+        }
+        assert (await site.call("interactions", viewed)).status == 200
+        # Later that Monday, in another session: not again today.
+        manual_clock.advance(timedelta(hours=3))
+        await site.view_pages(visitor, "s2", 1)
+        await asyncio.sleep(1.5)
+        assert await site.popups(visitor, "s2", timezone="Europe/Berlin") == []
+        # 00:00 UTC Tuesday: a new day in Berlin (01:00), still Monday in New York (19:00).
+        manual_clock.advance(timedelta(hours=9))
+        assert await site.popups(visitor, "s3", timezone="America/New_York") == []
+        assert [p["title"] for p in await site.popups(visitor, "s3", timezone="Europe/Berlin")] == [
+            "Daily deal"
+        ]
+
+
+async def test_a_pop_up_is_not_shown_after_the_campaign_ends(
+    platform: Platform, manual_clock: clock.ManualClock
+) -> None:
+    async with web_site(platform) as site:
+        await site.campaign(
+            page_count(1), _single("Ends at one"), ends=manual_clock.now() + timedelta(hours=1)
+        )
+        visitor = f"anon:{uuid.uuid4().hex}"
+        await site.view_pages(visitor, "s", 1)
+        assert await _shown(site, visitor, "s")
+        manual_clock.advance(timedelta(minutes=61))
+        assert await site.popups(visitor, "s") == []
+
+
+async def test_the_accounts_web_cap_holds_unless_a_campaign_opts_out(site: WebSite) -> None:
+    cap = accounts_pb.FrequencyCap(channel=accounts_pb.CAP_CHANNEL_WEB_POPUP, per_day=1)
+    await site.admin.accounts.UpdateAccountSettings(
+        accounts_pb.UpdateAccountSettingsRequest(settings=accounts_pb.AccountSettings(frequency_caps=[cap]))
+    )
+    capped = [await site.campaign(page_count(1), _single(title)) for title in ("Capped A", "Capped B")]
+    opted_out = await site.campaign(
+        page_count(1),
+        _single("Always"),
+        delivery=campaign_pb.DeliveryPreferences(ignore_frequency_caps=True),
+    )
+    visitor = f"anon:{uuid.uuid4().hex}"
+    await site.view_pages(visitor, "s", 1)
+
+    async def decided() -> bool:
+        stats = [await _stats(site, c.name) for c in capped]
+        return sum(s.sent + s.skipped for s in stats) == 2
+
+    await eventually(decided, within=20)
+    stats = [await _stats(site, c.name) for c in capped]
+    assert sorted((s.sent, s.skipped) for s in stats) == [(0, 1), (1, 0)]
+    held = next(s for s in stats if s.skipped)
+    assert "frequency" in held.failure_reasons[0].reason.lower()
+
+    async def all_in() -> bool:
+        return len(await site.popups(visitor, "s")) == 2
+
+    await eventually(all_in, within=20)
+    shown = {p["campaign"]: p["title"] for p in await site.popups(visitor, "s")}
+    assert shown[opted_out.name] == "Always"
+    assert len(set(shown.values()) & {"Capped A", "Capped B"}) == 1
+
+
+async def test_a_pop_up_campaign_starts_on_time_and_holds_to_its_daily_limit(
+    platform: Platform, manual_clock: clock.ManualClock
+) -> None:
+    async with web_site(platform) as site:
+        campaign = await site.campaign(
+            page_count(1),
+            _single("From one o'clock"),
+            starts=manual_clock.now() + timedelta(hours=1),
+            targeting=campaign_pb.Targeting(daily_limit=1),
+        )
+        early, first, second = (f"anon:{uuid.uuid4().hex}" for _ in range(3))
+        await site.view_pages(early, "s", 1)
+        await asyncio.sleep(1.5)
+        assert await site.popups(early, "s") == []
+        manual_clock.advance(timedelta(hours=1))
+        await site.view_pages(first, "s", 1)
+        assert await _shown(site, first, "s")
+        await site.view_pages(second, "s", 1)
+
+        async def capped() -> bool:
+            stats = await _stats(site, campaign.name)
+            # Two qualified (the visitor before the start did not); the second was over the limit.
+            reasons = [r.reason for r in stats.failure_reasons]
+            return (stats.targeted, stats.sent, stats.skipped, reasons) == (
+                2,
+                1,
+                1,
+                ["the live campaign's limit was reached"],
+            )
+
+        await eventually(capped)
+        assert await site.popups(second, "s") == []
+        # The next day (in the account's zone, UTC) the limit starts again.
+        manual_clock.advance(timedelta(hours=12))
+        await site.view_pages(second, "s2", 1)
+        assert await _shown(site, second, "s2")
+
+
+async def test_a_total_limit_completes_the_campaign_and_its_pop_up_stays_shown(site: WebSite) -> None:
+    campaign = await site.campaign(
+        page_count(1), _single("Only one"), targeting=campaign_pb.Targeting(total_limit=1)
+    )
+    first, second = (f"anon:{uuid.uuid4().hex}" for _ in range(2))
+    await site.view_pages(first, "s", 1)
+    assert await _shown(site, first, "s")
+
+    async def completed() -> bool:
+        got = await site.admin.campaigns.GetCampaign(campaign_pb.GetCampaignRequest(name=campaign.name))
+        return got.state == campaign_pb.STATE_COMPLETED
+
+    await eventually(completed)
+    await site.view_pages(second, "s", 1)
+    await asyncio.sleep(1.5)
+    assert await site.popups(second, "s") == []
+    assert await site.popups(first, "s")

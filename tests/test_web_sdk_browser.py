@@ -371,3 +371,162 @@ async def test_a_signed_in_visitor_gets_the_variant_of_their_property(
     found = await site.admin.segmentation.GetUser(segmentation_pb.GetUserRequest(name=f"users/{user_id}"))
     assert dict(found.properties)["language"] == "de"
     assert anonymous.startswith("anon:")
+
+
+def _event_bodies(requests: list[Any]) -> list[dict[str, Any]]:
+    """The events the SDK posted, in the order it posted them."""
+    return [
+        event for request in requests for event in json.loads(request.post_data or "{}").get("events", [])
+    ]
+
+
+async def test_a_session_ends_after_thirty_idle_minutes(browser: Browser, shop: tuple[WebSite, str]) -> None:
+    _, origin = shop
+    context = await browser.new_context()
+    await context.clock.install()
+    page = await context.new_page()
+    posted: list[Any] = []
+    page.on("request", lambda request: posted.append(request) if request.url.endswith("/events") else None)
+    await page.goto(f"{origin}/home?utm_source=newsletter")
+    first = await _session(page)
+    await context.clock.fast_forward("29:00")
+    await page.goto(f"{origin}/shoes")
+    assert await _session(page) == first
+    await context.clock.fast_forward("30:01")
+    await page.goto(f"{origin}/hats")
+    second = await _session(page)
+    assert second != first
+    await context.clock.fast_forward("00:02")  # the batch goes out a second after the page view
+
+    async def all_sent() -> bool:
+        return len([e for e in _event_bodies(posted) if e["name"] == "Page Viewed"]) >= 3
+
+    await eventually(all_sent, within=10)
+    viewed = {
+        e["properties"]["path"]: e["properties"] for e in _event_bodies(posted) if e["name"] == "Page Viewed"
+    }
+    # The session keeps where it came from and counts its pages; the next starts afresh.
+    assert (viewed["/home"]["session_id"], viewed["/home"]["session_page_count"]) == (first, 1)
+    assert (viewed["/shoes"]["session_id"], viewed["/shoes"]["session_page_count"]) == (first, 2)
+    assert viewed["/shoes"]["utm_source"] == "newsletter"
+    assert (viewed["/hats"]["session_id"], viewed["/hats"]["session_page_count"]) == (second, 1)
+    assert viewed["/hats"]["utm_source"] == ""
+    await context.close()
+
+
+async def _did(site: WebSite, visitor: str, event_name: str, times: int) -> bool:
+    """Whether segmentation holds exactly `times` of the visitor's events of that name."""
+    did = segmentation_pb.EventCondition(
+        event_name=event_name,
+        count=segmentation_pb.CountCondition(operator=segmentation_pb.OPERATOR_EQUALS, value=times),
+    )
+    audience = segmentation_pb.Audience(
+        filter=segmentation_pb.SegmentFilter(all_of=[segmentation_pb.Condition(event=did)])
+    )
+    found = await site.admin.segmentation.MatchUsers(
+        segmentation_pb.MatchUsersRequest(audience=audience, user_ids=[visitor])
+    )
+    return len(found.members) == 1
+
+
+async def test_events_are_kept_across_pages_and_retried_until_taken_once(
+    browser: Browser, shop: tuple[WebSite, str]
+) -> None:
+    site, origin = shop
+    context = await browser.new_context()
+    attempts: list[tuple[float, str]] = []
+    answers = ["429", "lost", "lost"]  # then the network heals
+
+    async def flaky(route: Any) -> None:
+        loop = asyncio.get_running_loop()
+        answer = answers.pop(0) if answers else "through"
+        attempts.append((loop.time(), answer))
+        cors = {"Access-Control-Allow-Origin": origin, "Access-Control-Expose-Headers": "Retry-After"}
+        if answer == "429":  # as the web API answers a key over its rate
+            body = json.dumps({"error": "more than 20 requests a second"})
+            await route.fulfill(status=429, headers={**cors, "Retry-After": "2"}, body=body)
+        elif answer == "lost":  # Herald took the batch, but its answer never reached the page
+            await route.fetch()
+            await route.fulfill(status=503, headers=cors, body="")
+        else:
+            await route.continue_()
+
+    await context.route("**/v1/web/*/events", flaky)
+    page = await context.new_page()
+    await page.goto(f"{origin}/home")
+    visitor = await _visitor(page)
+    await page.evaluate("herald.track('Added to Cart', {sku: 'red-shoe'})")
+    await asyncio.sleep(3.5)
+    # The 429's Retry-After (2 s) was waited out before the next try.
+    assert [answer for _, answer in attempts] == ["429", "lost"]
+    assert attempts[1][0] - attempts[0][0] >= 1.9
+    # The visitor moves on while the page holds no answer: the next page sends what it kept.
+    await page.goto(f"{origin}/shoes")
+
+    async def emptied() -> bool:
+        return bool(await page.evaluate("localStorage.getItem('herald:queue')") == "[]")
+
+    await eventually(emptied, within=30)
+    assert "through" in [answer for _, answer in attempts]
+    # Sent two or three times, taken once.
+    assert await _did(site, visitor, "Added to Cart", 1) and await _did(site, visitor, "Page Viewed", 2)
+    await context.close()
+
+
+async def test_one_pop_up_per_page_view(browser: Browser, shop: tuple[WebSite, str]) -> None:
+    site, origin = shop
+    titles = {"First offer", "Second offer"}
+    for title in sorted(titles):
+        await site.campaign(page_count(1), campaign_pb.WebPopupContent(message=popup_message(title)))
+    page = await _open(browser, origin, "home")
+    visitor, session = await _visitor(page), await _session(page)
+
+    async def both() -> bool:
+        return len(await site.popups(visitor, session)) == 2
+
+    await eventually(both, within=20)
+    await _leave_through_the_top(page)
+    dialog = _dialog(page)
+    await dialog.wait_for(state="visible", timeout=10_000)
+    seen = await dialog.locator("h2").inner_text()
+    await page.keyboard.press("Escape")
+    await dialog.wait_for(state="detached")
+    # Leaving again on the same page view shows nothing more, though another pop-up is waiting.
+    await _leave_through_the_top(page)
+    await asyncio.sleep(1.5)
+    assert await page.locator("herald-popup").count() == 0
+    # The next page view shows the other one (the first was shown once this session).
+    await page.goto(f"{origin}/shoes")
+    await asyncio.sleep(2)
+    await _leave_through_the_top(page)
+    await dialog.wait_for(state="visible", timeout=10_000)
+    assert {seen, await dialog.locator("h2").inner_text()} == titles
+
+
+async def test_on_a_touch_screen_a_fast_scroll_back_up_is_exit_intent(
+    browser: Browser, shop: tuple[WebSite, str]
+) -> None:
+    site, origin = shop
+    await site.campaign(page_count(1), campaign_pb.WebPopupContent(message=popup_message("Leaving?")))
+    context = await browser.new_context(viewport={"width": 390, "height": 700}, has_touch=True)
+    page = await context.new_page()
+    await page.goto(f"{origin}/home")
+    await _delivered(site, page)
+    dialog = _dialog(page)
+    # Reading down the page, slowly, and a slow way back up: no exit intent.
+    for y in (600, 1200, 1800, 1500, 1200):
+        await page.evaluate(f"window.scrollTo(0, {y})")
+        await asyncio.sleep(0.3)
+    assert await page.locator("herald-popup").count() == 0
+    # A flick back to the top, a few hundred pixels a frame.
+    await page.evaluate(
+        """async () => {
+            for (let y = 1200; y >= 0; y -= 300) {
+                window.scrollTo(0, y);
+                await new Promise((done) => requestAnimationFrame(done));
+            }
+        }"""
+    )
+    await dialog.wait_for(state="visible", timeout=10_000)
+    assert await dialog.locator("h2").inner_text() == "Leaving?"
+    await context.close()

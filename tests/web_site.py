@@ -11,6 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import aiohttp
@@ -119,12 +120,19 @@ class WebSite:
         content: campaign_pb.WebPopupContent,
         *,
         publish: bool = True,
+        starts: datetime | None = None,
+        ends: datetime | None = None,
         **fields: Any,
     ) -> campaign_pb.Campaign:
+        when = campaign_pb.Live(trigger=trigger)
+        if starts is not None:
+            when.start_time.CopyFrom(api.timestamp(starts))
+        if ends is not None:
+            when.end_time.CopyFrom(api.timestamp(ends))
         campaign = campaign_pb.Campaign(
             display_name="exit offer",
             destination=self.destination,
-            schedule=campaign_pb.Schedule(live=campaign_pb.Live(trigger=trigger)),
+            schedule=campaign_pb.Schedule(live=when),
             web_popup=content,
             **fields,
         )

@@ -189,7 +189,13 @@ class WebServer:
             return caller, {}
         if api.web_origin(origin) not in caller.allowed_origins:
             return _error(403, f"{origin} is not an allowed origin of this key")
-        return caller, {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        # The SDK reads Retry-After to know when to send again.
+        grant = {
+            "Access-Control-Allow-Origin": origin,
+            "Vary": "Origin",
+            "Access-Control-Expose-Headers": "Retry-After",
+        }
+        return caller, grant
 
     async def _preflight(self, request: web.Request) -> web.Response:
         checked = await self._caller(request)
@@ -209,6 +215,7 @@ class WebServer:
         action = request.match_info["action"]
         if action not in self._handlers:
             return _error(404, f"unknown call {action!r}; one of {', '.join(ACTIONS)}")
+        cors: dict[str, str] = {}
         try:
             checked = await self._caller(request)
             if isinstance(checked, web.Response):
@@ -227,7 +234,7 @@ class WebServer:
             return web.json_response(answer, headers=cors)
         except Exception as error:  # Herald's own failure: the SDK retries, the page goes on
             log.warning("web_call_failed", action=action, error=str(error) or type(error).__name__)
-            return _error(503, "temporarily unavailable; retry", headers={"Retry-After": "2"})
+            return _error(503, "temporarily unavailable; retry", headers={**cors, "Retry-After": "2"})
 
     @staticmethod
     async def _body(request: web.Request) -> dict[str, Any]:

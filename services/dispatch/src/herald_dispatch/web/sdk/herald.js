@@ -32,9 +32,12 @@
   var actions = {};
   var queue = [];
   var flushTimer = null;
+  var sending = null;
   var retryMs = 0;
+  var retryAt = 0;
   var popups = null;
   var shownThisPage = false;
+  var checking = false;
   var pageViewed = false;
 
   // --- storage ------------------------------------------------------------------------------
@@ -145,12 +148,21 @@
     flushTimer = window.setTimeout(function () {
       flushTimer = null;
       flush(false);
-    }, Math.max(ms, retryMs));
+    }, Math.max(ms, retryAt - Date.now(), 0));
   }
+  // One batch in flight at a time, and none before a Retry-After has passed; a page being left
+  // sends anyway (the queue stays stored, and the server drops a client event id it already has).
   function flush(leaving) {
     if (!config.key || !queue.length) return Promise.resolve();
+    if (!leaving) {
+      if (sending) return sending;
+      if (Date.now() < retryAt) {
+        schedule(0);
+        return Promise.resolve();
+      }
+    }
     var batch = queue.slice(0, MAX_BATCH);
-    return post("events", { events: batch }, leaving).then(
+    var sent = post("events", { events: batch }, leaving).then(
       function (answer) {
         if (answer.status === 429 || answer.status >= 500) {
           retry(answer.retryAfter);
@@ -165,16 +177,24 @@
         queue = queue.filter(function (e) { return !sent[e.client_event_id]; });
         save("queue", queue);
         retryMs = 0;
+        retryAt = 0;
         if (queue.length) schedule(0);
       },
       function () {
-        retry(null);
+        retry(null); // no answer (offline, blocked): back off and keep the events
       }
     );
+    if (leaving) return sent;
+    sending = sent.then(function () {
+      sending = null;
+    });
+    return sending;
   }
+  // The server's Retry-After when it gave one, else a doubling wait from 1 s up to a minute.
   function retry(after) {
     var seconds = parseFloat(after || "");
     retryMs = seconds > 0 ? seconds * 1000 : Math.min(Math.max(retryMs * 2, 1000), 60000);
+    retryAt = Date.now() + retryMs;
     schedule(retryMs);
   }
 
@@ -227,13 +247,23 @@
     post("interactions", body, kind !== "viewed").catch(function () {});
   }
 
+  // At most one pop-up per page view; leaving again before one qualified asks again.
   function exitIntent() {
-    if (shownThisPage || !pageViewed) return;
-    shownThisPage = true;
+    if (shownThisPage || checking || !pageViewed) return;
+    checking = true;
     var ready = popups && popups.length ? Promise.resolve(popups) : flush(false).then(fetchPopups);
-    ready.then(function (found) {
-      if (found && found.length) show(found[0]);
-    });
+    ready.then(
+      function (found) {
+        checking = false;
+        if (found && found.length && !shownThisPage) {
+          shownThisPage = true;
+          show(found[0]);
+        }
+      },
+      function () {
+        checking = false;
+      }
+    );
   }
 
   // A page whose CSS hides even <html> (`* { display: none }`) leaves nothing for the pointer to
