@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any, TypeVar
 
+import asyncpg
 import grpc
 import nats
 from google.protobuf import struct_pb2
@@ -16,6 +17,7 @@ from nats.js.api import RawStreamMsg
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from tests.conftest import Platform, eventually
 from tests.harness import Clients
@@ -175,3 +177,23 @@ async def completed_stats(
 
     await eventually(done, within=within)
     return await clients.campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats"))
+
+
+async def until_live(clients: Clients, database_url: str, campaign: str, within: float = 10.0) -> None:
+    """Waits until a published live campaign is armed: its run is live in the scheduler, and
+    segmentation matches events against its trigger (each follows CampaignChanged on its own)."""
+
+    async def armed() -> bool:
+        found = await clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=campaign))
+        if not any(run.state == scheduler_pb.RUN_STATE_LIVE for run in found.runs):
+            return False
+        connection = await asyncpg.connect(database_url)
+        try:
+            active = await connection.fetchval(
+                "SELECT active FROM segmentation.live_triggers WHERE campaign = $1", campaign
+            )
+        finally:
+            await connection.close()
+        return bool(active)
+
+    await eventually(armed, within=within)

@@ -17,7 +17,6 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
-from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
 from herald_common.skips import SkipReason
@@ -26,7 +25,14 @@ from herald_scheduler import main as scheduler_main
 from tests.conftest import Platform, eventually
 from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
-from tests.helpers import completed_stats, condition, create_segment_destination, field_violations, user
+from tests.helpers import (
+    completed_stats,
+    condition,
+    create_segment_destination,
+    field_violations,
+    until_live,
+    user,
+)
 
 
 def seconds(n: float) -> Duration:
@@ -48,6 +54,7 @@ class Live:
     destination: str
     clock: clock.ManualClock
     tag: str
+    database_url: str
     sent: int = 0
     # What CreateCampaign answered for the last campaign made.
     warnings: list[str] = field(default_factory=list)
@@ -88,12 +95,7 @@ class Live:
             campaign_pb.PublishCampaignRequest(name=created.name)
         )
 
-        async def live_run() -> bool:
-            runs = await self.clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=created.name))
-            return any(r.state == scheduler_pb.RunState.RUN_STATE_LIVE for r in runs.runs)
-
-        await eventually(live_run, within=10)
-        await asyncio.sleep(0.3)  # segmentation has the trigger too (it follows the same event)
+        await until_live(self.clients, self.database_url, created.name)
         return published
 
     async def act(
@@ -171,7 +173,7 @@ async def live(
     )
     users = [user(f"{tag}-{i}", cohort=tag, plan="gold" if i % 2 else "free") for i in range(6)]
     await clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=users))
-    yield Live(clients, segment_api, destination.name, manual_clock, tag)
+    yield Live(clients, segment_api, destination.name, manual_clock, tag, platform.settings.database_url)
     await clients.close()
 
 

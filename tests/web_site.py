@@ -3,7 +3,6 @@ origin, a web pop-up destination, and calls to the web SDK's API as its pages ma
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -20,10 +19,10 @@ from google.protobuf.duration_pb2 import Duration
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
-from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_common import api
-from tests.conftest import Platform, eventually
+from tests.conftest import Platform
 from tests.harness import Clients, create_account
+from tests.helpers import until_live
 
 ORIGIN = "https://shop.example.com"
 
@@ -142,12 +141,7 @@ class WebSite:
         if publish:
             await self.admin.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
 
-            async def live() -> bool:
-                found = await self.admin.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=created.name))
-                return any(run.state == scheduler_pb.RUN_STATE_LIVE for run in found.runs)
-
-            await eventually(live, within=10)
-            await asyncio.sleep(0.5)  # segmentation has the trigger too (it follows the same event)
+            await until_live(self.admin, self.platform.settings.database_url, created.name)
         return created
 
 
