@@ -8,7 +8,7 @@ import pytest
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
-from herald_campaign.domain import TEST_MESSAGES_PER_KEY_HOUR
+from herald_campaign.previews import TEST_MESSAGES_PER_KEY_HOUR
 from herald_segmentation.domain import AUDIENCE_STREAMS_PER_HOUR
 from tests.conftest import Platform
 from tests.harness import Clients, create_account

@@ -7,7 +7,7 @@ its campaign, so a wrong account in an event cannot move another account's numbe
 from __future__ import annotations
 
 from herald.events.v1 import events_pb2 as events
-from herald_campaign.domain import Campaigns
+from herald_campaign.results import Results
 from herald_common import api
 from herald_common.auth import account_id_of
 from herald_common.errors import InvalidArgument
@@ -44,49 +44,49 @@ def _waiting_problem(event: events.DestinationWaiting) -> str | None:
     return _campaign_id_problem(event.campaign, event.account)
 
 
-async def start_consumers(infra: Infrastructure, campaigns: Campaigns) -> None:
+async def start_consumers(infra: Infrastructure, results: Results) -> None:
     await infra.consume(
         owner="scheduler",
         durable="campaign-runs",
         filter_subject=infra.subjects.run_changed,
         event_type=events.RunChanged,
-        apply=campaigns.record_runs,
+        apply=results.record_runs,
         problem=_run_problem,
-        verify=lambda runs: campaigns.foreign_reports([(r.run.campaign, r.account) for r in runs]),
+        verify=lambda runs: results.foreign_reports([(r.run.campaign, r.account) for r in runs]),
     )
     await infra.consume(
         owner="dispatch",
         durable="campaign-outcomes",
         filter_subject=infra.subjects.delivery_outcomes,
         event_type=events.DeliveryOutcomes,
-        apply=campaigns.record_outcomes,
+        apply=results.record_outcomes,
         problem=_results_problem,
-        verify=lambda outcomes: campaigns.foreign_reports([(o.campaign, o.account) for o in outcomes]),
+        verify=lambda outcomes: results.foreign_reports([(o.campaign, o.account) for o in outcomes]),
     )
     await infra.consume(
         owner="dispatch",
         durable="campaign-waiting",
         filter_subject=infra.subjects.destination_waiting,
         event_type=events.DestinationWaiting,
-        apply=campaigns.record_waiting,
+        apply=results.record_waiting,
         problem=_waiting_problem,
-        verify=lambda waits: campaigns.foreign_reports([(w.campaign, w.account) for w in waits]),
+        verify=lambda waits: results.foreign_reports([(w.campaign, w.account) for w in waits]),
     )
     await infra.consume(
         owner="dispatch",
         durable="campaign-receipts",
         filter_subject=infra.subjects.delivery_receipts,
         event_type=events.DeliveryReceipts,
-        apply=campaigns.record_receipts,
+        apply=results.record_receipts,
         problem=_results_problem,
-        verify=lambda found: campaigns.foreign_reports([(r.campaign, r.account) for r in found]),
+        verify=lambda found: results.foreign_reports([(r.campaign, r.account) for r in found]),
     )
     await infra.consume(
         owner="dispatch",
         durable="campaign-popup-interactions",
         filter_subject=infra.subjects.web_interactions,
         event_type=events.WebInteractions,
-        apply=campaigns.record_popup_interactions,
+        apply=results.record_popup_interactions,
         problem=_results_problem,
-        verify=lambda found: campaigns.foreign_reports([(r.campaign, r.account) for r in found]),
+        verify=lambda found: results.foreign_reports([(r.campaign, r.account) for r in found]),
     )

@@ -14,8 +14,11 @@ from herald_campaign.accounts import SERVICE_NAME as ACCOUNT_SERVICE_NAME
 from herald_campaign.accounts import Accounts, AccountServicer
 from herald_campaign.alerts import AlertWebhooks
 from herald_campaign.consumers import start_consumers
-from herald_campaign.domain import Campaigns
+from herald_campaign.explanation import Explanations
+from herald_campaign.lifecycle import Lifecycle
+from herald_campaign.previews import Previews
 from herald_campaign.references import References
+from herald_campaign.results import Results
 from herald_campaign.servicer import PERMISSIONS, CampaignServicer
 from herald_campaign.storage import SCHEMA, outbox
 from herald_common import runtime
@@ -34,10 +37,15 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     segmentation = infra.channel("segmentation")
     dispatch = infra.channel("dispatch")
     scheduler = infra.channel("scheduler")
-    campaigns = Campaigns(
-        infra.database, infra.subjects, References(segmentation, dispatch, scheduler), infra.relay.notify
+    references = References(segmentation, dispatch, scheduler)
+    lifecycle = Lifecycle(infra.database, infra.subjects, references, infra.relay.notify)
+    results = Results(infra.database, infra.subjects, infra.relay.notify)
+    servicer = CampaignServicer(
+        lifecycle,
+        Explanations(infra.database, references),
+        Previews(infra.database, references, lifecycle),
+        results,
     )
-    servicer = CampaignServicer(campaigns)
     network = NetworkPolicy(settings.allowed_destination_networks)
     account_servicer = AccountServicer(
         Accounts(infra.database, settings.namespace, infra.relay.notify, infra.keys, infra.key_uses, network),
@@ -57,7 +65,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         permissions={**PERMISSIONS, **ACCOUNT_PERMISSIONS},
     )
     host.on_stop.extend([segmentation.close, dispatch.close, scheduler.close])
-    await start_consumers(infra, campaigns)
+    await start_consumers(infra, results)
     webhooks = AlertWebhooks(infra, network)
     await webhooks.start()
     host.on_stop.append(webhooks.close)
