@@ -123,6 +123,10 @@ class Subjects:
         return f"{self.namespace}.segmentation.live.matches"
 
     @property
+    def goal_events(self) -> str:
+        return f"{self.namespace}.segmentation.goal.events"
+
+    @property
     def campaign_halts(self) -> str:
         """Core NATS (no stream): a halted campaign, told at once to every dispatch replica."""
         return f"{self.namespace}.control.halt"

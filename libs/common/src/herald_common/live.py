@@ -280,6 +280,11 @@ def action_extras(action: pb.ActionTrigger) -> bool:
     return bool(action.constant_property) or action.HasField("within")
 
 
+def check_named_event(event: pb.LiveEvent, path: str, check: Validator) -> None:
+    """An event with a name (a goal's, say), and conditions on its properties."""
+    _check_event(event, path, False, check)
+
+
 def _check_event(event: pb.LiveEvent, path: str, anonymous_allowed: bool, check: Validator) -> None:
     name = event.event_name
     if anonymous_allowed:

@@ -1,4 +1,4 @@
-"""Event consumers of the campaign service: run reports and delivery outcomes.
+"""Event consumers of the campaign service: run reports, delivery outcomes, and goal events.
 
 Only our services publish these events; still, a report is counted only for the account that owns
 its campaign, so a wrong account in an event cannot move another account's numbers.
@@ -7,6 +7,7 @@ its campaign, so a wrong account in an event cannot move another account's numbe
 from __future__ import annotations
 
 from herald.events.v1 import events_pb2 as events
+from herald_campaign.goals import Conversions
 from herald_campaign.results import Results
 from herald_common import api
 from herald_common.auth import account_id_of
@@ -44,7 +45,7 @@ def _waiting_problem(event: events.DestinationWaiting) -> str | None:
     return _campaign_id_problem(event.campaign, event.account)
 
 
-async def start_consumers(infra: Infrastructure, results: Results) -> None:
+async def start_consumers(infra: Infrastructure, results: Results, conversions: Conversions) -> None:
     await infra.consume(
         owner="scheduler",
         durable="campaign-runs",
@@ -90,3 +91,23 @@ async def start_consumers(infra: Infrastructure, results: Results) -> None:
         problem=_results_problem,
         verify=lambda found: results.foreign_reports([(r.campaign, r.account) for r in found]),
     )
+    await infra.consume(
+        owner="segmentation",
+        durable="campaign-goal-events",
+        filter_subject=infra.subjects.goal_events,
+        event_type=events.GoalEvents,
+        apply=conversions.record,
+        problem=_goal_events_problem,
+    )
+
+
+def _goal_events_problem(event: events.GoalEvents) -> str | None:
+    if not event.event_id or not event.events:
+        return "GoalEvents without event_id or events"
+    if account_id_of(event.account) is None:
+        return f"GoalEvents names no account ({event.account!r})"
+    for goal_event in event.events:
+        problem = _campaign_id_problem(goal_event.campaign, event.account)
+        if problem is not None:
+            return problem
+    return None

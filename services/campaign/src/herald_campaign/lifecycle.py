@@ -101,6 +101,8 @@ class Lifecycle:
             warnings = await self.references.live_trigger(
                 campaign.schedule.live.trigger, "campaign.schedule.live.trigger"
             )
+        if campaign.HasField("goal"):
+            warnings += await self.references.goal(campaign.goal, "campaign.goal")
         destination = await self.references.destination(campaign.destination, "campaign.destination")
         content = campaign.WhichOneof("content") or ""
         kinds = channels.for_content(content)
@@ -147,6 +149,12 @@ class Lifecycle:
         async with self.database.transaction() as session:
             row = await self._locked(session, campaign.name)
             if row.state != state_name(State.STATE_DRAFT):
+                if any(p.split(".")[0] == "goal" for p in paths):
+                    raise FailedPrecondition(
+                        campaign.name,
+                        f"the goal can change only while the campaign is a draft; it is {row.state}, and "
+                        "conversions already counted against the goal would no longer mean the same",
+                    )
                 raise FailedPrecondition(campaign.name, f"only a draft can be changed; it is {row.state}")
             row = (
                 await session.execute(

@@ -15,6 +15,7 @@ from herald_campaign.accounts import Accounts, AccountServicer
 from herald_campaign.alerts import AlertWebhooks
 from herald_campaign.consumers import start_consumers
 from herald_campaign.explanation import Explanations
+from herald_campaign.goals import Conversions
 from herald_campaign.lifecycle import Lifecycle
 from herald_campaign.previews import Previews
 from herald_campaign.references import References
@@ -65,7 +66,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         permissions={**PERMISSIONS, **ACCOUNT_PERMISSIONS},
     )
     host.on_stop.extend([segmentation.close, dispatch.close, scheduler.close])
-    await start_consumers(infra, results)
+    await start_consumers(infra, results, Conversions(infra.database))
     webhooks = AlertWebhooks(infra, network)
     await webhooks.start()
     host.on_stop.append(webhooks.close)

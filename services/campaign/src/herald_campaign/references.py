@@ -57,24 +57,11 @@ class References:
     async def live_trigger(self, trigger: campaign_pb.LiveTrigger, path: str) -> list[str]:
         """Each event the trigger names: its `where` tests fit the properties' types, and a date
         property is a date where the account has sent it. Answers warnings: events never sent."""
-        warnings = []
+        warnings: list[str] = []
         violations: list[FieldViolation] = []
         for event, field in named_events(trigger, path):
-            if not event.event_name:
-                continue  # any event
-            request = segmentation_pb.DescribeEventRequest(event_name=event.event_name, where=event.where)
-            try:
-                described = await self.segments.DescribeEvent(
-                    request, timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS)
-                )
-            except grpc.aio.AioRpcError as error:
-                found, _ = error_details(error)
-                if error.code() == grpc.StatusCode.INVALID_ARGUMENT and found:
-                    violations += [FieldViolation(f"{field}.{v.field}", v.description) for v in found]
-                    continue
-                raise _translate(error, "", field, "segmentation") from None
-            if not described.seen and event.event_name not in RECORDED_SYSTEM_EVENTS:
-                warnings.append(f"{field}.event_name: no {event.event_name!r} event has been ingested yet")
+            if event.event_name:  # else any event
+                await self._described(event, field, violations, warnings)
         if trigger.WhichOneof("kind") == "date_property":
             dated = trigger.date_property
             field = f"{path}.date_property.date_property"
@@ -99,6 +86,53 @@ class References:
                 )
             elif described.seen and kind == segmentation_pb.PROPERTY_TYPE_UNSPECIFIED:
                 warnings.append(f"{field}: no {dated.event.event_name!r} event has carried it yet")
+        if violations:
+            raise InvalidArgument(violations)
+        return warnings
+
+    async def _described(
+        self, event: campaign_pb.LiveEvent, field: str, violations: list[FieldViolation], warnings: list[str]
+    ) -> segmentation_pb.EventDescription | None:
+        """The event as segmentation has seen it, its `where` tests checked against the types of
+        its properties (a misfit is added to `violations`, an event never sent to `warnings`)."""
+        request = segmentation_pb.DescribeEventRequest(event_name=event.event_name, where=event.where)
+        try:
+            described = await self.segments.DescribeEvent(
+                request, timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS)
+            )
+        except grpc.aio.AioRpcError as error:
+            found, _ = error_details(error)
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT and found:
+                violations += [FieldViolation(f"{field}.{v.field}", v.description) for v in found]
+                return None
+            raise _translate(error, "", field, "segmentation") from None
+        if not described.seen and event.event_name not in RECORDED_SYSTEM_EVENTS:
+            warnings.append(f"{field}.event_name: no {event.event_name!r} event has been ingested yet")
+        return described
+
+    async def goal(self, goal: campaign_pb.Goal, path: str) -> list[str]:
+        """The goal's `where` tests fit its event's property types, and its revenue property is a
+        number where the event has carried it. Answers warnings: an event or property never sent."""
+        warnings: list[str] = []
+        violations: list[FieldViolation] = []
+        described = await self._described(goal.event, f"{path}.event", violations, warnings)
+        if described is not None and goal.revenue_property:
+            field = f"{path}.revenue_property"
+            kind = described.property_types.get(
+                goal.revenue_property, segmentation_pb.PROPERTY_TYPE_UNSPECIFIED
+            )
+            if kind == segmentation_pb.PROPERTY_TYPE_UNSPECIFIED:
+                if described.seen:
+                    warnings.append(f"{field}: no {goal.event.event_name!r} event has carried it yet")
+            elif kind != segmentation_pb.PROPERTY_TYPE_NUMBER:
+                type_name = segmentation_pb.PropertyType.Name(kind).removeprefix("PROPERTY_TYPE_").lower()
+                violations.append(
+                    FieldViolation(
+                        field,
+                        f"{goal.event.event_name!r} events carry {goal.revenue_property!r} as a {type_name}, "
+                        "not a number",
+                    )
+                )
         if violations:
             raise InvalidArgument(violations)
         return warnings

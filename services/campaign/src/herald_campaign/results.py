@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald_campaign.goals import goal_results, record_exposures
 from herald_campaign.records import State, campaign_id_of, owned, set_state, state_name
 from herald_campaign.storage import campaigns, failure_reasons, outcome_events, runs, stats
 from herald_common import api
@@ -130,9 +131,9 @@ async def _count_results(
     received: Sequence[_ResultEvent[_R]],
     columns: Sequence[str],
     counts_of: Callable[[_R], tuple[list[str], str | None]],
-) -> set[uuid.UUID]:
+) -> set[str]:
     """Adds the results of the events not counted before to their campaigns' stats and failure
-    reasons; returns the campaigns counted."""
+    reasons; returns those events' ids."""
     by_event = {e.event_id: e for e in received}
     new = await _not_counted_before(session, by_event.values())
     counts: dict[uuid.UUID, Counter[str]] = {}
@@ -154,7 +155,7 @@ async def _count_results(
             .values({c: stats.c[c] + tally[c] for c in columns})
         )
     await _count_reasons(session, reasons, owners)
-    return set(counts)
+    return new
 
 
 async def _count_reasons(
@@ -200,7 +201,8 @@ class Results:
         campaign_name = name.removesuffix("/stats")
         campaign_id = api.parse_uuid_name(campaign_name, "campaigns")
         async with self.database.transaction() as session:
-            if await session.scalar(sa.select(campaigns.c.id).where(owned(campaign_id))) is None:
+            spec = await session.scalar(sa.select(campaigns.c.spec).where(owned(campaign_id)))
+            if spec is None:
                 raise NotFound(campaign_name)
             counts = (
                 await session.execute(sa.select(stats).where(stats.c.campaign_id == campaign_id))
@@ -235,6 +237,7 @@ class Results:
             popups=pb.PopupCounts(
                 viewed=counts.viewed, clicked=counts.clicked, closed=counts.closed, expired=counts.expired
             ),
+            goal=goal_results(counts) if pb.Campaign.FromString(spec).HasField("goal") else None,
             failure_reasons=[
                 pb.FailureReason(
                     reason=r.reason, count=r._mapping["count"], example_user_ids=r.example_user_ids
@@ -303,7 +306,9 @@ class Results:
             return
         async with self.database.transaction() as session:
             counted = await _count_results(session, received, _OUTCOME_COUNTS, _outcome_counts)
-            await self._advance(session, counted)
+            new = list({e.event_id: e for e in received if e.event_id in counted}.values())
+            await record_exposures(session, new)
+            await self._advance(session, {campaign_id_of(e.campaign) for e in new})
         self._notify()
 
     async def record_receipts(self, received: Sequence[events.DeliveryReceipts]) -> None:

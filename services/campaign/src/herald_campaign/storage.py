@@ -93,6 +93,54 @@ stats = sa.Table(
     # Set while a destination holds this campaign's deliveries back.
     sa.Column("waiting_reason", sa.Text, nullable=False, server_default=""),
     sa.Column("waiting_changed_at", sa.DateTime(timezone=True), nullable=True),
+    # Against the goal (kept with the exposures and conversions they count).
+    sa.Column("goal_sent", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("goal_converted", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("goal_control", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("goal_control_converted", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("goal_revenue", sa.Float, nullable=False, server_default="0"),
+    sa.Column("goal_control_revenue", sa.Float, nullable=False, server_default="0"),
+)
+
+# Each delivery of a campaign with a goal that was sent, or held back (control): when, and
+# whether (and by which event) the user converted within the window after it.
+exposures = sa.Table(
+    "exposures",
+    metadata,
+    sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("campaign_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("run", sa.Text, nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("control", sa.Boolean, nullable=False),
+    sa.Column("exposed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("converted_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("conversion_event", sa.Text, nullable=True),
+    sa.Column("revenue", sa.Float, nullable=False, server_default="0"),
+    sa.Index("ix_campaign_exposures_user", "campaign_id", "user_id", "exposed_at"),
+    sa.Index(
+        "ux_campaign_exposures_conversion",
+        "campaign_id",
+        "conversion_event",
+        unique=True,
+        postgresql_where=sa.text("conversion_event IS NOT NULL"),
+    ),
+)
+
+# Goal events that came before the message they follow was recorded (its outcome was still on
+# its way): attributed when it is, or dropped when they expire.
+waiting_goal_events = sa.Table(
+    "waiting_goal_events",
+    metadata,
+    sa.Column("campaign_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("client_event_id", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("user_id", sa.Text, nullable=False),
+    sa.Column("event_time", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revenue", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Index("ix_campaign_waiting_goal_events_user", "campaign_id", "user_id"),
+    sa.Index("ix_campaign_waiting_goal_events_expiry", "expires_at"),
 )
 
 # Tenants, and their API keys (the secret part only as a SHA-256 hash).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -14,7 +14,7 @@ from herald.accounts.v1 import account_service_pb2 as pb_accounts
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald_common import api, personalization
 from herald_common.errors import FailedPrecondition, Validator, invalid
-from herald_common.live import check_live
+from herald_common.live import check_live, check_named_event
 from herald_common.popups import check_popup
 from herald_common.schedules import (
     account_zone,
@@ -40,7 +40,11 @@ UPDATABLE = {
     "sms",
     "mparticle_export",
     "web_popup",
+    "goal",
 }
+# A goal's conversion window.
+MIN_CONVERSION_WINDOW = timedelta(hours=1)
+MAX_CONVERSION_WINDOW = timedelta(days=30)
 
 
 MAX_CONTROL_PERCENT = 90
@@ -96,6 +100,8 @@ def validate_shape(campaign: pb.Campaign, check: Validator) -> None:
         )
     check_schedule(campaign.schedule, "campaign.schedule", check)
     _check_targeting(campaign.targeting, live, check)
+    if campaign.HasField("goal"):
+        _check_goal(campaign.goal, "campaign.goal", check)
     check_delivery(campaign, "campaign.delivery", check)
     content = campaign.WhichOneof("content")
     check.require(content is not None, "campaign.content", "required: exactly one kind of content")
@@ -211,6 +217,17 @@ def _check_export(
         problem = personalization.problem(template)
         if problem:
             check.add(field, problem)
+
+
+def _check_goal(goal: pb.Goal, path: str, check: Validator) -> None:
+    check_named_event(goal.event, f"{path}.event", check)
+    window = goal.conversion_window.ToTimedelta()
+    check.require(
+        goal.HasField("conversion_window") and MIN_CONVERSION_WINDOW <= window <= MAX_CONVERSION_WINDOW,
+        f"{path}.conversion_window",
+        "required: 1 hour to 30 days",
+    )
+    check.require(len(goal.revenue_property) <= 200, f"{path}.revenue_property", "at most 200 characters")
 
 
 def _check_targeting(targeting: pb.Targeting, live: bool, check: Validator) -> None:

@@ -34,13 +34,15 @@ from herald_common.logging import get_logger
 from herald_common.outbox import OutboxEvent
 from herald_segmentation.filters import EVENT_PROPERTIES, Context, event_where
 from herald_segmentation.properties import event_subject, known_types
-from herald_segmentation.storage import events, live_triggers
+from herald_segmentation.storage import events, goals, live_triggers
 
 log = get_logger(__name__)
 # An event that arrives later than this after it happened is recorded but triggers nothing.
 LATENESS_ALLOWANCE = timedelta(minutes=10)
 _ACTIVE = {campaign_pb.STATE_SCHEDULED, campaign_pb.STATE_RUNNING}
 TRIGGER, AWAITED = events_pb2.LIVE_ROLE_TRIGGER, events_pb2.LIVE_ROLE_AWAITED
+GOAL = -1  # a campaign goal's event: a GoalEvent, not a LiveMatch
+_ENDED = {campaign_pb.STATE_COMPLETED, campaign_pb.STATE_STOPPED, campaign_pb.STATE_FAILED}
 
 
 class Received(Protocol):
@@ -72,6 +74,8 @@ class _Watch:
     date_property: str
     # An action trigger that needs an earlier event with the same value of a property.
     earlier: campaign_pb.ActionTrigger | None = None
+    # A goal's: the property whose value is the conversion's revenue.
+    revenue_property: str = ""
 
     @property
     def starts(self) -> float:
@@ -114,6 +118,40 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _number(value: Any) -> float:
+    """A revenue value: a number, else 0."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else 0.0
+
+
+async def _keep_goal(
+    session: AsyncSession, account_id: uuid.UUID, change: events_pb2.CampaignChanged
+) -> None:
+    """A published campaign's goal, matched from publishing until the conversion window after the
+    campaign ended (its last message may convert until then)."""
+    campaign = change.campaign
+    ended = campaign.state in _ENDED
+    end = (
+        api.from_timestamp(change.occur_time) + campaign.goal.conversion_window.ToTimedelta()
+        if ended
+        else None
+    )
+    statement = insert(goals).values(
+        campaign=campaign.name,
+        account_id=account_id,
+        version=change.version,
+        goal=campaign.goal.SerializeToString(),
+        start_at=api.from_timestamp(campaign.publish_time),
+        end_at=end,
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[goals.c.campaign],
+            set_={c: statement.excluded[c] for c in ("version", "goal", "start_at", "end_at")},
+            where=goals.c.version < statement.excluded.version,
+        )
+    )
+
+
 def _json(value: Any) -> str:
     return "" if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -124,12 +162,17 @@ class LiveTriggers:
         self.subjects = subjects
 
     async def apply_campaigns(self, changes: Sequence[events_pb2.CampaignChanged]) -> None:
-        """Keeps each live campaign's trigger while it is published; newest version wins."""
+        """Keeps each live campaign's trigger while it is published, and each published
+        campaign's goal; newest version wins."""
         async with self.database.transaction() as session:
             for change in sorted(changes, key=lambda c: (c.campaign.name, c.version)):
                 campaign = change.campaign
                 account_id = account_id_of(change.account)
-                if account_id is None or campaign.schedule.WhichOneof("when") != "live":
+                if account_id is None:
+                    continue
+                if campaign.HasField("goal") and campaign.state != campaign_pb.STATE_DRAFT:
+                    await _keep_goal(session, account_id, change)
+                if campaign.schedule.WhichOneof("when") != "live":
                     continue
                 live = campaign.schedule.live
                 start = (
@@ -160,7 +203,8 @@ class LiveTriggers:
     async def match(
         self, session: AsyncSession, account_id: uuid.UUID, recorded: Sequence[Received], received: datetime
     ) -> list[OutboxEvent]:
-        """The LiveMatches of events just recorded (none when no live campaign watches them)."""
+        """The LiveMatches and GoalEvents of events just recorded (none when no live campaign
+        watches them and no goal names them)."""
         rows = (
             await session.execute(
                 sa.select(
@@ -172,7 +216,17 @@ class LiveTriggers:
                 ).where(live_triggers.c.account_id == account_id, live_triggers.c.active)
             )
         ).all()
-        if not rows:
+        goal_rows = (
+            await session.execute(
+                sa.select(
+                    goals.c.campaign, goals.c.version, goals.c.goal, goals.c.start_at, goals.c.end_at
+                ).where(
+                    goals.c.account_id == account_id,
+                    sa.or_(goals.c.end_at.is_(None), goals.c.end_at > received - LATENESS_ALLOWANCE),
+                )
+            )
+        ).all()
+        if not rows and not goal_rows:
             return []
         watching = [
             w
@@ -185,6 +239,22 @@ class LiveTriggers:
                 row.end_at,
             )
         ]
+        for row in goal_rows:
+            goal = campaign_pb.Goal.FromString(row.goal)
+            watching.append(
+                _Watch(
+                    row.campaign,
+                    row.version,
+                    GOAL,
+                    goal.event,
+                    row.start_at,
+                    row.end_at,
+                    "",
+                    "",
+                    None,
+                    goal.revenue_property,
+                )
+            )
         earliest = (received - LATENESS_ALLOWANCE).timestamp()
         timely = [e for e in recorded if e.when >= earliest]
         by_name: dict[str, list[_Watch]] = defaultdict(list)
@@ -205,10 +275,22 @@ class LiveTriggers:
             held = await self._earlier_done(session, account_id, timely, candidates, needing)
             passed = [ok and (k in held or k not in needing) for k, ok in enumerate(passed)]
         matches = []
+        converting = []
         for (i, w), ok in zip(candidates, passed, strict=True):
             if not ok:
                 continue
             event = timely[i]
+            if w.role == GOAL:
+                converting.append(
+                    events_pb2.GoalEvent(
+                        campaign=w.campaign,
+                        user_id=event.user_id,
+                        client_event_id=event.client_id,
+                        event_time=_timestamp(event.when),
+                        revenue=_number(event.values.get(w.revenue_property)) if w.revenue_property else 0.0,
+                    )
+                )
+                continue
             match = events_pb2.LiveMatch(
                 campaign=w.campaign,
                 campaign_version=w.version,
@@ -221,16 +303,23 @@ class LiveTriggers:
                 date_value=_json(event.values.get(w.date_property)) if w.date_property else "",
             )
             matches.append(match)
-        if not matches:
-            return []
-        matches.sort(key=lambda m: (m.event_time.seconds, m.event_time.nanos))
-        published = events_pb2.LiveMatches(
-            event_id=str(uuid.uuid4()),
-            account=account_name(account_id),
-            matches=matches,
-            receive_time=api.timestamp(received),
-        )
-        return [OutboxEvent.of(self.subjects.live_matches, published, published.event_id)]
+        found = []
+        if matches:
+            matches.sort(key=lambda m: (m.event_time.seconds, m.event_time.nanos))
+            published = events_pb2.LiveMatches(
+                event_id=str(uuid.uuid4()),
+                account=account_name(account_id),
+                matches=matches,
+                receive_time=api.timestamp(received),
+            )
+            found.append(OutboxEvent.of(self.subjects.live_matches, published, published.event_id))
+        if converting:
+            converting.sort(key=lambda e: (e.event_time.seconds, e.event_time.nanos))
+            goal_events = events_pb2.GoalEvents(
+                event_id=str(uuid.uuid4()), account=account_name(account_id), events=converting
+            )
+            found.append(OutboxEvent.of(self.subjects.goal_events, goal_events, goal_events.event_id))
+        return found
 
     async def _earlier_done(
         self,

@@ -118,6 +118,22 @@ live_triggers = sa.Table(
     sa.Index("ix_segmentation_live_triggers_account", "account_id", postgresql_where=sa.text("active")),
 )
 
+# Each published campaign's goal (from CampaignChanged): arriving events are matched against the
+# account's goals from publishing until the conversion window after the campaign ended.
+goals = sa.Table(
+    "goals",
+    metadata,
+    sa.Column("campaign", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("version", sa.BigInteger, nullable=False),
+    # herald.campaign.v1.Goal, serialized.
+    sa.Column("goal", sa.LargeBinary, nullable=False),
+    sa.Column("start_at", sa.DateTime(timezone=True), nullable=False),
+    # None while the campaign may still send.
+    sa.Column("end_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Index("ix_segmentation_goals_account", "account_id"),
+)
+
 # The client event ids recorded, so a resent event is recorded once.
 event_receipts = sa.Table(
     "event_receipts",

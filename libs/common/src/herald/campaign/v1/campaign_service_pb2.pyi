@@ -1541,6 +1541,7 @@ class Campaign(_message.Message):
     SCHEDULE_FIELD_NUMBER: _builtins.int
     TARGETING_FIELD_NUMBER: _builtins.int
     DELIVERY_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
     SEGMENT_EXPORT_FIELD_NUMBER: _builtins.int
     SMS_FIELD_NUMBER: _builtins.int
     MPARTICLE_EXPORT_FIELD_NUMBER: _builtins.int
@@ -1594,6 +1595,12 @@ class Campaign(_message.Message):
         """
 
     @_builtins.property
+    def goal(self) -> Global___Goal:
+        """What the campaign is for, measured against its control group; unset for none. Set or
+        changed while the campaign is a draft only.
+        """
+
+    @_builtins.property
     def segment_export(self) -> Global___SegmentExportContent:
         """For a Segment destination."""
 
@@ -1644,6 +1651,7 @@ class Campaign(_message.Message):
         schedule: Global___Schedule | None = ...,
         targeting: Global___Targeting | None = ...,
         delivery: Global___DeliveryPreferences | None = ...,
+        goal: Global___Goal | None = ...,
         segment_export: Global___SegmentExportContent | None = ...,
         sms: Global___SmsContent | None = ...,
         mparticle_export: Global___MparticleExportContent | None = ...,
@@ -1657,15 +1665,127 @@ class Campaign(_message.Message):
         state_reason: _builtins.str = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "mparticle_export", b"mparticle_export", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time", "web_popup", b"web_popup"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "goal", b"goal", "mparticle_export", b"mparticle_export", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "targeting", b"targeting", "update_time", b"update_time", "web_popup", b"web_popup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "state_reason", b"state_reason", "targeting", b"targeting", "update_time", b"update_time", "warnings", b"warnings", "web_popup", b"web_popup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "content", b"content", "create_time", b"create_time", "delivery", b"delivery", "destination", b"destination", "destination_type", b"destination_type", "display_name", b"display_name", "failure_reason", b"failure_reason", "goal", b"goal", "mparticle_export", b"mparticle_export", "name", b"name", "publish_notes", b"publish_notes", "publish_time", b"publish_time", "schedule", b"schedule", "segment_export", b"segment_export", "sms", b"sms", "state", b"state", "state_reason", b"state_reason", "targeting", b"targeting", "update_time", b"update_time", "warnings", b"warnings", "web_popup", b"web_popup"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_content: _TypeAlias = _typing.Literal["segment_export", "sms", "mparticle_export", "web_popup"]  # noqa: Y015
     _WhichOneofArgType_content: _TypeAlias = _typing.Literal["content", b"content"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_content) -> _WhichOneofReturnType_content | None: ...
 
 Global___Campaign: _TypeAlias = Campaign  # noqa: Y015
+
+@_typing.final
+class Goal(_message.Message):
+    """A campaign's goal: a user converts when they do the event within the window after they were
+    sent the message; a control user, within the window after the moment they would have been
+    sent it. One conversion per delivery (per user per run; per trigger occurrence for a live
+    campaign), given to the most recent message before the event.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    CONVERSION_WINDOW_FIELD_NUMBER: _builtins.int
+    REVENUE_PROPERTY_FIELD_NUMBER: _builtins.int
+    revenue_property: _builtins.str
+    """A numeric property of the event whose value is the conversion's revenue; empty for none."""
+    @_builtins.property
+    def event(self) -> Global___LiveEvent:
+        """The conversion event and conditions on its properties, in the segment language's event
+        `where` form; the name is required. Herald's own events (`Notification Clicked`, say) count.
+        """
+
+    @_builtins.property
+    def conversion_window(self) -> _duration_pb2.Duration:
+        """How long after the message a conversion counts: 1 hour to 30 days; required."""
+
+    def __init__(
+        self,
+        *,
+        event: Global___LiveEvent | None = ...,
+        conversion_window: _duration_pb2.Duration | None = ...,
+        revenue_property: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["conversion_window", b"conversion_window", "event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["conversion_window", b"conversion_window", "event", b"event", "revenue_property", b"revenue_property"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Goal: _TypeAlias = Goal  # noqa: Y015
+
+@_typing.final
+class GoalResults(_message.Message):
+    """How a campaign did against its goal, sent users against control users."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SENT_FIELD_NUMBER: _builtins.int
+    CONVERTED_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    CONTROL_CONVERTED_FIELD_NUMBER: _builtins.int
+    CONVERSION_RATE_FIELD_NUMBER: _builtins.int
+    CONTROL_CONVERSION_RATE_FIELD_NUMBER: _builtins.int
+    UPLIFT_FIELD_NUMBER: _builtins.int
+    UPLIFT_LOW_FIELD_NUMBER: _builtins.int
+    UPLIFT_HIGH_FIELD_NUMBER: _builtins.int
+    REVENUE_FIELD_NUMBER: _builtins.int
+    REVENUE_PER_USER_FIELD_NUMBER: _builtins.int
+    CONTROL_REVENUE_FIELD_NUMBER: _builtins.int
+    CONTROL_REVENUE_PER_USER_FIELD_NUMBER: _builtins.int
+    sent: _builtins.int
+    """Deliveries sent, and those that converted."""
+    converted: _builtins.int
+    """Sent deliveries that converted within the window."""
+    control: _builtins.int
+    """Control users held back (each time they would have been sent the message)."""
+    control_converted: _builtins.int
+    """Control users who converted within the window."""
+    conversion_rate: _builtins.float
+    """converted / sent (0 with none sent)."""
+    control_conversion_rate: _builtins.float
+    """control_converted / control (0 with no control users)."""
+    uplift: _builtins.float
+    """conversion_rate - control_conversion_rate: the share of sent users the message converted."""
+    uplift_low: _builtins.float
+    """The 95% confidence interval of the uplift, by Newcombe's hybrid score method (the Wilson
+    interval of each rate, combined); both 0 until both groups have users.
+    """
+    uplift_high: _builtins.float
+    """Upper end of that interval."""
+    revenue: _builtins.float
+    """Sum of the revenue property over sent users' conversions."""
+    revenue_per_user: _builtins.float
+    """revenue / sent."""
+    control_revenue: _builtins.float
+    """Sum of the revenue property over control users' conversions."""
+    control_revenue_per_user: _builtins.float
+    """control_revenue / control."""
+    def __init__(
+        self,
+        *,
+        sent: _builtins.int = ...,
+        converted: _builtins.int = ...,
+        control: _builtins.int = ...,
+        control_converted: _builtins.int = ...,
+        conversion_rate: _builtins.float = ...,
+        control_conversion_rate: _builtins.float = ...,
+        uplift: _builtins.float = ...,
+        uplift_low: _builtins.float = ...,
+        uplift_high: _builtins.float = ...,
+        revenue: _builtins.float = ...,
+        revenue_per_user: _builtins.float = ...,
+        control_revenue: _builtins.float = ...,
+        control_revenue_per_user: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control", b"control", "control_conversion_rate", b"control_conversion_rate", "control_converted", b"control_converted", "control_revenue", b"control_revenue", "control_revenue_per_user", b"control_revenue_per_user", "conversion_rate", b"conversion_rate", "converted", b"converted", "revenue", b"revenue", "revenue_per_user", b"revenue_per_user", "sent", b"sent", "uplift", b"uplift", "uplift_high", b"uplift_high", "uplift_low", b"uplift_low"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoalResults: _TypeAlias = GoalResults  # noqa: Y015
 
 @_typing.final
 class CampaignStats(_message.Message):
@@ -1684,6 +1804,7 @@ class CampaignStats(_message.Message):
     WAITING_REASON_FIELD_NUMBER: _builtins.int
     RECEIPTS_FIELD_NUMBER: _builtins.int
     POPUPS_FIELD_NUMBER: _builtins.int
+    GOAL_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """`campaigns/{campaign}/stats`."""
     targeted: _builtins.int
@@ -1716,6 +1837,10 @@ class CampaignStats(_message.Message):
     def popups(self) -> Global___PopupCounts:
         """What visitors did with web pop-ups."""
 
+    @_builtins.property
+    def goal(self) -> Global___GoalResults:
+        """Conversions against the campaign's goal; unset when it has none."""
+
     def __init__(
         self,
         *,
@@ -1730,10 +1855,11 @@ class CampaignStats(_message.Message):
         waiting_reason: _builtins.str = ...,
         receipts: Global___ReceiptCounts | None = ...,
         popups: Global___PopupCounts | None = ...,
+        goal: Global___GoalResults | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["popups", b"popups", "receipts", b"receipts"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["goal", b"goal", "popups", b"popups", "receipts", b"receipts"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failure_reasons", b"failure_reasons", "name", b"name", "popups", b"popups", "receipts", b"receipts", "resent", b"resent", "sent", b"sent", "skipped", b"skipped", "targeted", b"targeted", "unknown", b"unknown", "waiting_reason", b"waiting_reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed", b"failed", "failure_reasons", b"failure_reasons", "goal", b"goal", "name", b"name", "popups", b"popups", "receipts", b"receipts", "resent", b"resent", "sent", b"sent", "skipped", b"skipped", "targeted", b"targeted", "unknown", b"unknown", "waiting_reason", b"waiting_reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

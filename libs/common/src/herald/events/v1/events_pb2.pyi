@@ -1065,6 +1065,82 @@ class LiveMatches(_message.Message):
 Global___LiveMatches: _TypeAlias = LiveMatches  # noqa: Y015
 
 @_typing.final
+class GoalEvent(_message.Message):
+    """An event a campaign's goal names, with its property conditions met, as segmentation recorded
+    it: the campaign service gives it to the user's most recent message of the campaign.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    REVENUE_FIELD_NUMBER: _builtins.int
+    campaign: _builtins.str
+    """`campaigns/{campaign}`."""
+    user_id: _builtins.str
+    """The user who did it."""
+    client_event_id: _builtins.str
+    """The event's client id: an event counted once, however often it arrives."""
+    revenue: _builtins.float
+    """The value of the goal's revenue property; 0 without one."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        campaign: _builtins.str = ...,
+        user_id: _builtins.str = ...,
+        client_event_id: _builtins.str = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        revenue: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "client_event_id", b"client_event_id", "event_time", b"event_time", "revenue", b"revenue", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoalEvent: _TypeAlias = GoalEvent  # noqa: Y015
+
+@_typing.final
+class GoalEvents(_message.Message):
+    """Published by segmentation (through its outbox, with the events) for each IngestEvents call
+    with events that campaigns' goals name; events later than the lateness allowance are left out.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    ACCOUNT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """Unique per publication; also the NATS message id."""
+    account: _builtins.str
+    """`accounts/{account}`."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___GoalEvent]:
+        """The events, in event time order."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        account: _builtins.str = ...,
+        events: _abc.Iterable[Global___GoalEvent] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account", b"account", "event_id", b"event_id", "events", b"events"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GoalEvents: _TypeAlias = GoalEvents  # noqa: Y015
+
+@_typing.final
 class CampaignAlert(_message.Message):
     """Published by the scheduler when a run does not start because a rule forbids it (a safety
     limit exceeded, for example): someone should look.

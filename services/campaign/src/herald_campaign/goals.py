@@ -1,0 +1,353 @@
+"""Goals: which messages converted, and how a campaign did against its control group.
+
+A delivery of a campaign with a goal is an exposure when it is sent, or held back from a control
+user (then at the moment it would have been sent). Segmentation matches recorded events against
+published goals (GoalEvents); each such event converts the user's most recent exposure of the
+campaign before it, if that is within the conversion window and has not converted yet. So there
+is one conversion per delivery: per user per run, or per trigger occurrence of a live campaign.
+
+Exposures and goal events may arrive in either order (an outcome is recorded shortly after the
+send, and the user may act first): an event without an exposure waits, and a new exposure takes
+the waiting events of its user. An event is counted once, whichever copy of it arrives: an
+exposure holds the id of the event that converted it, unique per campaign.
+
+The counts in `campaign_stats` change in the transactions that record the facts they count, and
+can be rebuilt from `exposures` (see `rebuilt_counts`).
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from herald.campaign.v1 import campaign_service_pb2 as pb
+from herald.events.v1 import events_pb2 as events
+from herald_campaign.records import campaign_id_of
+from herald_campaign.storage import campaigns, exposures, stats, waiting_goal_events
+from herald_common import api
+from herald_common.auth import account_id_of
+from herald_common.db import Database
+from herald_common.logging import get_logger
+from herald_common.skips import SkipReason
+
+log = get_logger(__name__)
+# How long a goal event waits for the exposure it may follow: outcomes are recorded within
+# seconds of the send, or, when dispatch is backed up, within this.
+WAITING_FOR_EXPOSURE = timedelta(hours=1)
+# Two-sided 95%.
+Z_95 = 1.959963984540054
+
+
+@dataclass(frozen=True)
+class _GoalEvent:
+    campaign_id: uuid.UUID
+    account_id: uuid.UUID
+    user_id: str
+    client_id: str
+    at: datetime
+    revenue: float
+
+
+async def _goals(
+    session: AsyncSession, campaign_ids: set[uuid.UUID]
+) -> dict[uuid.UUID, tuple[uuid.UUID, pb.Goal]]:
+    """The owner and goal of each of the campaigns that has a goal."""
+    if not campaign_ids:
+        return {}
+    rows = await session.execute(
+        sa.select(campaigns.c.id, campaigns.c.account_id, campaigns.c.spec).where(
+            campaigns.c.id.in_(campaign_ids)
+        )
+    )
+    found = {}
+    for row in rows:
+        spec = pb.Campaign.FromString(row.spec)
+        if spec.HasField("goal"):
+            found[row.id] = (row.account_id, spec.goal)
+    return found
+
+
+async def record_exposures(session: AsyncSession, outcomes: Sequence[events.DeliveryOutcomes]) -> None:
+    """The sent and control deliveries of campaigns with a goal (outcome events seen for the first
+    time), and the waiting goal events they take."""
+    goals = await _goals(session, {campaign_id_of(o.campaign) for o in outcomes})
+    rows = []
+    for outcome in outcomes:
+        campaign_id = campaign_id_of(outcome.campaign)
+        if campaign_id not in goals:
+            continue
+        at = api.from_timestamp(outcome.occur_time)
+        for result in outcome.results:
+            control = (
+                result.status == events.DELIVERY_STATUS_SKIPPED and result.reason == SkipReason.CONTROL_GROUP
+            )
+            if result.status == events.DELIVERY_STATUS_SENT or control:
+                rows.append(
+                    {
+                        "delivery_id": result.delivery_id,
+                        "account_id": goals[campaign_id][0],
+                        "campaign_id": campaign_id,
+                        "run": outcome.run,
+                        "user_id": result.user_id,
+                        "control": control,
+                        "exposed_at": at,
+                    }
+                )
+    if not rows:
+        return
+    added = (
+        await session.execute(
+            insert(exposures)
+            .on_conflict_do_nothing()
+            .returning(exposures.c.campaign_id, exposures.c.user_id, exposures.c.control),
+            rows,
+        )
+    ).all()
+    tally: dict[uuid.UUID, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for row in added:
+        tally[row.campaign_id]["goal_control" if row.control else "goal_sent"] += 1
+    await _add_counts(session, tally)
+    users = sorted({(row.campaign_id, row.user_id) for row in added})
+    if users:
+        waiting = await session.execute(
+            sa.select(waiting_goal_events).where(
+                sa.tuple_(waiting_goal_events.c.campaign_id, waiting_goal_events.c.user_id).in_(users)
+            )
+        )
+        found = [
+            _GoalEvent(w.campaign_id, w.account_id, w.user_id, w.client_event_id, w.event_time, w.revenue)
+            for w in waiting
+        ]
+        if found:
+            await _attribute(session, goals, found, waiting=True)
+
+
+class Conversions:
+    """Consumes GoalEvents."""
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+
+    async def record(self, received: Sequence[events.GoalEvents]) -> None:
+        now = api.utcnow()
+        async with self.database.transaction() as session:
+            await session.execute(
+                sa.delete(waiting_goal_events).where(waiting_goal_events.c.expires_at < now)
+            )
+            found = [
+                _GoalEvent(
+                    campaign_id_of(e.campaign),
+                    account_id,
+                    e.user_id,
+                    e.client_event_id,
+                    api.from_timestamp(e.event_time),
+                    e.revenue,
+                )
+                for published in received
+                if (account_id := account_id_of(published.account)) is not None
+                for e in published.events
+            ]
+            goals = await _goals(session, {e.campaign_id for e in found})
+            owned = [e for e in found if e.campaign_id in goals and goals[e.campaign_id][0] == e.account_id]
+            if len(owned) < len(found):
+                log.warning("goal_events_set_aside", count=len(found) - len(owned), reason="no such goal")
+            if owned:
+                await _attribute(session, goals, owned, waiting=False)
+
+
+# Each event's most recent exposure before it, inside its campaign's window.
+_LATEST_EXPOSURE = sa.text(
+    """
+    SELECT e.k, x.delivery_id, x.converted_at IS NOT NULL AS converted
+    FROM unnest(CAST(:ks AS int[]), CAST(:campaigns AS uuid[]), CAST(:users AS text[]),
+                CAST(:times AS timestamptz[]), CAST(:windows AS float8[]))
+         AS e(k, campaign_id, user_id, at, window_s)
+    CROSS JOIN LATERAL (
+        SELECT delivery_id, converted_at FROM campaign.exposures x
+        WHERE x.campaign_id = e.campaign_id AND x.user_id = e.user_id AND x.exposed_at <= e.at
+          AND x.exposed_at >= e.at - make_interval(secs => e.window_s)
+        ORDER BY x.exposed_at DESC LIMIT 1
+    ) x
+    """
+)
+_CONVERT = sa.text(
+    """
+    UPDATE campaign.exposures x SET converted_at = u.at, conversion_event = u.event_id, revenue = u.revenue
+    FROM unnest(CAST(:deliveries AS text[]), CAST(:times AS timestamptz[]), CAST(:events AS text[]),
+                CAST(:revenues AS float8[])) AS u(delivery_id, at, event_id, revenue)
+    WHERE x.delivery_id = u.delivery_id AND x.converted_at IS NULL
+    RETURNING x.campaign_id, x.control, x.revenue
+    """
+)
+
+
+async def _attribute(
+    session: AsyncSession,
+    goals: dict[uuid.UUID, tuple[uuid.UUID, pb.Goal]],
+    found: list[_GoalEvent],
+    *,
+    waiting: bool,
+) -> None:
+    """Gives each event, oldest first, to the most recent exposure before it. Events with no
+    exposure yet wait (or, already waiting, wait on); the others are settled."""
+    found = sorted(found, key=lambda e: e.at)
+    latest = {
+        row.k: row
+        for row in await session.execute(
+            _LATEST_EXPOSURE,
+            {
+                "ks": list(range(len(found))),
+                "campaigns": [e.campaign_id for e in found],
+                "users": [e.user_id for e in found],
+                "times": [e.at for e in found],
+                "windows": [
+                    goals[e.campaign_id][1].conversion_window.ToTimedelta().total_seconds() for e in found
+                ],
+            },
+        )
+    }
+    already = {
+        (row.campaign_id, row.conversion_event)
+        for row in await session.execute(
+            sa.select(exposures.c.campaign_id, exposures.c.conversion_event).where(
+                exposures.c.campaign_id.in_({e.campaign_id for e in found}),
+                exposures.c.conversion_event.in_({e.client_id for e in found}),
+            )
+        )
+    }
+    converting: dict[str, _GoalEvent] = {}
+    unplaced = []
+    for k, event in enumerate(found):
+        if (event.campaign_id, event.client_id) in already:
+            continue  # a copy of an event counted before
+        exposure = latest.get(k)
+        if exposure is None:
+            unplaced.append(event)
+        elif not exposure.converted and exposure.delivery_id not in converting:
+            converting[exposure.delivery_id] = event
+            already.add((event.campaign_id, event.client_id))
+    if converting:
+        converted = await session.execute(
+            _CONVERT,
+            {
+                "deliveries": list(converting),
+                "times": [e.at for e in converting.values()],
+                "events": [e.client_id for e in converting.values()],
+                "revenues": [e.revenue for e in converting.values()],
+            },
+        )
+        tally: dict[uuid.UUID, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        for row in converted:
+            prefix = "goal_control" if row.control else "goal"
+            tally[row.campaign_id][f"{prefix}_converted"] += 1
+            tally[row.campaign_id][f"{prefix}_revenue"] += row.revenue
+        await _add_counts(session, tally)
+    waits_on = set(unplaced)
+    settled = [e for e in found if e not in waits_on]
+    if waiting and settled:
+        await session.execute(
+            sa.delete(waiting_goal_events).where(
+                sa.tuple_(waiting_goal_events.c.campaign_id, waiting_goal_events.c.client_event_id).in_(
+                    [(e.campaign_id, e.client_id) for e in settled]
+                )
+            )
+        )
+    if not waiting and unplaced:
+        expires = api.utcnow() + WAITING_FOR_EXPOSURE
+        await session.execute(
+            insert(waiting_goal_events).on_conflict_do_nothing(),
+            [
+                {
+                    "campaign_id": e.campaign_id,
+                    "client_event_id": e.client_id,
+                    "account_id": e.account_id,
+                    "user_id": e.user_id,
+                    "event_time": e.at,
+                    "revenue": e.revenue,
+                    "expires_at": expires,
+                }
+                for e in unplaced
+            ],
+        )
+
+
+async def _add_counts(session: AsyncSession, tally: dict[uuid.UUID, dict[str, float]]) -> None:
+    for campaign_id, added in sorted(tally.items()):
+        await session.execute(
+            sa.update(stats)
+            .where(stats.c.campaign_id == campaign_id)
+            .values({column: stats.c[column] + amount for column, amount in added.items()})
+        )
+
+
+async def rebuilt_counts(session: AsyncSession, campaign_id: uuid.UUID) -> dict[str, float]:
+    """The goal counts as the recorded exposures and conversions give them."""
+    x = exposures.c
+    row = (
+        await session.execute(
+            sa.select(
+                sa.func.count().filter(~x.control).label("goal_sent"),
+                sa.func.count(x.converted_at).filter(~x.control).label("goal_converted"),
+                sa.func.count().filter(x.control).label("goal_control"),
+                sa.func.count(x.converted_at).filter(x.control).label("goal_control_converted"),
+                sa.func.coalesce(sa.func.sum(x.revenue).filter(~x.control), 0.0).label("goal_revenue"),
+                sa.func.coalesce(sa.func.sum(x.revenue).filter(x.control), 0.0).label("goal_control_revenue"),
+            ).where(x.campaign_id == campaign_id)
+        )
+    ).one()
+    return dict(row._mapping)
+
+
+def _wilson(successes: int, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a proportion."""
+    p = successes / n
+    z2 = Z_95 * Z_95
+    center = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z_95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return center - half, center + half
+
+
+def uplift_interval(converted: int, sent: int, control_converted: int, control: int) -> tuple[float, float]:
+    """The 95% confidence interval of (converted / sent) - (control_converted / control), by
+    Newcombe's hybrid score method (his method 10): each rate's Wilson interval, combined."""
+    p1, p2 = converted / sent, control_converted / control
+    l1, u1 = _wilson(converted, sent)
+    l2, u2 = _wilson(control_converted, control)
+    difference = p1 - p2
+    return (
+        difference - math.sqrt((p1 - l1) ** 2 + (u2 - p2) ** 2),
+        difference + math.sqrt((u1 - p1) ** 2 + (p2 - l2) ** 2),
+    )
+
+
+def goal_results(counts: Any) -> pb.GoalResults:
+    """GoalResults from a campaign_stats row."""
+    sent, converted = counts.goal_sent, counts.goal_converted
+    control, control_converted = counts.goal_control, counts.goal_control_converted
+    rate = converted / sent if sent else 0.0
+    control_rate = control_converted / control if control else 0.0
+    results = pb.GoalResults(
+        sent=sent,
+        converted=converted,
+        control=control,
+        control_converted=control_converted,
+        conversion_rate=rate,
+        control_conversion_rate=control_rate,
+        uplift=rate - control_rate if sent and control else 0.0,
+        revenue=counts.goal_revenue,
+        revenue_per_user=counts.goal_revenue / sent if sent else 0.0,
+        control_revenue=counts.goal_control_revenue,
+        control_revenue_per_user=counts.goal_control_revenue / control if control else 0.0,
+    )
+    if sent and control:
+        results.uplift_low, results.uplift_high = uplift_interval(converted, sent, control_converted, control)
+    return results

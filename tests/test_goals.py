@@ -1,0 +1,243 @@
+"""Campaign goals through the public API, on the manual clock: who converted within the window
+after their message (or, in the control group, after the moment they would have had it), and
+the uplift over the control group with its confidence interval."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common import clock
+from herald_common.timing import in_control_group
+from tests.conftest import Platform, eventually
+from tests.fakes.segment_api import SegmentApi
+from tests.harness import Clients, create_account
+from tests.helpers import (
+    completed_stats,
+    condition,
+    create_segment,
+    create_segment_destination,
+    field_violations,
+    segment_export_campaign,
+    user,
+)
+
+USERS = 60
+
+
+def _window(hours: float) -> Duration:
+    window = Duration()
+    window.FromTimedelta(timedelta(hours=hours))
+    return window
+
+
+def charged_goal(window_hours: float = 2, revenue_property: str = "amount") -> campaign_pb.Goal:
+    """Charged with an amount of at least 500, its amount the revenue."""
+    return campaign_pb.Goal(
+        event=campaign_pb.LiveEvent(
+            event_name="Charged", where=[condition("amount", "GREATER_THAN_OR_EQUAL", 500)]
+        ),
+        conversion_window=_window(window_hours),
+        revenue_property=revenue_property,
+    )
+
+
+@dataclass
+class Shop:
+    clients: Clients
+    segment: str
+    destination: str
+    tag: str
+    clock: clock.ManualClock
+
+    async def charge(self, user_id: str, amount: float, event_id: str = "") -> None:
+        event = pb.Event(user_id=user_id, name="Charged", client_event_id=event_id or uuid.uuid4().hex)
+        event.time.FromDatetime(self.clock.now())
+        event.properties.update({"amount": amount})
+        await self.clients.segmentation.IngestEvents(pb.IngestEventsRequest(events=[event]))
+
+    async def stats(self, name: str) -> campaign_pb.CampaignStats:
+        return await self.clients.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+        )
+
+
+@pytest.fixture
+async def shop(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> AsyncIterator[Shop]:
+    tag = uuid.uuid4().hex[:8]
+    _, key = await create_account(
+        platform.address("campaign"), platform.settings.bootstrap_token, f"goals {tag}"
+    )
+    clients = Clients.open(platform.addresses, key)
+    await clients.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(users=[user(f"{tag}-{i:02}", cohort=tag) for i in range(USERS)])
+    )
+    segment = await create_segment(clients, condition("cohort", "EQUALS", tag))
+    destination = await create_segment_destination(
+        clients, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    # A Charged event seen before: its amount is a number, its currency a string.
+    await clients.segmentation.IngestEvents(
+        pb.IngestEventsRequest(
+            events=[
+                pb.Event(
+                    user_id=f"{tag}-someone",
+                    name="Charged",
+                    client_event_id=uuid.uuid4().hex,
+                    properties=_struct(amount=1, currency="EUR"),
+                )
+            ]
+        )
+    )
+    yield Shop(clients, segment.name, destination.name, tag, manual_clock)
+    await clients.close()
+
+
+def _struct(**values: Any) -> Any:
+    from google.protobuf.struct_pb2 import Struct
+
+    made = Struct()
+    made.update(values)
+    return made
+
+
+def _wilson(k: int, n: int) -> tuple[float, float]:
+    z = 1.959963984540054
+    p = k / n
+    middle = (2 * n * p + z * z) / (2 * (n + z * z))
+    spread = z * math.sqrt(z * z + 4 * n * p * (1 - p)) / (2 * (n + z * z))
+    return middle - spread, middle + spread
+
+
+async def test_conversions_count_within_the_window_once_each_against_the_control_group(shop: Shop) -> None:
+    campaign = await shop.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=segment_export_campaign(
+                shop.segment,
+                shop.destination,
+                targeting=campaign_pb.Targeting(control_group_percent=20),
+                goal=charged_goal(),
+            )
+        )
+    )
+    await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=campaign.name))
+    await completed_stats(shop.clients, campaign.name)
+    users = [f"{shop.tag}-{i:02}" for i in range(USERS)]
+    control = [u for u in users if in_control_group(campaign.name, u, 20)]
+    sent = [u for u in users if u not in control]
+    assert len(control) >= 4 and len(sent) >= 10
+
+    shop.clock.advance(timedelta(minutes=30))
+    for u in sent[:5]:
+        await shop.charge(u, 600)
+    await shop.charge(sent[0], 900, event_id=f"{shop.tag}-twice")
+    await shop.charge(sent[0], 900, event_id=f"{shop.tag}-twice")  # the same event again
+    await shop.charge(sent[5], 100)  # under the goal's amount
+    for u in control[:2]:
+        await shop.charge(u, 800)
+    await shop.charge(f"{shop.tag}-stranger", 1000)  # never part of the campaign
+    shop.clock.advance(timedelta(hours=2))  # 2.5 hours after the message: past the window
+    await shop.charge(sent[6], 700)
+    await shop.charge(control[2], 700)
+
+    async def counted() -> bool:
+        goal = (await shop.stats(campaign.name)).goal
+        return (goal.converted, goal.control_converted) == (5, 2)
+
+    await eventually(counted, within=20)
+    goal = (await shop.stats(campaign.name)).goal
+    n1, n2 = len(sent), len(control)
+    assert (goal.sent, goal.converted, goal.control, goal.control_converted) == (n1, 5, n2, 2)
+    p1, p2 = 5 / n1, 2 / n2
+    assert goal.conversion_rate == pytest.approx(p1)
+    assert goal.control_conversion_rate == pytest.approx(p2)
+    assert goal.uplift == pytest.approx(p1 - p2)
+    (l1, u1), (l2, u2) = _wilson(5, n1), _wilson(2, n2)
+    assert goal.uplift_low == pytest.approx(p1 - p2 - math.hypot(p1 - l1, u2 - p2))
+    assert goal.uplift_high == pytest.approx(p1 - p2 + math.hypot(u1 - p1, p2 - l2))
+    # The first of sent[0]'s events converted their message; a later one adds nothing.
+    assert goal.revenue == pytest.approx(5 * 600)
+    assert goal.revenue_per_user == pytest.approx(3000 / n1)
+    assert goal.control_revenue == pytest.approx(1600)
+    assert goal.control_revenue_per_user == pytest.approx(1600 / n2)
+
+
+async def test_an_event_before_its_message_was_recorded_still_converts(shop: Shop) -> None:
+    """The user acts before dispatch's outcome for their message reached the campaign service: the
+    event waits for it."""
+    campaign = await shop.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=segment_export_campaign(shop.segment, shop.destination, goal=charged_goal())
+        )
+    )
+    await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=campaign.name))
+    first = f"{shop.tag}-00"
+    # Right after publishing, before the send has been reported: sent at the same moment.
+    await shop.charge(first, 550)
+    await completed_stats(shop.clients, campaign.name)
+
+    async def converted() -> bool:
+        goal = (await shop.stats(campaign.name)).goal
+        return goal.sent == USERS and goal.converted == 1
+
+    await eventually(converted, within=20)
+    assert (await shop.stats(campaign.name)).goal.revenue == pytest.approx(550)
+
+
+async def test_bad_goals_are_refused_naming_the_field(shop: Shop) -> None:
+    cases = {
+        "campaign.goal.conversion_window": charged_goal(window_hours=0.5),
+        "campaign.goal.event.event_name": campaign_pb.Goal(conversion_window=_window(24)),
+    }
+    too_long = charged_goal()
+    too_long.conversion_window.FromTimedelta(timedelta(days=31))
+    cases["campaign.goal.conversion_window "] = too_long
+    wrong_operator = charged_goal()
+    wrong_operator.event.where[0].CopyFrom(condition("amount", "CONTAINS", "5"))
+    cases["campaign.goal.event.where[0]"] = wrong_operator
+    cases["campaign.goal.revenue_property"] = charged_goal(revenue_property="currency")
+    for field, goal in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await shop.clients.campaigns.CreateCampaign(
+                campaign_pb.CreateCampaignRequest(
+                    campaign=segment_export_campaign(shop.segment, shop.destination, goal=goal)
+                )
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
+        assert any(f.startswith(field.strip()) for f in field_violations(refused.value)), (
+            field,
+            field_violations(refused.value),
+        )
+
+
+async def test_the_goal_changes_only_while_a_draft(shop: Shop) -> None:
+    draft = await shop.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=segment_export_campaign(shop.segment, shop.destination, goal=charged_goal())
+        )
+    )
+    changed = campaign_pb.Campaign(name=draft.name, goal=charged_goal(window_hours=24))
+    mask = {"paths": ["goal"]}
+    updated = await shop.clients.campaigns.UpdateCampaign(
+        campaign_pb.UpdateCampaignRequest(campaign=changed, update_mask=mask)
+    )
+    assert updated.goal.conversion_window.ToTimedelta() == timedelta(hours=24)
+    await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=draft.name))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await shop.clients.campaigns.UpdateCampaign(
+            campaign_pb.UpdateCampaignRequest(campaign=changed, update_mask=mask)
+        )
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "goal can change only while the campaign is a draft" in (refused.value.details() or "")
