@@ -13,7 +13,9 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import field_mask_pb2
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.struct_pb2 import Struct
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
@@ -105,9 +107,7 @@ async def shop(
     await clients.close()
 
 
-def _struct(**values: Any) -> Any:
-    from google.protobuf.struct_pb2 import Struct
-
+def _struct(**values: Any) -> Struct:
     made = Struct()
     made.update(values)
     return made
@@ -229,7 +229,7 @@ async def test_the_goal_changes_only_while_a_draft(shop: Shop) -> None:
         )
     )
     changed = campaign_pb.Campaign(name=draft.name, goal=charged_goal(window_hours=24))
-    mask = {"paths": ["goal"]}
+    mask = field_mask_pb2.FieldMask(paths=["goal"])
     updated = await shop.clients.campaigns.UpdateCampaign(
         campaign_pb.UpdateCampaignRequest(campaign=changed, update_mask=mask)
     )
