@@ -4,6 +4,7 @@ the uplift over the control group with its confidence interval."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 import uuid
 from collections.abc import AsyncIterator
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf import field_mask_pb2
@@ -61,6 +63,8 @@ class Shop:
     destination: str
     tag: str
     clock: clock.ManualClock
+    segment_api: SegmentApi
+    database_url: str
 
     async def charge(self, user_id: str, amount: float, event_id: str = "") -> None:
         event = pb.Event(user_id=user_id, name="Charged", client_event_id=event_id or uuid.uuid4().hex)
@@ -103,7 +107,15 @@ async def shop(
             ]
         )
     )
-    yield Shop(clients, segment.name, destination.name, tag, manual_clock)
+    yield Shop(
+        clients,
+        segment.name,
+        destination.name,
+        tag,
+        manual_clock,
+        segment_api,
+        platform.settings.database_url,
+    )
     await clients.close()
 
 
@@ -122,20 +134,12 @@ def _wilson(k: int, n: int) -> tuple[float, float]:
 
 
 async def test_conversions_count_within_the_window_once_each_against_the_control_group(shop: Shop) -> None:
-    campaign = await shop.clients.campaigns.CreateCampaign(
-        campaign_pb.CreateCampaignRequest(
-            campaign=segment_export_campaign(
-                shop.segment,
-                shop.destination,
-                targeting=campaign_pb.Targeting(control_group_percent=20),
-                goal=charged_goal(),
-            )
-        )
+    name = await _published(
+        shop, targeting=campaign_pb.Targeting(control_group_percent=20), goal=charged_goal()
     )
-    await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=campaign.name))
-    await completed_stats(shop.clients, campaign.name)
+    await completed_stats(shop.clients, name)
     users = [f"{shop.tag}-{i:02}" for i in range(USERS)]
-    control = [u for u in users if in_control_group(campaign.name, u, 20)]
+    control = [u for u in users if in_control_group(name, u, 20)]
     sent = [u for u in users if u not in control]
     assert len(control) >= 4 and len(sent) >= 10
 
@@ -153,11 +157,11 @@ async def test_conversions_count_within_the_window_once_each_against_the_control
     await shop.charge(control[2], 700)
 
     async def counted() -> bool:
-        goal = (await shop.stats(campaign.name)).goal
+        goal = (await shop.stats(name)).goal
         return (goal.converted, goal.control_converted) == (5, 2)
 
     await eventually(counted, within=20)
-    goal = (await shop.stats(campaign.name)).goal
+    goal = (await shop.stats(name)).goal
     n1, n2 = len(sent), len(control)
     assert (goal.sent, goal.converted, goal.control, goal.control_converted) == (n1, 5, n2, 2)
     p1, p2 = 5 / n1, 2 / n2
@@ -174,6 +178,23 @@ async def test_conversions_count_within_the_window_once_each_against_the_control
     assert goal.control_revenue_per_user == pytest.approx(1600 / n2)
 
 
+async def _until_goal_matched(shop: Shop, campaign: str) -> None:
+    """Waits until segmentation matches events against the campaign's goal (it follows
+    CampaignChanged on its own)."""
+
+    async def armed() -> bool:
+        connection = await asyncpg.connect(shop.database_url)
+        try:
+            found = await connection.fetchval(
+                "SELECT 1 FROM segmentation.goals WHERE campaign = $1", campaign
+            )
+        finally:
+            await connection.close()
+        return found is not None
+
+    await eventually(armed, within=10)
+
+
 async def test_an_event_before_its_message_was_recorded_still_converts(shop: Shop) -> None:
     """The user acts before dispatch's outcome for their message reached the campaign service: the
     event waits for it."""
@@ -182,10 +203,12 @@ async def test_an_event_before_its_message_was_recorded_still_converts(shop: Sho
             campaign=segment_export_campaign(shop.segment, shop.destination, goal=charged_goal())
         )
     )
+    shop.segment_api.hang_for(4)  # the export is under way, its outcome not yet recorded
     await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=campaign.name))
+    await _until_goal_matched(shop, campaign.name)
     first = f"{shop.tag}-00"
-    # Right after publishing, before the send has been reported: sent at the same moment.
     await shop.charge(first, 550)
+    assert (await shop.stats(campaign.name)).goal.sent == 0
     await completed_stats(shop.clients, campaign.name)
 
     async def converted() -> bool:
@@ -241,3 +264,76 @@ async def test_the_goal_changes_only_while_a_draft(shop: Shop) -> None:
         )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "goal can change only while the campaign is a draft" in (refused.value.details() or "")
+
+
+async def _published(shop: Shop, **fields: Any) -> str:
+    created = await shop.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=segment_export_campaign(shop.segment, shop.destination, **fields)
+        )
+    )
+    await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    await _until_goal_matched(shop, created.name)
+    return created.name
+
+
+async def test_the_stats_stream_sees_each_change(shop: Shop) -> None:
+    name = await _published(shop, goal=charged_goal())
+    await completed_stats(shop.clients, name)
+    seen: list[campaign_pb.CampaignStats] = []
+    request = campaign_pb.WatchCampaignStatsRequest(name=f"{name}/stats")
+
+    async def watch() -> None:
+        async for stats in shop.clients.campaigns.WatchCampaignStats(request):
+            seen.append(stats)
+
+    async def converted(n: int) -> bool:
+        return bool(seen) and seen[-1].goal.converted == n
+
+    watching = asyncio.create_task(watch())
+    await eventually(lambda: converted(0))
+    assert seen[0].goal.sent == USERS
+    shop.clock.advance(timedelta(minutes=10))
+    for n in range(1, 4):
+        await shop.charge(f"{shop.tag}-{n:02}", 500 + n)
+        await eventually(lambda n=n: converted(n), within=10)  # type: ignore[misc]
+    assert [s.goal.converted for s in seen] == [0, 1, 2, 3]
+    assert seen[-1].goal.revenue == pytest.approx(501 + 502 + 503)
+    assert seen[-1] == await shop.stats(name)
+    # Once the window has passed since the campaign ended, nothing can change: the stream ends.
+    shop.clock.advance(timedelta(hours=2))
+    await asyncio.wait_for(watching, timeout=10)
+
+
+async def test_a_recurring_campaign_gives_a_conversion_to_the_run_before_it(shop: Shop) -> None:
+    start = shop.clock.now()
+    daily = campaign_pb.Recurring(
+        daily=campaign_pb.EveryNDays(every=1),
+        time_of_day="13:00",
+        start_date=start.date().isoformat(),
+        occurrences=2,
+    )
+    name = await _published(shop, schedule=campaign_pb.Schedule(recurring=daily), goal=charged_goal(48))
+    first_run = start.replace(hour=13, minute=0, second=1)
+    shop.clock.advance(first_run - shop.clock.now())
+
+    async def sent(count: int) -> bool:
+        return (await shop.stats(name)).goal.sent == count
+
+    await eventually(lambda: sent(USERS), within=20)
+    shop.clock.advance(timedelta(days=1))
+    await eventually(lambda: sent(2 * USERS), within=20)
+    buyer = f"{shop.tag}-07"
+    # Both runs' messages are inside the 48-hour window: the event goes to the second, the most
+    # recent; a later event finds it converted, and does not fall back to the first.
+    shop.clock.advance(timedelta(minutes=30))
+    await shop.charge(buyer, 600)
+    await shop.charge(buyer, 650)
+
+    async def converted() -> bool:
+        return (await shop.stats(name)).goal.converted == 1
+
+    await eventually(converted, within=10)
+    await asyncio.sleep(1)
+    goal = (await shop.stats(name)).goal
+    assert (goal.converted, goal.revenue) == (1, 600)

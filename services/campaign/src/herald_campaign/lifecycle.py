@@ -162,7 +162,7 @@ class Lifecycle:
                     .where(campaigns.c.id == row.id)
                     .values(
                         **spec_columns(stored_spec(merged)),
-                        updated_at=sa.func.now(),
+                        updated_at=api.utcnow(),
                         version=campaigns.c.version + 1,
                     )
                     .returning(*campaigns.c)

@@ -71,7 +71,7 @@ async def set_state(
             .where(campaigns.c.id == campaign_id)
             .values(
                 state=state_name(state),
-                updated_at=sa.func.now(),
+                updated_at=api.utcnow(),
                 version=campaigns.c.version + 1,
                 **values,
             )

@@ -3,9 +3,10 @@ GetCampaignStats, and the campaign's state as they settle."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
@@ -25,6 +26,9 @@ from herald_common.db import Database
 from herald_common.errors import NotFound, invalid
 
 _RUN_ENDED = {"RUN_STATE_DISPATCHED", "RUN_STATE_FAILED", "RUN_STATE_CANCELLED"}
+_CAMPAIGN_ENDED = {state_name(s) for s in (State.STATE_COMPLETED, State.STATE_STOPPED, State.STATE_FAILED)}
+# How often a stats watch looks for changes (one indexed read of a few rows).
+WATCH_POLL_SECONDS = 0.25
 
 
 _STATUS_COLUMNS = {
@@ -245,6 +249,35 @@ class Results:
                 for r in reasons
             ],
         )
+
+    async def watch(
+        self, name: str, poll_seconds: float = WATCH_POLL_SECONDS
+    ) -> AsyncIterator[pb.CampaignStats]:
+        """The stats now, then each time they change, until the campaign has ended and its goal's
+        conversion window has passed since (no count can change after that)."""
+        last = None
+        while True:
+            current = await self.stats(name)
+            if current != last:
+                last = current
+                yield current
+            if await self._settled(campaign_id_of(name.removesuffix("/stats"))):
+                return
+            await asyncio.sleep(poll_seconds)
+
+    async def _settled(self, campaign_id: uuid.UUID) -> bool:
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    sa.select(campaigns.c.state, campaigns.c.updated_at, campaigns.c.spec).where(
+                        campaigns.c.id == campaign_id
+                    )
+                )
+            ).one()
+        if row.state not in _CAMPAIGN_ENDED:
+            return False
+        goal = pb.Campaign.FromString(row.spec).goal
+        return bool(row.updated_at + goal.conversion_window.ToTimedelta() <= api.utcnow())
 
     async def foreign_reports(self, claims: Sequence[tuple[str, str]]) -> dict[int, str]:
         """Which (campaign, account) claims of a batch of reports name an account that does not own

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -29,6 +30,7 @@ PERMISSIONS = method_permissions(
         "PublishCampaign": Permission.WRITE,
         "StopCampaign": Permission.WRITE,
         "GetCampaignStats": Permission.READ,
+        "WatchCampaignStats": Permission.READ,
         "ExplainDelivery": Permission.READ,
         "PreviewMessage": Permission.READ,
         "SendTestMessage": Permission.WRITE,
@@ -79,6 +81,12 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
         self, request: pb.GetCampaignStatsRequest, context: Context
     ) -> pb.CampaignStats:
         return await self.results.stats(request.name)
+
+    async def WatchCampaignStats(
+        self, request: pb.WatchCampaignStatsRequest, context: Context
+    ) -> AsyncIterator[pb.CampaignStats]:
+        async for stats in self.results.watch(request.name):
+            yield stats
 
     async def PreviewMessage(self, request: pb.PreviewMessageRequest, context: Context) -> pb.MessagePreview:
         if request.HasField("web_popup"):

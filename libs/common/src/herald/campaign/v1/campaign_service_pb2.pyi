@@ -2207,6 +2207,28 @@ class GetCampaignStatsRequest(_message.Message):
 Global___GetCampaignStatsRequest: _TypeAlias = GetCampaignStatsRequest  # noqa: Y015
 
 @_typing.final
+class WatchCampaignStatsRequest(_message.Message):
+    """Request for WatchCampaignStats."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """`campaigns/{campaign}/stats`."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchCampaignStatsRequest: _TypeAlias = WatchCampaignStatsRequest  # noqa: Y015
+
+@_typing.final
 class PreviewMessageRequest(_message.Message):
     """Request for PreviewMessage."""
 

@@ -76,6 +76,11 @@ class CampaignServiceStub:
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.GetCampaignStatsRequest.SerializeToString,
                 response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.FromString,
                 _registered_method=True)
+        self.WatchCampaignStats = channel.unary_stream(
+                '/herald.campaign.v1.CampaignService/WatchCampaignStats',
+                request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.WatchCampaignStatsRequest.SerializeToString,
+                response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.FromString,
+                _registered_method=True)
         self.ExplainDelivery = channel.unary_unary(
                 '/herald.campaign.v1.CampaignService/ExplainDelivery',
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExplainDeliveryRequest.SerializeToString,
@@ -153,6 +158,14 @@ class CampaignServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchCampaignStats(self, request, context):
+        """The campaign's stats now, then again each time they change, until the campaign has ended
+        and its goal's conversion window (if it has a goal) has passed since.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExplainDelivery(self, request, context):
         """Why a user did or did not get a campaign: the decision for them in each run, and the rule
         that made it.
@@ -218,6 +231,11 @@ def add_CampaignServiceServicer_to_server(servicer, server):
             'GetCampaignStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCampaignStats,
                     request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.GetCampaignStatsRequest.FromString,
+                    response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.SerializeToString,
+            ),
+            'WatchCampaignStats': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchCampaignStats,
+                    request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.WatchCampaignStatsRequest.FromString,
                     response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.SerializeToString,
             ),
             'ExplainDelivery': grpc.unary_unary_rpc_method_handler(
@@ -452,6 +470,33 @@ class CampaignService:
             target,
             '/herald.campaign.v1.CampaignService/GetCampaignStats',
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.GetCampaignStatsRequest.SerializeToString,
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchCampaignStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/herald.campaign.v1.CampaignService/WatchCampaignStats',
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.WatchCampaignStatsRequest.SerializeToString,
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.FromString,
             options,
             channel_credentials,

@@ -50,6 +50,10 @@ class CampaignServiceStub:
     """Stops a scheduled or running campaign; no new deliveries are planned."""
     GetCampaignStats: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.GetCampaignStatsRequest, _campaign_service_pb2.CampaignStats]
     """Returns delivery counts for a campaign."""
+    WatchCampaignStats: _grpc.UnaryStreamMultiCallable[_campaign_service_pb2.WatchCampaignStatsRequest, _campaign_service_pb2.CampaignStats]
+    """The campaign's stats now, then again each time they change, until the campaign has ended
+    and its goal's conversion window (if it has a goal) has passed since.
+    """
     ExplainDelivery: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.ExplainDeliveryRequest, _campaign_service_pb2.DeliveryExplanation]
     """Why a user did or did not get a campaign: the decision for them in each run, and the rule
     that made it.
@@ -84,6 +88,10 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     """Stops a scheduled or running campaign; no new deliveries are planned."""
     GetCampaignStats: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.GetCampaignStatsRequest, _campaign_service_pb2.CampaignStats]  # type: ignore[assignment]
     """Returns delivery counts for a campaign."""
+    WatchCampaignStats: _aio.UnaryStreamMultiCallable[_campaign_service_pb2.WatchCampaignStatsRequest, _campaign_service_pb2.CampaignStats]  # type: ignore[assignment]
+    """The campaign's stats now, then again each time they change, until the campaign has ended
+    and its goal's conversion window (if it has a goal) has passed since.
+    """
     ExplainDelivery: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.ExplainDeliveryRequest, _campaign_service_pb2.DeliveryExplanation]  # type: ignore[assignment]
     """Why a user did or did not get a campaign: the decision for them in each run, and the rule
     that made it.
@@ -163,6 +171,16 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_campaign_service_pb2.CampaignStats, _abc.Awaitable[_campaign_service_pb2.CampaignStats]]:
         """Returns delivery counts for a campaign."""
+
+    @_abc_1.abstractmethod
+    def WatchCampaignStats(
+        self,
+        request: _campaign_service_pb2.WatchCampaignStatsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_campaign_service_pb2.CampaignStats], _abc.AsyncIterator[_campaign_service_pb2.CampaignStats]]:
+        """The campaign's stats now, then again each time they change, until the campaign has ended
+        and its goal's conversion window (if it has a goal) has passed since.
+        """
 
     @_abc_1.abstractmethod
     def ExplainDelivery(
