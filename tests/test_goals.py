@@ -33,6 +33,7 @@ from tests.helpers import (
     create_segment_destination,
     field_violations,
     segment_export_campaign,
+    until_live,
     user,
 )
 
@@ -70,6 +71,11 @@ class Shop:
         event = pb.Event(user_id=user_id, name="Charged", client_event_id=event_id or uuid.uuid4().hex)
         event.time.FromDatetime(self.clock.now())
         event.properties.update({"amount": amount})
+        await self.clients.segmentation.IngestEvents(pb.IngestEventsRequest(events=[event]))
+
+    async def act(self, user_id: str, name: str) -> None:
+        event = pb.Event(user_id=user_id, name=name, client_event_id=uuid.uuid4().hex)
+        event.time.FromDatetime(self.clock.now())
         await self.clients.segmentation.IngestEvents(pb.IngestEventsRequest(events=[event]))
 
     async def stats(self, name: str) -> campaign_pb.CampaignStats:
@@ -337,3 +343,29 @@ async def test_a_recurring_campaign_gives_a_conversion_to_the_run_before_it(shop
     await asyncio.sleep(1)
     goal = (await shop.stats(name)).goal
     assert (goal.converted, goal.revenue) == (1, 600)
+
+
+async def test_a_live_campaign_counts_a_conversion_per_trigger_occurrence(shop: Shop) -> None:
+    added = campaign_pb.LiveTrigger(
+        action=campaign_pb.ActionTrigger(event=campaign_pb.LiveEvent(event_name="Added to Cart"))
+    )
+    name = await _published(
+        shop,
+        audience=None,
+        schedule=campaign_pb.Schedule(live=campaign_pb.Live(trigger=added)),
+        goal=charged_goal(),
+    )
+    await until_live(shop.clients, shop.database_url, name)
+    buyer = f"{shop.tag}-03"
+
+    async def goal_is(sent: int, converted: int) -> bool:
+        goal = (await shop.stats(name)).goal
+        return (goal.sent, goal.converted) == (sent, converted)
+
+    for occurrence in range(1, 3):
+        shop.clock.advance(timedelta(minutes=5))
+        await shop.act(buyer, "Added to Cart")
+        await eventually(lambda n=occurrence: goal_is(n, n - 1), within=20)  # type: ignore[misc]
+        shop.clock.advance(timedelta(minutes=10))
+        await shop.charge(buyer, 500)
+        await eventually(lambda n=occurrence: goal_is(n, n), within=20)  # type: ignore[misc]
