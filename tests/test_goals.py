@@ -20,6 +20,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import Struct
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
 from herald_common.timing import in_control_group
@@ -182,6 +183,12 @@ async def test_conversions_count_within_the_window_once_each_against_the_control
     assert goal.revenue_per_user == pytest.approx(3000 / n1)
     assert goal.control_revenue == pytest.approx(1600)
     assert goal.control_revenue_per_user == pytest.approx(1600 / n2)
+    # The campaign's one run has the same numbers, and its skips by reason.
+    (run,) = (await shop.clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))).runs
+    of_run = await shop.stats(run.name)
+    assert (of_run.targeted, of_run.sent, of_run.skipped) == (USERS, n1, n2)
+    assert [(r.reason, r.count) for r in of_run.failure_reasons] == [("control group", n2)]
+    assert of_run.goal == goal
 
 
 async def _until_goal_matched(shop: Shop, campaign: str) -> None:
@@ -343,6 +350,13 @@ async def test_a_recurring_campaign_gives_a_conversion_to_the_run_before_it(shop
     await asyncio.sleep(1)
     goal = (await shop.stats(name)).goal
     assert (goal.converted, goal.revenue) == (1, 600)
+    # Each run's own stats: the conversion is the second's.
+    listed = await shop.clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))
+    by_run = [await shop.stats(run.name) for run in listed.runs]
+    assert [(s.targeted, s.sent, s.goal.sent, s.goal.converted, s.goal.revenue) for s in by_run] == [
+        (USERS, USERS, USERS, 0, 0),
+        (USERS, USERS, USERS, 1, 600),
+    ]
 
 
 async def test_a_live_campaign_counts_a_conversion_per_trigger_occurrence(shop: Shop) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -31,8 +31,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
+from herald_campaign.counts import add_campaign_counts, add_run_counts, tally
 from herald_campaign.records import campaign_id_of
-from herald_campaign.storage import campaigns, exposures, stats, waiting_goal_events
+from herald_campaign.storage import campaigns, exposures, waiting_goal_events
 from herald_common import api
 from herald_common.auth import account_id_of
 from herald_common.db import Database
@@ -106,16 +107,11 @@ async def record_exposures(session: AsyncSession, outcomes: Sequence[events.Deli
         return
     added = (
         await session.execute(
-            insert(exposures)
-            .on_conflict_do_nothing()
-            .returning(exposures.c.campaign_id, exposures.c.user_id, exposures.c.control),
+            insert(exposures).on_conflict_do_nothing().returning(*exposures.c),
             rows,
         )
     ).all()
-    tally: dict[uuid.UUID, dict[str, float]] = defaultdict(lambda: defaultdict(float))
-    for row in added:
-        tally[row.campaign_id]["goal_control" if row.control else "goal_sent"] += 1
-    await _add_counts(session, tally)
+    await _count(session, [(row, "goal_control" if row.control else "goal_sent", 1.0) for row in added])
     users = sorted({(row.campaign_id, row.user_id) for row in added})
     if users:
         waiting = await session.execute(
@@ -185,7 +181,7 @@ _CONVERT = sa.text(
     FROM unnest(CAST(:deliveries AS text[]), CAST(:times AS timestamptz[]), CAST(:events AS text[]),
                 CAST(:revenues AS float8[])) AS u(delivery_id, at, event_id, revenue)
     WHERE x.delivery_id = u.delivery_id AND x.converted_at IS NULL
-    RETURNING x.campaign_id, x.control, x.revenue
+    RETURNING x.*
     """
 )
 
@@ -245,12 +241,11 @@ async def _attribute(
                 "revenues": [e.revenue for e in converting.values()],
             },
         )
-        tally: dict[uuid.UUID, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+        added = []
         for row in converted:
             prefix = "goal_control" if row.control else "goal"
-            tally[row.campaign_id][f"{prefix}_converted"] += 1
-            tally[row.campaign_id][f"{prefix}_revenue"] += row.revenue
-        await _add_counts(session, tally)
+            added += [(row, f"{prefix}_converted", 1.0), (row, f"{prefix}_revenue", row.revenue)]
+        await _count(session, added)
     waits_on = set(unplaced)
     settled = [e for e in found if e not in waits_on]
     if waiting and settled:
@@ -280,13 +275,15 @@ async def _attribute(
         )
 
 
-async def _add_counts(session: AsyncSession, tally: dict[uuid.UUID, dict[str, float]]) -> None:
-    for campaign_id, added in sorted(tally.items()):
-        await session.execute(
-            sa.update(stats)
-            .where(stats.c.campaign_id == campaign_id)
-            .values({column: stats.c[column] + amount for column, amount in added.items()})
-        )
+async def _count(session: AsyncSession, added: list[tuple[Any, str, float]]) -> None:
+    """Adds (exposure row, column, amount) to its campaign's and its run's counts."""
+    by_campaign: dict[uuid.UUID, defaultdict[str, float]] = defaultdict(tally)
+    by_run: dict[tuple[str, uuid.UUID, uuid.UUID], defaultdict[str, float]] = defaultdict(tally)
+    for row, column, amount in added:
+        by_campaign[row.campaign_id][column] += amount
+        by_run[(row.run, row.campaign_id, row.account_id)][column] += amount
+    await add_campaign_counts(session, by_campaign)
+    await add_run_counts(session, by_run)
 
 
 async def rebuilt_counts(session: AsyncSession, campaign_id: uuid.UUID) -> dict[str, float]:
@@ -329,10 +326,10 @@ def uplift_interval(converted: int, sent: int, control_converted: int, control: 
     )
 
 
-def goal_results(counts: Any) -> pb.GoalResults:
-    """GoalResults from a campaign_stats row."""
-    sent, converted = counts.goal_sent, counts.goal_converted
-    control, control_converted = counts.goal_control, counts.goal_control_converted
+def goal_results(counts: Mapping[str, Any]) -> pb.GoalResults:
+    """GoalResults from a campaign's (or a run's) counters."""
+    sent, converted = counts["goal_sent"], counts["goal_converted"]
+    control, control_converted = counts["goal_control"], counts["goal_control_converted"]
     rate = converted / sent if sent else 0.0
     control_rate = control_converted / control if control else 0.0
     results = pb.GoalResults(
@@ -343,10 +340,10 @@ def goal_results(counts: Any) -> pb.GoalResults:
         conversion_rate=rate,
         control_conversion_rate=control_rate,
         uplift=rate - control_rate if sent and control else 0.0,
-        revenue=counts.goal_revenue,
-        revenue_per_user=counts.goal_revenue / sent if sent else 0.0,
-        control_revenue=counts.goal_control_revenue,
-        control_revenue_per_user=counts.goal_control_revenue / control if control else 0.0,
+        revenue=counts["goal_revenue"],
+        revenue_per_user=counts["goal_revenue"] / sent if sent else 0.0,
+        control_revenue=counts["goal_control_revenue"],
+        control_revenue_per_user=counts["goal_control_revenue"] / control if control else 0.0,
     )
     if sent and control:
         results.uplift_low, results.uplift_high = uplift_interval(converted, sent, control_converted, control)

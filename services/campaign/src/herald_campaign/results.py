@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
@@ -16,9 +16,18 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald_campaign.counts import add_campaign_counts, add_reasons, add_run_counts, tally
 from herald_campaign.goals import goal_results, record_exposures
 from herald_campaign.records import State, campaign_id_of, owned, set_state, state_name
-from herald_campaign.storage import campaigns, failure_reasons, outcome_events, runs, stats
+from herald_campaign.storage import (
+    campaigns,
+    failure_reasons,
+    outcome_events,
+    run_failure_reasons,
+    run_stats,
+    runs,
+    stats,
+)
 from herald_common import api
 from herald_common.auth import account_id_of
 from herald_common.bus import Subjects
@@ -54,11 +63,10 @@ _POPUP_COLUMNS = {
 }
 
 
-# Reasons kept per campaign, and users kept as examples of each.
+# Every counter of campaign_stats (a run has those of run_stats; the others are 0).
+_COUNTED = [c.name for c in stats.c if isinstance(c.type, sa.BigInteger | sa.Float)]
+# The longest reason kept.
 MAX_REASON_LENGTH = 300
-
-
-MAX_EXAMPLES = 5
 
 
 async def _not_counted_before(session: AsyncSession, received: Iterable[_ResultEvent[Any]]) -> set[str]:
@@ -78,10 +86,6 @@ async def _not_counted_before(session: AsyncSession, received: Iterable[_ResultE
             ],
         )
     )
-
-
-# The stats columns each kind of result event counts.
-_OUTCOME_COUNTS = ("sent", "failed", "skipped", "unknown", "resent")
 
 
 def _outcome_counts(result: events.DeliveryResult) -> tuple[list[str], str | None]:
@@ -133,64 +137,38 @@ _R = TypeVar("_R", events.DeliveryResult, events.ReceiptResult, events.WebIntera
 async def _count_results(
     session: AsyncSession,
     received: Sequence[_ResultEvent[_R]],
-    columns: Sequence[str],
     counts_of: Callable[[_R], tuple[list[str], str | None]],
+    run_of: Callable[[Any], str] | None = None,
 ) -> set[str]:
     """Adds the results of the events not counted before to their campaigns' stats and failure
-    reasons; returns those events' ids."""
+    reasons (and, with `run_of`, to their runs'); returns those events' ids."""
     by_event = {e.event_id: e for e in received}
     new = await _not_counted_before(session, by_event.values())
-    counts: dict[uuid.UUID, Counter[str]] = {}
-    reasons: dict[tuple[uuid.UUID, str], list[str]] = {}
+    by_campaign: dict[uuid.UUID, defaultdict[str, float]] = defaultdict(tally)
+    by_run: dict[tuple[str, uuid.UUID, uuid.UUID], defaultdict[str, float]] = defaultdict(tally)
+    reasons: dict[tuple[uuid.UUID, str], list[str]] = defaultdict(list)
+    run_reasons: dict[tuple[str, str], list[str]] = defaultdict(list)
     owners: dict[uuid.UUID, uuid.UUID | None] = {}
+    run_owners: dict[str, uuid.UUID | None] = {}
     for event in (by_event[e] for e in sorted(new)):
         campaign_id = campaign_id_of(event.campaign)
-        owners[campaign_id] = account_id_of(event.account)
-        tally = counts.setdefault(campaign_id, Counter())
+        owner = owners[campaign_id] = account_id_of(event.account)
+        run = run_of(event) if run_of is not None and owner is not None else ""
+        run_owners[run] = owner
         for result in event.results:
             added, reason = counts_of(result)
-            tally.update(added)
+            for column in added:
+                by_campaign[campaign_id][column] += 1
+                if run:
+                    by_run[(run, campaign_id, owner)][column] += 1  # type: ignore[index]
             if reason is not None:
-                reasons.setdefault((campaign_id, reason), []).append(result.user_id)
-    for campaign_id, tally in sorted(counts.items()):
-        await session.execute(
-            sa.update(stats)
-            .where(stats.c.campaign_id == campaign_id)
-            .values({c: stats.c[c] + tally[c] for c in columns})
-        )
-    await _count_reasons(session, reasons, owners)
+                reasons[(campaign_id, reason)].append(result.user_id)
+                if run:
+                    run_reasons[(run, reason)].append(result.user_id)
+    await add_campaign_counts(session, by_campaign)
+    await add_run_counts(session, by_run)
+    await add_reasons(session, reasons, owners, run_reasons, run_owners)
     return new
-
-
-async def _count_reasons(
-    session: AsyncSession,
-    reasons: dict[tuple[uuid.UUID, str], list[str]],
-    owners: Mapping[uuid.UUID, uuid.UUID | None],
-) -> None:
-    if not reasons:
-        return
-    statement = insert(failure_reasons)
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[failure_reasons.c.campaign_id, failure_reasons.c.reason],
-            set_={
-                "count": failure_reasons.c.count + statement.excluded.count,
-                "example_user_ids": sa.literal_column(
-                    f"(failure_reasons.example_user_ids || excluded.example_user_ids)[1:{MAX_EXAMPLES}]"
-                ),
-            },
-        ),
-        [
-            {
-                "campaign_id": campaign_id,
-                "account_id": owners[campaign_id],
-                "reason": reason,
-                "count": len(users),
-                "example_user_ids": users[:MAX_EXAMPLES],
-            }
-            for (campaign_id, reason), users in sorted(reasons.items())
-        ],
-    )
 
 
 class Results:
@@ -200,48 +178,69 @@ class Results:
         self._notify = notify
 
     async def stats(self, name: str) -> pb.CampaignStats:
-        if not name.endswith("/stats"):
-            raise invalid("name", "must look like campaigns/<id>/stats")
-        campaign_name = name.removesuffix("/stats")
+        """A campaign's stats (`campaigns/{campaign}/stats`), or one run's
+        (`campaigns/{campaign}/runs/{run}/stats`: its deliveries and goal; receipts and pop-up
+        interactions are counted per campaign only)."""
+        owner = name.removesuffix("/stats")
+        campaign_name, _, run_id = owner.partition("/runs/")
+        if not name.endswith("/stats") or "/" in run_id or (owner != campaign_name and not run_id):
+            raise invalid("name", "must look like campaigns/<id>/stats or campaigns/<id>/runs/<run>/stats")
         campaign_id = api.parse_uuid_name(campaign_name, "campaigns")
+        run = owner if run_id else None
         async with self.database.transaction() as session:
             spec = await session.scalar(sa.select(campaigns.c.spec).where(owned(campaign_id)))
             if spec is None:
                 raise NotFound(campaign_name)
-            counts = (
-                await session.execute(sa.select(stats).where(stats.c.campaign_id == campaign_id))
-            ).first()
-            targeted = await session.scalar(
-                sa.select(sa.func.coalesce(sa.func.sum(runs.c.targeted), 0)).where(
-                    runs.c.campaign_id == campaign_id
+            if run is None:
+                counts = (
+                    await session.execute(sa.select(stats).where(stats.c.campaign_id == campaign_id))
+                ).first()
+                targeted = await session.scalar(
+                    sa.select(sa.func.coalesce(sa.func.sum(runs.c.targeted), 0)).where(
+                        runs.c.campaign_id == campaign_id
+                    )
                 )
-            )
+                reasons_of, owned_by = failure_reasons, failure_reasons.c.campaign_id == campaign_id
+            else:
+                targeted = await session.scalar(
+                    sa.select(runs.c.targeted).where(runs.c.run == run, runs.c.campaign_id == campaign_id)
+                )
+                if targeted is None:
+                    raise NotFound(run)
+                counts = (await session.execute(sa.select(run_stats).where(run_stats.c.run == run))).first()
+                reasons_of, owned_by = run_failure_reasons, run_failure_reasons.c.run == run
             reasons = (
                 await session.execute(
-                    sa.select(failure_reasons)
-                    .where(failure_reasons.c.campaign_id == campaign_id)
-                    .order_by(failure_reasons.c.count.desc(), failure_reasons.c.reason)
+                    sa.select(reasons_of)
+                    .where(owned_by)
+                    .order_by(reasons_of.c.count.desc(), reasons_of.c.reason)
                     .limit(50)
                 )
             ).all()
-        if counts is None:
+        if counts is None and run is None:
             raise NotFound(campaign_name)
+        count: dict[str, Any] = dict(counts._mapping) if counts is not None else {}
+        for column in _COUNTED:
+            count.setdefault(column, 0)
         return pb.CampaignStats(
             name=name,
             targeted=int(targeted or 0),
-            sent=counts.sent,
-            failed=counts.failed,
-            skipped=counts.skipped,
-            unknown=counts.unknown,
-            resent=counts.resent,
-            waiting_reason=counts.waiting_reason,
+            sent=count["sent"],
+            failed=count["failed"],
+            skipped=count["skipped"],
+            unknown=count["unknown"],
+            resent=count["resent"],
+            waiting_reason=count.get("waiting_reason", ""),
             receipts=pb.ReceiptCounts(
-                delivered=counts.delivered, undelivered=counts.undelivered, failed=counts.receipt_failed
+                delivered=count["delivered"], undelivered=count["undelivered"], failed=count["receipt_failed"]
             ),
             popups=pb.PopupCounts(
-                viewed=counts.viewed, clicked=counts.clicked, closed=counts.closed, expired=counts.expired
+                viewed=count["viewed"],
+                clicked=count["clicked"],
+                closed=count["closed"],
+                expired=count["expired"],
             ),
-            goal=goal_results(counts) if pb.Campaign.FromString(spec).HasField("goal") else None,
+            goal=goal_results(count) if pb.Campaign.FromString(spec).HasField("goal") else None,
             failure_reasons=[
                 pb.FailureReason(
                     reason=r.reason, count=r._mapping["count"], example_user_ids=r.example_user_ids
@@ -338,7 +337,7 @@ class Results:
         if not received:
             return
         async with self.database.transaction() as session:
-            counted = await _count_results(session, received, _OUTCOME_COUNTS, _outcome_counts)
+            counted = await _count_results(session, received, _outcome_counts, run_of=lambda e: e.run)
             new = list({e.event_id: e for e in received if e.event_id in counted}.values())
             await record_exposures(session, new)
             await self._advance(session, {campaign_id_of(e.campaign) for e in new})
@@ -349,7 +348,7 @@ class Results:
         if not received:
             return
         async with self.database.transaction() as session:
-            await _count_results(session, received, tuple(_RECEIPT_COLUMNS.values()), _receipt_counts)
+            await _count_results(session, received, _receipt_counts)
 
     async def record_popup_interactions(self, received: Sequence[events.WebInteractions]) -> None:
         """Counts what visitors did with web pop-ups (each event once; each (delivery, kind) is in
@@ -357,7 +356,7 @@ class Results:
         if not received:
             return
         async with self.database.transaction() as session:
-            await _count_results(session, received, tuple(_POPUP_COLUMNS.values()), _popup_counts)
+            await _count_results(session, received, _popup_counts)
 
     async def record_waiting(self, received: Sequence[events.DestinationWaiting]) -> None:
         """Shows on each campaign whether a destination holds its deliveries back; newest report wins."""

@@ -102,6 +102,42 @@ stats = sa.Table(
     sa.Column("goal_control_revenue", sa.Float, nullable=False, server_default="0"),
 )
 
+# Each run's delivery and goal counts (as campaign_stats', for one run).
+run_stats = sa.Table(
+    "run_stats",
+    metadata,
+    sa.Column("run", sa.Text, primary_key=True),
+    sa.Column("campaign_id", UUID(as_uuid=True), nullable=False, index=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    *(
+        sa.Column(c, sa.BigInteger, nullable=False, server_default="0")
+        for c in (
+            "sent",
+            "failed",
+            "skipped",
+            "unknown",
+            "resent",
+            "goal_sent",
+            "goal_converted",
+            "goal_control",
+            "goal_control_converted",
+        )
+    ),
+    sa.Column("goal_revenue", sa.Float, nullable=False, server_default="0"),
+    sa.Column("goal_control_revenue", sa.Float, nullable=False, server_default="0"),
+)
+
+# Why each run's deliveries failed or were skipped.
+run_failure_reasons = sa.Table(
+    "run_failure_reasons",
+    metadata,
+    sa.Column("run", sa.Text, primary_key=True),
+    sa.Column("reason", sa.Text, primary_key=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("count", sa.BigInteger, nullable=False),
+    sa.Column("example_user_ids", ARRAY(sa.Text), nullable=False),
+)
+
 # Each delivery of a campaign with a goal that was sent, or held back (control): when, and
 # whether (and by which event) the user converted within the window after it.
 exposures = sa.Table(
