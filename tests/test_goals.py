@@ -189,6 +189,19 @@ async def test_conversions_count_within_the_window_once_each_against_the_control
     assert (of_run.targeted, of_run.sent, of_run.skipped) == (USERS, n1, n2)
     assert [(r.reason, r.count) for r in of_run.failure_reasons] == [("control group", n2)]
     assert of_run.goal == goal
+    # Each recipient's result, for analysis elsewhere.
+    exported = [
+        r
+        async for r in shop.clients.campaigns.ExportRunResults(
+            campaign_pb.ExportRunResultsRequest(run=run.name)
+        )
+    ]
+    assert sorted(r.user_id for r in exported) == users
+    groups = {r.user_id: (r.group, r.status) for r in exported}
+    assert {groups[u] for u in sent} == {(campaign_pb.RESULT_GROUP_TARGET, "sent")}
+    assert {groups[u] for u in control} == {(campaign_pb.RESULT_GROUP_CONTROL, "skipped")}
+    converted = {r.user_id: r.revenue for r in exported if r.HasField("convert_time")}
+    assert converted == {**{u: 600 for u in sent[:5]}, **{u: 800 for u in control[:2]}}
 
 
 async def _until_goal_matched(shop: Shop, campaign: str) -> None:

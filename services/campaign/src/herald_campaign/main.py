@@ -40,7 +40,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     scheduler = infra.channel("scheduler")
     references = References(segmentation, dispatch, scheduler)
     lifecycle = Lifecycle(infra.database, infra.subjects, references, infra.relay.notify)
-    results = Results(infra.database, infra.subjects, infra.relay.notify)
+    results = Results(infra.database, infra.subjects, references, infra.relay.notify)
     servicer = CampaignServicer(
         lifecycle,
         Explanations(infra.database, references),

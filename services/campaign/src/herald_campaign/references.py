@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -192,6 +194,22 @@ class References:
         except grpc.aio.AioRpcError as error:
             raise _translate(error, campaign, "user_id", "dispatch") from None
         return list(found.deliveries)
+
+    async def run_deliveries(self, campaign: str, run: str) -> AsyncIterator[list[dispatch_pb.Delivery]]:
+        """A run's final delivery results from dispatch, a page at a time."""
+        token = ""
+        while True:
+            try:
+                page = await self.destinations.ListDeliveries(
+                    dispatch_pb.ListDeliveriesRequest(campaign=campaign, run=run, page_token=token),
+                    timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
+                )
+            except grpc.aio.AioRpcError as error:
+                raise _translate(error, run, "run", "dispatch") from None
+            yield list(page.deliveries)
+            token = page.next_page_token
+            if not token:
+                return
 
     async def reaches_india(self, audience: campaign_pb.Audience) -> bool:
         """Whether anyone the audience reaches by SMS has a +91 phone number."""

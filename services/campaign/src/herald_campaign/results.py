@@ -19,8 +19,10 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_campaign.counts import add_campaign_counts, add_reasons, add_run_counts, tally
 from herald_campaign.goals import goal_results, record_exposures
 from herald_campaign.records import State, campaign_id_of, owned, set_state, state_name
+from herald_campaign.references import References
 from herald_campaign.storage import (
     campaigns,
+    exposures,
     failure_reasons,
     outcome_events,
     run_failure_reasons,
@@ -33,6 +35,7 @@ from herald_common.auth import account_id_of
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import NotFound, invalid
+from herald_common.skips import SkipReason
 
 _RUN_ENDED = {"RUN_STATE_DISPATCHED", "RUN_STATE_FAILED", "RUN_STATE_CANCELLED"}
 _CAMPAIGN_ENDED = {state_name(s) for s in (State.STATE_COMPLETED, State.STATE_STOPPED, State.STATE_FAILED)}
@@ -172,7 +175,10 @@ async def _count_results(
 
 
 class Results:
-    def __init__(self, database: Database, subjects: Subjects, notify: Callable[[], None]) -> None:
+    def __init__(
+        self, database: Database, subjects: Subjects, references: References, notify: Callable[[], None]
+    ) -> None:
+        self.references = references
         self.database = database
         self.subjects = subjects
         self._notify = notify
@@ -248,6 +254,51 @@ class Results:
                 for r in reasons
             ],
         )
+
+    async def export(self, run: str) -> AsyncIterator[pb.RunResult]:
+        """Every recipient's result in the run: dispatch's delivery results, a page at a time,
+        with the conversions recorded against the goal."""
+        campaign_name, _, run_id = run.partition("/runs/")
+        if not run_id or "/" in run_id:
+            raise invalid("run", "must look like campaigns/<id>/runs/<run>")
+        campaign_id = api.parse_uuid_name(campaign_name, "campaigns", "run")
+        async with self.database.transaction() as session:
+            known = await session.scalar(
+                sa.select(runs.c.run).where(
+                    runs.c.run == run, runs.c.campaign_id == campaign_id, owned(campaign_id)
+                )
+            )
+        if known is None:
+            raise NotFound(run)
+        async for page in self.references.run_deliveries(campaign_name, run):
+            async with self.database.transaction() as session:
+                converted = {
+                    row.delivery_id: row
+                    for row in await session.execute(
+                        sa.select(
+                            exposures.c.delivery_id, exposures.c.converted_at, exposures.c.revenue
+                        ).where(
+                            exposures.c.delivery_id.in_([d.delivery_id for d in page]),
+                            exposures.c.campaign_id == campaign_id,
+                        )
+                    )
+                }
+            for delivery in page:
+                result = pb.RunResult(
+                    user_id=delivery.user_id,
+                    delivery_id=delivery.delivery_id,
+                    group=pb.RESULT_GROUP_CONTROL
+                    if delivery.status == "skipped" and delivery.reason == SkipReason.CONTROL_GROUP
+                    else pb.RESULT_GROUP_TARGET,
+                    status=delivery.status,
+                    reason=delivery.reason,
+                    result_time=delivery.complete_time,
+                )
+                conversion = converted.get(delivery.delivery_id)
+                if conversion is not None and conversion.converted_at is not None:
+                    result.convert_time.CopyFrom(api.timestamp(conversion.converted_at))
+                    result.revenue = conversion.revenue
+                yield result
 
     async def watch(
         self, name: str, poll_seconds: float = WATCH_POLL_SECONDS

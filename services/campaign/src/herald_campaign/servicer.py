@@ -31,6 +31,7 @@ PERMISSIONS = method_permissions(
         "StopCampaign": Permission.WRITE,
         "GetCampaignStats": Permission.READ,
         "WatchCampaignStats": Permission.READ,
+        "ExportRunResults": Permission.READ,
         "ExplainDelivery": Permission.READ,
         "PreviewMessage": Permission.READ,
         "SendTestMessage": Permission.WRITE,
@@ -40,7 +41,11 @@ PERMISSIONS = method_permissions(
 
 class CampaignServicer(pb_grpc.CampaignServiceServicer):
     def __init__(
-        self, lifecycle: Lifecycle, explanations: Explanations, previews: Previews, results: Results
+        self,
+        lifecycle: Lifecycle,
+        explanations: Explanations,
+        previews: Previews,
+        results: Results,
     ) -> None:
         self.lifecycle = lifecycle
         self.explanations = explanations
@@ -87,6 +92,12 @@ class CampaignServicer(pb_grpc.CampaignServiceServicer):
     ) -> AsyncIterator[pb.CampaignStats]:
         async for stats in self.results.watch(request.name):
             yield stats
+
+    async def ExportRunResults(
+        self, request: pb.ExportRunResultsRequest, context: Context
+    ) -> AsyncIterator[pb.RunResult]:
+        async for result in self.results.export(request.run):
+            yield result
 
     async def PreviewMessage(self, request: pb.PreviewMessageRequest, context: Context) -> pb.MessagePreview:
         if request.HasField("web_popup"):

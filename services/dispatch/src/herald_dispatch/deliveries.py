@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
@@ -36,14 +38,44 @@ class DeliveryQueries:
                     .limit(MAX_LISTED)
                 )
             ).all()
-        return [
-            pb.Delivery(
-                delivery_id=r.delivery_id,
-                run=r.run,
-                status=r.status,
-                reason=r.reason,
-                attempts=r.attempts,
-                complete_time=api.timestamp(r.completed_at),
+        return [_delivery(r) for r in rows]
+
+    async def of_run(self, campaign: str, run: str, size: int, token: str) -> tuple[list[pb.Delivery], str]:
+        """A page of a run's deliveries, by user (the campaign's user index, read in order), and
+        the next page's token."""
+        check = Validator()
+        check.require(campaign.startswith("campaigns/"), "campaign", "required: campaigns/<id>")
+        check.require(run.startswith(f"{campaign}/runs/"), "run", "must be a run of the campaign")
+        check.require(0 <= size <= MAX_LISTED, "page_size", f"0 to {MAX_LISTED}")
+        check.raise_if_any()
+        after = api.decode_page_token(token, 2)
+        query = (
+            sa.select(deliveries)
+            .where(
+                deliveries.c.account_id == current_account_id(),
+                deliveries.c.campaign == campaign,
+                deliveries.c.run == run,
             )
-            for r in rows
-        ]
+            .order_by(deliveries.c.user_id, deliveries.c.delivery_id)
+            .limit((size or MAX_LISTED) + 1)
+        )
+        if after is not None:
+            query = query.where(sa.tuple_(deliveries.c.user_id, deliveries.c.delivery_id) > tuple(after))
+        async with self.database.transaction() as session:
+            rows = (await session.execute(query)).all()
+        page = rows[: size or MAX_LISTED]
+        more = len(rows) > len(page)
+        next_token = api.encode_page_token(page[-1].user_id, page[-1].delivery_id) if more else ""
+        return [_delivery(r) for r in page], next_token
+
+
+def _delivery(row: Any) -> pb.Delivery:
+    return pb.Delivery(
+        delivery_id=row.delivery_id,
+        user_id=row.user_id,
+        run=row.run,
+        status=row.status,
+        reason=row.reason,
+        attempts=row.attempts,
+        complete_time=api.timestamp(row.completed_at),
+    )

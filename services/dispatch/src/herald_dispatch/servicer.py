@@ -59,6 +59,11 @@ class DispatchServicer(pb_grpc.DispatchServiceServicer):
     async def ListDeliveries(
         self, request: pb.ListDeliveriesRequest, context: Context
     ) -> pb.ListDeliveriesResponse:
+        if request.run and not request.user_id:
+            page, token = await self.deliveries.of_run(
+                request.campaign, request.run, request.page_size, request.page_token
+            )
+            return pb.ListDeliveriesResponse(deliveries=page, next_page_token=token)
         found = await self.deliveries.of_user(request.campaign, request.user_id)
         return pb.ListDeliveriesResponse(deliveries=found)
 

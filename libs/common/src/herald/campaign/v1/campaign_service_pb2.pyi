@@ -220,6 +220,30 @@ QUIET_HOURS_ACTION_DELAY: QuietHoursAction.ValueType  # 2
 """Delivered when the hours end."""
 Global___QuietHoursAction: _TypeAlias = QuietHoursAction  # noqa: Y015
 
+class _ResultGroup:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResultGroupEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ResultGroup.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESULT_GROUP_UNSPECIFIED: _ResultGroup.ValueType  # 0
+    """Not set."""
+    RESULT_GROUP_TARGET: _ResultGroup.ValueType  # 1
+    """Meant to get the message (whether it was sent, failed or skipped)."""
+    RESULT_GROUP_CONTROL: _ResultGroup.ValueType  # 2
+    """Held back in the control group."""
+
+class ResultGroup(_ResultGroup, metaclass=_ResultGroupEnumTypeWrapper):
+    """Which group a recipient of a run was in."""
+
+RESULT_GROUP_UNSPECIFIED: ResultGroup.ValueType  # 0
+"""Not set."""
+RESULT_GROUP_TARGET: ResultGroup.ValueType  # 1
+"""Meant to get the message (whether it was sent, failed or skipped)."""
+RESULT_GROUP_CONTROL: ResultGroup.ValueType  # 2
+"""Held back in the control group."""
+Global___ResultGroup: _TypeAlias = ResultGroup  # noqa: Y015
+
 class _SmsEncoding:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -2205,6 +2229,84 @@ class GetCampaignStatsRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCampaignStatsRequest: _TypeAlias = GetCampaignStatsRequest  # noqa: Y015
+
+@_typing.final
+class ExportRunResultsRequest(_message.Message):
+    """Request for ExportRunResults."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_FIELD_NUMBER: _builtins.int
+    run: _builtins.str
+    """`campaigns/{campaign}/runs/{run}`."""
+    def __init__(
+        self,
+        *,
+        run: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run", b"run"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExportRunResultsRequest: _TypeAlias = ExportRunResultsRequest  # noqa: Y015
+
+@_typing.final
+class RunResult(_message.Message):
+    """One recipient's result in a run (per trigger occurrence, for a live campaign)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    RESULT_TIME_FIELD_NUMBER: _builtins.int
+    CONVERT_TIME_FIELD_NUMBER: _builtins.int
+    REVENUE_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The recipient."""
+    delivery_id: _builtins.str
+    """The delivery's stable id."""
+    group: Global___ResultGroup.ValueType
+    """Target or control."""
+    status: _builtins.str
+    """`sent`, `failed`, `skipped` or `unknown`."""
+    reason: _builtins.str
+    """Why it failed or was skipped."""
+    revenue: _builtins.float
+    """The conversion's revenue."""
+    @_builtins.property
+    def result_time(self) -> _timestamp_pb2.Timestamp:
+        """When its result was recorded: for a sent message, when it was sent; for a control user,
+        when it would have been.
+        """
+
+    @_builtins.property
+    def convert_time(self) -> _timestamp_pb2.Timestamp:
+        """When they converted, against the campaign's goal; unset if they did not (or it has none)."""
+
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        delivery_id: _builtins.str = ...,
+        group: Global___ResultGroup.ValueType = ...,
+        status: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        result_time: _timestamp_pb2.Timestamp | None = ...,
+        convert_time: _timestamp_pb2.Timestamp | None = ...,
+        revenue: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["convert_time", b"convert_time", "result_time", b"result_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["convert_time", b"convert_time", "delivery_id", b"delivery_id", "group", b"group", "reason", b"reason", "result_time", b"result_time", "revenue", b"revenue", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunResult: _TypeAlias = RunResult  # noqa: Y015
 
 @_typing.final
 class WatchCampaignStatsRequest(_message.Message):

@@ -81,6 +81,11 @@ class CampaignServiceStub:
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.WatchCampaignStatsRequest.SerializeToString,
                 response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.FromString,
                 _registered_method=True)
+        self.ExportRunResults = channel.unary_stream(
+                '/herald.campaign.v1.CampaignService/ExportRunResults',
+                request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExportRunResultsRequest.SerializeToString,
+                response_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.RunResult.FromString,
+                _registered_method=True)
         self.ExplainDelivery = channel.unary_unary(
                 '/herald.campaign.v1.CampaignService/ExplainDelivery',
                 request_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExplainDeliveryRequest.SerializeToString,
@@ -166,6 +171,14 @@ class CampaignServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportRunResults(self, request, context):
+        """Every recipient's result in one run, for analysis elsewhere: group, delivery status and
+        reason, when it was sent, and whether and when they converted, with the revenue.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ExplainDelivery(self, request, context):
         """Why a user did or did not get a campaign: the decision for them in each run, and the rule
         that made it.
@@ -237,6 +250,11 @@ def add_CampaignServiceServicer_to_server(servicer, server):
                     servicer.WatchCampaignStats,
                     request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.WatchCampaignStatsRequest.FromString,
                     response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.SerializeToString,
+            ),
+            'ExportRunResults': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportRunResults,
+                    request_deserializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExportRunResultsRequest.FromString,
+                    response_serializer=herald_dot_campaign_dot_v1_dot_campaign__service__pb2.RunResult.SerializeToString,
             ),
             'ExplainDelivery': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainDelivery,
@@ -498,6 +516,33 @@ class CampaignService:
             '/herald.campaign.v1.CampaignService/WatchCampaignStats',
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.WatchCampaignStatsRequest.SerializeToString,
             herald_dot_campaign_dot_v1_dot_campaign__service__pb2.CampaignStats.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportRunResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/herald.campaign.v1.CampaignService/ExportRunResults',
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.ExportRunResultsRequest.SerializeToString,
+            herald_dot_campaign_dot_v1_dot_campaign__service__pb2.RunResult.FromString,
             options,
             channel_credentials,
             insecure,

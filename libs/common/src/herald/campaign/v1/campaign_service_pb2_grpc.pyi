@@ -54,6 +54,10 @@ class CampaignServiceStub:
     """The campaign's stats now, then again each time they change, until the campaign has ended
     and its goal's conversion window (if it has a goal) has passed since.
     """
+    ExportRunResults: _grpc.UnaryStreamMultiCallable[_campaign_service_pb2.ExportRunResultsRequest, _campaign_service_pb2.RunResult]
+    """Every recipient's result in one run, for analysis elsewhere: group, delivery status and
+    reason, when it was sent, and whether and when they converted, with the revenue.
+    """
     ExplainDelivery: _grpc.UnaryUnaryMultiCallable[_campaign_service_pb2.ExplainDeliveryRequest, _campaign_service_pb2.DeliveryExplanation]
     """Why a user did or did not get a campaign: the decision for them in each run, and the rule
     that made it.
@@ -91,6 +95,10 @@ class CampaignServiceAsyncStub(CampaignServiceStub):
     WatchCampaignStats: _aio.UnaryStreamMultiCallable[_campaign_service_pb2.WatchCampaignStatsRequest, _campaign_service_pb2.CampaignStats]  # type: ignore[assignment]
     """The campaign's stats now, then again each time they change, until the campaign has ended
     and its goal's conversion window (if it has a goal) has passed since.
+    """
+    ExportRunResults: _aio.UnaryStreamMultiCallable[_campaign_service_pb2.ExportRunResultsRequest, _campaign_service_pb2.RunResult]  # type: ignore[assignment]
+    """Every recipient's result in one run, for analysis elsewhere: group, delivery status and
+    reason, when it was sent, and whether and when they converted, with the revenue.
     """
     ExplainDelivery: _aio.UnaryUnaryMultiCallable[_campaign_service_pb2.ExplainDeliveryRequest, _campaign_service_pb2.DeliveryExplanation]  # type: ignore[assignment]
     """Why a user did or did not get a campaign: the decision for them in each run, and the rule
@@ -180,6 +188,16 @@ class CampaignServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_campaign_service_pb2.CampaignStats], _abc.AsyncIterator[_campaign_service_pb2.CampaignStats]]:
         """The campaign's stats now, then again each time they change, until the campaign has ended
         and its goal's conversion window (if it has a goal) has passed since.
+        """
+
+    @_abc_1.abstractmethod
+    def ExportRunResults(
+        self,
+        request: _campaign_service_pb2.ExportRunResultsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_campaign_service_pb2.RunResult], _abc.AsyncIterator[_campaign_service_pb2.RunResult]]:
+        """Every recipient's result in one run, for analysis elsewhere: group, delivery status and
+        reason, when it was sent, and whether and when they converted, with the revenue.
         """
 
     @_abc_1.abstractmethod

@@ -696,19 +696,31 @@ class ListDeliveriesRequest(_message.Message):
 
     CAMPAIGN_FIELD_NUMBER: _builtins.int
     USER_ID_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     campaign: _builtins.str
     """`campaigns/{campaign}`; required."""
     user_id: _builtins.str
-    """The user; required."""
+    """The user; required unless `run` is given."""
+    run: _builtins.str
+    """`campaigns/{campaign}/runs/{run}`: list this run's deliveries (with no user_id)."""
+    page_size: _builtins.int
+    """With `run`: deliveries per page, 1 to 1,000 (0 is 1,000)."""
+    page_token: _builtins.str
+    """With `run`: the previous page's next_page_token, empty for the first page."""
     def __init__(
         self,
         *,
         campaign: _builtins.str = ...,
         user_id: _builtins.str = ...,
+        run: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "page_size", b"page_size", "page_token", b"page_token", "run", b"run", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -721,6 +733,7 @@ class Delivery(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    USER_ID_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
@@ -728,6 +741,8 @@ class Delivery(_message.Message):
     COMPLETE_TIME_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """The delivery's stable id."""
+    user_id: _builtins.str
+    """The recipient."""
     run: _builtins.str
     """`campaigns/{campaign}/runs/{run}`."""
     status: _builtins.str
@@ -744,6 +759,7 @@ class Delivery(_message.Message):
         self,
         *,
         delivery_id: _builtins.str = ...,
+        user_id: _builtins.str = ...,
         run: _builtins.str = ...,
         status: _builtins.str = ...,
         reason: _builtins.str = ...,
@@ -752,7 +768,7 @@ class Delivery(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["complete_time", b"complete_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "complete_time", b"complete_time", "delivery_id", b"delivery_id", "reason", b"reason", "run", b"run", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "complete_time", b"complete_time", "delivery_id", b"delivery_id", "reason", b"reason", "run", b"run", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -765,18 +781,22 @@ class ListDeliveriesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DELIVERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """With `run`: the token of the next page; empty after the last."""
     @_builtins.property
     def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___Delivery]:
-        """At most 1000, oldest first."""
+        """At most 1000: a user's oldest first, a run's by user."""
 
     def __init__(
         self,
         *,
         deliveries: _abc.Iterable[Global___Delivery] | None = ...,
+        next_page_token: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "next_page_token", b"next_page_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -111,7 +111,8 @@ class DispatchServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListDeliveries(self, request, context):
-        """The final results of one user's deliveries of a campaign, one per run, oldest first.
+        """The final results of one user's deliveries of a campaign, one per run, oldest first; or,
+        with a run instead of a user, that run's deliveries a page at a time, by user.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -43,7 +43,9 @@ class DispatchServiceStub:
     DeleteDestination: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.DeleteDestinationRequest, _empty_pb2.Empty]
     """Deletes a destination."""
     ListDeliveries: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDeliveriesRequest, _dispatch_service_pb2.ListDeliveriesResponse]
-    """The final results of one user's deliveries of a campaign, one per run, oldest first."""
+    """The final results of one user's deliveries of a campaign, one per run, oldest first; or,
+    with a run instead of a user, that run's deliveries a page at a time, by user.
+    """
     TestDestination: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.TestDestinationRequest, _dispatch_service_pb2.TestDestinationResponse]
     """Checks a destination's credentials with its provider, sending nothing: whether the account
     is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
@@ -72,7 +74,9 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     DeleteDestination: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.DeleteDestinationRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a destination."""
     ListDeliveries: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDeliveriesRequest, _dispatch_service_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
-    """The final results of one user's deliveries of a campaign, one per run, oldest first."""
+    """The final results of one user's deliveries of a campaign, one per run, oldest first; or,
+    with a run instead of a user, that run's deliveries a page at a time, by user.
+    """
     TestDestination: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.TestDestinationRequest, _dispatch_service_pb2.TestDestinationResponse]  # type: ignore[assignment]
     """Checks a destination's credentials with its provider, sending nothing: whether the account
     is set up. A Segment source cannot be checked without sending (FAILED_PRECONDITION).
@@ -128,7 +132,9 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _dispatch_service_pb2.ListDeliveriesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_service_pb2.ListDeliveriesResponse, _abc.Awaitable[_dispatch_service_pb2.ListDeliveriesResponse]]:
-        """The final results of one user's deliveries of a campaign, one per run, oldest first."""
+        """The final results of one user's deliveries of a campaign, one per run, oldest first; or,
+        with a run instead of a user, that run's deliveries a page at a time, by user.
+        """
 
     @_abc_1.abstractmethod
     def TestDestination(
