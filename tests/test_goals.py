@@ -396,3 +396,53 @@ async def test_a_live_campaign_counts_a_conversion_per_trigger_occurrence(shop: 
         shop.clock.advance(timedelta(minutes=10))
         await shop.charge(buyer, 500)
         await eventually(lambda n=occurrence: goal_is(n, n), within=20)  # type: ignore[misc]
+
+
+async def test_stats_match_the_recorded_facts_after_every_service_restarts(
+    shop: Shop, platform: Platform
+) -> None:
+    name = await _published(
+        shop, targeting=campaign_pb.Targeting(control_group_percent=20), goal=charged_goal()
+    )
+    await platform.restart_all()  # mid-run
+    await completed_stats(shop.clients, name)
+    users = [f"{shop.tag}-{i:02}" for i in range(USERS)]
+    shop.clock.advance(timedelta(minutes=20))
+    for i, u in enumerate(users[:30]):
+        await shop.charge(u, 500 + i, event_id=f"{shop.tag}-buy-{i}")
+    await platform.restart_all()  # conversions under way
+    for i, u in enumerate(users[20:40], start=20):  # ten sent again, ten new
+        await shop.charge(u, 500 + i, event_id=f"{shop.tag}-buy-{i}")
+
+    async def all_counted() -> bool:
+        goal = (await shop.stats(name)).goal
+        return goal.converted + goal.control_converted == 40
+
+    await eventually(all_counted, within=30)
+    await asyncio.sleep(1)
+    connection = await asyncpg.connect(shop.database_url)
+    try:
+        facts = await connection.fetchrow(
+            """
+            SELECT count(*) FILTER (WHERE NOT control) AS sent,
+                   count(converted_at) FILTER (WHERE NOT control) AS converted,
+                   count(*) FILTER (WHERE control) AS control,
+                   count(converted_at) FILTER (WHERE control) AS control_converted,
+                   coalesce(sum(revenue) FILTER (WHERE NOT control), 0) AS revenue,
+                   coalesce(sum(revenue) FILTER (WHERE control), 0) AS control_revenue
+            FROM campaign.exposures WHERE campaign_id = $1
+            """,
+            uuid.UUID(name.removeprefix("campaigns/")),
+        )
+    finally:
+        await connection.close()
+    goal = (await shop.stats(name)).goal
+    assert (goal.sent, goal.converted, goal.control, goal.control_converted) == (
+        facts["sent"],
+        facts["converted"],
+        facts["control"],
+        facts["control_converted"],
+    )
+    assert (goal.revenue, goal.control_revenue) == pytest.approx((facts["revenue"], facts["control_revenue"]))
+    assert goal.sent + goal.control == USERS
+    assert goal.revenue + goal.control_revenue == pytest.approx(sum(500 + i for i in range(40)))
