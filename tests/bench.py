@@ -341,7 +341,7 @@ def main() -> None:
     parser.add_argument("--full", action="store_true", help="the issues' full sizes (1M users; 20M events)")
     parser.add_argument(
         "--only",
-        choices=("pipeline", "segmentation", "scheduling", "sms", "mparticle", "live", "web"),
+        choices=("pipeline", "segmentation", "scheduling", "sms", "mparticle", "live", "web", "results"),
         help="run one benchmark",
     )
     args = parser.parse_args()
@@ -370,6 +370,10 @@ def main() -> None:
         from tests import bench_web  # it builds on this module's helpers
 
         asyncio.run(bench_web.run(bench_web.FULL if args.full else bench_web.QUICK))
+    if args.only in (None, "results"):
+        from tests import bench_results  # it builds on this module's helpers
+
+        asyncio.run(bench_results.run(bench_results.FULL if args.full else bench_results.QUICK))
 
 
 if __name__ == "__main__":

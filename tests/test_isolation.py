@@ -503,6 +503,26 @@ async def _get_campaign_stats(w: World) -> None:
     await _refused(w.b.campaigns.GetCampaignStats(request))
 
 
+@probe(campaign_pb, "WatchCampaignStats")
+async def _watch_campaign_stats(w: World) -> None:
+    async def watched() -> list[campaign_pb.CampaignStats]:
+        request = campaign_pb.WatchCampaignStatsRequest(name=f"{w.campaign.name}/stats")
+        return [stats async for stats in w.b.campaigns.WatchCampaignStats(request)]
+
+    await _refused(watched())
+    run_stats = campaign_pb.GetCampaignStatsRequest(name=f"{w.run.name}/stats")
+    await _refused(w.b.campaigns.GetCampaignStats(run_stats))
+
+
+@probe(campaign_pb, "ExportRunResults")
+async def _export_run_results(w: World) -> None:
+    async def exported() -> list[campaign_pb.RunResult]:
+        request = campaign_pb.ExportRunResultsRequest(run=w.run.name)
+        return [result async for result in w.b.campaigns.ExportRunResults(request)]
+
+    await _refused(exported())
+
+
 # --- scheduler --------------------------------------------------------------------------------
 
 

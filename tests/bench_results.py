@@ -1,0 +1,187 @@
+"""The results benchmark: a campaign with a goal and a control group reaches every user (a
+Segment export), then goal events arrive, two per user; the four services as separate processes.
+
+Prints, next to the targets: how fast conversions are counted (goal events ingested to the last
+conversion counted), GetCampaignStats latency (p50, p99) at that size, and each process's CPU
+per goal event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from google.protobuf.duration_pb2 import Duration
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.campaign.v1 import campaign_service_pb2_grpc as campaign_grpc
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from herald_common.logging import configure_logging
+from tests.bench import WRITE_KEY, PeakMemory, fake_segment, percentile, service_processes, upsert_users
+from tests.harness import create_account, fresh_settings, keyed_channel
+from tests.helpers import audience, condition, matching, segment_export_campaign
+from tests.processes import benchmark_servers
+
+TARGET_CONVERSIONS_PER_SECOND = 20_000
+TARGET_STATS_P99_MS = 50.0
+EVENTS_PER_CALL = 500
+IN_FLIGHT = 8
+STATS_CALLS = 1_000
+HERALD = ("segmentation", "campaign", "scheduler", "dispatch")
+
+
+@dataclass
+class Sizes:
+    users: int
+    events_per_user: int
+
+
+QUICK = Sizes(users=20_000, events_per_user=2)
+FULL = Sizes(users=1_000_000, events_per_user=2)
+
+
+async def _wait_for(check: Callable[[], Awaitable[bool]], within: float) -> float:
+    """Seconds until `check` answers true (polled every 0.2 s)."""
+    started = time.monotonic()
+    while not await check():
+        if time.monotonic() - started > within:
+            raise RuntimeError(f"not done within {within:.0f} s")
+        await asyncio.sleep(0.2)
+    return time.monotonic() - started
+
+
+async def run(sizes: Sizes) -> None:
+    configure_logging("warning")
+    memory = PeakMemory()
+    tag = uuid.uuid4().hex[:8]
+    async with (
+        benchmark_servers("herald-bench-results-") as (database_url, nats_url),
+        fresh_settings(database_url, nats_url) as settings,
+        fake_segment(memory) as segment_url,
+        service_processes(settings, memory) as services,
+    ):
+        sampler = asyncio.create_task(memory.sample_forever())
+        _, key = await create_account(services.address("campaign"), settings.bootstrap_token, "results bench")
+        async with (
+            keyed_channel(services.address("segmentation"), key) as segmentation_channel,
+            keyed_channel(services.address("campaign"), key) as campaigns_channel,
+            keyed_channel(services.address("dispatch"), key) as dispatch_channel,
+        ):
+            segmentation = segmentation_grpc.SegmentationServiceStub(segmentation_channel)
+            campaigns = campaign_grpc.CampaignServiceStub(campaigns_channel)
+            await upsert_users(segmentation_channel, tag, sizes.users)
+            segment = await segmentation.CreateSegment(
+                segmentation_pb.CreateSegmentRequest(
+                    segment=segmentation_pb.Segment(
+                        display_name="everyone", filter=matching(condition("cohort", "EQUALS", tag))
+                    )
+                )
+            )
+            destination = await dispatch_grpc.DispatchServiceStub(dispatch_channel).CreateDestination(
+                dispatch_pb.CreateDestinationRequest(
+                    destination=dispatch_pb.Destination(
+                        display_name="bench",
+                        segment=dispatch_pb.SegmentConfig(write_key=WRITE_KEY, endpoint_url=segment_url),
+                    )
+                )
+            )
+            window = Duration()
+            window.FromTimedelta(timedelta(days=7))
+            goal = campaign_pb.Goal(
+                event=campaign_pb.LiveEvent(
+                    event_name="Charged", where=[condition("amount", "GREATER_THAN_OR_EQUAL", 10)]
+                ),
+                conversion_window=window,
+                revenue_property="amount",
+            )
+            campaign = segment_export_campaign(
+                segment.name,
+                destination.name,
+                audience=audience(segment.name),
+                targeting=campaign_pb.Targeting(control_group_percent=20),
+                goal=goal,
+            )
+            created = await campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+            await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+            stats_name = f"{created.name}/stats"
+
+            async def stats() -> campaign_pb.CampaignStats:
+                return await campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=stats_name))
+
+            async def exposed() -> bool:
+                found = (await stats()).goal
+                return found.sent + found.control >= sizes.users
+
+            export_s = await _wait_for(exposed, 3600)
+
+            count = sizes.users * sizes.events_per_user
+            slots = asyncio.Semaphore(IN_FLIGHT)
+
+            async def send(offset: int) -> None:
+                events = []
+                for n in range(offset, min(offset + EVENTS_PER_CALL, count)):
+                    event = segmentation_pb.Event(
+                        user_id=f"{tag}-{n % sizes.users:08d}", name="Charged", client_event_id=f"buy-{n}"
+                    )
+                    event.properties.update({"amount": 10 + n % 90})
+                    events.append(event)
+                try:
+                    await segmentation.IngestEvents(segmentation_pb.IngestEventsRequest(events=events))
+                finally:
+                    slots.release()
+
+            cpu_before = memory.cpu_seconds()
+            started = time.monotonic()
+            tasks = []
+            for offset in range(0, count, EVENTS_PER_CALL):
+                await slots.acquire()
+                tasks.append(asyncio.create_task(send(offset)))
+            await asyncio.gather(*tasks)
+            ingest_s = time.monotonic() - started
+
+            async def all_converted() -> bool:
+                found = (await stats()).goal
+                return found.converted + found.control_converted >= sizes.users
+
+            await _wait_for(all_converted, 3600)
+            converted_s = time.monotonic() - started
+            cpu = {n: used - cpu_before.get(n, 0.0) for n, used in memory.cpu_seconds().items()}
+            final = (await stats()).goal
+
+            latencies = []
+            for _ in range(STATS_CALLS):
+                t0 = time.perf_counter()
+                await stats()
+                latencies.append((time.perf_counter() - t0) * 1000)
+        sampler.cancel()
+
+    rate = count / converted_s
+    print(f"users (recipients)                     {sizes.users:>12,}  exposed in {export_s:,.1f} s")
+    print(f"goal events                            {count:>12,}  ingested in {ingest_s:,.1f} s")
+    counted = final.converted + final.control_converted
+    print(
+        f"conversions counted                    {counted:>12,}  (sent {final.converted:,} of "
+        f"{final.sent:,}, control {final.control_converted:,} of {final.control:,})"
+    )
+    print(
+        f"conversion processing                  {rate:>12,.0f} events/s"
+        f"   (target >= {TARGET_CONVERSIONS_PER_SECOND:,})"
+    )
+    print(
+        f"GetCampaignStats                       p50 {percentile(latencies, 0.5):,.1f} ms, "
+        f"p99 {percentile(latencies, 0.99):,.1f} ms   (target p99 <= {TARGET_STATS_P99_MS:.0f})"
+    )
+    herald_us = sum(used for n, used in cpu.items() if n.startswith(HERALD)) / count * 1e6
+    print(f"Herald CPU per goal event              {herald_us:>12,.0f} µs")
+    print("  CPU µs/event: " + ", ".join(f"{n} {used / count * 1e6:,.0f}" for n, used in sorted(cpu.items())))
+    print("Best Time planning                     not built yet (target >= 20,000 users/s)")
+    print("peak RSS by process:")
+    for name, peak in sorted(memory.peaks.items()):
+        print(f"  {name:<36} {peak / 2**20:>8,.0f} MiB")
