@@ -26,7 +26,7 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common.logging import configure_logging
 from tests.bench import WRITE_KEY, PeakMemory, fake_segment, percentile, service_processes, upsert_users
 from tests.harness import create_account, fresh_settings, keyed_channel
-from tests.helpers import audience, condition, matching, segment_export_campaign
+from tests.helpers import condition, matching, segment_export_campaign
 from tests.processes import benchmark_servers
 
 TARGET_CONVERSIONS_PER_SECOND = 20_000
@@ -104,7 +104,6 @@ async def run(sizes: Sizes) -> None:
             campaign = segment_export_campaign(
                 segment.name,
                 destination.name,
-                audience=audience(segment.name),
                 targeting=campaign_pb.Targeting(control_group_percent=20),
                 goal=goal,
             )
