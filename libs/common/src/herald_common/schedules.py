@@ -23,6 +23,9 @@ from herald_common.timing import (
 )
 
 MAX_SEND_TIMES = 50
+MAX_BEST_TIME_DAYS = 7
+# When Best Time reaches users without history, unless the campaign or the account says.
+DEFAULT_BEST_TIME_FALLBACK = time(12, 0)
 MAX_OCCURRENCES = 10_000
 MAX_LIVE_DELAY = timedelta(days=30)
 # How far ahead a schedule may reach: a date past it is refused (a start in year 9999 would sit
@@ -195,6 +198,19 @@ def parse_time_of_day(text: str) -> time | None:
 def check_delivery(campaign: pb.Campaign, path: str, check: Validator) -> None:
     """The shape of a campaign's delivery preferences."""
     delivery = campaign.delivery
+    if delivery.HasField("best_time"):
+        best = delivery.best_time
+        check.require(
+            campaign.schedule.WhichOneof("when") == "send_later",
+            f"{path}.best_time",
+            "Best Time delivers on the day of a send_later schedule (each user at their own hour), "
+            "not with send now, several times, recurring or live",
+        )
+        check.require(0 <= best.days <= MAX_BEST_TIME_DAYS, f"{path}.best_time.days", "1 to 7 days (0 is 1)")
+        if best.fallback_time:
+            check.require(
+                parse_time_of_day(best.fallback_time) is not None, f"{path}.best_time.fallback_time", _HH_MM
+            )
     if delivery.user_timezone:
         check.require(
             campaign.schedule.WhichOneof("when") not in ("send_now", "live"),
@@ -243,7 +259,7 @@ class DeliveryRules:
             assert start is not None and end is not None  # checked
             quiet = QuietHours(start, end)
         return cls(
-            user_timezone=delivery.user_timezone,
+            user_timezone=in_users_zones(campaign),
             cutoff=parse_time_of_day(delivery.cutoff_time) if delivery.cutoff_time else None,
             quiet_hours=quiet,
             discard_in_quiet_hours=delivery.quiet_hours.action == pb.QUIET_HOURS_ACTION_DISCARD,
@@ -273,9 +289,30 @@ def schedule_zone(campaign: pb.Campaign, default_zone: ZoneInfo) -> ZoneInfo:
     return default_zone
 
 
+def in_users_zones(campaign: pb.Campaign) -> bool:
+    """Whether the campaign delivers at wall-clock times in each user's own zone."""
+    return campaign.delivery.user_timezone or campaign.delivery.HasField("best_time")
+
+
+def best_time_days(campaign: pb.Campaign) -> int:
+    return campaign.delivery.best_time.days or 1
+
+
+def best_time_fallback(campaign: pb.Campaign, settings: accounts_pb.AccountSettings) -> time:
+    """The time Best Time gives users without history: the campaign's, the account's, or noon."""
+    for text in (campaign.delivery.best_time.fallback_time, settings.best_time_fallback):
+        parsed = parse_time_of_day(text) if text else None
+        if parsed is not None:
+            return parsed
+    return DEFAULT_BEST_TIME_FALLBACK
+
+
 def wall_clock(campaign: pb.Campaign, planned: datetime, default_zone: ZoneInfo) -> tuple[date, time]:
-    """The calendar day and time of day an occurrence names, for delivery in users' zones."""
+    """The calendar day and time of day an occurrence names, for delivery in users' zones (Best
+    Time: from the start of the day, each user's hour following)."""
     local = planned.astimezone(schedule_zone(campaign, default_zone))
+    if campaign.delivery.HasField("best_time"):
+        return local.date(), time(0, 0)
     if campaign.schedule.WhichOneof("when") == "recurring":
         # The rule's own time, even where a DST gap moved this day's instant forward.
         return local.date(), recurrence(campaign.schedule.recurring)[0].at
@@ -283,9 +320,17 @@ def wall_clock(campaign: pb.Campaign, planned: datetime, default_zone: ZoneInfo)
 
 
 def _start_of(campaign: pb.Campaign, planned: datetime, default_zone: ZoneInfo) -> datetime:
-    if not campaign.delivery.user_timezone:
+    if not in_users_zones(campaign):
         return planned
     return run_start(*wall_clock(campaign, planned, default_zone))
+
+
+def _last_due(campaign: pb.Campaign, planned: datetime, default_zone: ZoneInfo) -> datetime:
+    """When the last zone on Earth reaches the occurrence's time (Best Time: the window's end)."""
+    day, at = wall_clock(campaign, planned, default_zone)
+    if campaign.delivery.HasField("best_time"):
+        return run_last_due(day + timedelta(days=best_time_days(campaign) - 1), time(23, 59))
+    return run_last_due(day, at)
 
 
 def occurrences_after(
@@ -300,7 +345,7 @@ def occurrences_after(
     With delivery in users' zones a run starts up to 26 hours before its planned instant; with
     `under_way` (publishing) a run the earliest zones have already reached but the last has not
     counts too, starting at `after`: its users whose time has passed are skipped."""
-    if not campaign.delivery.user_timezone:
+    if not in_users_zones(campaign):
         return [Occurrence(t, t) for t in times_after(campaign, after, limit)]
     found: list[Occurrence] = []
     cursor = after - RUN_LEAD
@@ -312,6 +357,6 @@ def occurrences_after(
         start = _start_of(campaign, cursor, default_zone)
         if start > after:
             found.append(Occurrence(cursor, start))
-        elif under_way and run_last_due(*wall_clock(campaign, cursor, default_zone)) > after:
+        elif under_way and _last_due(campaign, cursor, default_zone) > after:
             found.append(Occurrence(cursor, after))
     return found

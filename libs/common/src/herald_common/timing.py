@@ -166,6 +166,14 @@ def next_occurrence(rule: Recurrence, zone: ZoneInfo, after: datetime) -> dateti
     return None
 
 
+def best_local_time(day: date, best_hour_utc: int | None, zone: ZoneInfo, fallback: time) -> time:
+    """The wall-clock time in `zone` on `day` of a user's best hour (counted in UTC), or the
+    fallback for a user without history."""
+    if best_hour_utc is None:
+        return fallback
+    return datetime.combine(day, time(best_hour_utc), tzinfo=UTC).astimezone(zone).time().replace(tzinfo=None)
+
+
 def run_start(day: date, at: time) -> datetime:
     """When a run delivering at a wall-clock time in each user's own zone starts: as the earliest
     zone on Earth reaches it."""

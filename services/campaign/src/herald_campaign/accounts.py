@@ -42,6 +42,7 @@ from herald_common.netguard import NetworkPolicy
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
 from herald_common.runtime import Infrastructure
+from herald_common.schedules import parse_time_of_day
 from herald_common.timing import zone_named
 from herald_common.validation import check_text_fields
 
@@ -104,6 +105,11 @@ async def check_settings(settings: pb.AccountSettings, network: NetworkPolicy) -
         not settings.default_timezone or zone_named(settings.default_timezone) is not None,
         f"{path}.default_timezone",
         f"unknown IANA time zone {settings.default_timezone!r}",
+    )
+    check.require(
+        not settings.best_time_fallback or parse_time_of_day(settings.best_time_fallback) is not None,
+        f"{path}.best_time_fallback",
+        "HH:MM, 00:00 to 23:59",
     )
     check.require(
         0 <= settings.throttle_per_five_minutes <= MAX_THROTTLE,

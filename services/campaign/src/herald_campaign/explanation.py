@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import sqlalchemy as sa
@@ -9,6 +10,7 @@ import sqlalchemy as sa
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald_campaign.accounts import settings_of
 from herald_campaign.records import State, owned, state_name
 from herald_campaign.references import References
 from herald_campaign.storage import campaigns, runs
@@ -16,7 +18,9 @@ from herald_common import api
 from herald_common.db import Database
 from herald_common.errors import NotFound
 from herald_common.live import NOT_IN_AUDIENCE
+from herald_common.schedules import account_zone, best_time_fallback, wall_clock
 from herald_common.skips import SkipReason
+from herald_common.timing import best_local_time, zone_named
 
 _RESULT_DECISIONS = {
     "sent": (pb.DECISION_SENT, pb.RULE_DELIVERED),
@@ -135,7 +139,9 @@ class Explanations:
         async with self.database.transaction() as session:
             found = (
                 await session.execute(
-                    sa.select(campaigns.c.state, campaigns.c.spec).where(owned(campaign_id))
+                    sa.select(campaigns.c.state, campaigns.c.spec, campaigns.c.account_id).where(
+                        owned(campaign_id)
+                    )
                 )
             ).first()
             if found is None:
@@ -165,4 +171,26 @@ class Explanations:
             return explanation
         for run in reported:
             explanation.decisions.append(_decision(run, results.get(run.run), settled))
+        spec = pb.Campaign.FromString(found.spec)
+        if spec.delivery.HasField("best_time"):
+            explanation.best_time = await self._best_time(spec, found.account_id, user_id)
         return explanation
+
+    async def _best_time(self, spec: pb.Campaign, account_id: uuid.UUID, user_id: str) -> str:
+        """The hour Best Time picks for the user on the schedule's day, and why."""
+        async with self.database.transaction() as session:
+            settings, _ = await settings_of(session, account_id)
+        member = await self.references.best_hour(user_id)
+        default_zone = account_zone(settings)
+        zone = (zone_named(member.timezone) if member and member.timezone else None) or default_zone
+        day, _ = wall_clock(spec, api.from_timestamp(spec.schedule.send_later.send_time), default_zone)
+        known = member is not None and member.HasField("best_hour_utc")
+        hour = member.best_hour_utc if member is not None and known else None
+        at = best_local_time(day, hour, zone, best_time_fallback(spec, settings))
+        when = f"{at:%H:%M} on {day.isoformat()} in {zone.key}"
+        if member is not None and hour is not None:
+            return (
+                f"{when}: their best hour, with {member.best_hour_count:,} of their sessions, opens and "
+                "clicks, more than any other hour of the day"
+            )
+        return f"{when}: the fallback time, since no sessions, opens or clicks of theirs are recorded"

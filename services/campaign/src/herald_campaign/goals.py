@@ -115,9 +115,7 @@ async def record_exposures(session: AsyncSession, outcomes: Sequence[events.Deli
     users = sorted({(row.campaign_id, row.user_id) for row in added})
     if users:
         waiting = await session.execute(
-            sa.select(waiting_goal_events).where(
-                sa.tuple_(waiting_goal_events.c.campaign_id, waiting_goal_events.c.user_id).in_(users)
-            )
+            _WAITING_OF, {"campaigns": [c for c, _ in users], "users": [u for _, u in users]}
         )
         found = [
             _GoalEvent(w.campaign_id, w.account_id, w.user_id, w.client_event_id, w.event_time, w.revenue)
@@ -175,6 +173,28 @@ _LATEST_EXPOSURE = sa.text(
     ) x
     """
 )
+# Lookups by (campaign, user) and (campaign, event) pairs: two array parameters however many.
+_WAITING_OF = sa.text(
+    """
+    SELECT w.* FROM campaign.waiting_goal_events w
+    JOIN unnest(CAST(:campaigns AS uuid[]), CAST(:users AS text[])) AS p(campaign_id, user_id)
+      ON w.campaign_id = p.campaign_id AND w.user_id = p.user_id
+    """
+)
+_CONVERTED_BY = sa.text(
+    """
+    SELECT x.campaign_id, x.conversion_event FROM campaign.exposures x
+    JOIN unnest(CAST(:campaigns AS uuid[]), CAST(:events AS text[])) AS e(campaign_id, event_id)
+      ON x.campaign_id = e.campaign_id AND x.conversion_event = e.event_id
+    """
+)
+_NO_LONGER_WAITING = sa.text(
+    """
+    DELETE FROM campaign.waiting_goal_events w
+    USING unnest(CAST(:campaigns AS uuid[]), CAST(:events AS text[])) AS e(campaign_id, event_id)
+    WHERE w.campaign_id = e.campaign_id AND w.client_event_id = e.event_id
+    """
+)
 _CONVERT = sa.text(
     """
     UPDATE campaign.exposures x SET converted_at = u.at, conversion_event = u.event_id, revenue = u.revenue
@@ -214,10 +234,8 @@ async def _attribute(
     already = {
         (row.campaign_id, row.conversion_event)
         for row in await session.execute(
-            sa.select(exposures.c.campaign_id, exposures.c.conversion_event).where(
-                exposures.c.campaign_id.in_({e.campaign_id for e in found}),
-                exposures.c.conversion_event.in_({e.client_id for e in found}),
-            )
+            _CONVERTED_BY,
+            {"campaigns": [e.campaign_id for e in found], "events": [e.client_id for e in found]},
         )
     }
     converting: dict[str, _GoalEvent] = {}
@@ -250,11 +268,8 @@ async def _attribute(
     settled = [e for e in found if e not in waits_on]
     if waiting and settled:
         await session.execute(
-            sa.delete(waiting_goal_events).where(
-                sa.tuple_(waiting_goal_events.c.campaign_id, waiting_goal_events.c.client_event_id).in_(
-                    [(e.campaign_id, e.client_id) for e in settled]
-                )
-            )
+            _NO_LONGER_WAITING,
+            {"campaigns": [e.campaign_id for e in settled], "events": [e.client_id for e in settled]},
         )
     if not waiting and unplaced:
         expires = api.utcnow() + WAITING_FOR_EXPOSURE

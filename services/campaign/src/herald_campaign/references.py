@@ -157,6 +157,17 @@ class References:
         except grpc.aio.AioRpcError as error:
             raise _translate(error, f"users/{user_id}", field, "segmentation") from None
 
+    async def best_hour(self, user_id: str) -> segmentation_pb.AudienceMember | None:
+        """The user's zone and best hour (None for a user segmentation does not know)."""
+        try:
+            found = await self.segments.MatchUsers(
+                segmentation_pb.MatchUsersRequest(user_ids=[user_id], with_best_hour=True),
+                timeout=deadlines.timeout(LOOKUP_TIMEOUT_SECONDS),
+            )
+        except grpc.aio.AioRpcError as error:
+            raise _translate(error, f"users/{user_id}", "user_id", "segmentation") from None
+        return found.members[0] if found.members else None
+
     async def send_test_messages(
         self, destination: str, messages: list[tuple[str, str]], dlt_template_id: str
     ) -> list[dispatch_pb.TestMessageAnswer]:

@@ -4,14 +4,21 @@ them. Every user of one zone shares the answer, so a run works it out once per z
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
-from herald_common.schedules import DeliveryRules, account_zone, schedule_zone, wall_clock
+from herald_common.schedules import (
+    DeliveryRules,
+    account_zone,
+    best_time_days,
+    best_time_fallback,
+    schedule_zone,
+    wall_clock,
+)
 from herald_common.skips import SkipReason
-from herald_common.timing import cutoff_instant, local_instant, quiet_hours_delay, zone_named
+from herald_common.timing import best_local_time, cutoff_instant, local_instant, quiet_hours_delay, zone_named
 
 
 @dataclass(frozen=True)
@@ -38,19 +45,41 @@ class RunTiming:
         self.default_zone = account_zone(settings)
         self.schedule_zone = schedule_zone(campaign, self.default_zone)
         self.wall = wall_clock(campaign, planned, self.default_zone) if self.rules.user_timezone else None
-        self._by_zone: dict[str, Due] = {}
+        self.best_time = campaign.delivery.HasField("best_time")
+        self.best_time_days = best_time_days(campaign)
+        self.fallback = best_time_fallback(campaign, settings)
+        self._by_zone: dict[tuple[str, int | None], Due] = {}
 
-    def of(self, timezone: str) -> Due:
-        """The answer for users whose profile names this zone (empty or unknown: the account's)."""
-        known = self._by_zone.get(timezone)
+    def of(self, timezone: str, best_hour_utc: int | None = None) -> Due:
+        """The answer for users whose profile names this zone (empty or unknown: the account's),
+        and, for Best Time, whose best hour is this (None: no history)."""
+        key = (timezone, best_hour_utc if self.best_time else None)
+        known = self._by_zone.get(key)
         if known is None:
             zone = (zone_named(timezone) if timezone else None) or self.default_zone
-            known = self._by_zone[timezone] = self._work_out(zone)
+            known = self._by_zone[key] = self._work_out(zone, key[1])
         return known
 
-    def _work_out(self, zone: ZoneInfo) -> Due:
+    def _best_time(self, zone: ZoneInfo, best_hour_utc: int | None) -> datetime:
+        """The user's best time on the first day of the window still ahead of the run's start
+        (else the window's last day)."""
+        assert self.wall is not None
+        first = self.wall[0]
+        due = self.planned
+        for offset in range(self.best_time_days):
+            day = first + timedelta(days=offset)
+            at = best_local_time(day, best_hour_utc, zone, self.fallback)
+            due = local_instant(day, at, zone)
+            if self.started is None or due >= self.started:
+                break
+        return due
+
+    def _work_out(self, zone: ZoneInfo, best_hour_utc: int | None) -> Due:
         rules = self.rules
-        due = self.planned if self.wall is None else local_instant(*self.wall, zone)
+        if self.best_time:
+            due = self._best_time(zone, best_hour_utc)
+        else:
+            due = self.planned if self.wall is None else local_instant(*self.wall, zone)
         cutoff_zone = zone if rules.user_timezone else self.schedule_zone
         cutoff_at = cutoff_instant(due, cutoff_zone, rules.cutoff) if rules.cutoff else None
         skip = None

@@ -371,6 +371,7 @@ class RunExecutor:
             start_after_user_id=row.cursor,
             attributes_as_json=True,
             include_left_out=True,
+            with_best_hour=campaign.delivery.HasField("best_time"),
             # A resumed run selects as of the moment the run first started ("the last 7 days").
             evaluation_time=api.timestamp(row.started_at or api.utcnow()),
         )
@@ -406,7 +407,9 @@ class RunExecutor:
         for member in members:
             recipient = _recipient(run_id, member)
             skip = SkipReason.CAMPAIGN_STOPPED if stopped else _left_out(member, campaign)
-            due = timing.of(member.timezone)
+            due = timing.of(
+                member.timezone, member.best_hour_utc if member.HasField("best_hour_utc") else None
+            )
             skip = skip or due.skip
             if skip is None:
                 held.append((recipient, due))

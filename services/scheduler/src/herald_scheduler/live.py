@@ -728,6 +728,8 @@ class _Limits:
 
     def take(self, at: datetime) -> bool:
         """Takes one message's place, if the limits leave one."""
+        if not (self.total or self.daily):
+            return True  # nothing to count
         day = local_day(at, self.zone)
         if self.exhausted or (self.daily and self.used.get(day, 0) + self.taken[day] >= self.daily):
             return False

@@ -23,6 +23,7 @@ from herald_common.errors import FailedPrecondition, NotFound, Validator, invali
 from herald_common.hourly_quota import HourlyQuota
 from herald_common.paging import keyset_page
 from herald_common.validation import check_text_fields
+from herald_segmentation.activity import add_best_hours
 from herald_segmentation.filters import (
     MAX_DEPTH,
     Context,
@@ -372,7 +373,13 @@ class Segmentation:
             after = request.start_after_user_id
             while True:
                 page = await self._page(
-                    snapshot_id, account_id, after, limit, attributes, request.attributes_as_json
+                    snapshot_id,
+                    account_id,
+                    after,
+                    limit,
+                    attributes,
+                    request.attributes_as_json,
+                    request.with_best_hour,
                 )
                 if not page:
                     return
@@ -411,15 +418,18 @@ class Segmentation:
                     .order_by(users.c.user_id)
                 )
             ).all()
-        return [
-            pb.AudienceMember(
-                user_id=row.user_id,
-                timezone=row.timezone,
-                attributes_json=row.attributes.encode(),
-                unreachable=not row.reachable,
-            )
-            for row in rows
-        ]
+            members = [
+                pb.AudienceMember(
+                    user_id=row.user_id,
+                    timezone=row.timezone,
+                    attributes_json=row.attributes.encode(),
+                    unreachable=not row.reachable,
+                )
+                for row in rows
+            ]
+            if request.with_best_hour:
+                await add_best_hours(session, account_id, members)
+        return members
 
     async def describe_event(self, request: pb.DescribeEventRequest) -> pb.EventDescription:
         """Whether the event was ever ingested, its properties' types, and whether `where` tests
@@ -460,6 +470,7 @@ class Segmentation:
         limit: int,
         attributes: Any,
         as_json: bool,
+        with_best_hour: bool,
     ) -> list[pb.AudienceMember]:
         async with self.database.transaction() as session:
             rows = (
@@ -503,6 +514,9 @@ class Segmentation:
             size += len(row.attributes) + len(row.user_id)
             if size > MAX_AUDIENCE_PAGE_BYTES:
                 break
+        if with_best_hour:
+            async with self.database.transaction() as session:
+                await add_best_hours(session, account_id, page)
         return page
 
     async def _forget(self, snapshot_id: uuid.UUID) -> None:

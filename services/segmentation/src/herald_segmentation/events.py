@@ -26,6 +26,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
+from herald_segmentation.activity import count_activity
 from herald_segmentation.live import LiveTriggers
 from herald_segmentation.properties import (
     MAX_PROPERTY_KEYS,
@@ -245,6 +246,7 @@ class Events:
                 )
                 await self._apply_profile_events(session, account_id, recorded)
                 await self._refuse_oversized_profiles(session, account_id, parsed, recorded)
+                await count_activity(session, account_id, recorded)
                 await self._announce(session, account_id, recorded, received)
                 if self.live is not None:
                     await enqueue(

@@ -134,6 +134,16 @@ goals = sa.Table(
     sa.Index("ix_segmentation_goals_account", "account_id"),
 )
 
+# Sessions, opens and clicks per user and hour of the day (UTC), for Best Time.
+activity_hours = sa.Table(
+    "activity_hours",
+    metadata,
+    sa.Column("account_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("user_id", sa.Text, primary_key=True),
+    sa.Column("hour", sa.SmallInteger, primary_key=True),
+    sa.Column("count", sa.BigInteger, nullable=False),
+)
+
 # The client event ids recorded, so a resent event is recorded once.
 event_receipts = sa.Table(
     "event_receipts",

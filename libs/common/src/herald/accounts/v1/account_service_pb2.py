@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(herald/accounts/v1/account_service.proto\x12\x12herald.accounts.v1\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x18ReplayDeadLettersRequest\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"@\n\x19ReplayDeadLettersResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x05\x12\x11\n\tremaining\x18\x02 \x01(\x05\"\xf0\x01\n\x07\x41\x63\x63ount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05quota\x18\x04 \x01(\x0b\x32\x19.herald.accounts.v1.Quota\x12/\n\x0b\x64\x65lete_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x08settings\x18\x06 \x01(\x0b\x32#.herald.accounts.v1.AccountSettings\"b\n\x0c\x46requencyCap\x12/\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1e.herald.accounts.v1.CapChannel\x12\x0f\n\x07per_day\x18\x02 \x01(\x05\x12\x10\n\x08per_week\x18\x03 \x01(\x05\"\xa3\x01\n\x0f\x41\x63\x63ountSettings\x12\x18\n\x10\x64\x65\x66\x61ult_timezone\x18\x01 \x01(\t\x12!\n\x19throttle_per_five_minutes\x18\x02 \x01(\x05\x12\x38\n\x0e\x66requency_caps\x18\x03 \x03(\x0b\x32 .herald.accounts.v1.FrequencyCap\x12\x19\n\x11\x61lert_webhook_url\x18\x04 \x01(\t\"<\n\x05Quota\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\x05\"\x92\x02\n\x06\x41piKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.herald.accounts.v1.Role\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x61llowed_origins\x18\x08 \x03(\t\"X\n\x14\x43reateAccountRequest\x12,\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1b.herald.accounts.v1.Account\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x81\x01\n\x15\x43reateAccountResponse\x12,\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1b.herald.accounts.v1.Account\x12-\n\tadmin_key\x18\x02 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x0b\n\x03key\x18\x03 \x01(\t\"$\n\x14\x44\x65leteAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11GetAccountRequest\"\x1a\n\x18GetIdentitySecretRequest\")\n\x0eIdentitySecret\x12\x17\n\x0fidentity_secret\x18\x01 \x01(\t\"B\n\x13\x43reateApiKeyRequest\x12+\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\"P\n\x14\x43reateApiKeyResponse\x12+\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\";\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x13ListApiKeysResponse\x12,\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13RevokeApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x1cUpdateAccountSettingsRequest\x12\x35\n\x08settings\x18\x01 \x01(\x0b\x32#.herald.accounts.v1.AccountSettings*u\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x0f\n\x0bROLE_EDITOR\x10\x02\x12\x0f\n\x0bROLE_VIEWER\x10\x03\x12\x0f\n\x0bROLE_INGEST\x10\x04\x12\x14\n\x10ROLE_PUBLISHABLE\x10\x05*\x8d\x01\n\nCapChannel\x12\x1b\n\x17\x43\x41P_CHANNEL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41P_CHANNEL_SEGMENT\x10\x01\x12\x19\n\x15\x43\x41P_CHANNEL_MPARTICLE\x10\x02\x12\x13\n\x0f\x43\x41P_CHANNEL_SMS\x10\x03\x12\x19\n\x15\x43\x41P_CHANNEL_WEB_POPUP\x10\x04\x32\xf9\x06\n\x0e\x41\x63\x63ountService\x12\x64\n\rCreateAccount\x12(.herald.accounts.v1.CreateAccountRequest\x1a).herald.accounts.v1.CreateAccountResponse\x12V\n\rDeleteAccount\x12(.herald.accounts.v1.DeleteAccountRequest\x1a\x1b.herald.accounts.v1.Account\x12P\n\nGetAccount\x12%.herald.accounts.v1.GetAccountRequest\x1a\x1b.herald.accounts.v1.Account\x12\x65\n\x11GetIdentitySecret\x12,.herald.accounts.v1.GetIdentitySecretRequest\x1a\".herald.accounts.v1.IdentitySecret\x12\x61\n\x0c\x43reateApiKey\x12\'.herald.accounts.v1.CreateApiKeyRequest\x1a(.herald.accounts.v1.CreateApiKeyResponse\x12^\n\x0bListApiKeys\x12&.herald.accounts.v1.ListApiKeysRequest\x1a\'.herald.accounts.v1.ListApiKeysResponse\x12S\n\x0cRevokeApiKey\x12\'.herald.accounts.v1.RevokeApiKeyRequest\x1a\x1a.herald.accounts.v1.ApiKey\x12\x66\n\x15UpdateAccountSettings\x12\x30.herald.accounts.v1.UpdateAccountSettingsRequest\x1a\x1b.herald.accounts.v1.Account\x12p\n\x11ReplayDeadLetters\x12,.herald.accounts.v1.ReplayDeadLettersRequest\x1a-.herald.accounts.v1.ReplayDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(herald/accounts/v1/account_service.proto\x12\x12herald.accounts.v1\x1a\x1fgoogle/protobuf/timestamp.proto\";\n\x18ReplayDeadLettersRequest\x12\x10\n\x08\x63onsumer\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"@\n\x19ReplayDeadLettersResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x05\x12\x11\n\tremaining\x18\x02 \x01(\x05\"\xf0\x01\n\x07\x41\x63\x63ount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12/\n\x0b\x63reate_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12(\n\x05quota\x18\x04 \x01(\x0b\x32\x19.herald.accounts.v1.Quota\x12/\n\x0b\x64\x65lete_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x08settings\x18\x06 \x01(\x0b\x32#.herald.accounts.v1.AccountSettings\"b\n\x0c\x46requencyCap\x12/\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1e.herald.accounts.v1.CapChannel\x12\x0f\n\x07per_day\x18\x02 \x01(\x05\x12\x10\n\x08per_week\x18\x03 \x01(\x05\"\xbf\x01\n\x0f\x41\x63\x63ountSettings\x12\x18\n\x10\x64\x65\x66\x61ult_timezone\x18\x01 \x01(\t\x12!\n\x19throttle_per_five_minutes\x18\x02 \x01(\x05\x12\x38\n\x0e\x66requency_caps\x18\x03 \x03(\x0b\x32 .herald.accounts.v1.FrequencyCap\x12\x19\n\x11\x61lert_webhook_url\x18\x04 \x01(\t\x12\x1a\n\x12\x62\x65st_time_fallback\x18\x05 \x01(\t\"<\n\x05Quota\x12\x1b\n\x13requests_per_second\x18\x01 \x01(\x01\x12\x16\n\x0emax_batch_size\x18\x02 \x01(\x05\"\x92\x02\n\x06\x41piKey\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x64isplay_name\x18\x02 \x01(\t\x12&\n\x04role\x18\x03 \x01(\x0e\x32\x18.herald.accounts.v1.Role\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0brevoke_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rlast_use_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0f\x61llowed_origins\x18\x08 \x03(\t\"X\n\x14\x43reateAccountRequest\x12,\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1b.herald.accounts.v1.Account\x12\x12\n\nrequest_id\x18\x02 \x01(\t\"\x81\x01\n\x15\x43reateAccountResponse\x12,\n\x07\x61\x63\x63ount\x18\x01 \x01(\x0b\x32\x1b.herald.accounts.v1.Account\x12-\n\tadmin_key\x18\x02 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x0b\n\x03key\x18\x03 \x01(\t\"$\n\x14\x44\x65leteAccountRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x13\n\x11GetAccountRequest\"\x1a\n\x18GetIdentitySecretRequest\")\n\x0eIdentitySecret\x12\x17\n\x0fidentity_secret\x18\x01 \x01(\t\"B\n\x13\x43reateApiKeyRequest\x12+\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\"P\n\x14\x43reateApiKeyResponse\x12+\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x0b\n\x03key\x18\x02 \x01(\t\";\n\x12ListApiKeysRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"\\\n\x13ListApiKeysResponse\x12,\n\x08\x61pi_keys\x18\x01 \x03(\x0b\x32\x1a.herald.accounts.v1.ApiKey\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"#\n\x13RevokeApiKeyRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"U\n\x1cUpdateAccountSettingsRequest\x12\x35\n\x08settings\x18\x01 \x01(\x0b\x32#.herald.accounts.v1.AccountSettings*u\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0e\n\nROLE_ADMIN\x10\x01\x12\x0f\n\x0bROLE_EDITOR\x10\x02\x12\x0f\n\x0bROLE_VIEWER\x10\x03\x12\x0f\n\x0bROLE_INGEST\x10\x04\x12\x14\n\x10ROLE_PUBLISHABLE\x10\x05*\x8d\x01\n\nCapChannel\x12\x1b\n\x17\x43\x41P_CHANNEL_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43\x41P_CHANNEL_SEGMENT\x10\x01\x12\x19\n\x15\x43\x41P_CHANNEL_MPARTICLE\x10\x02\x12\x13\n\x0f\x43\x41P_CHANNEL_SMS\x10\x03\x12\x19\n\x15\x43\x41P_CHANNEL_WEB_POPUP\x10\x04\x32\xf9\x06\n\x0e\x41\x63\x63ountService\x12\x64\n\rCreateAccount\x12(.herald.accounts.v1.CreateAccountRequest\x1a).herald.accounts.v1.CreateAccountResponse\x12V\n\rDeleteAccount\x12(.herald.accounts.v1.DeleteAccountRequest\x1a\x1b.herald.accounts.v1.Account\x12P\n\nGetAccount\x12%.herald.accounts.v1.GetAccountRequest\x1a\x1b.herald.accounts.v1.Account\x12\x65\n\x11GetIdentitySecret\x12,.herald.accounts.v1.GetIdentitySecretRequest\x1a\".herald.accounts.v1.IdentitySecret\x12\x61\n\x0c\x43reateApiKey\x12\'.herald.accounts.v1.CreateApiKeyRequest\x1a(.herald.accounts.v1.CreateApiKeyResponse\x12^\n\x0bListApiKeys\x12&.herald.accounts.v1.ListApiKeysRequest\x1a\'.herald.accounts.v1.ListApiKeysResponse\x12S\n\x0cRevokeApiKey\x12\'.herald.accounts.v1.RevokeApiKeyRequest\x1a\x1a.herald.accounts.v1.ApiKey\x12\x66\n\x15UpdateAccountSettings\x12\x30.herald.accounts.v1.UpdateAccountSettingsRequest\x1a\x1b.herald.accounts.v1.Account\x12p\n\x11ReplayDeadLetters\x12,.herald.accounts.v1.ReplayDeadLettersRequest\x1a-.herald.accounts.v1.ReplayDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.accounts.v1.account_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1853
-  _globals['_ROLE']._serialized_end=1970
-  _globals['_CAPCHANNEL']._serialized_start=1973
-  _globals['_CAPCHANNEL']._serialized_end=2114
+  _globals['_ROLE']._serialized_start=1881
+  _globals['_ROLE']._serialized_end=1998
+  _globals['_CAPCHANNEL']._serialized_start=2001
+  _globals['_CAPCHANNEL']._serialized_end=2142
   _globals['_REPLAYDEADLETTERSREQUEST']._serialized_start=97
   _globals['_REPLAYDEADLETTERSREQUEST']._serialized_end=156
   _globals['_REPLAYDEADLETTERSRESPONSE']._serialized_start=158
@@ -45,35 +45,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FREQUENCYCAP']._serialized_start=467
   _globals['_FREQUENCYCAP']._serialized_end=565
   _globals['_ACCOUNTSETTINGS']._serialized_start=568
-  _globals['_ACCOUNTSETTINGS']._serialized_end=731
-  _globals['_QUOTA']._serialized_start=733
-  _globals['_QUOTA']._serialized_end=793
-  _globals['_APIKEY']._serialized_start=796
-  _globals['_APIKEY']._serialized_end=1070
-  _globals['_CREATEACCOUNTREQUEST']._serialized_start=1072
-  _globals['_CREATEACCOUNTREQUEST']._serialized_end=1160
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=1163
-  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=1292
-  _globals['_DELETEACCOUNTREQUEST']._serialized_start=1294
-  _globals['_DELETEACCOUNTREQUEST']._serialized_end=1330
-  _globals['_GETACCOUNTREQUEST']._serialized_start=1332
-  _globals['_GETACCOUNTREQUEST']._serialized_end=1351
-  _globals['_GETIDENTITYSECRETREQUEST']._serialized_start=1353
-  _globals['_GETIDENTITYSECRETREQUEST']._serialized_end=1379
-  _globals['_IDENTITYSECRET']._serialized_start=1381
-  _globals['_IDENTITYSECRET']._serialized_end=1422
-  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1424
-  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1490
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1492
-  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1572
-  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1574
-  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1633
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1635
-  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1727
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1729
-  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1764
-  _globals['_UPDATEACCOUNTSETTINGSREQUEST']._serialized_start=1766
-  _globals['_UPDATEACCOUNTSETTINGSREQUEST']._serialized_end=1851
-  _globals['_ACCOUNTSERVICE']._serialized_start=2117
-  _globals['_ACCOUNTSERVICE']._serialized_end=3006
+  _globals['_ACCOUNTSETTINGS']._serialized_end=759
+  _globals['_QUOTA']._serialized_start=761
+  _globals['_QUOTA']._serialized_end=821
+  _globals['_APIKEY']._serialized_start=824
+  _globals['_APIKEY']._serialized_end=1098
+  _globals['_CREATEACCOUNTREQUEST']._serialized_start=1100
+  _globals['_CREATEACCOUNTREQUEST']._serialized_end=1188
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_start=1191
+  _globals['_CREATEACCOUNTRESPONSE']._serialized_end=1320
+  _globals['_DELETEACCOUNTREQUEST']._serialized_start=1322
+  _globals['_DELETEACCOUNTREQUEST']._serialized_end=1358
+  _globals['_GETACCOUNTREQUEST']._serialized_start=1360
+  _globals['_GETACCOUNTREQUEST']._serialized_end=1379
+  _globals['_GETIDENTITYSECRETREQUEST']._serialized_start=1381
+  _globals['_GETIDENTITYSECRETREQUEST']._serialized_end=1407
+  _globals['_IDENTITYSECRET']._serialized_start=1409
+  _globals['_IDENTITYSECRET']._serialized_end=1450
+  _globals['_CREATEAPIKEYREQUEST']._serialized_start=1452
+  _globals['_CREATEAPIKEYREQUEST']._serialized_end=1518
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_start=1520
+  _globals['_CREATEAPIKEYRESPONSE']._serialized_end=1600
+  _globals['_LISTAPIKEYSREQUEST']._serialized_start=1602
+  _globals['_LISTAPIKEYSREQUEST']._serialized_end=1661
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_start=1663
+  _globals['_LISTAPIKEYSRESPONSE']._serialized_end=1755
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_start=1757
+  _globals['_REVOKEAPIKEYREQUEST']._serialized_end=1792
+  _globals['_UPDATEACCOUNTSETTINGSREQUEST']._serialized_start=1794
+  _globals['_UPDATEACCOUNTSETTINGSREQUEST']._serialized_end=1879
+  _globals['_ACCOUNTSERVICE']._serialized_start=2145
+  _globals['_ACCOUNTSERVICE']._serialized_end=3034
 # @@protoc_insertion_point(module_scope)

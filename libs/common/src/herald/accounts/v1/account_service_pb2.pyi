@@ -234,6 +234,7 @@ class AccountSettings(_message.Message):
     THROTTLE_PER_FIVE_MINUTES_FIELD_NUMBER: _builtins.int
     FREQUENCY_CAPS_FIELD_NUMBER: _builtins.int
     ALERT_WEBHOOK_URL_FIELD_NUMBER: _builtins.int
+    BEST_TIME_FALLBACK_FIELD_NUMBER: _builtins.int
     default_timezone: _builtins.str
     """IANA time zone of users whose profile has none, and in which a fixed send time names the
     wall-clock time for delivery in users' time zones; empty is UTC.
@@ -243,6 +244,10 @@ class AccountSettings(_message.Message):
     alert_webhook_url: _builtins.str
     """`https://` URL that receives a JSON POST for each campaign alert (a safety limit stopping a
     run, say); empty for none.
+    """
+    best_time_fallback: _builtins.str
+    """`HH:MM`: when Best Time campaigns without a fallback of their own reach users without
+    history, in each user's zone; empty is 12:00.
     """
     @_builtins.property
     def frequency_caps(self) -> _containers.RepeatedCompositeFieldContainer[Global___FrequencyCap]:
@@ -255,10 +260,11 @@ class AccountSettings(_message.Message):
         throttle_per_five_minutes: _builtins.int = ...,
         frequency_caps: _abc.Iterable[Global___FrequencyCap] | None = ...,
         alert_webhook_url: _builtins.str = ...,
+        best_time_fallback: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_webhook_url", b"alert_webhook_url", "default_timezone", b"default_timezone", "frequency_caps", b"frequency_caps", "throttle_per_five_minutes", b"throttle_per_five_minutes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alert_webhook_url", b"alert_webhook_url", "best_time_fallback", b"best_time_fallback", "default_timezone", b"default_timezone", "frequency_caps", b"frequency_caps", "throttle_per_five_minutes", b"throttle_per_five_minutes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

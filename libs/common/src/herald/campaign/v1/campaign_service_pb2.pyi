@@ -1459,6 +1459,7 @@ class DeliveryPreferences(_message.Message):
     QUIET_HOURS_FIELD_NUMBER: _builtins.int
     THROTTLE_FIELD_NUMBER: _builtins.int
     IGNORE_FREQUENCY_CAPS_FIELD_NUMBER: _builtins.int
+    BEST_TIME_FIELD_NUMBER: _builtins.int
     user_timezone: _builtins.bool
     """Deliver at the scheduled wall-clock time in each user's own time zone (their profile's, else
     the account's default). The run starts as the earliest zone on Earth (UTC+14) reaches the
@@ -1484,6 +1485,13 @@ class DeliveryPreferences(_message.Message):
     def quiet_hours(self) -> Global___QuietHours:
         """Do-not-disturb hours; unset for none."""
 
+    @_builtins.property
+    def best_time(self) -> Global___BestTime:
+        """Best Time: each user gets the message at their own best hour (in their zone) on the day of
+        a send_later schedule, or within a window of days from it; unset for none. Implies
+        user_timezone; do-not-disturb hours and the cut-off apply to the chosen time.
+        """
+
     def __init__(
         self,
         *,
@@ -1492,14 +1500,49 @@ class DeliveryPreferences(_message.Message):
         quiet_hours: Global___QuietHours | None = ...,
         throttle: _builtins.bool = ...,
         ignore_frequency_caps: _builtins.bool = ...,
+        best_time: Global___BestTime | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["quiet_hours", b"quiet_hours"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["best_time", b"best_time", "quiet_hours", b"quiet_hours"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cutoff_time", b"cutoff_time", "ignore_frequency_caps", b"ignore_frequency_caps", "quiet_hours", b"quiet_hours", "throttle", b"throttle", "user_timezone", b"user_timezone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_time", b"best_time", "cutoff_time", b"cutoff_time", "ignore_frequency_caps", b"ignore_frequency_caps", "quiet_hours", b"quiet_hours", "throttle", b"throttle", "user_timezone", b"user_timezone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeliveryPreferences: _TypeAlias = DeliveryPreferences  # noqa: Y015
+
+@_typing.final
+class BestTime(_message.Message):
+    """Best Time delivery. A user's best hour is the hour of the day at which most of their
+    sessions, opens and clicks happened (events `Page Viewed`, `App Opened`, `Session Started`,
+    `Notification Viewed`, `Notification Opened`, `Notification Clicked`), counted as they are
+    recorded; users without any get the fallback time.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DAYS_FIELD_NUMBER: _builtins.int
+    FALLBACK_TIME_FIELD_NUMBER: _builtins.int
+    days: _builtins.int
+    """Days the delivery may fall in, from the schedule's day, 1 to 7 (0 is 1): when a user's best
+    hour of the first day has already passed at publishing, the next day's is taken.
+    """
+    fallback_time: _builtins.str
+    """`HH:MM` for users without history; empty takes AccountSettings.best_time_fallback (else
+    12:00).
+    """
+    def __init__(
+        self,
+        *,
+        days: _builtins.int = ...,
+        fallback_time: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["days", b"days", "fallback_time", b"fallback_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BestTime: _TypeAlias = BestTime  # noqa: Y015
 
 @_typing.final
 class Schedule(_message.Message):
@@ -2615,10 +2658,13 @@ class DeliveryExplanation(_message.Message):
     DECISIONS_FIELD_NUMBER: _builtins.int
     LIVE_DECISIONS_FIELD_NUMBER: _builtins.int
     WAITS_FIELD_NUMBER: _builtins.int
+    BEST_TIME_FIELD_NUMBER: _builtins.int
     campaign: _builtins.str
     """`campaigns/{campaign}`."""
     user_id: _builtins.str
     """The user."""
+    best_time: _builtins.str
+    """A Best Time campaign: the hour chosen for the user, and why."""
     @_builtins.property
     def decisions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RunDecision]:
         """One per run of the campaign, in run order."""
@@ -2639,10 +2685,11 @@ class DeliveryExplanation(_message.Message):
         decisions: _abc.Iterable[Global___RunDecision] | None = ...,
         live_decisions: _abc.Iterable[Global___LiveDecision] | None = ...,
         waits: _abc.Iterable[_scheduler_service_pb2.LiveWait] | None = ...,
+        best_time: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign", b"campaign", "decisions", b"decisions", "live_decisions", b"live_decisions", "user_id", b"user_id", "waits", b"waits"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["best_time", b"best_time", "campaign", b"campaign", "decisions", b"decisions", "live_decisions", b"live_decisions", "user_id", b"user_id", "waits", b"waits"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

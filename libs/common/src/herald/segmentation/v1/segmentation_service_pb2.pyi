@@ -451,8 +451,11 @@ class MatchUsersRequest(_message.Message):
     USER_IDS_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     ATTRIBUTE_KEYS_FIELD_NUMBER: _builtins.int
+    WITH_BEST_HOUR_FIELD_NUMBER: _builtins.int
     channel: Global___Channel.ValueType
     """How they would be reached: a user the channel cannot reach is answered `unreachable`."""
+    with_best_hour: _builtins.bool
+    """Answer each member's best hour, as StreamAudience does."""
     @_builtins.property
     def audience(self) -> Global___Audience:
         """Who; unset is every user."""
@@ -472,10 +475,11 @@ class MatchUsersRequest(_message.Message):
         user_ids: _abc.Iterable[_builtins.str] | None = ...,
         channel: Global___Channel.ValueType = ...,
         attribute_keys: _abc.Iterable[_builtins.str] | None = ...,
+        with_best_hour: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "audience", b"audience", "channel", b"channel", "user_ids", b"user_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "audience", b"audience", "channel", b"channel", "user_ids", b"user_ids", "with_best_hour", b"with_best_hour"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1637,6 +1641,7 @@ class StreamAudienceRequest(_message.Message):
     SAMPLE_SIZE_FIELD_NUMBER: _builtins.int
     SAMPLE_SEED_FIELD_NUMBER: _builtins.int
     INCLUDE_LEFT_OUT_FIELD_NUMBER: _builtins.int
+    WITH_BEST_HOUR_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
     """Members per streamed page (default 500, at most 5000)."""
     start_after_user_id: _builtins.str
@@ -1655,6 +1660,8 @@ class StreamAudienceRequest(_message.Message):
     """Also stream the qualified users the channel cannot reach or the sample leaves out, flagged
     (`unreachable`, `outside_sample`), so a campaign can record why each was not sent.
     """
+    with_best_hour: _builtins.bool
+    """Answer each member's best hour (AudienceMember.best_hour_utc)."""
     @_builtins.property
     def audience(self) -> Global___Audience:
         """Who; required."""
@@ -1684,10 +1691,11 @@ class StreamAudienceRequest(_message.Message):
         sample_size: _builtins.int = ...,
         sample_seed: _builtins.str = ...,
         include_left_out: _builtins.bool = ...,
+        with_best_hour: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["audience", b"audience", "evaluation_time", b"evaluation_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "audience", b"audience", "channel", b"channel", "evaluation_time", b"evaluation_time", "include_left_out", b"include_left_out", "page_size", b"page_size", "sample_seed", b"sample_seed", "sample_size", b"sample_size", "start_after_user_id", b"start_after_user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribute_keys", b"attribute_keys", "attributes_as_json", b"attributes_as_json", "audience", b"audience", "channel", b"channel", "evaluation_time", b"evaluation_time", "include_left_out", b"include_left_out", "page_size", b"page_size", "sample_seed", b"sample_seed", "sample_size", b"sample_size", "start_after_user_id", b"start_after_user_id", "with_best_hour", b"with_best_hour"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1705,6 +1713,8 @@ class AudienceMember(_message.Message):
     ATTRIBUTES_JSON_FIELD_NUMBER: _builtins.int
     UNREACHABLE_FIELD_NUMBER: _builtins.int
     OUTSIDE_SAMPLE_FIELD_NUMBER: _builtins.int
+    BEST_HOUR_UTC_FIELD_NUMBER: _builtins.int
+    BEST_HOUR_COUNT_FIELD_NUMBER: _builtins.int
     user_id: _builtins.str
     """The user's id."""
     timezone: _builtins.str
@@ -1715,6 +1725,12 @@ class AudienceMember(_message.Message):
     """Qualified, but the request's channel cannot reach the user (only with include_left_out)."""
     outside_sample: _builtins.bool
     """Qualified and reachable, but not drawn by the sample (only with include_left_out)."""
+    best_hour_utc: _builtins.int
+    """With with_best_hour: the hour of the day (UTC, 0-23) at which most of the user's sessions,
+    opens and clicks happened (the earliest such hour on a tie); unset without any.
+    """
+    best_hour_count: _builtins.int
+    """With with_best_hour: how many sessions, opens and clicks were counted in that hour."""
     @_builtins.property
     def attributes(self) -> _struct_pb2.Struct:
         """The requested profile fields that the user has."""
@@ -1728,12 +1744,16 @@ class AudienceMember(_message.Message):
         attributes_json: _builtins.bytes = ...,
         unreachable: _builtins.bool = ...,
         outside_sample: _builtins.bool = ...,
+        best_hour_utc: _builtins.int | None = ...,
+        best_hour_count: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_best_hour_utc", b"_best_hour_utc", "attributes", b"attributes", "best_hour_utc", b"best_hour_utc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attributes", b"attributes", "attributes_json", b"attributes_json", "outside_sample", b"outside_sample", "timezone", b"timezone", "unreachable", b"unreachable", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_hour_utc", b"_best_hour_utc", "attributes", b"attributes", "attributes_json", b"attributes_json", "best_hour_count", b"best_hour_count", "best_hour_utc", b"best_hour_utc", "outside_sample", b"outside_sample", "timezone", b"timezone", "unreachable", b"unreachable", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__best_hour_utc: _TypeAlias = _typing.Literal["best_hour_utc"]  # noqa: Y015
+    _WhichOneofArgType__best_hour_utc: _TypeAlias = _typing.Literal["_best_hour_utc", b"_best_hour_utc"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__best_hour_utc) -> _WhichOneofReturnType__best_hour_utc | None: ...
 
 Global___AudienceMember: _TypeAlias = AudienceMember  # noqa: Y015
 
