@@ -2,8 +2,8 @@
 Segment export), then goal events arrive, two per user; the four services as separate processes.
 
 Prints, next to the targets: how fast conversions are counted (goal events ingested to the last
-conversion counted), GetCampaignStats latency (p50, p99) at that size, and each process's CPU
-per goal event.
+conversion counted), GetCampaignStats latency (p50, p99) at that size, how fast a Best Time run
+over the same users is planned, and each process's CPU per goal event and per planned user.
 """
 
 from __future__ import annotations
@@ -21,8 +21,11 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.campaign.v1 import campaign_service_pb2_grpc as campaign_grpc
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
+from herald.scheduler.v1 import scheduler_service_pb2_grpc as scheduler_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from herald_common import api
 from herald_common.logging import configure_logging
 from tests.bench import WRITE_KEY, PeakMemory, fake_segment, percentile, service_processes, upsert_users
 from tests.harness import create_account, fresh_settings, keyed_channel
@@ -31,6 +34,7 @@ from tests.processes import benchmark_servers
 
 TARGET_CONVERSIONS_PER_SECOND = 20_000
 TARGET_STATS_P99_MS = 50.0
+TARGET_BEST_TIME_PER_SECOND = 20_000
 EVENTS_PER_CALL = 500
 IN_FLIGHT = 8
 STATS_CALLS = 1_000
@@ -73,6 +77,7 @@ async def run(sizes: Sizes) -> None:
             keyed_channel(services.address("segmentation"), key) as segmentation_channel,
             keyed_channel(services.address("campaign"), key) as campaigns_channel,
             keyed_channel(services.address("dispatch"), key) as dispatch_channel,
+            keyed_channel(services.address("scheduler"), key) as scheduler_channel,
         ):
             segmentation = segmentation_grpc.SegmentationServiceStub(segmentation_channel)
             campaigns = campaign_grpc.CampaignServiceStub(campaigns_channel)
@@ -159,6 +164,32 @@ async def run(sizes: Sizes) -> None:
                 t0 = time.perf_counter()
                 await stats()
                 latencies.append((time.perf_counter() - t0) * 1000)
+
+            # Best Time: the same users, today or tomorrow at each one's hour (from the goal
+            # events' activity, else the fallback); how fast the run plans them.
+            best_time = segment_export_campaign(
+                segment.name,
+                destination.name,
+                schedule=campaign_pb.Schedule(
+                    send_later=campaign_pb.SendLater(send_time=api.timestamp(api.utcnow()))
+                ),
+                delivery=campaign_pb.DeliveryPreferences(best_time=campaign_pb.BestTime(days=2)),
+            )
+            created = await campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=best_time))
+            planning_cpu_before = memory.cpu_seconds()
+            planning_started = time.monotonic()
+            await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+            scheduler = scheduler_grpc.SchedulerServiceStub(scheduler_channel)
+
+            async def planned() -> bool:
+                listed = await scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=created.name))
+                return any(run.targeted >= sizes.users for run in listed.runs)
+
+            await _wait_for(planned, 3600)
+            planning_s = time.monotonic() - planning_started
+            planning_cpu = {
+                n: used - planning_cpu_before.get(n, 0.0) for n, used in memory.cpu_seconds().items()
+            }
         sampler.cancel()
 
     rate = count / converted_s
@@ -180,7 +211,14 @@ async def run(sizes: Sizes) -> None:
     herald_us = sum(used for n, used in cpu.items() if n.startswith(HERALD)) / count * 1e6
     print(f"Herald CPU per goal event              {herald_us:>12,.0f} µs")
     print("  CPU µs/event: " + ", ".join(f"{n} {used / count * 1e6:,.0f}" for n, used in sorted(cpu.items())))
-    print("Best Time planning                     not built yet (target >= 20,000 users/s)")
+    print(
+        f"Best Time planning                     {sizes.users / planning_s:>12,.0f} users/s"
+        f"   (target >= {TARGET_BEST_TIME_PER_SECOND:,})"
+    )
+    print(
+        "  CPU µs/user: "
+        + ", ".join(f"{n} {used / sizes.users * 1e6:,.0f}" for n, used in sorted(planning_cpu.items()))
+    )
     print("peak RSS by process:")
     for name, peak in sorted(memory.peaks.items()):
         print(f"  {name:<36} {peak / 2**20:>8,.0f} MiB")
