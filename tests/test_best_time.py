@@ -146,3 +146,62 @@ async def test_best_time_needs_a_day(platform: Platform, segment_api: SegmentApi
         assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert field in field_violations(refused.value), field_violations(refused.value)
     await clients.close()
+
+
+async def test_the_per_day_limit_passes_users_to_the_next_day_of_the_window(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    _, key = await create_account(
+        platform.address("campaign"), platform.settings.bootstrap_token, f"bt {tag}"
+    )
+    clients = Clients.open(platform.addresses, key)
+    await clients.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(
+            users=[pb.User(user_id=f"{tag}-{n}", timezone="UTC", properties=_cohort(tag)) for n in range(3)]
+        )
+    )
+    segment = await create_segment(clients, condition("cohort", "EQUALS", tag))
+    destination = await create_segment_destination(
+        clients, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    send_time = Timestamp()
+    send_time.FromDatetime(DAY)
+
+    async def published(days: int) -> str:
+        campaign = segment_export_campaign(
+            segment.name,
+            destination.name,
+            schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=send_time)),
+            delivery=campaign_pb.DeliveryPreferences(
+                best_time=campaign_pb.BestTime(days=days, fallback_time="10:00")
+            ),
+            targeting=campaign_pb.Targeting(daily_limit=2),
+        )
+        created = await clients.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+        await clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+        return created.name
+
+    two_days, one_day = await published(2), await published(1)
+
+    async def stats_are(name: str, sent: int, skipped: int) -> None:
+        async def reached() -> bool:
+            stats = await clients.campaigns.GetCampaignStats(
+                campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+            )
+            return (stats.sent, stats.skipped) == (sent, skipped)
+
+        await eventually(reached, within=20)
+
+    manual_clock.advance(DAY + timedelta(hours=10, minutes=1) - manual_clock.now())
+    await stats_are(two_days, 2, 0)
+    await stats_are(one_day, 2, 1)  # a one-day window has no next day: the third is left out
+    manual_clock.advance(timedelta(days=1))
+    await stats_are(two_days, 3, 0)
+    reasons = await clients.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{one_day}/stats")
+    )
+    assert [(r.reason, r.count) for r in reasons.failure_reasons] == [
+        ("every day of the Best Time window had reached the campaign's daily limit", 1)
+    ]
+    await clients.close()

@@ -17,5 +17,6 @@ class SkipReason(enum.StrEnum):
     CAMPAIGN_STOPPED = "campaign stopped"
     SEND_TIME_PASSED = "the send time had passed in the user's time zone when the campaign was published"
     LIVE_LIMIT = "the live campaign's limit was reached"
+    DAILY_LIMIT = "every day of the Best Time window had reached the campaign's daily limit"
     DATE_PASSED = "the date had already passed when the event arrived"
     MALFORMED_DATE = "the event's date property is not an RFC 3339 date-time"

@@ -99,7 +99,7 @@ def validate_shape(campaign: pb.Campaign, check: Validator) -> None:
             "must look like destinations/<id>",
         )
     check_schedule(campaign.schedule, "campaign.schedule", check)
-    _check_targeting(campaign.targeting, live, check)
+    _check_targeting(campaign.targeting, live, campaign.delivery.HasField("best_time"), check)
     if campaign.HasField("goal"):
         _check_goal(campaign.goal, "campaign.goal", check)
     check_delivery(campaign, "campaign.delivery", check)
@@ -230,7 +230,7 @@ def _check_goal(goal: pb.Goal, path: str, check: Validator) -> None:
     check.require(len(goal.revenue_property) <= 200, f"{path}.revenue_property", "at most 200 characters")
 
 
-def _check_targeting(targeting: pb.Targeting, live: bool, check: Validator) -> None:
+def _check_targeting(targeting: pb.Targeting, live: bool, best_time: bool, check: Validator) -> None:
     check.require(
         0 <= targeting.control_group_percent <= MAX_CONTROL_PERCENT,
         "campaign.targeting.control_group_percent",
@@ -238,7 +238,9 @@ def _check_targeting(targeting: pb.Targeting, live: bool, check: Validator) -> N
     )
     cap = targeting.WhichOneof("cap")
     field = f"campaign.targeting.{cap}"
-    if cap in _LIVE_CAPS:
+    if cap == "daily_limit" and best_time:
+        check.require(targeting.daily_limit >= 1, field, "at least 1 message")
+    elif cap in _LIVE_CAPS:
         if check.require(live, field, "for live campaigns only (a run's cap is random_cap)"):
             check.require(getattr(targeting, cap) >= 1, field, "at least 1 message")
     elif cap is not None and check.require(

@@ -60,26 +60,30 @@ class RunTiming:
             known = self._by_zone[key] = self._work_out(zone, key[1])
         return known
 
-    def _best_time(self, zone: ZoneInfo, best_hour_utc: int | None) -> datetime:
-        """The user's best time on the first day of the window still ahead of the run's start
-        (else the window's last day)."""
+    def best_time_options(self, timezone: str, best_hour_utc: int | None) -> list[Due]:
+        """Best Time: the user's Due on each day of the window, first day first (a day whose time
+        had passed when the run started answers SEND_TIME_PASSED)."""
+        zone = (zone_named(timezone) if timezone else None) or self.default_zone
         assert self.wall is not None
-        first = self.wall[0]
-        due = self.planned
-        for offset in range(self.best_time_days):
-            day = first + timedelta(days=offset)
-            at = best_local_time(day, best_hour_utc, zone, self.fallback)
-            due = local_instant(day, at, zone)
-            if self.started is None or due >= self.started:
-                break
-        return due
+        days = [self.wall[0] + timedelta(days=offset) for offset in range(self.best_time_days)]
+        return [
+            self._rules_applied(
+                zone, local_instant(day, best_local_time(day, best_hour_utc, zone, self.fallback), zone)
+            )
+            for day in days
+        ]
 
     def _work_out(self, zone: ZoneInfo, best_hour_utc: int | None) -> Due:
-        rules = self.rules
         if self.best_time:
-            due = self._best_time(zone, best_hour_utc)
-        else:
-            due = self.planned if self.wall is None else local_instant(*self.wall, zone)
+            options = self.best_time_options(zone.key, best_hour_utc)
+            # The first day whose time was still ahead when the run started (else the last's).
+            return next((o for o in options if o.skip != SkipReason.SEND_TIME_PASSED), options[-1])
+        due = self.planned if self.wall is None else local_instant(*self.wall, zone)
+        return self._rules_applied(zone, due)
+
+    def _rules_applied(self, zone: ZoneInfo, due: datetime) -> Due:
+        """The delivery due at `due` in a user's zone, with do-not-disturb hours and the cut-off."""
+        rules = self.rules
         cutoff_zone = zone if rules.user_timezone else self.schedule_zone
         cutoff_at = cutoff_instant(due, cutoff_zone, rules.cutoff) if rules.cutoff else None
         skip = None

@@ -36,6 +36,7 @@ from herald_common.skips import SkipReason
 from herald_common.timing import in_control_group
 from herald_scheduler.due import Due, RunTiming
 from herald_scheduler.handover import delivery_batches
+from herald_scheduler.limits import RunLimits
 from herald_scheduler.planning import account_settings, plan_following
 from herald_scheduler.runs import RunEvents, run_name
 from herald_scheduler.storage import campaigns, outbox, runs
@@ -404,13 +405,23 @@ class RunExecutor:
         )
         skipped: list[events.Recipient] = []
         held: list[tuple[events.Recipient, Due]] = []
+        # Best Time's per-day limit: a day that is full passes the user to the next of the window.
+        limits = RunLimits(campaign.targeting, snapshot.account) if timing.best_time else None
+        if limits is not None:
+            await limits.load(session, run_id)
         for member in members:
             recipient = _recipient(run_id, member)
             skip = SkipReason.CAMPAIGN_STOPPED if stopped else _left_out(member, campaign)
-            due = timing.of(
-                member.timezone, member.best_hour_utc if member.HasField("best_hour_utc") else None
-            )
+            hour = member.best_hour_utc if member.HasField("best_hour_utc") else None
+            due = timing.of(member.timezone, hour)
             skip = skip or due.skip
+            if skip is None and limits is not None and limits.daily:
+                options = timing.best_time_options(member.timezone, hour)
+                open_day = next((o for o in options if o.skip is None and limits.take(o.at)), None)
+                if open_day is None:
+                    skip = SkipReason.DAILY_LIMIT
+                else:
+                    due = open_day
             if skip is None:
                 held.append((recipient, due))
             else:
@@ -443,6 +454,8 @@ class RunExecutor:
         if not advanced:
             raise RunStopped()
         account_id = advanced[0].account_id
+        if limits is not None:
+            await limits.save(session, run_id, account_id)
         if held:
             await hold(session, run_id, account_id, campaign.name, held)
         if skipped:

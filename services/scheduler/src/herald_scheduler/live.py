@@ -27,13 +27,12 @@ import uuid
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from functools import cached_property
 from typing import Any
 
 import grpc
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
@@ -53,17 +52,17 @@ from herald_common.loops import WakeableLoop
 from herald_common.outbox import enqueue
 from herald_common.schedules import DeliveryRules, account_zone, parse_time_of_day
 from herald_common.skips import SkipReason
-from herald_common.timing import in_control_group, local_day, local_instant, parse_datetime, zone_named
+from herald_common.timing import in_control_group, local_instant, parse_datetime, zone_named
 from herald_scheduler.due import Due, RunTiming
 from herald_scheduler.executor import hold, recipient_of
 from herald_scheduler.handover import delivery_batches
+from herald_scheduler.limits import RunLimits
 from herald_scheduler.planning import accounts_settings, drop_waits
 from herald_scheduler.release import released_at_once
 from herald_scheduler.runs import RunEvents
 from herald_scheduler.storage import (
     campaigns,
     live_awaited,
-    live_days,
     live_fires,
     live_timers,
     live_users,
@@ -555,7 +554,7 @@ class _Decision:
         checked = [f for f in fires if f.skip is None]
         members = self.members
         last_sent = await self._last_sent({f.user_id for f in checked})
-        limits = _Limits(on.campaign.targeting, on.settings)
+        limits = RunLimits(on.campaign.targeting, on.settings)
         await limits.load(self.session, on.run_id)
         sent_at: dict[str, datetime] = {}
         for fire in fires:
@@ -632,7 +631,7 @@ class _Decision:
         )
         return {row.user_id: row.last_at for row in rows}
 
-    async def _record(self, sent_at: dict[str, datetime], limits: _Limits) -> None:
+    async def _record(self, sent_at: dict[str, datetime], limits: RunLimits) -> None:
         session, on = self.session, self.on
         name = on.campaign.name
         if sent_at and on.campaign.schedule.live.frequency.WhichOneof("rule") not in (None, "every_time"):
@@ -702,53 +701,6 @@ class _Decision:
             ).all() or counted
             await drop_waits(session, [name])
         await self.engine.run_events.changed(session, counted)
-
-
-class _Limits:
-    """A live campaign's limits on messages: in all, and per day in the account's zone."""
-
-    def __init__(self, targeting: campaign_pb.Targeting, settings: accounts_pb.AccountSettings) -> None:
-        cap = targeting.WhichOneof("cap")
-        self.total = targeting.total_limit if cap == "total_limit" else 0
-        self.daily = targeting.daily_limit if cap == "daily_limit" else 0
-        self.zone = account_zone(settings)
-        self.used: dict[date, int] = {}
-        self.taken: dict[date, int] = defaultdict(int)
-
-    @property
-    def exhausted(self) -> bool:
-        return self.total > 0 and sum(self.used.values()) + sum(self.taken.values()) >= self.total
-
-    async def load(self, session: AsyncSession, run_id: uuid.UUID) -> None:
-        if self.total or self.daily:
-            rows = await session.execute(
-                sa.select(live_days.c.day, live_days.c.used).where(live_days.c.run_id == run_id)
-            )
-            self.used = {row.day: row.used for row in rows}
-
-    def take(self, at: datetime) -> bool:
-        """Takes one message's place, if the limits leave one."""
-        if not (self.total or self.daily):
-            return True  # nothing to count
-        day = local_day(at, self.zone)
-        if self.exhausted or (self.daily and self.used.get(day, 0) + self.taken[day] >= self.daily):
-            return False
-        self.taken[day] += 1
-        return True
-
-    async def save(self, session: AsyncSession, run_id: uuid.UUID, account_id: uuid.UUID) -> None:
-        taken = {day: n for day, n in self.taken.items() if n}
-        if not taken:
-            return
-        statement = insert(live_days).values(
-            [{"run_id": run_id, "day": day, "account_id": account_id, "used": n} for day, n in taken.items()]
-        )
-        await session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[live_days.c.run_id, live_days.c.day],
-                set_={"used": live_days.c.used + statement.excluded.used},
-            )
-        )
 
 
 def _finish(*where: Any, now: datetime) -> Any:
