@@ -205,3 +205,52 @@ async def test_the_per_day_limit_passes_users_to_the_next_day_of_the_window(
         ("every day of the Best Time window had reached the campaign's daily limit", 1)
     ]
     await clients.close()
+
+
+async def test_do_not_disturb_hours_apply_to_the_best_hour(
+    platform: Platform, segment_api: SegmentApi, manual_clock: clock.ManualClock
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    _, key = await create_account(
+        platform.address("campaign"), platform.settings.bootstrap_token, f"bt {tag}"
+    )
+    clients = Clients.open(platform.addresses, key)
+    evening, morning = f"{tag}-evening", f"{tag}-morning"
+    await clients.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(
+            users=[
+                pb.User(user_id=evening, timezone="Europe/Berlin", properties=_cohort(tag)),
+                pb.User(user_id=morning, timezone="Europe/Berlin", properties=_cohort(tag)),
+            ]
+        )
+    )
+    history = _activity(evening, "App Opened", [20, 20]) + _activity(morning, "App Opened", [8, 8])
+    await clients.segmentation.IngestEvents(pb.IngestEventsRequest(events=history))
+    segment = await create_segment(clients, condition("cohort", "EQUALS", tag))
+    destination = await create_segment_destination(
+        clients, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    send_time = Timestamp()
+    send_time.FromDatetime(DAY)
+    # The evening user's best hour is 21:00 in Berlin, inside the do-not-disturb hours.
+    quiet = campaign_pb.QuietHours(start="21:00", end="08:00", action=campaign_pb.QUIET_HOURS_ACTION_DISCARD)
+    campaign = segment_export_campaign(
+        segment.name,
+        destination.name,
+        schedule=campaign_pb.Schedule(send_later=campaign_pb.SendLater(send_time=send_time)),
+        delivery=campaign_pb.DeliveryPreferences(best_time=campaign_pb.BestTime(), quiet_hours=quiet),
+    )
+    created = await clients.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    await clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    manual_clock.advance(DAY + timedelta(hours=9, minutes=1) - manual_clock.now())  # 10:01 in Berlin
+
+    async def decided() -> bool:
+        stats = await clients.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
+        )
+        return (stats.sent, stats.skipped) == (1, 1) and [r.reason for r in stats.failure_reasons] == [
+            "due in do-not-disturb hours (discarded)"
+        ]
+
+    await eventually(decided, within=20)
+    await clients.close()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_dispatch.receipts import vonage
 from tests.conftest import Platform, eventually
@@ -116,11 +118,19 @@ async def test_exotel_final_statuses_each_count(account: SmsAccount, exotel: Exo
     campaign = _sms_campaign(account)
     campaign.destination = destination.name
     campaign.sms.dlt_template_id = "1107172768973504659"
-    stats = await _receipts(account, await _publish(account, campaign), 30)
+    name = await _publish(account, campaign)
+    stats = await _receipts(account, name, 30)
     assert (stats.receipts.delivered, stats.receipts.failed) == (27, 3)
     reasons = {r.reason: r.count for r in stats.failure_reasons}
     assert reasons["failed after sending (exotel failed_dnd 30002)"] == 2
     assert reasons["failed after sending (exotel 30005)"] == 1
+    # The run's own stats count its receipts too.
+    (run,) = (await account.clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))).runs
+    of_run = await account.clients.campaigns.GetCampaignStats(
+        campaign_pb.GetCampaignStatsRequest(name=f"{run.name}/stats")
+    )
+    assert (of_run.receipts.delivered, of_run.receipts.failed) == (27, 3)
+    assert {r.reason: r.count for r in of_run.failure_reasons} == reasons
 
 
 @pytest.mark.parametrize(

@@ -141,7 +141,7 @@ async def _count_results(
     session: AsyncSession,
     received: Sequence[_ResultEvent[_R]],
     counts_of: Callable[[_R], tuple[list[str], str | None]],
-    run_of: Callable[[Any], str] | None = None,
+    run_of: Callable[[Any, Any], str] | None = None,
 ) -> set[str]:
     """Adds the results of the events not counted before to their campaigns' stats and failure
     reasons (and, with `run_of`, to their runs'); returns those events' ids."""
@@ -156,9 +156,9 @@ async def _count_results(
     for event in (by_event[e] for e in sorted(new)):
         campaign_id = campaign_id_of(event.campaign)
         owner = owners[campaign_id] = account_id_of(event.account)
-        run = run_of(event) if run_of is not None and owner is not None else ""
-        run_owners[run] = owner
         for result in event.results:
+            run = run_of(event, result) if run_of is not None and owner is not None else ""
+            run_owners[run] = owner
             added, reason = counts_of(result)
             for column in added:
                 by_campaign[campaign_id][column] += 1
@@ -185,7 +185,7 @@ class Results:
 
     async def stats(self, name: str) -> pb.CampaignStats:
         """A campaign's stats (`campaigns/{campaign}/stats`), or one run's
-        (`campaigns/{campaign}/runs/{run}/stats`: its deliveries and goal; receipts and pop-up
+        (`campaigns/{campaign}/runs/{run}/stats`: its deliveries, receipts and goal; pop-up
         interactions are counted per campaign only)."""
         owner = name.removesuffix("/stats")
         campaign_name, _, run_id = owner.partition("/runs/")
@@ -388,7 +388,7 @@ class Results:
         if not received:
             return
         async with self.database.transaction() as session:
-            counted = await _count_results(session, received, _outcome_counts, run_of=lambda e: e.run)
+            counted = await _count_results(session, received, _outcome_counts, run_of=lambda e, _: e.run)
             new = list({e.event_id: e for e in received if e.event_id in counted}.values())
             await record_exposures(session, new)
             await self._advance(session, {campaign_id_of(e.campaign) for e in new})
@@ -399,7 +399,7 @@ class Results:
         if not received:
             return
         async with self.database.transaction() as session:
-            await _count_results(session, received, _receipt_counts)
+            await _count_results(session, received, _receipt_counts, run_of=lambda _, r: r.run)
 
     async def record_popup_interactions(self, received: Sequence[events.WebInteractions]) -> None:
         """Counts what visitors did with web pop-ups (each event once; each (delivery, kind) is in

@@ -125,6 +125,11 @@ run_stats = sa.Table(
     ),
     sa.Column("goal_revenue", sa.Float, nullable=False, server_default="0"),
     sa.Column("goal_control_revenue", sa.Float, nullable=False, server_default="0"),
+    # What providers' receipts said of the run's messages.
+    *(
+        sa.Column(c, sa.BigInteger, nullable=False, server_default="0")
+        for c in ("delivered", "undelivered", "receipt_failed")
+    ),
 )
 
 # Why each run's deliveries failed or were skipped.

@@ -30,7 +30,7 @@ _APPLY = """
         FROM dispatch.receipts r
         WHERE r.account_id = d.account_id AND r.provider_message_id = d.provider_message_id
           AND d.receipt_status IS NULL AND {which}
-        RETURNING d.delivery_id, d.user_id, d.campaign, d.account_id, r.status, r.error_code,
+        RETURNING d.delivery_id, d.user_id, d.campaign, d.run, d.account_id, r.status, r.error_code,
                   r.destination AS receipt_destination, r.provider_message_id AS receipt_message
     ), handled AS (
         DELETE FROM dispatch.receipts r USING applied a
@@ -85,6 +85,7 @@ async def apply_receipts(
                 user_id=row.user_id,
                 status=_BY_NAME[row.status],
                 error_code=row.error_code,
+                run=row.run,
             )
         )
     queued = []

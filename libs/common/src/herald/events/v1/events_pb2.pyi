@@ -521,6 +521,7 @@ class ReceiptResult(_message.Message):
     USER_ID_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     ERROR_CODE_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """The delivery's stable id."""
     user_id: _builtins.str
@@ -529,6 +530,8 @@ class ReceiptResult(_message.Message):
     """What became of it."""
     error_code: _builtins.str
     """The provider's error code, if any (`twilio 30003`, `vonage 6`)."""
+    run: _builtins.str
+    """The delivery's run: `campaigns/{campaign}/runs/{run}`."""
     def __init__(
         self,
         *,
@@ -536,10 +539,11 @@ class ReceiptResult(_message.Message):
         user_id: _builtins.str = ...,
         status: Global___ReceiptStatus.ValueType = ...,
         error_code: _builtins.str = ...,
+        run: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "error_code", b"error_code", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "error_code", b"error_code", "run", b"run", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
