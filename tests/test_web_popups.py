@@ -48,6 +48,17 @@ async def _shown(site: WebSite, visitor: str, session: str, **extra: Any) -> lis
     return found
 
 
+async def _saw(site: WebSite, visitor: str, session: str, popup: dict[str, Any]) -> None:
+    """The visitor's page reports the pop-up shown."""
+    viewed = {
+        "user_id": visitor,
+        "session_id": session,
+        "delivery_id": popup["delivery_id"],
+        "kind": "viewed",
+    }
+    assert (await site.call("interactions", viewed)).status == 200
+
+
 async def _stats(site: WebSite, name: str) -> campaign_pb.CampaignStats:
     return await site.admin.campaigns.GetCampaignStats(
         campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
@@ -484,13 +495,7 @@ async def test_quiet_hours_and_once_ever_hold_when_the_pop_up_would_show(
         await site.view_pages(visitor, "s1", 1)
         popup = (await _shown(site, visitor, "s1", timezone="Europe/Berlin"))[0]
         assert await site.popups(visitor, "s1", timezone="Asia/Tokyo") == []
-        viewed = {
-            "user_id": visitor,
-            "session_id": "s1",
-            "delivery_id": popup["delivery_id"],
-            "kind": "viewed",
-        }
-        assert (await site.call("interactions", viewed)).status == 200
+        await _saw(site, visitor, "s1", popup)
         # Qualifying again in a later session: once ever means never again.
         manual_clock.advance(timedelta(hours=1))
         await site.view_pages(visitor, "s2", 1)
@@ -509,13 +514,7 @@ async def test_once_per_day_counts_the_visitors_own_day(
         visitor = f"anon:{uuid.uuid4().hex}"
         await site.view_pages(visitor, "s1", 1)
         popup = (await _shown(site, visitor, "s1", timezone="Europe/Berlin"))[0]
-        viewed = {
-            "user_id": visitor,
-            "session_id": "s1",
-            "delivery_id": popup["delivery_id"],
-            "kind": "viewed",
-        }
-        assert (await site.call("interactions", viewed)).status == 200
+        await _saw(site, visitor, "s1", popup)
         # Later that Monday, in another session: not again today.
         manual_clock.advance(timedelta(hours=3))
         await site.view_pages(visitor, "s2", 1)

@@ -264,9 +264,9 @@ class Results:
         campaign_id = api.parse_uuid_name(campaign_name, "campaigns", "run")
         async with self.database.transaction() as session:
             known = await session.scalar(
-                sa.select(runs.c.run).where(
-                    runs.c.run == run, runs.c.campaign_id == campaign_id, owned(campaign_id)
-                )
+                sa.select(runs.c.run)
+                .join(campaigns, campaigns.c.id == runs.c.campaign_id)
+                .where(runs.c.run == run, owned(campaign_id))
             )
         if known is None:
             raise NotFound(run)
