@@ -179,6 +179,18 @@ async def completed_stats(
     return await clients.campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats"))
 
 
+async def _segmentation_has(database_url: str, table: str, campaign: str, condition: str = "true") -> bool:
+    """Whether segmentation's table holds a row for the campaign (where the condition holds)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        found = await connection.fetchval(
+            f"SELECT {condition} FROM segmentation.{table} WHERE campaign = $1", campaign
+        )
+    finally:
+        await connection.close()
+    return bool(found)
+
+
 async def until_live(clients: Clients, database_url: str, campaign: str, within: float = 10.0) -> None:
     """Waits until a published live campaign is armed: its run is live in the scheduler, and
     segmentation matches events against its trigger (each follows CampaignChanged on its own)."""
@@ -187,13 +199,12 @@ async def until_live(clients: Clients, database_url: str, campaign: str, within:
         found = await clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=campaign))
         if not any(run.state == scheduler_pb.RUN_STATE_LIVE for run in found.runs):
             return False
-        connection = await asyncpg.connect(database_url)
-        try:
-            active = await connection.fetchval(
-                "SELECT active FROM segmentation.live_triggers WHERE campaign = $1", campaign
-            )
-        finally:
-            await connection.close()
-        return bool(active)
+        return await _segmentation_has(database_url, "live_triggers", campaign, "active")
 
     await eventually(armed, within=within)
+
+
+async def until_goal_matched(database_url: str, campaign: str, within: float = 10.0) -> None:
+    """Waits until segmentation matches events against the campaign's goal (it follows
+    CampaignChanged on its own)."""
+    await eventually(lambda: _segmentation_has(database_url, "goals", campaign), within=within)

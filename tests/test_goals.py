@@ -34,6 +34,7 @@ from tests.helpers import (
     create_segment_destination,
     field_violations,
     segment_export_campaign,
+    until_goal_matched,
     until_live,
     user,
 )
@@ -204,23 +205,6 @@ async def test_conversions_count_within_the_window_once_each_against_the_control
     assert converted == {**{u: 600 for u in sent[:5]}, **{u: 800 for u in control[:2]}}
 
 
-async def _until_goal_matched(shop: Shop, campaign: str) -> None:
-    """Waits until segmentation matches events against the campaign's goal (it follows
-    CampaignChanged on its own)."""
-
-    async def armed() -> bool:
-        connection = await asyncpg.connect(shop.database_url)
-        try:
-            found = await connection.fetchval(
-                "SELECT 1 FROM segmentation.goals WHERE campaign = $1", campaign
-            )
-        finally:
-            await connection.close()
-        return found is not None
-
-    await eventually(armed, within=10)
-
-
 async def test_an_event_before_its_message_was_recorded_still_converts(shop: Shop) -> None:
     """The user acts before dispatch's outcome for their message reached the campaign service: the
     event waits for it."""
@@ -231,7 +215,7 @@ async def test_an_event_before_its_message_was_recorded_still_converts(shop: Sho
     )
     shop.segment_api.hang_for(4)  # the export is under way, its outcome not yet recorded
     await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=campaign.name))
-    await _until_goal_matched(shop, campaign.name)
+    await until_goal_matched(shop.database_url, campaign.name)
     first = f"{shop.tag}-00"
     await shop.charge(first, 550)
     assert (await shop.stats(campaign.name)).goal.sent == 0
@@ -299,7 +283,7 @@ async def _published(shop: Shop, **fields: Any) -> str:
         )
     )
     await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-    await _until_goal_matched(shop, created.name)
+    await until_goal_matched(shop.database_url, created.name)
     return created.name
 
 

@@ -37,6 +37,17 @@ def parse_uuid_name(name: str, collection: str, field: str = "name") -> uuid.UUI
         raise invalid(field, f"{name!r} is not a valid {collection} name") from None
 
 
+def parse_run_name(name: str, field: str = "name") -> tuple[uuid.UUID, uuid.UUID]:
+    """(campaign id, run id) of `campaigns/{campaign}/runs/{run}`."""
+    parts = name.split("/")
+    if len(parts) != 4 or parts[0] != "campaigns" or parts[2] != "runs":
+        raise invalid(field, "must look like campaigns/<id>/runs/<id>")
+    try:
+        return uuid.UUID(parts[1]), uuid.UUID(parts[3])
+    except ValueError:
+        raise invalid(field, f"{name!r} is not a valid run name") from None
+
+
 def is_valid_id(value: str) -> bool:
     return bool(_ID.match(value))
 

@@ -11,8 +11,8 @@ send, and the user may act first): an event without an exposure waits, and a new
 the waiting events of its user. An event is counted once, whichever copy of it arrives: an
 exposure holds the id of the event that converted it, unique per campaign.
 
-The counts in `campaign_stats` change in the transactions that record the facts they count, and
-can be rebuilt from `exposures` (see `rebuilt_counts`).
+The counts in `campaign_stats` and `run_stats` change in the transactions that record the facts
+they count, so they always equal what `exposures` holds.
 """
 
 from __future__ import annotations
@@ -299,24 +299,6 @@ async def _count(session: AsyncSession, added: list[tuple[Any, str, float]]) -> 
         by_run[(row.run, row.campaign_id, row.account_id)][column] += amount
     await add_campaign_counts(session, by_campaign)
     await add_run_counts(session, by_run)
-
-
-async def rebuilt_counts(session: AsyncSession, campaign_id: uuid.UUID) -> dict[str, float]:
-    """The goal counts as the recorded exposures and conversions give them."""
-    x = exposures.c
-    row = (
-        await session.execute(
-            sa.select(
-                sa.func.count().filter(~x.control).label("goal_sent"),
-                sa.func.count(x.converted_at).filter(~x.control).label("goal_converted"),
-                sa.func.count().filter(x.control).label("goal_control"),
-                sa.func.count(x.converted_at).filter(x.control).label("goal_control_converted"),
-                sa.func.coalesce(sa.func.sum(x.revenue).filter(~x.control), 0.0).label("goal_revenue"),
-                sa.func.coalesce(sa.func.sum(x.revenue).filter(x.control), 0.0).label("goal_control_revenue"),
-            ).where(x.campaign_id == campaign_id)
-        )
-    ).one()
-    return dict(row._mapping)
 
 
 def _wilson(successes: int, n: int) -> tuple[float, float]:

@@ -33,7 +33,7 @@ from herald_campaign.storage import (
 from herald_common import api
 from herald_common.auth import account_id_of
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, text_in
 from herald_common.errors import NotFound, invalid
 from herald_common.skips import SkipReason
 
@@ -158,12 +158,13 @@ async def _count_results(
         owner = owners[campaign_id] = account_id_of(event.account)
         for result in event.results:
             run = run_of(event, result) if run_of is not None and owner is not None else ""
-            run_owners[run] = owner
+            if run:
+                run_owners[run] = owner
             added, reason = counts_of(result)
             for column in added:
                 by_campaign[campaign_id][column] += 1
-                if run:
-                    by_run[(run, campaign_id, owner)][column] += 1  # type: ignore[index]
+                if run and owner is not None:
+                    by_run[(run, campaign_id, owner)][column] += 1
             if reason is not None:
                 reasons[(campaign_id, reason)].append(result.user_id)
                 if run:
@@ -172,6 +173,17 @@ async def _count_results(
     await add_run_counts(session, by_run)
     await add_reasons(session, reasons, owners, run_reasons, run_owners)
     return new
+
+
+def _stats_of(name: str) -> tuple[uuid.UUID, str | None]:
+    """(campaign id, run name or None) of `campaigns/{campaign}/stats` or
+    `campaigns/{campaign}/runs/{run}/stats`."""
+    if not name.endswith("/stats"):
+        raise invalid("name", "must look like campaigns/<id>/stats or campaigns/<id>/runs/<run>/stats")
+    owner = name.removesuffix("/stats")
+    if "/runs/" in owner:
+        return api.parse_run_name(owner)[0], owner
+    return api.parse_uuid_name(owner, "campaigns"), None
 
 
 class Results:
@@ -187,12 +199,8 @@ class Results:
         """A campaign's stats (`campaigns/{campaign}/stats`), or one run's
         (`campaigns/{campaign}/runs/{run}/stats`: its deliveries, receipts and goal; pop-up
         interactions are counted per campaign only)."""
-        owner = name.removesuffix("/stats")
-        campaign_name, _, run_id = owner.partition("/runs/")
-        if not name.endswith("/stats") or "/" in run_id or (owner != campaign_name and not run_id):
-            raise invalid("name", "must look like campaigns/<id>/stats or campaigns/<id>/runs/<run>/stats")
-        campaign_id = api.parse_uuid_name(campaign_name, "campaigns")
-        run = owner if run_id else None
+        campaign_id, run = _stats_of(name)
+        campaign_name = f"campaigns/{campaign_id}"
         async with self.database.transaction() as session:
             spec = await session.scalar(sa.select(campaigns.c.spec).where(owned(campaign_id)))
             if spec is None:
@@ -258,10 +266,8 @@ class Results:
     async def export(self, run: str) -> AsyncIterator[pb.RunResult]:
         """Every recipient's result in the run: dispatch's delivery results, a page at a time,
         with the conversions recorded against the goal."""
-        campaign_name, _, run_id = run.partition("/runs/")
-        if not run_id or "/" in run_id:
-            raise invalid("run", "must look like campaigns/<id>/runs/<run>")
-        campaign_id = api.parse_uuid_name(campaign_name, "campaigns", "run")
+        campaign_id, _ = api.parse_run_name(run, "run")
+        campaign_name = f"campaigns/{campaign_id}"
         async with self.database.transaction() as session:
             known = await session.scalar(
                 sa.select(runs.c.run)
@@ -278,7 +284,7 @@ class Results:
                         sa.select(
                             exposures.c.delivery_id, exposures.c.converted_at, exposures.c.revenue
                         ).where(
-                            exposures.c.delivery_id.in_([d.delivery_id for d in page]),
+                            text_in(exposures.c.delivery_id, [d.delivery_id for d in page]),
                             exposures.c.campaign_id == campaign_id,
                         )
                     )
@@ -311,7 +317,7 @@ class Results:
             if current != last:
                 last = current
                 yield current
-            if await self._settled(campaign_id_of(name.removesuffix("/stats"))):
+            if await self._settled(_stats_of(name)[0]):
                 return
             await asyncio.sleep(poll_seconds)
 

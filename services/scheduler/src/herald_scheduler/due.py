@@ -48,11 +48,19 @@ class RunTiming:
         self.best_time = campaign.delivery.HasField("best_time")
         self.best_time_days = best_time_days(campaign)
         self.fallback = best_time_fallback(campaign, settings)
-        self._by_zone: dict[tuple[str, int | None], Due] = {}
+        self._by_zone: dict[tuple[str, int | None], list[Due]] = {}
 
     def of(self, timezone: str, best_hour_utc: int | None = None) -> Due:
         """The answer for users whose profile names this zone (empty or unknown: the account's),
-        and, for Best Time, whose best hour is this (None: no history)."""
+        and, for Best Time, whose best hour is this (None: no history): with Best Time, the first
+        day of the window whose time was still ahead when the run started (else the last's)."""
+        options = self.options(timezone, best_hour_utc)
+        return next((o for o in options if o.skip != SkipReason.SEND_TIME_PASSED), options[-1])
+
+    def options(self, timezone: str, best_hour_utc: int | None = None) -> list[Due]:
+        """The user's Due on each day they may get the message, first first: one day, or each
+        day of a Best Time window (a day whose time had passed when the run started answers
+        SEND_TIME_PASSED). Worked out once per zone (and best hour)."""
         key = (timezone, best_hour_utc if self.best_time else None)
         known = self._by_zone.get(key)
         if known is None:
@@ -60,26 +68,18 @@ class RunTiming:
             known = self._by_zone[key] = self._work_out(zone, key[1])
         return known
 
-    def best_time_options(self, timezone: str, best_hour_utc: int | None) -> list[Due]:
-        """Best Time: the user's Due on each day of the window, first day first (a day whose time
-        had passed when the run started answers SEND_TIME_PASSED)."""
-        zone = (zone_named(timezone) if timezone else None) or self.default_zone
-        assert self.wall is not None
-        days = [self.wall[0] + timedelta(days=offset) for offset in range(self.best_time_days)]
-        return [
-            self._rules_applied(
-                zone, local_instant(day, best_local_time(day, best_hour_utc, zone, self.fallback), zone)
-            )
-            for day in days
-        ]
-
-    def _work_out(self, zone: ZoneInfo, best_hour_utc: int | None) -> Due:
+    def _work_out(self, zone: ZoneInfo, best_hour_utc: int | None) -> list[Due]:
         if self.best_time:
-            options = self.best_time_options(zone.key, best_hour_utc)
-            # The first day whose time was still ahead when the run started (else the last's).
-            return next((o for o in options if o.skip != SkipReason.SEND_TIME_PASSED), options[-1])
+            assert self.wall is not None
+            days = [self.wall[0] + timedelta(days=offset) for offset in range(self.best_time_days)]
+            return [
+                self._rules_applied(
+                    zone, local_instant(day, best_local_time(day, best_hour_utc, zone, self.fallback), zone)
+                )
+                for day in days
+            ]
         due = self.planned if self.wall is None else local_instant(*self.wall, zone)
-        return self._rules_applied(zone, due)
+        return [self._rules_applied(zone, due)]
 
     def _rules_applied(self, zone: ZoneInfo, due: datetime) -> Due:
         """The delivery due at `due` in a user's zone, with do-not-disturb hours and the cut-off."""

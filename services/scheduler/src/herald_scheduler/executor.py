@@ -406,7 +406,8 @@ class RunExecutor:
         skipped: list[events.Recipient] = []
         held: list[tuple[events.Recipient, Due]] = []
         # Best Time's per-day limit: a day that is full passes the user to the next of the window.
-        limits = RunLimits(campaign.targeting, snapshot.account) if timing.best_time else None
+        per_day = timing.best_time and campaign.targeting.WhichOneof("cap") == "daily_limit"
+        limits = RunLimits(campaign.targeting, snapshot.account) if per_day else None
         if limits is not None:
             await limits.load(session, run_id)
         for member in members:
@@ -415,8 +416,8 @@ class RunExecutor:
             hour = member.best_hour_utc if member.HasField("best_hour_utc") else None
             due = timing.of(member.timezone, hour)
             skip = skip or due.skip
-            if skip is None and limits is not None and limits.daily:
-                options = timing.best_time_options(member.timezone, hour)
+            if skip is None and limits is not None:
+                options = timing.options(member.timezone, hour)
                 open_day = next((o for o in options if o.skip is None and limits.take(o.at)), None)
                 if open_day is None:
                     skip = SkipReason.DAILY_LIMIT

@@ -16,7 +16,7 @@ from herald_common import api
 from herald_common.auth import account_name, current_account_id
 from herald_common.bus import Subjects
 from herald_common.db import Database
-from herald_common.errors import NotFound, invalid
+from herald_common.errors import NotFound
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
 from herald_scheduler.storage import outbox, runs
@@ -72,16 +72,6 @@ class RunEvents:
         await enqueue(session, outbox, queued)
 
 
-def _parse_run_name(name: str) -> uuid.UUID:
-    parts = name.split("/")
-    if len(parts) != 4 or parts[0] != "campaigns" or parts[2] != "runs":
-        raise invalid("name", "must look like campaigns/<id>/runs/<id>")
-    try:
-        return uuid.UUID(parts[3])
-    except ValueError:
-        raise invalid("name", f"{name!r} is not a valid run name") from None
-
-
 def _of_callers_account() -> sa.ColumnElement[bool]:
     """Runs that the calling account owns: another account's answer NOT_FOUND."""
     return runs.c.account_id == current_account_id()
@@ -93,7 +83,7 @@ class RunQueries:
 
     async def _row(self, name: str) -> Any:
         """The caller's run of that name; another account's answers NOT_FOUND."""
-        run_id = _parse_run_name(name)
+        _, run_id = api.parse_run_name(name)
         async with self.database.transaction() as session:
             row = (
                 await session.execute(sa.select(runs).where(runs.c.id == run_id, _of_callers_account()))

@@ -497,25 +497,24 @@ class Segmentation:
                     .limit(limit)
                 )
             ).all()
-        page: list[pb.AudienceMember] = []
-        size = 0
-        for row in rows:
-            member = pb.AudienceMember(
-                user_id=row.user_id,
-                timezone=row.timezone,
-                unreachable=row.left_out == LEFT_OUT_UNREACHABLE,
-                outside_sample=row.left_out == LEFT_OUT_BY_SAMPLE,
-            )
-            if as_json:
-                member.attributes_json = row.attributes.encode()
-            else:
-                member.attributes.update(json.loads(row.attributes))
-            page.append(member)
-            size += len(row.attributes) + len(row.user_id)
-            if size > MAX_AUDIENCE_PAGE_BYTES:
-                break
-        if with_best_hour:
-            async with self.database.transaction() as session:
+            page: list[pb.AudienceMember] = []
+            size = 0
+            for row in rows:
+                member = pb.AudienceMember(
+                    user_id=row.user_id,
+                    timezone=row.timezone,
+                    unreachable=row.left_out == LEFT_OUT_UNREACHABLE,
+                    outside_sample=row.left_out == LEFT_OUT_BY_SAMPLE,
+                )
+                if as_json:
+                    member.attributes_json = row.attributes.encode()
+                else:
+                    member.attributes.update(json.loads(row.attributes))
+                page.append(member)
+                size += len(row.attributes) + len(row.user_id)
+                if size > MAX_AUDIENCE_PAGE_BYTES:
+                    break
+            if with_best_hour:
                 await add_best_hours(session, account_id, page)
         return page
 

@@ -205,56 +205,49 @@ class LiveTriggers:
     ) -> list[OutboxEvent]:
         """The LiveMatches and GoalEvents of events just recorded (none when no live campaign
         watches them and no goal names them)."""
-        rows = (
-            await session.execute(
-                sa.select(
-                    live_triggers.c.campaign,
-                    live_triggers.c.version,
-                    live_triggers.c.trigger,
-                    live_triggers.c.start_at,
-                    live_triggers.c.end_at,
-                ).where(live_triggers.c.account_id == account_id, live_triggers.c.active)
-            )
-        ).all()
-        goal_rows = (
-            await session.execute(
-                sa.select(
-                    goals.c.campaign, goals.c.version, goals.c.goal, goals.c.start_at, goals.c.end_at
-                ).where(
-                    goals.c.account_id == account_id,
-                    sa.or_(goals.c.end_at.is_(None), goals.c.end_at > received - LATENESS_ALLOWANCE),
-                )
-            )
-        ).all()
-        if not rows and not goal_rows:
+        # The account's active triggers and goals, in one round trip: this runs for every call.
+        triggers = sa.select(
+            sa.literal(False).label("goal"),
+            live_triggers.c.campaign,
+            live_triggers.c.version,
+            live_triggers.c.trigger.label("spec"),
+            live_triggers.c.start_at,
+            live_triggers.c.end_at,
+        ).where(live_triggers.c.account_id == account_id, live_triggers.c.active)
+        goal_specs = sa.select(
+            sa.literal(True).label("goal"),
+            goals.c.campaign,
+            goals.c.version,
+            goals.c.goal.label("spec"),
+            goals.c.start_at,
+            goals.c.end_at,
+        ).where(
+            goals.c.account_id == account_id,
+            sa.or_(goals.c.end_at.is_(None), goals.c.end_at > received - LATENESS_ALLOWANCE),
+        )
+        rows = (await session.execute(sa.union_all(triggers, goal_specs))).all()
+        if not rows:
             return []
-        watching = [
-            w
-            for row in rows
-            for w in watches(
-                row.campaign,
-                row.version,
-                campaign_pb.LiveTrigger.FromString(row.trigger),
-                row.start_at,
-                row.end_at,
-            )
-        ]
-        for row in goal_rows:
-            goal = campaign_pb.Goal.FromString(row.goal)
-            watching.append(
-                _Watch(
-                    row.campaign,
-                    row.version,
-                    GOAL,
-                    goal.event,
-                    row.start_at,
-                    row.end_at,
-                    "",
-                    "",
-                    None,
-                    goal.revenue_property,
+        watching = []
+        for row in rows:
+            if row.goal:
+                goal = campaign_pb.Goal.FromString(row.spec)
+                watching.append(
+                    _Watch(
+                        row.campaign,
+                        row.version,
+                        GOAL,
+                        goal.event,
+                        row.start_at,
+                        row.end_at,
+                        match_property="",
+                        date_property="",
+                        revenue_property=goal.revenue_property,
+                    )
                 )
-            )
+            else:
+                trigger = campaign_pb.LiveTrigger.FromString(row.spec)
+                watching += watches(row.campaign, row.version, trigger, row.start_at, row.end_at)
         earliest = (received - LATENESS_ALLOWANCE).timestamp()
         timely = [e for e in recorded if e.when >= earliest]
         by_name: dict[str, list[_Watch]] = defaultdict(list)
