@@ -49,13 +49,19 @@ class RunTiming:
         self.best_time_days = best_time_days(campaign)
         self.fallback = best_time_fallback(campaign, settings)
         self._by_zone: dict[tuple[str, int | None], list[Due]] = {}
+        self._chosen: dict[tuple[str, int | None], Due] = {}
 
     def of(self, timezone: str, best_hour_utc: int | None = None) -> Due:
         """The answer for users whose profile names this zone (empty or unknown: the account's),
         and, for Best Time, whose best hour is this (None: no history): with Best Time, the first
         day of the window whose time was still ahead when the run started (else the last's)."""
-        options = self.options(timezone, best_hour_utc)
-        return next((o for o in options if o.skip != SkipReason.SEND_TIME_PASSED), options[-1])
+        key = (timezone, best_hour_utc if self.best_time else None)
+        chosen = self._chosen.get(key)
+        if chosen is None:
+            options = self.options(timezone, best_hour_utc)
+            chosen = next((o for o in options if o.skip != SkipReason.SEND_TIME_PASSED), options[-1])
+            self._chosen[key] = chosen
+        return chosen
 
     def options(self, timezone: str, best_hour_utc: int | None = None) -> list[Due]:
         """The user's Due on each day they may get the message, first first: one day, or each
