@@ -37,7 +37,7 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common import auth
 from herald_common.logging import configure_logging
 from herald_common.settings import Settings
-from tests import bench_scheduling, bench_segmentation
+from tests import bench_scheduling
 from tests.ceiling import run_ceiling
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import audience, condition, matching, segment_export_campaign, user
@@ -348,6 +348,8 @@ def main() -> None:
     if args.only in (None, "pipeline"):
         asyncio.run(bench(args.users or (1_000_000 if args.full else 20_000)))
     if args.only in (None, "segmentation"):
+        from tests import bench_segmentation  # it builds on this module's helpers
+
         asyncio.run(bench_segmentation.run(*((1_000_000, 20_000_000) if args.full else (100_000, 2_000_000))))
     if args.only in (None, "scheduling"):
         sizes = (

@@ -17,8 +17,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path
-from tempfile import mkdtemp
 from typing import Any
 
 import asyncpg
@@ -26,12 +24,14 @@ import asyncpg
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.logging import configure_logging
+from tests.bench import PeakMemory, service_processes
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition, value
-from tests.processes import ServiceProcesses, benchmark_servers, environment
+from tests.processes import ServiceProcesses, benchmark_servers
 
 TARGET_ESTIMATE_P95_S = 1.0
 TARGET_INGEST_RATE = 50_000
+TARGET_INGEST_CPU_US = 15  # segmentation and PostgreSQL together, per event
 DAYS = 90
 RUNS = 7
 CITIES = [
@@ -223,6 +223,7 @@ def _p95(samples: list[float]) -> float:
 
 
 async def _ingest(stub: Any, total: int, concurrency: int = 8) -> float:
+    """Events sent through IngestEvents in batches of 1,000, 8 calls at a time; the rate."""
     batches = total // 1000
     now = datetime.now(UTC)
 
@@ -265,20 +266,18 @@ async def _upload_list(stub: Any, rows: int) -> tuple[pb.CustomList, float]:
 
 async def run(users: int, events: int) -> None:
     configure_logging("warning")
+    memory = PeakMemory()
     async with (
         benchmark_servers("herald-bench-segmentation-") as (database_url, nats_url),
         fresh_settings(database_url, nats_url) as settings,
+        service_processes(settings, memory) as services,
     ):
-        services = ServiceProcesses(environment(settings), Path(mkdtemp(prefix="herald-bench-logs-")))
-        await services.start()
-        try:
-            await _measure(services, settings.database_url, settings.bootstrap_token, users, events)
-        finally:
-            await services.stop()
+        memory.watch_servers()
+        await _measure(services, memory, settings.database_url, settings.bootstrap_token, users, events)
 
 
 async def _measure(
-    services: ServiceProcesses, database_url: str, bootstrap: str, users: int, events: int
+    services: ServiceProcesses, memory: PeakMemory, database_url: str, bootstrap: str, users: int, events: int
 ) -> None:
     account, key = await create_account(services.address("campaign"), bootstrap, "segmentation bench")
     account_id = uuid.UUID(account.removeprefix("accounts/"))
@@ -331,6 +330,18 @@ async def _measure(
         uploaded, upload_s = await _upload_list(stub, users)
         label = f"custom list of {users:,} user ids uploaded"
         print(f"{label:<48} {upload_s:>9,.1f} s        ({uploaded.matched_count:,} matched)")
-        rate = await _ingest(stub, 200_000 if events < 20_000_000 else 1_000_000)
+        ingested = 200_000 if events < 20_000_000 else 1_000_000
+        memory.watch_servers()
+        before = memory.cpu_seconds()
+        rate = await _ingest(stub, ingested)
+        await asyncio.sleep(1)  # what the outbox relay does after the last call
+        after = memory.cpu_seconds()
+        used = {n: (after[n] - before.get(n, 0.0)) / ingested * 1e6 for n in after}
         label = "event ingestion through IngestEvents"
         print(f"{label:<48} {rate:>9,.0f} events/s   (target >= {TARGET_INGEST_RATE:,})")
+        budgeted = sum(us for n, us in used.items() if n.startswith(("segmentation", "postgresql")))
+        print(
+            f"  CPU per event, segmentation + PostgreSQL     {budgeted:>9,.1f} µs        "
+            f"(target <= {TARGET_INGEST_CPU_US})"
+        )
+        print("  CPU µs/event: " + ", ".join(f"{n} {us:,.1f}" for n, us in sorted(used.items())))

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Sequence
 from datetime import UTC, date, datetime
 from typing import Any, NamedTuple
 
+import orjson
 import sqlalchemy as sa
 
 from herald.events.v1 import events_pb2
@@ -35,6 +35,7 @@ from herald_segmentation.properties import (
     SentTypes,
     check_properties,
     event_subject,
+    plain_properties,
     struct_values,
 )
 from herald_segmentation.storage import LARGE_PROPERTIES, SCHEMA, outbox
@@ -49,30 +50,33 @@ EARLIEST_SECONDS = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
 
 # An index entry holds at most about 2.7 KB: the key columns take up to about 1 KB (a name of 200
 # characters, a user id of 200), so properties over LARGE_PROPERTIES bytes go to event_bodies.
+# The batch comes as one JSON document: one parameter to encode, where arrays cost a check per item.
+# Users are added in user id order, so that two calls adding the same users cannot deadlock.
 _RECORD = sa.text(
     f"""
-    WITH fresh AS (
+    WITH incoming AS (
+        SELECT e.c AS client_event_id, e.u AS user_id, e.n AS name, e.t AS occurred_at, e.p AS properties,
+               pg_column_size(e.p) > {LARGE_PROPERTIES} AS large
+        FROM json_to_recordset(CAST(:events AS json)) AS e(c text, u text, n text, t float8, p jsonb)
+    ), fresh AS (
         INSERT INTO {SCHEMA}.event_receipts (account_id, client_event_id)
-        SELECT :account_id, unnest(CAST(:ids AS text[]))
+        SELECT :account_id, client_event_id FROM incoming
         ON CONFLICT DO NOTHING
         RETURNING client_event_id
-    ), incoming AS (
-        SELECT e.client_event_id, e.user_id, e.name, e.occurred_at, j.properties,
-               pg_column_size(j.properties) > {LARGE_PROPERTIES} AS large
-        FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:names AS text[]),
-                    CAST(:times AS float8[]), CAST(:properties AS text[]))
-             AS e(client_event_id, user_id, name, occurred_at, properties)
-        JOIN fresh USING (client_event_id)
-        CROSS JOIN LATERAL (SELECT CAST(e.properties AS jsonb) AS properties) j
     ), stored AS (
         INSERT INTO {SCHEMA}.events (account_id, user_id, name, occurred_at, properties)
         SELECT :account_id, user_id, name, to_timestamp(occurred_at),
                CASE WHEN large THEN to_jsonb(client_event_id) ELSE properties END
-        FROM incoming
+        FROM incoming JOIN fresh USING (client_event_id)
         RETURNING user_id
     ), bodies AS (
         INSERT INTO {SCHEMA}.event_bodies (account_id, client_event_id, properties)
-        SELECT :account_id, client_event_id, properties FROM incoming WHERE large
+        SELECT :account_id, client_event_id, properties FROM incoming JOIN fresh USING (client_event_id)
+        WHERE large
+    ), new_users AS (
+        INSERT INTO {SCHEMA}.users (account_id, user_id)
+        SELECT DISTINCT :account_id, user_id FROM stored ORDER BY user_id
+        ON CONFLICT DO NOTHING
     )
     SELECT client_event_id FROM fresh
     """
@@ -92,13 +96,6 @@ _OVERSIZED_PROFILES = sa.text(
         SELECT user_id, (SELECT count(*) FROM jsonb_object_keys(properties)) AS keys
         FROM {SCHEMA}.users WHERE account_id = :account_id AND user_id = ANY(CAST(:users AS text[]))
     ) counted WHERE keys > :most
-    """
-)
-_NEW_USERS = sa.text(
-    f"""
-    INSERT INTO {SCHEMA}.users (account_id, user_id)
-    SELECT :account_id, unnest(CAST(:users AS text[]))
-    ON CONFLICT DO NOTHING
     """
 )
 
@@ -203,12 +200,16 @@ class Events:
                 and EARLIEST_SECONDS <= when <= now + MAX_AHEAD_SECONDS
             ):
                 _report(event, when, now, path, check)
-            values = struct_values(event.properties, f"{path}.properties", check)
+            plain = plain_properties(event.properties)
+            if plain is None:
+                values = struct_values(event.properties, f"{path}.properties", check)
+                kinds = check_properties(values, f"{path}.properties", check)
+            else:
+                values, kinds = plain
             if browser_secret is not None and name == PROFILE_EVENT:
                 _check_from_browser(event, values, browser_secret, path, check)
             subject = USER if name == PROFILE_EVENT else event_subject(name)
-            for key, kind in check_properties(values, f"{path}.properties", check).items():
-                types.add(f"{path}.properties.{key}", subject, key, kind)
+            types.add(f"{path}.properties", subject, kinds)
             parsed.append(_Received(event, client_id, user_id, name, when, values))
         return parsed, types, check
 
@@ -231,19 +232,17 @@ class Events:
                     _RECORD,
                     {
                         "account_id": account_id,
-                        "ids": [r.client_id for r in unique],
-                        "users": [r.user_id for r in unique],
-                        "names": [r.name for r in unique],
-                        "times": [r.when for r in unique],
-                        "properties": [json.dumps(r.values) for r in unique],
+                        "events": orjson.dumps(
+                            [
+                                {"c": r.client_id, "u": r.user_id, "n": r.name, "t": r.when, "p": r.values}
+                                for r in unique
+                            ]
+                        ).decode(),
                     },
                 )
             )
             recorded = [r for r in unique if r.client_id in fresh]
             if recorded:
-                await session.execute(
-                    _NEW_USERS, {"account_id": account_id, "users": sorted({r.user_id for r in recorded})}
-                )
                 await self._apply_profile_events(session, account_id, recorded)
                 await self._refuse_oversized_profiles(session, account_id, parsed, recorded)
                 await count_activity(session, account_id, recorded)
@@ -291,7 +290,7 @@ class Events:
                 {
                     "account_id": account_id,
                     "users": list(merged),
-                    "properties": [json.dumps(values) for values in merged.values()],
+                    "properties": [orjson.dumps(values).decode() for values in merged.values()],
                 },
             )
 

@@ -215,8 +215,7 @@ class Profiles:
             _check_user(user, path, check)
             values = as_python(user.properties) or {}
             properties.append(values)
-            for key, kind in check_properties(values, f"{path}.properties", check).items():
-                types.add(f"{path}.properties.{key}", USER, key, kind)
+            types.add(f"{path}.properties", USER, check_properties(values, f"{path}.properties", check))
         account_id = current_account_id()
         await types.check(self.database, account_id, check)
         check.raise_if_any()
