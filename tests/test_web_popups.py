@@ -13,16 +13,18 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.duration_pb2 import Duration
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
-from herald_common import clock
+from herald_common import api, clock
 from herald_common.settings import Settings
 from herald_common.timing import in_control_group
 from tests.conftest import Platform, eventually
 from tests.harness import running_platform
-from tests.helpers import condition, field_violations, user
+from tests.helpers import condition, field_violations, until_goal_matched, user
 from tests.web_site import WebSite, by_language, page_count, popup_message, signature, web_site
 
 
@@ -109,6 +111,10 @@ async def test_a_page_count_pop_up_shows_to_the_visitor_and_counts_what_they_do(
         return stats.popups.viewed == 1 and stats.popups.clicked == 1 and stats.sent == 1
 
     await eventually(counted)
+    # The run the pop-up went out in counts them too.
+    (run,) = (await site.admin.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=campaign.name))).runs
+    run_stats = await _stats(site, run.name)
+    assert (run_stats.sent, run_stats.popups.viewed, run_stats.popups.clicked) == (1, 1, 1)
     # Notification Viewed and Clicked are the visitor's events, which triggers and goals can use.
     for name in ("Notification Viewed", "Notification Clicked"):
 
@@ -284,6 +290,45 @@ async def test_identify_merges_the_anonymous_visitor_into_the_user(site: WebSite
     # An identified visitor's pop-ups are theirs alone: asking without the signature is refused.
     unsigned = await site.call("popups", {"user_id": user_id, "session_id": "s"})
     assert unsigned.status == 400 and unsigned.body["field"] == "user_signature"
+
+
+async def test_a_visitor_who_signs_in_keeps_their_pop_up_conversion_and_active_hours(site: WebSite) -> None:
+    window = Duration()
+    window.FromTimedelta(timedelta(hours=24))
+    goal = campaign_pb.Goal(event=campaign_pb.LiveEvent(event_name="Charged"), conversion_window=window)
+    campaign = await site.campaign(page_count(1), _single(), goal=goal)
+    await until_goal_matched(site.platform.settings.database_url, campaign.name)
+    anonymous, user_id = f"anon:{uuid.uuid4().hex}", f"user-{uuid.uuid4().hex[:8]}"
+    hours = {api.utcnow().hour}
+    await site.view_pages(anonymous, "s", 1)
+    hours.add(api.utcnow().hour)
+    await _shown(site, anonymous, "s")
+
+    async def exposed() -> bool:
+        return (await _stats(site, campaign.name)).goal.sent == 1
+
+    await eventually(exposed)
+    signed = signature(site.identity_secret, user_id)
+    merged = await site.call(
+        "identify", {"anonymous_id": anonymous, "user_id": user_id, "user_signature": signed}
+    )
+    assert merged.status == 200, merged.body
+    # The user buys: the pop-up they saw before signing in converts.
+    await site.admin.segmentation.IngestEvents(
+        pb.IngestEventsRequest(events=[pb.Event(user_id=user_id, name="Charged", client_event_id="order-1")])
+    )
+
+    async def converted() -> bool:
+        return (await _stats(site, campaign.name)).goal.converted == 1
+
+    await eventually(converted)
+    # And the hour of the visitor's page view is the user's best hour (Best Time).
+    (member,) = (
+        await site.admin.segmentation.MatchUsers(
+            pb.MatchUsersRequest(user_ids=[user_id], with_best_hour=True)
+        )
+    ).members
+    assert member.best_hour_utc in hours and member.best_hour_count == 1
 
 
 async def test_bad_pop_up_campaigns_are_refused_naming_the_field(site: WebSite) -> None:

@@ -1,4 +1,5 @@
-"""Event consumers of the campaign service: run reports, delivery outcomes, and goal events.
+"""Event consumers of the campaign service: run reports, delivery outcomes, goal events and
+visitors who signed in.
 
 Only our services publish these events; still, a report is counted only for the account that owns
 its campaign, so a wrong account in an event cannot move another account's numbers.
@@ -98,6 +99,13 @@ async def start_consumers(infra: Infrastructure, results: Results, conversions: 
         event_type=events.GoalEvents,
         apply=conversions.record,
         problem=_goal_events_problem,
+    )
+    await infra.consume(
+        owner="segmentation",
+        durable="campaign-visitor-merges",
+        filter_subject=infra.subjects.visitor_merged,
+        event_type=events.VisitorMerged,
+        apply=conversions.visitors_merged,
     )
 
 

@@ -157,6 +157,32 @@ class Conversions:
             if owned:
                 await _attribute(session, goals, owned, waiting=False)
 
+    async def visitors_merged(self, merges: Sequence[events.VisitorMerged]) -> None:
+        """Anonymous visitors who signed in: what they were sent converts on the user's events."""
+        async with self.database.transaction() as session:
+            for merge in merges:
+                account_id = account_id_of(merge.account)
+                if account_id is None:
+                    continue
+                for statement in _MOVE_TO_USER:
+                    await session.execute(
+                        statement,
+                        {"account_id": account_id, "anonymous": merge.anonymous_id, "user": merge.user_id},
+                    )
+
+
+# An anonymous visitor who signed in: what they were sent, and their goal events waiting for it,
+# are the user's (the LIKE lets the planner use the visitors' partial index).
+_MOVE_TO_USER = [
+    sa.text(
+        f"""
+        UPDATE campaign.{table} SET user_id = :user
+        WHERE account_id = :account_id AND user_id = :anonymous AND user_id LIKE 'anon:%'
+        """
+    )
+    for table in ("exposures", "waiting_goal_events")
+]
+
 
 # Each event's most recent exposure before it, inside its campaign's window.
 _LATEST_EXPOSURE = sa.text(

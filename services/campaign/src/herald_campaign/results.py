@@ -197,8 +197,7 @@ class Results:
 
     async def stats(self, name: str) -> pb.CampaignStats:
         """A campaign's stats (`campaigns/{campaign}/stats`), or one run's
-        (`campaigns/{campaign}/runs/{run}/stats`: its deliveries, receipts and goal; pop-up
-        interactions are counted per campaign only)."""
+        (`campaigns/{campaign}/runs/{run}/stats`)."""
         campaign_id, run = _stats_of(name)
         campaign_name = f"campaigns/{campaign_id}"
         async with self.database.transaction() as session:
@@ -413,7 +412,7 @@ class Results:
         if not received:
             return
         async with self.database.transaction() as session:
-            await _count_results(session, received, _popup_counts)
+            await _count_results(session, received, _popup_counts, run_of=lambda _, r: r.run)
 
     async def record_waiting(self, received: Sequence[events.DestinationWaiting]) -> None:
         """Shows on each campaign whether a destination holds its deliveries back; newest report wins."""

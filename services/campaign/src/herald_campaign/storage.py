@@ -125,10 +125,10 @@ run_stats = sa.Table(
     ),
     sa.Column("goal_revenue", sa.Float, nullable=False, server_default="0"),
     sa.Column("goal_control_revenue", sa.Float, nullable=False, server_default="0"),
-    # What providers' receipts said of the run's messages.
+    # What providers' receipts said of the run's messages, and what visitors did with its pop-ups.
     *(
         sa.Column(c, sa.BigInteger, nullable=False, server_default="0")
-        for c in ("delivered", "undelivered", "receipt_failed")
+        for c in ("delivered", "undelivered", "receipt_failed", "viewed", "clicked", "closed", "expired")
     ),
 )
 
@@ -165,6 +165,13 @@ exposures = sa.Table(
         "conversion_event",
         unique=True,
         postgresql_where=sa.text("conversion_event IS NOT NULL"),
+    ),
+    # An anonymous web visitor's, found when they sign in and become a user.
+    sa.Index(
+        "ix_campaign_exposures_visitor",
+        "account_id",
+        "user_id",
+        postgresql_where=sa.text("user_id LIKE 'anon:%'"),
     ),
 )
 

@@ -171,6 +171,8 @@ web_inbox = sa.Table(
     sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("user_id", sa.Text, nullable=False),
     sa.Column("campaign", sa.Text, nullable=False),
+    # `campaigns/{campaign}/runs/{run}`: what visitors do with the pop-up counts in its run's stats.
+    sa.Column("run", sa.Text, nullable=False, server_default=""),
     # The pop-up as the web SDK takes it (its texts rendered for the visitor).
     sa.Column("popup", sa.Text, nullable=False),
     sa.Column("variant", sa.Text, nullable=False, server_default=""),
@@ -190,6 +192,7 @@ web_interactions = sa.Table(
     sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("user_id", sa.Text, nullable=False),
     sa.Column("campaign", sa.Text, nullable=False),
+    sa.Column("run", sa.Text, nullable=False, server_default=""),
     sa.Column("session_id", sa.Text, nullable=False, server_default=""),
     sa.Column("at", sa.DateTime(timezone=True), nullable=False),
     sa.Index("ix_dispatch_web_interactions_visitor", "account_id", "user_id", "campaign", "at"),

@@ -250,6 +250,7 @@ class DeliveryWorker:
             self.limiter,
             campaign=known.campaign,
             plan_time=api.from_timestamp(batch.plan_time),
+            run=batch.run,
             wanted=wanted,
             waiting=waiting,
             resent=resent,

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
@@ -63,7 +64,7 @@ async def add_best_hours(
     a = activity_hours.c
     rows = await session.execute(
         sa.select(a.user_id, a.hour, a.count.label("times"))
-        .distinct(a.user_id)
+        .ext(distinct_on(a.user_id))
         .where(a.account_id == account_id, text_in(a.user_id, [m.user_id for m in members]))
         .order_by(a.user_id, a.count.desc(), a.hour)
     )

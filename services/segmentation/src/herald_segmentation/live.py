@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
+import orjson
 import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -260,6 +261,8 @@ class LiveTriggers:
             for w in (by_name.get(e.name, []) + any_event if any_event else by_name.get(e.name, ()))
             if w.starts <= e.when < w.ends
         ]
+        # In the order the events happened: the matches and goal events are published in it.
+        candidates.sort(key=lambda c: timely[c[0]].when)
         if not candidates:
             return []
         passed = await self._where_holds(session, account_id, timely, candidates)
@@ -298,7 +301,6 @@ class LiveTriggers:
             matches.append(match)
         found = []
         if matches:
-            matches.sort(key=lambda m: (m.event_time.seconds, m.event_time.nanos))
             published = events_pb2.LiveMatches(
                 event_id=str(uuid.uuid4()),
                 account=account_name(account_id),
@@ -307,7 +309,6 @@ class LiveTriggers:
             )
             found.append(OutboxEvent.of(self.subjects.live_matches, published, published.event_id))
         if converting:
-            converting.sort(key=lambda e: (e.event_time.seconds, e.event_time.nanos))
             goal_events = events_pb2.GoalEvents(
                 event_id=str(uuid.uuid4()), account=account_name(account_id), events=converting
             )
@@ -397,16 +398,13 @@ class LiveTriggers:
         ctx = Context(
             account_id=account_id, now=api.utcnow(), types=await known_types(session, account_id, keys)
         )
+        # The candidates as one JSON document: one parameter, where arrays cost a check per item.
         rows = (
-            sa.func.unnest(
-                sa.cast(sa.bindparam("ks"), ARRAY(sa.Integer)),
-                sa.cast(sa.cast(sa.bindparam("properties"), ARRAY(sa.Text)), ARRAY(JSONB)),
-                sa.cast(sa.bindparam("watches"), ARRAY(sa.Integer)),
-            )
+            sa.func.json_to_recordset(sa.cast(sa.bindparam("candidates", type_=sa.Text), JSON))
             .table_valued(
                 sa.column("k", sa.Integer), sa.column("properties", JSONB), sa.column("watch", sa.Integer)
             )
-            .render_derived(name="t")
+            .render_derived(name="t", with_types=True)
         )
         holds = sa.case(
             *[
@@ -419,9 +417,16 @@ class LiveTriggers:
             await session.scalars(
                 sa.select(rows.c.k).where(holds),
                 {
-                    "ks": tested,
-                    "properties": [json.dumps(timely[candidates[k][0]].values) for k in tested],
-                    "watches": [number[id(candidates[k][1])] for k in tested],
+                    "candidates": orjson.dumps(
+                        [
+                            {
+                                "k": k,
+                                "properties": timely[candidates[k][0]].values,
+                                "watch": number[id(candidates[k][1])],
+                            }
+                            for k in tested
+                        ]
+                    ).decode()
                 },
             )
         )

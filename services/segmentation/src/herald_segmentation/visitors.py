@@ -2,10 +2,11 @@
 
 The web SDK makes an `anon:` id for each new browser. When the visitor signs in, the site's
 page calls `herald.identify` with the user's id and the site server's signature of it; the merge
-moves the visitor's events, devices and list memberships to the user and gives the user the
-visitor's profile properties it lacks, all in one transaction, and records the alias, so events
-still sent under the anonymous id (a batch the SDK had not yet sent) become the user's too. A merge
-asked again finds the alias and changes nothing.
+moves the visitor's events, devices, list memberships and active hours to the user and gives the
+user the visitor's profile properties it lacks, all in one transaction, and records the alias, so
+events still sent under the anonymous id (a batch the SDK had not yet sent) become the user's too.
+A merge asked again finds the alias and changes nothing. Dispatch and the campaign service move
+the visitor's pop-ups and exposures when they hear of the merge.
 """
 
 from __future__ import annotations
@@ -54,6 +55,18 @@ _MERGE_PROFILE = sa.text(
         region = CASE WHEN u.region = '' THEN excluded.region ELSE u.region END,
         city = CASE WHEN u.city = '' THEN excluded.city ELSE u.city END,
         updated_at = now()
+    """
+)
+# The hours the visitor was active add to the user's (Best Time).
+_MOVE_ACTIVITY = sa.text(
+    f"""
+    WITH visitor AS (
+        DELETE FROM {SCHEMA}.activity_hours WHERE account_id = :account_id AND user_id = :anonymous
+        RETURNING hour, count
+    )
+    INSERT INTO {SCHEMA}.activity_hours AS a (account_id, user_id, hour, count)
+    SELECT :account_id, :user, hour, count FROM visitor
+    ON CONFLICT (account_id, user_id, hour) DO UPDATE SET count = a.count + excluded.count
     """
 )
 _DEVICE_COLUMNS = (
@@ -145,6 +158,7 @@ class Visitors:
                 return pb.MergeVisitorResponse(already_merged=True)
             moved = (await session.execute(_MOVE_EVENTS, names)).rowcount  # type: ignore[attr-defined]
             await session.execute(_MERGE_PROFILE, names)
+            await session.execute(_MOVE_ACTIVITY, names)
             for move, forget in _MOVES:
                 await session.execute(sa.text(move), names)
                 await session.execute(sa.text(forget), names)

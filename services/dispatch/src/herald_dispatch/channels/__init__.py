@@ -80,6 +80,8 @@ class SendContext:
     waiting: Callable[[str | None], Awaitable[None]]
     # Deliveries attempted before a crash and sent again (de-duplicated by the destination).
     resent: set[str] = field(default_factory=set)
+    # The batch's run (`campaigns/{campaign}/runs/{run}`).
+    run: str = ""
     # Another destination of the account, with its secrets (the members of a provider group).
     destination_named: Callable[[str], Awaitable[pb.Destination]] | None = None
     # Waits for another destination's shared rate limit: (destination name, requests per second).

@@ -90,6 +90,7 @@ class WebPopupChannel:
                 "account_id": context.account_id,
                 "user_id": item.recipient.user_id,
                 "campaign": context.campaign.name,
+                "run": context.run,
                 "popup": item.json.decode(),
                 "variant": variants[item.recipient.delivery_id],
                 "timezone": item.recipient.timezone,

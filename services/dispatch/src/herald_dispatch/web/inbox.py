@@ -185,6 +185,7 @@ class PopupInbox:
                         web_inbox.c.account_id,
                         web_inbox.c.user_id,
                         web_inbox.c.campaign,
+                        web_inbox.c.run,
                     )
                 )
             ).all()
@@ -198,10 +199,10 @@ class PopupInbox:
                     self._announcement(
                         account_id,
                         campaign,
-                        [_interaction(r.delivery_id, r.user_id, EXPIRED, "", now) for r in expired_rows],
-                        f"web:expired:{expired_rows[0].delivery_id}:{len(expired_rows)}",
+                        [_interaction(r.delivery_id, r.user_id, EXPIRED, "", now, r.run) for r in rows_of],
+                        f"web:expired:{rows_of[0].delivery_id}:{len(rows_of)}",
                     )
-                    for (account_id, campaign), expired_rows in by_campaign.items()
+                    for (account_id, campaign), rows_of in by_campaign.items()
                 ],
             )
         if rows:
@@ -237,16 +238,15 @@ class PopupInbox:
                             web_inbox.c.account_id == visitor.account_id,
                             web_inbox.c.user_id == visitor.user_id,
                         )
-                        .returning(web_inbox.c.campaign)
+                        .returning(web_inbox.c.campaign, web_inbox.c.run)
                     )
                 ).first()
-                campaign = (
-                    taken.campaign if taken is not None else await self._viewed(session, visitor, delivery_id)
-                )
+                shown = taken if taken is not None else await self._viewed(session, visitor, delivery_id)
             else:
-                campaign = await self._viewed(session, visitor, delivery_id)
-            if campaign is None:
+                shown = await self._viewed(session, visitor, delivery_id)
+            if shown is None:
                 return False
+            campaign, run = shown.campaign, shown.run
             recorded = (
                 await session.execute(
                     insert(web_interactions)
@@ -256,6 +256,7 @@ class PopupInbox:
                         account_id=visitor.account_id,
                         user_id=visitor.user_id,
                         campaign=campaign,
+                        run=run,
                         session_id=visitor.session_id,
                         at=now,
                     )
@@ -264,7 +265,7 @@ class PopupInbox:
                 )
             ).first()
             if recorded is not None:
-                interaction = _interaction(delivery_id, visitor.user_id, kind, visitor.session_id, now)
+                interaction = _interaction(delivery_id, visitor.user_id, kind, visitor.session_id, now, run)
                 announced = self._announcement(
                     visitor.account_id, campaign, [interaction], f"web:{delivery_id}:{kind}"
                 )
@@ -274,16 +275,18 @@ class PopupInbox:
         return True
 
     @staticmethod
-    async def _viewed(session: Any, visitor: Visitor, delivery_id: str) -> str | None:
-        """The campaign of a pop-up the visitor was shown (None if they were not)."""
-        return await session.scalar(  # type: ignore[no-any-return]
-            sa.select(web_interactions.c.campaign).where(
-                web_interactions.c.delivery_id == delivery_id,
-                web_interactions.c.kind == VIEWED,
-                web_interactions.c.account_id == visitor.account_id,
-                web_interactions.c.user_id == visitor.user_id,
+    async def _viewed(session: Any, visitor: Visitor, delivery_id: str) -> Any:
+        """The campaign and run of a pop-up the visitor was shown (None if they were not)."""
+        return (
+            await session.execute(
+                sa.select(web_interactions.c.campaign, web_interactions.c.run).where(
+                    web_interactions.c.delivery_id == delivery_id,
+                    web_interactions.c.kind == VIEWED,
+                    web_interactions.c.account_id == visitor.account_id,
+                    web_interactions.c.user_id == visitor.user_id,
+                )
             )
-        )
+        ).first()
 
     def _announcement(
         self, account_id: uuid.UUID, campaign: str, interactions: list[events.WebInteraction], message_id: str
@@ -295,10 +298,10 @@ class PopupInbox:
 
 
 def _interaction(
-    delivery_id: str, user_id: str, kind: str, session_id: str, at: datetime
+    delivery_id: str, user_id: str, kind: str, session_id: str, at: datetime, run: str
 ) -> events.WebInteraction:
     interaction = events.WebInteraction(
-        delivery_id=delivery_id, user_id=user_id, kind=_KINDS[kind], session_id=session_id
+        delivery_id=delivery_id, user_id=user_id, kind=_KINDS[kind], session_id=session_id, run=run
     )
     interaction.occur_time.CopyFrom(api.timestamp(at))
     return interaction

@@ -630,6 +630,7 @@ class WebInteraction(_message.Message):
     KIND_FIELD_NUMBER: _builtins.int
     SESSION_ID_FIELD_NUMBER: _builtins.int
     OCCUR_TIME_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """The delivery of the pop-up."""
     user_id: _builtins.str
@@ -638,6 +639,8 @@ class WebInteraction(_message.Message):
     """What they did."""
     session_id: _builtins.str
     """The web session it happened in."""
+    run: _builtins.str
+    """The delivery's run: `campaigns/{campaign}/runs/{run}`."""
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:
         """When the web SDK reported it."""
@@ -650,10 +653,11 @@ class WebInteraction(_message.Message):
         kind: Global___WebInteractionKind.ValueType = ...,
         session_id: _builtins.str = ...,
         occur_time: _timestamp_pb2.Timestamp | None = ...,
+        run: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["occur_time", b"occur_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "kind", b"kind", "occur_time", b"occur_time", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "kind", b"kind", "occur_time", b"occur_time", "run", b"run", "session_id", b"session_id", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -234,10 +234,11 @@ class SegmentationServiceServicer:
 
     def MergeVisitor(self, request, context):
         """Merges an anonymous web visitor (an `anon:` id the web SDK made before sign-in) into the
-        user they signed in as: the visitor's events, devices and list memberships become the
-        user's, their profile properties too where the user has none of that name, and events sent
-        later under the anonymous id are recorded as the user's. Idempotent. Allowed to publishable
-        keys, which must send the user's signature.
+        user they signed in as: the visitor's events, devices, list memberships and active hours
+        become the user's, their profile properties too where the user has none of that name, and
+        events sent later under the anonymous id are recorded as the user's; the pop-ups sent to the
+        visitor, and their conversions, follow. Idempotent. Allowed to publishable keys, which must
+        send the user's signature.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -75,10 +75,11 @@ class SegmentationServiceStub:
     """
     MergeVisitor: _grpc.UnaryUnaryMultiCallable[_segmentation_service_pb2.MergeVisitorRequest, _segmentation_service_pb2.MergeVisitorResponse]
     """Merges an anonymous web visitor (an `anon:` id the web SDK made before sign-in) into the
-    user they signed in as: the visitor's events, devices and list memberships become the
-    user's, their profile properties too where the user has none of that name, and events sent
-    later under the anonymous id are recorded as the user's. Idempotent. Allowed to publishable
-    keys, which must send the user's signature.
+    user they signed in as: the visitor's events, devices, list memberships and active hours
+    become the user's, their profile properties too where the user has none of that name, and
+    events sent later under the anonymous id are recorded as the user's; the pop-ups sent to the
+    visitor, and their conversions, follow. Idempotent. Allowed to publishable keys, which must
+    send the user's signature.
     """
 
 @_typing.type_check_only
@@ -127,10 +128,11 @@ class SegmentationServiceAsyncStub(SegmentationServiceStub):
     """
     MergeVisitor: _aio.UnaryUnaryMultiCallable[_segmentation_service_pb2.MergeVisitorRequest, _segmentation_service_pb2.MergeVisitorResponse]  # type: ignore[assignment]
     """Merges an anonymous web visitor (an `anon:` id the web SDK made before sign-in) into the
-    user they signed in as: the visitor's events, devices and list memberships become the
-    user's, their profile properties too where the user has none of that name, and events sent
-    later under the anonymous id are recorded as the user's. Idempotent. Allowed to publishable
-    keys, which must send the user's signature.
+    user they signed in as: the visitor's events, devices, list memberships and active hours
+    become the user's, their profile properties too where the user has none of that name, and
+    events sent later under the anonymous id are recorded as the user's; the pop-ups sent to the
+    visitor, and their conversions, follow. Idempotent. Allowed to publishable keys, which must
+    send the user's signature.
     """
 
 class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -272,10 +274,11 @@ class SegmentationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_segmentation_service_pb2.MergeVisitorResponse, _abc.Awaitable[_segmentation_service_pb2.MergeVisitorResponse]]:
         """Merges an anonymous web visitor (an `anon:` id the web SDK made before sign-in) into the
-        user they signed in as: the visitor's events, devices and list memberships become the
-        user's, their profile properties too where the user has none of that name, and events sent
-        later under the anonymous id are recorded as the user's. Idempotent. Allowed to publishable
-        keys, which must send the user's signature.
+        user they signed in as: the visitor's events, devices, list memberships and active hours
+        become the user's, their profile properties too where the user has none of that name, and
+        events sent later under the anonymous id are recorded as the user's; the pop-ups sent to the
+        visitor, and their conversions, follow. Idempotent. Allowed to publishable keys, which must
+        send the user's signature.
         """
 
 def add_SegmentationServiceServicer_to_server(servicer: SegmentationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
