@@ -476,8 +476,12 @@ class Segmentation:
             # The page of the snapshot read in its key's order, then each member's row by its key:
             # a plan that holds however stale the statistics of a snapshot just written are (planned
             # on them, each page would read and sort every remaining member).
-            await session.execute(sa.text("SET LOCAL enable_sort = off"))
-            await session.execute(sa.text("SET LOCAL enable_bitmapscan = off"))
+            await session.execute(
+                sa.text(
+                    "SELECT set_config('enable_sort', 'off', true),"
+                    " set_config('enable_bitmapscan', 'off', true)"
+                )
+            )
             chosen = (
                 sa.select(audience_snapshots.c.user_id, audience_snapshots.c.left_out)
                 .where(audience_snapshots.c.snapshot_id == snapshot_id, audience_snapshots.c.user_id > after)

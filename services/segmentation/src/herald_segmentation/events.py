@@ -63,16 +63,17 @@ _RECORD = sa.text(
         SELECT :account_id, client_event_id FROM incoming
         ON CONFLICT DO NOTHING
         RETURNING client_event_id
+    ), kept AS (
+        SELECT incoming.* FROM incoming JOIN fresh USING (client_event_id)
     ), stored AS (
         INSERT INTO {SCHEMA}.events (account_id, user_id, name, occurred_at, properties)
         SELECT :account_id, user_id, name, to_timestamp(occurred_at),
                CASE WHEN large THEN to_jsonb(client_event_id) ELSE properties END
-        FROM incoming JOIN fresh USING (client_event_id)
+        FROM kept
         RETURNING user_id
     ), bodies AS (
         INSERT INTO {SCHEMA}.event_bodies (account_id, client_event_id, properties)
-        SELECT :account_id, client_event_id, properties FROM incoming JOIN fresh USING (client_event_id)
-        WHERE large
+        SELECT :account_id, client_event_id, properties FROM kept WHERE large
     ), new_users AS (
         INSERT INTO {SCHEMA}.users (account_id, user_id)
         SELECT DISTINCT :account_id, user_id FROM stored ORDER BY user_id

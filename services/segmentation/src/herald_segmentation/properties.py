@@ -80,40 +80,33 @@ def plain_properties(struct: struct_pb2.Struct) -> tuple[dict[str, Any], dict[st
     values: dict[str, Any] = {}
     types: dict[str, PropertyType] = {}
     for key in fields:  # faster than .items() on a protobuf map
-        if not 0 < len(key) <= 200 or "\x00" in key or not key.strip():
+        if not _key_allowed(key):
             return None
         item = fields[key]
         kind = item.WhichOneof("kind")
         if kind == "string_value":
-            text = item.string_value
-            if len(text) > MAX_STRING_CHARACTERS or "\x00" in text:
-                return None
-            values[key] = text
-            # Only a string shaped like a date pays for the full parse.
-            dated = len(text) >= 16 and text[4] == "-" and parse_datetime(text) is not None
-            types[key] = PropertyType.DATETIME if dated else PropertyType.STRING
+            value: Any = item.string_value
         elif kind == "number_value":
-            number = item.number_value
-            if not math.isfinite(number):
+            value = item.number_value
+            if not math.isfinite(value):
                 return None
-            values[key] = number
-            types[key] = PropertyType.NUMBER
         elif kind == "bool_value":
-            values[key] = item.bool_value
-            types[key] = PropertyType.BOOLEAN
+            value = item.bool_value
         elif kind == "list_value":
             items = item.list_value.values
-            if len(items) > MAX_LIST_ITEMS or not all(v.WhichOneof("kind") == "string_value" for v in items):
+            if not all(v.WhichOneof("kind") == "string_value" for v in items):
                 return None
-            texts = [v.string_value for v in items]
-            if any(len(t) > MAX_STRING_CHARACTERS or "\x00" in t for t in texts):
-                return None
-            values[key] = texts
-            types[key] = PropertyType.LIST
+            value = [v.string_value for v in items]
         elif kind == "null_value":
-            values[key] = None
+            value = None
         else:
             return None
+        if value_problem(value) is not None:
+            return None
+        values[key] = value
+        found = type_of(value)
+        if found is not None:
+            types[key] = found
     return values, types
 
 
@@ -239,6 +232,11 @@ async def record_types(
     }
 
 
+def _key_allowed(key: str) -> bool:
+    """A property key PostgreSQL can hold and a segment can name: 1-200 characters, no NUL."""
+    return bool(key.strip()) and len(key) <= 200 and "\x00" not in key
+
+
 def check_properties(properties: dict[str, Any], path: str, check: Validator) -> dict[str, PropertyType]:
     """Checks custom property values; returns the type of each non-null one."""
     found: dict[str, PropertyType] = {}
@@ -246,7 +244,7 @@ def check_properties(properties: dict[str, Any], path: str, check: Validator) ->
         check.add(path, f"{len(properties):,} properties; at most {MAX_PROPERTY_KEYS:,}")
         return found
     for key, value in properties.items():
-        if not (key.strip() and len(key) <= 200) or "\x00" in key:
+        if not _key_allowed(key):
             shown = key.replace("\x00", "\\0")
             check.add(f"{path}.{shown}", "keys are 1-200 characters, without NUL")
             continue  # not looked up: PostgreSQL cannot take it

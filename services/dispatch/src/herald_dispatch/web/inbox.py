@@ -199,10 +199,13 @@ class PopupInbox:
                     self._announcement(
                         account_id,
                         campaign,
-                        [_interaction(r.delivery_id, r.user_id, EXPIRED, "", now, r.run) for r in rows_of],
-                        f"web:expired:{rows_of[0].delivery_id}:{len(rows_of)}",
+                        [
+                            _interaction(r.delivery_id, r.user_id, EXPIRED, "", now, r.run)
+                            for r in expired_rows
+                        ],
+                        f"web:expired:{expired_rows[0].delivery_id}:{len(expired_rows)}",
                     )
-                    for (account_id, campaign), rows_of in by_campaign.items()
+                    for (account_id, campaign), expired_rows in by_campaign.items()
                 ],
             )
         if rows:
