@@ -11,19 +11,23 @@ import sys
 from pathlib import Path
 
 import grpc_tools
+from google.api import field_behavior_pb2
 from grpc_tools import protoc
 
 PROTO_ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = PROTO_ROOT.parent / "libs" / "common" / "src"
+DESCRIPTORS = "descriptors.binpb"
 
 
 def generate(out_dir: Path) -> None:
     package_dir = out_dir / "herald"
     if package_dir.exists():
         shutil.rmtree(package_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+    package_dir.mkdir(parents=True)
+    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in (PROTO_ROOT / "herald").rglob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
+    # google/api annotations (field_behavior, resource) ship with googleapis-common-protos.
+    googleapis = Path(field_behavior_pb2.__file__).parent.parent.parent
     # protoc looks plugins up on PATH; make the ones installed beside this interpreter visible.
     bin_dir = str(Path(sys.executable).parent)
     os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
@@ -31,10 +35,15 @@ def generate(out_dir: Path) -> None:
         "protoc",
         f"-I{PROTO_ROOT}",
         f"-I{well_known}",
+        f"-I{googleapis}",
         f"--python_out={out_dir}",
         f"--grpc_python_out={out_dir}",
         f"--mypy_out={out_dir}",
         f"--mypy_grpc_out={out_dir}",
+        # Served by reflection, so that `grpcurl describe` shows the protos' comments.
+        f"--descriptor_set_out={package_dir / DESCRIPTORS}",
+        "--include_source_info",
+        "--include_imports",
         *sources,
     ]
     cwd = os.getcwd()

@@ -98,6 +98,13 @@ class Audience:
 
         await eventually(reached, within=20)
 
+    async def explained(self, campaign: str, name: str) -> str:
+        """ExplainDelivery's Best Time answer for a user."""
+        found = await self.clients.campaigns.ExplainDelivery(
+            campaign_pb.ExplainDeliveryRequest(campaign=campaign, user_id=self.user(name))
+        )
+        return found.best_time
+
     def move_to(self, moment: datetime) -> None:
         self.clock.advance(moment - self.clock.now())
 
@@ -138,10 +145,7 @@ async def test_each_user_gets_the_message_at_their_best_hour_in_their_zone(audie
         await audience.until(name, sent)
 
     async def explained(user: str) -> str:
-        found = await audience.clients.campaigns.ExplainDelivery(
-            campaign_pb.ExplainDeliveryRequest(campaign=name, user_id=audience.user(user))
-        )
-        return found.best_time
+        return await audience.explained(name, user)
 
     assert (await explained("berlin")).startswith(
         "19:00 on 2026-11-24 in Europe/Berlin: their best hour, with 4 "
@@ -180,6 +184,27 @@ async def test_the_per_day_limit_passes_users_to_the_next_day_of_the_window(audi
     )
     audience.move_to(DAY + timedelta(days=1, hours=10, minutes=1))
     await audience.until(two_days, 3)
+    explained = sorted([await audience.explained(two_days, str(n)) for n in range(3)])
+    # Two got it on the first day; the third, held back by the limit, on the second.
+    assert [e.split(" (")[0].split(": ")[0] for e in explained] == [
+        "10:00 on 2026-11-24 in UTC",
+        "10:00 on 2026-11-24 in UTC",
+        "10:00 on 2026-11-25 in UTC",
+    ]
+    assert explained[2].startswith("10:00 on 2026-11-25 in UTC (day 2 of the window): the fallback time")
+
+
+async def test_a_best_hour_already_passed_at_publishing_falls_on_the_next_day(audience: Audience) -> None:
+    await audience.add({"late": "UTC"})
+    audience.move_to(DAY + timedelta(hours=12))
+    name = await audience.publish(campaign_pb.BestTime(days=2, fallback_time="10:00"))
+    assert (await audience.explained(name, "late")).startswith(
+        "10:00 on 2026-11-25 in UTC (day 2 of the window): the fallback time"
+    )
+    audience.move_to(DAY + timedelta(days=1, hours=9, minutes=59))
+    await audience.until(name, 0)
+    audience.move_to(DAY + timedelta(days=1, hours=10, minutes=1))
+    await audience.until(name, 1)
 
 
 async def test_do_not_disturb_hours_apply_to_the_best_hour(audience: Audience) -> None:

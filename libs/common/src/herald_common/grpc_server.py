@@ -14,7 +14,6 @@ import structlog
 from google.protobuf import any_pb2, descriptor_pool
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from grpc_status import rpc_status
 
 from herald_common import deadlines
@@ -45,6 +44,7 @@ from herald_common.limits import (
     request_limit,
 )
 from herald_common.logging import get_logger
+from herald_common.reflection import enable_reflection
 from herald_common.validation import nul_fields
 
 log = get_logger(__name__)
@@ -354,9 +354,7 @@ class GrpcServer:
         self.service_names = list(service_names)
         register(self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            [*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
-        )
+        enable_reflection(self.server, [*self.service_names, health.SERVICE_NAME])
         self.port = 0
 
     async def start(self, host: str, port: int, port_setting: str = "the port setting") -> int:

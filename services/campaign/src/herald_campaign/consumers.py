@@ -114,8 +114,8 @@ def _goal_events_problem(event: events.GoalEvents) -> str | None:
         return "GoalEvents without event_id or events"
     if account_id_of(event.account) is None:
         return f"GoalEvents names no account ({event.account!r})"
-    for goal_event in event.events:
-        problem = _campaign_id_problem(goal_event.campaign, event.account)
+    for campaign in {goal_event.campaign for goal_event in event.events}:
+        problem = _campaign_id_problem(campaign, event.account)
         if problem is not None:
             return problem
     return None

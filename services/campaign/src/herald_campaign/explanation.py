@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import date, datetime, time, timedelta
 from typing import Any
 
 import sqlalchemy as sa
@@ -18,9 +19,9 @@ from herald_common import api
 from herald_common.db import Database
 from herald_common.errors import NotFound
 from herald_common.live import NOT_IN_AUDIENCE
-from herald_common.schedules import account_zone, best_time_fallback, wall_clock
+from herald_common.schedules import account_zone, best_time_days, best_time_fallback, wall_clock
 from herald_common.skips import SkipReason
-from herald_common.timing import best_local_time, zone_named
+from herald_common.timing import best_local_time, local_instant, zone_named
 
 _RESULT_DECISIONS = {
     "sent": (pb.DECISION_SENT, pb.RULE_DELIVERED),
@@ -140,9 +141,9 @@ class Explanations:
         async with self.database.transaction() as session:
             found = (
                 await session.execute(
-                    sa.select(campaigns.c.state, campaigns.c.spec, campaigns.c.account_id).where(
-                        owned(campaign_id)
-                    )
+                    sa.select(
+                        campaigns.c.state, campaigns.c.spec, campaigns.c.account_id, campaigns.c.published_at
+                    ).where(owned(campaign_id))
                 )
             ).first()
             if found is None:
@@ -174,24 +175,56 @@ class Explanations:
             explanation.decisions.append(_decision(run, results.get(run.run), settled))
         spec = pb.Campaign.FromString(found.spec)
         if spec.delivery.HasField("best_time"):
-            explanation.best_time = await self._best_time(spec, found.account_id, user_id)
+            sent = [api.from_timestamp(d.complete_time) for d in delivered if d.status == "sent"]
+            explanation.best_time = await self._best_time(
+                spec, found.account_id, user_id, found.published_at, min(sent, default=None)
+            )
         return explanation
 
-    async def _best_time(self, spec: pb.Campaign, account_id: uuid.UUID, user_id: str) -> str:
-        """The hour Best Time picks for the user on the schedule's day, and why."""
+    async def _best_time(
+        self,
+        spec: pb.Campaign,
+        account_id: uuid.UUID,
+        user_id: str,
+        published_at: datetime | None,
+        sent_at: datetime | None,
+    ) -> str:
+        """The hour Best Time picks for the user, on the day of the window it falls on, and why."""
         async with self.database.transaction() as session:
             settings, _ = await settings_of(session, account_id)
         member = await self.references.best_hour(user_id)
         default_zone = account_zone(settings)
         zone = (zone_named(member.timezone) if member and member.timezone else None) or default_zone
-        day, _ = wall_clock(spec, api.from_timestamp(spec.schedule.send_later.send_time), default_zone)
+        first, _ = wall_clock(spec, api.from_timestamp(spec.schedule.send_later.send_time), default_zone)
         known = member is not None and member.HasField("best_hour_utc")
         hour = member.best_hour_utc if member is not None and known else None
-        at = best_local_time(day, hour, zone, best_time_fallback(spec, settings))
+        fallback = best_time_fallback(spec, settings)
+        window = []
+        for offset in range(best_time_days(spec)):
+            day = first + timedelta(days=offset)
+            at = best_local_time(day, hour, zone, fallback)
+            window.append((day, at, local_instant(day, at, zone)))
+        day, at, _ = _day_of_window(window, published_at, sent_at)
         when = f"{at:%H:%M} on {day.isoformat()} in {zone.key}"
+        if day != first:
+            when += f" (day {(day - first).days + 1} of the window)"
         if member is not None and hour is not None:
             return (
                 f"{when}: their best hour, with {member.best_hour_count:,} of their sessions, opens and "
                 "clicks, more than any other hour of the day"
             )
         return f"{when}: the fallback time, since no sessions, opens or clicks of theirs are recorded"
+
+
+def _day_of_window(
+    window: list[tuple[date, time, datetime]], published_at: datetime | None, sent_at: datetime | None
+) -> tuple[date, time, datetime]:
+    """The day of a Best Time window a user's delivery falls on: once sent, the last day whose
+    time had come by then (do-not-disturb hours only delay it; a per-day limit moves it to a
+    later day); before, the first day whose time was still ahead at publishing, as the scheduler
+    plans it (else the last)."""
+    if sent_at is not None:
+        return next((d for d in reversed(window) if d[2] <= sent_at), window[0])
+    if published_at is None:
+        return window[0]
+    return next((d for d in window if d[2] >= published_at), window[-1])

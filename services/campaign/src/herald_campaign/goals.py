@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -125,6 +125,30 @@ async def record_exposures(session: AsyncSession, outcomes: Sequence[events.Deli
             await _attribute(session, goals, found, waiting=True)
 
 
+class _Memo(dict[str, uuid.UUID]):
+    """A batch's campaign ids, each parsed once."""
+
+    def __init__(self, parse: Callable[[str], uuid.UUID]) -> None:
+        super().__init__()
+        self.parse = parse
+
+    def __call__(self, name: str) -> uuid.UUID:
+        found = self.get(name)
+        if found is None:
+            found = self[name] = self.parse(name)
+        return found
+
+
+async def _by_key_lookups(session: AsyncSession) -> None:
+    """Goal events find their exposures one key at a time: the planner, estimating a batch's
+    arrays small or exposures few, would otherwise hash the whole table for each batch."""
+    await session.execute(
+        sa.text(
+            "SELECT set_config('enable_hashjoin', 'off', true), set_config('enable_mergejoin', 'off', true)"
+        )
+    )
+
+
 class Conversions:
     """Consumes GoalEvents."""
 
@@ -133,17 +157,19 @@ class Conversions:
 
     async def record(self, received: Sequence[events.GoalEvents]) -> None:
         now = api.utcnow()
+        campaign_ids = _Memo(campaign_id_of)
         async with self.database.transaction() as session:
+            await _by_key_lookups(session)
             await session.execute(
                 sa.delete(waiting_goal_events).where(waiting_goal_events.c.expires_at < now)
             )
             found = [
                 _GoalEvent(
-                    campaign_id_of(e.campaign),
+                    campaign_ids(e.campaign),
                     account_id,
                     e.user_id,
                     e.client_event_id,
-                    api.from_timestamp(e.event_time),
+                    api.instant(e.event_time.seconds, e.event_time.nanos),
                     e.revenue,
                 )
                 for published in received

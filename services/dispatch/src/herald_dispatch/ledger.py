@@ -35,7 +35,7 @@ _RECORD = sa.text(
     """
     INSERT INTO dispatch.deliveries
         (delivery_id, account_id, campaign, run, destination, user_id, status, attempts, reason, resent,
-         provider_message_id)
+         provider_message_id, completed_at)
     SELECT d, :account_id, :campaign, :run, :destination, u, s, a, r,
            -- Another attempt at the batch began after this one (this replica stalled past its ack
            -- wait): whatever this one sent, that one may send again, where the destination
@@ -43,7 +43,7 @@ _RECORD = sa.text(
            x OR (CAST(:claimed AS bool) IS FALSE AND s = 'sent'
                  AND (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id)
                      > CAST(:attempt AS int)),
-           nullif(m, '')
+           nullif(m, ''), CAST(:completed_at AS timestamptz)
     FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:statuses AS text[]),
                 CAST(:attempts AS int[]), CAST(:reasons AS text[]), CAST(:resent AS bool[]),
                 CAST(:messages AS text[]))
@@ -196,10 +196,12 @@ class DeliveryLedger:
                 await session.execute(_SETTLED, {"ids": [o.recipient.delivery_id for o in rows]})
             if not rows:
                 return 0
+            completed_at = api.utcnow()
             stored = (
                 await session.execute(
                     _RECORD,
                     {
+                        "completed_at": completed_at,
                         "batch_id": batch.batch_id,
                         "attempt": attempt,
                         "claimed": claimed,
@@ -227,7 +229,7 @@ class DeliveryLedger:
                 destination=batch.destination,
                 destination_type=destination_type,
                 account=account_name(account_id),
-                occur_time=api.timestamp(api.utcnow()),
+                occur_time=api.timestamp(completed_at),
                 results=[
                     events.DeliveryResult(
                         delivery_id=o.recipient.delivery_id,

@@ -22,36 +22,54 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.api import field_behavior_pb2 as google_dot_api_dot_field__behavior__pb2
+from google.api import resource_pb2 as google_dot_api_dot_resource__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+herald/scheduler/v1/scheduler_service.proto\x12\x13herald.scheduler.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xbd\x04\n\x03Run\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08\x63\x61mpaign\x18\x02 \x01(\t\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.herald.scheduler.v1.RunState\x12\x32\n\x0escheduled_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\raudience_size\x18\x07 \x01(\x03\x12\x10\n\x08targeted\x18\x08 \x01(\x03\x12\r\n\x05\x66inal\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x05\x12\x13\n\x0bsample_seed\x18\x0c \x01(\t\x12\x30\n\x0cplanned_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07waiting\x18\x0e \x01(\x03\x12\x10\n\x08released\x18\x0f \x01(\x03\x12\x36\n\x12\x66irst_release_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_release_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x1cmax_release_lateness_seconds\x18\x12 \x01(\x01\"\x1d\n\rGetRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1f\n\x0fWatchRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"H\n\x0fListRunsRequest\x12\x0e\n\x06parent\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.herald.scheduler.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"Q\n\x19ListQualificationsRequest\x12\x10\n\x08\x63\x61mpaign\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\xd1\x01\n\rQualification\x12\x12\n\nevent_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63lient_event_id\x18\x02 \x01(\t\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03via\x18\x04 \x01(\t\x12\x30\n\x0cqualify_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65livery_id\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\"\x96\x01\n\x08LiveWait\x12\x12\n\nevent_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63lient_event_id\x18\x02 \x01(\t\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tfire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\x1aListQualificationsResponse\x12:\n\x0equalifications\x18\x01 \x03(\x0b\x32\".herald.scheduler.v1.Qualification\x12,\n\x05waits\x18\x02 \x03(\x0b\x32\x1d.herald.scheduler.v1.LiveWait*\xc9\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x18\n\x14RUN_STATE_DISPATCHED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05\x12\x17\n\x13RUN_STATE_RELEASING\x10\x06\x12\x12\n\x0eRUN_STATE_LIVE\x10\x07\x32\xf8\x02\n\x10SchedulerService\x12\x46\n\x06GetRun\x12\".herald.scheduler.v1.GetRunRequest\x1a\x18.herald.scheduler.v1.Run\x12W\n\x08ListRuns\x12$.herald.scheduler.v1.ListRunsRequest\x1a%.herald.scheduler.v1.ListRunsResponse\x12L\n\x08WatchRun\x12$.herald.scheduler.v1.WatchRunRequest\x1a\x18.herald.scheduler.v1.Run0\x01\x12u\n\x12ListQualifications\x12..herald.scheduler.v1.ListQualificationsRequest\x1a/.herald.scheduler.v1.ListQualificationsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n+herald/scheduler/v1/scheduler_service.proto\x12\x13herald.scheduler.v1\x1a\x1fgoogle/api/field_behavior.proto\x1a\x19google/api/resource.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x93\x05\n\x03Run\x12\x12\n\x04name\x18\x01 \x01(\tB\x04\xe2\x41\x01\x08\x12*\n\x08\x63\x61mpaign\x18\x02 \x01(\tB\x18\xfa\x41\x15\n\x13herald.dev/Campaign\x12,\n\x05state\x18\x03 \x01(\x0e\x32\x1d.herald.scheduler.v1.RunState\x12\x32\n\x0escheduled_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstart_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\raudience_size\x18\x07 \x01(\x03\x12\x10\n\x08targeted\x18\x08 \x01(\x03\x12\r\n\x05\x66inal\x18\t \x01(\x08\x12\r\n\x05\x65rror\x18\n \x01(\t\x12\x10\n\x08\x61ttempts\x18\x0b \x01(\x05\x12\x13\n\x0bsample_seed\x18\x0c \x01(\t\x12\x30\n\x0cplanned_time\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07waiting\x18\x0e \x01(\x03\x12\x10\n\x08released\x18\x0f \x01(\x03\x12\x36\n\x12\x66irst_release_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_release_time\x18\x11 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12$\n\x1cmax_release_lateness_seconds\x18\x12 \x01(\x01:4\xea\x41\x31\n\x0eherald.dev/Run\x12\x1f\x63\x61mpaigns/{campaign}/runs/{run}\"6\n\rGetRunRequest\x12%\n\x04name\x18\x01 \x01(\tB\x17\xe2\x41\x01\x02\xfa\x41\x10\n\x0eherald.dev/Run\"8\n\x0fWatchRunRequest\x12%\n\x04name\x18\x01 \x01(\tB\x17\xe2\x41\x01\x02\xfa\x41\x10\n\x0eherald.dev/Run\"f\n\x0fListRunsRequest\x12,\n\x06parent\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13herald.dev/Campaign\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x10ListRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.herald.scheduler.v1.Run\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"u\n\x19ListQualificationsRequest\x12.\n\x08\x63\x61mpaign\x18\x01 \x01(\tB\x1c\xe2\x41\x01\x02\xfa\x41\x15\n\x13herald.dev/Campaign\x12\x15\n\x07user_id\x18\x02 \x01(\tB\x04\xe2\x41\x01\x02\x12\x11\n\tpage_size\x18\x03 \x01(\x05\"\xd1\x01\n\rQualification\x12\x12\n\nevent_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63lient_event_id\x18\x02 \x01(\t\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03via\x18\x04 \x01(\t\x12\x30\n\x0cqualify_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x64\x65livery_id\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\"\x96\x01\n\x08LiveWait\x12\x12\n\nevent_name\x18\x01 \x01(\t\x12\x17\n\x0f\x63lient_event_id\x18\x02 \x01(\t\x12.\n\nevent_time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tfire_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x86\x01\n\x1aListQualificationsResponse\x12:\n\x0equalifications\x18\x01 \x03(\x0b\x32\".herald.scheduler.v1.Qualification\x12,\n\x05waits\x18\x02 \x03(\x0b\x32\x1d.herald.scheduler.v1.LiveWait*\xc9\x01\n\x08RunState\x12\x19\n\x15RUN_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11RUN_STATE_PENDING\x10\x01\x12\x15\n\x11RUN_STATE_RUNNING\x10\x02\x12\x18\n\x14RUN_STATE_DISPATCHED\x10\x03\x12\x17\n\x13RUN_STATE_CANCELLED\x10\x04\x12\x14\n\x10RUN_STATE_FAILED\x10\x05\x12\x17\n\x13RUN_STATE_RELEASING\x10\x06\x12\x12\n\x0eRUN_STATE_LIVE\x10\x07\x32\xf8\x02\n\x10SchedulerService\x12\x46\n\x06GetRun\x12\".herald.scheduler.v1.GetRunRequest\x1a\x18.herald.scheduler.v1.Run\x12W\n\x08ListRuns\x12$.herald.scheduler.v1.ListRunsRequest\x1a%.herald.scheduler.v1.ListRunsResponse\x12L\n\x08WatchRun\x12$.herald.scheduler.v1.WatchRunRequest\x1a\x18.herald.scheduler.v1.Run0\x01\x12u\n\x12ListQualifications\x12..herald.scheduler.v1.ListQualificationsRequest\x1a/.herald.scheduler.v1.ListQualificationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'herald.scheduler.v1.scheduler_service_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RUNSTATE']._serialized_start=1486
-  _globals['_RUNSTATE']._serialized_end=1687
-  _globals['_RUN']._serialized_start=102
-  _globals['_RUN']._serialized_end=675
-  _globals['_GETRUNREQUEST']._serialized_start=677
-  _globals['_GETRUNREQUEST']._serialized_end=706
-  _globals['_WATCHRUNREQUEST']._serialized_start=708
-  _globals['_WATCHRUNREQUEST']._serialized_end=739
-  _globals['_LISTRUNSREQUEST']._serialized_start=741
-  _globals['_LISTRUNSREQUEST']._serialized_end=813
-  _globals['_LISTRUNSRESPONSE']._serialized_start=815
-  _globals['_LISTRUNSRESPONSE']._serialized_end=898
-  _globals['_LISTQUALIFICATIONSREQUEST']._serialized_start=900
-  _globals['_LISTQUALIFICATIONSREQUEST']._serialized_end=981
-  _globals['_QUALIFICATION']._serialized_start=984
-  _globals['_QUALIFICATION']._serialized_end=1193
-  _globals['_LIVEWAIT']._serialized_start=1196
-  _globals['_LIVEWAIT']._serialized_end=1346
-  _globals['_LISTQUALIFICATIONSRESPONSE']._serialized_start=1349
-  _globals['_LISTQUALIFICATIONSRESPONSE']._serialized_end=1483
-  _globals['_SCHEDULERSERVICE']._serialized_start=1690
-  _globals['_SCHEDULERSERVICE']._serialized_end=2066
+  _globals['_RUN'].fields_by_name['name']._loaded_options = None
+  _globals['_RUN'].fields_by_name['name']._serialized_options = b'\342A\001\010'
+  _globals['_RUN'].fields_by_name['campaign']._loaded_options = None
+  _globals['_RUN'].fields_by_name['campaign']._serialized_options = b'\372A\025\n\023herald.dev/Campaign'
+  _globals['_RUN']._loaded_options = None
+  _globals['_RUN']._serialized_options = b'\352A1\n\016herald.dev/Run\022\037campaigns/{campaign}/runs/{run}'
+  _globals['_GETRUNREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_GETRUNREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\020\n\016herald.dev/Run'
+  _globals['_WATCHRUNREQUEST'].fields_by_name['name']._loaded_options = None
+  _globals['_WATCHRUNREQUEST'].fields_by_name['name']._serialized_options = b'\342A\001\002\372A\020\n\016herald.dev/Run'
+  _globals['_LISTRUNSREQUEST'].fields_by_name['parent']._loaded_options = None
+  _globals['_LISTRUNSREQUEST'].fields_by_name['parent']._serialized_options = b'\342A\001\002\372A\025\n\023herald.dev/Campaign'
+  _globals['_LISTQUALIFICATIONSREQUEST'].fields_by_name['campaign']._loaded_options = None
+  _globals['_LISTQUALIFICATIONSREQUEST'].fields_by_name['campaign']._serialized_options = b'\342A\001\002\372A\025\n\023herald.dev/Campaign'
+  _globals['_LISTQUALIFICATIONSREQUEST'].fields_by_name['user_id']._loaded_options = None
+  _globals['_LISTQUALIFICATIONSREQUEST'].fields_by_name['user_id']._serialized_options = b'\342A\001\002'
+  _globals['_RUNSTATE']._serialized_start=1748
+  _globals['_RUNSTATE']._serialized_end=1949
+  _globals['_RUN']._serialized_start=162
+  _globals['_RUN']._serialized_end=821
+  _globals['_GETRUNREQUEST']._serialized_start=823
+  _globals['_GETRUNREQUEST']._serialized_end=877
+  _globals['_WATCHRUNREQUEST']._serialized_start=879
+  _globals['_WATCHRUNREQUEST']._serialized_end=935
+  _globals['_LISTRUNSREQUEST']._serialized_start=937
+  _globals['_LISTRUNSREQUEST']._serialized_end=1039
+  _globals['_LISTRUNSRESPONSE']._serialized_start=1041
+  _globals['_LISTRUNSRESPONSE']._serialized_end=1124
+  _globals['_LISTQUALIFICATIONSREQUEST']._serialized_start=1126
+  _globals['_LISTQUALIFICATIONSREQUEST']._serialized_end=1243
+  _globals['_QUALIFICATION']._serialized_start=1246
+  _globals['_QUALIFICATION']._serialized_end=1455
+  _globals['_LIVEWAIT']._serialized_start=1458
+  _globals['_LIVEWAIT']._serialized_end=1608
+  _globals['_LISTQUALIFICATIONSRESPONSE']._serialized_start=1611
+  _globals['_LISTQUALIFICATIONSRESPONSE']._serialized_end=1745
+  _globals['_SCHEDULERSERVICE']._serialized_start=1952
+  _globals['_SCHEDULERSERVICE']._serialized_end=2328
 # @@protoc_insertion_point(module_scope)
