@@ -26,7 +26,7 @@ from herald_common.bus import Subjects
 from herald_common.embedded import free_port
 from herald_common.runtime import ServiceHost
 from herald_common.secret_box import new_key_setting
-from herald_common.settings import Settings
+from herald_common.settings import DEFAULT_METRICS_PORTS, Settings
 from herald_dispatch import main as dispatch_main
 from herald_scheduler import main as scheduler_main
 from herald_segmentation import main as segmentation_main
@@ -61,6 +61,8 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             database_url=_with_database(admin_url, database),
             nats_url=nats_url,
             namespace=namespace,
+            # Several services (and replicas) share the machine: each on a free port.
+            metrics_ports=dict.fromkeys(DEFAULT_METRICS_PORTS, 0),
             shutdown_grace_seconds=0.5,
             ack_wait_seconds=3.0,
             # A message that keeps failing is dead-lettered within seconds, not minutes.

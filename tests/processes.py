@@ -84,7 +84,14 @@ class ServiceProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - lives as long as the process
         self.process = subprocess.Popen(
             [sys.executable, "-m", f"herald_{self.service}.main"],
-            env={**self.env, f"HERALD_{self.service.upper()}_PORT": str(self.port)},
+            env={
+                **self.env,
+                f"HERALD_{self.service.upper()}_PORT": str(self.port),
+                # Replicas share the machine: each serves its metrics on a free port.
+                f"HERALD_{self.service.upper()}_METRICS_PORT": self.env.get(
+                    f"HERALD_{self.service.upper()}_METRICS_PORT", "0"
+                ),
+            },
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -20,6 +20,7 @@ from nats.js.errors import NotFoundError
 from herald_common.faults import is_transient
 from herald_common.logging import get_logger
 from herald_common.loops import cancel_and_wait
+from herald_common.metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -215,8 +216,17 @@ async def replay_dead_letters(
     return replayed, left
 
 
-async def dead_letter(js: JetStreamContext, subjects: Subjects, consumer: str, msg: Msg, reason: str) -> None:
+async def dead_letter(
+    js: JetStreamContext,
+    subjects: Subjects,
+    consumer: str,
+    msg: Msg,
+    reason: str,
+    metrics: Metrics | None = None,
+) -> None:
     """Keeps a message that can never be processed, with the reason, then removes it from work."""
+    if metrics is not None:
+        metrics.dead_letters.labels(consumer).inc()
     await js.publish(
         subjects.dead_letter(consumer),
         msg.data,
@@ -236,6 +246,7 @@ async def decode_batch(
     msgs: Sequence[Msg],
     event_type: type[EventT],
     validate: Callable[[EventT], str | None] = lambda _: None,
+    metrics: Metrics | None = None,
 ) -> list[tuple[Msg, EventT]]:
     """Parses each message; malformed ones are dead-lettered with the reason and left out."""
     decoded: list[tuple[Msg, EventT]] = []
@@ -244,11 +255,13 @@ async def decode_batch(
         try:
             event.ParseFromString(msg.data)
         except DecodeError as error:
-            await dead_letter(js, subjects, consumer, msg, f"undecodable {event_type.__name__}: {error}")
+            await dead_letter(
+                js, subjects, consumer, msg, f"undecodable {event_type.__name__}: {error}", metrics
+            )
             continue
         problem = validate(event)
         if problem:
-            await dead_letter(js, subjects, consumer, msg, problem)
+            await dead_letter(js, subjects, consumer, msg, problem, metrics)
             continue
         decoded.append((msg, event))
     return decoded
@@ -287,8 +300,10 @@ class _Consumer:
         redelivery_base_seconds: float = 2.0,
         max_ack_pending: int = 20_000,
         dead_lettered: Callable[[Msg, str], Awaitable[None]] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.js = js
+        self.metrics = metrics
         self.subjects = subjects
         # Told of each message this consumer dead-letters for failing every attempt, with the reason.
         self.dead_lettered = dead_lettered
@@ -358,12 +373,15 @@ class _Consumer:
     async def _settle_failure(self, msg: Msg, error: BaseException) -> None:
         """Offers a failed message again later, or sets it aside when it keeps failing."""
         delivered = msg.metadata.num_delivered or 1
+        retried = is_transient(error) or delivered < self.max_deliveries
+        if self.metrics is not None and retried:
+            self.metrics.consumer_handled.labels(self.durable, "retried").inc()
         try:
             if is_transient(error):
                 await msg.nak(delay=self._delay(delivered))
             elif delivered >= self.max_deliveries:
                 reason = f"failed {delivered} times: {error!r}"[:1000]
-                await dead_letter(self.js, self.subjects, self.durable, msg, reason)
+                await dead_letter(self.js, self.subjects, self.durable, msg, reason, self.metrics)
                 if self.dead_lettered is not None:
                     await self.dead_lettered(msg, reason)
             else:
@@ -492,6 +510,8 @@ class LaneConsumer(_Consumer):
         try:
             async with lane:
                 await self.handler(msg)
+            if self.metrics is not None:
+                self.metrics.consumer_handled.labels(self.durable, "acked").inc()
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await msg.nak()

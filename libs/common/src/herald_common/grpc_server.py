@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
@@ -44,6 +45,7 @@ from herald_common.limits import (
     request_limit,
 )
 from herald_common.logging import get_logger
+from herald_common.metrics import Metrics
 from herald_common.reflection import enable_reflection
 from herald_common.validation import nul_fields
 
@@ -220,9 +222,15 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call against the permission its method needs, binds a request id to
     its log lines and reports domain errors as gRPC status."""
 
-    def __init__(self, authenticator: Authenticator | None, permissions: dict[str, Permission]) -> None:
+    def __init__(
+        self,
+        authenticator: Authenticator | None,
+        permissions: dict[str, Permission],
+        metrics: Metrics | None = None,
+    ) -> None:
         self.authenticator = authenticator
         self.permissions = permissions
+        self.metrics = metrics
         # The heavy methods take turns (see herald_common.limits).
         self._heavy = asyncio.Semaphore(HEAVY_AT_ONCE)
 
@@ -236,10 +244,21 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         source = source_address(context.peer() or "")
         act_as(await self.authenticator.authenticate(metadata, needed, source))
 
+    def _observe(self, method: str, context: Any, started: float) -> None:
+        """Counts a finished call by its status code, and how long it took."""
+        if self.metrics is None:
+            return
+        service, _, name = method.lstrip("/").partition("/")
+        code = context.code()
+        code_name = code.name if isinstance(code, grpc.StatusCode) else grpc.StatusCode.OK.name
+        self.metrics.grpc_handled.labels(service, name, code_name).inc()
+        self.metrics.grpc_seconds.labels(service, name).observe(time.perf_counter() - started)
+
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
+        method = handler_call_details.method
         decode = _tolerant(handler.request_deserializer, request_limit(handler_call_details.method))
         # The heavy methods (unary or uploads) take turns; the others go at once.
         turn: contextlib.AbstractAsyncContextManager[Any] = (
@@ -249,6 +268,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: Any) -> Any:
+                started = time.perf_counter()
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details, context)
@@ -258,6 +278,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, error)
                 except Exception as error:
                     await _internal(context, error)
+                finally:
+                    self._observe(method, context, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -268,6 +290,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+                started = time.perf_counter()
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details, context)
@@ -277,6 +300,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, error)
                 except Exception as error:
                     await _internal(context, error)
+                finally:
+                    self._observe(method, context, started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -287,6 +312,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_upload = handler.stream_unary
 
             async def upload(requests: Any, context: Any) -> Any:
+                started = time.perf_counter()
                 _bind_request(handler_call_details, context)
                 try:
                     await self._authenticate(handler_call_details, context)
@@ -296,6 +322,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                     await _abort(context, error)
                 except Exception as error:
                     await _internal(context, error)
+                finally:
+                    self._observe(method, context, started)
 
             return grpc.stream_unary_rpc_method_handler(
                 upload,
@@ -333,6 +361,7 @@ class GrpcServer:
         register: Registrar,
         authenticator: Authenticator | None = None,
         permissions: dict[str, Permission] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         permissions = permissions or {}
         missing = [
@@ -343,7 +372,7 @@ class GrpcServer:
         ]
         if authenticator is not None and missing:
             raise RuntimeError(f"methods without a declared permission: {missing}")
-        interceptor = ErrorInterceptor(authenticator, permissions)
+        interceptor = ErrorInterceptor(authenticator, permissions, metrics)
         # No SO_REUSEPORT: a second process on the same port must fail, not share it silently.
         self.server = grpc.aio.server(
             interceptors=[interceptor],

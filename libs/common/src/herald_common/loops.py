@@ -40,6 +40,7 @@ class WakeableLoop:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self.failures = 0  # in a row
+        self.failures_total = 0
         self.last_error = ""
 
     @property
@@ -65,6 +66,7 @@ class WakeableLoop:
                 self.failures = 0
             except Exception as error:
                 self.failures += 1
+                self.failures_total += 1
                 self.last_error = repr(error)[:500]
                 log.exception("loop_step_failed", loop=self.name, failures=self.failures)
                 more = False

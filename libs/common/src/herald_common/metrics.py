@@ -119,7 +119,7 @@ class Metrics:
         )
         self.run_recipients = Counter(
             "herald_run_recipients_total",
-            "Recipients the scheduler planned into delivery batches, by what became of them (targeted, skipped).",
+            "Recipients the scheduler planned, by what became of them (targeted, skipped).",
             ["result"],
             registry=r,
         )
@@ -210,7 +210,9 @@ class MetricsServer:
             try:
                 await sample()
             except Exception as error:  # a sample that fails leaves its gauges as they were
-                log.warning("metrics_sample_failed", sample=getattr(sample, "__qualname__", ""), error=repr(error))
+                log.warning(
+                    "metrics_sample_failed", sample=getattr(sample, "__qualname__", ""), error=repr(error)
+                )
 
     async def _sample_forever(self) -> None:
         while True:

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
+from herald_common.metrics import Metrics
 
 log = get_logger(__name__)
 
@@ -106,8 +107,10 @@ class OutboxRelay:
         idle_poll_seconds: float = 0.2,
         publish_timeout_seconds: float = 10.0,
         stuck_after_seconds: float = 60.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self.database = database
+        self.metrics = metrics
         self.table = table
         self.js = js
         self.batch_size = batch_size
@@ -115,7 +118,7 @@ class OutboxRelay:
         self.stuck_after_seconds = stuck_after_seconds
         self.set_aside_total = 0
         self._waiting_since: float | None = None
-        self._loop = WakeableLoop("outbox-relay", self._step, idle_poll_seconds)
+        self.loop = WakeableLoop("outbox-relay", self._step, idle_poll_seconds)
 
     @property
     def stuck(self) -> bool:
@@ -127,13 +130,13 @@ class OutboxRelay:
 
     def notify(self) -> None:
         """Called after a commit that added events, so they go out without waiting for a poll."""
-        self._loop.notify()
+        self.loop.notify()
 
     def start(self) -> None:
-        self._loop.start()
+        self.loop.start()
 
     async def stop(self) -> None:
-        await self._loop.stop()
+        await self.loop.stop()
         with contextlib.suppress(Exception):  # flush what committed just before shutdown
             await asyncio.wait_for(self.relay_once(), self.publish_timeout_seconds)
 
@@ -192,6 +195,9 @@ class OutboxRelay:
                 await session.execute(sa.update(t).where(t.c.id == row_id).values(problem=problem))
                 log.error("outbox_event_set_aside", table=str(t), id=row_id, problem=problem)
             self.set_aside_total += len(problems)
+        if self.metrics is not None:
+            self.metrics.outbox_published.inc(len(published))
+            self.metrics.outbox_set_aside.inc(len(problems))
         complete = len(published) + len(problems) == len(rows)
         self._waiting_since = None if complete else (self._waiting_since or time.monotonic())
         return len(published), complete

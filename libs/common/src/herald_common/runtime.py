@@ -43,6 +43,7 @@ from herald_common.db import Database, make_engine, migrate
 from herald_common.grpc_server import GrpcServer, PortInUse, Registrar, wait_for_termination_signal
 from herald_common.logging import configure_logging, get_logger
 from herald_common.loops import WakeableLoop, cancel_and_wait
+from herald_common.metrics import Metrics, MetricsServer
 from herald_common.outbox import OutboxRelay
 from herald_common.secret_box import SecretKeysError
 from herald_common.settings import Settings
@@ -73,11 +74,14 @@ class Infrastructure:
     keys: KeyRegistry
     authenticator: Authenticator
     key_uses: KeyValue
+    metrics: Metrics
     consumers: list[PullConsumer | LaneConsumer] = field(default_factory=list)
     # Background loops whose repeated failure makes the service NOT_SERVING.
     loops: list[WakeableLoop] = field(default_factory=list)
     # Set when the process begins to shut down: long work stops taking more and hands back the rest.
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    # Each loop's failures already added to its metric.
+    _failures_counted: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     async def open(
@@ -116,9 +120,12 @@ class Infrastructure:
         )
         authenticator = Authenticator(keys, settings.service_token, settings.bootstrap_token, defaults)
         authenticator.uses.start(key_uses)
-        relay = OutboxRelay(database, outbox, js)
+        metrics = Metrics(service)
+        relay = OutboxRelay(database, outbox, js, metrics=metrics)
         relay.start()
-        return cls(settings, database, nats_client, js, subjects, relay, keys, authenticator, key_uses)
+        return cls(
+            settings, database, nats_client, js, subjects, relay, keys, authenticator, key_uses, metrics
+        )
 
     def channel(self, service: str) -> grpc.aio.Channel:
         """A channel to another of our services; calls carry the service token and the account
@@ -145,14 +152,17 @@ class Infrastructure:
         are dead-lettered too), applied, then acknowledged."""
 
         async def handler(msgs: list[Msg]) -> None:
-            decoded = await decode_batch(self.js, self.subjects, durable, msgs, event_type, problem)
+            decoded = await decode_batch(
+                self.js, self.subjects, durable, msgs, event_type, problem, self.metrics
+            )
             rejected = await verify([event for _, event in decoded]) if verify and decoded else {}
             for i, reason in rejected.items():
-                await dead_letter(self.js, self.subjects, durable, decoded[i][0], reason)
+                await dead_letter(self.js, self.subjects, durable, decoded[i][0], reason, self.metrics)
             accepted = [pair for i, pair in enumerate(decoded) if i not in rejected]
             await apply([event for _, event in accepted])
             for msg, _ in accepted:
                 await msg.ack()
+            self.metrics.consumer_handled.labels(durable, "acked").inc(len(accepted))
 
         consumer = PullConsumer(
             self.js,
@@ -198,6 +208,7 @@ class Infrastructure:
             "max_deliveries": self.settings.max_deliveries,
             "redelivery_base_seconds": self.settings.redelivery_base_seconds,
             "ack_wait_seconds": self.settings.ack_wait_seconds,
+            "metrics": self.metrics,
         }
 
     async def stop_consumers(self) -> None:
@@ -208,6 +219,39 @@ class Infrastructure:
     def watch(self, *loops: WakeableLoop) -> None:
         """Makes these background loops part of the service's health."""
         self.loops.extend(loops)
+
+    async def sample_metrics(self) -> None:
+        """The gauges of state kept elsewhere: the outbox, the consumers, the pool, the loops."""
+        m = self.metrics
+        outbox = self.relay.table
+        async with self.database.transaction() as session:
+            waiting, oldest = (
+                await session.execute(
+                    sa.select(
+                        sa.func.count(),
+                        sa.func.coalesce(
+                            sa.extract("epoch", sa.func.now() - sa.func.min(outbox.c.created_at)), 0
+                        ),
+                    ).where(outbox.c.problem.is_(None))
+                )
+            ).one()
+        m.outbox_events.set(waiting)
+        m.outbox_oldest_age.set(max(0.0, float(oldest)))
+        for consumer in self.consumers:
+            info = await self.js.consumer_info(consumer.stream, consumer.durable)
+            m.consumer_pending.labels(consumer.durable).set(info.num_pending or 0)
+            m.consumer_ack_pending.labels(consumer.durable).set(info.num_ack_pending or 0)
+            m.consumer_redelivered.labels(consumer.durable).set(info.num_redelivered or 0)
+        pool: Any = self.database.engine.pool
+        m.db_pool_connections.set(pool.checkedin() + pool.checkedout())
+        m.db_pool_in_use.set(pool.checkedout())
+        m.db_pool_overflow.set(max(0, pool.overflow()))
+        for loop in [self.relay.loop, *self.loops]:
+            m.loop_failing.labels(loop.name).set(1 if loop.failing else 0)
+            m.loop_failures.labels(loop.name).inc(
+                loop.failures_total - self._failures_counted.get(loop.name, 0)
+            )
+            self._failures_counted[loop.name] = loop.failures_total
 
     async def problems(self) -> list[str]:
         """What keeps this service from doing its work (nothing when healthy): database or NATS
@@ -272,6 +316,7 @@ class ServiceHost:
     # Extra clean-up (background loops, channels, HTTP sessions): after serving and consuming
     # stop, before the outbox flushes and NATS drains.
     on_stop: list[StopCallback] = field(default_factory=list)
+    metrics_server: MetricsServer | None = None
     _health_task: asyncio.Task[None] | None = None
 
     @classmethod
@@ -284,14 +329,17 @@ class ServiceHost:
         port: int,
         permissions: dict[str, Permission],
     ) -> ServiceHost:
-        server = GrpcServer(service_names, register, infra.authenticator, permissions)
+        server = GrpcServer(service_names, register, infra.authenticator, permissions, infra.metrics)
+        metrics = MetricsServer(infra.metrics, [infra.sample_metrics])
         try:
             await server.start(infra.settings.host, port, f"HERALD_{name.upper()}_PORT")
+            metrics_port = await metrics.start(infra.settings.host, infra.settings.metrics_ports.get(name, 0))
         except Exception:
+            await server.stop(0)
             await infra.close()
             raise
-        log.info("service_started", service=name, port=server.port)
-        host = cls(name, infra, server)
+        log.info("service_started", service=name, port=server.port, metrics_port=metrics_port)
+        host = cls(name, infra, server, metrics_server=metrics)
         host._health_task = asyncio.create_task(host._watch_health(), name=f"health:{name}")
         return host
 
@@ -320,6 +368,8 @@ class ServiceHost:
     async def stop(self) -> None:
         self.infra.stopping.set()
         await cancel_and_wait(self._health_task)
+        if self.metrics_server is not None:
+            await self.metrics_server.stop()
         await self.grpc.stop(self.infra.settings.shutdown_grace_seconds)
         await self.infra.stop_consumers()
         for callback in self.on_stop:

@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 DEFAULT_PORTS = {"campaign": 50051, "segmentation": 50052, "scheduler": 50053, "dispatch": 50054}
+# Each service's Prometheus metrics (HTTP, `/metrics`).
+DEFAULT_METRICS_PORTS = {"campaign": 9101, "segmentation": 9102, "scheduler": 9103, "dispatch": 9104}
 
 
 def _port_env(service: str) -> str:
@@ -34,6 +36,8 @@ class Settings:
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     # Where each service is reached by the others (host:port).
     addresses: dict[str, str] = field(default_factory=dict)
+    # Where each service serves its Prometheus metrics, on `host` (0: a free port, logged at start).
+    metrics_ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_METRICS_PORTS))
     log_level: str = "info"
     # How long a stopping service lets handlers finish (dispatch workers: the requests they made).
     shutdown_grace_seconds: float = 25.0
@@ -95,6 +99,10 @@ class Settings:
             )
         ports = service_ports(env)
         addresses = {s: env[_addr_env(s)] for s in DEFAULT_PORTS if env.get(_addr_env(s))}
+        metrics_ports = {
+            s: int(env.get(f"HERALD_{s.upper()}_METRICS_PORT", port))
+            for s, port in DEFAULT_METRICS_PORTS.items()
+        }
         return cls(
             database_url=database_url,
             nats_url=nats_url,
@@ -102,6 +110,7 @@ class Settings:
             host=env.get("HERALD_HOST", "127.0.0.1"),
             ports=ports,
             addresses=addresses,
+            metrics_ports=metrics_ports,
             log_level=env.get("LOG_LEVEL", "info"),
             shutdown_grace_seconds=float(env.get("HERALD_SHUTDOWN_GRACE_SECONDS", "25")),
             max_deliveries=int(env.get("HERALD_MAX_DELIVERIES", "10")),

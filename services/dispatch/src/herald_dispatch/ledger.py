@@ -8,6 +8,7 @@ event reporting it, in one transaction.
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ from herald_common import api
 from herald_common.auth import account_name
 from herald_common.bus import Subjects
 from herald_common.db import Database
+from herald_common.metrics import Metrics
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_dispatch.channels import UNKNOWN, Outcome
 from herald_dispatch.receipts import apply_receipts
@@ -131,8 +133,14 @@ class Attempt:
 
 class DeliveryLedger:
     def __init__(
-        self, database: Database, subjects: Subjects, destination_type: str, settle_seconds: float
+        self,
+        database: Database,
+        subjects: Subjects,
+        destination_type: str,
+        settle_seconds: float,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.database = database
         self.subjects = subjects
         # The worker type whose deliveries this ledger records (and settles).
@@ -250,6 +258,10 @@ class DeliveryLedger:
             message_ids = [o.provider_message_id for o in rows if o.provider_message_id]
             if message_ids:
                 await apply_receipts(session, self.subjects, account_id, message_ids)
+        if self.metrics is not None:
+            recorded = Counter(_STATUS_NAMES[o.status] for o in rows if o.recipient.delivery_id in resent)
+            for status, count in recorded.items():
+                self.metrics.deliveries.labels(destination_type, status).inc(count)
         return len(resent)
 
     async def _wait_to_settle(

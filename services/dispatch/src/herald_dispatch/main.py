@@ -30,6 +30,7 @@ from herald_dispatch.channels import registry
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import HTTP_CONNECTIONS, Destinations, reseal
 from herald_dispatch.gate import SendGate
+from herald_dispatch.provider_calls import provider_call_metrics
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.receipts import ReceiptServer
 from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
@@ -70,7 +71,9 @@ async def start(
     policy = NetworkPolicy(settings.allowed_destination_networks)
     # No cookie jar: a provider's cookies must not follow one account's requests into another's.
     http = aiohttp.ClientSession(
-        connector=policy.connector(limit=HTTP_CONNECTIONS), cookie_jar=aiohttp.DummyCookieJar()
+        connector=policy.connector(limit=HTTP_CONNECTIONS),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trace_configs=[provider_call_metrics(infra.metrics)],
     )
     channels = registry(
         http, answer_timeout_seconds=settings.sms_answer_timeout_seconds, database=infra.database

@@ -32,6 +32,7 @@ from herald_dispatch.channels.sms import CANNOT_TELL, Lookup, SmsChannel
 from herald_dispatch.destinations import Destinations
 from herald_dispatch.gate import Admission, Sender, SendGate, Superseded
 from herald_dispatch.ledger import SETTLING, Attempt, DeliveryLedger
+from herald_dispatch.provider_calls import DESTINATION_TYPE
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.storage import outbox
 
@@ -80,6 +81,7 @@ class DeliveryWorker:
             self.infra.subjects,
             self.channel.kind.destination_type,
             self.infra.settings.sms_settle_seconds,
+            self.infra.metrics,
         )
         # Unknown deliveries that their provider can be asked about are settled in the background.
         self.settler = WakeableLoop(
@@ -124,8 +126,16 @@ class DeliveryWorker:
         await self._report_waiting(batch, account_id, waiting)
 
     async def handle(self, msg: Msg) -> None:
+        # The provider requests made for this batch are counted under its destination type.
+        DESTINATION_TYPE.set(self.channel.kind.destination_type)
         decoded = await bus.decode_batch(
-            self.infra.js, self.infra.subjects, self.consumer_name, [msg], events.DeliveryBatch, batch_problem
+            self.infra.js,
+            self.infra.subjects,
+            self.consumer_name,
+            [msg],
+            events.DeliveryBatch,
+            batch_problem,
+            self.infra.metrics,
         )
         if not decoded:  # dead-lettered with the reason
             return
@@ -135,7 +145,9 @@ class DeliveryWorker:
             # Only the campaign service says who owns a campaign; a batch claiming otherwise is
             # set aside, not delivered with another account's destination or content.
             reason = f"{batch.account} does not own {batch.campaign}"
-            await bus.dead_letter(self.infra.js, self.infra.subjects, self.consumer_name, msg, reason)
+            await bus.dead_letter(
+                self.infra.js, self.infra.subjects, self.consumer_name, msg, reason, self.infra.metrics
+            )
             return
         if batch.batch_id in self._in_flight:
             raise NotReady(f"{batch.batch_id} is being delivered already")
@@ -298,6 +310,7 @@ class DeliveryWorker:
         """Looks up due unknown deliveries with the provider each went to: one it made is sent
         (with its id), one it did not make is sent now, once; one it cannot tell of is asked
         again later, until SETTLE_ROUNDS. True when more may be due."""
+        DESTINATION_TYPE.set(self.channel.kind.destination_type)
         claimed = await self.ledger.claim_unsettled(SETTLE_BATCH, SETTLE_LEASE_SECONDS)
         by_batch: dict[bytes, list[Any]] = {}
         for row in claimed:

@@ -30,6 +30,7 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop, cancel_and_wait
+from herald_common.metrics import Metrics
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.schedules import account_zone
 from herald_common.skips import SkipReason
@@ -203,7 +204,9 @@ class RunExecutor:
         poll_seconds: float = 0.5,
         max_concurrent_runs: int = 4,
         lease_seconds: float = 60.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.database = database
         self.subjects = subjects
         self.run_events = run_events
@@ -465,6 +468,9 @@ class RunExecutor:
             )
             await enqueue(session, outbox, batches)
         await self.run_events.changed(session, advanced)
+        if self.metrics is not None:
+            self.metrics.run_recipients.labels("targeted").inc(len(members))
+            self.metrics.run_recipients.labels("skipped").inc(len(skipped))
         return last
 
     async def _interrupted(self, run_id: uuid.UUID, permanent: bool, reason: str) -> None:

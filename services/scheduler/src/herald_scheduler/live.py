@@ -49,6 +49,7 @@ from herald_common.errors import NotFound, Validator
 from herald_common.live import ALREADY_ONCE, NOT_IN_AUDIENCE, as_action, too_recent
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
+from herald_common.metrics import Metrics
 from herald_common.outbox import enqueue
 from herald_common.schedules import DeliveryRules, account_zone, parse_time_of_day
 from herald_common.skips import SkipReason
@@ -305,7 +306,9 @@ class LiveEngine:
         notify_outbox: Callable[[], None],
         notify_releaser: Callable[[], None],
         poll_seconds: float = 0.2,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.database = database
         self.subjects = subjects
         self.run_events = run_events
@@ -405,6 +408,9 @@ class LiveEngine:
                     )
                 )
             )
+        if self.metrics is not None:
+            for row in due:
+                self.metrics.live_timer_lateness.observe(max(0.0, (now - row.fire_at).total_seconds()))
         self.notify_outbox()
         self.notify_releaser()
         return len(due) == TIMERS_PER_ROUND

@@ -16,7 +16,7 @@ from herald_common.settings import Settings
 from herald_scheduler.executor import RunExecutor
 from herald_scheduler.live import LiveEngine
 from herald_scheduler.planning import Planner
-from herald_scheduler.release import Releaser
+from herald_scheduler.release import Releaser, sample_progress
 from herald_scheduler.runs import RunEvents, RunQueries
 from herald_scheduler.servicer import PERMISSIONS, SchedulerServicer
 from herald_scheduler.storage import SCHEMA, outbox
@@ -50,7 +50,7 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
     run_events = RunEvents(infra.subjects)
     planner = Planner(infra.database, run_events)
     segmentation = infra.channel("segmentation")
-    releaser = Releaser(infra.database, infra.subjects, run_events, infra.relay.notify)
+    releaser = Releaser(infra.database, infra.subjects, run_events, infra.relay.notify, metrics=infra.metrics)
     executor = RunExecutor(
         infra.database,
         infra.subjects,
@@ -59,9 +59,16 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         infra.relay.notify,
         releaser.notify,
         lease_seconds=settings.run_lease_seconds,
+        metrics=infra.metrics,
     )
     live = LiveEngine(
-        infra.database, infra.subjects, run_events, segmentation, infra.relay.notify, releaser.notify
+        infra.database,
+        infra.subjects,
+        run_events,
+        segmentation,
+        infra.relay.notify,
+        releaser.notify,
+        metrics=infra.metrics,
     )
     servicer = SchedulerServicer(RunQueries(infra.database), infra.database)
 
@@ -113,6 +120,8 @@ async def start(settings: Settings, port: int | None = None) -> ServiceHost:
         batch_size=LIVE_BATCH,
     )
     infra.watch(executor.loop, live.loop, *releaser.loops)
+    if host.metrics_server is not None:
+        host.metrics_server.add_sample(lambda: sample_progress(infra.database, infra.metrics))
     executor.start()
     releaser.start()
     live.start()

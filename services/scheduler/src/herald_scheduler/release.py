@@ -30,6 +30,7 @@ from herald_common.db import Database
 from herald_common.faults import is_transient
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
+from herald_common.metrics import Metrics
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.schedules import DeliveryRules
 from herald_common.skips import SkipReason
@@ -52,6 +53,10 @@ _ACTIVE = {
     campaign_pb.State.Name(campaign_pb.STATE_RUNNING),
 }
 _RELEASING = pb.RunState.Name(pb.RUN_STATE_RELEASING)
+# Runs planning, releasing or live.
+_IN_PROGRESS = [
+    pb.RunState.Name(s) for s in (pb.RUN_STATE_RUNNING, pb.RUN_STATE_RELEASING, pb.RUN_STATE_LIVE)
+]
 _DISPATCHED = pb.RunState.Name(pb.RUN_STATE_DISPATCHED)
 
 _DUE = sa.text(
@@ -177,7 +182,9 @@ class Releaser:
         run_events: RunEvents,
         notify_outbox: Callable[[], None],
         poll_seconds: float = 0.2,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.database = database
         self.subjects = subjects
         self.run_events = run_events
@@ -257,7 +264,11 @@ class Releaser:
                 groups.append(group)
                 size += group.size
             decided = await self._decide(session, groups, now)
-            await self._hand_over(session, groups, decided)
+            batches = await self._hand_over(session, groups, decided)
+        if self.metrics is not None:
+            self.metrics.released_batches.inc(batches)
+            for run_id in decided.released:
+                self.metrics.release_lateness.observe(decided.lateness(run_id))
         self.notify_outbox()
         return len(groups) < len(locked) or len(locked) == RELEASE_GROUPS
 
@@ -334,8 +345,9 @@ class Releaser:
             )
         return going
 
-    async def _hand_over(self, session: AsyncSession, groups: list[Any], decided: _Round) -> None:
-        """Rewrites the groups that wait on, deletes the others and queues what was released."""
+    async def _hand_over(self, session: AsyncSession, groups: list[Any], decided: _Round) -> int:
+        """Rewrites the groups that wait on, deletes the others and queues what was released;
+        returns how many delivery batches it queued."""
         for (run_id, group_id), (until, kept) in decided.kept.items():
             recipients = events.PendingRecipients(recipients=kept).SerializeToString()
             await session.execute(
@@ -354,7 +366,7 @@ class Releaser:
                 _FORGET, {"runs": [g.run_id for g in done], "groups": [g.group_id for g in done]}
             )
         if not decided.released:
-            return
+            return 0
         first = {g.run_id: g for g in groups}
         queued: list[OutboxEvent] = []
         for run_id, released in decided.released.items():
@@ -384,6 +396,7 @@ class Releaser:
             )
         ).all()
         await self.run_events.changed(session, counted)
+        return len(queued)
 
     async def _campaigns(self, session: AsyncSession, names: set[str]) -> dict[str, _Campaign]:
         rows = await session.execute(
@@ -443,3 +456,19 @@ def released_at_once(
     throttle, the account's frequency caps): it can go to dispatch without waiting its turn."""
     throttled = rules.throttle and account.throttle_per_five_minutes > 0
     return not throttled and rules.cutoff is None and account_cap(rules, kind, account) is None
+
+
+_PROGRESS = sa.text(
+    """
+    SELECT (SELECT count(*) FROM scheduler.pending_deliveries WHERE problem IS NULL) AS pending,
+           (SELECT count(*) FROM scheduler.runs WHERE state = ANY(CAST(:active AS text[]))) AS active
+    """
+)
+
+
+async def sample_progress(database: Database, metrics: Metrics) -> None:
+    """Runs under way and delivery batches waiting for their time, for the metrics."""
+    async with database.transaction() as session:
+        found = (await session.execute(_PROGRESS, {"active": _IN_PROGRESS})).one()
+    metrics.pending_releases.set(found.pending)
+    metrics.runs_in_progress.set(found.active)

@@ -1,0 +1,44 @@
+"""Metrics of the requests dispatch makes to destinations' APIs: how long each took, and which
+the provider throttled. Measured on the one HTTP session every channel shares, so no channel can
+leave its requests out; the destination type comes from the batch being delivered."""
+
+from __future__ import annotations
+
+import time
+from contextvars import ContextVar
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+
+from herald_common.metrics import Metrics
+
+# The destination type of the batch the current task delivers; "other" for test messages and
+# connection checks.
+DESTINATION_TYPE: ContextVar[str] = ContextVar("destination_type", default="other")
+
+
+def provider_call_metrics(metrics: Metrics) -> aiohttp.TraceConfig:
+    """A trace config that times each request and counts 429 answers."""
+    config = aiohttp.TraceConfig()
+
+    async def started(_: aiohttp.ClientSession, context: SimpleNamespace, __: Any) -> None:
+        context.started = time.perf_counter()
+
+    def observe(context: SimpleNamespace) -> str:
+        kind = DESTINATION_TYPE.get()
+        metrics.provider_seconds.labels(kind).observe(time.perf_counter() - context.started)
+        return kind
+
+    async def ended(_: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
+        kind = observe(context)
+        if params.response.status == 429:
+            metrics.provider_throttled.labels(kind).inc()
+
+    async def failed(_: aiohttp.ClientSession, context: SimpleNamespace, __: Any) -> None:
+        observe(context)
+
+    config.on_request_start.append(started)
+    config.on_request_end.append(ended)
+    config.on_request_exception.append(failed)
+    return config
