@@ -31,7 +31,7 @@ from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError
 from nats.js.kv import KeyValue
 
 from herald.events.v1 import events_pb2 as events
-from herald_common import api
+from herald_common import api, tracing
 from herald_common.errors import DomainError, ResourceExhausted
 from herald_common.logging import get_logger
 from herald_common.loops import cancel_and_wait
@@ -540,7 +540,14 @@ def service_credentials(token: str) -> list[grpc.aio.ClientInterceptor]:
         caller = current_caller()
         account = caller.account if caller is not None else ""
         role = caller.role if caller is not None and caller.role == PUBLISHABLE_ROLE else ""
-        return [("authorization", f"Service {token}"), (ACCOUNT_HEADER, account), (ROLE_HEADER, role)]
+        trace: dict[str, str] = {}
+        tracing.inject(trace)  # the called service's span continues the caller's trace
+        return [
+            ("authorization", f"Service {token}"),
+            (ACCOUNT_HEADER, account),
+            (ROLE_HEADER, role),
+            *trace.items(),
+        ]
 
     return header_interceptors(headers)
 

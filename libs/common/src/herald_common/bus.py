@@ -16,7 +16,9 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
 from nats.js.errors import NotFoundError
+from opentelemetry.trace import SpanKind
 
+from herald_common import tracing
 from herald_common.faults import is_transient
 from herald_common.logging import get_logger
 from herald_common.loops import cancel_and_wait
@@ -267,6 +269,10 @@ async def decode_batch(
     return decoded
 
 
+def _size(msgs: list[Msg]) -> dict[str, int]:
+    return {"messaging.batch.message_count": len(msgs)}
+
+
 BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 MessageHandler = Callable[[Msg], Awaitable[None]]
 # Longest wait before a message whose handling failed is offered again.
@@ -446,7 +452,12 @@ class PullConsumer(_Consumer):
     async def _handle(self, msgs: list[Msg]) -> None:
         self._in_progress.update((id(msg), msg) for msg in msgs)
         try:
-            await self.handler(msgs)
+            # A batch continues the trace of its first traced message.
+            parent = next((m.headers for m in msgs if m.headers and tracing.TRACEPARENT in m.headers), None)
+            with tracing.span(
+                f"consume {self.durable}", SpanKind.CONSUMER, parent=parent, attributes=_size(msgs)
+            ):
+                await self.handler(msgs)
         finally:
             for msg in msgs:
                 self._in_progress.pop(id(msg), None)
@@ -509,7 +520,8 @@ class LaneConsumer(_Consumer):
         self._in_progress[id(msg)] = msg
         try:
             async with lane:
-                await self.handler(msg)
+                with tracing.span(f"consume {self.durable}", SpanKind.CONSUMER, parent=msg.headers):
+                    await self.handler(msg)
             if self.metrics is not None:
                 self.metrics.consumer_handled.labels(self.durable, "acked").inc()
         except asyncio.CancelledError:

@@ -16,8 +16,9 @@ from google.protobuf import any_pb2, descriptor_pool
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
+from opentelemetry.trace import SpanKind
 
-from herald_common import deadlines
+from herald_common import deadlines, tracing
 from herald_common.auth import (
     Authenticator,
     Permission,
@@ -145,6 +146,10 @@ def status_for(error: DomainError) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message=error.message, details=[_pack(info)])
 
 
+def _metadata(details: Any) -> dict[str, str]:
+    return {k: v for k, v in details.invocation_metadata or () if isinstance(v, str)}
+
+
 def _bind_request(details: Any, context: Any) -> None:
     deadlines.serving(context.time_remaining())
     metadata = dict(details.invocation_metadata or ())
@@ -270,16 +275,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def unary(request: Any, context: Any) -> Any:
                 started = time.perf_counter()
                 _bind_request(handler_call_details, context)
-                try:
-                    await self._authenticate(handler_call_details, context)
-                    async with turn:
-                        return await inner_unary(_decoded(request), context)
-                except DomainError as error:
-                    await _abort(context, error)
-                except Exception as error:
-                    await _internal(context, error)
-                finally:
-                    self._observe(method, context, started)
+                with tracing.span(method, SpanKind.SERVER, parent=_metadata(handler_call_details)):
+                    try:
+                        await self._authenticate(handler_call_details, context)
+                        async with turn:
+                            return await inner_unary(_decoded(request), context)
+                    except DomainError as error:
+                        await _abort(context, error)
+                    except Exception as error:
+                        await _internal(context, error)
+                    finally:
+                        self._observe(method, context, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -292,16 +298,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 _bind_request(handler_call_details, context)
-                try:
-                    await self._authenticate(handler_call_details, context)
-                    async for response in inner_stream(_decoded(request), context):
-                        yield response
-                except DomainError as error:
-                    await _abort(context, error)
-                except Exception as error:
-                    await _internal(context, error)
-                finally:
-                    self._observe(method, context, started)
+                with tracing.span(method, SpanKind.SERVER, parent=_metadata(handler_call_details)):
+                    try:
+                        await self._authenticate(handler_call_details, context)
+                        async for response in inner_stream(_decoded(request), context):
+                            yield response
+                    except DomainError as error:
+                        await _abort(context, error)
+                    except Exception as error:
+                        await _internal(context, error)
+                    finally:
+                        self._observe(method, context, started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -314,16 +321,17 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             async def upload(requests: Any, context: Any) -> Any:
                 started = time.perf_counter()
                 _bind_request(handler_call_details, context)
-                try:
-                    await self._authenticate(handler_call_details, context)
-                    async with turn:
-                        return await inner_upload(_each_decoded(requests), context)
-                except DomainError as error:
-                    await _abort(context, error)
-                except Exception as error:
-                    await _internal(context, error)
-                finally:
-                    self._observe(method, context, started)
+                with tracing.span(method, SpanKind.SERVER, parent=_metadata(handler_call_details)):
+                    try:
+                        await self._authenticate(handler_call_details, context)
+                        async with turn:
+                            return await inner_upload(_each_decoded(requests), context)
+                    except DomainError as error:
+                        await _abort(context, error)
+                    except Exception as error:
+                        await _internal(context, error)
+                    finally:
+                        self._observe(method, context, started)
 
             return grpc.stream_unary_rpc_method_handler(
                 upload,

@@ -7,6 +7,8 @@ import sys
 
 import structlog
 
+from herald_common.tracing import log_ids
+
 
 def configure_logging(level: str = "info") -> None:
     renderer: structlog.typing.Processor = (
@@ -15,6 +17,7 @@ def configure_logging(level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            log_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,

@@ -16,6 +16,7 @@ from google.protobuf.message import Message
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from herald_common import tracing
 from herald_common.db import Database
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
@@ -34,6 +35,8 @@ def _outbox_columns() -> list[sa.Column[object]]:
         # Set when the event can never be published (too large for NATS, say): it is kept with
         # the reason for an operator, and the relay goes on with the others.
         sa.Column("problem", sa.Text, nullable=True),
+        # The W3C traceparent of the work that wrote it, sent on as a message header (when tracing).
+        sa.Column("trace_context", sa.Text, nullable=True),
     ]
 
 
@@ -45,7 +48,8 @@ def create_outbox_table(schema: str) -> None:
     """For a service's first migration: the outbox has the same shape in every schema."""
     from alembic import op
 
-    op.create_table("outbox", *[c for c in _outbox_columns() if c.name != "problem"], schema=schema)
+    later = ("problem", "trace_context")  # added by their own migration steps
+    op.create_table("outbox", *[c for c in _outbox_columns() if c.name not in later], schema=schema)
 
 
 def add_outbox_problem_column(schema: str) -> None:
@@ -55,12 +59,21 @@ def add_outbox_problem_column(schema: str) -> None:
     op.add_column("outbox", sa.Column("problem", sa.Text, nullable=True), schema=schema)
 
 
+def add_outbox_trace_column(schema: str) -> None:
+    """Migration step: each outbox row keeps the trace context of the work that wrote it."""
+    from alembic import op
+
+    op.add_column("outbox", sa.Column("trace_context", sa.Text, nullable=True), schema=schema)
+
+
 @dataclass(frozen=True)
 class OutboxEvent:
     subject: str
     payload: bytes
     # Stable id: JetStream drops a republished duplicate, consumers de-duplicate on it too.
     msg_id: str
+    # The trace it continues; None: the current span's (when tracing).
+    trace_context: str | None = None
 
     @classmethod
     def of(cls, subject: str, message: Message, msg_id: str | None = None) -> OutboxEvent:
@@ -71,9 +84,18 @@ async def enqueue(session: AsyncSession, table: sa.Table, events: Sequence[Outbo
     """Adds events to the outbox inside the caller's transaction (one statement for the batch)."""
     if not events:
         return
+    current = tracing.current_traceparent()
     await session.execute(
         table.insert(),
-        [{"msg_id": e.msg_id, "subject": e.subject, "payload": e.payload} for e in events],
+        [
+            {
+                "msg_id": e.msg_id,
+                "subject": e.subject,
+                "payload": e.payload,
+                "trace_context": e.trace_context or current,
+            }
+            for e in events
+        ],
     )
 
 
@@ -155,7 +177,7 @@ class OutboxRelay:
         async with self.database.transaction() as session:
             rows = (
                 await session.execute(
-                    sa.select(t.c.id, t.c.msg_id, t.c.subject, t.c.payload)
+                    sa.select(t.c.id, t.c.msg_id, t.c.subject, t.c.payload, t.c.trace_context)
                     .where(t.c.problem.is_(None))
                     .order_by(t.c.id)
                     .limit(self.batch_size)
@@ -173,9 +195,10 @@ class OutboxRelay:
                 if size > max_payload:
                     problems[row.id] = f"{len(row.payload)} bytes; NATS accepts at most {max_payload}"
                     continue
-                ack = await self.js.publish_async(
-                    row.subject, row.payload, headers={"Nats-Msg-Id": row.msg_id}
-                )
+                headers = {"Nats-Msg-Id": row.msg_id}
+                if row.trace_context:
+                    headers[tracing.TRACEPARENT] = row.trace_context
+                ack = await self.js.publish_async(row.subject, row.payload, headers=headers)
                 sent.append((row, ack))
             acks = await asyncio.wait_for(
                 asyncio.gather(*(ack for _, ack in sent), return_exceptions=True),

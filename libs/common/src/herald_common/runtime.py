@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.kv import KeyValue
 
 from herald.events.v1 import events_pb2 as events
-from herald_common import bus
+from herald_common import bus, tracing
 from herald_common.auth import (
     KEY_STATE_HISTORY,
     Authenticator,
@@ -382,6 +382,8 @@ def run(start: Callable[[Settings], Awaitable[ServiceHost]]) -> None:
     """Process entry point: start the service from the environment, serve until SIGTERM/SIGINT."""
     settings = Settings.from_env()
     configure_logging(settings.log_level)
+    # Off unless the OTEL_* variables ask for an exporter.
+    tracing.configure_from_env(start.__module__.split(".")[0].removeprefix("herald_"))
 
     async def serve() -> None:
         try:
@@ -394,6 +396,7 @@ def run(start: Callable[[Settings], Awaitable[ServiceHost]]) -> None:
         gc.freeze()
         await wait_for_termination_signal()
         await host.stop()
+        tracing.shutdown()  # sends the spans still buffered
 
     # uvloop: the same asyncio API with a faster loop, which the hot paths (gRPC, HTTP to the
     # destinations, PostgreSQL) spend much of their time in.

@@ -1,6 +1,6 @@
-"""Metrics of the requests dispatch makes to destinations' APIs: how long each took, and which
-the provider throttled. Measured on the one HTTP session every channel shares, so no channel can
-leave its requests out; the destination type comes from the batch being delivered."""
+"""Metrics and trace spans of the requests dispatch makes to destinations' APIs: how long each
+took, and which the provider throttled. Measured on the one HTTP session every channel shares, so
+no channel can leave its requests out; the destination type comes from the batch being delivered."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
+from opentelemetry.trace import SpanKind
 
+from herald_common import tracing
 from herald_common.metrics import Metrics
 
 # The destination type of the batch the current task delivers; "other" for test messages and
@@ -22,8 +24,19 @@ def provider_call_metrics(metrics: Metrics) -> aiohttp.TraceConfig:
     """A trace config that times each request and counts 429 answers."""
     config = aiohttp.TraceConfig()
 
-    async def started(_: aiohttp.ClientSession, context: SimpleNamespace, __: Any) -> None:
+    async def started(_: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
         context.started = time.perf_counter()
+        # A span of the delivery's trace; the URL without its query (which may hold credentials).
+        url = params.url.with_query(None)
+        context.span = tracing.start_span(
+            f"{params.method} {url.host}",
+            SpanKind.CLIENT,
+            **{
+                "http.request.method": params.method,
+                "url.full": str(url),
+                "herald.destination_type": DESTINATION_TYPE.get(),
+            },
+        )
 
     def observe(context: SimpleNamespace) -> str:
         kind = DESTINATION_TYPE.get()
@@ -34,9 +47,13 @@ def provider_call_metrics(metrics: Metrics) -> aiohttp.TraceConfig:
         kind = observe(context)
         if params.response.status == 429:
             metrics.provider_throttled.labels(kind).inc()
+        context.span.set_attribute("http.response.status_code", params.response.status)
+        context.span.end()
 
-    async def failed(_: aiohttp.ClientSession, context: SimpleNamespace, __: Any) -> None:
+    async def failed(_: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
         observe(context)
+        context.span.record_exception(params.exception)
+        context.span.end()
 
     config.on_request_start.append(started)
     config.on_request_end.append(ended)

@@ -24,7 +24,7 @@ from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
-from herald_common import api, channels
+from herald_common import api, channels, tracing
 from herald_common.auth import account_name, act_as, service_caller
 from herald_common.bus import Subjects
 from herald_common.db import Database
@@ -298,6 +298,11 @@ class RunExecutor:
         return row, snapshot
 
     async def _execute(self, row: Any, snapshot: Snapshot | None) -> None:
+        # Planning continues the trace of the change that planned the run.
+        with tracing.span("plan run", parent=row.trace_context, attributes={"herald.run": run_name(row)}):
+            await self._execute_traced(row, snapshot)
+
+    async def _execute_traced(self, row: Any, snapshot: Snapshot | None) -> None:
         log.info("run_started", run=run_name(row), cursor=row.cursor, attempts=row.attempts)
         try:
             if snapshot is None:

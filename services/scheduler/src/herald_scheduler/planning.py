@@ -16,7 +16,7 @@ from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
-from herald_common import api
+from herald_common import api, tracing
 from herald_common.auth import NO_ACCOUNT, account_id_of
 from herald_common.db import Database
 from herald_common.logging import get_logger
@@ -114,6 +114,7 @@ async def _insert_runs(
                     "planned_time": when.planned,
                     "state": RunState.Name(RunState.RUN_STATE_PENDING),
                     "final": final,
+                    "trace_context": tracing.current_traceparent(),
                 }
                 for when, final in planned
             ]
@@ -146,6 +147,7 @@ async def _insert_live_run(
             state=RunState.Name(RunState.RUN_STATE_LIVE),
             final=True,
             ends_at=api.from_timestamp(live.end_time) if live.HasField("end_time") else None,
+            trace_context=tracing.current_traceparent(),
         )
         .on_conflict_do_nothing(constraint="runs_campaign_time_key")
         .returning(*runs.c)

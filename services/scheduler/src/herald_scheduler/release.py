@@ -13,7 +13,7 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import date, datetime, timedelta
 from typing import Any
 
@@ -24,7 +24,7 @@ from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
-from herald_common import api, channels
+from herald_common import api, channels, tracing
 from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.faults import is_transient
@@ -39,7 +39,7 @@ from herald_scheduler import frequency
 from herald_scheduler.handover import delivery_batches
 from herald_scheduler.planning import accounts_settings
 from herald_scheduler.runs import RunEvents
-from herald_scheduler.storage import campaigns, outbox, pending_deliveries
+from herald_scheduler.storage import campaigns, outbox, pending_deliveries, runs
 
 log = get_logger(__name__)
 # A round hands over whole groups, about this many deliveries in all, from at most this many groups.
@@ -368,11 +368,12 @@ class Releaser:
         if not decided.released:
             return 0
         first = {g.run_id: g for g in groups}
+        traces = await _traces(session, list(decided.released)) if tracing.enabled() else {}
         queued: list[OutboxEvent] = []
         for run_id, released in decided.released.items():
             group = first[run_id]
             campaign = decided.campaigns[group.campaign]
-            queued += delivery_batches(
+            batches = delivery_batches(
                 self.subjects,
                 campaign.campaign,
                 campaign.version,
@@ -381,6 +382,8 @@ class Releaser:
                 released,
                 decided.now,
             )
+            # Delivering continues the trace of the change that planned the run.
+            queued += [replace(b, trace_context=traces.get(run_id)) for b in batches]
         await enqueue(session, outbox, queued)
         counted = (
             await session.execute(
@@ -456,6 +459,11 @@ def released_at_once(
     throttle, the account's frequency caps): it can go to dispatch without waiting its turn."""
     throttled = rules.throttle and account.throttle_per_five_minutes > 0
     return not throttled and rules.cutoff is None and account_cap(rules, kind, account) is None
+
+
+async def _traces(session: AsyncSession, run_ids: list[uuid.UUID]) -> dict[uuid.UUID, str | None]:
+    found = await session.execute(sa.select(runs.c.id, runs.c.trace_context).where(runs.c.id.in_(run_ids)))
+    return {row.id: row.trace_context for row in found}
 
 
 _PROGRESS = sa.text(

@@ -59,6 +59,8 @@ runs = sa.Table(
     # A live run's end (the campaign's end time); NULL for none.
     sa.Column("ends_at", sa.DateTime(timezone=True), nullable=True),
     sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # The traceparent of the change that planned it: planning and releasing continue that trace.
+    sa.Column("trace_context", sa.Text, nullable=True),
     sa.UniqueConstraint("campaign", "scheduled_time", name="runs_campaign_time_key"),
     sa.Index("runs_due", "state", "scheduled_time"),
     sa.Index("ix_scheduler_runs_account_campaign", "account_id", "campaign"),
