@@ -10,7 +10,7 @@ from nats.js import JetStreamContext
 from nats.js.api import DiscardPolicy, StreamConfig
 from nats.js.errors import APIError
 
-from herald_common.bus import Subjects, ensure_streams
+from herald_common.bus import StreamLimits, Subjects, ensure_streams
 from herald_common.settings import Settings
 
 
@@ -38,3 +38,25 @@ async def test_a_full_stream_keeps_its_oldest_event_and_refuses_the_next(js: Jet
         assert kept.data == b"x" * 1000
     finally:
         await js.delete_stream(name)
+
+
+async def test_stream_limits_come_from_the_settings(js: JetStreamContext) -> None:
+    subjects = Subjects(f"limits{uuid.uuid4().hex[:8]}")
+    limits = StreamLimits(replicas=1, max_age_seconds=3600.0, max_bytes=64 << 20, job_max_bytes=128 << 20)
+    await ensure_streams(js, subjects, limits)
+    try:
+        for name in subjects.streams():
+            config = (await js.stream_info(name)).config
+            assert config.num_replicas == 1
+            if name == subjects.stream("jobs"):
+                assert (config.max_age, config.max_bytes) == (3600.0, 128 << 20)
+            elif name == subjects.stream("deadletter"):
+                assert config.max_age == 30 * 86400.0  # dead letters stay a month whatever events do
+            else:
+                assert (config.max_age, config.max_bytes) == (3600.0, 64 << 20)
+        # A change of settings reaches the existing streams at the next start.
+        await ensure_streams(js, subjects, StreamLimits(max_age_seconds=7200.0))
+        assert (await js.stream_info(subjects.stream("campaign"))).config.max_age == 7200.0
+    finally:
+        for name in subjects.streams():
+            await js.delete_stream(name)

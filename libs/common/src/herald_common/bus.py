@@ -45,6 +45,17 @@ JOB_STREAM_MAX_BYTES = 2 << 30
 
 
 @dataclass(frozen=True)
+class StreamLimits:
+    """What an installation sets for its streams (HERALD_STREAM_* settings): on a JetStream
+    cluster, replicas 3 keeps every stream through the loss of a server."""
+
+    replicas: int = 1
+    max_age_seconds: float = EVENT_RETENTION_SECONDS
+    max_bytes: int = EVENT_STREAM_MAX_BYTES
+    job_max_bytes: int = JOB_STREAM_MAX_BYTES
+
+
+@dataclass(frozen=True)
 class StreamSpec:
     subjects: list[str]
     max_age_seconds: float
@@ -141,19 +152,20 @@ class Subjects:
         """Stream holding what `owner` publishes (one stream per publishing service, plus jobs)."""
         return re.sub(r"[^A-Za-z0-9_-]", "_", f"{self.namespace}_{owner}").upper()
 
-    def streams(self) -> dict[str, StreamSpec]:
+    def streams(self, limits: StreamLimits = StreamLimits()) -> dict[str, StreamSpec]:
         owners = ["campaign", "scheduler", "dispatch", "segmentation"]
         specs = {
-            self.stream(o): StreamSpec(
-                [f"{self.namespace}.{o}.>"], EVENT_RETENTION_SECONDS, EVENT_STREAM_MAX_BYTES
-            )
+            self.stream(o): StreamSpec([f"{self.namespace}.{o}.>"], limits.max_age_seconds, limits.max_bytes)
             for o in owners
         }
         specs[self.stream("jobs")] = StreamSpec(
-            [f"{self.namespace}.jobs.>"], EVENT_RETENTION_SECONDS, JOB_STREAM_MAX_BYTES, work_queue=True
+            [f"{self.namespace}.jobs.>"], limits.max_age_seconds, limits.job_max_bytes, work_queue=True
         )
+        # Dead letters are kept longer than events: someone has to look at them.
         specs[self.stream("deadletter")] = StreamSpec(
-            [f"{self.namespace}.deadletter.>"], DEAD_LETTER_RETENTION_SECONDS, EVENT_STREAM_MAX_BYTES
+            [f"{self.namespace}.deadletter.>"],
+            max(limits.max_age_seconds, DEAD_LETTER_RETENTION_SECONDS),
+            limits.max_bytes,
         )
         return specs
 
@@ -167,12 +179,16 @@ async def connect(url: str, name: str) -> NatsClient:
     )
 
 
-async def ensure_streams(js: JetStreamContext, subjects: Subjects) -> None:
-    """Creates the namespace's streams, or updates them to the current configuration."""
-    for name, spec in subjects.streams().items():
+async def ensure_streams(
+    js: JetStreamContext, subjects: Subjects, limits: StreamLimits = StreamLimits()
+) -> None:
+    """Creates the namespace's streams, or updates them to the current configuration (replicas
+    included: JetStream moves a stream to more or fewer servers in place)."""
+    for name, spec in subjects.streams(limits).items():
         config = StreamConfig(
             name=name,
             subjects=spec.subjects,
+            num_replicas=limits.replicas,
             duplicate_window=DUPLICATE_WINDOW_SECONDS,
             max_age=spec.max_age_seconds,
             max_bytes=spec.max_bytes,

@@ -109,7 +109,7 @@ class Infrastructure:
         nats_client = await bus.connect(settings.nats_url, name=f"herald-{service}")
         js = nats_client.jetstream()
         subjects = Subjects(settings.namespace)
-        await bus.ensure_streams(js, subjects)
+        await bus.ensure_streams(js, subjects, settings.stream_limits)
         keys = KeyRegistry(settings.service_token)
         await keys.start(await ensure_bucket(js, api_keys_bucket(settings.namespace), KEY_STATE_HISTORY))
         key_uses = await ensure_bucket(js, api_key_uses_bucket(settings.namespace))

@@ -6,6 +6,13 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from herald_common.bus import (
+    EVENT_RETENTION_SECONDS,
+    EVENT_STREAM_MAX_BYTES,
+    JOB_STREAM_MAX_BYTES,
+    StreamLimits,
+)
+
 DEFAULT_PORTS = {"campaign": 50051, "segmentation": 50052, "scheduler": 50053, "dispatch": 50054}
 # Each service's Prometheus metrics (HTTP, `/metrics`).
 DEFAULT_METRICS_PORTS = {"campaign": 9101, "segmentation": 9102, "scheduler": 9103, "dispatch": 9104}
@@ -72,6 +79,12 @@ class Settings:
     # lets each publishable key make this many requests a second.
     web_port: int = 0
     web_requests_per_second: float = 1000.0
+    # JetStream streams: servers each is replicated on (3 on a cluster), how long events are kept
+    # and how much each stream holds (a full stream refuses new events, which wait in the outbox).
+    stream_replicas: int = 1
+    stream_max_age_seconds: float = EVENT_RETENTION_SECONDS
+    stream_max_bytes: int = EVENT_STREAM_MAX_BYTES
+    job_stream_max_bytes: int = JOB_STREAM_MAX_BYTES
     # How long an SMS provider has to answer a message once it is written; past it the message is
     # UNKNOWN (perhaps sent), never sent again.
     sms_answer_timeout_seconds: float = 15.0
@@ -83,6 +96,15 @@ class Settings:
 
     def port(self, service: str) -> int:
         return self.ports[service]
+
+    @property
+    def stream_limits(self) -> StreamLimits:
+        return StreamLimits(
+            self.stream_replicas,
+            self.stream_max_age_seconds,
+            self.stream_max_bytes,
+            self.job_stream_max_bytes,
+        )
 
     def address(self, service: str) -> str:
         return self.addresses.get(service) or f"127.0.0.1:{self.ports[service]}"
@@ -130,6 +152,10 @@ class Settings:
             sms_answer_timeout_seconds=float(env.get("HERALD_SMS_ANSWER_TIMEOUT_SECONDS", "15")),
             sms_settle_seconds=float(env.get("HERALD_SMS_SETTLE_SECONDS", "120")),
             dispatch_max_in_flight=int(env.get("HERALD_DISPATCH_MAX_IN_FLIGHT", "256")),
+            stream_replicas=int(env.get("HERALD_STREAM_REPLICAS", "1")),
+            stream_max_age_seconds=float(env.get("HERALD_STREAM_MAX_AGE_SECONDS", EVENT_RETENTION_SECONDS)),
+            stream_max_bytes=int(env.get("HERALD_STREAM_MAX_BYTES", EVENT_STREAM_MAX_BYTES)),
+            job_stream_max_bytes=int(env.get("HERALD_JOB_STREAM_MAX_BYTES", JOB_STREAM_MAX_BYTES)),
             allowed_destination_networks=tuple(
                 n.strip() for n in env.get("HERALD_ALLOWED_DESTINATION_NETWORKS", "").split(",") if n.strip()
             ),
