@@ -568,6 +568,17 @@ async def _list_destinations(w: World) -> None:
     assert w.b_destination.name in {d.name for d in listed.destinations}
 
 
+@probe(dispatch_pb, "UpdateDestination")
+async def _update_destination(w: World) -> None:
+    changed = dispatch_pb.Destination(name=w.destination.name, display_name="taken over")
+    request = dispatch_pb.UpdateDestinationRequest(
+        destination=changed, update_mask=field_mask_pb2.FieldMask(paths=["display_name"])
+    )
+    await _refused(w.b.dispatch.UpdateDestination(request))
+    kept = await w.a.dispatch.GetDestination(dispatch_pb.GetDestinationRequest(name=w.destination.name))
+    assert kept.display_name != "taken over"
+
+
 @probe(dispatch_pb, "DeleteDestination")
 async def _delete_destination(w: World) -> None:
     request = dispatch_pb.DeleteDestinationRequest(name=w.destination.name)

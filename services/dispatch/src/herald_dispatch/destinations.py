@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
+from google.protobuf import field_mask_pb2
 from sqlalchemy.dialects.postgresql import insert
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
@@ -15,7 +16,7 @@ from herald_common import api, channels
 from herald_common.auth import current_account_id
 from herald_common.campaign_usage import CampaignUsage
 from herald_common.db import Database
-from herald_common.errors import FailedPrecondition, InvalidArgument, NotFound, Validator
+from herald_common.errors import FailedPrecondition, InvalidArgument, NotFound, Validator, invalid
 from herald_common.netguard import NetworkPolicy
 from herald_common.paging import keyset_page
 from herald_common.secret_box import Sealed, SecretBox
@@ -194,6 +195,71 @@ class Destinations:
                     )
                 ).one()
         return self._message(row, reveal_secrets=False)
+
+    async def update(
+        self, destination: pb.Destination, update_mask: field_mask_pb2.FieldMask
+    ) -> pb.Destination:
+        """Changes the display name or the settings (credentials rotate this way); the kind stays.
+        The result is checked as on create."""
+        destination_id = api.parse_uuid_name(destination.name, "destinations", "destination.name")
+        account_id = current_account_id()
+        current = await self.load(destination.name, "destination.name", account_id, reveal_secrets=True)
+        config = current.WhichOneof("config") or ""
+        given = destination.WhichOneof("config")
+        if given is not None and given != config:
+            raise invalid(
+                f"destination.{given}",
+                f"{destination.name} is a {config} destination; its kind cannot change",
+            )
+        paths = list(update_mask.paths)
+        refused = [p for p in paths if p.split(".")[0] not in ("display_name", config)]
+        if refused or not paths:
+            raise invalid(
+                "update_mask",
+                f"can change display_name and {config} or its fields; got {refused or 'nothing'}",
+            )
+        merged = pb.Destination()
+        merged.CopyFrom(current)
+        try:
+            field_mask_pb2.FieldMask(paths=paths).MergeMessage(destination, merged, True, True)
+        except ValueError as error:
+            raise invalid("update_mask", str(error)) from None
+        check = Validator()
+        await self._validate(merged, check)
+        self._refuse_masked_secrets(current, merged, check)
+        check.raise_if_any()
+        for output_only in ("name", "create_time", "receipt_url", "reply_url"):
+            merged.ClearField(output_only)
+        merged.display_name = merged.display_name.strip()
+        async with self.database.transaction() as session:
+            row = (
+                await session.execute(
+                    sa.update(destinations)
+                    .where(destinations.c.id == destination_id, destinations.c.account_id == account_id)
+                    .values(display_name=merged.display_name, **_seal(self.secrets, destination_id, merged))
+                    .returning(*destinations.c)
+                )
+            ).first()
+        if row is None:  # deleted meanwhile
+            raise NotFound(destination.name, "destination.name")
+        self._for_delivery.pop((destination.name, account_id), None)
+        return self._message(row, reveal_secrets=False)
+
+    def _refuse_masked_secrets(
+        self, current: pb.Destination, merged: pb.Destination, check: Validator
+    ) -> None:
+        """A secret sent back as GetDestination showed it (masked) would replace the real one."""
+        config = current.WhichOneof("config")
+        channel = self.channel_of(current)
+        if config is None or channel is None:
+            return
+        masked = pb.Destination()
+        masked.CopyFrom(current)
+        channel.mask(getattr(masked, config))
+        for field, shown in getattr(masked, config).ListFields():
+            real = getattr(getattr(current, config), field.name)
+            if shown != real and getattr(getattr(merged, config), field.name) == shown:
+                check.add(f"destination.{config}.{field.name}", "give the secret itself, not its masked form")
 
     async def get(self, name: str) -> pb.Destination:
         return await self.load(name, "name", current_account_id(), reveal_secrets=False)

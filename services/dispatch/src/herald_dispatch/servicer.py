@@ -28,6 +28,7 @@ PERMISSIONS = method_permissions(
     {
         "CreateDestination": Permission.WRITE,
         "GetDestination": Permission.READ,
+        "UpdateDestination": Permission.WRITE,
         "ListDestinations": Permission.READ,
         "DeleteDestination": Permission.WRITE,
         "ListDeliveries": Permission.READ,
@@ -71,6 +72,11 @@ class DispatchServicer(pb_grpc.DispatchServiceServicer):
         self, request: pb.CreateDestinationRequest, context: Context
     ) -> pb.Destination:
         return await self.destinations.create(request.destination, request.request_id)
+
+    async def UpdateDestination(
+        self, request: pb.UpdateDestinationRequest, context: Context
+    ) -> pb.Destination:
+        return await self.destinations.update(request.destination, request.update_mask)
 
     async def GetDestination(self, request: pb.GetDestinationRequest, context: Context) -> pb.Destination:
         return await self.destinations.get(request.name)

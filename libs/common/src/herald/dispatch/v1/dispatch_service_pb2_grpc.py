@@ -51,6 +51,11 @@ class DispatchServiceStub:
                 request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDestinationsRequest.SerializeToString,
                 response_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDestinationsResponse.FromString,
                 _registered_method=True)
+        self.UpdateDestination = channel.unary_unary(
+                '/herald.dispatch.v1.DispatchService/UpdateDestination',
+                request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.UpdateDestinationRequest.SerializeToString,
+                response_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.Destination.FromString,
+                _registered_method=True)
         self.DeleteDestination = channel.unary_unary(
                 '/herald.dispatch.v1.DispatchService/DeleteDestination',
                 request_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.DeleteDestinationRequest.SerializeToString,
@@ -98,6 +103,14 @@ class DispatchServiceServicer:
 
     def ListDestinations(self, request, context):
         """Lists destinations, newest first; credentials are masked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateDestination(self, request, context):
+        """Changes a destination's display name or settings; credentials are rotated this way. Its kind
+        (which config it has) cannot change. Deliveries use the new settings within a second.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -160,6 +173,11 @@ def add_DispatchServiceServicer_to_server(servicer, server):
                     servicer.ListDestinations,
                     request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDestinationsRequest.FromString,
                     response_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDestinationsResponse.SerializeToString,
+            ),
+            'UpdateDestination': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateDestination,
+                    request_deserializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.UpdateDestinationRequest.FromString,
+                    response_serializer=herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.Destination.SerializeToString,
             ),
             'DeleteDestination': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteDestination,
@@ -269,6 +287,33 @@ class DispatchService:
             '/herald.dispatch.v1.DispatchService/ListDestinations',
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDestinationsRequest.SerializeToString,
             herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.ListDestinationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateDestination(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/herald.dispatch.v1.DispatchService/UpdateDestination',
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.UpdateDestinationRequest.SerializeToString,
+            herald_dot_dispatch_dot_v1_dot_dispatch__service__pb2.Destination.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,10 @@ class DispatchServiceStub:
     """Returns one destination; credentials are masked."""
     ListDestinations: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDestinationsRequest, _dispatch_service_pb2.ListDestinationsResponse]
     """Lists destinations, newest first; credentials are masked."""
+    UpdateDestination: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.UpdateDestinationRequest, _dispatch_service_pb2.Destination]
+    """Changes a destination's display name or settings; credentials are rotated this way. Its kind
+    (which config it has) cannot change. Deliveries use the new settings within a second.
+    """
     DeleteDestination: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.DeleteDestinationRequest, _empty_pb2.Empty]
     """Deletes a destination."""
     ListDeliveries: _grpc.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDeliveriesRequest, _dispatch_service_pb2.ListDeliveriesResponse]
@@ -71,6 +75,10 @@ class DispatchServiceAsyncStub(DispatchServiceStub):
     """Returns one destination; credentials are masked."""
     ListDestinations: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDestinationsRequest, _dispatch_service_pb2.ListDestinationsResponse]  # type: ignore[assignment]
     """Lists destinations, newest first; credentials are masked."""
+    UpdateDestination: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.UpdateDestinationRequest, _dispatch_service_pb2.Destination]  # type: ignore[assignment]
+    """Changes a destination's display name or settings; credentials are rotated this way. Its kind
+    (which config it has) cannot change. Deliveries use the new settings within a second.
+    """
     DeleteDestination: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.DeleteDestinationRequest, _empty_pb2.Empty]  # type: ignore[assignment]
     """Deletes a destination."""
     ListDeliveries: _aio.UnaryUnaryMultiCallable[_dispatch_service_pb2.ListDeliveriesRequest, _dispatch_service_pb2.ListDeliveriesResponse]  # type: ignore[assignment]
@@ -117,6 +125,16 @@ class DispatchServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_dispatch_service_pb2.ListDestinationsResponse, _abc.Awaitable[_dispatch_service_pb2.ListDestinationsResponse]]:
         """Lists destinations, newest first; credentials are masked."""
+
+    @_abc_1.abstractmethod
+    def UpdateDestination(
+        self,
+        request: _dispatch_service_pb2.UpdateDestinationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_dispatch_service_pb2.Destination, _abc.Awaitable[_dispatch_service_pb2.Destination]]:
+        """Changes a destination's display name or settings; credentials are rotated this way. Its kind
+        (which config it has) cannot change. Deliveries use the new settings within a second.
+        """
 
     @_abc_1.abstractmethod
     def DeleteDestination(
