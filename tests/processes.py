@@ -287,6 +287,59 @@ class OwnNats:
                 self.kill()
 
 
+class NatsCluster:
+    """A JetStream cluster of nats-servers on loopback (the pinned nats-server), each node
+    restartable on its own store."""
+
+    def __init__(self, data_dir: Path, size: int = 3) -> None:
+        self.data_dir = data_dir
+        taken: set[int] = set()
+        for _ in range(2 * size):  # none is bound yet: every port must differ
+            taken.add(free_port(avoid=taken))
+        self.ports, self.cluster_ports = sorted(taken)[:size], sorted(taken)[size:]
+        self.processes: list[subprocess.Popen[bytes] | None] = [None] * size
+        self.url = ",".join(f"nats://127.0.0.1:{port}" for port in self.ports)
+
+    def name(self, node: int) -> str:
+        return f"n{node + 1}"
+
+    def start(self, node: int) -> None:
+        store = self.data_dir / self.name(node)
+        store.mkdir(parents=True, exist_ok=True)
+        routes = ",".join(
+            f"nats-route://127.0.0.1:{p}" for i, p in enumerate(self.cluster_ports) if i != node
+        )
+        cluster = [
+            "--server_name", self.name(node),
+            "--cluster_name", "herald",
+            "--cluster", f"nats://127.0.0.1:{self.cluster_ports[node]}",
+            "--routes", routes,
+        ]  # fmt: skip
+        self.processes[node] = start_nats_server(self.ports[node], store, store / "server.log", cluster)
+
+    def start_all(self) -> None:
+        for node in range(len(self.ports)):
+            self.start(node)
+
+    def kill(self, node: int) -> None:
+        process = self.processes[node]
+        if process is not None:
+            _kill_group(process, signal.SIGKILL)
+            process.wait()
+
+    def node_named(self, name: str) -> int:
+        return next(i for i in range(len(self.ports)) if self.name(i) == name)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process is not None and process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(10)
+                except subprocess.TimeoutExpired:
+                    _kill_group(process, signal.SIGKILL)
+
+
 @contextlib.asynccontextmanager
 async def benchmark_servers(prefix: str) -> AsyncIterator[tuple[str, str]]:
     """(database URL, NATS URL) for a benchmark: DATABASE_URL and NATS_URL when both are set,

@@ -15,6 +15,7 @@ Kubernetes would).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -23,10 +24,12 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import asyncpg
 import grpc
+import nats
 import pytest
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -35,6 +38,7 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
+from herald_common.bus import Subjects
 from herald_common.grpc_server import health_status
 from herald_common.secret_box import new_key_setting
 from tests.fakes.segment_api import SegmentApi
@@ -42,7 +46,7 @@ from tests.fakes.twilio_api import TwilioApi
 from tests.fakes.vonage_api import VonageApi
 from tests.harness import create_account, keyed_channel
 from tests.helpers import busiest_second, condition, matching, segment_export_campaign, user
-from tests.processes import OwnNats, OwnPostgres, ServiceProcesses
+from tests.processes import NatsCluster, OwnNats, OwnPostgres, ServiceProcesses
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(600)]
 
@@ -68,7 +72,7 @@ SETTINGS = {
 @dataclass
 class Cluster:
     postgres: OwnPostgres
-    nats: OwnNats
+    nats: OwnNats | NatsCluster
     services: ServiceProcesses
     database_url: str
     segmentation: segmentation_grpc.SegmentationServiceAsyncStub
@@ -76,9 +80,12 @@ class Cluster:
     dispatch: dispatch_grpc.DispatchServiceAsyncStub
 
 
-@pytest.fixture(scope="module")
-async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
-    root = tmp_path_factory.mktemp("chaos")
+@contextlib.asynccontextmanager
+async def _deployed(
+    root: Path, nats_server: OwnNats | NatsCluster, settings: dict[str, str] | None = None
+) -> AsyncIterator[Cluster]:
+    """Herald as separate processes (two dispatch replicas) over a PostgreSQL of its own and this
+    NATS, with an account's clients."""
     postgres = OwnPostgres(root / "postgres")
     await asyncio.to_thread(postgres.init)
     postgres.start()
@@ -86,10 +93,14 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
     admin = await asyncpg.connect(postgres.url)
     await admin.execute("CREATE DATABASE herald")
     await admin.close()
-    nats_server = OwnNats(root / "nats")
-    nats_server.start()
     database_url = postgres.url.rsplit("/", 1)[0] + "/herald"
-    env = {**os.environ, **SETTINGS, "DATABASE_URL": database_url, "NATS_URL": nats_server.url}
+    env = {
+        **os.environ,
+        **SETTINGS,
+        **(settings or {}),
+        "DATABASE_URL": database_url,
+        "NATS_URL": nats_server.url,
+    }
     services = ServiceProcesses(env, root / "logs", replicas={"dispatch": 2})
     channels: list[grpc.aio.Channel] = []
     try:
@@ -111,6 +122,15 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clu
         await services.stop()
         nats_server.stop()
         postgres.stop()
+
+
+@pytest.fixture(scope="module")
+async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
+    root = tmp_path_factory.mktemp("chaos")
+    nats_server = OwnNats(root / "nats")
+    nats_server.start()
+    async with _deployed(root, nats_server) as deployed:
+        yield deployed
 
 
 class Delivery(Protocol):
@@ -170,10 +190,10 @@ class Texting:
         self.twilio.hang_for(seconds)
 
 
-async def _start_export(cluster: Cluster, segment_api: SegmentApi) -> Export:
+async def _start_export(cluster: Cluster, segment_api: SegmentApi, audience: int = AUDIENCE) -> Export:
     tag = uuid.uuid4().hex[:8]
-    users = [f"{tag}-{i:05d}" for i in range(AUDIENCE)]
-    for offset in range(0, AUDIENCE, 1000):
+    users = [f"{tag}-{i:05d}" for i in range(audience)]
+    for offset in range(0, audience, 1000):
         await cluster.segmentation.UpsertUsers(
             segmentation_pb.UpsertUsersRequest(
                 users=[
@@ -203,7 +223,7 @@ async def _start_export(cluster: Cluster, segment_api: SegmentApi) -> Export:
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
     )
     await cluster.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-    return Export(created.name, set(users), segment_api)
+    return Export(created.name, set(users), segment_api, audience)
 
 
 async def _until(check: Callable[[], Awaitable[bool]], within: float, what: str) -> None:
@@ -330,10 +350,10 @@ def _assert_everyone_received_once(export: Export, stats: campaign_pb.CampaignSt
     assert not missing, f"{len(missing)} members never received, e.g. {sorted(missing)[:3]}"
     assert received == export.users
     # One event per member: the messageId is the member's delivery id, reused on every retry.
-    assert len(export.segment_api.events) == AUDIENCE
+    assert len(export.segment_api.events) == export.audience
     assert (stats.targeted, stats.sent, stats.failed, stats.skipped, stats.unknown) == (
-        AUDIENCE,
-        AUDIENCE,
+        export.audience,
+        export.audience,
         0,
         0,
         0,
@@ -393,6 +413,7 @@ async def segmentation_killed(cluster: Cluster, export: Delivery) -> None:
 
 async def nats_killed(cluster: Cluster, export: Delivery) -> None:
     await _received(export, export.audience // 10)
+    assert isinstance(cluster.nats, OwnNats)
     cluster.nats.kill()
     await asyncio.sleep(3)
     cluster.nats.start()  # same port, same store
@@ -494,3 +515,83 @@ async def test_sms_survives(cluster: Cluster, fault: Fault) -> None:
     finally:
         await twilio.stop()
         await vonage.stop()
+
+
+# --- a clustered NATS --------------------------------------------------------------------------
+
+CLUSTER_AUDIENCE = 10_000
+
+
+async def _jetstream_ready(url: str) -> None:
+    """Waits until the cluster has elected its JetStream meta leader."""
+    client = await nats.connect(url.split(","))
+    try:
+        js = client.jetstream()
+
+        async def ready() -> bool:
+            try:
+                await js.account_info()
+            except Exception:
+                return False
+            return True
+
+        await _until(ready, 30, "JetStream cluster ready")
+    finally:
+        await client.close()
+
+
+async def _stream_leader(url: str, stream: str) -> str:
+    """The server leading the stream (asked again while the cluster settles after a restart)."""
+    client = await nats.connect(url.split(","))
+    leader = ""
+    try:
+        js = client.jetstream()
+
+        async def known() -> bool:
+            nonlocal leader
+            try:
+                info = await js.stream_info(stream)
+            except Exception:
+                return False
+            assert info.cluster is not None and len(info.cluster.replicas or []) == 2, info.cluster
+            leader = str(info.cluster.leader or "")
+            return bool(leader)
+
+        await _until(known, 30, f"a leader of {stream}")
+        return leader
+    finally:
+        await client.close()
+
+
+async def test_an_export_survives_a_node_and_then_the_stream_leader_of_a_three_node_cluster(
+    tmp_path: Path,
+) -> None:
+    """Three nats-servers on loopback, streams replicated on all three (HERALD_STREAM_REPLICAS=3).
+    During an export one node is killed and restarted, then the leader of the stream the
+    deliveries go through: no member is missed, and a member gets a second copy only when Herald
+    counted it resent (Segment drops it by its messageId)."""
+    nodes = NatsCluster(tmp_path / "nats")
+    nodes.start_all()
+    await _jetstream_ready(nodes.url)
+    async with _deployed(tmp_path, nodes, {"HERALD_STREAM_REPLICAS": "3"}) as deployed:
+        await deployed.services.wait_serving()
+        # Segment takes two requests a second: the export lasts long enough for both faults.
+        segment_api = SegmentApi(write_keys={f"wk_{uuid.uuid4().hex}"}, max_requests_per_second=2)
+        await segment_api.start()
+        try:
+            export = await _start_export(deployed, segment_api, CLUSTER_AUDIENCE)
+            jobs = Subjects(SETTINGS["HERALD_NAMESPACE"]).stream("jobs")
+            await _received(export, CLUSTER_AUDIENCE // 10)
+            nodes.kill(2)
+            await asyncio.sleep(3)
+            nodes.start(2)
+            await _received(export, CLUSTER_AUDIENCE // 3)
+            leader = nodes.node_named(await _stream_leader(nodes.url, jobs))
+            nodes.kill(leader)
+            assert export.received() < CLUSTER_AUDIENCE  # the fault lands mid-export
+            await asyncio.sleep(3)
+            nodes.start(leader)
+            stats = await _completed(deployed, export, within=300)
+            _assert_everyone_received_once(export, stats)
+        finally:
+            await segment_api.stop()

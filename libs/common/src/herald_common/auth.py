@@ -32,6 +32,7 @@ from nats.js.kv import KeyValue
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import api, tracing
+from herald_common.bus import set_up
 from herald_common.errors import DomainError, ResourceExhausted
 from herald_common.logging import get_logger
 from herald_common.loops import cancel_and_wait
@@ -258,11 +259,18 @@ def api_key_subject(namespace: str, key_id: str) -> str:
     return f"$KV.{api_keys_bucket(namespace)}.{key_id}"
 
 
-async def ensure_bucket(js: JetStreamContext, bucket: str, history: int = 1) -> KeyValue:
-    try:
-        return await js.key_value(bucket)
-    except BucketNotFoundError:
-        return await js.create_key_value(KeyValueConfig(bucket=bucket, history=history))
+async def ensure_bucket(js: JetStreamContext, bucket: str, history: int = 1, replicas: int = 1) -> KeyValue:
+    """The key-value bucket, created (replicated like the streams) if it does not exist."""
+
+    async def attempt() -> KeyValue:
+        try:
+            return await js.key_value(bucket)
+        except BucketNotFoundError:
+            return await js.create_key_value(
+                KeyValueConfig(bucket=bucket, history=history, replicas=replicas)
+            )
+
+    return await set_up(bucket, attempt)
 
 
 # Key states kept per key in the bucket: an older state the outbox published after a newer one

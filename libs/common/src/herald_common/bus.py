@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,7 +16,7 @@ from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy, RetentionPolicy, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.trace import SpanKind
 
 from herald_common import tracing
@@ -174,8 +175,11 @@ async def connect(url: str, name: str) -> NatsClient:
     async def on_error(error: Exception) -> None:
         log.warning("nats_error", error=str(error))
 
+    # NATS_URL may list several servers of a cluster, comma-separated; the client learns the
+    # others from them and moves to another when its server goes away.
+    servers = [u.strip() for u in url.split(",") if u.strip()]
     return await nats.connect(
-        url, name=name, error_cb=on_error, max_reconnect_attempts=-1, reconnect_time_wait=1
+        servers, name=name, error_cb=on_error, max_reconnect_attempts=-1, reconnect_time_wait=1
     )
 
 
@@ -197,11 +201,39 @@ async def ensure_streams(
             # read yet: the refused events wait in their outbox (which then reports itself stuck).
             discard=DiscardPolicy.NEW,
         )
+        await _create_or_update(js, config)
+
+
+T = TypeVar("T")
+
+# On a cluster, replicas starting together race to create the same streams: the meta leader
+# answers one and may leave the others unanswered. Each tries again for this long.
+STREAM_SETUP_SECONDS = 30.0
+
+
+async def set_up(name: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Creates or updates a stream or bucket, trying again while another replica races it."""
+    deadline = time.monotonic() + STREAM_SETUP_SECONDS
+    while True:
         try:
-            await js.stream_info(name)
+            return await attempt()
+        except (TimeoutError, nats.errors.TimeoutError, BadRequestError) as error:
+            # BadRequestError: another replica created it first ("stream name already in use").
+            if time.monotonic() > deadline:
+                raise
+            log.info("stream_setup_retried", stream=name, error=repr(error))
+            await asyncio.sleep(0.5)
+
+
+async def _create_or_update(js: JetStreamContext, config: StreamConfig) -> None:
+    async def attempt() -> None:
+        try:
+            await js.stream_info(config.name or "")
             await js.update_stream(config)
         except NotFoundError:
             await js.add_stream(config)
+
+    await set_up(config.name or "", attempt)
 
 
 async def replay_dead_letters(

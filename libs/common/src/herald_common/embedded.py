@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,12 +55,15 @@ def wait_for_port(host: str, port: int, timeout: float) -> None:
     raise RuntimeError(f"nothing listens on {host}:{port} after {timeout}s")
 
 
-def start_nats_server(port: int, store: Path, log_path: Path) -> subprocess.Popen[bytes]:
+def start_nats_server(
+    port: int, store: Path, log_path: Path, cluster: Sequence[str] = ()
+) -> subprocess.Popen[bytes]:
     """A JetStream nats-server on 127.0.0.1:`port` keeping its streams in `store`, in a process
-    group of its own; returns once it accepts connections."""
+    group of its own; returns once it accepts connections. `cluster`: extra arguments making it a
+    node of a JetStream cluster (server name, cluster port, routes)."""
     log_file = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
     process = subprocess.Popen(
-        [_nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store)],
+        [_nats_server_binary(), "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", str(store), *cluster],
         stdout=log_file,
         stderr=subprocess.STDOUT,
         start_new_session=True,

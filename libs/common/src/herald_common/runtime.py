@@ -111,8 +111,11 @@ class Infrastructure:
         subjects = Subjects(settings.namespace)
         await bus.ensure_streams(js, subjects, settings.stream_limits)
         keys = KeyRegistry(settings.service_token)
-        await keys.start(await ensure_bucket(js, api_keys_bucket(settings.namespace), KEY_STATE_HISTORY))
-        key_uses = await ensure_bucket(js, api_key_uses_bucket(settings.namespace))
+        replicas = settings.stream_replicas
+        await keys.start(
+            await ensure_bucket(js, api_keys_bucket(settings.namespace), KEY_STATE_HISTORY, replicas)
+        )
+        key_uses = await ensure_bucket(js, api_key_uses_bucket(settings.namespace), replicas=replicas)
         defaults = QuotaDefaults(
             settings.account_requests_per_second,
             settings.account_max_batch_size,
