@@ -13,21 +13,26 @@ GRPCURL_SHA256 := a2a7ca84fd6212cee61d3d399bb3e397eaf401848f6bd6a39a120fc355d7e4
 export UV_PYTHON_DOWNLOADS := never
 export UV_PROJECT_ENVIRONMENT := $(VENV)
 
-.PHONY: install browser run test chaos lint proto proto-deps release-protos grpcurl bench clean
+.PHONY: install browser run sandbox-log test chaos lint proto proto-deps release-protos grpcurl bench clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
-$(VENV)/.synced: $(UV) uv.lock pyproject.toml libs/common/pyproject.toml services/*/pyproject.toml
+$(VENV)/.synced: $(UV) uv.lock pyproject.toml libs/*/pyproject.toml services/*/pyproject.toml
 	$(UV) sync --frozen --python $(PYTHON)
 	touch $@
 
 install: $(VENV)/.synced
 
-## Start PostgreSQL and NATS (embedded unless DATABASE_URL / NATS_URL are set) and all four services.
+## Start PostgreSQL and NATS (embedded unless DATABASE_URL / NATS_URL are set) and all four services;
+## with HERALD_SANDBOX=1, local stand-ins for every destination too.
 run: install
 	$(BIN)/herald-run
+
+## What the sandbox destinations received, newest last (ARGS="--last 200" for more).
+sandbox-log: install
+	$(BIN)/python -m herald_sandbox.sandbox --log --data-dir $${HERALD_DATA_DIR:-.data} $(ARGS)
 
 ## Debian's Chromium, which the web SDK's browser tests drive (installed when missing; never a
 ## downloaded browser build).
@@ -49,7 +54,7 @@ chaos: install
 lint: install proto-deps
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy libs/common/src/herald_common services/*/src tests
+	$(BIN)/mypy libs/common/src/herald_common libs/sandbox/src/herald_sandbox services/*/src tests
 	cd protos && ../$(BIN)/buf lint && ../$(BIN)/buf breaking --against released.binpb
 
 ## The google.api annotations the protos import, from the pinned googleapis-common-protos.

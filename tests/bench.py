@@ -143,7 +143,7 @@ async def fake_process(memory: PeakMemory, name: str, *argv: str) -> AsyncIterat
 
 
 def fake_segment(memory: PeakMemory) -> AbstractAsyncContextManager[str]:
-    return fake_process(memory, "fake Segment API", "tests.fakes.segment_api", "--write-key", WRITE_KEY)
+    return fake_process(memory, "fake Segment API", "herald_sandbox.segment_api", "--write-key", WRITE_KEY)
 
 
 async def _accepted(http: aiohttp.ClientSession, url: str) -> dict[str, int]:

@@ -130,7 +130,7 @@ async def run(users: int) -> None:
         fake_process(
             memory,
             "fake mParticle API",
-            "tests.fakes.mparticle_api",
+            "herald_sandbox.mparticle_api",
             "--api-key",
             API_KEY,
             "--api-secret",

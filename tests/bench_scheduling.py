@@ -24,7 +24,7 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api, clock
 from herald_common.logging import configure_logging
-from tests.fakes.segment_api import SegmentApi
+from herald_sandbox.segment_api import SegmentApi
 from tests.harness import fresh_settings, running_platform
 from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
 from tests.processes import benchmark_servers

@@ -33,7 +33,7 @@ HERALD = ("segmentation", "campaign", "scheduler", "dispatch")
 
 
 def fake_twilio(memory: PeakMemory) -> AbstractAsyncContextManager[str]:
-    argv = ("tests.fakes.twilio_api", "--account-sid", ACCOUNT_SID, "--auth-token", AUTH_TOKEN)
+    argv = ("herald_sandbox.twilio_api", "--account-sid", ACCOUNT_SID, "--auth-token", AUTH_TOKEN)
     return fake_process(memory, "fake Twilio API", *argv)
 
 

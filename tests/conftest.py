@@ -25,7 +25,7 @@ from herald_common.bus import Subjects, ensure_streams
 from herald_common.embedded import EmbeddedInfrastructure
 from herald_common.logging import configure_logging
 from herald_common.settings import Settings
-from tests.fakes.segment_api import SegmentApi
+from herald_sandbox.segment_api import SegmentApi
 from tests.harness import Platform, fresh_settings, running_platform
 
 __all__ = ["Platform", "eventually"]

@@ -17,8 +17,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
 from tests.helpers import (
     condition,

@@ -13,8 +13,8 @@ import pytest
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.helpers import create_segment_destination, field_violations, segment_export_campaign, user
 
 

@@ -41,9 +41,9 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common.bus import Subjects
 from herald_common.grpc_server import health_status
 from herald_common.secret_box import new_key_setting
-from tests.fakes.segment_api import SegmentApi
-from tests.fakes.twilio_api import TwilioApi
-from tests.fakes.vonage_api import VonageApi
+from herald_sandbox.segment_api import SegmentApi
+from herald_sandbox.twilio_api import TwilioApi
+from herald_sandbox.vonage_api import VonageApi
 from tests.harness import create_account, keyed_channel
 from tests.helpers import busiest_second, condition, matching, segment_export_campaign, user
 from tests.processes import NatsCluster, OwnNats, OwnPostgres, ServiceProcesses

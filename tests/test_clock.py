@@ -11,8 +11,8 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
 
 

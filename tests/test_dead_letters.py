@@ -19,8 +19,8 @@ from herald.events.v1 import events_pb2 as events
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common import api
 from herald_common.bus import REASON_HEADER, SOURCE_SUBJECT_HEADER, Subjects
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
 
 

@@ -25,9 +25,9 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api, clock
 from herald_common.skips import SkipReason
+from herald_sandbox.segment_api import SegmentApi
 from herald_scheduler import main as scheduler_main
 from tests.conftest import CLOCK_START, Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
 from tests.helpers import (
     condition,

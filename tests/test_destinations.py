@@ -11,8 +11,8 @@ from google.protobuf import field_mask_pb2
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform
-from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
     completed_stats,
     condition,

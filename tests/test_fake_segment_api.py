@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 
-from tests.fakes.segment_api import SegmentApi
+from herald_sandbox.segment_api import SegmentApi
 
 KEY = "wk_test"
 

@@ -24,8 +24,8 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
 from herald_common.timing import in_control_group
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
 from tests.helpers import (
     completed_stats,

@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.bus import Subjects
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
     completed_stats,
     condition,

@@ -18,9 +18,9 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_sandbox.mparticle_api import MAX_BATCHES, MAX_REQUEST_BYTES, MparticleApi, customer_id
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform
-from tests.fakes.mparticle_api import MAX_BATCHES, MAX_REQUEST_BYTES, MparticleApi, customer_id
-from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, create_account
 from tests.helpers import (
     completed_stats,

@@ -21,8 +21,8 @@ from herald_common.bus import Subjects
 from herald_common.grpc_server import health_status
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.harness import Clients, admin_url, create_account, database_name
 from tests.helpers import (
     condition,

@@ -10,9 +10,9 @@ from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.runtime import ServiceHost
 from herald_common.settings import Settings
 from herald_dispatch import main as dispatch_main
+from herald_sandbox.segment_api import SegmentApi
 from herald_scheduler import main as scheduler_main
 from tests.conftest import eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.harness import fresh_settings, running_platform
 from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
 

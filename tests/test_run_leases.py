@@ -15,9 +15,9 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.embedded import free_port
+from herald_sandbox.segment_api import SegmentApi
 from herald_scheduler import main as scheduler_main
 from tests.conftest import Platform
-from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
     completed_stats,
     condition,

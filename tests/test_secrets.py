@@ -22,8 +22,8 @@ from herald_common.db import Database, make_engine
 from herald_common.secret_box import Sealed, SecretBox, SecretKeysError, new_key_setting
 from herald_dispatch import main as dispatch_main
 from herald_dispatch.destinations import reseal
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.fakes.segment_api import SegmentApi
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import (
     condition,

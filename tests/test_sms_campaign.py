@@ -19,12 +19,12 @@ import pytest
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_sandbox.exotel_api import ExotelApi
+from herald_sandbox.msg91_api import Msg91Api
+from herald_sandbox.netcore_api import NetcoreApi
+from herald_sandbox.twilio_api import TwilioApi
+from herald_sandbox.vonage_api import VonageApi
 from tests.conftest import Platform, eventually
-from tests.fakes.exotel_api import ExotelApi
-from tests.fakes.msg91_api import Msg91Api
-from tests.fakes.netcore_api import NetcoreApi
-from tests.fakes.twilio_api import TwilioApi
-from tests.fakes.vonage_api import VonageApi
 from tests.harness import Clients, create_account
 from tests.helpers import condition, create_segment, create_segment_destination, field_violations, user
 

@@ -11,9 +11,9 @@ import aiohttp
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_common import clock
+from herald_sandbox.twilio_api import TwilioApi
+from herald_sandbox.vonage_api import VonageApi
 from tests.conftest import CLOCK_START, Platform, eventually
-from tests.fakes.twilio_api import TwilioApi
-from tests.fakes.vonage_api import VonageApi
 from tests.helpers import busiest_second
 from tests.test_sms_campaign import (
     SmsAccount,

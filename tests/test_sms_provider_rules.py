@@ -9,8 +9,8 @@ import pytest
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
-from tests.fakes.netcore_api import NetcoreApi
-from tests.fakes.vonage_api import VonageApi
+from herald_sandbox.netcore_api import NetcoreApi
+from herald_sandbox.vonage_api import VonageApi
 from tests.helpers import user
 from tests.test_sms_campaign import (
     SmsAccount,

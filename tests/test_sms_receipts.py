@@ -12,9 +12,9 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_dispatch.receipts import vonage
+from herald_sandbox.exotel_api import ExotelApi
+from herald_sandbox.vonage_api import VonageApi
 from tests.conftest import Platform, eventually
-from tests.fakes.exotel_api import ExotelApi
-from tests.fakes.vonage_api import VonageApi
 from tests.test_sms_campaign import (
     SmsAccount,
     _exotel_config,

@@ -14,9 +14,9 @@ from herald_common.live import (
     NOTIFICATION_DELIVERED,
     NOTIFICATION_REPLIED,
 )
+from herald_sandbox.mparticle_api import MparticleApi, customer_id
+from herald_sandbox.twilio_api import TwilioApi
 from tests.conftest import Platform, eventually
-from tests.fakes.mparticle_api import MparticleApi, customer_id
-from tests.fakes.twilio_api import TwilioApi
 from tests.helpers import completed_stats, condition
 from tests.test_mparticle_export import _destination, mparticle
 from tests.test_sms_campaign import SmsAccount, _publish, _receipts, _sms_campaign, account, twilio

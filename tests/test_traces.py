@@ -16,8 +16,8 @@ from opentelemetry.trace import SpanKind
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common import tracing
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform
-from tests.fakes.segment_api import SegmentApi
 from tests.helpers import (
     completed_stats,
     condition,

@@ -71,6 +71,8 @@ def development_account(data_dir: Path, campaign_port: int, bootstrap_token: str
 
 
 DEFAULT_WEB_PORT = 8095
+DEFAULT_RECEIPTS_PORT = 8096
+SANDBOX_PORT = 8097
 
 
 def main() -> None:
@@ -83,8 +85,10 @@ def main() -> None:
         env = {**embedded.environment(), **{k: v for k, v in env.items() if v}}
     # Local fakes and sinks run on loopback; a deployment allows private networks explicitly.
     env.setdefault("HERALD_ALLOWED_DESTINATION_NETWORKS", "127.0.0.0/8,::1/128")
-    # The web SDK and its API (dispatch's web pop-up worker), for a site on this machine.
+    # The web SDK and its API (dispatch's web pop-up worker), for a site on this machine, and
+    # the endpoint providers post delivery receipts and replies to.
     env.setdefault("HERALD_WEB_PORT", str(DEFAULT_WEB_PORT))
+    env.setdefault("HERALD_RECEIPTS_PORT", str(DEFAULT_RECEIPTS_PORT))
     data_dir = default_data_dir()
     if not env.get("HERALD_SECRET_KEYS"):
         env["HERALD_SECRET_KEYS"] = local_secret(data_dir, "secret-keys", lambda: new_key_setting("local"))
@@ -95,6 +99,10 @@ def main() -> None:
         if not env.get(setting):
             env[setting] = local_secret(data_dir, name, lambda: secrets.token_urlsafe(32))
     children = [subprocess.Popen([sys.executable, "-m", f"herald_{name}.main"], env=env) for name in SERVICES]
+    sandbox = env.get("HERALD_SANDBOX", "") not in ("", "0", "false")
+    if sandbox:  # local stand-ins for every destination kind, recording what they receive
+        command = [sys.executable, "-m", "herald_sandbox.sandbox", "--data-dir", str(data_dir)]
+        children.append(subprocess.Popen([*command, "--port", str(SANDBOX_PORT)], env=env))
     stopping = False
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -113,7 +121,17 @@ def main() -> None:
             key = development_account(data_dir, campaign_port, env["HERALD_BOOTSTRAP_TOKEN"])
             print(f"Herald is running. Development account admin key (kept in {data_dir / 'dev-admin-key'}):")
             print(f"  {key}")
-            print(f"Web SDK: http://127.0.0.1:{env['HERALD_WEB_PORT']}/sdk.js", flush=True)
+            print(f"Web SDK: http://127.0.0.1:{env['HERALD_WEB_PORT']}/sdk.js")
+            print(f"Provider receipts: http://127.0.0.1:{env['HERALD_RECEIPTS_PORT']}")
+            if sandbox:
+                print(
+                    f"Sandbox destinations: http://127.0.0.1:{SANDBOX_PORT}/<segment|mparticle|twilio|"
+                    "vonage|msg91|exotel|netcore> (credentials in the README; `make sandbox-log` shows "
+                    "what they got)"
+                )
+            else:
+                print("Sandbox destinations: off (HERALD_SANDBOX=1 make run starts them)")
+            sys.stdout.flush()
         while not stopping:
             exited = [c for c in children if c.poll() is not None]
             if exited:

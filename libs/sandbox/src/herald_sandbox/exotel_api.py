@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import aiohttp
 from aiohttp import web
 
-from tests.fakes import LocalServer
+from herald_sandbox import LocalServer
 
 
 @dataclass

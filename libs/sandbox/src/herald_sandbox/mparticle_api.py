@@ -29,7 +29,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
-from tests.fakes import LocalServer
+from herald_sandbox import LocalServer
 
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_BATCH_BYTES = 128 * 1024

@@ -32,7 +32,7 @@ import aiohttp
 from aiohttp import web
 
 from herald_common.sms import measure
-from tests.fakes import LocalServer
+from herald_sandbox import LocalServer
 
 NUMBER = re.compile(r"^[1-9]\d{6,14}$")
 

@@ -24,7 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from tests.fakes import LocalServer
+from herald_sandbox import LocalServer
 
 NUMBER = re.compile(r"^[1-9]\d{6,14}$")
 

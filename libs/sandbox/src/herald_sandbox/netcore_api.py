@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tests.fakes import LocalServer
+from herald_sandbox import LocalServer
 
 NUMBER = re.compile(r"^[1-9]\d{6,14}$")
 

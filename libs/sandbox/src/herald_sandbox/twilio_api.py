@@ -41,7 +41,7 @@ import uvloop
 from aiohttp import web
 
 from herald_common.sms import measure
-from tests.fakes import LocalServer
+from herald_sandbox import LocalServer
 
 E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 
