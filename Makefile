@@ -42,7 +42,7 @@ browser:
 		$$SUDO apt-get update -qq && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 ## Run the whole test suite (real PostgreSQL, NATS and gRPC servers, and a real browser).
-test: install browser
+test: install browser grpcurl
 	$(BIN)/pytest
 
 ## The whole fault suite: every service, PostgreSQL and NATS killed in turn during an export.

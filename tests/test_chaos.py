@@ -575,8 +575,8 @@ async def test_an_export_survives_a_node_and_then_the_stream_leader_of_a_three_n
     await _jetstream_ready(nodes.url)
     async with _deployed(tmp_path, nodes, {"HERALD_STREAM_REPLICAS": "3"}) as deployed:
         await deployed.services.wait_serving()
-        # Segment takes two requests a second: the export lasts long enough for both faults.
-        segment_api = SegmentApi(write_keys={f"wk_{uuid.uuid4().hex}"}, max_requests_per_second=2)
+        # Segment takes one request a second: the export lasts long enough for both faults.
+        segment_api = SegmentApi(write_keys={f"wk_{uuid.uuid4().hex}"}, max_requests_per_second=1)
         await segment_api.start()
         try:
             export = await _start_export(deployed, segment_api, CLUSTER_AUDIENCE)
@@ -585,8 +585,8 @@ async def test_an_export_survives_a_node_and_then_the_stream_leader_of_a_three_n
             nodes.kill(2)
             await asyncio.sleep(3)
             nodes.start(2)
-            await _received(export, CLUSTER_AUDIENCE // 3)
             leader = nodes.node_named(await _stream_leader(nodes.url, jobs))
+            await _received(export, CLUSTER_AUDIENCE // 4)
             nodes.kill(leader)
             assert export.received() < CLUSTER_AUDIENCE  # the fault lands mid-export
             await asyncio.sleep(3)
