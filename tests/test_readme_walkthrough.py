@@ -11,13 +11,13 @@ import re
 import signal
 import subprocess
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
 from herald_common.settings import DEFAULT_PORTS, Settings
 from herald_sandbox.sandbox import journal_path
+from tests.harness import fresh_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = [ROOT / "README.md", ROOT / "docs" / "operations.md"]
@@ -78,8 +78,14 @@ async def _serving(log: Path, process: asyncio.subprocess.Process) -> None:
 
 @pytest.mark.timeout(600)
 async def test_the_readme_and_runbook_examples_run_against_make_run_with_the_sandbox(
-    settings: Settings, tmp_path: Path
+    servers: tuple[str, str], tmp_path: Path
 ) -> None:
+    # A database and namespace of its own: `make run` makes its own keys, as on a new machine.
+    async with fresh_settings(*servers) as settings:
+        await _walk_through(settings, tmp_path)
+
+
+async def _walk_through(settings: Settings, tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     workdir = tmp_path / "walkthrough"
     workdir.mkdir()
@@ -90,7 +96,7 @@ async def test_the_readme_and_runbook_examples_run_against_make_run_with_the_san
         "HERALD_DATA_DIR": str(data_dir),
         "DATABASE_URL": settings.database_url,
         "NATS_URL": settings.nats_url,
-        "HERALD_NAMESPACE": f"walk{uuid.uuid4().hex[:8]}",
+        "HERALD_NAMESPACE": settings.namespace,
         "LOG_LEVEL": "warning",
     }
     log = tmp_path / "make-run.log"

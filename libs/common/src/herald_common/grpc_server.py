@@ -259,11 +259,27 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.metrics.grpc_handled.labels(service, name, code_name).inc()
         self.metrics.grpc_seconds.labels(service, name).observe(time.perf_counter() - started)
 
+    @contextlib.asynccontextmanager
+    async def _call(self, details: Any, context: Any) -> AsyncIterator[None]:
+        """One call of a servicer method: its request id and span, the caller authenticated,
+        errors reported as gRPC status, and its metrics."""
+        started = time.perf_counter()
+        _bind_request(details, context)
+        with tracing.span(details.method, SpanKind.SERVER, parent=_metadata(details)):
+            try:
+                await self._authenticate(details, context)
+                yield
+            except DomainError as error:
+                await _abort(context, error)
+            except Exception as error:
+                await _internal(context, error)
+            finally:
+                self._observe(details.method, context, started)
+
     async def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
-        method = handler_call_details.method
         decode = _tolerant(handler.request_deserializer, request_limit(handler_call_details.method))
         # The heavy methods (unary or uploads) take turns; the others go at once.
         turn: contextlib.AbstractAsyncContextManager[Any] = (
@@ -273,19 +289,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: Any) -> Any:
-                started = time.perf_counter()
-                _bind_request(handler_call_details, context)
-                with tracing.span(method, SpanKind.SERVER, parent=_metadata(handler_call_details)):
-                    try:
-                        await self._authenticate(handler_call_details, context)
-                        async with turn:
-                            return await inner_unary(_decoded(request), context)
-                    except DomainError as error:
-                        await _abort(context, error)
-                    except Exception as error:
-                        await _internal(context, error)
-                    finally:
-                        self._observe(method, context, started)
+                async with self._call(handler_call_details, context), turn:
+                    return await inner_unary(_decoded(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -296,19 +301,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                started = time.perf_counter()
-                _bind_request(handler_call_details, context)
-                with tracing.span(method, SpanKind.SERVER, parent=_metadata(handler_call_details)):
-                    try:
-                        await self._authenticate(handler_call_details, context)
-                        async for response in inner_stream(_decoded(request), context):
-                            yield response
-                    except DomainError as error:
-                        await _abort(context, error)
-                    except Exception as error:
-                        await _internal(context, error)
-                    finally:
-                        self._observe(method, context, started)
+                async with self._call(handler_call_details, context):
+                    async for response in inner_stream(_decoded(request), context):
+                        yield response
 
             return grpc.unary_stream_rpc_method_handler(
                 stream,
@@ -319,19 +314,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_upload = handler.stream_unary
 
             async def upload(requests: Any, context: Any) -> Any:
-                started = time.perf_counter()
-                _bind_request(handler_call_details, context)
-                with tracing.span(method, SpanKind.SERVER, parent=_metadata(handler_call_details)):
-                    try:
-                        await self._authenticate(handler_call_details, context)
-                        async with turn:
-                            return await inner_upload(_each_decoded(requests), context)
-                    except DomainError as error:
-                        await _abort(context, error)
-                    except Exception as error:
-                        await _internal(context, error)
-                    finally:
-                        self._observe(method, context, started)
+                async with self._call(handler_call_details, context), turn:
+                    return await inner_upload(_each_decoded(requests), context)
 
             return grpc.stream_unary_rpc_method_handler(
                 upload,
