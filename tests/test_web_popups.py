@@ -11,6 +11,7 @@ from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
@@ -290,6 +291,50 @@ async def test_identify_merges_the_anonymous_visitor_into_the_user(site: WebSite
     # An identified visitor's pop-ups are theirs alone: asking without the signature is refused.
     unsigned = await site.call("popups", {"user_id": user_id, "session_id": "s"})
     assert unsigned.status == 400 and unsigned.body["field"] == "user_signature"
+
+
+async def test_a_purchase_recorded_before_the_sign_in_is_heard_of_still_converts(site: WebSite) -> None:
+    """The user buys before the campaign service hears of the merge: the purchase waits for an
+    exposure of the user's, and the merge brings it the visitor's."""
+    window = Duration()
+    window.FromTimedelta(timedelta(hours=24))
+    goal = campaign_pb.Goal(event=campaign_pb.LiveEvent(event_name="Charged"), conversion_window=window)
+    campaign = await site.campaign(page_count(1), _single(), goal=goal)
+    await until_goal_matched(site.platform.settings.database_url, campaign.name)
+    anonymous, user_id = f"anon:{uuid.uuid4().hex}", f"user-{uuid.uuid4().hex[:8]}"
+    await site.view_pages(anonymous, "s", 1)
+    await _shown(site, anonymous, "s")
+
+    async def exposed() -> bool:
+        return (await _stats(site, campaign.name)).goal.sent == 1
+
+    await eventually(exposed)
+    await site.admin.segmentation.IngestEvents(
+        pb.IngestEventsRequest(events=[pb.Event(user_id=user_id, name="Charged", client_event_id="order-1")])
+    )
+
+    async def waiting() -> bool:
+        connection = await asyncpg.connect(site.platform.settings.database_url)
+        try:
+            found = await connection.fetchval(
+                "SELECT count(*) FROM campaign.waiting_goal_events WHERE user_id = $1", user_id
+            )
+        finally:
+            await connection.close()
+        return bool(found)
+
+    await eventually(waiting)
+    assert (await _stats(site, campaign.name)).goal.converted == 0
+    signed = signature(site.identity_secret, user_id)
+    merged = await site.call(
+        "identify", {"anonymous_id": anonymous, "user_id": user_id, "user_signature": signed}
+    )
+    assert merged.status == 200, merged.body
+
+    async def converted() -> bool:
+        return (await _stats(site, campaign.name)).goal.converted == 1
+
+    await eventually(converted)
 
 
 async def test_a_visitor_who_signs_in_keeps_their_pop_up_conversion_and_active_hours(site: WebSite) -> None:

@@ -184,8 +184,10 @@ class Conversions:
                 await _attribute(session, goals, owned, waiting=False)
 
     async def visitors_merged(self, merges: Sequence[events.VisitorMerged]) -> None:
-        """Anonymous visitors who signed in: what they were sent converts on the user's events."""
+        """Anonymous visitors who signed in: what they were sent converts on the user's events,
+        those to come and those already waiting (the user may act before the merge is heard of)."""
         async with self.database.transaction() as session:
+            users = []
             for merge in merges:
                 account_id = account_id_of(merge.account)
                 if account_id is None:
@@ -195,6 +197,27 @@ class Conversions:
                         statement,
                         {"account_id": account_id, "anonymous": merge.anonymous_id, "user": merge.user_id},
                     )
+                users.append((account_id, merge.user_id))
+            if not users:
+                return
+            w = waiting_goal_events
+            waiting = [
+                _GoalEvent(
+                    row.campaign_id,
+                    row.account_id,
+                    row.user_id,
+                    row.client_event_id,
+                    row.event_time,
+                    row.revenue,
+                )
+                for row in await session.execute(
+                    sa.select(w).where(sa.tuple_(w.c.account_id, w.c.user_id).in_(users))
+                )
+            ]
+            goals = await _goals(session, {e.campaign_id for e in waiting})
+            owned = [e for e in waiting if e.campaign_id in goals]
+            if owned:
+                await _attribute(session, goals, owned, waiting=True)
 
 
 # An anonymous visitor who signed in: what they were sent, and their goal events waiting for it,
