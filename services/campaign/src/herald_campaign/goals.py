@@ -17,10 +17,11 @@ they count, so they always equal what `exposures` holds.
 
 from __future__ import annotations
 
+import functools
 import math
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -56,6 +57,13 @@ class _GoalEvent:
     client_id: str
     at: datetime
     revenue: float
+
+
+def _waiting_event(row: Any) -> _GoalEvent:
+    """A goal event as it waits in waiting_goal_events."""
+    return _GoalEvent(
+        row.campaign_id, row.account_id, row.user_id, row.client_event_id, row.event_time, row.revenue
+    )
 
 
 async def _goals(
@@ -117,26 +125,9 @@ async def record_exposures(session: AsyncSession, outcomes: Sequence[events.Deli
         waiting = await session.execute(
             _WAITING_OF, {"campaigns": [c for c, _ in users], "users": [u for _, u in users]}
         )
-        found = [
-            _GoalEvent(w.campaign_id, w.account_id, w.user_id, w.client_event_id, w.event_time, w.revenue)
-            for w in waiting
-        ]
+        found = [_waiting_event(w) for w in waiting]
         if found:
             await _attribute(session, goals, found, waiting=True)
-
-
-class _Memo(dict[str, uuid.UUID]):
-    """A batch's campaign ids, each parsed once."""
-
-    def __init__(self, parse: Callable[[str], uuid.UUID]) -> None:
-        super().__init__()
-        self.parse = parse
-
-    def __call__(self, name: str) -> uuid.UUID:
-        found = self.get(name)
-        if found is None:
-            found = self[name] = self.parse(name)
-        return found
 
 
 async def _by_key_lookups(session: AsyncSession) -> None:
@@ -157,7 +148,7 @@ class Conversions:
 
     async def record(self, received: Sequence[events.GoalEvents]) -> None:
         now = api.utcnow()
-        campaign_ids = _Memo(campaign_id_of)
+        campaign_ids = functools.cache(campaign_id_of)  # a batch's campaigns, each parsed once
         async with self.database.transaction() as session:
             await _by_key_lookups(session)
             await session.execute(
@@ -202,14 +193,7 @@ class Conversions:
                 return
             w = waiting_goal_events
             waiting = [
-                _GoalEvent(
-                    row.campaign_id,
-                    row.account_id,
-                    row.user_id,
-                    row.client_event_id,
-                    row.event_time,
-                    row.revenue,
-                )
+                _waiting_event(row)
                 for row in await session.execute(
                     sa.select(w).where(sa.tuple_(w.c.account_id, w.c.user_id).in_(users))
                 )
