@@ -125,7 +125,10 @@ async def _walk_through(settings: Settings, tmp_path: Path) -> None:
             text=True,
             timeout=400,
         )
-        assert ran.returncode == 0, f"{ran.stdout[-3000:]}\n--- stderr ---\n{ran.stderr[-3000:]}"
+        assert ran.returncode == 0, (
+            f"{ran.stdout[-3000:]}\n--- stderr ---\n{ran.stderr[-3000:]}\n--- make run ---\n"
+            + log.read_text(errors="replace")[-3000:]
+        )
         # The Segment export reached the sandbox's Segment, as the README says it will.
         journal = [json.loads(line) for line in journal_path(data_dir).read_text().splitlines()]
         exported = [

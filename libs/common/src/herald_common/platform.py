@@ -112,8 +112,10 @@ def main() -> None:
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
     try:
-        campaign_port = Settings.from_env(env).port("campaign")
-        while not stopping and not _serving(campaign_port):
+        settings = Settings.from_env(env)
+        campaign_port = settings.port("campaign")
+        # "running" means every service answers, not only the one the development account needs.
+        while not stopping and not all(_serving(settings.port(name)) for name in SERVICES):
             if any(c.poll() is not None for c in children):
                 break
             time.sleep(0.5)
