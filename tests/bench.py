@@ -18,12 +18,14 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from tempfile import mkdtemp
 
 import aiohttp
+import asyncpg
 import grpc
 import psutil
 
@@ -44,8 +46,56 @@ from tests.helpers import audience, condition, matching, segment_export_campaign
 from tests.processes import ServiceProcesses, benchmark_servers, environment
 
 TARGET_RATE = 17_000  # deliveries/s: 1M in 60 s
-TARGET_RATIO = 0.5
+TARGET_RATIO = 0.8
+TARGET_FIRST_EVENT_MS = 1000
 WRITE_KEY = "wk_bench"
+HERALD_SERVICES = ("campaign", "dispatch", "scheduler", "segmentation")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """At most `limit_us` CPU microseconds per unit of work, summed over the processes whose
+    names start with one of `processes`."""
+
+    label: str
+    processes: tuple[str, ...]
+    limit_us: float
+
+
+EXPORT_BUDGETS = (
+    Budget("Herald's four services", HERALD_SERVICES, 50),
+    Budget("PostgreSQL, its cleanup included", ("postgresql",), 15),
+)
+
+
+def cpu_used(before: Mapping[str, float], after: Mapping[str, float]) -> dict[str, float]:
+    """CPU seconds each watched process group used between two readings."""
+    return {name: used - before.get(name, 0.0) for name, used in after.items()}
+
+
+def print_cpu_per_unit(
+    cpu: Mapping[str, float], units: int, unit: str, budgets: Sequence[Budget] = (), indent: str = "  "
+) -> None:
+    """Each process's CPU microseconds per unit of work, then each budget beside its figure: on a
+    shared 2-core machine these move far less than wall-clock rates."""
+    per_unit = {name: used / units * 1e6 for name, used in cpu.items() if used > 0}
+    listed = ", ".join(f"{name} {us:,.1f}" for name, us in sorted(per_unit.items()))
+    print(f"{indent}CPU µs per {unit}, by process: {listed}")
+    for budget in budgets:
+        used = sum(us for name, us in per_unit.items() if name.startswith(budget.processes))
+        verdict = "met" if used <= budget.limit_us else "NOT met"
+        label = f"CPU per {unit}, {budget.label}"
+        print(f"{indent}{label:<52} {used:>8,.1f} µs   (budget <= {budget.limit_us:g}: {verdict})")
+
+
+async def vacuum_analyze(database_url: str) -> None:
+    """VACUUM ANALYZE of the whole database: what autovacuum does after a load, so that what
+    runs next starts from fresh statistics and a clean visibility map."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute("VACUUM ANALYZE")
+    finally:
+        await connection.close()
 
 
 class PeakMemory:
@@ -73,7 +123,9 @@ class PeakMemory:
                     times = process.cpu_times()
                 except psutil.Error:
                     continue
-                total += times.user + times.system
+                # A process's reaped children count too: PostgreSQL's autovacuum workers and
+                # ended sessions live on in the postmaster's children times.
+                total += times.user + times.system + times.children_user + times.children_system
             used[name] = total
         return used
 
@@ -184,9 +236,9 @@ async def _herald_export(
     users: int,
     http: aiohttp.ClientSession,
     memory: PeakMemory,
-    bootstrap_token: str,
+    settings: Settings,
 ) -> dict[str, float]:
-    _, key = await create_account(services.address("campaign"), bootstrap_token, "bench")
+    _, key = await create_account(services.address("campaign"), settings.bootstrap_token, "bench")
     async with (
         keyed_channel(services.address("segmentation"), key) as segmentation,
         keyed_channel(services.address("campaign"), key) as campaigns_channel,
@@ -223,6 +275,7 @@ async def _herald_export(
             )
         )
         before = (await _accepted(http, segment_url))["events"]
+        await vacuum_analyze(settings.database_url)  # the ceiling starts from the same state
         cpu_before = memory.cpu_seconds()
         published = time.perf_counter()
         await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
@@ -246,14 +299,21 @@ async def _herald_export(
             campaign_pb.GetCampaignStatsRequest(name=f"{created.name}/stats")
         )
         assert stats.sent == users, f"sent {stats.sent} of {users}"
+        # The cleanup the run leaves PostgreSQL is part of what a delivery costs it.
+        cleanup_before = memory.cpu_seconds()
+        await vacuum_analyze(settings.database_url)
+        cleanup = cpu_used(cleanup_before, memory.cpu_seconds())
+        cpu = cpu_used(cpu_before, cpu_after)
+        cpu["postgresql"] += cleanup.get("postgresql", 0.0)
         return {
+            "postgresql_cleanup_s": cleanup.get("postgresql", 0.0),
             "upsert": upsert_rate,
             "reach_ms": reach_ms,
             "first_event_ms": (first_event - published) * 1000,
             "acked_s": acked - published,
             "completed_s": completed - published,
             "duplicates": (await _accepted(http, segment_url))["duplicates"],
-            **{f"cpu:{name}": cpu_after[name] - cpu_before.get(name, 0.0) for name in cpu_after},
+            **{f"cpu:{name}": used for name, used in cpu.items()},
         }
 
 
@@ -272,9 +332,8 @@ async def bench(users: int) -> None:
             memory.watch_servers()
             sampler = asyncio.create_task(memory.sample_forever())
             async with service_processes(settings, memory) as services:
-                herald = await _herald_export(
-                    services, segment_url, tag, users, http, memory, settings.bootstrap_token
-                )
+                herald = await _herald_export(services, segment_url, tag, users, http, memory, settings)
+            await vacuum_analyze(settings.database_url)
             memory.watch("ceiling (bench process)", os.getpid())
             ceiling_s = await run_ceiling(
                 settings.database_url,
@@ -293,20 +352,43 @@ async def bench(users: int) -> None:
     print(f"users                                  {users:>12,}")
     print(f"upsert                                 {herald['upsert']:>12,.0f} users/s")
     print(f"estimate reach                         {herald['reach_ms']:>12,.1f} ms")
-    print(f"publish -> first event at Segment      {herald['first_event_ms']:>12,.1f} ms")
+    first_met = "met" if herald["first_event_ms"] <= TARGET_FIRST_EVENT_MS else "NOT met"
+    print(
+        f"publish -> first event at Segment      {herald['first_event_ms']:>12,.1f} ms   "
+        f"(target <= {TARGET_FIRST_EVENT_MS:,}: {first_met})"
+    )
     print(f"publish -> last batch acknowledged     {herald['acked_s']:>12,.2f} s")
     print(f"publish -> campaign COMPLETED          {herald['completed_s']:>12,.2f} s")
-    print(f"Herald delivery rate                   {rate:>12,.0f} deliveries/s   (target >= {TARGET_RATE:,})")
+    rate_met = "met" if rate >= TARGET_RATE else "NOT met"
+    print(
+        f"Herald delivery rate                   {rate:>12,.0f} deliveries/s   "
+        f"(target >= {TARGET_RATE:,}: {rate_met})"
+    )
     print(f"ceiling pipeline rate                  {ceiling_rate:>12,.0f} deliveries/s")
-    ratio = rate / ceiling_rate
-    print(f"Herald / ceiling                       {ratio:>12.0%}   (target >= {TARGET_RATIO:.0%})")
+    if ceiling_rate < rate:
+        # A ceiling slower than Herald measured something else (a cold cache, a busy machine).
+        print("Herald / ceiling                       not shown: the ceiling ran slower than Herald")
+    else:
+        ratio = rate / ceiling_rate
+        ratio_met = "met" if ratio >= TARGET_RATIO else "NOT met"
+        print(
+            f"Herald / ceiling                       {ratio:>12.0%}   "
+            f"(target >= {TARGET_RATIO:.0%}: {ratio_met})"
+        )
     print(f"duplicates at Segment                  {herald['duplicates']:>12,}")
+    cpu = {name.removeprefix("cpu:"): used for name, used in herald.items() if name.startswith("cpu:")}
+    print_cpu_per_unit(cpu, users, "delivery", EXPORT_BUDGETS, indent="")
+    cleanup_us = herald["postgresql_cleanup_s"] / users * 1e6
+    print(f"  of PostgreSQL's, the VACUUM ANALYZE after the run        {cleanup_us:>8,.1f} µs")
     key_check = await key_check_microseconds()
     print(f"API key check per call                 {key_check:>12.1f} µs   (target <= 50 µs)")
-    print("by process: peak RSS, and CPU seconds from publish to last batch acknowledged")
+    print(
+        "by process: peak RSS, and CPU seconds from publish to last batch acknowledged "
+        "(PostgreSQL's with the VACUUM ANALYZE after)"
+    )
     for name, peak in sorted(memory.peaks.items()):
-        cpu = herald.get(f"cpu:{name}")
-        cpu_text = f"{cpu:8.1f} s CPU" if cpu is not None else ""
+        seconds = cpu.get(name)
+        cpu_text = f"{seconds:8.1f} s CPU" if seconds is not None else ""
         print(f"  {name:<36} {peak / 2**20:>8,.0f} MiB {cpu_text}")
 
 

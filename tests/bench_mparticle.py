@@ -21,11 +21,14 @@ from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.logging import configure_logging
 from tests.bench import (
+    EXPORT_BUDGETS,
     WRITE_KEY,
     PeakMemory,
     _accepted,
+    cpu_used,
     fake_process,
     fake_segment,
+    print_cpu_per_unit,
     service_processes,
     upsert_users,
 )
@@ -41,15 +44,19 @@ async def _export(
     campaign: campaign_pb.Campaign,
     accepted: Callable[[], Awaitable[int]],
     users: int,
-) -> float:
-    """Seconds from publish until the destination accepted every user."""
+    memory: PeakMemory,
+) -> tuple[float, dict[str, float]]:
+    """Seconds from publish until the destination accepted every user, and the CPU seconds each
+    process used meanwhile."""
     created = await campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
     before = await accepted()
+    memory.watch_servers()
+    cpu_before = memory.cpu_seconds()
     started = time.perf_counter()
     await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
     while await accepted() - before < users:  # noqa: ASYNC110 - polling another process
         await asyncio.sleep(0.1)
-    return time.perf_counter() - started
+    return time.perf_counter() - started, cpu_used(cpu_before, memory.cpu_seconds())
 
 
 async def _campaigns(
@@ -58,7 +65,8 @@ async def _campaigns(
     users: int,
     urls: tuple[str, str],
     http: aiohttp.ClientSession,
-) -> tuple[float, float]:
+    memory: PeakMemory,
+) -> tuple[tuple[float, dict[str, float]], tuple[float, dict[str, float]]]:
     segmentation, campaigns_channel, dispatch_channel = channels
     mparticle_url, segment_url = urls
     await upsert_users(segmentation, tag, users, phones=True)
@@ -114,10 +122,9 @@ async def _campaigns(
     async def segment_events() -> int:
         return (await _accepted(http, segment_url))["events"]
 
-    mparticle_s = await _export(campaigns, mparticle_campaign, mparticle_batches, users)
+    mparticle_run = await _export(campaigns, mparticle_campaign, mparticle_batches, users, memory)
     segment_campaign = segment_export_campaign(segment.name, segment_destination.name)
-    segment_s = await _export(campaigns, segment_campaign, segment_events, users)
-    return mparticle_s, segment_s
+    return mparticle_run, await _export(campaigns, segment_campaign, segment_events, users, memory)
 
 
 async def run(users: int) -> None:
@@ -146,13 +153,16 @@ async def run(users: int) -> None:
             keyed_channel(services.address("campaign"), key) as campaigns_channel,
             keyed_channel(services.address("dispatch"), key) as dispatch_channel,
         ):
-            mparticle_s, segment_s = await _campaigns(
+            (mparticle_s, mparticle_cpu), (segment_s, segment_cpu) = await _campaigns(
                 (segmentation, campaigns_channel, dispatch_channel),
                 tag,
                 users,
                 (mparticle_url, segment_url),
                 http,
+                memory,
             )
     print(f"mparticle: {users:,} users exported to the fake mParticle API, then to the fake Segment API")
     print(f"  mParticle export   {users / mparticle_s:>10,.0f} deliveries/s  ({mparticle_s:,.1f} s)")
+    print_cpu_per_unit(mparticle_cpu, users, "delivery", indent="    ")
     print(f"  Segment export     {users / segment_s:>10,.0f} deliveries/s  ({segment_s:,.1f} s)")
+    print_cpu_per_unit(segment_cpu, users, "delivery", EXPORT_BUDGETS, indent="    ")

@@ -24,14 +24,17 @@ import asyncpg
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.logging import configure_logging
-from tests.bench import PeakMemory, service_processes
+from tests.bench import Budget, PeakMemory, cpu_used, print_cpu_per_unit, service_processes
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition, value
 from tests.processes import ServiceProcesses, benchmark_servers
 
 TARGET_ESTIMATE_P95_S = 1.0
+# Holding an event property constant is the costliest condition; it has a target of its own.
+TARGET_CONSTANT_PROPERTY_S = 0.5
+CONSTANT_PROPERTY = "same product_id viewed and carted (30 days)"
 TARGET_INGEST_RATE = 50_000
-TARGET_INGEST_CPU_US = 15  # segmentation and PostgreSQL together, per event
+INGEST_BUDGETS = (Budget("segmentation and PostgreSQL", ("segmentation", "postgresql"), 15),)
 DAYS = 90
 RUNS = 7
 CITIES = [
@@ -199,7 +202,7 @@ SEGMENTS: list[tuple[str, pb.SegmentFilter]] = [
         pb.SegmentFilter(all_of=[_did("Added To Cart", 7), _did("Purchased", 7, did_not=True)]),
     ),
     (
-        "same product_id viewed and carted (30 days)",
+        CONSTANT_PROPERTY,
         pb.SegmentFilter(
             all_of=[
                 pb.Condition(
@@ -324,7 +327,11 @@ async def _measure(
             p95 = _p95(samples)
             worst = max(worst, p95)
             assert reach is not None
-            print(f"  {title:<46} {p95 * 1000:>9,.0f} ms   {reach.user_count:>10,} users")
+            target = ""
+            if title == CONSTANT_PROPERTY:
+                met = "met" if p95 <= TARGET_CONSTANT_PROPERTY_S else "NOT met"
+                target = f"   (target <= {TARGET_CONSTANT_PROPERTY_S * 1000:,.0f} ms: {met})"
+            print(f"  {title:<46} {p95 * 1000:>9,.0f} ms   {reach.user_count:>10,} users{target}")
         met = "met" if worst <= TARGET_ESTIMATE_P95_S else "NOT met"
         print(f"  {'slowest':<46} {worst * 1000:>9,.0f} ms   (target <= 1,000 ms: {met})")
         uploaded, upload_s = await _upload_list(stub, users)
@@ -335,13 +342,8 @@ async def _measure(
         before = memory.cpu_seconds()
         rate = await _ingest(stub, ingested)
         await asyncio.sleep(1)  # what the outbox relay does after the last call
-        after = memory.cpu_seconds()
-        used = {n: (after[n] - before.get(n, 0.0)) / ingested * 1e6 for n in after}
+        used = cpu_used(before, memory.cpu_seconds())
         label = "event ingestion through IngestEvents"
-        print(f"{label:<48} {rate:>9,.0f} events/s   (target >= {TARGET_INGEST_RATE:,})")
-        budgeted = sum(us for n, us in used.items() if n.startswith(("segmentation", "postgresql")))
-        print(
-            f"  CPU per event, segmentation + PostgreSQL     {budgeted:>9,.1f} µs        "
-            f"(target <= {TARGET_INGEST_CPU_US})"
-        )
-        print("  CPU µs/event: " + ", ".join(f"{n} {us:,.1f}" for n, us in sorted(used.items())))
+        met = "met" if rate >= TARGET_INGEST_RATE else "NOT met"
+        print(f"{label:<48} {rate:>9,.0f} events/s   (target >= {TARGET_INGEST_RATE:,}: {met})")
+        print_cpu_per_unit(used, ingested, "event", INGEST_BUDGETS)

@@ -21,7 +21,16 @@ from herald.dispatch.v1 import dispatch_service_pb2_grpc as dispatch_grpc
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common.logging import configure_logging
-from tests.bench import PeakMemory, fake_process, service_processes, upsert_users
+from tests.bench import (
+    Budget,
+    PeakMemory,
+    cpu_used,
+    fake_process,
+    print_cpu_per_unit,
+    service_processes,
+    upsert_users,
+    vacuum_analyze,
+)
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition, matching
 from tests.processes import benchmark_servers
@@ -30,6 +39,7 @@ TARGET_RATE = 5_000  # messages/s
 ACCOUNT_SID = "AC" + "b" * 32
 AUTH_TOKEN = "e" * 32
 HERALD = ("segmentation", "campaign", "scheduler", "dispatch")
+BUDGETS = (Budget("dispatch", ("dispatch",), 100),)
 
 
 def fake_twilio(memory: PeakMemory) -> AbstractAsyncContextManager[str]:
@@ -101,13 +111,14 @@ async def run(users: int) -> None:
                     )
                 )
             )
+            await vacuum_analyze(settings.database_url)
             memory.watch_servers()
             cpu_before = memory.cpu_seconds()
             started = time.perf_counter()
             await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
             await _all_accepted(http, twilio_url, users)
             elapsed = time.perf_counter() - started
-            cpu = {name: used - cpu_before.get(name, 0.0) for name, used in memory.cpu_seconds().items()}
+            cpu = cpu_used(cpu_before, memory.cpu_seconds())
     rate = users / elapsed
     herald_cpu = sum(used for name, used in cpu.items() if name.startswith(HERALD))
     provider_cpu = cpu.get("fake Twilio API", 0.0)
@@ -121,7 +132,6 @@ async def run(users: int) -> None:
         f"  where the time went: Herald's processes {herald_cpu:,.1f} CPU-s, PostgreSQL and NATS "
         f"{servers_cpu:,.1f} CPU-s, the provider {provider_cpu:,.1f} CPU-s, over {elapsed:,.1f} s on 2 cores"
     )
-    for name, used in sorted(cpu.items(), key=lambda item: -item[1]):
-        print(f"    {name:<24} {used:>8,.1f} CPU-s")
+    print_cpu_per_unit(cpu, users, "message", BUDGETS)
     share = herald_cpu / (herald_cpu + provider_cpu) if herald_cpu + provider_cpu else 0.0
     print(f"  our code vs the provider: {share:.0%} of their CPU was ours, {1 - share:.0%} the provider's")
