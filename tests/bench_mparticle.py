@@ -22,6 +22,7 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common.logging import configure_logging
 from tests.bench import (
     EXPORT_BUDGETS,
+    HERALD_SERVICES,
     WRITE_KEY,
     PeakMemory,
     _accepted,
@@ -56,7 +57,8 @@ async def _export(
     await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
     while await accepted() - before < users:  # noqa: ASYNC110 - polling another process
         await asyncio.sleep(0.1)
-    return time.perf_counter() - started, cpu_used(cpu_before, memory.cpu_seconds())
+    elapsed = time.perf_counter() - started
+    return elapsed, cpu_used(cpu_before, await memory.quiet(HERALD_SERVICES))
 
 
 async def _campaigns(
