@@ -142,18 +142,24 @@ class PeakMemory:
             now[name] = total
         return now
 
-    async def quiet(self, names: Sequence[str], most: float = 0.02, over: float = 0.5) -> dict[str, float]:
-        """Waits until the processes named with these prefixes use less than `most` CPU seconds
-        together over `over` seconds (the work a run set going is done), then reads cpu_seconds."""
+    def _busy(self, names: Sequence[str]) -> float:
+        return sum(used for name, used in self.cpu_seconds().items() if name.startswith(tuple(names)))
 
-        def busy() -> float:
-            return sum(used for name, used in self.cpu_seconds().items() if name.startswith(tuple(names)))
+    async def idle_rate(self, names: Sequence[str], over: float = 2.0) -> float:
+        """CPU seconds per second the processes named with these prefixes use with nothing to do
+        (their background loops), together."""
+        before = self._busy(names)
+        await asyncio.sleep(over)
+        return (self._busy(names) - before) / over
 
-        before = busy()
+    async def quiet(self, names: Sequence[str], idle_rate: float, over: float = 0.5) -> dict[str, float]:
+        """Waits until the processes named with these prefixes are back to about their idle rate
+        (the work a run set going is done), then reads cpu_seconds."""
+        before = self._busy(names)
         while True:
             await asyncio.sleep(over)
-            now = busy()
-            if now - before < most:
+            now = self._busy(names)
+            if now - before < (idle_rate + 0.05) * over:
                 return self.cpu_seconds()
             before = now
 
@@ -291,6 +297,7 @@ async def _herald_export(
         )
         before = (await _accepted(http, segment_url))["events"]
         await vacuum_analyze(settings.database_url)  # the ceiling starts from the same state
+        idle_rate = await memory.idle_rate(HERALD_SERVICES)
         cpu_before = memory.cpu_seconds()
         published = time.perf_counter()
         await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
@@ -314,7 +321,7 @@ async def _herald_export(
         )
         assert stats.sent == users, f"sent {stats.sent} of {users}"
         # What deliveries set going after the last one (stats, system events) counts too.
-        cpu_after = await memory.quiet(HERALD_SERVICES)
+        cpu_after = await memory.quiet(HERALD_SERVICES, idle_rate)
         # The cleanup the run leaves PostgreSQL is part of what a delivery costs it.
         cleanup_before = memory.cpu_seconds()
         await vacuum_analyze(settings.database_url)

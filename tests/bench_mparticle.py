@@ -52,13 +52,14 @@ async def _export(
     created = await campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
     before = await accepted()
     memory.watch_servers()
+    idle_rate = await memory.idle_rate(HERALD_SERVICES)
     cpu_before = memory.cpu_seconds()
     started = time.perf_counter()
     await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
     while await accepted() - before < users:  # noqa: ASYNC110 - polling another process
         await asyncio.sleep(0.1)
     elapsed = time.perf_counter() - started
-    return elapsed, cpu_used(cpu_before, await memory.quiet(HERALD_SERVICES))
+    return elapsed, cpu_used(cpu_before, await memory.quiet(HERALD_SERVICES, idle_rate))
 
 
 async def _campaigns(
