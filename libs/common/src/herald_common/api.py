@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 import uuid
@@ -46,6 +47,16 @@ def parse_run_name(name: str, field: str = "name") -> tuple[uuid.UUID, uuid.UUID
         return uuid.UUID(parts[1]), uuid.UUID(parts[3])
     except ValueError:
         raise invalid(field, f"{name!r} is not a valid run name") from None
+
+
+def stable_id(namespace: uuid.UUID, name: str) -> str:
+    """`str(uuid.uuid5(namespace, name))` without the UUID object: delivery and batch ids are
+    made this way for every recipient, so the saving counts, and the ids stay the same."""
+    digest = bytearray(hashlib.sha1(namespace.bytes + name.encode(), usedforsecurity=False).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 def is_valid_id(value: str) -> bool:

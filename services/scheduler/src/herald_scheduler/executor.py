@@ -69,7 +69,7 @@ _PERMANENT_CODES = {
 
 
 def delivery_id(run_id: uuid.UUID, user_id: str) -> str:
-    return str(uuid.uuid5(run_id, user_id))
+    return api.stable_id(run_id, user_id)
 
 
 @dataclass(frozen=True)

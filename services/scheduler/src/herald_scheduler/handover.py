@@ -50,7 +50,7 @@ def delivery_batches(
     plan_time = api.timestamp(now)
     batches = []
     for chunk in _chunks(recipients):
-        batch_id = str(uuid.uuid5(run_id, f"batch:{chunk[0].delivery_id}"))
+        batch_id = api.stable_id(run_id, f"batch:{chunk[0].delivery_id}")
         batch = events.DeliveryBatch(
             batch_id=batch_id,
             campaign=campaign.name,

@@ -122,7 +122,7 @@ class _Live:
 
 
 def delivery_id(run_id: uuid.UUID, user_id: str, occurrence: str) -> str:
-    return str(uuid.uuid5(run_id, f"{user_id}\n{occurrence}"))
+    return api.stable_id(run_id, f"{user_id}\n{occurrence}")
 
 
 def date_moment(trigger: campaign_pb.DatePropertyTrigger, value: Any, zone: Any) -> datetime | None:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import orjson
 import sqlalchemy as sa
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, insert
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -400,7 +400,7 @@ class LiveTriggers:
         )
         # The candidates as one JSON document: one parameter, where arrays cost a check per item.
         rows = (
-            sa.func.json_to_recordset(sa.cast(sa.bindparam("candidates", type_=sa.Text), JSON))
+            sa.func.jsonb_to_recordset(sa.cast(sa.bindparam("candidates", type_=sa.Text), JSONB))
             .table_valued(
                 sa.column("k", sa.Integer), sa.column("properties", JSONB), sa.column("watch", sa.Integer)
             )

@@ -7,7 +7,9 @@
 - `Notification Viewed` and `Notification Clicked`: a visitor saw a web pop-up, or clicked it.
 
 Each is recorded through IngestEvents' own path, as the account, with a client event id that
-follows from what caused it: a report handled twice records its events once.
+follows from what caused it: a report handled twice records its events once. Those made only of
+Herald's own identifiers (a delivery's id, campaign and user) skip the checks a caller's events
+need; a reply's text and a device's versions come from outside and are checked.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from herald_common.live import (
     NOTIFICATION_VIEWED,
 )
 from herald_common.skips import SkipReason
-from herald_segmentation.events import MAX_EVENTS, Events
+from herald_segmentation.events import MAX_EVENTS, Events, OwnEvent
 from herald_segmentation.storage import users
 
 
@@ -44,6 +46,17 @@ def _event(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **
     event.time.CopyFrom(at if isinstance(at, Timestamp) else api.timestamp(at))
     event.properties.update(properties)
     return event
+
+
+def _own(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> OwnEvent:
+    """An event of Herald's own identifiers, its properties set field by field (Struct.update
+    goes through a slower, general path)."""
+    event = pb.Event(user_id=user_id, name=name, client_event_id=client_id)
+    event.time.CopyFrom(at if isinstance(at, Timestamp) else api.timestamp(at))
+    fields = event.properties.fields
+    for key, value in properties.items():
+        fields[key].string_value = value
+    return OwnEvent(event, properties)
 
 
 def app_version_events(
@@ -69,18 +82,29 @@ class _Report(Protocol):
     def account(self) -> str: ...
 
 
-def _outcome_events(report: events.DeliveryOutcomes) -> list[pb.Event]:
+def _outcome_events(report: events.DeliveryOutcomes) -> list[OwnEvent]:
     kind = channels.of_type(report.destination_type)
+    delivered_on_acceptance = kind is not None and kind.accepted_is_delivered
+    campaign, at = report.campaign, report.occur_time
     found = []
     for result in report.results:
-        common = {"campaign": report.campaign, "delivery_id": result.delivery_id}
+        delivery_id = result.delivery_id
         if result.status == events.DELIVERY_STATUS_SKIPPED and result.reason == SkipReason.CONTROL_GROUP:
-            client_id = f"herald:control-group:{result.delivery_id}"
-            found.append(_event(result.user_id, CONTROL_GROUP, client_id, report.occur_time, **common))
-        elif result.status == events.DELIVERY_STATUS_SENT and kind is not None and kind.accepted_is_delivered:
-            client_id = f"herald:delivered:{result.delivery_id}"
+            client_id = f"herald:control-group:{delivery_id}"
             found.append(
-                _event(result.user_id, NOTIFICATION_DELIVERED, client_id, report.occur_time, **common)
+                _own(result.user_id, CONTROL_GROUP, client_id, at, campaign=campaign, delivery_id=delivery_id)
+            )
+        elif result.status == events.DELIVERY_STATUS_SENT and delivered_on_acceptance:
+            client_id = f"herald:delivered:{delivery_id}"
+            found.append(
+                _own(
+                    result.user_id,
+                    NOTIFICATION_DELIVERED,
+                    client_id,
+                    at,
+                    campaign=campaign,
+                    delivery_id=delivery_id,
+                )
             )
     return found
 
@@ -92,9 +116,9 @@ _POPUP_EVENTS = {
 }
 
 
-def _popup_events(report: events.WebInteractions) -> list[pb.Event]:
+def _popup_events(report: events.WebInteractions) -> list[OwnEvent]:
     return [
-        _event(
+        _own(
             result.user_id,
             _POPUP_EVENTS[result.kind][0],
             f"herald:{_POPUP_EVENTS[result.kind][1]}:{result.delivery_id}",
@@ -119,18 +143,24 @@ class SystemEvents:
             chunk = list(recorded[start : start + MAX_EVENTS])
             await self.recorder.ingest(chunk, pb.IngestEventsRequest(events=chunk).ByteSize())
 
+    async def record_own(self, account_id: uuid.UUID, made: Sequence[OwnEvent]) -> None:
+        """Records events of Herald's own identifiers as the account, a call's worth at a time."""
+        act_as(service_caller(account_id))
+        for start in range(0, len(made), MAX_EVENTS):
+            await self.recorder.ingest_own(made[start : start + MAX_EVENTS])
+
     async def record_reports(
-        self, reports: Sequence[_Report], events_of: Callable[[Any], list[pb.Event]]
+        self, reports: Sequence[_Report], events_of: Callable[[Any], list[OwnEvent]]
     ) -> None:
         """Records the events each report makes, each account's together: the many small reports
         of a busy campaign, fetched as one batch, make few writes."""
-        by_account: dict[uuid.UUID, list[pb.Event]] = defaultdict(list)
+        by_account: dict[uuid.UUID, list[OwnEvent]] = defaultdict(list)
         for report in reports:
             account_id = account_id_of(report.account)
             if account_id is not None:
                 by_account[account_id] += events_of(report)
-        for account_id, recorded in sorted(by_account.items()):
-            await self.record(account_id, recorded)
+        for account_id, made in sorted(by_account.items()):
+            await self.record_own(account_id, made)
 
     async def from_outcomes(self, received: Sequence[events.DeliveryOutcomes]) -> None:
         """Control Group for users held back; Notification Delivered for exports accepted."""
@@ -140,9 +170,9 @@ class SystemEvents:
         """Notification Delivered for each delivery a provider's receipt says was delivered."""
         now = api.utcnow()
 
-        def delivered(report: events.DeliveryReceipts) -> list[pb.Event]:
+        def delivered(report: events.DeliveryReceipts) -> list[OwnEvent]:
             return [
-                _event(
+                _own(
                     result.user_id,
                     NOTIFICATION_DELIVERED,
                     f"herald:delivered:{result.delivery_id}",

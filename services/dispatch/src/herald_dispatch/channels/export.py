@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.events.v1 import events_pb2 as events
@@ -114,7 +115,7 @@ def _encode_each(
             failed.append(Outcome(recipient, FAILED, 0, reason))
             continue
         try:
-            item = json.dumps(build(recipient), separators=(",", ":"), ensure_ascii=False).encode()
+            item = compact_json(build(recipient))
         except personalization.PersonalizationError as error:
             failed.append(Outcome(recipient, FAILED, 0, f"personalization failed: {error}"))
             continue
@@ -126,6 +127,15 @@ def _encode_each(
         else:
             encoded.append(Encoded(recipient, item))
     return encoded, failed
+
+
+def compact_json(value: Any) -> bytes:
+    """Compact UTF-8 JSON; orjson, an order of magnitude faster per event than the standard
+    library, which serves only for the integers past 64 bits orjson refuses."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def packed(items: Sequence[Encoded], max_items: int, max_bytes: int) -> list[list[Encoded]]:

@@ -15,6 +15,7 @@ from datetime import date, datetime
 from typing import Any
 
 import aiohttp
+import orjson
 from google.protobuf.message import Message
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -134,7 +135,7 @@ class _BatchBuilder:
         return attributes
 
     def build(self, recipient: events.Recipient) -> dict[str, Any]:
-        profile = json.loads(recipient.attributes_json) if recipient.attributes_json else {}
+        profile = orjson.loads(recipient.attributes_json) if recipient.attributes_json else {}
         custom = dict(self.static)
         for key, template in self.templates.items():
             value = personalization.render(template, profile)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
+import orjson
 from google.protobuf.message import Message
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
@@ -60,7 +61,7 @@ class _EventBuilder:
         self.timestamp = _iso_millis(context.plan_time.timestamp())
 
     def build(self, recipient: events.Recipient) -> dict[str, Any]:
-        profile = json.loads(recipient.attributes_json) if recipient.attributes_json else {}
+        profile = orjson.loads(recipient.attributes_json) if recipient.attributes_json else {}
         properties = dict(self.static)
         for key, template in self.templates.items():
             properties[key] = personalization.render(template, profile)

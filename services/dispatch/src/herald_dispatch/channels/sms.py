@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from urllib.parse import urlencode
 
 import aiohttp
+import orjson
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
@@ -72,7 +73,7 @@ class SmsChannel(Channel, Protocol):
 
 def message_of(recipient: events.Recipient, body: str) -> tuple[str, str] | Outcome:
     """(phone, text) for a recipient, or the outcome that stops it before any provider is called."""
-    profile = json.loads(recipient.attributes_json or b"{}")
+    profile = orjson.loads(recipient.attributes_json or b"{}")
     phone = profile.get("phone") if isinstance(profile, dict) else None
     if not isinstance(phone, str) or not E164.match(phone):
         return Outcome(recipient, SKIPPED, 0, "no phone number")
