@@ -55,8 +55,18 @@ EARLIEST_SECONDS = datetime(2000, 1, 1, tzinfo=UTC).timestamp()
 # read as jsonb, whose records hand over each event's properties without parsing them again
 # (json_to_recordset took five times as long).
 # Users are added in user id order, so that two calls adding the same users cannot deadlock.
-_RECORD = sa.text(
-    f"""
+_NEW_USERS = f"""
+    , new_users AS (
+        INSERT INTO {SCHEMA}.users (account_id, user_id)
+        SELECT DISTINCT :account_id, user_id FROM stored ORDER BY user_id
+        ON CONFLICT DO NOTHING
+    )"""
+
+
+def _record_statement(adds_users: bool) -> sa.TextClause:
+    """Records a batch of events once each; with `adds_users`, makes the users not known yet."""
+    return sa.text(
+        f"""
     WITH incoming AS (
         SELECT e.c AS client_event_id, e.u AS user_id, e.n AS name, e.t AS occurred_at, e.p AS properties,
                pg_column_size(e.p) > {LARGE_PROPERTIES} AS large
@@ -77,14 +87,16 @@ _RECORD = sa.text(
     ), bodies AS (
         INSERT INTO {SCHEMA}.event_bodies (account_id, client_event_id, properties)
         SELECT :account_id, client_event_id, properties FROM kept WHERE large
-    ), new_users AS (
-        INSERT INTO {SCHEMA}.users (account_id, user_id)
-        SELECT DISTINCT :account_id, user_id FROM stored ORDER BY user_id
-        ON CONFLICT DO NOTHING
-    )
+    ){_NEW_USERS if adds_users else ""}
     SELECT client_event_id FROM fresh
     """
-)
+    )
+
+
+_RECORD = _record_statement(adds_users=True)
+# Herald's own events are of users it delivered to: they exist, and one deleted meanwhile must not
+# be made again by a late report.
+_RECORD_OWN = _record_statement(adds_users=False)
 # Profile events' properties merged into their users' profiles, in one statement for the batch.
 _SET_PROPERTIES = sa.text(
     f"""
@@ -231,7 +243,7 @@ class Events:
         """Records the events not recorded before; returns (accepted, duplicates)."""
         received = api.utcnow()
         parsed, types, check = self._validate(batch, size, received.timestamp())
-        return await self._record(batch, parsed, types, check, received)
+        return await self._record(batch, parsed, types, check, received, _RECORD)
 
     async def ingest_own(self, made: Sequence[OwnEvent]) -> tuple[int, int]:
         """Records events Herald made from its own identifiers (a delivery's id, campaign and user):
@@ -248,7 +260,7 @@ class Events:
                 types.add(f"events[{i}].properties", event_subject(name), dict.fromkeys(values, STRING))
             when = event.time.seconds + event.time.nanos / 1e9
             parsed.append(_Received(event, event.client_event_id, event.user_id, name, when, values))
-        return await self._record([e for e, _ in made], parsed, types, Validator(), received)
+        return await self._record([e for e, _ in made], parsed, types, Validator(), received, _RECORD_OWN)
 
     async def _record(
         self,
@@ -257,6 +269,7 @@ class Events:
         types: SentTypes,
         check: Validator,
         received: datetime,
+        statement: sa.TextClause,
     ) -> tuple[int, int]:
         account_id = current_account_id()
         await types.check(self.database, account_id, check)
@@ -270,7 +283,7 @@ class Events:
             unique = await _as_merged(session, account_id, unique)
             fresh = set(
                 await session.scalars(
-                    _RECORD,
+                    statement,
                     {
                         "account_id": account_id,
                         "events": orjson.dumps(
