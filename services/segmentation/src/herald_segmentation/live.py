@@ -9,6 +9,7 @@ the same outbox as the events; the scheduler owns what follows (timers, limits, 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import uuid
@@ -78,11 +79,12 @@ class _Watch:
     # A goal's: the property whose value is the conversion's revenue.
     revenue_property: str = ""
 
-    @property
+    # Read for every event a call records: worked out once.
+    @functools.cached_property
     def starts(self) -> float:
         return self.start.timestamp()
 
-    @property
+    @functools.cached_property
     def ends(self) -> float:
         return self.end.timestamp() if self.end is not None else math.inf
 
