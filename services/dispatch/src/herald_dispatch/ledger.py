@@ -91,21 +91,30 @@ _CLAIM_UNSETTLED = sa.text(
               attempted_at, rounds
     """
 )
+# An attempt and what came before it are read in two statements, each with its own snapshot:
+# the first takes the batch's attempts row, waiting for an earlier attempt that is recording its
+# results (which holds that row, _HOLD_ATTEMPTS); the second then sees those results. Read in one
+# statement, they could both miss each other: the recording attempt saw no later attempt (so its
+# results were not counted as resent) and this one no results (so it sent the batch again).
 _BEGIN = sa.text(
     """
-    WITH attempt AS (
-        INSERT INTO dispatch.batch_attempts AS b (batch_id, account_id, attempts)
-        VALUES (:batch_id, :account_id, 1)
-        ON CONFLICT (batch_id) DO UPDATE SET attempts = b.attempts + 1, started_at = now()
-        RETURNING attempts
-    )
-    SELECT (SELECT attempts FROM attempt) AS attempts,
-           ARRAY(SELECT delivery_id FROM dispatch.deliveries
+    INSERT INTO dispatch.batch_attempts AS b (batch_id, account_id, attempts)
+    VALUES (:batch_id, :account_id, 1)
+    ON CONFLICT (batch_id) DO UPDATE SET attempts = b.attempts + 1, started_at = now()
+    RETURNING attempts
+    """
+)
+_BEFORE = sa.text(
+    """
+    SELECT ARRAY(SELECT delivery_id FROM dispatch.deliveries
                  WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished,
            (SELECT coalesce(json_object_agg(delivery_id, destination), '{}')
             FROM dispatch.delivery_intents WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS intended
     """
 )
+# Results are recorded holding the batch's attempts row, so that a later attempt begins either
+# before (and these results count as resent) or after (and it sees them).
+_HOLD_ATTEMPTS = sa.text("SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id FOR SHARE")
 
 
 # The attempt number the settler sends and records with: after every real attempt, so what it
@@ -158,21 +167,13 @@ class DeliveryLedger:
             return list(claimed.all())
 
     async def begin(self, batch: events.DeliveryBatch, account_id: uuid.UUID) -> Attempt:
-        """Records an attempt at the batch, before anything is sent, in one round trip: its
-        number, the deliveries that already have a final result (the batch was handed over
-        again) and those whose request was about to be made when an earlier attempt ended."""
+        """Records an attempt at the batch, before anything is sent: its number, the deliveries
+        that already have a final result (the batch was handed over again) and those whose request
+        was about to be made when an earlier attempt ended."""
         async with self.database.transaction() as session:
-            row = (
-                await session.execute(
-                    _BEGIN,
-                    {
-                        "batch_id": batch.batch_id,
-                        "account_id": account_id,
-                        "ids": [r.delivery_id for r in batch.recipients],
-                    },
-                )
-            ).one()
-        return Attempt(int(row.attempts), set(row.finished), dict(row.intended))
+            number = await session.scalar(_BEGIN, {"batch_id": batch.batch_id, "account_id": account_id})
+            row = (await session.execute(_BEFORE, {"ids": [r.delivery_id for r in batch.recipients]})).one()
+        return Attempt(int(number), set(row.finished), dict(row.intended))
 
     async def record(
         self,
@@ -197,6 +198,7 @@ class DeliveryLedger:
         for outcome in unique.values():
             (to_settle if outcome.status == UNKNOWN and outcome.settle is not None else rows).append(outcome)
         async with self.database.transaction() as session:
+            await session.execute(_HOLD_ATTEMPTS, {"batch_id": batch.batch_id})
             if to_settle:
                 await self._wait_to_settle(session, batch, account_id, to_settle)
             if claimed:
