@@ -293,14 +293,20 @@ async def test_identify_merges_the_anonymous_visitor_into_the_user(site: WebSite
     assert unsigned.status == 400 and unsigned.body["field"] == "user_signature"
 
 
-async def test_a_purchase_recorded_before_the_sign_in_is_heard_of_still_converts(site: WebSite) -> None:
-    """The user buys before the campaign service hears of the merge: the purchase waits for an
-    exposure of the user's, and the merge brings it the visitor's."""
+async def _pop_up_with_a_charged_goal(site: WebSite) -> campaign_pb.Campaign:
+    """A one-page pop-up campaign whose goal is "Charged" within 24 hours, its goal in force."""
     window = Duration()
     window.FromTimedelta(timedelta(hours=24))
     goal = campaign_pb.Goal(event=campaign_pb.LiveEvent(event_name="Charged"), conversion_window=window)
     campaign = await site.campaign(page_count(1), _single(), goal=goal)
     await until_goal_matched(site.platform.settings.database_url, campaign.name)
+    return campaign
+
+
+async def test_a_purchase_recorded_before_the_sign_in_is_heard_of_still_converts(site: WebSite) -> None:
+    """The user buys before the campaign service hears of the merge: the purchase waits for an
+    exposure of the user's, and the merge brings it the visitor's."""
+    campaign = await _pop_up_with_a_charged_goal(site)
     anonymous, user_id = f"anon:{uuid.uuid4().hex}", f"user-{uuid.uuid4().hex[:8]}"
     await site.view_pages(anonymous, "s", 1)
     await _shown(site, anonymous, "s")
@@ -338,11 +344,7 @@ async def test_a_purchase_recorded_before_the_sign_in_is_heard_of_still_converts
 
 
 async def test_a_visitor_who_signs_in_keeps_their_pop_up_conversion_and_active_hours(site: WebSite) -> None:
-    window = Duration()
-    window.FromTimedelta(timedelta(hours=24))
-    goal = campaign_pb.Goal(event=campaign_pb.LiveEvent(event_name="Charged"), conversion_window=window)
-    campaign = await site.campaign(page_count(1), _single(), goal=goal)
-    await until_goal_matched(site.platform.settings.database_url, campaign.name)
+    campaign = await _pop_up_with_a_charged_goal(site)
     anonymous, user_id = f"anon:{uuid.uuid4().hex}", f"user-{uuid.uuid4().hex[:8]}"
     hours = {api.utcnow().hour}
     await site.view_pages(anonymous, "s", 1)

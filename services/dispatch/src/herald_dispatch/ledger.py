@@ -43,8 +43,7 @@ _RECORD = sa.text(
            -- wait): whatever this one sent, that one may send again, where the destination
            -- de-duplicates (an SMS delivery belongs to the one attempt that claimed it).
            x OR (CAST(:claimed AS bool) IS FALSE AND s = 'sent'
-                 AND (SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id)
-                     > CAST(:attempt AS int)),
+                 AND CAST(:latest_attempt AS int) > CAST(:attempt AS int)),
            nullif(m, ''), CAST(:completed_at AS timestamptz)
     FROM unnest(CAST(:ids AS text[]), CAST(:users AS text[]), CAST(:statuses AS text[]),
                 CAST(:attempts AS int[]), CAST(:reasons AS text[]), CAST(:resent AS bool[]),
@@ -113,7 +112,8 @@ _BEFORE = sa.text(
     """
 )
 # Results are recorded holding the batch's attempts row, so that a later attempt begins either
-# before (and these results count as resent) or after (and it sees them).
+# before (and these results count as resent) or after (and it sees them); the row's count is what
+# they are judged resent by.
 _HOLD_ATTEMPTS = sa.text("SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id FOR SHARE")
 
 
@@ -198,7 +198,8 @@ class DeliveryLedger:
         for outcome in unique.values():
             (to_settle if outcome.status == UNKNOWN and outcome.settle is not None else rows).append(outcome)
         async with self.database.transaction() as session:
-            await session.execute(_HOLD_ATTEMPTS, {"batch_id": batch.batch_id})
+            # The batch's latest attempt, held until these results are committed.
+            latest_attempt = await session.scalar(_HOLD_ATTEMPTS, {"batch_id": batch.batch_id})
             if to_settle:
                 await self._wait_to_settle(session, batch, account_id, to_settle)
             if claimed:
@@ -212,7 +213,7 @@ class DeliveryLedger:
                     _RECORD,
                     {
                         "completed_at": completed_at,
-                        "batch_id": batch.batch_id,
+                        "latest_attempt": latest_attempt,
                         "attempt": attempt,
                         "claimed": claimed,
                         "account_id": account_id,

@@ -243,7 +243,7 @@ class Events:
         """Records the events not recorded before; returns (accepted, duplicates)."""
         received = api.utcnow()
         parsed, types, check = self._validate(batch, size, received.timestamp())
-        return await self._record(batch, parsed, types, check, received, _RECORD)
+        return await self._record(parsed, types, check, received, _RECORD)
 
     async def ingest_own(self, made: Sequence[OwnEvent]) -> tuple[int, int]:
         """Records events Herald made from its own identifiers (a delivery's id, campaign and user):
@@ -260,11 +260,10 @@ class Events:
                 types.add(f"events[{i}].properties", event_subject(name), dict.fromkeys(values, STRING))
             when = event.time.seconds + event.time.nanos / 1e9
             parsed.append(_Received(event, event.client_event_id, event.user_id, name, when, values))
-        return await self._record([e for e, _ in made], parsed, types, Validator(), received, _RECORD_OWN)
+        return await self._record(parsed, types, Validator(), received, _RECORD_OWN)
 
     async def _record(
         self,
-        batch: Sequence[pb.Event],
         parsed: list[_Received],
         types: SentTypes,
         check: Validator,
@@ -307,7 +306,7 @@ class Events:
                     )
         if recorded:
             self.notify_outbox()
-        return len(recorded), len(batch) - len(recorded)
+        return len(recorded), len(parsed) - len(recorded)
 
     @staticmethod
     async def _refuse_oversized_profiles(

@@ -41,13 +41,6 @@ from herald_segmentation.events import MAX_EVENTS, Events, OwnEvent
 from herald_segmentation.storage import users
 
 
-def _event(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> pb.Event:
-    event = pb.Event(user_id=user_id, name=name, client_event_id=client_id)
-    event.time.CopyFrom(at if isinstance(at, Timestamp) else api.timestamp(at))
-    event.properties.update(properties)
-    return event
-
-
 def _own(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> OwnEvent:
     """An event of Herald's own identifiers, its properties set field by field (Struct.update
     goes through a slower, general path)."""
@@ -57,6 +50,11 @@ def _own(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **pr
     for key, value in properties.items():
         fields[key].string_value = value
     return OwnEvent(event, properties)
+
+
+def _event(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> pb.Event:
+    """An event of outside values, checked as a caller's are."""
+    return _own(user_id, name, client_id, at, **properties).event
 
 
 def app_version_events(
