@@ -244,6 +244,7 @@ async def test_watching_a_run_streams_its_progress_until_it_ends(
         key=[
             scheduler_pb.RUN_STATE_PENDING,
             scheduler_pb.RUN_STATE_RUNNING,
+            scheduler_pb.RUN_STATE_RELEASING,  # while planned deliveries wait to be handed over
             scheduler_pb.RUN_STATE_DISPATCHED,
         ].index,
     )
