@@ -27,7 +27,16 @@ from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation_grpc
 from herald_common import api
 from herald_common.logging import configure_logging
-from tests.bench import WRITE_KEY, PeakMemory, fake_segment, percentile, service_processes, upsert_users
+from tests.bench import (
+    HERALD_SERVICES,
+    WRITE_KEY,
+    PeakMemory,
+    cpu_used,
+    fake_segment,
+    percentile,
+    service_processes,
+    upsert_users,
+)
 from tests.harness import create_account, fresh_settings, keyed_channel
 from tests.helpers import condition, matching, segment_export_campaign
 from tests.processes import benchmark_servers
@@ -72,6 +81,7 @@ async def run(sizes: Sizes) -> None:
         service_processes(settings, memory) as services,
     ):
         sampler = asyncio.create_task(memory.sample_forever())
+        idle_rate = await memory.idle_rate(HERALD_SERVICES)
         _, key = await create_account(services.address("campaign"), settings.bootstrap_token, "results bench")
         async with (
             keyed_channel(services.address("segmentation"), key) as segmentation_channel,
@@ -141,7 +151,8 @@ async def run(sizes: Sizes) -> None:
                 finally:
                     slots.release()
 
-            cpu_before = memory.cpu_seconds()
+            # What the export set going (system events, exposures) is done before the goal events.
+            cpu_before = await memory.quiet(HERALD_SERVICES, idle_rate)
             started = time.monotonic()
             tasks = []
             for offset in range(0, count, EVENTS_PER_CALL):
@@ -156,7 +167,7 @@ async def run(sizes: Sizes) -> None:
 
             await _wait_for(all_converted, 3600)
             converted_s = time.monotonic() - started
-            cpu = {n: used - cpu_before.get(n, 0.0) for n, used in memory.cpu_seconds().items()}
+            cpu = cpu_used(cpu_before, await memory.quiet(HERALD_SERVICES, idle_rate))
             final = (await stats()).goal
 
             latencies = []

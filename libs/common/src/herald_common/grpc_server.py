@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import signal
 import time
@@ -13,6 +14,7 @@ from typing import Any
 import grpc
 import structlog
 from google.protobuf import any_pb2, descriptor_pool
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -40,7 +42,7 @@ from herald_common.errors import (
 from herald_common.faults import is_transient
 from herald_common.limits import (
     GRPC_RECEIVE_BYTES,
-    HEAVY_AT_ONCE,
+    HEAVY_BYTES_AT_ONCE,
     HEAVY_METHODS,
     MAX_CONCURRENT_RPCS,
     request_limit,
@@ -223,6 +225,51 @@ async def _each_decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 _OPEN_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 
 
+class ByteTurns:
+    """Work on at most `total` bytes of requests at once; the others wait, first come first
+    served (a large request is not passed by a stream of small ones)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.free = total
+        self._waiting: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, size: int) -> AsyncIterator[None]:
+        if size <= 0:
+            yield
+            return
+        size = min(size, self.total)
+        if self._waiting or self.free < size:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiting.append((size, waiter))
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled():
+                    self._give_back(size)  # granted as it was cancelled
+                else:
+                    self._waiting.remove((size, waiter))
+                    self._grant()  # a smaller one behind it may fit now
+                raise
+        else:
+            self.free -= size
+        try:
+            yield
+        finally:
+            self._give_back(size)
+
+    def _give_back(self, size: int) -> None:
+        self.free += size
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._waiting and self._waiting[0][0] <= self.free:
+            size, waiter = self._waiting.popleft()
+            self.free -= size
+            waiter.set_result(None)
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call against the permission its method needs, binds a request id to
     its log lines and reports domain errors as gRPC status."""
@@ -237,7 +284,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         self.permissions = permissions
         self.metrics = metrics
         # The heavy methods take turns (see herald_common.limits).
-        self._heavy = asyncio.Semaphore(HEAVY_AT_ONCE)
+        self._heavy = ByteTurns(HEAVY_BYTES_AT_ONCE)
 
     async def _authenticate(self, details: Any, context: Any) -> None:
         if details.method.startswith(_OPEN_PREFIXES) or self.authenticator is None:
@@ -280,16 +327,16 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
-        decode = _tolerant(handler.request_deserializer, request_limit(handler_call_details.method))
-        # The heavy methods (unary or uploads) take turns; the others go at once.
-        turn: contextlib.AbstractAsyncContextManager[Any] = (
-            self._heavy if handler_call_details.method in HEAVY_METHODS else contextlib.nullcontext()
-        )
+        limit = request_limit(handler_call_details.method)
+        decode = _tolerant(handler.request_deserializer, limit)
+        # The heavy methods (unary or uploads) take turns, by their size; the others go at once.
+        heavy = handler_call_details.method in HEAVY_METHODS
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
             async def unary(request: Any, context: Any) -> Any:
-                async with self._call(handler_call_details, context), turn:
+                size = request.ByteSize() if heavy and isinstance(request, Message) else 0
+                async with self._call(handler_call_details, context), self._heavy.turn(size):
                     return await inner_unary(_decoded(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -314,7 +361,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner_upload = handler.stream_unary
 
             async def upload(requests: Any, context: Any) -> Any:
-                async with self._call(handler_call_details, context), turn:
+                # An upload holds one message at a time, of at most the method's limit.
+                async with self._call(handler_call_details, context), self._heavy.turn(limit if heavy else 0):
                     return await inner_upload(_each_decoded(requests), context)
 
             return grpc.stream_unary_rpc_method_handler(

@@ -18,14 +18,16 @@ MAX_REQUEST_BYTES = max(DEFAULT_REQUEST_BYTES, *REQUEST_BYTES.values())
 GRPC_RECEIVE_BYTES = MAX_REQUEST_BYTES + 64 * 1024
 
 
-# Calls a replica serves at once (gRPC answers RESOURCE_EXHAUSTED past it), and of them, calls
-# of the heavy methods (the largest requests, each turned into many Python objects) handled at
-# once; the others wait their turn holding only their decoded message. So what requests in flight
-# hold is bounded by MAX_CONCURRENT_RPCS messages of at most their limit, of which HEAVY_AT_ONCE
-# are being worked on (tests/test_request_memory.py measures it).
+# Calls a replica serves at once (gRPC answers RESOURCE_EXHAUSTED past it), and of them, how
+# many bytes of requests of the heavy methods (the largest requests, each turned into many Python
+# objects) are worked on at once: two of the largest UpsertUsers, eight of the largest
+# IngestEvents, many small ones. The others wait their turn, first come first served, holding only
+# their decoded message. So what requests in flight hold is bounded by MAX_CONCURRENT_RPCS
+# messages of at most their limit, of which HEAVY_BYTES_AT_ONCE are being worked on
+# (tests/test_request_memory.py measures it).
 MAX_CONCURRENT_RPCS = 64
 HEAVY_METHODS = frozenset(REQUEST_BYTES)
-HEAVY_AT_ONCE = 2
+HEAVY_BYTES_AT_ONCE = 8 << 20
 
 
 def request_limit(method: str) -> int:

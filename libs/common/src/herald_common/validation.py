@@ -7,10 +7,11 @@ Enum fields must hold a value their enum defines.
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
-from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
 from herald_common.errors import Validator
@@ -63,29 +64,56 @@ def nul_fields(message: Message, path: str = "", found: list[str] | None = None)
     Well-known types are left to the checks that read them (properties, filter values): walking a
     Struct field by field costs a hundred times more than the rest of a request."""
     found = [] if found is None else found
-    for field, value in message.ListFields():
-        if len(found) >= _MAX_PROBLEMS:
-            break
-        if field.type == FieldDescriptor.TYPE_STRING:
-            items = enumerate(value) if field.is_repeated else [(None, value)]
-            found += [_at(path, field.name, i) for i, text in items if "\x00" in text]
-        elif field.message_type is not None:
-            if field.message_type.full_name.startswith("google.protobuf."):
-                continue
-            if field.message_type.GetOptions().map_entry:
-                for key, item in value.items():
-                    if isinstance(key, str) and "\x00" in key:
-                        found.append(_at(path, field.name, "key"))
-                    elif isinstance(item, str) and "\x00" in item:
-                        found.append(_at(path, field.name, key))
-                    elif isinstance(item, Message):
-                        nul_fields(item, f"{_at(path, field.name, key)}.", found)
-            elif field.is_repeated:
-                for i, item in enumerate(value):
-                    nul_fields(item, f"{_at(path, field.name, i)}.", found)
-            else:
-                nul_fields(value, f"{path}{field.name}.", found)
+    plan = _plan(message.DESCRIPTOR)
+    for name in plan.texts:
+        if "\x00" in getattr(message, name):
+            found.append(f"{path}{name}")
+    for name in plan.repeated_texts:
+        found += [_at(path, name, i) for i, text in enumerate(getattr(message, name)) if "\x00" in text]
+    for name in plan.maps:
+        for key, item in getattr(message, name).items():
+            if isinstance(key, str) and "\x00" in key:
+                found.append(_at(path, name, "key"))
+            elif isinstance(item, str) and "\x00" in item:
+                found.append(_at(path, name, key))
+            elif isinstance(item, Message):
+                nul_fields(item, f"{_at(path, name, key)}.", found)
+    for name in plan.repeated_messages:
+        for i, item in enumerate(getattr(message, name)):
+            nul_fields(item, f"{_at(path, name, i)}.", found)
+            if len(found) >= _MAX_PROBLEMS:
+                break
+    for name in plan.messages:
+        if message.HasField(name):
+            nul_fields(getattr(message, name), f"{path}{name}.", found)
     return found[:_MAX_PROBLEMS]
+
+
+class _Plan(NamedTuple):
+    """A message type's fields that may hold text, by how nul_fields reads them."""
+
+    texts: list[str]
+    repeated_texts: list[str]
+    maps: list[str]
+    repeated_messages: list[str]
+    messages: list[str]
+
+
+@functools.cache
+def _plan(descriptor: Descriptor) -> _Plan:
+    """Made once per message type: reading each field by name is three times cheaper than
+    ListFields, which also hands over the well-known types skipped here."""
+    plan = _Plan([], [], [], [], [])
+    for field in descriptor.fields:
+        if field.type == FieldDescriptor.TYPE_STRING:
+            (plan.repeated_texts if field.is_repeated else plan.texts).append(field.name)
+        elif field.message_type is None or field.message_type.full_name.startswith("google.protobuf."):
+            continue
+        elif field.message_type.GetOptions().map_entry:
+            plan.maps.append(field.name)
+        else:
+            (plan.repeated_messages if field.is_repeated else plan.messages).append(field.name)
+    return plan
 
 
 def _at(path: str, name: str, index: object) -> str:

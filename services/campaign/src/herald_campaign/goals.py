@@ -22,9 +22,8 @@ import math
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
@@ -49,8 +48,7 @@ WAITING_FOR_EXPOSURE = timedelta(hours=1)
 Z_95 = 1.959963984540054
 
 
-@dataclass(frozen=True)
-class _GoalEvent:
+class _GoalEvent(NamedTuple):  # a tuple: made for every goal event, several times cheaper
     campaign_id: uuid.UUID
     account_id: uuid.UUID
     user_id: str
@@ -275,6 +273,7 @@ async def _attribute(
     """Gives each event, oldest first, to the most recent exposure before it. Events with no
     exposure yet wait (or, already waiting, wait on); the others are settled."""
     found = sorted(found, key=lambda e: e.at)
+    window = {c: goal.conversion_window.ToTimedelta().total_seconds() for c, (_, goal) in goals.items()}
     latest = {
         row.k: row
         for row in await session.execute(
@@ -284,9 +283,7 @@ async def _attribute(
                 "campaigns": [e.campaign_id for e in found],
                 "users": [e.user_id for e in found],
                 "times": [e.at for e in found],
-                "windows": [
-                    goals[e.campaign_id][1].conversion_window.ToTimedelta().total_seconds() for e in found
-                ],
+                "windows": [window[e.campaign_id] for e in found],
             },
         )
     }

@@ -59,6 +59,8 @@ _DATE_ONLY = {
     Op.OPERATOR_WITHIN_NEXT_DAYS,
 }
 _PRESENCE = {Op.OPERATOR_EXISTS, Op.OPERATOR_NOT_EXISTS}
+# The operators whose SQL holds the moment it was built for.
+_RELATIVE_TO_NOW = {Op.OPERATOR_WITHIN_LAST_DAYS, Op.OPERATOR_WITHIN_NEXT_DAYS}
 # Which operators suit which type.
 OPERATORS: dict[PropertyType, set[pb.Operator.ValueType]] = {
     T.STRING: {Op.OPERATOR_EQUALS, Op.OPERATOR_NOT_EQUALS, Op.OPERATOR_IN, Op.OPERATOR_CONTAINS}
@@ -794,6 +796,11 @@ def event_where(
     """All of an event condition's `where` tests, on a JSONB column of event properties."""
     subject = event_subject(event_name)
     return sa.and_(sa.true(), *[_property(w, column, subject, ctx) for w in where])
+
+
+def reads_now(where: Sequence[pb.PropertyCondition]) -> bool:
+    """Whether event_where's SQL for these tests depends on the Context's `now`."""
+    return any(w.operator in _RELATIVE_TO_NOW for w in where)
 
 
 def validate_event_where(

@@ -13,11 +13,11 @@ import functools
 import json
 import math
 import uuid
-from collections import defaultdict
-from collections.abc import Sequence
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 import sqlalchemy as sa
@@ -34,7 +34,7 @@ from herald_common.db import Database
 from herald_common.live import as_action
 from herald_common.logging import get_logger
 from herald_common.outbox import OutboxEvent
-from herald_segmentation.filters import EVENT_PROPERTIES, Context, event_where
+from herald_segmentation.filters import EVENT_PROPERTIES, Context, event_where, reads_now
 from herald_segmentation.properties import event_subject, known_types
 from herald_segmentation.storage import events, goals, live_triggers
 
@@ -88,6 +88,45 @@ class _Watch:
     def ends(self) -> float:
         return self.end.timestamp() if self.end is not None else math.inf
 
+    @property
+    def key(self) -> tuple[str, int, int]:
+        """Which watch this is: a campaign's version fixes its trigger and goal."""
+        return self.campaign, self.version, self.role
+
+
+_Kept = TypeVar("_Kept")
+
+
+class _Recent(Generic[_Kept]):
+    """The values made for the most recently used keys: what every call would otherwise rebuild
+    from the same campaigns."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.values: OrderedDict[Hashable, _Kept] = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], _Kept]) -> _Kept:
+        if key in self.values:
+            self.values.move_to_end(key)
+            return self.values[key]
+        value = self.values[key] = make()
+        if len(self.values) > self.size:
+            self.values.popitem(last=False)
+        return value
+
+
+# Parsed watches, by the spec row they come from.
+_WATCHES: _Recent[list[_Watch]] = _Recent(1024)
+# `where` statements, by the watches they test and the property types they were built for.
+_WHERE_STATEMENTS: _Recent[sa.Select[Any]] = _Recent(256)
+# The candidates of a call as rows: one JSON document, one parameter, where arrays cost a check
+# per item.
+_CANDIDATES = (
+    sa.func.jsonb_to_recordset(sa.cast(sa.bindparam("candidates", type_=sa.Text), JSONB))
+    .table_valued(sa.column("k", sa.Integer), sa.column("properties", JSONB), sa.column("watch", sa.Integer))
+    .render_derived(name="t", with_types=True)
+)
+
 
 def watches(
     campaign: str, version: int, trigger: campaign_pb.LiveTrigger, start: datetime, end: datetime | None
@@ -111,9 +150,8 @@ def watches(
 
 
 def _timestamp(seconds: float) -> Timestamp:
-    stamp = Timestamp()
-    stamp.FromNanoseconds(round(seconds * 1e9))
-    return stamp
+    whole, nanos = divmod(round(seconds * 1e9), 1_000_000_000)
+    return Timestamp(seconds=whole, nanos=nanos)
 
 
 def _text(value: Any) -> str:
@@ -157,6 +195,51 @@ async def _keep_goal(
 
 def _json(value: Any) -> str:
     return "" if value is None else json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _watches_of(row: Any) -> list[_Watch]:
+    """The watches of a row of _TRIGGERS_AND_GOALS."""
+    if row.goal:
+        goal = campaign_pb.Goal.FromString(row.spec)
+        return [
+            _Watch(
+                row.campaign,
+                row.version,
+                GOAL,
+                goal.event,
+                row.start_at,
+                row.end_at,
+                match_property="",
+                date_property="",
+                revenue_property=goal.revenue_property,
+            )
+        ]
+    trigger = campaign_pb.LiveTrigger.FromString(row.spec)
+    return watches(row.campaign, row.version, trigger, row.start_at, row.end_at)
+
+
+# The account's active triggers and goals, in one round trip: this runs for every call.
+_TRIGGERS_AND_GOALS = sa.union_all(
+    sa.select(
+        sa.literal(False).label("goal"),
+        live_triggers.c.campaign,
+        live_triggers.c.version,
+        live_triggers.c.trigger.label("spec"),
+        live_triggers.c.start_at,
+        live_triggers.c.end_at,
+    ).where(live_triggers.c.account_id == sa.bindparam("account_id"), live_triggers.c.active),
+    sa.select(
+        sa.literal(True).label("goal"),
+        goals.c.campaign,
+        goals.c.version,
+        goals.c.goal.label("spec"),
+        goals.c.start_at,
+        goals.c.end_at,
+    ).where(
+        goals.c.account_id == sa.bindparam("account_id"),
+        sa.or_(goals.c.end_at.is_(None), goals.c.end_at > sa.bindparam("since")),
+    ),
+)
 
 
 class LiveTriggers:
@@ -208,49 +291,14 @@ class LiveTriggers:
     ) -> list[OutboxEvent]:
         """The LiveMatches and GoalEvents of events just recorded (none when no live campaign
         watches them and no goal names them)."""
-        # The account's active triggers and goals, in one round trip: this runs for every call.
-        triggers = sa.select(
-            sa.literal(False).label("goal"),
-            live_triggers.c.campaign,
-            live_triggers.c.version,
-            live_triggers.c.trigger.label("spec"),
-            live_triggers.c.start_at,
-            live_triggers.c.end_at,
-        ).where(live_triggers.c.account_id == account_id, live_triggers.c.active)
-        goal_specs = sa.select(
-            sa.literal(True).label("goal"),
-            goals.c.campaign,
-            goals.c.version,
-            goals.c.goal.label("spec"),
-            goals.c.start_at,
-            goals.c.end_at,
-        ).where(
-            goals.c.account_id == account_id,
-            sa.or_(goals.c.end_at.is_(None), goals.c.end_at > received - LATENESS_ALLOWANCE),
-        )
-        rows = (await session.execute(sa.union_all(triggers, goal_specs))).all()
+        rows = (
+            await session.execute(
+                _TRIGGERS_AND_GOALS, {"account_id": account_id, "since": received - LATENESS_ALLOWANCE}
+            )
+        ).all()
         if not rows:
             return []
-        watching = []
-        for row in rows:
-            if row.goal:
-                goal = campaign_pb.Goal.FromString(row.spec)
-                watching.append(
-                    _Watch(
-                        row.campaign,
-                        row.version,
-                        GOAL,
-                        goal.event,
-                        row.start_at,
-                        row.end_at,
-                        match_property="",
-                        date_property="",
-                        revenue_property=goal.revenue_property,
-                    )
-                )
-            else:
-                trigger = campaign_pb.LiveTrigger.FromString(row.spec)
-                watching += watches(row.campaign, row.version, trigger, row.start_at, row.end_at)
+        watching = [w for row in rows for w in _WATCHES.get(tuple(row), functools.partial(_watches_of, row))]
         earliest = (received - LATENESS_ALLOWANCE).timestamp()
         timely = [e for e in recorded if e.when >= earliest]
         by_name: dict[str, list[_Watch]] = defaultdict(list)
@@ -400,24 +448,12 @@ class LiveTriggers:
         ctx = Context(
             account_id=account_id, now=api.utcnow(), types=await known_types(session, account_id, keys)
         )
-        # The candidates as one JSON document: one parameter, where arrays cost a check per item.
-        rows = (
-            sa.func.jsonb_to_recordset(sa.cast(sa.bindparam("candidates", type_=sa.Text), JSONB))
-            .table_valued(
-                sa.column("k", sa.Integer), sa.column("properties", JSONB), sa.column("watch", sa.Integer)
-            )
-            .render_derived(name="t", with_types=True)
-        )
-        holds = sa.case(
-            *[
-                (rows.c.watch == n, event_where(w.event.where, rows.c.properties, w.event.event_name, ctx))
-                for n, w in enumerate(distinct)
-            ],
-            else_=sa.false(),
-        )
+        relative = any(reads_now(w.event.where) for w in distinct)
+        types = tuple(sorted(ctx.types.items()))
+        key = (tuple(w.key for w in distinct), types, ctx.now if relative else None)
         passed = set(
             await session.scalars(
-                sa.select(rows.c.k).where(holds),
+                _WHERE_STATEMENTS.get(key, functools.partial(_where_statement, distinct, ctx)),
                 {
                     "candidates": orjson.dumps(
                         [
@@ -434,3 +470,16 @@ class LiveTriggers:
         )
         needs = set(tested)
         return [k in passed or k not in needs for k in range(len(candidates))]
+
+
+def _where_statement(distinct: list[_Watch], ctx: Context) -> sa.Select[Any]:
+    """The candidates (of _CANDIDATES) that pass their watch's `where` tests; watch n is the nth."""
+    rows = _CANDIDATES
+    holds = sa.case(
+        *[
+            (rows.c.watch == n, event_where(w.event.where, rows.c.properties, w.event.event_name, ctx))
+            for n, w in enumerate(distinct)
+        ],
+        else_=sa.false(),
+    )
+    return sa.select(rows.c.k).where(holds)
