@@ -22,9 +22,10 @@ import math
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any, NamedTuple
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -53,14 +54,19 @@ class _GoalEvent(NamedTuple):  # a tuple: made for every goal event, several tim
     account_id: uuid.UUID
     user_id: str
     client_id: str
-    at: datetime
+    at: float  # seconds since the epoch, to the microsecond
     revenue: float
 
 
 def _waiting_event(row: Any) -> _GoalEvent:
     """A goal event as it waits in waiting_goal_events."""
     return _GoalEvent(
-        row.campaign_id, row.account_id, row.user_id, row.client_event_id, row.event_time, row.revenue
+        row.campaign_id,
+        row.account_id,
+        row.user_id,
+        row.client_event_id,
+        row.event_time.timestamp(),
+        row.revenue,
     )
 
 
@@ -158,7 +164,7 @@ class Conversions:
                     account_id,
                     e.user_id,
                     e.client_event_id,
-                    api.instant(e.event_time.seconds, e.event_time.nanos),
+                    e.event_time.seconds + e.event_time.nanos // 1000 / 1e6,
                     e.revenue,
                 )
                 for published in received
@@ -215,22 +221,7 @@ _MOVE_TO_USER = [
 ]
 
 
-# Each event's most recent exposure before it, inside its campaign's window.
-_LATEST_EXPOSURE = sa.text(
-    """
-    SELECT e.k, x.delivery_id, x.converted_at IS NOT NULL AS converted
-    FROM unnest(CAST(:ks AS int[]), CAST(:campaigns AS uuid[]), CAST(:users AS text[]),
-                CAST(:times AS timestamptz[]), CAST(:windows AS float8[]))
-         AS e(k, campaign_id, user_id, at, window_s)
-    CROSS JOIN LATERAL (
-        SELECT delivery_id, converted_at FROM campaign.exposures x
-        WHERE x.campaign_id = e.campaign_id AND x.user_id = e.user_id AND x.exposed_at <= e.at
-          AND x.exposed_at >= e.at - make_interval(secs => e.window_s)
-        ORDER BY x.exposed_at DESC LIMIT 1
-    ) x
-    """
-)
-# Lookups by (campaign, user) and (campaign, event) pairs: two array parameters however many.
+# The goal events waiting for one of (campaign, user) pairs: two array parameters however many.
 _WAITING_OF = sa.text(
     """
     SELECT w.* FROM campaign.waiting_goal_events w
@@ -238,28 +229,86 @@ _WAITING_OF = sa.text(
       ON w.campaign_id = p.campaign_id AND w.user_id = p.user_id
     """
 )
-_CONVERTED_BY = sa.text(
-    """
-    SELECT x.campaign_id, x.conversion_event FROM campaign.exposures x
-    JOIN unnest(CAST(:campaigns AS uuid[]), CAST(:events AS text[])) AS e(campaign_id, event_id)
-      ON x.campaign_id = e.campaign_id AND x.conversion_event = e.event_id
-    """
+# Gives a batch of goal events (a JSON array, oldest first) to the exposures they follow, in one
+# statement: each event's most recent exposure of its campaign before it, inside the window, that
+# has not converted, unless the event converted one before (a copy); each exposure to the first
+# such event. The conversions are added to the campaign's and the run's counts, and the events
+# are settled (`settled`, below).
+_ATTRIBUTE = """
+    WITH e AS (
+        SELECT * FROM jsonb_to_recordset(CAST(:events AS jsonb))
+            AS e(k int, c uuid, a uuid, u text, i text, t float8, r float8, w float8)
+    ), placed AS (
+        SELECT e.k, e.c, e.a, e.u, e.i, to_timestamp(e.t) AS at, e.r, x.delivery_id, x.converted,
+               EXISTS (
+                   SELECT 1 FROM campaign.exposures y WHERE y.campaign_id = e.c AND y.conversion_event = e.i
+               ) AS counted
+        FROM e LEFT JOIN LATERAL (
+            SELECT delivery_id, converted_at IS NOT NULL AS converted FROM campaign.exposures x
+            WHERE x.campaign_id = e.c AND x.user_id = e.u AND x.exposed_at <= to_timestamp(e.t)
+              AND x.exposed_at >= to_timestamp(e.t) - make_interval(secs => e.w)
+            ORDER BY x.exposed_at DESC LIMIT 1
+        ) x ON true
+    ), chosen AS (
+        SELECT DISTINCT ON (delivery_id) delivery_id, at, i, r FROM placed
+        WHERE delivery_id IS NOT NULL AND NOT converted AND NOT counted
+        ORDER BY delivery_id, k
+    ), converted AS (
+        UPDATE campaign.exposures x SET converted_at = c.at, conversion_event = c.i, revenue = c.r
+        FROM chosen c WHERE x.delivery_id = c.delivery_id AND x.converted_at IS NULL
+        RETURNING x.campaign_id, x.run, x.account_id, x.control, x.revenue
+    ), by_run AS (
+        SELECT run, campaign_id, account_id,
+               count(*) FILTER (WHERE NOT control) AS converted,
+               count(*) FILTER (WHERE control) AS control_converted,
+               coalesce(sum(revenue) FILTER (WHERE NOT control), 0) AS revenue,
+               coalesce(sum(revenue) FILTER (WHERE control), 0) AS control_revenue
+        FROM converted GROUP BY run, campaign_id, account_id
+    ), campaign_counted AS (
+        UPDATE campaign.campaign_stats s
+        SET goal_converted = s.goal_converted + r.converted,
+            goal_control_converted = s.goal_control_converted + r.control_converted,
+            goal_revenue = s.goal_revenue + r.revenue,
+            goal_control_revenue = s.goal_control_revenue + r.control_revenue
+        FROM (
+            SELECT campaign_id, sum(converted) AS converted, sum(control_converted) AS control_converted,
+                   sum(revenue) AS revenue, sum(control_revenue) AS control_revenue
+            FROM by_run GROUP BY campaign_id
+        ) r
+        WHERE s.campaign_id = r.campaign_id
+    ), run_counted AS (
+        INSERT INTO campaign.run_stats AS s
+            (run, campaign_id, account_id, goal_converted, goal_control_converted, goal_revenue,
+             goal_control_revenue)
+        SELECT run, campaign_id, account_id, converted, control_converted, revenue, control_revenue
+        FROM by_run
+        ON CONFLICT (run) DO UPDATE SET
+            goal_converted = s.goal_converted + excluded.goal_converted,
+            goal_control_converted = s.goal_control_converted + excluded.goal_control_converted,
+            goal_revenue = s.goal_revenue + excluded.goal_revenue,
+            goal_control_revenue = s.goal_control_revenue + excluded.goal_control_revenue
+    ), settled AS (
+        {settled}
+    )
+    SELECT count(*) FROM converted
+"""
+# Fresh events: those with no exposure yet wait for it.
+_ATTRIBUTE_ARRIVED = sa.text(
+    _ATTRIBUTE.format(
+        settled="""
+        INSERT INTO campaign.waiting_goal_events
+            (campaign_id, client_event_id, account_id, user_id, event_time, revenue, expires_at)
+        SELECT c, i, a, u, at, r, :expires FROM placed WHERE delivery_id IS NULL AND NOT counted
+        ON CONFLICT DO NOTHING""",
+    )
 )
-_NO_LONGER_WAITING = sa.text(
-    """
-    DELETE FROM campaign.waiting_goal_events w
-    USING unnest(CAST(:campaigns AS uuid[]), CAST(:events AS text[])) AS e(campaign_id, event_id)
-    WHERE w.campaign_id = e.campaign_id AND w.client_event_id = e.event_id
-    """
-)
-_CONVERT = sa.text(
-    """
-    UPDATE campaign.exposures x SET converted_at = u.at, conversion_event = u.event_id, revenue = u.revenue
-    FROM unnest(CAST(:deliveries AS text[]), CAST(:times AS timestamptz[]), CAST(:events AS text[]),
-                CAST(:revenues AS float8[])) AS u(delivery_id, at, event_id, revenue)
-    WHERE x.delivery_id = u.delivery_id AND x.converted_at IS NULL
-    RETURNING x.*
-    """
+# Waiting events: those settled (given to an exposure, or found no longer to count) stop waiting.
+_ATTRIBUTE_WAITING = sa.text(
+    _ATTRIBUTE.format(
+        settled="""
+        DELETE FROM campaign.waiting_goal_events w USING placed p
+        WHERE (p.delivery_id IS NOT NULL OR p.counted) AND w.campaign_id = p.c AND w.client_event_id = p.i""",
+    )
 )
 
 
@@ -272,78 +321,20 @@ async def _attribute(
 ) -> None:
     """Gives each event, oldest first, to the most recent exposure before it. Events with no
     exposure yet wait (or, already waiting, wait on); the others are settled."""
-    found = sorted(found, key=lambda e: e.at)
     window = {c: goal.conversion_window.ToTimedelta().total_seconds() for c, (_, goal) in goals.items()}
-    latest = {
-        row.k: row
-        for row in await session.execute(
-            _LATEST_EXPOSURE,
-            {
-                "ks": list(range(len(found))),
-                "campaigns": [e.campaign_id for e in found],
-                "users": [e.user_id for e in found],
-                "times": [e.at for e in found],
-                "windows": [window[e.campaign_id] for e in found],
-            },
-        )
-    }
-    already = {
-        (row.campaign_id, row.conversion_event)
-        for row in await session.execute(
-            _CONVERTED_BY,
-            {"campaigns": [e.campaign_id for e in found], "events": [e.client_id for e in found]},
-        )
-    }
-    converting: dict[str, _GoalEvent] = {}
-    unplaced = []
-    for k, event in enumerate(found):
-        if (event.campaign_id, event.client_id) in already:
-            continue  # a copy of an event counted before
-        exposure = latest.get(k)
-        if exposure is None:
-            unplaced.append(event)
-        elif not exposure.converted and exposure.delivery_id not in converting:
-            converting[exposure.delivery_id] = event
-            already.add((event.campaign_id, event.client_id))
-    if converting:
-        converted = await session.execute(
-            _CONVERT,
-            {
-                "deliveries": list(converting),
-                "times": [e.at for e in converting.values()],
-                "events": [e.client_id for e in converting.values()],
-                "revenues": [e.revenue for e in converting.values()],
-            },
-        )
-        added = []
-        for row in converted:
-            prefix = "goal_control" if row.control else "goal"
-            added += [(row, f"{prefix}_converted", 1.0), (row, f"{prefix}_revenue", row.revenue)]
-        await _count(session, added)
-    waits_on = set(unplaced)
-    settled = [e for e in found if e not in waits_on]
-    if waiting and settled:
-        await session.execute(
-            _NO_LONGER_WAITING,
-            {"campaigns": [e.campaign_id for e in settled], "events": [e.client_id for e in settled]},
-        )
-    if not waiting and unplaced:
+    events = orjson.dumps(
+        [
+            {"k": k, "c": e.campaign_id, "a": e.account_id, "u": e.user_id, "i": e.client_id}
+            | {"t": e.at, "r": e.revenue, "w": window[e.campaign_id]}
+            for k, e in enumerate(sorted(found, key=lambda e: e.at))
+        ],
+        default=str,  # asyncpg's own UUIDs, from waiting events' rows
+    ).decode()
+    if waiting:
+        await session.execute(_ATTRIBUTE_WAITING, {"events": events})
+    else:
         expires = api.utcnow() + WAITING_FOR_EXPOSURE
-        await session.execute(
-            insert(waiting_goal_events).on_conflict_do_nothing(),
-            [
-                {
-                    "campaign_id": e.campaign_id,
-                    "client_event_id": e.client_id,
-                    "account_id": e.account_id,
-                    "user_id": e.user_id,
-                    "event_time": e.at,
-                    "revenue": e.revenue,
-                    "expires_at": expires,
-                }
-                for e in unplaced
-            ],
-        )
+        await session.execute(_ATTRIBUTE_ARRIVED, {"events": events, "expires": expires})
 
 
 async def _count(session: AsyncSession, added: list[tuple[Any, str, float]]) -> None:
