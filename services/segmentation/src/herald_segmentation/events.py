@@ -299,11 +299,10 @@ class Events:
                 await self._apply_profile_events(session, account_id, recorded)
                 await self._refuse_oversized_profiles(session, account_id, parsed, recorded)
                 await count_activity(session, account_id, recorded)
-                await self._announce(session, account_id, recorded, received)
+                announced = [self._announcement(account_id, recorded, received)]
                 if self.live is not None:
-                    await enqueue(
-                        session, outbox, await self.live.match(session, account_id, recorded, received)
-                    )
+                    announced += await self.live.match(session, account_id, recorded, received)
+                await enqueue(session, outbox, announced)
         if recorded:
             self.notify_outbox()
         return len(recorded), len(parsed) - len(recorded)
@@ -347,19 +346,38 @@ class Events:
                 },
             )
 
-    async def _announce(
-        self, session: Any, account_id: uuid.UUID, recorded: list[_Received], now: datetime
-    ) -> None:
-        announced = events_pb2.EventsIngested(
-            event_id=str(uuid.uuid4()), account=account_name(account_id), receive_time=api.timestamp(now)
-        )
-        announced.events.extend(r.event for r in recorded)
-        for copy in announced.events:
-            if not copy.HasField("time"):
-                copy.time.CopyFrom(announced.receive_time)
-        await enqueue(
-            session, outbox, [OutboxEvent.of(self.subjects.events_ingested, announced, announced.event_id)]
-        )
+    def _announcement(self, account_id: uuid.UUID, recorded: list[_Received], now: datetime) -> OutboxEvent:
+        """EventsIngested, encoded from each event's own encoding: it is read for every event."""
+        event_id = str(uuid.uuid4())
+        receive_time = api.timestamp(now)
+        # A field appended to an encoded message sets it (protobuf's merge rule): the receive
+        # time, for events sent without a time.
+        timed = pb.Event(time=receive_time).SerializeToString()
+        parts = [
+            events_pb2.EventsIngested(
+                event_id=event_id, account=account_name(account_id), receive_time=receive_time
+            ).SerializeToString()
+        ]
+        for r in recorded:
+            body = r.event.SerializeToString()
+            if not r.event.HasField("time"):
+                body += timed
+            parts += (_EVENTS_FIELD, _varint(len(body)), body)
+        return OutboxEvent(self.subjects.events_ingested, b"".join(parts), event_id)
+
+
+# The key of EventsIngested.events (field 3, length-delimited) on the wire.
+_EVENTS_FIELD = bytes([3 << 3 | 2])
+
+
+def _varint(n: int) -> bytes:
+    """`n` as a protobuf varint: seven bits a byte, low first, the high bit saying more follow."""
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 async def _as_merged(session: Any, account_id: uuid.UUID, received: list[_Received]) -> list[_Received]:

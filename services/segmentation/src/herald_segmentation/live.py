@@ -21,7 +21,6 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import orjson
 import sqlalchemy as sa
-from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -149,9 +148,9 @@ def watches(
     return []
 
 
-def _timestamp(seconds: float) -> Timestamp:
-    whole, nanos = divmod(round(seconds * 1e9), 1_000_000_000)
-    return Timestamp(seconds=whole, nanos=nanos)
+def _seconds_and_nanos(seconds: float) -> tuple[int, int]:
+    """A time as a Timestamp's fields."""
+    return divmod(round(seconds * 1e9), 1_000_000_000)
 
 
 def _text(value: Any) -> str:
@@ -320,48 +319,40 @@ class LiveTriggers:
         if needing:
             held = await self._earlier_done(session, account_id, timely, candidates, needing)
             passed = [ok and (k in held or k not in needing) for k, ok in enumerate(passed)]
-        matches = []
-        converting = []
+        # Built in place: a message made apart and then added would be copied.
+        published = events_pb2.LiveMatches(
+            event_id=str(uuid.uuid4()), account=account_name(account_id), receive_time=api.timestamp(received)
+        )
+        goal_events = events_pb2.GoalEvents(event_id=str(uuid.uuid4()), account=published.account)
         for (i, w), ok in zip(candidates, passed, strict=True):
             if not ok:
                 continue
             event = timely[i]
+            seconds, nanos = _seconds_and_nanos(event.when)
             if w.role == GOAL:
-                converting.append(
-                    events_pb2.GoalEvent(
-                        campaign=w.campaign,
-                        user_id=event.user_id,
-                        client_event_id=event.client_id,
-                        event_time=_timestamp(event.when),
-                        revenue=_number(event.values.get(w.revenue_property)) if w.revenue_property else 0.0,
-                    )
+                converting = goal_events.events.add(
+                    campaign=w.campaign,
+                    user_id=event.user_id,
+                    client_event_id=event.client_id,
+                    revenue=_number(event.values.get(w.revenue_property)) if w.revenue_property else 0.0,
                 )
+                converting.event_time.seconds, converting.event_time.nanos = seconds, nanos
                 continue
-            match = events_pb2.LiveMatch(
+            match = published.matches.add(
                 campaign=w.campaign,
                 campaign_version=w.version,
                 user_id=event.user_id,
                 client_event_id=event.client_id,
                 event_name=event.name,
-                event_time=_timestamp(event.when),
-                role=w.role,  # type: ignore[arg-type]
+                role=w.role,
                 match_value=_json(event.values.get(w.match_property)) if w.match_property else "",
                 date_value=_json(event.values.get(w.date_property)) if w.date_property else "",
             )
-            matches.append(match)
+            match.event_time.seconds, match.event_time.nanos = seconds, nanos
         found = []
-        if matches:
-            published = events_pb2.LiveMatches(
-                event_id=str(uuid.uuid4()),
-                account=account_name(account_id),
-                matches=matches,
-                receive_time=api.timestamp(received),
-            )
+        if published.matches:
             found.append(OutboxEvent.of(self.subjects.live_matches, published, published.event_id))
-        if converting:
-            goal_events = events_pb2.GoalEvents(
-                event_id=str(uuid.uuid4()), account=account_name(account_id), events=converting
-            )
+        if goal_events.events:
             found.append(OutboxEvent.of(self.subjects.goal_events, goal_events, goal_events.event_id))
         return found
 

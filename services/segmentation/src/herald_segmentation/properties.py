@@ -263,18 +263,19 @@ class SentTypes:
     """The types of the custom properties one request sends: each property must keep one type,
     within the request and as on record."""
 
-    # (path of the properties, subject, key, type): a property's own path is made only to report it.
-    sent: list[tuple[str, str, str, PropertyType]] = field(default_factory=list)
+    # (path of the properties, subject, key, type), the first sent of each: a property's own path
+    # is made only to report it, and a batch repeats the same few.
+    sent: dict[tuple[str, str, PropertyType], str] = field(default_factory=dict)
     first: dict[tuple[str, str], PropertyType] = field(default_factory=dict)
 
     def add(self, path: str, subject: str, types: Mapping[str, PropertyType]) -> None:
         """The types of the properties at `path` (for example `events[3].properties`)."""
         for key, kind in types.items():
-            self.sent.append((path, subject, key, kind))
+            self.sent.setdefault((subject, key, kind), path)
             self.first.setdefault((subject, key), kind)
 
     def _against(self, on_record: Typed, check: Validator) -> None:
-        for path, subject, key, kind in self.sent:
+        for (subject, key, kind), path in self.sent.items():
             recorded = on_record.get((subject, key))
             if recorded is not None and recorded != kind:
                 wanted = recorded.value
