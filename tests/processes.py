@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -348,9 +349,11 @@ async def benchmark_servers(prefix: str) -> AsyncIterator[tuple[str, str]]:
     if database_url and nats_url:
         yield database_url, nats_url
         return
-    embedded = EmbeddedInfrastructure(Path(mkdtemp(prefix=prefix)))
+    folder = Path(mkdtemp(prefix=prefix))
+    embedded = EmbeddedInfrastructure(folder)
     await asyncio.to_thread(embedded.start)
     try:
         yield embedded.database_url, embedded.nats_url
     finally:
         embedded.stop()
+        shutil.rmtree(folder, ignore_errors=True)  # a full-size run leaves gigabytes
