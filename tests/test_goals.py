@@ -408,13 +408,14 @@ async def test_stats_match_the_recorded_facts_after_every_service_restarts(
     try:
         facts = await connection.fetchrow(
             """
-            SELECT count(*) FILTER (WHERE NOT control) AS sent,
-                   count(converted_at) FILTER (WHERE NOT control) AS converted,
-                   count(*) FILTER (WHERE control) AS control,
-                   count(converted_at) FILTER (WHERE control) AS control_converted,
-                   coalesce(sum(revenue) FILTER (WHERE NOT control), 0) AS revenue,
-                   coalesce(sum(revenue) FILTER (WHERE control), 0) AS control_revenue
-            FROM campaign.exposures WHERE campaign_id = $1
+            SELECT count(*) FILTER (WHERE NOT x.control) AS sent,
+                   count(v.converted_at) FILTER (WHERE NOT x.control) AS converted,
+                   count(*) FILTER (WHERE x.control) AS control,
+                   count(v.converted_at) FILTER (WHERE x.control) AS control_converted,
+                   coalesce(sum(v.revenue) FILTER (WHERE NOT x.control), 0) AS revenue,
+                   coalesce(sum(v.revenue) FILTER (WHERE x.control), 0) AS control_revenue
+            FROM campaign.exposures x LEFT JOIN campaign.conversions v USING (delivery_id)
+            WHERE x.campaign_id = $1
             """,
             uuid.UUID(name.removeprefix("campaigns/")),
         )

@@ -8,8 +8,8 @@ is one conversion per delivery: per user per run, or per trigger occurrence of a
 
 Exposures and goal events may arrive in either order (an outcome is recorded shortly after the
 send, and the user may act first): an event without an exposure waits, and a new exposure takes
-the waiting events of its user. An event is counted once, whichever copy of it arrives: an
-exposure holds the id of the event that converted it, unique per campaign.
+the waiting events of its user. An event is counted once, whichever copy of it arrives: a
+conversion is recorded once per event of a campaign and once per exposure (`conversions`).
 
 The counts in `campaign_stats` and `run_stats` change in the transactions that record the facts
 they count, so they always equal what `exposures` holds.
@@ -230,7 +230,7 @@ _WAITING_OF = sa.text(
     """
 )
 # Gives a batch of goal events (a JSON array, oldest first) to the exposures they follow, in one
-# statement: each event's most recent exposure of its campaign before it, inside the window, that
+# statement: each event's most recent exposure of its campaign before it, inside the window, if it
 # has not converted, unless the event converted one before (a copy); each exposure to the first
 # such event. The conversions are added to the campaign's and the run's counts, and the events
 # are settled (`settled`, below).
@@ -239,24 +239,27 @@ _ATTRIBUTE = """
         SELECT * FROM jsonb_to_recordset(CAST(:events AS jsonb))
             AS e(k int, c uuid, a uuid, u text, i text, t float8, r float8, w float8)
     ), placed AS (
-        SELECT e.k, e.c, e.a, e.u, e.i, to_timestamp(e.t) AS at, e.r, x.delivery_id, x.converted,
+        SELECT e.k, e.c, e.a, e.u, e.i, to_timestamp(e.t) AS at, e.r, x.delivery_id, x.run, x.control,
                EXISTS (
-                   SELECT 1 FROM campaign.exposures y WHERE y.campaign_id = e.c AND y.conversion_event = e.i
+                   SELECT 1 FROM campaign.conversions v WHERE v.campaign_id = e.c AND v.client_event_id = e.i
                ) AS counted
         FROM e LEFT JOIN LATERAL (
-            SELECT delivery_id, converted_at IS NOT NULL AS converted FROM campaign.exposures x
+            SELECT delivery_id, run, control FROM campaign.exposures x
             WHERE x.campaign_id = e.c AND x.user_id = e.u AND x.exposed_at <= to_timestamp(e.t)
               AND x.exposed_at >= to_timestamp(e.t) - make_interval(secs => e.w)
             ORDER BY x.exposed_at DESC LIMIT 1
         ) x ON true
     ), chosen AS (
-        SELECT DISTINCT ON (delivery_id) delivery_id, at, i, r FROM placed
-        WHERE delivery_id IS NOT NULL AND NOT converted AND NOT counted
+        SELECT DISTINCT ON (delivery_id) * FROM placed
+        WHERE delivery_id IS NOT NULL AND NOT counted
         ORDER BY delivery_id, k
     ), converted AS (
-        UPDATE campaign.exposures x SET converted_at = c.at, conversion_event = c.i, revenue = c.r
-        FROM chosen c WHERE x.delivery_id = c.delivery_id AND x.converted_at IS NULL
-        RETURNING x.campaign_id, x.run, x.account_id, x.control, x.revenue
+        -- An exposure that converted before takes no other event (its delivery id is unique).
+        INSERT INTO campaign.conversions AS v
+            (campaign_id, client_event_id, delivery_id, account_id, run, control, converted_at, revenue)
+        SELECT c, i, delivery_id, a, run, control, at, r FROM chosen
+        ON CONFLICT DO NOTHING
+        RETURNING v.campaign_id, v.run, v.account_id, v.control, v.revenue
     ), by_run AS (
         SELECT run, campaign_id, account_id,
                count(*) FILTER (WHERE NOT control) AS converted,

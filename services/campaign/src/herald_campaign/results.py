@@ -22,7 +22,7 @@ from herald_campaign.records import State, campaign_id_of, owned, set_state, sta
 from herald_campaign.references import References
 from herald_campaign.storage import (
     campaigns,
-    exposures,
+    conversions,
     failure_reasons,
     outcome_events,
     run_failure_reasons,
@@ -281,10 +281,10 @@ class Results:
                     row.delivery_id: row
                     for row in await session.execute(
                         sa.select(
-                            exposures.c.delivery_id, exposures.c.converted_at, exposures.c.revenue
+                            conversions.c.delivery_id, conversions.c.converted_at, conversions.c.revenue
                         ).where(
-                            text_in(exposures.c.delivery_id, [d.delivery_id for d in page]),
-                            exposures.c.campaign_id == campaign_id,
+                            text_in(conversions.c.delivery_id, [d.delivery_id for d in page]),
+                            conversions.c.campaign_id == campaign_id,
                         )
                     )
                 }
@@ -300,7 +300,7 @@ class Results:
                     result_time=delivery.complete_time,
                 )
                 conversion = converted.get(delivery.delivery_id)
-                if conversion is not None and conversion.converted_at is not None:
+                if conversion is not None:
                     result.convert_time.CopyFrom(api.timestamp(conversion.converted_at))
                     result.revenue = conversion.revenue
                 yield result

@@ -143,8 +143,7 @@ run_failure_reasons = sa.Table(
     sa.Column("example_user_ids", ARRAY(sa.Text), nullable=False),
 )
 
-# Each delivery of a campaign with a goal that was sent, or held back (control): when, and
-# whether (and by which event) the user converted within the window after it.
+# Each delivery of a campaign with a goal that was sent, or held back (control), and when.
 exposures = sa.Table(
     "exposures",
     metadata,
@@ -155,17 +154,7 @@ exposures = sa.Table(
     sa.Column("user_id", sa.Text, nullable=False),
     sa.Column("control", sa.Boolean, nullable=False),
     sa.Column("exposed_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("converted_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("conversion_event", sa.Text, nullable=True),
-    sa.Column("revenue", sa.Float, nullable=False, server_default="0"),
     sa.Index("ix_campaign_exposures_user", "campaign_id", "user_id", "exposed_at"),
-    sa.Index(
-        "ux_campaign_exposures_conversion",
-        "campaign_id",
-        "conversion_event",
-        unique=True,
-        postgresql_where=sa.text("conversion_event IS NOT NULL"),
-    ),
     # An anonymous web visitor's, found when they sign in and become a user.
     sa.Index(
         "ix_campaign_exposures_visitor",
@@ -173,6 +162,21 @@ exposures = sa.Table(
         "user_id",
         postgresql_where=sa.text("user_id LIKE 'anon:%'"),
     ),
+)
+
+# The exposures that converted: by which event (one conversion per event and per exposure), when,
+# and the revenue it brought. Written once each, never updated.
+conversions = sa.Table(
+    "conversions",
+    metadata,
+    sa.Column("campaign_id", UUID(as_uuid=True), primary_key=True),
+    sa.Column("client_event_id", sa.Text, primary_key=True),
+    sa.Column("delivery_id", sa.Text, nullable=False, unique=True),
+    sa.Column("account_id", UUID(as_uuid=True), nullable=False),
+    sa.Column("run", sa.Text, nullable=False),
+    sa.Column("control", sa.Boolean, nullable=False),
+    sa.Column("converted_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("revenue", sa.Float, nullable=False),
 )
 
 # Goal events that came before the message they follow was recorded (its outcome was still on
