@@ -9,12 +9,11 @@ import signal
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import structlog
 from google.protobuf import any_pb2, descriptor_pool
-from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
@@ -189,26 +188,36 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int) -> Callabl
     if deserialize is None:
         return None
 
-    def decode(data: bytes) -> Any:
+    def decode(data: bytes) -> _Arrived:
         if len(data) > limit:
             description = f"{len(data):,} bytes; this call takes at most {limit:,}"
-            return InvalidArgument([FieldViolation("request", description)])
+            return _Arrived(InvalidArgument([FieldViolation("request", description)]), len(data))
         try:
             request = deserialize(data)
         except Exception:
-            return _UNDECODABLE
+            return _Arrived(_UNDECODABLE, len(data))
         # PostgreSQL stores no NUL: such a request is refused here, naming the fields, before any
         # work. Only a request with a zero byte somewhere can hold one, so most are not walked.
         if b"\x00" in data:
             fields = nul_fields(request)
             if fields:
-                return InvalidArgument(FieldViolation(f, "must not contain NUL characters") for f in fields)
-        return request
+                refused = (FieldViolation(f, "must not contain NUL characters") for f in fields)
+                return _Arrived(InvalidArgument(refused), len(data))
+        return _Arrived(request, len(data))
 
     return decode
 
 
-def _decoded(request: Any) -> Any:
+class _Arrived(NamedTuple):
+    """What the decoder made of a request (the message, or why it is refused), and its size in
+    bytes as it came, by which heavy methods take turns."""
+
+    request: Any
+    size: int
+
+
+def _decoded(arrived: _Arrived) -> Any:
+    request = arrived.request
     if request is _UNDECODABLE:
         raise invalid("request", "not a valid protobuf message of the method's request type")
     if isinstance(request, InvalidArgument):
@@ -216,7 +225,7 @@ def _decoded(request: Any) -> Any:
     return request
 
 
-async def _each_decoded(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+async def _each_decoded(requests: AsyncIterator[_Arrived]) -> AsyncIterator[Any]:
     async for request in requests:
         yield _decoded(request)
 
@@ -334,9 +343,11 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 
-            async def unary(request: Any, context: Any) -> Any:
-                size = request.ByteSize() if heavy and isinstance(request, Message) else 0
-                async with self._call(handler_call_details, context), self._heavy.turn(size):
+            async def unary(request: _Arrived, context: Any) -> Any:
+                async with (
+                    self._call(handler_call_details, context),
+                    self._heavy.turn(request.size if heavy else 0),
+                ):
                     return await inner_unary(_decoded(request), context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -347,7 +358,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
-            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
+            async def stream(request: _Arrived, context: Any) -> AsyncIterator[Any]:
                 async with self._call(handler_call_details, context):
                     async for response in inner_stream(_decoded(request), context):
                         yield response

@@ -12,7 +12,7 @@ the waiting events of its user. An event is counted once, whichever copy of it a
 conversion is recorded once per event of a campaign and once per exposure (`conversions`).
 
 The counts in `campaign_stats` and `run_stats` change in the transactions that record the facts
-they count, so they always equal what `exposures` holds.
+they count, so they always equal what `exposures` and `conversions` hold.
 """
 
 from __future__ import annotations
