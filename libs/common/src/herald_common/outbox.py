@@ -111,6 +111,11 @@ def _never_publishable(error: BaseException) -> bool:
     return isinstance(error, nats.js.errors.APIError) and error.err_code == _MESSAGE_TOO_LARGE_ERR_CODE
 
 
+# Every commit that adds events wakes its own process's relay; the poll only finds what another
+# replica committed before it stopped, so it can be rare.
+IDLE_POLL_SECONDS = 1.0
+
+
 class OutboxRelay:
     """Publishes committed outbox rows to JetStream in batches, then deletes them.
 
@@ -126,7 +131,7 @@ class OutboxRelay:
         js: JetStreamContext,
         *,
         batch_size: int = 1000,
-        idle_poll_seconds: float = 0.2,
+        idle_poll_seconds: float = IDLE_POLL_SECONDS,
         publish_timeout_seconds: float = 10.0,
         stuck_after_seconds: float = 60.0,
         metrics: Metrics | None = None,

@@ -48,6 +48,8 @@ RELEASE_GROUPS = 200
 # Rounds in flight at once in a replica: while one waits on PostgreSQL another decides, so a
 # zone's deliveries that all fall due at once go out within about a second.
 CONCURRENT_ROUNDS = 3
+# The rounds other than the first also look now and then by themselves (a missed wake-up).
+HELPER_POLLS_RARER = 25
 _ACTIVE = {
     campaign_pb.State.Name(campaign_pb.STATE_SCHEDULED),
     campaign_pb.State.Name(campaign_pb.STATE_RUNNING),
@@ -190,8 +192,11 @@ class Releaser:
         self.run_events = run_events
         self.notify_outbox = notify_outbox
         self._swept: date | None = None
-        self.loops = [
-            WakeableLoop(f"releaser-{n}", self.release_due, poll_seconds) for n in range(CONCURRENT_ROUNDS)
+        # One round polls; the others join in when it finds more due than one round takes, so an
+        # idle replica asks PostgreSQL once a poll, not once per round.
+        self.loops = [WakeableLoop("releaser-0", self._lead_round, poll_seconds)] + [
+            WakeableLoop(f"releaser-{n}", self.release_due, poll_seconds * HELPER_POLLS_RARER)
+            for n in range(1, CONCURRENT_ROUNDS)
         ]
 
     def notify(self) -> None:
@@ -205,6 +210,13 @@ class Releaser:
     async def stop(self) -> None:
         for loop in self.loops:
             await loop.stop()
+
+    async def _lead_round(self) -> bool:
+        more = await self.release_due()
+        if more:
+            for loop in self.loops[1:]:
+                loop.notify()
+        return more
 
     async def release_due(self) -> bool:
         """Releases the groups of deliveries that are due, oldest first, up to about
