@@ -250,11 +250,14 @@ _ATTRIBUTE = """
             ORDER BY x.exposed_at DESC LIMIT 1
         ) x ON true
     ), chosen AS (
+        -- An exposure that converted before is looked up, not left to ON CONFLICT: a lookup costs
+        -- less than a speculative insert, and most users do the goal event more than once.
         SELECT DISTINCT ON (delivery_id) * FROM placed
         WHERE delivery_id IS NOT NULL AND NOT counted
+          AND NOT EXISTS (SELECT 1 FROM campaign.conversions d WHERE d.delivery_id = placed.delivery_id)
         ORDER BY delivery_id, k
     ), converted AS (
-        -- An exposure that converted before takes no other event (its delivery id is unique).
+        -- An exposure that converted meanwhile takes no other event (its delivery id is unique).
         INSERT INTO campaign.conversions AS v
             (campaign_id, client_event_id, delivery_id, account_id, run, control, converted_at, revenue)
         SELECT c, i, delivery_id, a, run, control, at, r FROM chosen
