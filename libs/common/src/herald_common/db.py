@@ -37,9 +37,22 @@ def text_in(column: Any, values: Iterable[str]) -> ColumnElement[bool]:
     return column == sa.func.any(sa.cast(sa.literal(list(values)), ARRAY(sa.Text)))  # type: ignore[no-any-return]
 
 
+# Every statement is planned for the values it is run with. PostgreSQL otherwise settles, after
+# five runs of a prepared statement, on one generic plan made from the statistics of the moment:
+# a plan made while a table was new and empty (a fresh installation, a new month's events) scans
+# it whole, and keeps doing so as it grows, until the next ANALYZE, a minute or more later. Hot
+# statements here each handle a batch, so planning them every time costs little.
+SERVER_SETTINGS = {"plan_cache_mode": "force_custom_plan"}
+
+
 def make_engine(database_url: str, **kwargs: Any) -> AsyncEngine:
     # hide_parameters: bound values (credentials, profile data) never reach logs or errors.
-    options: dict[str, Any] = {"pool_size": 10, "max_overflow": 10, "hide_parameters": True}
+    options: dict[str, Any] = {
+        "pool_size": 10,
+        "max_overflow": 10,
+        "hide_parameters": True,
+        "connect_args": {"server_settings": SERVER_SETTINGS},
+    }
     options.update(kwargs)
     engine = create_async_engine(asyncpg_url(database_url), **options)
     event.listen(engine.sync_engine, "checkout", _replace_closed_connection)
