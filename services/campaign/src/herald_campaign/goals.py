@@ -164,7 +164,7 @@ class Conversions:
                     account_id,
                     e.user_id,
                     e.client_event_id,
-                    e.event_time.seconds + e.event_time.nanos // 1000 / 1e6,
+                    (at := e.event_time).seconds + at.nanos // 1000 / 1e6,
                     e.revenue,
                 )
                 for published in received
@@ -330,8 +330,16 @@ async def _attribute(
     window = {c: goal.conversion_window.ToTimedelta().total_seconds() for c, (_, goal) in goals.items()}
     events = orjson.dumps(
         [
-            {"k": k, "c": e.campaign_id, "a": e.account_id, "u": e.user_id, "i": e.client_id}
-            | {"t": e.at, "r": e.revenue, "w": window[e.campaign_id]}
+            {
+                "k": k,
+                "c": e.campaign_id,
+                "a": e.account_id,
+                "u": e.user_id,
+                "i": e.client_id,
+                "t": e.at,
+                "r": e.revenue,
+                "w": window[e.campaign_id],
+            }
             for k, e in enumerate(sorted(found, key=lambda e: e.at))
         ],
         default=str,  # asyncpg's own UUIDs, from waiting events' rows
