@@ -7,8 +7,6 @@ exactly one recorded outcome: sent, failed or skipped with a reason, or unknown.
 
 from __future__ import annotations
 
-import math
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,9 +43,6 @@ SETTLE_BATCH = 100
 SETTLE_LEASE_SECONDS = 60.0
 SETTLE_POLL_SECONDS = 1.0
 SETTLE_ROUNDS = 5
-# How long an attempt's "may it still send" (not halted, not taken over) answers for every sender
-# of the batch: far shorter than any pause after which another replica may take the batch over.
-CONFIRMATION_SHARED_SECONDS = 0.25
 
 
 def batch_problem(batch: events.DeliveryBatch) -> str | None:
@@ -249,18 +244,8 @@ class DeliveryWorker:
             fenced=not attempt.settling,
         )
 
-        confirmed_at = -math.inf
-
         async def wanted() -> bool:
-            # Senders of a batch waiting together for their turn share one fresh answer.
-            nonlocal confirmed_at
-            asked = time.monotonic()
-            if asked - confirmed_at < CONFIRMATION_SHARED_SECONDS:
-                return True
-            if (await self.campaigns.get(batch.campaign)).delivering and await self.gate.may_send(sender):
-                confirmed_at = asked
-                return True
-            return False
+            return (await self.campaigns.get(batch.campaign)).delivering and await self.gate.may_send(sender)
 
         async def admit(provider: str, wave: Sequence[tuple[str, str]]) -> Admission:
             return await self.gate.admit(sender, provider, wave)
