@@ -297,21 +297,30 @@ async def post_message(
     attempts = refused_connections = 0
     if context.halted():  # admitted before a stop that came while it waited for its turn
         return Outcome(recipient, SKIPPED, 0, "campaign stopped")
+    # When this message was last confirmed wanted: the wave was admitted before the first attempt.
+    confirmed_at = ADMITTED_AT.get()
     while True:
-        # The wave was admitted before the first attempt; a retry after waiting asks again.
-        if attempts and not await context.wanted():
-            return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
+        # A retry after waiting asks again.
+        if attempts:
+            asked = time.monotonic()
+            if not await context.wanted():
+                return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
+            confirmed_at = asked
         refused: Exception | None = None
         async with context.request_slots:  # a connection is free before the slot is taken
-            send_by = await context.permit()
-            # Admitted a while ago (a slow rate limit, or this process was paused and another
-            # replica may have taken the batch over and settled it): asked again just before.
-            admitted_at = ADMITTED_AT.get()
-            if not attempts and time.monotonic() - admitted_at > STALE_ADMISSION_SECONDS:
+            while True:
+                send_by = await context.permit()
+                # Confirmed a while ago (a slow rate limit, or this process was paused and another
+                # replica may have taken the batch over and settled it): asked again just before,
+                # and again after any wait for a later slot, which a pause may have stretched too.
+                if time.monotonic() - confirmed_at <= STALE_ADMISSION_SECONDS:
+                    break
+                asked = time.monotonic()
                 if not await context.wanted():  # raises Superseded when the batch was taken over
                     return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-                if time.monotonic() > send_by:  # asking took its slot's time: sent in the next one
-                    await context.permit()
+                confirmed_at = asked
+                if time.monotonic() <= send_by:  # else asking took its slot's time: the next one
+                    break
             attempts += 1
             try:
                 async with http.post(
