@@ -299,13 +299,21 @@ async def post_message(
         return Outcome(recipient, SKIPPED, 0, "campaign stopped")
     # When this message was last confirmed wanted: the wave was admitted before the first attempt.
     confirmed_at = ADMITTED_AT.get()
+
+    async def confirmed() -> bool:
+        """Asks again whether the message is wanted (raises Superseded when the batch was taken
+        over); a yes counts from the moment of asking."""
+        nonlocal confirmed_at
+        asked = time.monotonic()
+        if not await context.wanted():
+            return False
+        confirmed_at = asked
+        return True
+
     while True:
         # A retry after waiting asks again.
-        if attempts:
-            asked = time.monotonic()
-            if not await context.wanted():
-                return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-            confirmed_at = asked
+        if attempts and not await confirmed():
+            return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
         refused: Exception | None = None
         async with context.request_slots:  # a connection is free before the slot is taken
             while True:
@@ -315,10 +323,8 @@ async def post_message(
                 # and again after any wait for a later slot, which a pause may have stretched too.
                 if time.monotonic() - confirmed_at <= STALE_ADMISSION_SECONDS:
                     break
-                asked = time.monotonic()
-                if not await context.wanted():  # raises Superseded when the batch was taken over
+                if not await confirmed():
                     return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-                confirmed_at = asked
                 if time.monotonic() <= send_by:  # else asking took its slot's time: the next one
                     break
             attempts += 1
