@@ -27,6 +27,7 @@ from herald_common.secret_box import SecretBox
 from herald_common.settings import Settings
 from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
+from herald_dispatch.channels.sms import STALE_ADMISSION_SECONDS
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import HTTP_CONNECTIONS, Destinations, reseal
 from herald_dispatch.gate import SendGate
@@ -64,6 +65,12 @@ async def start(
     workers: list[str] | None = None,
     options: WorkerOptions | None = None,
 ) -> ServiceHost:
+    if settings.sms_settle_seconds <= STALE_ADMISSION_SECONDS:
+        # A sender writes within this long of its last confirmation; the settler must ask later.
+        raise RuntimeError(
+            f"HERALD_SMS_SETTLE_SECONDS must be over {STALE_ADMISSION_SECONDS:g} s: an unanswered "
+            "message is looked up only after every request confirmed before it was written"
+        )
     secrets = SecretBox.from_setting(settings.secret_keys)  # refuse to start without keys
     infra = await Infrastructure.open(
         settings, service="dispatch", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox

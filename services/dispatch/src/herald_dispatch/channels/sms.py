@@ -124,6 +124,7 @@ async def send_each(
     async def admit_wave() -> None:
         wave = [waiting.popleft() for _ in range(min(WAVE_SIZE, len(waiting)))]
         pairs = [(r.delivery_id, phone) for _, r, phone, _ in wave]
+        asked = time.monotonic()  # a yes counts from the moment of asking, not of hearing it
         if context.admit is None:
             admission = Admission(admitted=frozenset(d for d, _ in pairs))
         else:
@@ -139,7 +140,7 @@ async def send_each(
                 outcomes[item[0]] = Outcome(item[1], SKIPPED, 0, "opted out")
             elif item[1].delivery_id in admission.admitted:
                 admitted.append(item)
-                admitted_at[item[0]] = time.monotonic()
+                admitted_at[item[0]] = asked
 
     def admit_next() -> None:
         """Starts admitting the next wave, unless one is under way or none is to be admitted."""
@@ -243,6 +244,29 @@ MAX_THROTTLED_SECONDS = 3600.0
 ANSWER_TIMEOUT_SECONDS = 15.0
 
 
+class _Withheld(Exception):
+    """A request whose confirmation was stale when its bytes were about to be written."""
+
+
+class _GuardedBody(aiohttp.BytesPayload):
+    """A request body written only while its message's last confirmation is fresh. The check runs
+    in the step that writes the request (headers are buffered with the body), with no wait between
+    it and the socket: a process paused after its last look (while getting a connection or building
+    the request) finds the confirmation stale on waking and writes nothing, so a successor that
+    took the batch over and asked the provider meanwhile is never contradicted."""
+
+    def __init__(self, value: bytes, content_type: str, fresh_until: float) -> None:
+        super().__init__(value, content_type=content_type)
+        self.fresh_until = fresh_until
+        self.withheld = False
+
+    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
+        if time.monotonic() > self.fresh_until:
+            self.withheld = True
+            raise _Withheld
+        await super().write_with_length(writer, content_length)
+
+
 def _outcome(recipient: events.Recipient, verdict: Verdict, attempts: int, provider: str) -> Outcome:
     """The outcome of a provider's final answer (neither throttled nor a refused connection)."""
     if verdict.meaning is Meaning.SENT:
@@ -285,11 +309,11 @@ async def post_message(
     connection made); an answer that proves nothing makes it UNKNOWN, never sent again."""
     # Encoded once, for every attempt: a form, or JSON.
     if form is not None:
-        body = urlencode(form).encode()
-        headers = {**headers, "Content-Type": "application/x-www-form-urlencoded"}
+        body, content_type = urlencode(form).encode(), "application/x-www-form-urlencoded"
     else:
         body = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
-        headers = {**headers, "Content-Type": "application/json"}
+        content_type = "application/json"
+    headers = {**headers, "Content-Type": content_type}
     timeout = aiohttp.ClientTimeout(
         total=None, connect=CONNECT_TIMEOUT_SECONDS, sock_read=answer_timeout_seconds
     )
@@ -327,10 +351,11 @@ async def post_message(
                     return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
                 if time.monotonic() <= send_by:  # else asking took its slot's time: the next one
                     break
+            guarded = _GuardedBody(body, content_type, confirmed_at + STALE_ADMISSION_SECONDS)
             attempts += 1
             try:
                 async with http.post(
-                    url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+                    url, data=guarded, headers=headers, timeout=timeout, allow_redirects=False
                 ) as response:
                     status = response.status
                     answer = await response.text()
@@ -338,8 +363,12 @@ async def post_message(
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
                 refused = error
             except (TimeoutError, aiohttp.ClientError) as error:
-                reason = f"no answer from {provider} ({type(error).__name__}); it may have been sent"
-                return Outcome(recipient, UNKNOWN, attempts, reason)
+                if not guarded.withheld:
+                    reason = f"no answer from {provider} ({type(error).__name__}); it may have been sent"
+                    return Outcome(recipient, UNKNOWN, attempts, reason)
+        if guarded.withheld:  # nothing was written: made once confirmed again (above)
+            attempts -= 1
+            continue
         if refused is not None:
             # No connection was made: nothing was written, so it is safe to try again.
             refused_connections += 1

@@ -1,0 +1,203 @@
+"""A dispatch process paused between its last "may I still send" and the moment its request is
+written (getting a connection, building the request) must not text a phone on waking once the
+batch was taken over or the campaign stopped meanwhile: its successor may already have asked the
+provider, found nothing, and sent. The pause is made real: the process blocks, as under SIGSTOP,
+inside the HTTP client's request start, after the last look and before the write."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
+
+import aiohttp
+import pytest
+
+from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
+from herald.events.v1 import events_pb2 as events
+from herald_common.settings import Settings
+from herald_dispatch import main as dispatch_main
+from herald_dispatch.channels import SENT, SKIPPED, SendContext
+from herald_dispatch.channels.sms import STALE_ADMISSION_SECONDS
+from herald_dispatch.channels.twilio import TwilioChannel
+from herald_dispatch.gate import Admission, Superseded
+from herald_sandbox.twilio_api import TwilioApi
+
+ACCOUNT_SID = "AC" + "1" * 32
+AUTH_TOKEN = "t" * 32
+PAUSE_SECONDS = STALE_ADMISSION_SECONDS + 0.5
+
+
+class PausedOnce:
+    """Blocks the whole process once, for `seconds`, as each of the first `count` requests starts."""
+
+    def __init__(self, count: int, seconds: float) -> None:
+        self.left = count
+        self.seconds = seconds
+        self.config = aiohttp.TraceConfig()
+        self.config.on_request_start.append(self._started)
+
+    async def _started(self, *_: Any) -> None:
+        if self.left:
+            self.left -= 1
+            time.sleep(self.seconds)  # noqa: ASYNC251 - the loop stands still, as when the process is stopped
+
+
+@pytest.fixture
+async def twilio() -> AsyncIterator[tuple[TwilioApi, str]]:
+    api = TwilioApi(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN)
+    url = await api.start()
+    try:
+        yield api, url
+    finally:
+        await api.stop()
+
+
+def _context(url: str, wanted: Any) -> SendContext:
+    config = dispatch_pb.TwilioConfig(account_sid=ACCOUNT_SID, auth_token=AUTH_TOKEN, endpoint_url=url)
+    setattr(config, "from", "Herald")  # `from` is a Python keyword
+
+    async def permit() -> float:
+        return time.monotonic() + 1.0
+
+    async def waiting(_: str | None) -> None:
+        return None
+
+    campaign = campaign_pb.Campaign(name="campaigns/paused")
+    campaign.sms.body = "Your order shipped"
+    return SendContext(
+        destination=dispatch_pb.Destination(name="destinations/twilio", twilio=config),
+        campaign=campaign,
+        plan_time=datetime.now(UTC),
+        account_id=uuid.uuid4(),
+        permit=permit,
+        request_slots=asyncio.Semaphore(16),
+        wanted=wanted,
+        waiting=waiting,
+    )
+
+
+def _recipients(count: int) -> list[events.Recipient]:
+    return [
+        events.Recipient(
+            delivery_id=f"d{i}",
+            user_id=f"u{i}",
+            attributes_json=f'{{"phone": "+1415555{i:04d}"}}'.encode(),
+        )
+        for i in range(count)
+    ]
+
+
+async def _deliver(url: str, wanted: Any, pause: PausedOnce, count: int) -> list[Any]:
+    async with aiohttp.ClientSession(trace_configs=[pause.config]) as http:
+        channel = TwilioChannel(http)
+        return await channel.deliver(_context(url, wanted), _recipients(count))
+
+
+async def test_a_sender_paused_before_its_write_sends_nothing_once_its_batch_was_taken_over(
+    twilio: tuple[TwilioApi, str],
+) -> None:
+    api, url = twilio
+    asked = SimpleNamespace(times=0)
+
+    async def wanted() -> bool:
+        # While this process stood still another replica took the batch over.
+        asked.times += 1
+        raise Superseded("taken over by attempt 2")
+
+    with pytest.raises(Superseded):
+        await _deliver(url, wanted, PausedOnce(1, PAUSE_SECONDS), 1)
+    assert api.messages == [], "a paused sender wrote its request after its batch was taken over"
+    assert asked.times == 1
+
+
+async def test_a_sender_paused_before_its_write_skips_what_a_stop_halted_meanwhile(
+    twilio: tuple[TwilioApi, str],
+) -> None:
+    api, url = twilio
+
+    async def wanted() -> bool:
+        return False  # StopCampaign came while this process stood still
+
+    outcomes = await _deliver(url, wanted, PausedOnce(1, PAUSE_SECONDS), 1)
+    assert [(o.status, o.reason, o.attempts) for o in outcomes] == [(SKIPPED, "campaign stopped", 0)]
+    assert api.messages == []
+
+
+async def test_a_sender_paused_before_its_write_sends_once_when_still_wanted(
+    twilio: tuple[TwilioApi, str],
+) -> None:
+    api, url = twilio
+    asked = SimpleNamespace(times=0)
+
+    async def wanted() -> bool:
+        asked.times += 1
+        return True
+
+    outcomes = await _deliver(url, wanted, PausedOnce(1, PAUSE_SECONDS), 3)
+    assert sorted((o.recipient.delivery_id, o.status, o.attempts) for o in outcomes) == [
+        ("d0", SENT, 1),
+        ("d1", SENT, 1),
+        ("d2", SENT, 1),
+    ]
+    assert sorted(m.to for m in api.messages) == ["+14155550000", "+14155550001", "+14155550002"]
+    # Only what the pause made stale was confirmed again: by the paused sender, or by one whose
+    # turn came after the pause.
+    assert 1 <= asked.times <= 3
+
+
+async def test_an_unpaused_sender_asks_nothing_more_than_its_wave(
+    twilio: tuple[TwilioApi, str],
+) -> None:
+    api, url = twilio
+    asked = SimpleNamespace(times=0)
+
+    async def wanted() -> bool:
+        asked.times += 1
+        return True
+
+    outcomes = await _deliver(url, wanted, PausedOnce(0, 0.0), 20)
+    assert {o.status for o in outcomes} == {SENT} and len(api.messages) == 20
+    assert asked.times == 0
+
+
+async def test_a_sender_paused_while_its_wave_was_admitted_confirms_before_sending(
+    twilio: tuple[TwilioApi, str],
+) -> None:
+    """The wave's admission counts from when it was asked for: a pause while its answer was on the
+    way leaves it stale, however fresh the answer looks on waking."""
+    api, url = twilio
+
+    async def admit(_: str, wave: Any) -> Admission:
+        answer = Admission(admitted=frozenset(d for d, _ in wave))
+        time.sleep(PAUSE_SECONDS)  # noqa: ASYNC251 - stopped after the database answered
+        return answer
+
+    async def wanted() -> bool:
+        raise Superseded("taken over by attempt 2")
+
+    async with aiohttp.ClientSession() as http:
+        context = dataclasses.replace(_context(url, wanted), admit=admit)
+        with pytest.raises(Superseded):
+            await TwilioChannel(http).deliver(context, _recipients(2))
+    assert api.messages == []
+
+
+async def test_dispatch_refuses_a_settle_delay_within_a_senders_confirmation() -> None:
+    """Looking an unanswered message up sooner than a sender may still write it could find it not
+    sent, send it, and then see the first request arrive too."""
+    settings = Settings.from_env(
+        {
+            "DATABASE_URL": "postgresql+asyncpg://nowhere/x",
+            "NATS_URL": "nats://nowhere:1",
+            "HERALD_SMS_SETTLE_SECONDS": str(STALE_ADMISSION_SECONDS),
+        }
+    )
+    with pytest.raises(RuntimeError, match="HERALD_SMS_SETTLE_SECONDS must be over"):
+        await dispatch_main.start(settings)
