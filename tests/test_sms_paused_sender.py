@@ -21,13 +21,17 @@ import pytest
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.events.v1 import events_pb2 as events
+from herald_common.db import Database, make_engine, migrate
 from herald_common.settings import Settings
 from herald_dispatch import main as dispatch_main
 from herald_dispatch.channels import SENT, SKIPPED, SendContext
-from herald_dispatch.channels.sms import STALE_ADMISSION_SECONDS
 from herald_dispatch.channels.twilio import TwilioChannel
-from herald_dispatch.gate import Admission, Superseded
+from herald_dispatch.gate import STALE_ADMISSION_SECONDS, Admission, Sender, SendGate, Superseded
+from herald_dispatch.ledger import SETTLING
+from herald_dispatch.main import MIGRATIONS
+from herald_dispatch.storage import SCHEMA
 from herald_sandbox.twilio_api import TwilioApi
+from tests.harness import fresh_settings
 
 ACCOUNT_SID = "AC" + "1" * 32
 AUTH_TOKEN = "t" * 32
@@ -201,3 +205,31 @@ async def test_dispatch_refuses_a_settle_delay_within_a_senders_confirmation() -
     )
     with pytest.raises(RuntimeError, match="HERALD_SMS_SETTLE_SECONDS must be over"):
         await dispatch_main.start(settings)
+
+
+async def test_a_settler_whose_lease_is_running_out_sends_nothing_more(servers: tuple[str, str]) -> None:
+    """The settler holds the unanswered deliveries it looks up by a lease, not by attempt number:
+    once the lease would run out before a request confirmed now is written, another settler may
+    claim them, ask the provider and send, so this one is refused."""
+    async with fresh_settings(*servers) as settings:
+        engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+        try:
+            await migrate(engine, SCHEMA, MIGRATIONS)
+            gate = SendGate(Database(engine))
+            lapsing = Sender(
+                uuid.uuid4(),
+                "campaigns/c",
+                "batch-1",
+                SETTLING,
+                fenced=False,
+                held_until=time.monotonic() + STALE_ADMISSION_SECONDS / 2,
+            )
+            wave = [("d1", "+14155550001")]
+            assert (await gate.admit(lapsing, "destinations/d", wave)).superseded
+            with pytest.raises(Superseded):
+                await gate.may_send(lapsing)
+            holding = dataclasses.replace(lapsing, held_until=time.monotonic() + 60)
+            assert (await gate.admit(holding, "destinations/d", wave)).admitted == {"d1"}
+            assert await gate.may_send(holding)
+        finally:
+            await engine.dispose()

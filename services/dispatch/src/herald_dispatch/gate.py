@@ -11,6 +11,7 @@ only the deliveries of the waves really under way.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -26,21 +27,33 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_dispatch.storage import halted_campaigns, sms_opt_outs
 
+# A yes from the gate lasts this long: a request is written within it of its last confirmation, or
+# confirmed again. Whoever takes deliveries over from a sender waits longer than this before asking
+# a provider whether they were sent.
+STALE_ADMISSION_SECONDS = 1.0
+
+
+class Superseded(Exception):
+    """Another attempt at the batch has begun: this one stops and records nothing more."""
+
 
 @dataclass(frozen=True)
 class Sender:
     """Who asks to send: an attempt at a batch, refused once a later attempt at it has begun
-    (`fenced`); or the settler, which holds its deliveries by a lease instead."""
+    (`fenced`); or the settler, which holds its deliveries by a lease instead (`held_until`)."""
 
     account_id: uuid.UUID
     campaign: str
     batch_id: str
     attempt: int
     fenced: bool = True
+    # When the lease on the sender's deliveries runs out (monotonic; inf: held by attempt number).
+    held_until: float = math.inf
 
-
-class Superseded(Exception):
-    """Another attempt at the batch has begun: this one stops and records nothing more."""
+    def holds(self) -> bool:
+        """Whether a request confirmed now would be written before the lease runs out (and another
+        settler may claim its deliveries, ask the provider and send)."""
+        return time.monotonic() + STALE_ADMISSION_SECONDS < self.held_until
 
 
 @dataclass(frozen=True)
@@ -128,6 +141,8 @@ class SendGate:
         """For (delivery id, phone) pairs about to be sent through `destination`: records the
         intent to send those it admits, in one statement (on asyncpg directly: it runs before
         every few dozen messages)."""
+        if not sender.holds():
+            return Admission(superseded=True)
         row = await self.database.fetch_row(
             _ADMIT,
             sender.account_id,
@@ -154,7 +169,10 @@ class SendGate:
 
     async def may_send(self, sender: Sender) -> bool:
         """Whether the sender's next request may start: False once its campaign is halted; raises
-        Superseded once another attempt at its batch has begun (another replica took it over)."""
+        Superseded once another attempt at its batch has begun (another replica took it over), or
+        the lease it holds them by is running out."""
+        if not sender.holds():
+            raise Superseded(f"the hold on {sender.batch_id}'s deliveries is running out")
         async with self.database.transaction() as session:
             row = (
                 await session.execute(

@@ -27,10 +27,9 @@ from herald_common.secret_box import SecretBox
 from herald_common.settings import Settings
 from herald_dispatch.campaigns import CampaignBook
 from herald_dispatch.channels import registry
-from herald_dispatch.channels.sms import STALE_ADMISSION_SECONDS
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import HTTP_CONNECTIONS, Destinations, reseal
-from herald_dispatch.gate import SendGate
+from herald_dispatch.gate import STALE_ADMISSION_SECONDS, SendGate
 from herald_dispatch.provider_calls import provider_call_metrics
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.receipts import ReceiptServer

@@ -7,6 +7,8 @@ exactly one recorded outcome: sent, failed or skipped with a reason, or unknown.
 
 from __future__ import annotations
 
+import math
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -211,7 +213,9 @@ class DeliveryWorker:
         known: KnownCampaign,
         pending: list[events.Recipient],
         attempt: Attempt,
+        held_until: float = math.inf,
     ) -> list[Outcome]:
+        """Sends `pending`; the settler passes when its lease on them runs out (monotonic)."""
         try:
             destination = await self.destinations.for_delivery(batch.destination, known.account_id)
         except DomainError:
@@ -242,6 +246,7 @@ class DeliveryWorker:
             batch.batch_id,
             attempt.number,
             fenced=not attempt.settling,
+            held_until=held_until,
         )
 
         async def wanted() -> bool:
@@ -311,15 +316,17 @@ class DeliveryWorker:
         (with its id), one it did not make is sent now, once; one it cannot tell of is asked
         again later, until SETTLE_ROUNDS. True when more may be due."""
         DESTINATION_TYPE.set(self.channel.kind.destination_type)
+        # Held from before the claim: the lease runs out no later here than in the database.
+        held_until = time.monotonic() + SETTLE_LEASE_SECONDS
         claimed = await self.ledger.claim_unsettled(SETTLE_BATCH, SETTLE_LEASE_SECONDS)
         by_batch: dict[bytes, list[Any]] = {}
         for row in claimed:
             by_batch.setdefault(row.batch, []).append(row)
         for header, rows in by_batch.items():
-            await self._settle_batch(events.DeliveryBatch.FromString(header), rows)
+            await self._settle_batch(events.DeliveryBatch.FromString(header), rows, held_until)
         return len(claimed) == SETTLE_BATCH
 
-    async def _settle_batch(self, batch: events.DeliveryBatch, rows: list[Any]) -> None:
+    async def _settle_batch(self, batch: events.DeliveryBatch, rows: list[Any], held_until: float) -> None:
         account_id = rows[0].account_id
         outcomes: list[Outcome] = []
         not_sent: list[events.Recipient] = []
@@ -338,7 +345,14 @@ class DeliveryWorker:
         if not_sent:
             known = await self.campaigns.get(batch.campaign, batch.campaign_version)
             if known.delivering and not await self.gate.halted(batch.campaign):
-                outcomes += await self._send(batch, known, not_sent, Attempt(SETTLING, set(), {}))
+                try:
+                    outcomes += await self._send(
+                        batch, known, not_sent, Attempt(SETTLING, set(), {}), held_until
+                    )
+                except Superseded as lapsed:
+                    # This settler stalled past its lease: another claims these, asks the provider
+                    # again (it sees what this one sent before the lease ran out) and sends the rest.
+                    log.warning("settle_lease_lapsed", batch=batch.batch_id, reason=str(lapsed))
             else:
                 outcomes += [Outcome(r, SKIPPED, reason="campaign stopped") for r in not_sent]
         if outcomes and await self.ledger.record(

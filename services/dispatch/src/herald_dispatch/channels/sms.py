@@ -25,7 +25,7 @@ from herald.events.v1 import events_pb2 as events
 from herald_common import personalization
 from herald_common.sms import E164, MAX_BODY_CHARACTERS
 from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
-from herald_dispatch.gate import Admission
+from herald_dispatch.gate import STALE_ADMISSION_SECONDS, Admission
 from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 
 # Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
@@ -34,9 +34,6 @@ ALPHANUMERIC_SENDER = re.compile(r"^(?=.*[A-Za-z])[A-Za-z0-9 ]{1,11}\Z")
 CONCURRENT_REQUESTS = 16
 # When the message a sender is about to post was admitted (monotonic; the sender's task's own).
 ADMITTED_AT: contextvars.ContextVar[float] = contextvars.ContextVar("admitted_at", default=math.inf)
-# A message admitted longer ago than this is confirmed again just before its request: well under
-# the settle delay, so a replica that was paused never posts what its successor has settled.
-STALE_ADMISSION_SECONDS = 1.0
 # Messages whose intent is recorded at once, before the first of them is sent: a few rounds of
 # requests, so recording costs little, and a crash leaves few unknown.
 WAVE_SIZE = 4 * CONCURRENT_REQUESTS
