@@ -12,7 +12,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any
 
 import aiohttp
@@ -98,6 +97,21 @@ def _recipients(count: int) -> list[events.Recipient]:
     ]
 
 
+class Wanted:
+    """The campaign's answer to "may I still send": counts how often it is asked, and answers
+    `answer` (or raises it: the batch was taken over)."""
+
+    def __init__(self, answer: bool | Exception) -> None:
+        self.answer = answer
+        self.times = 0
+
+    async def __call__(self) -> bool:
+        self.times += 1
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
 async def _deliver(url: str, wanted: Any, pause: PausedOnce, count: int) -> list[Any]:
     async with aiohttp.ClientSession(trace_configs=[pause.config]) as http:
         channel = TwilioChannel(http)
@@ -108,28 +122,20 @@ async def test_a_sender_paused_before_its_write_sends_nothing_once_its_batch_was
     twilio: tuple[TwilioApi, str],
 ) -> None:
     api, url = twilio
-    asked = SimpleNamespace(times=0)
-
-    async def wanted() -> bool:
-        # While this process stood still another replica took the batch over.
-        asked.times += 1
-        raise Superseded("taken over by attempt 2")
-
+    # While this process stood still another replica took the batch over.
+    wanted = Wanted(Superseded("taken over by attempt 2"))
     with pytest.raises(Superseded):
         await _deliver(url, wanted, PausedOnce(1, PAUSE_SECONDS), 1)
     assert api.messages == [], "a paused sender wrote its request after its batch was taken over"
-    assert asked.times == 1
+    assert wanted.times == 1
 
 
 async def test_a_sender_paused_before_its_write_skips_what_a_stop_halted_meanwhile(
     twilio: tuple[TwilioApi, str],
 ) -> None:
     api, url = twilio
-
-    async def wanted() -> bool:
-        return False  # StopCampaign came while this process stood still
-
-    outcomes = await _deliver(url, wanted, PausedOnce(1, PAUSE_SECONDS), 1)
+    stopped = Wanted(False)  # StopCampaign came while this process stood still
+    outcomes = await _deliver(url, stopped, PausedOnce(1, PAUSE_SECONDS), 1)
     assert [(o.status, o.reason, o.attempts) for o in outcomes] == [(SKIPPED, "campaign stopped", 0)]
     assert api.messages == []
 
@@ -138,12 +144,7 @@ async def test_a_sender_paused_before_its_write_sends_once_when_still_wanted(
     twilio: tuple[TwilioApi, str],
 ) -> None:
     api, url = twilio
-    asked = SimpleNamespace(times=0)
-
-    async def wanted() -> bool:
-        asked.times += 1
-        return True
-
+    wanted = Wanted(True)
     outcomes = await _deliver(url, wanted, PausedOnce(1, PAUSE_SECONDS), 3)
     assert sorted((o.recipient.delivery_id, o.status, o.attempts) for o in outcomes) == [
         ("d0", SENT, 1),
@@ -153,22 +154,17 @@ async def test_a_sender_paused_before_its_write_sends_once_when_still_wanted(
     assert sorted(m.to for m in api.messages) == ["+14155550000", "+14155550001", "+14155550002"]
     # Only what the pause made stale was confirmed again: by the paused sender, or by one whose
     # turn came after the pause.
-    assert 1 <= asked.times <= 3
+    assert 1 <= wanted.times <= 3
 
 
 async def test_an_unpaused_sender_asks_nothing_more_than_its_wave(
     twilio: tuple[TwilioApi, str],
 ) -> None:
     api, url = twilio
-    asked = SimpleNamespace(times=0)
-
-    async def wanted() -> bool:
-        asked.times += 1
-        return True
-
+    wanted = Wanted(True)
     outcomes = await _deliver(url, wanted, PausedOnce(0, 0.0), 20)
     assert {o.status for o in outcomes} == {SENT} and len(api.messages) == 20
-    assert asked.times == 0
+    assert wanted.times == 0
 
 
 async def test_a_sender_paused_while_its_wave_was_admitted_confirms_before_sending(
@@ -183,11 +179,8 @@ async def test_a_sender_paused_while_its_wave_was_admitted_confirms_before_sendi
         time.sleep(PAUSE_SECONDS)  # noqa: ASYNC251 - stopped after the database answered
         return answer
 
-    async def wanted() -> bool:
-        raise Superseded("taken over by attempt 2")
-
     async with aiohttp.ClientSession() as http:
-        context = dataclasses.replace(_context(url, wanted), admit=admit)
+        context = dataclasses.replace(_context(url, Wanted(Superseded("taken over"))), admit=admit)
         with pytest.raises(Superseded):
             await TwilioChannel(http).deliver(context, _recipients(2))
     assert api.messages == []
