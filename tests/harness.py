@@ -76,7 +76,8 @@ async def fresh_settings(admin_url: str, nats_url: str) -> AsyncIterator[Setting
             account_requests_per_second=5000.0,
             # Providers that answer late are tested without waiting the production 15 s.
             sms_answer_timeout_seconds=2.0,
-            sms_settle_seconds=1.0,
+            # Twice how long a yes to "may I still send" lasts: dispatch refuses one within it.
+            sms_settle_seconds=2.0,
             # Small enough that the isolation test's hanging destination could fill it all.
             dispatch_max_in_flight=64,
         )
