@@ -27,7 +27,6 @@ from herald_dispatch.channels import SENT, SKIPPED, SendContext
 from herald_dispatch.channels.twilio import TwilioChannel
 from herald_dispatch.gate import STALE_ADMISSION_SECONDS, Admission, Sender, SendGate, Superseded
 from herald_dispatch.ledger import SETTLING
-from herald_dispatch.main import MIGRATIONS
 from herald_dispatch.storage import SCHEMA
 from herald_sandbox.twilio_api import TwilioApi
 from tests.harness import fresh_settings
@@ -38,7 +37,7 @@ PAUSE_SECONDS = STALE_ADMISSION_SECONDS + 0.5
 
 
 class PausedOnce:
-    """Blocks the whole process once, for `seconds`, as each of the first `count` requests starts."""
+    """Blocks the whole process for `seconds` as each of the first `count` requests starts."""
 
     def __init__(self, count: int, seconds: float) -> None:
         self.left = count
@@ -207,7 +206,7 @@ async def test_a_settler_whose_lease_is_running_out_sends_nothing_more(servers: 
     async with fresh_settings(*servers) as settings:
         engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
         try:
-            await migrate(engine, SCHEMA, MIGRATIONS)
+            await migrate(engine, SCHEMA, dispatch_main.MIGRATIONS)
             gate = SendGate(Database(engine))
             lapsing = Sender(
                 uuid.uuid4(),
