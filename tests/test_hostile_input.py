@@ -146,6 +146,17 @@ def _valid_requests() -> Iterator[Any]:
         "events[0].client_event_id",
         id="client_event_id",
     )
+    # IngestEvents checks its events' text itself (limits.CHECKS_OWN_TEXT): each field is named.
+    for field in ("name", "user_signature"):
+        signed = segmentation_service_pb2.Event(user_id="nul-user", name="Opened", client_event_id="ok")
+        setattr(signed, field, NUL)
+        yield pytest.param(
+            "segmentation",
+            "IngestEvents",
+            segmentation_service_pb2.IngestEventsRequest(events=[signed]),
+            f"events[0].{field}",
+            id=f"event_{field}",
+        )
     keyed = segmentation_service_pb2.Event(user_id="nul-user", name="Opened", client_event_id="ok")
     keyed.properties.update({NUL: 1})
     yield pytest.param(

@@ -40,6 +40,7 @@ from herald_common.errors import (
 )
 from herald_common.faults import is_transient
 from herald_common.limits import (
+    CHECKS_OWN_TEXT,
     GRPC_RECEIVE_BYTES,
     HEAVY_BYTES_AT_ONCE,
     HEAVY_METHODS,
@@ -181,10 +182,13 @@ class _Undecodable:
 _UNDECODABLE = _Undecodable()
 
 
-def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int) -> Callable[[bytes], Any] | None:
+def _tolerant(
+    deserialize: Callable[[bytes], Any] | None, limit: int, check_text: bool = True
+) -> Callable[[bytes], Any] | None:
     """The request decoder, answering _UNDECODABLE instead of raising: gRPC would report a
     decoding failure as UNKNOWN; the handler reports it as INVALID_ARGUMENT. A request over the
-    method's size limit, or with a NUL in a string, is refused the same way, undecoded or unused."""
+    method's size limit, or (with `check_text`) with a NUL in a string, is refused the same way,
+    undecoded or unused."""
     if deserialize is None:
         return None
 
@@ -198,7 +202,7 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None, limit: int) -> Callabl
             return _Arrived(_UNDECODABLE, len(data))
         # PostgreSQL stores no NUL: such a request is refused here, naming the fields, before any
         # work. Only a request with a zero byte somewhere can hold one, so most are not walked.
-        if b"\x00" in data:
+        if check_text and b"\x00" in data:
             fields = nul_fields(request)
             if fields:
                 refused = (FieldViolation(f, "must not contain NUL characters") for f in fields)
@@ -337,9 +341,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler_call_details.method.startswith(_OPEN_PREFIXES):
             return handler
         limit = request_limit(handler_call_details.method)
-        decode = _tolerant(handler.request_deserializer, limit)
+        method = handler_call_details.method
+        decode = _tolerant(handler.request_deserializer, limit, method not in CHECKS_OWN_TEXT)
         # The heavy methods (unary or uploads) take turns, by their size; the others go at once.
-        heavy = handler_call_details.method in HEAVY_METHODS
+        heavy = method in HEAVY_METHODS
         if handler.unary_unary is not None:
             inner_unary = handler.unary_unary
 

@@ -163,6 +163,8 @@ def _report(event: pb.Event, when: float, now: float, path: str, check: Validato
     check.require(
         0 < len(event.client_event_id) <= 200, f"{path}.client_event_id", "required: 1-200 characters"
     )
+    for name in ("client_event_id", "user_signature"):
+        check.require("\x00" not in getattr(event, name), f"{path}.{name}", "must not contain NUL characters")
     check.require(when <= now + MAX_AHEAD_SECONDS, f"{path}.time", "at most one day ahead of now")
     check.require(when >= EARLIEST_SECONDS, f"{path}.time", "in 2000 or later")
 
@@ -220,7 +222,8 @@ class Events:
         for i, event in enumerate(batch):
             path = f"events[{i}]"
             # Fields read once (each read of a message field makes a new string), and checked
-            # without building a message unless something is wrong: this runs per event.
+            # without building a message unless something is wrong: this runs per event. Each
+            # string field is checked for NUL here (the interceptor leaves this method's to it).
             user_id, name, client_id = event.user_id, event.name, event.client_event_id
             when = event.time.seconds + event.time.nanos / 1e9 if event.HasField("time") else now
             if not (
@@ -229,6 +232,8 @@ class Events:
                 and name.strip()
                 and "\x00" not in name
                 and 0 < len(client_id) <= 200
+                and "\x00" not in client_id
+                and "\x00" not in event.user_signature
                 and EARLIEST_SECONDS <= when <= now + MAX_AHEAD_SECONDS
             ):
                 _report(event, when, now, path, check)
@@ -353,37 +358,17 @@ class Events:
             )
 
     def _announcement(self, account_id: uuid.UUID, recorded: list[_Received], now: datetime) -> OutboxEvent:
-        """EventsIngested, encoded from each event's own encoding: it is read for every event."""
+        """EventsIngested: the recorded events, those sent without a time given the receive time."""
         event_id = str(uuid.uuid4())
         receive_time = api.timestamp(now)
-        # A field appended to an encoded message sets it (protobuf's merge rule): the receive
-        # time, for events sent without a time.
-        timed = pb.Event(time=receive_time).SerializeToString()
-        parts = [
-            events_pb2.EventsIngested(
-                event_id=event_id, account=account_name(account_id), receive_time=receive_time
-            ).SerializeToString()
-        ]
-        for r in recorded:
-            body = r.event.SerializeToString()
-            if not r.event.HasField("time"):
-                body += timed
-            parts += (_EVENTS_FIELD, _varint(len(body)), body)
-        return OutboxEvent(self.subjects.events_ingested, b"".join(parts), event_id)
-
-
-# The key of EventsIngested.events (field 3, length-delimited) on the wire.
-_EVENTS_FIELD = bytes([3 << 3 | 2])
-
-
-def _varint(n: int) -> bytes:
-    """`n` as a protobuf varint: seven bits a byte, low first, the high bit saying more follow."""
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+        events = [r.event for r in recorded]
+        for event in events:
+            if not event.HasField("time"):
+                event.time.CopyFrom(receive_time)
+        announced = events_pb2.EventsIngested(
+            event_id=event_id, account=account_name(account_id), receive_time=receive_time, events=events
+        )
+        return OutboxEvent(self.subjects.events_ingested, announced.SerializeToString(), event_id)
 
 
 async def _as_merged(session: Any, account_id: uuid.UUID, received: list[_Received]) -> list[_Received]:

@@ -324,19 +324,21 @@ class LiveTriggers:
             event_id=str(uuid.uuid4()), account=account_name(account_id), receive_time=api.timestamp(received)
         )
         goal_events = events_pb2.GoalEvents(event_id=str(uuid.uuid4()), account=published.account)
+        add_goal_event = goal_events.events.add
         for (i, w), ok in zip(candidates, passed, strict=True):
             if not ok:
                 continue
             event = timely[i]
             seconds, nanos = _seconds_and_nanos(event.when)
             if w.role == GOAL:
-                converting = goal_events.events.add(
+                converting = add_goal_event(
                     campaign=w.campaign,
                     user_id=event.user_id,
                     client_event_id=event.client_id,
                     revenue=_number(event.values.get(w.revenue_property)) if w.revenue_property else 0.0,
                 )
-                converting.event_time.seconds, converting.event_time.nanos = seconds, nanos
+                at = converting.event_time  # each read of a sub-message makes a new wrapper
+                at.seconds, at.nanos = seconds, nanos
                 continue
             match = published.matches.add(
                 campaign=w.campaign,

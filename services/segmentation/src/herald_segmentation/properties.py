@@ -84,29 +84,33 @@ def plain_properties(struct: struct_pb2.Struct) -> tuple[dict[str, Any], dict[st
             return None
         item = fields[key]
         kind = item.WhichOneof("kind")
-        if kind == "string_value":
-            value: Any = item.string_value
-        elif kind == "number_value":
-            value = item.number_value
+        # Each kind checked and typed in its own branch: this runs for every property of every event.
+        if kind == "number_value":
+            value: Any = item.number_value
             if not math.isfinite(value):
                 return None
+            types[key] = PropertyType.NUMBER
+        elif kind == "string_value":
+            value = item.string_value
+            if _string_problem(value) is not None:
+                return None
+            types[key] = PropertyType.DATETIME if parse_datetime(value) else PropertyType.STRING
         elif kind == "bool_value":
             value = item.bool_value
+            types[key] = PropertyType.BOOLEAN
         elif kind == "list_value":
             items = item.list_value.values
             if not all(v.WhichOneof("kind") == "string_value" for v in items):
                 return None
             value = [v.string_value for v in items]
+            if value_problem(value) is not None:
+                return None
+            types[key] = PropertyType.LIST
         elif kind == "null_value":
             value = None
         else:
             return None
-        if value_problem(value) is not None:
-            return None
         values[key] = value
-        found = type_of(value)
-        if found is not None:
-            types[key] = found
     return values, types
 
 
