@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import nats
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
-from herald_common.bus import REASON_HEADER, SOURCE_SUBJECT_HEADER, PullConsumer, Subjects
+from herald_common.bus import (
+    FETCH_WAIT_SECONDS,
+    REASON_HEADER,
+    SOURCE_SUBJECT_HEADER,
+    PullConsumer,
+    Subjects,
+)
 from herald_common.settings import Settings
 from tests.conftest import eventually
 
@@ -109,3 +116,70 @@ async def test_slow_handler_keeps_its_batch(settings: Settings, js: JetStreamCon
     finally:
         await consumer.stop()
     assert calls == [b"slow"], "JetStream redelivered a message that was still being handled"
+
+
+def _consumer(
+    js: JetStreamContext, settings: Settings, durable: str, subject: str, seen: list[tuple[float, bytes]]
+) -> PullConsumer:
+    subjects = Subjects(settings.namespace)
+
+    async def handler(msgs: list[Msg]) -> None:
+        for msg in msgs:
+            seen.append((time.monotonic(), msg.data))
+            await msg.ack()
+
+    # A long ack wait: a message left with a stopped consumer would show as a 30 s stall.
+    return PullConsumer(
+        js,
+        subjects,
+        stream=subjects.stream("campaign"),
+        durable=durable,
+        filter_subject=subject,
+        handler=handler,
+        ack_wait_seconds=30.0,
+    )
+
+
+async def test_a_lone_message_to_an_idle_consumer_is_handled_at_once(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    subject = f"{settings.namespace}.campaign.lone-{uuid.uuid4().hex[:6]}"
+    seen: list[tuple[float, bytes]] = []
+    consumer = _consumer(js, settings, f"lone-{uuid.uuid4().hex[:6]}", subject, seen)
+    await consumer.start()
+    try:
+        await asyncio.sleep(0.5)  # idle: its pull is waiting
+        published = time.monotonic()
+        await js.publish(subject, b"one")
+        await eventually(lambda: _any(seen), within=10, interval=0.01)
+    finally:
+        await consumer.stop()
+    # Not held until its pull's wait (FETCH_WAIT_SECONDS) is over.
+    assert seen[0][0] - published < FETCH_WAIT_SECONDS / 2
+
+
+async def test_a_stopped_consumer_leaves_no_pull_behind(settings: Settings, js: JetStreamContext) -> None:
+    subject = f"{settings.namespace}.campaign.handover-{uuid.uuid4().hex[:6]}"
+    durable = f"handover-{uuid.uuid4().hex[:6]}"
+    first: list[tuple[float, bytes]] = []
+    stopped = _consumer(js, settings, durable, subject, first)
+    await stopped.start()
+    await asyncio.sleep(0.5)  # its pull is waiting when it stops
+    started = time.monotonic()
+    await stopped.stop()
+    assert time.monotonic() - started < 2.0  # the waiting pull does not hold the stop
+    await js.publish(subject, b"after the stop")
+    second: list[tuple[float, bytes]] = []
+    successor = _consumer(js, settings, durable, subject, second)
+    await successor.start()
+    try:
+        # The successor gets it at once, not after the 30 s ack wait of a pull left open.
+        await eventually(lambda: _any(second), within=10, interval=0.05)
+    finally:
+        await successor.stop()
+    assert [data for _, data in second] == [b"after the stop"]
+    assert first == []
+
+
+async def _any(seen: list[tuple[float, bytes]]) -> bool:
+    return bool(seen)

@@ -325,6 +325,10 @@ BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 MessageHandler = Callable[[Msg], Awaitable[None]]
 # Longest wait before a message whose handling failed is offered again.
 MAX_REDELIVERY_DELAY_SECONDS = 60.0
+# How long an idle consumer's pull waits before it asks again. A message ends the wait at once and
+# a stop cuts it short, so this sets only how often an idle consumer asks (and what NATS does for
+# each ask).
+FETCH_WAIT_SECONDS = 5.0
 # A lane holds at most this many times its concurrency (running, or waiting for their turn); a
 # message past that is offered again after LANE_FULL_DELAY_SECONDS. A stuck lane then fills a
 # small share of a worker's in-flight slots.
@@ -373,6 +377,7 @@ class _Consumer:
         # Messages being handled, by id(): Msg is not hashable.
         self._in_progress: dict[int, Msg] = {}
         self._keepalive: asyncio.Task[None] | None = None
+        self._subscription: JetStreamContext.PullSubscription | None = None
 
     @property
     def alive(self) -> bool:
@@ -390,6 +395,7 @@ class _Consumer:
         subscription = await self.js.pull_subscribe(
             self.filter_subject, durable=self.durable, stream=self.stream, config=config
         )
+        self._subscription = subscription
         self._keepalive = asyncio.create_task(self._keep_alive(), name=f"keepalive:{self.durable}")
         self._task = asyncio.create_task(self._run_forever(subscription), name=f"consumer:{self.durable}")
 
@@ -405,8 +411,19 @@ class _Consumer:
         raise NotImplementedError
 
     async def _fetch(self, subscription: JetStreamContext.PullSubscription, count: int) -> list[Msg]:
+        """Up to `count` messages, waiting up to FETCH_WAIT_SECONDS for the first; a stop ends the
+        wait at once."""
+        pull = asyncio.ensure_future(subscription.fetch(count, timeout=FETCH_WAIT_SECONDS))
+        stopping = asyncio.ensure_future(self._stopping.wait())
         try:
-            return await subscription.fetch(count, timeout=0.5)
+            await asyncio.wait((pull, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not pull.done():
+                pull.cancel()  # what NATS sends for it is given back by _give_back_unread
+                await asyncio.wait((pull,))
+        try:
+            return pull.result() if not pull.cancelled() else []
         except (TimeoutError, nats.errors.TimeoutError):
             return []
         except Exception as error:  # connection trouble: wait and try again
@@ -452,8 +469,26 @@ class _Consumer:
         self._stopping.set()
         if self._task is not None:
             await self._task
+        await self._give_back_unread()
         await self._drain(grace_seconds)
         await cancel_and_wait(self._keepalive)
+
+    async def _give_back_unread(self) -> None:
+        """Ends the pulls a stop cut short, so NATS sends their messages to another replica at
+        once (a pull whose inbox has no subscriber is dropped), and offers again at once what
+        had already come for them, instead of after the ack wait."""
+        subscription, self._subscription = self._subscription, None
+        if subscription is None:
+            return
+        try:
+            await subscription.unsubscribe()
+            unread = subscription._sub._pending_queue  # nats-py keeps what came for a pull here
+            while not unread.empty():
+                msg = unread.get_nowait()
+                if not JetStreamContext.is_status_msg(msg):
+                    await msg.nak()
+        except Exception as error:  # NATS is away: what came comes back after its ack wait
+            log.warning("give_back_failed", consumer=self.durable, error=str(error))
 
     async def _drain(self, grace_seconds: float) -> None:
         """Lets handlers still running finish within the grace period."""

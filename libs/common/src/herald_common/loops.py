@@ -61,6 +61,9 @@ class WakeableLoop:
 
     async def _run(self) -> None:
         while not self._stopping:
+            # Cleared before the step: a notify() while it runs (work it may have missed) wakes
+            # the loop again right after it.
+            self._wake.clear()
             try:
                 more = await self.step()
                 self.failures = 0
@@ -72,6 +75,5 @@ class WakeableLoop:
                 more = False
                 await asyncio.sleep(1)
             if not more:
-                self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_seconds)

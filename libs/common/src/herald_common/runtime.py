@@ -215,8 +215,8 @@ class Infrastructure:
         }
 
     async def stop_consumers(self) -> None:
-        for consumer in self.consumers:
-            await consumer.stop(self.settings.shutdown_grace_seconds)
+        # Together: each waits for its pull in flight and its handlers, all within one grace period.
+        await asyncio.gather(*(c.stop(self.settings.shutdown_grace_seconds) for c in self.consumers))
         self.consumers.clear()
 
     def watch(self, *loops: WakeableLoop) -> None:
