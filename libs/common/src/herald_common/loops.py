@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
+import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
+from herald_common import clock
 from herald_common.logging import get_logger
 
 log = get_logger(__name__)
@@ -29,8 +33,10 @@ FAILING_AFTER = 3
 
 class WakeableLoop:
     """Calls `step` repeatedly. `step` returns True when more work may be waiting right away;
-    otherwise the loop sleeps until `notify()` or `poll_seconds` pass. A step that raises is logged
-    and tried again a second later; `failing` tells when it keeps raising."""
+    otherwise the loop sleeps until `notify()`, until the moment the step said its next work
+    comes due (`due_at`), or until `poll_seconds` pass, whichever is first. The clock jumping (a
+    test moving it) wakes it too. A step that raises is logged and tried again a second later;
+    `failing` tells when it keeps raising."""
 
     def __init__(self, name: str, step: Callable[[], Awaitable[bool]], poll_seconds: float) -> None:
         self.name = name
@@ -39,6 +45,10 @@ class WakeableLoop:
         self._wake = asyncio.Event()
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._due_in = math.inf
+        self._stepping = False
+        self._wakes_at = math.inf  # monotonic time the loop's current wait ends
+        self._stop_following_clock: Callable[[], None] | None = None
         self.failures = 0  # in a row
         self.failures_total = 0
         self.last_error = ""
@@ -50,12 +60,25 @@ class WakeableLoop:
     def notify(self) -> None:
         self._wake.set()
 
+    def due_at(self, moment: datetime) -> None:
+        """Work comes due at `moment` (by the clock): the loop steps again by then. A step says so
+        of what it found waiting; others of work they made (woken only if it is due sooner than
+        the loop would have looked anyway)."""
+        due_in = clock.seconds_until(moment)
+        if self._stepping:
+            self._due_in = min(self._due_in, due_in)
+        elif time.monotonic() + due_in < self._wakes_at:
+            self.notify()
+
     def start(self) -> None:
+        self._stop_following_clock = clock.on_jump(self.notify)
         self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
         self._stopping = True
         self._wake.set()
+        if self._stop_following_clock is not None:
+            self._stop_following_clock()
         if self._task is not None:
             await self._task
 
@@ -64,6 +87,8 @@ class WakeableLoop:
             # Cleared before the step: a notify() while it runs (work it may have missed) wakes
             # the loop again right after it.
             self._wake.clear()
+            self._due_in = math.inf
+            self._stepping = True
             try:
                 more = await self.step()
                 self.failures = 0
@@ -74,6 +99,11 @@ class WakeableLoop:
                 log.exception("loop_step_failed", loop=self.name, failures=self.failures)
                 more = False
                 await asyncio.sleep(1)
+            finally:
+                self._stepping = False
             if not more:
+                wait = min(self.poll_seconds, self._due_in)
+                self._wakes_at = time.monotonic() + wait
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                    await asyncio.wait_for(self._wake.wait(), wait)
+                self._wakes_at = math.inf

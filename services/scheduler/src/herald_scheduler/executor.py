@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import grpc
@@ -53,6 +53,9 @@ MAX_RECIPIENT_ATTRIBUTE_BYTES = 64 * 1024
 MAX_ATTEMPTS = 24
 MAX_RETRY_DELAY_SECONDS = 300.0
 AUDIENCE_DEADLINE_SECONDS = 900.0
+# The executor sleeps until the next pending run's time or until told of a new run; it looks by
+# itself this often too, for runs another replica made and leases a crashed replica left.
+CLAIM_POLL_SECONDS = 2.0
 _PENDING = RunState.Name(RunState.RUN_STATE_PENDING)
 _RUNNING = RunState.Name(RunState.RUN_STATE_RUNNING)
 _STOPPED = campaign_pb.State.Name(campaign_pb.State.STATE_STOPPED)
@@ -201,7 +204,7 @@ class RunExecutor:
         segmentation: grpc.aio.Channel,
         notify_outbox: Callable[[], None],
         notify_releaser: Callable[[], None],
-        poll_seconds: float = 0.5,
+        poll_seconds: float = CLAIM_POLL_SECONDS,
         max_concurrent_runs: int = 4,
         lease_seconds: float = 60.0,
         metrics: Metrics | None = None,
@@ -217,6 +220,7 @@ class RunExecutor:
         self.lease = timedelta(seconds=lease_seconds)
         self.owner = uuid.uuid4().hex
         self._active: set[asyncio.Task[None]] = set()
+        self._next_due: datetime | None = None  # the next pending run's time, when none was due
         self.loop = WakeableLoop("run-executor", self._claim_next, poll_seconds)
 
     def notify(self) -> None:
@@ -236,6 +240,8 @@ class RunExecutor:
             return False
         claimed = await self._claim()
         if claimed is None:
+            if self._next_due is not None:
+                self.loop.due_at(self._next_due)
             return False
         task = asyncio.create_task(self._execute(*claimed), name=f"run:{claimed[0].id}")
         self._active.add(task)
@@ -278,6 +284,11 @@ class RunExecutor:
                 )
             ).first()
             if row is None:
+                self._next_due = await session.scalar(
+                    sa.select(sa.func.min(runs.c.scheduled_time)).where(
+                        runs.c.state == _PENDING, runs.c.scheduled_time > api.utcnow()
+                    )
+                )
                 return None
             stored = (
                 await session.execute(

@@ -78,6 +78,18 @@ LIVE = RunState.Name(RunState.RUN_STATE_LIVE)
 # allowance), so a starting event older than a kept awaited one cannot still arrive.
 AWAITED_KEPT = timedelta(minutes=10)
 TIMERS_PER_ROUND = 500
+# The timer loop sleeps until the next timer fires (or a live run ends), and looks by itself this
+# often too, for timers another replica started.
+TIMER_POLL_SECONDS = 2.0
+# The next moment a timer fires or a live run ends, after :now.
+_NEXT_DUE = sa.text(
+    """
+    SELECT least(
+        (SELECT min(fire_at) FROM scheduler.live_timers WHERE fire_at > :now),
+        (SELECT min(ends_at) FROM scheduler.runs WHERE state = :live AND ends_at > :now)
+    )
+    """
+)
 MATCH_USERS_BATCH = 1000
 MATCH_USERS_CONCURRENCY = 4
 _ACTIVE = {
@@ -305,7 +317,7 @@ class LiveEngine:
         segmentation: grpc.aio.Channel,
         notify_outbox: Callable[[], None],
         notify_releaser: Callable[[], None],
-        poll_seconds: float = 0.2,
+        poll_seconds: float = TIMER_POLL_SECONDS,
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics
@@ -347,6 +359,8 @@ class LiveEngine:
             await self._fire(session, live, plan.fires)
         self.notify_outbox()
         self.notify_releaser()
+        if plan.waits:  # timers started: the timer loop wakes for the first of them
+            self.loop.due_at(min(until for _, _, _, until, _ in plan.waits))
 
     async def _zones(
         self, matches: list[events.LiveMatch], live: dict[str, _Live]
@@ -385,6 +399,9 @@ class LiveEngine:
             if not due:
                 await self._end_runs(session, now)
                 await session.execute(sa.delete(live_awaited).where(live_awaited.c.expires_at < now))
+                next_due = await session.scalar(_NEXT_DUE, {"now": now, "live": LIVE})
+                if next_due is not None:
+                    self.loop.due_at(next_due)
                 return False
             live = await self._live(session, {row.campaign for row in due})
             fires = [

@@ -48,8 +48,11 @@ RELEASE_GROUPS = 200
 # Rounds in flight at once in a replica: while one waits on PostgreSQL another decides, so a
 # zone's deliveries that all fall due at once go out within about a second.
 CONCURRENT_ROUNDS = 3
+# The first round sleeps until the next group comes due or it is told of new ones; it looks by
+# itself this often too, for groups another replica made that its own rounds did not take.
+POLL_SECONDS = 2.0
 # The rounds other than the first also look now and then by themselves (a missed wake-up).
-HELPER_POLLS_RARER = 25
+HELPER_POLLS_RARER = 10
 _ACTIVE = {
     campaign_pb.State.Name(campaign_pb.STATE_SCHEDULED),
     campaign_pb.State.Name(campaign_pb.STATE_RUNNING),
@@ -70,6 +73,10 @@ _DUE = sa.text(
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
     """
+)
+# When the next waiting group comes due (those due already are being released).
+_NEXT_DUE = sa.text(
+    "SELECT min(due_at) FROM scheduler.pending_deliveries WHERE due_at > :now AND problem IS NULL"
 )
 _FORGET = sa.text(
     """
@@ -183,7 +190,7 @@ class Releaser:
         subjects: Subjects,
         run_events: RunEvents,
         notify_outbox: Callable[[], None],
-        poll_seconds: float = 0.2,
+        poll_seconds: float = POLL_SECONDS,
         metrics: Metrics | None = None,
     ) -> None:
         self.metrics = metrics
@@ -192,6 +199,7 @@ class Releaser:
         self.run_events = run_events
         self.notify_outbox = notify_outbox
         self._swept: date | None = None
+        self._next_due: datetime | None = None  # found by the last round that found nothing due
         # One round polls; the others join in when it finds more due than one round takes, so an
         # idle replica asks PostgreSQL once a poll, not once per round.
         self.loops = [WakeableLoop("releaser-0", self._lead_round, poll_seconds)] + [
@@ -216,6 +224,8 @@ class Releaser:
         if more:
             for loop in self.loops[1:]:
                 loop.notify()
+        elif self._next_due is not None:
+            self.loops[0].due_at(self._next_due)
         return more
 
     async def release_due(self) -> bool:
@@ -267,6 +277,7 @@ class Releaser:
             locked = (await session.execute(_DUE, {"now": now, "limit": RELEASE_GROUPS})).all()
             if not locked:
                 await self._sweep(session, now)
+                self._next_due = await session.scalar(_NEXT_DUE, {"now": now})
                 return False
             groups: list[Any] = []
             size = 0
@@ -277,6 +288,8 @@ class Releaser:
                 size += group.size
             decided = await self._decide(session, groups, now)
             batches = await self._hand_over(session, groups, decided)
+            # What this round put off (a throttle's next window, say) is among what comes due next.
+            self._next_due = await session.scalar(_NEXT_DUE, {"now": now})
         if self.metrics is not None:
             self.metrics.released_batches.inc(batches)
             for run_id in decided.released:
