@@ -61,13 +61,16 @@ class WakeableLoop:
         self._wake.set()
 
     def due_at(self, moment: datetime) -> None:
-        """Work comes due at `moment` (by the clock): the loop steps again by then. A step says so
+        """Work comes due at `moment` (by the clock): the loop steps again by then."""
+        self.due_in(clock.seconds_until(moment))
+
+    def due_in(self, seconds: float) -> None:
+        """Work comes due in `seconds` of real time: the loop steps again by then. A step says so
         of what it found waiting; others of work they made (woken only if it is due sooner than
         the loop would have looked anyway)."""
-        due_in = clock.seconds_until(moment)
         if self._stepping:
-            self._due_in = min(self._due_in, due_in)
-        elif time.monotonic() + due_in < self._wakes_at:
+            self._due_in = min(self._due_in, max(seconds, 0.0))
+        elif time.monotonic() + seconds < self._wakes_at:
             self.notify()
 
     def start(self) -> None:

@@ -77,6 +77,13 @@ _UNSETTLED = sa.text(
             settle_after = excluded.settle_after, rounds = u.rounds + 1
     """
 )
+# Seconds until the next unknown delivery of a worker type is due to be looked up.
+_NEXT_SETTLE = sa.text(
+    """
+    SELECT extract(epoch FROM min(settle_after) - now()) FROM dispatch.unsettled
+    WHERE destination_type = :destination_type
+    """
+)
 # Due deliveries of a worker type, held for `lease` seconds while they are looked up.
 _CLAIM_UNSETTLED = sa.text(
     """
@@ -157,14 +164,22 @@ class DeliveryLedger:
         # How long an unanswered message waits before its provider is asked about it.
         self.settle_seconds = settle_seconds
 
-    async def claim_unsettled(self, limit: int, lease_seconds: float) -> list[Any]:
-        """Unknown deliveries due to be looked up, held from other replicas for `lease_seconds`."""
+    async def claim_unsettled(self, limit: int, lease_seconds: float) -> tuple[list[Any], float | None]:
+        """Unknown deliveries due to be looked up, held from other replicas for `lease_seconds`,
+        and (when fewer than `limit` were due) the seconds until the next one is due."""
         async with self.database.transaction() as session:
-            claimed = await session.execute(
-                _CLAIM_UNSETTLED,
-                {"destination_type": self.destination_type, "limit": limit, "lease": lease_seconds},
+            claimed = list(
+                (
+                    await session.execute(
+                        _CLAIM_UNSETTLED,
+                        {"destination_type": self.destination_type, "limit": limit, "lease": lease_seconds},
+                    )
+                ).all()
             )
-            return list(claimed.all())
+            if len(claimed) == limit:
+                return claimed, None
+            next_in = await session.scalar(_NEXT_SETTLE, {"destination_type": self.destination_type})
+            return claimed, None if next_in is None else float(next_in)
 
     async def begin(self, batch: events.DeliveryBatch, account_id: uuid.UUID) -> Attempt:
         """Records an attempt at the batch, before anything is sent: its number, the deliveries

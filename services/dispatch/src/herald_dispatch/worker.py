@@ -40,10 +40,11 @@ from herald_dispatch.storage import outbox
 
 log = get_logger(__name__)
 # Unknown deliveries looked up at a time, how long one is held while it is, how often the
-# settler looks for due ones, and how many times a provider that cannot tell is asked.
+# settler looks by itself for due ones (it also wakes when the next it knows of comes due), and
+# how many times a provider that cannot tell is asked.
 SETTLE_BATCH = 100
 SETTLE_LEASE_SECONDS = 60.0
-SETTLE_POLL_SECONDS = 1.0
+SETTLE_POLL_SECONDS = 5.0
 SETTLE_ROUNDS = 5
 
 
@@ -205,6 +206,8 @@ class DeliveryWorker:
         )
         if recorded:
             self.infra.relay.notify()
+        if not self.channel.resend_unknown and any(o.status == UNKNOWN for o in outcomes):
+            self.settler.due_in(self.ledger.settle_seconds)  # the settler looks them up when due
         return len({o.recipient.delivery_id for o in outcomes}) >= len(pending) + len(decided)
 
     async def _send(
@@ -318,7 +321,9 @@ class DeliveryWorker:
         DESTINATION_TYPE.set(self.channel.kind.destination_type)
         # Held from before the claim: the lease runs out no later here than in the database.
         held_until = time.monotonic() + SETTLE_LEASE_SECONDS
-        claimed = await self.ledger.claim_unsettled(SETTLE_BATCH, SETTLE_LEASE_SECONDS)
+        claimed, next_in = await self.ledger.claim_unsettled(SETTLE_BATCH, SETTLE_LEASE_SECONDS)
+        if next_in is not None:
+            self.settler.due_in(next_in)
         by_batch: dict[bytes, list[Any]] = {}
         for row in claimed:
             by_batch.setdefault(row.batch, []).append(row)
