@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 from herald_common import clock
@@ -13,17 +14,16 @@ from herald_common.loops import WakeableLoop
 from tests.conftest import CLOCK_START
 
 
-async def test_work_announced_during_a_step_is_taken_at_once_not_at_the_next_poll() -> None:
+async def _steps_until_the_second(first: Callable[[WakeableLoop], Awaitable[None]]) -> list[float]:
+    """Runs a loop that looks by itself only every 30 s, with `first` in its first step; the times
+    of its steps until the second (or 5 s)."""
     steps: list[float] = []
     second_step = asyncio.Event()
-    loop: WakeableLoop
 
     async def step() -> bool:
         steps.append(time.monotonic())
         if len(steps) == 1:
-            # New work arrives while this step is busy (after it looked): its writer notifies.
-            await asyncio.sleep(0.05)
-            loop.notify()
+            await first(loop)
         else:
             second_step.set()
         return False
@@ -35,6 +35,16 @@ async def test_work_announced_during_a_step_is_taken_at_once_not_at_the_next_pol
             await asyncio.wait_for(second_step.wait(), 5)
     finally:
         await loop.stop()
+    return steps
+
+
+async def test_work_announced_during_a_step_is_taken_at_once_not_at_the_next_poll() -> None:
+    async def notified_meanwhile(loop: WakeableLoop) -> None:
+        # New work arrives while this step is busy (after it looked): its writer notifies.
+        await asyncio.sleep(0.05)
+        loop.notify()
+
+    steps = await _steps_until_the_second(notified_meanwhile)
     assert len(steps) >= 2, "the loop slept through the notify, until its next poll"
     assert steps[1] - steps[0] < 1.0
 
@@ -55,24 +65,11 @@ async def test_an_idle_loop_waits_for_its_poll() -> None:
 
 
 async def test_a_loop_sleeps_until_the_work_its_step_found_comes_due() -> None:
-    steps: list[float] = []
-    second_step = asyncio.Event()
-    loop: WakeableLoop
+    async def found_due_soon(loop: WakeableLoop) -> None:
+        loop.due_at(clock.now() + timedelta(seconds=0.3))
 
-    async def step() -> bool:
-        steps.append(time.monotonic())
-        if len(steps) == 1:
-            loop.due_at(clock.now() + timedelta(seconds=0.3))  # found waiting, due soon
-        else:
-            second_step.set()
-        return False
-
-    loop = WakeableLoop("test-loop", step, poll_seconds=30.0)
-    loop.start()
-    try:
-        await asyncio.wait_for(second_step.wait(), 5)
-    finally:
-        await loop.stop()
+    steps = await _steps_until_the_second(found_due_soon)
+    assert len(steps) >= 2
     assert 0.25 <= steps[1] - steps[0] < 2.0  # when it came due: not at once, not at the poll
 
 
