@@ -77,11 +77,12 @@ _UNSETTLED = sa.text(
             settle_after = excluded.settle_after, rounds = u.rounds + 1
     """
 )
-# Seconds until the next unknown delivery of a worker type is due to be looked up.
+# Seconds until the next unknown delivery of a worker type is due to be looked up (those due
+# already are another settler's, claimed as this one looked).
 _NEXT_SETTLE = sa.text(
     """
     SELECT extract(epoch FROM min(settle_after) - now()) FROM dispatch.unsettled
-    WHERE destination_type = :destination_type
+    WHERE destination_type = :destination_type AND settle_after > now()
     """
 )
 # Due deliveries of a worker type, held for `lease` seconds while they are looked up.
