@@ -11,7 +11,7 @@ import asyncio
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import grpc
@@ -220,7 +220,6 @@ class RunExecutor:
         self.lease = timedelta(seconds=lease_seconds)
         self.owner = uuid.uuid4().hex
         self._active: set[asyncio.Task[None]] = set()
-        self._next_due: datetime | None = None  # the next pending run's time, when none was due
         self.loop = WakeableLoop("run-executor", self._claim_next, poll_seconds)
 
     def notify(self) -> None:
@@ -240,8 +239,6 @@ class RunExecutor:
             return False
         claimed = await self._claim()
         if claimed is None:
-            if self._next_due is not None:
-                self.loop.due_at(self._next_due)
             return False
         task = asyncio.create_task(self._execute(*claimed), name=f"run:{claimed[0].id}")
         self._active.add(task)
@@ -284,11 +281,13 @@ class RunExecutor:
                 )
             ).first()
             if row is None:
-                self._next_due = await session.scalar(
+                next_due = await session.scalar(
                     sa.select(sa.func.min(runs.c.scheduled_time)).where(
                         runs.c.state == _PENDING, runs.c.scheduled_time > api.utcnow()
                     )
                 )
+                if next_due is not None:  # the loop wakes for the next pending run
+                    self.loop.due_at(next_due)
                 return None
             stored = (
                 await session.execute(

@@ -199,7 +199,6 @@ class Releaser:
         self.run_events = run_events
         self.notify_outbox = notify_outbox
         self._swept: date | None = None
-        self._next_due: datetime | None = None  # found by the last round that found nothing due
         # One round polls; the others join in when it finds more due than one round takes, so an
         # idle replica asks PostgreSQL once a poll, not once per round.
         self.loops = [WakeableLoop("releaser-0", self._lead_round, poll_seconds)] + [
@@ -224,8 +223,6 @@ class Releaser:
         if more:
             for loop in self.loops[1:]:
                 loop.notify()
-        elif self._next_due is not None:
-            self.loops[0].due_at(self._next_due)
         return more
 
     async def release_due(self) -> bool:
@@ -277,7 +274,7 @@ class Releaser:
             locked = (await session.execute(_DUE, {"now": now, "limit": RELEASE_GROUPS})).all()
             if not locked:
                 await self._sweep(session, now)
-                self._next_due = await session.scalar(_NEXT_DUE, {"now": now})
+                await self._expect_next(session, now)
                 return False
             groups: list[Any] = []
             size = 0
@@ -288,14 +285,21 @@ class Releaser:
                 size += group.size
             decided = await self._decide(session, groups, now)
             batches = await self._hand_over(session, groups, decided)
-            # What this round put off (a throttle's next window, say) is among what comes due next.
-            self._next_due = await session.scalar(_NEXT_DUE, {"now": now})
+            more = len(groups) < len(locked) or len(locked) == RELEASE_GROUPS
+            if not more:  # what this round put off (a throttle's next window, say) comes due later
+                await self._expect_next(session, now)
         if self.metrics is not None:
             self.metrics.released_batches.inc(batches)
             for run_id in decided.released:
                 self.metrics.release_lateness.observe(decided.lateness(run_id))
         self.notify_outbox()
-        return len(groups) < len(locked) or len(locked) == RELEASE_GROUPS
+        return more
+
+    async def _expect_next(self, session: AsyncSession, now: datetime) -> None:
+        """Has the leading round wake when the next waiting group comes due."""
+        next_due = await session.scalar(_NEXT_DUE, {"now": now})
+        if next_due is not None:
+            self.loops[0].due_at(next_due)
 
     async def _decide(self, session: AsyncSession, groups: list[Any], now: datetime) -> _Round:
         known = await self._campaigns(session, {g.campaign for g in groups})

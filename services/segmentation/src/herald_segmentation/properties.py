@@ -35,6 +35,11 @@ def event_subject(event_name: str) -> str:
     return f"event:{event_name}"
 
 
+def _text_type(value: str) -> PropertyType:
+    """A string property's type: a date-time when it reads as one."""
+    return PropertyType.DATETIME if parse_datetime(value) else PropertyType.STRING
+
+
 def type_of(value: Any) -> PropertyType | None:
     """The type of a property value as JSON gives it; None for null (which says nothing)."""
     if value is None:
@@ -44,7 +49,7 @@ def type_of(value: Any) -> PropertyType | None:
     if isinstance(value, int | float):
         return PropertyType.NUMBER
     if isinstance(value, str):
-        return PropertyType.DATETIME if parse_datetime(value) else PropertyType.STRING
+        return _text_type(value)
     if isinstance(value, list):
         return PropertyType.LIST
     return PropertyType.OBJECT
@@ -94,7 +99,7 @@ def plain_properties(struct: struct_pb2.Struct) -> tuple[dict[str, Any], dict[st
             value = item.string_value
             if _string_problem(value) is not None:
                 return None
-            types[key] = PropertyType.DATETIME if parse_datetime(value) else PropertyType.STRING
+            types[key] = _text_type(value)
         elif kind == "bool_value":
             value = item.bool_value
             types[key] = PropertyType.BOOLEAN
