@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from typing import Any
 
 import grpc
 import pytest
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_segmentation import audience_snapshots
+from herald_segmentation.audience_snapshots import AudienceSnapshot
 from tests.conftest import Platform
 from tests.helpers import audience, condition, create_segment, field_violations, matching, user
 
@@ -134,3 +138,36 @@ async def test_segments_page_through(platform: Platform) -> None:
             break
     assert created <= set(seen)
     assert len(seen) == len(set(seen))
+
+
+async def test_a_stream_holds_the_members_of_the_moment_it_started(
+    platform: Platform, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first member is written ahead of the others; those are written after the audience
+    changed, and still come as they were when the stream started."""
+    tag = uuid.uuid4().hex[:8]
+    people = [user(f"{tag}-{name}", t=tag) for name in ("ana", "ben", "cy", "dee")]
+    await platform.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=people))
+    changed = asyncio.Event()
+    write = AudienceSnapshot._write
+
+    async def write_after_the_change(self: AudienceSnapshot, *args: Any, first: bool = False) -> str | None:
+        if not first:
+            await changed.wait()
+        return await write(self, *args, first=first)
+
+    monkeypatch.setattr(audience_snapshots, "FIRST_MEMBERS", 1)
+    monkeypatch.setattr(AudienceSnapshot, "_write", write_after_the_change)
+    segment = await create_segment(platform, condition("t", "EQUALS", tag))
+    pages = platform.segmentation.StreamAudience(
+        pb.StreamAudienceRequest(audience=audience(segment.name), page_size=1)
+    ).__aiter__()
+    first = await pages.__anext__()
+    assert [m.user_id for m in first.members] == [f"{tag}-ana"]
+    # Since the stream started, bea joined the audience and cy left it.
+    await platform.segmentation.UpsertUsers(
+        pb.UpsertUsersRequest(users=[user(f"{tag}-bea", t=tag), user(f"{tag}-cy", t="elsewhere")])
+    )
+    changed.set()
+    rest = [m.user_id.split("-", 1)[1] async for page in pages for m in page.members]
+    assert rest == ["ben", "cy", "dee"]

@@ -24,6 +24,7 @@ from herald_common.hourly_quota import HourlyQuota
 from herald_common.paging import keyset_page
 from herald_common.validation import check_text_fields
 from herald_segmentation.activity import add_best_hours
+from herald_segmentation.audience_snapshots import AudienceSnapshot
 from herald_segmentation.filters import (
     MAX_DEPTH,
     Context,
@@ -66,8 +67,6 @@ _PROPERTY_TYPES = {
 # Conditions on events group and join sets of hundreds of thousands of rows: in memory, not on
 # disk; and without JIT compilation, which costs these sub-second queries more than it saves.
 _AUDIENCE_SETTINGS = (sa.text("SET LOCAL work_mem = '64MB'"), sa.text("SET LOCAL jit = off"))
-# A snapshot left behind by a stream that ended without cleaning up is removed after this long.
-SNAPSHOT_HOURS = 24
 # System fields a campaign can ask for with each member, besides custom properties.
 _SYSTEM_ATTRIBUTES: dict[str, Any] = {
     "email": users.c.email,
@@ -329,9 +328,10 @@ class Segmentation:
         """Pages of reachable members in user id order.
 
         The members are fixed once, when the stream starts (a snapshot table in PostgreSQL, not
-        in memory); each page is then read in its own short transaction and the connection goes
-        back to the pool before the page is sent, so a slow reader holds nothing. A page also ends
-        early once it holds MAX_AUDIENCE_PAGE_BYTES, so large profiles stay within gRPC's limit.
+        in memory, its first members written ahead of the rest); each page is then read in its
+        own short transaction and the connection goes back to the pool before the page is sent,
+        so a slow reader holds nothing. A page also ends early once it holds
+        MAX_AUDIENCE_PAGE_BYTES, so large profiles stay within gRPC's limit.
         """
         _check_channel(request.channel)
         if request.page_size < 0 or request.page_size > MAX_AUDIENCE_PAGE:
@@ -348,32 +348,20 @@ class Segmentation:
             else api.utcnow()
         )
         attributes = _attributes(list(dict.fromkeys(k for k in request.attribute_keys if k)))
-        snapshot_id = uuid.uuid4()
         account_id = current_account_id()
-        async with self.database.transaction() as session:
-            for setting in _AUDIENCE_SETTINGS:
-                await session.execute(setting)
+
+        async def choose(session: AsyncSession) -> sa.Select[Any]:
             condition = await self._audience(session, request.audience, "audience", now)
-            await session.execute(
-                sa.delete(audience_snapshots).where(
-                    audience_snapshots.c.created_at
-                    < sa.func.now() - sa.text(f"interval '{SNAPSHOT_HOURS} hours'")
-                )
-            )
-            chosen = _snapshot_members(request, condition).subquery()
-            await session.execute(
-                sa.insert(audience_snapshots).from_select(
-                    ["snapshot_id", "account_id", "user_id", "left_out"],
-                    sa.select(
-                        sa.literal(snapshot_id), sa.literal(account_id), chosen.c.user_id, chosen.c.left_out
-                    ).where(chosen.c.user_id > request.start_after_user_id),
-                )
-            )
+            return _snapshot_members(request, condition)
+
+        snapshot = AudienceSnapshot(self.database, account_id, _AUDIENCE_SETTINGS)
         try:
+            await snapshot.fill(choose, request.start_after_user_id, in_order=not request.sample_size)
             after = request.start_after_user_id
             while True:
+                complete = snapshot.complete  # before the read: a read after it sees every member
                 page = await self._page(
-                    snapshot_id,
+                    snapshot.snapshot_id,
                     account_id,
                     after,
                     limit,
@@ -381,13 +369,16 @@ class Segmentation:
                     request.attributes_as_json,
                     request.with_best_hour,
                 )
-                if not page:
+                if page:
+                    yield page
+                    after = page[-1].user_id
+                    continue
+                await snapshot.wait()  # raises if writing the members failed
+                if complete:
                     return
-                yield page
-                after = page[-1].user_id
         finally:
             with contextlib.suppress(Exception):
-                await asyncio.shield(self._forget(snapshot_id))
+                await asyncio.shield(snapshot.forget())
 
     async def match_users(self, request: pb.MatchUsersRequest) -> list[pb.AudienceMember]:
         """The given users the audience selects now, with their attributes as JSON; a user the
@@ -523,12 +514,6 @@ class Segmentation:
                 await add_best_hours(session, account_id, page)
         return page
 
-    async def _forget(self, snapshot_id: uuid.UUID) -> None:
-        async with self.database.transaction() as session:
-            await session.execute(
-                sa.delete(audience_snapshots).where(audience_snapshots.c.snapshot_id == snapshot_id)
-            )
-
 
 def _attributes(keys: list[str]) -> Any:
     """The profile attributes a delivery carries, as one JSONB object per user."""
@@ -551,6 +536,9 @@ def _snapshot_members(request: pb.StreamAudienceRequest, condition: Any) -> sa.S
             condition, reach
         )
         return members.order_by(rank).limit(request.sample_size) if request.sample_size else members
+    if not request.sample_size:
+        flagged = sa.case((sa.not_(reach), LEFT_OUT_UNREACHABLE), else_=0)
+        return sa.select(users.c.user_id, flagged.label("left_out")).where(condition)
     qualified = sa.select(
         users.c.user_id,
         reach.label("reach"),
