@@ -13,6 +13,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_segmentation import audience_snapshots
 from herald_segmentation.audience_snapshots import AudienceSnapshot
 from tests.conftest import Platform
+from tests.harness import Clients, create_account
 from tests.helpers import audience, condition, create_segment, field_violations, matching, user
 
 
@@ -143,31 +144,38 @@ async def test_segments_page_through(platform: Platform) -> None:
 async def test_a_stream_holds_the_members_of_the_moment_it_started(
     platform: Platform, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The first member is written ahead of the others; those are written after the audience
-    changed, and still come as they were when the stream started."""
-    tag = uuid.uuid4().hex[:8]
-    people = [user(f"{tag}-{name}", t=tag) for name in ("ana", "ben", "cy", "dee")]
-    await platform.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=people))
+    """The first two of an account's users are chosen ahead of the others; those are chosen after
+    the audience changed, and still come as they were when the stream started."""
+    _, key = await create_account(platform.address("campaign"), platform.settings.bootstrap_token, "moment")
+    clients = Clients.open(platform.addresses, key)
+    people = [user(name, t="in") for name in ("ana", "ben", "cy", "dee")]
+    await clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[*people, user("al", t="out")]))
     changed = asyncio.Event()
     write = AudienceSnapshot._write
 
-    async def write_after_the_change(self: AudienceSnapshot, *args: Any, first: bool = False) -> str | None:
+    async def write_after_the_change(self: AudienceSnapshot, *args: Any, first: bool = False) -> None:
         if not first:
             await changed.wait()
-        return await write(self, *args, first=first)
+        await write(self, *args, first=first)
 
-    monkeypatch.setattr(audience_snapshots, "FIRST_MEMBERS", 1)
+    monkeypatch.setattr(audience_snapshots, "FIRST_MEMBERS", 2)
     monkeypatch.setattr(AudienceSnapshot, "_write", write_after_the_change)
-    segment = await create_segment(platform, condition("t", "EQUALS", tag))
-    pages = platform.segmentation.StreamAudience(
-        pb.StreamAudienceRequest(audience=audience(segment.name), page_size=1)
-    ).__aiter__()
-    first = await pages.__anext__()
-    assert [m.user_id for m in first.members] == [f"{tag}-ana"]
-    # Since the stream started, bea joined the audience and cy left it.
-    await platform.segmentation.UpsertUsers(
-        pb.UpsertUsersRequest(users=[user(f"{tag}-bea", t=tag), user(f"{tag}-cy", t="elsewhere")])
-    )
-    changed.set()
-    rest = [m.user_id.split("-", 1)[1] async for page in pages for m in page.members]
-    assert rest == ["ben", "cy", "dee"]
+    try:
+        segment = await clients.segmentation.CreateSegment(
+            pb.CreateSegmentRequest(
+                segment=pb.Segment(display_name="in", filter=matching(condition("t", "EQUALS", "in")))
+            )
+        )
+        pages = clients.segmentation.StreamAudience(
+            pb.StreamAudienceRequest(audience=audience(segment.name), page_size=1)
+        ).__aiter__()
+        first = await pages.__anext__()
+        assert [m.user_id for m in first.members] == ["ana"]  # al, the first user, is not in it
+        # Since the stream started, bea joined the audience and cy left it.
+        await clients.segmentation.UpsertUsers(
+            pb.UpsertUsersRequest(users=[user("bea", t="in"), user("cy", t="out")])
+        )
+        changed.set()
+        assert [m.user_id async for page in pages for m in page.members] == ["ben", "cy", "dee"]
+    finally:
+        await clients.close()

@@ -19,9 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from herald_common.db import Database
-from herald_segmentation.storage import audience_snapshots
+from herald_segmentation.storage import audience_snapshots, users
 
-# Members written before the first page is read: a few pages' worth, quick to choose and write.
+# The users considered before the first page is read: a few pages' worth, quick to choose from.
 FIRST_MEMBERS = 10_000
 # A snapshot left behind by a stream that ended without cleaning up is removed after this long.
 SNAPSHOT_HOURS = 24
@@ -84,17 +84,28 @@ class AudienceSnapshot:
                     raise RuntimeError(f"unexpected snapshot name {exported!r}")
                 async with AsyncSession(bind=holder) as session:
                     members = await choose(session)
-                first = FIRST_MEMBERS if in_order else None
-                last = await self._write(exported, members, after, first, first=True)
+                # The first members are those among the account's next FIRST_MEMBERS users: a
+                # range of the users' key, quick to choose however few of them the audience holds.
+                until = (
+                    await holder.scalar(
+                        sa.select(users.c.user_id)
+                        .where(users.c.account_id == self.account_id, users.c.user_id > after)
+                        .order_by(users.c.user_id)
+                        .offset(FIRST_MEMBERS - 1)
+                        .limit(1)
+                    )
+                    if in_order
+                    else None
+                )
+                await self._write(exported, members, after, until, first=True)
                 self._first.set_result(None)
-                if last is not None:
-                    await self._write(exported, members, last, None)
+                if until is not None:
+                    await self._write(exported, members, until, None)
 
     async def _write(
-        self, exported: str, members: sa.Select[Any], after: str, limit: int | None, *, first: bool = False
-    ) -> str | None:
-        """Writes the members after `after` (the first `limit` of them in user id order), in the
-        exported snapshot; returns the last one written when there may be more."""
+        self, exported: str, members: sa.Select[Any], after: str, until: str | None, *, first: bool = False
+    ) -> None:
+        """Writes the members with user ids after `after` (up to `until`), in the exported snapshot."""
         async with self.database.engine.connect() as connection:
             writer = await connection.execution_options(isolation_level="REPEATABLE READ")
             async with writer.begin():
@@ -110,18 +121,13 @@ class AudienceSnapshot:
                     chosen.c.user_id,
                     chosen.c.left_out,
                 ).where(chosen.c.user_id > after)
-                if limit is not None:
-                    picked = picked.order_by(chosen.c.user_id).limit(limit)
-                written = (
-                    sa.insert(audience_snapshots)
-                    .from_select(["snapshot_id", "account_id", "user_id", "left_out"], picked)
-                    .returning(audience_snapshots.c.user_id)
-                    .cte("written")
+                if until is not None:
+                    picked = picked.where(chosen.c.user_id <= until)
+                await writer.execute(
+                    sa.insert(audience_snapshots).from_select(
+                        ["snapshot_id", "account_id", "user_id", "left_out"], picked
+                    )
                 )
-                count, last = (
-                    await writer.execute(sa.select(sa.func.count(), sa.func.max(written.c.user_id)))
-                ).one()
-        return last if limit is not None and count == limit else None
 
 
 async def _remove_abandoned(connection: AsyncConnection) -> None:
