@@ -324,7 +324,7 @@ class Segmentation:
 
     async def stream_audience(
         self, request: pb.StreamAudienceRequest
-    ) -> AsyncIterator[list[pb.AudienceMember]]:
+    ) -> AsyncIterator[pb.StreamAudienceResponse]:
         """Pages of reachable members in user id order.
 
         The members are fixed once, when the stream starts (a snapshot table in PostgreSQL, not
@@ -369,9 +369,9 @@ class Segmentation:
                     request.attributes_as_json,
                     request.with_best_hour,
                 )
-                if page:
+                if page.members:
                     yield page
-                    after = page[-1].user_id
+                    after = page.members[-1].user_id
                     continue
                 await snapshot.wait()  # raises if writing the members failed
                 if complete:
@@ -462,7 +462,7 @@ class Segmentation:
         attributes: Any,
         as_json: bool,
         with_best_hour: bool,
-    ) -> list[pb.AudienceMember]:
+    ) -> pb.StreamAudienceResponse:
         async with self.database.transaction() as session:
             # The page of the snapshot read in its key's order, then each member's row by its key:
             # a plan that holds however stale the statistics of a snapshot just written are (planned
@@ -493,25 +493,25 @@ class Segmentation:
                     .order_by(chosen.c.user_id)
                 )
             ).all()
-            page: list[pb.AudienceMember] = []
+            # Members are added to the response in place: a list of members handed to the response
+            # would be copied into it member by member.
+            page = pb.StreamAudienceResponse()
+            add = page.members.add
             size = 0
-            for row in rows:
-                member = pb.AudienceMember(
-                    user_id=row.user_id,
-                    timezone=row.timezone,
-                    unreachable=row.left_out == LEFT_OUT_UNREACHABLE,
-                    outside_sample=row.left_out == LEFT_OUT_BY_SAMPLE,
-                )
+            for user_id, timezone, attributes, left_out in rows:
                 if as_json:
-                    member.attributes_json = row.attributes.encode()
+                    member = add(user_id=user_id, timezone=timezone, attributes_json=attributes.encode())
                 else:
-                    member.attributes.update(json.loads(row.attributes))
-                page.append(member)
-                size += len(row.attributes) + len(row.user_id)
+                    member = add(user_id=user_id, timezone=timezone)
+                    member.attributes.update(json.loads(attributes))
+                if left_out:
+                    member.unreachable = left_out == LEFT_OUT_UNREACHABLE
+                    member.outside_sample = left_out == LEFT_OUT_BY_SAMPLE
+                size += len(attributes) + len(user_id)
                 if size > MAX_AUDIENCE_PAGE_BYTES:
                     break
             if with_best_hour:
-                await add_best_hours(session, account_id, page)
+                await add_best_hours(session, account_id, page.members)
         return page
 
 

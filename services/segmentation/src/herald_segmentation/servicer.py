@@ -105,8 +105,8 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def StreamAudience(
         self, request: pb.StreamAudienceRequest, context: Context
     ) -> AsyncIterator[pb.StreamAudienceResponse]:
-        async for members in self.segments.stream_audience(request):
-            yield pb.StreamAudienceResponse(members=members)
+        async for page in self.segments.stream_audience(request):
+            yield page
 
     async def MergeVisitor(
         self, request: pb.MergeVisitorRequest, context: Context
