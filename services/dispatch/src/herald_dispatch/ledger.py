@@ -262,19 +262,19 @@ class DeliveryLedger:
                 destination_type=destination_type,
                 account=account_name(account_id),
                 occur_time=api.timestamp(completed_at),
-                results=[
-                    events.DeliveryResult(
-                        delivery_id=o.recipient.delivery_id,
+            )
+            add = report.results.add  # in place: results handed over as a list would each be copied
+            for o in rows:
+                delivery_id = o.recipient.delivery_id
+                if delivery_id in resent:
+                    add(
+                        delivery_id=delivery_id,
                         user_id=o.recipient.user_id,
                         status=o.status,
                         reason=o.reason,
                         attempts=o.attempts,
-                        resent=resent[o.recipient.delivery_id],
+                        resent=resent[delivery_id],
                     )
-                    for o in rows
-                    if o.recipient.delivery_id in resent
-                ],
-            )
             await enqueue(
                 session, outbox, [OutboxEvent.of(self.subjects.delivery_outcomes, report, report.event_id)]
             )
