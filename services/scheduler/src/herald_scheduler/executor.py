@@ -109,18 +109,43 @@ def _failure(error: Exception) -> tuple[bool, str]:
     return False, f"{type(error).__name__}: {error}"[:500]
 
 
-def _recipient(run_id: uuid.UUID, member: segmentation_pb.AudienceMember) -> events.Recipient:
-    return recipient_of(delivery_id(run_id, member.user_id), member)
+def recipient_of(
+    delivery: str,
+    member: segmentation_pb.AudienceMember,
+    make: Callable[..., events.Recipient] = events.Recipient,
+) -> events.Recipient:
+    """A member as a delivery's recipient, made by `make` (in place in a message, say): attributes
+    too large to carry are only measured."""
+    attributes = member.attributes_json
+    if len(attributes) > MAX_RECIPIENT_ATTRIBUTE_BYTES:
+        return make(
+            delivery_id=delivery,
+            user_id=member.user_id,
+            timezone=member.timezone,
+            oversized_attributes_bytes=len(attributes),
+        )
+    return make(
+        delivery_id=delivery, user_id=member.user_id, timezone=member.timezone, attributes_json=attributes
+    )
 
 
-def recipient_of(delivery: str, member: segmentation_pb.AudienceMember) -> events.Recipient:
-    """A member as a delivery's recipient: attributes too large to carry are only measured."""
-    recipient = events.Recipient(delivery_id=delivery, user_id=member.user_id, timezone=member.timezone)
-    if len(member.attributes_json) > MAX_RECIPIENT_ATTRIBUTE_BYTES:
-        recipient.oversized_attributes_bytes = len(member.attributes_json)
-    else:
-        recipient.attributes_json = member.attributes_json
-    return recipient
+class Held:
+    """Deliveries that wait for their due time, grouped as they are stored (one pending row for
+    the deliveries due together) and made in place in their group: none is made twice."""
+
+    def __init__(self) -> None:
+        self.groups: dict[Due, events.PendingRecipients] = {}
+        self._count = 0
+
+    def add(self, due: Due, delivery: str, member: segmentation_pb.AudienceMember) -> None:
+        group = self.groups.get(due)
+        if group is None:
+            group = self.groups[due] = events.PendingRecipients()
+        recipient_of(delivery, member, group.recipients.add)
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
 
 
 def _left_out(member: segmentation_pb.AudienceMember, campaign: campaign_pb.Campaign) -> SkipReason | None:
@@ -149,39 +174,24 @@ HOLD = sa.text(
 
 
 async def hold(
-    session: AsyncSession,
-    run_id: uuid.UUID,
-    account_id: uuid.UUID,
-    campaign: str,
-    held: list[tuple[events.Recipient, Due]],
+    session: AsyncSession, run_id: uuid.UUID, account_id: uuid.UUID, campaign: str, held: Held
 ) -> None:
     """Puts deliveries in pending_deliveries, one row for each group due together."""
-    groups = group_by_due(held)
+    groups = list(held.groups.items())
     await session.execute(
         HOLD,
         {
             "run_id": run_id,
             "account_id": account_id,
             "campaign": campaign,
-            "groups": [members[0].delivery_id for _, members in groups],
+            "groups": [pending.recipients[0].delivery_id for _, pending in groups],
             "due": [due.at for due, _ in groups],
             "cutoffs": [due.cutoff_at for due, _ in groups],
             "zones": [due.zone for due, _ in groups],
-            "sizes": [len(members) for _, members in groups],
-            "recipients": [
-                events.PendingRecipients(recipients=members).SerializeToString() for _, members in groups
-            ],
+            "sizes": [len(pending.recipients) for _, pending in groups],
+            "recipients": [pending.SerializeToString() for _, pending in groups],
         },
     )
-
-
-def group_by_due(held: list[tuple[events.Recipient, Due]]) -> list[tuple[Due, list[events.Recipient]]]:
-    """Deliveries that fall due together (the same time, cut-off and zone), in planning order:
-    each group waits as one row."""
-    groups: dict[Due, list[events.Recipient]] = {}
-    for recipient, due in held:
-        groups.setdefault(due, []).append(recipient)
-    return list(groups.items())
 
 
 def _finished_state(state: RunState.ValueType) -> Any:
@@ -422,14 +432,14 @@ class RunExecutor:
             sa.select(campaigns.c.state == _STOPPED).where(campaigns.c.name == campaign.name)
         )
         skipped: list[events.Recipient] = []
-        held: list[tuple[events.Recipient, Due]] = []
+        held = Held()
         # Best Time's per-day limit: a day that is full passes the user to the next of the window.
         per_day = timing.best_time and campaign.targeting.WhichOneof("cap") == "daily_limit"
         limits = RunLimits(campaign.targeting, snapshot.account) if per_day else None
         if limits is not None:
             await limits.load(session, run_id)
         for member in members:
-            recipient = _recipient(run_id, member)
+            delivery = delivery_id(run_id, member.user_id)
             skip = SkipReason.CAMPAIGN_STOPPED if stopped else _left_out(member, campaign)
             hour = member.best_hour_utc if member.HasField("best_hour_utc") else None
             due = timing.of(member.timezone, hour)
@@ -442,8 +452,9 @@ class RunExecutor:
                 else:
                     due = open_day
             if skip is None:
-                held.append((recipient, due))
+                held.add(due, delivery, member)
             else:
+                recipient = recipient_of(delivery, member)
                 recipient.skip_reason = skip
                 skipped.append(recipient)
         last = members[-1].user_id

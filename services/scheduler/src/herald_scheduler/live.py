@@ -54,8 +54,8 @@ from herald_common.outbox import enqueue
 from herald_common.schedules import DeliveryRules, account_zone, parse_time_of_day
 from herald_common.skips import SkipReason
 from herald_common.timing import in_control_group, local_instant, parse_datetime, zone_named
-from herald_scheduler.due import Due, RunTiming
-from herald_scheduler.executor import hold, recipient_of
+from herald_scheduler.due import RunTiming
+from herald_scheduler.executor import Held, hold, recipient_of
 from herald_scheduler.handover import delivery_batches
 from herald_scheduler.limits import RunLimits
 from herald_scheduler.planning import accounts_settings, drop_waits
@@ -566,7 +566,7 @@ class _Decision:
         self.kind = channels.of_campaign(on.campaign)
         self.outcomes: dict[str, tuple[str | None, str]] = {}  # occurrence -> (delivery id, outcome)
         self.skipped: list[events.Recipient] = []
-        self.held: list[tuple[events.Recipient, Due]] = []
+        self.held = Held()
         # Due already, with no rule left for hand-over time: straight to dispatch.
         self.going: list[events.Recipient] = []
         self.at_once = released_at_once(DeliveryRules.of(on.campaign), self.kind, on.settings)
@@ -636,12 +636,12 @@ class _Decision:
         if due.skip is not None:
             self._skip(fire, due.skip, member)
             return
-        recipient = self._recipient(fire, member)
+        delivery = delivery_id(self.on.run_id, fire.user_id, fire.occurrence)
         if self.at_once and due.at <= self.now:
-            self.going.append(recipient)
+            self.going.append(recipient_of(delivery, member))
         else:
-            self.held.append((recipient, due))
-        self.outcomes[fire.occurrence] = (recipient.delivery_id, "")
+            self.held.add(due, delivery, member)
+        self.outcomes[fire.occurrence] = (delivery, "")
 
     async def _last_sent(self, users: set[str]) -> dict[str, datetime]:
         if not users or self.on.campaign.schedule.live.frequency.WhichOneof("rule") in (None, "every_time"):
