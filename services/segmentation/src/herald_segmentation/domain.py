@@ -56,6 +56,9 @@ AUDIENCE_STREAMS_PER_HOUR = 60
 MAX_AUDIENCE_PAGE = 5000
 MAX_AUDIENCE_PAGE_BYTES = 1 << 20
 DEFAULT_AUDIENCE_PAGE = 500
+# The first page of a stream holds at most this many members: a campaign plans and hands over its
+# first deliveries while the pages after it are read.
+FIRST_AUDIENCE_PAGE = 100
 MAX_MATCHED_USERS = 1000
 _PROPERTY_TYPES = {
     PropertyType.STRING: pb.PROPERTY_TYPE_STRING,
@@ -331,7 +334,8 @@ class Segmentation:
         in memory, its first members written ahead of the rest); each page is then read in its
         own short transaction and the connection goes back to the pool before the page is sent,
         so a slow reader holds nothing. A page also ends early once it holds
-        MAX_AUDIENCE_PAGE_BYTES, so large profiles stay within gRPC's limit.
+        MAX_AUDIENCE_PAGE_BYTES, so large profiles stay within gRPC's limit, and the first one holds
+        at most FIRST_AUDIENCE_PAGE members.
         """
         _check_channel(request.channel)
         if request.page_size < 0 or request.page_size > MAX_AUDIENCE_PAGE:
@@ -358,13 +362,14 @@ class Segmentation:
         try:
             await snapshot.fill(choose, request.start_after_user_id, in_order=not request.sample_size)
             after = request.start_after_user_id
+            size = min(limit, FIRST_AUDIENCE_PAGE)
             while True:
                 complete = snapshot.complete  # before the read: a read after it sees every member
                 page = await self._page(
                     snapshot.snapshot_id,
                     account_id,
                     after,
-                    limit,
+                    size,
                     attributes,
                     request.attributes_as_json,
                     request.with_best_hour,
@@ -372,6 +377,7 @@ class Segmentation:
                 if page.members:
                     yield page
                     after = page.members[-1].user_id
+                    size = limit
                     continue
                 await snapshot.wait()  # raises if writing the members failed
                 if complete:
