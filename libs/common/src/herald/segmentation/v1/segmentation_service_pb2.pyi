@@ -1643,7 +1643,10 @@ class StreamAudienceRequest(_message.Message):
     INCLUDE_LEFT_OUT_FIELD_NUMBER: _builtins.int
     WITH_BEST_HOUR_FIELD_NUMBER: _builtins.int
     page_size: _builtins.int
-    """Members per streamed page (default 500, at most 5000)."""
+    """Members per streamed page at most (default 500, at most 5000). The first page holds at most
+    100, so a reader can start on it while the next pages are read; a page also ends early at
+    1 MiB.
+    """
     start_after_user_id: _builtins.str
     """Resume after this user id (members come in user id order)."""
     attributes_as_json: _builtins.bool
