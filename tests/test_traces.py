@@ -8,6 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+from nats.js import JetStreamContext
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -16,8 +17,10 @@ from opentelemetry.trace import SpanKind
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common import tracing
+from herald_common.bus import Subjects
 from herald_sandbox.segment_api import SegmentApi
-from tests.conftest import Platform
+from herald_scheduler.main import CONSUMER as SCHEDULER_CAMPAIGNS
+from tests.conftest import Platform, eventually
 from tests.helpers import (
     completed_stats,
     condition,
@@ -46,8 +49,19 @@ def _named(found: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [s for s in found if s.name == name]
 
 
+async def _taken_up(js: JetStreamContext, platform: Platform, durable: str) -> None:
+    """Until the consumer has handled every message it was given."""
+
+    async def idle() -> bool:
+        stream = Subjects(platform.settings.namespace).stream("campaign")
+        info = await js.consumer_info(stream, durable)
+        return bool(info.num_pending == 0 and info.num_ack_pending == 0)
+
+    await eventually(idle)
+
+
 async def test_one_publish_is_followed_through_the_scheduler_dispatch_and_the_provider_call(
-    platform: Platform, segment_api: SegmentApi, spans: InMemorySpanExporter
+    platform: Platform, segment_api: SegmentApi, spans: InMemorySpanExporter, js: JetStreamContext
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     await platform.segmentation.UpsertUsers(
@@ -60,6 +74,9 @@ async def test_one_publish_is_followed_through_the_scheduler_dispatch_and_the_pr
     created = await platform.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
     )
+    # A batch continues the trace of its first message: the draft's change is taken up first, so
+    # the publish starts a batch of its own.
+    await _taken_up(js, platform, SCHEDULER_CAMPAIGNS)
     await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
     assert (await completed_stats(platform, created.name)).sent == 2
 
