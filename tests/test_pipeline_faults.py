@@ -212,6 +212,31 @@ async def test_a_destination_outage_is_ridden_out_and_shown_while_it_lasts(
     assert _received(segment_api, tag) == [f"{tag}-{i:05d}" for i in range(600)]
 
 
+async def test_a_stop_during_an_outage_leaves_nothing_shown_as_waiting(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    """The retries that a stop ends no longer wait on the destination: the campaign says so."""
+    _, segment = await _audience(platform, 100)
+    destination = await create_segment_destination(
+        platform, segment_api.url, next(iter(segment_api.write_keys))
+    )
+    segment_api.fail_for(120, status=500)
+    name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
+
+    async def waiting_shown() -> bool:
+        return "Segment answered 500" in (await _stats(platform, name)).waiting_reason
+
+    await eventually(waiting_shown)
+    await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=name))
+
+    async def nothing_waits() -> bool:
+        stats = await _stats(platform, name)
+        return stats.skipped == 100 and stats.waiting_reason == ""
+
+    await eventually(nothing_waits, within=60)
+    segment_api.fail_for(0)
+
+
 async def test_one_destinations_outage_does_not_hold_another_back(platform: Platform) -> None:
     down, up = SegmentApi(write_keys={"wk_down"}), SegmentApi(write_keys={"wk_up"})
     await down.start()

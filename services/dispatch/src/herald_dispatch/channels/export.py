@@ -209,6 +209,8 @@ async def post_until_answered(
                 send_by = await context.permit()
             # Asked after the rate limit's wait, just before the request, so a stop made meanwhile holds.
             if not await context.wanted():
+                if waiting:  # these deliveries wait on the destination no more
+                    await context.waiting(None)
                 if maybe_arrived:
                     return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
                 return SKIPPED, attempts, "campaign stopped", False
@@ -239,6 +241,8 @@ async def post_until_answered(
                 maybe_arrived = maybe_arrived or not isinstance(error, aiohttp.ClientConnectorError)
         elapsed = time.monotonic() - started
         if elapsed > max_retry_seconds:
+            if waiting:
+                await context.waiting(None)
             reason = f"gave up after {elapsed / 3600:.1f} h of failures; {problem}"
             return FAILED, attempts, reason, maybe_arrived
         if retry_after:
