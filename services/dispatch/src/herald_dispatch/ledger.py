@@ -188,11 +188,6 @@ class DeliveryLedger:
         was about to be made when an earlier attempt ended."""
         async with self.database.transaction() as session:
             number = int(await session.scalar(_BEGIN, {"batch_id": batch.batch_id, "account_id": account_id}))
-            if number == 1:
-                # A delivery is handed over in one batch only (its id follows from the batch's first
-                # delivery, fixed in the scheduler's outbox): with no earlier attempt at the batch,
-                # none of its deliveries has a result or an intent yet.
-                return Attempt(number, set(), {})
             row = (await session.execute(_BEFORE, {"ids": [r.delivery_id for r in batch.recipients]})).one()
         return Attempt(number, set(row.finished), dict(row.intended))
 
