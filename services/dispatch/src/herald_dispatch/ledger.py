@@ -187,9 +187,9 @@ class DeliveryLedger:
         that already have a final result (the batch was handed over again) and those whose request
         was about to be made when an earlier attempt ended."""
         async with self.database.transaction() as session:
-            number = int(await session.scalar(_BEGIN, {"batch_id": batch.batch_id, "account_id": account_id}))
+            number = await session.scalar(_BEGIN, {"batch_id": batch.batch_id, "account_id": account_id})
             row = (await session.execute(_BEFORE, {"ids": [r.delivery_id for r in batch.recipients]})).one()
-        return Attempt(number, set(row.finished), dict(row.intended))
+        return Attempt(int(number), set(row.finished), dict(row.intended))
 
     async def record(
         self,

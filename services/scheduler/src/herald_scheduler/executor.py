@@ -135,17 +135,15 @@ class Held:
 
     def __init__(self) -> None:
         self.groups: dict[Due, events.PendingRecipients] = {}
-        self._count = 0
 
     def add(self, due: Due, delivery: str, member: segmentation_pb.AudienceMember) -> None:
         group = self.groups.get(due)
         if group is None:
             group = self.groups[due] = events.PendingRecipients()
         recipient_of(delivery, member, group.recipients.add)
-        self._count += 1
 
     def __len__(self) -> int:
-        return self._count
+        return sum(len(group.recipients) for group in self.groups.values())
 
 
 def _left_out(member: segmentation_pb.AudienceMember, campaign: campaign_pb.Campaign) -> SkipReason | None:
