@@ -4,8 +4,10 @@ sent twice, a stop stops, and one destination's trouble holds nobody else back."
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 
 import asyncpg
 import grpc
@@ -167,10 +169,12 @@ async def test_stop_halts_deliveries_and_every_member_ends_with_an_outcome(
 
     await eventually(some_sent)
     await platform.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=name))
-    arrived, in_flight = len(segment_api.arrivals), segment_api.in_flight
+    acknowledged, seen = time.time(), len(segment_api.requests)
     await asyncio.sleep(4)
-    # Once the stop is acknowledged no new request starts: at most those then on the wire arrive.
-    assert len(segment_api.arrivals) - arrived <= in_flight
+    # Once the stop is acknowledged no new request starts: a request that arrives later was sent
+    # (its sentAt is stamped as it goes out) before that.
+    late = [datetime.fromisoformat(r.body["sentAt"]).timestamp() for r in segment_api.requests[seen:]]
+    assert all(sent_at <= acknowledged for sent_at in late), (late, acknowledged)
     assert len(_received(segment_api, tag)) < audience
 
     # The whole audience is accounted for, planned or not when the stop came: what was not sent

@@ -204,19 +204,22 @@ async def post_until_answered(
     maybe_arrived = False
     while True:
         async with context.request_slots:  # a connection is free before the slots are taken
-            send_by = math.inf
-            for _ in range(request.permits):
-                send_by = await context.permit()
-            # Asked after the rate limit's wait, just before the request, so a stop made meanwhile holds.
-            if not await context.wanted():
+            while True:
+                send_by = math.inf
+                for _ in range(request.permits):
+                    send_by = await context.permit()
+                # Asked after the rate limit's wait, just before the request, so a stop made
+                # meanwhile holds; the in-process check covers a stop that came while asking.
+                wanted = await context.wanted() and not context.halted()
+                if not wanted or time.monotonic() <= send_by:
+                    break
+                # Asking took the slots' time: the request takes new ones, and asks again after them.
+            if not wanted:
                 if waiting:  # these deliveries wait on the destination no more
                     await context.waiting(None)
                 if maybe_arrived:
                     return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
                 return SKIPPED, attempts, "campaign stopped", False
-            if time.monotonic() > send_by:  # asking took the slots' time: the request takes new ones
-                for _ in range(request.permits):
-                    await context.permit()
             attempts += 1
             body, headers = request.prepare(retries)
             retry_after: float | None = None
