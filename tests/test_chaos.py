@@ -414,14 +414,16 @@ async def segmentation_killed(cluster: Cluster, export: Delivery) -> None:
 async def nats_killed(cluster: Cluster, export: Delivery) -> None:
     await _received(export, export.audience // 10)
     assert isinstance(cluster.nats, OwnNats)
-    cluster.nats.kill()
+    # Off the event loop, which also runs the fake destinations: a blocked loop would hold their
+    # requests back and then count them all at once.
+    await asyncio.to_thread(cluster.nats.kill)
     await asyncio.sleep(3)
-    cluster.nats.start()  # same port, same store
+    await asyncio.to_thread(cluster.nats.start)  # same port, same store
 
 
 async def postgres_killed(cluster: Cluster, export: Delivery) -> None:
     await _received(export, export.audience // 10)
-    cluster.postgres.kill()
+    await asyncio.to_thread(cluster.postgres.kill)
     # While the database is away the services say so, for probes and operators.
     address = cluster.services.address("campaign")
 
@@ -429,7 +431,7 @@ async def postgres_killed(cluster: Cluster, export: Delivery) -> None:
         return await health_status(address) == "NOT_SERVING"
 
     await _until(not_serving, 15, "campaign NOT_SERVING while PostgreSQL is down")
-    cluster.postgres.start()  # crash recovery on the same data
+    await asyncio.to_thread(cluster.postgres.start)  # crash recovery on the same data
 
 
 async def destination_fails_for_20s(cluster: Cluster, export: Delivery) -> None:
