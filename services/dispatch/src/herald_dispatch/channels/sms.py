@@ -246,12 +246,11 @@ class _Withheld(Exception):
 
 
 class _GuardedBody(aiohttp.BytesPayload):
-    """A request body written only until `fresh_until`: while its message's last confirmation is
-    fresh and its rate slot has not passed. The check runs in the step that writes the request
-    (headers are buffered with the body), with no wait between it and the socket: a process paused
-    after its last look (while getting a connection or building the request) finds the
-    confirmation stale on waking and writes nothing, so a successor that took the batch over and
-    asked the provider meanwhile is never contradicted."""
+    """A request body written only while its message's last confirmation is fresh. The check runs
+    in the step that writes the request (headers are buffered with the body), with no wait between
+    it and the socket: a process paused after its last look (while getting a connection or building
+    the request) finds the confirmation stale on waking and writes nothing, so a successor that
+    took the batch over and asked the provider meanwhile is never contradicted."""
 
     def __init__(self, value: bytes, content_type: str, fresh_until: float) -> None:
         super().__init__(value, content_type=content_type)
@@ -349,9 +348,7 @@ async def post_message(
                     return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
                 if time.monotonic() <= send_by:  # else asking took its slot's time: the next one
                     break
-            # Written no later than its rate slot allows, or not at all (and a new slot taken):
-            # a request held up on its way out (the loop busy) would crowd the next second.
-            guarded = _GuardedBody(body, content_type, min(confirmed_at + STALE_ADMISSION_SECONDS, send_by))
+            guarded = _GuardedBody(body, content_type, confirmed_at + STALE_ADMISSION_SECONDS)
             attempts += 1
             try:
                 async with http.post(
