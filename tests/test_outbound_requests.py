@@ -18,6 +18,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_common.netguard import NetworkPolicy
+from herald_dispatch.provider_http import Answer, NotConnected, ProviderHttp
 from tests.conftest import Platform
 from tests.helpers import (
     completed_stats,
@@ -136,6 +137,26 @@ async def test_the_connected_address_is_checked_for_ip_literals_and_names(sink: 
         == 200
     )
     assert len(sink.requests) == 1
+
+
+async def test_sms_messages_are_checked_at_the_connected_address_too(sink: Recorder) -> None:
+    """The SMS client connects on its own: it checks each address it connects to, as the session does."""
+    port = sink.url.rsplit(":", 1)[1]
+    closed = ProviderHttp(NetworkPolicy())
+    for url in (f"http://127.0.0.2:{port}/admin", f"http://localhost:{port}/admin"):  # a literal; a name
+        with pytest.raises(NotConnected, match="not connecting"):
+            await _post(closed, url)
+    assert sink.requests == []
+    allowed = ProviderHttp(NetworkPolicy(["127.0.0.0/8"]))
+    assert (await _post(allowed, f"{sink.url}/messages")).status == 200
+    assert sink.requests == ["POST /messages {}"]
+    await allowed.close()
+
+
+async def _post(http: ProviderHttp, url: str) -> Answer:
+    return await http.post(
+        url, b"{}", content_type="application/json", headers={}, connect_timeout=2, answer_timeout=2
+    )
 
 
 async def test_a_redirecting_segment_endpoint_fails_and_nothing_follows_the_redirect(

@@ -2,7 +2,7 @@
 written (getting a connection, building the request) must not text a phone on waking once the
 batch was taken over or the campaign stopped meanwhile: its successor may already have asked the
 provider, found nothing, and sent. The pause is made real: the process blocks, as under SIGSTOP,
-inside the HTTP client's request start, after the last look and before the write."""
+as the SMS client starts the request, after the last look and before the write."""
 
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.events.v1 import events_pb2 as events
 from herald_common.db import Database, make_engine, migrate
+from herald_common.netguard import NetworkPolicy
 from herald_common.settings import Settings
 from herald_dispatch import main as dispatch_main
 from herald_dispatch.channels import SENT, SKIPPED, SendContext
 from herald_dispatch.channels.twilio import TwilioChannel
 from herald_dispatch.gate import STALE_ADMISSION_SECONDS, Admission, Sender, SendGate, Superseded
 from herald_dispatch.ledger import SETTLING
+from herald_dispatch.provider_http import ProviderHttp, RequestObserver
 from herald_dispatch.storage import SCHEMA
 from herald_sandbox.twilio_api import TwilioApi
 from tests.harness import fresh_settings
@@ -37,18 +39,27 @@ PAUSE_SECONDS = STALE_ADMISSION_SECONDS + 0.5
 
 
 class PausedOnce:
-    """Blocks the whole process for `seconds` as each of the first `count` requests starts."""
+    """Blocks the whole process for `seconds` as each of the first `count` requests starts (a
+    request observer of the SMS client, told before it takes a connection)."""
 
     def __init__(self, count: int, seconds: float) -> None:
         self.left = count
         self.seconds = seconds
-        self.config = aiohttp.TraceConfig()
-        self.config.on_request_start.append(self._started)
 
-    async def _started(self, *_: Any) -> None:
+    def started(self, method: str, url: str) -> None:
         if self.left:
             self.left -= 1
-            time.sleep(self.seconds)  # noqa: ASYNC251 - the loop stands still, as when the process is stopped
+            time.sleep(self.seconds)  # the loop stands still, as when the process is stopped
+
+    def ended(self, token: Any, status: int) -> None:
+        return None
+
+    def failed(self, token: Any, error: BaseException) -> None:
+        return None
+
+
+def _messages(*observers: RequestObserver) -> ProviderHttp:
+    return ProviderHttp(NetworkPolicy(["127.0.0.0/8"]), observers)
 
 
 @pytest.fixture
@@ -112,9 +123,12 @@ class Wanted:
 
 
 async def _deliver(url: str, wanted: Any, pause: PausedOnce, count: int) -> list[Any]:
-    async with aiohttp.ClientSession(trace_configs=[pause.config]) as http:
-        channel = TwilioChannel(http)
-        return await channel.deliver(_context(url, wanted), _recipients(count))
+    messages = _messages(pause)
+    async with aiohttp.ClientSession() as http:
+        try:
+            return await TwilioChannel(http, messages).deliver(_context(url, wanted), _recipients(count))
+        finally:
+            await messages.close()
 
 
 async def test_a_sender_paused_before_its_write_sends_nothing_once_its_batch_was_taken_over(
@@ -178,10 +192,12 @@ async def test_a_sender_paused_while_its_wave_was_admitted_confirms_before_sendi
         time.sleep(PAUSE_SECONDS)  # noqa: ASYNC251 - stopped after the database answered
         return answer
 
+    messages = _messages()
     async with aiohttp.ClientSession() as http:
         context = dataclasses.replace(_context(url, Wanted(Superseded("taken over"))), admit=admit)
         with pytest.raises(Superseded):
-            await TwilioChannel(http).deliver(context, _recipients(2))
+            await TwilioChannel(http, messages).deliver(context, _recipients(2))
+    await messages.close()
     assert api.messages == []
 
 

@@ -30,7 +30,8 @@ from herald_dispatch.channels import registry
 from herald_dispatch.deliveries import DeliveryQueries
 from herald_dispatch.destinations import HTTP_CONNECTIONS, Destinations, reseal
 from herald_dispatch.gate import STALE_ADMISSION_SECONDS, SendGate
-from herald_dispatch.provider_calls import provider_call_metrics
+from herald_dispatch.provider_calls import ProviderCallMetrics, provider_call_metrics
+from herald_dispatch.provider_http import ProviderHttp
 from herald_dispatch.ratelimit import SharedRateLimiter
 from herald_dispatch.receipts import ReceiptServer
 from herald_dispatch.servicer import PERMISSIONS, DispatchServicer
@@ -75,14 +76,16 @@ async def start(
         settings, service="dispatch", schema=SCHEMA, migrations_dir=MIGRATIONS, outbox=outbox
     )
     policy = NetworkPolicy(settings.allowed_destination_networks)
+    calls = ProviderCallMetrics(infra.metrics)
     # No cookie jar: a provider's cookies must not follow one account's requests into another's.
     http = aiohttp.ClientSession(
         connector=policy.connector(limit=HTTP_CONNECTIONS),
         cookie_jar=aiohttp.DummyCookieJar(),
-        trace_configs=[provider_call_metrics(infra.metrics)],
+        trace_configs=[provider_call_metrics(calls)],
     )
+    messages = ProviderHttp(policy, [calls])
     channels = registry(
-        http, answer_timeout_seconds=settings.sms_answer_timeout_seconds, database=infra.database
+        http, messages, answer_timeout_seconds=settings.sms_answer_timeout_seconds, database=infra.database
     )
     campaigns = CampaignBook(infra.database)
     campaign_service = infra.channel("campaign")
@@ -107,6 +110,7 @@ async def start(
         permissions=PERMISSIONS,
     )
     host.on_stop.append(http.close)
+    host.on_stop.append(messages.close)
     host.on_stop.append(campaign_service.close)
     await infra.consume(
         owner="campaign",

@@ -1,6 +1,7 @@
 """Metrics and trace spans of the requests dispatch makes to destinations' APIs: how long each
-took, and which the provider throttled. Measured on the one HTTP session every channel shares, so
-no channel can leave its requests out; the destination type comes from the batch being delivered."""
+took, and which the provider throttled. Measured on both HTTP clients every channel shares (the
+session, and the SMS client), so no channel can leave its requests out; the destination type comes
+from the batch being delivered."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from contextvars import ContextVar
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 from opentelemetry.trace import SpanKind
@@ -21,47 +23,66 @@ from herald_common.metrics import Metrics
 DESTINATION_TYPE: ContextVar[str] = ContextVar("destination_type", default="other")
 
 
-def provider_call_metrics(metrics: Metrics) -> aiohttp.TraceConfig:
-    """A trace config that times each request and counts 429 answers. It runs for every SMS, so
-    it keeps to the least: each destination type's histogram is looked up once, and a span is
-    made only while traces are exported."""
-    config = aiohttp.TraceConfig()
-    latency = functools.cache(metrics.provider_seconds.labels)
+class ProviderCallMetrics:
+    """Times each request and counts 429 answers. It runs for every SMS, so it keeps to the least:
+    each destination type's histogram is looked up once, and a span is made only while traces are
+    exported."""
 
-    async def started(_: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
-        context.started = time.perf_counter()
-        context.span = None
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._latency = functools.cache(metrics.provider_seconds.labels)
+
+    def started(self, method: str, url: str) -> tuple[float, Any]:
+        span = None
         if tracing.enabled():
             # A span of the delivery's trace; the URL without its query (which may hold credentials).
-            url = params.url.with_query(None)
-            context.span = tracing.start_span(
-                f"{params.method} {url.host}",
+            parts = urlsplit(url)
+            shown = urlunsplit((parts.scheme, parts.netloc.rpartition("@")[2], parts.path, "", ""))
+            span = tracing.start_span(
+                f"{method} {parts.hostname}",
                 SpanKind.CLIENT,
                 **{
-                    "http.request.method": params.method,
-                    "url.full": str(url),
+                    "http.request.method": method,
+                    "url.full": shown,
                     "herald.destination_type": DESTINATION_TYPE.get(),
                 },
             )
+        return time.perf_counter(), span
 
-    def observe(context: SimpleNamespace) -> str:
+    def ended(self, token: tuple[float, Any], status: int) -> None:
+        kind = self._observe(token)
+        if status == 429:
+            self.metrics.provider_throttled.labels(kind).inc()
+        span = token[1]
+        if span is not None:
+            span.set_attribute("http.response.status_code", status)
+            span.end()
+
+    def failed(self, token: tuple[float, Any], error: BaseException) -> None:
+        self._observe(token)
+        span = token[1]
+        if span is not None:
+            span.record_exception(error)
+            span.end()
+
+    def _observe(self, token: tuple[float, Any]) -> str:
         kind = DESTINATION_TYPE.get()
-        latency(kind).observe(time.perf_counter() - context.started)
+        self._latency(kind).observe(time.perf_counter() - token[0])
         return kind
 
+
+def provider_call_metrics(calls: ProviderCallMetrics) -> aiohttp.TraceConfig:
+    """`calls` as a trace config of the aiohttp session (exports, lookups, credential checks)."""
+    config = aiohttp.TraceConfig()
+
+    async def started(_: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
+        context.token = calls.started(params.method, str(params.url))
+
     async def ended(_: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
-        kind = observe(context)
-        if params.response.status == 429:
-            metrics.provider_throttled.labels(kind).inc()
-        if context.span is not None:
-            context.span.set_attribute("http.response.status_code", params.response.status)
-            context.span.end()
+        calls.ended(context.token, params.response.status)
 
     async def failed(_: aiohttp.ClientSession, context: SimpleNamespace, params: Any) -> None:
-        observe(context)
-        if context.span is not None:
-            context.span.record_exception(params.exception)
-            context.span.end()
+        calls.failed(context.token, params.exception)
 
     config.on_request_start.append(started)
     config.on_request_end.append(ended)

@@ -24,6 +24,7 @@ from herald_common.channels import ChannelKind
 from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_dispatch.gate import Admission
+from herald_dispatch.provider_http import ProviderHttp
 
 SENT = events.DeliveryStatus.DELIVERY_STATUS_SENT
 FAILED = events.DeliveryStatus.DELIVERY_STATUS_FAILED
@@ -146,10 +147,15 @@ def mask_secret(secret: str) -> str:
 
 
 def registry(
-    http: aiohttp.ClientSession, *, answer_timeout_seconds: float, database: Database | None = None
+    http: aiohttp.ClientSession,
+    messages: ProviderHttp,
+    *,
+    answer_timeout_seconds: float,
+    database: Database | None = None,
 ) -> dict[str, Channel]:
-    """Every channel, by destination type, sending through `http`; SMS providers have
-    `answer_timeout_seconds` to answer each message; web pop-ups go to `database`."""
+    """Every channel, by destination type, sending through `http`, SMS messages through
+    `messages`; SMS providers have `answer_timeout_seconds` to answer each message; web pop-ups
+    go to `database`."""
     from herald_dispatch.channels.exotel import ExotelChannel
     from herald_dispatch.channels.mparticle import MparticleChannel
     from herald_dispatch.channels.msg91 import Msg91Channel
@@ -162,11 +168,11 @@ def registry(
     from herald_dispatch.channels.web_popup import WebPopupChannel
 
     providers: list[SmsChannel] = [
-        TwilioChannel(http, answer_timeout_seconds=answer_timeout_seconds),
-        VonageChannel(http, answer_timeout_seconds=answer_timeout_seconds),
-        ExotelChannel(http, answer_timeout_seconds=answer_timeout_seconds),
-        NetcoreChannel(http, answer_timeout_seconds=answer_timeout_seconds),
-        Msg91Channel(http, answer_timeout_seconds=answer_timeout_seconds),
+        TwilioChannel(http, messages, answer_timeout_seconds=answer_timeout_seconds),
+        VonageChannel(http, messages, answer_timeout_seconds=answer_timeout_seconds),
+        ExotelChannel(http, messages, answer_timeout_seconds=answer_timeout_seconds),
+        NetcoreChannel(http, messages, answer_timeout_seconds=answer_timeout_seconds),
+        Msg91Channel(http, messages, answer_timeout_seconds=answer_timeout_seconds),
     ]
     channels: list[Channel] = [
         SegmentChannel(http),

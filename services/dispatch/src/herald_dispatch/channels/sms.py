@@ -26,6 +26,7 @@ from herald_common import personalization
 from herald_common.sms import E164, MAX_BODY_CHARACTERS
 from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
 from herald_dispatch.gate import STALE_ADMISSION_SECONDS, Admission
+from herald_dispatch.provider_http import AnswerLost, NotConnected, ProviderHttp, Withheld
 from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 
 # Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
@@ -241,29 +242,6 @@ MAX_THROTTLED_SECONDS = 3600.0
 ANSWER_TIMEOUT_SECONDS = 15.0
 
 
-class _Withheld(Exception):
-    """A request whose confirmation was stale when its bytes were about to be written."""
-
-
-class _GuardedBody(aiohttp.BytesPayload):
-    """A request body written only while its message's last confirmation is fresh. The check runs
-    in the step that writes the request (headers are buffered with the body), with no wait between
-    it and the socket: a process paused after its last look (while getting a connection or building
-    the request) finds the confirmation stale on waking and writes nothing, so a successor that
-    took the batch over and asked the provider meanwhile is never contradicted."""
-
-    def __init__(self, value: bytes, content_type: str, fresh_until: float) -> None:
-        super().__init__(value, content_type=content_type)
-        self.fresh_until = fresh_until
-        self.withheld = False
-
-    async def write_with_length(self, writer: Any, content_length: int | None) -> None:
-        if time.monotonic() > self.fresh_until:
-            self.withheld = True
-            raise _Withheld
-        await super().write_with_length(writer, content_length)
-
-
 def _outcome(recipient: events.Recipient, verdict: Verdict, attempts: int, provider: str) -> Outcome:
     """The outcome of a provider's final answer (neither throttled nor a refused connection)."""
     if verdict.meaning is Meaning.SENT:
@@ -288,7 +266,7 @@ def _outcome(recipient: events.Recipient, verdict: Verdict, attempts: int, provi
 
 
 async def post_message(
-    http: aiohttp.ClientSession,
+    http: ProviderHttp,
     context: SendContext,
     recipient: events.Recipient,
     *,
@@ -310,10 +288,6 @@ async def post_message(
     else:
         body = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
         content_type = "application/json"
-    headers = {**headers, "Content-Type": content_type}
-    timeout = aiohttp.ClientTimeout(
-        total=None, connect=CONNECT_TIMEOUT_SECONDS, sock_read=answer_timeout_seconds
-    )
     started = time.monotonic()
     attempts = refused_connections = 0
     if context.halted():  # admitted before a stop that came while it waited for its turn
@@ -335,7 +309,7 @@ async def post_message(
         # A retry after waiting asks again.
         if attempts and not await confirmed():
             return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
-        refused: Exception | None = None
+        refused: NotConnected | None = None
         async with context.request_slots:  # a connection is free before the slot is taken
             while True:
                 send_by = await context.permit()
@@ -348,34 +322,41 @@ async def post_message(
                     return Outcome(recipient, SKIPPED, attempts, "campaign stopped")
                 if time.monotonic() <= send_by:  # else asking took its slot's time: the next one
                     break
-            guarded = _GuardedBody(body, content_type, confirmed_at + STALE_ADMISSION_SECONDS)
             attempts += 1
             try:
-                async with http.post(
-                    url, data=guarded, headers=headers, timeout=timeout, allow_redirects=False
-                ) as response:
-                    status = response.status
-                    answer = await response.text()
-                    retry_after = retry_after_seconds(response.headers.get("Retry-After"))
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as error:
+                # Written only while the confirmation is fresh, checked with no wait between it
+                # and the socket: a process paused after its last look (getting a connection,
+                # building the request) writes nothing on waking, so a successor that took the
+                # batch over and asked the provider meanwhile is never contradicted.
+                answer = await http.post(
+                    url,
+                    body,
+                    content_type=content_type,
+                    headers=headers,
+                    connect_timeout=CONNECT_TIMEOUT_SECONDS,
+                    answer_timeout=answer_timeout_seconds,
+                    write_until=confirmed_at + STALE_ADMISSION_SECONDS,
+                )
+            except Withheld:  # nothing was written: made once confirmed again (above)
+                attempts -= 1
+                continue
+            except NotConnected as error:
                 refused = error
-            except (TimeoutError, aiohttp.ClientError) as error:
-                if not guarded.withheld:
-                    reason = f"no answer from {provider} ({type(error).__name__}); it may have been sent"
-                    return Outcome(recipient, UNKNOWN, attempts, reason)
-        if guarded.withheld:  # nothing was written: made once confirmed again (above)
-            attempts -= 1
-            continue
+            except AnswerLost as error:
+                reason = f"no answer from {provider} ({error}); it may have been sent"
+                return Outcome(recipient, UNKNOWN, attempts, reason)
+            except ValueError as error:  # a header that cannot be sent: nothing was
+                return Outcome(recipient, FAILED, attempts, f"the request could not be made: {error}")
         if refused is not None:
             # No connection was made: nothing was written, so it is safe to try again.
             refused_connections += 1
             if refused_connections >= CONNECT_ATTEMPTS:
-                reason = f"could not connect to {provider} ({type(refused).__name__})"
+                reason = f"could not connect to {provider} ({refused})"
                 return Outcome(recipient, FAILED, attempts, reason, failover=True)
             await context.waiting(f"{provider} cannot be reached")
             await asyncio.sleep(backoff_seconds(refused_connections))
             continue
-        verdict = judge(status, answer)
+        verdict = judge(answer.status, answer.text)
         if verdict.meaning is not Meaning.THROTTLED:
             if verdict.meaning is Meaning.SENT:
                 await context.waiting(None)
@@ -384,6 +365,7 @@ async def post_message(
             reason = f"{provider} throttled it for {max_throttled_seconds:,.0f} s"
             return Outcome(recipient, FAILED, attempts, reason, failover=True)
         await context.waiting(f"{provider} is throttling; slowing down")
+        retry_after = retry_after_seconds(answer.headers.get("retry-after"))
         await asyncio.sleep(retry_after if retry_after is not None else backoff_seconds(attempts + 1))
 
 
@@ -438,18 +420,20 @@ class SmsProvider:
     def __init__(
         self,
         http: aiohttp.ClientSession,
+        messages: ProviderHttp,
         *,
         max_throttled_seconds: float = MAX_THROTTLED_SECONDS,
         answer_timeout_seconds: float = ANSWER_TIMEOUT_SECONDS,
     ) -> None:
-        self.http = http
+        self.http = http  # lookups and credential checks
+        self.messages = messages  # the messages themselves
         self.max_throttled_seconds = max_throttled_seconds
         self.answer_timeout_seconds = answer_timeout_seconds
 
     async def post(self, context: SendContext, recipient: events.Recipient, **request: Any) -> Outcome:
-        """`post_message` with this provider's connection pool and limits."""
+        """`post_message` with this provider's connections and limits."""
         return await post_message(
-            self.http,
+            self.messages,
             context,
             recipient,
             max_throttled_seconds=self.max_throttled_seconds,
