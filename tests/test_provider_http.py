@@ -94,7 +94,7 @@ async def _post(http: ProviderHttp, url: str, **options: float) -> Answer:
         url + "/2010-04-01/Messages.json?x=1",
         b"To=%2B14155550100&Body=Hi",
         content_type="application/x-www-form-urlencoded",
-        headers={"Authorization": "Basic QUM6dA=="},
+        headers={"Authorization": "Basic QUM6dA==", "Accept": "application/json"},
         connect_timeout=options.get("connect_timeout", 2.0),
         answer_timeout=options.get("answer_timeout", 2.0),
         write_until=options.get("write_until", float("inf")),
@@ -116,6 +116,7 @@ async def test_a_request_carries_its_form_and_keep_alive_connections_are_reused(
     lines = head.split(b"\r\n")
     assert lines[0] == b"POST /2010-04-01/Messages.json?x=1 HTTP/1.1"
     assert b"Authorization: Basic QUM6dA==" in lines
+    assert [line for line in lines if line.lower().startswith(b"accept:")] == [b"Accept: application/json"]
     assert f"Host: {server.url.removeprefix('http://')}".encode() in lines
     assert body == b"To=%2B14155550100&Body=Hi"
     await server.stop()

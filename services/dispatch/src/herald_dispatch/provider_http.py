@@ -271,18 +271,18 @@ def _target(url: str) -> _Target:
 
 
 def _head(target: _Target, headers: Mapping[str, str], content_type: str, length: int) -> bytes:
-    lines = [
-        f"POST {target.path} HTTP/1.1",
-        f"Host: {target.host_header}",
-        "User-Agent: Herald",
-        "Accept: */*",
-        f"Content-Type: {content_type}",
-        f"Content-Length: {length}",
-    ]
-    for name, value in headers.items():
+    """The request's head: the caller's headers over the defaults; the body's type and length ours."""
+    given = {name.lower(): (name, value) for name, value in headers.items()}
+    given.pop("content-type", None)
+    given.pop("content-length", None)
+    given.pop("host", None)
+    defaults = {"user-agent": ("User-Agent", "Herald"), "accept": ("Accept", "*/*")}
+    lines = [f"POST {target.path} HTTP/1.1", f"Host: {target.host_header}"]
+    for name, value in {**defaults, **given}.values():
         if any(c in name + value for c in "\r\n\x00") or ":" in name:
             raise ValueError(f"the header {name[:40]!r} holds a character a header may not")
         lines.append(f"{name}: {value}")
+    lines += [f"Content-Type: {content_type}", f"Content-Length: {length}"]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
