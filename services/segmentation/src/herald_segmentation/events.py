@@ -42,8 +42,8 @@ from herald_segmentation.properties import (
 from herald_segmentation.storage import LARGE_PROPERTIES, SCHEMA, outbox
 from herald_segmentation.visitors import aliases
 
+# A call's bytes are bounded where it arrives (herald_common.limits: 1 MiB).
 MAX_EVENTS = 1000
-MAX_BATCH_BYTES = 1 << 20
 # An event of this name sets the user's custom properties from its own.
 PROFILE_EVENT = "herald.profile"
 MAX_AHEAD_SECONDS = 86400.0
@@ -204,11 +204,10 @@ class Events:
             self._partitions.add(month)
 
     def _validate(
-        self, batch: Sequence[pb.Event], size: int, now: float
+        self, batch: Sequence[pb.Event], now: float
     ) -> tuple[list[_Received], SentTypes, Validator]:
         check = Validator()
         check.require(0 < len(batch) <= MAX_EVENTS, "events", f"between 1 and {MAX_EVENTS} events")
-        check.require(size <= MAX_BATCH_BYTES, "events", f"{size} bytes; at most {MAX_BATCH_BYTES} per call")
         types = SentTypes()
         parsed = []
         caller = current_caller()
@@ -250,10 +249,10 @@ class Events:
             parsed.append(_Received(event, client_id, user_id, name, when, values))
         return parsed, types, check
 
-    async def ingest(self, batch: Sequence[pb.Event], size: int) -> tuple[int, int]:
+    async def ingest(self, batch: Sequence[pb.Event]) -> tuple[int, int]:
         """Records the events not recorded before; returns (accepted, duplicates)."""
         received = api.utcnow()
-        parsed, types, check = self._validate(batch, size, received.timestamp())
+        parsed, types, check = self._validate(batch, received.timestamp())
         return await self._record(parsed, types, check, received, _RECORD)
 
     async def ingest_own(self, made: Sequence[OwnEvent]) -> tuple[int, int]:
@@ -361,14 +360,31 @@ class Events:
         """EventsIngested: the recorded events, those sent without a time given the receive time."""
         event_id = str(uuid.uuid4())
         receive_time = api.timestamp(now)
-        events = [r.event for r in recorded]
-        for event in events:
-            if not event.HasField("time"):
-                event.time.CopyFrom(receive_time)
-        announced = events_pb2.EventsIngested(
-            event_id=event_id, account=account_name(account_id), receive_time=receive_time, events=events
-        )
-        return OutboxEvent(self.subjects.events_ingested, announced.SerializeToString(), event_id)
+        head = events_pb2.EventsIngested(
+            event_id=event_id, account=account_name(account_id), receive_time=receive_time
+        ).SerializeToString()
+        # Each event appended in its wire form (field 3, length-delimited): adding them to the
+        # message would copy every one first.
+        parts = [head]
+        for r in recorded:
+            if not r.event.HasField("time"):
+                r.event.time.CopyFrom(receive_time)
+            data = r.event.SerializeToString()
+            parts.append(_EVENTS_TAG + _varint(len(data)) + data)
+        return OutboxEvent(self.subjects.events_ingested, b"".join(parts), event_id)
+
+
+# EventsIngested.events: field 3, length-delimited.
+_EVENTS_TAG = bytes([events_pb2.EventsIngested.EVENTS_FIELD_NUMBER << 3 | 2])
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
 async def _as_merged(session: Any, account_id: uuid.UUID, received: list[_Received]) -> list[_Received]:

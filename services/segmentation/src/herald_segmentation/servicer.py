@@ -61,7 +61,7 @@ class SegmentationServicer(pb_grpc.SegmentationServiceServicer):
     async def IngestEvents(
         self, request: pb.IngestEventsRequest, context: Context
     ) -> pb.IngestEventsResponse:
-        accepted, duplicates = await self.events.ingest(request.events, request.ByteSize())
+        accepted, duplicates = await self.events.ingest(request.events)
         return pb.IngestEventsResponse(accepted_count=accepted, duplicate_count=duplicates)
 
     async def UploadList(

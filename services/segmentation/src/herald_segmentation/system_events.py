@@ -139,7 +139,7 @@ class SystemEvents:
         act_as(service_caller(account_id))
         for start in range(0, len(recorded), MAX_EVENTS):
             chunk = list(recorded[start : start + MAX_EVENTS])
-            await self.recorder.ingest(chunk, pb.IngestEventsRequest(events=chunk).ByteSize())
+            await self.recorder.ingest(chunk)
 
     async def record_own(self, account_id: uuid.UUID, made: Sequence[OwnEvent]) -> None:
         """Records events of Herald's own identifiers as the account, a call's worth at a time."""
