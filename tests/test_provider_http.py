@@ -67,7 +67,7 @@ class ScriptedServer:
                 writer.write(answer)
                 await writer.drain()
                 lower = answer.lower()
-                delimited = b"content-length" in lower or b"chunked" in lower
+                delimited = b"content-length" in lower or b"chunked" in lower or b" 204 " in lower
                 if self.close_after_answer or b"connection: close" in lower or not delimited:
                     break
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -131,6 +131,7 @@ async def test_chunked_close_delimited_and_interim_answers_are_read_whole(http: 
         [
             chunked,
             b"HTTP/1.1 100 Continue\r\n\r\n" + _json("429 Too Many Requests", b"{}", b"Retry-After: 7"),
+            b"HTTP/1.1 204 No Content\r\n\r\n",
             b"HTTP/1.0 503 Service Unavailable\r\n\r\nbusy, try later",
         ]
     )
@@ -139,7 +140,9 @@ async def test_chunked_close_delimited_and_interim_answers_are_read_whole(http: 
     assert (first.status, first.text) == (200, '{"a": 1}\n')
     throttled = await _post(http, server.url)
     assert (throttled.status, throttled.headers["retry-after"]) == (429, "7")
-    assert server.connections == 1  # chunked and sized answers leave the connection usable
+    empty = await _post(http, server.url)
+    assert (empty.status, empty.text) == (204, "")
+    assert server.connections == 1  # chunked, sized and empty answers leave the connection usable
     closed = await _post(http, server.url)
     assert (closed.status, closed.text) == (503, "busy, try later")
     await server.stop()

@@ -117,11 +117,11 @@ class _Connection(asyncio.Protocol):
     def send(self, request: bytes, write_until: float) -> asyncio.Future[Answer]:
         """Writes the request, unless `write_until` has passed (then nothing is written)."""
         assert self.transport is not None
+        if time.monotonic() > write_until:  # no wait between this and the write
+            raise Withheld("its moment passed before it was written")
         self._answer = asyncio.get_running_loop().create_future()
         self._head, self._chunks, self._keep_alive = None, None, True
         self._buffer.clear()
-        if time.monotonic() > write_until:  # no wait between this and the write
-            raise Withheld("its moment passed before it was written")
         self.transport.write(request)
         return self._answer
 
@@ -155,8 +155,11 @@ class _Connection(asyncio.Protocol):
             self._head = (status, headers)
             connection = headers.get("connection", "").lower()
             self._keep_alive = "close" not in connection and headers.get(":version") != "HTTP/1.0"
-        _, headers = self._head
+        status, headers = self._head
         assert self._answer is not None
+        if status in (204, 304):  # never a body, whatever the headers say
+            self._answer.set_result(self._answered(b""))
+            return
         if "chunked" in headers.get("transfer-encoding", "").lower():
             body = self._read_chunks()
             if body is not None:
