@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
+from urllib.parse import urlencode
 
 import pytest
 import uvloop
@@ -20,6 +21,7 @@ from herald_dispatch.provider_http import (
     NotConnected,
     ProviderHttp,
     Withheld,
+    form_body,
 )
 
 # What the server does with each request it has read whole: the bytes it answers with (None:
@@ -236,3 +238,16 @@ async def test_the_client_works_on_the_event_loop_the_services_run_on() -> None:
         await server.stop()
 
     await asyncio.to_thread(uvloop.run, scenario())
+
+
+def test_a_form_is_encoded_as_urllib_encodes_it() -> None:
+    texts = [
+        "+14155550100",
+        "Hi Ada, 50% off: a&b=c /path?q ~_.- today!",
+        "नमस्ते 🎉 ünïcödé\nnew line\ttab",
+        "".join(chr(c) for c in range(1, 256)),
+        "",
+    ]
+    for text in texts:
+        form = {"To": "+14155550100", "Body": text, "Status Callback": "https://x.example/r?a=1&b=2"}
+        assert form_body(form) == urlencode(form).encode()

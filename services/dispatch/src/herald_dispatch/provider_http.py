@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import socket
 import ssl
 import time
@@ -37,6 +38,8 @@ MAX_BODY_BYTES = 1024 * 1024
 # written to, and such a request would end with no answer (so, unknown).
 KEEPALIVE_SECONDS = 10.0
 _IDLE_PER_HOST = 128
+# Request heads kept ready, by URL and headers: more than the destinations one process sends to.
+_PREPARED_HEADS = 1024
 
 
 class NotConnected(Exception):
@@ -217,7 +220,9 @@ class _Connection(asyncio.Protocol):
         assert self._head is not None
         status, headers = self._head
         self.idle_since = time.monotonic()
-        return Answer(status, headers, body.decode(_charset(headers), errors="replace"))
+        return Answer(
+            status, headers, body.decode(_charset(headers.get("content-type", "")), errors="replace")
+        )
 
 
 def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
@@ -235,8 +240,9 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
     return int(code), headers
 
 
-def _charset(headers: Mapping[str, str]) -> str:
-    for part in headers.get("content-type", "").split(";")[1:]:
+@functools.lru_cache(maxsize=64)
+def _charset(content_type: str) -> str:
+    for part in content_type.split(";")[1:]:
         key, _, value = part.strip().partition("=")
         if key.lower() == "charset":
             value = value.strip('"')
@@ -273,8 +279,8 @@ def _target(url: str) -> _Target:
     return _Target(parts.scheme, ascii_host, port, path, shown if default else f"{shown}:{port}")
 
 
-def _head(target: _Target, headers: Mapping[str, str], content_type: str, length: int) -> bytes:
-    """The request's head: the caller's headers over the defaults; the body's type and length ours."""
+def _head(target: _Target, headers: Mapping[str, str], content_type: str) -> bytes:
+    """The request's head but its length: the caller's headers over the defaults, the body's type ours."""
     given = {name.lower(): (name, value) for name, value in headers.items()}
     given.pop("content-type", None)
     given.pop("content-length", None)
@@ -285,8 +291,23 @@ def _head(target: _Target, headers: Mapping[str, str], content_type: str, length
         if any(c in name + value for c in "\r\n\x00") or ":" in name:
             raise ValueError(f"the header {name[:40]!r} holds a character a header may not")
         lines.append(f"{name}: {value}")
-    lines += [f"Content-Type: {content_type}", f"Content-Length: {length}"]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    lines.append(f"Content-Type: {content_type}")
+    return ("\r\n".join(lines) + "\r\n").encode("latin-1")
+
+
+# application/x-www-form-urlencoded as urllib's urlencode writes it (quote_plus: nothing left as it
+# is but letters, digits and _.-~), by a table lookup per byte rather than a Python call per byte.
+_FORM_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_FORM_ESCAPES = {b: ("+" if b == 0x20 else f"%{b:02X}") for b in range(256) if chr(b) not in _FORM_SAFE}
+
+
+def _form_quote(value: str) -> str:
+    return value.encode("utf-8").decode("latin-1").translate(_FORM_ESCAPES)
+
+
+def form_body(form: Mapping[str, str]) -> bytes:
+    """`form` encoded as an HTML form's POST body."""
+    return "&".join(f"{_form_quote(k)}={_form_quote(v)}" for k, v in form.items()).encode("ascii")
 
 
 class ProviderHttp:
@@ -298,6 +319,7 @@ class ProviderHttp:
         self.observers = list(observers)
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._tls = ssl.create_default_context()
+        self._heads: dict[tuple[object, ...], tuple[_Target, bytes]] = {}
 
     async def post(
         self,
@@ -312,8 +334,8 @@ class ProviderHttp:
     ) -> Answer:
         """POSTs `body` and returns the answer; raises NotConnected, Withheld or AnswerLost (see
         the module's notes), or ValueError for a header that cannot be sent."""
-        target = _target(url)
-        request = _head(target, headers, content_type, len(body)) + body
+        target, head = self._prepared(url, headers, content_type)
+        request = b"%sContent-Length: %d\r\n\r\n%s" % (head, len(body), body)
         tokens = [observer.started("POST", url) for observer in self.observers]
         try:
             answer = await self._exchange(target, request, connect_timeout, answer_timeout, write_until)
@@ -324,6 +346,19 @@ class ProviderHttp:
         for observer, token in zip(self.observers, tokens, strict=True):
             observer.ended(token, answer.status)
         return answer
+
+    def _prepared(self, url: str, headers: Mapping[str, str], content_type: str) -> tuple[_Target, bytes]:
+        """Where `url` leads and the head of a request to it: made once for each destination's
+        requests, which repeat the same URL and headers."""
+        key = (url, content_type, *headers.items())
+        prepared = self._heads.get(key)
+        if prepared is None:
+            target = _target(url)
+            prepared = target, _head(target, headers, content_type)
+            if len(self._heads) >= _PREPARED_HEADS:
+                self._heads.clear()
+            self._heads[key] = prepared
+        return prepared
 
     async def close(self) -> None:
         for connections in self._idle.values():

@@ -15,7 +15,6 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
-from urllib.parse import urlencode
 
 import aiohttp
 import orjson
@@ -26,7 +25,7 @@ from herald_common import personalization
 from herald_common.sms import E164, MAX_BODY_CHARACTERS
 from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, SendContext
 from herald_dispatch.gate import STALE_ADMISSION_SECONDS, Admission
-from herald_dispatch.provider_http import AnswerLost, NotConnected, ProviderHttp, Withheld
+from herald_dispatch.provider_http import AnswerLost, NotConnected, ProviderHttp, Withheld, form_body
 from herald_dispatch.retry import backoff_seconds, retry_after_seconds
 
 # Alphanumeric sender ids: 1 to 11 letters, digits and spaces, at least one letter.
@@ -284,7 +283,7 @@ async def post_message(
     connection made); an answer that proves nothing makes it UNKNOWN, never sent again."""
     # Encoded once, for every attempt: a form, or JSON.
     if form is not None:
-        body, content_type = urlencode(form).encode(), "application/x-www-form-urlencoded"
+        body, content_type = form_body(form), "application/x-www-form-urlencoded"
     else:
         body = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
         content_type = "application/json"
