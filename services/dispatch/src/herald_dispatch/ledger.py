@@ -33,8 +33,11 @@ _STATUS_NAMES = {
     events.DeliveryStatus.DELIVERY_STATUS_SKIPPED: "skipped",
     events.DeliveryStatus.DELIVERY_STATUS_UNKNOWN: "unknown",
 }
+# The stored deliveries come back as one row of two arrays: a row per delivery would cost each
+# its own result object.
 _RECORD = sa.text(
     """
+    WITH stored AS (
     INSERT INTO dispatch.deliveries
         (delivery_id, account_id, campaign, run, destination, user_id, status, attempts, reason, resent,
          provider_message_id, completed_at)
@@ -51,15 +54,22 @@ _RECORD = sa.text(
          AS t(d, u, s, a, r, x, m)
     ON CONFLICT (delivery_id) DO NOTHING
     RETURNING delivery_id, resent
+    )
+    SELECT coalesce(array_agg(delivery_id), '{}') AS ids, coalesce(array_agg(resent), '{}') AS resent
+    FROM stored
     """
 )
 
 # An intent has served its purpose once its delivery has a result, or waits to be settled; a
-# delivery waiting to be settled is done once it has a result.
-_FORGET_INTENTS = sa.text(
-    "DELETE FROM dispatch.delivery_intents WHERE delivery_id = ANY(CAST(:ids AS text[]))"
+# delivery waiting to be settled is done once it has a result. Both in one statement.
+_FORGET_INTENTS_AND_SETTLED = sa.text(
+    """
+    WITH intents AS (
+        DELETE FROM dispatch.delivery_intents WHERE delivery_id = ANY(CAST(:ids AS text[]))
+    )
+    DELETE FROM dispatch.unsettled WHERE delivery_id = ANY(CAST(:settled AS text[]))
+    """
 )
-_SETTLED = sa.text("DELETE FROM dispatch.unsettled WHERE delivery_id = ANY(CAST(:ids AS text[]))")
 _UNSETTLED = sa.text(
     """
     INSERT INTO dispatch.unsettled AS u
@@ -219,8 +229,8 @@ class DeliveryLedger:
             if to_settle:
                 await self._wait_to_settle(session, batch, account_id, to_settle)
             if claimed:
-                await session.execute(_FORGET_INTENTS, {"ids": list(unique)})
-                await session.execute(_SETTLED, {"ids": [o.recipient.delivery_id for o in rows]})
+                settled = [o.recipient.delivery_id for o in rows]
+                await session.execute(_FORGET_INTENTS_AND_SETTLED, {"ids": list(unique), "settled": settled})
             if not rows:
                 return 0
             completed_at = api.utcnow()
@@ -245,8 +255,8 @@ class DeliveryLedger:
                         "messages": [o.provider_message_id for o in rows],
                     },
                 )
-            ).all()
-            resent = {r.delivery_id: r.resent for r in stored}
+            ).one()
+            resent = dict(zip(stored.ids, stored.resent, strict=True))
             if not resent:
                 return 0
             report = events.DeliveryOutcomes(
