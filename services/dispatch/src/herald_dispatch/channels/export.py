@@ -204,16 +204,17 @@ async def post_until_answered(
     maybe_arrived = False
     while True:
         async with context.request_slots:  # a connection is free before the slots are taken
-            while True:
-                send_by = math.inf
+            send_by = math.inf
+            for _ in range(request.permits):
+                send_by = await context.permit()
+            # Asked after the rate limit's wait, just before the request, so a stop made meanwhile
+            # holds.
+            wanted = await context.wanted()
+            if wanted and time.monotonic() > send_by:  # asking took the slots' time: new ones
                 for _ in range(request.permits):
-                    send_by = await context.permit()
-                # Asked after the rate limit's wait, just before the request, so a stop made
-                # meanwhile holds; the in-process check covers a stop that came while asking.
-                wanted = await context.wanted() and not context.halted()
-                if not wanted or time.monotonic() <= send_by:
-                    break
-                # Asking took the slots' time: the request takes new ones, and asks again after them.
+                    await context.permit()
+            # A stop this process heard of while asking, or during that second wait.
+            wanted = wanted and not context.halted()
             if not wanted:
                 if waiting:  # these deliveries wait on the destination no more
                     await context.waiting(None)
