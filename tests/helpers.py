@@ -19,6 +19,7 @@ from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
 from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
+from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
 from tests.harness import Clients
 
@@ -91,6 +92,13 @@ async def create_segment_destination(
             )
         )
     )
+
+
+async def create_segment_destination_for(
+    platform: Platform | Clients, segment_api: SegmentApi
+) -> dispatch_pb.Destination:
+    """A Segment destination sending to the fake Segment API with one of its write keys."""
+    return await create_segment_destination(platform, segment_api.url, next(iter(segment_api.write_keys)))
 
 
 def segment_export_campaign(segment: str, destination: str, **overrides: Any) -> campaign_pb.Campaign:

@@ -23,7 +23,7 @@ from tests.harness import Clients, create_account
 from tests.helpers import (
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     field_violations,
     segment_export_campaign,
 )
@@ -119,9 +119,7 @@ async def audience(
     )
     clients = Clients.open(platform.addresses, key)
     segment = await create_segment(clients, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        clients, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(clients, segment_api)
     yield Audience(clients, tag, segment.name, destination.name, manual_clock)
     await clients.close()
 

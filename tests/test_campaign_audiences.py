@@ -15,14 +15,12 @@ from herald.dispatch.v1 import dispatch_service_pb2 as dispatch_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.helpers import create_segment_destination, field_violations, segment_export_campaign, user
+from tests.helpers import create_segment_destination_for, field_violations, segment_export_campaign, user
 
 
 async def _run(platform: Platform, segment_api: SegmentApi, audience: campaign_pb.Audience) -> list[str]:
     """Publishes an export to the audience and returns who received it."""
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     campaign = segment_export_campaign("", destination.name)
     campaign.audience.CopyFrom(audience)
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))

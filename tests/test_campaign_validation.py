@@ -17,7 +17,7 @@ from tests.conftest import Platform, eventually
 from tests.helpers import (
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     field_violations,
     segment_export_campaign,
 )
@@ -39,9 +39,7 @@ async def _all_campaign_names(platform: Platform) -> set[str]:
 @pytest.fixture
 async def references(platform: Platform, segment_api: SegmentApi) -> tuple[str, str]:
     segment = await create_segment(platform, condition("tier", "EQUALS", "gold"))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     return segment.name, destination.name
 
 

@@ -13,7 +13,13 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import clock
 from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+from tests.helpers import (
+    condition,
+    create_segment,
+    create_segment_destination_for,
+    segment_export_campaign,
+    user,
+)
 
 
 async def test_a_send_later_campaign_runs_when_the_clock_reaches_it(
@@ -22,9 +28,7 @@ async def test_a_send_later_campaign_runs_when_the_clock_reaches_it(
     tag = uuid.uuid4().hex[:8]
     await platform.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[user(f"{tag}-1", cohort=tag)]))
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     campaign = segment_export_campaign(segment.name, destination.name)
     send_time = manual_clock.now() + timedelta(days=3)
     campaign.schedule.Clear()

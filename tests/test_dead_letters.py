@@ -21,7 +21,13 @@ from herald_common import api
 from herald_common.bus import REASON_HEADER, SOURCE_SUBJECT_HEADER, Subjects
 from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+from tests.helpers import (
+    condition,
+    create_segment,
+    create_segment_destination_for,
+    segment_export_campaign,
+    user,
+)
 
 
 async def test_a_dead_lettered_batch_is_delivered_once_replayed(
@@ -32,9 +38,7 @@ async def test_a_dead_lettered_batch_is_delivered_once_replayed(
         segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{i}", cohort=tag) for i in range(3)])
     )
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     later = api.utcnow() + timedelta(days=1)
     campaign = segment_export_campaign(
         segment.name,

@@ -17,7 +17,7 @@ from tests.helpers import (
     completed_stats,
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     last_message,
     segment_export_campaign,
     user,
@@ -63,9 +63,7 @@ async def _dead_letter(js: JetStreamContext, subjects: Subjects, marker: bytes) 
 async def test_redelivered_job_is_sent_once(
     platform: Platform, segment_api: SegmentApi, js: JetStreamContext
 ) -> None:
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     subjects = Subjects(platform.settings.namespace)
     campaign = await _announce_campaign(js, subjects, platform.account, destination.name)
     batch = _batch(platform.account, campaign, destination.name, "redelivered-user")
@@ -135,9 +133,7 @@ async def test_batch_claiming_another_account_is_set_aside_unsent(
 ) -> None:
     """Dispatch trusts only the campaign service on who owns a campaign: a batch naming another
     account is dead-lettered with the reason, and its recipients get nothing."""
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     subjects = Subjects(platform.settings.namespace)
     campaign = await _announce_campaign(js, subjects, platform.account, destination.name)
     intruder = f"accounts/{uuid.uuid4()}"
@@ -163,9 +159,7 @@ async def test_batch_claiming_another_account_is_set_aside_unsent(
 async def test_server_errors_are_retried_with_the_same_message_id(
     platform: Platform, segment_api: SegmentApi, js: JetStreamContext
 ) -> None:
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     subjects = Subjects(platform.settings.namespace)
     campaign = await _announce_campaign(js, subjects, platform.account, destination.name)
     segment_api.fail_next(2, status=503, retry_after=None)
@@ -196,9 +190,7 @@ async def test_oversized_events_fail_and_the_campaign_still_completes(
         )
     )
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     campaign = segment_export_campaign(segment.name, destination.name)
     campaign.segment_export.profile_attributes.extend(["bio", "bio2", "bio3"])  # 42 KB of traits per event
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
@@ -212,9 +204,7 @@ async def test_late_run_reports_do_not_roll_progress_back(
     platform: Platform, segment_api: SegmentApi, js: JetStreamContext
 ) -> None:
     segment = await create_segment(platform, condition("cohort", "EQUALS", uuid.uuid4().hex))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     created = await platform.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
     )

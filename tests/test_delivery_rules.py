@@ -32,7 +32,7 @@ from tests.harness import Clients, create_account
 from tests.helpers import (
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     field_violations,
     segment_export_campaign,
 )
@@ -115,9 +115,7 @@ async def _account(
         for start in range(0, len(users), 1000):
             await clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=users[start : start + 1000]))
         segment = await create_segment(clients, condition("cohort", "EQUALS", tag))
-        destination = await create_segment_destination(
-            clients, segment_api.url, next(iter(segment_api.write_keys))
-        )
+        destination = await create_segment_destination_for(clients, segment_api)
         yield Account(clients, segment.name, destination.name, tag)
     finally:
         await clients.close()

@@ -31,7 +31,7 @@ from tests.helpers import (
     completed_stats,
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     field_violations,
     segment_export_campaign,
     until_goal_matched,
@@ -99,9 +99,7 @@ async def shop(
         pb.UpsertUsersRequest(users=[user(f"{tag}-{i:02}", cohort=tag) for i in range(USERS)])
     )
     segment = await create_segment(clients, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        clients, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(clients, segment_api)
     # A Charged event seen before: its amount is a number, its currency a string.
     await clients.segmentation.IngestEvents(
         pb.IngestEventsRequest(

@@ -32,6 +32,7 @@ from tests.helpers import (
     condition,
     create_segment,
     create_segment_destination,
+    create_segment_destination_for,
     last_message,
     matching,
     segment_export_campaign,
@@ -708,9 +709,7 @@ async def test_reports_naming_another_account_are_set_aside(
     """The campaign service counts a run report or delivery outcome only for the account that owns
     the campaign: one naming another account is dead-lettered with the reason."""
     segment = await create_segment(platform, condition("cohort", "EQUALS", uuid.uuid4().hex))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     campaign = await platform.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
     )

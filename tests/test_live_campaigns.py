@@ -28,7 +28,7 @@ from tests.harness import Clients, create_account
 from tests.helpers import (
     completed_stats,
     condition,
-    create_segment_destination,
+    create_segment_destination_for,
     field_violations,
     until_live,
     user,
@@ -168,9 +168,7 @@ async def live(
         platform.address("campaign"), platform.settings.bootstrap_token, f"live {tag}"
     )
     clients = Clients.open(platform.addresses, key)
-    destination = await create_segment_destination(
-        clients, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(clients, segment_api)
     users = [user(f"{tag}-{i}", cohort=tag, plan="gold" if i % 2 else "free") for i in range(6)]
     await clients.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=users))
     yield Live(clients, segment_api, destination.name, manual_clock, tag, platform.settings.database_url)

@@ -18,7 +18,7 @@ from tests.helpers import (
     completed_stats,
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     segment_export_campaign,
     user,
 )
@@ -89,9 +89,7 @@ async def test_every_service_serves_metrics_that_move_during_a_campaign(
         segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{n}", cohort=tag) for n in range(3)])
     )
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     segment_api.fail_next(1, status=429, retry_after=0.1)  # Segment throttles the first request
     created = await platform.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))

@@ -30,6 +30,7 @@ from tests.helpers import (
     condition,
     create_segment,
     create_segment_destination,
+    create_segment_destination_for,
     field_violations,
     segment_export_campaign,
     user,
@@ -111,9 +112,7 @@ async def test_database_connections_dropped_mid_campaign_lose_and_double_nothing
     platform: Platform, segment_api: SegmentApi
 ) -> None:
     tag, segment = await _audience(platform, 2500)
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     segment_api.max_requests_per_second = 4  # spread the export out so the fault lands mid-way
     name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
     database = database_name(platform.settings.database_url)
@@ -140,9 +139,7 @@ async def test_bad_profile_data_fails_one_delivery_with_its_reason(
     await platform.segmentation.UpsertUsers(  # not valid UTF-8 once decoded
         segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-bad", cohort=tag, code="/w==")])
     )
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     campaign = segment_export_campaign(segment.name, destination.name)
     campaign.segment_export.custom_properties["decoded"] = "{{ profile.code | base64_decode }}"
     stats = await _completed(platform, await _publish(platform, campaign))
@@ -158,9 +155,7 @@ async def test_stop_halts_deliveries_and_every_member_ends_with_an_outcome(
 ) -> None:
     audience = 20_000
     tag, segment = await _audience(platform, audience)
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     segment_api.max_requests_per_second = 1  # one batch of 500 a second
     name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
 
@@ -194,9 +189,7 @@ async def test_a_destination_outage_is_ridden_out_and_shown_while_it_lasts(
     platform: Platform, segment_api: SegmentApi
 ) -> None:
     tag, segment = await _audience(platform, 600)
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     segment_api.fail_next(10, status=500, retry_after=None)  # five failures a batch: ~8 s of backoff
     name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
 
@@ -221,9 +214,7 @@ async def test_a_stop_during_an_outage_leaves_nothing_shown_as_waiting(
 ) -> None:
     """The retries that a stop ends no longer wait on the destination: the campaign says so."""
     _, segment = await _audience(platform, 100)
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     segment_api.fail_for(120, status=500)
     name = await _publish(platform, segment_export_campaign(segment.name, destination.name))
 
@@ -267,9 +258,7 @@ async def test_a_segment_or_destination_in_use_cannot_be_deleted(
     platform: Platform, segment_api: SegmentApi
 ) -> None:
     _, segment = await _audience(platform, 1)
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     campaign = segment_export_campaign(segment.name, destination.name)
     campaign.schedule.send_later.send_time.FromSeconds(1_950_000_000)
     name = await _publish(platform, campaign)
@@ -295,9 +284,7 @@ async def test_campaigns_can_be_found_by_segment_destination_and_state(
 ) -> None:
     _, segment = await _audience(platform, 1)
     _, other_segment = await _audience(platform, 1)
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     later = segment_export_campaign(segment.name, destination.name)
     later.schedule.send_later.send_time.FromSeconds(1_950_000_000)
     scheduled = await _publish(platform, later)
@@ -384,9 +371,7 @@ async def test_a_poison_pending_row_is_quarantined_and_releases_go_on(
     platform: Platform, segment_api: SegmentApi
 ) -> None:
     _, segment = await _audience(platform, 20)
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     known = await _publish(platform, segment_export_campaign(segment.name, destination.name))
     await _completed(platform, known)
     # Two rows no release can ever take, due before everything else: one whose recipients are not

@@ -14,7 +14,13 @@ from herald_sandbox.segment_api import SegmentApi
 from herald_scheduler import main as scheduler_main
 from tests.conftest import eventually
 from tests.harness import fresh_settings, running_platform
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign, user
+from tests.helpers import (
+    condition,
+    create_segment,
+    create_segment_destination_for,
+    segment_export_campaign,
+    user,
+)
 
 USERS = 2400
 
@@ -38,9 +44,7 @@ async def test_dispatch_restart_and_scheduler_replicas_lose_and_double_nothing(
                     )
                 )
             segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-            destination = await create_segment_destination(
-                platform, segment_api.url, next(iter(segment_api.write_keys))
-            )
+            destination = await create_segment_destination_for(platform, segment_api)
             created = await platform.campaigns.CreateCampaign(
                 campaign_pb.CreateCampaignRequest(
                     campaign=segment_export_campaign(segment.name, destination.name)

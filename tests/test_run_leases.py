@@ -22,7 +22,7 @@ from tests.helpers import (
     completed_stats,
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     segment_export_campaign,
     user,
 )
@@ -71,9 +71,7 @@ async def test_replicas_with_a_slow_first_page_plan_a_run_once(
         segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{i}", cohort=tag) for i in range(20)])
     )
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     calls: list[str] = []
     proxy, proxy_address = await _slow_segmentation(platform.address("segmentation"), calls)
     # Only two replicas with a 1 s lease run runs meanwhile, both reading the slow segmentation.

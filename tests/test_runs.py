@@ -9,14 +9,12 @@ from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald.segmentation.v1 import segmentation_service_pb2 as segmentation_pb
 from herald_sandbox.segment_api import SegmentApi
 from tests.conftest import Platform, eventually
-from tests.helpers import condition, create_segment, create_segment_destination, segment_export_campaign
+from tests.helpers import condition, create_segment, create_segment_destination_for, segment_export_campaign
 
 
 async def test_run_fails_when_its_segment_was_deleted(platform: Platform, segment_api: SegmentApi) -> None:
     segment = await create_segment(platform, condition("cohort", "EQUALS", uuid.uuid4().hex))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     created = await platform.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
     )

@@ -21,7 +21,7 @@ from tests.conftest import CLOCK_START, Platform, eventually
 from tests.helpers import (
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     field_violations,
     segment_export_campaign,
     user,
@@ -37,9 +37,7 @@ async def _campaign(
     tag = uuid.uuid4().hex[:8]
     await platform.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=[user(f"{tag}-1", cohort=tag)]))
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     campaign = segment_export_campaign(segment.name, destination.name, schedule=schedule)
     created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
     return created.name, f"{tag}-1"

@@ -29,7 +29,7 @@ from tests.harness import Clients, create_account
 from tests.helpers import (
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     field_violations,
     last_message,
     segment_export_campaign,
@@ -46,9 +46,7 @@ async def _campaign(
         batch = [user(f"{tag}-{i:04d}", cohort=tag) for i in range(start, min(start + 1000, users))]
         await platform.segmentation.UpsertUsers(pb.UpsertUsersRequest(users=batch))
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     daily = campaign_pb.Recurring(
         daily=campaign_pb.EveryNDays(every=1), time_of_day="09:00", start_date="2026-11-24", occurrences=days
     )

@@ -25,7 +25,7 @@ from tests.helpers import (
     completed_stats,
     condition,
     create_segment,
-    create_segment_destination,
+    create_segment_destination_for,
     segment_export_campaign,
     user,
 )
@@ -68,9 +68,7 @@ async def test_one_publish_is_followed_through_the_scheduler_dispatch_and_the_pr
         segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{n}", cohort=tag) for n in range(2)])
     )
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination(
-        platform, segment_api.url, next(iter(segment_api.write_keys))
-    )
+    destination = await create_segment_destination_for(platform, segment_api)
     created = await platform.campaigns.CreateCampaign(
         campaign_pb.CreateCampaignRequest(campaign=segment_export_campaign(segment.name, destination.name))
     )
