@@ -170,6 +170,9 @@ async def test_no_connection_means_nothing_was_sent(http: ProviderHttp) -> None:
         pytest.param(None, id="closed without an answer"),
         pytest.param("", id="never answered"),
         pytest.param(b"HTTP/1.1 201 Created\r\nContent-Length: 50\r\n\r\n{}", id="closed mid-answer"),
+        pytest.param(
+            b"HTTP/1.1 201 Created\r\nTransfer-Encoding: Chunked\r\n\r\n5\r\n{}", id="closed mid-chunk"
+        ),
         pytest.param(b"SMTP ready\r\n\r\n", id="not HTTP"),
         pytest.param(_json("200 OK", b"x" * (MAX_BODY_BYTES + 1)), id="too large"),
     ],
@@ -178,6 +181,7 @@ async def test_a_written_request_without_a_whole_answer_may_have_arrived(
     http: ProviderHttp, answer: bytes | str | None
 ) -> None:
     server = await _serving(lambda _: answer)
+    server.close_after_answer = True  # what was sent is all there is
     started = time.monotonic()
     with pytest.raises(AnswerLost):
         await _post(http, server.url, answer_timeout=0.5)

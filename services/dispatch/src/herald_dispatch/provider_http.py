@@ -163,7 +163,7 @@ class _Connection(asyncio.Protocol):
         if status in (204, 304):  # never a body, whatever the headers say
             self._answer.set_result(self._answered(b""))
             return
-        if "chunked" in headers.get("transfer-encoding", "").lower():
+        if _chunked(headers):
             body = self._read_chunks()
             if body is not None:
                 self._answer.set_result(self._answered(body))
@@ -186,7 +186,7 @@ class _Connection(asyncio.Protocol):
     def _until_close(self) -> bool:
         assert self._head is not None
         headers = self._head[1]
-        return "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "")
+        return "content-length" not in headers and not _chunked(headers)
 
     def _read_chunks(self) -> bytes | None:
         """The whole chunked body once it has arrived, else None (the rest is awaited)."""
@@ -238,6 +238,10 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
             raise AnswerLost("a malformed answer header")
         headers[name.strip().lower()] = value.strip()
     return int(code), headers
+
+
+def _chunked(headers: Mapping[str, str]) -> bool:
+    return "chunked" in headers.get("transfer-encoding", "").lower()
 
 
 @functools.lru_cache(maxsize=64)

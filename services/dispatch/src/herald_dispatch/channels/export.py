@@ -202,6 +202,14 @@ async def post_until_answered(
     waiting = False
     # A request that timed out or lost its connection after being sent may have arrived.
     maybe_arrived = False
+
+    async def answered(
+        status: events.DeliveryStatus.ValueType, reason: str, resent: bool
+    ) -> tuple[events.DeliveryStatus.ValueType, int, str, bool]:
+        if waiting:  # these deliveries wait on the destination no more
+            await context.waiting(None)
+        return status, attempts, reason, resent
+
     while True:
         async with context.request_slots:  # a connection is free before the slots are taken
             send_by = math.inf
@@ -216,11 +224,11 @@ async def post_until_answered(
             # A stop this process heard of while asking, or during that second wait.
             wanted = wanted and not context.halted()
             if not wanted:
-                if waiting:  # these deliveries wait on the destination no more
-                    await context.waiting(None)
                 if maybe_arrived:
-                    return UNKNOWN, attempts, "campaign stopped; an earlier attempt may have arrived", False
-                return SKIPPED, attempts, "campaign stopped", False
+                    return await answered(
+                        UNKNOWN, "campaign stopped; an earlier attempt may have arrived", False
+                    )
+                return await answered(SKIPPED, "campaign stopped", False)
             attempts += 1
             body, headers = request.prepare(retries)
             retry_after: float | None = None
@@ -232,23 +240,17 @@ async def post_until_answered(
                     text = await answer.text()
                     retry_after = retry_after_seconds(answer.headers.get("Retry-After"))
                 if 200 <= status < 300:
-                    if waiting:
-                        await context.waiting(None)
-                    return SENT, attempts, "", maybe_arrived
+                    return await answered(SENT, "", maybe_arrived)
                 problem = f"{request.provider} answered {status}{request.error_code(text)}"
                 if not is_retryable(status):
-                    if waiting:
-                        await context.waiting(None)
-                    return FAILED, attempts, problem, maybe_arrived
+                    return await answered(FAILED, problem, maybe_arrived)
             except (aiohttp.ClientError, TimeoutError, OSError) as error:
                 problem = f"{request.provider} unreachable: {type(error).__name__}"
                 maybe_arrived = maybe_arrived or not isinstance(error, aiohttp.ClientConnectorError)
         elapsed = time.monotonic() - started
         if elapsed > max_retry_seconds:
-            if waiting:
-                await context.waiting(None)
             reason = f"gave up after {elapsed / 3600:.1f} h of failures; {problem}"
-            return FAILED, attempts, reason, maybe_arrived
+            return await answered(FAILED, reason, maybe_arrived)
         if retry_after:
             wait = retry_after  # a rate limit with a deadline: it does not spend the retry budget
         else:
