@@ -1,5 +1,6 @@
 """A run keeps its lease while it works: scheduler replicas whose audience's first page takes
-longer than a lease do not pass the run between them, each starting it over."""
+longer than a lease do not pass the run between them, each starting it over. A replica that stops
+(a redeploy) hands its runs over at once."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common.embedded import free_port
 from herald_sandbox.segment_api import SegmentApi
 from herald_scheduler import main as scheduler_main
-from tests.conftest import Platform
+from tests.conftest import Platform, eventually
 from tests.helpers import (
     completed_stats,
     condition,
@@ -100,3 +101,38 @@ async def test_replicas_with_a_slow_first_page_plan_a_run_once(
             await replica.stop()
         platform.hosts["scheduler"] = await scheduler_main.start(platform.settings)
         await proxy.stop(None)
+
+
+async def test_a_stopped_replica_hands_its_run_over_at_once(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    await platform.segmentation.UpsertUsers(
+        segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{i}", cohort=tag) for i in range(20)])
+    )
+    segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
+    destination = await create_segment_destination_for(platform, segment_api)
+    calls: list[str] = []
+    proxy, proxy_address = await _slow_segmentation(platform.address("segmentation"), calls)
+    # The replica that takes the run reads the slow segmentation and is stopped while it waits.
+    await platform.hosts["scheduler"].stop()
+    leaving = await scheduler_main.start(
+        replace(platform.settings, addresses={**platform.settings.addresses, "segmentation": proxy_address}),
+        port=0,
+    )
+    try:
+        created = await platform.campaigns.CreateCampaign(
+            campaign_pb.CreateCampaignRequest(
+                campaign=segment_export_campaign(segment.name, destination.name)
+            )
+        )
+        await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+        await eventually(lambda: asyncio.sleep(0, bool(calls)))
+    finally:
+        await leaving.stop()
+        platform.hosts["scheduler"] = await scheduler_main.start(platform.settings)
+        await proxy.stop(None)
+    # The replica that comes up resumes the run well inside the 60 s lease the first one held.
+    await completed_stats(platform, created.name, within=20)
+    received = [e["userId"] for e in segment_api.events.values() if e["userId"].startswith(tag)]
+    assert sorted(received) == sorted(f"{tag}-{i}" for i in range(20))
