@@ -38,7 +38,8 @@ _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d+)?)?([Zz]
 
 def parse_datetime(text: str) -> datetime | None:
     """An RFC 3339 date-time with its offset, or None."""
-    if not _RFC3339.match(text):
+    # Most strings are not one: a look at the first dash turns them away before the pattern does.
+    if len(text) < 17 or text[4] != "-" or not _RFC3339.match(text):
         return None
     try:
         return datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00"))

@@ -70,7 +70,8 @@ _NEW_USERS = f"""
 
 
 def _record_statement(adds_users: bool) -> sa.TextClause:
-    """Records a batch of events once each; with `adds_users`, makes the users not known yet."""
+    """Records a batch of events once each, answering the client ids recorded before; with
+    `adds_users`, makes the users not known yet."""
     return sa.text(
         f"""
     WITH incoming AS (
@@ -94,7 +95,7 @@ def _record_statement(adds_users: bool) -> sa.TextClause:
         INSERT INTO {SCHEMA}.event_bodies (account_id, client_event_id, properties)
         SELECT :account_id, client_event_id, properties FROM kept WHERE large
     ){_NEW_USERS if adds_users else ""}
-    SELECT client_event_id FROM fresh
+    SELECT client_event_id FROM incoming EXCEPT ALL SELECT client_event_id FROM fresh
     """
     )
 
@@ -218,13 +219,19 @@ class Events:
             if caller is not None and caller.role == PUBLISHABLE_ROLE
             else None
         )
+        # The shapes (subject and property types) already added: a batch repeats a few, and the
+        # first event of each is the one a conflict is reported at.
+        shapes: set[tuple[str, frozenset[tuple[str, PropertyType]]]] = set()
         for i, event in enumerate(batch):
-            path = f"events[{i}]"
             # Fields read once (each read of a message field makes a new string), and checked
-            # without building a message unless something is wrong: this runs per event. Each
-            # string field is checked for NUL here (the interceptor leaves this method's to it).
+            # without building a message or a path unless something is wrong: this runs per event.
+            # Each string field is checked for NUL here (the interceptor leaves this method's to it).
             user_id, name, client_id = event.user_id, event.name, event.client_event_id
-            when = event.time.seconds + event.time.nanos / 1e9 if event.HasField("time") else now
+            if event.HasField("time"):
+                sent = event.time
+                when = sent.seconds + sent.nanos / 1e9
+            else:
+                when = now
             if not (
                 api.is_valid_id(user_id)
                 and 0 < len(name) <= 200
@@ -235,17 +242,20 @@ class Events:
                 and "\x00" not in event.user_signature
                 and EARLIEST_SECONDS <= when <= now + MAX_AHEAD_SECONDS
             ):
-                _report(event, when, now, path, check)
+                _report(event, when, now, f"events[{i}]", check)
             plain = plain_properties(event.properties)
             if plain is None:
-                values = struct_values(event.properties, f"{path}.properties", check)
-                kinds = check_properties(values, f"{path}.properties", check)
+                path = f"events[{i}].properties"
+                values = struct_values(event.properties, path, check)
+                kinds = check_properties(values, path, check)
             else:
                 values, kinds = plain
             if browser_secret is not None and name == PROFILE_EVENT:
-                _check_from_browser(event, values, browser_secret, path, check)
+                _check_from_browser(event, values, browser_secret, f"events[{i}]", check)
             subject = USER if name == PROFILE_EVENT else event_subject(name)
-            types.add(f"{path}.properties", subject, kinds)
+            if kinds and (shape := (subject, frozenset(kinds.items()))) not in shapes:
+                shapes.add(shape)
+                types.add(f"events[{i}].properties", subject, kinds)
             parsed.append(_Received(event, client_id, user_id, name, when, values))
         return parsed, types, check
 
@@ -290,7 +300,8 @@ class Events:
         async with self.database.transaction() as session:
             await types.record(session, account_id, check)
             unique = await _as_merged(session, account_id, unique)
-            fresh = set(
+            # The statement names the duplicates, which are few: nearly every event is new.
+            duplicates = set(
                 await session.scalars(
                     statement,
                     {
@@ -304,7 +315,7 @@ class Events:
                     },
                 )
             )
-            recorded = [r for r in unique if r.client_id in fresh]
+            recorded = [r for r in unique if r.client_id not in duplicates] if duplicates else unique
             if recorded:
                 await self._apply_profile_events(session, account_id, recorded)
                 await self._refuse_oversized_profiles(session, account_id, parsed, recorded)

@@ -30,6 +30,10 @@ class PropertyType(enum.Enum):
     LIST = "list"  # of strings
     OBJECT = "object"
 
+    # Members are singletons: hashed by identity, in C, not by name in Python as Enum does. Types
+    # are keys of sets and dicts for every event ingested.
+    __hash__ = object.__hash__
+
 
 def event_subject(event_name: str) -> str:
     return f"event:{event_name}"
