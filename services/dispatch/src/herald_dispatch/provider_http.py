@@ -84,6 +84,7 @@ class _Connection(asyncio.Protocol):
         self._head: tuple[int, dict[str, str]] | None = None
         self._keep_alive = True
         self._chunks: bytearray | None = None  # a chunked body read so far
+        self._too_slow: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
 
@@ -117,16 +118,31 @@ class _Connection(asyncio.Protocol):
 
     # requests
 
-    def send(self, request: bytes, write_until: float) -> asyncio.Future[Answer]:
-        """Writes the request, unless `write_until` has passed (then nothing is written)."""
+    def send(self, request: bytes, write_until: float, answer_within: float) -> asyncio.Future[Answer]:
+        """Writes the request, unless `write_until` has passed (then nothing is written); the
+        answer fails with AnswerLost unless it is whole `answer_within` seconds later. The caller
+        disarms that timer once it has the answer."""
         assert self.transport is not None
         if time.monotonic() > write_until:  # no wait between this and the write
             raise Withheld("its moment passed before it was written")
-        self._answer = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._answer = loop.create_future()
         self._head, self._chunks, self._keep_alive = None, None, True
         self._buffer.clear()
         self.transport.write(request)
+        # A timer on the loop, not asyncio.timeout: that costs a context manager and a reschedule
+        # per request.
+        self._too_slow = loop.call_later(answer_within, self._no_answer, answer_within)
         return self._answer
+
+    def disarm(self) -> None:
+        if self._too_slow is not None:
+            self._too_slow.cancel()
+            self._too_slow = None
+
+    def _no_answer(self, within: float) -> None:
+        self._too_slow = None
+        self._fail(AnswerLost(f"no answer within {within:g} s"))
 
     @property
     def reusable(self) -> bool:
@@ -381,19 +397,17 @@ class ProviderHttp:
         key = (target.scheme, target.host, target.port)
         connection = self._pooled(key) or await self._connect(target, connect_timeout)
         try:
-            answered = connection.send(request, write_until)
+            answered = connection.send(request, write_until, answer_timeout)
         except Withheld:
             self._release(key, connection)  # nothing was written: it stays usable
             raise
         try:
-            async with asyncio.timeout(answer_timeout):
-                answer = await answered
-        except TimeoutError:
-            connection.close()
-            raise AnswerLost(f"no answer within {answer_timeout:g} s") from None
+            answer = await answered
         except BaseException:
             connection.close()
             raise
+        finally:
+            connection.disarm()
         self._release(key, connection)
         return answer
 
