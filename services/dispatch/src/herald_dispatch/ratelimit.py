@@ -44,13 +44,32 @@ JITTER_SECONDS = 0.05
 MIN_SLEEP_SECONDS = 0.002
 
 
+class _Block:
+    """Slots reserved at once: `count` of them `spacing` seconds apart from `start` (monotonic),
+    of which those before `taken` are gone. Kept as arithmetic, not as a time per slot: a high
+    limit reserves thousands a block, and most of them pass unused when requests come slower."""
+
+    __slots__ = ("count", "spacing", "start", "taken")
+
+    def __init__(self, start: float, spacing: float, count: int) -> None:
+        self.start, self.spacing, self.count, self.taken = start, spacing, count, 0
+
+    def take(self, earliest: float) -> float | None:
+        """The first slot not taken and not before `earliest`; None when the block has none."""
+        first = max(self.taken, math.ceil((earliest - self.start) / self.spacing))
+        if first >= self.count:
+            return None
+        self.taken = first + 1
+        return self.start + first * self.spacing
+
+
 class SharedRateLimiter:
     """At most `limit` requests per rolling second to one destination, across replicas."""
 
     def __init__(self, database: Database) -> None:
         self.database = database
-        # Slots this replica reserved per destination: their times (monotonic), earliest first.
-        self._slots: dict[str, collections.deque[float]] = {}
+        # Slots this replica reserved per destination, earliest block first.
+        self._slots: dict[str, collections.deque[_Block]] = {}
         # One request at a time reserves more slots of a destination; the others queue here.
         self._reserving: dict[str, asyncio.Lock] = {}
         # The database's clock minus this process's monotonic one, from the quickest round trip.
@@ -58,12 +77,13 @@ class SharedRateLimiter:
         self._best_round_trip = math.inf
 
     def _next_slot(self, destination: str) -> float | None:
-        slots = self._slots.get(destination)
-        now = time.monotonic()
-        while slots:
-            slot = slots.popleft()
-            if slot >= now - JITTER_SECONDS:  # not yet, or only just past
+        blocks = self._slots.get(destination)
+        earliest = time.monotonic() - JITTER_SECONDS  # not yet, or only just past
+        while blocks:
+            slot = blocks[0].take(earliest)
+            if slot is not None:
                 return slot
+            blocks.popleft()
         return None
 
     async def acquire(self, account_id: uuid.UUID, destination: str, limit: int) -> float:
@@ -101,9 +121,7 @@ class SharedRateLimiter:
             row = (await session.execute(_RESERVE, values)).one()
             self._measured(asked, float(row.database_now), time.monotonic())
         start = float(row.first_slot) - self._clock_offset
-        self._slots.setdefault(destination, collections.deque()).extend(
-            start + i * spacing for i in range(count)
-        )
+        self._slots.setdefault(destination, collections.deque()).append(_Block(start, spacing, count))
 
     def _measured(self, asked: float, database_now: float, heard: float) -> None:
         """The database's clock against this process's: its now lies between asking and hearing
