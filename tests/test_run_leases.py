@@ -64,15 +64,34 @@ async def _slow_segmentation(real_address: str, calls: list[str]) -> tuple[grpc.
     return server, f"127.0.0.1:{port}"
 
 
-async def test_replicas_with_a_slow_first_page_plan_a_run_once(
+async def _export_to_twenty_users(
     platform: Platform, segment_api: SegmentApi
-) -> None:
+) -> tuple[str, campaign_pb.Campaign]:
+    """Twenty users of a new cohort, and a Segment export campaign to them; the cohort's tag."""
     tag = uuid.uuid4().hex[:8]
     await platform.segmentation.UpsertUsers(
         segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{i}", cohort=tag) for i in range(20)])
     )
     segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
     destination = await create_segment_destination_for(platform, segment_api)
+    return tag, segment_export_campaign(segment.name, destination.name)
+
+
+async def _published(platform: Platform, campaign: campaign_pb.Campaign) -> str:
+    created = await platform.campaigns.CreateCampaign(campaign_pb.CreateCampaignRequest(campaign=campaign))
+    await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+    return created.name
+
+
+def _received(segment_api: SegmentApi, tag: str) -> list[str]:
+    """The users of the cohort Segment received events for, in order."""
+    return sorted(e["userId"] for e in segment_api.events.values() if e["userId"].startswith(tag))
+
+
+async def test_replicas_with_a_slow_first_page_plan_a_run_once(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    tag, campaign = await _export_to_twenty_users(platform, segment_api)
     calls: list[str] = []
     proxy, proxy_address = await _slow_segmentation(platform.address("segmentation"), calls)
     # Only two replicas with a 1 s lease run runs meanwhile, both reading the slow segmentation.
@@ -84,15 +103,9 @@ async def test_replicas_with_a_slow_first_page_plan_a_run_once(
     )
     replicas = [await scheduler_main.start(settings, port=0) for _ in range(2)]
     try:
-        created = await platform.campaigns.CreateCampaign(
-            campaign_pb.CreateCampaignRequest(
-                campaign=segment_export_campaign(segment.name, destination.name)
-            )
-        )
-        await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-        await completed_stats(platform, created.name)
-        received = [e["userId"] for e in segment_api.events.values() if e["userId"].startswith(tag)]
-        assert sorted(received) == sorted(f"{tag}-{i}" for i in range(20))
+        name = await _published(platform, campaign)
+        await completed_stats(platform, name)
+        assert _received(segment_api, tag) == sorted(f"{tag}-{i}" for i in range(20))
         # The replica that took the run kept it through the slow first page: planned once, not
         # taken over and started again as each lease ran out.
         assert calls == [""], calls
@@ -106,12 +119,7 @@ async def test_replicas_with_a_slow_first_page_plan_a_run_once(
 async def test_a_stopped_replica_hands_its_run_over_at_once(
     platform: Platform, segment_api: SegmentApi
 ) -> None:
-    tag = uuid.uuid4().hex[:8]
-    await platform.segmentation.UpsertUsers(
-        segmentation_pb.UpsertUsersRequest(users=[user(f"{tag}-{i}", cohort=tag) for i in range(20)])
-    )
-    segment = await create_segment(platform, condition("cohort", "EQUALS", tag))
-    destination = await create_segment_destination_for(platform, segment_api)
+    tag, campaign = await _export_to_twenty_users(platform, segment_api)
     calls: list[str] = []
     proxy, proxy_address = await _slow_segmentation(platform.address("segmentation"), calls)
     # The replica that takes the run reads the slow segmentation and is stopped while it waits.
@@ -121,18 +129,12 @@ async def test_a_stopped_replica_hands_its_run_over_at_once(
         port=0,
     )
     try:
-        created = await platform.campaigns.CreateCampaign(
-            campaign_pb.CreateCampaignRequest(
-                campaign=segment_export_campaign(segment.name, destination.name)
-            )
-        )
-        await platform.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
+        name = await _published(platform, campaign)
         await eventually(lambda: asyncio.sleep(0, bool(calls)))
     finally:
         await leaving.stop()
         platform.hosts["scheduler"] = await scheduler_main.start(platform.settings)
         await proxy.stop(None)
     # The replica that comes up resumes the run well inside the 60 s lease the first one held.
-    await completed_stats(platform, created.name, within=20)
-    received = [e["userId"] for e in segment_api.events.values() if e["userId"].startswith(tag)]
-    assert sorted(received) == sorted(f"{tag}-{i}" for i in range(20))
+    await completed_stats(platform, name, within=20)
+    assert _received(segment_api, tag) == sorted(f"{tag}-{i}" for i in range(20))
