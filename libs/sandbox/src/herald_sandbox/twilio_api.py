@@ -85,6 +85,9 @@ class TwilioApi(LocalServer):
     in_flight: int = 0
     listings: int = 0  # GETs of the Message list
     _forced: list[int] = field(default_factory=list)
+    # The messages to each number, oldest first: a listing filtered by To reads those alone, so a
+    # burst of look-ups does not stall this server's loop (and with it the times it records).
+    _to: dict[str, list[SentMessage]] = field(default_factory=dict)
     _failing: tuple[float, int, float | None] = (0.0, 500, None)
     _hanging_until: float = 0.0
     _in_flight: int = 0
@@ -156,11 +159,8 @@ class TwilioApi(LocalServer):
             page = int(query.get("Page", "0"))
         except ValueError:
             return self._error(400, 20001, "Invalid paging parameters")
-        found = [
-            m
-            for m in reversed(self.messages)
-            if query.get("To", m.to) == m.to and query.get("From", m.sender) == m.sender
-        ]
+        candidates = self._to.get(query["To"], []) if "To" in query else self.messages
+        found = [m for m in reversed(candidates) if query.get("From", m.sender) == m.sender]
         chosen = found[page * size : (page + 1) * size]
         base = f"/2010-04-01/Accounts/{self.account_sid}/Messages.json"
         filters = {k: query[k] for k in ("To", "From") if k in query}
@@ -294,6 +294,7 @@ class TwilioApi(LocalServer):
             sid, to, sender, body, messaging_service_sid=form.get("MessagingServiceSid", "")
         )
         self.messages.append(message)
+        self._to.setdefault(to, []).append(message)
         callback = form.get("StatusCallback")
         if callback:
             self.in_background(self._callbacks(callback, message))

@@ -75,6 +75,26 @@ def app_version_events(
     ]
 
 
+class _CampaignEvents:
+    """Events of one campaign's deliveries, each a copy of a template of its name with the user, the
+    id and the delivery set: copying a message costs half of setting every field of a new one."""
+
+    def __init__(self, campaign: str, at: Timestamp) -> None:
+        self.campaign = campaign
+        self.at = at
+        self._templates: dict[str, pb.Event] = {}
+
+    def made(self, user_id: str, name: str, client_id: str, delivery_id: str) -> OwnEvent:
+        template = self._templates.get(name)
+        if template is None:
+            template = self._templates[name] = _event("", name, "", self.at, campaign=self.campaign)
+        event = pb.Event()
+        event.CopyFrom(template)
+        event.user_id, event.client_event_id = user_id, client_id
+        event.properties.fields["delivery_id"].string_value = delivery_id
+        return OwnEvent(event, {"campaign": self.campaign, "delivery_id": delivery_id})
+
+
 class _Report(Protocol):
     @property
     def account(self) -> str: ...
@@ -83,26 +103,17 @@ class _Report(Protocol):
 def _outcome_events(report: events.DeliveryOutcomes) -> list[OwnEvent]:
     kind = channels.of_type(report.destination_type)
     delivered_on_acceptance = kind is not None and kind.accepted_is_delivered
-    campaign, at = report.campaign, report.occur_time
+    made = _CampaignEvents(report.campaign, report.occur_time).made
     found = []
     for result in report.results:
         delivery_id = result.delivery_id
         if result.status == events.DELIVERY_STATUS_SKIPPED and result.reason == SkipReason.CONTROL_GROUP:
-            client_id = f"herald:control-group:{delivery_id}"
             found.append(
-                _own(result.user_id, CONTROL_GROUP, client_id, at, campaign=campaign, delivery_id=delivery_id)
+                made(result.user_id, CONTROL_GROUP, f"herald:control-group:{delivery_id}", delivery_id)
             )
         elif result.status == events.DELIVERY_STATUS_SENT and delivered_on_acceptance:
-            client_id = f"herald:delivered:{delivery_id}"
             found.append(
-                _own(
-                    result.user_id,
-                    NOTIFICATION_DELIVERED,
-                    client_id,
-                    at,
-                    campaign=campaign,
-                    delivery_id=delivery_id,
-                )
+                made(result.user_id, NOTIFICATION_DELIVERED, f"herald:delivered:{delivery_id}", delivery_id)
             )
     return found
 
@@ -166,17 +177,16 @@ class SystemEvents:
 
     async def from_receipts(self, received: Sequence[events.DeliveryReceipts]) -> None:
         """Notification Delivered for each delivery a provider's receipt says was delivered."""
-        now = api.utcnow()
+        now = api.timestamp(api.utcnow())
 
         def delivered(report: events.DeliveryReceipts) -> list[OwnEvent]:
+            made = _CampaignEvents(report.campaign, now).made
             return [
-                _own(
+                made(
                     result.user_id,
                     NOTIFICATION_DELIVERED,
                     f"herald:delivered:{result.delivery_id}",
-                    now,
-                    campaign=report.campaign,
-                    delivery_id=result.delivery_id,
+                    result.delivery_id,
                 )
                 for result in report.results
                 if result.status == events.RECEIPT_STATUS_DELIVERED and result.user_id
