@@ -5,6 +5,7 @@ longer than a lease do not pass the run between them, each starting it over. A r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -88,27 +89,20 @@ def _received(segment_api: SegmentApi, tag: str) -> list[str]:
     return sorted(e["userId"] for e in segment_api.events.values() if e["userId"].startswith(tag))
 
 
-async def test_replicas_with_a_slow_first_page_plan_a_run_once(
-    platform: Platform, segment_api: SegmentApi
-) -> None:
-    tag, campaign = await _export_to_twenty_users(platform, segment_api)
+@contextlib.asynccontextmanager
+async def _replicas_on_slow_segmentation(
+    platform: Platform, count: int, **settings: Any
+) -> AsyncIterator[list[str]]:
+    """The platform's scheduler swapped for `count` replicas (with `settings`) that read a slow
+    segmentation, until the block ends; yields the StreamAudience calls they make."""
     calls: list[str] = []
     proxy, proxy_address = await _slow_segmentation(platform.address("segmentation"), calls)
-    # Only two replicas with a 1 s lease run runs meanwhile, both reading the slow segmentation.
     await platform.hosts["scheduler"].stop()
-    settings = replace(
-        platform.settings,
-        run_lease_seconds=1.0,
-        addresses={**platform.settings.addresses, "segmentation": proxy_address},
-    )
-    replicas = [await scheduler_main.start(settings, port=0) for _ in range(2)]
+    addresses = {**platform.settings.addresses, "segmentation": proxy_address}
+    replica_settings = replace(platform.settings, addresses=addresses, **settings)
+    replicas = [await scheduler_main.start(replica_settings, port=0) for _ in range(count)]
     try:
-        name = await _published(platform, campaign)
-        await completed_stats(platform, name)
-        assert _received(segment_api, tag) == sorted(f"{tag}-{i}" for i in range(20))
-        # The replica that took the run kept it through the slow first page: planned once, not
-        # taken over and started again as each lease ran out.
-        assert calls == [""], calls
+        yield calls
     finally:
         for replica in replicas:
             await replica.stop()
@@ -116,25 +110,28 @@ async def test_replicas_with_a_slow_first_page_plan_a_run_once(
         await proxy.stop(None)
 
 
+async def test_replicas_with_a_slow_first_page_plan_a_run_once(
+    platform: Platform, segment_api: SegmentApi
+) -> None:
+    tag, campaign = await _export_to_twenty_users(platform, segment_api)
+    # Only two replicas with a 1 s lease run runs meanwhile, both reading the slow segmentation.
+    async with _replicas_on_slow_segmentation(platform, 2, run_lease_seconds=1.0) as calls:
+        name = await _published(platform, campaign)
+        await completed_stats(platform, name)
+        assert _received(segment_api, tag) == sorted(f"{tag}-{i}" for i in range(20))
+        # The replica that took the run kept it through the slow first page: planned once, not
+        # taken over and started again as each lease ran out.
+        assert calls == [""], calls
+
+
 async def test_a_stopped_replica_hands_its_run_over_at_once(
     platform: Platform, segment_api: SegmentApi
 ) -> None:
     tag, campaign = await _export_to_twenty_users(platform, segment_api)
-    calls: list[str] = []
-    proxy, proxy_address = await _slow_segmentation(platform.address("segmentation"), calls)
     # The replica that takes the run reads the slow segmentation and is stopped while it waits.
-    await platform.hosts["scheduler"].stop()
-    leaving = await scheduler_main.start(
-        replace(platform.settings, addresses={**platform.settings.addresses, "segmentation": proxy_address}),
-        port=0,
-    )
-    try:
+    async with _replicas_on_slow_segmentation(platform, 1) as calls:
         name = await _published(platform, campaign)
         await eventually(lambda: asyncio.sleep(0, bool(calls)))
-    finally:
-        await leaving.stop()
-        platform.hosts["scheduler"] = await scheduler_main.start(platform.settings)
-        await proxy.stop(None)
     # The replica that comes up resumes the run well inside the 60 s lease the first one held.
     await completed_stats(platform, name, within=20)
     assert _received(segment_api, tag) == sorted(f"{tag}-{i}" for i in range(20))
