@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any, TypeVar
 
 import asyncpg
@@ -187,7 +189,7 @@ async def completed_stats(
     return await clients.campaigns.GetCampaignStats(campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats"))
 
 
-async def _segmentation_has(database_url: str, table: str, campaign: str, condition: str = "true") -> bool:
+async def segmentation_has(database_url: str, table: str, campaign: str, condition: str = "true") -> bool:
     """Whether segmentation's table holds a row for the campaign (where the condition holds)."""
     connection = await asyncpg.connect(database_url)
     try:
@@ -199,20 +201,38 @@ async def _segmentation_has(database_url: str, table: str, campaign: str, condit
     return bool(found)
 
 
+async def live_run(clients: Clients, campaign: str) -> bool:
+    """Whether the scheduler holds the campaign's live run."""
+    found = await clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=campaign))
+    return any(run.state == scheduler_pb.RUN_STATE_LIVE for run in found.runs)
+
+
 async def until_live(clients: Clients, database_url: str, campaign: str, within: float = 10.0) -> None:
     """Waits until a published live campaign is armed: its run is live in the scheduler, and
     segmentation matches events against its trigger (each follows CampaignChanged on its own)."""
 
     async def armed() -> bool:
-        found = await clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=campaign))
-        if not any(run.state == scheduler_pb.RUN_STATE_LIVE for run in found.runs):
+        if not await live_run(clients, campaign):
             return False
-        return await _segmentation_has(database_url, "live_triggers", campaign, "active")
+        return await segmentation_has(database_url, "live_triggers", campaign, "active")
 
     await eventually(armed, within=within)
+
+
+@contextlib.asynccontextmanager
+async def writes_held(database_url: str, table: str) -> AsyncIterator[None]:
+    """Holds off every write to `table` (reads go on) until the block ends: the service that
+    writes it falls behind, as a slow or restarting consumer would."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        async with connection.transaction():
+            await connection.execute(f"LOCK TABLE {table} IN SHARE MODE")
+            yield
+    finally:
+        await connection.close()
 
 
 async def until_goal_matched(database_url: str, campaign: str, within: float = 10.0) -> None:
     """Waits until segmentation matches events against the campaign's goal (it follows
     CampaignChanged on its own)."""
-    await eventually(lambda: _segmentation_has(database_url, "goals", campaign), within=within)
+    await eventually(lambda: segmentation_has(database_url, "goals", campaign), within=within)

@@ -34,9 +34,11 @@ from tests.helpers import (
     create_segment_destination_for,
     field_violations,
     segment_export_campaign,
+    segmentation_has,
     until_goal_matched,
     until_live,
     user,
+    writes_held,
 )
 
 USERS = 60
@@ -225,6 +227,31 @@ async def test_an_event_before_its_message_was_recorded_still_converts(shop: Sho
 
     await eventually(converted, within=20)
     assert (await shop.stats(campaign.name)).goal.revenue == pytest.approx(550)
+
+
+async def test_a_conversion_before_segmentation_kept_the_goal_still_counts(shop: Shop) -> None:
+    """Segmentation follows CampaignChanged on its own, and here keeps the goal only after the
+    export completed and a user converted: it catches up on the events since publishing."""
+    campaign = await shop.clients.campaigns.CreateCampaign(
+        campaign_pb.CreateCampaignRequest(
+            campaign=segment_export_campaign(shop.segment, shop.destination, goal=charged_goal())
+        )
+    )
+    async with writes_held(shop.database_url, "segmentation.goals"):
+        await shop.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=campaign.name))
+        await completed_stats(shop.clients, campaign.name)
+        await shop.charge(f"{shop.tag}-00", 700)
+        await shop.charge(f"{shop.tag}-01", 20)  # below the goal's 500
+        assert not await segmentation_has(shop.database_url, "goals", campaign.name)
+
+    async def converted() -> bool:
+        return (await shop.stats(campaign.name)).goal.converted == 1
+
+    await eventually(converted, within=20)
+    await asyncio.sleep(1)
+    goal = (await shop.stats(campaign.name)).goal
+    assert goal.converted == 1
+    assert goal.revenue == pytest.approx(700)
 
 
 async def test_bad_goals_are_refused_naming_the_field(shop: Shop) -> None:

@@ -23,6 +23,7 @@ from herald_common.skips import SkipReason
 from herald_common.timing import in_control_group
 from herald_sandbox.segment_api import SegmentApi
 from herald_scheduler import main as scheduler_main
+from herald_segmentation import live as segmentation_live
 from tests.conftest import Platform, eventually
 from tests.harness import Clients, create_account
 from tests.helpers import (
@@ -30,8 +31,11 @@ from tests.helpers import (
     condition,
     create_segment_destination_for,
     field_violations,
+    live_run,
+    segmentation_has,
     until_live,
     user,
+    writes_held,
 )
 
 
@@ -70,7 +74,9 @@ class Live:
         end_after: timedelta | None = None,
         start_after: timedelta | None = None,
         delay: timedelta | None = None,
+        armed: bool = True,
     ) -> campaign_pb.Campaign:
+        """Creates and publishes a live campaign; waits until it is `armed` (see until_live)."""
         live = campaign_pb.Live(trigger=trigger, frequency=frequency)
         if end_after is not None:
             live.end_time.FromDatetime(self.clock.now() + end_after)
@@ -94,8 +100,8 @@ class Live:
         published = await self.clients.campaigns.PublishCampaign(
             campaign_pb.PublishCampaignRequest(name=created.name)
         )
-
-        await until_live(self.clients, self.database_url, created.name)
+        if armed:
+            await until_live(self.clients, self.database_url, created.name)
         return published
 
     async def act(
@@ -291,6 +297,9 @@ async def test_how_often_one_user_may_get_it(live: Live) -> None:
         await live.act(ana, "Opened App")
     await live.wait_for(lambda: live.received() == [ana])
     await live.clients.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=once.name))
+    # Each campaign after the first is published a moment later: an event at the very moment a
+    # campaign is published is one it watches, caught up on if it arrived first.
+    live.clock.advance(timedelta(seconds=1))
     daily = await live.campaign(action, frequency=campaign_pb.LiveFrequency(at_most_every=seconds(24 * 3600)))
     ben = f"{live.tag}-1"
     await live.act(ben, "Opened App")
@@ -302,6 +311,7 @@ async def test_how_often_one_user_may_get_it(live: Live) -> None:
     await live.act(ben, "Opened App")
     await live.wait_for(lambda: live.received().count(ben) == 2)
     await live.clients.campaigns.StopCampaign(campaign_pb.StopCampaignRequest(name=daily.name))
+    live.clock.advance(timedelta(seconds=1))
     await live.campaign(action, frequency=campaign_pb.LiveFrequency(every_time=True))
     cy = f"{live.tag}-2"
     for _ in range(3):
@@ -365,6 +375,52 @@ async def test_two_scheduler_replicas_fire_each_wait_once(live: Live, platform: 
         await second.stop()
 
 
+async def test_what_users_did_before_segmentation_kept_the_trigger_still_counts(
+    live: Live, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Segmentation follows CampaignChanged on its own, and here keeps a new cart abandonment
+    trigger only after the scheduler went live and the shoppers acted: it then catches up on
+    what they did since the campaign was published, a page of two events at a time."""
+    monkeypatch.setattr(segmentation_live, "CATCH_UP_PAGE", 2)
+    trigger = campaign_pb.LiveTrigger(
+        inaction=campaign_pb.InactionTrigger(
+            event=live_event("Added to Cart"), awaited_event=live_event("Charged"), within=seconds(60)
+        )
+    )
+    shoppers = [f"{live.tag}-{i}" for i in range(3)]
+    async with writes_held(live.database_url, "segmentation.live_triggers"):
+        created = await live.campaign(trigger, armed=False)
+        await eventually(lambda: live_run(live.clients, created.name))
+        await live.act_all(shoppers, "Added to Cart")
+        live.clock.advance(timedelta(seconds=1))
+        await live.act(shoppers[0], "Charged")
+        await live.settle(0.5)
+        assert not await segmentation_has(live.database_url, "live_triggers", created.name)
+    await until_live(live.clients, live.database_url, created.name)
+    await live.settle(1)
+    live.clock.advance(timedelta(minutes=2))
+    await live.wait_for(lambda: sorted(live.received()) == shoppers[1:])
+    await live.settle()
+    assert sorted(live.received()) == shoppers[1:]
+    assert live.segment_api.duplicated_ids == set()
+
+
+async def test_matches_that_reach_the_scheduler_before_the_campaign_wait_for_it(live: Live) -> None:
+    """The scheduler follows CampaignChanged on its own too, and here makes the live run only
+    after segmentation matched the users' events: the matches wait for the run, not dropped."""
+    buyers = [f"{live.tag}-{i}" for i in range(4)]
+    async with writes_held(live.database_url, "scheduler.campaigns"):
+        created = await live.campaign(_action(), armed=False)
+        await eventually(lambda: segmentation_has(live.database_url, "live_triggers", created.name, "active"))
+        await live.act_all(buyers, "Added to Cart")
+        await live.settle(1)  # the matches reached the scheduler, which has no run for them yet
+        assert not await live_run(live.clients, created.name)
+    await live.wait_for(lambda: sorted(live.received()) == buyers)
+    await live.settle()
+    assert sorted(live.received()) == buyers
+    assert live.segment_api.duplicated_ids == set()
+
+
 async def test_each_live_message_keeps_to_the_control_group_and_do_not_disturb_hours(live: Live) -> None:
     quiet = campaign_pb.DeliveryPreferences(
         quiet_hours=campaign_pb.QuietHours(
@@ -413,6 +469,7 @@ async def test_a_total_limit_completes_the_campaign_and_a_daily_limit_resets_eac
     await live.settle()
     assert len(live.received()) == 100  # completed: no more
 
+    live.clock.advance(timedelta(seconds=1))  # the Signed Up events above are before it
     daily = await live.campaign(action, targeting=campaign_pb.Targeting(daily_limit=50))
     await live.act_all([u.user_id for u in users[:60]], "Signed Up")
     await live.wait_for(lambda: len(live.received()) == 150)

@@ -17,7 +17,7 @@ from herald_common.live import (
 from herald_sandbox.mparticle_api import MparticleApi, customer_id
 from herald_sandbox.twilio_api import TwilioApi
 from tests.conftest import Platform, eventually
-from tests.helpers import completed_stats, condition
+from tests.helpers import completed_stats, condition, live_run
 from tests.test_mparticle_export import _destination, mparticle
 from tests.test_sms_campaign import SmsAccount, _publish, _receipts, _sms_campaign, account, twilio
 
@@ -66,7 +66,7 @@ async def test_a_live_mparticle_campaign_exports_an_sms_campaigns_delivery_recei
     )
     assert created.warnings == []  # Herald's own events need not have been seen
     await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-    await eventually(lambda: _live_run(account, created.name))
+    await eventually(lambda: live_run(account.clients, created.name))
     await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=texts.name))
     stats = await _receipts(account, texts.name, 30)
     assert stats.receipts.delivered == 27
@@ -79,13 +79,6 @@ async def test_a_live_mparticle_campaign_exports_an_sms_campaigns_delivery_recei
     expected = {f"{account.tag}-{i:02d}" for i in range(30)} - undelivered
     assert sorted(customer_id(b) for b in mparticle.batches.values()) == sorted(expected)
     await _counts(account, NOTIFICATION_DELIVERED, 27, condition("campaign", "EQUALS", texts.name))
-
-
-async def _live_run(account: SmsAccount, name: str) -> bool:
-    from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
-
-    runs = await account.clients.scheduler.ListRuns(scheduler_pb.ListRunsRequest(parent=name))
-    return any(r.state == scheduler_pb.RunState.RUN_STATE_LIVE for r in runs.runs)
 
 
 async def test_control_users_replies_and_new_app_versions_are_recorded_as_events(
@@ -144,7 +137,7 @@ async def test_a_live_sms_campaign_texts_each_reachable_user_as_they_act(
         campaign_pb.CreateCampaignRequest(campaign=welcome)
     )
     await account.clients.campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
-    await eventually(lambda: _live_run(account, created.name))
+    await eventually(lambda: live_run(account.clients, created.name))
     signups = [
         pb.Event(
             user_id=f"{account.tag}-{i:02d}", name="Signed Up", client_event_id=f"{account.tag}-signup-{i}"

@@ -46,6 +46,7 @@ from herald_common.auth import account_id_of, act_as, current_account_id, servic
 from herald_common.bus import Subjects
 from herald_common.db import Database, text_in
 from herald_common.errors import NotFound, Validator
+from herald_common.faults import NotReady
 from herald_common.live import ALREADY_ONCE, NOT_IN_AUDIENCE, as_action, too_recent
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
@@ -345,6 +346,7 @@ class LiveEngine:
         now = api.utcnow()
         async with self.database.transaction() as session:
             live = await self._live(session, {m.campaign for _, m in matches})
+            await _versions_applied(session, [m for _, m in matches], live)
             # Not live (ended, stopped) or not the account's: nothing to do.
             mine = [
                 m
@@ -737,6 +739,28 @@ def _finish(*where: Any, now: datetime) -> Any:
             version=runs.c.version + 1,
         )
     )
+
+
+async def _versions_applied(
+    session: AsyncSession, matches: list[events.LiveMatch], live: dict[str, _Live]
+) -> None:
+    """Raises NotReady (the matches come again shortly) while a match is of a campaign version
+    this scheduler has not applied yet: segmentation follows CampaignChanged on its own and may be
+    ahead, and a match dropped as "not live" then would be a message lost."""
+    wanted: dict[str, int] = {}
+    for match in matches:
+        on = live.get(match.campaign)
+        if on is None or on.version < match.campaign_version:
+            wanted[match.campaign] = max(wanted.get(match.campaign, 0), match.campaign_version)
+    if not wanted:
+        return
+    applied = await session.execute(
+        sa.select(campaigns.c.name, campaigns.c.version).where(campaigns.c.name.in_(wanted))
+    )
+    held = {name: version for name, version in applied.all()}
+    behind = sorted(name for name, version in wanted.items() if held.get(name, 0) < version)
+    if behind:
+        raise NotReady(f"changes of {', '.join(behind[:3])} not applied yet")
 
 
 async def qualifications(

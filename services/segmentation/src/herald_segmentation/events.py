@@ -27,7 +27,7 @@ from herald_common.db import Database
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_segmentation.activity import count_activity
-from herald_segmentation.live import LiveTriggers
+from herald_segmentation.live import LIVE_TURN_SHARED, LiveTriggers
 from herald_segmentation.properties import (
     MAX_PROPERTY_KEYS,
     SERVER_ONLY_KEYS,
@@ -74,10 +74,13 @@ def _record_statement(adds_users: bool) -> sa.TextClause:
     `adds_users`, makes the users not known yet."""
     return sa.text(
         f"""
-    WITH incoming AS (
+    WITH turn AS (
+        SELECT {LIVE_TURN_SHARED}
+    ), incoming AS (
         SELECT e.c AS client_event_id, e.u AS user_id, e.n AS name, e.t AS occurred_at, e.p AS properties,
                pg_column_size(e.p) > {LARGE_PROPERTIES} AS large
         FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(c text, u text, n text, t float8, p jsonb)
+        CROSS JOIN turn
     ), fresh AS (
         INSERT INTO {SCHEMA}.event_receipts (account_id, client_event_id)
         SELECT :account_id, client_event_id FROM incoming
@@ -86,9 +89,11 @@ def _record_statement(adds_users: bool) -> sa.TextClause:
     ), kept AS (
         SELECT incoming.* FROM incoming JOIN fresh USING (client_event_id)
     ), stored AS (
-        INSERT INTO {SCHEMA}.events (account_id, user_id, name, occurred_at, properties)
+        INSERT INTO {SCHEMA}.events
+            (account_id, user_id, name, occurred_at, properties, received_at, client_event_id)
         SELECT :account_id, user_id, name, to_timestamp(occurred_at),
-               CASE WHEN large THEN to_jsonb(client_event_id) ELSE properties END
+               CASE WHEN large THEN to_jsonb(client_event_id) ELSE properties END,
+               to_timestamp(:received), client_event_id
         FROM kept
         RETURNING user_id
     ), bodies AS (
@@ -306,6 +311,7 @@ class Events:
                     statement,
                     {
                         "account_id": account_id,
+                        "received": received.timestamp(),
                         "events": orjson.dumps(
                             [
                                 {"c": r.client_id, "u": r.user_id, "n": r.name, "t": r.when, "p": r.values}

@@ -32,10 +32,10 @@ from herald_common.bus import Subjects
 from herald_common.db import Database
 from herald_common.live import as_action
 from herald_common.logging import get_logger
-from herald_common.outbox import OutboxEvent
+from herald_common.outbox import OutboxEvent, enqueue
 from herald_segmentation.filters import EVENT_PROPERTIES, Context, event_where, reads_now
 from herald_segmentation.properties import event_subject, known_types
-from herald_segmentation.storage import events, goals, live_triggers
+from herald_segmentation.storage import event_bodies, events, goals, live_triggers, outbox
 
 log = get_logger(__name__)
 # An event that arrives later than this after it happened is recorded but triggers nothing.
@@ -44,6 +44,15 @@ _ACTIVE = {campaign_pb.STATE_SCHEDULED, campaign_pb.STATE_RUNNING}
 TRIGGER, AWAITED = events_pb2.LIVE_ROLE_TRIGGER, events_pb2.LIVE_ROLE_AWAITED
 GOAL = -1  # a campaign goal's event: a GoalEvent, not a LiveMatch
 _ENDED = {campaign_pb.STATE_COMPLETED, campaign_pb.STATE_STOPPED, campaign_pb.STATE_FAILED}
+# Events a new trigger or goal catches up on are read this many at a time.
+CATCH_UP_PAGE = 1000
+
+# Recording an account's events and keeping a new trigger or goal of it take turns: a call that
+# read the account's triggers before the new one was kept has committed before the catch-up reads
+# the events, and a call after it sees the new one. Calls share the turn among themselves.
+_TURN = "1279874629, hashtext(CAST(CAST(:account_id AS uuid) AS text))"
+LIVE_TURN_SHARED = f"pg_advisory_xact_lock_shared({_TURN})"
+_LIVE_TURN = sa.text(f"SELECT pg_advisory_xact_lock({_TURN})")
 
 
 class Received(Protocol):
@@ -59,6 +68,17 @@ class Received(Protocol):
     def when(self) -> float: ...
     @property
     def values(self) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    """An event read back from the events table."""
+
+    client_id: str
+    user_id: str
+    name: str
+    when: float
+    values: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -165,22 +185,27 @@ def _number(value: Any) -> float:
 
 async def _keep_goal(
     session: AsyncSession, account_id: uuid.UUID, change: events_pb2.CampaignChanged
-) -> None:
+) -> list[_Watch]:
     """A published campaign's goal, matched from publishing until the conversion window after the
-    campaign ended (its last message may convert until then)."""
+    campaign ended (its last message may convert until then). Answers its watch when the goal is
+    new: the events recorded since publishing are still to be matched against it."""
     campaign = change.campaign
+    known = await session.scalar(
+        sa.select(goals.c.version).where(goals.c.campaign == campaign.name).with_for_update()
+    )
     ended = campaign.state in _ENDED
     end = (
         api.from_timestamp(change.occur_time) + campaign.goal.conversion_window.ToTimedelta()
         if ended
         else None
     )
+    start = api.from_timestamp(campaign.publish_time)
     statement = insert(goals).values(
         campaign=campaign.name,
         account_id=account_id,
         version=change.version,
         goal=campaign.goal.SerializeToString(),
-        start_at=api.from_timestamp(campaign.publish_time),
+        start_at=start,
         end_at=end,
     )
     await session.execute(
@@ -190,6 +215,65 @@ async def _keep_goal(
             where=goals.c.version < statement.excluded.version,
         )
     )
+    if known is not None:
+        return []
+    return [_goal_watch(campaign.name, change.version, campaign.goal, start, end)]
+
+
+def _goal_watch(
+    campaign: str, version: int, goal: campaign_pb.Goal, start: datetime, end: datetime | None
+) -> _Watch:
+    return _Watch(
+        campaign,
+        version,
+        GOAL,
+        goal.event,
+        start,
+        end,
+        match_property="",
+        date_property="",
+        revenue_property=goal.revenue_property,
+    )
+
+
+async def _keep_trigger(
+    session: AsyncSession, account_id: uuid.UUID, change: events_pb2.CampaignChanged
+) -> list[_Watch]:
+    """Keeps a live campaign's trigger. Answers its watches when it starts watching with this
+    change (it was not kept, or not active): the events recorded since are still to be matched."""
+    campaign = change.campaign
+    known = (
+        await session.execute(
+            sa.select(live_triggers.c.version, live_triggers.c.active)
+            .where(live_triggers.c.campaign == campaign.name)
+            .with_for_update()
+        )
+    ).first()
+    if known is not None and known.version >= change.version:
+        return []
+    live = campaign.schedule.live
+    start = api.from_timestamp(live.start_time if live.HasField("start_time") else campaign.publish_time)
+    end = api.from_timestamp(live.end_time) if live.HasField("end_time") else None
+    active = campaign.state in _ACTIVE
+    statement = insert(live_triggers).values(
+        campaign=campaign.name,
+        account_id=account_id,
+        version=change.version,
+        active=active,
+        trigger=live.trigger.SerializeToString(),
+        start_at=start,
+        end_at=end,
+    )
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[live_triggers.c.campaign],
+            set_={c: statement.excluded[c] for c in ("version", "active", "trigger", "start_at", "end_at")},
+            where=live_triggers.c.version < statement.excluded.version,
+        )
+    )
+    if not active or (known is not None and known.active):
+        return []
+    return watches(campaign.name, change.version, live.trigger, start, end)
 
 
 def _json(value: Any) -> str:
@@ -200,19 +284,7 @@ def _watches_of(row: Any) -> list[_Watch]:
     """The watches of a row of _TRIGGERS_AND_GOALS."""
     if row.goal:
         goal = campaign_pb.Goal.FromString(row.spec)
-        return [
-            _Watch(
-                row.campaign,
-                row.version,
-                GOAL,
-                goal.event,
-                row.start_at,
-                row.end_at,
-                match_property="",
-                date_property="",
-                revenue_property=goal.revenue_property,
-            )
-        ]
+        return [_goal_watch(row.campaign, row.version, goal, row.start_at, row.end_at)]
     trigger = campaign_pb.LiveTrigger.FromString(row.spec)
     return watches(row.campaign, row.version, trigger, row.start_at, row.end_at)
 
@@ -242,13 +314,17 @@ _TRIGGERS_AND_GOALS = sa.union_all(
 
 
 class LiveTriggers:
-    def __init__(self, database: Database, subjects: Subjects) -> None:
+    def __init__(self, database: Database, subjects: Subjects, notify_outbox: Callable[[], None]) -> None:
         self.database = database
         self.subjects = subjects
+        self.notify_outbox = notify_outbox
 
     async def apply_campaigns(self, changes: Sequence[events_pb2.CampaignChanged]) -> None:
         """Keeps each live campaign's trigger while it is published, and each published
-        campaign's goal; newest version wins."""
+        campaign's goal; newest version wins. A trigger that starts watching, and a new goal,
+        first catch up on the events recorded since the change that started it: this change may
+        arrive after them."""
+        found: list[OutboxEvent] = []
         async with self.database.transaction() as session:
             for change in sorted(changes, key=lambda c: (c.campaign.name, c.version)):
                 campaign = change.campaign
@@ -256,34 +332,66 @@ class LiveTriggers:
                 if account_id is None:
                     continue
                 if campaign.HasField("goal") and campaign.state != campaign_pb.STATE_DRAFT:
-                    await _keep_goal(session, account_id, change)
+                    for goal in await _keep_goal(session, account_id, change):
+                        found += await self._catch_up(session, account_id, [goal], goal.start)
                 if campaign.schedule.WhichOneof("when") != "live":
                     continue
-                live = campaign.schedule.live
-                start = (
-                    api.from_timestamp(live.start_time)
-                    if live.HasField("start_time")
-                    else api.from_timestamp(campaign.publish_time)
-                )
-                statement = insert(live_triggers).values(
-                    campaign=campaign.name,
-                    account_id=account_id,
-                    version=change.version,
-                    active=campaign.state in _ACTIVE,
-                    trigger=live.trigger.SerializeToString(),
-                    start_at=start,
-                    end_at=api.from_timestamp(live.end_time) if live.HasField("end_time") else None,
-                )
-                await session.execute(
-                    statement.on_conflict_do_update(
-                        index_elements=[live_triggers.c.campaign],
-                        set_={
-                            c: statement.excluded[c]
-                            for c in ("version", "active", "trigger", "start_at", "end_at")
-                        },
-                        where=live_triggers.c.version < statement.excluded.version,
-                    )
-                )
+                started = await _keep_trigger(session, account_id, change)
+                if started:
+                    since = api.from_timestamp(change.occur_time)
+                    found += await self._catch_up(session, account_id, started, since)
+            await enqueue(session, outbox, found)
+        if found:
+            self.notify_outbox()
+
+    async def _catch_up(
+        self, session: AsyncSession, account_id: uuid.UUID, watching: list[_Watch], since: datetime
+    ) -> list[OutboxEvent]:
+        """The matches, against watches just kept, of the account's events recorded since `since`:
+        the calls that recorded them could not match them yet. Read a page at a time; each event
+        counts only if it was timely when it arrived, as in `match`."""
+        await session.execute(_LIVE_TURN, {"account_id": account_id})
+        names = {w.event.event_name for w in watching}
+        statement = (
+            sa.select(
+                events.c.client_event_id,
+                events.c.user_id,
+                events.c.name,
+                events.c.occurred_at,
+                sa.extract("epoch", events.c.occurred_at).label("when"),
+                sa.func.coalesce(event_bodies.c.properties, events.c.properties).label("values"),
+            )
+            .outerjoin(
+                event_bodies,
+                sa.and_(
+                    event_bodies.c.account_id == events.c.account_id,
+                    event_bodies.c.client_event_id == events.c.client_event_id,
+                ),
+            )
+            .where(
+                events.c.account_id == account_id,
+                events.c.received_at >= since,
+                events.c.occurred_at >= min(w.start for w in watching),
+                events.c.occurred_at >= events.c.received_at - LATENESS_ALLOWANCE,
+                events.c.client_event_id.is_not(None),
+                *([] if "" in names else [events.c.name.in_(names)]),
+            )
+            .order_by(events.c.occurred_at, events.c.client_event_id)
+            .limit(CATCH_UP_PAGE)
+        )
+        found: list[OutboxEvent] = []
+        page = statement
+        while True:
+            rows = (await session.execute(page)).all()
+            recorded = [
+                _Recorded(r.client_event_id, r.user_id, r.name, float(r.when), r.values) for r in rows
+            ]
+            found += await self._matched(session, account_id, recorded, watching, api.utcnow())
+            if len(rows) < CATCH_UP_PAGE:
+                return found
+            last = rows[-1]
+            key = sa.tuple_(events.c.occurred_at, events.c.client_event_id)
+            page = statement.where(key > (last.occurred_at, last.client_event_id))
 
     async def match(
         self, session: AsyncSession, account_id: uuid.UUID, recorded: Sequence[Received], received: datetime
@@ -300,6 +408,17 @@ class LiveTriggers:
         watching = [w for row in rows for w in _WATCHES.get(tuple(row), functools.partial(_watches_of, row))]
         earliest = (received - LATENESS_ALLOWANCE).timestamp()
         timely = [e for e in recorded if e.when >= earliest]
+        return await self._matched(session, account_id, timely, watching, received)
+
+    async def _matched(
+        self,
+        session: AsyncSession,
+        account_id: uuid.UUID,
+        timely: Sequence[Received],
+        watching: list[_Watch],
+        received: datetime,
+    ) -> list[OutboxEvent]:
+        """The LiveMatches and GoalEvents of timely events against these watches."""
         by_name: dict[str, list[_Watch]] = defaultdict(list)
         for w in watching:
             by_name[w.event.event_name].append(w)  # "" watches any event

@@ -79,6 +79,8 @@ events = sa.Table(
     sa.Column("occurred_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("properties", JSONB, nullable=False, server_default=sa.text("'{}'::jsonb")),
     sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+    # None for events recorded before client ids were kept.
+    sa.Column("client_event_id", sa.Text, nullable=True),
     # Carries user and properties: conditions on events read this index only.
     sa.Index(
         "ix_segmentation_events_name",
