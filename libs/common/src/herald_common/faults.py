@@ -37,6 +37,8 @@ _TRANSIENT_TYPES: tuple[type[BaseException], ...] = (
     pg_errors.OperatorInterventionError,
     pg_errors.InterfaceError,
     pg_errors.TooManyConnectionsError,
+    # PostgreSQL ended one of two transactions that waited for each other: run again, it passes.
+    pg_errors.DeadlockDetectedError,
     nats.errors.Error,
 )
 
