@@ -200,7 +200,9 @@ async def _keep_goal(
         else None
     )
     start = api.from_timestamp(campaign.publish_time)
-    statement = insert(goals).values(
+    await _keep_newer(
+        session,
+        goals,
         campaign=campaign.name,
         account_id=account_id,
         version=change.version,
@@ -208,16 +210,22 @@ async def _keep_goal(
         start_at=start,
         end_at=end,
     )
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[goals.c.campaign],
-            set_={c: statement.excluded[c] for c in ("version", "goal", "start_at", "end_at")},
-            where=goals.c.version < statement.excluded.version,
-        )
-    )
     if known is not None:
         return []
     return [_goal_watch(campaign.name, change.version, campaign.goal, start, end)]
+
+
+async def _keep_newer(session: AsyncSession, table: sa.Table, **row: Any) -> None:
+    """Writes a campaign's row unless the one kept is of the same or a newer version."""
+    statement = insert(table).values(**row)
+    kept = set(row) - {"campaign", "account_id"}
+    await session.execute(
+        statement.on_conflict_do_update(
+            index_elements=[table.c.campaign],
+            set_={c: statement.excluded[c] for c in kept},
+            where=table.c.version < statement.excluded.version,
+        )
+    )
 
 
 def _goal_watch(
@@ -255,7 +263,9 @@ async def _keep_trigger(
     start = api.from_timestamp(live.start_time if live.HasField("start_time") else campaign.publish_time)
     end = api.from_timestamp(live.end_time) if live.HasField("end_time") else None
     active = campaign.state in _ACTIVE
-    statement = insert(live_triggers).values(
+    await _keep_newer(
+        session,
+        live_triggers,
         campaign=campaign.name,
         account_id=account_id,
         version=change.version,
@@ -263,13 +273,6 @@ async def _keep_trigger(
         trigger=live.trigger.SerializeToString(),
         start_at=start,
         end_at=end,
-    )
-    await session.execute(
-        statement.on_conflict_do_update(
-            index_elements=[live_triggers.c.campaign],
-            set_={c: statement.excluded[c] for c in ("version", "active", "trigger", "start_at", "end_at")},
-            where=live_triggers.c.version < statement.excluded.version,
-        )
     )
     if not active or (known is not None and known.active):
         return []
