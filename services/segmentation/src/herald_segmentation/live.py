@@ -190,9 +190,6 @@ async def _keep_goal(
     campaign ended (its last message may convert until then). Answers its watch when the goal is
     new: the events recorded since publishing are still to be matched against it."""
     campaign = change.campaign
-    known = await session.scalar(
-        sa.select(goals.c.version).where(goals.c.campaign == campaign.name).with_for_update()
-    )
     ended = campaign.state in _ENDED
     end = (
         api.from_timestamp(change.occur_time) + campaign.goal.conversion_window.ToTimedelta()
@@ -200,7 +197,7 @@ async def _keep_goal(
         else None
     )
     start = api.from_timestamp(campaign.publish_time)
-    await _keep_newer(
+    known = await _keep_newer(
         session,
         goals,
         campaign=campaign.name,
@@ -215,8 +212,12 @@ async def _keep_goal(
     return [_goal_watch(campaign.name, change.version, campaign.goal, start, end)]
 
 
-async def _keep_newer(session: AsyncSession, table: sa.Table, **row: Any) -> None:
-    """Writes a campaign's row unless the one kept is of the same or a newer version."""
+async def _keep_newer(session: AsyncSession, table: sa.Table, **row: Any) -> Any:
+    """Writes a campaign's row unless the one kept is of the same or a newer version. Answers the
+    row kept before (None when there was none), read under a lock so the answer stays true."""
+    known = (
+        await session.execute(sa.select(table).where(table.c.campaign == row["campaign"]).with_for_update())
+    ).first()
     statement = insert(table).values(**row)
     kept = set(row) - {"campaign", "account_id"}
     await session.execute(
@@ -226,6 +227,7 @@ async def _keep_newer(session: AsyncSession, table: sa.Table, **row: Any) -> Non
             where=table.c.version < statement.excluded.version,
         )
     )
+    return known
 
 
 def _goal_watch(
@@ -250,20 +252,11 @@ async def _keep_trigger(
     """Keeps a live campaign's trigger. Answers its watches when it starts watching with this
     change (it was not kept, or not active): the events recorded since are still to be matched."""
     campaign = change.campaign
-    known = (
-        await session.execute(
-            sa.select(live_triggers.c.version, live_triggers.c.active)
-            .where(live_triggers.c.campaign == campaign.name)
-            .with_for_update()
-        )
-    ).first()
-    if known is not None and known.version >= change.version:
-        return []
     live = campaign.schedule.live
     start = api.from_timestamp(live.start_time if live.HasField("start_time") else campaign.publish_time)
     end = api.from_timestamp(live.end_time) if live.HasField("end_time") else None
     active = campaign.state in _ACTIVE
-    await _keep_newer(
+    known = await _keep_newer(
         session,
         live_triggers,
         campaign=campaign.name,
@@ -274,7 +267,7 @@ async def _keep_trigger(
         start_at=start,
         end_at=end,
     )
-    if not active or (known is not None and known.active):
+    if not active or (known is not None and (known.active or known.version >= change.version)):
         return []
     return watches(campaign.name, change.version, live.trigger, start, end)
 
@@ -361,7 +354,6 @@ class LiveTriggers:
                 events.c.user_id,
                 events.c.name,
                 events.c.occurred_at,
-                sa.extract("epoch", events.c.occurred_at).label("when"),
                 sa.func.coalesce(event_bodies.c.properties, events.c.properties).label("values"),
             )
             .outerjoin(
@@ -387,7 +379,8 @@ class LiveTriggers:
         while True:
             rows = (await session.execute(page)).all()
             recorded = [
-                _Recorded(r.client_event_id, r.user_id, r.name, float(r.when), r.values) for r in rows
+                _Recorded(r.client_event_id, r.user_id, r.name, r.occurred_at.timestamp(), r.values)
+                for r in rows
             ]
             found += await self._matched(session, account_id, recorded, watching, api.utcnow())
             if len(rows) < CATCH_UP_PAGE:
