@@ -13,8 +13,8 @@ from tests.helpers import busiest_second
 
 
 async def test_two_replicas_together_stay_within_the_destination_rate(platform: Platform) -> None:
-    engines = [make_engine(platform.settings.database_url, pool_size=2) for _ in range(2)]
-    replicas = [SharedRateLimiter(Database(engine)) for engine in engines]
+    databases = [Database(make_engine(platform.settings.database_url, pool_size=2)) for _ in range(2)]
+    replicas = [SharedRateLimiter(database) for database in databases]
     destination = f"destinations/{uuid.uuid4()}"
     account_id = uuid.uuid4()
     limit, seconds = 40, 3.0
@@ -31,8 +31,8 @@ async def test_two_replicas_together_stay_within_the_destination_rate(platform: 
     try:
         await asyncio.gather(*(send_as_fast_as_allowed(r) for r in replicas for _ in range(3)))
     finally:
-        for engine in engines:
-            await engine.dispose()
+        for database in databases:
+            await database.dispose()
     # The destination's limit holds in every rolling second, and is nearly used.
     assert busiest_second(granted) <= limit
     assert len(granted) >= limit * (seconds - 1)

@@ -74,9 +74,8 @@ async def test_credentials_are_resealed_under_a_new_key(platform: Platform, segm
     destination_id = uuid.UUID(destination.name.removeprefix("destinations/"))
     current = platform.settings.secret_keys
     rotated = new_key_setting("next")
-    engine = make_engine(platform.settings.database_url, pool_size=1)
+    database = Database(make_engine(platform.settings.database_url, pool_size=1))
     try:
-        database = Database(engine)
         # Rotate: the new key first, the old one still listed; every row moves to the new key.
         assert await reseal(database, SecretBox.from_setting(f"{rotated},{current}")) >= 1
         connection = await asyncpg.connect(platform.settings.database_url.replace("+asyncpg", ""))
@@ -90,8 +89,8 @@ async def test_credentials_are_resealed_under_a_new_key(platform: Platform, segm
             await connection.close()
     finally:
         # And back, so the running dispatch (which knows only its own key) reads them again.
-        await reseal(Database(engine), SecretBox.from_setting(f"{current},{rotated}"))
-        await engine.dispose()
+        await reseal(database, SecretBox.from_setting(f"{current},{rotated}"))
+        await database.dispose()
     got = await platform.dispatch.GetDestination(dispatch_pb.GetDestinationRequest(name=destination.name))
     assert got.segment.write_key != write_key and got.segment.write_key.endswith(write_key[-4:])
 

@@ -220,10 +220,10 @@ async def test_a_settler_whose_lease_is_running_out_sends_nothing_more(servers: 
     once the lease would run out before a request confirmed now is written, another settler may
     claim them, ask the provider and send, so this one is refused."""
     async with fresh_settings(*servers) as settings:
-        engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+        database = Database(make_engine(settings.database_url, pool_size=1, max_overflow=0))
         try:
-            await migrate(engine, SCHEMA, dispatch_main.MIGRATIONS)
-            gate = SendGate(Database(engine))
+            await migrate(database.engine, SCHEMA, dispatch_main.MIGRATIONS)
+            gate = SendGate(database)
             lapsing = Sender(
                 uuid.uuid4(),
                 "campaigns/c",
@@ -240,4 +240,4 @@ async def test_a_settler_whose_lease_is_running_out_sends_nothing_more(servers: 
             assert (await gate.admit(holding, "destinations/d", wave)).admitted == {"d1"}
             assert await gate.may_send(holding)
         finally:
-            await engine.dispose()
+            await database.dispose()

@@ -42,10 +42,9 @@ async def test_admitting_a_wave_reads_only_its_own_rows_of_a_ledger_that_grew(
     servers: tuple[str, str],
 ) -> None:
     async with fresh_settings(*servers) as settings:
-        engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+        database = Database(make_engine(settings.database_url, pool_size=1, max_overflow=0))
         try:
-            await migrate(engine, SCHEMA, MIGRATIONS)
-            database = Database(engine)
+            await migrate(database.engine, SCHEMA, MIGRATIONS)
             gate = SendGate(database)
             account = uuid.uuid4()
             sender = Sender(account, "campaigns/c", "batch-1", attempt=1)
@@ -81,4 +80,4 @@ async def test_admitting_a_wave_reads_only_its_own_rows_of_a_ledger_that_grew(
             ledger_rows_read = after["deliveries"][0] - before["deliveries"][0]
             assert ledger_rows_read < 100, f"the wave read {ledger_rows_read:,} rows of the ledger"
         finally:
-            await engine.dispose()
+            await database.dispose()

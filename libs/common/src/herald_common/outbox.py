@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import asyncpg
 import nats.errors
 import nats.js.errors
 import sqlalchemy as sa
@@ -99,6 +100,27 @@ async def enqueue(session: AsyncSession, table: sa.Table, events: Sequence[Outbo
     )
 
 
+async def enqueue_direct(
+    connection: asyncpg.Connection, table: sa.Table, events: Sequence[OutboxEvent]
+) -> None:
+    """`enqueue` inside a transaction on a direct connection (`Database.direct_transaction`)."""
+    if not events:
+        return
+    current = tracing.current_traceparent()
+    await connection.execute(
+        f"INSERT INTO {_qualified(table)} (msg_id, subject, payload, trace_context)"
+        " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[])",
+        [e.msg_id for e in events],
+        [e.subject for e in events],
+        [e.payload for e in events],
+        [e.trace_context or current for e in events],
+    )
+
+
+def _qualified(table: sa.Table) -> str:
+    return f'"{table.schema}"."{table.name}"' if table.schema else f'"{table.name}"'
+
+
 # JetStream's answer when a message is larger than the stream accepts: retrying cannot help.
 _MESSAGE_TOO_LARGE_ERR_CODE = 10054
 # Headers and protocol overhead beside the payload (Nats-Msg-Id and the subject).
@@ -178,17 +200,13 @@ class OutboxRelay:
 
     async def relay_once(self) -> tuple[int, bool]:
         """Publishes one batch; returns how many rows went out and whether all of the batch did."""
-        t = self.table
-        async with self.database.transaction() as session:
-            rows = (
-                await session.execute(
-                    sa.select(t.c.id, t.c.msg_id, t.c.subject, t.c.payload, t.c.trace_context)
-                    .where(t.c.problem.is_(None))
-                    .order_by(t.c.id)
-                    .limit(self.batch_size)
-                    .with_for_update(skip_locked=True)
-                )
-            ).all()
+        table = _qualified(self.table)
+        async with self.database.direct_transaction() as connection:
+            rows = await connection.fetch(
+                f"SELECT id, msg_id, subject, payload, trace_context FROM {table}"
+                " WHERE problem IS NULL ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+                self.batch_size,
+            )
             if not rows:
                 self._waiting_since = None
                 return 0, True
@@ -196,14 +214,14 @@ class OutboxRelay:
             problems: dict[int, str] = {}
             sent = []
             for row in rows:
-                size = len(row.payload) + len(row.subject) + _PUBLISH_OVERHEAD_BYTES
+                size = len(row["payload"]) + len(row["subject"]) + _PUBLISH_OVERHEAD_BYTES
                 if size > max_payload:
-                    problems[row.id] = f"{len(row.payload)} bytes; NATS accepts at most {max_payload}"
+                    problems[row["id"]] = f"{len(row['payload'])} bytes; NATS accepts at most {max_payload}"
                     continue
-                headers = {"Nats-Msg-Id": row.msg_id}
-                if row.trace_context:
-                    headers[tracing.TRACEPARENT] = row.trace_context
-                ack = await self.js.publish_async(row.subject, row.payload, headers=headers)
+                headers = {"Nats-Msg-Id": row["msg_id"]}
+                if row["trace_context"]:
+                    headers[tracing.TRACEPARENT] = row["trace_context"]
+                ack = await self.js.publish_async(row["subject"], row["payload"], headers=headers)
                 sent.append((row, ack))
             acks = await asyncio.wait_for(
                 asyncio.gather(*(ack for _, ack in sent), return_exceptions=True),
@@ -212,16 +230,16 @@ class OutboxRelay:
             published = []
             for (row, _), result in zip(sent, acks, strict=True):
                 if not isinstance(result, BaseException):
-                    published.append(row.id)
+                    published.append(row["id"])
                 elif _never_publishable(result):
-                    problems[row.id] = f"JetStream refused it: {result}"
+                    problems[row["id"]] = f"JetStream refused it: {result}"
                 else:
-                    log.warning("outbox_publish_failed", subject=row.subject, error=repr(result))
+                    log.warning("outbox_publish_failed", subject=row["subject"], error=repr(result))
             if published:
-                await session.execute(sa.delete(t).where(t.c.id.in_(published)))
+                await connection.execute(f"DELETE FROM {table} WHERE id = ANY($1::bigint[])", published)
             for row_id, problem in problems.items():
-                await session.execute(sa.update(t).where(t.c.id == row_id).values(problem=problem))
-                log.error("outbox_event_set_aside", table=str(t), id=row_id, problem=problem)
+                await connection.execute(f"UPDATE {table} SET problem = $2 WHERE id = $1", row_id, problem)
+                log.error("outbox_event_set_aside", table=str(self.table), id=row_id, problem=problem)
             self.set_aside_total += len(problems)
         if self.metrics is not None:
             self.metrics.outbox_published.inc(len(published))

@@ -24,7 +24,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Statement
 from herald_dispatch.storage import halted_campaigns, sms_opt_outs
 
 # A yes from the gate lasts this long: a request is written within it of its last confirmation, or
@@ -97,8 +97,8 @@ _ADMIT = """
     SELECT (SELECT halted FROM gate) AS halted, (SELECT superseded FROM gate) AS superseded,
            ARRAY(SELECT delivery_id FROM intended) AS admitted, ARRAY(SELECT d FROM blocked) AS opted_out
 """
-_HALTED = sa.text("SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign)")
-_MAY_SEND = sa.text(
+_HALTED = Statement("SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign)")
+_MAY_SEND = Statement(
     """
     SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = :campaign) AS halted,
            CAST(:fenced AS bool) AND coalesce(
@@ -173,25 +173,22 @@ class SendGate:
         the lease it holds them by is running out."""
         if not sender.holds():
             raise Superseded(f"the hold on {sender.batch_id}'s deliveries is running out")
-        async with self.database.transaction() as session:
-            row = (
-                await session.execute(
-                    _MAY_SEND,
-                    {
-                        "campaign": sender.campaign,
-                        "batch_id": sender.batch_id,
-                        "attempt": sender.attempt,
-                        "fenced": sender.fenced,
-                    },
-                )
-            ).one()
+        async with self.database.connection() as connection:
+            row = await _MAY_SEND.fetch_row(
+                connection,
+                campaign=sender.campaign,
+                batch_id=sender.batch_id,
+                attempt=sender.attempt,
+                fenced=sender.fenced,
+            )
+        assert row is not None
         if row.superseded:
             raise Superseded(f"{sender.batch_id} was taken over by attempt after {sender.attempt}")
         return not row.halted
 
     async def halted(self, campaign: str) -> bool:
-        async with self.database.transaction() as session:
-            return bool(await session.scalar(_HALTED, {"campaign": campaign}))
+        async with self.database.connection() as connection:
+            return bool(await _HALTED.fetch_value(connection, campaign=campaign))
 
     async def halt(self, account_id: uuid.UUID, campaign: str, within: float) -> bool:
         """Halts the campaign: no replica admits another wave of it. Then waits, up to `within`

@@ -13,16 +13,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
 
 from herald.events.v1 import events_pb2 as events
 from herald_common import api
 from herald_common.auth import account_name
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Statement
 from herald_common.metrics import Metrics
-from herald_common.outbox import OutboxEvent, enqueue
+from herald_common.outbox import OutboxEvent, enqueue_direct
 from herald_dispatch.channels import UNKNOWN, Outcome
 from herald_dispatch.receipts import apply_receipts
 from herald_dispatch.storage import outbox
@@ -35,7 +34,7 @@ _STATUS_NAMES = {
 }
 # The stored deliveries come back as one row of two arrays: a row per delivery would cost each
 # its own result object.
-_RECORD = sa.text(
+_RECORD = Statement(
     """
     WITH stored AS (
     INSERT INTO dispatch.deliveries
@@ -62,7 +61,7 @@ _RECORD = sa.text(
 
 # An intent has served its purpose once its delivery has a result, or waits to be settled; a
 # delivery waiting to be settled is done once it has a result. Both in one statement.
-_FORGET_INTENTS_AND_SETTLED = sa.text(
+_FORGET_INTENTS_AND_SETTLED = Statement(
     """
     WITH intents AS (
         DELETE FROM dispatch.delivery_intents WHERE delivery_id = ANY(CAST(:ids AS text[]))
@@ -70,7 +69,7 @@ _FORGET_INTENTS_AND_SETTLED = sa.text(
     DELETE FROM dispatch.unsettled WHERE delivery_id = ANY(CAST(:settled AS text[]))
     """
 )
-_UNSETTLED = sa.text(
+_UNSETTLED = Statement(
     """
     INSERT INTO dispatch.unsettled AS u
         (delivery_id, account_id, destination_type, batch, recipient, provider_destination, phone, text,
@@ -89,14 +88,14 @@ _UNSETTLED = sa.text(
 )
 # Seconds until the next unknown delivery of a worker type is due to be looked up (those due
 # already are another settler's, claimed as this one looked).
-_NEXT_SETTLE = sa.text(
+_NEXT_SETTLE = Statement(
     """
     SELECT extract(epoch FROM min(settle_after) - now()) FROM dispatch.unsettled
     WHERE destination_type = :destination_type AND settle_after > now()
     """
 )
 # Due deliveries of a worker type, held for `lease` seconds while they are looked up.
-_CLAIM_UNSETTLED = sa.text(
+_CLAIM_UNSETTLED = Statement(
     """
     UPDATE dispatch.unsettled SET settle_after = now() + make_interval(secs => :lease)
     WHERE delivery_id IN (
@@ -113,7 +112,7 @@ _CLAIM_UNSETTLED = sa.text(
 # results (which holds that row, _HOLD_ATTEMPTS); the second then sees those results. Read in one
 # statement, they could both miss each other: the recording attempt saw no later attempt (so its
 # results were not counted as resent) and this one no results (so it sent the batch again).
-_BEGIN = sa.text(
+_BEGIN = Statement(
     """
     INSERT INTO dispatch.batch_attempts AS b (batch_id, account_id, attempts)
     VALUES (:batch_id, :account_id, 1)
@@ -121,7 +120,7 @@ _BEGIN = sa.text(
     RETURNING attempts
     """
 )
-_BEFORE = sa.text(
+_BEFORE = Statement(
     """
     SELECT ARRAY(SELECT delivery_id FROM dispatch.deliveries
                  WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished,
@@ -132,7 +131,9 @@ _BEFORE = sa.text(
 # Results are recorded holding the batch's attempts row, so that a later attempt begins either
 # before (and these results count as resent) or after (and it sees them); the row's count is what
 # they are judged resent by.
-_HOLD_ATTEMPTS = sa.text("SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id FOR SHARE")
+_HOLD_ATTEMPTS = Statement(
+    "SELECT attempts FROM dispatch.batch_attempts WHERE batch_id = :batch_id FOR SHARE"
+)
 
 
 # The attempt number the settler sends and records with: after every real attempt, so what it
@@ -178,28 +179,24 @@ class DeliveryLedger:
     async def claim_unsettled(self, limit: int, lease_seconds: float) -> tuple[list[Any], float | None]:
         """Unknown deliveries due to be looked up, held from other replicas for `lease_seconds`,
         and (when fewer than `limit` were due) the seconds until the next one is due."""
-        async with self.database.transaction() as session:
-            claimed = list(
-                (
-                    await session.execute(
-                        _CLAIM_UNSETTLED,
-                        {"destination_type": self.destination_type, "limit": limit, "lease": lease_seconds},
-                    )
-                ).all()
+        async with self.database.direct_transaction() as connection:
+            claimed = await _CLAIM_UNSETTLED.fetch(
+                connection, destination_type=self.destination_type, limit=limit, lease=lease_seconds
             )
             if len(claimed) == limit:
                 return claimed, None
-            next_in = await session.scalar(_NEXT_SETTLE, {"destination_type": self.destination_type})
+            next_in = await _NEXT_SETTLE.fetch_value(connection, destination_type=self.destination_type)
             return claimed, None if next_in is None else float(next_in)
 
     async def begin(self, batch: events.DeliveryBatch, account_id: uuid.UUID) -> Attempt:
         """Records an attempt at the batch, before anything is sent: its number, the deliveries
         that already have a final result (the batch was handed over again) and those whose request
         was about to be made when an earlier attempt ended."""
-        async with self.database.transaction() as session:
-            number = await session.scalar(_BEGIN, {"batch_id": batch.batch_id, "account_id": account_id})
-            row = (await session.execute(_BEFORE, {"ids": [r.delivery_id for r in batch.recipients]})).one()
-        return Attempt(int(number), set(row.finished), dict(row.intended))
+        async with self.database.direct_transaction() as connection:
+            number = await _BEGIN.fetch_value(connection, batch_id=batch.batch_id, account_id=account_id)
+            row = await _BEFORE.fetch_row(connection, ids=[r.delivery_id for r in batch.recipients])
+        assert row is not None
+        return Attempt(int(number), set(row["finished"]), dict(row["intended"]))
 
     async def record(
         self,
@@ -223,40 +220,37 @@ class DeliveryLedger:
         rows: list[Outcome] = []
         for outcome in unique.values():
             (to_settle if outcome.status == UNKNOWN and outcome.settle is not None else rows).append(outcome)
-        async with self.database.transaction() as session:
+        async with self.database.direct_transaction() as connection:
             # The batch's latest attempt, held until these results are committed.
-            latest_attempt = await session.scalar(_HOLD_ATTEMPTS, {"batch_id": batch.batch_id})
+            latest_attempt = await _HOLD_ATTEMPTS.fetch_value(connection, batch_id=batch.batch_id)
             if to_settle:
-                await self._wait_to_settle(session, batch, account_id, to_settle)
+                await self._wait_to_settle(connection, batch, account_id, to_settle)
             if claimed:
                 settled = [o.recipient.delivery_id for o in rows]
-                await session.execute(_FORGET_INTENTS_AND_SETTLED, {"ids": list(unique), "settled": settled})
+                await _FORGET_INTENTS_AND_SETTLED.execute(connection, ids=list(unique), settled=settled)
             if not rows:
                 return 0
             completed_at = api.utcnow()
-            stored = (
-                await session.execute(
-                    _RECORD,
-                    {
-                        "completed_at": completed_at,
-                        "latest_attempt": latest_attempt,
-                        "attempt": attempt,
-                        "claimed": claimed,
-                        "account_id": account_id,
-                        "campaign": batch.campaign,
-                        "run": batch.run,
-                        "destination": batch.destination,
-                        "ids": [o.recipient.delivery_id for o in rows],
-                        "users": [o.recipient.user_id for o in rows],
-                        "statuses": [_STATUS_NAMES[o.status] for o in rows],
-                        "attempts": [o.attempts for o in rows],
-                        "reasons": [o.reason for o in rows],
-                        "resent": [o.resent for o in rows],
-                        "messages": [o.provider_message_id for o in rows],
-                    },
-                )
-            ).one()
-            resent = dict(zip(stored.ids, stored.resent, strict=True))
+            stored = await _RECORD.fetch_row(
+                connection,
+                completed_at=completed_at,
+                latest_attempt=latest_attempt,
+                attempt=attempt,
+                claimed=claimed,
+                account_id=account_id,
+                campaign=batch.campaign,
+                run=batch.run,
+                destination=batch.destination,
+                ids=[o.recipient.delivery_id for o in rows],
+                users=[o.recipient.user_id for o in rows],
+                statuses=[_STATUS_NAMES[o.status] for o in rows],
+                attempts=[o.attempts for o in rows],
+                reasons=[o.reason for o in rows],
+                resent=[o.resent for o in rows],
+                messages=[o.provider_message_id for o in rows],
+            )
+            assert stored is not None
+            resent = dict(zip(stored["ids"], stored["resent"], strict=True))
             if not resent:
                 return 0
             report = events.DeliveryOutcomes(
@@ -280,13 +274,13 @@ class DeliveryLedger:
                         attempts=o.attempts,
                         resent=resent[delivery_id],
                     )
-            await enqueue(
-                session, outbox, [OutboxEvent.of(self.subjects.delivery_outcomes, report, report.event_id)]
+            await enqueue_direct(
+                connection, outbox, [OutboxEvent.of(self.subjects.delivery_outcomes, report, report.event_id)]
             )
             # Receipts that came before these deliveries were recorded apply now.
             message_ids = [o.provider_message_id for o in rows if o.provider_message_id]
             if message_ids:
-                await apply_receipts(session, self.subjects, account_id, message_ids)
+                await apply_receipts(connection, self.subjects, account_id, message_ids)
         if self.metrics is not None:
             recorded = Counter(_STATUS_NAMES[o.status] for o in rows if o.recipient.delivery_id in resent)
             for status, count in recorded.items():
@@ -295,7 +289,7 @@ class DeliveryLedger:
 
     async def _wait_to_settle(
         self,
-        session: AsyncSession,
+        connection: asyncpg.Connection,
         batch: events.DeliveryBatch,
         account_id: uuid.UUID,
         outcomes: list[Outcome],
@@ -311,18 +305,16 @@ class DeliveryLedger:
             account=batch.account,
         )
         settlements = [o.settle for o in outcomes if o.settle is not None]
-        await session.execute(
-            _UNSETTLED,
-            {
-                "account_id": account_id,
-                "destination_type": self.destination_type,
-                "batch": header.SerializeToString(),
-                "settle_seconds": self.settle_seconds,
-                "ids": [o.recipient.delivery_id for o in outcomes],
-                "recipients": [o.recipient.SerializeToString() for o in outcomes],
-                "providers": [s.provider_destination for s in settlements],
-                "phones": [s.phone for s in settlements],
-                "texts": [s.text for s in settlements],
-                "attempts": [o.attempts for o in outcomes],
-            },
+        await _UNSETTLED.execute(
+            connection,
+            account_id=account_id,
+            destination_type=self.destination_type,
+            batch=header.SerializeToString(),
+            settle_seconds=self.settle_seconds,
+            ids=[o.recipient.delivery_id for o in outcomes],
+            recipients=[o.recipient.SerializeToString() for o in outcomes],
+            providers=[s.provider_destination for s in settlements],
+            phones=[s.phone for s in settlements],
+            texts=[s.text for s in settlements],
+            attempts=[o.attempts for o in outcomes],
         )

@@ -182,11 +182,11 @@ def reseal_main() -> None:
     secrets = SecretBox.from_setting(settings.secret_keys)
 
     async def run() -> int:
-        engine = make_engine(settings.database_url, pool_size=1, max_overflow=0)
+        database = Database(make_engine(settings.database_url, pool_size=1, max_overflow=0))
         try:
-            return await reseal(Database(engine), secrets)
+            return await reseal(database, secrets)
         finally:
-            await engine.dispose()
+            await database.dispose()
 
     count = asyncio.run(run())
     print(f"resealed {count} destinations under key {secrets.current!r}")

@@ -18,13 +18,11 @@ import math
 import time
 import uuid
 
-import sqlalchemy as sa
-
-from herald_common.db import Database
+from herald_common.db import Database, Statement
 
 # Reserves `count` slots `spacing` seconds apart, from now or from the schedule's end, whichever
 # is later; answers when the first is, as seconds from the database's now.
-_RESERVE = sa.text(
+_RESERVE = Statement(
     """
     WITH now AS (SELECT clock_timestamp() AS at,
                         CAST(:count AS int) * CAST(:spacing AS float8) AS span)
@@ -37,7 +35,7 @@ _RESERVE = sa.text(
               extract(epoch FROM (SELECT at FROM now)) AS database_now
     """
 )
-_DATABASE_NOW = sa.text("SELECT extract(epoch FROM clock_timestamp())")
+_DATABASE_NOW = "SELECT extract(epoch FROM clock_timestamp())"
 CALIBRATION_ROUND_TRIPS = 3
 BLOCKS_PER_SECOND = 20
 JITTER_SECONDS = 0.05
@@ -109,16 +107,18 @@ class SharedRateLimiter:
 
     async def _reserve(self, account_id: uuid.UUID, destination: str, limit: int, spacing: float) -> None:
         count = max(1, limit // BLOCKS_PER_SECOND)
-        values = {"destination": destination, "account_id": account_id, "count": count, "spacing": spacing}
-        async with self.database.transaction() as session:
+        async with self.database.direct_transaction() as connection:
             # Timed on a connection already held (opening one, or checking it, is no part of the
             # round trip); a replica that has not measured the clock yet first asks it a few times.
             for _ in range(CALIBRATION_ROUND_TRIPS if math.isinf(self._best_round_trip) else 0):
                 asked = time.monotonic()
-                database_now = (await session.execute(_DATABASE_NOW)).scalar_one()
+                database_now = await connection.fetchval(_DATABASE_NOW)
                 self._measured(asked, float(database_now), time.monotonic())
             asked = time.monotonic()
-            row = (await session.execute(_RESERVE, values)).one()
+            row = await _RESERVE.fetch_row(
+                connection, destination=destination, account_id=account_id, count=count, spacing=spacing
+            )
+            assert row is not None
             self._measured(asked, float(row.database_now), time.monotonic())
         start = float(row.first_slot) - self._clock_offset
         self._slots.setdefault(destination, collections.deque()).append(_Block(start, spacing, count))

@@ -9,13 +9,13 @@ import uuid
 from collections import defaultdict
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
+import asyncpg
 
 from herald.events.v1 import events_pb2 as events
 from herald_common.auth import account_name
 from herald_common.bus import Subjects
-from herald_common.outbox import OutboxEvent, enqueue
+from herald_common.db import Statement
+from herald_common.outbox import OutboxEvent, enqueue_direct
 from herald_dispatch.storage import outbox
 
 ReceiptStatus = events.ReceiptStatus
@@ -39,18 +39,18 @@ _APPLY = """
     SELECT * FROM applied
 """
 # Receipts of these messages (the ledger, as it records sent deliveries).
-_APPLY_MESSAGES = sa.text(
+_APPLY_MESSAGES = Statement(
     _APPLY.format(which="d.account_id = :account_id AND d.provider_message_id = ANY(CAST(:ids AS text[]))")
 )
 # Any waiting receipt (the sweeper, for receipts that raced their delivery's recording).
-_APPLY_WAITING = sa.text(
+_APPLY_WAITING = Statement(
     _APPLY.format(
         which="(r.destination, r.provider_message_id) IN "
         "(SELECT destination, provider_message_id FROM dispatch.receipts LIMIT 1000)"
     )
 )
 # Repeats of receipts already applied, and receipts of messages never recorded here.
-FORGET_APPLIED = sa.text(
+FORGET_APPLIED = Statement(
     """
     DELETE FROM dispatch.receipts r
     WHERE EXISTS (SELECT 1 FROM dispatch.deliveries d
@@ -63,7 +63,7 @@ SWEEP_SECONDS = 2.0
 
 
 async def apply_receipts(
-    session: AsyncSession,
+    connection: asyncpg.Connection,
     subjects: Subjects,
     account_id: uuid.UUID | None = None,
     message_ids: Sequence[str] = (),
@@ -72,11 +72,9 @@ async def apply_receipts(
     account, or any), once each, and reports them in DeliveryReceipts events (one per campaign)
     in the same transaction."""
     if account_id is None:
-        applied = (await session.execute(_APPLY_WAITING)).all()
+        applied = await _APPLY_WAITING.fetch(connection)
     else:
-        applied = (
-            await session.execute(_APPLY_MESSAGES, {"account_id": account_id, "ids": list(message_ids)})
-        ).all()
+        applied = await _APPLY_MESSAGES.fetch(connection, account_id=account_id, ids=list(message_ids))
     by_campaign: dict[tuple[str, uuid.UUID], list[events.ReceiptResult]] = defaultdict(list)
     for row in applied:
         by_campaign[(row.campaign, row.account_id)].append(
@@ -94,5 +92,5 @@ async def apply_receipts(
             event_id=str(uuid.uuid4()), account=account_name(owner), campaign=campaign, results=results
         )
         queued.append(OutboxEvent.of(subjects.delivery_receipts, event, event.event_id))
-    await enqueue(session, outbox, queued)
+    await enqueue_direct(connection, outbox, queued)
     return len(applied)

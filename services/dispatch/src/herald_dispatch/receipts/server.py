@@ -19,14 +19,13 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 from aiohttp import web
-from sqlalchemy.dialects.postgresql import insert
 
 from herald.dispatch.v1 import dispatch_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_common import api
 from herald_common.auth import account_name
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Statement
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.outbox import OutboxEvent, enqueue
@@ -39,7 +38,17 @@ from herald_dispatch.receipts.msg91 import Msg91Callbacks
 from herald_dispatch.receipts.recording import FORGET_APPLIED, SWEEP_SECONDS, apply_receipts
 from herald_dispatch.receipts.twilio import TwilioCallbacks
 from herald_dispatch.receipts.vonage import VonageCallbacks
-from herald_dispatch.storage import outbox, receipts
+from herald_dispatch.storage import outbox
+
+# Final receipts, kept until their deliveries have them (the first of a message's receipts wins).
+_KEEP_RECEIPTS = Statement(
+    """
+    INSERT INTO dispatch.receipts (destination, provider_message_id, account_id, status, error_code)
+    SELECT :destination, m, :account_id, s, e
+    FROM unnest(CAST(:ids AS text[]), CAST(:statuses AS text[]), CAST(:error_codes AS text[])) AS t(m, s, e)
+    ON CONFLICT DO NOTHING
+    """
+)
 
 log = get_logger(__name__)
 PROVIDERS: dict[str, Callbacks] = {
@@ -203,28 +212,25 @@ class ReceiptServer:
         final = {r.message_id: r for r in found if r.message_id}
         if not final:
             return web.Response(status=200)  # progress (queued, sent, ...): nothing final yet
-        rows = [
-            {
-                "destination": destination.name,
-                "provider_message_id": r.message_id,
-                "account_id": account_id,
-                "status": r.status,
-                "error_code": r.error_code,
-            }
-            for r in final.values()
-        ]
-        async with self.database.transaction() as session:
-            await session.execute(insert(receipts).values(rows).on_conflict_do_nothing())
-            await apply_receipts(session, self.subjects, account_id, list(final))
+        async with self.database.direct_transaction() as connection:
+            await _KEEP_RECEIPTS.execute(
+                connection,
+                destination=destination.name,
+                account_id=account_id,
+                ids=list(final),
+                statuses=[r.status for r in final.values()],
+                error_codes=[r.error_code for r in final.values()],
+            )
+            await apply_receipts(connection, self.subjects, account_id, list(final))
         self.notify_outbox()
         return web.Response(status=200)
 
     async def sweep(self) -> bool:
         """Applies receipts that arrived while their delivery was being recorded, and forgets
         repeats; True when more may be waiting."""
-        async with self.database.transaction() as session:
-            applied = await apply_receipts(session, self.subjects)
-            await session.execute(FORGET_APPLIED)
+        async with self.database.direct_transaction() as connection:
+            applied = await apply_receipts(connection, self.subjects)
+            await FORGET_APPLIED.execute(connection)
         if applied:
             self.notify_outbox()
         return applied >= 1000
