@@ -117,6 +117,8 @@ class Statement:
 
 # Connections a service's hot paths hold at once, beside the session pool's.
 DIRECT_POOL_SIZE = 10
+# How long closing the pool waits for connections still in use before it cuts them.
+DIRECT_POOL_CLOSE_SECONDS = 5.0
 
 
 async def _keep_session_state(_: asyncpg.Connection) -> None:
@@ -203,8 +205,11 @@ class Database:
 
     async def dispose(self) -> None:
         if self._direct is not None:
-            await self._direct.close()
-            self._direct = None
+            pool, self._direct = self._direct, None
+            try:  # waits for connections in use to come back, but not for ever
+                await asyncio.wait_for(pool.close(), DIRECT_POOL_CLOSE_SECONDS)
+            except TimeoutError:
+                pool.terminate()
         await self.engine.dispose()
 
 
