@@ -24,6 +24,7 @@ GSM7_BASIC = frozenset(
 )
 # Characters of the extension table: each costs an escape septet too.
 GSM7_EXTENSION = frozenset("\f^{}\\[~]|€")
+_GSM7 = GSM7_BASIC | GSM7_EXTENSION
 MAX_BODY_CHARACTERS = 1600
 # A phone number in E.164: +, a country code, at most 15 digits in all.
 E164 = re.compile(r"^\+[1-9]\d{6,14}\Z")
@@ -53,12 +54,18 @@ def _cost(character: str, encoding: Encoding) -> int:
 
 def measure(text: str) -> Measure:
     """The encoding a body needs, its length in that encoding's units and its segment count."""
-    gsm = all(c in GSM7_BASIC or c in GSM7_EXTENSION for c in text)
-    encoding = Encoding.GSM7 if gsm else Encoding.UCS2
-    costs = [_cost(c, encoding) for c in text]
-    units = sum(costs)
+    # Counted over the distinct characters, not one by one: a provider's request measures each
+    # message's body.
+    characters = set(text)
+    if characters <= _GSM7:
+        encoding = Encoding.GSM7
+        units = len(text) + sum(text.count(c) for c in characters & GSM7_EXTENSION)
+    else:
+        encoding = Encoding.UCS2
+        units = len(text.encode("utf-16-le", "surrogatepass")) // 2
     if units <= _SINGLE[encoding]:
         return Measure(encoding, len(text), units, 1 if text else 0)
+    costs = [_cost(c, encoding) for c in text]
     room = _PER_SEGMENT[encoding]
     segments, used = 1, 0
     for cost in costs:  # a two-unit character never straddles two segments

@@ -38,6 +38,9 @@ MAX_BODY_BYTES = 1024 * 1024
 # written to, and such a request would end with no answer (so, unknown).
 KEEPALIVE_SECONDS = 10.0
 _IDLE_PER_HOST = 128
+# How often requests under way are checked against their answer timeout: so late, at most, is one
+# that is overdue found out.
+DEADLINE_CHECK_SECONDS = 0.05
 # Request heads kept ready, by URL and headers: more than the destinations one process sends to.
 _PREPARED_HEADS = 1024
 
@@ -84,7 +87,6 @@ class _Connection(asyncio.Protocol):
         self._head: tuple[int, dict[str, str]] | None = None
         self._keep_alive = True
         self._chunks: bytearray | None = None  # a chunked body read so far
-        self._too_slow: asyncio.TimerHandle | None = None
 
     # asyncio.Protocol
 
@@ -118,30 +120,19 @@ class _Connection(asyncio.Protocol):
 
     # requests
 
-    def send(self, request: bytes, write_until: float, answer_within: float) -> asyncio.Future[Answer]:
-        """Writes the request, unless `write_until` has passed (then nothing is written); the
-        answer fails with AnswerLost unless it is whole `answer_within` seconds later. The caller
-        disarms that timer once it has the answer."""
+    def send(self, request: bytes, write_until: float) -> asyncio.Future[Answer]:
+        """Writes the request, unless `write_until` has passed (then nothing is written)."""
         assert self.transport is not None
         if time.monotonic() > write_until:  # no wait between this and the write
             raise Withheld("its moment passed before it was written")
-        loop = asyncio.get_running_loop()
-        self._answer = loop.create_future()
+        self._answer = asyncio.get_running_loop().create_future()
         self._head, self._chunks, self._keep_alive = None, None, True
         self._buffer.clear()
         self.transport.write(request)
-        # A timer on the loop, not asyncio.timeout: that costs a context manager and a reschedule
-        # per request.
-        self._too_slow = loop.call_later(answer_within, self._no_answer, answer_within)
         return self._answer
 
-    def disarm(self) -> None:
-        if self._too_slow is not None:
-            self._too_slow.cancel()
-            self._too_slow = None
-
-    def _no_answer(self, within: float) -> None:
-        self._too_slow = None
+    def too_slow(self, within: float) -> None:
+        """The answer did not come within `within` seconds of the request."""
         self._fail(AnswerLost(f"no answer within {within:g} s"))
 
     @property
@@ -340,6 +331,9 @@ class ProviderHttp:
         self._idle: dict[tuple[str, str, int], list[_Connection]] = {}
         self._tls = ssl.create_default_context()
         self._heads: dict[tuple[object, ...], tuple[_Target, bytes]] = {}
+        # Connections awaiting an answer: (by when, the timeout), looked over by one timer.
+        self._awaiting: dict[_Connection, tuple[float, float]] = {}
+        self._watching: asyncio.TimerHandle | None = None
 
     async def post(
         self,
@@ -381,6 +375,9 @@ class ProviderHttp:
         return prepared
 
     async def close(self) -> None:
+        if self._watching is not None:
+            self._watching.cancel()
+            self._watching = None
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()
@@ -397,19 +394,37 @@ class ProviderHttp:
         key = (target.scheme, target.host, target.port)
         connection = self._pooled(key) or await self._connect(target, connect_timeout)
         try:
-            answered = connection.send(request, write_until, answer_timeout)
+            answered = connection.send(request, write_until)
         except Withheld:
             self._release(key, connection)  # nothing was written: it stays usable
             raise
+        self._awaiting[connection] = (time.monotonic() + answer_timeout, answer_timeout)
+        if self._watching is None:
+            self._watch_deadlines()
         try:
             answer = await answered
         except BaseException:
             connection.close()
             raise
         finally:
-            connection.disarm()
+            del self._awaiting[connection]
         self._release(key, connection)
         return answer
+
+    def _check_deadlines(self) -> None:
+        """Fails the requests whose answer is overdue. One timer for every request under way:
+        a timer of its own (armed, then cancelled) costs a request more than the rest of its work."""
+        now = time.monotonic()
+        for connection, (answer_by, within) in list(self._awaiting.items()):
+            if now > answer_by:
+                connection.too_slow(within)
+        self._watching = None
+        if self._awaiting:
+            self._watch_deadlines()
+
+    def _watch_deadlines(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._watching = loop.call_later(DEADLINE_CHECK_SECONDS, self._check_deadlines)
 
     def _pooled(self, key: tuple[str, str, int]) -> _Connection | None:
         idle = self._idle.get(key)

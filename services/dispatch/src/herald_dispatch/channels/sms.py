@@ -224,9 +224,12 @@ Judge = Callable[[int, str], Verdict]
 def json_object(text: str) -> dict[str, Any]:
     """A provider's JSON answer as a dict ({} when it is not one)."""
     try:
-        body = json.loads(text)
-    except ValueError:
-        return {}
+        body = orjson.loads(text)  # one answer per message: the faster parser first
+    except orjson.JSONDecodeError:
+        try:  # what only Python's parser reads (NaN, integers past 64 bits)
+            body = json.loads(text)
+        except ValueError:
+            return {}
     return body if isinstance(body, dict) else {}
 
 
