@@ -137,11 +137,16 @@ class Row(asyncpg.Record):  # type: ignore[misc]
             raise AttributeError(name) from None
 
 
+def _json_text(value: str) -> str:
+    return value
+
+
 async def _decode_json(connection: asyncpg.Connection) -> None:
-    """json and jsonb values as Python objects, as sessions give them."""
+    """json and jsonb values read as Python objects and written as the JSON text given, as
+    sessions do."""
     for type_name in ("json", "jsonb"):
         await connection.set_type_codec(
-            type_name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+            type_name, encoder=_json_text, decoder=json.loads, schema="pg_catalog"
         )
 
 
