@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,7 @@ class CannotCheck(Exception):
     """The provider cannot check credentials without sending a message."""
 
 
+@functools.lru_cache(maxsize=1024)  # made for every message of a destination
 def basic_auth(user: str, password: str) -> str:
     """An HTTP Basic Authorization header value."""
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -11,7 +11,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -275,6 +275,7 @@ async def post_message(
     provider: str,
     url: str,
     form: dict[str, str] | None = None,
+    repeated_form_fields: Collection[str] = (),
     json_body: object = None,
     headers: dict[str, str],
     judge: Judge,
@@ -286,7 +287,7 @@ async def post_message(
     connection made); an answer that proves nothing makes it UNKNOWN, never sent again."""
     # Encoded once, for every attempt: a form, or JSON.
     if form is not None:
-        body, content_type = form_body(form), "application/x-www-form-urlencoded"
+        body, content_type = form_body(form, repeated_form_fields), "application/x-www-form-urlencoded"
     else:
         body = json.dumps(json_body, separators=(",", ":"), ensure_ascii=False).encode()
         content_type = "application/json"

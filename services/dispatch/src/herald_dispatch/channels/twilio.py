@@ -59,6 +59,10 @@ def sender_problem(sender: str) -> str | None:
     return "an E.164 number (+14155550100) or 1-11 letters, digits and spaces with a letter"
 
 
+# The form fields every message of a destination gives the same value.
+_DESTINATION_FIELDS = frozenset({"From", "MessagingServiceSid", "StatusCallback"})
+
+
 def _auth(config: pb.TwilioConfig) -> dict[str, str]:
     return {"Accept": "application/json", "Authorization": basic_auth(config.account_sid, config.auth_token)}
 
@@ -235,6 +239,7 @@ class TwilioChannel(SmsProvider):
             provider="Twilio",
             url=f"{base}/2010-04-01/Accounts/{config.account_sid}/Messages.json",
             form=form,
+            repeated_form_fields=_DESTINATION_FIELDS,
             headers=_auth(config),
             judge=_judge,
         )
