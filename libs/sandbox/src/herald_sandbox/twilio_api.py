@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import orjson
 import uvloop
 from aiohttp import web
 
@@ -308,7 +309,12 @@ class TwilioApi(LocalServer):
         callback = form.get("StatusCallback")
         if callback:
             self.in_background(self._callbacks(callback, message))
-        return web.json_response(self._resource(message), status=201)
+        return web.json_response(self._resource(message), status=201, dumps=_json)
+
+
+def _json(document: Any) -> str:
+    """A message's JSON, as compact as Twilio's own."""
+    return orjson.dumps(document).decode()
 
 
 @functools.lru_cache(maxsize=4)
