@@ -39,6 +39,8 @@ COMMON = {
     "herald_dead_letters_total",
     "herald_db_pool_connections",
     "herald_db_pool_connections_in_use",
+    "herald_db_direct_connections",
+    "herald_db_direct_connections_in_use",
     "herald_background_loop_failures_total",
     "herald_background_loop_failing",
     "herald_deliveries_total",

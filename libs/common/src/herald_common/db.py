@@ -197,6 +197,13 @@ class Database:
                 )
             return self._direct
 
+    def direct_connections(self) -> tuple[int, int]:
+        """How many direct connections are open, and how many of them are in use."""
+        pool = self._direct
+        if pool is None:
+            return 0, 0
+        return pool.get_size(), pool.get_size() - pool.get_idle_size()
+
     async def fetch_row(self, sql: str, *args: Any) -> Any:
         """One statement (asyncpg's `$1` parameters) in a transaction of its own, on asyncpg
         directly: for hot paths, where a session's own work would cost more than the statement."""

@@ -157,6 +157,16 @@ class Metrics:
             "Connections open beyond the pool's size (max_overflow).",
             registry=r,
         )
+        self.db_direct_connections = Gauge(
+            "herald_db_direct_connections",
+            "Connections the hot paths' asyncpg pool holds open (at most 10).",
+            registry=r,
+        )
+        self.db_direct_in_use = Gauge(
+            "herald_db_direct_connections_in_use",
+            "Connections of the hot paths' asyncpg pool in use.",
+            registry=r,
+        )
         self.loop_failures = Counter(
             "herald_background_loop_failures_total",
             "Steps of a background loop (outbox relay, releasers, timers) that raised.",

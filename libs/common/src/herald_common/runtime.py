@@ -249,6 +249,9 @@ class Infrastructure:
         m.db_pool_connections.set(pool.checkedin() + pool.checkedout())
         m.db_pool_in_use.set(pool.checkedout())
         m.db_pool_overflow.set(max(0, pool.overflow()))
+        direct_open, direct_in_use = self.database.direct_connections()
+        m.db_direct_connections.set(direct_open)
+        m.db_direct_in_use.set(direct_in_use)
         for loop in [self.relay.loop, *self.loops]:
             m.loop_failing.labels(loop.name).set(1 if loop.failing else 0)
             m.loop_failures.labels(loop.name).inc(
