@@ -89,6 +89,7 @@ class Statement:
     session would run, without the session's own cost."""
 
     def __init__(self, sql: str) -> None:
+        self.text = sql  # as a session runs it
         self.names: list[str] = []
 
         def position(match: re.Match[str]) -> str:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import nats.errors
@@ -18,7 +20,7 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald_common import tracing
-from herald_common.db import Database
+from herald_common.db import Database, Statement
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.metrics import Metrics
@@ -83,38 +85,36 @@ class OutboxEvent:
 
 async def enqueue(session: AsyncSession, table: sa.Table, events: Sequence[OutboxEvent]) -> None:
     """Adds events to the outbox inside the caller's transaction (one statement for the batch)."""
-    if not events:
-        return
-    current = tracing.current_traceparent()
-    await session.execute(
-        table.insert(),
-        [
-            {
-                "msg_id": e.msg_id,
-                "subject": e.subject,
-                "payload": e.payload,
-                "trace_context": e.trace_context or current,
-            }
-            for e in events
-        ],
-    )
+    if events:
+        statement = _insert(_qualified(table))
+        await session.execute(sa.text(statement.text), _columns(events))
 
 
 async def enqueue_direct(
     connection: asyncpg.Connection, table: sa.Table, events: Sequence[OutboxEvent]
 ) -> None:
     """`enqueue` inside a transaction on a direct connection (`Database.direct_transaction`)."""
-    if not events:
-        return
-    current = tracing.current_traceparent()
-    await connection.execute(
-        f"INSERT INTO {_qualified(table)} (msg_id, subject, payload, trace_context)"
-        " SELECT * FROM unnest($1::text[], $2::text[], $3::bytea[], $4::text[])",
-        [e.msg_id for e in events],
-        [e.subject for e in events],
-        [e.payload for e in events],
-        [e.trace_context or current for e in events],
+    if events:
+        await _insert(_qualified(table)).execute(connection, **_columns(events))
+
+
+@functools.cache
+def _insert(table: str) -> Statement:
+    return Statement(
+        f"INSERT INTO {table} (msg_id, subject, payload, trace_context)"
+        " SELECT * FROM unnest(CAST(:msg_ids AS text[]), CAST(:subjects AS text[]),"
+        " CAST(:payloads AS bytea[]), CAST(:trace_contexts AS text[]))"
     )
+
+
+def _columns(events: Sequence[OutboxEvent]) -> dict[str, list[Any]]:
+    current = tracing.current_traceparent()
+    return {
+        "msg_ids": [e.msg_id for e in events],
+        "subjects": [e.subject for e in events],
+        "payloads": [e.payload for e in events],
+        "trace_contexts": [e.trace_context or current for e in events],
+    }
 
 
 def _qualified(table: sa.Table) -> str:
@@ -214,14 +214,14 @@ class OutboxRelay:
             problems: dict[int, str] = {}
             sent = []
             for row in rows:
-                size = len(row["payload"]) + len(row["subject"]) + _PUBLISH_OVERHEAD_BYTES
+                size = len(row.payload) + len(row.subject) + _PUBLISH_OVERHEAD_BYTES
                 if size > max_payload:
-                    problems[row["id"]] = f"{len(row['payload'])} bytes; NATS accepts at most {max_payload}"
+                    problems[row.id] = f"{len(row.payload)} bytes; NATS accepts at most {max_payload}"
                     continue
-                headers = {"Nats-Msg-Id": row["msg_id"]}
-                if row["trace_context"]:
-                    headers[tracing.TRACEPARENT] = row["trace_context"]
-                ack = await self.js.publish_async(row["subject"], row["payload"], headers=headers)
+                headers = {"Nats-Msg-Id": row.msg_id}
+                if row.trace_context:
+                    headers[tracing.TRACEPARENT] = row.trace_context
+                ack = await self.js.publish_async(row.subject, row.payload, headers=headers)
                 sent.append((row, ack))
             acks = await asyncio.wait_for(
                 asyncio.gather(*(ack for _, ack in sent), return_exceptions=True),
@@ -230,11 +230,11 @@ class OutboxRelay:
             published = []
             for (row, _), result in zip(sent, acks, strict=True):
                 if not isinstance(result, BaseException):
-                    published.append(row["id"])
+                    published.append(row.id)
                 elif _never_publishable(result):
-                    problems[row["id"]] = f"JetStream refused it: {result}"
+                    problems[row.id] = f"JetStream refused it: {result}"
                 else:
-                    log.warning("outbox_publish_failed", subject=row["subject"], error=repr(result))
+                    log.warning("outbox_publish_failed", subject=row.subject, error=repr(result))
             if published:
                 await connection.execute(f"DELETE FROM {table} WHERE id = ANY($1::bigint[])", published)
             for row_id, problem in problems.items():

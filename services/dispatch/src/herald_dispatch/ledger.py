@@ -195,7 +195,7 @@ class DeliveryLedger:
             number = await _BEGIN.fetch_value(connection, batch_id=batch.batch_id, account_id=account_id)
             row = await _BEFORE.fetch_row(connection, ids=[r.delivery_id for r in batch.recipients])
         assert row is not None
-        return Attempt(int(number), set(row["finished"]), dict(row["intended"]))
+        return Attempt(int(number), set(row.finished), dict(row.intended))
 
     async def record(
         self,
