@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
@@ -17,6 +17,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import ColumnElement, Connection, MetaData, event, text
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -84,12 +85,18 @@ def _replace_closed_connection(
 _NAMED_PARAMETER = re.compile(r"(?<![:\w\x5c]):(\w+)(?!:)")
 
 
+# Where a statement runs: in a session, or on a direct connection (`Database.direct_transaction`).
+# Code shared by hot paths and others takes either.
+Target: TypeAlias = "AsyncSession | asyncpg.Connection"
+
+
 class Statement:
-    """SQL with `:name` parameters, run on asyncpg directly (as `$1`, `$2`, ...): the same text a
-    session would run, without the session's own cost."""
+    """SQL with `:name` parameters, run in a session or on asyncpg directly (as `$1`, `$2`, ...):
+    the same text either way, without a session's own cost on a direct connection."""
 
     def __init__(self, sql: str) -> None:
         self.text = sql  # as a session runs it
+        self.clause = sa.text(sql)
         self.names: list[str] = []
 
         def position(match: re.Match[str]) -> str:
@@ -103,17 +110,45 @@ class Statement:
     def args(self, values: Mapping[str, Any]) -> list[Any]:
         return [values[name] for name in self.names]
 
-    async def fetch(self, connection: asyncpg.Connection, **values: Any) -> list[asyncpg.Record]:
-        return await connection.fetch(self.sql, *self.args(values))  # type: ignore[no-any-return]
+    async def fetch(self, target: Target, **values: Any) -> Sequence[Any]:
+        """Every row, each read by position or by column name as an attribute."""
+        if isinstance(target, AsyncSession):
+            return (await target.execute(self.clause, values)).all()
+        return await target.fetch(self.sql, *self.args(values))  # type: ignore[no-any-return]
 
-    async def fetch_row(self, connection: asyncpg.Connection, **values: Any) -> asyncpg.Record | None:
-        return await connection.fetchrow(self.sql, *self.args(values))
+    async def fetch_row(self, target: Target, **values: Any) -> Any:
+        if isinstance(target, AsyncSession):
+            return (await target.execute(self.clause, values)).first()
+        return await target.fetchrow(self.sql, *self.args(values))
 
-    async def fetch_value(self, connection: asyncpg.Connection, **values: Any) -> Any:
-        return await connection.fetchval(self.sql, *self.args(values))
+    async def fetch_value(self, target: Target, **values: Any) -> Any:
+        if isinstance(target, AsyncSession):
+            return await target.scalar(self.clause, values)
+        return await target.fetchval(self.sql, *self.args(values))
 
-    async def execute(self, connection: asyncpg.Connection, **values: Any) -> None:
-        await connection.execute(self.sql, *self.args(values))
+    async def execute(self, target: Target, **values: Any) -> None:
+        if isinstance(target, AsyncSession):
+            await target.execute(self.clause, values)
+        else:
+            await target.execute(self.sql, *self.args(values))
+
+
+_ASYNCPG_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
+
+
+async def fetch_built(target: Target, statement: sa.Executable, values: Mapping[str, Any]) -> Sequence[Any]:
+    """Every row of a statement SQLAlchemy builds (a segment's conditions, say), in a session or
+    on a direct connection, where it is compiled as the session would compile it for asyncpg."""
+    if isinstance(target, AsyncSession):
+        return (await target.execute(statement, values)).all()
+    compiled = statement.compile(dialect=_ASYNCPG_DIALECT)  # type: ignore[attr-defined]
+    state = compiled.construct_expanded_state(values)
+    processors = state.processors
+    args = [
+        processors[name](value) if name in processors else value
+        for name, value in zip(state.positiontup or (), state.positional_parameters, strict=True)
+    ]
+    return await target.fetch(state.statement, *args)  # type: ignore[no-any-return]
 
 
 # Connections a service's hot paths hold at once, beside the session pool's.

@@ -11,16 +11,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 import nats.errors
 import nats.js.errors
 import sqlalchemy as sa
 from google.protobuf.message import Message
 from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald_common import tracing
-from herald_common.db import Database, Statement
+from herald_common.db import Database, Statement, Target
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
 from herald_common.metrics import Metrics
@@ -62,6 +60,14 @@ def add_outbox_problem_column(schema: str) -> None:
     op.add_column("outbox", sa.Column("problem", sa.Text, nullable=True), schema=schema)
 
 
+def store_outbox_payloads_uncompressed(schema: str) -> None:
+    """Migration step: a payload (up to a few hundred KB of protobuf) is written once, read once
+    and deleted within seconds, so compressing it costs PostgreSQL CPU and saves nothing."""
+    from alembic import op
+
+    op.execute(f"ALTER TABLE {schema}.outbox ALTER COLUMN payload SET STORAGE EXTERNAL")
+
+
 def add_outbox_trace_column(schema: str) -> None:
     """Migration step: each outbox row keeps the trace context of the work that wrote it."""
     from alembic import op
@@ -83,19 +89,11 @@ class OutboxEvent:
         return cls(subject, message.SerializeToString(), msg_id or str(uuid.uuid4()))
 
 
-async def enqueue(session: AsyncSession, table: sa.Table, events: Sequence[OutboxEvent]) -> None:
-    """Adds events to the outbox inside the caller's transaction (one statement for the batch)."""
+async def enqueue(target: Target, table: sa.Table, events: Sequence[OutboxEvent]) -> None:
+    """Adds events to the outbox inside the caller's transaction, a session's or a direct
+    connection's (one statement for the batch)."""
     if events:
-        statement = _insert(_qualified(table))
-        await session.execute(sa.text(statement.text), _columns(events))
-
-
-async def enqueue_direct(
-    connection: asyncpg.Connection, table: sa.Table, events: Sequence[OutboxEvent]
-) -> None:
-    """`enqueue` inside a transaction on a direct connection (`Database.direct_transaction`)."""
-    if events:
-        await _insert(_qualified(table)).execute(connection, **_columns(events))
+        await _insert(_qualified(table)).execute(target, **_columns(events))
 
 
 @functools.cache

@@ -22,7 +22,7 @@ from herald_common.auth import account_name
 from herald_common.bus import Subjects
 from herald_common.db import Database, Statement
 from herald_common.metrics import Metrics
-from herald_common.outbox import OutboxEvent, enqueue_direct
+from herald_common.outbox import OutboxEvent, enqueue
 from herald_dispatch.channels import UNKNOWN, Outcome
 from herald_dispatch.receipts import apply_receipts
 from herald_dispatch.storage import outbox
@@ -175,7 +175,7 @@ class DeliveryLedger:
         # How long an unanswered message waits before its provider is asked about it.
         self.settle_seconds = settle_seconds
 
-    async def claim_unsettled(self, limit: int, lease_seconds: float) -> tuple[list[Any], float | None]:
+    async def claim_unsettled(self, limit: int, lease_seconds: float) -> tuple[Sequence[Any], float | None]:
         """Unknown deliveries due to be looked up, held from other replicas for `lease_seconds`,
         and (when fewer than `limit` were due) the seconds until the next one is due."""
         async with self.database.direct_transaction() as connection:
@@ -278,7 +278,7 @@ class DeliveryLedger:
                         attempts=o.attempts,
                         resent=resent[delivery_id],
                     )
-            await enqueue_direct(
+            await enqueue(
                 connection, outbox, [OutboxEvent.of(self.subjects.delivery_outcomes, report, report.event_id)]
             )
             # Receipts that came before these deliveries were recorded apply now.

@@ -14,7 +14,7 @@ from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
-from herald_common.db import text_in
+from herald_common.db import Statement, Target, text_in
 from herald_segmentation.storage import activity_hours
 
 # The events that say a user is there: a session or page, an app opened, a notification seen,
@@ -29,7 +29,7 @@ ACTIVITY_EVENTS = frozenset(
         "Notification Clicked",
     }
 )
-_COUNT = sa.text(
+_COUNT = Statement(
     """
     INSERT INTO segmentation.activity_hours AS a (account_id, user_id, hour, count)
     SELECT :account_id, u, h, c
@@ -39,19 +39,17 @@ _COUNT = sa.text(
 )
 
 
-async def count_activity(session: AsyncSession, account_id: uuid.UUID, recorded: Sequence[Any]) -> None:
+async def count_activity(target: Target, account_id: uuid.UUID, recorded: Sequence[Any]) -> None:
     """Adds the recorded activity events to their users' hours (one statement for the call)."""
     counted = Counter((r.user_id, int(r.when // 3600 % 24)) for r in recorded if r.name in ACTIVITY_EVENTS)
     if counted:
         keys = sorted(counted)
-        await session.execute(
-            _COUNT,
-            {
-                "account_id": account_id,
-                "users": [u for u, _ in keys],
-                "hours": [h for _, h in keys],
-                "counts": [counted[k] for k in keys],
-            },
+        await _COUNT.execute(
+            target,
+            account_id=account_id,
+            users=[u for u, _ in keys],
+            hours=[h for _, h in keys],
+            counts=[counted[k] for k in keys],
         )
 
 

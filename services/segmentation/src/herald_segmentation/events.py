@@ -23,7 +23,7 @@ from herald_common.auth import (
     user_signature_matches,
 )
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Statement, Target
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_segmentation.activity import count_activity
@@ -69,10 +69,10 @@ _NEW_USERS = f"""
     )"""
 
 
-def _record_statement(adds_users: bool) -> sa.TextClause:
+def _record_statement(adds_users: bool) -> Statement:
     """Records a batch of events once each, answering the client ids recorded before; with
     `adds_users`, makes the users not known yet."""
-    return sa.text(
+    return Statement(
         f"""
     WITH turn AS (
         SELECT {LIVE_TURN_SHARED}
@@ -110,7 +110,7 @@ _RECORD = _record_statement(adds_users=True)
 # be made again by a late report.
 _RECORD_OWN = _record_statement(adds_users=False)
 # Profile events' properties merged into their users' profiles, in one statement for the batch.
-_SET_PROPERTIES = sa.text(
+_SET_PROPERTIES = Statement(
     f"""
     UPDATE {SCHEMA}.users u SET properties = u.properties || CAST(p.properties AS jsonb), updated_at = now()
     FROM unnest(CAST(:users AS text[]), CAST(:properties AS text[])) AS p(user_id, properties)
@@ -118,7 +118,7 @@ _SET_PROPERTIES = sa.text(
     """
 )
 # The users among :users whose profile holds more than :most properties, with their count.
-_OVERSIZED_PROFILES = sa.text(
+_OVERSIZED_PROFILES = Statement(
     f"""
     SELECT user_id, keys FROM (
         SELECT user_id, (SELECT count(*) FROM jsonb_object_keys(properties)) AS keys
@@ -293,7 +293,7 @@ class Events:
         types: SentTypes,
         check: Validator,
         received: datetime,
-        statement: sa.TextClause,
+        statement: Statement,
     ) -> tuple[int, int]:
         account_id = current_account_id()
         await types.check(self.database, account_id, check)
@@ -302,41 +302,40 @@ class Events:
         unique = list({r.client_id: r for r in reversed(parsed)}.values())
         unique.reverse()
         await self._ensure_partitions({_month(day) for day in {int(r.when) // 86400 * 86400 for r in unique}})
-        async with self.database.transaction() as session:
-            await types.record(session, account_id, check)
-            unique = await _as_merged(session, account_id, unique)
+        # On a direct connection: this runs for every call, and a session would cost more than
+        # its statements.
+        async with self.database.direct_transaction() as connection:
+            await types.record(connection, account_id, check)
+            unique = await _as_merged(connection, account_id, unique)
             # The statement names the duplicates, which are few: nearly every event is new.
-            duplicates = set(
-                await session.scalars(
-                    statement,
-                    {
-                        "account_id": account_id,
-                        "received": received.timestamp(),
-                        "events": orjson.dumps(
-                            [
-                                {"c": r.client_id, "u": r.user_id, "n": r.name, "t": r.when, "p": r.values}
-                                for r in unique
-                            ]
-                        ).decode(),
-                    },
-                )
+            found = await statement.fetch(
+                connection,
+                account_id=account_id,
+                received=received.timestamp(),
+                events=orjson.dumps(
+                    [
+                        {"c": r.client_id, "u": r.user_id, "n": r.name, "t": r.when, "p": r.values}
+                        for r in unique
+                    ]
+                ).decode(),
             )
+            duplicates = {row[0] for row in found}
             recorded = [r for r in unique if r.client_id not in duplicates] if duplicates else unique
             if recorded:
-                await self._apply_profile_events(session, account_id, recorded)
-                await self._refuse_oversized_profiles(session, account_id, parsed, recorded)
-                await count_activity(session, account_id, recorded)
+                await self._apply_profile_events(connection, account_id, recorded)
+                await self._refuse_oversized_profiles(connection, account_id, parsed, recorded)
+                await count_activity(connection, account_id, recorded)
                 announced = [self._announcement(account_id, recorded, received)]
                 if self.live is not None:
-                    announced += await self.live.match(session, account_id, recorded, received)
-                await enqueue(session, outbox, announced)
+                    announced += await self.live.match(connection, account_id, recorded, received)
+                await enqueue(connection, outbox, announced)
         if recorded:
             self.notify_outbox()
         return len(recorded), len(parsed) - len(recorded)
 
     @staticmethod
     async def _refuse_oversized_profiles(
-        session: Any, account_id: uuid.UUID, parsed: list[_Received], recorded: list[_Received]
+        target: Target, account_id: uuid.UUID, parsed: list[_Received], recorded: list[_Received]
     ) -> None:
         """Refuses the whole call when a profile event took a profile past MAX_PROPERTY_KEYS.
         Counted after the merge in the writing transaction, whose row locks make concurrent calls
@@ -344,9 +343,8 @@ class Events:
         touched = {r.user_id for r in recorded if r.name == PROFILE_EVENT}
         if not touched:
             return
-        rows = await session.execute(
-            _OVERSIZED_PROFILES,
-            {"account_id": account_id, "users": sorted(touched), "most": MAX_PROPERTY_KEYS},
+        rows = await _OVERSIZED_PROFILES.fetch(
+            target, account_id=account_id, users=sorted(touched), most=MAX_PROPERTY_KEYS
         )
         check = Validator()
         for user_id, keys in rows:
@@ -358,19 +356,17 @@ class Events:
         check.raise_if_any()
 
     @staticmethod
-    async def _apply_profile_events(session: Any, account_id: uuid.UUID, recorded: list[_Received]) -> None:
+    async def _apply_profile_events(target: Target, account_id: uuid.UUID, recorded: list[_Received]) -> None:
         merged: dict[str, dict[str, Any]] = {}
         for r in sorted(recorded, key=lambda r: r.when):  # the newest value wins
             if r.name == PROFILE_EVENT:
                 merged.setdefault(r.user_id, {}).update(r.values)
         if merged:
-            await session.execute(
-                _SET_PROPERTIES,
-                {
-                    "account_id": account_id,
-                    "users": list(merged),
-                    "properties": [orjson.dumps(values).decode() for values in merged.values()],
-                },
+            await _SET_PROPERTIES.execute(
+                target,
+                account_id=account_id,
+                users=list(merged),
+                properties=[orjson.dumps(values).decode() for values in merged.values()],
             )
 
     def _announcement(self, account_id: uuid.UUID, recorded: list[_Received], now: datetime) -> OutboxEvent:
@@ -404,9 +400,9 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-async def _as_merged(session: Any, account_id: uuid.UUID, received: list[_Received]) -> list[_Received]:
+async def _as_merged(target: Target, account_id: uuid.UUID, received: list[_Received]) -> list[_Received]:
     """The events, those of anonymous visitors merged into a user since made the user's."""
-    merged = await aliases(session, account_id, {r.user_id for r in received})
+    merged = await aliases(target, account_id, {r.user_id for r in received})
     if not merged:
         return received
     for r in received:

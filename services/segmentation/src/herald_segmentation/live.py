@@ -29,13 +29,13 @@ from herald.events.v1 import events_pb2
 from herald_common import api
 from herald_common.auth import account_id_of, account_name
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Statement, Target, fetch_built
 from herald_common.live import as_action
 from herald_common.logging import get_logger
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_segmentation.filters import EVENT_PROPERTIES, Context, event_where, reads_now
 from herald_segmentation.properties import event_subject, known_types
-from herald_segmentation.storage import event_bodies, events, goals, live_triggers, outbox
+from herald_segmentation.storage import SCHEMA, event_bodies, events, goals, live_triggers, outbox
 
 log = get_logger(__name__)
 # An event that arrives later than this after it happened is recorded but triggers nothing.
@@ -286,26 +286,15 @@ def _watches_of(row: Any) -> list[_Watch]:
 
 
 # The account's active triggers and goals, in one round trip: this runs for every call.
-_TRIGGERS_AND_GOALS = sa.union_all(
-    sa.select(
-        sa.literal(False).label("goal"),
-        live_triggers.c.campaign,
-        live_triggers.c.version,
-        live_triggers.c.trigger.label("spec"),
-        live_triggers.c.start_at,
-        live_triggers.c.end_at,
-    ).where(live_triggers.c.account_id == sa.bindparam("account_id"), live_triggers.c.active),
-    sa.select(
-        sa.literal(True).label("goal"),
-        goals.c.campaign,
-        goals.c.version,
-        goals.c.goal.label("spec"),
-        goals.c.start_at,
-        goals.c.end_at,
-    ).where(
-        goals.c.account_id == sa.bindparam("account_id"),
-        sa.or_(goals.c.end_at.is_(None), goals.c.end_at > sa.bindparam("since")),
-    ),
+_TRIGGERS_AND_GOALS = Statement(
+    f"""
+    SELECT false AS goal, campaign, version, trigger AS spec, start_at, end_at
+    FROM {SCHEMA}.live_triggers WHERE account_id = :account_id AND active
+    UNION ALL
+    SELECT true AS goal, campaign, version, goal AS spec, start_at, end_at
+    FROM {SCHEMA}.goals
+    WHERE account_id = :account_id AND (end_at IS NULL OR end_at > CAST(:since AS timestamptz))
+    """
 )
 
 
@@ -390,25 +379,23 @@ class LiveTriggers:
             page = statement.where(key > (last.occurred_at, last.client_event_id))
 
     async def match(
-        self, session: AsyncSession, account_id: uuid.UUID, recorded: Sequence[Received], received: datetime
+        self, target: Target, account_id: uuid.UUID, recorded: Sequence[Received], received: datetime
     ) -> list[OutboxEvent]:
         """The LiveMatches and GoalEvents of events just recorded (none when no live campaign
-        watches them and no goal names them)."""
-        rows = (
-            await session.execute(
-                _TRIGGERS_AND_GOALS, {"account_id": account_id, "since": received - LATENESS_ALLOWANCE}
-            )
-        ).all()
+        watches them and no goal names them), in the recording transaction."""
+        rows = await _TRIGGERS_AND_GOALS.fetch(
+            target, account_id=account_id, since=received - LATENESS_ALLOWANCE
+        )
         if not rows:
             return []
         watching = [w for row in rows for w in _WATCHES.get(tuple(row), functools.partial(_watches_of, row))]
         earliest = (received - LATENESS_ALLOWANCE).timestamp()
         timely = [e for e in recorded if e.when >= earliest]
-        return await self._matched(session, account_id, timely, watching, received)
+        return await self._matched(target, account_id, timely, watching, received)
 
     async def _matched(
         self,
-        session: AsyncSession,
+        target: Target,
         account_id: uuid.UUID,
         timely: Sequence[Received],
         watching: list[_Watch],
@@ -429,10 +416,10 @@ class LiveTriggers:
         candidates.sort(key=lambda c: timely[c[0]].when)
         if not candidates:
             return []
-        passed = await self._where_holds(session, account_id, timely, candidates)
+        passed = await self._where_holds(target, account_id, timely, candidates)
         needing = [k for k, ok in enumerate(passed) if ok and candidates[k][1].earlier is not None]
         if needing:
-            held = await self._earlier_done(session, account_id, timely, candidates, needing)
+            held = await self._earlier_done(target, account_id, timely, candidates, needing)
             passed = [ok and (k in held or k not in needing) for k, ok in enumerate(passed)]
         # Built in place: a message made apart and then added would be copied.
         published = events_pb2.LiveMatches(
@@ -475,7 +462,7 @@ class LiveTriggers:
 
     async def _earlier_done(
         self,
-        session: AsyncSession,
+        target: Target,
         account_id: uuid.UUID,
         timely: Sequence[Received],
         candidates: list[tuple[int, _Watch]],
@@ -496,7 +483,7 @@ class LiveTriggers:
                 continue
             keys = {(event_subject(earlier.event_name), c.property) for c in earlier.where}
             ctx = Context(
-                account_id=account_id, now=api.utcnow(), types=await known_types(session, account_id, keys)
+                account_id=account_id, now=api.utcnow(), types=await known_types(target, account_id, keys)
             )
             rows = (
                 sa.func.unnest(
@@ -525,22 +512,22 @@ class LiveTriggers:
                     event_where(earlier.where, EVENT_PROPERTIES, earlier.event_name, ctx),
                 )
             )
-            held |= set(
-                await session.scalars(
-                    sa.select(rows.c.k).where(done),
-                    {
-                        "ks": ks,
-                        "users": [timely[candidates[k][0]].user_id for k in ks],
-                        "times": [timely[candidates[k][0]].when for k in ks],
-                        "values": [_text(timely[candidates[k][0]].values[prop]) for k in ks],
-                    },
-                )
+            found = await fetch_built(
+                target,
+                sa.select(rows.c.k).where(done),
+                {
+                    "ks": ks,
+                    "users": [timely[candidates[k][0]].user_id for k in ks],
+                    "times": [timely[candidates[k][0]].when for k in ks],
+                    "values": [_text(timely[candidates[k][0]].values[prop]) for k in ks],
+                },
             )
+            held |= {row[0] for row in found}
         return held
 
     async def _where_holds(
         self,
-        session: AsyncSession,
+        target: Target,
         account_id: uuid.UUID,
         timely: Sequence[Received],
         candidates: list[tuple[int, _Watch]],
@@ -554,28 +541,28 @@ class LiveTriggers:
         number = {id(w): n for n, w in enumerate(distinct)}
         keys = {(event_subject(w.event.event_name), c.property) for w in distinct for c in w.event.where}
         ctx = Context(
-            account_id=account_id, now=api.utcnow(), types=await known_types(session, account_id, keys)
+            account_id=account_id, now=api.utcnow(), types=await known_types(target, account_id, keys)
         )
         relative = any(reads_now(w.event.where) for w in distinct)
         types = tuple(sorted(ctx.types.items()))
         key = (tuple(w.key for w in distinct), types, ctx.now if relative else None)
-        passed = set(
-            await session.scalars(
-                _WHERE_STATEMENTS.get(key, functools.partial(_where_statement, distinct, ctx)),
-                {
-                    "candidates": orjson.dumps(
-                        [
-                            {
-                                "k": k,
-                                "properties": timely[candidates[k][0]].values,
-                                "watch": number[id(candidates[k][1])],
-                            }
-                            for k in tested
-                        ]
-                    ).decode()
-                },
-            )
+        found = await fetch_built(
+            target,
+            _WHERE_STATEMENTS.get(key, functools.partial(_where_statement, distinct, ctx)),
+            {
+                "candidates": orjson.dumps(
+                    [
+                        {
+                            "k": k,
+                            "properties": timely[candidates[k][0]].values,
+                            "watch": number[id(candidates[k][1])],
+                        }
+                        for k in tested
+                    ]
+                ).decode()
+            },
         )
+        passed = {row[0] for row in found}
         needs = set(tested)
         return [k in passed or k not in needs for k in range(len(candidates))]
 

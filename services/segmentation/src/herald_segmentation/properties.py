@@ -9,15 +9,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlalchemy as sa
 from google.protobuf import json_format, struct_pb2
-from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from herald_common.db import Database
+from herald_common.db import Database, Statement, Target
 from herald_common.errors import Validator
 from herald_common.timing import parse_datetime
-from herald_segmentation.storage import property_types
+from herald_segmentation.storage import SCHEMA
 
 USER = "user"
 
@@ -198,29 +195,48 @@ Typed = dict[tuple[str, str], PropertyType]  # (subject, key) -> type
 _ON_RECORD: dict[uuid.UUID, Typed] = {}
 
 
-async def _read_types(session: AsyncSession, account_id: uuid.UUID, keys: set[tuple[str, str]]) -> Typed:
+_READ_TYPES = Statement(
+    f"""
+    SELECT t.subject, t.key, t.type FROM {SCHEMA}.property_types t
+    JOIN unnest(CAST(:subjects AS text[]), CAST(:keys AS text[])) AS k(subject, key)
+      ON t.subject = k.subject AND t.key = k.key
+    WHERE t.account_id = :account_id
+    """
+)
+# In key order, so that two writers recording the same new keys cannot deadlock.
+_RECORD_TYPES = Statement(
+    f"""
+    INSERT INTO {SCHEMA}.property_types (account_id, subject, key, type)
+    SELECT :account_id, n.subject, n.key, n.type
+    FROM unnest(CAST(:subjects AS text[]), CAST(:keys AS text[]), CAST(:types AS text[]))
+         AS n(subject, key, type)
+    ORDER BY n.subject, n.key
+    ON CONFLICT DO NOTHING
+    """
+)
+
+
+async def _read_types(target: Target, account_id: uuid.UUID, keys: set[tuple[str, str]]) -> Typed:
     if not keys:
         return {}
-    rows = await session.execute(
-        sa.select(property_types.c.subject, property_types.c.key, property_types.c.type).where(
-            property_types.c.account_id == account_id,
-            sa.tuple_(property_types.c.subject, property_types.c.key).in_(sorted(keys)),
-        )
+    ordered = sorted(keys)
+    rows = await _READ_TYPES.fetch(
+        target, account_id=account_id, subjects=[s for s, _ in ordered], keys=[k for _, k in ordered]
     )
     return {(r.subject, r.key): PropertyType(r.type) for r in rows}
 
 
-async def known_types(session: AsyncSession, account_id: uuid.UUID, keys: Iterable[tuple[str, str]]) -> Typed:
+async def known_types(target: Target, account_id: uuid.UUID, keys: Iterable[tuple[str, str]]) -> Typed:
     """The types on record for these properties. Call it in a transaction that writes nothing, so
     what it reads is committed and can be kept."""
     held = _ON_RECORD.setdefault(account_id, {})
     wanted = set(keys)
-    held.update(await _read_types(session, account_id, wanted - held.keys()))
+    held.update(await _read_types(target, account_id, wanted - held.keys()))
     return {key: held[key] for key in wanted if key in held}
 
 
 async def record_types(
-    session: AsyncSession, account_id: uuid.UUID, seen: Mapping[tuple[str, str], PropertyType]
+    target: Target, account_id: uuid.UUID, seen: Mapping[tuple[str, str], PropertyType]
 ) -> Typed:
     """Records the types of properties not seen before; returns every type now on record for
     them (a concurrent writer may have recorded another type first)."""
@@ -228,20 +244,18 @@ async def record_types(
     new = {key: kind for key, kind in seen.items() if key not in held}
     if not new:
         return {key: held[key] for key in seen}
-    await session.execute(
-        insert(property_types)
-        .on_conflict_do_nothing()
-        .values(
-            [
-                {"account_id": account_id, "subject": subject, "key": key, "type": kind.value}
-                for (subject, key), kind in sorted(new.items())
-            ]
-        )
+    ordered = sorted(new.items())
+    await _RECORD_TYPES.execute(
+        target,
+        account_id=account_id,
+        subjects=[subject for (subject, _), _ in ordered],
+        keys=[key for (_, key), _ in ordered],
+        types=[kind.value for _, kind in ordered],
     )
     # Read inside this transaction, which may still roll back: not kept.
     return {
         **{key: held[key] for key in seen if key in held},
-        **await _read_types(session, account_id, set(new)),
+        **await _read_types(target, account_id, set(new)),
     }
 
 
@@ -298,11 +312,11 @@ class SentTypes:
     async def check(self, database: Database, account_id: uuid.UUID, check: Validator) -> None:
         """Against each other and against the types on record, before anything is written."""
         self._against(self.first, check)
-        async with database.transaction() as session:
-            self._against(await known_types(session, account_id, self.first), check)
+        async with database.connection() as connection:
+            self._against(await known_types(connection, account_id, self.first), check)
 
-    async def record(self, session: AsyncSession, account_id: uuid.UUID, check: Validator) -> None:
+    async def record(self, target: Target, account_id: uuid.UUID, check: Validator) -> None:
         """Records the new types in the writing transaction; raises if a concurrent writer recorded
         another type first (the transaction then rolls back)."""
-        self._against(await record_types(session, account_id, self.first), check)
+        self._against(await record_types(target, account_id, self.first), check)
         check.raise_if_any()

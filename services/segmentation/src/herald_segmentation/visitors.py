@@ -16,7 +16,6 @@ from collections.abc import Callable, Collection
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.events.v1 import events_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
@@ -31,7 +30,7 @@ from herald_common.auth import (
     user_signature_matches,
 )
 from herald_common.bus import Subjects
-from herald_common.db import Database, text_in
+from herald_common.db import Database, Statement, Target
 from herald_common.errors import Validator
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_segmentation.storage import SCHEMA, outbox, visitor_aliases
@@ -174,14 +173,16 @@ class Visitors:
         return pb.MergeVisitorResponse(moved_event_count=int(moved or 0))
 
 
-async def aliases(session: AsyncSession, account_id: uuid.UUID, ids: Collection[str]) -> dict[str, str]:
+_ALIASES = Statement(
+    f"SELECT anonymous_id, user_id FROM {SCHEMA}.visitor_aliases"
+    " WHERE account_id = :account_id AND anonymous_id = ANY(CAST(:anonymous AS text[]))"
+)
+
+
+async def aliases(target: Target, account_id: uuid.UUID, ids: Collection[str]) -> dict[str, str]:
     """The users the given anonymous ids were merged into."""
     anonymous = sorted(i for i in ids if i.startswith(ANONYMOUS_PREFIX))
     if not anonymous:
         return {}
-    rows = await session.execute(
-        sa.select(visitor_aliases.c.anonymous_id, visitor_aliases.c.user_id).where(
-            visitor_aliases.c.account_id == account_id, text_in(visitor_aliases.c.anonymous_id, anonymous)
-        )
-    )
+    rows = await _ALIASES.fetch(target, account_id=account_id, anonymous=anonymous)
     return {row.anonymous_id: row.user_id for row in rows}

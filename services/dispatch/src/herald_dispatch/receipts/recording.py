@@ -15,7 +15,7 @@ from herald.events.v1 import events_pb2 as events
 from herald_common.auth import account_name
 from herald_common.bus import Subjects
 from herald_common.db import Statement
-from herald_common.outbox import OutboxEvent, enqueue_direct
+from herald_common.outbox import OutboxEvent, enqueue
 from herald_dispatch.storage import outbox
 
 ReceiptStatus = events.ReceiptStatus
@@ -92,5 +92,5 @@ async def apply_receipts(
             event_id=str(uuid.uuid4()), account=account_name(owner), campaign=campaign, results=results
         )
         queued.append(OutboxEvent.of(subjects.delivery_receipts, event, event.event_id))
-    await enqueue_direct(connection, outbox, queued)
+    await enqueue(connection, outbox, queued)
     return len(applied)
