@@ -5,9 +5,13 @@ them, an mParticle export of an SMS campaign's delivery receipts among them."""
 from __future__ import annotations
 
 import aiohttp
+import nats.errors
+from nats.js import JetStreamContext
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
+from herald_common.bus import Subjects
 from herald_common.live import (
     APP_VERSION_CHANGED,
     CONTROL_GROUP,
@@ -81,8 +85,25 @@ async def test_a_live_mparticle_campaign_exports_an_sms_campaigns_delivery_recei
     await _counts(account, NOTIFICATION_DELIVERED, 27, condition("campaign", "EQUALS", texts.name))
 
 
+async def _announced(platform: Platform, js: JetStreamContext) -> list[pb.Event]:
+    """Every event the segmentation service has announced as recorded (EventsIngested)."""
+    subjects = Subjects(platform.settings.namespace)
+    subscription = await js.pull_subscribe(subjects.events_ingested, stream=subjects.stream("segmentation"))
+    found: list[pb.Event] = []
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(100, timeout=1)
+            except nats.errors.TimeoutError:
+                return found
+            for message in messages:
+                found += events_pb2.EventsIngested.FromString(message.data).events
+    finally:
+        await subscription.unsubscribe()
+
+
 async def test_control_users_replies_and_new_app_versions_are_recorded_as_events(
-    platform: Platform, account: SmsAccount, twilio: TwilioApi
+    platform: Platform, account: SmsAccount, twilio: TwilioApi, js: JetStreamContext
 ) -> None:
     held_back = _sms_campaign(account, targeting=campaign_pb.Targeting(control_group_percent=40))
     name = await _publish(account, held_back)
@@ -90,6 +111,17 @@ async def test_control_users_replies_and_new_app_versions_are_recorded_as_events
     control = {r.reason: r.count for r in stats.failure_reasons}["control group"]
     assert control > 0
     await _counts(account, CONTROL_GROUP, control, condition("campaign", "EQUALS", name))
+    announced = [
+        e
+        for e in await _announced(platform, js)
+        if e.name == CONTROL_GROUP and e.user_id.startswith(account.tag)
+    ]
+    assert len(announced) == control
+    for event in announced:
+        delivery_id = event.properties.fields["delivery_id"].string_value
+        assert event.client_event_id == f"herald:control-group:{delivery_id}"
+        assert dict(event.properties) == {"campaign": name, "delivery_id": delivery_id}
+        assert event.time.seconds > 0
 
     destination_id = account.destination.removeprefix("destinations/")
     url = f"http://127.0.0.1:{platform.settings.receipts_port}/v1/inbound/twilio/{destination_id}"

@@ -141,14 +141,19 @@ STRING = PropertyType.STRING
 
 
 class OwnEvent(NamedTuple):
-    """An event Herald made, with its properties (all strings) as plain values."""
+    """An event Herald made: a template of its name, time and the properties it shares with
+    others (one template serves a report's events), its user and id, and its properties of its
+    own. Its message is made only for the announcement, where it costs least."""
 
-    event: pb.Event
-    values: dict[str, str]
+    template: pb.Event
+    user_id: str
+    client_id: str
+    extra: dict[str, str]
+    values: dict[str, str]  # every property (all strings), the template's and its own
 
 
 class _Received(NamedTuple):
-    event: pb.Event
+    source: pb.Event | OwnEvent  # a caller's event as it came, or one of Herald's own
     client_id: str
     user_id: str
     name: str
@@ -278,13 +283,18 @@ class Events:
         types = SentTypes()
         typed: set[tuple[str, ...]] = set()
         parsed = []
-        for i, (event, values) in enumerate(made):
-            name = event.name
+        template: pb.Event | None = None
+        name, when = "", 0.0
+        for i, own in enumerate(made):
+            if own.template is not template:  # a report's events share one: read it once
+                template = own.template
+                name, time = template.name, template.time
+                when = time.seconds + time.nanos / 1e9
+            values = own.values
             if (shape := (name, *values)) not in typed:
                 typed.add(shape)
                 types.add(f"events[{i}].properties", event_subject(name), dict.fromkeys(values, STRING))
-            when = event.time.seconds + event.time.nanos / 1e9
-            parsed.append(_Received(event, event.client_event_id, event.user_id, name, when, values))
+            parsed.append(_Received(own, own.client_id, own.user_id, name, when, values))
         return await self._record(parsed, types, Validator(), received, _RECORD_OWN)
 
     async def _record(
@@ -376,14 +386,27 @@ class Events:
         head = events_pb2.EventsIngested(
             event_id=event_id, account=account_name(account_id), receive_time=receive_time
         ).SerializeToString()
-        # Each event appended in its wire form (field 3, length-delimited): adding them to the
-        # message would copy every one first.
+        # A caller's event is appended in its wire form (field 3, length-delimited): adding it to
+        # the message would copy it first. Herald's own are made in a message of their own from
+        # their templates, and appended as its wire form (the events field of both is field 3).
         parts = [head]
+        own = events_pb2.EventsIngested()
+        add_own = own.events.add
         for r in recorded:
-            if not r.event.HasField("time"):
-                r.event.time.CopyFrom(receive_time)
-            data = r.event.SerializeToString()
+            source = r.source
+            if isinstance(source, OwnEvent):
+                event = add_own()
+                event.MergeFrom(source.template)
+                event.user_id, event.client_event_id = r.user_id, r.client_id
+                fields = event.properties.fields
+                for key, value in source.extra.items():
+                    fields[key].string_value = value
+                continue
+            if not source.HasField("time"):
+                source.time.CopyFrom(receive_time)
+            data = source.SerializeToString()
             parts.append(_EVENTS_TAG + _varint(len(data)) + data)
+        parts.append(own.SerializeToString())
         return OutboxEvent(self.subjects.events_ingested, b"".join(parts), event_id)
 
 
@@ -406,8 +429,8 @@ async def _as_merged(target: Target, account_id: uuid.UUID, received: list[_Rece
     if not merged:
         return received
     for r in received:
-        if r.user_id in merged:
-            r.event.user_id = merged[r.user_id]
+        if r.user_id in merged and isinstance(r.source, pb.Event):
+            r.source.user_id = merged[r.user_id]  # announced as recorded
     return [r._replace(user_id=merged[r.user_id]) if r.user_id in merged else r for r in received]
 
 

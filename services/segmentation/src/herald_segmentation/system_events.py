@@ -41,20 +41,20 @@ from herald_segmentation.events import MAX_EVENTS, Events, OwnEvent
 from herald_segmentation.storage import users
 
 
-def _own(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> OwnEvent:
-    """An event of Herald's own identifiers, its properties set field by field (Struct.update
-    goes through a slower, general path)."""
+def _event(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> pb.Event:
+    """An event, its properties set field by field (Struct.update goes through a slower, general
+    path)."""
     event = pb.Event(user_id=user_id, name=name, client_event_id=client_id)
     event.time.CopyFrom(at if isinstance(at, Timestamp) else api.timestamp(at))
     fields = event.properties.fields
     for key, value in properties.items():
         fields[key].string_value = value
-    return OwnEvent(event, properties)
+    return event
 
 
-def _event(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> pb.Event:
-    """An event of outside values, checked as a caller's are."""
-    return _own(user_id, name, client_id, at, **properties).event
+def _own(user_id: str, name: str, client_id: str, at: Timestamp | datetime, **properties: str) -> OwnEvent:
+    """An event of Herald's own identifiers, with a template of its own."""
+    return OwnEvent(_event("", name, "", at, **properties), user_id, client_id, {}, properties)
 
 
 def app_version_events(
@@ -76,8 +76,8 @@ def app_version_events(
 
 
 class _CampaignEvents:
-    """Events of one campaign's deliveries, each a copy of a template of its name with the user, the
-    id and the delivery set: copying a message costs half of setting every field of a new one."""
+    """Events of one campaign's deliveries, sharing a template of each name (the campaign and the
+    time), each with its user, id and delivery."""
 
     def __init__(self, campaign: str, at: Timestamp) -> None:
         self.campaign = campaign
@@ -88,11 +88,13 @@ class _CampaignEvents:
         template = self._templates.get(name)
         if template is None:
             template = self._templates[name] = _event("", name, "", self.at, campaign=self.campaign)
-        event = pb.Event()
-        event.CopyFrom(template)
-        event.user_id, event.client_event_id = user_id, client_id
-        event.properties.fields["delivery_id"].string_value = delivery_id
-        return OwnEvent(event, {"campaign": self.campaign, "delivery_id": delivery_id})
+        return OwnEvent(
+            template,
+            user_id,
+            client_id,
+            {"delivery_id": delivery_id},
+            {"campaign": self.campaign, "delivery_id": delivery_id},
+        )
 
 
 class _Report(Protocol):
