@@ -21,6 +21,7 @@ from herald_campaign.goals import goal_results, record_exposures
 from herald_campaign.records import State, campaign_id_of, owned, set_state, state_name
 from herald_campaign.references import References
 from herald_campaign.storage import (
+    SCHEMA,
     campaigns,
     conversions,
     failure_reasons,
@@ -33,7 +34,7 @@ from herald_campaign.storage import (
 from herald_common import api
 from herald_common.auth import account_id_of
 from herald_common.bus import Subjects
-from herald_common.db import Database, text_in
+from herald_common.db import Database, Statement, text_in
 from herald_common.errors import NotFound, invalid
 from herald_common.skips import SkipReason
 
@@ -173,6 +174,9 @@ async def _count_results(
     await add_run_counts(session, by_run)
     await add_reasons(session, reasons, owners, run_reasons, run_owners)
     return new
+
+
+_OWNERS = Statement(f"SELECT id, account_id FROM {SCHEMA}.campaigns WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 
 def _stats_of(name: str) -> tuple[uuid.UUID, str | None]:
@@ -337,12 +341,10 @@ class Results:
     async def foreign_reports(self, claims: Sequence[tuple[str, str]]) -> dict[int, str]:
         """Which (campaign, account) claims of a batch of reports name an account that does not own
         the campaign, with why: those reports are set aside, never counted."""
-        ids = {campaign_id_of(campaign) for campaign, _ in claims}
-        async with self.database.transaction() as session:
-            found = await session.execute(
-                sa.select(campaigns.c.id, campaigns.c.account_id).where(campaigns.c.id.in_(ids))
-            )
-            owners = {row.id: row.account_id for row in found}
+        ids = sorted({campaign_id_of(campaign) for campaign, _ in claims})
+        async with self.database.connection() as connection:  # every batch of reports: no session
+            found = await _OWNERS.fetch(connection, ids=ids)
+        owners = {row.id: row.account_id for row in found}
         foreign = {}
         for i, (campaign, account) in enumerate(claims):
             owner = owners.get(campaign_id_of(campaign))

@@ -12,15 +12,13 @@ import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 
-import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
-
+from herald_common.db import Statement, Target
 from herald_common.timing import local_day, zone_named
 
 # Counts are kept a little past their period, then dropped.
 _KEEP = timedelta(days=2)
 
-_ENSURE = sa.text(
+_ENSURE = Statement(
     """
     INSERT INTO scheduler.frequency_counts (account_id, channel, user_id, period, used, expires_on)
     SELECT a, c, u, p, 0, e
@@ -30,7 +28,7 @@ _ENSURE = sa.text(
     ON CONFLICT DO NOTHING
     """
 )
-_LOCK = sa.text(
+_LOCK = Statement(
     """
     SELECT f.account_id, f.channel, f.user_id, f.period, f.used
     FROM scheduler.frequency_counts f
@@ -41,7 +39,7 @@ _LOCK = sa.text(
     FOR UPDATE OF f
     """
 )
-_STORE = sa.text(
+_STORE = Statement(
     """
     UPDATE scheduler.frequency_counts f SET used = t.n
     FROM unnest(CAST(:accounts AS uuid[]), CAST(:channels AS text[]), CAST(:users AS text[]),
@@ -49,7 +47,7 @@ _STORE = sa.text(
     WHERE f.account_id = t.a AND f.channel = t.c AND f.user_id = t.u AND f.period = t.p
     """
 )
-_FORGET = sa.text("DELETE FROM scheduler.frequency_counts WHERE expires_on < :today")
+_FORGET = Statement("DELETE FROM scheduler.frequency_counts WHERE expires_on < :today")
 
 
 @dataclass(frozen=True)
@@ -93,17 +91,17 @@ def _columns(keys: list[Key]) -> dict[str, list[object]]:
     }
 
 
-async def admit(session: AsyncSession, sends: list[Send], now: datetime) -> list[bool]:
+async def admit(target: Target, sends: list[Send], now: datetime) -> list[bool]:
     """Whether each delivery fits its user's caps, in order; those that fit are counted."""
     if not sends:
         return []
     periods = [_periods(s, now) for s in sends]
     expiry = dict(p for pair in periods for p in pair)
     keys = sorted(expiry)
-    await session.execute(_ENSURE, {**_columns(keys), "expires": [expiry[k] for k in keys]})
+    await _ENSURE.execute(target, **_columns(keys), expires=[expiry[k] for k in keys])
     used: dict[Key, int] = {
         (r.account_id, r.channel, r.user_id, r.period): r.used
-        for r in await session.execute(_LOCK, _columns(keys))
+        for r in await _LOCK.fetch(target, **_columns(keys))
     }
     fits: list[bool] = []
     changed: set[Key] = set()
@@ -118,9 +116,9 @@ async def admit(session: AsyncSession, sends: list[Send], now: datetime) -> list
         fits.append(ok)
     if changed:
         ordered = sorted(changed)
-        await session.execute(_STORE, {**_columns(ordered), "used": [used[k] for k in ordered]})
+        await _STORE.execute(target, **_columns(ordered), used=[used[k] for k in ordered])
     return fits
 
 
-async def forget_expired(session: AsyncSession, today: date) -> None:
-    await session.execute(_FORGET, {"today": today})
+async def forget_expired(target: Target, today: date) -> None:
+    await _FORGET.execute(target, today=today)

@@ -18,7 +18,7 @@ from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api, tracing
 from herald_common.auth import NO_ACCOUNT, account_id_of
-from herald_common.db import Database
+from herald_common.db import Database, Statement, Target
 from herald_common.logging import get_logger
 from herald_common.schedules import MAX_SEND_TIMES, Occurrence, account_zone, occurrences_after
 from herald_scheduler.runs import RunEvents
@@ -65,22 +65,25 @@ async def plan_following(
         await _insert_runs(session, campaign.name, run.account_id, [(found[0], len(found) == 1)])
 
 
+_SETTINGS = Statement(
+    "SELECT account_id, settings FROM scheduler.accounts WHERE account_id = ANY(CAST(:accounts AS uuid[]))"
+)
+
+
 async def accounts_settings(
-    session: AsyncSession, account_ids: Iterable[uuid.UUID]
+    target: Target, account_ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, accounts_pb.AccountSettings]:
     """The accounts' newest settings known here, in one query; an account none are known of
     has the defaults."""
     wanted = set(account_ids)
-    rows = await session.execute(
-        sa.select(accounts.c.account_id, accounts.c.settings).where(accounts.c.account_id.in_(wanted))
-    )
+    rows = await _SETTINGS.fetch(target, accounts=sorted(wanted))
     found = {r.account_id: accounts_pb.AccountSettings.FromString(r.settings) for r in rows}
     return {account_id: found.get(account_id, accounts_pb.AccountSettings()) for account_id in wanted}
 
 
-async def account_settings(session: AsyncSession, account_id: uuid.UUID) -> accounts_pb.AccountSettings:
+async def account_settings(target: Target, account_id: uuid.UUID) -> accounts_pb.AccountSettings:
     """The account's newest settings known here (defaults when none are)."""
-    return (await accounts_settings(session, [account_id]))[account_id]
+    return (await accounts_settings(target, [account_id]))[account_id]
 
 
 async def store_account_settings(

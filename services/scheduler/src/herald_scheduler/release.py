@@ -18,7 +18,6 @@ from datetime import date, datetime, timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
@@ -26,7 +25,7 @@ from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api, channels, tracing
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Statement, Target
 from herald_common.faults import is_transient
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop
@@ -39,7 +38,7 @@ from herald_scheduler import frequency
 from herald_scheduler.handover import delivery_batches
 from herald_scheduler.planning import accounts_settings
 from herald_scheduler.runs import RunEvents
-from herald_scheduler.storage import campaigns, outbox, pending_deliveries, runs
+from herald_scheduler.storage import outbox, pending_deliveries
 
 log = get_logger(__name__)
 # A round hands over whole groups, about this many deliveries in all, from at most this many groups.
@@ -64,7 +63,7 @@ _IN_PROGRESS = [
 ]
 _DISPATCHED = pb.RunState.Name(pb.RUN_STATE_DISPATCHED)
 
-_DUE = sa.text(
+_DUE = Statement(
     """
     SELECT run_id, group_id, account_id, campaign, due_at, cutoff_at, zone, throttled, size, recipients
     FROM scheduler.pending_deliveries
@@ -75,24 +74,24 @@ _DUE = sa.text(
     """
 )
 # When the next waiting group comes due (those due already are being released).
-_NEXT_DUE = sa.text(
+_NEXT_DUE = Statement(
     "SELECT min(due_at) FROM scheduler.pending_deliveries WHERE due_at > :now AND problem IS NULL"
 )
-_FORGET = sa.text(
+_FORGET = Statement(
     """
     DELETE FROM scheduler.pending_deliveries p
     USING unnest(CAST(:runs AS uuid[]), CAST(:groups AS text[])) AS t(r, g)
     WHERE p.run_id = t.r AND p.group_id = t.g
     """
 )
-_DEFER = sa.text(
+_DEFER = Statement(
     """
     UPDATE scheduler.pending_deliveries
     SET due_at = :until, throttled = true, size = :size, recipients = :recipients
     WHERE run_id = :run_id AND group_id = :group_id
     """
 )
-_THROTTLE_TAKE = sa.text(
+_THROTTLE_TAKE = Statement(
     """
     INSERT INTO scheduler.throttle_windows AS w (account_id, campaign, window_start, used)
     VALUES (:account_id, :campaign, :window, 0)
@@ -100,11 +99,11 @@ _THROTTLE_TAKE = sa.text(
     RETURNING used
     """
 )
-_THROTTLE_USE = sa.text(
+_THROTTLE_USE = Statement(
     "UPDATE scheduler.throttle_windows SET used = used + :n"
     " WHERE campaign = :campaign AND window_start = :window"
 )
-_COUNT = sa.text(
+_COUNT = Statement(
     """
     UPDATE scheduler.runs r SET
         waiting = r.waiting - t.n,
@@ -120,6 +119,13 @@ _COUNT = sa.text(
     RETURNING r.*
     """
 )
+
+_CAMPAIGNS = Statement(
+    "SELECT name, account_id, snapshot, version, state FROM scheduler.campaigns"
+    " WHERE name = ANY(CAST(:names AS text[]))"
+)
+_TRACES = Statement("SELECT id, trace_context FROM scheduler.runs WHERE id = ANY(CAST(:ids AS uuid[]))")
+_FORGET_THROTTLE_WINDOWS = Statement("DELETE FROM scheduler.throttle_windows WHERE window_start < :before")
 
 
 @dataclass
@@ -242,7 +248,7 @@ class Releaser:
     async def _quarantine_poison(self) -> None:
         now = api.utcnow()
         async with self.database.transaction() as session:
-            for group in (await session.execute(_DUE, {"now": now, "limit": RELEASE_GROUPS})).all():
+            for group in await _DUE.fetch(session, now=now, limit=RELEASE_GROUPS):
                 try:
                     async with session.begin_nested():
                         decided = await self._decide(session, [group], now)
@@ -270,11 +276,13 @@ class Releaser:
 
     async def _release_round(self) -> bool:
         now = api.utcnow()
-        async with self.database.transaction() as session:
-            locked = (await session.execute(_DUE, {"now": now, "limit": RELEASE_GROUPS})).all()
+        # On a direct connection: rounds follow each other all the time deliveries are due, and a
+        # session would cost more than their statements.
+        async with self.database.direct_transaction() as connection:
+            locked = await _DUE.fetch(connection, now=now, limit=RELEASE_GROUPS)
             if not locked:
-                await self._sweep(session, now)
-                await self._expect_next(session, now)
+                await self._sweep(connection, now)
+                await self._expect_next(connection, now)
                 return False
             groups: list[Any] = []
             size = 0
@@ -283,11 +291,11 @@ class Releaser:
                     break
                 groups.append(group)
                 size += group.size
-            decided = await self._decide(session, groups, now)
-            batches = await self._hand_over(session, groups, decided)
+            decided = await self._decide(connection, groups, now)
+            batches = await self._hand_over(connection, groups, decided)
             more = len(groups) < len(locked) or len(locked) == RELEASE_GROUPS
             if not more:  # what this round put off (a throttle's next window, say) comes due later
-                await self._expect_next(session, now)
+                await self._expect_next(connection, now)
         if self.metrics is not None:
             self.metrics.released_batches.inc(batches)
             for run_id in decided.released:
@@ -295,16 +303,16 @@ class Releaser:
         self.notify_outbox()
         return more
 
-    async def _expect_next(self, session: AsyncSession, now: datetime) -> None:
+    async def _expect_next(self, target: Target, now: datetime) -> None:
         """Has the leading round wake when the next waiting group comes due."""
-        next_due = await session.scalar(_NEXT_DUE, {"now": now})
+        next_due = await _NEXT_DUE.fetch_value(target, now=now)
         if next_due is not None:
             self.loops[0].due_at(next_due)
 
-    async def _decide(self, session: AsyncSession, groups: list[Any], now: datetime) -> _Round:
-        known = await self._campaigns(session, {g.campaign for g in groups})
+    async def _decide(self, target: Target, groups: list[Any], now: datetime) -> _Round:
+        known = await self._campaigns(target, {g.campaign for g in groups})
         decided = _Round(now, known)
-        settings = await accounts_settings(session, {g.account_id for g in groups})
+        settings = await accounts_settings(target, {g.account_id for g in groups})
         by_campaign: dict[str, list[Any]] = defaultdict(list)
         for group in groups:
             by_campaign[group.campaign].append(group)
@@ -321,7 +329,7 @@ class Releaser:
                 continue
             account = settings[of_campaign[0].account_id]
             cap = _cap(campaign, account)
-            for each in await self._throttle(session, campaign, account, waiting, decided):
+            for each in await self._throttle(target, campaign, account, waiting, decided):
                 if cap is None:
                     decided.release(each)
                 else:
@@ -329,14 +337,14 @@ class Releaser:
                     channel = campaign.kind.destination_type
                     send = frequency.Send(group.account_id, channel, each.recipient.user_id, group.zone, cap)
                     capped.append((each, send))
-        fits = await frequency.admit(session, [send for _, send in capped], now)
+        fits = await frequency.admit(target, [send for _, send in capped], now)
         for (each, _), ok in zip(capped, fits, strict=True):
             decided.release(each, None if ok else SkipReason.FREQUENCY_CAP)
         return decided
 
     async def _throttle(
         self,
-        session: AsyncSession,
+        target: Target,
         campaign: _Campaign,
         account: accounts_pb.AccountSettings,
         waiting: list[_Waiting],
@@ -350,9 +358,8 @@ class Releaser:
         following = window + timedelta(seconds=THROTTLE_WINDOW_SECONDS)
         budget = len(waiting)
         if limit > 0:
-            used = await session.scalar(
-                _THROTTLE_TAKE,
-                {"account_id": campaign.account_id, "campaign": campaign.campaign.name, "window": window},
+            used = await _THROTTLE_TAKE.fetch_value(
+                target, account_id=campaign.account_id, campaign=campaign.campaign.name, window=window
             )
             budget = max(limit - int(used or 0), 0)
         going: list[_Waiting] = []
@@ -369,35 +376,24 @@ class Releaser:
             else:
                 decided.defer(each, following)
         if limit > 0 and going:
-            await session.execute(
-                _THROTTLE_USE, {"n": len(going), "campaign": campaign.campaign.name, "window": window}
-            )
+            await _THROTTLE_USE.execute(target, n=len(going), campaign=campaign.campaign.name, window=window)
         return going
 
-    async def _hand_over(self, session: AsyncSession, groups: list[Any], decided: _Round) -> int:
+    async def _hand_over(self, target: Target, groups: list[Any], decided: _Round) -> int:
         """Rewrites the groups that wait on, deletes the others and queues what was released;
         returns how many delivery batches it queued."""
         for (run_id, group_id), (until, kept) in decided.kept.items():
             recipients = events.PendingRecipients(recipients=kept).SerializeToString()
-            await session.execute(
-                _DEFER,
-                {
-                    "until": until,
-                    "size": len(kept),
-                    "recipients": recipients,
-                    "run_id": run_id,
-                    "group_id": group_id,
-                },
+            await _DEFER.execute(
+                target, until=until, size=len(kept), recipients=recipients, run_id=run_id, group_id=group_id
             )
         done = [g for g in groups if (g.run_id, g.group_id) not in decided.kept]
         if done:
-            await session.execute(
-                _FORGET, {"runs": [g.run_id for g in done], "groups": [g.group_id for g in done]}
-            )
+            await _FORGET.execute(target, runs=[g.run_id for g in done], groups=[g.group_id for g in done])
         if not decided.released:
             return 0
         first = {g.run_id: g for g in groups}
-        traces = await _traces(session, list(decided.released)) if tracing.enabled() else {}
+        traces = await _traces(target, list(decided.released)) if tracing.enabled() else {}
         queued: list[OutboxEvent] = []
         for run_id, released in decided.released.items():
             group = first[run_id]
@@ -413,33 +409,21 @@ class Releaser:
             )
             # Delivering continues the trace of the change that planned the run.
             queued += [replace(b, trace_context=traces.get(run_id)) for b in batches]
-        await enqueue(session, outbox, queued)
-        counted = (
-            await session.execute(
-                _COUNT,
-                {
-                    "now": decided.now,
-                    "releasing": _RELEASING,
-                    "dispatched": _DISPATCHED,
-                    "runs": list(decided.released),
-                    "counts": [len(r) for r in decided.released.values()],
-                    "late": [decided.lateness(run_id) for run_id in decided.released],
-                },
-            )
-        ).all()
-        await self.run_events.changed(session, counted)
+        await enqueue(target, outbox, queued)
+        counted = await _COUNT.fetch(
+            target,
+            now=decided.now,
+            releasing=_RELEASING,
+            dispatched=_DISPATCHED,
+            runs=list(decided.released),
+            counts=[len(r) for r in decided.released.values()],
+            late=[decided.lateness(run_id) for run_id in decided.released],
+        )
+        await self.run_events.changed(target, counted)
         return len(queued)
 
-    async def _campaigns(self, session: AsyncSession, names: set[str]) -> dict[str, _Campaign]:
-        rows = await session.execute(
-            sa.select(
-                campaigns.c.name,
-                campaigns.c.account_id,
-                campaigns.c.snapshot,
-                campaigns.c.version,
-                campaigns.c.state,
-            ).where(campaigns.c.name.in_(names))
-        )
+    async def _campaigns(self, target: Target, names: set[str]) -> dict[str, _Campaign]:
+        rows = await _CAMPAIGNS.fetch(target, names=sorted(names))
         found = {}
         for row in rows:
             campaign = campaign_pb.Campaign.FromString(row.snapshot)
@@ -453,16 +437,13 @@ class Releaser:
             )
         return found
 
-    async def _sweep(self, session: AsyncSession, now: datetime) -> None:
+    async def _sweep(self, target: Target, now: datetime) -> None:
         """Once a day, drops frequency counts and throttle windows that no longer matter."""
         if self._swept == now.date():
             return
         self._swept = now.date()
-        await frequency.forget_expired(session, now.date())
-        await session.execute(
-            sa.text("DELETE FROM scheduler.throttle_windows WHERE window_start < :before"),
-            {"before": now - timedelta(days=1)},
-        )
+        await frequency.forget_expired(target, now.date())
+        await _FORGET_THROTTLE_WINDOWS.execute(target, before=now - timedelta(days=1))
 
 
 def _cap(campaign: _Campaign, account: accounts_pb.AccountSettings) -> frequency.Cap | None:
@@ -490,9 +471,8 @@ def released_at_once(
     return not throttled and rules.cutoff is None and account_cap(rules, kind, account) is None
 
 
-async def _traces(session: AsyncSession, run_ids: list[uuid.UUID]) -> dict[uuid.UUID, str | None]:
-    found = await session.execute(sa.select(runs.c.id, runs.c.trace_context).where(runs.c.id.in_(run_ids)))
-    return {row.id: row.trace_context for row in found}
+async def _traces(target: Target, run_ids: list[uuid.UUID]) -> dict[uuid.UUID, str | None]:
+    return {row.id: row.trace_context for row in await _TRACES.fetch(target, ids=run_ids)}
 
 
 _PROGRESS = sa.text(

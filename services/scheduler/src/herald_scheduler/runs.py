@@ -8,14 +8,13 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as pb
 from herald_common import api
 from herald_common.auth import account_name, current_account_id
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Target
 from herald_common.errors import NotFound
 from herald_common.outbox import OutboxEvent, enqueue
 from herald_common.paging import keyset_page
@@ -57,7 +56,7 @@ class RunEvents:
     def __init__(self, subjects: Subjects) -> None:
         self.subjects = subjects
 
-    async def changed(self, session: AsyncSession, rows: Sequence[Any]) -> None:
+    async def changed(self, target: Target, rows: Sequence[Any]) -> None:
         now = api.timestamp(api.utcnow())
         queued = []
         for row in rows:
@@ -69,7 +68,7 @@ class RunEvents:
                 account=account_name(row.account_id),
             )
             queued.append(OutboxEvent.of(self.subjects.run_changed, event, event.event_id))
-        await enqueue(session, outbox, queued)
+        await enqueue(target, outbox, queued)
 
 
 def _of_callers_account() -> sa.ColumnElement[bool]:

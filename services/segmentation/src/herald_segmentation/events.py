@@ -229,9 +229,9 @@ class Events:
             if caller is not None and caller.role == PUBLISHABLE_ROLE
             else None
         )
-        # The shapes (subject and property types) already added: a batch repeats a few, and the
-        # first event of each is the one a conflict is reported at.
-        shapes: set[tuple[str, frozenset[tuple[str, PropertyType]]]] = set()
+        # The shapes (event name and property types) already added: a batch repeats a few, and
+        # the first event of each is the one a conflict is reported at.
+        shapes: set[tuple[str, tuple[tuple[str, PropertyType], ...]]] = set()
         for i, event in enumerate(batch):
             # Fields read once (each read of a message field makes a new string), and checked
             # without building a message or a path unless something is wrong: this runs per event.
@@ -262,9 +262,9 @@ class Events:
                 values, kinds = plain
             if browser_secret is not None and name == PROFILE_EVENT:
                 _check_from_browser(event, values, browser_secret, f"events[{i}]", check)
-            subject = USER if name == PROFILE_EVENT else event_subject(name)
-            if kinds and (shape := (subject, frozenset(kinds.items()))) not in shapes:
+            if kinds and (shape := (name, tuple(kinds.items()))) not in shapes:
                 shapes.add(shape)
+                subject = USER if name == PROFILE_EVENT else event_subject(name)
                 types.add(f"events[{i}].properties", subject, kinds)
             parsed.append(_Received(event, client_id, user_id, name, when, values))
         return parsed, types, check
