@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from herald.accounts.v1 import account_service_pb2 as pb
 from herald.accounts.v1 import account_service_pb2_grpc as pb_grpc
 from herald.events.v1 import events_pb2 as events
-from herald_campaign.storage import accounts, api_keys, outbox
+from herald_campaign.storage import SCHEMA, accounts, api_keys, outbox
 from herald_common import api, bus
 from herald_common.auth import (
     KeyRegistry,
@@ -36,7 +36,7 @@ from herald_common.auth import (
     method_permissions,
 )
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Statement, Target
 from herald_common.errors import NotFound, Validator, invalid
 from herald_common.netguard import NetworkPolicy
 from herald_common.outbox import OutboxEvent, enqueue
@@ -84,13 +84,12 @@ def _account_message(row: Any) -> pb.Account:
     return account
 
 
-async def settings_of(session: AsyncSession, account_id: uuid.UUID) -> tuple[pb.AccountSettings, int]:
+_SETTINGS_OF = Statement(f"SELECT settings, settings_version FROM {SCHEMA}.accounts WHERE id = :id")
+
+
+async def settings_of(target: Target, account_id: uuid.UUID) -> tuple[pb.AccountSettings, int]:
     """An account's settings and their version (defaults and 0 when it has none)."""
-    row = (
-        await session.execute(
-            sa.select(accounts.c.settings, accounts.c.settings_version).where(accounts.c.id == account_id)
-        )
-    ).first()
+    row = await _SETTINGS_OF.fetch_row(target, id=account_id)
     if row is None:
         return pb.AccountSettings(), 0
     return pb.AccountSettings.FromString(row.settings), row.settings_version

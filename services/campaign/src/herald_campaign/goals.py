@@ -27,17 +27,16 @@ from typing import Any, NamedTuple
 
 import orjson
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald_campaign.counts import add_campaign_counts, add_run_counts, tally
 from herald_campaign.records import campaign_id_of
-from herald_campaign.storage import campaigns, exposures, waiting_goal_events
+from herald_campaign.storage import SCHEMA, waiting_goal_events
 from herald_common import api
 from herald_common.auth import account_id_of
-from herald_common.db import Database
+from herald_common.db import Database, Statement, Target
 from herald_common.logging import get_logger
 from herald_common.skips import SkipReason
 
@@ -70,17 +69,25 @@ def _waiting_event(row: Any) -> _GoalEvent:
     )
 
 
-async def _goals(
-    session: AsyncSession, campaign_ids: set[uuid.UUID]
-) -> dict[uuid.UUID, tuple[uuid.UUID, pb.Goal]]:
+_SPECS = Statement(
+    f"SELECT id, account_id, spec FROM {SCHEMA}.campaigns WHERE id = ANY(CAST(:ids AS uuid[]))"
+)
+_EXPOSE = Statement(
+    f"""
+    INSERT INTO {SCHEMA}.exposures (delivery_id, account_id, campaign_id, run, user_id, control, exposed_at)
+    SELECT * FROM jsonb_to_recordset(CAST(:exposures AS jsonb))
+        AS e(d text, a uuid, c uuid, r text, u text, x bool, t timestamptz)
+    ON CONFLICT DO NOTHING
+    RETURNING *
+    """
+)
+
+
+async def _goals(target: Target, campaign_ids: set[uuid.UUID]) -> dict[uuid.UUID, tuple[uuid.UUID, pb.Goal]]:
     """The owner and goal of each of the campaigns that has a goal."""
     if not campaign_ids:
         return {}
-    rows = await session.execute(
-        sa.select(campaigns.c.id, campaigns.c.account_id, campaigns.c.spec).where(
-            campaigns.c.id.in_(campaign_ids)
-        )
-    )
+    rows = await _SPECS.fetch(target, ids=sorted(campaign_ids))
     found = {}
     for row in rows:
         spec = pb.Campaign.FromString(row.spec)
@@ -89,10 +96,10 @@ async def _goals(
     return found
 
 
-async def record_exposures(session: AsyncSession, outcomes: Sequence[events.DeliveryOutcomes]) -> None:
+async def record_exposures(target: Target, outcomes: Sequence[events.DeliveryOutcomes]) -> None:
     """The sent and control deliveries of campaigns with a goal (outcome events seen for the first
     time), and the waiting goal events they take."""
-    goals = await _goals(session, {campaign_id_of(o.campaign) for o in outcomes})
+    goals = await _goals(target, {campaign_id_of(o.campaign) for o in outcomes})
     rows = []
     for outcome in outcomes:
         campaign_id = campaign_id_of(outcome.campaign)
@@ -106,32 +113,26 @@ async def record_exposures(session: AsyncSession, outcomes: Sequence[events.Deli
             if result.status == events.DELIVERY_STATUS_SENT or control:
                 rows.append(
                     {
-                        "delivery_id": result.delivery_id,
-                        "account_id": goals[campaign_id][0],
-                        "campaign_id": campaign_id,
-                        "run": outcome.run,
-                        "user_id": result.user_id,
-                        "control": control,
-                        "exposed_at": at,
+                        "d": result.delivery_id,
+                        "a": goals[campaign_id][0],
+                        "c": campaign_id,
+                        "r": outcome.run,
+                        "u": result.user_id,
+                        "x": control,
+                        "t": at,
                     }
                 )
     if not rows:
         return
-    added = (
-        await session.execute(
-            insert(exposures).on_conflict_do_nothing().returning(*exposures.c),
-            rows,
-        )
-    ).all()
-    await _count(session, [(row, "goal_control" if row.control else "goal_sent", 1.0) for row in added])
+    added = await _EXPOSE.fetch(target, exposures=orjson.dumps(rows).decode())
+    await _count(target, [(row, "goal_control" if row.control else "goal_sent", 1.0) for row in added])
     users = sorted({(row.campaign_id, row.user_id) for row in added})
     if users:
-        waiting = await session.execute(
-            _WAITING_OF, {"campaigns": [c for c, _ in users], "users": [u for _, u in users]}
-        )
+        campaign_ids, user_ids = [c for c, _ in users], [u for _, u in users]
+        waiting = await _WAITING_OF.fetch(target, campaigns=campaign_ids, users=user_ids)
         found = [_waiting_event(w) for w in waiting]
         if found:
-            await _attribute(session, goals, found, waiting=True)
+            await _attribute(target, goals, found, waiting=True)
 
 
 async def _by_key_lookups(session: AsyncSession) -> None:
@@ -222,7 +223,7 @@ _MOVE_TO_USER = [
 
 
 # The goal events waiting for one of (campaign, user) pairs: two array parameters however many.
-_WAITING_OF = sa.text(
+_WAITING_OF = Statement(
     """
     SELECT w.* FROM campaign.waiting_goal_events w
     JOIN unnest(CAST(:campaigns AS uuid[]), CAST(:users AS text[])) AS p(campaign_id, user_id)
@@ -299,7 +300,7 @@ _ATTRIBUTE = """
     SELECT count(*) FROM converted
 """
 # Fresh events: those with no exposure yet wait for it.
-_ATTRIBUTE_ARRIVED = sa.text(
+_ATTRIBUTE_ARRIVED = Statement(
     _ATTRIBUTE.format(
         settled="""
         INSERT INTO campaign.waiting_goal_events
@@ -309,7 +310,7 @@ _ATTRIBUTE_ARRIVED = sa.text(
     )
 )
 # Waiting events: those settled (given to an exposure, or found no longer to count) stop waiting.
-_ATTRIBUTE_WAITING = sa.text(
+_ATTRIBUTE_WAITING = Statement(
     _ATTRIBUTE.format(
         settled="""
         DELETE FROM campaign.waiting_goal_events w USING placed p
@@ -319,7 +320,7 @@ _ATTRIBUTE_WAITING = sa.text(
 
 
 async def _attribute(
-    session: AsyncSession,
+    target: Target,
     goals: dict[uuid.UUID, tuple[uuid.UUID, pb.Goal]],
     found: list[_GoalEvent],
     *,
@@ -345,21 +346,21 @@ async def _attribute(
         default=str,  # asyncpg's own UUIDs, from waiting events' rows
     ).decode()
     if waiting:
-        await session.execute(_ATTRIBUTE_WAITING, {"events": events})
+        await _ATTRIBUTE_WAITING.execute(target, events=events)
     else:
         expires = api.utcnow() + WAITING_FOR_EXPOSURE
-        await session.execute(_ATTRIBUTE_ARRIVED, {"events": events, "expires": expires})
+        await _ATTRIBUTE_ARRIVED.execute(target, events=events, expires=expires)
 
 
-async def _count(session: AsyncSession, added: list[tuple[Any, str, float]]) -> None:
+async def _count(target: Target, added: Sequence[tuple[Any, str, float]]) -> None:
     """Adds (exposure row, column, amount) to its campaign's and its run's counts."""
     by_campaign: dict[uuid.UUID, defaultdict[str, float]] = defaultdict(tally)
     by_run: dict[tuple[str, uuid.UUID, uuid.UUID], defaultdict[str, float]] = defaultdict(tally)
     for row, column, amount in added:
         by_campaign[row.campaign_id][column] += amount
         by_run[(row.run, row.campaign_id, row.account_id)][column] += amount
-    await add_campaign_counts(session, by_campaign)
-    await add_run_counts(session, by_run)
+    await add_campaign_counts(target, by_campaign)
+    await add_run_counts(target, by_run)
 
 
 def _wilson(successes: int, n: int) -> tuple[float, float]:

@@ -7,7 +7,6 @@ import uuid
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
@@ -16,6 +15,7 @@ from herald_campaign.storage import campaigns, outbox
 from herald_common import api
 from herald_common.auth import current_account_id
 from herald_common.bus import Subjects
+from herald_common.db import Target, fetch_built
 from herald_common.outbox import OutboxEvent, enqueue
 
 State = pb.State
@@ -46,7 +46,7 @@ def owned(campaign_id: uuid.UUID) -> sa.ColumnElement[bool]:
     return sa.and_(campaigns.c.id == campaign_id, campaigns.c.account_id == current_account_id())
 
 
-async def announce_change(session: AsyncSession, subjects: Subjects, row: Any) -> None:
+async def announce_change(target: Target, subjects: Subjects, row: Any) -> None:
     """CampaignChanged for the campaign as `row` now holds it, in the changing transaction."""
     event = events.CampaignChanged(
         event_id=str(uuid.uuid4()),
@@ -55,28 +55,22 @@ async def announce_change(session: AsyncSession, subjects: Subjects, row: Any) -
         version=row.version,
         account=f"accounts/{row.account_id}" if row.account_id else "",
     )
-    settings, version = await settings_of(session, row.account_id)
+    settings, version = await settings_of(target, row.account_id)
     event.account_settings.CopyFrom(settings)
     event.account_settings_version = version
-    await enqueue(session, outbox, [OutboxEvent.of(subjects.campaign_changed, event, event.event_id)])
+    await enqueue(target, outbox, [OutboxEvent.of(subjects.campaign_changed, event, event.event_id)])
 
 
 async def set_state(
-    session: AsyncSession, subjects: Subjects, campaign_id: uuid.UUID, state: State.ValueType, **values: Any
+    target: Target, subjects: Subjects, campaign_id: uuid.UUID, state: State.ValueType, **values: Any
 ) -> Any:
     """Moves the campaign to `state` (with `values`), announced; answers its new row."""
-    row = (
-        await session.execute(
-            sa.update(campaigns)
-            .where(campaigns.c.id == campaign_id)
-            .values(
-                state=state_name(state),
-                updated_at=api.utcnow(),
-                version=campaigns.c.version + 1,
-                **values,
-            )
-            .returning(*campaigns.c)
-        )
-    ).one()
-    await announce_change(session, subjects, row)
+    statement = (
+        sa.update(campaigns)
+        .where(campaigns.c.id == campaign_id)
+        .values(state=state_name(state), updated_at=api.utcnow(), version=campaigns.c.version + 1, **values)
+        .returning(*campaigns.c)
+    )
+    (row,) = await fetch_built(target, statement, {})
+    await announce_change(target, subjects, row)
     return row

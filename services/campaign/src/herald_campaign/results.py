@@ -6,12 +6,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
@@ -25,7 +24,6 @@ from herald_campaign.storage import (
     campaigns,
     conversions,
     failure_reasons,
-    outcome_events,
     run_failure_reasons,
     run_stats,
     runs,
@@ -34,7 +32,7 @@ from herald_campaign.storage import (
 from herald_common import api
 from herald_common.auth import account_id_of
 from herald_common.bus import Subjects
-from herald_common.db import Database, Statement, text_in
+from herald_common.db import Database, Statement, Target, text_in
 from herald_common.errors import NotFound, invalid
 from herald_common.skips import SkipReason
 
@@ -73,23 +71,25 @@ _COUNTED = [c.name for c in stats.c if isinstance(c.type, sa.BigInteger | sa.Flo
 MAX_REASON_LENGTH = 300
 
 
-async def _not_counted_before(session: AsyncSession, received: Iterable[_ResultEvent[Any]]) -> set[str]:
+_MARK_COUNTED = Statement(
+    f"""
+    INSERT INTO {SCHEMA}.outcome_events (event_id, campaign_id, account_id)
+    SELECT * FROM unnest(CAST(:events AS text[]), CAST(:campaigns AS uuid[]), CAST(:accounts AS uuid[]))
+    ON CONFLICT (event_id) DO NOTHING
+    RETURNING event_id
+    """
+)
+
+
+async def _not_counted_before(target: Target, received: Sequence[_ResultEvent[Any]]) -> set[str]:
     """The ids of the events not counted before, now marked counted."""
-    return set(
-        await session.scalars(
-            insert(outcome_events)
-            .on_conflict_do_nothing(index_elements=[outcome_events.c.event_id])
-            .returning(outcome_events.c.event_id),
-            [
-                {
-                    "event_id": e.event_id,
-                    "campaign_id": campaign_id_of(e.campaign),
-                    "account_id": account_id_of(e.account),
-                }
-                for e in received
-            ],
-        )
+    rows = await _MARK_COUNTED.fetch(
+        target,
+        events=[e.event_id for e in received],
+        campaigns=[campaign_id_of(e.campaign) for e in received],
+        accounts=[account_id_of(e.account) for e in received],
     )
+    return {row[0] for row in rows}
 
 
 def _outcome_counts(result: events.DeliveryResult) -> tuple[list[str], str | None]:
@@ -139,7 +139,7 @@ _R = TypeVar("_R", events.DeliveryResult, events.ReceiptResult, events.WebIntera
 
 
 async def _count_results(
-    session: AsyncSession,
+    target: Target,
     received: Sequence[_ResultEvent[_R]],
     counts_of: Callable[[_R], tuple[list[str], str | None]],
     run_of: Callable[[Any, Any], str] | None = None,
@@ -147,7 +147,7 @@ async def _count_results(
     """Adds the results of the events not counted before to their campaigns' stats and failure
     reasons (and, with `run_of`, to their runs'); returns those events' ids."""
     by_event = {e.event_id: e for e in received}
-    new = await _not_counted_before(session, by_event.values())
+    new = await _not_counted_before(target, list(by_event.values()))
     by_campaign: dict[uuid.UUID, defaultdict[str, float]] = defaultdict(tally)
     by_run: dict[tuple[str, uuid.UUID, uuid.UUID], defaultdict[str, float]] = defaultdict(tally)
     reasons: dict[tuple[uuid.UUID, str], list[str]] = defaultdict(list)
@@ -170,12 +170,15 @@ async def _count_results(
                 reasons[(campaign_id, reason)].append(result.user_id)
                 if run:
                     run_reasons[(run, reason)].append(result.user_id)
-    await add_campaign_counts(session, by_campaign)
-    await add_run_counts(session, by_run)
-    await add_reasons(session, reasons, owners, run_reasons, run_owners)
+    await add_campaign_counts(target, by_campaign)
+    await add_run_counts(target, by_run)
+    await add_reasons(target, reasons, owners, run_reasons, run_owners)
     return new
 
 
+_LOCK_CAMPAIGN = Statement(f"SELECT * FROM {SCHEMA}.campaigns WHERE id = :id FOR UPDATE")
+_RUNS_OF = Statement(f"SELECT * FROM {SCHEMA}.runs WHERE campaign_id = :campaign_id")
+_STATS_OF = Statement(f"SELECT * FROM {SCHEMA}.campaign_stats WHERE campaign_id = :campaign_id")
 _OWNERS = Statement(f"SELECT id, account_id FROM {SCHEMA}.campaigns WHERE id = ANY(CAST(:ids AS uuid[]))")
 
 
@@ -394,11 +397,13 @@ class Results:
         """Counts each DeliveryOutcomes event once; completes campaigns whose deliveries all have one."""
         if not received:
             return
-        async with self.database.transaction() as session:
-            counted = await _count_results(session, received, _outcome_counts, run_of=lambda e, _: e.run)
+        # On a direct connection: every batch of outcomes comes here, and a session would cost more
+        # than its statements.
+        async with self.database.direct_transaction() as connection:
+            counted = await _count_results(connection, received, _outcome_counts, run_of=lambda e, _: e.run)
             new = list({e.event_id: e for e in received if e.event_id in counted}.values())
-            await record_exposures(session, new)
-            await self._advance(session, {campaign_id_of(e.campaign) for e in new})
+            await record_exposures(connection, new)
+            await self._advance(connection, {campaign_id_of(e.campaign) for e in new})
         self._notify()
 
     async def record_receipts(self, received: Sequence[events.DeliveryReceipts]) -> None:
@@ -435,34 +440,30 @@ class Results:
                     )
                 )
 
-    async def _advance(self, session: AsyncSession, campaign_ids: set[uuid.UUID]) -> None:
+    async def _advance(self, target: Target, campaign_ids: set[uuid.UUID]) -> None:
         """Moves campaigns forward: SCHEDULED → RUNNING when a run starts; → COMPLETED when every run
         ended and every delivery has an outcome; → FAILED when a run could not finish."""
         for campaign_id in sorted(campaign_ids):
-            row = (
-                await session.execute(
-                    sa.select(campaigns).where(campaigns.c.id == campaign_id).with_for_update()
-                )
-            ).first()
+            row = await _LOCK_CAMPAIGN.fetch_row(target, id=campaign_id)
             if row is None or row.state not in (
                 state_name(State.STATE_SCHEDULED),
                 state_name(State.STATE_RUNNING),
             ):
                 continue
-            reported = (await session.execute(sa.select(runs).where(runs.c.campaign_id == campaign_id))).all()
+            reported = await _RUNS_OF.fetch(target, campaign_id=campaign_id)
             if not reported:
                 continue
             failed = [r for r in reported if r.state == "RUN_STATE_FAILED"]
             if failed:
                 await set_state(
-                    session, self.subjects, campaign_id, State.STATE_FAILED, failure_reason=failed[0].error
+                    target, self.subjects, campaign_id, State.STATE_FAILED, failure_reason=failed[0].error
                 )
                 continue
             ended = [r for r in reported if r.state in _RUN_ENDED]
             final_done = any(r.final for r in ended) and len(ended) == len(reported)
-            counts = (await session.execute(sa.select(stats).where(stats.c.campaign_id == campaign_id))).one()
+            counts = await _STATS_OF.fetch_row(target, campaign_id=campaign_id)
             outcomes = counts.sent + counts.failed + counts.skipped + counts.unknown
             if final_done and outcomes >= sum(r.targeted for r in ended):
-                await set_state(session, self.subjects, campaign_id, State.STATE_COMPLETED)
+                await set_state(target, self.subjects, campaign_id, State.STATE_COMPLETED)
             elif row.state == state_name(State.STATE_SCHEDULED):
-                await set_state(session, self.subjects, campaign_id, State.STATE_RUNNING)
+                await set_state(target, self.subjects, campaign_id, State.STATE_RUNNING)
