@@ -27,7 +27,7 @@ from herald.segmentation.v1 import segmentation_service_pb2_grpc as segmentation
 from herald_common import api, channels, tracing
 from herald_common.auth import account_name, act_as, service_caller
 from herald_common.bus import Subjects
-from herald_common.db import Database
+from herald_common.db import Database, Statement, Target
 from herald_common.logging import get_logger
 from herald_common.loops import WakeableLoop, cancel_and_wait
 from herald_common.metrics import Metrics
@@ -158,7 +158,7 @@ def _left_out(member: segmentation_pb.AudienceMember, campaign: campaign_pb.Camp
     return None
 
 
-HOLD = sa.text(
+HOLD = Statement(
     """
     INSERT INTO scheduler.pending_deliveries
         (run_id, group_id, account_id, campaign, due_at, cutoff_at, zone, size, recipients)
@@ -171,25 +171,40 @@ HOLD = sa.text(
 )
 
 
-async def hold(
-    session: AsyncSession, run_id: uuid.UUID, account_id: uuid.UUID, campaign: str, held: Held
-) -> None:
+async def hold(target: Target, run_id: uuid.UUID, account_id: uuid.UUID, campaign: str, held: Held) -> None:
     """Puts deliveries in pending_deliveries, one row for each group due together."""
     groups = list(held.groups.items())
-    await session.execute(
-        HOLD,
-        {
-            "run_id": run_id,
-            "account_id": account_id,
-            "campaign": campaign,
-            "groups": [pending.recipients[0].delivery_id for _, pending in groups],
-            "due": [due.at for due, _ in groups],
-            "cutoffs": [due.cutoff_at for due, _ in groups],
-            "zones": [due.zone for due, _ in groups],
-            "sizes": [len(pending.recipients) for _, pending in groups],
-            "recipients": [pending.SerializeToString() for _, pending in groups],
-        },
+    await HOLD.execute(
+        target,
+        run_id=run_id,
+        account_id=account_id,
+        campaign=campaign,
+        groups=[pending.recipients[0].delivery_id for _, pending in groups],
+        due=[due.at for due, _ in groups],
+        cutoffs=[due.cutoff_at for due, _ in groups],
+        zones=[due.zone for due, _ in groups],
+        sizes=[len(pending.recipients) for _, pending in groups],
+        recipients=[pending.SerializeToString() for _, pending in groups],
     )
+
+
+_STOPPED_NOW = Statement("SELECT state = :stopped FROM scheduler.campaigns WHERE name = :name")
+# Moving the cursor only from where this replica left it also checks the run is still ours and
+# still running (not cancelled, not taken over).
+_ADVANCE = Statement(
+    """
+    UPDATE scheduler.runs SET
+        cursor = :last,
+        targeted = targeted + :members,
+        audience_size = audience_size + :members,
+        waiting = waiting + :held,
+        released = released + :skipped,
+        lease_until = now() + CAST(:lease AS interval),
+        version = version + 1
+    WHERE id = :run_id AND state = :running AND lease_owner = :owner AND cursor = :cursor
+    RETURNING *
+    """
+)
 
 
 def _finished_state(state: RunState.ValueType) -> Any:
@@ -424,14 +439,16 @@ class RunExecutor:
         async for page in self.audiences.StreamAudience(request, timeout=AUDIENCE_DEADLINE_SECONDS):
             if not page.members:
                 continue
-            async with self.database.transaction() as session:
-                cursor = await self._plan_page(session, row.id, cursor, snapshot, timing, page.members)
+            # On a direct connection: a page of a large audience comes every few milliseconds, and a
+            # session would cost more than its statements.
+            async with self.database.direct_transaction() as connection:
+                cursor = await self._plan_page(connection, row.id, cursor, snapshot, timing, page.members)
             self.notify_outbox()
             self.notify_releaser()
 
     async def _plan_page(
         self,
-        session: AsyncSession,
+        target: Target,
         run_id: uuid.UUID,
         cursor: str,
         snapshot: Snapshot,
@@ -441,16 +458,14 @@ class RunExecutor:
         """Decides each member's delivery: those a rule skips go to dispatch now (recorded with the
         reason), the others wait in pending_deliveries for their due time."""
         campaign = snapshot.campaign
-        stopped = await session.scalar(
-            sa.select(campaigns.c.state == _STOPPED).where(campaigns.c.name == campaign.name)
-        )
+        stopped = await _STOPPED_NOW.fetch_value(target, stopped=_STOPPED, name=campaign.name)
         skipped: list[events.Recipient] = []
         held = Held()
         # Best Time's per-day limit: a day that is full passes the user to the next of the window.
         per_day = timing.best_time and campaign.targeting.WhichOneof("cap") == "daily_limit"
         limits = RunLimits(campaign.targeting, snapshot.account) if per_day else None
         if limits is not None:
-            await limits.load(session, run_id)
+            await limits.load(target, run_id)
         for member in members:
             delivery = delivery_id(run_id, member.user_id)
             skip = SkipReason.CAMPAIGN_STOPPED if stopped else _left_out(member, campaign)
@@ -471,42 +486,31 @@ class RunExecutor:
                 recipient.skip_reason = skip
                 skipped.append(recipient)
         last = members[-1].user_id
-        # Moving the cursor only from where this replica left it also checks the run is still
-        # ours and still running (not cancelled, not taken over).
-        advanced = (
-            await session.execute(
-                sa.update(runs)
-                .where(
-                    runs.c.id == run_id,
-                    runs.c.state == _RUNNING,
-                    runs.c.lease_owner == self.owner,
-                    runs.c.cursor == cursor,
-                )
-                .values(
-                    cursor=last,
-                    targeted=runs.c.targeted + len(members),
-                    audience_size=runs.c.audience_size + len(members),
-                    waiting=runs.c.waiting + len(held),
-                    released=runs.c.released + len(skipped),
-                    lease_until=sa.func.now() + self.lease,
-                    version=runs.c.version + 1,
-                )
-                .returning(*runs.c)
-            )
-        ).all()
+        advanced = await _ADVANCE.fetch(
+            target,
+            last=last,
+            members=len(members),
+            held=len(held),
+            skipped=len(skipped),
+            lease=self.lease,
+            run_id=run_id,
+            running=_RUNNING,
+            owner=self.owner,
+            cursor=cursor,
+        )
         if not advanced:
             raise RunStopped()
         account_id = advanced[0].account_id
         if limits is not None:
-            await limits.save(session, run_id, account_id)
+            await limits.save(target, run_id, account_id)
         if held:
-            await hold(session, run_id, account_id, campaign.name, held)
+            await hold(target, run_id, account_id, campaign.name, held)
         if skipped:
             batches = delivery_batches(
                 self.subjects, campaign, snapshot.version, run_id, account_id, skipped, api.utcnow()
             )
-            await enqueue(session, outbox, batches)
-        await self.run_events.changed(session, advanced)
+            await enqueue(target, outbox, batches)
+        await self.run_events.changed(target, advanced)
         if self.metrics is not None:
             self.metrics.run_recipients.labels("targeted").inc(len(members))
             self.metrics.run_recipients.labels("skipped").inc(len(skipped))

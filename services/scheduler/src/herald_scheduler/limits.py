@@ -8,10 +8,10 @@ from datetime import date, datetime
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald_common.db import Target, fetch_built
 from herald_common.schedules import account_zone
 from herald_common.timing import local_day
 from herald_scheduler.storage import live_days
@@ -34,10 +34,10 @@ class RunLimits:
     def exhausted(self) -> bool:
         return self.total > 0 and sum(self.used.values()) + sum(self.taken.values()) >= self.total
 
-    async def load(self, session: AsyncSession, run_id: uuid.UUID) -> None:
+    async def load(self, target: Target, run_id: uuid.UUID) -> None:
         if self.total or self.daily:
-            rows = await session.execute(
-                sa.select(live_days.c.day, live_days.c.used).where(live_days.c.run_id == run_id)
+            rows = await fetch_built(
+                target, sa.select(live_days.c.day, live_days.c.used).where(live_days.c.run_id == run_id), {}
             )
             self.used = {row.day: row.used for row in rows}
 
@@ -51,16 +51,15 @@ class RunLimits:
         self.taken[day] += 1
         return True
 
-    async def save(self, session: AsyncSession, run_id: uuid.UUID, account_id: uuid.UUID) -> None:
+    async def save(self, target: Target, run_id: uuid.UUID, account_id: uuid.UUID) -> None:
         taken = {day: n for day, n in self.taken.items() if n}
         if not taken:
             return
         statement = insert(live_days).values(
             [{"run_id": run_id, "day": day, "account_id": account_id, "used": n} for day, n in taken.items()]
         )
-        await session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[live_days.c.run_id, live_days.c.day],
-                set_={"used": live_days.c.used + statement.excluded.used},
-            )
+        upsert = statement.on_conflict_do_update(
+            index_elements=[live_days.c.run_id, live_days.c.day],
+            set_={"used": live_days.c.used + statement.excluded.used},
         )
+        await fetch_built(target, upsert, {})
