@@ -136,19 +136,27 @@ class Statement:
 _ASYNCPG_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
 
 
-async def fetch_built(target: Target, statement: sa.Executable, values: Mapping[str, Any]) -> Sequence[Any]:
-    """Every row of a statement SQLAlchemy builds (a segment's conditions, say), in a session or
-    on a direct connection, where it is compiled as the session would compile it for asyncpg."""
-    if isinstance(target, AsyncSession):
-        return (await target.execute(statement, values)).all()
-    compiled = statement.compile(dialect=_ASYNCPG_DIALECT)  # type: ignore[attr-defined]
-    state = compiled.construct_expanded_state(values)
-    processors = state.processors
-    args = [
-        processors[name](value) if name in processors else value
-        for name, value in zip(state.positiontup or (), state.positional_parameters, strict=True)
-    ]
-    return await target.fetch(state.statement, *args)  # type: ignore[no-any-return]
+class Built:
+    """A statement SQLAlchemy builds (a segment's conditions, say), run in a session or on a
+    direct connection, where it is compiled once, as a session would compile it for asyncpg."""
+
+    def __init__(self, statement: sa.Executable) -> None:
+        self.statement = statement
+        self._compiled: Any = None
+
+    async def fetch(self, target: Target, **values: Any) -> Sequence[Any]:
+        """Every row, each read by position or by column name as an attribute."""
+        if isinstance(target, AsyncSession):
+            return (await target.execute(self.statement, values)).all()
+        if self._compiled is None:
+            self._compiled = self.statement.compile(dialect=_ASYNCPG_DIALECT)  # type: ignore[attr-defined]
+        state = self._compiled.construct_expanded_state(values)
+        processors = state.processors
+        args = [
+            processors[name](value) if name in processors else value
+            for name, value in zip(state.positiontup or (), state.positional_parameters, strict=True)
+        ]
+        return await target.fetch(state.statement, *args)  # type: ignore[no-any-return]
 
 
 # Connections a service's hot paths hold at once, beside the session pool's.

@@ -15,7 +15,7 @@ from herald_campaign.storage import campaigns, outbox
 from herald_common import api
 from herald_common.auth import current_account_id
 from herald_common.bus import Subjects
-from herald_common.db import Target, fetch_built
+from herald_common.db import Built, Target
 from herald_common.outbox import OutboxEvent, enqueue
 
 State = pb.State
@@ -71,6 +71,6 @@ async def set_state(
         .values(state=state_name(state), updated_at=api.utcnow(), version=campaigns.c.version + 1, **values)
         .returning(*campaigns.c)
     )
-    (row,) = await fetch_built(target, statement, {})
+    (row,) = await Built(statement).fetch(target)
     await announce_change(target, subjects, row)
     return row

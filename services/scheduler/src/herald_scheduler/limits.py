@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import insert
 
 from herald.accounts.v1 import account_service_pb2 as accounts_pb
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
-from herald_common.db import Target, fetch_built
+from herald_common.db import Built, Target
 from herald_common.schedules import account_zone
 from herald_common.timing import local_day
 from herald_scheduler.storage import live_days
@@ -36,9 +36,9 @@ class RunLimits:
 
     async def load(self, target: Target, run_id: uuid.UUID) -> None:
         if self.total or self.daily:
-            rows = await fetch_built(
-                target, sa.select(live_days.c.day, live_days.c.used).where(live_days.c.run_id == run_id), {}
-            )
+            rows = await Built(
+                sa.select(live_days.c.day, live_days.c.used).where(live_days.c.run_id == run_id)
+            ).fetch(target)
             self.used = {row.day: row.used for row in rows}
 
     def take(self, at: datetime) -> bool:
@@ -62,4 +62,4 @@ class RunLimits:
             index_elements=[live_days.c.run_id, live_days.c.day],
             set_={"used": live_days.c.used + statement.excluded.used},
         )
-        await fetch_built(target, upsert, {})
+        await Built(upsert).fetch(target)

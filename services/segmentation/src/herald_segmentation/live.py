@@ -29,7 +29,7 @@ from herald.events.v1 import events_pb2
 from herald_common import api
 from herald_common.auth import account_id_of, account_name
 from herald_common.bus import Subjects
-from herald_common.db import Database, Statement, Target, fetch_built
+from herald_common.db import Built, Database, Statement, Target
 from herald_common.live import as_action
 from herald_common.logging import get_logger
 from herald_common.outbox import OutboxEvent, enqueue
@@ -137,7 +137,7 @@ class _Recent(Generic[_Kept]):
 # Parsed watches, by the spec row they come from.
 _WATCHES: _Recent[list[_Watch]] = _Recent(1024)
 # `where` statements, by the watches they test and the property types they were built for.
-_WHERE_STATEMENTS: _Recent[sa.Select[Any]] = _Recent(256)
+_WHERE_STATEMENTS: _Recent[Built] = _Recent(256)
 # The candidates of a call as rows: one JSON document, one parameter, where arrays cost a check
 # per item.
 _CANDIDATES = (
@@ -512,15 +512,12 @@ class LiveTriggers:
                     event_where(earlier.where, EVENT_PROPERTIES, earlier.event_name, ctx),
                 )
             )
-            found = await fetch_built(
+            found = await Built(sa.select(rows.c.k).where(done)).fetch(
                 target,
-                sa.select(rows.c.k).where(done),
-                {
-                    "ks": ks,
-                    "users": [timely[candidates[k][0]].user_id for k in ks],
-                    "times": [timely[candidates[k][0]].when for k in ks],
-                    "values": [_text(timely[candidates[k][0]].values[prop]) for k in ks],
-                },
+                ks=ks,
+                users=[timely[candidates[k][0]].user_id for k in ks],
+                times=[timely[candidates[k][0]].when for k in ks],
+                values=[_text(timely[candidates[k][0]].values[prop]) for k in ks],
             )
             held |= {row[0] for row in found}
         return held
@@ -546,28 +543,26 @@ class LiveTriggers:
         relative = any(reads_now(w.event.where) for w in distinct)
         types = tuple(sorted(ctx.types.items()))
         key = (tuple(w.key for w in distinct), types, ctx.now if relative else None)
-        found = await fetch_built(
+        statement = _WHERE_STATEMENTS.get(key, functools.partial(_where_statement, distinct, ctx))
+        found = await statement.fetch(
             target,
-            _WHERE_STATEMENTS.get(key, functools.partial(_where_statement, distinct, ctx)),
-            {
-                "candidates": orjson.dumps(
-                    [
-                        {
-                            "k": k,
-                            "properties": timely[candidates[k][0]].values,
-                            "watch": number[id(candidates[k][1])],
-                        }
-                        for k in tested
-                    ]
-                ).decode()
-            },
+            candidates=orjson.dumps(
+                [
+                    {
+                        "k": k,
+                        "properties": timely[candidates[k][0]].values,
+                        "watch": number[id(candidates[k][1])],
+                    }
+                    for k in tested
+                ]
+            ).decode(),
         )
         passed = {row[0] for row in found}
         needs = set(tested)
         return [k in passed or k not in needs for k in range(len(candidates))]
 
 
-def _where_statement(distinct: list[_Watch], ctx: Context) -> sa.Select[Any]:
+def _where_statement(distinct: list[_Watch], ctx: Context) -> Built:
     """The candidates (of _CANDIDATES) that pass their watch's `where` tests; watch n is the nth."""
     rows = _CANDIDATES
     holds = sa.case(
@@ -577,4 +572,4 @@ def _where_statement(distinct: list[_Watch], ctx: Context) -> sa.Select[Any]:
         ],
         else_=sa.false(),
     )
-    return sa.select(rows.c.k).where(holds)
+    return Built(sa.select(rows.c.k).where(holds))
