@@ -11,10 +11,9 @@ from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import distinct_on
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from herald.segmentation.v1 import segmentation_service_pb2 as pb
-from herald_common.db import Statement, Target, text_in
+from herald_common.db import Built, Statement, Target, text_in
 from herald_segmentation.storage import activity_hours
 
 # The events that say a user is there: a session or page, an app opened, a notification seen,
@@ -53,19 +52,17 @@ async def count_activity(target: Target, account_id: uuid.UUID, recorded: Sequen
         )
 
 
-async def add_best_hours(
-    session: AsyncSession, account_id: uuid.UUID, members: Sequence[pb.AudienceMember]
-) -> None:
+async def add_best_hours(target: Target, account_id: uuid.UUID, members: Sequence[pb.AudienceMember]) -> None:
     """Sets each member's best hour (the most active; the earliest on a tie) and its count."""
     if not members:
         return
     a = activity_hours.c
-    rows = await session.execute(
+    rows = await Built(
         sa.select(a.user_id, a.hour, a.count.label("times"))
         .ext(distinct_on(a.user_id))
         .where(a.account_id == account_id, text_in(a.user_id, [m.user_id for m in members]))
         .order_by(a.user_id, a.count.desc(), a.hour)
-    )
+    ).fetch(target)
     best = {row.user_id: (row.hour, row.times) for row in rows}
     for member in members:
         if member.user_id in best:

@@ -18,7 +18,7 @@ from herald.segmentation.v1 import segmentation_service_pb2 as pb
 from herald_common import api
 from herald_common.auth import SERVICE_ROLE, current_account_id, current_caller
 from herald_common.campaign_usage import CampaignUsage
-from herald_common.db import Database, text_in
+from herald_common.db import Built, Database, Statement, text_in
 from herald_common.errors import FailedPrecondition, NotFound, Validator, invalid
 from herald_common.hourly_quota import HourlyQuota
 from herald_common.paging import keyset_page
@@ -363,16 +363,11 @@ class Segmentation:
             await snapshot.fill(choose, request.start_after_user_id, in_order=not request.sample_size)
             after = request.start_after_user_id
             size = min(limit, FIRST_AUDIENCE_PAGE)
+            members = _page_members(snapshot.snapshot_id, account_id, attributes)
             while True:
                 complete = snapshot.complete  # before the read: a read after it sees every member
                 page = await self._page(
-                    snapshot.snapshot_id,
-                    account_id,
-                    after,
-                    size,
-                    attributes,
-                    request.attributes_as_json,
-                    request.with_best_hour,
+                    members, account_id, after, size, request.attributes_as_json, request.with_best_hour
                 )
                 if page.members:
                     yield page
@@ -461,44 +456,17 @@ class Segmentation:
 
     async def _page(
         self,
-        snapshot_id: uuid.UUID,
+        members: Built,
         account_id: uuid.UUID,
         after: str,
         limit: int,
-        attributes: Any,
         as_json: bool,
         with_best_hour: bool,
     ) -> pb.StreamAudienceResponse:
-        async with self.database.transaction() as session:
-            # The page of the snapshot read in its key's order, then each member's row by its key:
-            # a plan that holds however stale the statistics of a snapshot just written are (planned
-            # on them, each page would read and sort every remaining member).
-            await session.execute(
-                sa.text(
-                    "SELECT set_config('enable_sort', 'off', true),"
-                    " set_config('enable_bitmapscan', 'off', true)"
-                )
-            )
-            chosen = (
-                sa.select(audience_snapshots.c.user_id, audience_snapshots.c.left_out)
-                .where(audience_snapshots.c.snapshot_id == snapshot_id, audience_snapshots.c.user_id > after)
-                .order_by(audience_snapshots.c.user_id)
-                .limit(limit)
-                .subquery("chosen")
-            )
-            profile = (
-                sa.select(users.c.user_id, users.c.timezone, sa.cast(attributes, sa.Text).label("attributes"))
-                .where(users.c.account_id == account_id, users.c.user_id == chosen.c.user_id)
-                .limit(1)  # keeps the lookup per member: the planner does not fold a limited subquery
-                .lateral("profile")
-            )
-            rows = (
-                await session.execute(
-                    sa.select(profile.c.user_id, profile.c.timezone, profile.c.attributes, chosen.c.left_out)
-                    .select_from(chosen.join(profile, sa.true()))
-                    .order_by(chosen.c.user_id)
-                )
-            ).all()
+        # On a direct connection: a large audience is read a page every few milliseconds.
+        async with self.database.direct_transaction() as connection:
+            await _PLAN_BY_KEY.execute(connection)
+            rows = await members.fetch(connection, after=after, limit=limit)
             # Members are added to the response in place: a list of members handed to the response
             # would be copied into it member by member.
             page = pb.StreamAudienceResponse()
@@ -517,8 +485,42 @@ class Segmentation:
                 if size > MAX_AUDIENCE_PAGE_BYTES:
                     break
             if with_best_hour:
-                await add_best_hours(session, account_id, page.members)
+                await add_best_hours(connection, account_id, page.members)
         return page
+
+
+# The page of the snapshot read in its key's order, then each member's row by its key: a plan that
+# holds however stale the statistics of a snapshot just written are (planned on them, each page
+# would read and sort every remaining member).
+_PLAN_BY_KEY = Statement(
+    "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true)"
+)
+
+
+def _page_members(snapshot_id: uuid.UUID, account_id: uuid.UUID, attributes: Any) -> Built:
+    """A page of a snapshot's members after :after (at most :limit), with their profiles' time zone
+    and attributes."""
+    chosen = (
+        sa.select(audience_snapshots.c.user_id, audience_snapshots.c.left_out)
+        .where(
+            audience_snapshots.c.snapshot_id == snapshot_id,
+            audience_snapshots.c.user_id > sa.bindparam("after", type_=sa.Text),
+        )
+        .order_by(audience_snapshots.c.user_id)
+        .limit(sa.bindparam("limit", type_=sa.Integer))
+        .subquery("chosen")
+    )
+    profile = (
+        sa.select(users.c.user_id, users.c.timezone, sa.cast(attributes, sa.Text).label("attributes"))
+        .where(users.c.account_id == account_id, users.c.user_id == chosen.c.user_id)
+        .limit(1)  # keeps the lookup per member: the planner does not fold a limited subquery
+        .lateral("profile")
+    )
+    return Built(
+        sa.select(profile.c.user_id, profile.c.timezone, profile.c.attributes, chosen.c.left_out)
+        .select_from(chosen.join(profile, sa.true()))
+        .order_by(chosen.c.user_id)
+    )
 
 
 def _attributes(keys: list[str]) -> Any:
