@@ -153,10 +153,27 @@ class Built:
         state = self._compiled.construct_expanded_state(values)
         processors = state.processors
         args = [
-            processors[name](value) if name in processors else value
+            self._value(name, value, processors)
             for name, value in zip(state.positiontup or (), state.positional_parameters, strict=True)
         ]
         return await target.fetch(state.statement, *args)  # type: ignore[no-any-return]
+
+    async def execute(self, target: Target, **values: Any) -> None:
+        """Runs a statement that returns no rows."""
+        if isinstance(target, AsyncSession):
+            await target.execute(self.statement, values)
+        else:
+            await self.fetch(target, **values)
+
+    def _value(self, name: str, value: Any, processors: Mapping[str, Any]) -> Any:
+        """A parameter as asyncpg takes it, as the session would pass it: processed, and a JSON
+        value as its text (a direct connection's json codec passes text as given)."""
+        if name in processors:
+            return processors[name](value)
+        bind = self._compiled.binds.get(name)
+        if bind is not None and isinstance(bind.type, sa.JSON):
+            return json.dumps(value)
+        return value
 
 
 # Connections a service's hot paths hold at once, beside the session pool's.

@@ -124,7 +124,8 @@ async def record_exposures(target: Target, outcomes: Sequence[events.DeliveryOut
                 )
     if not rows:
         return
-    added = await _EXPOSE.fetch(target, exposures=orjson.dumps(rows).decode())
+    # default: asyncpg's own UUIDs, from the campaigns' rows
+    added = await _EXPOSE.fetch(target, exposures=orjson.dumps(rows, default=str).decode())
     await _count(target, [(row, "goal_control" if row.control else "goal_sent", 1.0) for row in added])
     users = sorted({(row.campaign_id, row.user_id) for row in added})
     if users:

@@ -62,4 +62,4 @@ class RunLimits:
             index_elements=[live_days.c.run_id, live_days.c.day],
             set_={"used": live_days.c.used + statement.excluded.used},
         )
-        await Built(upsert).fetch(target)
+        await Built(upsert).execute(target)
