@@ -146,6 +146,22 @@ async def _by_key_lookups(session: AsyncSession) -> None:
     )
 
 
+# Goal events and exposures of an account, and the moves of its merged visitors, take turns: a
+# merge waits for the goal events and exposures being recorded, and those that come after it wait
+# for it, so each side sees what the other committed (a goal event that found no exposure of the
+# user is then seen waiting by the merge, or finds the exposure the merge moved).
+# Taken first in each transaction, before any row lock, and in account order.
+_ACCOUNTS = "FROM unnest(CAST(:accounts AS uuid[])) AS a ORDER BY a"
+_TURN = "1279874631, hashtext(CAST(a AS text))"
+_SHARED_TURNS = Statement(f"SELECT pg_advisory_xact_lock_shared({_TURN}) {_ACCOUNTS}")
+_TURNS = Statement(f"SELECT pg_advisory_xact_lock({_TURN}) {_ACCOUNTS}")
+
+
+async def take_goal_turns(target: Target, accounts: set[uuid.UUID | None]) -> None:
+    """Shares the accounts' turns with other recorders of goal events and exposures (see _TURN)."""
+    await _SHARED_TURNS.execute(target, accounts=sorted(a for a in accounts if a is not None))
+
+
 class Conversions:
     """Consumes GoalEvents."""
 
@@ -157,6 +173,7 @@ class Conversions:
         campaign_ids = functools.cache(campaign_id_of)  # a batch's campaigns, each parsed once
         async with self.database.transaction() as session:
             await _by_key_lookups(session)
+            await take_goal_turns(session, {account_id_of(published.account) for published in received})
             await session.execute(
                 sa.delete(waiting_goal_events).where(waiting_goal_events.c.expires_at < now)
             )
@@ -184,6 +201,8 @@ class Conversions:
         """Anonymous visitors who signed in: what they were sent converts on the user's events,
         those to come and those already waiting (the user may act before the merge is heard of)."""
         async with self.database.transaction() as session:
+            merged = {account_id_of(merge.account) for merge in merges}
+            await _TURNS.execute(session, accounts=sorted(a for a in merged if a is not None))
             users = []
             for merge in merges:
                 account_id = account_id_of(merge.account)

@@ -16,7 +16,7 @@ from herald.campaign.v1 import campaign_service_pb2 as pb
 from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_campaign.counts import add_campaign_counts, add_reasons, add_run_counts, tally
-from herald_campaign.goals import goal_results, record_exposures
+from herald_campaign.goals import goal_results, record_exposures, take_goal_turns
 from herald_campaign.records import State, campaign_id_of, owned, set_state, state_name
 from herald_campaign.references import References
 from herald_campaign.storage import (
@@ -400,6 +400,7 @@ class Results:
         # On a direct connection: every batch of outcomes comes here, and a session would cost more
         # than its statements.
         async with self.database.direct_transaction() as connection:
+            await take_goal_turns(connection, {account_id_of(e.account) for e in received})  # exposures
             counted = await _count_results(connection, received, _outcome_counts, run_of=lambda e, _: e.run)
             new = list({e.event_id: e for e in received if e.event_id in counted}.values())
             await record_exposures(connection, new)
