@@ -7,10 +7,15 @@ import asyncio
 import socket
 
 import aiohttp
+import nats
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from herald.campaign.v1 import campaign_service_pb2 as campaign_pb
+from herald.events.v1 import events_pb2 as events
 from herald.scheduler.v1 import scheduler_service_pb2 as scheduler_pb
 from herald_common import clock
+from herald_common.bus import Subjects
 from herald_sandbox.twilio_api import TwilioApi
 from herald_sandbox.vonage_api import VonageApi
 from tests.conftest import CLOCK_START, Platform, eventually
@@ -50,6 +55,52 @@ async def test_a_group_never_sends_again_what_its_first_provider_may_have_sent(
     phones = [m.to for m in twilio.messages]
     assert sorted(phones) == [f"+1415555{i:04d}" for i in range(30)]  # each phone texted once
     assert twilio.listings >= 6  # each unanswered message was looked up
+
+
+async def test_a_batch_handed_over_again_leaves_what_waits_to_be_looked_up_to_the_lookup(
+    platform: Platform, account: SmsAccount, twilio: TwilioApi, js: JetStreamContext
+) -> None:
+    # Twilio takes the first message but answers after the answer timeout: it waits to be looked
+    # up. Before it is, JetStream hands the batch over again (its acknowledgement was lost, as
+    # when NATS restarts): the new attempt sends nothing, and the lookup finds the message sent.
+    twilio.faults = ["late"]
+    subjects = Subjects(platform.settings.namespace)
+    subject = subjects.delivery_batch("twilio", account.destination.removeprefix("destinations/"))
+    released: list[bytes] = []  # what the scheduler hands dispatch, heard as it is published
+
+    async def heard(msg: Msg) -> None:
+        released.append(msg.data)
+
+    listener = await nats.connect(platform.settings.nats_url)
+    await listener.subscribe(subject, cb=heard)
+    await listener.flush()
+    name = await _publish(account, _sms_campaign(account))
+
+    async def answered_but_one() -> bool:
+        stats = await account.clients.campaigns.GetCampaignStats(
+            campaign_pb.GetCampaignStatsRequest(name=f"{name}/stats")
+        )
+        return (stats.sent, stats.skipped, stats.unknown) == (29, 8, 0)
+
+    await eventually(answered_but_one, interval=0.02)
+    await listener.close()
+    unanswered = twilio.messages[0].to
+    [again] = [data for data in released if unanswered.encode() in data]  # its batch
+    batch = events.DeliveryBatch.FromString(again)
+    stream = subjects.stream("jobs")
+    copy = await js.publish(subject, again, headers={"Nats-Msg-Id": batch.batch_id + "-again"})
+
+    async def copy_handled() -> bool:
+        consumer = await js.consumer_info(stream, "dispatch-twilio")
+        floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+        return (floor or 0) >= copy.seq and not consumer.num_ack_pending
+
+    await eventually(copy_handled, interval=0.02)
+    stats = await _completed(account, name)
+    assert (stats.sent, stats.unknown, stats.skipped) == (30, 0, 8)
+    phones = [m.to for m in twilio.messages]
+    assert phones.count(unanswered) == 1
+    assert sorted(phones) == [f"+1415555{i:04d}" for i in range(30)]
 
 
 async def test_an_unanswered_message_through_a_provider_that_cannot_be_asked_stays_unknown(

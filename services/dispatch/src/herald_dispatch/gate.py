@@ -92,6 +92,8 @@ _ADMIT = """
         WHERE NOT (SELECT halted OR superseded FROM gate)
           AND d NOT IN (SELECT d FROM blocked)
           AND NOT EXISTS (SELECT 1 FROM dispatch.deliveries x WHERE x.delivery_id = d)
+          -- One waiting for its provider to be asked is the settler's alone.
+          AND NOT ($5::bool AND EXISTS (SELECT 1 FROM dispatch.unsettled u WHERE u.delivery_id = d))
         -- The same attempt may ask again (a group's next provider); another attempt may not.
         ON CONFLICT (delivery_id) DO UPDATE SET destination = excluded.destination
             WHERE i.batch_id = excluded.batch_id AND i.attempt = excluded.attempt

@@ -122,6 +122,9 @@ _BEGIN = Statement(
 _BEFORE = Statement(
     """
     SELECT ARRAY(SELECT delivery_id FROM dispatch.deliveries
+                 WHERE delivery_id = ANY(CAST(:ids AS text[]))
+                 UNION ALL
+                 SELECT delivery_id FROM dispatch.unsettled
                  WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished,
            (SELECT coalesce(json_object_agg(delivery_id, destination), '{}')
             FROM dispatch.delivery_intents WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS intended
@@ -143,7 +146,9 @@ SETTLING = 1 << 30
 @dataclass(frozen=True)
 class Attempt:
     number: int  # above 1, deliveries without a result may have been sent before
-    finished: set[str]  # deliveries with a final result
+    # Deliveries with a final result, or whose provider is to be asked for it (the settler's):
+    # this attempt sends none of them.
+    finished: set[str]
     # Deliveries without one whose provider request may have been made, and the provider's
     # destination it went to.
     intended: dict[str, str]
@@ -189,8 +194,9 @@ class DeliveryLedger:
 
     async def begin(self, batch: events.DeliveryBatch, account_id: uuid.UUID) -> Attempt:
         """Records an attempt at the batch, before anything is sent: its number, the deliveries
-        that already have a final result (the batch was handed over again) and those whose request
-        was about to be made when an earlier attempt ended."""
+        that already have a final result or wait for their provider to be asked (the batch was
+        handed over again) and those whose request was about to be made when an earlier attempt
+        ended."""
         async with self.database.direct_transaction() as connection:
             number = await _BEGIN.fetch_value(connection, batch_id=batch.batch_id, account_id=account_id)
             row = await _BEFORE.fetch_row(connection, ids=[r.delivery_id for r in batch.recipients])
