@@ -60,12 +60,14 @@ def add_outbox_problem_column(schema: str) -> None:
     op.add_column("outbox", sa.Column("problem", sa.Text, nullable=True), schema=schema)
 
 
-def store_outbox_payloads_uncompressed(schema: str) -> None:
+def store_outbox_payloads(schema: str, *, compressed: bool) -> None:
     """Migration step: a payload (up to a few hundred KB of protobuf) is written once, read once
-    and deleted within seconds, so compressing it costs PostgreSQL CPU and saves nothing."""
+    and deleted within seconds, so compressing it costs PostgreSQL CPU and saves nothing (EXTERNAL
+    stores it uncompressed; EXTENDED is PostgreSQL's default)."""
     from alembic import op
 
-    op.execute(f"ALTER TABLE {schema}.outbox ALTER COLUMN payload SET STORAGE EXTERNAL")
+    storage = "EXTENDED" if compressed else "EXTERNAL"
+    op.execute(f"ALTER TABLE {schema}.outbox ALTER COLUMN payload SET STORAGE {storage}")
 
 
 def add_outbox_trace_column(schema: str) -> None:

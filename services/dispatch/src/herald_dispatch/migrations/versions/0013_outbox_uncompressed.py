@@ -3,9 +3,7 @@
 Revision ID: 0013
 """
 
-from alembic import op
-
-from herald_common.outbox import store_outbox_payloads_uncompressed
+from herald_common.outbox import store_outbox_payloads
 
 revision = "0013"
 down_revision = "0012"
@@ -13,8 +11,8 @@ SCHEMA = "dispatch"
 
 
 def upgrade() -> None:
-    store_outbox_payloads_uncompressed(SCHEMA)
+    store_outbox_payloads(SCHEMA, compressed=False)
 
 
 def downgrade() -> None:
-    op.execute(f"ALTER TABLE {SCHEMA}.outbox ALTER COLUMN payload SET STORAGE EXTENDED")
+    store_outbox_payloads(SCHEMA, compressed=True)
