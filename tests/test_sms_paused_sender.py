@@ -188,7 +188,7 @@ async def test_a_sender_paused_while_its_wave_was_admitted_confirms_before_sendi
     api, url = twilio
 
     async def admit(_: str, wave: Any) -> Admission:
-        answer = Admission(admitted=frozenset(d for d, _ in wave))
+        answer = Admission(admitted=frozenset(entry[0] for entry in wave))
         time.sleep(PAUSE_SECONDS)  # noqa: ASYNC251 - stopped after the database answered
         return answer
 
@@ -232,7 +232,7 @@ async def test_a_settler_whose_lease_is_running_out_sends_nothing_more(servers: 
                 fenced=False,
                 held_until=time.monotonic() + STALE_ADMISSION_SECONDS / 2,
             )
-            wave = [("d1", "+14155550001")]
+            wave = [("d1", "+14155550001", "u1")]
             assert (await gate.admit(lapsing, "destinations/d", wave)).superseded
             with pytest.raises(Superseded):
                 await gate.may_send(lapsing)

@@ -55,7 +55,9 @@ async def test_admitting_a_wave_reads_only_its_own_rows_of_a_ledger_that_grew(
             )
             # Waves while the ledger is empty: a plan kept from these would scan it.
             for n in range(8):
-                early = await gate.admit(sender, "destinations/d", [(f"early-{n}", f"+1555000{n:04d}")])
+                early = await gate.admit(
+                    sender, "destinations/d", [(f"early-{n}", f"+1555000{n:04d}", f"e{n}")]
+                )
                 assert early.admitted == {f"early-{n}"}
             await database.fetch_row(
                 """
@@ -69,7 +71,7 @@ async def test_admitting_a_wave_reads_only_its_own_rows_of_a_ledger_that_grew(
             )
             await asyncio.sleep(1.1)  # a session reports its counts at most once a second
             before = await _table_counts(settings.database_url)
-            wave = [("late", "+15550009999"), ("done-5", "+15550001234")]
+            wave = [("late", "+15550009999", "u-late"), ("done-5", "+15550001234", "u5")]
             late = await gate.admit(sender, "destinations/d", wave)
             assert late.admitted == {"late"}  # done-5 is in the ledger: never sent twice
 

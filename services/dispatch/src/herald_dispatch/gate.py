@@ -57,6 +57,10 @@ class Sender:
         return time.monotonic() + STALE_ADMISSION_SECONDS < self.held_until
 
 
+# One message of a wave: (delivery id, phone, user id).
+WaveEntry = tuple[str, str, str]
+
+
 @dataclass(frozen=True)
 class Admission:
     """What a wave may do: nothing once its campaign is halted or its attempt superseded; else
@@ -69,8 +73,8 @@ class Admission:
 
 
 # $1 account, $2 campaign, $3 batch, $4 attempt, $5 fenced, $6 destination, $7 the wave as a JSON
-# array of [delivery id, phone] pairs. The wave goes in, and the admitted and opted-out delivery ids
-# come back, as JSON text: asyncpg spends several times as long on a text array's elements.
+# array of WaveEntry. The wave goes in, and the admitted and opted-out delivery ids come back, as
+# JSON text: asyncpg spends several times as long on a text array's elements.
 _ADMIT = """
     WITH gate AS (
         SELECT EXISTS (SELECT 1 FROM dispatch.halted_campaigns WHERE campaign = $2) AS halted,
@@ -79,7 +83,7 @@ _ADMIT = """
                ) <> $4 AS superseded
     ),
     wave AS (
-        SELECT pair->>0 AS d, pair->>1 AS p FROM json_array_elements($7::json) AS pair
+        SELECT entry->>0 AS d, entry->>1 AS p, entry->>2 AS u FROM json_array_elements($7::json) AS entry
     ),
     blocked AS (
         SELECT w.d FROM wave w
@@ -91,7 +95,8 @@ _ADMIT = """
         SELECT d, $1, $6, $3, $4, $2 FROM wave
         WHERE NOT (SELECT halted OR superseded FROM gate)
           AND d NOT IN (SELECT d FROM blocked)
-          AND NOT EXISTS (SELECT 1 FROM dispatch.deliveries x WHERE x.delivery_id = d)
+          AND NOT EXISTS (SELECT 1 FROM dispatch.deliveries x
+                          WHERE x.account_id = $1 AND x.campaign = $2 AND x.user_id = u AND x.delivery_id = d)
           -- One waiting for its provider to be asked is the settler's alone.
           AND NOT ($5::bool AND EXISTS (SELECT 1 FROM dispatch.unsettled u WHERE u.delivery_id = d))
         -- The same attempt may ask again (a group's next provider); another attempt may not.
@@ -143,10 +148,10 @@ class SendGate:
 
         await self.nats.subscribe(self.subjects.campaign_halts, cb=heard)
 
-    async def admit(self, sender: Sender, destination: str, wave: Sequence[tuple[str, str]]) -> Admission:
-        """For (delivery id, phone) pairs about to be sent through `destination`: records the
-        intent to send those it admits, in one statement (on asyncpg directly: it runs before
-        every few dozen messages)."""
+    async def admit(self, sender: Sender, destination: str, wave: Sequence[WaveEntry]) -> Admission:
+        """For the messages about to be sent through `destination`: records the intent to send
+        those it admits, in one statement (on asyncpg directly: it runs before every few dozen
+        messages)."""
         if not sender.holds():
             return Admission(superseded=True)
         row = await self.database.fetch_row(

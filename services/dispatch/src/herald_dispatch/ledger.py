@@ -51,7 +51,7 @@ _RECORD = Statement(
            nullif(m, ''), CAST(:completed_at AS timestamptz)
     FROM json_to_recordset(CAST(:results AS json))
          AS t(d text, u text, s text, a int, r text, x bool, m text)
-    ON CONFLICT (delivery_id) DO NOTHING
+    ON CONFLICT (account_id, campaign, user_id, delivery_id) DO NOTHING
     RETURNING delivery_id, resent
     )
     SELECT coalesce(json_agg(json_build_array(delivery_id, resent)), '[]')::text FROM stored
@@ -121,8 +121,10 @@ _BEGIN = Statement(
 )
 _BEFORE = Statement(
     """
-    SELECT ARRAY(SELECT delivery_id FROM dispatch.deliveries
-                 WHERE delivery_id = ANY(CAST(:ids AS text[]))
+    SELECT ARRAY(SELECT d.delivery_id FROM dispatch.deliveries d
+                 JOIN unnest(CAST(:users AS text[]), CAST(:ids AS text[])) AS b(u, id)
+                   ON d.account_id = :account_id AND d.campaign = :campaign
+                  AND d.user_id = b.u AND d.delivery_id = b.id
                  UNION ALL
                  SELECT delivery_id FROM dispatch.unsettled
                  WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished,
@@ -199,7 +201,13 @@ class DeliveryLedger:
         ended."""
         async with self.database.direct_transaction() as connection:
             number = await _BEGIN.fetch_value(connection, batch_id=batch.batch_id, account_id=account_id)
-            row = await _BEFORE.fetch_row(connection, ids=[r.delivery_id for r in batch.recipients])
+            row = await _BEFORE.fetch_row(
+                connection,
+                account_id=account_id,
+                campaign=batch.campaign,
+                users=[r.user_id for r in batch.recipients],
+                ids=[r.delivery_id for r in batch.recipients],
+            )
         assert row is not None
         return Attempt(int(number), set(row.finished), dict(row.intended))
 

@@ -27,11 +27,13 @@ destinations = sa.Table(
     sa.Index("ix_dispatch_destinations_account_created", "account_id", "created_at"),
 )
 
-# One row per delivery whose result is final: the idempotency record for redelivered jobs.
+# One row per delivery whose result is final: the idempotency record for redelivered jobs. A
+# delivery id names one user of one campaign, so the key (account, campaign, user, id) is as unique
+# as the id, and also finds a user's deliveries: one index for both.
 deliveries = sa.Table(
     "deliveries",
     metadata,
-    sa.Column("delivery_id", sa.Text, primary_key=True),
+    sa.Column("delivery_id", sa.Text, nullable=False),
     sa.Column("account_id", UUID(as_uuid=True), nullable=False),
     sa.Column("campaign", sa.Text, nullable=False),
     sa.Column("run", sa.Text, nullable=False),
@@ -45,7 +47,7 @@ deliveries = sa.Table(
     # The provider's id of a sent message, and the final status its receipts gave.
     sa.Column("provider_message_id", sa.Text, nullable=True),
     sa.Column("receipt_status", sa.Text, nullable=True),
-    sa.Index("ix_dispatch_deliveries_user", "account_id", "campaign", "user_id"),
+    sa.PrimaryKeyConstraint("account_id", "campaign", "user_id", "delivery_id", name="deliveries_pkey"),
     sa.Index(
         "ix_dispatch_deliveries_provider_message",
         "account_id",

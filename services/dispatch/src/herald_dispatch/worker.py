@@ -32,7 +32,7 @@ from herald_dispatch.campaigns import CampaignBook, KnownCampaign
 from herald_dispatch.channels import FAILED, SENT, SKIPPED, UNKNOWN, Channel, Outcome, Settlement, sms
 from herald_dispatch.channels.sms import CANNOT_TELL, Lookup, SmsChannel
 from herald_dispatch.destinations import Destinations
-from herald_dispatch.gate import Admission, Sender, SendGate, Superseded
+from herald_dispatch.gate import Admission, Sender, SendGate, Superseded, WaveEntry
 from herald_dispatch.ledger import SETTLING, Attempt, DeliveryLedger
 from herald_dispatch.provider_calls import DESTINATION_TYPE
 from herald_dispatch.ratelimit import SharedRateLimiter
@@ -255,7 +255,7 @@ class DeliveryWorker:
         async def wanted() -> bool:
             return (await self.campaigns.get(batch.campaign)).delivering and await self.gate.may_send(sender)
 
-        async def admit(provider: str, wave: Sequence[tuple[str, str]]) -> Admission:
+        async def admit(provider: str, wave: Sequence[WaveEntry]) -> Admission:
             return await self.gate.admit(sender, provider, wave)
 
         async def waiting(reason: str | None) -> None:

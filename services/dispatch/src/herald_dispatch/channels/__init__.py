@@ -24,7 +24,7 @@ from herald.events.v1 import events_pb2 as events
 from herald_common.channels import ChannelKind
 from herald_common.db import Database
 from herald_common.errors import Validator
-from herald_dispatch.gate import Admission
+from herald_dispatch.gate import Admission, WaveEntry
 from herald_dispatch.provider_http import ProviderHttp
 
 SENT = events.DeliveryStatus.DELIVERY_STATUS_SENT
@@ -91,9 +91,9 @@ class SendContext:
     # Whether providers are asked to send delivery receipts (to `destination.receipt_url`).
     receipts: bool = True
     # Asked before each wave of messages to providers that cannot de-duplicate, with the provider's
-    # destination and (delivery id, phone) pairs: whether the campaign was halted and which phones
-    # opted out; the intent to send the others is recorded.
-    admit: Callable[[str, Sequence[tuple[str, str]]], Awaitable[Admission]] | None = None
+    # destination and the wave's messages: whether the campaign was halted and which phones opted
+    # out; the intent to send the others is recorded.
+    admit: Callable[[str, Sequence[WaveEntry]], Awaitable[Admission]] | None = None
     # True once this process is shutting down: the channel takes no new recipient, and those it
     # has not reached get no outcome (the batch is handed back to another replica).
     draining: Callable[[], bool] = lambda: False

@@ -120,12 +120,12 @@ async def send_each(
 
     async def admit_wave() -> None:
         wave = [waiting.popleft() for _ in range(min(WAVE_SIZE, len(waiting)))]
-        pairs = [(r.delivery_id, phone) for _, r, phone, _ in wave]
+        entries = [(r.delivery_id, phone, r.user_id) for _, r, phone, _ in wave]
         asked = time.monotonic()  # a yes counts from the moment of asking, not of hearing it
         if context.admit is None:
-            admission = Admission(admitted=frozenset(d for d, _ in pairs))
+            admission = Admission(admitted=frozenset(d for d, _, _ in entries))
         else:
-            admission = await context.admit(context.destination.name, pairs)
+            admission = await context.admit(context.destination.name, entries)
         if admission.halted:
             for i, recipient, _, _ in [*wave, *waiting]:
                 outcomes[i] = Outcome(recipient, SKIPPED, 0, "campaign stopped")
