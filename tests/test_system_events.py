@@ -20,6 +20,8 @@ from herald_common.live import (
 )
 from herald_sandbox.mparticle_api import MparticleApi, customer_id
 from herald_sandbox.twilio_api import TwilioApi
+from herald_segmentation.events import OwnEvent
+from herald_segmentation.system_events import _calls
 from tests.conftest import Platform, eventually
 from tests.helpers import completed_stats, condition, live_run
 from tests.test_mparticle_export import _destination, mparticle
@@ -155,6 +157,72 @@ async def test_control_users_replies_and_new_app_versions_are_recorded_as_events
         pb.DescribeEventRequest(event_name=APP_VERSION_CHANGED)
     )
     assert set(events.property_types) == {"device_id", "previous_version", "app_version"}
+
+
+async def _reports_of(platform: Platform, js: JetStreamContext, campaign: str) -> list[bytes]:
+    """The outcome reports dispatch published for the campaign, as they were published."""
+    subjects = Subjects(platform.settings.namespace)
+    subscription = await js.pull_subscribe(subjects.delivery_outcomes, stream=subjects.stream("dispatch"))
+    found: list[bytes] = []
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(100, timeout=1)
+            except nats.errors.TimeoutError:
+                return found
+            found += [
+                m.data
+                for m in messages
+                if events_pb2.DeliveryOutcomes.FromString(m.data).campaign == campaign
+            ]
+    finally:
+        await subscription.unsubscribe()
+
+
+async def test_outcome_reports_handed_over_again_record_their_events_once(
+    platform: Platform, account: SmsAccount, twilio: TwilioApi, js: JetStreamContext
+) -> None:
+    # A report's events are recorded once by the report's id: every report of a campaign handed
+    # to segmentation a second time (as after a lost acknowledgement) adds none.
+    held_back = _sms_campaign(account, targeting=campaign_pb.Targeting(control_group_percent=40))
+    name = await _publish(account, held_back)
+    stats = await completed_stats(account.clients, name)
+    control = {r.reason: r.count for r in stats.failure_reasons}["control group"]
+    assert control > 0
+    await _counts(account, CONTROL_GROUP, control, condition("campaign", "EQUALS", name))
+    reports = await _reports_of(platform, js, name)
+    assert reports
+    subjects = Subjects(platform.settings.namespace)
+    last = 0
+    for n, report in enumerate(reports):
+        sent = await js.publish(
+            subjects.delivery_outcomes, report, headers={"Nats-Msg-Id": f"{name}-again-{n}"}
+        )
+        last = sent.seq
+
+    async def handled() -> bool:
+        consumer = await js.consumer_info(subjects.stream("dispatch"), "segmentation-system-outcomes")
+        floor = consumer.ack_floor.stream_seq if consumer.ack_floor else 0
+        return (floor or 0) >= last and not consumer.num_ack_pending
+
+    await eventually(handled)
+    # Each held-back user did Control Group exactly once.
+    assert await _count(account, CONTROL_GROUP, condition("campaign", "EQUALS", name)) == control
+
+
+def test_a_reports_events_are_never_parted_between_calls() -> None:
+    template = events_pb2.EventsIngested().events.add()
+    made = [OwnEvent(template, f"u{i}", f"c{i}", {}, {}, f"r{i // 3}") for i in range(9)]  # 3 reports
+    alone = [OwnEvent(template, f"v{i}", f"own-{i}", {}, {}) for i in range(2)]  # each its own
+    calls = list(_calls(made + alone, 4))
+    assert [[own.client_id for own in call] for call in calls] == [
+        ["c0", "c1", "c2"],
+        ["c3", "c4", "c5"],
+        ["c6", "c7", "c8", "own-0"],
+        ["own-1"],
+    ]
+    big = list(_calls(made[:3], 2))  # a report larger than a call is a call of its own
+    assert [len(call) for call in big] == [3]
 
 
 async def test_a_live_sms_campaign_texts_each_reachable_user_as_they_act(

@@ -71,23 +71,26 @@ _NEW_USERS = f"""
 
 def _record_statement(adds_users: bool) -> Statement:
     """Records a batch of events once each, answering the client ids recorded before; with
-    `adds_users`, makes the users not known yet."""
+    `adds_users`, makes the users not known yet. An event is recorded once by its receipt: its own
+    client id, or the id of the report it came in with (all of a report's events are recorded
+    together, so one receipt serves them all)."""
     return Statement(
         f"""
     WITH turn AS (
         SELECT {LIVE_TURN_SHARED}
     ), incoming AS (
-        SELECT e.c AS client_event_id, e.u AS user_id, e.n AS name, e.t AS occurred_at, e.p AS properties,
-               pg_column_size(e.p) > {LARGE_PROPERTIES} AS large
-        FROM jsonb_to_recordset(CAST(:events AS jsonb)) AS e(c text, u text, n text, t float8, p jsonb)
+        SELECT e.c AS client_event_id, coalesce(e.r, e.c) AS receipt, e.u AS user_id, e.n AS name,
+               e.t AS occurred_at, e.p AS properties, pg_column_size(e.p) > {LARGE_PROPERTIES} AS large
+        FROM jsonb_to_recordset(CAST(:events AS jsonb))
+             AS e(c text, r text, u text, n text, t float8, p jsonb)
         CROSS JOIN turn
     ), fresh AS (
         INSERT INTO {SCHEMA}.event_receipts (account_id, client_event_id)
-        SELECT :account_id, client_event_id FROM incoming
+        SELECT DISTINCT :account_id, receipt FROM incoming
         ON CONFLICT DO NOTHING
-        RETURNING client_event_id
+        RETURNING client_event_id AS receipt
     ), kept AS (
-        SELECT incoming.* FROM incoming JOIN fresh USING (client_event_id)
+        SELECT incoming.* FROM incoming JOIN fresh USING (receipt)
     ), stored AS (
         INSERT INTO {SCHEMA}.events
             (account_id, user_id, name, occurred_at, properties, received_at, client_event_id)
@@ -100,7 +103,7 @@ def _record_statement(adds_users: bool) -> Statement:
         INSERT INTO {SCHEMA}.event_bodies (account_id, client_event_id, properties)
         SELECT :account_id, client_event_id, properties FROM kept WHERE large
     ){_NEW_USERS if adds_users else ""}
-    SELECT client_event_id FROM incoming EXCEPT ALL SELECT client_event_id FROM fresh
+    SELECT client_event_id FROM incoming WHERE receipt NOT IN (SELECT receipt FROM fresh)
     """
     )
 
@@ -150,6 +153,9 @@ class OwnEvent(NamedTuple):
     client_id: str
     extra: dict[str, str]
     values: dict[str, str]  # every property (all strings), the template's and its own
+    # What it is recorded once by: its report's id, shared by the report's events (which are then
+    # recorded together, in one call); "" for its own client id.
+    receipt: str = ""
 
 
 class _Received(NamedTuple):
@@ -325,6 +331,15 @@ class Events:
                 events=orjson.dumps(
                     [
                         {"c": r.client_id, "u": r.user_id, "n": r.name, "t": r.when, "p": r.values}
+                        if not isinstance(r.source, OwnEvent) or not r.source.receipt
+                        else {
+                            "c": r.client_id,
+                            "r": r.source.receipt,
+                            "u": r.user_id,
+                            "n": r.name,
+                            "t": r.when,
+                            "p": r.values,
+                        }
                         for r in unique
                     ]
                 ).decode(),

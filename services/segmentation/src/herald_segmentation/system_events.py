@@ -14,9 +14,10 @@ need; a reply's text and a device's versions come from outside and are checked.
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -79,9 +80,10 @@ class _CampaignEvents:
     """Events of one campaign's deliveries, sharing a template of each name (the campaign and the
     time), each with its user, id and delivery."""
 
-    def __init__(self, campaign: str, at: Timestamp) -> None:
+    def __init__(self, campaign: str, at: Timestamp, receipt: str) -> None:
         self.campaign = campaign
         self.at = at
+        self.receipt = receipt  # the report's: its events are recorded once, together
         self._templates: dict[str, pb.Event] = {}
 
     def made(self, user_id: str, name: str, client_id: str, delivery_id: str) -> OwnEvent:
@@ -94,7 +96,22 @@ class _CampaignEvents:
             client_id,
             {"delivery_id": delivery_id},
             {"campaign": self.campaign, "delivery_id": delivery_id},
+            self.receipt,
         )
+
+
+def _calls(made: Sequence[OwnEvent], most: int) -> Iterator[list[OwnEvent]]:
+    """`made` in calls of about `most` events, never parting the events of one receipt (a
+    report's, recorded all or none): a report larger than `most` is a call of its own."""
+    call: list[OwnEvent] = []
+    for _, group in itertools.groupby(made, key=lambda own: own.receipt or own.client_id):
+        events_of_receipt = list(group)
+        if call and len(call) + len(events_of_receipt) > most:
+            yield call
+            call = []
+        call += events_of_receipt
+    if call:
+        yield call
 
 
 class _Report(Protocol):
@@ -105,7 +122,10 @@ class _Report(Protocol):
 def _outcome_events(report: events.DeliveryOutcomes) -> list[OwnEvent]:
     kind = channels.of_type(report.destination_type)
     delivered_on_acceptance = kind is not None and kind.accepted_is_delivered
-    made = _CampaignEvents(report.campaign, report.occur_time).made
+    # The report's events are recorded once by its id: the ledger reports each delivery's outcome
+    # in one report only ("": each event by its own id, for a report without an id).
+    receipt = f"herald:outcomes:{report.event_id}" if report.event_id else ""
+    made = _CampaignEvents(report.campaign, report.occur_time, receipt).made
     found = []
     for result in report.results:
         delivery_id = result.delivery_id
@@ -157,8 +177,8 @@ class SystemEvents:
     async def record_own(self, account_id: uuid.UUID, made: Sequence[OwnEvent]) -> None:
         """Records events of Herald's own identifiers as the account, a call's worth at a time."""
         act_as(service_caller(account_id))
-        for start in range(0, len(made), MAX_EVENTS):
-            await self.recorder.ingest_own(made[start : start + MAX_EVENTS])
+        for call in _calls(made, MAX_EVENTS):
+            await self.recorder.ingest_own(call)
 
     async def record_reports(
         self, reports: Sequence[_Report], events_of: Callable[[Any], list[OwnEvent]]
@@ -182,7 +202,8 @@ class SystemEvents:
         now = api.timestamp(api.utcnow())
 
         def delivered(report: events.DeliveryReceipts) -> list[OwnEvent]:
-            made = _CampaignEvents(report.campaign, now).made
+            # Each by its own id: a delivery's receipts may come in more than one report.
+            made = _CampaignEvents(report.campaign, now, "").made
             return [
                 made(
                     result.user_id,
