@@ -95,10 +95,12 @@ _ADMIT = """
         SELECT d, $1, $6, $3, $4, $2 FROM wave
         WHERE NOT (SELECT halted OR superseded FROM gate)
           AND d NOT IN (SELECT d FROM blocked)
+          -- A probe of the ledger's key per message (OFFSET 0: as in the ledger's lookups).
           AND NOT EXISTS (SELECT 1 FROM dispatch.deliveries x
-                          WHERE x.account_id = $1 AND x.campaign = $2 AND x.user_id = u AND x.delivery_id = d)
+                          WHERE x.account_id = $1 AND x.campaign = $2 AND x.user_id = u AND x.delivery_id = d
+                          OFFSET 0)
           -- One waiting for its provider to be asked is the settler's alone.
-          AND NOT ($5::bool AND EXISTS (SELECT 1 FROM dispatch.unsettled u WHERE u.delivery_id = d))
+          AND NOT ($5::bool AND EXISTS (SELECT 1 FROM dispatch.unsettled s WHERE s.delivery_id = d))
         -- The same attempt may ask again (a group's next provider); another attempt may not.
         ON CONFLICT (delivery_id) DO UPDATE SET destination = excluded.destination
             WHERE i.batch_id = excluded.batch_id AND i.attempt = excluded.attempt

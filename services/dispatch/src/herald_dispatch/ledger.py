@@ -119,12 +119,16 @@ _BEGIN = Statement(
     RETURNING attempts
     """
 )
+# Each delivery is looked up in the ledger by its whole key, one probe each: "OFFSET 0" keeps the
+# lookup a probe. Without it PostgreSQL may instead read the campaign's whole range of the ledger
+# for every batch, when statistics from a smaller ledger say that range holds a row or two.
 _BEFORE = Statement(
     """
-    SELECT ARRAY(SELECT d.delivery_id FROM dispatch.deliveries d
-                 JOIN unnest(CAST(:users AS text[]), CAST(:ids AS text[])) AS b(u, id)
-                   ON d.account_id = :account_id AND d.campaign = :campaign
-                  AND d.user_id = b.u AND d.delivery_id = b.id
+    SELECT ARRAY(SELECT b.id FROM unnest(CAST(:users AS text[]), CAST(:ids AS text[])) AS b(u, id)
+                 WHERE EXISTS (SELECT 1 FROM dispatch.deliveries d
+                               WHERE d.account_id = :account_id AND d.campaign = :campaign
+                                 AND d.user_id = b.u AND d.delivery_id = b.id
+                               OFFSET 0)
                  UNION ALL
                  SELECT delivery_id FROM dispatch.unsettled
                  WHERE delivery_id = ANY(CAST(:ids AS text[]))) AS finished,
