@@ -250,6 +250,25 @@ async def upsert_users(channel: grpc.aio.Channel, tag: str, users: int, *, phone
     return users / (time.perf_counter() - started)
 
 
+_MILESTONES = """
+    SELECT extract(epoch FROM created_at) AS run_made, extract(epoch FROM started_at) AS run_started,
+           extract(epoch FROM first_release_at) AS first_released
+    FROM scheduler.runs WHERE campaign = $1
+"""
+
+
+async def _run_milestones(database_url: str, campaign: str, published_at: float) -> dict[str, float]:
+    """When the campaign's run was made, started planning and first released a batch, in ms after
+    the publish call (this machine's clock, which the services and PostgreSQL share)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        row = await connection.fetchrow(_MILESTONES, campaign)
+    finally:
+        await connection.close()
+    assert row is not None
+    return {f"{name}_ms": (float(at) - published_at) * 1000 for name, at in dict(row).items() if at}
+
+
 async def _herald_export(
     services: ServiceProcesses,
     segment_url: str,
@@ -299,7 +318,7 @@ async def _herald_export(
         await vacuum_analyze(settings.database_url)  # the ceiling starts from the same state
         idle_rate = await memory.idle_rate(HERALD_SERVICES)
         cpu_before = memory.cpu_seconds()
-        published = time.perf_counter()
+        published, published_at = time.perf_counter(), time.time()
         await campaigns.PublishCampaign(campaign_pb.PublishCampaignRequest(name=created.name))
         first_event = acked = 0.0
         while True:
@@ -328,7 +347,9 @@ async def _herald_export(
         cleanup = cpu_used(cleanup_before, memory.cpu_seconds())
         cpu = cpu_used(cpu_before, cpu_after)
         cpu["postgresql"] += cleanup.get("postgresql", 0.0)
+        milestones = await _run_milestones(settings.database_url, created.name, published_at)
         return {
+            **milestones,
             "postgresql_cleanup_s": cleanup.get("postgresql", 0.0),
             "upsert": upsert_rate,
             "reach_ms": reach_ms,
@@ -379,6 +400,10 @@ async def bench(users: int) -> None:
     print(
         f"publish -> first event at Segment      {herald['first_event_ms']:>12,.1f} ms   "
         f"(target <= {TARGET_FIRST_EVENT_MS:,}: {first_met})"
+    )
+    print(
+        "  of which: run made {run_made_ms:,.0f} ms, planning begun {run_started_ms:,.0f} ms, "
+        "first batch released {first_released_ms:,.0f} ms".format(**herald)
     )
     print(f"publish -> last batch acknowledged     {herald['acked_s']:>12,.2f} s")
     print(f"publish -> campaign COMPLETED          {herald['completed_s']:>12,.2f} s")

@@ -17,6 +17,7 @@ from herald_common.bus import (
     PullConsumer,
     Subjects,
 )
+from herald_common.faults import NotReady
 from herald_common.settings import Settings
 from tests.conftest import eventually
 
@@ -156,6 +157,44 @@ async def test_a_lone_message_to_an_idle_consumer_is_handled_at_once(
         await consumer.stop()
     # Not held until its pull's wait (FETCH_WAIT_SECONDS) is over.
     assert seen[0][0] - published < FETCH_WAIT_SECONDS / 2
+
+
+async def test_a_message_ahead_of_what_it_refers_to_is_offered_again_soon(
+    settings: Settings, js: JetStreamContext
+) -> None:
+    # A delivery batch that reaches dispatch before its campaign's announcement: handled again
+    # within a fraction of the redelivery wait that failures get (2 s here, as in production).
+    subjects = Subjects(settings.namespace)
+    subject = f"{settings.namespace}.campaign.ahead-{uuid.uuid4().hex[:6]}"
+    attempts: list[float] = []
+
+    async def handler(msgs: list[Msg]) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) == 1:
+            raise NotReady("its campaign has not been announced yet")
+        for msg in msgs:
+            await msg.ack()
+
+    consumer = PullConsumer(
+        js,
+        subjects,
+        stream=subjects.stream("campaign"),
+        durable=f"ahead-{uuid.uuid4().hex[:6]}",
+        filter_subject=subject,
+        handler=handler,
+        redelivery_base_seconds=2.0,
+    )
+    await js.publish(subject, b"batch")
+    await consumer.start()
+    try:
+        await eventually(lambda: _handled_twice(attempts), within=10, interval=0.01)
+    finally:
+        await consumer.stop()
+    assert attempts[1] - attempts[0] < 1.0
+
+
+async def _handled_twice(attempts: list[float]) -> bool:
+    return len(attempts) >= 2
 
 
 async def test_a_stopped_consumer_leaves_no_pull_behind(settings: Settings, js: JetStreamContext) -> None:

@@ -20,7 +20,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from opentelemetry.trace import SpanKind
 
 from herald_common import tracing
-from herald_common.faults import is_transient
+from herald_common.faults import NotReady, is_transient
 from herald_common.logging import get_logger
 from herald_common.loops import cancel_and_wait
 from herald_common.metrics import Metrics
@@ -325,6 +325,9 @@ BatchHandler = Callable[[list[Msg]], Awaitable[None]]
 MessageHandler = Callable[[Msg], Awaitable[None]]
 # Longest wait before a message whose handling failed is offered again.
 MAX_REDELIVERY_DELAY_SECONDS = 60.0
+# The first wait of a message that came before what it refers to (NotReady): that is usually an
+# event from another service, milliseconds behind it, so it is offered again soon (then less often).
+NOT_READY_FIRST_DELAY_SECONDS = 0.1
 # How long an idle consumer's pull waits before it asks again. A message ends the wait at once and
 # a stop cuts it short, so this sets only how often an idle consumer asks (and what NATS does for
 # each ask).
@@ -448,7 +451,9 @@ class _Consumer:
         if self.metrics is not None and retried:
             self.metrics.consumer_handled.labels(self.durable, "retried").inc()
         try:
-            if is_transient(error):
+            if isinstance(error, NotReady):
+                await msg.nak(delay=self._delay(delivered, NOT_READY_FIRST_DELAY_SECONDS))
+            elif is_transient(error):
                 await msg.nak(delay=self._delay(delivered))
             elif delivered >= self.max_deliveries:
                 reason = f"failed {delivered} times: {error!r}"[:1000]
@@ -461,8 +466,9 @@ class _Consumer:
             # NATS is away: the message comes back by itself once its ack wait passes.
             log.warning("settle_failed", consumer=self.durable, error=str(settle_error))
 
-    def _delay(self, delivered: int) -> float:
-        delay: float = self.redelivery_base_seconds * 2.0 ** min(delivered - 1, 16)
+    def _delay(self, delivered: int, first: float | None = None) -> float:
+        base = self.redelivery_base_seconds if first is None else min(first, self.redelivery_base_seconds)
+        delay: float = base * 2.0 ** min(delivered - 1, 16)
         return min(delay, MAX_REDELIVERY_DELAY_SECONDS)
 
     async def stop(self, grace_seconds: float = 5.0) -> None:
