@@ -170,6 +170,31 @@ async def test_a_sender_paused_before_its_write_sends_once_when_still_wanted(
     assert 1 <= wanted.times <= 3
 
 
+async def test_a_sender_paused_past_its_rate_slot_sends_in_a_later_one(
+    twilio: tuple[TwilioApi, str],
+) -> None:
+    # Its slot lets it write up to 50 ms late; paused longer (its confirmation still fresh), it
+    # writes nothing then, and sends once in the next slot: a late request never lands beside the
+    # next slot's, over the provider's limit.
+    api, url = twilio
+    slots: list[float] = []
+
+    async def permit() -> float:
+        slots.append(time.monotonic())
+        return slots[-1] + 0.05
+
+    messages = _messages(PausedOnce(1, 0.3))
+    context = dataclasses.replace(_context(url, Wanted(True)), permit=permit)
+    async with aiohttp.ClientSession() as http:
+        try:
+            outcomes = await TwilioChannel(http, messages).deliver(context, _recipients(1))
+        finally:
+            await messages.close()
+    assert [(o.status, o.attempts) for o in outcomes] == [(SENT, 1)]
+    assert [m.to for m in api.messages] == ["+14155550000"]
+    assert len(slots) == 2  # the slot it was paused through, and the one it wrote in
+
+
 async def test_an_unpaused_sender_asks_nothing_more_than_its_wave(
     twilio: tuple[TwilioApi, str],
 ) -> None:

@@ -5,7 +5,8 @@ schedule row the replicas share (the database's clock, so replicas whose clocks 
 share it). A replica reserves slots in blocks (a twentieth of a second's worth), so the database
 sees a few reservations a second, not one per request, and sends each request at its slot's time.
 A slot its sender reaches more than JITTER_SECONDS late is dropped rather than sent close to the
-next one, and slots are spaced so that 1 + 2 * JITTER_SECONDS seconds hold fewer than `limit` of
+next one (and an SMS request not written by then, its process paused or busy, takes a later
+slot), and slots are spaced so that 1 + 2 * JITTER_SECONDS seconds hold fewer than `limit` of
 them: so even with that much lateness here and on the way, no rolling second at the provider
 holds more than `limit` requests, across replicas, and idle time is never saved up into a burst.
 """

@@ -327,10 +327,11 @@ async def post_message(
                     break
             attempts += 1
             try:
-                # Written only while the confirmation is fresh, checked with no wait between it
-                # and the socket: a process paused after its last look (getting a connection,
-                # building the request) writes nothing on waking, so a successor that took the
-                # batch over and asked the provider meanwhile is never contradicted.
+                # Written only while the confirmation is fresh and within its rate slot, checked
+                # with no wait between it and the socket: a process paused after its last look
+                # (getting a connection, building the request) writes nothing on waking, so a
+                # successor that took the batch over and asked the provider meanwhile is never
+                # contradicted, and a late request never lands beside the next slot's.
                 answer = await http.post(
                     url,
                     body,
@@ -338,9 +339,9 @@ async def post_message(
                     headers=headers,
                     connect_timeout=CONNECT_TIMEOUT_SECONDS,
                     answer_timeout=answer_timeout_seconds,
-                    write_until=confirmed_at + STALE_ADMISSION_SECONDS,
+                    write_until=min(confirmed_at + STALE_ADMISSION_SECONDS, send_by),
                 )
-            except Withheld:  # nothing was written: made once confirmed again (above)
+            except Withheld:  # nothing was written: made in a later slot (confirmed again if stale)
                 attempts -= 1
                 continue
             except NotConnected as error:
