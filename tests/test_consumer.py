@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import nats
 from nats.aio.msg import Msg
@@ -86,7 +88,6 @@ async def test_streams_keep_events_a_week_and_dead_letters_a_month(
 
 
 async def test_slow_handler_keeps_its_batch(settings: Settings, js: JetStreamContext) -> None:
-    subjects = Subjects(settings.namespace)
     subject = f"{settings.namespace}.campaign.slow-{uuid.uuid4().hex[:6]}"
     calls: list[bytes] = []
 
@@ -96,15 +97,7 @@ async def test_slow_handler_keeps_its_batch(settings: Settings, js: JetStreamCon
         for msg in msgs:
             await msg.ack()
 
-    consumer = PullConsumer(
-        js,
-        subjects,
-        stream=subjects.stream("campaign"),
-        durable=f"slow-test-{uuid.uuid4().hex[:6]}",
-        filter_subject=subject,
-        handler=slow_handler,
-        ack_wait_seconds=1.0,
-    )
+    consumer = _on_campaign_stream(js, settings, subject, slow_handler, ack_wait_seconds=1.0)
     await js.publish(subject, b"slow")
     await consumer.start()
     try:
@@ -122,7 +115,6 @@ async def test_slow_handler_keeps_its_batch(settings: Settings, js: JetStreamCon
 def _consumer(
     js: JetStreamContext, settings: Settings, durable: str, subject: str, seen: list[tuple[float, bytes]]
 ) -> PullConsumer:
-    subjects = Subjects(settings.namespace)
 
     async def handler(msgs: list[Msg]) -> None:
         for msg in msgs:
@@ -130,14 +122,27 @@ def _consumer(
             await msg.ack()
 
     # A long ack wait: a message left with a stopped consumer would show as a 30 s stall.
+    return _on_campaign_stream(js, settings, subject, handler, durable=durable, ack_wait_seconds=30.0)
+
+
+def _on_campaign_stream(
+    js: JetStreamContext,
+    settings: Settings,
+    subject: str,
+    handler: Callable[[list[Msg]], Awaitable[None]],
+    durable: str = "",
+    **options: Any,
+) -> PullConsumer:
+    """A consumer of `subject` on the campaign stream (durable: a new name unless given)."""
+    subjects = Subjects(settings.namespace)
     return PullConsumer(
         js,
         subjects,
         stream=subjects.stream("campaign"),
-        durable=durable,
+        durable=durable or f"test-{uuid.uuid4().hex[:8]}",
         filter_subject=subject,
         handler=handler,
-        ack_wait_seconds=30.0,
+        **options,
     )
 
 
@@ -164,7 +169,6 @@ async def test_a_message_ahead_of_what_it_refers_to_is_offered_again_soon(
 ) -> None:
     # A delivery batch that reaches dispatch before its campaign's announcement: handled again
     # within a fraction of the redelivery wait that failures get (2 s here, as in production).
-    subjects = Subjects(settings.namespace)
     subject = f"{settings.namespace}.campaign.ahead-{uuid.uuid4().hex[:6]}"
     attempts: list[float] = []
 
@@ -175,15 +179,7 @@ async def test_a_message_ahead_of_what_it_refers_to_is_offered_again_soon(
         for msg in msgs:
             await msg.ack()
 
-    consumer = PullConsumer(
-        js,
-        subjects,
-        stream=subjects.stream("campaign"),
-        durable=f"ahead-{uuid.uuid4().hex[:6]}",
-        filter_subject=subject,
-        handler=handler,
-        redelivery_base_seconds=2.0,
-    )
+    consumer = _on_campaign_stream(js, settings, subject, handler, redelivery_base_seconds=2.0)
     await js.publish(subject, b"batch")
     await consumer.start()
     try:

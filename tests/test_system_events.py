@@ -87,32 +87,48 @@ async def test_a_live_mparticle_campaign_exports_an_sms_campaigns_delivery_recei
     await _counts(account, NOTIFICATION_DELIVERED, 27, condition("campaign", "EQUALS", texts.name))
 
 
-async def _announced(platform: Platform, js: JetStreamContext) -> list[pb.Event]:
-    """Every event the segmentation service has announced as recorded (EventsIngested)."""
+async def _published(platform: Platform, js: JetStreamContext, owner: str, subject: str) -> list[bytes]:
+    """Every message `owner`'s stream holds on `subject`, as it was published."""
     subjects = Subjects(platform.settings.namespace)
-    subscription = await js.pull_subscribe(subjects.events_ingested, stream=subjects.stream("segmentation"))
-    found: list[pb.Event] = []
+    subscription = await js.pull_subscribe(subject, stream=subjects.stream(owner))
+    found: list[bytes] = []
     try:
         while True:
             try:
                 messages = await subscription.fetch(100, timeout=1)
             except nats.errors.TimeoutError:
                 return found
-            for message in messages:
-                found += events_pb2.EventsIngested.FromString(message.data).events
+            found += [message.data for message in messages]
     finally:
         await subscription.unsubscribe()
 
 
-async def test_control_users_replies_and_new_app_versions_are_recorded_as_events(
-    platform: Platform, account: SmsAccount, twilio: TwilioApi, js: JetStreamContext
-) -> None:
+async def _announced(platform: Platform, js: JetStreamContext) -> list[pb.Event]:
+    """Every event the segmentation service has announced as recorded (EventsIngested)."""
+    subject = Subjects(platform.settings.namespace).events_ingested
+    return [
+        event
+        for data in await _published(platform, js, "segmentation", subject)
+        for event in events_pb2.EventsIngested.FromString(data).events
+    ]
+
+
+async def _held_back(account: SmsAccount) -> tuple[str, int]:
+    """An SMS campaign with a 40% control group, completed, and how many it held back (each of
+    whom did Control Group)."""
     held_back = _sms_campaign(account, targeting=campaign_pb.Targeting(control_group_percent=40))
     name = await _publish(account, held_back)
     stats = await completed_stats(account.clients, name)
     control = {r.reason: r.count for r in stats.failure_reasons}["control group"]
     assert control > 0
     await _counts(account, CONTROL_GROUP, control, condition("campaign", "EQUALS", name))
+    return name, control
+
+
+async def test_control_users_replies_and_new_app_versions_are_recorded_as_events(
+    platform: Platform, account: SmsAccount, twilio: TwilioApi, js: JetStreamContext
+) -> None:
+    name, control = await _held_back(account)
     announced = [
         e
         for e in await _announced(platform, js)
@@ -161,22 +177,9 @@ async def test_control_users_replies_and_new_app_versions_are_recorded_as_events
 
 async def _reports_of(platform: Platform, js: JetStreamContext, campaign: str) -> list[bytes]:
     """The outcome reports dispatch published for the campaign, as they were published."""
-    subjects = Subjects(platform.settings.namespace)
-    subscription = await js.pull_subscribe(subjects.delivery_outcomes, stream=subjects.stream("dispatch"))
-    found: list[bytes] = []
-    try:
-        while True:
-            try:
-                messages = await subscription.fetch(100, timeout=1)
-            except nats.errors.TimeoutError:
-                return found
-            found += [
-                m.data
-                for m in messages
-                if events_pb2.DeliveryOutcomes.FromString(m.data).campaign == campaign
-            ]
-    finally:
-        await subscription.unsubscribe()
+    subject = Subjects(platform.settings.namespace).delivery_outcomes
+    published = await _published(platform, js, "dispatch", subject)
+    return [data for data in published if events_pb2.DeliveryOutcomes.FromString(data).campaign == campaign]
 
 
 async def test_outcome_reports_handed_over_again_record_their_events_once(
@@ -184,12 +187,7 @@ async def test_outcome_reports_handed_over_again_record_their_events_once(
 ) -> None:
     # A report's events are recorded once by the report's id: every report of a campaign handed
     # to segmentation a second time (as after a lost acknowledgement) adds none.
-    held_back = _sms_campaign(account, targeting=campaign_pb.Targeting(control_group_percent=40))
-    name = await _publish(account, held_back)
-    stats = await completed_stats(account.clients, name)
-    control = {r.reason: r.count for r in stats.failure_reasons}["control group"]
-    assert control > 0
-    await _counts(account, CONTROL_GROUP, control, condition("campaign", "EQUALS", name))
+    name, control = await _held_back(account)
     reports = await _reports_of(platform, js, name)
     assert reports
     subjects = Subjects(platform.settings.namespace)
