@@ -143,6 +143,7 @@ class Built:
     def __init__(self, statement: sa.Executable) -> None:
         self.statement = statement
         self._compiled: Any = None
+        self._json_binds: frozenset[str] = frozenset()  # parameters passed to asyncpg as JSON text
 
     async def fetch(self, target: Target, **values: Any) -> Sequence[Any]:
         """Every row, each read by position or by column name as an attribute."""
@@ -150,6 +151,9 @@ class Built:
             return (await target.execute(self.statement, values)).all()
         if self._compiled is None:
             self._compiled = self.statement.compile(dialect=_ASYNCPG_DIALECT)  # type: ignore[attr-defined]
+            self._json_binds = frozenset(
+                name for name, bind in self._compiled.binds.items() if isinstance(bind.type, sa.JSON)
+            )
         state = self._compiled.construct_expanded_state(values)
         processors = state.processors
         args = [
@@ -170,8 +174,7 @@ class Built:
         value as its text (a direct connection's json codec passes text as given)."""
         if name in processors:
             return processors[name](value)
-        bind = self._compiled.binds.get(name)
-        if bind is not None and isinstance(bind.type, sa.JSON):
+        if name in self._json_binds:
             return json.dumps(value)
         return value
 

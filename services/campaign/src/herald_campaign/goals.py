@@ -157,9 +157,11 @@ _SHARED_TURNS = Statement(f"SELECT pg_advisory_xact_lock_shared({_TURN}) {_ACCOU
 _TURNS = Statement(f"SELECT pg_advisory_xact_lock({_TURN}) {_ACCOUNTS}")
 
 
-async def take_goal_turns(target: Target, accounts: set[uuid.UUID | None]) -> None:
-    """Shares the accounts' turns with other recorders of goal events and exposures (see _TURN)."""
-    await _SHARED_TURNS.execute(target, accounts=sorted(a for a in accounts if a is not None))
+async def take_goal_turns(target: Target, accounts: set[uuid.UUID | None], *, alone: bool = False) -> None:
+    """Takes the accounts' turns (see _TURN): shared with other recorders of goal events and
+    exposures, or `alone` (a merge)."""
+    turns = _TURNS if alone else _SHARED_TURNS
+    await turns.execute(target, accounts=sorted(a for a in accounts if a is not None))
 
 
 class Conversions:
@@ -201,8 +203,7 @@ class Conversions:
         """Anonymous visitors who signed in: what they were sent converts on the user's events,
         those to come and those already waiting (the user may act before the merge is heard of)."""
         async with self.database.transaction() as session:
-            merged = {account_id_of(merge.account) for merge in merges}
-            await _TURNS.execute(session, accounts=sorted(a for a in merged if a is not None))
+            await take_goal_turns(session, {account_id_of(merge.account) for merge in merges}, alone=True)
             users = []
             for merge in merges:
                 account_id = account_id_of(merge.account)

@@ -167,6 +167,12 @@ class _Received(NamedTuple):
     values: dict[str, Any]
 
 
+def _receipt_of(received: _Received) -> str | None:
+    """What the event is recorded once by, when not its own client id (None): its report's id."""
+    source = received.source
+    return (source.receipt or None) if isinstance(source, OwnEvent) else None
+
+
 def _report(event: pb.Event, when: float, now: float, path: str, check: Validator) -> None:
     """Says what is wrong with an event that failed the quick check."""
     check.require(
@@ -330,11 +336,9 @@ class Events:
                 received=received.timestamp(),
                 events=orjson.dumps(
                     [
-                        {"c": r.client_id, "u": r.user_id, "n": r.name, "t": r.when, "p": r.values}
-                        if not isinstance(r.source, OwnEvent) or not r.source.receipt
-                        else {
+                        {
                             "c": r.client_id,
-                            "r": r.source.receipt,
+                            "r": _receipt_of(r),
                             "u": r.user_id,
                             "n": r.name,
                             "t": r.when,
